@@ -1,0 +1,172 @@
+"""Data: the bundled digits default, ImageFolder loading and the training augmentation."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from model_src.preprocessing import Preprocessing
+
+DIGITS_DIR = os.path.join("data", "digits")
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 0) -> str:
+    """Write scikit-learn's 1,797 8x8 digits as an ImageFolder tree of PNGs.
+
+    Split: within each class, the samples are shuffled with numpy seed `seed` and the
+    first `val_fraction` go to val/ (stratified, the same on every machine).
+    Pixels: sklearn's 0..16 ink becomes 8-bit black ink on white paper.
+    """
+    if os.path.isfile(os.path.join(root, "split.json")):
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.RandomState(seed)
+    tmp = root + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {"train": 0, "val": 0}
+    for label in range(10):
+        idx = np.flatnonzero(digits.target == label)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        for split, part in (("val", idx[:n_val]), ("train", idx[n_val:])):
+            folder = os.path.join(tmp, split, str(label))
+            os.makedirs(folder, exist_ok=True)
+            for i in part:
+                pixels = (255 - np.rint(digits.images[i] * 255 / 16)).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
+            counts[split] += len(part)
+    with open(os.path.join(tmp, "split.json"), "w") as f:
+        json.dump({"source": "sklearn.datasets.load_digits", "val_fraction": val_fraction,
+                   "seed": seed, "counts": counts}, f, indent=2)
+    os.replace(tmp, root)  # atomic: a half-written tree never looks complete
+    return root
+
+
+def ensure_data(path: str) -> str:
+    if os.path.normpath(path) == os.path.normpath(DIGITS_DIR):
+        write_digits(path)
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(path, split)):
+            raise SystemExit(f"error: {path} needs {split}/<class>/<images> folders (ImageFolder layout)")
+    return path
+
+
+def load_image(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img
+
+
+def detect_channels(root: str, sample: int = 32) -> int:
+    """1 if the images are grey, else 3."""
+    ds = datasets.ImageFolder(root, loader=lambda p: p)
+    step = max(1, len(ds) // sample)
+    for path, _ in ds.samples[::step]:
+        with Image.open(path) as img:
+            if img.mode not in GREY_MODES:
+                return 3
+    return 1
+
+
+def compute_mean_std(root: str, prep: Preprocessing, limit: int = 2000) -> tuple[list, list]:
+    """Per-channel mean/std of prepared training images (a deterministic subset for big sets)."""
+    ds = datasets.ImageFolder(root, loader=load_image, transform=prep.prepare)
+    step = max(1, len(ds) // limit)
+    arrs = [np.asarray(ds[i][0], dtype=np.float64) / 255.0 for i in range(0, len(ds), step)]
+    x = np.stack(arrs)
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.mean(axis=(0, 1, 2)).round(4).tolist(), x.std(axis=(0, 1, 2)).round(4).tolist()
+
+
+def train_transform(prep: Preprocessing, augment: str):
+    """prepare -> augmentation on the prepared PIL image -> the shared to_tensor."""
+    fill = prep.background if prep.channels == 1 else (prep.background,) * 3
+    if augment == "affine":  # small shifts/rotations: right for digits and other centred glyphs
+        aug = transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=fill)
+    elif augment == "crop-flip":  # photos
+        aug = transforms.Compose([
+            transforms.RandomResizedCrop(prep.image_size, scale=(0.5, 1.0)),
+            transforms.RandomHorizontalFlip(),
+        ])
+    elif augment == "none":
+        aug = transforms.Lambda(lambda img: img)
+    else:
+        raise ValueError(f"unknown augmentation {augment!r}")
+    return transforms.Compose([prep.prepare, aug, prep.to_tensor])
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """ImageFolder that keeps small decoded images in memory (digits: 1.4k images, <1 MB)."""
+
+    def __init__(self, root: str, transform, cache: bool):
+        self.folder = datasets.ImageFolder(root, loader=load_image)
+        self.transform = transform
+        self.cache = {} if cache else None
+
+    @property
+    def classes(self):
+        return self.folder.classes
+
+    @property
+    def targets(self):
+        return self.folder.targets
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        if self.cache is None:
+            img, target = self.folder[i]
+        else:
+            if i not in self.cache:
+                self.cache[i] = self.folder[i]
+            img, target = self.cache[i]
+        return self.transform(img), target
+
+
+def build_datasets(data: str, prep: Preprocessing, augment: str, limit: int | None = None):
+    small = sum(len(files) for _, _, files in os.walk(os.path.join(data, "train"))) <= 20000
+    train = CachedImages(os.path.join(data, "train"), train_transform(prep, augment), cache=small)
+    val = CachedImages(os.path.join(data, "val"), prep, cache=small)
+    if train.classes != val.classes:
+        raise SystemExit(f"error: train/ and val/ have different classes: {train.classes} vs {val.classes}")
+    if limit:  # cheap mode: an evenly spread subset
+        train = Subset(train, list(range(0, len(train), max(1, len(train) // limit))))
+        val = Subset(val, list(range(0, len(val), max(1, len(val) // limit))))
+    return train, val
+
+
+def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: int):
+    if world > 1:
+        train_sampler = torch.utils.data.distributed.DistributedSampler(train, world, rank, shuffle=True)
+        # Each rank evaluates a disjoint shard (no padding) so summed counts are exact.
+        val = Subset(val, list(range(rank, len(val), world)))
+    else:
+        train_sampler = torch.utils.data.RandomSampler(train)
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=train_sampler,
+                              num_workers=workers, drop_last=len(train) > batch_size,
+                              persistent_workers=workers > 0)
+    val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=workers,
+                            persistent_workers=workers > 0)
+    return train_loader, val_loader, train_sampler
+
+
+def golden_set(val_root: str, per_class: int = 10) -> list[tuple[str, str]]:
+    """A fixed, stratified sample of validation images: (path, label) pairs."""
+    ds = datasets.ImageFolder(val_root, loader=lambda p: p)
+    picked = []
+    for c, name in enumerate(ds.classes):
+        paths = sorted(p for p, t in ds.samples if t == c)
+        step = max(1, len(paths) // per_class)
+        picked += [(p, name) for p in paths[::step][:per_class]]
+    return picked

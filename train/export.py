@@ -1,0 +1,189 @@
+"""Export a checkpoint into serving files, each checked against the eager model first.
+
+    python -m train.export --checkpoint runs/v1/checkpoint_best.pt --output-dir exports/v1
+
+Writes model.pt (eager), model.torchscript.pt, model.onnx, model.int8.pt,
+serving.json (preprocessing, class names, checks) and index_to_name.json. Every
+file is compared with the eager model on the same real validation batch; if any
+check fails, nothing is written.
+"""
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+from torch import nn
+
+from model_src.net import fuse_for_export, load_model
+from model_src.preprocessing import Preprocessing
+from model_src.runtime import BACKEND_FILES, Predictor
+from train import data as datalib
+
+FORMATS = tuple(BACKEND_FILES)
+TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
+INT8_MIN_AGREEMENT = 0.99
+INT8_MAX_ACC_DROP = 0.005
+
+
+class ExportCheckError(RuntimeError):
+    pass
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint_best.pt)")
+    p.add_argument("--output-dir", required=True, help="new folder for the serving files (must not exist)")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
+    p.add_argument("--data", default=None, help="ImageFolder root for the check batch (default: the one trained on)")
+    p.add_argument("--batch", default=64, type=int, help="check batch size")
+    return p
+
+
+def load_val(data_root: str, prep: Preprocessing, limit: int | None = None):
+    """All (or an evenly spread `limit` of) validation images as one tensor + labels."""
+    ds = datalib.CachedImages(os.path.join(data_root, "val"), prep, cache=False)
+    idx = range(len(ds)) if not limit else range(0, len(ds), max(1, len(ds) // limit))
+    items = [ds[i] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def probs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1)
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
+    diff = (probs(got) - probs(want)).abs().max().item()
+    if not diff <= TOLERANCE:
+        raise ExportCheckError(f"{name}: max |Δprob| {diff:.2e} exceeds {TOLERANCE:.0e}")
+    return diff
+
+
+def export_eager(model, ckpt, path):
+    torch.save({"model": model.state_dict(), "model_args": ckpt["model_args"],
+                "class_names": ckpt["class_names"], "preprocessing": ckpt["preprocessing"]}, path)
+
+
+def export_torchscript(fused, example, path):
+    with warnings.catch_warnings():  # TorchScript is deprecated in this torch, still the format TorchServe loads
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(fused, example, check_trace=False)
+        torch.jit.save(traced, path)
+
+
+def export_onnx(fused, example, path):
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fused, (example,), path, input_names=["input"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                          dynamo=True, external_data=False, verbose=False)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+
+
+def quantize(fused):
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the dynamic-quant API here
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(fused), {nn.Linear}, dtype=torch.qint8)
+
+
+def export_int8(fused, example, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(quantize(fused), example, check_trace=False)
+        torch.jit.save(traced, path)
+
+
+def check_int8(pred_int8, pred_float, images, labels) -> dict:
+    q, f = pred_int8(images).argmax(1), pred_float(images).argmax(1)
+    report = {"agreement": (q == f).float().mean().item(), "acc_float": (f == labels).float().mean().item(),
+              "acc_int8": (q == labels).float().mean().item(), "images": len(labels)}
+    report["acc_drop"] = report["acc_float"] - report["acc_int8"]
+    if report["agreement"] < INT8_MIN_AGREEMENT or report["acc_drop"] > INT8_MAX_ACC_DROP:
+        raise ExportCheckError(f"int8: agreement {report['agreement']:.4f} (need ≥ {INT8_MIN_AGREEMENT}), "
+                               f"accuracy drop {report['acc_drop'] * 100:.2f} points (max {INT8_MAX_ACC_DROP * 100})")
+    return report
+
+
+def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | None = None, batch: int = 64) -> dict:
+    """Export and check; returns the report. Raises ExportCheckError (nothing written) on a failed check."""
+    if os.path.exists(output_dir):
+        raise FileExistsError(f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)")
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {FORMATS}")
+    model, ckpt = load_model(checkpoint)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    data = data or ckpt.get("args", {}).get("data") or datalib.DIGITS_DIR
+    images, labels = load_val(datalib.ensure_data(data), prep)
+    example = images[:batch]
+    with torch.inference_mode():
+        eager_logits = model(example)
+    fused = fuse_for_export(copy.deepcopy(model)).eval()
+    report = {"checkpoint": os.path.abspath(checkpoint), "check_batch": len(example), "tolerance": TOLERANCE,
+              "formats": {}}
+    with torch.inference_mode():
+        report["fused_max_diff"] = check_close("fused WNLinear", fused(example), eager_logits)
+
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(output_dir)))
+    try:
+        writers = {"eager": lambda p: export_eager(model, ckpt, p),
+                   "torchscript": lambda p: export_torchscript(fused, example, p),
+                   "onnx": lambda p: export_onnx(fused, example, p),
+                   "int8": lambda p: export_int8(fused, example, p)}
+        for fmt in formats:
+            path = os.path.join(tmp, BACKEND_FILES[fmt])
+            writers[fmt](path)
+            pred = Predictor(path, fmt)
+            entry = {"file": BACKEND_FILES[fmt], "bytes": os.path.getsize(path)}
+            if fmt == "int8":
+                entry.update(check_int8(pred, lambda x: model(x), images, labels))
+                entry["max_diff"] = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
+            else:
+                entry["max_diff"] = check_close(fmt, pred(example), eager_logits)
+                entry["max_diff_batch1"] = check_close(f"{fmt} (batch 1)", pred(example[:1]), eager_logits[:1])
+            report["formats"][fmt] = entry
+        write_metadata(tmp, ckpt, report)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def write_metadata(out_dir: str, ckpt: dict, report: dict):
+    with open(os.path.join(out_dir, "index_to_name.json"), "w") as f:
+        json.dump({str(i): name for i, name in enumerate(ckpt["class_names"])}, f, indent=1)
+    meta = {"model_args": ckpt["model_args"], "class_names": ckpt["class_names"],
+            "preprocessing": ckpt["preprocessing"], "export": report}
+    with open(os.path.join(out_dir, "serving.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def print_report(report: dict, output_dir: str):
+    print(f"export checks on {report['check_batch']} validation images (tolerance {report['tolerance']:.0e} on probabilities):")
+    for fmt, e in report["formats"].items():
+        line = f"  {fmt:12s} {e['file']:22s} {e['bytes'] / 1024:8.1f} KiB  max |Δprob| {e['max_diff']:.2e}"
+        if fmt == "int8":
+            line += (f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_int8']:.4f} vs float "
+                     f"{e['acc_float']:.4f} on {e['images']} images")
+        print(line)
+    print(f"wrote {output_dir}/")
+
+
+def main(args):
+    try:
+        report = export_all(args.checkpoint, args.output_dir, args.formats.split(","), args.data, args.batch)
+    except (ExportCheckError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"export failed, nothing written: {e}")
+    print_report(report, args.output_dir)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,403 @@
+"""Train the classifier on an ImageFolder tree (default: the bundled digits).
+
+    python -m train.train --output-dir runs/v1                 # digits, default recipe
+    python -m train.train --data my_images --arch resnet18 --image-size 224 --resize-size 256
+    torchrun --nproc_per_node 2 -m train.train --output-dir runs/ddp
+
+Writes to --output-dir: checkpoint_best.pt, checkpoint_last.pt, metrics.json,
+curves.png, confusion_matrix.png, golden/ (a fixed validation sample for promotion
+gates) and tb/ (TensorBoard).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from model_src.losses import build_criterion
+from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
+from model_src.preprocessing import Preprocessing
+from train import data as datalib
+from train import plots
+
+CHECKPOINT_KEYS = ("model", "model_args", "class_names", "preprocessing", "optimizer",
+                   "lr_scheduler", "scaler", "epoch", "best_metric", "args")
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=datalib.DIGITS_DIR, help="ImageFolder root with train/ and val/")
+    p.add_argument("--output-dir", default="runs/default", help="where checkpoints and logs go")
+    p.add_argument("--arch", default="resnet_small", help="resnet_small, resnet18, resnet34 or resnet50")
+    p.add_argument("--widths", default="32,64,128", help="resnet_small: channels per stage")
+    p.add_argument("--blocks", default="1,1,1", help="resnet_small: residual blocks per stage")
+    p.add_argument("--activation", default="swish", help="swish (learnable), silu or relu")
+    p.add_argument("--dropout", default=0.1, type=float)
+    p.add_argument("--weights", default=None, help="torchvision archs: local weights file, or 'cache'")
+    p.add_argument("--image-size", default=16, type=int, help="model input side")
+    p.add_argument("--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)")
+    p.add_argument("--channels", default=0, type=int, help="1 or 3; 0 = detect from the images")
+    p.add_argument("--augment", default="auto", help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour")
+    p.add_argument("--epochs", default=30, type=int)
+    p.add_argument("--batch-size", default=64, type=int, help="per process")
+    p.add_argument("--workers", default=0, type=int, help="data loading processes")
+    p.add_argument("--opt", default="adamw", help="adamw or sgd")
+    p.add_argument("--lr", default=3e-3, type=float)
+    p.add_argument("--momentum", default=0.9, type=float, help="sgd only")
+    p.add_argument("--weight-decay", default=5e-4, type=float, help="not applied to 1-D params (norms, biases, g, beta)")
+    p.add_argument("--lr-scheduler", default="cosine", help="cosine, step or plateau")
+    p.add_argument("--lr-warmup-epochs", default=1, type=int, help="linear warm-up (cosine/step)")
+    p.add_argument("--lr-step-size", default=10, type=int, help="step: epochs between decays")
+    p.add_argument("--lr-gamma", default=0.1, type=float, help="step/plateau: decay factor")
+    p.add_argument("--loss", default="ce", help="ce or focal")
+    p.add_argument("--label-smoothing", default=0.1, type=float, help="ce only")
+    p.add_argument("--focal-gamma", default=2.0, type=float, help="focal only")
+    p.add_argument("--accum-steps", default=1, type=int, help="gradient accumulation steps")
+    p.add_argument("--clip-grad-norm", default=None, type=float, help="max gradient norm")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint_last.pt")
+    p.add_argument("--limit-samples", default=None, type=int, help="cheap mode: use ~N train and val images")
+    p.add_argument("--stop-after-epoch", default=None, type=int, help="stop (as if interrupted) after this epoch")
+    p.add_argument("--profile", action="store_true", help="write a PyTorch profiler trace of a few steps")
+    p.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard logs")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# --- distributed helpers ---------------------------------------------------------------
+
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    return rank, world, local
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def log(msg: str, rank: int = 0):
+    if rank == 0:
+        tqdm.write(msg)
+
+
+# --- building blocks of main ---------------------------------------------------------
+
+def make_preprocessing(args) -> Preprocessing:
+    channels = args.channels or datalib.detect_channels(os.path.join(args.data, "train"))
+    prep = Preprocessing(image_size=args.image_size, resize_size=args.resize_size, channels=channels,
+                         mean=[0.5] * channels, std=[0.5] * channels)
+    prep.mean, prep.std = datalib.compute_mean_std(os.path.join(args.data, "train"), prep)
+    return prep
+
+
+def make_model_args(args, in_channels: int, num_classes: int) -> dict:
+    if args.arch == "resnet_small":
+        return {**DEFAULT_MODEL_ARGS, "in_channels": in_channels, "num_classes": num_classes,
+                "widths": [int(w) for w in args.widths.split(",")],
+                "blocks": [int(b) for b in args.blocks.split(",")],
+                "activation": args.activation, "dropout": args.dropout}
+    return {"arch": args.arch, "in_channels": in_channels, "num_classes": num_classes}
+
+
+def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.opt == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr)
+    raise SystemExit(f"error: unknown optimiser {args.opt!r}; choose adamw or sgd")
+
+
+def make_scheduler(args, optimizer):
+    if args.lr_scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_gamma, patience=2)
+    if args.lr_scheduler == "cosine":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs - args.lr_warmup_epochs))
+    elif args.lr_scheduler == "step":
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    else:
+        raise SystemExit(f"error: unknown scheduler {args.lr_scheduler!r}; choose cosine, step or plateau")
+    if args.lr_warmup_epochs <= 0:
+        return main
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=args.lr_warmup_epochs)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[args.lr_warmup_epochs])
+
+
+def autocast(device: torch.device, enabled: bool):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scaler, profiler=None, rank=0):
+    model.train()
+    total_loss, correct, seen = torch.zeros(3, dtype=torch.float64).unbind(0)
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=args.quiet or rank != 0, mininterval=1.0)
+    for step, (images, targets) in enumerate(bar):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            logits = model(images)
+            loss = criterion(logits.float(), targets)
+        scaler.scale(loss / args.accum_steps).backward()
+        if (step + 1) % args.accum_steps == 0 or step + 1 == len(loader):
+            if args.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if profiler is not None:
+            profiler.step()
+    stats = all_sum(torch.stack([total_loss, correct, seen]))
+    return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}
+
+
+@torch.inference_mode()
+def evaluate(model, criterion, loader, device, num_classes, args):
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [true, predicted]
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            logits = model(images).float()
+        total_loss += criterion(logits, targets).item() * len(targets)
+        idx = targets.cpu() * num_classes + logits.argmax(1).cpu()
+        confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+    confusion = all_sum(confusion)
+    total_loss = all_sum(total_loss)
+    n = confusion.sum().item()
+    return {"loss": total_loss.item() / max(n, 1), "acc": confusion.diag().sum().item() / max(n, 1),
+            "confusion": confusion}
+
+
+def save_checkpoint(state: dict, path: str):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def write_golden(data_root: str, out_dir: str):
+    """Copy a fixed validation sample into the run, for promotion gates to replay."""
+    golden_dir = os.path.join(out_dir, "golden")
+    os.makedirs(golden_dir, exist_ok=True)
+    entries = []
+    for i, (path, label) in enumerate(datalib.golden_set(os.path.join(data_root, "val"))):
+        name = f"{i:03d}_{label}{os.path.splitext(path)[1]}"
+        shutil.copyfile(path, os.path.join(golden_dir, name))
+        entries.append({"file": name, "label": label})
+    with open(os.path.join(golden_dir, "golden.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+
+
+def check_output_dir(args):
+    last = os.path.join(args.output_dir, "checkpoint_last.pt")
+    if os.path.exists(last) and not args.resume:
+        raise SystemExit(
+            f"error: {args.output_dir} already holds a run; pass --resume auto to continue it, "
+            "or choose another --output-dir (nothing is overwritten)"
+        )
+    os.makedirs(args.output_dir, exist_ok=True)
+
+
+def main(args):
+    start_time = time.time()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    rank, world, _ = init_distributed(device.type)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.resume == "auto":
+        args.resume = os.path.join(args.output_dir, "checkpoint_last.pt")
+    if rank == 0:
+        check_output_dir(args)
+    torch.manual_seed(args.seed)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+    datalib.ensure_data(args.data) if rank == 0 else None
+    if world > 1:
+        dist.barrier()  # rank 0 may have just written the default data
+    resume_ckpt = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    if resume_ckpt:
+        prep = Preprocessing.from_dict(resume_ckpt["preprocessing"])
+    else:
+        prep = make_preprocessing(args)
+    augment = args.augment if args.augment != "auto" else ("affine" if prep.channels == 1 else "crop-flip")
+    train_set, val_set = datalib.build_datasets(args.data, prep, augment, args.limit_samples)
+    base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
+    class_names = base.classes
+    train_loader, val_loader, train_sampler = datalib.build_loaders(
+        train_set, val_set, args.batch_size, args.workers, rank, world)
+
+    model_args = resume_ckpt["model_args"] if resume_ckpt else make_model_args(args, prep.channels, len(class_names))
+    if args.weights and not resume_ckpt:
+        model_args["weights"] = args.weights
+    model = build_model(model_args).to(device)
+    model_args.pop("weights", None)  # the checkpoint holds the weights; do not need the file again
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model_without_ddp = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+        model_without_ddp = model.module
+
+    criterion = build_criterion(args.loss, args.label_smoothing, args.focal_gamma).to(device)
+    optimizer = make_optimizer(args, model_without_ddp)
+    scheduler = make_scheduler(args, optimizer)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
+    start_epoch, best, history = 1, {"acc": -1.0, "epoch": 0}, []
+    if resume_ckpt:
+        model_without_ddp.load_state_dict(strip_prefixes(resume_ckpt["model"]))
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+        scaler.load_state_dict(resume_ckpt["scaler"])
+        start_epoch = resume_ckpt["epoch"] + 1
+        best = resume_ckpt["best_metric"]
+        history = resume_ckpt.get("history", [])
+        log(f"resumed from {args.resume} at epoch {start_epoch}", rank)
+
+    writer = None
+    if rank == 0 and not args.no_tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+        add_graph(writer, model_without_ddp, next(iter(val_loader))[0][:2].to(device))
+
+    n_params = sum(p.numel() for p in model_without_ddp.parameters())
+    log(f"{args.arch}: {n_params / 1e6:.2f}M params | {len(train_set)} train / {len(val_set)} val images, "
+        f"{len(class_names)} classes | {world} process(es) on {device} | preprocessing {prep.to_dict()}", rank)
+    last_epoch = min(args.epochs, args.stop_after_epoch or args.epochs)
+    val = None
+    for epoch in range(start_epoch, last_epoch + 1):
+        t0 = time.time()
+        # Re-seed per epoch: shuffling, augmentation and dropout then depend only on
+        # (seed, epoch), which is what makes --resume reproduce an uninterrupted run.
+        torch.manual_seed(args.seed + epoch)
+        if world > 1:
+            train_sampler.set_epoch(epoch)
+        profiler = start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
+        train_stats = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank)
+        if profiler is not None:
+            profiler.stop()
+        val = evaluate(model, criterion, val_loader, device, len(class_names), args)
+        lr = optimizer.param_groups[0]["lr"]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val["acc"])
+        else:
+            scheduler.step()
+        is_best = val["acc"] > best["acc"]
+        if is_best:
+            best = {"acc": val["acc"], "loss": val["loss"], "epoch": epoch}
+        row = {"epoch": epoch, "lr": lr, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
+               "val_loss": val["loss"], "val_acc": val["acc"], "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        log(f"epoch {epoch:3d}/{args.epochs} | lr {lr:.2e} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+            f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | {row['seconds']:.1f}s", rank)
+        if rank == 0:
+            state = {"model": model_without_ddp.state_dict(), "model_args": model_args, "class_names": class_names,
+                     "preprocessing": prep.to_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "best_metric": best, "args": vars(args), "history": history}
+            save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
+            if is_best:
+                save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
+            if writer is not None:
+                log_epoch(writer, model_without_ddp, row)
+
+    if rank == 0 and val is not None:
+        finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def finish(args, prep, class_names, history, best, val, writer, seconds, world):
+    done = history[-1]["epoch"] >= args.epochs
+    metrics = {"best_val_acc": best["acc"], "best_epoch": best["epoch"], "final_val_acc": val["acc"],
+               "final_val_loss": val["loss"], "epochs_done": history[-1]["epoch"], "epochs": args.epochs,
+               "complete": done, "train_seconds": round(seconds, 1), "processes": world,
+               "class_names": class_names, "preprocessing": prep.to_dict(),
+               "confusion_matrix": val["confusion"].tolist(), "history": history}
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    if writer is not None:
+        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        writer.add_hparams(hparams, {"hparam/best_val_acc": best["acc"]}, run_name=".")
+        writer.close()
+    if not args.no_plots:
+        plots.plot_curves(history, os.path.join(args.output_dir, "curves.png"))
+        plots.plot_confusion(val["confusion"].numpy(), class_names, os.path.join(args.output_dir, "confusion_matrix.png"))
+    write_golden(args.data, args.output_dir)
+    state = "finished" if done else f"stopped after epoch {history[-1]['epoch']} (resume with --resume auto)"
+    print(f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
+          f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
+          f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
+          f"{', tb/ (tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}", flush=True)
+
+
+def add_graph(writer, model, example):
+    try:
+        was_training = model.training
+        with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            writer.add_graph(model.eval(), example)
+        model.train(was_training)
+    except Exception as e:  # the graph is a nicety; never fail training for it
+        tqdm.write(f"note: TensorBoard graph skipped ({e.__class__.__name__}: {e})")
+
+
+def log_epoch(writer, model, row):
+    epoch = row["epoch"]
+    for key in ("train_loss", "val_loss"):
+        writer.add_scalar(f"loss/{key[:-5]}", row[key], epoch)
+    for key in ("train_acc", "val_acc"):
+        writer.add_scalar(f"accuracy/{key[:-4]}", row[key], epoch)
+    writer.add_scalar("lr", row["lr"], epoch)
+    for name, p in model.named_parameters():
+        if p.numel() > 1 and math.isfinite(p.detach().float().abs().sum().item()):
+            writer.add_histogram(f"params/{name}", p.detach().float().cpu(), epoch)
+
+
+def start_profiler(out_dir: str):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(os.path.join(out_dir, "profile")), record_shapes=True)
+    prof.start()
+    return prof
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
