@@ -6,11 +6,58 @@ between `prepare` and `to_tensor`. The settings travel inside every checkpoint a
 archive (`Preprocessing.to_dict`), so serving can never drift from evaluation.
 """
 
+import io
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a 12 MP photo passes; a decompression bomb does not
+
+
+class InputError(ValueError):
+    """A request input that cannot be used; `status` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Bytes or a path -> a fully loaded PIL image, or InputError.
+
+    The pixel count is checked from the header, before any pixel is decoded, so a
+    small file that inflates to gigabytes is refused without allocating them. JPEGs
+    are decoded at a reduced scale (DCT scaling) when `draft_size` allows, which is
+    much faster for big photos and still leaves >= 2x the pixels that resizing needs.
+    """
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            img = Image.open(source)
+    except UnidentifiedImageError:
+        raise InputError("not a recognised image format (send PNG, JPEG, GIF, BMP, TIFF or WebP)", 415) from None
+    except Image.DecompressionBombError as e:  # PIL's hard stop, far above any sane image
+        raise InputError(f"image has too many pixels: {e}", 413) from None
+    except Exception as e:  # PIL raises many types for broken headers
+        raise InputError(f"could not read the image header: {e.__class__.__name__}: {e}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InputError(f"image has an empty size {width}x{height}")
+    if max_pixels and width * height > max_pixels:
+        raise InputError(f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}", 413)
+    if draft_size and img.format == "JPEG":
+        img.draft(img.mode, (draft_size, draft_size))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as e:  # truncated/corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
+        raise InputError(f"image data is corrupt or truncated ({e.__class__.__name__}: {e})") from None
+    return img
 
 
 @dataclass
@@ -28,6 +75,10 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         return cls(**d)
+
+    def decode(self, data, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """Bytes or a path -> PIL image. Training and serving both decode through here."""
+        return decode_image(data, max_pixels, draft_size=2 * (self.resize_size or self.image_size))
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """Any decoded PIL image -> a PIL image of the model's mode and size."""

@@ -1,5 +1,6 @@
 """Data: the bundled digits default, ImageFolder loading and the training augmentation."""
 
+import functools
 import json
 import os
 import shutil
@@ -59,11 +60,9 @@ def ensure_data(path: str) -> str:
     return path
 
 
-def load_image(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    return img
+def decode_trusted(prep: Preprocessing, path: str):
+    """Decode a training image exactly as the handler does, minus the pixel cap (our own data)."""
+    return prep.decode(path, max_pixels=None)
 
 
 def detect_channels(root: str, sample: int = 32) -> int:
@@ -79,7 +78,7 @@ def detect_channels(root: str, sample: int = 32) -> int:
 
 def compute_mean_std(root: str, prep: Preprocessing, limit: int = 2000) -> tuple[list, list]:
     """Per-channel mean/std of prepared training images (a deterministic subset for big sets)."""
-    ds = datasets.ImageFolder(root, loader=load_image, transform=prep.prepare)
+    ds = datasets.ImageFolder(root, loader=functools.partial(decode_trusted, prep), transform=prep.prepare)
     step = max(1, len(ds) // limit)
     arrs = [np.asarray(ds[i][0], dtype=np.float64) / 255.0 for i in range(0, len(ds), step)]
     x = np.stack(arrs)
@@ -108,8 +107,8 @@ def train_transform(prep: Preprocessing, augment: str):
 class CachedImages(torch.utils.data.Dataset):
     """ImageFolder that keeps small decoded images in memory (digits: 1.4k images, <1 MB)."""
 
-    def __init__(self, root: str, transform, cache: bool):
-        self.folder = datasets.ImageFolder(root, loader=load_image)
+    def __init__(self, root: str, prep: Preprocessing, transform, cache: bool):
+        self.folder = datasets.ImageFolder(root, loader=functools.partial(decode_trusted, prep))
         self.transform = transform
         self.cache = {} if cache else None
 
@@ -136,8 +135,8 @@ class CachedImages(torch.utils.data.Dataset):
 
 def build_datasets(data: str, prep: Preprocessing, augment: str, limit: int | None = None):
     small = sum(len(files) for _, _, files in os.walk(os.path.join(data, "train"))) <= 20000
-    train = CachedImages(os.path.join(data, "train"), train_transform(prep, augment), cache=small)
-    val = CachedImages(os.path.join(data, "val"), prep, cache=small)
+    train = CachedImages(os.path.join(data, "train"), prep, train_transform(prep, augment), cache=small)
+    val = CachedImages(os.path.join(data, "val"), prep, prep, cache=small)
     if train.classes != val.classes:
         raise SystemExit(f"error: train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if limit:  # cheap mode: an evenly spread subset

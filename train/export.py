@@ -46,7 +46,7 @@ def get_args_parser():
 
 def load_val(data_root: str, prep: Preprocessing, limit: int | None = None):
     """All (or an evenly spread `limit` of) validation images as one tensor + labels."""
-    ds = datalib.CachedImages(os.path.join(data_root, "val"), prep, cache=False)
+    ds = datalib.CachedImages(os.path.join(data_root, "val"), prep, prep, cache=False)
     idx = range(len(ds)) if not limit else range(0, len(ds), max(1, len(ds) // limit))
     items = [ds[i] for i in idx]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])

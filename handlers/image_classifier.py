@@ -1,0 +1,200 @@
+"""TorchServe handler: images in, top-k {label: probability} out.
+
+Thin on purpose: decoding and preprocessing come from model_src.preprocessing (the
+definition training evaluates with), model loading from model_src.runtime. What
+this file adds is TorchServe's contract: per-request parsing, one batched forward
+pass over the good requests, and a per-request status so that one bad image
+never fails its neighbours in the batch.
+
+Accepted bodies (each request may carry one image, or a list in the JSON forms):
+  raw bytes           curl --data-binary @img.png   (or -T img.png)
+  multipart           curl -F data=@img.png         (any field name)
+  JSON + base64       {"data": "<b64>"}  or  {"data": ["<b64>", ...]}  or  ["<b64>", ...]
+  KServe v2 / OIP     {"inputs": [{"name": "...", "datatype": "BYTES", "shape": [n], "data": ["<b64>", ...]}]}
+"""
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from model_src.preprocessing import DEFAULT_MAX_PIXELS, InputError, Preprocessing
+from model_src.runtime import BACKEND_FILES, Predictor
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {"topk": 5, "max_image_pixels": DEFAULT_MAX_PIXELS, "max_images_per_request": 32, "threads": 0}
+
+
+# --- request parsing: row -> list of encoded images ------------------------------------
+
+def b64decode(text) -> bytes:
+    if not isinstance(text, str):
+        raise InputError(f"expected a base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("invalid base64 image data") from None
+
+
+def images_from_json(body) -> tuple[list[bytes], str]:
+    """JSON body -> (encoded images, shape of the answer: 'one', 'list' or 'v2')."""
+    if isinstance(body, dict) and "inputs" in body:
+        inputs = body["inputs"]
+        if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
+            raise InputError('KServe v2: "inputs" must be a non-empty list of tensors')
+        data = inputs[0].get("data")
+        if not isinstance(data, list):
+            raise InputError('KServe v2: inputs[0]["data"] must be a list of base64 strings')
+        return [b64decode(d) for d in data], "v2"
+    if isinstance(body, dict):
+        for key in ("data", "image", "instances"):
+            if key in body:
+                body = body[key]
+                break
+        else:
+            raise InputError('JSON body needs a "data" field holding a base64 image (or a list of them)')
+    if isinstance(body, str):
+        return [b64decode(body)], "one"
+    if isinstance(body, list):
+        return [b64decode(item.get("data") if isinstance(item, dict) else item) for item in body], "list"
+    raise InputError(f'JSON "data" must be a base64 string or a list of them, got {type(body).__name__}')
+
+
+def images_from_row(row: dict) -> tuple[list[bytes], str]:
+    """One TorchServe request (its body or form fields) -> (encoded images, answer shape)."""
+    fields = {k: v for k, v in row.items() if v is not None and len(v) > 0}
+    value = next((fields[k] for k in ("data", "body", "file", "image") if k in fields), None)
+    if value is None:  # a multipart upload under another field name (query parameters arrive as str)
+        value = next((v for v in fields.values() if isinstance(v, (bytes, bytearray))), None)
+    if value is None:
+        raise InputError(
+            "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
+            "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
+            "as a form field (curl -F data=@img.png) or as base64 JSON ({\"data\": \"<base64>\"})")
+    if isinstance(value, (dict, list)):
+        return images_from_json(value)
+    if isinstance(value, str):  # text/* bodies arrive decoded: accept base64 text
+        return [b64decode(value.strip())], "one"
+    data = bytes(value)
+    if data[:1] in (b"{", b"["):
+        try:
+            return images_from_json(json.loads(data))
+        except json.JSONDecodeError as e:
+            raise InputError(f"body looks like JSON but does not parse: {e}") from None
+    return [data], "one"
+
+
+# --- answers -------------------------------------------------------------------------
+
+def top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict:
+    """(K,) probabilities -> {label: probability}, highest first, like TorchServe's image_classifier."""
+    values, indices = probs.topk(min(k, probs.numel()))
+    return {labels[i]: round(v, 6) for v, i in zip(values.tolist(), indices.tolist())}
+
+
+def v2_response(predictions: list[dict], model_name: str, version: str) -> dict:
+    return {"model_name": model_name, "model_version": version,
+            "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [len(predictions)],
+                         "data": [json.dumps(p) for p in predictions]}]}
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"code": status, "type": "BadInput" if status < 500 else "InternalServerError", "message": message}
+
+
+class ImageClassifier(BaseHandler):
+    def initialize(self, context):
+        properties = context.system_properties
+        model_dir = properties.get("model_dir")
+        manifest = context.manifest["model"]
+        yaml_cfg = getattr(context, "model_yaml_config", None) or {}
+        self.config = {**DEFAULTS, **(yaml_cfg.get("handler") or {})}
+        with open(os.path.join(model_dir, "serving.json")) as f:
+            meta = json.load(f)
+        with open(os.path.join(model_dir, "index_to_name.json")) as f:
+            mapping = json.load(f)
+        self.labels = [mapping[str(i)] for i in range(len(mapping))]
+        self.prep = Preprocessing.from_dict(meta["preprocessing"])
+        serialized = manifest["serializedFile"]
+        self.backend = {v: k for k, v in BACKEND_FILES.items()}.get(os.path.basename(serialized))
+        if self.backend is None:
+            raise RuntimeError(f"serialized file {serialized} is none of {sorted(BACKEND_FILES.values())}")
+        gpu = properties.get("gpu_id")
+        device = f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() and self.backend != "onnx" else "cpu"
+        self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
+        self.predictor = Predictor(os.path.join(model_dir, serialized), self.backend, device, self.threads)
+        self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
+        self.warm_up(int(properties.get("batch_size") or 1))
+        self.initialized = True
+        logger.info("loaded %s %s: backend=%s threads=%d topk=%d classes=%d", self.model_name, self.version,
+                    self.backend, self.threads, self.config["topk"], len(self.labels))
+
+    @staticmethod
+    def auto_threads(yaml_cfg: dict) -> int:
+        # Split the cores between the workers so they do not oversubscribe each other.
+        workers = int(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
+        return max(1, (os.cpu_count() or 1) // workers)
+
+    def warm_up(self, batch_size: int):
+        """Run the model once per shape it will see first, so no user request pays for it."""
+        x = torch.zeros(1, self.prep.channels, self.prep.image_size, self.prep.image_size)
+        for n in sorted({1, batch_size}):
+            self.predictor(x.expand(n, -1, -1, -1).contiguous())
+
+    def handle(self, data, context):
+        start = time.perf_counter()
+        images, owners, answers = [], [], [None] * len(data)
+        for idx, row in enumerate(data):
+            try:
+                encoded, shape = images_from_row(row)
+                if not encoded:
+                    raise InputError("the request holds an empty list of images")
+                if len(encoded) > self.config["max_images_per_request"]:
+                    raise InputError(f"{len(encoded)} images in one request; the limit is "
+                                       f"{self.config['max_images_per_request']}", 413)
+                tensors = [self.prep(self.prep.decode(b, self.config["max_image_pixels"])) for b in encoded]
+            except InputError as e:
+                answers[idx] = self.reject(context, idx, e.status, str(e))
+                continue
+            except Exception as e:  # a bug, not bad input: answer 500 for this request only
+                logger.exception("unexpected error preparing request %d", idx)
+                answers[idx] = self.reject(context, idx, 500, f"internal error: {e.__class__.__name__}")
+                continue
+            images += tensors
+            owners.append((idx, len(tensors), shape))
+        preprocess_ms = (time.perf_counter() - start) * 1000
+
+        if images:
+            t0 = time.perf_counter()
+            probs = torch.softmax(self.predictor(torch.stack(images)), dim=1)
+            self.record(context, "InferenceTime", (time.perf_counter() - t0) * 1000)
+            predictions = iter([top_k(p, self.labels, self.config["topk"]) for p in probs])
+            for idx, n, shape in owners:
+                mine = [next(predictions) for _ in range(n)]
+                answers[idx] = (mine[0] if shape == "one" else mine if shape == "list"
+                                else v2_response(mine, self.model_name, self.version))
+                context.set_response_content_type(idx, "application/json")
+        self.record(context, "PreprocessTime", preprocess_ms)
+        self.record(context, "HandlerTime", (time.perf_counter() - start) * 1000)
+        return answers
+
+    def reject(self, context, idx: int, status: int, message: str) -> dict:
+        context.set_response_status(status, message[:200], idx)
+        context.set_response_content_type(idx, "application/json")
+        self.count(context, "RejectedInputs")
+        return error_body(status, message)
+
+    # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.
+    def record(self, context, name: str, ms: float):
+        context.metrics.add_time(name, round(ms, 3), None, "ms")
+
+    def count(self, context, name: str):
+        context.metrics.add_counter(name, 1, None)
