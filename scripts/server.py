@@ -1,0 +1,390 @@
+"""Start, stop and query a TorchServe instance; the Python behind scripts/serve.sh.
+
+    python -m scripts.server start [--expose-inference] [--no-tokens]
+    python -m scripts.server stop
+    python -m scripts.server status
+
+One `TorchServe` object describes one instance: a working directory (where
+TorchServe writes key_file.json and logs/), a model store and five ports. The
+demo server uses the repository root and the ports of config.properties; tests
+make their own instance in a temporary directory on free ports, with private
+TMPDIR/TEMP so that TorchServe's pid file and worker sockets never collide.
+
+Restarts keep the deployment: TorchServe writes a snapshot of the registered
+versions (and which one is default) after every management call, but ignores it
+when --ts-config is given. `start` therefore copies the newest snapshot's
+`model_snapshot` into the generated config it starts with.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(ROOT, "config.properties")
+DEFAULT_MODELS = "my_model=my_model.mar"
+
+
+@dataclass
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Five ports the OS says are free right now (for tests and side-by-side servers)."""
+        socks = [socket.socket() for _ in range(5)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            return cls(*[s.getsockname()[1] for s in socks])
+        finally:
+            for s in socks:
+                s.close()
+
+
+def read_properties(path: str) -> dict:
+    """Parse a Java .properties file (TorchServe writes its snapshots with Java escapes: \\n, \\:, ...)."""
+    props, pending = {}, ""
+    with open(path) as f:
+        for raw in f:
+            line = pending + raw.strip() if pending else raw.strip()
+            if not pending and (not line or line.startswith(("#", "!"))):
+                continue
+            trailing = len(line) - len(line.rstrip("\\"))
+            if trailing % 2:  # an odd number of backslashes continues the line
+                pending = line[:-1]
+                continue
+            pending = ""
+            if "=" in line:
+                key, value = line.split("=", 1)
+                props[key.strip()] = unescape(value.strip())
+    return props
+
+
+def unescape(value: str) -> str:
+    out, i = [], 0
+    while i < len(value):
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            n = value[i + 1]
+            if n == "u" and i + 5 < len(value):
+                out.append(chr(int(value[i + 2:i + 6], 16)))
+                i += 6
+                continue
+            out.append({"n": "\n", "t": "\t", "r": "\r", "f": "\f"}.get(n, n))
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def ports_from_config(path: str = BASE_CONFIG) -> Ports:
+    props = read_properties(path)
+    port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
+    return Ports(port("inference_address", 8080), port("management_address", 8081), port("metrics_address", 8082),
+                 int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class TorchServe:
+    workdir: str = ROOT
+    model_store: str = os.path.join(ROOT, "model_store")
+    ports: Ports = field(default_factory=ports_from_config)
+    base_config: str = BASE_CONFIG
+    overrides: dict = field(default_factory=dict)  # extra config.properties keys
+    private_tmp: bool = False  # tests: own TMPDIR/TEMP (pid file, worker sockets)
+
+    # --- paths --------------------------------------------------------------------
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self.workdir, "logs")
+
+    @property
+    def key_file(self) -> str:
+        return os.path.join(self.workdir, "key_file.json")
+
+    @property
+    def tmp_dir(self) -> str | None:
+        return os.path.join(self.workdir, "tmp") if self.private_tmp else None
+
+    @property
+    def generated_config(self) -> str:
+        return os.path.join(self.log_dir, "generated.config.properties")
+
+    def url(self, api: str = "inference") -> str:
+        return f"http://127.0.0.1:{getattr(self.ports, api)}"
+
+    @property
+    def tokens_enabled(self) -> bool:
+        return self.config().get("disable_token_authorization", "false").lower() != "true"
+
+    # --- configuration --------------------------------------------------------------
+    def config(self) -> dict:
+        props = read_properties(self.base_config)
+        host = lambda key: props.get(key, "http://127.0.0.1:0").rsplit(":", 1)[0]
+        props.update({
+            "inference_address": f"{host('inference_address')}:{self.ports.inference}",
+            "management_address": f"{host('management_address')}:{self.ports.management}",
+            "metrics_address": f"{host('metrics_address')}:{self.ports.metrics}",
+            "grpc_inference_port": str(self.ports.grpc_inference),
+            "grpc_management_port": str(self.ports.grpc_management),
+            "model_store": self.model_store,
+        })
+        if props.get("metrics_config") and not os.path.isabs(props["metrics_config"]):
+            props["metrics_config"] = os.path.join(os.path.dirname(os.path.abspath(self.base_config)),
+                                                   props["metrics_config"])
+        props.update(self.overrides)
+        return props
+
+    def latest_snapshot(self) -> dict | None:
+        """The model_snapshot of the newest TorchServe snapshot, with versions whose archive is gone dropped."""
+        files = sorted(glob.glob(os.path.join(self.log_dir, "config", "*.cfg")), key=os.path.getmtime)
+        for path in reversed(files):
+            raw = read_properties(path).get("model_snapshot")
+            if not raw:
+                continue
+            snap = json.loads(raw)
+            for name, versions in list(snap.get("models", {}).items()):
+                for version, entry in list(versions.items()):
+                    if not os.path.exists(os.path.join(self.model_store, entry["marName"])):
+                        print(f"warning: {name} {version}: {entry['marName']} is no longer in the model store; "
+                              "not restoring it", file=sys.stderr)
+                        del versions[version]
+                if not versions:
+                    del snap["models"][name]
+                elif not any(v.get("defaultVersion") for v in versions.values()):
+                    next(iter(versions.values()))["defaultVersion"] = True
+            snap["modelCount"] = len(snap.get("models", {}))
+            return snap if snap["modelCount"] else None
+        return None
+
+    def write_config(self, restore: bool = True) -> tuple[str, dict | None]:
+        props = self.config()
+        snapshot = self.latest_snapshot() if restore else None
+        if snapshot:
+            props["model_snapshot"] = json.dumps(snapshot)
+        os.makedirs(self.log_dir, exist_ok=True)
+        with open(self.generated_config, "w") as f:
+            f.write(f"# generated by scripts/server.py from {self.base_config}; do not edit\n")
+            for key, value in props.items():
+                f.write(f"{key}={value}\n")
+        return self.generated_config, snapshot
+
+    # --- process control ---------------------------------------------------------------
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        env["LOG_LOCATION"] = self.log_dir
+        env["METRICS_LOCATION"] = self.log_dir
+        env.pop("TS_CONFIG_FILE", None)
+        if self.tmp_dir:
+            os.makedirs(self.tmp_dir, exist_ok=True)
+            env["TMPDIR"] = env["TEMP"] = self.tmp_dir  # pid file (Python CLI) and java.io.tmpdir (sockets)
+        return env
+
+    def pid(self) -> int | None:
+        pid_file = os.path.join(self.tmp_dir or "/tmp", ".model_server.pid")
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+            proc = psutil.Process(pid)
+            if proc.is_running() and any("org.pytorch.serve.ModelServer" in a for a in proc.cmdline()):
+                return pid
+        except (OSError, ValueError, psutil.Error):
+            pass
+        return None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, models: str | None = DEFAULT_MODELS, restore: bool = True, timeout: float = 180) -> dict:
+        """Start and wait until every registered version has a READY worker."""
+        if self.is_running():
+            raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
+        self.check_ports_free()
+        config, snapshot = self.write_config(restore)
+        cmd = [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--start", "--ts-config", config,
+               "--model-store", self.model_store]
+        if not snapshot and models:
+            available = [m for m in models.split(",") if os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))]
+            if available:
+                cmd += ["--models", *available]
+        os.makedirs(self.workdir, exist_ok=True)
+        with open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
+            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang.
+            subprocess.run(cmd, cwd=self.workdir, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, check=True, timeout=60)
+        self.wait_ready(timeout)
+        return {"restored": snapshot is not None, "models": self.models()}
+
+    def check_ports_free(self):
+        for name, port in vars(self.ports).items():
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    raise ServerError(f"port {port} ({name}) is already in use: is another TorchServe running?")
+
+    def wait_ready(self, timeout: float):
+        deadline = time.time() + timeout
+        last = "no answer yet"
+        while time.time() < deadline:
+            if not self.is_running():
+                raise ServerError(f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}")
+            try:
+                if os.path.exists(self.key_file) or not self.tokens_enabled:
+                    ping = requests.get(self.url() + "/ping", headers=self.auth("inference"), timeout=5)
+                    last = f"ping {ping.status_code} {ping.text.strip()[:80]}"
+                    if ping.status_code == 200 and self.all_workers_ready():
+                        return
+            except requests.RequestException as e:
+                last = f"{e.__class__.__name__}"
+            time.sleep(0.5)
+        raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({last}); see {self.log_dir}/ts_log.log")
+
+    def all_workers_ready(self) -> bool:
+        # /ping turns healthy before a worker has finished loading its model; READY workers are the real signal.
+        for name, versions in self.models().items():
+            for v in versions:
+                if v["minWorkers"] > 0 and sum(w["status"] == "READY" for w in v["workers"]) < v["minWorkers"]:
+                    return False
+        return True
+
+    def stop(self, timeout: float = 60):
+        """Stop TorchServe and wait until the frontend and every worker have exited."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchserve"), "--stop"], cwd=self.workdir,
+                       env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        gone, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:  # stuck: do not leave anything behind
+            p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=10)
+        return True
+
+    def tail_log(self, lines: int = 20) -> str:
+        path = os.path.join(self.log_dir, "ts_log.log")
+        if not os.path.exists(path):
+            return ""
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    # --- API access --------------------------------------------------------------------
+    def keys(self) -> dict:
+        with open(self.key_file) as f:
+            return json.load(f)
+
+    def auth(self, kind: str) -> dict:
+        """Authorization header for 'inference' or 'management' (empty when tokens are off)."""
+        if not self.tokens_enabled:
+            return {}
+        return {"Authorization": f"Bearer {self.keys()[kind]['key']}"}
+
+    def request(self, method: str, api: str, path: str, **kw) -> requests.Response:
+        """An API call with the current key; refreshes an expired key once through the token API."""
+        kind = "inference" if api == "inference" else "management"
+        resp = requests.request(method, self.url(api) + path, headers={**self.auth(kind), **kw.pop("headers", {})},
+                                timeout=kw.pop("timeout", 120), **kw)
+        if resp.status_code == 400 and "expired" in resp.text.lower() and self.tokens_enabled:
+            self.refresh_token(kind)
+            resp = requests.request(method, self.url(api) + path, headers=self.auth(kind), timeout=120, **kw)
+        return resp
+
+    def refresh_token(self, kind: str):
+        api_key = self.keys()["API"]["key"]
+        resp = requests.get(self.url("management") + f"/token?type={kind}",
+                            headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        if resp.status_code != 200:
+            raise ServerError(f"could not refresh the {kind} token ({resp.status_code} {resp.text.strip()}); "
+                              "restart with scripts/serve.sh stop && scripts/serve.sh start")
+
+    def models(self) -> dict:
+        """{model name: [describe entry per version]} from the management API."""
+        resp = self.request("GET", "management", "/models")
+        resp.raise_for_status()
+        out = {}
+        for m in resp.json().get("models", []):
+            desc = self.request("GET", "management", f"/models/{m['modelName']}/all")
+            desc.raise_for_status()
+            out[m["modelName"]] = desc.json()
+        return out
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+def print_status(ts: TorchServe):
+    if not ts.is_running():
+        print("TorchServe is not running")
+        return
+    print(f"TorchServe is running (pid {ts.pid()})")
+    print(f"  inference   {ts.url('inference')}   (token: jq -r .inference.key {os.path.relpath(ts.key_file)})"
+          if ts.tokens_enabled else f"  inference   {ts.url('inference')}   (tokens off)")
+    print(f"  management  {ts.url('management')}   (token: jq -r .management.key {os.path.relpath(ts.key_file)})"
+          if ts.tokens_enabled else f"  management  {ts.url('management')}")
+    print(f"  metrics     {ts.url('metrics')}/metrics")
+    for name, versions in ts.models().items():
+        default = ts.request("GET", "management", f"/models/{name}").json()[0]["modelVersion"]
+        for v in versions:
+            ready = sum(w["status"] == "READY" for w in v["workers"])
+            print(f"  model {name} {v['modelVersion']}{' (default)' if v['modelVersion'] == default else ''}: "
+                  f"{ready}/{len(v['workers'])} workers ready, batch {v['batchSize']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop", "status", "restart"])
+    p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
+    p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
+    p.add_argument("--expose-inference", action="store_true",
+                   help="bind inference to 0.0.0.0 (management and metrics stay on loopback)")
+    p.add_argument("--no-tokens", action="store_true",
+                   help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too")
+    args = p.parse_args(argv)
+    overrides = {}
+    if args.expose_inference:
+        overrides["inference_address"] = f"http://0.0.0.0:{ports_from_config().inference}"
+    if args.no_tokens:
+        # Without tokens anyone on this host could register code: keep the model API closed.
+        overrides.update({"disable_token_authorization": "true", "enable_model_api": "false"})
+    ts = TorchServe(overrides=overrides)
+    try:
+        if args.action in ("stop", "restart"):
+            print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
+        if args.action in ("start", "restart"):
+            t0 = time.time()
+            info = ts.start(models=args.models, restore=not args.fresh)
+            print(f"TorchServe started in {time.time() - t0:.1f}s"
+                  f"{' (restored the saved deployment)' if info['restored'] else ''}")
+            if args.no_tokens:
+                print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
+        if args.action in ("start", "restart", "status"):
+            print_status(ts)
+    except ServerError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
