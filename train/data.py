@@ -169,3 +169,9 @@ def golden_set(val_root: str, per_class: int = 10) -> list[tuple[str, str]]:
         step = max(1, len(paths) // per_class)
         picked += [(p, name) for p in paths[::step][:per_class]]
     return picked
+
+
+if __name__ == "__main__":
+    root = write_digits()
+    with open(os.path.join(root, "split.json")) as f:
+        print(f"digits ImageFolder at {root}/: {json.load(f)['counts']}")

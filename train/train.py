@@ -48,7 +48,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)")
     p.add_argument("--channels", default=0, type=int, help="1 or 3; 0 = detect from the images")
     p.add_argument("--augment", default="auto", help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour")
-    p.add_argument("--epochs", default=30, type=int)
+    p.add_argument("--epochs", default=15, type=int)
     p.add_argument("--batch-size", default=64, type=int, help="per process")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
     p.add_argument("--opt", default="adamw", help="adamw or sgd")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Send one image to the running server with the inference token.
+#   scripts/predict.sh IMAGE [VERSION]      e.g. scripts/predict.sh data/digits/val/3/0012.png 2.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] || { echo "usage: scripts/predict.sh IMAGE [VERSION]" >&2; exit 2; }
+image=$1 version=${2:-}
+[ -f "$image" ] || { echo "predict: $image not found" >&2; exit 1; }
+port=$(sed -n 's/^inference_address=.*:\([0-9]*\)$/\1/p' config.properties)
+auth=()
+if [ -f key_file.json ]; then
+  token=$(.venv/bin/python -c 'import json; print(json.load(open("key_file.json"))["inference"]["key"])')
+  auth=(-H "Authorization: Bearer $token")
+fi
+curl -sS --fail-with-body "${auth[@]}" -T "$image" "http://127.0.0.1:${port}/predictions/my_model${version:+/$version}"
+echo

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The main job, end to end on the bundled digits: set up, train 1.0, archive, serve, predict,
+# train 2.0 with another recipe, archive, register it through the management API behind the
+# promotion gate, predict through both versions. Leaves TorchServe running.
+# Safe to re-run: finished steps are reused (runs/, model_store/ are never overwritten).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+step() { printf '\n\033[1m== %s\033[0m  (%ds)\n' "$*" $(( $(date +%s) - START )); }
+PY=.venv/bin/python
+
+step "1/9 setup"
+scripts/setup.sh
+
+step "2/9 default data: scikit-learn digits as PNGs in data/digits/{train,val}/<digit>/"
+$PY -m train.data
+
+train() {  # train VERSION_DIR ARGS... ; resumes an interrupted run, reuses a finished one
+  local out=$1; shift
+  if [ -f "$out/metrics.json" ] && $PY -c "import json,sys; sys.exit(not json.load(open('$out/metrics.json'))['complete'])"; then
+    echo "reusing finished run $out ($($PY -c "import json; m=json.load(open('$out/metrics.json')); print(f\"best val acc {m['best_val_acc']:.4f}\")"))"
+  elif [ -f "$out/checkpoint_last.pt" ]; then
+    $PY -m train.train --output-dir "$out" --resume auto "$@"
+  else
+    $PY -m train.train --output-dir "$out" "$@"
+  fi
+}
+archive() {  # archive VERSION RUN_DIR ARCHIVE_PATH
+  if [ -f "$3" ]; then
+    echo "reusing $3 (sha256 $(cut -c1-12 "$3.sha256")...)"
+  else
+    scripts/archive.sh "$1" "$2/checkpoint_best.pt"
+  fi
+}
+
+step "3/9 train version 1.0 (default recipe: AdamW, cosine, label smoothing, learnable Swish)"
+train runs/v1
+
+step "4/9 archive 1.0 -> model_store/my_model.mar"
+archive 1.0 runs/v1 model_store/my_model.mar
+
+step "5/9 start TorchServe (inference :8080, management :8081, metrics :8082)"
+if $PY -m scripts.server status | grep -q "is running"; then
+  echo "TorchServe is already running: keeping it"
+else
+  scripts/serve.sh start
+fi
+$PY -m scripts.predict $(ls data/digits/val/*/*.png | awk 'NR % 36 == 1')
+
+step "6/9 train version 2.0 (another recipe: SGD + Nesterov, focal loss, step schedule, wider)"
+train runs/v2 --opt sgd --lr 0.05 --lr-scheduler step --lr-step-size 8 --loss focal --widths 48,96,192 --epochs 12 --seed 1
+
+step "7/9 archive 2.0 -> model_store/my_model_v2.0.mar"
+archive 2.0 runs/v2 model_store/my_model_v2.0.mar
+
+step "8/9 register 2.0 through the management API; promote it only if it passes the gate"
+if $PY -m scripts.deploy list | grep -q "my_model 2.0"; then
+  echo "2.0 is already registered"
+  $PY -m scripts.deploy list
+else
+  scripts/register_version.sh model_store/my_model_v2.0.mar --promote --golden runs/v2/golden --max-accuracy-drop 1.0
+fi
+
+step "9/9 predict through both versions"
+imgs=$(ls data/digits/val/*/*.png | awk 'NR % 36 == 7')
+$PY -m scripts.predict --version 1.0 $imgs
+$PY -m scripts.predict --version 2.0 $imgs
+$PY -m scripts.deploy list
+
+token='$(python3 -c "import json; print(json.load(open(\"key_file.json\"))[\"inference\"][\"key\"])")'
+mtoken='$(python3 -c "import json; print(json.load(open(\"key_file.json\"))[\"management\"][\"key\"])")'
+img=$(ls data/digits/val/3/*.png | head -1)
+cat <<MSG
+
+Done in $(( $(date +%s) - START ))s. TorchServe is still running. Try:
+  curl -H "Authorization: Bearer $token" -T $img http://127.0.0.1:8080/predictions/my_model
+  curl -H "Authorization: Bearer $token" -T $img http://127.0.0.1:8080/predictions/my_model/1.0
+  curl -H "Authorization: Bearer $mtoken" http://127.0.0.1:8081/models/my_model/all
+  curl http://127.0.0.1:8082/metrics
+  scripts/predict.sh $img 2.0
+Training reports: runs/v1/ and runs/v2/ (metrics.json, curves.png, confusion_matrix.png; tensorboard --logdir runs)
+Stop with: scripts/serve.sh stop
+MSG

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned dependencies (requirements.txt) and check for Java 17+.
+# Idempotent: when requirements.txt has not changed since the last install, it takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv
+STAMP=$VENV/.requirements.sha256
+
+find_python() {
+  for py in python3.11 python3 python; do
+    if command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  return 1
+}
+
+check_java() {
+  local version major
+  if command -v java >/dev/null; then
+    version=$(java -version 2>&1 | awk -F'"' '/version/ {print $2; exit}')
+    major=${version%%.*}
+    if [ "${major:-0}" -ge 17 ] 2>/dev/null; then return 0; fi
+    echo "setup: found Java ${version:-unknown}; TorchServe 0.12 needs Java 17 or newer." >&2
+  else
+    echo "setup: Java not found; TorchServe's frontend needs Java 17 or newer." >&2
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing openjdk-17-jre-headless with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+    return 0
+  fi
+  cat >&2 <<'MSG'
+setup: install it, then run this script again:
+  Debian/Ubuntu:  sudo apt-get install -y openjdk-17-jre-headless
+  Fedora/RHEL:    sudo dnf install -y java-17-openjdk-headless
+  macOS:          brew install openjdk@17
+MSG
+  exit 1
+}
+
+check_java
+
+PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "setup: .venv is up to date with requirements.txt"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }
+echo "setup: installing requirements.txt into $VENV (first time: a few minutes; torch alone is ~5 GB)"
+# pip's find-links on this kind of machine prints one harmless warning per package; keep the log readable.
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt 2>&1 \
+  | grep -v "is ignored: it is neither a file nor a directory" || true
+"$VENV/bin/python" - <<'PY'
+import importlib.util, sys
+mods = ["torch", "torchvision", "ts", "model_archiver", "yaml", "onnx", "onnxruntime", "sklearn", "PIL", "pytest"]
+missing = [m for m in mods if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"setup: install incomplete, missing {missing}")
+PY
+echo "$want" > "$STAMP"
+echo "setup: done ($("$VENV/bin/python" -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)'))"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite; extra arguments go to pytest,
+# e.g.  scripts/test.sh -m "not slow"   (unit tests only, about a minute)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"
