@@ -47,3 +47,61 @@ def exported(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "all"
     export_all(checkpoint, str(out))
     return str(out)
+
+
+# --- real TorchServe ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def archive_factory(checkpoint, tmp_path_factory):
+    """build(version, backend='eager', checkpoint=None) -> path of a .mar in a shared cache dir.
+
+    Archives are cached per (version, backend, checkpoint), so each is built once per session.
+    """
+    from scripts.archive import build_archive
+
+    cache_root = tmp_path_factory.mktemp("archives")
+    built = {}
+
+    def build(version, backend="eager", ckpt=None, model_name="my_model"):
+        key = (version, backend, ckpt or checkpoint, model_name)
+        if key not in built:
+            out = cache_root / f"{len(built)}" / f"{model_name}_v{version}.mar"
+            out.parent.mkdir()
+            built[key] = build_archive(ckpt or checkpoint, version, backend, model_name=model_name,
+                                       output=str(out))["archive"]
+        return built[key]
+
+    return build
+
+
+def install_archive(archive, store, name=None):
+    """Copy an archive and its .sha256 into a model store (under `name`, keeping the checksum valid)."""
+    import shutil
+
+    from scripts.archive import write_checksum
+
+    target = os.path.join(str(store), name or os.path.basename(archive))
+    shutil.copyfile(archive, target)
+    write_checksum(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def torchserve_factory(tmp_path_factory):
+    """start(store, overrides=None, models=...) -> a running TorchServe on free ports (own workdir, TMPDIR,
+    key file and logs, so a demo server on 8080-8082 is untouched); every one is stopped when the module ends,
+    whatever happened."""
+    from scripts.server import Ports, TorchServe
+
+    started = []
+
+    def start(store, overrides=None, models="my_model=my_model.mar", workdir=None):
+        ts = TorchServe(workdir=str(workdir or tmp_path_factory.mktemp("ts")), model_store=str(store),
+                        ports=Ports.free(), overrides=overrides or {}, private_tmp=True)
+        started.append(ts)
+        ts.start(models=models)
+        return ts
+
+    yield start
+    for ts in started:
+        ts.stop()

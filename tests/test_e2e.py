@@ -1,0 +1,113 @@
+"""End to end against a real TorchServe: archive, start, predict, register, promote, stop."""
+
+import concurrent.futures
+import io
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+from model_src.runtime import Predictor
+from scripts import deploy
+from tests.conftest import install_archive
+
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+
+VAL = os.path.join("data", "digits", "val")
+
+
+def val_images():
+    return sorted((os.path.join(VAL, c, f), c) for c in os.listdir(VAL) for f in os.listdir(os.path.join(VAL, c)))
+
+
+def offline_label(checkpoint, data: bytes) -> str:
+    predictor = Predictor(checkpoint, "eager")
+    ckpt = torch.load(checkpoint, weights_only=True)
+    from model_src.preprocessing import Preprocessing
+
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    logits = predictor(prep(prep.decode(data)).unsqueeze(0))
+    return ckpt["class_names"][logits.argmax(1).item()]
+
+
+def post(ts, data, version=None, **kw):
+    path = "/predictions/my_model" + (f"/{version}" if version else "")
+    return ts.request("POST", "inference", path, data=data, **kw)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, archive_factory):
+    store = tmp_path_factory.mktemp("store")
+    install_archive(archive_factory("1.0"), store, "my_model.mar")
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store, torchserve_factory):
+    return torchserve_factory(store)
+
+
+def test_png_and_jpeg_match_the_offline_model(server, checkpoint, digits):
+    path, truth = val_images()[5]
+    png = open(path, "rb").read()
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").resize((64, 64)).save(buf, "JPEG", quality=95)
+    for data in (png, buf.getvalue()):
+        resp = post(server, data, headers={"Content-Type": "application/octet-stream"})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert next(iter(body)) == offline_label(checkpoint, data)
+        assert list(body.values()) == sorted(body.values(), reverse=True)  # highest first
+        assert len(body) == 5
+
+
+def test_every_val_image_over_http_matches_offline_accuracy(server, checkpoint, digits):
+    from train.evaluate import evaluate
+
+    images = val_images()
+
+    def label(item):
+        resp = post(server, open(item[0], "rb").read())
+        assert resp.status_code == 200, resp.text
+        return next(iter(resp.json()))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(label, images))
+    served_acc = sum(p == t for p, (_, t) in zip(served, images)) / len(images)
+    assert len(images) == 359
+    assert served_acc == pytest.approx(evaluate(checkpoint)["accuracy"], abs=1e-9)
+
+
+def test_non_image_body_is_a_4xx_with_message_and_the_server_keeps_serving(server):
+    resp = post(server, b"this is not an image", headers={"Content-Type": "application/octet-stream"})
+    assert 400 <= resp.status_code < 500
+    assert "image" in resp.json()["message"]
+    good = post(server, open(val_images()[0][0], "rb").read())
+    assert good.status_code == 200
+
+
+def test_predict_script_uses_the_token(server):
+    image = val_images()[40][0]
+    env = {**os.environ, "TS_INFERENCE_URL": server.url("inference"), "TS_KEY_FILE": server.key_file}
+    out = subprocess.run(["scripts/predict.sh", image], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert len(body) == 5 and all(0 <= p <= 1 for p in body.values())
+
+
+def test_register_second_version_promote_and_call_both(server, store, archive_factory):
+    install_archive(archive_factory("2.0", backend="onnx"), store, "my_model_v2.0.mar")
+    assert deploy.register(server, os.path.join(store, "my_model_v2.0.mar")) == ("my_model", "2.0")
+    assert deploy.default_version(server, "my_model") == "1.0"  # registering never changes the default
+    deploy.set_default(server, "my_model", "2.0", reason="test")
+    assert deploy.default_version(server, "my_model") == "2.0"
+    data = open(val_images()[100][0], "rb").read()
+    answers = [post(server, data, v) for v in ("1.0", "2.0", None)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    labels = [next(iter(a.json())) for a in answers]
+    assert labels[0] == labels[1] == labels[2]  # same weights, eager vs ONNX
+    listed = {v["modelVersion"] for v in deploy.versions(server, "my_model")}
+    assert listed == {"1.0", "2.0"}
