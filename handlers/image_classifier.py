@@ -149,6 +149,10 @@ class ImageClassifier(BaseHandler):
         for n in sorted({1, batch_size}):
             self.predictor(x.expand(n, -1, -1, -1).contiguous())
 
+    def to_tensor(self, data: bytes) -> torch.Tensor:
+        """Encoded image -> model input (C, H, W): the training evaluation transform, plus the pixel cap."""
+        return self.prep(self.prep.decode(data, self.config["max_image_pixels"]))
+
     def handle(self, data, context):
         start = time.perf_counter()
         images, owners, answers = [], [], [None] * len(data)
@@ -160,7 +164,7 @@ class ImageClassifier(BaseHandler):
                 if len(encoded) > self.config["max_images_per_request"]:
                     raise InputError(f"{len(encoded)} images in one request; the limit is "
                                        f"{self.config['max_images_per_request']}", 413)
-                tensors = [self.prep(self.prep.decode(b, self.config["max_image_pixels"])) for b in encoded]
+                tensors = [self.to_tensor(b) for b in encoded]
             except InputError as e:
                 answers[idx] = self.reject(context, idx, e.status, str(e))
                 continue
