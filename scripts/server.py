@@ -294,8 +294,13 @@ class TorchServe:
 
     # --- API access --------------------------------------------------------------------
     def keys(self) -> dict:
-        with open(self.key_file) as f:
-            return json.load(f)
+        for _ in range(50):  # TorchServe may be writing the file right now: retry a torn read
+            try:
+                with open(self.key_file) as f:
+                    return json.load(f)
+            except (json.JSONDecodeError, FileNotFoundError):
+                time.sleep(0.1)
+        raise ServerError(f"cannot read {self.key_file}: is TorchServe running with tokens on?")
 
     def auth(self, kind: str) -> dict:
         """Authorization header for 'inference' or 'management' (empty when tokens are off)."""

@@ -1,0 +1,358 @@
+"""Benchmark the serving path against its own limit and against TorchServe's stock handler.
+
+    python -m scripts.bench                       # digits (runs/v1) and resnet18 at 224x224
+    python -m scripts.bench --targets digits --requests 300 --concurrency 1,4
+
+For each target model it measures, on this machine, in one run:
+  limit   the handler's own pipeline (decode -> preprocess -> inference -> postprocess)
+          called in-process, per backend, at batch 1 and at the configured batch size,
+          with the thread count the workers use;
+  served  the same archive behind a real TorchServe, loaded by a separate client process
+          (scripts/loadgen.py, loopback only) at each concurrency: req/s, p50/p90/p99, errors;
+          ratio = served req/s / limit img/s at the configured batch size;
+  peer    the same weights behind TorchServe's stock `image_classifier` handler;
+  cold    `torchserve --start` to the first good prediction, and registration to ready.
+Client and server share the machine's cores; the report says how many there are.
+Writes bench_results/bench.json, bench_results/bench.png and prints a table.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+import torch
+import yaml
+
+from model_src.runtime import BACKEND_FILES
+from scripts.archive import MODEL_CONFIG, build_archive, write_checksum
+from scripts.server import ROOT, Ports, TorchServe
+
+BACKENDS = tuple(BACKEND_FILES)
+BENCH_DEPS = os.path.join(ROOT, ".bench_deps")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", default="digits,resnet18")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--concurrency", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (0: 800 digits, 160 resnet18)")
+    p.add_argument("--digits-checkpoint", default="runs/v1/checkpoint_best.pt", help="trained if missing")
+    p.add_argument("--config-file", default=MODEL_CONFIG, help="model-config.yaml under test")
+    p.add_argument("--no-peer", action="store_true", help="skip the stock image_classifier peer")
+    p.add_argument("--out", default="bench_results", help="folder for bench.json and bench.png")
+    return p
+
+
+# --- targets: a checkpoint, request images and their expected labels ---------------------------
+
+def digits_target(checkpoint: str, work: str) -> dict:
+    from train.data import write_digits
+
+    write_digits()
+    if not os.path.exists(checkpoint):
+        print(f"{checkpoint} missing: training a digits model for the benchmark (about a minute)")
+        from train.train import get_args_parser as train_args, main as train_main
+
+        out = os.path.join(work, "digits_run")
+        train_main(train_args().parse_args(["--output-dir", out, "--quiet", "--no-tensorboard", "--no-plots"]))
+        checkpoint = os.path.join(out, "checkpoint_best.pt")
+    val = os.path.join("data", "digits", "val")
+    images = sorted(os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c))))
+    return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": "data/digits"}
+
+
+def photo_folder(root: str) -> str:
+    """A small ImageFolder of photos scikit-learn ships (china.jpg, flower.jpg), as 4 JPEG crops each."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    for name in ("china", "flower"):
+        img = Image.fromarray(load_sample_image(f"{name}.jpg"))
+        for split in ("train", "val"):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+        for i, box in enumerate([(0, 0, 400, 400), (200, 0, 640, 427), (100, 27, 500, 427), (0, 0, 640, 427)]):
+            crop = img.crop(box)
+            crop.save(os.path.join(root, "val", name, f"{i}.jpg"), quality=90)
+            crop.save(os.path.join(root, "train", name, f"{i}.jpg"), quality=90)
+    return root
+
+
+def resnet18_target(work: str) -> dict:
+    """torchvision resnet18 at 224x224 with random weights (speed only), as a self-describing checkpoint."""
+    from model_src.net import build_model
+    from model_src.preprocessing import Preprocessing
+
+    data = photo_folder(os.path.join(work, "photos"))
+    torch.manual_seed(0)
+    model_args = {"arch": "resnet18", "in_channels": 3, "num_classes": 2}
+    prep = Preprocessing(image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406],
+                         std=[0.229, 0.224, 0.225])
+    ckpt = os.path.join(work, "resnet18.pt")
+    torch.save({"model": build_model(model_args).eval().state_dict(), "model_args": model_args,
+                "class_names": ["china", "flower"], "preprocessing": prep.to_dict(), "args": {"data": data}}, ckpt)
+    images = sorted(os.path.join(data, "val", c, f) for c in ("china", "flower") for f in os.listdir(os.path.join(data, "val", c)))
+    return {"name": "resnet18", "checkpoint": ckpt, "images": images, "data": data}
+
+
+# --- the limit: the handler in-process ------------------------------------------------------------
+
+def make_handler(archive: str, work: str, batch_size: int):
+    """Unpack an archive and initialise our handler on it with a real TorchServe Context."""
+    from ts.context import Context, RequestProcessor
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    from handlers.image_classifier import ImageClassifier
+
+    model_dir = tempfile.mkdtemp(dir=work)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(model_dir)
+    with open(os.path.join(model_dir, "MAR-INF", "MANIFEST.json")) as f:
+        manifest = json.load(f)
+    with open(os.path.join(model_dir, "model-config.yaml")) as f:
+        yaml_cfg = yaml.safe_load(f)
+    metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
+    metrics.initialize_cache()
+    ctx = Context("my_model", model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics,
+                  model_yaml_config=yaml_cfg)
+    handler = ImageClassifier()
+    handler.initialize(ctx)
+    return handler, ctx, RequestProcessor
+
+
+def measure_limit(handler, ctx, request_processor, bodies, batch: int, seconds: float = 3.0) -> float:
+    """Images per second through handler.handle() with `batch` requests per call."""
+    rows = [{"body": bytearray(bodies[i % len(bodies)])} for i in range(batch)]
+    ctx.request_processor = [request_processor({}) for _ in rows]
+    ctx.metrics.request_ids = {i: str(i) for i in range(batch)}
+    for _ in range(3):
+        handler.handle(rows, ctx)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        handler.handle(rows, ctx)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+# --- the peer: TorchServe's stock image_classifier ----------------------------------------------------
+
+class StockAdapter(torch.nn.Module):
+    """Feeds our model from the stock handler's fixed input (3x224x224, ImageNet-normalised)."""
+
+    def __init__(self, model, prep):
+        super().__init__()
+        self.model = model
+        self.size = prep.image_size
+        self.grey = prep.channels == 1
+        self.register_buffer("in_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("in_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(prep.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(prep.std).view(1, -1, 1, 1))
+
+    def forward(self, x):  # (B, 3, 224, 224) -> (B, K)
+        x = x * self.in_std + self.in_mean  # back to 0..1
+        if self.grey:
+            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.model((x - self.mean) / self.std)
+
+
+def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str) -> str:
+    import warnings
+
+    from model_src.net import load_model
+    from model_src.preprocessing import Preprocessing
+
+    model, ckpt = load_model(checkpoint)
+    adapter = StockAdapter(model, Preprocessing.from_dict(ckpt["preprocessing"])).eval()
+    os.makedirs(work, exist_ok=True)
+    peer_dir = tempfile.mkdtemp(dir=work)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(adapter, torch.zeros(1, 3, 224, 224))
+    traced.save(os.path.join(peer_dir, "peer.pt"))
+    with open(os.path.join(peer_dir, "index_to_name.json"), "w") as f:
+        json.dump({str(i): n for i, n in enumerate(ckpt["class_names"])}, f)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"), "--model-name", "my_model",
+                    "--version", "stock", "--serialized-file", os.path.join(peer_dir, "peer.pt"),
+                    "--handler", "image_classifier", "--extra-files", os.path.join(peer_dir, "index_to_name.json"),
+                    "--config-file", config_file, "--export-path", peer_dir],
+                   check=True)
+    target = os.path.join(store, "my_model_vstock.mar")
+    shutil.move(os.path.join(peer_dir, "my_model.mar"), target)
+    write_checksum(target)
+    return target
+
+
+# --- served numbers ------------------------------------------------------------------------------
+
+def load(ts: TorchServe, version: str, images, expect, concurrency: int, requests: int) -> dict:
+    cmd = [sys.executable, "-m", "scripts.loadgen", "--url", f"{ts.url()}/predictions/my_model/{version}",
+           "--key-file", ts.key_file, "--concurrency", str(concurrency), "--requests", str(requests),
+           "--expect", json.dumps(expect), *images]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=900)
+    return json.loads(out.stdout)
+
+
+def register(ts: TorchServe, archive: str) -> float:
+    t0 = time.perf_counter()
+    resp = ts.request("POST", "management", f"/models?url={os.path.basename(archive)}&synchronous=true",
+                      timeout=300)
+    if resp.status_code != 200:
+        raise RuntimeError(f"registering {archive}: {resp.status_code} {resp.text}")
+    return time.perf_counter() - t0
+
+
+def cold_start(ts: TorchServe, image: str) -> float:
+    """torchserve --start (our start() returns only when workers are READY) to the first 200."""
+    t0 = time.perf_counter()
+    ts.start(models="my_model=my_model.mar", restore=False)
+    body = open(image, "rb").read()
+    while ts.request("POST", "inference", "/predictions/my_model", data=body).status_code != 200:
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def bench_target(target: dict, args, work: str) -> dict:
+    from model_src.net import load_model
+
+    backends = args.backends.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    n_requests = args.requests or (800 if target["name"] == "digits" else 160)
+    with open(args.config_file) as f:
+        model_cfg = yaml.safe_load(f)
+    batch = int(model_cfg.get("batchSize", 1))
+    store = os.path.join(work, f"store_{target['name']}")
+    os.makedirs(store)
+    model, ckpt = load_model(target["checkpoint"])
+    prep_names = ckpt["class_names"]
+    bodies = [open(p, "rb").read() for p in target["images"]]
+    # Expected labels: what the eager model says offline (served answers must agree).
+    from model_src.preprocessing import Preprocessing
+
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    with torch.inference_mode():
+        expect = [prep_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
+
+    result = {"model": target["name"], "batch_size": batch, "workers": model_cfg.get("maxWorkers"),
+              "max_batch_delay_ms": model_cfg.get("maxBatchDelay"), "images": len(bodies),
+              "requests_per_level": n_requests, "limit": {}, "served": {}, "registration_s": {}}
+    archives = {}
+    for i, backend in enumerate(backends):
+        name = "my_model.mar" if i == 0 else f"my_model_v{backend}.mar"
+        archives[backend] = build_archive(target["checkpoint"], backend, backend, output=os.path.join(store, name),
+                                          config_file=args.config_file)["archive"]
+        handler, ctx, rp = make_handler(archives[backend], work, batch)
+        result["limit"][backend] = {"batch_1": measure_limit(handler, ctx, rp, bodies, 1),
+                                    f"batch_{batch}": measure_limit(handler, ctx, rp, bodies, batch)}
+        print(f"  limit {target['name']} {backend}: {result['limit'][backend]}", flush=True)
+        del handler
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    ts = TorchServe(workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(),
+                    private_tmp=True)
+    try:
+        result["cold_start_s"] = cold_start(ts, target["images"][0])
+        served_versions = {backends[0]: backends[0]}
+        for backend in backends[1:]:
+            result["registration_s"][backend] = register(ts, archives[backend])
+            served_versions[backend] = backend
+        if not args.no_peer:
+            peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
+            result["registration_s"]["stock"] = register(ts, peer)
+            served_versions["stock image_classifier"] = "stock"
+        for label, version in served_versions.items():
+            rows = []
+            for c in levels:
+                stats = load(ts, version, target["images"], expect, c, n_requests)
+                rows.append(stats)
+                print(f"  served {target['name']} {label} c={c}: {stats['throughput_rps']} req/s "
+                      f"p50 {stats['p50_ms']:.1f} p99 {stats['p99_ms']:.1f} ms errors {stats['errors']} "
+                      f"wrong {stats['wrong_labels']}", flush=True)
+            result["served"][label] = rows
+    finally:
+        ts.stop()
+    return result
+
+
+# --- report --------------------------------------------------------------------------------
+
+def table(res: dict) -> str:
+    batch = res["batch_size"]
+    lines = [f"\n{res['model']}: batch {batch}, {res['workers']} worker(s), maxBatchDelay {res['max_batch_delay_ms']} ms,"
+             f" {res['requests_per_level']} requests per level, cold start {res['cold_start_s']:.1f} s",
+             f"{'backend':24s}{'limit b1':>10s}{'limit b' + str(batch):>10s}  {'c':>3s}{'req/s':>9s}{'p50':>8s}"
+             f"{'p90':>8s}{'p99':>8s}{'err':>5s}{'served/limit':>14s}"]
+    for label, rows in res["served"].items():
+        lim = res["limit"].get(label)  # the stock peer has no in-process limit of ours
+        for j, r in enumerate(rows):
+            l1 = f"{lim['batch_1']:.0f}" if lim and j == 0 else ""
+            lb = f"{lim[f'batch_{batch}']:.0f}" if lim and j == 0 else ""
+            ratio = f"{r['throughput_rps'] / lim[f'batch_{batch}']:.2f}" if lim else ""
+            lines.append(f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}  {r['concurrency']:3d}{r['throughput_rps']:9.1f}"
+                         f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}")
+    regs = ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
+    lines.append(f"registration to ready: {regs}")
+    return "\n".join(lines)
+
+
+def plot(results: list, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
+    for col, res in enumerate(results):
+        batch = res["batch_size"]
+        for label, rows in res["served"].items():
+            c = [r["concurrency"] for r in rows]
+            axes[0][col].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=label)
+            axes[1][col].plot(c, [r["p99_ms"] for r in rows], marker="o", label=label)
+            lim = res["limit"].get(label)
+            if lim:
+                axes[0][col].axhline(lim[f"batch_{batch}"], linestyle=":", color=axes[0][col].lines[-1].get_color())
+        axes[0][col].set(title=f"{res['model']}: throughput (dotted: in-process limit, batch {batch})",
+                         xscale="log", xlabel="concurrency", ylabel="req/s")
+        axes[1][col].set(title=f"{res['model']}: p99 latency", xscale="log", yscale="log", xlabel="concurrency",
+                         ylabel="ms")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    if not args.no_peer:
+        if not os.path.isdir(BENCH_DEPS):
+            raise SystemExit("the peer needs captum in .bench_deps/: run scripts/bench.sh (or pass --no-peer)")
+        # Workers inherit the frontend's environment: captum reaches the stock handler only.
+        os.environ["PYTHONPATH"] = BENCH_DEPS + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        for name in args.targets.split(","):
+            target = digits_target(args.digits_checkpoint, work) if name == "digits" else resnet18_target(work)
+            print(f"benchmarking {name} ({os.cpu_count()} cores shared by client and server)", flush=True)
+            results.append(bench_target(target, args, work))
+    report = {"cores": os.cpu_count(), "torch": torch.__version__, "note": "client and server share the cores",
+              "results": results}
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot(results, os.path.join(args.out, "bench.png"))
+    for res in results:
+        print(table(res))
+    print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

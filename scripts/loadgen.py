@@ -1,0 +1,104 @@
+"""Bounded HTTP load on a local TorchServe: N requests at concurrency C, then latency statistics.
+
+    python -m scripts.loadgen --url http://127.0.0.1:8080/predictions/my_model --key-file key_file.json \
+        --concurrency 16 --requests 2000 IMAGE [IMAGE ...]
+
+Runs as its own process so that the client's work is not counted inside the server's;
+they still share this machine's cores (the report says how many). Only loopback URLs
+are accepted: this is a tool for measuring your own server, never someone else's.
+"""
+
+import argparse
+import concurrent.futures
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+from urllib.parse import urlparse
+
+import requests
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, duration_cap=300):
+    """Send `total` requests (bodies cycled) with `concurrency` threads; returns a summary dict.
+
+    expect: optional list, parallel to bodies, of the top-1 label each body should get.
+    """
+    host = urlparse(url).hostname
+    if host not in LOOPBACK and not host.startswith("127."):
+        raise SystemExit(f"loadgen: refusing non-loopback target {host}")
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies, statuses, wrong = [], {}, 0
+    local = threading.local()
+    deadline = time.time() + duration_cap
+
+    def worker():
+        nonlocal wrong
+        session = local.__dict__.setdefault("s", requests.Session())
+        while time.time() < deadline:
+            i = next(counter)
+            if i >= total:
+                return
+            body = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            try:
+                resp = session.post(url, data=body, headers=headers, timeout=timeout)
+                code = resp.status_code
+                ok_label = expect is None or code != 200 or next(iter(resp.json())) == expect[i % len(bodies)]
+            except requests.RequestException:
+                code, ok_label = "error", True
+            dt = (time.perf_counter() - t0) * 1000
+            with lock:
+                latencies.append(dt)
+                statuses[str(code)] = statuses.get(str(code), 0) + 1
+                wrong += not ok_label
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    done = len(latencies)
+    return {"concurrency": concurrency, "requests": done, "seconds": round(elapsed, 3),
+            "throughput_rps": round(done / elapsed, 2) if elapsed else None,
+            "p50_ms": percentile(latencies, 0.5), "p90_ms": percentile(latencies, 0.9),
+            "p99_ms": percentile(latencies, 0.99), "statuses": statuses,
+            "errors": sum(n for c, n in statuses.items() if c == "error" or c.startswith("5")),
+            "wrong_labels": wrong, "client_cores_shared_with_server": os.cpu_count()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--url", required=True)
+    p.add_argument("--key-file", default=None, help="TorchServe key_file.json (inference key)")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--expect", default=None, help="JSON list of expected top-1 labels, parallel to images")
+    args = p.parse_args(argv)
+    headers = {"Content-Type": "application/octet-stream"}
+    if args.key_file:
+        with open(args.key_file) as f:
+            headers["Authorization"] = f"Bearer {json.load(f)['inference']['key']}"
+    bodies = [open(path, "rb").read() for path in args.images]
+    expect = json.loads(args.expect) if args.expect else None
+    json.dump(run(args.url, bodies, args.concurrency, args.requests, headers, expect), sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
