@@ -31,10 +31,19 @@ def percentile(sorted_values, q):
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
+def check(resp, expected) -> bool:
+    if expected is None:  # a bad body: must be refused with a JSON message, never 2xx or 5xx
+        return 400 <= resp.status_code < 500 and "message" in resp.json()
+    if resp.status_code != 200:
+        return resp.status_code >= 500  # 5xx are errors, counted separately
+    return next(iter(resp.json())) == expected
+
+
 def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, duration_cap=300):
     """Send `total` requests (bodies cycled) with `concurrency` threads; returns a summary dict.
 
-    expect: optional list, parallel to bodies, of the top-1 label each body should get.
+    expect: optional list, parallel to bodies: the top-1 label each body should get, or None for a
+    body that must be refused with a 4xx. Answers that break this count as `wrong`.
     """
     host = urlparse(url).hostname
     if host not in LOOPBACK and not host.startswith("127."):
@@ -57,9 +66,9 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
             try:
                 resp = session.post(url, data=body, headers=headers, timeout=timeout)
                 code = resp.status_code
-                ok_label = expect is None or code != 200 or next(iter(resp.json())) == expect[i % len(bodies)]
+                ok_label = expect is None or check(resp, expect[i % len(bodies)])
             except requests.RequestException:
-                code, ok_label = "error", True
+                code, ok_label = "error", True  # counted under errors, not as a wrong answer
             dt = (time.perf_counter() - t0) * 1000
             with lock:
                 latencies.append(dt)

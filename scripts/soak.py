@@ -1,0 +1,253 @@
+"""Reliability under load and faults, against a real TorchServe on free loopback ports.
+
+    python -m scripts.soak                     # all scenarios, full size; writes soak_results/soak.json
+    python -m scripts.soak --scenarios load --requests 2000
+
+Scenarios (each bounded in requests and time):
+  load          N requests at concurrency C mixing good digits with 6 kinds of bad body:
+                no 5xx, every good answer right, every bad one a 4xx with a message, and the
+                server's resident memory (frontend + workers) after the run vs after warm-up;
+  worker_death  SIGKILL the serving worker mid-load: failed requests, time until TorchServe's
+                replacement worker answers, and a clean run afterwards;
+  restart       stop + start with two versions registered and 2.0 default: the same after;
+  bad_register  a corrupt archive and a disallowed URL registered during load: refused, and
+                the serving version answers every request meanwhile.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+from scripts.archive import build_archive
+from scripts.loadgen import run as run_load
+from scripts.server import ROOT, Ports, TorchServe
+
+
+def bad_bodies() -> list[bytes]:
+    """Six kinds of body the handler must refuse with a 4xx."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 255).save(buf, "PNG")
+    png = buf.getvalue()
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0)  # header of a 2.5-gigapixel image
+    bomb = png[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+    return [
+        b"definitely not an image",
+        png[: len(png) // 2],  # truncated
+        b'{"data": "%%% not base64 %%%"}',
+        b'{"image_url": "http://example.com/x.png"}',  # JSON without data
+        bomb,
+        b"\xff\xd8\xff\xe0" + os.urandom(200),  # JPEG magic, garbage after
+    ]
+
+
+class Soak:
+    def __init__(self, checkpoint: str, work: str):
+        self.work = work
+        store = os.path.join(work, "store")
+        os.makedirs(store)
+        build_archive(checkpoint, "1.0", "eager", output=os.path.join(store, "my_model.mar"))
+        build_archive(checkpoint, "2.0", "onnx", output=os.path.join(store, "my_model_v2.0.mar"))
+        self.ts = TorchServe(workdir=os.path.join(work, "ts"), model_store=store, ports=Ports.free(), private_tmp=True)
+        val = os.path.join(ROOT, "data", "digits", "val")
+        good = [(os.path.join(val, c, f), c) for c in sorted(os.listdir(val))
+                for f in sorted(os.listdir(os.path.join(val, c)))[:6]]
+        self.good = [(open(p, "rb").read(), label) for p, label in good]
+        self.bad = bad_bodies()
+        self.expected_labels = self.offline_labels(checkpoint)
+
+    def offline_labels(self, checkpoint):
+        import torch
+
+        from model_src.net import load_model
+        from model_src.preprocessing import Preprocessing
+
+        model, ckpt = load_model(checkpoint)
+        prep = Preprocessing.from_dict(ckpt["preprocessing"])
+        with torch.inference_mode():
+            batch = torch.stack([prep(prep.decode(b)) for b, _ in self.good])
+            return [ckpt["class_names"][i] for i in model(batch).argmax(1).tolist()]
+
+    def mix(self, bad_every: int = 4):
+        """Bodies and expectations: one bad body after every `bad_every` good ones."""
+        bodies, expect, b = [], [], 0
+        for i, (body, _) in enumerate(self.good):
+            bodies.append(body)
+            expect.append(self.expected_labels[i])
+            if i % bad_every == bad_every - 1:
+                bodies.append(self.bad[b % len(self.bad)])
+                expect.append(None)
+                b += 1
+        return bodies, expect
+
+    def headers(self):
+        return {"Content-Type": "application/octet-stream", **self.ts.auth("inference")}
+
+    def url(self, version=None):
+        return f"{self.ts.url()}/predictions/my_model" + (f"/{version}" if version else "")
+
+    def rss_mb(self) -> float:
+        proc = psutil.Process(self.ts.pid())
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+    def worker_pid(self, version: str = "1.0") -> int:
+        return self.ts.request("GET", "management", f"/models/my_model/{version}").json()[0]["workers"][0]["pid"]
+
+    def start(self):
+        self.ts.start(models="my_model=my_model.mar", restore=False)
+
+    # --- scenarios ----------------------------------------------------------------------------
+
+    def load(self, requests: int = 10000, concurrency: int = 32, warmup: int = 1000) -> dict:
+        bodies, expect = self.mix()
+        run_load(self.url(), bodies, concurrency, warmup, self.headers(), expect)
+        rss_warm = self.rss_mb()
+        stats = run_load(self.url(), bodies, concurrency, requests, self.headers(), expect)
+        rss_end = self.rss_mb()
+        bad_share = sum(e is None for e in expect) / len(expect)
+        return {**stats, "bad_body_share": round(bad_share, 3), "bad_kinds": len(self.bad),
+                "rss_mb_after_warmup": round(rss_warm, 1), "rss_mb_end": round(rss_end, 1),
+                "rss_growth": round(rss_end / rss_warm - 1, 4),
+                "passed": stats["errors"] == 0 and stats["wrong_labels"] == 0 and rss_end <= 1.2 * rss_warm
+                and stats["requests"] == requests}
+
+    def worker_death(self, requests: int = 3000, concurrency: int = 8) -> dict:
+        bodies = [b for b, _ in self.good]
+        expect = list(self.expected_labels)
+        cmd = [sys.executable, "-m", "scripts.loadgen", "--url", self.url(), "--key-file", self.ts.key_file,
+               "--concurrency", str(concurrency), "--requests", str(requests), "--expect", json.dumps(expect)]
+        paths = []
+        for i, body in enumerate(bodies):
+            paths.append(os.path.join(self.work, f"good_{i}.png"))
+            with open(paths[-1], "wb") as f:
+                f.write(body)
+        proc = subprocess.Popen(cmd + paths, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        time.sleep(2.0)  # mid-load
+        victim = self.worker_pid()
+        killed_at = time.perf_counter()
+        os.kill(victim, signal.SIGKILL)
+        recovered = None
+        while time.perf_counter() - killed_at < 120:
+            pid = self.worker_pid()
+            resp = self.ts.request("POST", "inference", "/predictions/my_model", data=bodies[0],
+                                   headers={"Content-Type": "application/octet-stream"})
+            if pid != victim and resp.status_code == 200:
+                recovered = time.perf_counter() - killed_at
+                break
+            time.sleep(0.05)
+        during = json.loads(proc.communicate(timeout=600)[0])
+        after = run_load(self.url(), bodies, concurrency, 500, self.headers(), expect)
+        return {"killed_pid": victim, "new_pid": self.worker_pid(), "recovery_s": recovered,
+                "during": during, "failed_during": during["errors"], "after": after,
+                "passed": recovered is not None and after["errors"] == 0 and after["wrong_labels"] == 0}
+
+    def deployment(self) -> dict:
+        resp = self.ts.request("GET", "management", "/models/my_model/all").json()
+        default = self.ts.request("GET", "management", "/models/my_model").json()[0]["modelVersion"]
+        return {"versions": sorted(v["modelVersion"] for v in resp), "default": default}
+
+    def restart(self) -> dict:
+        from scripts import deploy
+
+        if "2.0" not in self.deployment()["versions"]:
+            deploy.register(self.ts, os.path.join(self.ts.model_store, "my_model_v2.0.mar"))
+        deploy.set_default(self.ts, "my_model", "2.0", reason="soak restart scenario")
+        before = self.deployment()
+        t0 = time.perf_counter()
+        self.ts.stop()
+        info = self.ts.start(models=None)
+        seconds = time.perf_counter() - t0
+        after = self.deployment()
+        answers = [self.ts.request("POST", "inference", f"/predictions/my_model/{v}", data=self.good[0][0]).status_code
+                   for v in after["versions"]]
+        return {"before": before, "after": after, "restored": info["restored"], "restart_s": round(seconds, 1),
+                "answers": answers, "passed": before == after and all(a == 200 for a in answers)}
+
+    def bad_register(self, requests: int = 2000, concurrency: int = 16) -> dict:
+        import threading
+
+        store = self.ts.model_store
+        with open(os.path.join(store, "my_model.mar"), "rb") as f:
+            data = f.read()
+        with open(os.path.join(store, "corrupt.mar"), "wb") as f:
+            f.write(data[: len(data) // 2])
+        bodies, expect = self.mix()
+        result = {}
+        load = threading.Thread(target=lambda: result.update(
+            run_load(self.url(), bodies, concurrency, requests, self.headers(), expect)))
+        load.start()
+        time.sleep(1.0)
+        attempts = {url: self.ts.request("POST", "management", f"/models?url={url}&synchronous=true").status_code
+                    for url in ("corrupt.mar", "http://127.0.0.1:9/evil.mar", "file:///etc/passwd")}
+        load.join(600)
+        return {"registration_status": attempts, "load": result, "deployment": self.deployment(),
+                "passed": all(400 <= s < 600 for s in attempts.values()) and result.get("errors") == 0
+                and result.get("wrong_labels") == 0}
+
+
+def summarize(name: str, r: dict) -> str:
+    verdict = "PASS" if r["passed"] else "FAIL"
+    if name == "load":
+        return (f"load: {r['requests']} requests at c={r['concurrency']} ({r['bad_body_share'] * 100:.0f}% bad bodies of "
+                f"{r['bad_kinds']} kinds) in {r['seconds']:.0f}s = {r['throughput_rps']:.0f} req/s; statuses "
+                f"{r['statuses']}; 5xx/errors {r['errors']}; wrong answers {r['wrong_labels']}; RSS "
+                f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB ({r['rss_growth'] * 100:+.1f}%) {verdict}")
+    if name == "worker_death":
+        return (f"worker death: SIGKILL pid {r['killed_pid']} mid-load; replacement pid {r['new_pid']} answered after "
+                f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests failed during; "
+                f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}")
+    if name == "restart":
+        return (f"restart: {r['before']} -> {r['after']} in {r['restart_s']}s (restored={r['restored']}), "
+                f"answers {r['answers']} {verdict}")
+    return (f"bad registration during load: {r['registration_status']}; load {r['load'].get('requests')} requests, "
+            f"errors {r['load'].get('errors')}, wrong {r['load'].get('wrong_labels')}; deployment {r['deployment']} {verdict}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="runs/v1/checkpoint_best.pt", help="model to serve (quickstart's 1.0)")
+    p.add_argument("--scenarios", default="load,worker_death,restart,bad_register")
+    p.add_argument("--requests", type=int, default=10000, help="load scenario size")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--out", default="soak_results")
+    args = p.parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint} not found: run scripts/quickstart.sh first, or pass --checkpoint")
+    from train.data import write_digits
+
+    write_digits()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="soak-") as work:
+        soak = Soak(args.checkpoint, work)
+        soak.start()
+        try:
+            for name in args.scenarios.split(","):
+                kwargs = {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
+                results[name] = getattr(soak, name)(**kwargs)
+                print(summarize(name, results[name]), flush=True)
+        finally:
+            soak.ts.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "soak.json"), "w") as f:
+        json.dump({"cores": os.cpu_count(), "results": results}, f, indent=1)
+    print(f"wrote {args.out}/soak.json")
+    return 0 if all(r["passed"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

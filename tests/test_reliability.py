@@ -1,0 +1,51 @@
+"""Reliability suite (scripts/soak.py) at full size: 10,000 mixed requests, a killed worker,
+a restart and bad registrations under load, all against a real TorchServe on free ports."""
+
+import pytest
+
+from scripts.soak import Soak, summarize
+
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+
+
+@pytest.fixture(scope="module")
+def soak(checkpoint, digits, tmp_path_factory):
+    s = Soak(checkpoint, str(tmp_path_factory.mktemp("soak")))
+    s.start()
+    yield s
+    s.ts.stop()
+
+
+def test_load_10k_mixed_requests_no_5xx_right_answers_bounded_memory(soak):
+    r = soak.load(requests=10000, concurrency=32)
+    print(summarize("load", r))
+    assert r["requests"] == 10000
+    assert r["errors"] == 0, r["statuses"]
+    assert r["wrong_labels"] == 0
+    assert r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    assert r["rss_mb_end"] <= 1.2 * r["rss_mb_after_warmup"]
+
+
+def test_killed_worker_is_replaced_and_serving_resumes(soak):
+    r = soak.worker_death(requests=2000)
+    print(summarize("worker_death", r))
+    assert r["new_pid"] != r["killed_pid"]
+    assert r["recovery_s"] is not None
+    assert r["after"]["errors"] == 0 and r["after"]["wrong_labels"] == 0
+
+
+def test_bad_registrations_during_load_do_not_disturb_serving(soak):
+    r = soak.bad_register(requests=1500)
+    print(summarize("bad_register", r))
+    assert all(400 <= s < 600 for s in r["registration_status"].values())
+    assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 404
+    assert r["load"]["errors"] == 0 and r["load"]["wrong_labels"] == 0
+    assert "corrupt" not in str(r["deployment"])
+
+
+def test_restart_keeps_versions_and_default(soak):
+    r = soak.restart()
+    print(summarize("restart", r))
+    assert r["restored"]
+    assert r["after"] == r["before"] == {"versions": ["1.0", "2.0"], "default": "2.0"}
+    assert r["answers"] == [200, 200]
