@@ -33,6 +33,7 @@ DEFAULTS = {"topk": 5, "max_image_pixels": DEFAULT_MAX_PIXELS, "max_images_per_r
 
 # --- request parsing: row -> list of encoded images ------------------------------------
 
+
 def b64decode(text) -> bytes:
     if not isinstance(text, str):
         raise InputError(f"expected a base64 string, got {type(text).__name__}")
@@ -78,7 +79,8 @@ def images_from_row(row: dict) -> tuple[list[bytes], str]:
         raise InputError(
             "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
             "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
-            "as a form field (curl -F data=@img.png) or as base64 JSON ({\"data\": \"<base64>\"})")
+            'as a form field (curl -F data=@img.png) or as base64 JSON ({"data": "<base64>"})'
+        )
     if isinstance(value, (dict, list)):
         return images_from_json(value)
     if isinstance(value, str):  # text/* bodies arrive decoded: accept base64 text
@@ -94,6 +96,7 @@ def images_from_row(row: dict) -> tuple[list[bytes], str]:
 
 # --- answers -------------------------------------------------------------------------
 
+
 def top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict:
     """(K,) probabilities -> {label: probability}, highest first, like TorchServe's image_classifier."""
     values, indices = probs.topk(min(k, probs.numel()))
@@ -101,9 +104,18 @@ def top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict:
 
 
 def v2_response(predictions: list[dict], model_name: str, version: str) -> dict:
-    return {"model_name": model_name, "model_version": version,
-            "outputs": [{"name": "predictions", "datatype": "BYTES", "shape": [len(predictions)],
-                         "data": [json.dumps(p) for p in predictions]}]}
+    return {
+        "model_name": model_name,
+        "model_version": version,
+        "outputs": [
+            {
+                "name": "predictions",
+                "datatype": "BYTES",
+                "shape": [len(predictions)],
+                "data": [json.dumps(p) for p in predictions],
+            }
+        ],
+    }
 
 
 def error_body(status: int, message: str) -> dict:
@@ -134,8 +146,15 @@ class ImageClassifier(BaseHandler):
         self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
         self.warm_up(int(properties.get("batch_size") or 1))
         self.initialized = True
-        logger.info("loaded %s %s: backend=%s threads=%d topk=%d classes=%d", self.model_name, self.version,
-                    self.backend, self.threads, self.config["topk"], len(self.labels))
+        logger.info(
+            "loaded %s %s: backend=%s threads=%d topk=%d classes=%d",
+            self.model_name,
+            self.version,
+            self.backend,
+            self.threads,
+            self.config["topk"],
+            len(self.labels),
+        )
 
     @staticmethod
     def auto_threads(yaml_cfg: dict) -> int:
@@ -162,8 +181,10 @@ class ImageClassifier(BaseHandler):
                 if not encoded:
                     raise InputError("the request holds an empty list of images")
                 if len(encoded) > self.config["max_images_per_request"]:
-                    raise InputError(f"{len(encoded)} images in one request; the limit is "
-                                       f"{self.config['max_images_per_request']}", 413)
+                    raise InputError(
+                        f"{len(encoded)} images in one request; the limit is {self.config['max_images_per_request']}",
+                        413,
+                    )
                 tensors = [self.to_tensor(b) for b in encoded]
             except InputError as e:
                 answers[idx] = self.reject(context, idx, e.status, str(e))
@@ -183,8 +204,13 @@ class ImageClassifier(BaseHandler):
             predictions = iter([top_k(p, self.labels, self.config["topk"]) for p in probs])
             for idx, n, shape in owners:
                 mine = [next(predictions) for _ in range(n)]
-                answers[idx] = (mine[0] if shape == "one" else mine if shape == "list"
-                                else v2_response(mine, self.model_name, self.version))
+                answers[idx] = (
+                    mine[0]
+                    if shape == "one"
+                    else mine
+                    if shape == "list"
+                    else v2_response(mine, self.model_name, self.version)
+                )
                 context.set_response_content_type(idx, "application/json")
         self.record(context, "PreprocessTime", preprocess_ms)
         self.record(context, "HandlerTime", (time.perf_counter() - start) * 1000)

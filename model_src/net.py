@@ -56,8 +56,12 @@ def build_model(model_args: dict) -> nn.Module:
     arch = args["arch"]
     if arch == "resnet_small":
         return ResNetClassifier(
-            args["in_channels"], args["num_classes"], args["widths"], args["blocks"],
-            args["activation"], args["dropout"],
+            args["in_channels"],
+            args["num_classes"],
+            args["widths"],
+            args["blocks"],
+            args["activation"],
+            args["dropout"],
         )
     if arch in TORCHVISION_ARCHS:
         return build_torchvision(arch, args["num_classes"], args["in_channels"], args.get("weights"))

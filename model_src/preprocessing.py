@@ -48,7 +48,9 @@ def decode_image(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
     if width < 1 or height < 1:
         raise InputError(f"image has an empty size {width}x{height}")
     if max_pixels and width * height > max_pixels:
-        raise InputError(f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}", 413)
+        raise InputError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}", 413
+        )
     if draft_size and img.format == "JPEG":
         img.draft(img.mode, (draft_size, draft_size))
     try:

@@ -70,8 +70,10 @@ def verify_checksum(path: str) -> str:
         expected = f.read().split()[0]
     actual = sha256_of(path)
     if actual != expected:
-        raise ValueError(f"{os.path.basename(path)}: SHA-256 {actual[:12]}… does not match {expected[:12]}… "
-                         "in its .sha256 file: the archive changed after it was built")
+        raise ValueError(
+            f"{os.path.basename(path)}: SHA-256 {actual[:12]}… does not match {expected[:12]}… "
+            "in its .sha256 file: the archive changed after it was built"
+        )
     return actual
 
 
@@ -84,25 +86,46 @@ def stage_extra_files(export_dir: str, stage: str):
         shutil.copy2(os.path.join(export_dir, name), os.path.join(stage, name))
 
 
-def build_archive(checkpoint, version, backend="eager", model_name=DEFAULT_MODEL, model_store=MODEL_STORE,
-                  config_file=MODEL_CONFIG, output=None) -> dict:
+def build_archive(
+    checkpoint,
+    version,
+    backend="eager",
+    model_name=DEFAULT_MODEL,
+    model_store=MODEL_STORE,
+    config_file=MODEL_CONFIG,
+    output=None,
+) -> dict:
     from train.export import export_all
 
     target = output or os.path.join(model_store, archive_name(model_name, version))
     if os.path.exists(target):
-        raise FileExistsError(f"{target} exists; archives are never overwritten: pick a new --version "
-                              "or remove the old archive (and its .sha256) yourself")
+        raise FileExistsError(
+            f"{target} exists; archives are never overwritten: pick a new --version "
+            "or remove the old archive (and its .sha256) yourself"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
         export_dir = os.path.join(tmp, "export")
         report = export_all(checkpoint, export_dir, formats=(backend,))
         stage = os.path.join(tmp, "stage")
         stage_extra_files(export_dir, stage)
-        cmd = [os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
-               "--model-name", model_name, "--version", version,
-               "--serialized-file", os.path.join(export_dir, BACKEND_FILES[backend]),
-               "--handler", HANDLER, "--extra-files", stage, "--config-file", config_file,
-               "--export-path", tmp]
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
+            "--model-name",
+            model_name,
+            "--version",
+            version,
+            "--serialized-file",
+            os.path.join(export_dir, BACKEND_FILES[backend]),
+            "--handler",
+            HANDLER,
+            "--extra-files",
+            stage,
+            "--config-file",
+            config_file,
+            "--export-path",
+            tmp,
+        ]
         subprocess.run(cmd, check=True)
         built = os.path.join(tmp, f"{model_name}.mar")
         # link() fails if the target appeared meanwhile, so even a race cannot overwrite an archive.
@@ -113,13 +136,22 @@ def build_archive(checkpoint, version, backend="eager", model_name=DEFAULT_MODEL
 
 def main(args):
     try:
-        info = build_archive(args.checkpoint, args.version, args.backend, args.model_name, args.model_store,
-                             args.config_file, args.output)
+        info = build_archive(
+            args.checkpoint,
+            args.version,
+            args.backend,
+            args.model_name,
+            args.model_store,
+            args.config_file,
+            args.output,
+        )
     except (FileExistsError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"archive failed: {e}")
+        raise SystemExit(f"archive failed: {e}") from None
     entry = info["export"]["formats"][args.backend]
-    print(f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager {entry['max_diff']:.1e})"
-          f"\n  {os.path.relpath(info['archive'])}  {info['bytes'] / 1024:.0f} KiB  sha256 {info['sha256']}")
+    print(
+        f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager {entry['max_diff']:.1e})"
+        f"\n  {os.path.relpath(info['archive'])}  {info['bytes'] / 1024:.0f} KiB  sha256 {info['sha256']}"
+    )
 
 
 if __name__ == "__main__":

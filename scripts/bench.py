@@ -52,19 +52,23 @@ def get_args_parser():
 
 # --- targets: a checkpoint, request images and their expected labels ---------------------------
 
+
 def digits_target(checkpoint: str, work: str) -> dict:
     from train.data import write_digits
 
     write_digits()
     if not os.path.exists(checkpoint):
         print(f"{checkpoint} missing: training a digits model for the benchmark (about a minute)")
-        from train.train import get_args_parser as train_args, main as train_main
+        from train.train import get_args_parser as train_args
+        from train.train import main as train_main
 
         out = os.path.join(work, "digits_run")
         train_main(train_args().parse_args(["--output-dir", out, "--quiet", "--no-tensorboard", "--no-plots"]))
         checkpoint = os.path.join(out, "checkpoint_best.pt")
     val = os.path.join("data", "digits", "val")
-    images = sorted(os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c))))
+    images = sorted(
+        os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c)))
+    )
     return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": "data/digits"}
 
 
@@ -92,16 +96,28 @@ def resnet18_target(work: str) -> dict:
     data = photo_folder(os.path.join(work, "photos"))
     torch.manual_seed(0)
     model_args = {"arch": "resnet18", "in_channels": 3, "num_classes": 2}
-    prep = Preprocessing(image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406],
-                         std=[0.229, 0.224, 0.225])
+    prep = Preprocessing(
+        image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
+    )
     ckpt = os.path.join(work, "resnet18.pt")
-    torch.save({"model": build_model(model_args).eval().state_dict(), "model_args": model_args,
-                "class_names": ["china", "flower"], "preprocessing": prep.to_dict(), "args": {"data": data}}, ckpt)
-    images = sorted(os.path.join(data, "val", c, f) for c in ("china", "flower") for f in os.listdir(os.path.join(data, "val", c)))
+    torch.save(
+        {
+            "model": build_model(model_args).eval().state_dict(),
+            "model_args": model_args,
+            "class_names": ["china", "flower"],
+            "preprocessing": prep.to_dict(),
+            "args": {"data": data},
+        },
+        ckpt,
+    )
+    images = sorted(
+        os.path.join(data, "val", c, f) for c in ("china", "flower") for f in os.listdir(os.path.join(data, "val", c))
+    )
     return {"name": "resnet18", "checkpoint": ckpt, "images": images, "data": data}
 
 
 # --- the limit: the handler in-process ------------------------------------------------------------
+
 
 def make_handler(archive: str, work: str, batch_size: int):
     """Unpack an archive and initialise our handler on it with a real TorchServe Context."""
@@ -119,8 +135,9 @@ def make_handler(archive: str, work: str, batch_size: int):
         yaml_cfg = yaml.safe_load(f)
     metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
     metrics.initialize_cache()
-    ctx = Context("my_model", model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics,
-                  model_yaml_config=yaml_cfg)
+    ctx = Context(
+        "my_model", model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg
+    )
     handler = ImageClassifier()
     handler.initialize(ctx)
     return handler, ctx, RequestProcessor
@@ -141,6 +158,7 @@ def measure_limit(handler, ctx, request_processor, bodies, batch: int, seconds: 
 
 
 # --- the peer: TorchServe's stock image_classifier ----------------------------------------------------
+
 
 class StockAdapter(torch.nn.Module):
     """Feeds our model from the stock handler's fixed input (3x224x224, ImageNet-normalised)."""
@@ -180,11 +198,26 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
     traced.save(os.path.join(peer_dir, "peer.pt"))
     with open(os.path.join(peer_dir, "index_to_name.json"), "w") as f:
         json.dump({str(i): n for i, n in enumerate(ckpt["class_names"])}, f)
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"), "--model-name", "my_model",
-                    "--version", "stock", "--serialized-file", os.path.join(peer_dir, "peer.pt"),
-                    "--handler", "image_classifier", "--extra-files", os.path.join(peer_dir, "index_to_name.json"),
-                    "--config-file", config_file, "--export-path", peer_dir],
-                   check=True)
+    subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
+            "--model-name",
+            "my_model",
+            "--version",
+            "stock",
+            "--serialized-file",
+            os.path.join(peer_dir, "peer.pt"),
+            "--handler",
+            "image_classifier",
+            "--extra-files",
+            os.path.join(peer_dir, "index_to_name.json"),
+            "--config-file",
+            config_file,
+            "--export-path",
+            peer_dir,
+        ],
+        check=True,
+    )
     target = os.path.join(store, "my_model_vstock.mar")
     shutil.move(os.path.join(peer_dir, "my_model.mar"), target)
     write_checksum(target)
@@ -193,18 +226,31 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
 
 # --- served numbers ------------------------------------------------------------------------------
 
+
 def load(ts: TorchServe, version: str, images, expect, concurrency: int, requests: int) -> dict:
-    cmd = [sys.executable, "-m", "scripts.loadgen", "--url", f"{ts.url()}/predictions/my_model/{version}",
-           "--key-file", ts.key_file, "--concurrency", str(concurrency), "--requests", str(requests),
-           "--expect", json.dumps(expect), *images]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.loadgen",
+        "--url",
+        f"{ts.url()}/predictions/my_model/{version}",
+        "--key-file",
+        ts.key_file,
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(requests),
+        "--expect",
+        json.dumps(expect),
+        *images,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=900)
     return json.loads(out.stdout)
 
 
 def register(ts: TorchServe, archive: str) -> float:
     t0 = time.perf_counter()
-    resp = ts.request("POST", "management", f"/models?url={os.path.basename(archive)}&synchronous=true",
-                      timeout=300)
+    resp = ts.request("POST", "management", f"/models?url={os.path.basename(archive)}&synchronous=true", timeout=300)
     if resp.status_code != 200:
         raise RuntimeError(f"registering {archive}: {resp.status_code} {resp.text}")
     return time.perf_counter() - t0
@@ -241,23 +287,35 @@ def bench_target(target: dict, args, work: str) -> dict:
     with torch.inference_mode():
         expect = [prep_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
 
-    result = {"model": target["name"], "batch_size": batch, "workers": model_cfg.get("maxWorkers"),
-              "max_batch_delay_ms": model_cfg.get("maxBatchDelay"), "images": len(bodies),
-              "requests_per_level": n_requests, "limit": {}, "served": {}, "registration_s": {}}
+    result = {
+        "model": target["name"],
+        "batch_size": batch,
+        "workers": model_cfg.get("maxWorkers"),
+        "max_batch_delay_ms": model_cfg.get("maxBatchDelay"),
+        "images": len(bodies),
+        "requests_per_level": n_requests,
+        "limit": {},
+        "served": {},
+        "registration_s": {},
+    }
     archives = {}
     for i, backend in enumerate(backends):
         name = "my_model.mar" if i == 0 else f"my_model_v{backend}.mar"
-        archives[backend] = build_archive(target["checkpoint"], backend, backend, output=os.path.join(store, name),
-                                          config_file=args.config_file)["archive"]
+        archives[backend] = build_archive(
+            target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
+        )["archive"]
         handler, ctx, rp = make_handler(archives[backend], work, batch)
-        result["limit"][backend] = {"batch_1": measure_limit(handler, ctx, rp, bodies, 1),
-                                    f"batch_{batch}": measure_limit(handler, ctx, rp, bodies, batch)}
+        result["limit"][backend] = {
+            "batch_1": measure_limit(handler, ctx, rp, bodies, 1),
+            f"batch_{batch}": measure_limit(handler, ctx, rp, bodies, batch),
+        }
         print(f"  limit {target['name']} {backend}: {result['limit'][backend]}", flush=True)
         del handler
     torch.set_num_threads(os.cpu_count() or 1)
 
-    ts = TorchServe(workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(),
-                    private_tmp=True)
+    ts = TorchServe(
+        workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(), private_tmp=True
+    )
     try:
         result["cold_start_s"] = cold_start(ts, target["images"][0])
         served_versions = {backends[0]: backends[0]}
@@ -273,9 +331,12 @@ def bench_target(target: dict, args, work: str) -> dict:
             for c in levels:
                 stats = load(ts, version, target["images"], expect, c, n_requests)
                 rows.append(stats)
-                print(f"  served {target['name']} {label} c={c}: {stats['throughput_rps']} req/s "
-                      f"p50 {stats['p50_ms']:.1f} p99 {stats['p99_ms']:.1f} ms errors {stats['errors']} "
-                      f"wrong {stats['wrong_labels']}", flush=True)
+                print(
+                    f"  served {target['name']} {label} c={c}: {stats['throughput_rps']} req/s "
+                    f"p50 {stats['p50_ms']:.1f} p99 {stats['p99_ms']:.1f} ms errors {stats['errors']} "
+                    f"wrong {stats['wrong_labels']}",
+                    flush=True,
+                )
             result["served"][label] = rows
     finally:
         ts.stop()
@@ -284,20 +345,25 @@ def bench_target(target: dict, args, work: str) -> dict:
 
 # --- report --------------------------------------------------------------------------------
 
+
 def table(res: dict) -> str:
     batch = res["batch_size"]
-    lines = [f"\n{res['model']}: batch {batch}, {res['workers']} worker(s), maxBatchDelay {res['max_batch_delay_ms']} ms,"
-             f" {res['requests_per_level']} requests per level, cold start {res['cold_start_s']:.1f} s",
-             f"{'backend':24s}{'limit b1':>10s}{'limit b' + str(batch):>10s}  {'c':>3s}{'req/s':>9s}{'p50':>8s}"
-             f"{'p90':>8s}{'p99':>8s}{'err':>5s}{'served/limit':>14s}"]
+    lines = [
+        f"\n{res['model']}: batch {batch}, {res['workers']} worker(s), maxBatchDelay {res['max_batch_delay_ms']} ms,"
+        f" {res['requests_per_level']} requests per level, cold start {res['cold_start_s']:.1f} s",
+        f"{'backend':24s}{'limit b1':>10s}{'limit b' + str(batch):>10s}  {'c':>3s}{'req/s':>9s}{'p50':>8s}"
+        f"{'p90':>8s}{'p99':>8s}{'err':>5s}{'served/limit':>14s}",
+    ]
     for label, rows in res["served"].items():
         lim = res["limit"].get(label)  # the stock peer has no in-process limit of ours
         for j, r in enumerate(rows):
             l1 = f"{lim['batch_1']:.0f}" if lim and j == 0 else ""
             lb = f"{lim[f'batch_{batch}']:.0f}" if lim and j == 0 else ""
             ratio = f"{r['throughput_rps'] / lim[f'batch_{batch}']:.2f}" if lim else ""
-            lines.append(f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}  {r['concurrency']:3d}{r['throughput_rps']:9.1f}"
-                         f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}")
+            lines.append(
+                f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}  {r['concurrency']:3d}{r['throughput_rps']:9.1f}"
+                f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}"
+            )
     regs = ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
     lines.append(f"registration to ready: {regs}")
     return "\n".join(lines)
@@ -319,10 +385,15 @@ def plot(results: list, path: str):
             lim = res["limit"].get(label)
             if lim:
                 axes[0][col].axhline(lim[f"batch_{batch}"], linestyle=":", color=axes[0][col].lines[-1].get_color())
-        axes[0][col].set(title=f"{res['model']}: throughput (dotted: in-process limit, batch {batch})",
-                         xscale="log", xlabel="concurrency", ylabel="req/s")
-        axes[1][col].set(title=f"{res['model']}: p99 latency", xscale="log", yscale="log", xlabel="concurrency",
-                         ylabel="ms")
+        axes[0][col].set(
+            title=f"{res['model']}: throughput (dotted: in-process limit, batch {batch})",
+            xscale="log",
+            xlabel="concurrency",
+            ylabel="req/s",
+        )
+        axes[1][col].set(
+            title=f"{res['model']}: p99 latency", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms"
+        )
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -344,8 +415,12 @@ def main(args):
             target = digits_target(args.digits_checkpoint, work) if name == "digits" else resnet18_target(work)
             print(f"benchmarking {name} ({os.cpu_count()} cores shared by client and server)", flush=True)
             results.append(bench_target(target, args, work))
-    report = {"cores": os.cpu_count(), "torch": torch.__version__, "note": "client and server share the cores",
-              "results": results}
+    report = {
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "note": "client and server share the cores",
+        "results": results,
+    }
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(results, os.path.join(args.out, "bench.png"))

@@ -24,7 +24,7 @@ import time
 import zipfile
 
 from scripts.archive import verify_checksum
-from scripts.server import ROOT, ServerError, TorchServe
+from scripts.server import ServerError, TorchServe
 
 EXIT_REJECTED = 3
 
@@ -34,6 +34,7 @@ class DeployError(RuntimeError):
 
 
 # --- archive checks -----------------------------------------------------------------------
+
 
 def read_manifest(path: str) -> dict:
     """Validate a .mar before TorchServe sees it: a readable zip whose CRCs match, with a manifest."""
@@ -53,8 +54,10 @@ def check_archive(ts: TorchServe, archive: str) -> dict:
     path = os.path.abspath(archive)
     store = os.path.abspath(ts.model_store)
     if os.path.dirname(path) != store:
-        raise DeployError(f"{archive} is not in the model store {store}: only archives there can be registered "
-                          "(allowed_urls blocks everything else). Build it with scripts/archive.sh")
+        raise DeployError(
+            f"{archive} is not in the model store {store}: only archives there can be registered "
+            "(allowed_urls blocks everything else). Build it with scripts/archive.sh"
+        )
     if not os.path.isfile(path):
         raise DeployError(f"{archive} does not exist")
     try:
@@ -65,6 +68,7 @@ def check_archive(ts: TorchServe, archive: str) -> dict:
 
 
 # --- management API -----------------------------------------------------------------------
+
 
 def api(ts: TorchServe, method: str, path: str, ok=(200,), **kw):
     resp = ts.request(method, "management", path, **kw)
@@ -93,8 +97,7 @@ def register(ts: TorchServe, archive: str, workers: int = 1) -> tuple[str, str]:
     model, version = manifest["modelName"], manifest["modelVersion"]
     if any(v["modelVersion"] == version for v in versions(ts, model)):
         raise DeployError(f"{model} {version} is already registered; archive a new version instead")
-    api(ts, "POST", f"/models?url={os.path.basename(archive)}&initial_workers={workers}&synchronous=true",
-        timeout=300)
+    api(ts, "POST", f"/models?url={os.path.basename(archive)}&initial_workers={workers}&synchronous=true", timeout=300)
     wait_ready(ts, model, version)
     return model, version
 
@@ -114,8 +117,10 @@ def unregister(ts: TorchServe, model: str, version: str):
     if not any(v["modelVersion"] == version for v in listed):
         raise DeployError(f"{model} {version} is not registered")
     if default_version(ts, model) == version and len(listed) > 1:
-        raise DeployError(f"{model} {version} is the default version; set another default first "
-                          "(scripts/register_version.sh rollback, or promote another version)")
+        raise DeployError(
+            f"{model} {version} is the default version; set another default first "
+            "(scripts/register_version.sh rollback, or promote another version)"
+        )
     api(ts, "DELETE", f"/models/{model}/{version}")
 
 
@@ -126,6 +131,7 @@ def set_default(ts: TorchServe, model: str, version: str, reason: str):
 
 
 # --- history (for rollback) -------------------------------------------------------------------
+
 
 def history_path(ts: TorchServe) -> str:
     return os.path.join(ts.workdir, "state", "deployments.jsonl")
@@ -156,6 +162,7 @@ def rollback(ts: TorchServe, model: str) -> tuple[str, str]:
 
 # --- the gate -------------------------------------------------------------------------------
 
+
 def load_golden(golden_dir: str) -> list[tuple[bytes, str]]:
     path = os.path.join(golden_dir, "golden.json")
     if not os.path.isfile(path):
@@ -173,8 +180,13 @@ def score(ts: TorchServe, model: str, version: str, golden) -> dict:
     preds, latencies, errors = [], [], 0
     for data, _ in golden:
         t0 = time.perf_counter()
-        resp = ts.request("POST", "inference", f"/predictions/{model}/{version}", data=data,
-                          headers={"Content-Type": "application/octet-stream"})
+        resp = ts.request(
+            "POST",
+            "inference",
+            f"/predictions/{model}/{version}",
+            data=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
         latencies.append((time.perf_counter() - t0) * 1000)
         if resp.status_code == 200:
             preds.append(next(iter(resp.json())))
@@ -183,22 +195,35 @@ def score(ts: TorchServe, model: str, version: str, golden) -> dict:
             errors += 1
     correct = sum(p == label for p, (_, label) in zip(preds, golden))
     latencies.sort()
-    return {"version": version, "accuracy": correct / len(golden), "errors": errors, "predictions": preds,
-            "latency_ms_p50": statistics.median(latencies), "latency_ms_p90": latencies[int(0.9 * (len(latencies) - 1))]}
+    return {
+        "version": version,
+        "accuracy": correct / len(golden),
+        "errors": errors,
+        "predictions": preds,
+        "latency_ms_p50": statistics.median(latencies),
+        "latency_ms_p90": latencies[int(0.9 * (len(latencies) - 1))],
+    }
 
 
 def gate(ts: TorchServe, model: str, candidate: str, baseline: str | None, golden, max_drop: float) -> dict:
     new = score(ts, model, candidate, golden)
     old = score(ts, model, baseline, golden) if baseline else None
-    report = {"model": model, "images": len(golden), "candidate": new, "baseline": old,
-              "max_accuracy_drop_points": max_drop}
+    report = {
+        "model": model,
+        "images": len(golden),
+        "candidate": new,
+        "baseline": old,
+        "max_accuracy_drop_points": max_drop,
+    }
     if old:
         report["agreement"] = sum(a == b for a, b in zip(new["predictions"], old["predictions"])) / len(golden)
         drop = (old["accuracy"] - new["accuracy"]) * 100
         report["passed"] = drop <= max_drop and new["errors"] == 0
-        report["reason"] = (f"accuracy {new['accuracy']:.4f} vs default {old['accuracy']:.4f}: "
-                            f"{'drop' if drop > 0 else 'gain'} of {abs(drop):.2f} points "
-                            f"({'within' if drop <= max_drop else 'over'} the allowed {max_drop:.2f})")
+        report["reason"] = (
+            f"accuracy {new['accuracy']:.4f} vs default {old['accuracy']:.4f}: "
+            f"{'drop' if drop > 0 else 'gain'} of {abs(drop):.2f} points "
+            f"({'within' if drop <= max_drop else 'over'} the allowed {max_drop:.2f})"
+        )
         if new["errors"]:
             report["reason"] += f"; {new['errors']} golden requests failed"
     else:
@@ -211,8 +236,12 @@ def print_report(r: dict):
     new, old = r["candidate"], r["baseline"]
     print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
     print(f"  {'':22s}{'candidate ' + new['version']:>18s}" + (f"{'default ' + old['version']:>18s}" if old else ""))
-    rows = [("accuracy", "accuracy", "{:.4f}"), ("failed requests", "errors", "{:d}"),
-            ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"), ("latency p90 (ms)", "latency_ms_p90", "{:.1f}")]
+    rows = [
+        ("accuracy", "accuracy", "{:.4f}"),
+        ("failed requests", "errors", "{:d}"),
+        ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"),
+        ("latency p90 (ms)", "latency_ms_p90", "{:.1f}"),
+    ]
     for label, key, fmt in rows:
         print(f"  {label:22s}{fmt.format(new[key]):>18s}" + (f"{fmt.format(old[key]):>18s}" if old else ""))
     if old:
@@ -224,8 +253,10 @@ def cmd_register(ts: TorchServe, args) -> int:
     model, version = register(ts, args.archive, args.workers)
     print(f"registered {model} {version} from {os.path.basename(args.archive)}")
     if not (args.promote or args.dry_run):
-        print(f"not promoted: {model} {default_version(ts, model)} stays default "
-              f"(/predictions/{model}/{version} serves the new one)")
+        print(
+            f"not promoted: {model} {default_version(ts, model)} stays default "
+            f"(/predictions/{model}/{version} serves the new one)"
+        )
         return 0
     baseline = default_version(ts, model)
     if baseline == version:  # the first version of a model is default by itself
@@ -257,8 +288,10 @@ def cmd_list(ts: TorchServe, args) -> int:
     default = default_version(ts, args.model)
     for v in listed:
         ready = sum(w["status"] == "READY" for w in v["workers"])
-        print(f"{args.model} {v['modelVersion']:8s} {'default' if v['modelVersion'] == default else '       '} "
-              f"{v['modelUrl']:28s} {ready}/{len(v['workers'])} workers ready")
+        print(
+            f"{args.model} {v['modelVersion']:8s} {'default' if v['modelVersion'] == default else '       '} "
+            f"{v['modelUrl']:28s} {ready}/{len(v['workers'])} workers ready"
+        )
     return 0
 
 

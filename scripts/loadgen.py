@@ -82,12 +82,19 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
     elapsed = time.perf_counter() - start
     latencies.sort()
     done = len(latencies)
-    return {"concurrency": concurrency, "requests": done, "seconds": round(elapsed, 3),
-            "throughput_rps": round(done / elapsed, 2) if elapsed else None,
-            "p50_ms": percentile(latencies, 0.5), "p90_ms": percentile(latencies, 0.9),
-            "p99_ms": percentile(latencies, 0.99), "statuses": statuses,
-            "errors": sum(n for c, n in statuses.items() if c == "error" or c.startswith("5")),
-            "wrong_labels": wrong, "client_cores_shared_with_server": os.cpu_count()}
+    return {
+        "concurrency": concurrency,
+        "requests": done,
+        "seconds": round(elapsed, 3),
+        "throughput_rps": round(done / elapsed, 2) if elapsed else None,
+        "p50_ms": percentile(latencies, 0.5),
+        "p90_ms": percentile(latencies, 0.9),
+        "p99_ms": percentile(latencies, 0.99),
+        "statuses": statuses,
+        "errors": sum(n for c, n in statuses.items() if c == "error" or c.startswith("5")),
+        "wrong_labels": wrong,
+        "client_cores_shared_with_server": os.cpu_count(),
+    }
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Send images to the running server and compare with the true label (the image's folder name).
 
-    python -m scripts.predict data/digits/val/3/0012.png data/digits/val/7/*.png [--version 2.0]
+python -m scripts.predict data/digits/val/3/0012.png data/digits/val/7/*.png [--version 2.0]
 """
 
 import argparse
@@ -12,8 +12,13 @@ from scripts.server import TorchServe
 
 def predict(ts: TorchServe, path: str, model: str = "my_model", version: str | None = None):
     with open(path, "rb") as f:
-        resp = ts.request("POST", "inference", f"/predictions/{model}" + (f"/{version}" if version else ""),
-                          data=f.read(), headers={"Content-Type": "application/octet-stream"})
+        resp = ts.request(
+            "POST",
+            "inference",
+            f"/predictions/{model}" + (f"/{version}" if version else ""),
+            data=f.read(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
     return resp.status_code, resp.json()
 
 

@@ -20,7 +20,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -83,7 +82,7 @@ def unescape(value: str) -> str:
         if c == "\\" and i + 1 < len(value):
             n = value[i + 1]
             if n == "u" and i + 5 < len(value):
-                out.append(chr(int(value[i + 2:i + 6], 16)))
+                out.append(chr(int(value[i + 2 : i + 6], 16)))
                 i += 6
                 continue
             out.append({"n": "\n", "t": "\t", "r": "\r", "f": "\f"}.get(n, n))
@@ -97,8 +96,13 @@ def unescape(value: str) -> str:
 def ports_from_config(path: str = BASE_CONFIG) -> Ports:
     props = read_properties(path)
     port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
-    return Ports(port("inference_address", 8080), port("management_address", 8081), port("metrics_address", 8082),
-                 int(props.get("grpc_inference_port", 7070)), int(props.get("grpc_management_port", 7071)))
+    return Ports(
+        port("inference_address", 8080),
+        port("management_address", 8081),
+        port("metrics_address", 8082),
+        int(props.get("grpc_inference_port", 7070)),
+        int(props.get("grpc_management_port", 7071)),
+    )
 
 
 class ServerError(RuntimeError):
@@ -142,17 +146,20 @@ class TorchServe:
     def config(self) -> dict:
         props = read_properties(self.base_config)
         host = lambda key: props.get(key, "http://127.0.0.1:0").rsplit(":", 1)[0]
-        props.update({
-            "inference_address": f"{host('inference_address')}:{self.ports.inference}",
-            "management_address": f"{host('management_address')}:{self.ports.management}",
-            "metrics_address": f"{host('metrics_address')}:{self.ports.metrics}",
-            "grpc_inference_port": str(self.ports.grpc_inference),
-            "grpc_management_port": str(self.ports.grpc_management),
-            "model_store": self.model_store,
-        })
+        props.update(
+            {
+                "inference_address": f"{host('inference_address')}:{self.ports.inference}",
+                "management_address": f"{host('management_address')}:{self.ports.management}",
+                "metrics_address": f"{host('metrics_address')}:{self.ports.metrics}",
+                "grpc_inference_port": str(self.ports.grpc_inference),
+                "grpc_management_port": str(self.ports.grpc_management),
+                "model_store": self.model_store,
+            }
+        )
         if props.get("metrics_config") and not os.path.isabs(props["metrics_config"]):
-            props["metrics_config"] = os.path.join(os.path.dirname(os.path.abspath(self.base_config)),
-                                                   props["metrics_config"])
+            props["metrics_config"] = os.path.join(
+                os.path.dirname(os.path.abspath(self.base_config)), props["metrics_config"]
+            )
         props.update(self.overrides)
         return props
 
@@ -167,8 +174,11 @@ class TorchServe:
             for name, versions in list(snap.get("models", {}).items()):
                 for version, entry in list(versions.items()):
                     if not os.path.exists(os.path.join(self.model_store, entry["marName"])):
-                        print(f"warning: {name} {version}: {entry['marName']} is no longer in the model store; "
-                              "not restoring it", file=sys.stderr)
+                        print(
+                            f"warning: {name} {version}: {entry['marName']} is no longer in the model store; "
+                            "not restoring it",
+                            file=sys.stderr,
+                        )
                         del versions[version]
                 if not versions:
                     del snap["models"][name]
@@ -223,17 +233,33 @@ class TorchServe:
             raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
         self.check_ports_free()
         config, snapshot = self.write_config(restore)
-        cmd = [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--start", "--ts-config", config,
-               "--model-store", self.model_store]
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "torchserve"),
+            "--start",
+            "--ts-config",
+            config,
+            "--model-store",
+            self.model_store,
+        ]
         if not snapshot and models:
-            available = [m for m in models.split(",") if os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))]
+            available = [
+                m for m in models.split(",") if os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))
+            ]
             if available:
                 cmd += ["--models", *available]
         os.makedirs(self.workdir, exist_ok=True)
         with open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
             # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang.
-            subprocess.run(cmd, cwd=self.workdir, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL, check=True, timeout=60)
+            subprocess.run(
+                cmd,
+                cwd=self.workdir,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                check=True,
+                timeout=60,
+            )
         self.wait_ready(timeout)
         return {"restored": snapshot is not None, "models": self.models()}
 
@@ -248,7 +274,9 @@ class TorchServe:
         last = "no answer yet"
         while time.time() < deadline:
             if not self.is_running():
-                raise ServerError(f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}")
+                raise ServerError(
+                    f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}"
+                )
             try:
                 if os.path.exists(self.key_file) or not self.tokens_enabled:
                     ping = requests.get(self.url() + "/ping", headers=self.auth("inference"), timeout=5)
@@ -262,7 +290,7 @@ class TorchServe:
 
     def all_workers_ready(self) -> bool:
         # /ping turns healthy before a worker has finished loading its model; READY workers are the real signal.
-        for name, versions in self.models().items():
+        for versions in self.models().values():
             for v in versions:
                 if v["minWorkers"] > 0 and sum(w["status"] == "READY" for w in v["workers"]) < v["minWorkers"]:
                     return False
@@ -277,8 +305,14 @@ class TorchServe:
             procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             procs = []
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchserve"), "--stop"], cwd=self.workdir,
-                       env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--stop"],
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
         gone, alive = psutil.wait_procs(procs, timeout=timeout)
         for p in alive:  # stuck: do not leave anything behind
             p.send_signal(signal.SIGKILL)
@@ -311,8 +345,13 @@ class TorchServe:
     def request(self, method: str, api: str, path: str, **kw) -> requests.Response:
         """An API call with the current key; refreshes an expired key once through the token API."""
         kind = "inference" if api == "inference" else "management"
-        resp = requests.request(method, self.url(api) + path, headers={**self.auth(kind), **kw.pop("headers", {})},
-                                timeout=kw.pop("timeout", 120), **kw)
+        resp = requests.request(
+            method,
+            self.url(api) + path,
+            headers={**self.auth(kind), **kw.pop("headers", {})},
+            timeout=kw.pop("timeout", 120),
+            **kw,
+        )
         if resp.status_code == 400 and "expired" in resp.text.lower() and self.tokens_enabled:
             self.refresh_token(kind)
             resp = requests.request(method, self.url(api) + path, headers=self.auth(kind), timeout=120, **kw)
@@ -320,11 +359,14 @@ class TorchServe:
 
     def refresh_token(self, kind: str):
         api_key = self.keys()["API"]["key"]
-        resp = requests.get(self.url("management") + f"/token?type={kind}",
-                            headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        resp = requests.get(
+            self.url("management") + f"/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+        )
         if resp.status_code != 200:
-            raise ServerError(f"could not refresh the {kind} token ({resp.status_code} {resp.text.strip()}); "
-                              "restart with scripts/serve.sh stop && scripts/serve.sh start")
+            raise ServerError(
+                f"could not refresh the {kind} token ({resp.status_code} {resp.text.strip()}); "
+                "restart with scripts/serve.sh stop && scripts/serve.sh start"
+            )
 
     def models(self) -> dict:
         """{model name: [describe entry per version]} from the management API."""
@@ -340,22 +382,31 @@ class TorchServe:
 
 # --- CLI ------------------------------------------------------------------------------
 
+
 def print_status(ts: TorchServe):
     if not ts.is_running():
         print("TorchServe is not running")
         return
     print(f"TorchServe is running (pid {ts.pid()})")
-    print(f"  inference   {ts.url('inference')}   (token: jq -r .inference.key {os.path.relpath(ts.key_file)})"
-          if ts.tokens_enabled else f"  inference   {ts.url('inference')}   (tokens off)")
-    print(f"  management  {ts.url('management')}   (token: jq -r .management.key {os.path.relpath(ts.key_file)})"
-          if ts.tokens_enabled else f"  management  {ts.url('management')}")
+    print(
+        f"  inference   {ts.url('inference')}   (token: jq -r .inference.key {os.path.relpath(ts.key_file)})"
+        if ts.tokens_enabled
+        else f"  inference   {ts.url('inference')}   (tokens off)"
+    )
+    print(
+        f"  management  {ts.url('management')}   (token: jq -r .management.key {os.path.relpath(ts.key_file)})"
+        if ts.tokens_enabled
+        else f"  management  {ts.url('management')}"
+    )
     print(f"  metrics     {ts.url('metrics')}/metrics")
     for name, versions in ts.models().items():
         default = ts.request("GET", "management", f"/models/{name}").json()[0]["modelVersion"]
         for v in versions:
             ready = sum(w["status"] == "READY" for w in v["workers"])
-            print(f"  model {name} {v['modelVersion']}{' (default)' if v['modelVersion'] == default else ''}: "
-                  f"{ready}/{len(v['workers'])} workers ready, batch {v['batchSize']}")
+            print(
+                f"  model {name} {v['modelVersion']}{' (default)' if v['modelVersion'] == default else ''}: "
+                f"{ready}/{len(v['workers'])} workers ready, batch {v['batchSize']}"
+            )
 
 
 def main(argv=None):
@@ -363,10 +414,16 @@ def main(argv=None):
     p.add_argument("action", choices=["start", "stop", "status", "restart"])
     p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
     p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
-    p.add_argument("--expose-inference", action="store_true",
-                   help="bind inference to 0.0.0.0 (management and metrics stay on loopback)")
-    p.add_argument("--no-tokens", action="store_true",
-                   help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too")
+    p.add_argument(
+        "--expose-inference",
+        action="store_true",
+        help="bind inference to 0.0.0.0 (management and metrics stay on loopback)",
+    )
+    p.add_argument(
+        "--no-tokens",
+        action="store_true",
+        help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too",
+    )
     args = p.parse_args(argv)
     overrides = {}
     if args.expose_inference:
@@ -381,14 +438,16 @@ def main(argv=None):
         if args.action in ("start", "restart"):
             t0 = time.time()
             info = ts.start(models=args.models, restore=not args.fresh)
-            print(f"TorchServe started in {time.time() - t0:.1f}s"
-                  f"{' (restored the saved deployment)' if info['restored'] else ''}")
+            print(
+                f"TorchServe started in {time.time() - t0:.1f}s"
+                f"{' (restored the saved deployment)' if info['restored'] else ''}"
+            )
             if args.no_tokens:
                 print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
         if args.action in ("start", "restart", "status"):
             print_status(ts)
     except ServerError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

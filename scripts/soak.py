@@ -33,7 +33,6 @@ from scripts.server import ROOT, Ports, TorchServe
 
 def bad_bodies() -> list[bytes]:
     """Six kinds of body the handler must refuse with a 4xx."""
-    import base64
     import io
     import struct
     import zlib
@@ -64,8 +63,11 @@ class Soak:
         build_archive(checkpoint, "2.0", "onnx", output=os.path.join(store, "my_model_v2.0.mar"))
         self.ts = TorchServe(workdir=os.path.join(work, "ts"), model_store=store, ports=Ports.free(), private_tmp=True)
         val = os.path.join(ROOT, "data", "digits", "val")
-        good = [(os.path.join(val, c, f), c) for c in sorted(os.listdir(val))
-                for f in sorted(os.listdir(os.path.join(val, c)))[:6]]
+        good = [
+            (os.path.join(val, c, f), c)
+            for c in sorted(os.listdir(val))
+            for f in sorted(os.listdir(os.path.join(val, c)))[:6]
+        ]
         self.good = [(open(p, "rb").read(), label) for p, label in good]
         self.bad = bad_bodies()
         self.expected_labels = self.offline_labels(checkpoint)
@@ -119,17 +121,37 @@ class Soak:
         stats = run_load(self.url(), bodies, concurrency, requests, self.headers(), expect)
         rss_end = self.rss_mb()
         bad_share = sum(e is None for e in expect) / len(expect)
-        return {**stats, "bad_body_share": round(bad_share, 3), "bad_kinds": len(self.bad),
-                "rss_mb_after_warmup": round(rss_warm, 1), "rss_mb_end": round(rss_end, 1),
-                "rss_growth": round(rss_end / rss_warm - 1, 4),
-                "passed": stats["errors"] == 0 and stats["wrong_labels"] == 0 and rss_end <= 1.2 * rss_warm
-                and stats["requests"] == requests}
+        return {
+            **stats,
+            "bad_body_share": round(bad_share, 3),
+            "bad_kinds": len(self.bad),
+            "rss_mb_after_warmup": round(rss_warm, 1),
+            "rss_mb_end": round(rss_end, 1),
+            "rss_growth": round(rss_end / rss_warm - 1, 4),
+            "passed": stats["errors"] == 0
+            and stats["wrong_labels"] == 0
+            and rss_end <= 1.2 * rss_warm
+            and stats["requests"] == requests,
+        }
 
     def worker_death(self, requests: int = 3000, concurrency: int = 8) -> dict:
         bodies = [b for b, _ in self.good]
         expect = list(self.expected_labels)
-        cmd = [sys.executable, "-m", "scripts.loadgen", "--url", self.url(), "--key-file", self.ts.key_file,
-               "--concurrency", str(concurrency), "--requests", str(requests), "--expect", json.dumps(expect)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.loadgen",
+            "--url",
+            self.url(),
+            "--key-file",
+            self.ts.key_file,
+            "--concurrency",
+            str(concurrency),
+            "--requests",
+            str(requests),
+            "--expect",
+            json.dumps(expect),
+        ]
         paths = []
         for i, body in enumerate(bodies):
             paths.append(os.path.join(self.work, f"good_{i}.png"))
@@ -143,17 +165,28 @@ class Soak:
         recovered = None
         while time.perf_counter() - killed_at < 120:
             pid = self.worker_pid()
-            resp = self.ts.request("POST", "inference", "/predictions/my_model", data=bodies[0],
-                                   headers={"Content-Type": "application/octet-stream"})
+            resp = self.ts.request(
+                "POST",
+                "inference",
+                "/predictions/my_model",
+                data=bodies[0],
+                headers={"Content-Type": "application/octet-stream"},
+            )
             if pid != victim and resp.status_code == 200:
                 recovered = time.perf_counter() - killed_at
                 break
             time.sleep(0.05)
         during = json.loads(proc.communicate(timeout=600)[0])
         after = run_load(self.url(), bodies, concurrency, 500, self.headers(), expect)
-        return {"killed_pid": victim, "new_pid": self.worker_pid(), "recovery_s": recovered,
-                "during": during, "failed_during": during["errors"], "after": after,
-                "passed": recovered is not None and after["errors"] == 0 and after["wrong_labels"] == 0}
+        return {
+            "killed_pid": victim,
+            "new_pid": self.worker_pid(),
+            "recovery_s": recovered,
+            "during": during,
+            "failed_during": during["errors"],
+            "after": after,
+            "passed": recovered is not None and after["errors"] == 0 and after["wrong_labels"] == 0,
+        }
 
     def deployment(self) -> dict:
         resp = self.ts.request("GET", "management", "/models/my_model/all").json()
@@ -172,10 +205,18 @@ class Soak:
         info = self.ts.start(models=None)
         seconds = time.perf_counter() - t0
         after = self.deployment()
-        answers = [self.ts.request("POST", "inference", f"/predictions/my_model/{v}", data=self.good[0][0]).status_code
-                   for v in after["versions"]]
-        return {"before": before, "after": after, "restored": info["restored"], "restart_s": round(seconds, 1),
-                "answers": answers, "passed": before == after and all(a == 200 for a in answers)}
+        answers = [
+            self.ts.request("POST", "inference", f"/predictions/my_model/{v}", data=self.good[0][0]).status_code
+            for v in after["versions"]
+        ]
+        return {
+            "before": before,
+            "after": after,
+            "restored": info["restored"],
+            "restart_s": round(seconds, 1),
+            "answers": answers,
+            "passed": before == after and all(a == 200 for a in answers),
+        }
 
     def bad_register(self, requests: int = 2000, concurrency: int = 16) -> dict:
         import threading
@@ -187,34 +228,51 @@ class Soak:
             f.write(data[: len(data) // 2])
         bodies, expect = self.mix()
         result = {}
-        load = threading.Thread(target=lambda: result.update(
-            run_load(self.url(), bodies, concurrency, requests, self.headers(), expect)))
+        load = threading.Thread(
+            target=lambda: result.update(run_load(self.url(), bodies, concurrency, requests, self.headers(), expect))
+        )
         load.start()
         time.sleep(1.0)
-        attempts = {url: self.ts.request("POST", "management", f"/models?url={url}&synchronous=true").status_code
-                    for url in ("corrupt.mar", "http://127.0.0.1:9/evil.mar", "file:///etc/passwd")}
+        attempts = {
+            url: self.ts.request("POST", "management", f"/models?url={url}&synchronous=true").status_code
+            for url in ("corrupt.mar", "http://127.0.0.1:9/evil.mar", "file:///etc/passwd")
+        }
         load.join(600)
-        return {"registration_status": attempts, "load": result, "deployment": self.deployment(),
-                "passed": all(400 <= s < 600 for s in attempts.values()) and result.get("errors") == 0
-                and result.get("wrong_labels") == 0}
+        return {
+            "registration_status": attempts,
+            "load": result,
+            "deployment": self.deployment(),
+            "passed": all(400 <= s < 600 for s in attempts.values())
+            and result.get("errors") == 0
+            and result.get("wrong_labels") == 0,
+        }
 
 
 def summarize(name: str, r: dict) -> str:
     verdict = "PASS" if r["passed"] else "FAIL"
     if name == "load":
-        return (f"load: {r['requests']} requests at c={r['concurrency']} ({r['bad_body_share'] * 100:.0f}% bad bodies of "
-                f"{r['bad_kinds']} kinds) in {r['seconds']:.0f}s = {r['throughput_rps']:.0f} req/s; statuses "
-                f"{r['statuses']}; 5xx/errors {r['errors']}; wrong answers {r['wrong_labels']}; RSS "
-                f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB ({r['rss_growth'] * 100:+.1f}%) {verdict}")
+        return (
+            f"load: {r['requests']} requests at c={r['concurrency']} ({r['bad_body_share'] * 100:.0f}% bad bodies of "
+            f"{r['bad_kinds']} kinds) in {r['seconds']:.0f}s = {r['throughput_rps']:.0f} req/s; statuses "
+            f"{r['statuses']}; 5xx/errors {r['errors']}; wrong answers {r['wrong_labels']}; RSS "
+            f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB ({r['rss_growth'] * 100:+.1f}%) {verdict}"
+        )
     if name == "worker_death":
-        return (f"worker death: SIGKILL pid {r['killed_pid']} mid-load; replacement pid {r['new_pid']} answered after "
-                f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests failed during; "
-                f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}")
+        return (
+            f"worker death: SIGKILL pid {r['killed_pid']} mid-load; replacement pid {r['new_pid']} answered after "
+            f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests failed during; "
+            f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}"
+        )
     if name == "restart":
-        return (f"restart: {r['before']} -> {r['after']} in {r['restart_s']}s (restored={r['restored']}), "
-                f"answers {r['answers']} {verdict}")
-    return (f"bad registration during load: {r['registration_status']}; load {r['load'].get('requests')} requests, "
-            f"errors {r['load'].get('errors')}, wrong {r['load'].get('wrong_labels')}; deployment {r['deployment']} {verdict}")
+        return (
+            f"restart: {r['before']} -> {r['after']} in {r['restart_s']}s (restored={r['restored']}), "
+            f"answers {r['answers']} {verdict}"
+        )
+    return (
+        f"bad registration during load: {r['registration_status']}; load {r['load'].get('requests')} requests, "
+        f"errors {r['load'].get('errors')}, wrong {r['load'].get('wrong_labels')}; "
+        f"deployment {r['deployment']} {verdict}"
+    )
 
 
 def main(argv=None) -> int:

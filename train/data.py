@@ -45,8 +45,11 @@ def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 
                 Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
             counts[split] += len(part)
     with open(os.path.join(tmp, "split.json"), "w") as f:
-        json.dump({"source": "sklearn.datasets.load_digits", "val_fraction": val_fraction,
-                   "seed": seed, "counts": counts}, f, indent=2)
+        json.dump(
+            {"source": "sklearn.datasets.load_digits", "val_fraction": val_fraction, "seed": seed, "counts": counts},
+            f,
+            indent=2,
+        )
     os.replace(tmp, root)  # atomic: a half-written tree never looks complete
     return root
 
@@ -93,10 +96,12 @@ def train_transform(prep: Preprocessing, augment: str):
     if augment == "affine":  # small shifts/rotations: right for digits and other centred glyphs
         aug = transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=fill)
     elif augment == "crop-flip":  # photos
-        aug = transforms.Compose([
-            transforms.RandomResizedCrop(prep.image_size, scale=(0.5, 1.0)),
-            transforms.RandomHorizontalFlip(),
-        ])
+        aug = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(prep.image_size, scale=(0.5, 1.0)),
+                transforms.RandomHorizontalFlip(),
+            ]
+        )
     elif augment == "none":
         aug = transforms.Lambda(lambda img: img)
     else:
@@ -152,11 +157,15 @@ def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: i
         val = Subset(val, list(range(rank, len(val), world)))
     else:
         train_sampler = torch.utils.data.RandomSampler(train)
-    train_loader = DataLoader(train, batch_size=batch_size, sampler=train_sampler,
-                              num_workers=workers, drop_last=len(train) > batch_size,
-                              persistent_workers=workers > 0)
-    val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=workers,
-                            persistent_workers=workers > 0)
+    train_loader = DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=train_sampler,
+        num_workers=workers,
+        drop_last=len(train) > batch_size,
+        persistent_workers=workers > 0,
+    )
+    val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
     return train_loader, val_loader, train_sampler
 
 

@@ -21,7 +21,9 @@ from train import data as datalib
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint_*.pt, model.pt, model.torchscript.pt, model.onnx or model.int8.pt")
+    p.add_argument(
+        "--model", required=True, help="checkpoint_*.pt, model.pt, model.torchscript.pt, model.onnx or model.int8.pt"
+    )
     p.add_argument("--data", default=None, help="ImageFolder root (default: the one the model was trained on)")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", default=256, type=int)
@@ -36,20 +38,30 @@ def load_any(path: str):
     backend = {v: k for k, v in BACKEND_FILES.items()}.get(name)
     if backend in (None, "eager"):  # a training checkpoint or the eager serving file: self-describing
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        meta = {"preprocessing": ckpt["preprocessing"], "class_names": ckpt["class_names"],
-                "data": ckpt.get("args", {}).get("data")}
+        meta = {
+            "preprocessing": ckpt["preprocessing"],
+            "class_names": ckpt["class_names"],
+            "data": ckpt.get("args", {}).get("data"),
+        }
         backend = "eager"
     else:
         with open(os.path.join(os.path.dirname(path), "serving.json")) as f:
             meta = json.load(f)
-    return Predictor(path, backend), Preprocessing.from_dict(meta["preprocessing"]), meta["class_names"], meta.get("data")
+    return (
+        Predictor(path, backend),
+        Preprocessing.from_dict(meta["preprocessing"]),
+        meta["class_names"],
+        meta.get("data"),
+    )
 
 
 def confusion_matrix(predictor, loader, num_classes: int) -> torch.Tensor:
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [true, predicted]
     for images, targets in loader:
         pred = predictor(images).argmax(1)
-        confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+        confusion += torch.bincount(targets * num_classes + pred, minlength=num_classes**2).view(
+            num_classes, num_classes
+        )
     return confusion
 
 
@@ -58,10 +70,16 @@ def summarize(confusion: torch.Tensor, class_names: list[str]) -> dict:
     tp = c.diag()
     precision = (tp / c.sum(0).clamp(min=1)).tolist()
     recall = (tp / c.sum(1).clamp(min=1)).tolist()
-    return {"accuracy": (tp.sum() / c.sum().clamp(min=1)).item(), "images": int(c.sum().item()),
-            "per_class": {n: {"precision": p, "recall": r, "support": int(s)}
-                          for n, p, r, s in zip(class_names, precision, recall, c.sum(1).tolist())},
-            "confusion_matrix": confusion.tolist(), "class_names": class_names}
+    return {
+        "accuracy": (tp.sum() / c.sum().clamp(min=1)).item(),
+        "images": int(c.sum().item()),
+        "per_class": {
+            n: {"precision": p, "recall": r, "support": int(s)}
+            for n, p, r, s in zip(class_names, precision, recall, c.sum(1).tolist())
+        },
+        "confusion_matrix": confusion.tolist(),
+        "class_names": class_names,
+    }
 
 
 def print_summary(res: dict):
@@ -96,7 +114,9 @@ def main(args):
     if args.confusion_png:
         from train.plots import plot_confusion
 
-        plot_confusion(torch.tensor(res["confusion_matrix"]).numpy(), res["class_names"], args.confusion_png, args.split)
+        plot_confusion(
+            torch.tensor(res["confusion_matrix"]).numpy(), res["class_names"], args.confusion_png, args.split
+        )
 
 
 if __name__ == "__main__":

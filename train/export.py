@@ -64,8 +64,15 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def export_eager(model, ckpt, path):
-    torch.save({"model": model.state_dict(), "model_args": ckpt["model_args"],
-                "class_names": ckpt["class_names"], "preprocessing": ckpt["preprocessing"]}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": ckpt["model_args"],
+            "class_names": ckpt["class_names"],
+            "preprocessing": ckpt["preprocessing"],
+        },
+        path,
+    )
 
 
 def export_torchscript(fused, example, path):
@@ -80,9 +87,17 @@ def export_onnx(fused, example, path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(fused, (example,), path, input_names=["input"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                          dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(
+            fused,
+            (example,),
+            path,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     onnx.checker.check_model(onnx.load(path), full_check=True)
 
 
@@ -103,12 +118,18 @@ def export_int8(fused, example, path):
 
 def check_int8(pred_int8, pred_float, images, labels) -> dict:
     q, f = pred_int8(images).argmax(1), pred_float(images).argmax(1)
-    report = {"agreement": (q == f).float().mean().item(), "acc_float": (f == labels).float().mean().item(),
-              "acc_int8": (q == labels).float().mean().item(), "images": len(labels)}
+    report = {
+        "agreement": (q == f).float().mean().item(),
+        "acc_float": (f == labels).float().mean().item(),
+        "acc_int8": (q == labels).float().mean().item(),
+        "images": len(labels),
+    }
     report["acc_drop"] = report["acc_float"] - report["acc_int8"]
     if report["agreement"] < INT8_MIN_AGREEMENT or report["acc_drop"] > INT8_MAX_ACC_DROP:
-        raise ExportCheckError(f"int8: agreement {report['agreement']:.4f} (need ≥ {INT8_MIN_AGREEMENT}), "
-                               f"accuracy drop {report['acc_drop'] * 100:.2f} points (max {INT8_MAX_ACC_DROP * 100})")
+        raise ExportCheckError(
+            f"int8: agreement {report['agreement']:.4f} (need ≥ {INT8_MIN_AGREEMENT}), "
+            f"accuracy drop {report['acc_drop'] * 100:.2f} points (max {INT8_MAX_ACC_DROP * 100})"
+        )
     return report
 
 
@@ -127,17 +148,23 @@ def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | No
     with torch.inference_mode():
         eager_logits = model(example)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
-    report = {"checkpoint": os.path.abspath(checkpoint), "check_batch": len(example), "tolerance": TOLERANCE,
-              "formats": {}}
+    report = {
+        "checkpoint": os.path.abspath(checkpoint),
+        "check_batch": len(example),
+        "tolerance": TOLERANCE,
+        "formats": {},
+    }
     with torch.inference_mode():
         report["fused_max_diff"] = check_close("fused WNLinear", fused(example), eager_logits)
 
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(output_dir)))
     try:
-        writers = {"eager": lambda p: export_eager(model, ckpt, p),
-                   "torchscript": lambda p: export_torchscript(fused, example, p),
-                   "onnx": lambda p: export_onnx(fused, example, p),
-                   "int8": lambda p: export_int8(fused, example, p)}
+        writers = {
+            "eager": lambda p: export_eager(model, ckpt, p),
+            "torchscript": lambda p: export_torchscript(fused, example, p),
+            "onnx": lambda p: export_onnx(fused, example, p),
+            "int8": lambda p: export_int8(fused, example, p),
+        }
         for fmt in formats:
             path = os.path.join(tmp, BACKEND_FILES[fmt])
             writers[fmt](path)
@@ -160,19 +187,28 @@ def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | No
 def write_metadata(out_dir: str, ckpt: dict, report: dict):
     with open(os.path.join(out_dir, "index_to_name.json"), "w") as f:
         json.dump({str(i): name for i, name in enumerate(ckpt["class_names"])}, f, indent=1)
-    meta = {"model_args": ckpt["model_args"], "class_names": ckpt["class_names"],
-            "preprocessing": ckpt["preprocessing"], "export": report}
+    meta = {
+        "model_args": ckpt["model_args"],
+        "class_names": ckpt["class_names"],
+        "preprocessing": ckpt["preprocessing"],
+        "export": report,
+    }
     with open(os.path.join(out_dir, "serving.json"), "w") as f:
         json.dump(meta, f, indent=1)
 
 
 def print_report(report: dict, output_dir: str):
-    print(f"export checks on {report['check_batch']} validation images (tolerance {report['tolerance']:.0e} on probabilities):")
+    print(
+        f"export checks on {report['check_batch']} validation images "
+        f"(tolerance {report['tolerance']:.0e} on probabilities):"
+    )
     for fmt, e in report["formats"].items():
         line = f"  {fmt:12s} {e['file']:22s} {e['bytes'] / 1024:8.1f} KiB  max |Δprob| {e['max_diff']:.2e}"
         if fmt == "int8":
-            line += (f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_int8']:.4f} vs float "
-                     f"{e['acc_float']:.4f} on {e['images']} images")
+            line += (
+                f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_int8']:.4f} vs float "
+                f"{e['acc_float']:.4f} on {e['images']} images"
+            )
         print(line)
     print(f"wrote {output_dir}/")
 
@@ -181,7 +217,7 @@ def main(args):
     try:
         report = export_all(args.checkpoint, args.output_dir, args.formats.split(","), args.data, args.batch)
     except (ExportCheckError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"export failed, nothing written: {e}")
+        raise SystemExit(f"export failed, nothing written: {e}") from None
     print_report(report, args.output_dir)
 
 

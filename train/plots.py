@@ -30,14 +30,28 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str, tit
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(max(5, n * 0.5 + 2), max(4, n * 0.5 + 1)))
     im = ax.imshow(confusion, cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
-           xlabel="predicted", ylabel="true", title=f"{title} confusion matrix (acc {np.trace(confusion) / max(confusion.sum(), 1):.4f})")
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{title} confusion matrix (acc {np.trace(confusion) / max(confusion.sum(), 1):.4f})",
+    )
     if n <= 30:
         for i in range(n):
             for j in range(n):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if confusion[i, j] > confusion.max() / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if confusion[i, j] > confusion.max() / 2 else "black",
+                    )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -29,13 +29,24 @@ from model_src.preprocessing import Preprocessing
 from train import data as datalib
 from train import plots
 
-CHECKPOINT_KEYS = ("model", "model_args", "class_names", "preprocessing", "optimizer",
-                   "lr_scheduler", "scaler", "epoch", "best_metric", "args")
+CHECKPOINT_KEYS = (
+    "model",
+    "model_args",
+    "class_names",
+    "preprocessing",
+    "optimizer",
+    "lr_scheduler",
+    "scaler",
+    "epoch",
+    "best_metric",
+    "args",
+)
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data", default=datalib.DIGITS_DIR, help="ImageFolder root with train/ and val/")
     p.add_argument("--output-dir", default="runs/default", help="where checkpoints and logs go")
     p.add_argument("--arch", default="resnet_small", help="resnet_small, resnet18, resnet34 or resnet50")
@@ -47,14 +58,18 @@ def get_args_parser(add_help=True):
     p.add_argument("--image-size", default=16, type=int, help="model input side")
     p.add_argument("--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)")
     p.add_argument("--channels", default=0, type=int, help="1 or 3; 0 = detect from the images")
-    p.add_argument("--augment", default="auto", help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour")
+    p.add_argument(
+        "--augment", default="auto", help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour"
+    )
     p.add_argument("--epochs", default=15, type=int)
     p.add_argument("--batch-size", default=64, type=int, help="per process")
     p.add_argument("--workers", default=0, type=int, help="data loading processes")
     p.add_argument("--opt", default="adamw", help="adamw or sgd")
     p.add_argument("--lr", default=3e-3, type=float)
     p.add_argument("--momentum", default=0.9, type=float, help="sgd only")
-    p.add_argument("--weight-decay", default=5e-4, type=float, help="not applied to 1-D params (norms, biases, g, beta)")
+    p.add_argument(
+        "--weight-decay", default=5e-4, type=float, help="not applied to 1-D params (norms, biases, g, beta)"
+    )
     p.add_argument("--lr-scheduler", default="cosine", help="cosine, step or plateau")
     p.add_argument("--lr-warmup-epochs", default=1, type=int, help="linear warm-up (cosine/step)")
     p.add_argument("--lr-step-size", default=10, type=int, help="step: epochs between decays")
@@ -64,12 +79,16 @@ def get_args_parser(add_help=True):
     p.add_argument("--focal-gamma", default=2.0, type=float, help="focal only")
     p.add_argument("--accum-steps", default=1, type=int, help="gradient accumulation steps")
     p.add_argument("--clip-grad-norm", default=None, type=float, help="max gradient norm")
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    p.add_argument(
+        "--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, fp16 + GradScaler on CUDA"
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint_last.pt")
+    p.add_argument(
+        "--resume", default=None, help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint_last.pt"
+    )
     p.add_argument("--limit-samples", default=None, type=int, help="cheap mode: use ~N train and val images")
     p.add_argument("--stop-after-epoch", default=None, type=int, help="stop (as if interrupted) after this epoch")
     p.add_argument("--profile", action="store_true", help="write a PyTorch profiler trace of a few steps")
@@ -80,6 +99,7 @@ def get_args_parser(add_help=True):
 
 
 # --- distributed helpers ---------------------------------------------------------------
+
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:
     if "RANK" not in os.environ:
@@ -104,20 +124,31 @@ def log(msg: str, rank: int = 0):
 
 # --- building blocks of main ---------------------------------------------------------
 
+
 def make_preprocessing(args) -> Preprocessing:
     channels = args.channels or datalib.detect_channels(os.path.join(args.data, "train"))
-    prep = Preprocessing(image_size=args.image_size, resize_size=args.resize_size, channels=channels,
-                         mean=[0.5] * channels, std=[0.5] * channels)
+    prep = Preprocessing(
+        image_size=args.image_size,
+        resize_size=args.resize_size,
+        channels=channels,
+        mean=[0.5] * channels,
+        std=[0.5] * channels,
+    )
     prep.mean, prep.std = datalib.compute_mean_std(os.path.join(args.data, "train"), prep)
     return prep
 
 
 def make_model_args(args, in_channels: int, num_classes: int) -> dict:
     if args.arch == "resnet_small":
-        return {**DEFAULT_MODEL_ARGS, "in_channels": in_channels, "num_classes": num_classes,
-                "widths": [int(w) for w in args.widths.split(",")],
-                "blocks": [int(b) for b in args.blocks.split(",")],
-                "activation": args.activation, "dropout": args.dropout}
+        return {
+            **DEFAULT_MODEL_ARGS,
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "widths": [int(w) for w in args.widths.split(",")],
+            "blocks": [int(b) for b in args.blocks.split(",")],
+            "activation": args.activation,
+            "dropout": args.dropout,
+        }
     return {"arch": args.arch, "in_channels": in_channels, "num_classes": num_classes}
 
 
@@ -199,8 +230,11 @@ def evaluate(model, criterion, loader, device, num_classes, args):
     confusion = all_sum(confusion)
     total_loss = all_sum(total_loss)
     n = confusion.sum().item()
-    return {"loss": total_loss.item() / max(n, 1), "acc": confusion.diag().sum().item() / max(n, 1),
-            "confusion": confusion}
+    return {
+        "loss": total_loss.item() / max(n, 1),
+        "acc": confusion.diag().sum().item() / max(n, 1),
+        "confusion": confusion,
+    }
 
 
 def save_checkpoint(state: dict, path: str):
@@ -234,8 +268,11 @@ def check_output_dir(args):
 
 def main(args):
     start_time = time.time()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     rank, world, _ = init_distributed(device.type)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -261,7 +298,8 @@ def main(args):
     base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
     class_names = base.classes
     train_loader, val_loader, train_sampler = datalib.build_loaders(
-        train_set, val_set, args.batch_size, args.workers, rank, world)
+        train_set, val_set, args.batch_size, args.workers, rank, world
+    )
 
     model_args = resume_ckpt["model_args"] if resume_ckpt else make_model_args(args, prep.channels, len(class_names))
     if args.weights and not resume_ckpt:
@@ -293,12 +331,16 @@ def main(args):
     writer = None
     if rank == 0 and not args.no_tensorboard:
         from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
         add_graph(writer, model_without_ddp, next(iter(val_loader))[0][:2].to(device))
 
     n_params = sum(p.numel() for p in model_without_ddp.parameters())
-    log(f"{args.arch}: {n_params / 1e6:.2f}M params | {len(train_set)} train / {len(val_set)} val images, "
-        f"{len(class_names)} classes | {world} process(es) on {device} | preprocessing {prep.to_dict()}", rank)
+    log(
+        f"{args.arch}: {n_params / 1e6:.2f}M params | {len(train_set)} train / {len(val_set)} val images, "
+        f"{len(class_names)} classes | {world} process(es) on {device} | preprocessing {prep.to_dict()}",
+        rank,
+    )
     last_epoch = min(args.epochs, args.stop_after_epoch or args.epochs)
     val = None
     for epoch in range(start_epoch, last_epoch + 1):
@@ -309,7 +351,9 @@ def main(args):
         if world > 1:
             train_sampler.set_epoch(epoch)
         profiler = start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
-        train_stats = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank)
+        train_stats = train_one_epoch(
+            model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank
+        )
         if profiler is not None:
             profiler.stop()
         val = evaluate(model, criterion, val_loader, device, len(class_names), args)
@@ -321,16 +365,36 @@ def main(args):
         is_best = val["acc"] > best["acc"]
         if is_best:
             best = {"acc": val["acc"], "loss": val["loss"], "epoch": epoch}
-        row = {"epoch": epoch, "lr": lr, "train_loss": train_stats["loss"], "train_acc": train_stats["acc"],
-               "val_loss": val["loss"], "val_acc": val["acc"], "seconds": round(time.time() - t0, 2)}
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_stats["loss"],
+            "train_acc": train_stats["acc"],
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "seconds": round(time.time() - t0, 2),
+        }
         history.append(row)
-        log(f"epoch {epoch:3d}/{args.epochs} | lr {lr:.2e} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-            f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | {row['seconds']:.1f}s", rank)
+        log(
+            f"epoch {epoch:3d}/{args.epochs} | lr {lr:.2e} | "
+            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | {row['seconds']:.1f}s",
+            rank,
+        )
         if rank == 0:
-            state = {"model": model_without_ddp.state_dict(), "model_args": model_args, "class_names": class_names,
-                     "preprocessing": prep.to_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_metric": best, "args": vars(args), "history": history}
+            state = {
+                "model": model_without_ddp.state_dict(),
+                "model_args": model_args,
+                "class_names": class_names,
+                "preprocessing": prep.to_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_metric": best,
+                "args": vars(args),
+                "history": history,
+            }
             save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
             if is_best:
                 save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
@@ -345,11 +409,21 @@ def main(args):
 
 def finish(args, prep, class_names, history, best, val, writer, seconds, world):
     done = history[-1]["epoch"] >= args.epochs
-    metrics = {"best_val_acc": best["acc"], "best_epoch": best["epoch"], "final_val_acc": val["acc"],
-               "final_val_loss": val["loss"], "epochs_done": history[-1]["epoch"], "epochs": args.epochs,
-               "complete": done, "train_seconds": round(seconds, 1), "processes": world,
-               "class_names": class_names, "preprocessing": prep.to_dict(),
-               "confusion_matrix": val["confusion"].tolist(), "history": history}
+    metrics = {
+        "best_val_acc": best["acc"],
+        "best_epoch": best["epoch"],
+        "final_val_acc": val["acc"],
+        "final_val_loss": val["loss"],
+        "epochs_done": history[-1]["epoch"],
+        "epochs": args.epochs,
+        "complete": done,
+        "train_seconds": round(seconds, 1),
+        "processes": world,
+        "class_names": class_names,
+        "preprocessing": prep.to_dict(),
+        "confusion_matrix": val["confusion"].tolist(),
+        "history": history,
+    }
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
     if writer is not None:
@@ -358,13 +432,18 @@ def finish(args, prep, class_names, history, best, val, writer, seconds, world):
         writer.close()
     if not args.no_plots:
         plots.plot_curves(history, os.path.join(args.output_dir, "curves.png"))
-        plots.plot_confusion(val["confusion"].numpy(), class_names, os.path.join(args.output_dir, "confusion_matrix.png"))
+        plots.plot_confusion(
+            val["confusion"].numpy(), class_names, os.path.join(args.output_dir, "confusion_matrix.png")
+        )
     write_golden(args.data, args.output_dir)
     state = "finished" if done else f"stopped after epoch {history[-1]['epoch']} (resume with --resume auto)"
-    print(f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
-          f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
-          f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
-          f"{', tb/ (tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}", flush=True)
+    print(
+        f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
+        f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
+        f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
+        f"{', tb/ (tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}",
+        flush=True,
+    )
 
 
 def add_graph(writer, model, example):
@@ -392,9 +471,14 @@ def log_epoch(writer, model, row):
 
 def start_profiler(out_dir: str):
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                   on_trace_ready=tensorboard_trace_handler(os.path.join(out_dir, "profile")), record_shapes=True)
+    prof = profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(os.path.join(out_dir, "profile")),
+        record_shapes=True,
+    )
     prof.start()
     return prof
 
