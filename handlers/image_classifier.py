@@ -45,8 +45,8 @@ def b64decode(text) -> bytes:
         raise InputError("invalid base64 image data") from None
 
 
-def images_from_json(body) -> tuple[list[bytes], str]:
-    """JSON body -> (encoded images, shape of the answer: 'one', 'list' or 'v2')."""
+def images_from_json(body) -> tuple[list[bytes], str | tuple]:
+    """JSON body -> (encoded images, form of the answer: 'one', 'list' or ('v2', request id))."""
     if isinstance(body, dict) and "inputs" in body:
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
@@ -54,7 +54,7 @@ def images_from_json(body) -> tuple[list[bytes], str]:
         data = inputs[0].get("data")
         if not isinstance(data, list):
             raise InputError('KServe v2: inputs[0]["data"] must be a list of base64 strings')
-        return [b64decode(d) for d in data], "v2"
+        return [b64decode(d) for d in data], ("v2", str(body.get("id", "")))
     if isinstance(body, dict):
         for key in ("data", "image", "instances"):
             if key in body:
@@ -103,8 +103,11 @@ def top_k(probs: torch.Tensor, labels: list[str], k: int) -> dict:
     return {labels[i]: round(v, 6) for v, i in zip(values.tolist(), indices.tolist())}
 
 
-def v2_response(predictions: list[dict], model_name: str, version: str) -> dict:
+def v2_response(predictions: list[dict], model_name: str, version: str, request_id: str) -> dict:
+    # TorchServe's OIP gRPC frontend reads id, model_name, model_version and outputs[].name/datatype/
+    # shape/data from this JSON; a missing key crashes its response path and kills the worker.
     return {
+        "id": request_id,
         "model_name": model_name,
         "model_version": version,
         "outputs": [
@@ -120,6 +123,20 @@ def v2_response(predictions: list[dict], model_name: str, version: str) -> dict:
 
 def error_body(status: int, message: str) -> dict:
     return {"code": status, "type": "BadInput" if status < 500 else "InternalServerError", "message": message}
+
+
+def v2_error(status: int, message: str, model_name: str, version: str, request_id: str) -> dict:
+    """An error for a v2 request: HTTP clients get the status and `message`; TorchServe's OIP gRPC
+    path ignores per-request status codes and needs the v2 keys, so the error travels as an
+    output tensor named "error" there (a body without them would crash its response path)."""
+    body = v2_response([error_body(status, message)], model_name, version, request_id)
+    body["outputs"][0]["name"] = "error"
+    return {**error_body(status, message), **body}
+
+
+def v2_body(row: dict) -> dict | None:
+    body = row.get("body", row.get("data"))
+    return body if isinstance(body, dict) and "inputs" in body else None
 
 
 class ImageClassifier(BaseHandler):
@@ -187,11 +204,11 @@ class ImageClassifier(BaseHandler):
                     )
                 tensors = [self.to_tensor(b) for b in encoded]
             except InputError as e:
-                answers[idx] = self.reject(context, idx, e.status, str(e))
+                answers[idx] = self.reject(context, idx, row, e.status, str(e))
                 continue
             except Exception as e:  # a bug, not bad input: answer 500 for this request only
                 logger.exception("unexpected error preparing request %d", idx)
-                answers[idx] = self.reject(context, idx, 500, f"internal error: {e.__class__.__name__}")
+                answers[idx] = self.reject(context, idx, row, 500, f"internal error: {e.__class__.__name__}")
                 continue
             images += tensors
             owners.append((idx, len(tensors), shape))
@@ -204,22 +221,24 @@ class ImageClassifier(BaseHandler):
             predictions = iter([top_k(p, self.labels, self.config["topk"]) for p in probs])
             for idx, n, shape in owners:
                 mine = [next(predictions) for _ in range(n)]
-                answers[idx] = (
-                    mine[0]
-                    if shape == "one"
-                    else mine
-                    if shape == "list"
-                    else v2_response(mine, self.model_name, self.version)
-                )
+                if shape == "one":
+                    answers[idx] = mine[0]
+                elif shape == "list":
+                    answers[idx] = mine
+                else:
+                    answers[idx] = v2_response(mine, self.model_name, self.version, shape[1])
                 context.set_response_content_type(idx, "application/json")
         self.record(context, "PreprocessTime", preprocess_ms)
         self.record(context, "HandlerTime", (time.perf_counter() - start) * 1000)
         return answers
 
-    def reject(self, context, idx: int, status: int, message: str) -> dict:
+    def reject(self, context, idx: int, row: dict, status: int, message: str) -> dict:
         context.set_response_status(status, message[:200], idx)
         context.set_response_content_type(idx, "application/json")
         self.count(context, "RejectedInputs")
+        v2 = v2_body(row)
+        if v2 is not None:
+            return v2_error(status, message, self.model_name, self.version, str(v2.get("id", "")))
         return error_body(status, message)
 
     # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.

@@ -22,8 +22,9 @@ def train_run(out_dir, *extra):
     """Run train.main in-process with a shrunk recipe; returns the output dir."""
     from train.train import get_args_parser, main
 
-    args = get_args_parser().parse_args(["--output-dir", str(out_dir), "--quiet", "--no-tensorboard", "--no-plots",
-                                         *map(str, extra)])
+    args = get_args_parser().parse_args(
+        ["--output-dir", str(out_dir), "--quiet", "--no-tensorboard", "--no-plots", *map(str, extra)]
+    )
     main(args)
     return str(out_dir)
 
@@ -51,6 +52,7 @@ def exported(checkpoint, tmp_path_factory):
 
 # --- real TorchServe ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def archive_factory(checkpoint, tmp_path_factory):
     """build(version, backend='eager', checkpoint=None) -> path of a .mar in a shared cache dir.
@@ -67,8 +69,9 @@ def archive_factory(checkpoint, tmp_path_factory):
         if key not in built:
             out = cache_root / f"{len(built)}" / f"{model_name}_v{version}.mar"
             out.parent.mkdir()
-            built[key] = build_archive(ckpt or checkpoint, version, backend, model_name=model_name,
-                                       output=str(out))["archive"]
+            built[key] = build_archive(ckpt or checkpoint, version, backend, model_name=model_name, output=str(out))[
+                "archive"
+            ]
         return built[key]
 
     return build
@@ -96,8 +99,13 @@ def torchserve_factory(tmp_path_factory):
     started = []
 
     def start(store, overrides=None, models="my_model=my_model.mar", workdir=None):
-        ts = TorchServe(workdir=str(workdir or tmp_path_factory.mktemp("ts")), model_store=str(store),
-                        ports=Ports.free(), overrides=overrides or {}, private_tmp=True)
+        ts = TorchServe(
+            workdir=str(workdir or tmp_path_factory.mktemp("ts")),
+            model_store=str(store),
+            ports=Ports.free(),
+            overrides=overrides or {},
+            private_tmp=True,
+        )
         started.append(ts)
         ts.start(models=models)
         return ts
