@@ -14,6 +14,7 @@ torch.manual_seed(0)
 
 # --- layers ---------------------------------------------------------------------------------
 
+
 def test_wnlinear_weight_is_g_times_unit_direction():
     layer = WNLinear(6, 4)
     with torch.no_grad():
@@ -68,6 +69,7 @@ def test_residual_block_shapes(in_ch, out_ch, stride, hw):
 
 
 # --- losses ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_focal_with_gamma0_alpha1_is_cross_entropy(reduction):
@@ -143,6 +145,7 @@ def test_build_criterion():
 
 
 # --- model construction and loading ---------------------------------------------------------------
+
 
 def test_default_model_forward_shape():
     model = build_model({"in_channels": 1, "num_classes": 10}).eval()
