@@ -97,6 +97,7 @@ def test_recipe_flags_train(tmp_path, digits, flags):
 @pytest.mark.slow
 def test_tensorboard_plots_and_profiler(tmp_path, digits):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from train.train import get_args_parser, main
 
     out = tmp_path / "obs"
