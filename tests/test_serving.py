@@ -1,0 +1,160 @@
+"""The serving path against a real TorchServe: batching with bad neighbours, every backend,
+huge images and bombs, and the custom metrics on the Prometheus endpoint."""
+
+import concurrent.futures
+import os
+import re
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from model_src.net import load_model
+from model_src.preprocessing import Preprocessing
+from scripts import deploy
+from scripts.archive import MODEL_CONFIG, build_archive
+from tests import images
+from tests.conftest import install_archive
+
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+
+VAL = os.path.join("data", "digits", "val")
+
+
+@pytest.fixture(scope="module")
+def val_bodies(digits):
+    files = [os.path.join(VAL, c, f) for c in sorted(os.listdir(VAL)) for f in sorted(os.listdir(os.path.join(VAL, c)))]
+    return [open(p, "rb").read() for p in files[::24]]
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint, val_bodies):
+    """Eager probabilities for each body, computed without TorchServe."""
+    model, ckpt = load_model(checkpoint)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    with torch.inference_mode():
+        probs = torch.softmax(model(torch.stack([prep(prep.decode(b)) for b in val_bodies])), 1)
+    return [{ckpt["class_names"][i]: p[i].item() for i in range(len(p))} for p in probs]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint, torchserve_factory):
+    """my_model 1.0 with batchSize 8 and a long batch window, so concurrent requests share batches."""
+    cfg = yaml.safe_load(open(MODEL_CONFIG))
+    cfg.update(batchSize=8, maxBatchDelay=200)
+    tmp = tmp_path_factory.mktemp("serving")
+    (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    store = tmp / "store"
+    store.mkdir()
+    build_archive(
+        checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
+    )
+    return torchserve_factory(store)
+
+
+def post(ts, body, version=None, content_type="application/octet-stream", **kw):
+    path = "/predictions/my_model" + (f"/{version}" if version else "")
+    return ts.request("POST", "inference", path, data=body, headers={"Content-Type": content_type}, **kw)
+
+
+def worker_pid(ts, version=""):
+    return ts.request("GET", "management", f"/models/my_model/{version}".rstrip("/")).json()[0]["workers"][0]["pid"]
+
+
+def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, offline):
+    pid = worker_pid(server)
+    bad = [(body, status) for body, status in images.refused().values()]
+    jobs = []  # (body, content type, expected status, expected label)
+    for i, body in enumerate(val_bodies[:16]):
+        jobs.append((body, "application/octet-stream", 200, max(offline[i], key=offline[i].get)))
+        b, status = bad[i % len(bad)]
+        jobs.append((b, "application/json" if b.startswith(b"{") else "application/octet-stream", status, None))
+    jobs.append((val_bodies[0], "application/x-www-form-urlencoded", 400, None))  # curl --data-binary's default
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: post(server, j[0], content_type=j[1]), jobs))
+    for (body, ctype, status, label), resp in zip(jobs, answers):
+        assert resp.status_code == status, (ctype, body[:40], resp.text)
+        if status == 200:
+            assert next(iter(resp.json())) == label
+        else:
+            assert resp.json()["message"]
+    assert worker_pid(server) == pid  # bad input never killed the worker
+    # The frontend logs one "Flushing req.cmd PREDICT" per batch sent to the worker: fewer batches
+    # than requests means requests really shared batches (with their bad neighbours).
+    log = open(os.path.join(server.log_dir, "ts_log.log")).read()
+    batches = set(re.findall(r"Flushing req\.cmd PREDICT .* at: \d+", log))  # a set: log4j may write lines twice
+    assert 0 < len(batches) < len(jobs)
+
+
+def test_input_forms_over_http(server, val_bodies, offline):
+    body, want = val_bodies[3], max(offline[3], key=offline[3].get)
+    b64 = images.b64(body)
+    url = server.url() + "/predictions/my_model"
+    auth = server.auth("inference")
+    answers = [
+        requests.put(url, data=body, headers=auth, timeout=30),  # curl -T
+        requests.post(url, files={"data": ("x.png", body, "image/png")}, headers=auth, timeout=30),  # curl -F
+        requests.post(url, json={"data": b64}, headers=auth, timeout=30),
+        requests.post(url, data=b64, headers={**auth, "Content-Type": "text/plain"}, timeout=30),
+    ]
+    for resp in answers:
+        assert resp.status_code == 200, resp.text
+        assert next(iter(resp.json())) == want
+    listed = requests.post(url, json={"data": [b64, b64]}, headers=auth, timeout=30)
+    assert [next(iter(p)) for p in listed.json()] == [want, want]
+
+
+def test_every_backend_served_matches_eager(server, archive_factory, val_bodies, offline):
+    for backend in ("torchscript", "onnx", "int8"):
+        path = install_archive(archive_factory(backend, backend), server.model_store, f"my_model_v{backend}.mar")
+        deploy.register(server, path)
+        for i, body in enumerate(val_bodies[:6]):
+            resp = post(server, body, version=backend)
+            assert resp.status_code == 200, resp.text
+            got, want = resp.json(), offline[i]
+            if backend == "int8":
+                assert next(iter(got)) == max(want, key=want.get)
+            else:
+                assert all(abs(p - want[label]) <= 1e-4 for label, p in got.items()), (backend, got)
+    assert deploy.default_version(server, "my_model") == "1.0"
+
+
+def test_twelve_megapixel_jpeg_and_a_decompression_bomb(server, val_bodies):
+    yy, xx = np.mgrid[0:3000, 0:4000]
+    noise = np.random.default_rng(0).integers(0, 40, (3000, 4000, 1))
+    photo = np.clip(np.stack([xx / 16 % 256, yy / 12 % 256, (xx + yy) / 28 % 256], -1) + noise, 0, 255)
+    big = images.encode(Image.fromarray(photo.astype(np.uint8)), "JPEG", quality=90)
+    assert len(big) < 16 * 2**20  # under max_request_size
+    resp = post(server, big)
+    assert resp.status_code == 200 and len(resp.json()) == 5
+    bomb = images.encode(Image.new("L", (20000, 20000)), "PNG", optimize=True)  # 400 megapixels in ~400 KB
+    resp = post(server, bomb)
+    assert resp.status_code == 413 and "pixels" in resp.json()["message"]
+    assert server.request("GET", "inference", "/ping").status_code == 200
+    assert post(server, val_bodies[0]).status_code == 200
+
+
+def test_body_over_max_request_size_is_refused(server, val_bodies):
+    resp = post(server, b"\0" * (17 * 2**20))
+    assert resp.status_code == 413
+    assert post(server, val_bodies[0]).status_code == 200
+
+
+def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
+    post(server, val_bodies[0])
+    post(server, b"not an image")
+    text = requests.get(server.url("metrics") + "/metrics", timeout=30).text
+    for name in ("PreprocessTime", "InferenceTime", "RejectedInputs", "HandlerTime"):
+        assert re.search(rf'^{name}\{{ModelName="my_model",Level="Model",.*\}} \d', text, re.M), name
+    rejected = re.search(r'^RejectedInputs\{ModelName="my_model".*\} ([\d.]+)', text, re.M)
+    assert float(rejected.group(1)) >= 1
+    assert "# TYPE RejectedInputs counter" in text
+
+
+def test_ready_after_start_means_the_first_request_succeeds(server, val_bodies):
+    ping = server.request("GET", "inference", "/ping")
+    assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
+    assert all(w["status"] == "READY" for v in server.models()["my_model"] for w in v["workers"])
