@@ -9,7 +9,7 @@ For each target model it measures, on this machine, in one run:
           with the thread count the workers use;
   served  the same archive behind a real TorchServe, loaded by a separate client process
           (scripts/loadgen.py, loopback only) at each concurrency: req/s, p50/p90/p99, errors;
-          ratio = served req/s / limit img/s at the configured batch size;
+          ratio = served req/s / (workers x limit img/s at the configured batch size);
   peer    the same weights behind TorchServe's stock `image_classifier` handler;
   cold    `torchserve --start` to the first good prediction, and registration to ready.
 Client and server share the machine's cores; the report says how many there are.
@@ -131,7 +131,7 @@ def make_handler(archive: str, work: str, batch_size: int):
         z.extractall(model_dir)
     with open(os.path.join(model_dir, "MAR-INF", "MANIFEST.json")) as f:
         manifest = json.load(f)
-    with open(os.path.join(model_dir, "model-config.yaml")) as f:
+    with open(os.path.join(model_dir, manifest["model"]["configFile"])) as f:  # the name --config-file had
         yaml_cfg = yaml.safe_load(f)
     metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
     metrics.initialize_cache()
@@ -305,9 +305,12 @@ def bench_target(target: dict, args, work: str) -> dict:
             target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
         )["archive"]
         handler, ctx, rp = make_handler(archives[backend], work, batch)
+        per_worker = measure_limit(handler, ctx, rp, bodies, batch)
         result["limit"][backend] = {
             "batch_1": measure_limit(handler, ctx, rp, bodies, 1),
-            f"batch_{batch}": measure_limit(handler, ctx, rp, bodies, batch),
+            f"batch_{batch}": per_worker,
+            # Each worker runs this pipeline on cores/workers threads, so together they can do workers x.
+            "all_workers": per_worker * int(model_cfg.get("maxWorkers", 1)),
         }
         print(f"  limit {target['name']} {backend}: {result['limit'][backend]}", flush=True)
         del handler
@@ -351,17 +354,18 @@ def table(res: dict) -> str:
     lines = [
         f"\n{res['model']}: batch {batch}, {res['workers']} worker(s), maxBatchDelay {res['max_batch_delay_ms']} ms,"
         f" {res['requests_per_level']} requests per level, cold start {res['cold_start_s']:.1f} s",
-        f"{'backend':24s}{'limit b1':>10s}{'limit b' + str(batch):>10s}  {'c':>3s}{'req/s':>9s}{'p50':>8s}"
-        f"{'p90':>8s}{'p99':>8s}{'err':>5s}{'served/limit':>14s}",
+        f"{'backend':24s}{'limit b1':>10s}{'limit b' + str(batch):>10s}{'x workers':>10s}  {'c':>3s}{'req/s':>9s}"
+        f"{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'served/limit':>14s}",
     ]
     for label, rows in res["served"].items():
         lim = res["limit"].get(label)  # the stock peer has no in-process limit of ours
         for j, r in enumerate(rows):
             l1 = f"{lim['batch_1']:.0f}" if lim and j == 0 else ""
             lb = f"{lim[f'batch_{batch}']:.0f}" if lim and j == 0 else ""
-            ratio = f"{r['throughput_rps'] / lim[f'batch_{batch}']:.2f}" if lim else ""
+            la = f"{lim['all_workers']:.0f}" if lim and j == 0 else ""
+            ratio = f"{r['throughput_rps'] / lim['all_workers']:.2f}" if lim else ""
             lines.append(
-                f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}  {r['concurrency']:3d}{r['throughput_rps']:9.1f}"
+                f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}{la:>10s}  {r['concurrency']:3d}{r['throughput_rps']:9.1f}"
                 f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}"
             )
     regs = ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
@@ -384,9 +388,9 @@ def plot(results: list, path: str):
             axes[1][col].plot(c, [r["p99_ms"] for r in rows], marker="o", label=label)
             lim = res["limit"].get(label)
             if lim:
-                axes[0][col].axhline(lim[f"batch_{batch}"], linestyle=":", color=axes[0][col].lines[-1].get_color())
+                axes[0][col].axhline(lim["all_workers"], linestyle=":", color=axes[0][col].lines[-1].get_color())
         axes[0][col].set(
-            title=f"{res['model']}: throughput (dotted: in-process limit, batch {batch})",
+            title=f"{res['model']}: throughput (dotted: in-process limit x workers, batch {batch})",
             xscale="log",
             xlabel="concurrency",
             ylabel="req/s",

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default="my_model")
     p.add_argument("--version", default=None, help="default version when omitted")
+    p.add_argument("--summary", action="store_true", help="print only the accuracy (e.g. for a whole val set)")
     args = p.parse_args(argv)
     ts = TorchServe()
     right = failed = 0
@@ -41,8 +42,9 @@ def main(argv=None) -> int:
             continue
         label, prob = next(iter(body.items()))
         right += label == truth
-        print(f"  {path}: true {truth}  predicted {label} ({prob:.3f}) {'ok' if label == truth else 'WRONG'}")
-    print(f"  {right}/{len(args.images)} correct")
+        if not args.summary or label != truth:
+            print(f"  {path}: true {truth}  predicted {label} ({prob:.3f}) {'ok' if label == truth else 'WRONG'}")
+    print(f"  {right}/{len(args.images)} correct (accuracy {right / len(args.images):.4f}), {failed} failed requests")
     return 1 if failed else 0  # a wrong label is information; a failed request is an error
 
 

@@ -22,7 +22,7 @@ def make_handler(archive, tmp_path, handler_cfg=None, batch_size=8):
     with zipfile.ZipFile(archive) as z:
         z.extractall(model_dir)
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    cfg = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    cfg = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
     cfg["handler"].update(handler_cfg or {})
     metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
     metrics.initialize_cache()
