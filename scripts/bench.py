@@ -365,8 +365,8 @@ def table(res: dict) -> str:
             la = f"{lim['all_workers']:.0f}" if lim and j == 0 else ""
             ratio = f"{r['throughput_rps'] / lim['all_workers']:.2f}" if lim else ""
             lines.append(
-                f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}{la:>10s}  {r['concurrency']:3d}{r['throughput_rps']:9.1f}"
-                f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}"
+                f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}{la:>10s}  {r['concurrency']:3d}"
+                f"{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}"
             )
     regs = ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
     lines.append(f"registration to ready: {regs}")
