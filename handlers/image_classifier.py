@@ -7,10 +7,11 @@ pass over the good requests, and a per-request status so that one bad image
 never fails its neighbours in the batch.
 
 Accepted bodies (each request may carry one image, or a list in the JSON forms):
-  raw bytes           curl --data-binary @img.png   (or -T img.png)
+  raw bytes           curl -T img.png  (or --data-binary @img.png with a binary Content-Type)
   multipart           curl -F data=@img.png         (any field name)
   JSON + base64       {"data": "<b64>"}  or  {"data": ["<b64>", ...]}  or  ["<b64>", ...]
-  KServe v2 / OIP     {"inputs": [{"name": "...", "datatype": "BYTES", "shape": [n], "data": ["<b64>", ...]}]}
+  KServe v2 JSON      {"inputs": [{"name": "...", "datatype": "BYTES", "shape": [n], "data": ["<b64>", ...]}]}
+                      (over OIP gRPC the client sends raw bytes; TorchServe hands them over as base64)
 """
 
 import base64
@@ -69,9 +70,13 @@ def images_from_json(body) -> tuple[list[bytes], str | tuple]:
     raise InputError(f'JSON "data" must be a base64 string or a list of them, got {type(body).__name__}')
 
 
-def images_from_row(row: dict) -> tuple[list[bytes], str]:
-    """One TorchServe request (its body or form fields) -> (encoded images, answer shape)."""
-    fields = {k: v for k, v in row.items() if v is not None and len(v) > 0}
+def is_empty(value) -> bool:
+    return value is None or (isinstance(value, (bytes, bytearray, str, list, dict)) and len(value) == 0)
+
+
+def images_from_row(row: dict) -> tuple[list[bytes], str | tuple]:
+    """One TorchServe request (its body or form fields) -> (encoded images, form of the answer)."""
+    fields = {k: v for k, v in row.items() if not is_empty(v)}
     value = next((fields[k] for k in ("data", "body", "file", "image") if k in fields), None)
     if value is None:  # a multipart upload under another field name (query parameters arrive as str)
         value = next((v for v in fields.values() if isinstance(v, (bytes, bytearray))), None)
@@ -85,6 +90,8 @@ def images_from_row(row: dict) -> tuple[list[bytes], str]:
         return images_from_json(value)
     if isinstance(value, str):  # text/* bodies arrive decoded: accept base64 text
         return [b64decode(value.strip())], "one"
+    if not isinstance(value, (bytes, bytearray)):  # a JSON number or boolean
+        raise InputError(f"expected an image, got a JSON {type(value).__name__}")
     data = bytes(value)
     if data[:1] in (b"{", b"["):
         try:

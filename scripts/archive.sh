@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Archive a checkpoint as a version of my_model into model_store/ (never overwrites).
-#   scripts/archive.sh VERSION CHECKPOINT [--backend eager|torchscript|onnx|int8]
+#   scripts/archive.sh VERSION CHECKPOINT [--backend onnx|eager|torchscript|int8]  (default onnx)
 # 1.0 -> model_store/my_model.mar, others -> model_store/my_model_v<VERSION>.mar (+ .sha256)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
-  echo "usage: scripts/archive.sh VERSION CHECKPOINT [--backend eager|torchscript|onnx|int8]" >&2; exit 2
+  echo "usage: scripts/archive.sh VERSION CHECKPOINT [--backend onnx|eager|torchscript|int8]  (default onnx)" >&2; exit 2
 fi
 version=$1 checkpoint=$2; shift 2
 [ -f "$checkpoint" ] || { echo "archive: checkpoint $checkpoint not found (train first: python -m train.train)" >&2; exit 1; }

@@ -72,19 +72,23 @@ def digits_target(checkpoint: str, work: str) -> dict:
     return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": "data/digits"}
 
 
+PHOTO_CROPS = {"left": (0, 0, 400, 427), "right": (240, 0, 640, 427), "middle": (100, 27, 500, 427)}
+
+
 def photo_folder(root: str) -> str:
-    """A small ImageFolder of photos scikit-learn ships (china.jpg, flower.jpg), as 4 JPEG crops each."""
+    """An ImageFolder made of the photos scikit-learn ships (china.jpg, flower.jpg): 6 classes
+    (photo x crop), 2 JPEGs each. Six, not two: the stock handler's top-5 fails below 5 classes."""
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
     for name in ("china", "flower"):
         img = Image.fromarray(load_sample_image(f"{name}.jpg"))
-        for split in ("train", "val"):
-            os.makedirs(os.path.join(root, split, name), exist_ok=True)
-        for i, box in enumerate([(0, 0, 400, 400), (200, 0, 640, 427), (100, 27, 500, 427), (0, 0, 640, 427)]):
-            crop = img.crop(box)
-            crop.save(os.path.join(root, "val", name, f"{i}.jpg"), quality=90)
-            crop.save(os.path.join(root, "train", name, f"{i}.jpg"), quality=90)
+        for crop_name, box in PHOTO_CROPS.items():
+            for split in ("train", "val"):
+                folder = os.path.join(root, split, f"{name}_{crop_name}")
+                os.makedirs(folder, exist_ok=True)
+                for i, quality in enumerate((90, 75)):
+                    img.crop(box).save(os.path.join(folder, f"{i}.jpg"), quality=quality)
     return root
 
 
@@ -95,7 +99,8 @@ def resnet18_target(work: str) -> dict:
 
     data = photo_folder(os.path.join(work, "photos"))
     torch.manual_seed(0)
-    model_args = {"arch": "resnet18", "in_channels": 3, "num_classes": 2}
+    classes = sorted(os.listdir(os.path.join(data, "val")))
+    model_args = {"arch": "resnet18", "in_channels": 3, "num_classes": len(classes)}
     prep = Preprocessing(
         image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
     )
@@ -104,14 +109,14 @@ def resnet18_target(work: str) -> dict:
         {
             "model": build_model(model_args).eval().state_dict(),
             "model_args": model_args,
-            "class_names": ["china", "flower"],
+            "class_names": classes,
             "preprocessing": prep.to_dict(),
             "args": {"data": data},
         },
         ckpt,
     )
     images = sorted(
-        os.path.join(data, "val", c, f) for c in ("china", "flower") for f in os.listdir(os.path.join(data, "val", c))
+        os.path.join(data, "val", c, f) for c in classes for f in sorted(os.listdir(os.path.join(data, "val", c)))
     )
     return {"name": "resnet18", "checkpoint": ckpt, "images": images, "data": data}
 
@@ -224,10 +229,30 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
     return target
 
 
+def rgb_copies(paths: list[str], work: str) -> list[str]:
+    from PIL import Image
+
+    folder = os.path.join(work, "rgb")
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for i, path in enumerate(paths):
+        out.append(os.path.join(folder, f"{i}.png"))
+        if not os.path.exists(out[-1]):
+            Image.open(path).convert("RGB").save(out[-1])
+    return out
+
+
+def peer_notes(ts: TorchServe, image: str, prep) -> dict:
+    """What the stock handler does with the target's own images (before we hand it RGB copies)."""
+    resp = ts.request("POST", "inference", "/predictions/my_model/stock", data=open(image, "rb").read())
+    return {"own_image_status": resp.status_code, "own_image_mode": "grey" if prep.channels == 1 else "RGB"}
+
+
 # --- served numbers ------------------------------------------------------------------------------
 
 
 def load(ts: TorchServe, version: str, images, expect, concurrency: int, requests: int) -> dict:
+    """One load level through scripts/loadgen.py in its own process; expect=None checks no labels."""
     cmd = [
         sys.executable,
         "-m",
@@ -240,8 +265,7 @@ def load(ts: TorchServe, version: str, images, expect, concurrency: int, request
         str(concurrency),
         "--requests",
         str(requests),
-        "--expect",
-        json.dumps(expect),
+        *(["--expect", json.dumps(expect)] if expect else []),
         *images,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=900)
@@ -329,10 +353,14 @@ def bench_target(target: dict, args, work: str) -> dict:
             peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
             result["registration_s"]["stock"] = register(ts, peer)
             served_versions["stock image_classifier"] = "stock"
+            result["peer_notes"] = peer_notes(ts, target["images"][0], prep)
         for label, version in served_versions.items():
             rows = []
             for c in levels:
-                stats = load(ts, version, target["images"], expect, c, n_requests)
+                if version == "stock":  # RGB copies (the stock handler cannot read grey PNGs); labels unchecked
+                    stats = load(ts, version, rgb_copies(target["images"], work), None, c, n_requests)
+                else:
+                    stats = load(ts, version, target["images"], expect, c, n_requests)
                 rows.append(stats)
                 print(
                     f"  served {target['name']} {label} c={c}: {stats['throughput_rps']} req/s "

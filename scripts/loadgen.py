@@ -50,7 +50,7 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
         raise SystemExit(f"loadgen: refusing non-loopback target {host}")
     counter = itertools.count()
     lock = threading.Lock()
-    latencies, statuses, wrong = [], {}, 0
+    latencies, statuses, wrong, first_error = [], {}, 0, []
     local = threading.local()
     deadline = time.time() + duration_cap
 
@@ -66,6 +66,8 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
             try:
                 resp = session.post(url, data=body, headers=headers, timeout=timeout)
                 code = resp.status_code
+                if code >= 500 and not first_error:
+                    first_error.append(resp.text[:300])
                 ok_label = expect is None or check(resp, expect[i % len(bodies)])
             except requests.RequestException:
                 code, ok_label = "error", True  # counted under errors, not as a wrong answer
@@ -93,6 +95,7 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
         "statuses": statuses,
         "errors": sum(n for c, n in statuses.items() if c == "error" or c.startswith("5")),
         "wrong_labels": wrong,
+        "first_error": first_error[0] if first_error else None,
         "client_cores_shared_with_server": os.cpu_count(),
     }
 

@@ -107,6 +107,8 @@ def test_bad_requests_fail_alone_in_their_batch(eager, png):
     bad = {name: {"body": bytearray(body)} for name, (body, _) in images.refused().items()}
     bad["empty"] = {"body": bytearray()}
     bad["number-in-json"] = {"body": {"data": 42}}
+    bad["bare-json-number"] = {"body": 42}
+    bad["empty-json-object"] = {"body": {}}
     bad["form-encoded"] = {"hello world": ""}
     bad["v2-bad-base64"] = {
         "body": {"id": "1", "inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": ["@@@"]}]}
