@@ -433,7 +433,10 @@ def finish(args, prep, class_names, history, best, val, writer, seconds, world):
     if not args.no_plots:
         plots.plot_curves(history, os.path.join(args.output_dir, "curves.png"))
         plots.plot_confusion(
-            val["confusion"].numpy(), class_names, os.path.join(args.output_dir, "confusion_matrix.png")
+            val["confusion"].numpy(),
+            class_names,
+            os.path.join(args.output_dir, "confusion_matrix.png"),
+            "last-epoch val",
         )
     write_golden(args.data, args.output_dir)
     state = "finished" if done else f"stopped after epoch {history[-1]['epoch']} (resume with --resume auto)"
