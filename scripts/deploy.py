@@ -219,11 +219,12 @@ def gate(ts: TorchServe, model: str, candidate: str, baseline: str | None, golde
         report["agreement"] = sum(a == b for a, b in zip(new["predictions"], old["predictions"])) / len(golden)
         drop = (old["accuracy"] - new["accuracy"]) * 100
         report["passed"] = drop <= max_drop and new["errors"] == 0
-        report["reason"] = (
-            f"accuracy {new['accuracy']:.4f} vs default {old['accuracy']:.4f}: "
-            f"{'drop' if drop > 0 else 'gain'} of {abs(drop):.2f} points "
-            f"({'within' if drop <= max_drop else 'over'} the allowed {max_drop:.2f})"
+        change = (
+            f"drop of {drop:.2f} points ({'within' if drop <= max_drop else 'over'} the allowed {max_drop:.2f})"
+            if drop > 0
+            else f"gain of {-drop:.2f} points"
         )
+        report["reason"] = f"accuracy {new['accuracy']:.4f} vs default {old['accuracy']:.4f}: {change}"
         if new["errors"]:
             report["reason"] += f"; {new['errors']} golden requests failed"
     else:
@@ -273,7 +274,7 @@ def cmd_register(ts: TorchServe, args) -> int:
         return 0 if report["passed"] else EXIT_REJECTED
     if not report["passed"]:
         unregister(ts, model, version)
-        print(f"rejected: {model} {version} unregistered; {baseline} stays default", file=sys.stderr)
+        print(f"rejected: {model} {version} unregistered; {baseline} stays default", flush=True)
         return EXIT_REJECTED
     set_default(ts, model, version, reason="gate passed: " + report["reason"])
     print(f"promoted: {model} {version} is now default (was {baseline})")

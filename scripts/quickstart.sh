@@ -40,7 +40,9 @@ step "4/9 archive 1.0 -> model_store/my_model.mar"
 archive 1.0 runs/v1 model_store/my_model.mar
 
 step "5/9 start TorchServe (inference :8080, management :8081, metrics :8082)"
-if $PY -m scripts.server status | grep -q "is running"; then
+# Capture first: `grep -q` on a pipe would close it early and break the writer under pipefail.
+status=$($PY -m scripts.server status)
+if grep -q "is running" <<<"$status"; then
   echo "TorchServe is already running: keeping it"
 else
   scripts/serve.sh start
@@ -54,9 +56,10 @@ step "7/9 archive 2.0 -> model_store/my_model_v2.0.mar"
 archive 2.0 runs/v2 model_store/my_model_v2.0.mar
 
 step "8/9 register 2.0 through the management API; promote it only if it passes the gate"
-if $PY -m scripts.deploy list | grep -q "my_model 2.0"; then
+listed=$($PY -m scripts.deploy list || true)
+if grep -q "my_model 2.0" <<<"$listed"; then
   echo "2.0 is already registered"
-  $PY -m scripts.deploy list
+  echo "$listed"
 else
   scripts/register_version.sh model_store/my_model_v2.0.mar --promote --golden runs/v2/golden --max-accuracy-drop 1.0
 fi

@@ -389,12 +389,12 @@ def print_status(ts: TorchServe):
         return
     print(f"TorchServe is running (pid {ts.pid()})")
     print(
-        f"  inference   {ts.url('inference')}   (token: jq -r .inference.key {os.path.relpath(ts.key_file)})"
+        f"  inference   {ts.url('inference')}   (key: .inference.key in {os.path.relpath(ts.key_file)})"
         if ts.tokens_enabled
         else f"  inference   {ts.url('inference')}   (tokens off)"
     )
     print(
-        f"  management  {ts.url('management')}   (token: jq -r .management.key {os.path.relpath(ts.key_file)})"
+        f"  management  {ts.url('management')}   (key: .management.key in {os.path.relpath(ts.key_file)})"
         if ts.tokens_enabled
         else f"  management  {ts.url('management')}"
     )
