@@ -127,7 +127,9 @@ def build_archive(
             "--export-path",
             tmp,
         ]
-        subprocess.run(cmd, check=True)
+        # The archiver stages files in $TMPDIR/<model-name> and deletes that folder before and after:
+        # a private TMPDIR keeps two archive builds (quickstart and tests, say) from clobbering each other.
+        subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
         built = os.path.join(tmp, f"{model_name}.mar")
         # link() fails if the target appeared meanwhile, so even a race cannot overwrite an archive.
         os.link(built, target)

@@ -222,6 +222,7 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
             peer_dir,
         ],
         check=True,
+        env={**os.environ, "TMPDIR": peer_dir},  # the archiver wipes $TMPDIR/<model-name>: keep it private
     )
     target = os.path.join(store, "my_model_vstock.mar")
     shutil.move(os.path.join(peer_dir, "my_model.mar"), target)

@@ -106,8 +106,9 @@ class Soak:
         proc = psutil.Process(self.ts.pid())
         return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
-    def worker_pid(self, version: str = "1.0") -> int:
-        return self.ts.request("GET", "management", f"/models/my_model/{version}").json()[0]["workers"][0]["pid"]
+    def ready_pids(self, version: str = "1.0") -> list[int]:
+        workers = self.ts.request("GET", "management", f"/models/my_model/{version}").json()[0]["workers"]
+        return sorted(w["pid"] for w in workers if w["status"] == "READY")
 
     def start(self):
         self.ts.start(models="my_model=my_model.mar", restore=False)
@@ -159,12 +160,15 @@ class Soak:
                 f.write(body)
         proc = subprocess.Popen(cmd + paths, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         time.sleep(2.0)  # mid-load
-        victim = self.worker_pid()
+        before = self.ready_pids()
+        victim = before[0]
         killed_at = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
         recovered = None
+        # Recovered = TorchServe's replacement worker is READY (as many workers as before, victim gone)
+        # and a request succeeds. Other workers keep serving meanwhile.
         while time.perf_counter() - killed_at < 120:
-            pid = self.worker_pid()
+            pids = self.ready_pids()
             resp = self.ts.request(
                 "POST",
                 "inference",
@@ -172,7 +176,7 @@ class Soak:
                 data=bodies[0],
                 headers={"Content-Type": "application/octet-stream"},
             )
-            if pid != victim and resp.status_code == 200:
+            if victim not in pids and len(pids) >= len(before) and resp.status_code == 200:
                 recovered = time.perf_counter() - killed_at
                 break
             time.sleep(0.05)
@@ -180,7 +184,8 @@ class Soak:
         after = run_load(self.url(), bodies, concurrency, 500, self.headers(), expect)
         return {
             "killed_pid": victim,
-            "new_pid": self.worker_pid(),
+            "workers_before": before,
+            "workers_after": self.ready_pids(),
             "recovery_s": recovered,
             "during": during,
             "failed_during": during["errors"],
@@ -259,7 +264,8 @@ def summarize(name: str, r: dict) -> str:
         )
     if name == "worker_death":
         return (
-            f"worker death: SIGKILL pid {r['killed_pid']} mid-load; replacement pid {r['new_pid']} answered after "
+            f"worker death: SIGKILL pid {r['killed_pid']} of {r['workers_before']} mid-load; "
+            f"workers {r['workers_after']} ready and answering after "
             f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests failed during; "
             f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}"
         )

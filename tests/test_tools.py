@@ -11,9 +11,25 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
     from scripts.bench import get_args_parser, main
 
     out = tmp_path / "bench"
-    main(get_args_parser().parse_args(["--targets", "digits", "--backends", "eager,onnx", "--concurrency", "1,4",
-                                       "--requests", "40", "--no-peer", "--digits-checkpoint", checkpoint,
-                                       "--out", str(out)]))
+    main(
+        get_args_parser().parse_args(
+            [
+                "--targets",
+                "digits",
+                "--backends",
+                "eager,onnx",
+                "--concurrency",
+                "1,4",
+                "--requests",
+                "40",
+                "--no-peer",
+                "--digits-checkpoint",
+                checkpoint,
+                "--out",
+                str(out),
+            ]
+        )
+    )
     report = json.load(open(out / "bench.json"))
     (res,) = report["results"]
     assert report["cores"] >= 1 and res["model"] == "digits"
@@ -28,8 +44,20 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
 def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
     from scripts.soak import main
 
-    rc = main(["--checkpoint", checkpoint, "--scenarios", "load,restart", "--requests", "300", "--concurrency", "8",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "--checkpoint",
+            checkpoint,
+            "--scenarios",
+            "load,restart",
+            "--requests",
+            "300",
+            "--concurrency",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     summary = json.load(open(tmp_path / "soak.json"))
     assert rc == 0
     assert summary["results"]["load"]["requests"] == 300 and summary["results"]["load"]["passed"]
