@@ -47,7 +47,9 @@ class FocalLoss(nn.Module):
         log_pt = log_p.gather(1, target.long().unsqueeze(1)).squeeze(1)  # (N,)
         pt = log_pt.exp()
         alpha = self.alpha[target] if self.alpha.ndim == 1 else self.alpha
-        loss = -alpha * (1 - pt).pow(self.gamma) * log_pt
+        # clamp: d/dx x^gamma is infinite at x=0 for gamma<1, and inf*0 would make a NaN gradient
+        # for a confidently right sample (p_t rounds to 1 in float32).
+        loss = -alpha * (1 - pt).clamp_min(1e-12).pow(self.gamma) * log_pt
         return _reduce(loss, self.reduction)
 
 

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 import zipfile
+import zlib
 
 from scripts.archive import verify_checksum
 from scripts.server import ServerError, TorchServe
@@ -44,7 +45,7 @@ def read_manifest(path: str) -> dict:
             if bad:
                 raise DeployError(f"{os.path.basename(path)} is corrupt: {bad} fails its CRC check")
             return json.loads(z.read("MAR-INF/MANIFEST.json"))
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error) as e:  # testzip() lets a broken deflate stream's zlib.error through
         raise DeployError(f"{os.path.basename(path)} is not a valid .mar (truncated or corrupt zip: {e})") from None
     except KeyError:
         raise DeployError(f"{os.path.basename(path)} has no MAR-INF/MANIFEST.json: not a TorchServe archive") from None

@@ -279,11 +279,12 @@ class TorchServe:
                 )
             try:
                 if os.path.exists(self.key_file) or not self.tokens_enabled:
-                    ping = requests.get(self.url() + "/ping", headers=self.auth("inference"), timeout=5)
+                    # request() refreshes an expired key: start-up can outlast a short token_expiration_min.
+                    ping = self.request("GET", "inference", "/ping", timeout=5)
                     last = f"ping {ping.status_code} {ping.text.strip()[:80]}"
                     if ping.status_code == 200 and self.all_workers_ready():
                         return
-            except requests.RequestException as e:
+            except (requests.RequestException, ServerError) as e:  # ServerError: a refresh with a stale key file
                 last = f"{e.__class__.__name__}"
             time.sleep(0.5)
         raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({last}); see {self.log_dir}/ts_log.log")
@@ -345,16 +346,15 @@ class TorchServe:
     def request(self, method: str, api: str, path: str, **kw) -> requests.Response:
         """An API call with the current key; refreshes an expired key once through the token API."""
         kind = "inference" if api == "inference" else "management"
+        headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
         resp = requests.request(
-            method,
-            self.url(api) + path,
-            headers={**self.auth(kind), **kw.pop("headers", {})},
-            timeout=kw.pop("timeout", 120),
-            **kw,
+            method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
         )
         if resp.status_code == 400 and "expired" in resp.text.lower() and self.tokens_enabled:
-            self.refresh_token(kind)
-            resp = requests.request(method, self.url(api) + path, headers=self.auth(kind), timeout=120, **kw)
+            self.refresh_token(kind)  # the retry keeps the caller's headers (Content-Type...) and timeout
+            resp = requests.request(
+                method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
+            )
         return resp
 
     def refresh_token(self, kind: str):

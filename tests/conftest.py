@@ -113,3 +113,17 @@ def torchserve_factory(tmp_path_factory):
     yield start
     for ts in started:
         ts.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, archive_factory):
+    """A model store holding my_model.mar (version 1.0, eager) for one test module."""
+    store = tmp_path_factory.mktemp("store")
+    install_archive(archive_factory("1.0"), store, "my_model.mar")
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store, torchserve_factory):
+    """TorchServe serving `store` with my_model 1.0, shared by one test module."""
+    return torchserve_factory(store)

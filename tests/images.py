@@ -27,7 +27,7 @@ def accepted() -> dict[str, bytes]:
     grey = digit_like()
     rgba = grey.convert("RGBA")
     arr16 = np.asarray(grey).astype(np.uint16) * 257  # 16-bit grey
-    frames = [grey, grey.transpose(Image.FLIP_LEFT_RIGHT)]
+    frames = [grey, grey.transpose(Image.ROTATE_90)]  # a different second frame: GIF merges duplicates
     return {
         "png-L": encode(grey, "PNG"),
         "png-RGB": encode(grey.convert("RGB"), "PNG"),
@@ -70,3 +70,53 @@ def refused() -> dict[str, tuple[bytes, int]]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+# --- more bodies for the handler and serving tests ---------------------------------------------
+
+
+def random_bytes(n: int = 512, seed: int = 0) -> bytes:
+    """Noise that no image plugin recognises (fixed seed; the first byte is not '{' or '[', so not JSON)."""
+    data = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+    assert data[:1] not in (b"{", b"[")
+    return data
+
+
+def jpeg_with_garbage(seed: int = 0) -> bytes:
+    """A JPEG whose headers (up to and including SOS) are valid and whose entropy-coded data is noise.
+
+    libjpeg shrugs off some noise (it stops at the first marker it finds); with seed 0 the stream
+    breaks, which Pillow reports as 'broken data stream'."""
+    jpeg = encode(digit_like(64).convert("RGB"), "JPEG", quality=90)
+    sos = jpeg.index(b"\xff\xda")
+    (length,) = struct.unpack(">H", jpeg[sos + 2 : sos + 4])
+    return jpeg[: sos + 2 + length] + random_bytes(400, seed)
+
+
+def black_png(side: int, rows_per_piece: int = 100) -> bytes:
+    """A real side x side all-black 8-bit grey PNG (a decompression bomb: 20000 -> 400 MP in ~390 KB),
+    built in milliseconds instead of the seconds PIL needs to compress 400 MB.
+
+    Every piece of `rows_per_piece` rows is deflated once and ends with a full flush, which makes it
+    independent of what came before, so the same compressed bytes can simply be repeated."""
+    assert side % rows_per_piece == 0
+    z = zlib.compressobj(9)
+    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[2:]  # minus zlib header
+    n = (side + 1) * side  # raw bytes: a filter byte plus `side` pixels per row, all zero
+    adler = ((n % 65521) << 16) | 1  # Adler-32 of n zero bytes
+    last = b"\x03\x00"  # an empty final block
+    idat = b"\x78\xda" + piece * (side // rows_per_piece) + last + struct.pack(">I", adler)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def photo_jpeg(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
+    """A big colour photo stand-in: smooth gradients plus noise (encodes in a few seconds, ~4.5 MB at 12 MP)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(seed).integers(0, 40, (height, width, 1))
+    rgb = np.stack([xx / 16 % 256, yy / 12 % 256, (xx + yy) / 28 % 256], -1) + noise
+    return encode(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), "JPEG", quality=90)

@@ -1,39 +1,46 @@
-"""Shipping versions safely against a real TorchServe: tokens, allowed URLs, archive integrity,
-the promotion gate, rollback, unregistering, restarts and the no-token development mode."""
+"""Shipping versions safely against a real TorchServe 0.12: tokens and their refresh, allowed URLs, archive
+integrity, the promotion gate, rollback, unregistering, restarts and the no-token development mode.
+
+The module shares one TorchServe (`server`, from conftest: my_model 1.0, eager) and the tests run in file order,
+each leaving a known state for the next:
+
+    tokens, allowed URLs, integrity      1.0 (default) only
+    gate: bad 3.0 rejected, 2.0 dry run  1.0 (default) only
+    gate: 2.0 promoted, rollback, back   1.0, 2.0 (default)
+    restart, rollback after the restart  1.0 (default), 2.0
+    restart with 1.0's archive deleted   2.0 (default)  -> 1.0 registered and unregistered again
+
+Two more servers have their own workdirs: one with 3-second tokens, one in development mode (no tokens).
+"""
 
 import argparse
+import datetime
 import http.server
 import json
 import os
+import shutil
 import threading
+import time
+import zipfile
 
 import pytest
 import requests
 
 from scripts import deploy
 from scripts.archive import write_checksum
+from scripts.server import Ports, ServerError, TorchServe
 from tests.conftest import install_archive, train_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
 VAL3 = os.path.join("data", "digits", "val", "3")
+INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
 
 @pytest.fixture(scope="module")
 def png(digits):
-    return open(os.path.join(VAL3, sorted(os.listdir(VAL3))[0]), "rb").read()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, archive_factory):
-    store = tmp_path_factory.mktemp("store")
-    install_archive(archive_factory("1.0"), store, "my_model.mar")
-    return store
-
-
-@pytest.fixture(scope="module")
-def server(store, torchserve_factory):
-    return torchserve_factory(store)
+    with open(os.path.join(VAL3, sorted(os.listdir(VAL3))[0]), "rb") as f:
+        return f.read()
 
 
 def answers(ts, png, version=None):
@@ -41,20 +48,36 @@ def answers(ts, png, version=None):
     return ts.request("POST", "inference", path, data=png).status_code
 
 
-def register_args(archive, golden, tmp_path, **kw):
-    return argparse.Namespace(
-        archive=archive,
-        workers=1,
-        promote=True,
-        dry_run=False,
-        golden=golden,
-        max_accuracy_drop=1.0,
-        report=str(tmp_path / "gate.json"),
-        **kw,
-    )
+def registered(ts):
+    return {v["modelVersion"] for v in deploy.versions(ts, "my_model")}
 
 
-# --- tokens ---------------------------------------------------------------------------------------
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def history(ts):
+    if not os.path.exists(deploy.history_path(ts)):
+        return []
+    with open(deploy.history_path(ts)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def register_args(archive, golden, report, **kw):
+    """What deploy.main() builds for `register ARCHIVE --promote --golden GOLDEN --report REPORT`."""
+    args = dict(archive=archive, workers=1, promote=True, dry_run=False, golden=golden, max_accuracy_drop=1.0)
+    args.update(report=str(report), **kw)
+    return argparse.Namespace(**args)
+
+
+def expires(entry):
+    """key_file.json 'expiration time' (Java Instant, nanoseconds, Z) -> POSIX seconds."""
+    whole, _, frac = entry["expiration time"].rstrip("Z").partition(".")
+    stamp = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC).timestamp()
+    return stamp + float("0." + (frac or "0"))
+
+
+# --- tokens ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -64,47 +87,159 @@ def register_args(archive, golden, tmp_path, **kw):
         ("inference", "GET", "/ping"),
         ("management", "GET", "/models"),
         ("management", "POST", "/models?url=my_model.mar"),
+        ("management", "DELETE", "/models/my_model/1.0"),
+        ("management", "GET", "/token?type=management"),
     ],
 )
 def test_calls_without_or_with_a_wrong_token_are_refused(server, api, method, path):
-    for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+    for headers in ({}, bearer("not-the-key"), {"Authorization": server.keys()["inference"]["key"]}):  # no Bearer
         resp = requests.request(method, server.url(api) + path, headers=headers, timeout=30)
-        assert resp.status_code == 400 and resp.json()["type"] == "InvalidKeyException", resp.text
+        assert resp.status_code == 400, (headers, resp.text)
+        assert resp.json()["type"] == "InvalidKeyException", resp.text
+    assert registered(server) == {"1.0"}  # the refused DELETE did nothing
 
 
-def test_the_right_token_works_and_inference_keys_do_not_open_management(server):
-    assert requests.get(server.url("management") + "/models", headers=server.auth("management"), timeout=30).ok
-    wrong_kind = requests.get(server.url("management") + "/models", headers=server.auth("inference"), timeout=30)
-    assert wrong_kind.status_code == 400
+def test_each_key_opens_only_its_own_api(server, png):
+    keys = server.keys()
+    assert oct(os.stat(server.key_file).st_mode & 0o777) == "0o600"  # TorchServe writes it owner-only
+    assert len({keys[k]["key"] for k in ("inference", "management", "API")}) == 3
+    management = lambda key: requests.get(server.url("management") + "/models", headers=bearer(key), timeout=30)
+    inference = lambda key: requests.get(server.url() + "/ping", headers=bearer(key), timeout=30)
+    assert management(keys["management"]["key"]).status_code == 200
+    assert inference(keys["inference"]["key"]).status_code == 200
+    assert answers(server, png) == 200
+    for wrong in (management(keys["inference"]["key"]), management(keys["API"]["key"])):
+        assert wrong.status_code == 400 and wrong.json()["message"] == INVALID_KEY
+    for wrong in (inference(keys["management"]["key"]), inference(keys["API"]["key"])):
+        assert wrong.status_code == 400 and wrong.json()["message"] == INVALID_KEY
 
 
-def test_token_refresh_through_the_token_api(server, png):
-    old = server.keys()["management"]["key"]
-    server.refresh_token("management")
-    new = server.keys()["management"]["key"]
-    assert new != old  # TorchServe rewrites key_file.json
-    assert requests.get(server.url("management") + "/models", headers={"Authorization": f"Bearer {new}"}, timeout=30).ok
-    assert (
-        requests.get(
-            server.url("management") + "/models", headers={"Authorization": f"Bearer {old}"}, timeout=30
-        ).status_code
-        == 400
-    )
-    assert deploy.default_version(server, "my_model") == "1.0"  # the tools read the new key
+def test_management_token_refresh_rewrites_only_that_key(server, png):
+    before = server.keys()
+    time.sleep(1.1)  # so that the new expiry is visibly later
+    server.refresh_token("management")  # GET /token?type=management with the API key: 200, empty body
+    after = server.keys()  # re-read: TorchServe rewrote key_file.json in place
+    assert after["management"]["key"] != before["management"]["key"]
+    assert expires(after["management"]) > expires(before["management"])
+    assert after["inference"] == before["inference"] and after["API"] == before["API"]
+    assert oct(os.stat(server.key_file).st_mode & 0o777) == "0o600"
+    url = server.url("management") + "/models"
+    assert requests.get(url, headers=bearer(after["management"]["key"]), timeout=30).status_code == 200
+    old = requests.get(url, headers=bearer(before["management"]["key"]), timeout=30)
+    assert old.status_code == 400 and old.json()["type"] == "InvalidKeyException"  # the old key is dead at once
+    # the tools read key_file.json on every call, so they keep working
+    assert deploy.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
     assert answers(server, png) == 200
 
 
-# --- what the management API may load -------------------------------------------------------------------
+def test_inference_token_refresh_and_what_refresh_needs(server, png):
+    before = server.keys()
+    server.refresh_token("inference")
+    after = server.keys()
+    assert after["inference"]["key"] != before["inference"]["key"] and after["management"] == before["management"]
+    predict = server.url() + "/predictions/my_model"
+    assert requests.post(predict, data=png, headers=bearer(before["inference"]["key"]), timeout=30).status_code == 400
+    assert requests.post(predict, data=png, headers=bearer(after["inference"]["key"]), timeout=30).status_code == 200
+    assert answers(server, png) == 200
+    # only the API key may refresh, and only the two known types
+    token = server.url("management") + "/token?type=management"
+    assert requests.get(token, headers=bearer(after["management"]["key"]), timeout=30).status_code == 400
+    with pytest.raises(ServerError, match="could not refresh the bogus token"):
+        server.refresh_token("bogus")
+    assert server.keys()["management"] == after["management"]
+
+
+def test_expired_keys_are_refreshed_by_the_tools(store, torchserve_factory, png):
+    # 0.05 min = 3 s: start-up alone outlasts it, so start() itself must refresh while it waits
+    ts = torchserve_factory(store, overrides={"token_expiration_min": "0.05"})
+    try:
+        keys = ts.keys()
+        time.sleep(max(0.0, max(expires(keys["inference"]), expires(keys["management"])) - time.time()) + 0.5)
+        stale = requests.get(ts.url("management") + "/models", headers=bearer(keys["management"]["key"]), timeout=30)
+        assert stale.status_code == 400 and stale.json()["message"] == INVALID_KEY
+        assert answers(ts, png) == 200  # request(): 400, GET /token?type=inference, retry
+        assert deploy.default_version(ts, "my_model") == "1.0"
+        fresh = ts.keys()
+        assert fresh["inference"]["key"] != keys["inference"]["key"]
+        assert fresh["management"]["key"] != keys["management"]["key"]
+        assert fresh["API"] == keys["API"]
+    finally:
+        ts.stop()
+
+
+class Recorder(http.server.HTTPServer):
+    """A stand-in API on one port: refuses key 'old' like TorchServe does, /token switches the key file to 'new'."""
+
+    def __init__(self, key_file):
+        super().__init__(("127.0.0.1", 0), RecorderHandler)
+        self.key_file, self.seen = key_file, []
+
+
+class RecorderHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.server.seen.append((self.path, dict(self.headers)))
+        if self.path.startswith("/token"):
+            keys = {k: {"key": "new"} for k in ("inference", "management")}
+            with open(self.server.key_file, "w") as f:
+                json.dump({**keys, "API": {"key": "api"}}, f)
+            body, code = b"", 200
+        elif self.headers.get("Authorization") == "Bearer new":
+            body, code = b"{}", 200
+        else:
+            body, code = json.dumps({"code": 400, "type": "InvalidKeyException", "message": INVALID_KEY}).encode(), 400
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def test_request_retries_after_a_refresh_with_the_callers_headers(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old"}, "management": {"key": "old"}, "API": {"key": "api"}}))
+    stub = Recorder(str(key_file))
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        port = stub.server_port
+        ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(port, port, port, 1, 2))
+        resp = ts.request("POST", "inference", "/x", data=b"abc", headers={"Content-Type": "image/png", "X-Trace": "7"})
+        assert resp.status_code == 200
+        paths = [path for path, _ in stub.seen]
+        assert paths == ["/x", "/token?type=inference", "/x"]
+        first, token, retry = (headers for _, headers in stub.seen)
+        assert token["Authorization"] == "Bearer api"
+        assert first["Authorization"] == "Bearer old" and retry["Authorization"] == "Bearer new"
+        assert retry["Content-Type"] == "image/png" and retry["X-Trace"] == "7"  # not dropped on the retry
+    finally:
+        stub.shutdown()
+        stub.server_close()
+
+
+# --- what the management API may load -------------------------------------------------------------------------
+
+
+class CountingServer(http.server.HTTPServer):
+    """Serves a real .mar for any path and counts every connection it accepts."""
+
+    def __init__(self, payload):
+        super().__init__(("127.0.0.1", 0), CountingHandler)
+        self.payload, self.connections = payload, 0
+
+    def process_request(self, request, client_address):
+        self.connections += 1
+        super().process_request(request, client_address)
 
 
 class CountingHandler(http.server.BaseHTTPRequestHandler):
-    hits = 0
-
     def do_GET(self):  # noqa: N802
-        CountingHandler.hits += 1
         self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.payload)))
         self.end_headers()
-        self.wfile.write(b"PK")
+        self.wfile.write(self.server.payload)
 
     do_HEAD = do_GET  # noqa: N815
 
@@ -112,156 +247,252 @@ class CountingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_disallowed_urls_are_refused_without_any_download(server, store, archive_factory, png, tmp_path):
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), CountingHandler)
+def test_urls_outside_the_model_store_are_refused_without_any_download(server, archive_factory, png, tmp_path):
+    outside = install_archive(archive_factory("2.0", backend="onnx"), tmp_path, "outside.mar")  # a loadable .mar
+    with open(outside, "rb") as f:
+        httpd = CountingServer(f.read())
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    outside = install_archive(archive_factory("9.0"), tmp_path, "outside.mar")
+    port = httpd.server_port
+    refused = {
+        f"http://127.0.0.1:{port}/x.mar": "does not match any allowed URL(s)",
+        f"http://127.0.0.1:{port}/my_model_v2.0.mar": "does not match any allowed URL(s)",
+        "https://example.com/my_model.mar": "does not match any allowed URL(s)",
+        "file:///etc/passwd": "does not match any allowed URL(s)",
+        f"file://{outside}": "does not match any allowed URL(s)",
+        outside: "Model not found at",  # an absolute path is looked up in the store only
+        "../x.mar": "Relative path is not allowed in url",
+        f"../{os.path.basename(tmp_path)}/outside.mar": "Relative path is not allowed in url",
+        "sub/../../outside.mar": "Relative path is not allowed in url",
+    }
     try:
-        for url in (
-            f"http://127.0.0.1:{httpd.server_port}/x.mar",
-            "file:///etc/passwd",
-            f"file://{outside}",
-            "../x.mar",
-            "https://example.com/model.mar",
-        ):
-            resp = server.request("POST", "management", f"/models?url={url}")
-            assert resp.status_code == 404, (url, resp.text)
-            assert "allowed" in resp.json()["message"] or "Relative path" in resp.json()["message"]
-        assert CountingHandler.hits == 0
+        for url, message in refused.items():
+            resp = server.request("POST", "management", "/models", params={"url": url, "synchronous": "true"})
+            assert resp.status_code == 404, (url, resp.text)  # 0.12 answers all of these 404 ModelNotFoundException
+            assert message in resp.json()["message"], (url, resp.text)
+        assert httpd.connections == 0  # TorchServe never even connected
+        assert requests.get(f"http://127.0.0.1:{port}/probe", timeout=10).status_code == 200
+        assert httpd.connections == 1  # ...and the counter does count
     finally:
         httpd.shutdown()
+        httpd.server_close()
+    assert registered(server) == {"1.0"}
     assert answers(server, png) == 200
 
 
-# --- archive integrity -----------------------------------------------------------------------------------
+# --- archive integrity -----------------------------------------------------------------------------------------
 
 
-def test_register_refuses_tampered_missing_checksum_truncated_and_outside(server, store, archive_factory, tmp_path):
-    good = archive_factory("5.0")
-    tampered = install_archive(good, store, "tampered.mar")
-    with open(tampered, "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(deploy.DeployError, match="does not match"):
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def truncate_half(src, dst):
+    with open(src, "rb") as f:
+        data = f.read()
+    with open(dst, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return dst
+
+
+def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store, archive_factory, tmp_path):
+    good = archive_factory("1.0")
+
+    tampered = install_archive(good, store, "tampered.mar")  # checksum written, then one byte changes
+    flip_byte(tampered, os.path.getsize(tampered) // 2)
+    with pytest.raises(deploy.DeployError, match=r"tampered.mar: SHA-256 .* does not match .* changed after it"):
         deploy.register(server, tampered)
+
     unsigned = install_archive(good, store, "unsigned.mar")
     os.remove(unsigned + ".sha256")
-    with pytest.raises(deploy.DeployError, match="missing"):
+    with pytest.raises(deploy.DeployError, match=r"unsigned.mar.sha256 is missing"):
         deploy.register(server, unsigned)
-    truncated = os.path.join(store, "truncated.mar")
-    with open(good, "rb") as f, open(truncated, "wb") as g:
-        g.write(f.read()[:20000])
-    write_checksum(truncated)  # only the zip check can catch it now
-    with pytest.raises(deploy.DeployError, match="truncated or corrupt"):
+
+    truncated = truncate_half(good, os.path.join(store, "truncated.mar"))
+    write_checksum(truncated)  # the checksum matches: only the zip check can catch it
+    with pytest.raises(deploy.DeployError, match=r"truncated.mar is not a valid .mar \(truncated or corrupt zip"):
         deploy.register(server, truncated)
-    with pytest.raises(deploy.DeployError, match="not in the model store"):
-        deploy.register(server, install_archive(good, tmp_path, "elsewhere.mar"))
-    assert {v["modelVersion"] for v in deploy.versions(server, "my_model")} == {"1.0"}
+
+    # a broken deflate stream (first byte 0xFF: reserved block type) with a matching checksum: zipfile.testzip()
+    # lets zlib.error through, read_manifest must still turn it into a DeployError
+    broken = install_archive(good, store, "broken.mar")
+    with zipfile.ZipFile(broken) as z:
+        info = z.getinfo("MAR-INF/MANIFEST.json")
+    with open(broken, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        f.write(b"\xff")
+    write_checksum(broken)
+    with pytest.raises(deploy.DeployError, match=r"broken.mar is not a valid .mar"):
+        deploy.register(server, broken)
+
+    elsewhere = install_archive(good, tmp_path, "my_model.mar")
+    with pytest.raises(deploy.DeployError, match=r"is not in the model store .*only archives there can be registered"):
+        deploy.register(server, elsewhere)
+    with pytest.raises(deploy.DeployError, match="does not exist"):
+        deploy.register(server, os.path.join(store, "nowhere.mar"))
+    with pytest.raises(deploy.DeployError, match="my_model 1.0 is already registered"):
+        deploy.register(server, os.path.join(store, "my_model.mar"))
+
+    assert registered(server) == {"1.0"}
 
 
-def test_a_corrupt_archive_sent_straight_to_torchserve_leaves_serving_alone(server, store, png):
-    with open(os.path.join(store, "my_model.mar"), "rb") as f, open(os.path.join(store, "corrupt.mar"), "wb") as g:
-        g.write(f.read()[:30000])
-    resp = server.request("POST", "management", "/models?url=corrupt.mar&synchronous=true")
-    assert resp.status_code >= 400  # TorchServe 0.12 answers 500 here
+def test_a_truncated_archive_sent_straight_to_torchserve_leaves_serving_alone(server, store, png):
+    truncate_half(os.path.join(store, "my_model.mar"), os.path.join(store, "half.mar"))
+    resp = server.request("POST", "management", "/models?url=half.mar&initial_workers=1&synchronous=true")
+    # TorchServe 0.12: 500 InternalServerException "Failed to save model: half.mar"
+    assert resp.status_code == 500, resp.text
+    assert resp.json()["type"] == "InternalServerException" and "half.mar" in resp.json()["message"]
+    duplicate = server.request("POST", "management", "/models?url=my_model.mar&synchronous=true")
+    assert duplicate.status_code == 409, duplicate.text  # and an existing version is not replaced
+    assert registered(server) == {"1.0"} and deploy.default_version(server, "my_model") == "1.0"
     assert answers(server, png) == 200
-    assert server.request("GET", "inference", "/ping").status_code == 200
+    ping = server.request("GET", "inference", "/ping")
+    assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
 
 
-# --- gate, rollback, unregister ------------------------------------------------------------------------------
+# --- the promotion gate ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def bad_checkpoint(tmp_path_factory, digits):
+    """One epoch on 60 images at a learning rate that barely moves: close to chance."""
     out = train_run(tmp_path_factory.mktemp("bad") / "run", "--epochs", 1, "--limit-samples", 60, "--lr", 1e-5)
-    assert json.load(open(os.path.join(out, "metrics.json")))["best_val_acc"] < 0.5
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["best_val_acc"] < 0.5
     return os.path.join(out, "checkpoint_last.pt")
 
 
-def test_gate_rejects_a_bad_model(server, store, archive_factory, bad_checkpoint, trained, tmp_path):
+@pytest.fixture(scope="module")
+def golden(trained):
+    return os.path.join(trained, "golden")
+
+
+def test_gate_rejects_a_bad_model(server, store, archive_factory, bad_checkpoint, golden, tmp_path, png):
     path = install_archive(archive_factory("3.0", ckpt=bad_checkpoint), store, "my_model_v3.0.mar")
-    rc = deploy.cmd_register(server, register_args(path, os.path.join(trained, "golden"), tmp_path))
-    assert rc == deploy.EXIT_REJECTED
-    report = json.load(open(tmp_path / "gate.json"))
-    assert not report["passed"] and report["candidate"]["accuracy"] < report["baseline"]["accuracy"] - 0.01
+    report_path = tmp_path / "gate.json"
+    assert deploy.cmd_register(server, register_args(path, golden, report_path)) == deploy.EXIT_REJECTED
+    with open(report_path) as f:
+        report = json.load(f)
+    assert report["passed"] is False and report["images"] == 100
+    assert report["candidate"]["version"] == "3.0" and report["baseline"]["version"] == "1.0"
+    assert report["candidate"]["accuracy"] < 0.5 < 0.9 < report["baseline"]["accuracy"]
+    assert report["candidate"]["errors"] == report["baseline"]["errors"] == 0
+    assert "over the allowed 1.00" in report["reason"]
     assert deploy.default_version(server, "my_model") == "1.0"
-    assert "3.0" not in {v["modelVersion"] for v in deploy.versions(server, "my_model")}
+    assert registered(server) == {"1.0"}  # the rejected version was unregistered again
+    assert history(server) == []  # nothing was promoted
+    assert answers(server, png) == 200
 
 
-def test_dry_run_reports_and_changes_nothing(server, store, archive_factory, trained, tmp_path):
-    path = install_archive(archive_factory("2.5"), store, "my_model_v2.5.mar")
-    args = register_args(path, os.path.join(trained, "golden"), tmp_path)
-    args.dry_run, args.promote = True, False
-    assert deploy.cmd_register(server, args) == 0
-    assert json.load(open(tmp_path / "gate.json"))["passed"]
-    assert deploy.default_version(server, "my_model") == "1.0"
-    assert "2.5" not in {v["modelVersion"] for v in deploy.versions(server, "my_model")}
-
-
-def test_gate_promotes_a_good_model_then_rollback(server, store, archive_factory, trained, tmp_path, png):
-    with pytest.raises(deploy.DeployError, match="no earlier default"):
-        deploy.rollback(server, "my_model")
+def test_gate_dry_run_reports_and_changes_nothing(server, store, archive_factory, golden, tmp_path):
     path = install_archive(archive_factory("2.0", backend="onnx"), store, "my_model_v2.0.mar")
-    assert deploy.cmd_register(server, register_args(path, os.path.join(trained, "golden"), tmp_path)) == 0
-    report = json.load(open(tmp_path / "gate.json"))
-    assert report["passed"] and report["agreement"] > 0.95
-    assert deploy.default_version(server, "my_model") == "2.0"
+    args = register_args(path, golden, tmp_path / "dry.json", promote=False, dry_run=True)
+    assert deploy.cmd_register(server, args) == 0
+    with open(tmp_path / "dry.json") as f:
+        report = json.load(f)
+    assert report["passed"] is True and report["candidate"]["version"] == "2.0"
+    assert report["candidate"]["accuracy"] > 0.9 and report["baseline"]["accuracy"] > 0.9
+    assert deploy.default_version(server, "my_model") == "1.0"
+    assert registered(server) == {"1.0"}  # 2.0 was unregistered after the report
+    assert history(server) == []
+
+
+def test_rollback_needs_history(server):
+    with pytest.raises(deploy.DeployError, match="no earlier default of my_model to roll back to from 1.0"):
+        deploy.rollback(server, "my_model")
+    with pytest.raises(deploy.DeployError, match="not_a_model is not registered"):
+        deploy.rollback(server, "not_a_model")
+
+
+def test_gate_promotes_a_good_model_and_rollback_undoes_it(server, store, golden, tmp_path, png):
+    path = os.path.join(store, "my_model_v2.0.mar")  # same good checkpoint as 1.0, exported to ONNX
+    assert deploy.cmd_register(server, register_args(path, golden, tmp_path / "gate.json")) == 0
+    with open(tmp_path / "gate.json") as f:
+        report = json.load(f)
+    assert report["passed"] is True and report["agreement"] > 0.95
+    assert report["candidate"]["accuracy"] == pytest.approx(report["baseline"]["accuracy"], abs=0.02)
+    assert deploy.default_version(server, "my_model") == "2.0" and registered(server) == {"1.0", "2.0"}
+    (entry,) = history(server)
+    assert (entry["version"], entry["previous"]) == ("2.0", "1.0") and entry["reason"].startswith("gate passed")
+
     assert deploy.rollback(server, "my_model") == ("2.0", "1.0")
     assert deploy.default_version(server, "my_model") == "1.0"
-    deploy.set_default(server, "my_model", "2.0", reason="back to 2.0 for the next tests")
-    assert answers(server, png, "1.0") == answers(server, png, "2.0") == 200
+    assert answers(server, png) == answers(server, png, "1.0") == answers(server, png, "2.0") == 200
+    assert deploy.rollback(server, "my_model") == ("1.0", "2.0")  # rollback of the rollback
+    assert deploy.default_version(server, "my_model") == "2.0"
+    assert [e["version"] for e in history(server)] == ["2.0", "1.0", "2.0"]
 
 
-def test_the_default_cannot_be_unregistered_while_others_exist(server):
-    with pytest.raises(deploy.DeployError, match="is the default version"):
+def test_the_default_cannot_be_unregistered_while_others_exist(server, png):
+    with pytest.raises(deploy.DeployError, match="my_model 2.0 is the default version; set another default first"):
         deploy.unregister(server, "my_model", "2.0")
-    assert server.request("DELETE", "management", "/models/my_model/2.0").status_code == 403  # TorchServe agrees
+    raw = server.request("DELETE", "management", "/models/my_model/2.0")
+    assert raw.status_code == 403, raw.text  # TorchServe refuses too
+    with pytest.raises(deploy.DeployError, match="my_model 9.9 is not registered"):
+        deploy.unregister(server, "my_model", "9.9")
+    assert registered(server) == {"1.0", "2.0"} and deploy.default_version(server, "my_model") == "2.0"
+    assert answers(server, png) == 200
 
 
-def test_restart_keeps_versions_and_default(server, store, png):
-    before = (
-        {v["modelVersion"] for v in deploy.versions(server, "my_model")},
-        deploy.default_version(server, "my_model"),
-    )
-    assert before == ({"1.0", "2.0"}, "2.0")
+# --- restarts ----------------------------------------------------------------------------------------------------
+
+
+def test_restart_keeps_versions_and_default(server, png):
     server.stop()
-    info = server.start(models=None)
-    assert info["restored"]
-    after = (
-        {v["modelVersion"] for v in deploy.versions(server, "my_model")},
-        deploy.default_version(server, "my_model"),
-    )
-    assert after == before
+    assert not server.is_running() and not os.path.exists(server.key_file)  # TorchServe deletes the key file
+    info = server.start()
+    assert info["restored"] is True
+    assert set(info["models"]) == {"my_model"}
+    assert registered(server) == {"1.0", "2.0"} and deploy.default_version(server, "my_model") == "2.0"
     assert answers(server, png, "1.0") == answers(server, png, "2.0") == answers(server, png) == 200
+    # the promotion history lives in the workdir too: rollback still works after the restart
+    assert deploy.rollback(server, "my_model") == ("2.0", "1.0")
+    assert deploy.default_version(server, "my_model") == "1.0"
 
 
-def test_restart_skips_an_archive_that_was_deleted(server, store, png):
-    deploy.set_default(server, "my_model", "1.0", reason="test")
-    deploy.unregister(server, "my_model", "2.0")
-    deploy.register(server, os.path.join(store, "my_model_v2.0.mar"))
+def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, capsys):
+    mar = os.path.join(store, "my_model.mar")  # the archive of the default, 1.0
     server.stop()
-    os.rename(os.path.join(store, "my_model_v2.0.mar"), os.path.join(store, "moved.mar.bak"))
+    shutil.move(mar, mar + ".away")
     try:
-        server.start(models=None)
-        assert {v["modelVersion"] for v in deploy.versions(server, "my_model")} == {"1.0"}
-        assert answers(server, png) == 200
+        capsys.readouterr()
+        info = server.start()
+        assert "my_model 1.0: my_model.mar is no longer in the model store; not restoring it" in capsys.readouterr().err
+        assert info["restored"] is True
+        assert registered(server) == {"2.0"} and deploy.default_version(server, "my_model") == "2.0"
+        assert answers(server, png) == answers(server, png, "2.0") == 200
     finally:
-        os.rename(os.path.join(store, "moved.mar.bak"), os.path.join(store, "my_model_v2.0.mar"))
+        shutil.move(mar + ".away", mar)
 
 
-def test_non_default_version_can_be_unregistered(server, store):
-    deploy.register(server, os.path.join(store, "my_model_v2.0.mar"))
-    deploy.unregister(server, "my_model", "2.0")
-    assert {v["modelVersion"] for v in deploy.versions(server, "my_model")} == {"1.0"}
+def test_a_non_default_version_can_be_unregistered(server, store, png):
+    assert deploy.register(server, os.path.join(store, "my_model.mar")) == ("my_model", "1.0")  # archive is back
+    assert deploy.default_version(server, "my_model") == "2.0"  # registering never changes the default
+    deploy.unregister(server, "my_model", "1.0")
+    assert registered(server) == {"2.0"}
+    assert answers(server, png) == 200
 
 
-# --- development mode ------------------------------------------------------------------------------------------
+# --- development mode ---------------------------------------------------------------------------------------------
 
 
 def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torchserve_factory, png):
+    # what scripts/serve.sh start --no-tokens does
     ts = torchserve_factory(store, overrides={"disable_token_authorization": "true", "enable_model_api": "false"})
-    assert requests.post(ts.url() + "/predictions/my_model", data=png, timeout=30).status_code == 200
-    resp = requests.post(ts.url("management") + "/models?url=my_model_v2.0.mar", timeout=30)
-    assert resp.status_code == 405
+    try:
+        assert not os.path.exists(ts.key_file) and ts.auth("inference") == {}
+        assert requests.post(ts.url() + "/predictions/my_model", data=png, timeout=30).status_code == 200
+        assert requests.get(ts.url() + "/ping", timeout=30).status_code == 200
+        assert requests.get(ts.url("management") + "/models", timeout=30).status_code == 200  # reading is allowed
+        register = requests.post(ts.url("management") + "/models?url=my_model_v2.0.mar", timeout=30)
+        assert register.status_code == 405, register.text
+        delete = requests.delete(ts.url("management") + "/models/my_model/1.0", timeout=30)
+        assert delete.status_code == 405, delete.text
+        assert {v["modelVersion"] for v in deploy.versions(ts, "my_model")} == {"1.0"}
+    finally:
+        ts.stop()

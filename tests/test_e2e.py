@@ -38,18 +38,6 @@ def post(ts, data, version=None, **kw):
     return ts.request("POST", "inference", path, data=data, **kw)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, archive_factory):
-    store = tmp_path_factory.mktemp("store")
-    install_archive(archive_factory("1.0"), store, "my_model.mar")
-    return store
-
-
-@pytest.fixture(scope="module")
-def server(store, torchserve_factory):
-    return torchserve_factory(store)
-
-
 def test_png_and_jpeg_match_the_offline_model(server, checkpoint, digits):
     path, truth = val_images()[5]
     png = open(path, "rb").read()

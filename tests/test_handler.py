@@ -1,52 +1,102 @@
-"""The TorchServe handler without a server: a real ts.context.Context around an unpacked archive."""
+"""The TorchServe handler without a server: a real ts.context.Context around an unpacked archive.
 
+`handle()` below does what ts/service.py does around a handler call (fresh per-request state,
+request ids for the metrics) and then serialises the answers the way the worker does, so what
+passes here is what a worker would send back to the frontend.
+"""
+
+import io
 import json
+import logging
 import os
+import struct
 import zipfile
 
+import numpy as np
 import pytest
 import torch
-import yaml
+from PIL import Image
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.protocol.otf_message_handler import create_predict_response
+from ts.utils.util import get_yaml_config
 
-from handlers.image_classifier import ImageClassifier, top_k
-from model_src.runtime import BACKEND_FILES
+from handlers.image_classifier import DEFAULTS, ImageClassifier, top_k
+from model_src.preprocessing import Preprocessing
 from tests import images
 from tests.conftest import ROOT
 from train.data import CachedImages
 
+BACKENDS = ["eager", "torchscript", "onnx", "int8"]
+GOOD = 200
 
-def make_handler(archive, tmp_path, handler_cfg=None, batch_size=8):
-    model_dir = tmp_path / "model"
+
+# --- a handler in a real Context --------------------------------------------------------------
+
+
+def unpack(archive, dest):
+    """archive -> (model_dir, manifest, parsed model-config.yaml), as TorchServe unpacks and reads it."""
     with zipfile.ZipFile(archive) as z:
-        z.extractall(model_dir)
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    cfg = yaml.safe_load((model_dir / manifest["model"]["configFile"]).read_text())
+        z.extractall(dest)
+    with open(os.path.join(dest, "MAR-INF", "MANIFEST.json")) as f:
+        manifest = json.load(f)
+    return str(dest), manifest, get_yaml_config(os.path.join(dest, manifest["model"]["configFile"]))
+
+
+def make_handler(archive, dest, handler_cfg=None, batch_size=8):
+    model_dir, manifest, cfg = unpack(archive, dest)
     cfg["handler"].update(handler_cfg or {})
     metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
     metrics.initialize_cache()
-    metrics.model_name = "my_model"  # as ts/model_loader.py does
+    metrics.model_name = "my_model"  # as ts/model_service_worker.py does before loading
     ctx = Context(
-        "my_model", str(model_dir), manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=cfg
+        "my_model",
+        model_dir,
+        manifest,
+        batch_size,
+        None,
+        "0.12.0",
+        metrics=metrics,
+        model_yaml_config=cfg,
     )
     handler = ImageClassifier()
     handler.initialize(ctx)
+    assert handler.initialized
     return handler, ctx
 
 
 def handle(handler, ctx, rows):
-    """What ts/service.py does around handle(): fresh per-request state for the batch."""
+    """One batch through handle(), wrapped like ts/service.py: -> (answers, per-request status codes)."""
+    req_ids = {i: f"req-{i}" for i in range(len(rows))}
+    ctx.request_ids = ctx.metrics.request_ids = req_ids
     ctx.request_processor = [RequestProcessor({}) for _ in rows]
-    ctx.request_ids = ctx.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
     out = handler.handle(rows, ctx)
-    assert isinstance(out, list) and len(out) == len(rows)
-    return out, [ctx.get_response_status(i)[0] or 200 for i in range(len(rows))]
+    assert isinstance(out, list) and len(out) == len(rows)  # else TorchServe fails the whole batch (503)
+    # The worker's own serialisation: it falls back to a 503 for the whole batch if an answer is not JSON-able.
+    frame = create_predict_response(out, req_ids, "Prediction success", 200, context=ctx)
+    assert struct.unpack("!i", frame[:4])[0] == 200
+    statuses = [ctx.get_response_status(i)[0] for i in range(len(rows))]
+    assert all(ctx.get_response_content_type(i) == "application/json" for i in range(len(rows)))
+    return out, statuses
 
 
 @pytest.fixture(scope="module")
-def eager(archive_factory, tmp_path_factory):
-    return make_handler(archive_factory("1.0"), tmp_path_factory.mktemp("h"))
+def handler_for(archive_factory, tmp_path_factory):
+    """handler_for(backend, **handler_cfg) -> (handler, context), built once per module and settings."""
+    made = {}
+
+    def make(backend="eager", **cfg):
+        key = (backend, tuple(sorted(cfg.items())))
+        if key not in made:
+            made[key] = make_handler(archive_factory("1.0", backend), tmp_path_factory.mktemp(backend), cfg)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def eager(handler_for):
+    return handler_for("eager")
 
 
 @pytest.fixture(scope="module")
@@ -54,117 +104,290 @@ def png():
     return images.accepted()["png-L"]
 
 
-@pytest.mark.parametrize("backend", ["torchscript", "onnx", "int8"])
-def test_every_backend_agrees_with_eager(backend, eager, archive_factory, tmp_path, digits):
-    handler, ctx = make_handler(archive_factory("1.0", backend), tmp_path)
-    assert handler.backend == backend
+def val_files(digits, per_class=1):
     val = os.path.join(digits, "val")
-    rows = [
-        {"body": bytearray(open(os.path.join(val, c, sorted(os.listdir(os.path.join(val, c)))[0]), "rb").read())}
+    return [
+        os.path.join(val, c, f)
         for c in sorted(os.listdir(val))
+        for f in sorted(os.listdir(os.path.join(val, c)))[:per_class]
     ]
-    got, _ = handle(handler, ctx, rows)
-    want, _ = handle(*eager, rows)
+
+
+def is_prediction(answer, k=5):
+    return (
+        isinstance(answer, dict)
+        and len(answer) == k
+        and list(answer.values()) == sorted(answer.values(), reverse=True)
+        and all(0 <= p <= 1 for p in answer.values())
+    )
+
+
+# --- backends ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_initialises_and_agrees_with_eager(backend, handler_for, digits):
+    # topk above the number of classes: every probability comes back, so all of them are compared.
+    handler, ctx = handler_for(backend, topk=100)
+    assert handler.backend == backend and len(handler.labels) == 10
+    rows = [{"body": bytearray(open(p, "rb").read())} for p in val_files(digits)]
+    got, status = handle(handler, ctx, rows)
+    want, _ = handle(*handler_for("eager", topk=100), rows)
+    assert status == [GOOD] * len(rows)
     for g, w in zip(got, want):
-        if backend == "int8":
+        assert is_prediction(g, k=10) and g.keys() == w.keys()
+        assert sum(g.values()) == pytest.approx(1, abs=1e-4)
+        if backend == "int8":  # dynamic quantisation moves probabilities; the answer must not change
             assert next(iter(g)) == next(iter(w))
         else:
-            assert g.keys() == w.keys() and all(abs(g[k] - w[k]) <= 1e-4 for k in w)
+            assert max(abs(g[k] - w[k]) for k in w) <= 1e-4, (g, w)
+
+
+# --- input forms and image kinds ----------------------------------------------------------------
 
 
 def test_every_input_form_in_one_batch(eager, png):
     b64 = images.b64(png)
     rows = [
-        {"body": bytearray(png)},  # raw body
-        {"data": bytearray(png)},  # multipart field
-        {"file": bytearray(png)},  # multipart under another name
-        {"body": {"data": b64}},  # JSON base64
-        {"body": [b64, b64]},  # JSON list
-        {"body": {"data": [b64]}},  # JSON list under data
-        {"body": b64},  # base64 text
-        {"body": "data:image/png;base64," + b64},  # data URL
-        {"body": {"id": "7", "inputs": [{"name": "in", "shape": [1], "datatype": "BYTES", "data": [b64]}]}},
+        {"body": bytearray(png)},  # 0 raw body (curl -T, --data-binary with a binary type)
+        {"data": bytearray(png)},  # 1 multipart field (curl -F data=@img.png)
+        {"body": {"data": b64}},  # 2 JSON base64
+        {"body": [b64, b64]},  # 3 JSON list -> a list of answers
+        {"body": {"data": [b64]}},  # 4 JSON list under "data"
+        {"body": b64},  # 5 base64 text (text/plain arrives as str)
+        {"body": "data:image/png;base64," + b64},  # 6 data URL
+        {  # 7 KServe v2
+            "body": {
+                "id": "42",
+                "inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+            }
+        },
+        {"body": bytearray(json.dumps({"data": b64}).encode())},  # 8 JSON that arrived as bytes (charset= type)
     ]
     out, status = handle(*eager, rows)
-    assert status == [200] * len(rows)
+    assert status == [GOOD] * len(rows)
     single = out[0]
-    assert isinstance(single, dict) and len(single) == 5
-    assert all(out[i] == single for i in (1, 2, 3, 6, 7))
-    assert out[4] == [single, single] and out[5] == [single]
-    v2 = out[8]
-    assert v2["id"] == "7" and v2["outputs"][0]["shape"] == [1]
-    assert json.loads(v2["outputs"][0]["data"][0]) == single
+    assert is_prediction(single)
+    assert all(out[i] == single for i in (1, 2, 5, 6, 8))
+    assert out[3] == [single, single]
+    assert out[4] == [single]
+    v2 = out[7]
+    assert v2["id"] == "42" and v2["model_name"] == "my_model" and v2["model_version"] == "1.0"
+    (output,) = v2["outputs"]
+    assert output["datatype"] == "BYTES" and output["shape"] == [1]
+    assert all(isinstance(d, str) for d in output["data"])  # JSON strings, as v2 BYTES tensors carry them
+    assert [json.loads(d) for d in output["data"]] == [single]
 
 
-@pytest.mark.parametrize("name", list(images.accepted()))
-def test_every_image_kind_is_accepted(eager, name):
-    out, status = handle(*eager, [{"body": bytearray(images.accepted()[name])}])
-    assert status == [200], out
-    assert len(out[0]) == 5
-
-
-def test_bad_requests_fail_alone_in_their_batch(eager, png):
-    bad = {name: {"body": bytearray(body)} for name, (body, _) in images.refused().items()}
-    bad["empty"] = {"body": bytearray()}
-    bad["number-in-json"] = {"body": {"data": 42}}
-    bad["bare-json-number"] = {"body": 42}
-    bad["empty-json-object"] = {"body": {}}
-    bad["form-encoded"] = {"hello world": ""}
-    bad["v2-bad-base64"] = {
-        "body": {"id": "1", "inputs": [{"name": "i", "datatype": "BYTES", "shape": [1], "data": ["@@@"]}]}
+def more_kinds() -> dict[str, bytes]:
+    """Kinds beyond images.accepted(): transparency that must become white paper, not ink."""
+    grey = images.digit_like()
+    arr = np.zeros((32, 32, 4), np.uint8)  # transparent black paper ...
+    arr[..., 3] = 255 - np.asarray(grey)  # ... with opaque black ink where the stroke is
+    transparent_gif = grey.convert("P")
+    return {
+        "png-RGBA-transparent-black": images.encode(Image.fromarray(arr, "RGBA"), "PNG"),
+        "gif-transparent-index": images.encode(transparent_gif, "GIF", transparency=255),
     }
-    rows, expected = [], []
-    for name, row in bad.items():
-        rows += [{"body": bytearray(png)}, row]
-        expected += [200, images.refused().get(name, (None, 400))[1]]
+
+
+LOSSY = {"jpeg-L", "jpeg-CMYK"}  # every other kind holds exactly the pixels of png-L
+
+
+@pytest.mark.parametrize("name", [*images.accepted(), *more_kinds()])
+def test_every_image_kind_is_accepted(eager, png, name):
+    data = {**images.accepted(), **more_kinds()}[name]
+    out, status = handle(*eager, [{"body": bytearray(data)}, {"body": bytearray(png)}])
+    assert status == [GOOD, GOOD], out
+    assert is_prediction(out[0])
+    if name not in LOSSY:  # same pixels, same answer: no mode conversion changed the image
+        assert out[0] == out[1]
+
+
+def test_image_kinds_cover_the_brief():
+    kinds = {Image.open(io.BytesIO(b)).format for b in images.accepted().values()}
+    assert kinds == {"PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"}
+    modes = {Image.open(io.BytesIO(b)).mode for b in images.accepted().values()}
+    assert {"L", "RGB", "RGBA", "LA", "P", "CMYK", "1", "I;16"} <= modes
+    gif = Image.open(io.BytesIO(images.accepted()["gif-animated"]))
+    assert gif.n_frames == 2
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def bad_rows(png) -> dict[str, tuple[dict, int]]:
+    """name -> (TorchServe row, expected status)."""
+    b64 = images.b64(png)
+    raw = {name: ({"body": bytearray(body)}, status) for name, (body, status) in images.refused().items()}
+    return {
+        **raw,
+        "empty-body": ({"body": bytearray()}, 400),
+        "random-bytes": ({"body": bytearray(images.random_bytes())}, 415),
+        "jpeg-header-then-garbage": ({"body": bytearray(images.jpeg_with_garbage())}, 400),
+        "bad-base64-parsed-json": ({"body": {"data": "%%% not base64 %%%"}}, 400),
+        "json-without-data": ({"body": {"image_url": "http://example.com/x.png"}}, 400),
+        "json-number-in-data": ({"body": {"data": 42}}, 400),
+        "json-bare-number": ({"body": 42}, 400),
+        "json-empty-list": ({"body": {"data": []}}, 400),
+        "malformed-json-bytes": ({"body": bytearray(b'{"data": "abc"')}, 400),
+        "over-max-image-pixels": ({"body": bytearray(images.png_declaring(8000, 6000))}, 413),  # 48 MP > 40 MP
+        "too-many-images": ({"body": [b64] * (DEFAULTS["max_images_per_request"] + 1)}, 413),
+        "url-encoded-form": ({"some key": ""}, 400),  # what a PNG posted as a form turns into
+        "v2-bad-base64": (
+            {"body": {"id": "9", "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [1], "data": ["@@"]}]}},
+            400,
+        ),
+    }
+
+
+def test_bad_requests_fail_alone_in_their_batch(eager, png, digits):
+    bad = bad_rows(png)
+    goods = [bytearray(open(p, "rb").read()) for p in val_files(digits)]
+    rows, expected, names = [], [], []
+    for i, (name, (row, status)) in enumerate(bad.items()):  # good, bad, good, bad, ...
+        rows += [{"body": goods[i % len(goods)]}, row]
+        expected += [GOOD, status]
+        names += ["good", name]
     out, status = handle(*eager, rows)
-    assert status == expected, dict(zip([n for name in bad for n in ("good", name)], status))
-    for answer, code in zip(out, status):
-        if code == 200:
-            assert len(answer) == 5
+    assert dict(zip(names[1::2], status[1::2])) == dict(zip(names[1::2], expected[1::2]))
+    assert status == expected
+    alone, _ = handle(*eager, [{"body": g} for g in goods])  # the good ones answer as they do without company
+    for i, (answer, code) in enumerate(zip(out, status)):
+        if code == GOOD:
+            assert answer == alone[(i // 2) % len(goods)]
         else:
-            assert answer["code"] == code and answer["message"]
-    assert "no image in the request" in out[rows.index(bad["form-encoded"])]["message"]
-    assert out[rows.index(bad["v2-bad-base64"])]["outputs"][0]["name"] == "error"
+            assert answer["code"] == code and answer["type"] == "BadInput" and answer["message"], answer
+            json.dumps(answer)
+    messages = dict(zip(names[1::2], (a["message"] for a in out[1::2])))
+    assert "no image in the request" in messages["url-encoded-form"]
+    assert "no image in the request" in messages["empty-body"]
+    assert "pixels" in messages["over-max-image-pixels"] and "pixels" in messages["bomb-header"]
+    assert f"limit is {DEFAULTS['max_images_per_request']}" in messages["too-many-images"]
+    assert "base64" in messages["bad-base64-parsed-json"]
+    assert '"data"' in messages["json-without-data"]
+    v2 = out[1 + 2 * list(bad).index("v2-bad-base64")]
+    assert v2["id"] == "9" and v2["outputs"][0]["name"] == "error"  # v2 clients still get a v2 body
 
 
-def test_limits_from_model_config(archive_factory, tmp_path, png):
-    handler, ctx = make_handler(
-        archive_factory("1.0"), tmp_path, {"max_image_pixels": 100, "max_images_per_request": 2}
-    )
-    out, status = handle(handler, ctx, [{"body": bytearray(png)}, {"body": [images.b64(png)] * 3}])
-    assert status == [413, 413]
-    assert "over the limit of 100" in out[0]["message"] and "limit is 2" in out[1]["message"]
+def test_a_batch_of_only_bad_requests(eager, png):
+    bad = list(bad_rows(png).values())
+    out, status = handle(*eager, [row for row, _ in bad])
+    assert status == [s for _, s in bad]
+    assert all(isinstance(a, dict) and a["message"] for a in out)
 
 
-def test_top_k_never_asks_for_more_classes_than_exist():
+def test_limits_come_from_model_config(handler_for, png):
+    handler, ctx = handler_for("eager", max_image_pixels=32 * 32, max_images_per_request=2)
+    big = images.encode(images.digit_like(33), "PNG")  # 1,089 pixels
+    rows = [
+        {"body": bytearray(png)},  # 32 x 32: exactly at the cap
+        {"body": bytearray(big)},
+        {"body": [images.b64(png)] * 2},
+        {"body": [images.b64(png)] * 3},
+    ]
+    out, status = handle(handler, ctx, rows)
+    assert status == [GOOD, 413, GOOD, 413]
+    assert "over the limit of 1,024" in out[1]["message"]
+    assert "limit is 2" in out[3]["message"]
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+
+def test_top_k_with_fewer_classes_than_k():
     probs = torch.tensor([0.2, 0.5, 0.3])
-    assert list(top_k(probs, ["a", "b", "c"], 5)) == ["b", "c", "a"]
+    assert list(top_k(probs, ["a", "b", "c"], 5).items()) == [("b", 0.5), ("c", 0.3), ("a", 0.2)]
     assert top_k(probs, ["a", "b", "c"], 1) == {"b": 0.5}
 
 
-def test_handler_transform_is_the_training_transform(eager, digits):
+def test_topk_setting_reaches_the_answer(handler_for, png):
+    (one,), _ = handle(*handler_for("eager", topk=1), [{"body": bytearray(png)}])
+    (every,), _ = handle(*handler_for("eager", topk=100), [{"body": bytearray(png)}])
+    assert is_prediction(every, k=10)  # 10 classes, asked for 100: all of them, highest first
+    assert one == dict([next(iter(every.items()))])
+
+
+# --- parity with training -----------------------------------------------------------------------
+
+
+def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
     handler, _ = eager
-    ds = CachedImages(os.path.join(digits, "val"), handler.prep, handler.prep, cache=False)
-    for i in (3, 100, 200):
-        assert torch.equal(handler.to_tensor(open(ds.folder.samples[i][0], "rb").read()), ds[i][0])
+    prep = Preprocessing.from_dict(torch.load(checkpoint, weights_only=True)["preprocessing"])
+    assert handler.prep == prep  # the archive's serving.json carries the checkpoint's preprocessing
+    ds = CachedImages(os.path.join(digits, "val"), prep, prep, cache=False)  # the validation transform
+    for i in range(0, len(ds), 45):
+        path = ds.folder.samples[i][0]
+        assert torch.equal(handler.to_tensor(open(path, "rb").read()), ds[i][0]), path
 
 
-def test_custom_metrics_are_emitted(eager, png, caplog):
-    # Metrics leave a worker as [METRICS] log lines, which the frontend parses and exports.
+def test_photo_transform_is_the_training_transform(tmp_path):
+    # The archives here are built from the 1-channel digits checkpoint; a 3-channel archive would
+    # need its own training run. So the handler's own to_tensor (decode with the pixel cap, then
+    # prep) runs with a 3-channel resize-and-crop prep swapped in: that is all initialize() sets
+    # for it from serving.json.
+    from sklearn.datasets import load_sample_image
+
+    prep = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.48, 0.45, 0.4], std=[0.23, 0.22, 0.22])
+    handler = ImageClassifier()
+    handler.prep, handler.config = prep, dict(DEFAULTS)
+    china = Image.fromarray(load_sample_image("china.jpg"))  # 640 x 427 RGB
+    flower = Image.fromarray(load_sample_image("flower.jpg"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": both sides must apply it
+    translucent = china.convert("RGBA")
+    translucent.putalpha(128)
+    files = {
+        "china/china.jpg": images.encode(china, "JPEG", quality=90),
+        "china/china_grey.jpg": images.encode(china.convert("L"), "JPEG", quality=90),
+        "china/china_rotated.jpg": images.encode(china, "JPEG", quality=90, exif=exif),
+        "flower/flower.jpg": images.encode(flower, "JPEG", quality=90),
+        "flower/flower_translucent.png": images.encode(translucent.resize((160, 107)), "PNG"),
+    }
+    for name, data in files.items():
+        (tmp_path / "val" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "val" / name).write_bytes(data)
+    ds = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
+    assert len(ds) == len(files)
+    for i, (path, _) in enumerate(ds.folder.samples):
+        x = handler.to_tensor(open(path, "rb").read())
+        assert x.shape == (3, 64, 64)
+        assert torch.equal(x, ds[i][0]), path
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_custom_metrics_are_recorded(eager, png, caplog):
+    # A worker's metrics leave it as "[METRICS]..." log lines that the frontend parses; only metrics
+    # declared in serving/metrics.yaml are exported, so the handler must not add any to the cache.
     handler, ctx = eager
-    with caplog.at_level("INFO", logger="ts.metrics.caching_metric"):
-        handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}])
-    text = caplog.text
-    for line in (
-        "PreprocessTime.Milliseconds:",
-        "InferenceTime.Milliseconds:",
-        "HandlerTime.Milliseconds:",
-        "RejectedInputs.Count:1",
-    ):
-        assert f"[METRICS]{line}" in text, line
-    assert "ModelName:my_model,Level:Model" in text
+    declared = set(ctx.metrics.cache_keys())
+    assert {"gauge:PreprocessTime", "gauge:InferenceTime", "gauge:HandlerTime", "counter:RejectedInputs"} <= declared
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}, {"body": bytearray()}])
+    assert set(ctx.metrics.cache_keys()) == declared
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    assert not [r for r in caplog.records if "Failed to update metric" in r.getMessage()]
+
+    def emitted(name):
+        return [line for line in lines if line.startswith(f"[METRICS]{name}.")]
+
+    for name in ("PreprocessTime", "InferenceTime", "HandlerTime"):
+        (line,) = emitted(name)
+        assert line.startswith(f"[METRICS]{name}.Milliseconds:") and "#type:GAUGE" in line
+        assert float(line.split(":", 1)[1].split("|")[0]) >= 0
+        assert "ModelName:my_model,Level:Model" in line
+    rejected = emitted("RejectedInputs")
+    assert len(rejected) == 2  # one per refused request
+    assert all(line.startswith("[METRICS]RejectedInputs.Count:1|") and "#type:COUNTER" in line for line in rejected)
 
 
-def test_backend_is_read_from_the_serialized_file_name():
-    assert set(BACKEND_FILES) == {"eager", "torchscript", "onnx", "int8"}
+def test_no_inference_metric_when_nothing_reaches_the_model(eager, caplog):
+    handler, ctx = eager
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        out, status = handle(handler, ctx, [{"body": bytearray(b"nope")}])
+    assert status == [415]
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any(line.startswith("[METRICS]InferenceTime.") for line in lines)
+    assert any(line.startswith("[METRICS]HandlerTime.") for line in lines)

@@ -15,8 +15,6 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from tests.conftest import install_archive
-
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
 TS_OIP_SERVICE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"
@@ -24,9 +22,7 @@ IMAGE = os.path.join("data", "digits", "val", "3")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, archive_factory, torchserve_factory, digits):
-    store = tmp_path_factory.mktemp("store")
-    install_archive(archive_factory("1.0"), store, "my_model.mar")
+def server(store, torchserve_factory, digits):
     return torchserve_factory(store, overrides={"ts_open_inference_protocol": "true"})
 
 

@@ -1,107 +1,274 @@
-"""The shared preprocessing: decoding, colour modes, refusals, and parity with training."""
+"""The shared preprocessing (model_src/preprocessing.py): decoding every format and colour mode,
+refusals with their HTTP status, the tensor it produces, and bit-exact parity with training."""
 
 import io
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from model_src.preprocessing import InputError, Preprocessing, decode_image, to_mode
 from tests import images
 from train.data import CachedImages
 
 GREY = Preprocessing(image_size=16, channels=1, mean=[0.5], std=[0.5])
+RGB = Preprocessing(image_size=16, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def grey(values) -> np.ndarray:
+    return np.asarray(to_mode(decode_image(values) if isinstance(values, bytes) else values, "L"))
+
+
+# --- formats and modes ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(images.accepted()))
-def test_every_format_and_mode_decodes_to_the_model_input(name):
-    data = images.accepted()[name]
-    x = GREY(GREY.decode(data))
-    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
-    # the stroke is dark, the paper white: the centre column must be darker than the corner
-    assert x[0, 8, 8] < x[0, 0, 0]
+@pytest.mark.parametrize("prep", [GREY, RGB], ids=["grey", "rgb"])
+def test_every_format_and_mode_decodes_to_the_model_input(name, prep):
+    img = prep.decode(images.accepted()[name])
+    x = prep(img)
+    assert x.shape == (prep.channels, 16, 16) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= -1.0 and x.max() <= 1.0
+    # the stroke is dark, the paper white: the centre must be darker than the corner, in every channel
+    assert (x[:, 8, 8] < x[:, 0, 0] - 0.5).all()
 
 
-def test_transparent_pixels_become_white_paper():
-    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # fully transparent black
-    assert np.asarray(to_mode(img, "L")).min() == 255
+def test_decoded_format_is_what_was_sent():
+    formats = {n: decode_image(b).format for n, b in images.accepted().items()}
+    assert {formats[n] for n in ("png-L", "jpeg-RGB", "gif-animated", "bmp", "webp", "tiff")} == {
+        "PNG",
+        "JPEG",
+        "GIF",
+        "BMP",
+        "WEBP",
+        "TIFF",
+    }
 
 
-def test_16_bit_is_scaled_not_clipped():
-    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
-    img = Image.fromarray(arr)
+def test_rgba_transparent_pixels_become_the_white_background():
+    arr = np.zeros((2, 4, 4), np.uint8)
+    arr[:, :2] = (200, 10, 10, 255)  # opaque red on the left
+    arr[:, 2:] = (0, 0, 0, 0)  # fully transparent black on the right
+    img = decode_image(encode(Image.fromarray(arr, "RGBA"), "PNG"))
+    assert img.mode == "RGBA"
+    rgb = np.asarray(to_mode(img, "RGB"))
+    assert (rgb[:, 2:] == 255).all()  # paper, not black ink
+    assert (rgb[:, :2] == (200, 10, 10)).all()  # opaque pixels untouched
+    assert (grey(img)[:, 2:] == 255).all()
+    assert (np.asarray(to_mode(img, "L", background=0))[:, 2:] == 0).all()  # the background is a setting
+
+
+def test_semi_transparent_ink_is_blended_with_the_paper():
+    img = Image.new("RGBA", (2, 2), (0, 0, 0, 128))  # half-transparent black
+    assert abs(int(grey(img)[0, 0]) - 127) <= 1
+
+
+def test_la_alpha_is_composited():
+    arr = np.array([[[0, 0], [0, 255], [0, 128]]], np.uint8)  # black ink: transparent, opaque, half
+    img = decode_image(encode(Image.fromarray(arr, "LA"), "PNG"))
+    assert img.mode == "LA"
+    assert grey(img).tolist()[0][:2] == [255, 0] and abs(int(grey(img)[0, 2]) - 127) <= 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_with_a_transparent_index(fmt):
+    pal = Image.new("P", (4, 1), 0)
+    pal.putpalette([0, 0, 0] * 2 + [255, 255, 255] + [0, 0, 0] * 253)  # 0: transparent black, 1: black, 2: white
+    pal.putpixel((1, 0), 1)
+    pal.putpixel((2, 0), 2)
+    img = decode_image(encode(pal, fmt, transparency=0))
+    assert img.mode == "P" and img.info.get("transparency") == 0
+    assert grey(img).tolist() == [[255, 0, 255, 255]]  # PIL's own convert("L") would make index 0 black
+
+
+def test_cmyk_jpeg():
+    img = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 255)), "JPEG"))
+    assert img.mode == "CMYK"
+    assert (np.asarray(to_mode(img, "RGB")) < 10).all()  # full black ink stays black
+    img = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"))
+    assert (np.asarray(to_mode(img, "RGB")) > 245).all()
+
+
+def test_one_bit_image():
+    img = decode_image(encode(Image.fromarray(np.array([[0, 255, 0]], np.uint8)).convert("1"), "PNG"))
+    assert img.mode == "1"
+    assert grey(img).tolist() == [[0, 255, 0]]
+    assert np.asarray(to_mode(img, "RGB")).tolist() == [[[0] * 3, [255] * 3, [0] * 3]]
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    data = encode(Image.fromarray(np.array([[0, 257, 32896, 65535]], np.uint16)), "PNG")
+    img = decode_image(data)
     assert img.mode == "I;16"
-    out = np.asarray(to_mode(img, "L"))
-    assert out.tolist() == [[0, 128, 255]]
+    assert grey(img).tolist() == [[0, 1, 128, 255]]
+    assert np.asarray(img.convert("L")).tolist()[0][2] == 255  # what PIL's own convert does (clips)
+    x = GREY(img)
+    assert x.shape == (1, 16, 16) and x.max() <= 1.0
+
+
+def test_float_image():
+    img = decode_image(encode(Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)), "TIFF"))
+    assert img.mode == "F"
+    assert grey(img).tolist() == [[0, 128, 255]]
+
+
+def test_grey_to_rgb_and_rgb_to_grey():
+    x3 = RGB(Image.new("L", (5, 5), 255))
+    assert x3.shape == (3, 16, 16) and torch.equal(x3, torch.ones(3, 16, 16))  # (1 - 0.5) / 0.5
+    x1 = GREY(Image.new("RGB", (5, 5), (0, 0, 0)))
+    assert torch.equal(x1, -torch.ones(1, 16, 16))
 
 
 def test_exif_orientation_is_applied():
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90
-    data = images.encode(Image.new("RGB", (40, 20), "white"), "JPEG", exif=exif)
-    assert to_mode(decode_image(data), "RGB").size == (20, 40)
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(Image.new("RGB", (40, 20), "white"), "JPEG", exif=exif)
+    img = decode_image(data)
+    assert img.size == (40, 20)  # stored as sent
+    assert to_mode(img, "RGB").size == (20, 40)  # shown upright
+    assert to_mode(img, "L").size == (20, 40)
+
+
+def test_exif_orientation_reaches_the_tensor():
+    arr = np.full((20, 40), 255, np.uint8)
+    arr[:, :20] = 0  # left half black as stored; after orientation 6 (rotate 90 cw) it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    prep = Preprocessing(image_size=8, channels=1, mean=[0.0], std=[1.0])
+    x = prep(prep.decode(encode(Image.fromarray(arr), "JPEG", exif=exif, quality=95)))
+    assert x[0, :3].mean() < 0.1 and x[0, -3:].mean() > 0.9
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+def refusal(data, **kw) -> InputError:
+    with pytest.raises(InputError) as e:
+        decode_image(data, **kw)
+    assert isinstance(e.value, ValueError) and str(e.value)
+    return e.value
+
+
+def test_random_bytes_are_415():
+    data = np.random.RandomState(0).bytes(2000)
+    assert refusal(data).status == 415
+    assert refusal(b"hello, I am text").status == 415
+
+
+def test_empty_bytes_are_refused():
+    assert refusal(b"").status in (400, 415)
+
+
+def test_truncated_png_is_400():
+    png = encode(images.digit_like(64), "PNG")
+    err = refusal(png[: len(png) // 2])
+    assert err.status == 400 and "corrupt or truncated" in str(err)
 
 
 @pytest.mark.parametrize("name", [n for n in images.refused() if "json" not in n])  # JSON: the handler's job
-def test_refusals_carry_an_http_status(name):
+def test_shared_refusal_bodies_carry_their_status(name):
     body, status = images.refused()[name]
-    with pytest.raises(InputError) as e:
-        decode_image(body)
-    assert e.value.status == status
+    assert refusal(body).status == status
 
 
-def test_pixel_cap_is_checked_before_decoding():
-    data = images.encode(Image.new("L", (3000, 3000)), "PNG")
-    with pytest.raises(InputError) as e:
-        decode_image(data, max_pixels=1_000_000)
-    assert e.value.status == 413 and "9,000,000" in str(e.value)
+def test_pixel_cap_is_413_and_checked_before_decoding(monkeypatch):
+    data = encode(Image.new("L", (3000, 3000)), "PNG")
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded before the size check")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    err = refusal(data, max_pixels=1_000_000)
+    assert err.status == 413 and "9,000,000" in str(err) and "1,000,000" in str(err)
 
 
-def test_empty_body_is_refused():
-    with pytest.raises(InputError):
-        decode_image(b"")
+def test_pixel_cap_can_be_lifted_for_trusted_data():
+    data = encode(Image.new("L", (3000, 3000)), "PNG")
+    assert decode_image(data, max_pixels=None).size == (3000, 3000)
 
 
 def test_12_megapixel_jpeg_decodes_through_draft():
     yy, xx = np.mgrid[0:3000, 0:4000]
-    arr = np.stack([(xx / 16) % 256, (yy / 12) % 256, (xx + yy) / 28 % 256], -1).astype(np.uint8)
-    data = images.encode(Image.fromarray(arr), "JPEG", quality=85)
+    arr = np.stack([xx * 255 // 3999, yy * 255 // 2999, (xx + yy) * 255 // 6998], -1).astype(np.uint8)
+    data = encode(Image.fromarray(arr), "JPEG", quality=85)
     prep = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
-    img = prep.decode(data)
-    assert img.size[0] < 4000  # decoded at a reduced scale
-    assert prep(img).shape == (3, 64, 64)
+    img = prep.decode(data)  # the default cap (40 MP) lets a 12 MP photo through
+    assert 144 <= min(img.size) and img.size[0] < 4000  # decoded at a reduced scale, still >= 2x what is needed
+    x = prep(img)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert x[0, :, -1].mean() > x[0, :, 0].mean()  # red grows left to right
+
+
+# --- the tensor -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_call_gives_c_h_w_float32(channels):
+    prep = Preprocessing(image_size=12, channels=channels, mean=[0.2] * channels, std=[0.4] * channels)
+    x = prep(Image.new("RGB", (30, 17), (255, 255, 255)))
+    assert x.shape == (channels, 12, 12) and x.dtype == torch.float32 and x.is_contiguous()
+    torch.testing.assert_close(x, torch.full_like(x, (1.0 - 0.2) / 0.4))
 
 
 def test_resize_then_centre_crop():
-    prep = Preprocessing(image_size=8, resize_size=10, channels=3, mean=[0.0] * 3, std=[1.0] * 3)
-    assert prep.prepare(Image.new("RGB", (40, 20))).size == (8, 8)
-    assert prep(Image.new("RGB", (40, 20))).shape == (3, 8, 8)
+    arr = np.zeros((20, 40), np.uint8)
+    arr[:, 10:30] = 255  # white middle half, black left and right quarters
+    img = Image.fromarray(arr)
+    prep = Preprocessing(image_size=8, resize_size=10, channels=1, mean=[0.0], std=[1.0])
+    prepared = prep.prepare(img)
+    assert prepared.size == (8, 8)
+    # 40x20 -> shorter side 10 -> 20x10 -> centre 8x8 keeps columns 6..13 of 20, inside the white middle
+    assert np.asarray(prepared).min() > 200
+    x = prep(img)
+    assert x.shape == (1, 8, 8) and x.min() > 200 / 255
+    squashed = Preprocessing(image_size=8, channels=1, mean=[0.0], std=[1.0])(img)  # no crop: the sides stay
+    assert squashed.shape == (1, 8, 8) and squashed[0, :, 0].max() < 0.3
 
 
 def test_settings_round_trip():
-    prep = Preprocessing(image_size=24, resize_size=32, channels=3, mean=[0.1, 0.2, 0.3], std=[1, 2, 3])
-    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    prep = Preprocessing(image_size=24, resize_size=32, channels=3, mean=[0.1, 0.2, 0.3], std=[1, 2, 3], background=0)
+    d = prep.to_dict()
+    assert d["resize_size"] == 32 and d["mean"] == [0.1, 0.2, 0.3] and d["background"] == 0
+    assert Preprocessing.from_dict(d) == prep
+    assert Preprocessing.from_dict(json.loads(json.dumps(d))) == prep  # it travels in serving.json
+
+
+# --- parity with training -------------------------------------------------------------------------
 
 
 def test_parity_with_training_validation_on_digits(digits):
-    ds = CachedImages(os.path.join(digits, "val"), GREY, GREY, cache=False)
-    for i in (0, 57, 358):
+    prep = Preprocessing(image_size=16, channels=1, mean=[0.8], std=[0.3])
+    ds = CachedImages(os.path.join(digits, "val"), prep, prep, cache=False)
+    assert len(ds) == 359
+    for i in range(0, len(ds), 7):
         path = ds.folder.samples[i][0]
-        served = GREY(GREY.decode(open(path, "rb").read(), max_pixels=40_000_000))
-        assert torch.equal(served, ds[i][0])
+        with open(path, "rb") as f:
+            served = prep(prep.decode(f.read()))
+        trained, label = ds[i]
+        assert torch.equal(served, trained), path
+        assert ds.classes[label] == os.path.basename(os.path.dirname(path))
 
 
-def test_parity_with_training_validation_on_a_photo(tmp_path):
+@pytest.mark.parametrize("photo", ["china.jpg", "flower.jpg"])
+def test_parity_with_training_validation_on_a_photo(tmp_path, photo):
     from sklearn.datasets import load_sample_image
 
-    folder = tmp_path / "val" / "china"
+    folder = tmp_path / "val" / "photo"
     folder.mkdir(parents=True)
-    Image.fromarray(load_sample_image("china.jpg")).save(folder / "0.jpg", quality=90)
+    Image.fromarray(load_sample_image(photo)).save(folder / "0.jpg", quality=90)
     prep = Preprocessing(
         image_size=64, resize_size=72, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
     )
     ds = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
-    served = prep(prep.decode(io.BytesIO((folder / "0.jpg").read_bytes()).getvalue()))
+    served = prep(prep.decode((folder / "0.jpg").read_bytes()))
+    assert served.shape == (3, 64, 64)
     assert torch.equal(served, ds[0][0])

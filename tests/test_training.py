@@ -1,97 +1,169 @@
-"""Training, checkpoints, resume, torchrun, observability, export and evaluation."""
+"""Training (train/train.py), export (train/export.py) and evaluation (train/evaluate.py):
+checkpoint contents, no overwrite, exact resume, recipe flags, TensorBoard/plots/profiler,
+torchrun DDP on CPU, every serving format against eager, and evaluation of checkpoints and exports."""
 
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 from PIL import Image
 
+from model_src.layers import Swish
 from model_src.net import load_model
+from model_src.preprocessing import Preprocessing
 from model_src.runtime import BACKEND_FILES, Predictor
 from tests.conftest import ROOT, train_run
 from train import export as exportlib
 from train.evaluate import evaluate
 
+CHECKPOINT_KEYS = {
+    "model",
+    "model_args",
+    "class_names",
+    "preprocessing",
+    "optimizer",
+    "lr_scheduler",
+    "scaler",
+    "epoch",
+    "best_metric",
+    "args",
+}
+N_VAL = 359  # digits validation images (20% of 1,797, stratified)
 
-def test_checkpoint_is_a_plain_dict_that_rebuilds_its_model(checkpoint, trained):
-    ckpt = torch.load(checkpoint, weights_only=True)
-    for key in (
-        "model",
-        "model_args",
-        "class_names",
-        "preprocessing",
-        "optimizer",
-        "lr_scheduler",
-        "scaler",
-        "epoch",
-        "best_metric",
-        "args",
-    ):
-        assert key in ckpt, key
-    assert isinstance(ckpt["args"], dict) and ckpt["class_names"] == [str(i) for i in range(10)]
-    model, _ = load_model(checkpoint)
-    golden = json.load(open(os.path.join(trained, "golden", "golden.json")))
-    from model_src.preprocessing import Preprocessing
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- the trained run ------------------------------------------------------------------------------
+
+
+def test_checkpoint_is_a_plain_dict_with_the_agreed_keys(checkpoint):
+    ckpt = load_ckpt(checkpoint)  # weights_only: no pickled classes (argparse.Namespace, dataclasses)
+    assert CHECKPOINT_KEYS <= set(ckpt)
+    assert type(ckpt["args"]) is dict and ckpt["args"]["epochs"] == 3
+    json.dumps(ckpt["args"])  # plain values only
+    assert ckpt["class_names"] == [str(i) for i in range(10)]
+    assert ckpt["model_args"]["num_classes"] == 10 and ckpt["model_args"]["in_channels"] == 1
+    assert "weights" not in ckpt["model_args"]
+    assert Preprocessing.from_dict(ckpt["preprocessing"]).channels == 1
+    assert 1 <= ckpt["epoch"] <= 3 and ckpt["best_metric"]["epoch"] == ckpt["epoch"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert ckpt["optimizer"]["state"] and ckpt["lr_scheduler"]
+
+
+def test_checkpoint_rebuilds_its_model_and_classifies_the_golden_set(checkpoint, trained):
+    model, ckpt = load_model(checkpoint)
+    assert not model.training
+    golden = read_json(os.path.join(trained, "golden", "golden.json"))
+    assert len(golden) == 100 and {g["label"] for g in golden} == set(ckpt["class_names"])
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     batch = torch.stack([prep(prep.decode(os.path.join(trained, "golden", g["file"]))) for g in golden])
     with torch.inference_mode():
         pred = model(batch).argmax(1).tolist()
     acc = sum(ckpt["class_names"][p] == g["label"] for p, g in zip(pred, golden)) / len(golden)
-    assert len(golden) == 100 and acc > 0.8
-    metrics = json.load(open(os.path.join(trained, "metrics.json")))
-    assert metrics["best_val_acc"] > 0.8 and metrics["complete"]
+    assert acc > 0.8
+
+
+def test_metrics_json(trained):
+    metrics = read_json(os.path.join(trained, "metrics.json"))
+    assert metrics["best_val_acc"] > 0.8 and metrics["complete"] and metrics["processes"] == 1
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
+    assert metrics["best_val_acc"] == max(r["val_acc"] for r in metrics["history"])
+    assert sum(map(sum, metrics["confusion_matrix"])) == N_VAL
+    assert os.path.isfile(os.path.join(trained, "checkpoint_last.pt"))
+    assert load_ckpt(os.path.join(trained, "checkpoint_last.pt"))["epoch"] == 3
 
 
 def test_an_existing_run_is_never_overwritten(trained):
-    before = os.path.getmtime(os.path.join(trained, "checkpoint_last.pt"))
+    last = os.path.join(trained, "checkpoint_last.pt")
+    before = os.path.getmtime(last)
     with pytest.raises(SystemExit, match="already holds a run"):
         train_run(trained, "--epochs", 1)
-    assert os.path.getmtime(os.path.join(trained, "checkpoint_last.pt")) == before
+    assert os.path.getmtime(last) == before
+
+
+# --- resume ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, digits):
     common = ["--epochs", 3, "--deterministic", "--limit-samples", 400, "--seed", 1]
     straight = train_run(tmp_path / "straight", *common)
-    train_run(tmp_path / "resumed", *common, "--stop-after-epoch", 2)
-    assert torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["epoch"] == 2
-    train_run(tmp_path / "resumed", *common, "--resume", "auto")
-    a = torch.load(os.path.join(straight, "checkpoint_last.pt"), weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)
+    resumed = tmp_path / "resumed"
+    train_run(resumed, *common, "--stop-after-epoch", 2)
+    stopped = load_ckpt(resumed / "checkpoint_last.pt")
+    assert stopped["epoch"] == 2 and not read_json(resumed / "metrics.json")["complete"]
+    train_run(resumed, *common, "--resume", "auto")
+
+    a = load_ckpt(os.path.join(straight, "checkpoint_last.pt"))
+    b = load_ckpt(resumed / "checkpoint_last.pt")
     assert a["epoch"] == b["epoch"] == 3
+    assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     steps = lambda ckpt: [s["step"].item() for s in ckpt["optimizer"]["state"].values()]  # noqa: E731
-    assert steps(a) == steps(b)
-    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
-    hist = lambda run: [r["val_acc"] for r in json.load(open(os.path.join(run, "metrics.json")))["history"]]  # noqa: E731
-    assert hist(straight) == hist(tmp_path / "resumed")
+    assert steps(a) == steps(b) and steps(b)[0] > steps(stopped)[0]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"] == 3
+    history = lambda run: [r["val_acc"] for r in read_json(os.path.join(run, "metrics.json"))["history"]]  # noqa: E731
+    assert len(history(straight)) == 3 and history(straight) == history(resumed)
+    assert read_json(resumed / "metrics.json")["complete"]
+
+
+# --- recipe flags ---------------------------------------------------------------------------------
+
+FLAGS = {
+    "sgd-step": "--opt sgd --lr 0.05 --lr-scheduler step --lr-step-size 1 --lr-warmup-epochs 0",
+    "plateau": "--lr-scheduler plateau",
+    "focal": "--loss focal --focal-gamma 1.5",
+    "accum-clip": "--accum-steps 2 --clip-grad-norm 1.0",
+    "amp-bf16": "--amp --limit-samples 120",  # bf16 convolutions are slow on CPUs without AMX
+    "channels-last": "--channels-last",
+    "relu": "--activation relu",
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--opt", "sgd", "--lr", "0.05", "--lr-scheduler", "step", "--lr-step-size", "1"],
-        ["--lr-scheduler", "plateau"],
-        ["--loss", "focal", "--focal-gamma", "1.5"],
-        ["--accum-steps", "2", "--clip-grad-norm", "1.0"],
-        ["--amp"],
-        ["--channels-last", "--activation", "relu"],
-    ],
-    ids=["sgd-step", "plateau", "focal", "accum-clip", "amp-bf16", "channels-last-relu"],
-)
-def test_recipe_flags_train(tmp_path, digits, flags):
-    out = train_run(tmp_path / "run", "--epochs", 2, "--limit-samples", 300, *flags)
-    ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+@pytest.mark.parametrize("name", list(FLAGS))
+def test_recipe_flags_train(tmp_path, digits, name):
+    out = train_run(tmp_path / "run", "--epochs", 1, "--limit-samples", 300, *FLAGS[name].split())
+    ckpt = load_ckpt(os.path.join(out, "checkpoint_last.pt"))
+    assert ckpt["epoch"] == 1 and ckpt["args"]["epochs"] == 1
+    for key, value in ckpt["model"].items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    model, _ = load_model(os.path.join(out, "checkpoint_last.pt"))
+    with torch.inference_mode():
+        assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+    opt, sched = ckpt["optimizer"], ckpt["lr_scheduler"]
+    if name == "sgd-step":
+        assert opt["param_groups"][0]["nesterov"] and "momentum_buffer" in next(iter(opt["state"].values()))
+        assert opt["param_groups"][0]["lr"] == pytest.approx(0.005)  # stepped once: 0.05 * 0.1
+    elif name == "plateau":
+        assert sched["mode"] == "max" and sched["best"] == read_json(os.path.join(out, "metrics.json"))["best_val_acc"]
+    elif name == "relu":
+        assert ckpt["model_args"]["activation"] == "relu"
+        assert not any(isinstance(m, Swish) for m in model.modules())
+    else:
+        assert "exp_avg" in next(iter(opt["state"].values()))  # the default AdamW
+
+
+# --- observability --------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -101,23 +173,28 @@ def test_tensorboard_plots_and_profiler(tmp_path, digits):
     from train.train import get_args_parser, main
 
     out = tmp_path / "obs"
-    main(
-        get_args_parser().parse_args(
-            ["--output-dir", str(out), "--epochs", "2", "--limit-samples", "300", "--quiet", "--profile"]
-        )
-    )
-    events = glob.glob(str(out / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
-    assert events
+    args = ["--output-dir", str(out), "--epochs", "2", "--limit-samples", "300", "--quiet", "--profile"]
+    main(get_args_parser().parse_args(args))  # without --no-tensorboard and --no-plots
+
+    assert glob.glob(str(out / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr"} <= scalars
-    assert len(acc.Scalars("accuracy/val")) == 2
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+    history = read_json(out / "metrics.json")["history"]
+    assert [e.value for e in acc.Scalars("accuracy/val")] == pytest.approx([r["val_acc"] for r in history])
     assert any(t.startswith("params/") for t in acc.Tags()["histograms"])
     for png in ("curves.png", "confusion_matrix.png"):
         with Image.open(out / png) as img:
+            img.verify()
+        with Image.open(out / png) as img:
             assert img.format == "PNG" and min(img.size) > 100
-    assert glob.glob(str(out / "profile" / "*.json*"))
+    traces = glob.glob(str(out / "profile" / "*.json*"))
+    assert traces and all(os.path.getsize(t) > 1000 for t in traces)
+
+
+# --- torchrun -------------------------------------------------------------------------------------
 
 
 def free_port():
@@ -147,81 +224,174 @@ def test_torchrun_two_cpu_processes(tmp_path, digits):
         "--no-tensorboard",
         "--no-plots",
     ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(out / "checkpoint_best.pt", weights_only=True)
+    ckpt = load_ckpt(out / "checkpoint_best.pt")
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    load_model(str(out / "checkpoint_best.pt"))
-    metrics = json.load(open(out / "metrics.json"))
+    model, _ = load_model(str(out / "checkpoint_best.pt"))
+    metrics = read_json(out / "metrics.json")
     assert metrics["processes"] == 2 and metrics["best_val_acc"] > 0.6  # chance is 0.1
-    assert sum(map(sum, metrics["confusion_matrix"])) == 359  # each val image counted exactly once across ranks
+    assert sum(map(sum, metrics["confusion_matrix"])) == N_VAL  # each val image counted once across ranks
     assert proc.stdout.count("finished in") == 1  # rank 0 alone prints the summary
 
 
 # --- export ---------------------------------------------------------------------------------------
 
 
-def test_export_writes_every_format_within_tolerance(exported, checkpoint):
-    for name in [*BACKEND_FILES.values(), "serving.json", "index_to_name.json"]:
-        assert os.path.isfile(os.path.join(exported, name)), name
+@pytest.fixture(scope="module")
+def val_batch(checkpoint):
+    """(eager model, real validation images, labels, eager probabilities)."""
     model, ckpt = load_model(checkpoint)
-    from model_src.preprocessing import Preprocessing
-
     images, labels = exportlib.load_val(ckpt["args"]["data"], Preprocessing.from_dict(ckpt["preprocessing"]))
     with torch.inference_mode():
         want = torch.softmax(model(images), 1)
-    for backend, name in BACKEND_FILES.items():
-        got = torch.softmax(Predictor(os.path.join(exported, name), backend)(images), 1)
-        if backend == "int8":
-            assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
-        else:
-            assert (got - want).abs().max() <= 1e-4, backend
-    report = json.load(open(os.path.join(exported, "serving.json")))["export"]
+    return model, images, labels, want
+
+
+def test_export_writes_every_file(exported, checkpoint):
+    for name in [*BACKEND_FILES.values(), "serving.json", "index_to_name.json"]:
+        assert os.path.getsize(os.path.join(exported, name)) > 0, name
+    ckpt = load_ckpt(checkpoint)
+    assert read_json(os.path.join(exported, "index_to_name.json")) == {str(i): str(i) for i in range(10)}
+    meta = read_json(os.path.join(exported, "serving.json"))
+    assert meta["preprocessing"] == ckpt["preprocessing"] and meta["class_names"] == ckpt["class_names"]
+    assert meta["model_args"] == ckpt["model_args"]
+    report = meta["export"]
     assert set(report["formats"]) == set(BACKEND_FILES)
-    assert report["formats"]["int8"]["acc_drop"] <= 0.005
+    for fmt, entry in report["formats"].items():
+        assert entry["file"] == BACKEND_FILES[fmt]
+        assert entry["bytes"] == os.path.getsize(os.path.join(exported, entry["file"]))
+    assert report["formats"]["int8"]["agreement"] >= 0.99 and report["formats"]["int8"]["acc_drop"] <= 0.005
+    assert not glob.glob(os.path.join(os.path.dirname(exported), ".export-*"))
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_FILES))
+def test_every_backend_matches_eager_on_real_images(exported, val_batch, backend):
+    _, images, labels, want = val_batch
+    got = torch.softmax(Predictor(os.path.join(exported, BACKEND_FILES[backend]), backend)(images), 1)
+    assert got.shape == want.shape == (N_VAL, 10)
+    if backend == "int8":
+        assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
+    else:
+        assert (got - want).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnx"])
 @pytest.mark.parametrize("batch", [1, 7])
-def test_exports_take_any_batch_size(exported, backend, batch):
+def test_exports_take_any_batch_size(exported, val_batch, backend, batch):
+    _, images, _, want = val_batch
     pred = Predictor(os.path.join(exported, BACKEND_FILES[backend]), backend)
-    assert pred(torch.randn(batch, 1, 16, 16)).shape == (batch, 10)
+    got = torch.softmax(pred(images[3 : 3 + batch]), 1)
+    assert got.shape == (batch, 10)
+    assert (got - want[3 : 3 + batch]).abs().max() <= 1e-4
 
 
 def test_onnx_passes_the_checker(exported):
     import onnx
 
-    onnx.checker.check_model(onnx.load(os.path.join(exported, "model.onnx")), full_check=True)
+    model = onnx.load(os.path.join(exported, "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic (dynamic) batch axis
 
 
-def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch):
+@pytest.fixture
+def spy_tempdirs(monkeypatch):
+    """Records every temporary folder export_all creates."""
+    made = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(exportlib.tempfile, "mkdtemp", mkdtemp)
+    return made
+
+
+def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
     monkeypatch.setattr(exportlib, "TOLERANCE", -1.0)  # no difference can pass
     out = tmp_path / "never"
-    with pytest.raises(exportlib.ExportCheckError):
+    with pytest.raises(exportlib.ExportCheckError, match="exceeds"):
         exportlib.export_all(checkpoint, str(out), formats=("eager", "onnx"))
     assert not out.exists()
+    assert not glob.glob(str(tmp_path / ".export-*"))
+    assert all(not os.path.exists(d) for d in spy_tempdirs)
+
+
+def test_a_check_failing_after_files_were_written_leaves_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
+    written = []
+    real_export_eager = exportlib.export_eager
+
+    def export_eager(model, ckpt, path):
+        real_export_eager(model, ckpt, path)
+        written.append(path)
+
+    monkeypatch.setattr(exportlib, "export_eager", export_eager)
+    monkeypatch.setattr(exportlib, "INT8_MIN_AGREEMENT", 1.01)  # the int8 check, last, cannot pass
+    out = tmp_path / "never"
+    with pytest.raises(exportlib.ExportCheckError, match="int8: agreement"):
+        exportlib.export_all(checkpoint, str(out), formats=("eager", "int8"))
+    assert written and os.path.dirname(written[0]) == spy_tempdirs[0]  # model.pt had been written ...
+    assert os.path.dirname(spy_tempdirs[0]) == str(tmp_path)  # ... in a temporary folder beside the target
+    assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and is gone
     assert not glob.glob(str(tmp_path / ".export-*"))
 
 
 def test_export_refuses_an_existing_folder(checkpoint, tmp_path):
-    with pytest.raises(FileExistsError):
-        exportlib.export_all(checkpoint, str(tmp_path))
+    target = tmp_path / "v1"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists"):
+        exportlib.export_all(checkpoint, str(target))
+    assert os.listdir(target) == ["keep.txt"]
 
 
-def test_evaluate_checkpoint_and_onnx_agree(checkpoint, exported, tmp_path):
+def test_export_refuses_unknown_formats(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="unknown formats"):
+        exportlib.export_all(checkpoint, str(tmp_path / "x"), formats=("eager", "tflite"))
+    assert not (tmp_path / "x").exists()
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def test_evaluate_checkpoint_and_onnx_agree(checkpoint, exported):
     a = evaluate(checkpoint)
     b = evaluate(os.path.join(exported, "model.onnx"))
     assert a["accuracy"] == b["accuracy"] > 0.8
-    assert a["images"] == 359 and len(a["confusion_matrix"]) == 10
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    confusion = torch.tensor(a["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum().item() == N_VAL == a["images"]
+    assert a["accuracy"] == pytest.approx(confusion.diag().sum().item() / N_VAL)
     assert set(a["per_class"]["3"]) == {"precision", "recall", "support"}
+    assert sum(m["support"] for m in a["per_class"].values()) == N_VAL
+
+
+def test_evaluate_main_writes_json_and_png(checkpoint, tmp_path, capsys):
     from train.evaluate import get_args_parser, main
 
-    main(
-        get_args_parser().parse_args(
-            ["--model", checkpoint, "--json", str(tmp_path / "e.json"), "--confusion-png", str(tmp_path / "c.png")]
-        )
-    )
-    assert json.load(open(tmp_path / "e.json"))["accuracy"] == a["accuracy"]
-    assert (tmp_path / "c.png").stat().st_size > 1000
+    args = ["--model", checkpoint, "--json", str(tmp_path / "e.json"), "--confusion-png", str(tmp_path / "c.png")]
+    main(get_args_parser().parse_args(args))
+    res = read_json(tmp_path / "e.json")
+    assert res["images"] == N_VAL and res["accuracy"] > 0.8
+    assert f"accuracy {res['accuracy']:.4f} on {N_VAL} images" in capsys.readouterr().out
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.format == "PNG" and min(img.size) > 100
+
+
+@pytest.mark.slow
+def test_evaluate_an_export_defaults_to_the_data_it_was_trained_on(checkpoint, digits, tmp_path):
+    other = tmp_path / "other"  # another ImageFolder with the same classes: 2 images per class
+    for c in range(10):
+        for split in ("train", "val"):
+            (other / split / str(c)).mkdir(parents=True)
+            for path in sorted(glob.glob(os.path.join(digits, "val", str(c), "*.png")))[:2]:
+                shutil.copy(path, other / split / str(c))
+    ckpt = load_ckpt(checkpoint)
+    ckpt["args"]["data"] = str(other)  # as if trained with --data <other>
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("onnx",))
+    assert evaluate(str(tmp_path / "ckpt.pt"))["images"] == 20
+    assert evaluate(str(tmp_path / "export" / "model.onnx"))["images"] == 20

@@ -191,6 +191,7 @@ def write_metadata(out_dir: str, ckpt: dict, report: dict):
         "model_args": ckpt["model_args"],
         "class_names": ckpt["class_names"],
         "preprocessing": ckpt["preprocessing"],
+        "data": ckpt.get("args", {}).get("data"),  # lets train.evaluate default to the training data
         "export": report,
     }
     with open(os.path.join(out_dir, "serving.json"), "w") as f:

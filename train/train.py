@@ -29,19 +29,6 @@ from model_src.preprocessing import Preprocessing
 from train import data as datalib
 from train import plots
 
-CHECKPOINT_KEYS = (
-    "model",
-    "model_args",
-    "class_names",
-    "preprocessing",
-    "optimizer",
-    "lr_scheduler",
-    "scaler",
-    "epoch",
-    "best_metric",
-    "args",
-)
-
 
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(
