@@ -347,14 +347,16 @@ class TorchServe:
         """An API call with the current key; refreshes an expired key once through the token API."""
         kind = "inference" if api == "inference" else "management"
         headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
-        resp = requests.request(
-            method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
-        )
-        if resp.status_code == 400 and "expired" in resp.text.lower() and self.tokens_enabled:
-            self.refresh_token(kind)  # the retry keeps the caller's headers (Content-Type...) and timeout
-            resp = requests.request(
+
+        def send():  # auth() reads the key file each time, so a retry carries the refreshed key
+            return requests.request(
                 method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
             )
+
+        resp = send()
+        if resp.status_code == 400 and "expired" in resp.text.lower() and self.tokens_enabled:
+            self.refresh_token(kind)
+            resp = send()  # with the caller's headers (Content-Type...) and timeout
         return resp
 
     def refresh_token(self, kind: str):
