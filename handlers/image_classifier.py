@@ -38,6 +38,7 @@ DEFAULTS = {"topk": 5, "max_image_pixels": DEFAULT_MAX_PIXELS, "max_images_per_r
 def b64decode(text) -> bytes:
     if not isinstance(text, str):
         raise InputError(f"expected a base64 string, got {type(text).__name__}")
+    text = "".join(text.split())  # `base64` and MIME wrap lines at 76 columns; validate=True refuses newlines
     if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
         text = text.split(",", 1)[1]
     try:
@@ -48,7 +49,7 @@ def b64decode(text) -> bytes:
 
 def images_from_json(body) -> tuple[list[bytes], str | tuple]:
     """JSON body -> (encoded images, form of the answer: 'one', 'list' or ('v2', request id))."""
-    if isinstance(body, dict) and "inputs" in body:
+    if is_v2(body):
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
             raise InputError('KServe v2: "inputs" must be a non-empty list of tensors')
@@ -74,31 +75,40 @@ def is_empty(value) -> bool:
     return value is None or (isinstance(value, (bytes, bytearray, str, list, dict)) and len(value) == 0)
 
 
-def images_from_row(row: dict) -> tuple[list[bytes], str | tuple]:
-    """One TorchServe request (its body or form fields) -> (encoded images, form of the answer)."""
+def body_of(row: dict):
+    """One TorchServe request (its body or form fields) -> the image payload: bytes, base64 text,
+    or a parsed JSON value (TorchServe parses application/json itself; other JSON arrives as bytes)."""
     fields = {k: v for k, v in row.items() if not is_empty(v)}
     value = next((fields[k] for k in ("data", "body", "file", "image") if k in fields), None)
-    if value is None:  # a multipart upload under another field name (query parameters arrive as str)
-        value = next((v for v in fields.values() if isinstance(v, (bytes, bytearray))), None)
+    if value is None:  # a multipart upload under another field name: the file, not a short text field beside it
+        value = max((v for v in fields.values() if isinstance(v, (bytes, bytearray))), key=len, default=None)
     if value is None:
         raise InputError(
             "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
             "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
             'as a form field (curl -F data=@img.png) or as base64 JSON ({"data": "<base64>"})'
         )
-    if isinstance(value, (dict, list)):
-        return images_from_json(value)
-    if isinstance(value, str):  # text/* bodies arrive decoded: accept base64 text
-        return [b64decode(value.strip())], "one"
-    if not isinstance(value, (bytes, bytearray)):  # a JSON number or boolean
-        raise InputError(f"expected an image, got a JSON {type(value).__name__}")
-    data = bytes(value)
-    if data[:1] in (b"{", b"["):
+    if isinstance(value, (bytes, bytearray)) and value[:1] in (b"{", b"["):
         try:
-            return images_from_json(json.loads(data))
-        except json.JSONDecodeError as e:
+            return json.loads(value)
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested too deep
             raise InputError(f"body looks like JSON but does not parse: {e}") from None
-    return [data], "one"
+    return value
+
+
+def images_from_body(body) -> tuple[list[bytes], str | tuple]:
+    """body_of()'s payload -> (encoded images, form of the answer)."""
+    if isinstance(body, (dict, list)):
+        return images_from_json(body)
+    if isinstance(body, str):  # text/* bodies arrive decoded: accept base64 text
+        return [b64decode(body)], "one"
+    if not isinstance(body, (bytes, bytearray)):  # a JSON number or boolean
+        raise InputError(f"expected an image, got a JSON {type(body).__name__}")
+    return [bytes(body)], "one"
+
+
+def is_v2(body) -> bool:
+    return isinstance(body, dict) and "inputs" in body
 
 
 # --- answers -------------------------------------------------------------------------
@@ -141,11 +151,6 @@ def v2_error(status: int, message: str, model_name: str, version: str, request_i
     return {**error_body(status, message), **body}
 
 
-def v2_body(row: dict) -> dict | None:
-    body = row.get("body", row.get("data"))
-    return body if isinstance(body, dict) and "inputs" in body else None
-
-
 class ImageClassifier(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
@@ -164,7 +169,9 @@ class ImageClassifier(BaseHandler):
         if self.backend is None:
             raise RuntimeError(f"serialized file {serialized} is none of {sorted(BACKEND_FILES.values())}")
         gpu = properties.get("gpu_id")
-        device = f"cuda:{gpu}" if gpu is not None and torch.cuda.is_available() and self.backend != "onnx" else "cpu"
+        # ONNX runs on ORT's CPU provider; dynamically quantised int8 kernels exist for the CPU only.
+        on_gpu = gpu is not None and torch.cuda.is_available() and self.backend not in ("onnx", "int8")
+        device = f"cuda:{gpu}" if on_gpu else "cpu"
         self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
         self.predictor = Predictor(os.path.join(model_dir, serialized), self.backend, device, self.threads)
         self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
@@ -184,7 +191,7 @@ class ImageClassifier(BaseHandler):
     def auto_threads(yaml_cfg: dict) -> int:
         # Split the cores between the workers so they do not oversubscribe each other.
         workers = int(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
-        return max(1, (os.cpu_count() or 1) // workers)
+        return max(1, len(os.sched_getaffinity(0)) // workers)  # the cores this process may use, not the host's
 
     def warm_up(self, batch_size: int):
         """Run the model once per shape it will see first, so no user request pays for it."""
@@ -192,16 +199,32 @@ class ImageClassifier(BaseHandler):
         for n in sorted({1, batch_size}):
             self.predictor(x.expand(n, -1, -1, -1).contiguous())
 
-    def to_tensor(self, data: bytes) -> torch.Tensor:
-        """Encoded image -> model input (C, H, W): the training evaluation transform, plus the pixel cap."""
-        return self.prep(self.prep.decode(data, self.config["max_image_pixels"]))
+    def to_tensors(self, encoded: list[bytes]) -> list[torch.Tensor]:
+        """Encoded images -> model inputs (C, H, W): the training evaluation transform.
+
+        The pixel cap is one budget for the whole request: 32 images each just under it would
+        take minutes to decode, time the worker out and fail every neighbour in its batch."""
+        cap = budget = self.config["max_image_pixels"]
+        tensors = []
+        for data in encoded:
+            try:
+                img = self.prep.decode(data, budget)
+            except InputError as e:
+                if e.status == 413 and budget < cap:
+                    raise InputError(f"the images in this request have over {cap:,} pixels together", 413) from None
+                raise
+            budget -= img.width * img.height
+            tensors.append(self.prep(img))
+        return tensors
 
     def handle(self, data, context):
         start = time.perf_counter()
         images, owners, answers = [], [], [None] * len(data)
         for idx, row in enumerate(data):
+            body = None
             try:
-                encoded, shape = images_from_row(row)
+                body = body_of(row)
+                encoded, shape = images_from_body(body)
                 if not encoded:
                     raise InputError("the request holds an empty list of images")
                 if len(encoded) > self.config["max_images_per_request"]:
@@ -209,13 +232,13 @@ class ImageClassifier(BaseHandler):
                         f"{len(encoded)} images in one request; the limit is {self.config['max_images_per_request']}",
                         413,
                     )
-                tensors = [self.to_tensor(b) for b in encoded]
+                tensors = self.to_tensors(encoded)
             except InputError as e:
-                answers[idx] = self.reject(context, idx, row, e.status, str(e))
+                answers[idx] = self.reject(context, idx, body, e.status, str(e))
                 continue
             except Exception as e:  # a bug, not bad input: answer 500 for this request only
                 logger.exception("unexpected error preparing request %d", idx)
-                answers[idx] = self.reject(context, idx, row, 500, f"internal error: {e.__class__.__name__}")
+                answers[idx] = self.reject(context, idx, body, 500, f"internal error: {e.__class__.__name__}")
                 continue
             images += tensors
             owners.append((idx, len(tensors), shape))
@@ -239,13 +262,12 @@ class ImageClassifier(BaseHandler):
         self.record(context, "HandlerTime", (time.perf_counter() - start) * 1000)
         return answers
 
-    def reject(self, context, idx: int, row: dict, status: int, message: str) -> dict:
+    def reject(self, context, idx: int, body, status: int, message: str) -> dict:
         context.set_response_status(status, message[:200], idx)
         context.set_response_content_type(idx, "application/json")
         self.count(context, "RejectedInputs")
-        v2 = v2_body(row)
-        if v2 is not None:
-            return v2_error(status, message, self.model_name, self.version, str(v2.get("id", "")))
+        if is_v2(body):
+            return v2_error(status, message, self.model_name, self.version, str(body.get("id", "")))
         return error_body(status, message)
 
     # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.

@@ -35,7 +35,7 @@ class Predictor:
             opts = ort.SessionOptions()
             # One intra-op pool sized by the caller: ORT's default takes every core,
             # which oversubscribes the machine as soon as there are two workers.
-            opts.intra_op_num_threads = threads or os.cpu_count() or 1
+            opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
             opts.inter_op_num_threads = 1
             self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name

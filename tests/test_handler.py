@@ -163,12 +163,15 @@ def test_every_input_form_in_one_batch(eager, png):
             }
         },
         {"body": bytearray(json.dumps({"data": b64}).encode())},  # 8 JSON that arrived as bytes (charset= type)
+        {"body": wrapped(b64)},  # 9 the output of `base64 img.png`: lines of 76 characters
+        {"body": {"data": wrapped(b64)}},  # 10 ... inside JSON
+        {"name": bytearray(b"cat"), "upload": bytearray(png)},  # 11 multipart: a text field, then the file
     ]
     out, status = handle(*eager, rows)
     assert status == [GOOD] * len(rows)
     single = out[0]
     assert is_prediction(single)
-    assert all(out[i] == single for i in (1, 2, 5, 6, 8))
+    assert all(out[i] == single for i in (1, 2, 5, 6, 8, 9, 10, 11))
     assert out[3] == [single, single]
     assert out[4] == [single]
     v2 = out[7]
@@ -179,15 +182,23 @@ def test_every_input_form_in_one_batch(eager, png):
     assert [json.loads(d) for d in output["data"]] == [single]
 
 
+def wrapped(b64: str) -> str:
+    return "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)) + "\n"
+
+
 def more_kinds() -> dict[str, bytes]:
-    """Kinds beyond images.accepted(): transparency that must become white paper, not ink."""
+    """Kinds beyond images.accepted(): transparency that must become white paper, not ink, and
+    metadata that must not matter."""
     grey = images.digit_like()
     arr = np.zeros((32, 32, 4), np.uint8)  # transparent black paper ...
     arr[..., 3] = 255 - np.asarray(grey)  # ... with opaque black ink where the stroke is
     transparent_gif = grey.convert("P")
+    keyed = np.where(np.asarray(grey) == 255, 7, np.asarray(grey)).astype(np.uint8)  # paper stored as 7 ...
     return {
         "png-RGBA-transparent-black": images.encode(Image.fromarray(arr, "RGBA"), "PNG"),
         "gif-transparent-index": images.encode(transparent_gif, "GIF", transparency=255),
+        "png-L-trns-colour-key": images.encode(Image.fromarray(keyed), "PNG", transparency=7),  # ... and keyed out
+        "png-malformed-exif": images.encode(grey, "PNG", exif=b"not a tiff header"),
     }
 
 
@@ -231,6 +242,8 @@ def bad_rows(png) -> dict[str, tuple[dict, int]]:
         "json-bare-number": ({"body": 42}, 400),
         "json-empty-list": ({"body": {"data": []}}, 400),
         "malformed-json-bytes": ({"body": bytearray(b'{"data": "abc"')}, 400),
+        "json-not-utf8": ({"body": bytearray(b'{"data": "\xff"}')}, 400),
+        "json-nested-too-deep": ({"body": bytearray(b"[" * 100_000)}, 400),
         "over-max-image-pixels": ({"body": bytearray(images.png_declaring(8000, 6000))}, 413),  # 48 MP > 40 MP
         "too-many-images": ({"body": [b64] * (DEFAULTS["max_images_per_request"] + 1)}, 413),
         "url-encoded-form": ({"some key": ""}, 400),  # what a PNG posted as a form turns into
@@ -266,6 +279,7 @@ def test_bad_requests_fail_alone_in_their_batch(eager, png, digits):
     assert f"limit is {DEFAULTS['max_images_per_request']}" in messages["too-many-images"]
     assert "base64" in messages["bad-base64-parsed-json"]
     assert '"data"' in messages["json-without-data"]
+    assert "does not parse" in messages["json-not-utf8"] and "does not parse" in messages["json-nested-too-deep"]
     v2 = out[1 + 2 * list(bad).index("v2-bad-base64")]
     assert v2["id"] == "9" and v2["outputs"][0]["name"] == "error"  # v2 clients still get a v2 body
 
@@ -278,18 +292,31 @@ def test_a_batch_of_only_bad_requests(eager, png):
 
 
 def test_limits_come_from_model_config(handler_for, png):
-    handler, ctx = handler_for("eager", max_image_pixels=32 * 32, max_images_per_request=2)
-    big = images.encode(images.digit_like(33), "PNG")  # 1,089 pixels
+    handler, ctx = handler_for("eager", max_image_pixels=2 * 32 * 32, max_images_per_request=2)
+    big = images.encode(images.digit_like(46), "PNG")  # 2,116 pixels
+    small = images.encode(images.digit_like(33), "PNG")  # 1,089 pixels
     rows = [
-        {"body": bytearray(png)},  # 32 x 32: exactly at the cap
+        {"body": bytearray(png)},  # 32 x 32
         {"body": bytearray(big)},
-        {"body": [images.b64(png)] * 2},
+        {"body": [images.b64(png)] * 2},  # 2 x 32 x 32: exactly at the cap
         {"body": [images.b64(png)] * 3},
+        {"body": [images.b64(png), images.b64(small)]},  # each under the cap, together over it
     ]
     out, status = handle(handler, ctx, rows)
-    assert status == [GOOD, 413, GOOD, 413]
-    assert "over the limit of 1,024" in out[1]["message"]
+    assert status == [GOOD, 413, GOOD, 413, 413]
+    assert "over the limit of 2,048" in out[1]["message"]
     assert "limit is 2" in out[3]["message"]
+    assert "over 2,048 pixels together" in out[4]["message"]
+
+
+def test_pixel_cap_is_per_request_not_per_image(handler_for, png):
+    # 32 images each just under the cap would take minutes to decode (16-bit: 4 s each here) and
+    # time the worker out, failing the requests batched with it; the cap is one budget per request.
+    handler, ctx = handler_for("eager", max_image_pixels=40_000_000)
+    near_cap = images.b64(images.black_png(6300))  # 39.7 MP each, 16 KB of PNG
+    out, status = handle(handler, ctx, [{"body": bytearray(png)}, {"body": [near_cap] * 32}, {"body": bytearray(png)}])
+    assert status == [GOOD, 413, GOOD]
+    assert "together" in out[1]["message"]
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -318,12 +345,13 @@ def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
     ds = CachedImages(os.path.join(digits, "val"), prep, prep, cache=False)  # the validation transform
     for i in range(0, len(ds), 45):
         path = ds.folder.samples[i][0]
-        assert torch.equal(handler.to_tensor(open(path, "rb").read()), ds[i][0]), path
+        (x,) = handler.to_tensors([open(path, "rb").read()])
+        assert torch.equal(x, ds[i][0]), path
 
 
 def test_photo_transform_is_the_training_transform(tmp_path):
     # The archives here are built from the 1-channel digits checkpoint; a 3-channel archive would
-    # need its own training run. So the handler's own to_tensor (decode with the pixel cap, then
+    # need its own training run. So the handler's own to_tensors (decode with the pixel cap, then
     # prep) runs with a 3-channel resize-and-crop prep swapped in: that is all initialize() sets
     # for it from serving.json.
     from sklearn.datasets import load_sample_image
@@ -350,7 +378,7 @@ def test_photo_transform_is_the_training_transform(tmp_path):
     ds = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
     assert len(ds) == len(files)
     for i, (path, _) in enumerate(ds.folder.samples):
-        x = handler.to_tensor(open(path, "rb").read())
+        (x,) = handler.to_tensors([open(path, "rb").read()])
         assert x.shape == (3, 64, 64)
         assert torch.equal(x, ds[i][0]), path
 

@@ -1,7 +1,6 @@
 """The shared preprocessing (model_src/preprocessing.py): decoding every format and colour mode,
 refusals with their HTTP status, the tensor it produces, and bit-exact parity with training."""
 
-import io
 import json
 import os
 
@@ -12,16 +11,11 @@ from PIL import Image, ImageFile
 
 from model_src.preprocessing import InputError, Preprocessing, decode_image, to_mode
 from tests import images
+from tests.images import encode
 from train.data import CachedImages
 
 GREY = Preprocessing(image_size=16, channels=1, mean=[0.5], std=[0.5])
 RGB = Preprocessing(image_size=16, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def grey(values) -> np.ndarray:
@@ -90,6 +84,16 @@ def test_palette_with_a_transparent_index(fmt):
     assert grey(img).tolist() == [[255, 0, 255, 255]]  # PIL's own convert("L") would make index 0 black
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_trns_colour_key_is_transparent(mode):
+    # PNG's tRNS chunk: one grey level or RGB colour means "transparent" in an image with no alpha.
+    img = Image.fromarray(np.array([[0, 7, 200]], np.uint8)).convert(mode)
+    key = 7 if mode == "L" else (7, 7, 7)
+    img = decode_image(encode(img, "PNG", transparency=key))
+    assert img.mode == mode and img.info.get("transparency") == key
+    assert grey(img).tolist() == [[0, 255, 200]]  # the keyed pixel is paper; the others keep their value
+
+
 def test_cmyk_jpeg():
     img = decode_image(encode(Image.new("CMYK", (8, 8), (0, 0, 0, 255)), "JPEG"))
     assert img.mode == "CMYK"
@@ -136,6 +140,18 @@ def test_exif_orientation_is_applied():
     assert img.size == (40, 20)  # stored as sent
     assert to_mode(img, "RGB").size == (20, 40)  # shown upright
     assert to_mode(img, "L").size == (20, 40)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_malformed_exif_keeps_the_stored_orientation(fmt):
+    # The pixels decode; only the EXIF block is garbage. PIL's exif_transpose raises on it, which would
+    # fail the request (and a training run); browsers show such an image as stored.
+    arr = np.full((20, 40), 255, np.uint8)
+    arr[:, :20] = 0
+    data = encode(Image.fromarray(arr), fmt, exif=b"Exif\x00\x00not a tiff header")
+    img = decode_image(data)
+    assert to_mode(img, "L").size == (40, 20)
+    assert grey(img)[:, :10].max() < 20 and grey(img)[:, 30:].min() > 235
 
 
 def test_exif_orientation_reaches_the_tensor():
