@@ -2,6 +2,7 @@
 huge images and bombs, and the custom metrics on the Prometheus endpoint."""
 
 import concurrent.futures
+import json
 import os
 import re
 
@@ -71,6 +72,10 @@ def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, of
         b, status = bad[i % len(bad)]
         jobs.append((b, "application/json" if b.startswith(b"{") else "application/octet-stream", status, None))
     jobs.append((val_bodies[0], "application/x-www-form-urlencoded", 400, None))  # curl --data-binary's default
+    # 32 images of 40 MP in one 0.5 MB request: each is under the per-image cap, together they would
+    # keep the worker decoding past its timeout and fail the whole batch; the request's budget refuses it.
+    heavy = json.dumps({"data": [images.b64(images.black_png(6300))] * 32}).encode()
+    jobs.append((heavy, "application/json", 413, None))
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda j: post(server, j[0], content_type=j[1]), jobs))
     for (body, ctype, status, label), resp in zip(jobs, answers):
@@ -90,6 +95,7 @@ def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, of
 def test_input_forms_over_http(server, val_bodies, offline):
     body, want = val_bodies[3], max(offline[3], key=offline[3].get)
     b64 = images.b64(body)
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)) + "\n"
     url = server.url() + "/predictions/my_model"
     auth = server.auth("inference")
     answers = [
@@ -97,6 +103,8 @@ def test_input_forms_over_http(server, val_bodies, offline):
         requests.post(url, files={"data": ("x.png", body, "image/png")}, headers=auth, timeout=30),  # curl -F
         requests.post(url, json={"data": b64}, headers=auth, timeout=30),
         requests.post(url, data=b64, headers={**auth, "Content-Type": "text/plain"}, timeout=30),
+        requests.post(url, data=wrapped, headers={**auth, "Content-Type": "text/plain"}, timeout=30),  # `base64 x.png`
+        requests.post(url, data={"name": "cat"}, files={"upload": ("x.png", body)}, headers=auth, timeout=30),
     ]
     for resp in answers:
         assert resp.status_code == 200, resp.text
