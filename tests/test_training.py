@@ -14,13 +14,17 @@ import tempfile
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset, TensorDataset
 
 from model_src.layers import Swish
-from model_src.net import load_model
+from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
 from model_src.runtime import BACKEND_FILES, Predictor
+from tests import images
 from tests.conftest import ROOT, train_run
+from train import data as datalib
 from train import export as exportlib
+from train.data import CachedImages, build_datasets, build_loaders
 from train.evaluate import evaluate
 
 CHECKPOINT_KEYS = {
@@ -99,8 +103,9 @@ def test_an_existing_run_is_never_overwritten(trained):
 
 
 @pytest.mark.slow
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, digits):
-    common = ["--epochs", 3, "--deterministic", "--limit-samples", 400, "--seed", 1]
+@pytest.mark.parametrize("workers", [0, 1])  # 1: augmentation runs in worker processes
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, digits, workers):
+    common = ["--epochs", 3, "--deterministic", "--limit-samples", 400, "--seed", 1, "--workers", workers]
     straight = train_run(tmp_path / "straight", *common)
     resumed = tmp_path / "resumed"
     train_run(resumed, *common, "--stop-after-epoch", 2)
@@ -122,6 +127,94 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, digits):
     history = lambda run: [r["val_acc"] for r in read_json(os.path.join(run, "metrics.json"))["history"]]  # noqa: E731
     assert len(history(straight)) == 3 and history(straight) == history(resumed)
     assert read_json(resumed / "metrics.json")["complete"]
+
+
+def small_digits(digits, root, per_class=2):
+    """Another ImageFolder with the digits' classes: `per_class` images a class in train/ and val/."""
+    for c in range(10):
+        for split in ("train", "val"):
+            (root / split / str(c)).mkdir(parents=True)
+            for path in sorted(glob.glob(os.path.join(digits, "val", str(c), "*.png")))[:per_class]:
+                shutil.copy(path, root / split / str(c))
+    return root
+
+
+def test_resume_continues_on_the_data_it_was_trained_on(trained, digits, tmp_path):
+    other = small_digits(digits, tmp_path / "other")
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = load_ckpt(os.path.join(trained, "checkpoint_last.pt"))
+    ckpt["args"]["data"] = str(other)  # as if trained with --data <other>
+    torch.save(ckpt, run / "checkpoint_last.pt")
+    train_run(run, "--resume", "auto", "--epochs", 4)  # no --data: <other>, not the digits default
+    metrics = read_json(run / "metrics.json")
+    assert metrics["epochs_done"] == 4 and sum(map(sum, metrics["confusion_matrix"])) == 20  # <other>'s val
+    assert load_ckpt(run / "checkpoint_last.pt")["args"]["data"] == str(other)
+
+
+def test_resume_refuses_data_with_other_classes(trained, tmp_path):
+    pets = tmp_path / "pets"
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (pets / split / name).mkdir(parents=True)
+            images.digit_like().save(pets / split / name / "0.png")
+    with pytest.raises(SystemExit, match=r"has classes \['cat', 'dog'\], but .* was trained on \['0', '1'"):
+        train_run(tmp_path / "run", "--resume", os.path.join(trained, "checkpoint_last.pt"), "--data", pets)
+    assert not glob.glob(str(tmp_path / "run" / "*.pt"))
+
+
+def test_resume_refuses_to_write_into_another_run(trained, tmp_path):
+    run = tmp_path / "run"  # a run of its own
+    run.mkdir()
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        shutil.copy(os.path.join(trained, name), run / name)
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(run / "*.pt"))}
+    for resume in (os.path.join(trained, "checkpoint_last.pt"), str(run / "checkpoint_best.pt")):
+        with pytest.raises(SystemExit, match="already holds a run"):
+            train_run(run, "--resume", resume, "--epochs", 4)
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(run / "*.pt"))} == before
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def test_each_rank_trains_on_its_share_of_the_batches():
+    train = TensorDataset(torch.zeros(100, 1), torch.zeros(100, dtype=torch.long))
+    loader, _, sampler = build_loaders(train, train, batch_size=64, workers=0, rank=0, world=2)
+    assert len(sampler) == 50 and len(loader) == 1 and sum(len(y) for _, y in loader) == 50
+    loader, _, _ = build_loaders(train, train, batch_size=64, workers=0, rank=0, world=1)
+    assert len(loader) == 1  # 100 > 64: the ragged last batch is dropped
+    with pytest.raises(SystemExit, match="no training batch"):
+        build_loaders(Subset(train, []), train, batch_size=64, workers=0, rank=0, world=2)
+
+
+def test_the_cache_holds_prepared_images_filled_before_workers_start(tmp_path, monkeypatch):
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            images.digit_like(size=300, mode="RGB").save(tmp_path / split / name / "0.jpg", quality=90)
+    prep = Preprocessing(image_size=32, resize_size=36, channels=3, mean=[0.5] * 3, std=[0.25] * 3)
+    train, val = build_datasets(str(tmp_path), prep, "crop-flip")
+    train_loader, val_loader, _ = build_loaders(train, val, batch_size=4, workers=1, rank=0, world=1)
+    for ds in (train, val):  # filled here, in the main process, with the prepared images only
+        assert sorted(ds.cache) == [0, 1]
+        assert all(img.size == (32, 32) and img.mode == "RGB" for img, _ in ds.cache.values())
+    uncached = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
+    assert all(torch.equal(val[i][0], uncached[i][0]) for i in range(2))  # still prep(decoded image)
+    assert next(iter(train_loader))[0].shape == next(iter(val_loader))[0].shape == (2, 3, 32, 32)
+    monkeypatch.setattr(datalib, "CACHE_BYTES", 4 * 32 * 32 * 4 - 1)  # 4 RGB images need one byte more
+    assert all(ds.cache is None for ds in build_datasets(str(tmp_path), prep, "crop-flip"))
+
+
+def test_gifs_are_training_images(tmp_path):
+    for name, fmt in (("gif/0.gif", "GIF"), ("png/0.png", "PNG")):
+        (tmp_path / name).parent.mkdir()
+        images.digit_like().save(tmp_path / name, fmt)
+    prep = Preprocessing()
+    ds = CachedImages(str(tmp_path), prep, prep, cache=False)
+    assert ds.classes == ["gif", "png"] and len(ds) == 2
+    assert torch.equal(ds[0][0], prep(prep.decode((tmp_path / "gif" / "0.gif").read_bytes())))  # the handler's
+    assert [label for _, label in datalib.golden_set(str(tmp_path))] == ["gif", "png"]
 
 
 # --- recipe flags ---------------------------------------------------------------------------------
@@ -243,7 +336,8 @@ def test_torchrun_two_cpu_processes(tmp_path, digits):
 def val_batch(checkpoint):
     """(eager model, real validation images, labels, eager probabilities)."""
     model, ckpt = load_model(checkpoint)
-    images, labels = exportlib.load_val(ckpt["args"]["data"], Preprocessing.from_dict(ckpt["preprocessing"]))
+    val = exportlib.val_dataset(ckpt["args"]["data"], Preprocessing.from_dict(ckpt["preprocessing"]))
+    images, labels = map(torch.stack, zip(*((x, torch.tensor(y)) for x, y in val)))
     with torch.inference_mode():
         want = torch.softmax(model(images), 1)
     return model, images, labels, want
@@ -263,7 +357,39 @@ def test_export_writes_every_file(exported, checkpoint):
         assert entry["file"] == BACKEND_FILES[fmt]
         assert entry["bytes"] == os.path.getsize(os.path.join(exported, entry["file"]))
     assert report["formats"]["int8"]["agreement"] >= 0.99 and report["formats"]["int8"]["acc_drop"] <= 0.005
+    assert report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL  # int8: the whole split
     assert not glob.glob(os.path.join(os.path.dirname(exported), ".export-*"))
+
+
+def test_the_check_batch_covers_every_class(checkpoint, digits):
+    prep = Preprocessing.from_dict(load_ckpt(checkpoint)["preprocessing"])
+    val = exportlib.val_dataset(digits, prep)
+    images, labels = exportlib.check_batch(val, 64)
+    assert images.shape == (64, 1, 16, 16)
+    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [6] * 6 + [7] * 4  # 6 turns, then 4 of a 7th
+    again, _ = exportlib.check_batch(val, 64)
+    assert torch.equal(images, again)  # seeded: every export checks the same images
+    assert len(exportlib.check_batch(val, 1000)[1]) == N_VAL
+
+
+def test_export_runs_the_eager_model_in_bounded_batches_without_autograd(checkpoint, tmp_path, monkeypatch):
+    calls = []  # (inference mode on?, batch size) of each forward of the eager model
+
+    def load_model_spied(path):
+        model, ckpt = load_model(path)
+        model.register_forward_hook(lambda m, inp, out: calls.append((torch.is_inference_mode_enabled(), len(inp[0]))))
+        return model, ckpt
+
+    def fuse_unspied(model):  # the fused copy would inherit the hook: tracing it is not the question
+        model._forward_hooks.clear()
+        return fuse_for_export(model)
+
+    monkeypatch.setattr(exportlib, "load_model", load_model_spied)
+    monkeypatch.setattr(exportlib, "fuse_for_export", fuse_unspied)
+    report = exportlib.export_all(checkpoint, str(tmp_path / "out"), formats=("int8",), batch=32)
+    assert report["formats"]["int8"]["images"] == N_VAL
+    assert calls and all(inference for inference, _ in calls)
+    assert max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL  # check batch + the split
 
 
 @pytest.mark.parametrize("backend", list(BACKEND_FILES))
@@ -311,13 +437,22 @@ def spy_tempdirs(monkeypatch):
 
 
 def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
-    monkeypatch.setattr(exportlib, "TOLERANCE", -1.0)  # no difference can pass
+    real_check_close, in_tmp = exportlib.check_close, []
+
+    def check_close(name, got, want):
+        if name == "onnx":  # only the ONNX check fails, once model.pt and model.onnx are written
+            in_tmp.extend(sorted(os.listdir(spy_tempdirs[0])))
+            monkeypatch.setattr(exportlib, "TOLERANCE", -1.0)  # no difference can pass
+        return real_check_close(name, got, want)
+
+    monkeypatch.setattr(exportlib, "check_close", check_close)
     out = tmp_path / "never"
-    with pytest.raises(exportlib.ExportCheckError, match="exceeds"):
+    with pytest.raises(exportlib.ExportCheckError, match="onnx: .* exceeds"):
         exportlib.export_all(checkpoint, str(out), formats=("eager", "onnx"))
-    assert not out.exists()
+    assert in_tmp == ["model.onnx", "model.pt"]  # the failure came after files were written ...
+    assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(tmp_path)  # ... beside the target
+    assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and nothing is left
     assert not glob.glob(str(tmp_path / ".export-*"))
-    assert all(not os.path.exists(d) for d in spy_tempdirs)
 
 
 def test_a_check_failing_after_files_were_written_leaves_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
@@ -383,15 +518,11 @@ def test_evaluate_main_writes_json_and_png(checkpoint, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_evaluate_an_export_defaults_to_the_data_it_was_trained_on(checkpoint, digits, tmp_path):
-    other = tmp_path / "other"  # another ImageFolder with the same classes: 2 images per class
-    for c in range(10):
-        for split in ("train", "val"):
-            (other / split / str(c)).mkdir(parents=True)
-            for path in sorted(glob.glob(os.path.join(digits, "val", str(c), "*.png")))[:2]:
-                shutil.copy(path, other / split / str(c))
+    other = small_digits(digits, tmp_path / "other")
     ckpt = load_ckpt(checkpoint)
     ckpt["args"]["data"] = str(other)  # as if trained with --data <other>
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("onnx",))
+    exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("eager", "onnx"))
     assert evaluate(str(tmp_path / "ckpt.pt"))["images"] == 20
-    assert evaluate(str(tmp_path / "export" / "model.onnx"))["images"] == 20
+    for name in ("model.pt", "model.onnx"):  # every exported file reads serving.json
+        assert evaluate(str(tmp_path / "export" / name))["images"] == 20, name

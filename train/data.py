@@ -10,11 +10,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
 
 from model_src.preprocessing import Preprocessing
 
 DIGITS_DIR = os.path.join("data", "digits")
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+IMG_EXTENSIONS = (*TORCHVISION_EXTENSIONS, ".gif")  # everything the handler decodes
+CACHE_BYTES = 2**30  # prepared images kept in memory per process, at most
 
 
 def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 0) -> str:
@@ -68,9 +71,23 @@ def decode_trusted(prep: Preprocessing, path: str):
     return prep.decode(path, max_pixels=None)
 
 
+def load_prepared(prep: Preprocessing, path: str):
+    """Decode, then `prep.prepare`: the model's mode and size, the same PIL image the handler converts."""
+    return prep.prepare(decode_trusted(prep, path))
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def image_folder(root: str, **kwargs) -> datasets.ImageFolder:
+    """ImageFolder that also takes the GIFs the handler accepts (torchvision skips them by default)."""
+    return datasets.ImageFolder(root, is_valid_file=is_image, **kwargs)
+
+
 def detect_channels(root: str, sample: int = 32) -> int:
     """1 if the images are grey, else 3."""
-    ds = datasets.ImageFolder(root, loader=lambda p: p)
+    ds = image_folder(root, loader=lambda p: p)
     step = max(1, len(ds) // sample)
     for path, _ in ds.samples[::step]:
         with Image.open(path) as img:
@@ -81,7 +98,7 @@ def detect_channels(root: str, sample: int = 32) -> int:
 
 def compute_mean_std(root: str, prep: Preprocessing, limit: int = 2000) -> tuple[list, list]:
     """Per-channel mean/std of prepared training images (a deterministic subset for big sets)."""
-    ds = datasets.ImageFolder(root, loader=functools.partial(decode_trusted, prep), transform=prep.prepare)
+    ds = image_folder(root, loader=functools.partial(load_prepared, prep))
     step = max(1, len(ds) // limit)
     arrs = [np.asarray(ds[i][0], dtype=np.float64) / 255.0 for i in range(0, len(ds), step)]
     x = np.stack(arrs)
@@ -91,7 +108,7 @@ def compute_mean_std(root: str, prep: Preprocessing, limit: int = 2000) -> tuple
 
 
 def train_transform(prep: Preprocessing, augment: str):
-    """prepare -> augmentation on the prepared PIL image -> the shared to_tensor."""
+    """Augmentation on the prepared PIL image (`prepare` has already run) -> the shared to_tensor."""
     fill = prep.background if prep.channels == 1 else (prep.background,) * 3
     if augment == "affine":  # small shifts/rotations: right for digits and other centred glyphs
         aug = transforms.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=fill)
@@ -106,15 +123,20 @@ def train_transform(prep: Preprocessing, augment: str):
         aug = transforms.Lambda(lambda img: img)
     else:
         raise ValueError(f"unknown augmentation {augment!r}")
-    return transforms.Compose([prep.prepare, aug, prep.to_tensor])
+    return transforms.Compose([aug, prep.to_tensor])
 
 
 class CachedImages(torch.utils.data.Dataset):
-    """ImageFolder that keeps small decoded images in memory (digits: 1.4k images, <1 MB)."""
+    """ImageFolder of prepared images (`prep.prepare` runs in the loader), optionally kept in memory.
+
+    `transform` runs on the prepared image: the training augmentation + to_tensor, or `prep`
+    itself for the validation transform, which then means its to_tensor, so that ds[i] is
+    exactly prep(decoded image), what the handler computes.
+    """
 
     def __init__(self, root: str, prep: Preprocessing, transform, cache: bool):
-        self.folder = datasets.ImageFolder(root, loader=functools.partial(decode_trusted, prep))
-        self.transform = transform
+        self.folder = image_folder(root, loader=functools.partial(load_prepared, prep))
+        self.transform = transform.to_tensor if isinstance(transform, Preprocessing) else transform
         self.cache = {} if cache else None
 
     @property
@@ -138,16 +160,49 @@ class CachedImages(torch.utils.data.Dataset):
         return self.transform(img), target
 
 
+def fits_in_cache(data: str, prep: Preprocessing) -> bool:
+    """Whether every prepared train and val image fits in CACHE_BYTES (PIL keeps RGB as 4 bytes a pixel)."""
+    files = sum(len(names) for split in ("train", "val") for _, _, names in os.walk(os.path.join(data, split)))
+    return files * prep.image_size**2 * (1 if prep.channels == 1 else 4) <= CACHE_BYTES
+
+
 def build_datasets(data: str, prep: Preprocessing, augment: str, limit: int | None = None):
-    small = sum(len(files) for _, _, files in os.walk(os.path.join(data, "train"))) <= 20000
-    train = CachedImages(os.path.join(data, "train"), prep, train_transform(prep, augment), cache=small)
-    val = CachedImages(os.path.join(data, "val"), prep, prep, cache=small)
+    cache = fits_in_cache(data, prep)
+    train = CachedImages(os.path.join(data, "train"), prep, train_transform(prep, augment), cache=cache)
+    val = CachedImages(os.path.join(data, "val"), prep, prep, cache=cache)
     if train.classes != val.classes:
         raise SystemExit(f"error: train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if limit:  # cheap mode: an evenly spread subset
         train = Subset(train, list(range(0, len(train), max(1, len(train) // limit))))
         val = Subset(val, list(range(0, len(val), max(1, len(val) // limit))))
     return train, val
+
+
+def base_and_indices(ds) -> tuple[torch.utils.data.Dataset, list[int]]:
+    """Unwrap (nested) Subsets: the underlying dataset and the indices into it."""
+    if isinstance(ds, Subset):
+        base, indices = base_and_indices(ds.dataset)
+        return base, [indices[i] for i in ds.indices]
+    return ds, list(range(len(ds)))
+
+
+def fill_cache(ds, workers: int):
+    """Prepare every image `ds` uses into its cache, here in the main process and before any loader
+    forks: forked workers then share the cache copy-on-write, whereas what a non-persistent worker
+    caches itself is lost at the end of the epoch."""
+    base, indices = base_and_indices(ds)
+    if not isinstance(base, CachedImages) or base.cache is None:
+        return
+    missing = [i for i in indices if i not in base.cache]
+    if not missing:
+        return
+    # Its own generator: drawing the loader's base seed from the global RNG would make the
+    # model's initial weights depend on --workers.
+    loader = DataLoader(
+        Subset(base.folder, missing), batch_size=64, num_workers=workers, collate_fn=list, generator=torch.Generator()
+    )
+    items = (item for batch in loader for item in batch)
+    base.cache.update(zip(missing, items))
 
 
 def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: int):
@@ -157,21 +212,32 @@ def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: i
         val = Subset(val, list(range(rank, len(val), world)))
     else:
         train_sampler = torch.utils.data.RandomSampler(train)
+    fill_cache(train, workers)
+    fill_cache(val, workers)
     train_loader = DataLoader(
         train,
         batch_size=batch_size,
         sampler=train_sampler,
         num_workers=workers,
-        drop_last=len(train) > batch_size,
-        persistent_workers=workers > 0,
+        # Drop the ragged last batch (a batch of 1 breaks BatchNorm) unless it is the only one; the
+        # sampler's length is this process's share, which is what its batches come from.
+        drop_last=len(train_sampler) > batch_size,
+        # Fresh workers each epoch draw their seeds from the global RNG, which main re-seeds per
+        # epoch: augmentation then depends on (seed, epoch) alone, as --resume needs. Persistent
+        # workers would keep the RNG state of the epoch they started in.
+        persistent_workers=False,
     )
+    if len(train_loader) == 0:
+        raise SystemExit(
+            f"error: no training batch: {len(train_sampler)} images per process; add images or use fewer processes"
+        )
     val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
     return train_loader, val_loader, train_sampler
 
 
 def golden_set(val_root: str, per_class: int = 10) -> list[tuple[str, str]]:
     """A fixed, stratified sample of validation images: (path, label) pairs."""
-    ds = datasets.ImageFolder(val_root, loader=lambda p: p)
+    ds = image_folder(val_root, loader=lambda p: p)
     picked = []
     for c, name in enumerate(ds.classes):
         paths = sorted(p for p, t in ds.samples if t == c)

@@ -4,8 +4,8 @@
     python -m train.evaluate --model exports/v1/model.onnx --data data/digits --split val
 
 Prints accuracy, per-class precision/recall and the confusion matrix; --json writes them.
-Exported files (TorchScript, ONNX, int8) read their preprocessing and class names from
-the serving.json beside them.
+Exported files (model.pt, TorchScript, ONNX, int8) read their preprocessing, class names
+and training data folder from the serving.json beside them.
 """
 
 import argparse
@@ -34,21 +34,22 @@ def get_args_parser():
 
 def load_any(path: str):
     """-> (predictor, preprocessing, class names, data root it was trained on or None)."""
-    name = os.path.basename(path)
-    backend = {v: k for k, v in BACKEND_FILES.items()}.get(name)
-    if backend in (None, "eager"):  # a training checkpoint or the eager serving file: self-describing
+    backend = {v: k for k, v in BACKEND_FILES.items()}.get(os.path.basename(path))
+    serving_json = os.path.join(os.path.dirname(path), "serving.json")
+    # Every exported file reads serving.json, the only one of them that records the training data;
+    # a training checkpoint (or a model.pt copied on its own) describes itself.
+    if backend is not None and (backend != "eager" or os.path.isfile(serving_json)):
+        with open(serving_json) as f:
+            meta = json.load(f)
+    else:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         meta = {
             "preprocessing": ckpt["preprocessing"],
             "class_names": ckpt["class_names"],
             "data": ckpt.get("args", {}).get("data"),
         }
-        backend = "eager"
-    else:
-        with open(os.path.join(os.path.dirname(path), "serving.json")) as f:
-            meta = json.load(f)
     return (
-        Predictor(path, backend),
+        Predictor(path, backend or "eager"),
         Preprocessing.from_dict(meta["preprocessing"]),
         meta["class_names"],
         meta.get("data"),

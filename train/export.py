@@ -4,11 +4,13 @@
 
 Writes model.pt (eager), model.torchscript.pt, model.onnx, model.int8.pt,
 serving.json (preprocessing, class names, checks) and index_to_name.json. Every
-file is compared with the eager model on the same real validation batch; if any
+file is compared with the eager model on the same real validation batch (class-balanced,
+at most --batch images), the int8 model also on the whole validation split; if any
 check fails, nothing is written.
 """
 
 import argparse
+import collections
 import copy
 import json
 import os
@@ -18,6 +20,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
@@ -44,11 +47,21 @@ def get_args_parser():
     return p
 
 
-def load_val(data_root: str, prep: Preprocessing, limit: int | None = None):
-    """All (or an evenly spread `limit` of) validation images as one tensor + labels."""
-    ds = datalib.CachedImages(os.path.join(data_root, "val"), prep, prep, cache=False)
-    idx = range(len(ds)) if not limit else range(0, len(ds), max(1, len(ds) // limit))
-    items = [ds[i] for i in idx]
+def val_dataset(data_root: str, prep: Preprocessing) -> datalib.CachedImages:
+    return datalib.CachedImages(os.path.join(data_root, "val"), prep, prep, cache=False)
+
+
+def check_batch(ds: datalib.CachedImages, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most `size` validation images, one of each class in turn, in a seeded shuffle.
+
+    ImageFolder lists images sorted by class: its first `size` would cover only the first classes.
+    """
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    seen, turn = collections.Counter(), {}
+    for i in order:
+        turn[i] = seen[ds.targets[i]]
+        seen[ds.targets[i]] += 1
+    items = [ds[i] for i in sorted(order, key=turn.get)[:size]]  # stable: each turn in the shuffled order
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
@@ -116,8 +129,15 @@ def export_int8(fused, example, path):
         torch.jit.save(traced, path)
 
 
-def check_int8(pred_int8, pred_float, images, labels) -> dict:
-    q, f = pred_int8(images).argmax(1), pred_float(images).argmax(1)
+@torch.inference_mode()  # the float reference is the eager model: no autograd graph
+def check_int8(pred_int8, pred_float, loader) -> dict:
+    """Top-1 agreement and accuracy of int8 vs float over every image of `loader`, a batch at a time."""
+    q, f, labels = [], [], []
+    for images, targets in loader:
+        q.append(pred_int8(images).argmax(1))
+        f.append(pred_float(images).argmax(1))
+        labels.append(targets)
+    q, f, labels = torch.cat(q), torch.cat(f), torch.cat(labels)
     report = {
         "agreement": (q == f).float().mean().item(),
         "acc_float": (f == labels).float().mean().item(),
@@ -143,8 +163,8 @@ def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | No
     model, ckpt = load_model(checkpoint)
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     data = data or ckpt.get("args", {}).get("data") or datalib.DIGITS_DIR
-    images, labels = load_val(datalib.ensure_data(data), prep)
-    example = images[:batch]
+    val = val_dataset(datalib.ensure_data(data), prep)
+    example, _ = check_batch(val, batch)
     with torch.inference_mode():
         eager_logits = model(example)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
@@ -171,7 +191,7 @@ def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | No
             pred = Predictor(path, fmt)
             entry = {"file": BACKEND_FILES[fmt], "bytes": os.path.getsize(path)}
             if fmt == "int8":
-                entry.update(check_int8(pred, lambda x: model(x), images, labels))
+                entry.update(check_int8(pred, model, DataLoader(val, batch_size=batch)))
                 entry["max_diff"] = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
             else:
                 entry["max_diff"] = check_close(fmt, pred(example), eager_logits)

@@ -34,7 +34,11 @@ def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data", default=datalib.DIGITS_DIR, help="ImageFolder root with train/ and val/")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the checkpoint's",
+    )
     p.add_argument("--output-dir", default="runs/default", help="where checkpoints and logs go")
     p.add_argument("--arch", default="resnet_small", help="resnet_small, resnet18, resnet34 or resnet50")
     p.add_argument("--widths", default="32,64,128", help="resnet_small: channels per stage")
@@ -98,9 +102,12 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
+def all_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a CPU tensor over processes. NCCL reduces only CUDA tensors, so a copy travels on `device`."""
     if dist.is_available() and dist.is_initialized():
+        t = t.to(device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu()
     return t
 
 
@@ -196,7 +203,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if profiler is not None:
             profiler.step()
-    stats = all_sum(torch.stack([total_loss, correct, seen]))
+    stats = all_sum(torch.stack([total_loss, correct, seen]), device)
     return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}
 
 
@@ -214,8 +221,8 @@ def evaluate(model, criterion, loader, device, num_classes, args):
         total_loss += criterion(logits, targets).item() * len(targets)
         idx = targets.cpu() * num_classes + logits.argmax(1).cpu()
         confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
-    confusion = all_sum(confusion)
-    total_loss = all_sum(total_loss)
+    confusion = all_sum(confusion, device)
+    total_loss = all_sum(total_loss, device)
     n = confusion.sum().item()
     return {
         "loss": total_loss.item() / max(n, 1),
@@ -244,13 +251,33 @@ def write_golden(data_root: str, out_dir: str):
 
 
 def check_output_dir(args):
+    """Refuse a folder holding a run unless continuing that very run: resuming another run's
+    checkpoint (or this one's checkpoint_best.pt) would overwrite its checkpoints."""
     last = os.path.join(args.output_dir, "checkpoint_last.pt")
-    if os.path.exists(last) and not args.resume:
+    holds_run = os.path.exists(last)
+    resumes_it = holds_run and bool(args.resume) and os.path.isfile(args.resume) and os.path.samefile(args.resume, last)
+    if holds_run and not resumes_it:
         raise SystemExit(
             f"error: {args.output_dir} already holds a run; pass --resume auto to continue it, "
             "or choose another --output-dir (nothing is overwritten)"
         )
     os.makedirs(args.output_dir, exist_ok=True)
+
+
+def load_resume(args) -> dict | None:
+    if not args.resume:
+        return None
+    if not os.path.isfile(args.resume):
+        raise SystemExit(f"error: --resume: no checkpoint at {args.resume}")
+    return torch.load(args.resume, map_location="cpu", weights_only=True)
+
+
+def check_resume_classes(args, resume_ckpt: dict, class_names: list[str]):
+    if class_names != resume_ckpt["class_names"]:
+        raise SystemExit(
+            f"error: {args.data} has classes {class_names}, but {args.resume} was trained on "
+            f"{resume_ckpt['class_names']}; pass the --data it was trained on ({resume_ckpt['args']['data']})"
+        )
 
 
 def main(args):
@@ -267,6 +294,9 @@ def main(args):
         args.resume = os.path.join(args.output_dir, "checkpoint_last.pt")
     if rank == 0:
         check_output_dir(args)
+    resume_ckpt = load_resume(args)
+    if args.data is None:  # on --resume the default is the data it was trained on, not the digits
+        args.data = resume_ckpt["args"]["data"] if resume_ckpt else datalib.DIGITS_DIR
     torch.manual_seed(args.seed)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -275,7 +305,6 @@ def main(args):
     datalib.ensure_data(args.data) if rank == 0 else None
     if world > 1:
         dist.barrier()  # rank 0 may have just written the default data
-    resume_ckpt = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
     if resume_ckpt:
         prep = Preprocessing.from_dict(resume_ckpt["preprocessing"])
     else:
@@ -284,6 +313,8 @@ def main(args):
     train_set, val_set = datalib.build_datasets(args.data, prep, augment, args.limit_samples)
     base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
     class_names = base.classes
+    if resume_ckpt:
+        check_resume_classes(args, resume_ckpt, class_names)
     train_loader, val_loader, train_sampler = datalib.build_loaders(
         train_set, val_set, args.batch_size, args.workers, rank, world
     )
