@@ -105,7 +105,10 @@ def build_archive(
             "or remove the old archive (and its .sha256) yourself"
         )
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
+    # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot keeps
+    # TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover for an
+    # archive. TemporaryDirectory removes it whether the build succeeds or fails.
+    with tempfile.TemporaryDirectory(prefix=".archive-", dir=os.path.dirname(os.path.abspath(target))) as tmp:
         export_dir = os.path.join(tmp, "export")
         report = export_all(checkpoint, export_dir, formats=(backend,))
         stage = os.path.join(tmp, "stage")

@@ -1,25 +1,53 @@
 """Send images to the running server and compare with the true label (the image's folder name).
 
 python -m scripts.predict data/digits/val/3/0012.png data/digits/val/7/*.png [--version 2.0]
+python -m scripts.predict --raw data/digits/val/3/0012.png     # the server's JSON answer only (predict.sh)
+
+TS_KEY_FILE (another server's key_file.json) and TS_INFERENCE_URL point it at another server than the
+demo one (the tests use their own). Keys are read from key_file.json on every call and an expired one is
+refreshed through the token API, so no key ever appears on a command line.
 """
 
 import argparse
 import os
 import sys
+import urllib.parse
 
-from scripts.server import TorchServe
+import requests
+
+from scripts.server import ServerError, TorchServe, ports_from_config
 
 
 def predict(ts: TorchServe, path: str, model: str = "my_model", version: str | None = None):
+    resp = post(ts, path, model, version)
+    return resp.status_code, resp.json()
+
+
+def post(ts: TorchServe, path: str, model: str = "my_model", version: str | None = None):
     with open(path, "rb") as f:
-        resp = ts.request(
+        return ts.request(
             "POST",
             "inference",
             f"/predictions/{model}" + (f"/{version}" if version else ""),
             data=f.read(),
             headers={"Content-Type": "application/octet-stream"},
         )
-    return resp.status_code, resp.json()
+
+
+def target() -> TorchServe:
+    """The demo server, or the one TS_KEY_FILE / TS_INFERENCE_URL name."""
+    key_file = os.environ.get("TS_KEY_FILE")
+    ts = TorchServe()
+    if key_file:  # a server's key_file.json lies in its working directory, beside logs/
+        ts = TorchServe(workdir=os.path.dirname(os.path.abspath(key_file)))
+        if os.path.basename(key_file) != "key_file.json":
+            raise SystemExit(f"TS_KEY_FILE={key_file}: name the key_file.json a TorchServe wrote (it refreshes it)")
+        if os.path.exists(ts.generated_config):  # the ports it was started on: management answers refreshes
+            ts.ports = ports_from_config(ts.generated_config)
+    if os.environ.get("TS_INFERENCE_URL"):
+        url = urllib.parse.urlsplit(os.environ["TS_INFERENCE_URL"])
+        ts.host, ts.ports.inference = url.hostname, url.port or ts.ports.inference
+    return ts
 
 
 def main(argv=None) -> int:
@@ -28,8 +56,25 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="my_model")
     p.add_argument("--version", default=None, help="default version when omitted")
     p.add_argument("--summary", action="store_true", help="print only the accuracy (e.g. for a whole val set)")
+    p.add_argument("--raw", action="store_true", help="print only each answer's body, as the server sent it")
     args = p.parse_args(argv)
-    ts = TorchServe()
+    ts = target()
+    try:
+        return run(ts, args)
+    except requests.ConnectionError:
+        raise SystemExit(f"predict: no answer from {ts.url()}: is TorchServe running? (serve.sh start)") from None
+    except ServerError as e:
+        raise SystemExit(f"predict: {e}") from None
+
+
+def run(ts: TorchServe, args) -> int:
+    if args.raw:
+        failed = 0
+        for path in args.images:
+            resp = post(ts, path, args.model, args.version)
+            print(resp.text)
+            failed += resp.status_code != 200
+        return 1 if failed else 0
     right = failed = 0
     where = f"/predictions/{args.model}" + (f"/{args.version}" if args.version else "")
     print(f"{where}:")

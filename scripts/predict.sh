@@ -1,18 +1,12 @@
 #!/usr/bin/env bash
-# Send one image to the running server with the inference token.
+# Send one image to the running server with the inference token; prints the server's JSON answer.
 #   scripts/predict.sh IMAGE [VERSION]      e.g. scripts/predict.sh data/digits/val/3/0012.png 2.0
+# The key is read from key_file.json in Python (never on a command line, where `ps` shows it) and an
+# expired one is refreshed. TS_INFERENCE_URL / TS_KEY_FILE point it at another server (the tests use their own).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: scripts/predict.sh IMAGE [VERSION]" >&2; exit 2; }
 image=$1 version=${2:-}
 [ -f "$image" ] || { echo "predict: $image not found" >&2; exit 1; }
-# TS_INFERENCE_URL / TS_KEY_FILE point it at another server (the tests use their own).
-url=${TS_INFERENCE_URL:-http://127.0.0.1:$(sed -n 's/^inference_address=.*:\([0-9]*\)$/\1/p' config.properties)}
-key_file=${TS_KEY_FILE:-key_file.json}
-auth=()
-if [ -f "$key_file" ]; then
-  token=$(.venv/bin/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' "$key_file")
-  auth=(-H "Authorization: Bearer $token")
-fi
-curl -sS --fail-with-body "${auth[@]}" -T "$image" "$url/predictions/my_model${version:+/$version}"
-echo
+case $image in /*) ;; *) image=$PWD/$image ;; esac  # relative to where we were called from, not the repo root
+cd "$(dirname "$0")/.."
+exec .venv/bin/python -m scripts.predict --raw ${version:+--version "$version"} "$image"

@@ -56,11 +56,23 @@ step "7/9 archive 2.0 -> model_store/my_model_v2.0.mar"
 archive 2.0 runs/v2 model_store/my_model_v2.0.mar
 
 step "8/9 register 2.0 through the management API; promote it only if it passes the gate"
+# Registered is not enough to skip the gate: 2.0 registered but not default is either an earlier run
+# that stopped mid-gate (or a registration without --promote), or a rollback after 2.0 was promoted.
+# A re-run does what a fresh run would, except that it keeps a rollback (someone chose it): it gates
+# 2.0 unless 2.0 is default or its promotion is in the history that rollback reads.
 listed=$($PY -m scripts.deploy list || true)
-if grep -q "my_model 2.0" <<<"$listed"; then
-  echo "2.0 is already registered"
+if grep -Eq "^my_model 2\.0 +default" <<<"$listed"; then
+  echo "2.0 is already the default"
+  echo "$listed"
+elif grep -Eq "^my_model 2\.0 " <<<"$listed" \
+    && grep -qsF '"model": "my_model", "version": "2.0"' state/deployments.jsonl; then
+  echo "2.0 passed the gate once and was rolled back since: keeping the current default (state/deployments.jsonl)"
   echo "$listed"
 else
+  if grep -Eq "^my_model 2\.0 " <<<"$listed"; then
+    echo "2.0 is registered but was never promoted (an earlier run stopped mid-gate?): unregistering it to gate it again"
+    scripts/register_version.sh unregister 2.0
+  fi
   scripts/register_version.sh model_store/my_model_v2.0.mar --promote --golden runs/v2/golden --max-accuracy-drop 1.0
 fi
 

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -57,22 +58,42 @@ class Ports:
 
 
 def read_properties(path: str) -> dict:
-    """Parse a Java .properties file (TorchServe writes its snapshots with Java escapes: \\n, \\:, ...)."""
-    props, pending = {}, ""
-    with open(path) as f:
+    r"""Parse a Java .properties file as java.util.Properties.load does (TorchServe writes its snapshots with Java
+    escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are dropped, trailing
+    ones kept; an odd number of backslashes at the end of a line continues it on the next."""
+    props, pending = {}, None
+    with open(path, encoding="latin-1") as f:  # Properties.load(InputStream) reads ISO 8859-1
         for raw in f:
-            line = pending + raw.strip() if pending else raw.strip()
-            if not pending and (not line or line.startswith(("#", "!"))):
+            line = raw.rstrip("\n").lstrip(" \t\f")
+            if pending is None and (not line or line.startswith(("#", "!"))):
                 continue
-            trailing = len(line) - len(line.rstrip("\\"))
-            if trailing % 2:  # an odd number of backslashes continues the line
+            line = line if pending is None else pending + line
+            if (len(line) - len(line.rstrip("\\"))) % 2:
                 pending = line[:-1]
                 continue
-            pending = ""
-            if "=" in line:
-                key, value = line.split("=", 1)
-                props[key.strip()] = unescape(value.strip())
+            pending = None
+            key, value = split_property(line)
+            props[unescape(key)] = unescape(value)
+    if pending is not None:  # the file ended on a continued line
+        key, value = split_property(pending)
+        props[unescape(key)] = unescape(value)
     return props
+
+
+def split_property(line: str) -> tuple[str, str]:
+    """'key = value' -> ('key', 'value'), both still escaped (Java's separator rules)."""
+    i, escaped = 0, False
+    while i < len(line) and (escaped or line[i] not in "=: \t\f"):
+        escaped = line[i] == "\\" and not escaped
+        i += 1
+    j, has_sep = i + 1, line[i : i + 1] in ("=", ":")
+    while j < len(line) and line[j] in " \t\f=:":
+        if line[j] in "=:":
+            if has_sep:
+                break
+            has_sep = True
+        j += 1
+    return line[:i], line[j:]
 
 
 def unescape(value: str) -> str:
@@ -90,6 +111,29 @@ def unescape(value: str) -> str:
             continue
         out.append(c)
         i += 1
+    # \uXXXX escapes are UTF-16 code units: join surrogate pairs into one character
+    return "".join(out).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
+def escape(text: str, key: bool = False) -> str:
+    r"""The inverse of unescape, as java.util.Properties.store writes it, in plain ASCII. Without it, a value read
+    from config.properties loses a level of backslashes on its way to TorchServe: the documented
+    allowed_urls=https://models\\.example\\.com/.* would arrive as https://models.example.com/.*, whose '.'
+    also matches the '-' of models-example.com."""
+    units = text.encode("utf-16-le", "surrogatepass")
+    out = []
+    for i in range(0, len(units), 2):
+        c = chr(int.from_bytes(units[i : i + 2], "little"))
+        if c == "\\":
+            out.append("\\\\")
+        elif c in "\t\n\r\f":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}[c])
+        elif c in "=:#!" or (c == " " and (key or i == 0)):
+            out.append("\\" + c)
+        elif not " " <= c <= "~":
+            out.append(f"\\u{ord(c):04X}")
+        else:
+            out.append(c)
     return "".join(out)
 
 
@@ -117,6 +161,7 @@ class TorchServe:
     base_config: str = BASE_CONFIG
     overrides: dict = field(default_factory=dict)  # extra config.properties keys
     private_tmp: bool = False  # tests: own TMPDIR/TEMP (pid file, worker sockets)
+    host: str = "127.0.0.1"  # where the client side (request, url) finds the APIs
 
     # --- paths --------------------------------------------------------------------
     @property
@@ -135,12 +180,21 @@ class TorchServe:
     def generated_config(self) -> str:
         return os.path.join(self.log_dir, "generated.config.properties")
 
+    @property
+    def pid_file(self) -> str:
+        # TorchServe's CLI writes it to tempfile.gettempdir(), which follows TMPDIR; env() hands it the same folder.
+        return os.path.join(self.tmp_dir or tempfile.gettempdir(), ".model_server.pid")
+
     def url(self, api: str = "inference") -> str:
-        return f"http://127.0.0.1:{getattr(self.ports, api)}"
+        return f"http://{self.host}:{getattr(self.ports, api)}"
 
     @property
     def tokens_enabled(self) -> bool:
-        return self.config().get("disable_token_authorization", "false").lower() != "true"
+        # Ask the running server first: `serve.sh start --no-tokens` turns tokens off for that run only.
+        props = self.running_config()
+        if props is None:
+            props = self.config()
+        return props.get("disable_token_authorization", "false").lower() != "true"  # as Boolean.parseBoolean
 
     # --- configuration --------------------------------------------------------------
     def config(self) -> dict:
@@ -161,6 +215,28 @@ class TorchServe:
                 os.path.dirname(os.path.abspath(self.base_config)), props["metrics_config"]
             )
         props.update(self.overrides)
+        return props
+
+    def running_config(self) -> dict | None:
+        """The properties the running TorchServe was started with (the -f file on its command line: for start(),
+        the generated config), or None when it is not running."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            proc = psutil.Process(pid)
+            cmd, cwd = proc.cmdline(), proc.cwd()
+        except psutil.Error:
+            return None
+        args = cmd[cmd.index("org.pytorch.serve.ModelServer") + 1 :] if "org.pytorch.serve.ModelServer" in cmd else []
+        props = self.config()  # started without -f: our best guess
+        if "-f" in args[:-1]:
+            try:
+                props = read_properties(os.path.join(cwd, args[args.index("-f") + 1]))
+            except OSError:
+                pass
+        if "--disable-token-auth" in args:
+            props["disable_token_authorization"] = "true"
         return props
 
     def latest_snapshot(self) -> dict | None:
@@ -197,7 +273,7 @@ class TorchServe:
         with open(self.generated_config, "w") as f:
             f.write(f"# generated by scripts/server.py from {self.base_config}; do not edit\n")
             for key, value in props.items():
-                f.write(f"{key}={value}\n")
+                f.write(f"{escape(key, key=True)}={escape(value)}\n")
         return self.generated_config, snapshot
 
     # --- process control ---------------------------------------------------------------
@@ -210,12 +286,13 @@ class TorchServe:
         if self.tmp_dir:
             os.makedirs(self.tmp_dir, exist_ok=True)
             env["TMPDIR"] = env["TEMP"] = self.tmp_dir  # pid file (Python CLI) and java.io.tmpdir (sockets)
+        else:  # the folder pid() reads, even if TMPDIR changed or names no folder (gettempdir() falls back)
+            env["TMPDIR"] = tempfile.gettempdir()
         return env
 
     def pid(self) -> int | None:
-        pid_file = os.path.join(self.tmp_dir or "/tmp", ".model_server.pid")
         try:
-            with open(pid_file) as f:
+            with open(self.pid_file) as f:
                 pid = int(f.read().strip())
             proc = psutil.Process(pid)
             if proc.is_running() and any("org.pytorch.serve.ModelServer" in a for a in proc.cmdline()):
@@ -248,19 +325,23 @@ class TorchServe:
             if available:
                 cmd += ["--models", *available]
         os.makedirs(self.workdir, exist_ok=True)
-        with open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
-            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang.
-            subprocess.run(
-                cmd,
-                cwd=self.workdir,
-                env=self.env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                check=True,
-                timeout=60,
-            )
-        self.wait_ready(timeout)
+        try:
+            with open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
+                # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang.
+                subprocess.run(
+                    cmd,
+                    cwd=self.workdir,
+                    env=self.env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    check=True,
+                    timeout=60,
+                )
+            self.wait_ready(timeout)
+        except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
+            self.stop()
+            raise
         return {"restored": snapshot is not None, "models": self.models()}
 
     def check_ports_free(self):

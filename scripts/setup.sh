@@ -52,8 +52,14 @@ fi
 [ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }
 echo "setup: installing requirements.txt into $VENV (first time: a few minutes; torch alone is ~5 GB)"
 # pip's find-links on this kind of machine prints one harmless warning per package; keep the log readable.
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt 2>&1 \
-  | grep -v "is ignored: it is neither a file nor a directory" || true
+# pip's own exit status decides (a pipe into grep would hide it): no stamp, so the next run tries again.
+log=$VENV/pip-install.log
+if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt >"$log" 2>&1; then
+  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+  echo "setup: pip install failed (full log: $log); fix the cause above and run scripts/setup.sh again" >&2
+  exit 1
+fi
+grep -v "is ignored: it is neither a file nor a directory" "$log" || true
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
 mods = ["torch", "torchvision", "ts", "model_archiver", "yaml", "onnx", "onnxruntime", "sklearn", "PIL", "pytest"]

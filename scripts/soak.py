@@ -232,6 +232,7 @@ class Soak:
         with open(os.path.join(store, "corrupt.mar"), "wb") as f:
             f.write(data[: len(data) // 2])
         bodies, expect = self.mix()
+        before = self.deployment()
         result = {}
         load = threading.Thread(
             target=lambda: result.update(run_load(self.url(), bodies, concurrency, requests, self.headers(), expect))
@@ -243,11 +244,17 @@ class Soak:
             for url in ("corrupt.mar", "http://127.0.0.1:9/evil.mar", "file:///etc/passwd")
         }
         load.join(600)
+        after = self.deployment()
+        models = sorted(m["modelName"] for m in self.ts.request("GET", "management", "/models").json()["models"])
         return {
             "registration_status": attempts,
             "load": result,
-            "deployment": self.deployment(),
+            "deployment_before": before,
+            "deployment": after,
+            "models": models,
             "passed": all(400 <= s < 600 for s in attempts.values())
+            and after == before
+            and models == ["my_model"]
             and result.get("errors") == 0
             and result.get("wrong_labels") == 0,
         }
@@ -297,8 +304,8 @@ def main(argv=None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="soak-") as work:
         soak = Soak(args.checkpoint, work)
-        soak.start()
-        try:
+        try:  # start() inside: the workdir is deleted below, so the server must never outlive this block
+            soak.start()
             for name in args.scenarios.split(","):
                 kwargs = {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
                 results[name] = getattr(soak, name)(**kwargs)

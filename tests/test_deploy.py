@@ -18,17 +18,22 @@ import datetime
 import http.server
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import zipfile
 
+import psutil
 import pytest
 import requests
 
 from scripts import deploy
 from scripts.archive import write_checksum
-from scripts.server import Ports, ServerError, TorchServe
+from scripts.server import Ports, ServerError, TorchServe, print_status, read_properties
 from tests.conftest import install_archive, train_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
@@ -402,6 +407,25 @@ def test_gate_dry_run_reports_and_changes_nothing(server, store, archive_factory
     assert history(server) == []
 
 
+def test_a_gate_that_cannot_finish_leaves_nothing_registered(
+    server, store, archive_factory, golden, tmp_path, monkeypatch
+):
+    path = install_archive(archive_factory("2.0", backend="onnx"), store, "my_model_v2.0.mar")
+    missing = register_args(path, str(tmp_path / "no-golden"), tmp_path / "gate.json")
+    with pytest.raises(deploy.DeployError, match="no golden set at"):
+        deploy.cmd_register(server, missing)  # read before registering: nothing to clean up
+    assert registered(server) == {"1.0"}
+
+    def interrupted(*args):  # Ctrl-C (or a request error) while the golden set is being scored
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        deploy.cmd_register(server, register_args(path, golden, tmp_path / "gate.json"))
+    assert registered(server) == {"1.0"}  # unregistered again, so that a retry can register it
+    assert deploy.default_version(server, "my_model") == "1.0" and history(server) == []
+
+
 def test_rollback_needs_history(server):
     with pytest.raises(deploy.DeployError, match="no earlier default of my_model to roll back to from 1.0"):
         deploy.rollback(server, "my_model")
@@ -478,6 +502,18 @@ def test_a_non_default_version_can_be_unregistered(server, store, png):
     assert answers(server, png) == 200
 
 
+def test_a_start_that_never_gets_ready_leaves_nothing_running(store, tmp_path):
+    ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(store), ports=Ports.free(), private_tmp=True)
+    try:
+        with pytest.raises(ServerError, match="not ready after"):
+            ts.start(timeout=0.5)  # the JVM alone takes longer than that
+        assert not ts.is_running()  # stopped by start() itself: a second start would say "already running"
+        ours = [p.pid for p in psutil.process_iter(["cmdline"]) if ts.generated_config in (p.info["cmdline"] or [])]
+        assert ours == []
+    finally:
+        ts.stop()
+
+
 # --- development mode ---------------------------------------------------------------------------------------------
 
 
@@ -494,5 +530,135 @@ def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torch
         delete = requests.delete(ts.url("management") + "/models/my_model/1.0", timeout=30)
         assert delete.status_code == 405, delete.text
         assert {v["modelVersion"] for v in deploy.versions(ts, "my_model")} == {"1.0"}
+        # serve.sh status, register_version.sh list and scripts.predict know nothing of --no-tokens: they read
+        # config.properties (tokens on) and must ask the running server instead
+        plain = TorchServe(workdir=ts.workdir, model_store=ts.model_store, ports=ts.ports, private_tmp=True)
+        assert plain.config()["disable_token_authorization"] == "false"
+        assert plain.tokens_enabled is False and plain.auth("management") == {}
+        assert {v["modelVersion"] for v in deploy.versions(plain, "my_model")} == {"1.0"}
+        assert plain.request("POST", "inference", "/predictions/my_model", data=png).status_code == 200
+        print_status(plain)  # raised "cannot read key_file.json: is TorchServe running with tokens on?"
     finally:
         ts.stop()
+    assert plain.tokens_enabled is True  # stopped: back to config.properties
+
+
+# --- units without a server: the generated config, the pid file, the gate's arithmetic ------------------------
+
+ODD_VALUES = {  # what java.util.Properties must get back exactly as config.properties (or an override) meant it
+    "spaces": "  leading and trailing  ",
+    "controls": "tab\there\nnewline\rreturn\fform feed",
+    "specials": "a=b:c#d!e \\ f\\",
+    "unicode": "café 数字 😀",
+    "empty": "",
+    "odd key=with:separators #and! spaces": "x",
+}
+
+
+def config_with_odd_values(tmp_path) -> TorchServe:
+    base = tmp_path / "config.properties"
+    base.write_text(
+        "# written the way config.properties documents it\n"
+        "allowed_urls=https://models\\\\.example\\\\.com/.*\n"
+        "continued=one \\\n    two\n"
+    )
+    return TorchServe(
+        workdir=str(tmp_path / "ts"),
+        model_store=str(tmp_path),
+        ports=Ports(1, 2, 3, 4, 5),
+        base_config=str(base),
+        overrides=ODD_VALUES,
+    )
+
+
+def test_the_generated_config_carries_every_value_unchanged(tmp_path):
+    ts = config_with_odd_values(tmp_path)
+    props = ts.config()
+    assert props["allowed_urls"] == r"https://models\.example\.com/.*" and props["continued"] == "one two"
+    path, _ = ts.write_config(restore=False)
+    assert read_properties(path) == props  # before: every backslash lost one level on the way
+    allowed = read_properties(path)["allowed_urls"]
+    assert re.fullmatch(allowed, "https://models.example.com/my_model.mar")
+    assert not re.fullmatch(allowed, "https://models-example.com/evil.mar")  # the look-alike host
+
+
+JAVA_DUMP = """
+import java.io.*;
+import java.util.*;
+
+public class Dump {
+    public static void main(String[] args) throws Exception {
+        Properties p = new Properties();
+        try (InputStream in = new FileInputStream(args[0])) { p.load(in); }  // as TorchServe's ConfigManager
+        for (String k : p.stringPropertyNames()) System.out.println(hex(k) + " " + hex(p.getProperty(k)));
+    }
+
+    static String hex(String s) {  // UTF-16 code units: no quoting or encoding questions on the way back
+        StringBuilder b = new StringBuilder("x");
+        for (char c : s.toCharArray()) b.append(String.format("%04x", (int) c));
+        return b.toString();
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs Java (TorchServe's frontend does)")
+def test_java_reads_the_generated_config_as_we_do(tmp_path):
+    ts = config_with_odd_values(tmp_path)
+    path, _ = ts.write_config(restore=False)
+    (tmp_path / "Dump.java").write_text(JAVA_DUMP)
+    out = subprocess.run(["java", str(tmp_path / "Dump.java"), path], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    decode = lambda h: bytes.fromhex(h[1:]).decode("utf-16-be", "surrogatepass")
+    java = dict(tuple(map(decode, line.split())) for line in out.stdout.splitlines())
+    assert java == ts.config()
+
+
+def test_the_pid_file_is_looked_up_where_torchserve_writes_it(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # forget the cached folder: gettempdir() reads TMPDIR again
+    ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
+    # TorchServe's CLI writes tempfile.gettempdir()/.model_server.pid in the environment start() gives it
+    cli = [sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"]
+    where = subprocess.run(cli, env=ts.env(), capture_output=True, text=True, check=True).stdout.strip()
+    assert ts.pid_file == os.path.join(where, ".model_server.pid") == str(tmp / ".model_server.pid")
+
+    # a stand-in frontend started like start() starts one, with tokens off (`serve.sh start --no-tokens`)
+    (tmp_path / "generated.properties").write_text("disable_token_authorization=true\n")
+    argv = ["import time; time.sleep(60)", "org.pytorch.serve.ModelServer", "-f", "generated.properties"]
+    fake = subprocess.Popen([sys.executable, "-c", *argv], cwd=tmp_path)
+    try:
+        (tmp / ".model_server.pid").write_text(str(fake.pid))
+        assert ts.pid() == fake.pid and ts.is_running()
+        assert ts.tokens_enabled is False and ts.auth("inference") == {}  # the running one's config decides
+    finally:
+        fake.kill()
+        fake.wait()
+    assert ts.pid() is None and ts.tokens_enabled is True  # not running: config.properties decides
+
+
+@pytest.mark.parametrize("baseline", [100, 99, 98, 97, 90])
+def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypatch):
+    golden = [(b"", "0")] * 100
+    correct = {"default": baseline, "one worse": baseline - 1, "two worse": baseline - 2}
+
+    def score(ts, model, version, golden):  # what deploy.score reports, without a server
+        n = correct[version]
+        return {
+            "version": version,
+            "correct": n,
+            "accuracy": n / 100,
+            "errors": 0,
+            "predictions": ["0"] * n + ["1"] * (100 - n),
+        }
+
+    monkeypatch.setattr(deploy, "score", score)
+    one = deploy.gate(None, "my_model", "one worse", "default", golden, max_drop=1.0)
+    assert one["passed"] is True, one["reason"]  # 0.97 - 0.96 is 1.0000000000000009 points in floats
+    assert "drop of 1.00 points (within the allowed 1.00)" in one["reason"]
+    two = deploy.gate(None, "my_model", "two worse", "default", golden, max_drop=1.0)
+    assert two["passed"] is False and "drop of 2.00 points (over the allowed 1.00)" in two["reason"]
+    assert deploy.accuracy_drop(baseline, baseline - 1, 100, 1.0) == (1.0, True)
+    assert deploy.accuracy_drop(baseline, baseline - 2, 100, 1.0) == (2.0, False)

@@ -84,6 +84,13 @@ def test_predict_script_uses_the_token(server):
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert len(body) == 5 and all(0 <= p <= 1 for p in body.values())
+    # from another directory, with the image path relative to it (predict.sh moves to the repo root)
+    folder, name = os.path.split(os.path.abspath(image))
+    script = os.path.relpath("scripts/predict.sh", folder)
+    out = subprocess.run([script, name, "1.0"], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    again = json.loads(out.stdout)
+    assert len(again) == 5 and next(iter(again)) == next(iter(body))  # the same top label through /1.0
 
 
 def test_register_second_version_promote_and_call_both(server, store, archive_factory):

@@ -1,12 +1,21 @@
-"""The benchmark and soak tools run end to end and write well-formed output (no timing asserts)."""
+"""The tools in scripts/: the benchmark and soak tools run end to end and write well-formed output (no timing
+asserts; slow, real TorchServe); the shell wrappers and the archive builder on their own (fast, no server)."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+from scripts.archive import build_archive, verify_checksum
 
 
+@pytest.mark.slow
+@pytest.mark.torchserve
 def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
     from scripts.bench import get_args_parser, main
 
@@ -41,6 +50,8 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.torchserve
 def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
     from scripts.soak import main
 
@@ -62,3 +73,154 @@ def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
     assert rc == 0
     assert summary["results"]["load"]["requests"] == 300 and summary["results"]["load"]["passed"]
     assert summary["results"]["restart"]["after"]["default"] == "2.0"
+
+
+# --- the archive builder ------------------------------------------------------------------------------------------
+
+
+def fake_export(fail=False):
+    """Stands in for train.export (no checkpoint, no torch export): writes what build_archive packages."""
+
+    def export_all(checkpoint, export_dir, formats):
+        if fail:
+            raise RuntimeError("export failed on purpose")
+        os.makedirs(export_dir)
+        for name, text in (("model.pt", "weights"), ("serving.json", "{}"), ("index_to_name.json", '{"0": "0"}')):
+            with open(os.path.join(export_dir, name), "w") as f:
+                f.write(text)
+        return {"formats": {fmt: {"max_diff": 0.0} for fmt in formats}}
+
+    return types.SimpleNamespace(export_all=export_all)
+
+
+def test_archive_builds_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch):
+    other = "/dev/shm"  # a tmpfs, like /tmp on Fedora, Arch or Debian 13
+    if not os.path.isdir(other) or not os.access(other, os.W_OK) or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip(f"needs {other} writable and on another filesystem than {tmp_path}")
+    tmp = tempfile.mkdtemp(dir=other)
+    try:
+        monkeypatch.setenv("TMPDIR", tmp)
+        monkeypatch.setattr(tempfile, "tempdir", tmp)
+        store = tmp_path / "store"
+        monkeypatch.setitem(sys.modules, "train.export", fake_export())
+        info = build_archive("unused.pt", "3.0", "eager", model_store=str(store))  # os.link raised EXDEV here
+        assert info["archive"] == str(store / "my_model_v3.0.mar")
+        assert verify_checksum(info["archive"]) == info["sha256"]
+        assert sorted(os.listdir(store)) == ["my_model_v3.0.mar", "my_model_v3.0.mar.sha256"]  # no build folder
+
+        monkeypatch.setitem(sys.modules, "train.export", fake_export(fail=True))
+        with pytest.raises(RuntimeError, match="on purpose"):
+            build_archive("unused.pt", "4.0", "eager", model_store=str(store))
+        assert sorted(os.listdir(store)) == ["my_model_v3.0.mar", "my_model_v3.0.mar.sha256"]  # nothing left over
+        assert os.listdir(tmp) == []  # and nothing was built in TMPDIR
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the shell wrappers, in a copy of the repository whose .venv/bin/python only records its calls ---------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for .venv/bin/python: logs each call (working directory, arguments) as one JSON line;
+# `-m pip` fails while FAKE_PIP_FAILS is set and otherwise creates its --target like pip.
+python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$PWD" "$@" >> "$FAKE_PYTHON_LOG"
+if [ "${1:-} ${2:-}" = "-m pip" ]; then
+  [ -z "${FAKE_PIP_FAILS:-}" ] || { echo "ERROR: pip failed on purpose" >&2; exit 1; }
+  prev=
+  for a in "$@"; do [ "$prev" = --target ] && mkdir -p "$a"; prev=$a; done
+fi
+exit 0
+"""
+
+
+def fake_repo(tmp_path, *names):
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in names:
+        shutil.copy2(os.path.join("scripts", name), repo / "scripts" / name)
+    python = repo / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    java = tmp_path / "bin" / "java"  # setup.sh checks for Java 17: never let it reach for apt-get
+    java.parent.mkdir()
+    java.write_text("#!/bin/sh\necho 'openjdk version \"17.0.15\" 2025-04-15' >&2\n")
+    java.chmod(0o755)
+    (repo / "requirements.txt").write_text("torch==2.14.1\n")
+    (repo / "requirements-bench.txt").write_text("captum==0.9.0\n")
+    return repo
+
+
+def run_script(tmp_path, repo, argv, cwd=None, **env):
+    log = tmp_path / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "FAKE_PYTHON_LOG": str(log),
+        **env,
+    }
+    out = subprocess.run(argv, cwd=cwd or repo, env=env, capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return out, calls
+
+
+def test_setup_fails_and_writes_no_stamp_when_pip_fails(tmp_path):
+    repo = fake_repo(tmp_path, "setup.sh")
+    stamp = repo / ".venv" / ".requirements.sha256"
+    out, _ = run_script(tmp_path, repo, ["scripts/setup.sh"], FAKE_PIP_FAILS="1")
+    assert out.returncode != 0  # was 0, with "setup: done" and the stamp written
+    assert "pip failed on purpose" in out.stderr and "setup: pip install failed" in out.stderr
+    assert "setup: done" not in out.stdout and not stamp.exists()
+    out, calls = run_script(tmp_path, repo, ["scripts/setup.sh"])  # so the next run installs again
+    assert out.returncode == 0, out.stderr
+    assert "setup: done" in out.stdout and stamp.exists()
+    assert ["-m", "pip", "install"] == calls[0][1:4]
+
+
+def test_bench_retries_a_failed_install_of_its_extra(tmp_path):
+    repo = fake_repo(tmp_path, "setup.sh", "bench.sh")
+    digest = subprocess.run(["sha256sum", "requirements.txt"], cwd=repo, capture_output=True, text=True).stdout
+    (repo / ".venv" / ".requirements.sha256").write_text(digest.split()[0] + "\n")  # setup.sh: up to date
+    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"], FAKE_PIP_FAILS="1")
+    assert out.returncode != 0 and "pip failed on purpose" in out.stderr
+    assert not (repo / ".bench_deps").exists()  # was left behind, so the install was never tried again
+    assert [c[1:3] for c in calls] == [["-m", "pip"]]  # and the benchmark did not run
+    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"])
+    assert out.returncode == 0, out.stderr
+    assert [c[1:3] for c in calls] == [["-m", "pip"], ["-m", "scripts.bench"]]
+    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"])
+    assert [c[1:] for c in calls] == [["-m", "scripts.bench", "--no-peer"]]  # installed once
+
+
+def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
+    repo = fake_repo(tmp_path, "archive.sh", "register_version.sh", "predict.sh")
+    runs = tmp_path / "work" / "runs"
+    (runs / "v1").mkdir(parents=True)
+    (runs / "v1" / "checkpoint_best.pt").write_bytes(b"")
+    (runs / "3.png").write_bytes(b"")
+    scripts = os.path.relpath(repo / "scripts", runs)
+
+    out, calls = run_script(
+        tmp_path, repo, [f"{scripts}/archive.sh", "3.0", "v1/checkpoint_best.pt", "--output", "a.mar"], cwd=runs
+    )
+    assert out.returncode == 0, out.stderr  # was: "archive: checkpoint v1/checkpoint_best.pt not found"
+    ((where, *argv),) = calls
+    assert where == str(repo)
+    assert argv == [
+        *["-m", "scripts.archive", "--version", "3.0", "--checkpoint", str(runs / "v1" / "checkpoint_best.pt")],
+        *["--output", str(runs / "a.mar")],
+    ]
+
+    argv = ["x.mar", "--promote", "--golden", "v1/golden", "--report=gate.json", "--max-accuracy-drop", "1.0"]
+    out, calls = run_script(tmp_path, repo, [f"{scripts}/register_version.sh", *argv], cwd=runs)
+    assert out.returncode == 0, out.stderr
+    assert calls[0][1:] == [
+        *["-m", "scripts.deploy", "register", str(runs / "x.mar"), "--promote"],
+        *["--golden", str(runs / "v1" / "golden"), f"--report={runs / 'gate.json'}", "--max-accuracy-drop", "1.0"],
+    ]
+    out, calls = run_script(tmp_path, repo, [f"{scripts}/register_version.sh", "unregister", "2.0"], cwd=runs)
+    assert calls[0][1:] == ["-m", "scripts.deploy", "unregister", "2.0"]
+
+    out, calls = run_script(tmp_path, repo, [f"{scripts}/predict.sh", "3.png", "2.0"], cwd=runs)
+    assert out.returncode == 0, out.stderr
+    assert calls[0][1:] == ["-m", "scripts.predict", "--raw", "--version", "2.0", str(runs / "3.png")]
