@@ -289,21 +289,26 @@ def cmd_register(ts: TorchServe, args) -> int:
             f"(/predictions/{model}/{version} serves the new one)"
         )
         return 0
-    # Until the verdict, any failure (a request error, Ctrl-C...) unregisters the candidate again: left
-    # registered but not default, it would make a retry fail with "already registered".
+    # Until the verdict is carried out, any failure (a request error, Ctrl-C...) unregisters the candidate
+    # again: left registered but not default, it would make a retry fail with "already registered".
     try:
-        baseline = default_version(ts, model)
-        if baseline == version:  # the first version of a model is default by itself
-            print(f"{model} {version} is the only version and already default")
-            return 0
-        report = gate(ts, model, version, baseline, golden, args.max_accuracy_drop)
-        print_report(report)
-        if args.report:
-            with open(args.report, "w") as f:
-                json.dump(report, f, indent=1)
+        return run_gate(ts, model, version, golden, args)
     except BaseException:
         withdraw(ts, model, version)
         raise
+
+
+def run_gate(ts: TorchServe, model: str, version: str, golden, args) -> int:
+    """Gate a registered candidate against the default and carry out the verdict (promote, or unregister)."""
+    baseline = default_version(ts, model)
+    if baseline == version:  # the first version of a model is default by itself
+        print(f"{model} {version} is the only version and already default")
+        return 0
+    report = gate(ts, model, version, baseline, golden, args.max_accuracy_drop)
+    print_report(report)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
     if args.dry_run:
         unregister(ts, model, version)
         print(f"dry run: {model} {version} unregistered again; {baseline} stays default")
@@ -312,11 +317,7 @@ def cmd_register(ts: TorchServe, args) -> int:
         unregister(ts, model, version)
         print(f"rejected: {model} {version} unregistered; {baseline} stays default", flush=True)
         return EXIT_REJECTED
-    try:
-        set_default(ts, model, version, reason="gate passed: " + report["reason"])
-    except BaseException:
-        withdraw(ts, model, version)
-        raise
+    set_default(ts, model, version, reason="gate passed: " + report["reason"])
     print(f"promoted: {model} {version} is now default (was {baseline})")
     return 0
 

@@ -4,9 +4,10 @@
 # The key is read from key_file.json in Python (never on a command line, where `ps` shows it) and an
 # expired one is refreshed. TS_INFERENCE_URL / TS_KEY_FILE point it at another server (the tests use their own).
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
 [ $# -ge 1 ] || { echo "usage: scripts/predict.sh IMAGE [VERSION]" >&2; exit 2; }
 image=$1 version=${2:-}
 [ -f "$image" ] || { echo "predict: $image not found" >&2; exit 1; }
-case $image in /*) ;; *) image=$PWD/$image ;; esac  # relative to where we were called from, not the repo root
+image=$(abspath "$image")
 cd "$(dirname "$0")/.."
 exec .venv/bin/python -m scripts.predict --raw ${version:+--version "$version"} "$image"

@@ -193,7 +193,7 @@ def test_bench_retries_a_failed_install_of_its_extra(tmp_path):
 
 
 def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
-    repo = fake_repo(tmp_path, "archive.sh", "register_version.sh", "predict.sh")
+    repo = fake_repo(tmp_path, "archive.sh", "register_version.sh", "predict.sh", "paths.sh")
     runs = tmp_path / "work" / "runs"
     (runs / "v1").mkdir(parents=True)
     (runs / "v1" / "checkpoint_best.pt").write_bytes(b"")

@@ -311,8 +311,7 @@ def main(args):
         prep = make_preprocessing(args)
     augment = args.augment if args.augment != "auto" else ("affine" if prep.channels == 1 else "crop-flip")
     train_set, val_set = datalib.build_datasets(args.data, prep, augment, args.limit_samples)
-    base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
-    class_names = base.classes
+    class_names = datalib.base_and_indices(train_set)[0].classes
     if resume_ckpt:
         check_resume_classes(args, resume_ckpt, class_names)
     train_loader, val_loader, train_sampler = datalib.build_loaders(
