@@ -1,5 +1,4 @@
-"""Building blocks the project owns: weight-normalised linear, learnable Swish,
-a gradient-masking clamp and a residual block."""
+"""Building blocks the project owns: weight-normalised linear, learnable Swish and a residual block."""
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +51,6 @@ class Swish(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.beta * x)
-
-
-class _MaskedClamp(torch.autograd.Function):
-    """clamp(x, lo, hi) whose gradient is exactly zero outside [lo, hi]."""
-
-    @staticmethod
-    def forward(ctx, x, lo: float, hi: float):
-        ctx.save_for_backward(x)
-        ctx.lo, ctx.hi = lo, hi
-        return x.clamp(lo, hi)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        inside = (x >= ctx.lo) & (x <= ctx.hi)
-        return grad_out * inside.to(grad_out.dtype), None, None
-
-
-def masked_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    return _MaskedClamp.apply(x, lo, hi)
 
 
 def make_activation(name: str) -> nn.Module:

@@ -12,4 +12,4 @@ version=$1 checkpoint=$2; shift 2
 checkpoint=$(abspath "$checkpoint")
 absolute_options "--output --model-store --config-file" "$@"
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m scripts.archive --version "$version" --checkpoint "$checkpoint" ${ARGS[@]+"${ARGS[@]}"}
+exec .venv/bin/python -m deploy.archive --version "$version" --checkpoint "$checkpoint" ${ARGS[@]+"${ARGS[@]}"}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark: in-process limit vs served (concurrency 1/4/16/64) vs TorchServe's stock handler,
-# plus cold start. Writes bench_results/bench.{json,png}. Arguments go to scripts/bench.py.
+# plus cold start. Writes bench_results/bench.{json,png}. Arguments go to bench/bench.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -18,4 +18,4 @@ if [ ! -f .bench_deps/.installed ]; then
   grep -v "is ignored: it is neither a file nor a directory" "$log" || true
   touch .bench_deps/.installed
 fi
-exec .venv/bin/python -m scripts.bench "$@"
+exec .venv/bin/python -m bench.bench "$@"

@@ -10,4 +10,4 @@ image=$1 version=${2:-}
 [ -f "$image" ] || { echo "predict: $image not found" >&2; exit 1; }
 image=$(abspath "$image")
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m scripts.predict --raw ${version:+--version "$version"} "$image"
+exec .venv/bin/python -m deploy.predict --raw ${version:+--version "$version"} "$image"

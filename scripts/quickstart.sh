@@ -41,13 +41,13 @@ archive 1.0 runs/v1 model_store/my_model.mar
 
 step "5/9 start TorchServe (inference :8080, management :8081, metrics :8082)"
 # Capture first: `grep -q` on a pipe would close it early and break the writer under pipefail.
-status=$($PY -m scripts.server status)
+status=$($PY -m deploy.serve status)
 if grep -q "is running" <<<"$status"; then
   echo "TorchServe is already running: keeping it"
 else
   scripts/serve.sh start
 fi
-$PY -m scripts.predict $(ls data/digits/val/*/*.png | awk 'NR % 36 == 1')
+$PY -m deploy.predict $(ls data/digits/val/*/*.png | awk 'NR % 36 == 1')
 
 step "6/9 train version 2.0 (another recipe: SGD + Nesterov, focal loss, step schedule, wider)"
 train runs/v2 --opt sgd --lr 0.05 --lr-scheduler step --lr-step-size 8 --loss focal --widths 48,96,192 --epochs 12 --seed 1
@@ -60,7 +60,7 @@ step "8/9 register 2.0 through the management API; promote it only if it passes 
 # that stopped mid-gate (or a registration without --promote), or a rollback after 2.0 was promoted.
 # A re-run does what a fresh run would, except that it keeps a rollback (someone chose it): it gates
 # 2.0 unless 2.0 is default or its promotion is in the history that rollback reads.
-listed=$($PY -m scripts.deploy list || true)
+listed=$($PY -m deploy.register_version list || true)
 if grep -Eq "^my_model 2\.0 +default" <<<"$listed"; then
   echo "2.0 is already the default"
   echo "$listed"
@@ -78,9 +78,9 @@ fi
 
 step "9/9 predict through both versions"
 imgs=$(ls data/digits/val/*/*.png | awk 'NR % 36 == 7')
-$PY -m scripts.predict --version 1.0 $imgs
-$PY -m scripts.predict --version 2.0 $imgs
-$PY -m scripts.deploy list
+$PY -m deploy.predict --version 1.0 $imgs
+$PY -m deploy.predict --version 2.0 $imgs
+$PY -m deploy.register_version list
 
 token='$(python3 -c "import json; print(json.load(open(\"key_file.json\"))[\"inference\"][\"key\"])")'
 mtoken='$(python3 -c "import json; print(json.load(open(\"key_file.json\"))[\"management\"][\"key\"])")'

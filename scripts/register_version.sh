@@ -8,8 +8,8 @@ set -euo pipefail
 source "$(dirname "$0")/paths.sh"
 [ $# -ge 1 ] || { echo "usage: scripts/register_version.sh ARCHIVE [--promote|--dry-run] [--golden DIR] | list | rollback | unregister VERSION" >&2; exit 2; }
 case "$1" in
-  list|rollback|unregister) cd "$(dirname "$0")/.."; exec .venv/bin/python -m scripts.deploy "$@" ;;
+  list|rollback|unregister) cd "$(dirname "$0")/.."; exec .venv/bin/python -m deploy.register_version "$@" ;;
 esac
 absolute_options "--golden --report" "$(abspath "$1")" "${@:2}"
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m scripts.deploy register "${ARGS[@]}"
+exec .venv/bin/python -m deploy.register_version register "${ARGS[@]}"

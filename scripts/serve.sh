@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: scripts/serve.sh start|stop|status|restart [options]" >&2; exit 2; }
-exec .venv/bin/python -m scripts.server "$@"
+exec .venv/bin/python -m deploy.serve "$@"

@@ -1,13 +1,11 @@
-"""Shared fixtures. Tests run from the repository root, like the scripts."""
+"""Shared fixtures. Paths come from deploy.settings, so the tests run from any working directory
+(pyproject.toml puts the repository root on sys.path)."""
 
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.chdir(ROOT)
+from deploy.settings import ROOT  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +57,7 @@ def archive_factory(checkpoint, tmp_path_factory):
 
     Archives are cached per (version, backend, checkpoint), so each is built once per session.
     """
-    from scripts.archive import build_archive
+    from deploy.archive import build_archive
 
     cache_root = tmp_path_factory.mktemp("archives")
     built = {}
@@ -81,7 +79,7 @@ def install_archive(archive, store, name=None):
     """Copy an archive and its .sha256 into a model store (under `name`, keeping the checksum valid)."""
     import shutil
 
-    from scripts.archive import write_checksum
+    from deploy.archive import write_checksum
 
     target = os.path.join(str(store), name or os.path.basename(archive))
     shutil.copyfile(archive, target)
@@ -94,7 +92,7 @@ def torchserve_factory(tmp_path_factory):
     """start(store, overrides=None, models=...) -> a running TorchServe on free ports (own workdir, TMPDIR,
     key file and logs, so a demo server on 8080-8082 is untouched); every one is stopped when the module ends,
     whatever happened."""
-    from scripts.server import Ports, TorchServe
+    from deploy.server import Ports, TorchServe
 
     started = []
 

@@ -31,14 +31,18 @@ import psutil
 import pytest
 import requests
 
-from scripts import deploy
-from scripts.archive import write_checksum
-from scripts.server import Ports, ServerError, TorchServe, print_status, read_properties
+from deploy import gate as gatelib
+from deploy import management, register_version, versions
+from deploy.archive import write_checksum
+from deploy.properties import read_properties
+from deploy.serve import print_status
+from deploy.server import Ports, ServerError, TorchServe
+from deploy.settings import DIGITS_DIR
 from tests.conftest import install_archive, train_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
-VAL3 = os.path.join("data", "digits", "val", "3")
+VAL3 = os.path.join(DIGITS_DIR, "val", "3")
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
 
@@ -54,22 +58,15 @@ def answers(ts, png, version=None):
 
 
 def registered(ts):
-    return {v["modelVersion"] for v in deploy.versions(ts, "my_model")}
+    return {v["modelVersion"] for v in management.versions(ts, "my_model")}
 
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
 
 
-def history(ts):
-    if not os.path.exists(deploy.history_path(ts)):
-        return []
-    with open(deploy.history_path(ts)) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def register_args(archive, golden, report, **kw):
-    """What deploy.main() builds for `register ARCHIVE --promote --golden GOLDEN --report REPORT`."""
+    """What register_version.main() builds for `register ARCHIVE --promote --golden GOLDEN --report REPORT`."""
     args = dict(archive=archive, workers=1, promote=True, dry_run=False, golden=golden, max_accuracy_drop=1.0)
     args.update(report=str(report), **kw)
     return argparse.Namespace(**args)
@@ -133,7 +130,7 @@ def test_management_token_refresh_rewrites_only_that_key(server, png):
     old = requests.get(url, headers=bearer(before["management"]["key"]), timeout=30)
     assert old.status_code == 400 and old.json()["type"] == "InvalidKeyException"  # the old key is dead at once
     # the tools read key_file.json on every call, so they keep working
-    assert deploy.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
+    assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
     assert answers(server, png) == 200
 
 
@@ -163,7 +160,7 @@ def test_expired_keys_are_refreshed_by_the_tools(store, torchserve_factory, png)
         stale = requests.get(ts.url("management") + "/models", headers=bearer(keys["management"]["key"]), timeout=30)
         assert stale.status_code == 400 and stale.json()["message"] == INVALID_KEY
         assert answers(ts, png) == 200  # request(): 400, GET /token?type=inference, retry
-        assert deploy.default_version(ts, "my_model") == "1.0"
+        assert management.default_version(ts, "my_model") == "1.0"
         fresh = ts.keys()
         assert fresh["inference"]["key"] != keys["inference"]["key"]
         assert fresh["management"]["key"] != keys["management"]["key"]
@@ -177,7 +174,7 @@ class Recorder(http.server.HTTPServer):
 
     def __init__(self, key_file):
         super().__init__(("127.0.0.1", 0), RecorderHandler)
-        self.key_file, self.seen = key_file, []
+        self.key_file, self.seen, self.accept = key_file, [], "new"
 
 
 class RecorderHandler(http.server.BaseHTTPRequestHandler):
@@ -188,7 +185,7 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
             with open(self.server.key_file, "w") as f:
                 json.dump({**keys, "API": {"key": "api"}}, f)
             body, code = b"", 200
-        elif self.headers.get("Authorization") == "Bearer new":
+        elif self.headers.get("Authorization") == f"Bearer {self.server.accept}":
             body, code = b"{}", 200
         else:
             body, code = json.dumps({"code": 400, "type": "InvalidKeyException", "message": INVALID_KEY}).encode(), 400
@@ -219,6 +216,31 @@ def test_request_retries_after_a_refresh_with_the_callers_headers(tmp_path):
         assert token["Authorization"] == "Bearer api"
         assert first["Authorization"] == "Bearer old" and retry["Authorization"] == "Bearer new"
         assert retry["Content-Type"] == "image/png" and retry["X-Trace"] == "7"  # not dropped on the retry
+    finally:
+        stub.shutdown()
+        stub.server_close()
+
+
+def test_keys_are_read_once_and_read_again_when_refused(tmp_path):
+    def write_keys(key):
+        key_file.write_text(json.dumps({"inference": {"key": key}, "management": {"key": key}, "API": {"key": "api"}}))
+
+    key_file = tmp_path / "key_file.json"
+    write_keys("k1")
+    stub = Recorder(str(key_file))
+    stub.accept = "k1"
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        port = stub.server_port
+        ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(port, port, port, 1, 2))
+        reads, read_keys = [], ts.read_keys
+        ts.read_keys = lambda: reads.append(1) or read_keys()
+        assert [ts.request("GET", "inference", "/x").status_code for _ in range(5)] == [200] * 5
+        assert len(reads) == 1  # was one read of the key file (and of pid file, process, configs) per request
+        stub.accept = "k2"  # the server restarted with new keys
+        write_keys("k2")
+        assert ts.request("GET", "management", "/x").status_code == 200
+        assert len(reads) == 2 and not any(path.startswith("/token") for path, _ in stub.seen)
     finally:
         stub.shutdown()
         stub.server_close()
@@ -308,18 +330,18 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
 
     tampered = install_archive(good, store, "tampered.mar")  # checksum written, then one byte changes
     flip_byte(tampered, os.path.getsize(tampered) // 2)
-    with pytest.raises(deploy.DeployError, match=r"tampered.mar: SHA-256 .* does not match .* changed after it"):
-        deploy.register(server, tampered)
+    with pytest.raises(management.DeployError, match=r"tampered.mar: SHA-256 .* does not match .* changed after it"):
+        versions.register(server, tampered)
 
     unsigned = install_archive(good, store, "unsigned.mar")
     os.remove(unsigned + ".sha256")
-    with pytest.raises(deploy.DeployError, match=r"unsigned.mar.sha256 is missing"):
-        deploy.register(server, unsigned)
+    with pytest.raises(management.DeployError, match=r"unsigned.mar.sha256 is missing"):
+        versions.register(server, unsigned)
 
     truncated = truncate_half(good, os.path.join(store, "truncated.mar"))
     write_checksum(truncated)  # the checksum matches: only the zip check can catch it
-    with pytest.raises(deploy.DeployError, match=r"truncated.mar is not a valid .mar \(truncated or corrupt zip"):
-        deploy.register(server, truncated)
+    with pytest.raises(management.DeployError, match=r"truncated.mar is not a valid .mar \(truncated or corrupt zip"):
+        versions.register(server, truncated)
 
     # a broken deflate stream (first byte 0xFF: reserved block type) with a matching checksum: zipfile.testzip()
     # lets zlib.error through, read_manifest must still turn it into a DeployError
@@ -332,16 +354,20 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
         f.seek(info.header_offset + 30 + name_len + extra_len)
         f.write(b"\xff")
     write_checksum(broken)
-    with pytest.raises(deploy.DeployError, match=r"broken.mar is not a valid .mar"):
-        deploy.register(server, broken)
+    with pytest.raises(management.DeployError, match=r"broken.mar is not a valid .mar"):
+        versions.register(server, broken)
 
     elsewhere = install_archive(good, tmp_path, "my_model.mar")
-    with pytest.raises(deploy.DeployError, match=r"is not in the model store .*only archives there can be registered"):
-        deploy.register(server, elsewhere)
-    with pytest.raises(deploy.DeployError, match="does not exist"):
-        deploy.register(server, os.path.join(store, "nowhere.mar"))
-    with pytest.raises(deploy.DeployError, match="my_model 1.0 is already registered"):
-        deploy.register(server, os.path.join(store, "my_model.mar"))
+    with pytest.raises(
+        management.DeployError, match=r"is not in the model store .*only archives there can be registered"
+    ):
+        versions.register(server, elsewhere)
+    with pytest.raises(management.DeployError, match="does not exist"):
+        versions.register(server, os.path.join(store, "nowhere.mar"))
+    with pytest.raises(management.DeployError, match="my_model 1.0 is already registered"):
+        versions.register(server, os.path.join(store, "my_model.mar"))
+    with pytest.raises(management.DeployError, match="my_model.mar holds model 'my_model', not 'imagenet'"):
+        versions.register(server, os.path.join(store, "my_model.mar"), model="imagenet")  # was: --model ignored
 
     assert registered(server) == {"1.0"}
 
@@ -354,7 +380,7 @@ def test_a_truncated_archive_sent_straight_to_torchserve_leaves_serving_alone(se
     assert resp.json()["type"] == "InternalServerException" and "half.mar" in resp.json()["message"]
     duplicate = server.request("POST", "management", "/models?url=my_model.mar&synchronous=true")
     assert duplicate.status_code == 409, duplicate.text  # and an existing version is not replaced
-    assert registered(server) == {"1.0"} and deploy.default_version(server, "my_model") == "1.0"
+    assert registered(server) == {"1.0"} and management.default_version(server, "my_model") == "1.0"
     assert answers(server, png) == 200
     ping = server.request("GET", "inference", "/ping")
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
@@ -380,7 +406,7 @@ def golden(trained):
 def test_gate_rejects_a_bad_model(server, store, archive_factory, bad_checkpoint, golden, tmp_path, png):
     path = install_archive(archive_factory("3.0", ckpt=bad_checkpoint), store, "my_model_v3.0.mar")
     report_path = tmp_path / "gate.json"
-    assert deploy.cmd_register(server, register_args(path, golden, report_path)) == deploy.EXIT_REJECTED
+    assert register_version.cmd_register(server, register_args(path, golden, report_path)) == versions.EXIT_REJECTED
     with open(report_path) as f:
         report = json.load(f)
     assert report["passed"] is False and report["images"] == 100
@@ -388,23 +414,23 @@ def test_gate_rejects_a_bad_model(server, store, archive_factory, bad_checkpoint
     assert report["candidate"]["accuracy"] < 0.5 < 0.9 < report["baseline"]["accuracy"]
     assert report["candidate"]["errors"] == report["baseline"]["errors"] == 0
     assert "over the allowed 1.00" in report["reason"]
-    assert deploy.default_version(server, "my_model") == "1.0"
+    assert management.default_version(server, "my_model") == "1.0"
     assert registered(server) == {"1.0"}  # the rejected version was unregistered again
-    assert history(server) == []  # nothing was promoted
+    assert versions.history(server) == []  # nothing was promoted
     assert answers(server, png) == 200
 
 
 def test_gate_dry_run_reports_and_changes_nothing(server, store, archive_factory, golden, tmp_path):
     path = install_archive(archive_factory("2.0", backend="onnx"), store, "my_model_v2.0.mar")
     args = register_args(path, golden, tmp_path / "dry.json", promote=False, dry_run=True)
-    assert deploy.cmd_register(server, args) == 0
+    assert register_version.cmd_register(server, args) == 0
     with open(tmp_path / "dry.json") as f:
         report = json.load(f)
     assert report["passed"] is True and report["candidate"]["version"] == "2.0"
     assert report["candidate"]["accuracy"] > 0.9 and report["baseline"]["accuracy"] > 0.9
-    assert deploy.default_version(server, "my_model") == "1.0"
+    assert management.default_version(server, "my_model") == "1.0"
     assert registered(server) == {"1.0"}  # 2.0 was unregistered after the report
-    assert history(server) == []
+    assert versions.history(server) == []
 
 
 def test_a_gate_that_cannot_finish_leaves_nothing_registered(
@@ -412,54 +438,54 @@ def test_a_gate_that_cannot_finish_leaves_nothing_registered(
 ):
     path = install_archive(archive_factory("2.0", backend="onnx"), store, "my_model_v2.0.mar")
     missing = register_args(path, str(tmp_path / "no-golden"), tmp_path / "gate.json")
-    with pytest.raises(deploy.DeployError, match="no golden set at"):
-        deploy.cmd_register(server, missing)  # read before registering: nothing to clean up
+    with pytest.raises(management.DeployError, match="no golden set at"):
+        register_version.cmd_register(server, missing)  # read before registering: nothing to clean up
     assert registered(server) == {"1.0"}
 
     def interrupted(*args):  # Ctrl-C (or a request error) while the golden set is being scored
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deploy, "score", interrupted)
+    monkeypatch.setattr(gatelib, "score", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        deploy.cmd_register(server, register_args(path, golden, tmp_path / "gate.json"))
+        register_version.cmd_register(server, register_args(path, golden, tmp_path / "gate.json"))
     assert registered(server) == {"1.0"}  # unregistered again, so that a retry can register it
-    assert deploy.default_version(server, "my_model") == "1.0" and history(server) == []
+    assert management.default_version(server, "my_model") == "1.0" and versions.history(server) == []
 
 
 def test_rollback_needs_history(server):
-    with pytest.raises(deploy.DeployError, match="no earlier default of my_model to roll back to from 1.0"):
-        deploy.rollback(server, "my_model")
-    with pytest.raises(deploy.DeployError, match="not_a_model is not registered"):
-        deploy.rollback(server, "not_a_model")
+    with pytest.raises(management.DeployError, match="no earlier default of my_model to roll back to from 1.0"):
+        versions.rollback(server, "my_model")
+    with pytest.raises(management.DeployError, match="not_a_model is not registered"):
+        versions.rollback(server, "not_a_model")
 
 
 def test_gate_promotes_a_good_model_and_rollback_undoes_it(server, store, golden, tmp_path, png):
     path = os.path.join(store, "my_model_v2.0.mar")  # same good checkpoint as 1.0, exported to ONNX
-    assert deploy.cmd_register(server, register_args(path, golden, tmp_path / "gate.json")) == 0
+    assert register_version.cmd_register(server, register_args(path, golden, tmp_path / "gate.json")) == 0
     with open(tmp_path / "gate.json") as f:
         report = json.load(f)
     assert report["passed"] is True and report["agreement"] > 0.95
     assert report["candidate"]["accuracy"] == pytest.approx(report["baseline"]["accuracy"], abs=0.02)
-    assert deploy.default_version(server, "my_model") == "2.0" and registered(server) == {"1.0", "2.0"}
-    (entry,) = history(server)
+    assert management.default_version(server, "my_model") == "2.0" and registered(server) == {"1.0", "2.0"}
+    (entry,) = versions.history(server)
     assert (entry["version"], entry["previous"]) == ("2.0", "1.0") and entry["reason"].startswith("gate passed")
 
-    assert deploy.rollback(server, "my_model") == ("2.0", "1.0")
-    assert deploy.default_version(server, "my_model") == "1.0"
+    assert versions.rollback(server, "my_model") == ("2.0", "1.0")
+    assert management.default_version(server, "my_model") == "1.0"
     assert answers(server, png) == answers(server, png, "1.0") == answers(server, png, "2.0") == 200
-    assert deploy.rollback(server, "my_model") == ("1.0", "2.0")  # rollback of the rollback
-    assert deploy.default_version(server, "my_model") == "2.0"
-    assert [e["version"] for e in history(server)] == ["2.0", "1.0", "2.0"]
+    assert versions.rollback(server, "my_model") == ("1.0", "2.0")  # rollback of the rollback
+    assert management.default_version(server, "my_model") == "2.0"
+    assert [e["version"] for e in versions.history(server)] == ["2.0", "1.0", "2.0"]
 
 
 def test_the_default_cannot_be_unregistered_while_others_exist(server, png):
-    with pytest.raises(deploy.DeployError, match="my_model 2.0 is the default version; set another default first"):
-        deploy.unregister(server, "my_model", "2.0")
+    with pytest.raises(management.DeployError, match="my_model 2.0 is the default version; set another default first"):
+        versions.unregister(server, "my_model", "2.0")
     raw = server.request("DELETE", "management", "/models/my_model/2.0")
     assert raw.status_code == 403, raw.text  # TorchServe refuses too
-    with pytest.raises(deploy.DeployError, match="my_model 9.9 is not registered"):
-        deploy.unregister(server, "my_model", "9.9")
-    assert registered(server) == {"1.0", "2.0"} and deploy.default_version(server, "my_model") == "2.0"
+    with pytest.raises(management.DeployError, match="my_model 9.9 is not registered"):
+        versions.unregister(server, "my_model", "9.9")
+    assert registered(server) == {"1.0", "2.0"} and management.default_version(server, "my_model") == "2.0"
     assert answers(server, png) == 200
 
 
@@ -472,11 +498,11 @@ def test_restart_keeps_versions_and_default(server, png):
     info = server.start()
     assert info["restored"] is True
     assert set(info["models"]) == {"my_model"}
-    assert registered(server) == {"1.0", "2.0"} and deploy.default_version(server, "my_model") == "2.0"
+    assert registered(server) == {"1.0", "2.0"} and management.default_version(server, "my_model") == "2.0"
     assert answers(server, png, "1.0") == answers(server, png, "2.0") == answers(server, png) == 200
     # the promotion history lives in the workdir too: rollback still works after the restart
-    assert deploy.rollback(server, "my_model") == ("2.0", "1.0")
-    assert deploy.default_version(server, "my_model") == "1.0"
+    assert versions.rollback(server, "my_model") == ("2.0", "1.0")
+    assert management.default_version(server, "my_model") == "1.0"
 
 
 def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, capsys):
@@ -488,16 +514,16 @@ def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, c
         info = server.start()
         assert "my_model 1.0: my_model.mar is no longer in the model store; not restoring it" in capsys.readouterr().err
         assert info["restored"] is True
-        assert registered(server) == {"2.0"} and deploy.default_version(server, "my_model") == "2.0"
+        assert registered(server) == {"2.0"} and management.default_version(server, "my_model") == "2.0"
         assert answers(server, png) == answers(server, png, "2.0") == 200
     finally:
         shutil.move(mar + ".away", mar)
 
 
 def test_a_non_default_version_can_be_unregistered(server, store, png):
-    assert deploy.register(server, os.path.join(store, "my_model.mar")) == ("my_model", "1.0")  # archive is back
-    assert deploy.default_version(server, "my_model") == "2.0"  # registering never changes the default
-    deploy.unregister(server, "my_model", "1.0")
+    assert versions.register(server, os.path.join(store, "my_model.mar")) == ("my_model", "1.0")  # archive is back
+    assert management.default_version(server, "my_model") == "2.0"  # registering never changes the default
+    versions.unregister(server, "my_model", "1.0")
     assert registered(server) == {"2.0"}
     assert answers(server, png) == 200
 
@@ -529,13 +555,13 @@ def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torch
         assert register.status_code == 405, register.text
         delete = requests.delete(ts.url("management") + "/models/my_model/1.0", timeout=30)
         assert delete.status_code == 405, delete.text
-        assert {v["modelVersion"] for v in deploy.versions(ts, "my_model")} == {"1.0"}
-        # serve.sh status, register_version.sh list and scripts.predict know nothing of --no-tokens: they read
+        assert {v["modelVersion"] for v in management.versions(ts, "my_model")} == {"1.0"}
+        # serve.sh status, register_version.sh list and deploy.predict know nothing of --no-tokens: they read
         # config.properties (tokens on) and must ask the running server instead
         plain = TorchServe(workdir=ts.workdir, model_store=ts.model_store, ports=ts.ports, private_tmp=True)
         assert plain.config()["disable_token_authorization"] == "false"
         assert plain.tokens_enabled is False and plain.auth("management") == {}
-        assert {v["modelVersion"] for v in deploy.versions(plain, "my_model")} == {"1.0"}
+        assert {v["modelVersion"] for v in management.versions(plain, "my_model")} == {"1.0"}
         assert plain.request("POST", "inference", "/predictions/my_model", data=png).status_code == 200
         print_status(plain)  # raised "cannot read key_file.json: is TorchServe running with tokens on?"
     finally:
@@ -644,7 +670,7 @@ def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypat
     golden = [(b"", "0")] * 100
     correct = {"default": baseline, "one worse": baseline - 1, "two worse": baseline - 2}
 
-    def score(ts, model, version, golden):  # what deploy.score reports, without a server
+    def score(ts, model, version, golden):  # what gatelib.score reports, without a server
         n = correct[version]
         return {
             "version": version,
@@ -654,11 +680,11 @@ def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypat
             "predictions": ["0"] * n + ["1"] * (100 - n),
         }
 
-    monkeypatch.setattr(deploy, "score", score)
-    one = deploy.gate(None, "my_model", "one worse", "default", golden, max_drop=1.0)
+    monkeypatch.setattr(gatelib, "score", score)
+    one = gatelib.gate(None, "my_model", "one worse", "default", golden, max_drop=1.0)
     assert one["passed"] is True, one["reason"]  # 0.97 - 0.96 is 1.0000000000000009 points in floats
     assert "drop of 1.00 points (within the allowed 1.00)" in one["reason"]
-    two = deploy.gate(None, "my_model", "two worse", "default", golden, max_drop=1.0)
+    two = gatelib.gate(None, "my_model", "two worse", "default", golden, max_drop=1.0)
     assert two["passed"] is False and "drop of 2.00 points (over the allowed 1.00)" in two["reason"]
-    assert deploy.accuracy_drop(baseline, baseline - 1, 100, 1.0) == (1.0, True)
-    assert deploy.accuracy_drop(baseline, baseline - 2, 100, 1.0) == (2.0, False)
+    assert gatelib.accuracy_drop(baseline, baseline - 1, 100, 1.0) == (1.0, True)
+    assert gatelib.accuracy_drop(baseline, baseline - 2, 100, 1.0) == (2.0, False)

@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from deploy import management, versions
+from deploy.settings import DIGITS_DIR
 from model_src.runtime import Predictor
-from scripts import deploy
 from tests.conftest import install_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
-VAL = os.path.join("data", "digits", "val")
+VAL = os.path.join(DIGITS_DIR, "val")
 
 
 def val_images():
@@ -95,14 +96,14 @@ def test_predict_script_uses_the_token(server):
 
 def test_register_second_version_promote_and_call_both(server, store, archive_factory):
     install_archive(archive_factory("2.0", backend="onnx"), store, "my_model_v2.0.mar")
-    assert deploy.register(server, os.path.join(store, "my_model_v2.0.mar")) == ("my_model", "2.0")
-    assert deploy.default_version(server, "my_model") == "1.0"  # registering never changes the default
-    deploy.set_default(server, "my_model", "2.0", reason="test")
-    assert deploy.default_version(server, "my_model") == "2.0"
+    assert versions.register(server, os.path.join(store, "my_model_v2.0.mar")) == ("my_model", "2.0")
+    assert management.default_version(server, "my_model") == "1.0"  # registering never changes the default
+    versions.set_default(server, "my_model", "2.0", reason="test")
+    assert management.default_version(server, "my_model") == "2.0"
     data = open(val_images()[100][0], "rb").read()
     answers = [post(server, data, v) for v in ("1.0", "2.0", None)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     labels = [next(iter(a.json())) for a in answers]
     assert labels[0] == labels[1] == labels[2]  # same weights, eager vs ONNX
-    listed = {v["modelVersion"] for v in deploy.versions(server, "my_model")}
+    listed = {v["modelVersion"] for v in management.versions(server, "my_model")}
     assert listed == {"1.0", "2.0"}

@@ -21,10 +21,10 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import get_yaml_config
 
+from deploy.settings import METRICS_CONFIG
 from handlers.image_classifier import DEFAULTS, ImageClassifier, top_k
 from model_src.preprocessing import Preprocessing
 from tests import images
-from tests.conftest import ROOT
 from train.data import CachedImages
 
 BACKENDS = ["eager", "torchscript", "onnx", "int8"]
@@ -46,7 +46,7 @@ def unpack(archive, dest):
 def make_handler(archive, dest, handler_cfg=None, batch_size=8):
     model_dir, manifest, cfg = unpack(archive, dest)
     cfg["handler"].update(handler_cfg or {})
-    metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
+    metrics = MetricsCacheYamlImpl(METRICS_CONFIG)
     metrics.initialize_cache()
     metrics.model_name = "my_model"  # as ts/model_service_worker.py does before loading
     ctx = Context(

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.layers import ResidualBlock, Swish, WNLinear, make_activation, masked_clamp
+from model_src.layers import ResidualBlock, Swish, WNLinear, make_activation
 from model_src.net import (
     DEFAULT_MODEL_ARGS,
     build_model,
@@ -105,27 +105,6 @@ def test_make_activation():
     assert isinstance(make_activation("silu"), nn.SiLU)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         make_activation("gelu")
-
-
-# --- masked_clamp ---------------------------------------------------------------------------------
-
-
-def test_masked_clamp_forward_is_clamp():
-    x = torch.randn(200) * 3
-    assert torch.equal(masked_clamp(x, -1.0, 1.5), x.clamp(-1.0, 1.5))
-
-
-def test_masked_clamp_gradient_is_zero_outside_and_one_inside():
-    x = torch.tensor([-3.0, -1.0001, -1.0, -0.5, 0.0, 0.7, 1.0, 1.0001, 4.0], requires_grad=True)
-    masked_clamp(x, -1.0, 1.0).backward(torch.full_like(x, 2.0))
-    inside = (x >= -1.0) & (x <= 1.0)
-    assert torch.equal(x.grad, 2.0 * inside.float())
-    assert x.grad.tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
-
-
-def test_masked_clamp_gradcheck_away_from_the_boundaries():
-    x = torch.tensor([-3.0, -0.7, 0.2, 0.6, 2.5, 0.99, -0.99], dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: masked_clamp(t, -1.0, 1.0), (x,))
 
 
 # --- ResidualBlock --------------------------------------------------------------------------------

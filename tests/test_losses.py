@@ -1,11 +1,11 @@
-"""Unit tests for model_src/losses.py: focal loss, IoU loss and build_criterion."""
+"""Unit tests for train/losses.py: focal loss, IoU loss, build_criterion and the masked clamp."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_src.losses import FocalLoss, IoULoss, box_iou, build_criterion
+from train.losses import FocalLoss, IoULoss, box_iou, build_criterion, masked_clamp
 
 
 @pytest.fixture(autouse=True)
@@ -202,3 +202,24 @@ def test_build_criterion_focal():
 def test_build_criterion_unknown():
     with pytest.raises(ValueError, match="unknown loss 'mse'"):
         build_criterion("mse")
+
+
+# --- masked_clamp ---------------------------------------------------------------------------------
+
+
+def test_masked_clamp_forward_is_clamp():
+    x = torch.randn(200) * 3
+    assert torch.equal(masked_clamp(x, -1.0, 1.5), x.clamp(-1.0, 1.5))
+
+
+def test_masked_clamp_gradient_is_zero_outside_and_one_inside():
+    x = torch.tensor([-3.0, -1.0001, -1.0, -0.5, 0.0, 0.7, 1.0, 1.0001, 4.0], requires_grad=True)
+    masked_clamp(x, -1.0, 1.0).backward(torch.full_like(x, 2.0))
+    inside = (x >= -1.0) & (x <= 1.0)
+    assert torch.equal(x.grad, 2.0 * inside.float())
+    assert x.grad.tolist() == [0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+
+
+def test_masked_clamp_gradcheck_away_from_the_boundaries():
+    x = torch.tensor([-3.0, -0.7, 0.2, 0.6, 2.5, 0.99, -0.99], dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: masked_clamp(t, -1.0, 1.0), (x,))

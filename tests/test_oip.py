@@ -4,7 +4,7 @@ What works: the v2 JSON body on /predictions/my_model and on TorchServe's /v2/mo
 and OIP gRPC (`ts_open_inference_protocol=true`) with v2 messages sent to the service name
 TorchServe registers. What does not: a stock v2 client (tritonclient's InferenceServerClient),
 because TorchServe registers the service as org.pytorch.serve.grpc.openinference.GRPCInferenceService
-instead of the standard inference.GRPCInferenceService (see README, "KServe v2 / OIP").
+instead of the standard inference.GRPCInferenceService (see docs/kserve.md).
 """
 
 import base64
@@ -15,10 +15,12 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
+from deploy.settings import DIGITS_DIR
+
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
 TS_OIP_SERVICE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"
-IMAGE = os.path.join("data", "digits", "val", "3")
+IMAGE = os.path.join(DIGITS_DIR, "val", "3")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_oip_grpc_needs_the_token(server, png):
 
 def test_stock_v2_client_is_not_served_by_torchserve_0_12(server):
     """Documents the incompatibility: tritonclient calls inference.GRPCInferenceService, which
-    TorchServe 0.12 does not register. If this starts passing, TorchServe fixed it: update the README."""
+    TorchServe 0.12 does not register. If this starts passing, TorchServe fixed it: update docs/kserve.md."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 

@@ -1,9 +1,9 @@
-"""Reliability suite (scripts/soak.py) at full size: 10,000 mixed requests, a killed worker,
+"""Reliability suite (bench/soak.py) at full size: 10,000 mixed requests, a killed worker,
 a restart and bad registrations under load, all against a real TorchServe on free ports."""
 
 import pytest
 
-from scripts.soak import Soak, summarize
+from bench.soak import Soak, summarize
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 

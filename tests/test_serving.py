@@ -11,16 +11,17 @@ import requests
 import torch
 import yaml
 
+from deploy import management, versions
+from deploy.archive import build_archive
+from deploy.settings import DIGITS_DIR, MODEL_CONFIG
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
-from scripts import deploy
-from scripts.archive import MODEL_CONFIG, build_archive
 from tests import images
 from tests.conftest import install_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
-VAL = os.path.join("data", "digits", "val")
+VAL = os.path.join(DIGITS_DIR, "val")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_input_forms_over_http(server, val_bodies, offline):
 def test_every_backend_served_matches_eager(server, archive_factory, val_bodies, offline):
     for backend in ("torchscript", "onnx", "int8"):
         path = install_archive(archive_factory(backend, backend), server.model_store, f"my_model_v{backend}.mar")
-        deploy.register(server, path)
+        versions.register(server, path)
         for i, body in enumerate(val_bodies[:6]):
             resp = post(server, body, version=backend)
             assert resp.status_code == 200, resp.text
@@ -125,7 +126,7 @@ def test_every_backend_served_matches_eager(server, archive_factory, val_bodies,
                 assert next(iter(got)) == max(want, key=want.get)
             else:
                 assert all(abs(p - want[label]) <= 1e-4 for label, p in got.items()), (backend, got)
-    assert deploy.default_version(server, "my_model") == "1.0"
+    assert management.default_version(server, "my_model") == "1.0"
 
 
 def test_twelve_megapixel_jpeg_and_a_decompression_bomb(server, val_bodies):

@@ -11,13 +11,13 @@ import types
 
 import pytest
 
-from scripts.archive import build_archive, verify_checksum
+from deploy.archive import build_archive, verify_checksum
 
 
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
-    from scripts.bench import get_args_parser, main
+    from bench.bench import get_args_parser, main
 
     out = tmp_path / "bench"
     main(
@@ -53,7 +53,7 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
-    from scripts.soak import main
+    from bench.soak import main
 
     rc = main(
         [
@@ -187,9 +187,9 @@ def test_bench_retries_a_failed_install_of_its_extra(tmp_path):
     assert [c[1:3] for c in calls] == [["-m", "pip"]]  # and the benchmark did not run
     out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"])
     assert out.returncode == 0, out.stderr
-    assert [c[1:3] for c in calls] == [["-m", "pip"], ["-m", "scripts.bench"]]
+    assert [c[1:3] for c in calls] == [["-m", "pip"], ["-m", "bench.bench"]]
     out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"])
-    assert [c[1:] for c in calls] == [["-m", "scripts.bench", "--no-peer"]]  # installed once
+    assert [c[1:] for c in calls] == [["-m", "bench.bench", "--no-peer"]]  # installed once
 
 
 def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
@@ -207,7 +207,7 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     ((where, *argv),) = calls
     assert where == str(repo)
     assert argv == [
-        *["-m", "scripts.archive", "--version", "3.0", "--checkpoint", str(runs / "v1" / "checkpoint_best.pt")],
+        *["-m", "deploy.archive", "--version", "3.0", "--checkpoint", str(runs / "v1" / "checkpoint_best.pt")],
         *["--output", str(runs / "a.mar")],
     ]
 
@@ -215,12 +215,12 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     out, calls = run_script(tmp_path, repo, [f"{scripts}/register_version.sh", *argv], cwd=runs)
     assert out.returncode == 0, out.stderr
     assert calls[0][1:] == [
-        *["-m", "scripts.deploy", "register", str(runs / "x.mar"), "--promote"],
+        *["-m", "deploy.register_version", "register", str(runs / "x.mar"), "--promote"],
         *["--golden", str(runs / "v1" / "golden"), f"--report={runs / 'gate.json'}", "--max-accuracy-drop", "1.0"],
     ]
     out, calls = run_script(tmp_path, repo, [f"{scripts}/register_version.sh", "unregister", "2.0"], cwd=runs)
-    assert calls[0][1:] == ["-m", "scripts.deploy", "unregister", "2.0"]
+    assert calls[0][1:] == ["-m", "deploy.register_version", "unregister", "2.0"]
 
     out, calls = run_script(tmp_path, repo, [f"{scripts}/predict.sh", "3.png", "2.0"], cwd=runs)
     assert out.returncode == 0, out.stderr
-    assert calls[0][1:] == ["-m", "scripts.predict", "--raw", "--version", "2.0", str(runs / "3.png")]
+    assert calls[0][1:] == ["-m", "deploy.predict", "--raw", "--version", "2.0", str(runs / "3.png")]

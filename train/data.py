@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
 
+from deploy.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 
-DIGITS_DIR = os.path.join("data", "digits")
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 IMG_EXTENSIONS = (*TORCHVISION_EXTENSIONS, ".gif")  # everything the handler decodes
 CACHE_BYTES = 2**30  # prepared images kept in memory per process, at most
@@ -58,7 +58,7 @@ def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 
 
 
 def ensure_data(path: str) -> str:
-    if os.path.normpath(path) == os.path.normpath(DIGITS_DIR):
+    if os.path.abspath(path) == DIGITS_DIR:
         write_digits(path)
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(path, split)):

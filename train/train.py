@@ -23,11 +23,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from model_src.losses import build_criterion
+from deploy.settings import RUNS_DIR
 from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
 from train import data as datalib
 from train import plots
+from train.losses import build_criterion
 
 
 def get_args_parser(add_help=True):
@@ -39,7 +40,7 @@ def get_args_parser(add_help=True):
         default=None,
         help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the checkpoint's",
     )
-    p.add_argument("--output-dir", default="runs/default", help="where checkpoints and logs go")
+    p.add_argument("--output-dir", default=os.path.join(RUNS_DIR, "default"), help="where checkpoints and logs go")
     p.add_argument("--arch", default="resnet_small", help="resnet_small, resnet18, resnet34 or resnet50")
     p.add_argument("--widths", default="32,64,128", help="resnet_small: channels per stage")
     p.add_argument("--blocks", default="1,1,1", help="resnet_small: residual blocks per stage")
@@ -297,6 +298,7 @@ def main(args):
     resume_ckpt = load_resume(args)
     if args.data is None:  # on --resume the default is the data it was trained on, not the digits
         args.data = resume_ckpt["args"]["data"] if resume_ckpt else datalib.DIGITS_DIR
+    args.data = os.path.abspath(args.data)  # recorded in the checkpoint: the same folder from any directory
     torch.manual_seed(args.seed)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)

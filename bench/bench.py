@@ -1,14 +1,14 @@
 """Benchmark the serving path against its own limit and against TorchServe's stock handler.
 
-    python -m scripts.bench                       # digits (runs/v1) and resnet18 at 224x224
-    python -m scripts.bench --targets digits --requests 300 --concurrency 1,4
+    python -m bench.bench                       # digits (runs/v1) and resnet18 at 224x224
+    python -m bench.bench --targets digits --requests 300 --concurrency 1,4
 
 For each target model it measures, on this machine, in one run:
   limit   the handler's own pipeline (decode -> preprocess -> inference -> postprocess)
           called in-process, per backend, at batch 1 and at the configured batch size,
           with the thread count the workers use;
   served  the same archive behind a real TorchServe, loaded by a separate client process
-          (scripts/loadgen.py, loopback only) at each concurrency: req/s, p50/p90/p99, errors;
+          (bench/loadgen.py, loopback only) at each concurrency: req/s, p50/p90/p99, errors;
           ratio = served req/s / (workers x limit img/s at the configured batch size);
   peer    the same weights behind TorchServe's stock `image_classifier` handler;
   cold    `torchserve --start` to the first good prediction, and registration to ready.
@@ -29,24 +29,32 @@ import zipfile
 import torch
 import yaml
 
+from bench.loadgen import spawn
+from deploy import management, settings
+from deploy.archive import build_archive, write_checksum
+from deploy.predict import post, read_bytes
+from deploy.server import Ports, TorchServe
 from model_src.runtime import BACKEND_FILES
-from scripts.archive import MODEL_CONFIG, build_archive, write_checksum
-from scripts.server import ROOT, Ports, TorchServe
 
 BACKENDS = tuple(BACKEND_FILES)
-BENCH_DEPS = os.path.join(ROOT, ".bench_deps")
+BENCH_DEPS = os.path.join(settings.ROOT, ".bench_deps")
+MODEL = settings.MODEL_NAME
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default="digits,resnet18")
+    p.add_argument("--targets", default="digits,resnet18", help=f"comma-separated, of: {', '.join(TARGETS)}")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--requests", type=int, default=0, help="requests per level (0: 800 digits, 160 resnet18)")
-    p.add_argument("--digits-checkpoint", default="runs/v1/checkpoint_best.pt", help="trained if missing")
-    p.add_argument("--config-file", default=MODEL_CONFIG, help="model-config.yaml under test")
+    p.add_argument(
+        "--digits-checkpoint",
+        default=os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt"),
+        help="trained if missing",
+    )
+    p.add_argument("--config-file", default=settings.MODEL_CONFIG, help="model-config.yaml under test")
     p.add_argument("--no-peer", action="store_true", help="skip the stock image_classifier peer")
-    p.add_argument("--out", default="bench_results", help="folder for bench.json and bench.png")
+    p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and bench.png")
     return p
 
 
@@ -56,7 +64,7 @@ def get_args_parser():
 def digits_target(checkpoint: str, work: str) -> dict:
     from train.data import write_digits
 
-    write_digits()
+    val = os.path.join(write_digits(), "val")
     if not os.path.exists(checkpoint):
         print(f"{checkpoint} missing: training a digits model for the benchmark (about a minute)")
         from train.train import get_args_parser as train_args
@@ -65,11 +73,10 @@ def digits_target(checkpoint: str, work: str) -> dict:
         out = os.path.join(work, "digits_run")
         train_main(train_args().parse_args(["--output-dir", out, "--quiet", "--no-tensorboard", "--no-plots"]))
         checkpoint = os.path.join(out, "checkpoint_best.pt")
-    val = os.path.join("data", "digits", "val")
     images = sorted(
         os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c)))
     )
-    return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": "data/digits"}
+    return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": settings.DIGITS_DIR}
 
 
 PHOTO_CROPS = {"left": (0, 0, 400, 427), "right": (240, 0, 640, 427), "middle": (100, 27, 500, 427)}
@@ -121,6 +128,9 @@ def resnet18_target(work: str) -> dict:
     return {"name": "resnet18", "checkpoint": ckpt, "images": images, "data": data}
 
 
+TARGETS = {"digits": digits_target, "resnet18": resnet18_target}  # digits takes its checkpoint too
+
+
 # --- the limit: the handler in-process ------------------------------------------------------------
 
 
@@ -138,11 +148,9 @@ def make_handler(archive: str, work: str, batch_size: int):
         manifest = json.load(f)
     with open(os.path.join(model_dir, manifest["model"]["configFile"])) as f:  # the name --config-file had
         yaml_cfg = yaml.safe_load(f)
-    metrics = MetricsCacheYamlImpl(os.path.join(ROOT, "serving", "metrics.yaml"))
+    metrics = MetricsCacheYamlImpl(settings.METRICS_CONFIG)
     metrics.initialize_cache()
-    ctx = Context(
-        "my_model", model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg
-    )
+    ctx = Context(MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg)
     handler = ImageClassifier()
     handler.initialize(ctx)
     return handler, ctx, RequestProcessor
@@ -207,7 +215,7 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
         [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
             "--model-name",
-            "my_model",
+            MODEL,
             "--version",
             "stock",
             "--serialized-file",
@@ -224,8 +232,8 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
         check=True,
         env={**os.environ, "TMPDIR": peer_dir},  # the archiver wipes $TMPDIR/<model-name>: keep it private
     )
-    target = os.path.join(store, "my_model_vstock.mar")
-    shutil.move(os.path.join(peer_dir, "my_model.mar"), target)
+    target = os.path.join(store, f"{MODEL}_vstock.mar")
+    shutil.move(os.path.join(peer_dir, f"{MODEL}.mar"), target)
     write_checksum(target)
     return target
 
@@ -239,13 +247,14 @@ def rgb_copies(paths: list[str], work: str) -> list[str]:
     for i, path in enumerate(paths):
         out.append(os.path.join(folder, f"{i}.png"))
         if not os.path.exists(out[-1]):
-            Image.open(path).convert("RGB").save(out[-1])
+            with Image.open(path) as img:
+                img.convert("RGB").save(out[-1])
     return out
 
 
 def peer_notes(ts: TorchServe, image: str, prep) -> dict:
     """What the stock handler does with the target's own images (before we hand it RGB copies)."""
-    resp = ts.request("POST", "inference", "/predictions/my_model/stock", data=open(image, "rb").read())
+    resp = post(ts, read_bytes(image), MODEL, "stock")
     return {"own_image_status": resp.status_code, "own_image_mode": "grey" if prep.channels == 1 else "RGB"}
 
 
@@ -253,40 +262,28 @@ def peer_notes(ts: TorchServe, image: str, prep) -> dict:
 
 
 def load(ts: TorchServe, version: str, images, expect, concurrency: int, requests: int) -> dict:
-    """One load level through scripts/loadgen.py in its own process; expect=None checks no labels."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.loadgen",
-        "--url",
-        f"{ts.url()}/predictions/my_model/{version}",
-        "--key-file",
-        ts.key_file,
-        "--concurrency",
-        str(concurrency),
-        "--requests",
-        str(requests),
-        *(["--expect", json.dumps(expect)] if expect else []),
-        *images,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, timeout=900)
-    return json.loads(out.stdout)
+    """One load level through bench/loadgen.py in its own process; expect=None checks no labels."""
+    proc = spawn(f"{ts.url()}/predictions/{MODEL}/{version}", ts.key_file, concurrency, requests, images, expect)
+    out, _ = proc.communicate(timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"the load generator failed (exit {proc.returncode})")
+    return json.loads(out)
 
 
 def register(ts: TorchServe, archive: str) -> float:
     t0 = time.perf_counter()
-    resp = ts.request("POST", "management", f"/models?url={os.path.basename(archive)}&synchronous=true", timeout=300)
-    if resp.status_code != 200:
-        raise RuntimeError(f"registering {archive}: {resp.status_code} {resp.text}")
+    management.register(ts, os.path.basename(archive))
     return time.perf_counter() - t0
 
 
-def cold_start(ts: TorchServe, image: str) -> float:
+def cold_start(ts: TorchServe, image: str, timeout: float = 120) -> float:
     """torchserve --start (our start() returns only when workers are READY) to the first 200."""
     t0 = time.perf_counter()
-    ts.start(models="my_model=my_model.mar", restore=False)
-    body = open(image, "rb").read()
-    while ts.request("POST", "inference", "/predictions/my_model", data=body).status_code != 200:
+    ts.start(models=f"{MODEL}={MODEL}.mar", restore=False)
+    body = read_bytes(image)
+    while post(ts, body).status_code != 200:
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"no good answer {timeout:.0f} s after the start; see {ts.log_dir}")
         time.sleep(0.05)
     return time.perf_counter() - t0
 
@@ -304,7 +301,7 @@ def bench_target(target: dict, args, work: str) -> dict:
     os.makedirs(store)
     model, ckpt = load_model(target["checkpoint"])
     prep_names = ckpt["class_names"]
-    bodies = [open(p, "rb").read() for p in target["images"]]
+    bodies = [read_bytes(p) for p in target["images"]]
     # Expected labels: what the eager model says offline (served answers must agree).
     from model_src.preprocessing import Preprocessing
 
@@ -325,7 +322,7 @@ def bench_target(target: dict, args, work: str) -> dict:
     }
     archives = {}
     for i, backend in enumerate(backends):
-        name = "my_model.mar" if i == 0 else f"my_model_v{backend}.mar"
+        name = f"{MODEL}.mar" if i == 0 else f"{MODEL}_v{backend}.mar"
         archives[backend] = build_archive(
             target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
         )["archive"]
@@ -441,11 +438,15 @@ def main(args):
             raise SystemExit("the peer needs captum in .bench_deps/: run scripts/bench.sh (or pass --no-peer)")
         # Workers inherit the frontend's environment: captum reaches the stock handler only.
         os.environ["PYTHONPATH"] = BENCH_DEPS + os.pathsep + os.environ.get("PYTHONPATH", "")
+    names = args.targets.split(",")
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise SystemExit(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
     os.makedirs(args.out, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
-        for name in args.targets.split(","):
-            target = digits_target(args.digits_checkpoint, work) if name == "digits" else resnet18_target(work)
+        for name in names:
+            target = digits_target(args.digits_checkpoint, work) if name == "digits" else TARGETS[name](work)
             print(f"benchmarking {name} ({os.cpu_count()} cores shared by client and server)", flush=True)
             results.append(bench_target(target, args, work))
     report = {

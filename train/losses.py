@@ -1,4 +1,4 @@
-"""Losses the project owns. Training-only: the handler never imports this module."""
+"""Losses the project owns, and the masked clamp. Training-only: nothing here ships in an archive."""
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,26 @@ class FocalLoss(nn.Module):
         # for a confidently right sample (p_t rounds to 1 in float32).
         loss = -alpha * (1 - pt).clamp_min(1e-12).pow(self.gamma) * log_pt
         return _reduce(loss, self.reduction)
+
+
+class _MaskedClamp(torch.autograd.Function):
+    """clamp(x, lo, hi) whose gradient is exactly zero outside [lo, hi]."""
+
+    @staticmethod
+    def forward(ctx, x, lo: float, hi: float):
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi = lo, hi
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        inside = (x >= ctx.lo) & (x <= ctx.hi)
+        return grad_out * inside.to(grad_out.dtype), None, None
+
+
+def masked_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return _MaskedClamp.apply(x, lo, hi)
 
 
 def box_iou(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

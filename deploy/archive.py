@@ -1,49 +1,55 @@
-"""Package a checkpoint into a TorchServe archive in model_store/.
+"""Package a checkpoint into a TorchServe archive in model_store/, and check archives before registering them.
 
-    python -m scripts.archive --version 1.0 --checkpoint runs/v1/checkpoint_best.pt
-    python -m scripts.archive --version 2.0 --checkpoint runs/v2/checkpoint_best.pt --backend onnx
+    python -m deploy.archive --version 1.0 --checkpoint runs/v1/checkpoint_best.pt
+    python -m deploy.archive --version 2.0 --checkpoint runs/v2/checkpoint_best.pt --backend onnx
 
-Version 1.0 becomes model_store/my_model.mar, any other version
-model_store/my_model_v<version>.mar. An existing archive is never overwritten. A
+Version 1.0 becomes model_store/<model>.mar, any other version
+model_store/<model>_v<version>.mar. An existing archive is never overwritten. A
 SHA-256 is written next to every archive (<archive>.sha256, sha256sum format); the
 registration tools refuse archives that do not match it.
+
+The archive ships the handler, the whole model_src/ package (nothing else: training
+code lives in train/), the serving file of one backend and its metadata.
 """
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
+import zlib
 
+from deploy import settings
 from model_src.runtime import BACKEND_FILES
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_STORE = os.path.join(ROOT, "model_store")
-HANDLER = os.path.join(ROOT, "handlers", "image_classifier.py")
-MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")
-SERVED_SOURCES = ("__init__.py", "layers.py", "net.py", "preprocessing.py", "runtime.py")  # no training code
-DEFAULT_MODEL = "my_model"
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--version", required=True, help="model version, e.g. 1.0")
     p.add_argument("--checkpoint", required=True, help="training checkpoint to export and package")
-    # ONNX Runtime served 1.4-1.5x the requests/s of eager PyTorch in scripts/bench.sh (README, Benchmarks).
+    # ONNX Runtime served 1.4-1.5x the requests/s of eager PyTorch in scripts/bench.sh (docs/benchmarks.md).
     p.add_argument("--backend", default="onnx", choices=sorted(BACKEND_FILES), help="serving format to ship")
-    p.add_argument("--model-name", default=DEFAULT_MODEL)
-    p.add_argument("--model-store", default=MODEL_STORE)
-    p.add_argument("--config-file", default=MODEL_CONFIG, help="model-config.yaml (workers, batching, handler)")
+    p.add_argument("--model-name", default=settings.MODEL_NAME)
+    p.add_argument("--model-store", default=settings.MODEL_STORE)
+    p.add_argument(
+        "--config-file", default=settings.MODEL_CONFIG, help="model-config.yaml (workers, batching, handler)"
+    )
     p.add_argument("--output", default=None, help="archive path (default: chosen from the version)")
     return p
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def archive_name(model_name: str, version: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
-        raise ValueError(f"version {version!r}: use letters, digits, '.', '_' or '-'")
+    for what, value in (("model name", model_name), ("version", version)):
+        if not NAME.fullmatch(value):
+            raise ValueError(f"{what} {value!r}: use letters, digits, '.', '_' or '-'")
     return f"{model_name}.mar" if version == "1.0" else f"{model_name}_v{version}.mar"
 
 
@@ -78,11 +84,39 @@ def verify_checksum(path: str) -> str:
     return actual
 
 
+def read_manifest(path: str) -> dict:
+    """Validate a .mar before TorchServe sees it: a readable zip whose CRCs match, with a manifest."""
+    name = os.path.basename(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            if bad:
+                raise ValueError(f"{name} is corrupt: {bad} fails its CRC check")
+            return json.loads(z.read("MAR-INF/MANIFEST.json"))
+    except (zipfile.BadZipFile, zlib.error) as e:  # testzip() lets a broken deflate stream's zlib.error through
+        raise ValueError(f"{name} is not a valid .mar (truncated or corrupt zip: {e})") from None
+    except KeyError:
+        raise ValueError(f"{name} has no MAR-INF/MANIFEST.json: not a TorchServe archive") from None
+
+
+def check_archive(archive: str, model_store: str) -> dict:
+    """The manifest's model entry of an archive that may be registered: a file directly in the model
+    store, matching its .sha256, a sound zip. ValueError says what is wrong."""
+    path, store = os.path.abspath(archive), os.path.abspath(model_store)
+    if os.path.dirname(path) != store:
+        raise ValueError(
+            f"{archive} is not in the model store {store}: only archives there can be registered "
+            "(allowed_urls blocks everything else). Build it with scripts/archive.sh"
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"{archive} does not exist")
+    verify_checksum(path)
+    return read_manifest(path)["model"]
+
+
 def stage_extra_files(export_dir: str, stage: str):
-    """Lay out what the archive needs besides the handler: model_src/ (served code only) and metadata."""
-    os.makedirs(os.path.join(stage, "model_src"))
-    for name in SERVED_SOURCES:
-        shutil.copy2(os.path.join(ROOT, "model_src", name), os.path.join(stage, "model_src", name))
+    """Lay out what the archive needs besides the handler: the model_src package, whole, and metadata."""
+    shutil.copytree(settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("serving.json", "index_to_name.json"):
         shutil.copy2(os.path.join(export_dir, name), os.path.join(stage, name))
 
@@ -91,9 +125,9 @@ def build_archive(
     checkpoint,
     version,
     backend="onnx",
-    model_name=DEFAULT_MODEL,
-    model_store=MODEL_STORE,
-    config_file=MODEL_CONFIG,
+    model_name=settings.MODEL_NAME,
+    model_store=settings.MODEL_STORE,
+    config_file=settings.MODEL_CONFIG,
     output=None,
 ) -> dict:
     from train.export import export_all
@@ -122,7 +156,7 @@ def build_archive(
             "--serialized-file",
             os.path.join(export_dir, BACKEND_FILES[backend]),
             "--handler",
-            HANDLER,
+            settings.HANDLER,
             "--extra-files",
             stage,
             "--config-file",

@@ -1,6 +1,6 @@
 """Bounded HTTP load on a local TorchServe: N requests at concurrency C, then latency statistics.
 
-    python -m scripts.loadgen --url http://127.0.0.1:8080/predictions/my_model --key-file key_file.json \
+    python -m bench.loadgen --url http://127.0.0.1:8080/predictions/my_model --key-file key_file.json \
         --concurrency 16 --requests 2000 IMAGE [IMAGE ...]
 
 Runs as its own process so that the client's work is not counted inside the server's;
@@ -13,6 +13,7 @@ import concurrent.futures
 import itertools
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -20,15 +21,11 @@ from urllib.parse import urlparse
 
 import requests
 
+from deploy import settings
+from deploy.latency import summary
+from deploy.predict import read_bytes, top1
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def percentile(sorted_values, q):
-    if not sorted_values:
-        return None
-    k = (len(sorted_values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 def check(resp, expected) -> bool:
@@ -36,7 +33,7 @@ def check(resp, expected) -> bool:
         return 400 <= resp.status_code < 500 and "message" in resp.json()
     if resp.status_code != 200:
         return resp.status_code >= 500  # 5xx are errors, counted separately
-    return next(iter(resp.json())) == expected
+    return top1(resp.json()) == expected
 
 
 def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, duration_cap=300):
@@ -82,22 +79,28 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
     elapsed = time.perf_counter() - start
-    latencies.sort()
     done = len(latencies)
     return {
         "concurrency": concurrency,
         "requests": done,
         "seconds": round(elapsed, 3),
         "throughput_rps": round(done / elapsed, 2) if elapsed else None,
-        "p50_ms": percentile(latencies, 0.5),
-        "p90_ms": percentile(latencies, 0.9),
-        "p99_ms": percentile(latencies, 0.99),
+        **summary(latencies),
         "statuses": statuses,
         "errors": sum(n for c, n in statuses.items() if c == "error" or c.startswith("5")),
         "wrong_labels": wrong,
         "first_error": first_error[0] if first_error else None,
         "client_cores_shared_with_server": os.cpu_count(),
     }
+
+
+def spawn(url: str, key_file: str, concurrency: int, requests: int, images: list[str], expect=None):
+    """This load generator in its own process (so that its work is not counted inside the caller's);
+    read its summary with json.loads(proc.communicate()[0])."""
+    cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--key-file", key_file]
+    cmd += ["--concurrency", str(concurrency), "--requests", str(requests)]
+    cmd += [*(["--expect", json.dumps(expect)] if expect else []), *images]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=settings.ROOT)
 
 
 def main(argv=None):
@@ -113,7 +116,7 @@ def main(argv=None):
     if args.key_file:
         with open(args.key_file) as f:
             headers["Authorization"] = f"Bearer {json.load(f)['inference']['key']}"
-    bodies = [open(path, "rb").read() for path in args.images]
+    bodies = [read_bytes(path) for path in args.images]
     expect = json.loads(args.expect) if args.expect else None
     json.dump(run(args.url, bodies, args.concurrency, args.requests, headers, expect), sys.stdout)
     print()

@@ -1,7 +1,7 @@
 """Reliability under load and faults, against a real TorchServe on free loopback ports.
 
-    python -m scripts.soak                     # all scenarios, full size; writes soak_results/soak.json
-    python -m scripts.soak --scenarios load --requests 2000
+    python -m bench.soak                     # all scenarios, full size; writes soak_results/soak.json
+    python -m bench.soak --scenarios load --requests 2000
 
 Scenarios (each bounded in requests and time):
   load          N requests at concurrency C mixing good digits with 6 kinds of bad body:
@@ -19,16 +19,20 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 import psutil
 
-from scripts.archive import build_archive
-from scripts.loadgen import run as run_load
-from scripts.server import ROOT, Ports, TorchServe
+from bench.loadgen import run as run_load
+from bench.loadgen import spawn
+from deploy import management, settings, versions
+from deploy.archive import build_archive
+from deploy.predict import post, read_bytes
+from deploy.server import Ports, TorchServe
+
+MODEL = settings.MODEL_NAME
 
 
 def bad_bodies() -> list[bytes]:
@@ -55,20 +59,20 @@ def bad_bodies() -> list[bytes]:
 
 
 class Soak:
-    def __init__(self, checkpoint: str, work: str):
+    def __init__(self, checkpoint: str, work: str, data: str = settings.DIGITS_DIR):
         self.work = work
         store = os.path.join(work, "store")
         os.makedirs(store)
-        build_archive(checkpoint, "1.0", "eager", output=os.path.join(store, "my_model.mar"))
-        build_archive(checkpoint, "2.0", "onnx", output=os.path.join(store, "my_model_v2.0.mar"))
+        build_archive(checkpoint, "1.0", "eager", output=os.path.join(store, f"{MODEL}.mar"))
+        build_archive(checkpoint, "2.0", "onnx", output=os.path.join(store, f"{MODEL}_v2.0.mar"))
         self.ts = TorchServe(workdir=os.path.join(work, "ts"), model_store=store, ports=Ports.free(), private_tmp=True)
-        val = os.path.join(ROOT, "data", "digits", "val")
+        val = os.path.join(data, "val")
         good = [
             (os.path.join(val, c, f), c)
             for c in sorted(os.listdir(val))
             for f in sorted(os.listdir(os.path.join(val, c)))[:6]
         ]
-        self.good = [(open(p, "rb").read(), label) for p, label in good]
+        self.good = [(read_bytes(p), label) for p, label in good]
         self.bad = bad_bodies()
         self.expected_labels = self.offline_labels(checkpoint)
 
@@ -100,18 +104,17 @@ class Soak:
         return {"Content-Type": "application/octet-stream", **self.ts.auth("inference")}
 
     def url(self, version=None):
-        return f"{self.ts.url()}/predictions/my_model" + (f"/{version}" if version else "")
+        return f"{self.ts.url()}/predictions/{MODEL}" + (f"/{version}" if version else "")
 
     def rss_mb(self) -> float:
         proc = psutil.Process(self.ts.pid())
         return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
     def ready_pids(self, version: str = "1.0") -> list[int]:
-        workers = self.ts.request("GET", "management", f"/models/my_model/{version}").json()[0]["workers"]
-        return sorted(w["pid"] for w in workers if w["status"] == "READY")
+        return management.ready_pids(self.ts, MODEL, version)
 
     def start(self):
-        self.ts.start(models="my_model=my_model.mar", restore=False)
+        self.ts.start(models=f"{MODEL}={MODEL}.mar", restore=False)
 
     # --- scenarios ----------------------------------------------------------------------------
 
@@ -138,29 +141,18 @@ class Soak:
     def worker_death(self, requests: int = 3000, concurrency: int = 8) -> dict:
         bodies = [b for b, _ in self.good]
         expect = list(self.expected_labels)
-        cmd = [
-            sys.executable,
-            "-m",
-            "scripts.loadgen",
-            "--url",
-            self.url(),
-            "--key-file",
-            self.ts.key_file,
-            "--concurrency",
-            str(concurrency),
-            "--requests",
-            str(requests),
-            "--expect",
-            json.dumps(expect),
-        ]
         paths = []
         for i, body in enumerate(bodies):
             paths.append(os.path.join(self.work, f"good_{i}.png"))
             with open(paths[-1], "wb") as f:
                 f.write(body)
-        proc = subprocess.Popen(cmd + paths, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = spawn(self.url(), self.ts.key_file, concurrency, requests, paths, expect)
         time.sleep(2.0)  # mid-load
         before = self.ready_pids()
+        if not before:  # nothing to kill: say so rather than fail with an IndexError
+            proc.kill()
+            proc.communicate()
+            return {"passed": False, "error": "no READY worker to kill", "workers_before": before}
         victim = before[0]
         killed_at = time.perf_counter()
         os.kill(victim, signal.SIGKILL)
@@ -169,13 +161,7 @@ class Soak:
         # and a request succeeds. Other workers keep serving meanwhile.
         while time.perf_counter() - killed_at < 120:
             pids = self.ready_pids()
-            resp = self.ts.request(
-                "POST",
-                "inference",
-                "/predictions/my_model",
-                data=bodies[0],
-                headers={"Content-Type": "application/octet-stream"},
-            )
+            resp = post(self.ts, bodies[0])
             if victim not in pids and len(pids) >= len(before) and resp.status_code == 200:
                 recovered = time.perf_counter() - killed_at
                 break
@@ -194,26 +180,23 @@ class Soak:
         }
 
     def deployment(self) -> dict:
-        resp = self.ts.request("GET", "management", "/models/my_model/all").json()
-        default = self.ts.request("GET", "management", "/models/my_model").json()[0]["modelVersion"]
-        return {"versions": sorted(v["modelVersion"] for v in resp), "default": default}
+        listed = management.versions(self.ts, MODEL)
+        return {
+            "versions": sorted(v["modelVersion"] for v in listed),
+            "default": management.default_version(self.ts, MODEL),
+        }
 
     def restart(self) -> dict:
-        from scripts import deploy
-
         if "2.0" not in self.deployment()["versions"]:
-            deploy.register(self.ts, os.path.join(self.ts.model_store, "my_model_v2.0.mar"))
-        deploy.set_default(self.ts, "my_model", "2.0", reason="soak restart scenario")
+            versions.register(self.ts, os.path.join(self.ts.model_store, f"{MODEL}_v2.0.mar"))
+        versions.set_default(self.ts, MODEL, "2.0", reason="soak restart scenario")
         before = self.deployment()
         t0 = time.perf_counter()
         self.ts.stop()
         info = self.ts.start(models=None)
         seconds = time.perf_counter() - t0
         after = self.deployment()
-        answers = [
-            self.ts.request("POST", "inference", f"/predictions/my_model/{v}", data=self.good[0][0]).status_code
-            for v in after["versions"]
-        ]
+        answers = [post(self.ts, self.good[0][0], MODEL, v).status_code for v in after["versions"]]
         return {
             "before": before,
             "after": after,
@@ -227,8 +210,7 @@ class Soak:
         import threading
 
         store = self.ts.model_store
-        with open(os.path.join(store, "my_model.mar"), "rb") as f:
-            data = f.read()
+        data = read_bytes(os.path.join(store, f"{MODEL}.mar"))
         with open(os.path.join(store, "corrupt.mar"), "wb") as f:
             f.write(data[: len(data) // 2])
         bodies, expect = self.mix()
@@ -245,7 +227,7 @@ class Soak:
         }
         load.join(600)
         after = self.deployment()
-        models = sorted(m["modelName"] for m in self.ts.request("GET", "management", "/models").json()["models"])
+        models = sorted(management.model_names(self.ts))
         return {
             "registration_status": attempts,
             "load": result,
@@ -254,7 +236,7 @@ class Soak:
             "models": models,
             "passed": all(400 <= s < 600 for s in attempts.values())
             and after == before
-            and models == ["my_model"]
+            and models == [MODEL]
             and result.get("errors") == 0
             and result.get("wrong_labels") == 0,
         }
@@ -288,14 +270,30 @@ def summarize(name: str, r: dict) -> str:
     )
 
 
+SCENARIOS = {
+    "load": Soak.load,
+    "worker_death": Soak.worker_death,
+    "restart": Soak.restart,
+    "bad_register": Soak.bad_register,
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/v1/checkpoint_best.pt", help="model to serve (quickstart's 1.0)")
-    p.add_argument("--scenarios", default="load,worker_death,restart,bad_register")
+    p.add_argument(
+        "--checkpoint",
+        default=os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt"),
+        help="model to serve (quickstart's 1.0)",
+    )
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     p.add_argument("--requests", type=int, default=10000, help="load scenario size")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--out", default="soak_results")
+    p.add_argument("--out", default=settings.SOAK_RESULTS)
     args = p.parse_args(argv)
+    names = args.scenarios.split(",")
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     if not os.path.exists(args.checkpoint):
         raise SystemExit(f"{args.checkpoint} not found: run scripts/quickstart.sh first, or pass --checkpoint")
     from train.data import write_digits
@@ -306,9 +304,9 @@ def main(argv=None) -> int:
         soak = Soak(args.checkpoint, work)
         try:  # start() inside: the workdir is deleted below, so the server must never outlive this block
             soak.start()
-            for name in args.scenarios.split(","):
+            for name in names:
                 kwargs = {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
-                results[name] = getattr(soak, name)(**kwargs)
+                results[name] = SCENARIOS[name](soak, **kwargs)
                 print(summarize(name, results[name]), flush=True)
         finally:
             soak.ts.stop()

@@ -1,11 +1,11 @@
 """Send images to the running server and compare with the true label (the image's folder name).
 
-python -m scripts.predict data/digits/val/3/0012.png data/digits/val/7/*.png [--version 2.0]
-python -m scripts.predict --raw data/digits/val/3/0012.png     # the server's JSON answer only (predict.sh)
+python -m deploy.predict data/digits/val/3/0012.png data/digits/val/7/*.png [--version 2.0]
+python -m deploy.predict --raw data/digits/val/3/0012.png     # the server's JSON answer only (predict.sh)
 
 TS_KEY_FILE (another server's key_file.json) and TS_INFERENCE_URL point it at another server than the
-demo one (the tests use their own). Keys are read from key_file.json on every call and an expired one is
-refreshed through the token API, so no key ever appears on a command line.
+demo one (the tests use their own). Keys are read from key_file.json and an expired one is refreshed
+through the token API, so no key ever appears on a command line.
 """
 
 import argparse
@@ -15,23 +15,30 @@ import urllib.parse
 
 import requests
 
-from scripts.server import ServerError, TorchServe, ports_from_config
+from deploy import settings
+from deploy.server import ServerError, TorchServe, ports_from_config
 
 
-def predict(ts: TorchServe, path: str, model: str = "my_model", version: str | None = None):
-    resp = post(ts, path, model, version)
-    return resp.status_code, resp.json()
+def top1(answer: dict) -> str:
+    """The label of an answer {label: probability}: the most probable one, whatever the key order."""
+    return max(answer, key=answer.get)
 
 
-def post(ts: TorchServe, path: str, model: str = "my_model", version: str | None = None):
+def post(ts: TorchServe, data: bytes, model: str = settings.MODEL_NAME, version: str | None = None, **kw):
+    """POST one encoded image to /predictions/{model}[/{version}]."""
+    return ts.request(
+        "POST",
+        "inference",
+        f"/predictions/{model}" + (f"/{version}" if version else ""),
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+        **kw,
+    )
+
+
+def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
-        return ts.request(
-            "POST",
-            "inference",
-            f"/predictions/{model}" + (f"/{version}" if version else ""),
-            data=f.read(),
-            headers={"Content-Type": "application/octet-stream"},
-        )
+        return f.read()
 
 
 def target() -> TorchServe:
@@ -53,7 +60,7 @@ def target() -> TorchServe:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", default="my_model")
+    p.add_argument("--model", default=settings.MODEL_NAME)
     p.add_argument("--version", default=None, help="default version when omitted")
     p.add_argument("--summary", action="store_true", help="print only the accuracy (e.g. for a whole val set)")
     p.add_argument("--raw", action="store_true", help="print only each answer's body, as the server sent it")
@@ -71,24 +78,25 @@ def run(ts: TorchServe, args) -> int:
     if args.raw:
         failed = 0
         for path in args.images:
-            resp = post(ts, path, args.model, args.version)
+            resp = post(ts, read_bytes(path), args.model, args.version)
             print(resp.text)
             failed += resp.status_code != 200
         return 1 if failed else 0
     right = failed = 0
-    where = f"/predictions/{args.model}" + (f"/{args.version}" if args.version else "")
-    print(f"{where}:")
+    print(f"/predictions/{args.model}" + (f"/{args.version}" if args.version else "") + ":")
     for path in args.images:
-        status, body = predict(ts, path, args.model, args.version)
-        truth = os.path.basename(os.path.dirname(path))
-        if status != 200:
-            print(f"  {path}: HTTP {status} {body.get('message', body)}")
+        resp = post(ts, read_bytes(path), args.model, args.version)
+        body, truth = resp.json(), os.path.basename(os.path.dirname(path))
+        if resp.status_code != 200:
+            print(f"  {path}: HTTP {resp.status_code} {body.get('message', body)}")
             failed += 1
             continue
-        label, prob = next(iter(body.items()))
+        label = top1(body)
         right += label == truth
         if not args.summary or label != truth:
-            print(f"  {path}: true {truth}  predicted {label} ({prob:.3f}) {'ok' if label == truth else 'WRONG'}")
+            print(
+                f"  {path}: true {truth}  predicted {label} ({body[label]:.3f}) {'ok' if label == truth else 'WRONG'}"
+            )
     print(f"  {right}/{len(args.images)} correct (accuracy {right / len(args.images):.4f}), {failed} failed requests")
     return 1 if failed else 0  # a wrong label is information; a failed request is an error
 

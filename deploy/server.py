@@ -1,8 +1,4 @@
-"""Start, stop and query a TorchServe instance; the Python behind scripts/serve.sh.
-
-    python -m scripts.server start [--expose-inference] [--no-tokens]
-    python -m scripts.server stop
-    python -m scripts.server status
+"""One TorchServe instance: its generated config, its process, its keys and authenticated requests.
 
 One `TorchServe` object describes one instance: a working directory (where
 TorchServe writes key_file.json and logs/), a model store and five ports. The
@@ -14,9 +10,11 @@ Restarts keep the deployment: TorchServe writes a snapshot of the registered
 versions (and which one is default) after every management call, but ignores it
 when --ts-config is given. `start` therefore copies the newest snapshot's
 `model_snapshot` into the generated config it starts with.
+
+The command line for this lives in deploy/serve.py (scripts/serve.sh); the
+management API's calls live in deploy/management.py.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -31,9 +29,11 @@ from dataclasses import dataclass, field
 import psutil
 import requests
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(ROOT, "config.properties")
-DEFAULT_MODELS = "my_model=my_model.mar"
+from deploy import settings
+from deploy.properties import read_properties, write_properties
+
+DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
+TOKEN_REFUSED = "Token Authorization failed"  # TorchServe's 400 for a missing, wrong or expired key
 
 
 @dataclass
@@ -57,87 +57,7 @@ class Ports:
                 s.close()
 
 
-def read_properties(path: str) -> dict:
-    r"""Parse a Java .properties file as java.util.Properties.load does (TorchServe writes its snapshots with Java
-    escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are dropped, trailing
-    ones kept; an odd number of backslashes at the end of a line continues it on the next."""
-    props, pending = {}, None
-    with open(path, encoding="latin-1") as f:  # Properties.load(InputStream) reads ISO 8859-1
-        for raw in f:
-            line = raw.rstrip("\n").lstrip(" \t\f")
-            if pending is None and (not line or line.startswith(("#", "!"))):
-                continue
-            line = line if pending is None else pending + line
-            if (len(line) - len(line.rstrip("\\"))) % 2:
-                pending = line[:-1]
-                continue
-            pending = None
-            key, value = split_property(line)
-            props[unescape(key)] = unescape(value)
-    if pending is not None:  # the file ended on a continued line
-        key, value = split_property(pending)
-        props[unescape(key)] = unescape(value)
-    return props
-
-
-def split_property(line: str) -> tuple[str, str]:
-    """'key = value' -> ('key', 'value'), both still escaped (Java's separator rules)."""
-    i, escaped = 0, False
-    while i < len(line) and (escaped or line[i] not in "=: \t\f"):
-        escaped = line[i] == "\\" and not escaped
-        i += 1
-    j, has_sep = i + 1, line[i : i + 1] in ("=", ":")
-    while j < len(line) and line[j] in " \t\f=:":
-        if line[j] in "=:":
-            if has_sep:
-                break
-            has_sep = True
-        j += 1
-    return line[:i], line[j:]
-
-
-def unescape(value: str) -> str:
-    out, i = [], 0
-    while i < len(value):
-        c = value[i]
-        if c == "\\" and i + 1 < len(value):
-            n = value[i + 1]
-            if n == "u" and i + 5 < len(value):
-                out.append(chr(int(value[i + 2 : i + 6], 16)))
-                i += 6
-                continue
-            out.append({"n": "\n", "t": "\t", "r": "\r", "f": "\f"}.get(n, n))
-            i += 2
-            continue
-        out.append(c)
-        i += 1
-    # \uXXXX escapes are UTF-16 code units: join surrogate pairs into one character
-    return "".join(out).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
-
-
-def escape(text: str, key: bool = False) -> str:
-    r"""The inverse of unescape, as java.util.Properties.store writes it, in plain ASCII. Without it, a value read
-    from config.properties loses a level of backslashes on its way to TorchServe: the documented
-    allowed_urls=https://models\\.example\\.com/.* would arrive as https://models.example.com/.*, whose '.'
-    also matches the '-' of models-example.com."""
-    units = text.encode("utf-16-le", "surrogatepass")
-    out = []
-    for i in range(0, len(units), 2):
-        c = chr(int.from_bytes(units[i : i + 2], "little"))
-        if c == "\\":
-            out.append("\\\\")
-        elif c in "\t\n\r\f":
-            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r", "\f": "\\f"}[c])
-        elif c in "=:#!" or (c == " " and (key or i == 0)):
-            out.append("\\" + c)
-        elif not " " <= c <= "~":
-            out.append(f"\\u{ord(c):04X}")
-        else:
-            out.append(c)
-    return "".join(out)
-
-
-def ports_from_config(path: str = BASE_CONFIG) -> Ports:
+def ports_from_config(path: str = settings.CONFIG) -> Ports:
     props = read_properties(path)
     port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
     return Ports(
@@ -155,13 +75,17 @@ class ServerError(RuntimeError):
 
 @dataclass
 class TorchServe:
-    workdir: str = ROOT
-    model_store: str = os.path.join(ROOT, "model_store")
+    workdir: str = settings.ROOT
+    model_store: str = settings.MODEL_STORE
     ports: Ports = field(default_factory=ports_from_config)
-    base_config: str = BASE_CONFIG
+    base_config: str = settings.CONFIG
     overrides: dict = field(default_factory=dict)  # extra config.properties keys
     private_tmp: bool = False  # tests: own TMPDIR/TEMP (pid file, worker sockets)
     host: str = "127.0.0.1"  # where the client side (request, url) finds the APIs
+    # Read once per server process and re-read only when TorchServe refuses a key: reading the pid file,
+    # the process table, two configs and the key file on every request cost 1.2-2.7 ms per call.
+    _tokens: bool | None = field(default=None, init=False, repr=False)
+    _keys: dict | None = field(default=None, init=False, repr=False)
 
     # --- paths --------------------------------------------------------------------
     @property
@@ -190,11 +114,17 @@ class TorchServe:
 
     @property
     def tokens_enabled(self) -> bool:
-        # Ask the running server first: `serve.sh start --no-tokens` turns tokens off for that run only.
-        props = self.running_config()
-        if props is None:
-            props = self.config()
-        return props.get("disable_token_authorization", "false").lower() != "true"  # as Boolean.parseBoolean
+        if self._tokens is None:
+            # Ask the running server first: `serve.sh start --no-tokens` turns tokens off for that run only.
+            props = self.running_config()
+            if props is None:
+                props = self.config()
+            self._tokens = props.get("disable_token_authorization", "false").lower() != "true"  # Boolean.parseBoolean
+        return self._tokens
+
+    def forget(self):
+        """Drop what was read from the running server (token mode, keys): after a start, stop or refused key."""
+        self._tokens = self._keys = None
 
     # --- configuration --------------------------------------------------------------
     def config(self) -> dict:
@@ -270,10 +200,9 @@ class TorchServe:
         if snapshot:
             props["model_snapshot"] = json.dumps(snapshot)
         os.makedirs(self.log_dir, exist_ok=True)
-        with open(self.generated_config, "w") as f:
-            f.write(f"# generated by scripts/server.py from {self.base_config}; do not edit\n")
-            for key, value in props.items():
-                f.write(f"{escape(key, key=True)}={escape(value)}\n")
+        write_properties(
+            self.generated_config, props, f"generated by deploy/server.py from {self.base_config}; do not edit"
+        )
         return self.generated_config, snapshot
 
     # --- process control ---------------------------------------------------------------
@@ -306,9 +235,12 @@ class TorchServe:
 
     def start(self, models: str | None = DEFAULT_MODELS, restore: bool = True, timeout: float = 180) -> dict:
         """Start and wait until every registered version has a READY worker."""
+        from deploy import management
+
         if self.is_running():
             raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
         self.check_ports_free()
+        self.forget()
         config, snapshot = self.write_config(restore)
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torchserve"),
@@ -342,7 +274,7 @@ class TorchServe:
         except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
             self.stop()
             raise
-        return {"restored": snapshot is not None, "models": self.models()}
+        return {"restored": snapshot is not None, "models": management.models(self)}
 
     def check_ports_free(self):
         for name, port in vars(self.ports).items():
@@ -351,6 +283,8 @@ class TorchServe:
                     raise ServerError(f"port {port} ({name}) is already in use: is another TorchServe running?")
 
     def wait_ready(self, timeout: float):
+        from deploy import management
+
         deadline = time.time() + timeout
         last = "no answer yet"
         while time.time() < deadline:
@@ -363,23 +297,16 @@ class TorchServe:
                     # request() refreshes an expired key: start-up can outlast a short token_expiration_min.
                     ping = self.request("GET", "inference", "/ping", timeout=5)
                     last = f"ping {ping.status_code} {ping.text.strip()[:80]}"
-                    if ping.status_code == 200 and self.all_workers_ready():
+                    if ping.status_code == 200 and management.all_ready(self):
                         return
             except (requests.RequestException, ServerError) as e:  # ServerError: a refresh with a stale key file
                 last = f"{e.__class__.__name__}"
             time.sleep(0.5)
         raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({last}); see {self.log_dir}/ts_log.log")
 
-    def all_workers_ready(self) -> bool:
-        # /ping turns healthy before a worker has finished loading its model; READY workers are the real signal.
-        for versions in self.models().values():
-            for v in versions:
-                if v["minWorkers"] > 0 and sum(w["status"] == "READY" for w in v["workers"]) < v["minWorkers"]:
-                    return False
-        return True
-
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
+        self.forget()
         pid = self.pid()
         if pid is None:
             return False
@@ -408,8 +335,13 @@ class TorchServe:
         with open(path, errors="replace") as f:
             return "".join(f.readlines()[-lines:])
 
-    # --- API access --------------------------------------------------------------------
+    # --- keys and requests --------------------------------------------------------------
     def keys(self) -> dict:
+        if self._keys is None:
+            self._keys = self.read_keys()
+        return self._keys
+
+    def read_keys(self) -> dict:
         for _ in range(50):  # TorchServe may be writing the file right now: retry a torn read
             try:
                 with open(self.key_file) as f:
@@ -425,18 +357,23 @@ class TorchServe:
         return {"Authorization": f"Bearer {self.keys()[kind]['key']}"}
 
     def request(self, method: str, api: str, path: str, **kw) -> requests.Response:
-        """An API call with the current key; refreshes an expired key once through the token API."""
+        """An API call with the current key. When TorchServe refuses the key (400: missing, wrong or expired),
+        re-read the key file (the server may have restarted) or, if it is unchanged, refresh the key through the
+        token API, and retry once."""
         kind = "inference" if api == "inference" else "management"
         headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
 
-        def send():  # auth() reads the key file each time, so a retry carries the refreshed key
+        def send():
             return requests.request(
                 method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
             )
 
         resp = send()
-        if resp.status_code == 400 and "expired" in resp.text.lower() and self.tokens_enabled:
-            self.refresh_token(kind)
+        if resp.status_code == 400 and TOKEN_REFUSED in resp.text and self.tokens_enabled:
+            sent = self.keys()
+            self.forget()
+            if self.tokens_enabled and self.keys() == sent:
+                self.refresh_token(kind)
             resp = send()  # with the caller's headers (Content-Type...) and timeout
         return resp
 
@@ -450,88 +387,4 @@ class TorchServe:
                 f"could not refresh the {kind} token ({resp.status_code} {resp.text.strip()}); "
                 "restart with scripts/serve.sh stop && scripts/serve.sh start"
             )
-
-    def models(self) -> dict:
-        """{model name: [describe entry per version]} from the management API."""
-        resp = self.request("GET", "management", "/models")
-        resp.raise_for_status()
-        out = {}
-        for m in resp.json().get("models", []):
-            desc = self.request("GET", "management", f"/models/{m['modelName']}/all")
-            desc.raise_for_status()
-            out[m["modelName"]] = desc.json()
-        return out
-
-
-# --- CLI ------------------------------------------------------------------------------
-
-
-def print_status(ts: TorchServe):
-    if not ts.is_running():
-        print("TorchServe is not running")
-        return
-    print(f"TorchServe is running (pid {ts.pid()})")
-    print(
-        f"  inference   {ts.url('inference')}   (key: .inference.key in {os.path.relpath(ts.key_file)})"
-        if ts.tokens_enabled
-        else f"  inference   {ts.url('inference')}   (tokens off)"
-    )
-    print(
-        f"  management  {ts.url('management')}   (key: .management.key in {os.path.relpath(ts.key_file)})"
-        if ts.tokens_enabled
-        else f"  management  {ts.url('management')}"
-    )
-    print(f"  metrics     {ts.url('metrics')}/metrics")
-    for name, versions in ts.models().items():
-        default = ts.request("GET", "management", f"/models/{name}").json()[0]["modelVersion"]
-        for v in versions:
-            ready = sum(w["status"] == "READY" for w in v["workers"])
-            print(
-                f"  model {name} {v['modelVersion']}{' (default)' if v['modelVersion'] == default else ''}: "
-                f"{ready}/{len(v['workers'])} workers ready, batch {v['batchSize']}"
-            )
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["start", "stop", "status", "restart"])
-    p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
-    p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
-    p.add_argument(
-        "--expose-inference",
-        action="store_true",
-        help="bind inference to 0.0.0.0 (management and metrics stay on loopback)",
-    )
-    p.add_argument(
-        "--no-tokens",
-        action="store_true",
-        help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too",
-    )
-    args = p.parse_args(argv)
-    overrides = {}
-    if args.expose_inference:
-        overrides["inference_address"] = f"http://0.0.0.0:{ports_from_config().inference}"
-    if args.no_tokens:
-        # Without tokens anyone on this host could register code: keep the model API closed.
-        overrides.update({"disable_token_authorization": "true", "enable_model_api": "false"})
-    ts = TorchServe(overrides=overrides)
-    try:
-        if args.action in ("stop", "restart"):
-            print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
-        if args.action in ("start", "restart"):
-            t0 = time.time()
-            info = ts.start(models=args.models, restore=not args.fresh)
-            print(
-                f"TorchServe started in {time.time() - t0:.1f}s"
-                f"{' (restored the saved deployment)' if info['restored'] else ''}"
-            )
-            if args.no_tokens:
-                print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
-        if args.action in ("start", "restart", "status"):
-            print_status(ts)
-    except ServerError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main()
+        self._keys = None  # TorchServe wrote the new key to key_file.json

@@ -1,0 +1,100 @@
+"""TorchServe's management API: the one place that knows its URLs, its answers and its quirks.
+
+Every function takes a `TorchServe` (deploy/server.py), which carries the address and the keys.
+"""
+
+import time
+from urllib.parse import urlencode
+
+from deploy.server import ServerError, TorchServe
+
+
+class DeployError(ServerError):
+    """A management call or a deployment rule said no; the message says what to do."""
+
+
+def call(ts: TorchServe, method: str, path: str, ok=(200,), **kw):
+    """One management call -> its parsed JSON ({} for an empty body); DeployError with TorchServe's message."""
+    resp = ts.request(method, "management", path, **kw)
+    if resp.status_code not in ok:
+        try:
+            message = resp.json().get("message", resp.text)
+        except ValueError:
+            message = resp.text
+        raise DeployError(f"{method} {path.split('?')[0]} answered {resp.status_code}: {message.strip()}")
+    return resp.json() if resp.text.strip() else {}
+
+
+def model_names(ts: TorchServe) -> list[str]:
+    return [m["modelName"] for m in call(ts, "GET", "/models")["models"]]
+
+
+def versions(ts: TorchServe, model: str) -> list[dict]:
+    """Describe entries of every registered version of `model` ([] when it is not registered)."""
+    resp = ts.request("GET", "management", f"/models/{model}/all")
+    return resp.json() if resp.status_code == 200 else []
+
+
+def models(ts: TorchServe) -> dict[str, list[dict]]:
+    """{model name: describe entries of its versions}."""
+    return {name: versions(ts, name) for name in model_names(ts)}
+
+
+def describe(ts: TorchServe, model: str, version: str | None = None) -> dict | None:
+    """The describe entry of one version (the default one when version is None), or None."""
+    resp = ts.request("GET", "management", f"/models/{model}" + (f"/{version}" if version else ""))
+    return resp.json()[0] if resp.status_code == 200 else None
+
+
+def default_version(ts: TorchServe, model: str) -> str | None:
+    # /models/{name} describes the default version; 0.12's /all listing does not flag it.
+    desc = describe(ts, model)
+    return desc["modelVersion"] if desc else None
+
+
+def ready_workers(desc: dict) -> int:
+    return sum(w["status"] == "READY" for w in desc["workers"])
+
+
+def all_ready(ts: TorchServe) -> bool:
+    """Every registered version has at least its minimum of READY workers. /ping turns healthy before a
+    worker has finished loading its model: READY workers are the real signal."""
+    return all(
+        ready_workers(v) >= v["minWorkers"] for entries in models(ts).values() for v in entries if v["minWorkers"] > 0
+    )
+
+
+def register(ts: TorchServe, url: str, workers: int = 1, timeout: float = 300, **params) -> dict:
+    """POST /models for an archive in the model store (url = its file name); returns when it is loaded."""
+    query = urlencode({"url": url, "initial_workers": workers, "synchronous": "true", **params})
+    return call(ts, "POST", f"/models?{query}", timeout=timeout)
+
+
+def set_default(ts: TorchServe, model: str, version: str):
+    call(ts, "PUT", f"/models/{model}/{version}/set-default")
+
+
+def unregister(ts: TorchServe, model: str, version: str):
+    call(ts, "DELETE", f"/models/{model}/{version}")
+
+
+def scale(ts: TorchServe, model: str, version: str, workers: int, timeout: float = 300):
+    query = urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "true"})
+    call(ts, "PUT", f"/models/{model}/{version}?{query}", ok=(200, 202), timeout=timeout)
+
+
+def wait_ready(ts: TorchServe, model: str, version: str, timeout: float = 180):
+    """Wait until `model` `version` has a READY worker."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        desc = describe(ts, model, version)
+        if desc and ready_workers(desc):
+            return
+        time.sleep(0.5)
+    raise DeployError(f"{model} {version} has no READY worker after {timeout:.0f}s; see logs/model_log.log")
+
+
+def ready_pids(ts: TorchServe, model: str, version: str) -> list[int]:
+    """Process ids of the READY workers of one version ([] when none is READY or it is not registered)."""
+    desc = describe(ts, model, version)
+    return sorted(w["pid"] for w in desc["workers"] if w["status"] == "READY") if desc else []

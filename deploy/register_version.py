@@ -1,0 +1,110 @@
+"""Ship model versions through TorchServe's management API, behind a promotion gate.
+
+    python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
+    python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
+    python -m deploy.register_version list [--model NAME]
+    python -m deploy.register_version rollback [--model NAME]
+    python -m deploy.register_version unregister 2.0 [--model NAME]
+
+register: checks the archive (SHA-256 sidecar, zip integrity, manifest), registers it as
+a new version, waits for its workers, and, with --promote, sends the golden set
+(validation images with known labels, written by training) to the new version and to
+the current default. It sets the new version default only when its accuracy is no more
+than --max-accuracy-drop points below the default's; otherwise the default keeps
+serving, the rejected version is unregistered, and the exit code is 3.
+"""
+
+import argparse
+import os
+import sys
+
+from deploy import management, settings
+from deploy.gate import load_golden
+from deploy.server import ServerError, TorchServe
+from deploy.versions import register, rollback, run_gate, unregister, withdraw
+
+
+def cmd_register(ts: TorchServe, args) -> int:
+    gated = args.promote or args.dry_run
+    if gated and not args.golden:
+        raise ServerError("--promote and --dry-run need --golden DIR: the golden set of the candidate's own run")
+    golden = load_golden(args.golden) if gated else None  # before registering: a missing set changes nothing
+    model, version = register(ts, args.archive, args.workers, args.model)
+    print(f"registered {model} {version} from {os.path.basename(args.archive)}")
+    if not gated:
+        print(
+            f"not promoted: {model} {management.default_version(ts, model)} stays default "
+            f"(/predictions/{model}/{version} serves the new one)"
+        )
+        return 0
+    # Until the verdict is carried out, any failure (a request error, Ctrl-C...) unregisters the candidate
+    # again: left registered but not default, it would make a retry fail with "already registered".
+    try:
+        return run_gate(ts, model, version, golden, args)
+    except BaseException:
+        withdraw(ts, model, version)
+        raise
+
+
+def cmd_list(ts: TorchServe, model: str) -> int:
+    listed = management.versions(ts, model)
+    if not listed:
+        print(f"{model} is not registered")
+        return 1
+    default = management.default_version(ts, model)
+    for v in listed:
+        print(
+            f"{model} {v['modelVersion']:8s} {'default' if v['modelVersion'] == default else '       '} "
+            f"{v['modelUrl']:28s} {management.ready_workers(v)}/{len(v['workers'])} workers ready"
+        )
+    return 0
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = argparse.ArgumentParser(add_help=False)  # --model is accepted after the command too
+    model.add_argument(
+        "--model", default=None, help=f"model name (default: the archive's own, else {settings.MODEL_NAME})"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("register", parents=[model], help="register an archive from model_store/ as a new version")
+    r.add_argument("archive")
+    r.add_argument("--promote", action="store_true", help="run the gate and set default if it passes")
+    r.add_argument("--dry-run", action="store_true", help="run the gate, report, promote nothing")
+    r.add_argument("--golden", default=None, help="golden set folder of the candidate's run (<run>/golden)")
+    r.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose")
+    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--report", default=None, help="also write the gate report as JSON here")
+    sub.add_parser("list", parents=[model], help="versions, and which is default")
+    sub.add_parser("rollback", parents=[model], help="make the previous default the default again")
+    u = sub.add_parser("unregister", parents=[model], help="remove a version (never the default while others exist)")
+    u.add_argument("version")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    ts = TorchServe()
+    if not ts.is_running():
+        print("error: TorchServe is not running; start it with scripts/serve.sh start", file=sys.stderr)
+        return 1
+    model = args.model or settings.MODEL_NAME
+    try:
+        if args.command == "register":
+            return cmd_register(ts, args)
+        if args.command == "list":
+            return cmd_list(ts, model)
+        if args.command == "rollback":
+            old, new = rollback(ts, model)
+            print(f"rolled back {model}: {new} is default again (was {old})")
+        elif args.command == "unregister":
+            unregister(ts, model, args.version)
+            print(f"unregistered {model} {args.version}")
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

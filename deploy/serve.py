@@ -1,0 +1,75 @@
+"""Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
+
+python -m deploy.serve start [--fresh] [--expose-inference] [--no-tokens]
+python -m deploy.serve stop | status | restart
+"""
+
+import argparse
+import os
+import time
+
+from deploy import management, settings
+from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
+
+
+def print_status(ts: TorchServe):
+    if not ts.is_running():
+        print("TorchServe is not running")
+        return
+    print(f"TorchServe is running (pid {ts.pid()})")
+    key_hint = lambda kind: f"(key: .{kind}.key in {os.path.relpath(ts.key_file)})" if ts.tokens_enabled else ""
+    print(f"  inference   {ts.url('inference')}   {key_hint('inference') or '(tokens off)'}")
+    print(f"  management  {ts.url('management')}   {key_hint('management')}")
+    print(f"  metrics     {ts.url('metrics')}/metrics")
+    for name, versions in management.models(ts).items():
+        default = management.default_version(ts, name)
+        for v in versions:
+            print(
+                f"  model {name} {v['modelVersion']}{' (default)' if v['modelVersion'] == default else ''}: "
+                f"{management.ready_workers(v)}/{len(v['workers'])} workers ready, batch {v['batchSize']}"
+            )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop", "status", "restart"])
+    p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
+    p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
+    p.add_argument(
+        "--expose-inference",
+        action="store_true",
+        help="bind inference to 0.0.0.0 (management and metrics stay on loopback)",
+    )
+    p.add_argument(
+        "--no-tokens",
+        action="store_true",
+        help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too",
+    )
+    args = p.parse_args(argv)
+    overrides = {}
+    if args.expose_inference:
+        overrides["inference_address"] = f"http://0.0.0.0:{settings.ports().inference}"
+    if args.no_tokens:
+        # Without tokens anyone on this host could register code: keep the model API closed.
+        overrides.update({"disable_token_authorization": "true", "enable_model_api": "false"})
+    ts = TorchServe(overrides=overrides)
+    try:
+        if args.action in ("stop", "restart"):
+            print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
+        if args.action in ("start", "restart"):
+            t0 = time.time()
+            info = ts.start(models=args.models, restore=not args.fresh)
+            print(
+                f"TorchServe started in {time.time() - t0:.1f}s"
+                f"{' (restored the saved deployment)' if info['restored'] else ''}"
+            )
+            if args.no_tokens:
+                print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
+        if args.action in ("start", "restart", "status"):
+            print_status(ts)
+    except ServerError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Where things are and what they are called: the one home for the bundle's paths, default model name
+and ports. Every path is absolute (anchored at the repository root), so code resolves them the same
+from any working directory; paths a user types on a command line stay relative to where they typed."""
+
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = os.path.join(ROOT, "config.properties")  # TorchServe's config (ports, limits, security)
+MODEL_STORE = os.path.join(ROOT, "model_store")  # archives (.mar + .sha256); the only registration source
+DATA_DIR = os.path.join(ROOT, "data")
+DIGITS_DIR = os.path.join(DATA_DIR, "digits")  # the bundled default dataset
+RUNS_DIR = os.path.join(ROOT, "runs")  # training runs: checkpoints, metrics, golden sets
+STATE_DIR = os.path.join(ROOT, "state")  # deployment history (deployments.jsonl)
+MODEL_SRC = os.path.join(ROOT, "model_src")  # exactly what every archive ships
+HANDLER = os.path.join(ROOT, "handlers", "image_classifier.py")
+MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")  # per-model workers, batching, handler limits
+METRICS_CONFIG = os.path.join(ROOT, "serving", "metrics.yaml")
+BENCH_RESULTS = os.path.join(ROOT, "bench_results")
+SOAK_RESULTS = os.path.join(ROOT, "soak_results")
+
+MODEL_NAME = "my_model"
+
+
+def ports():
+    """The ports config.properties gives the demo server (8080/8081/8082, gRPC 7070/7071)."""
+    from deploy.server import ports_from_config
+
+    return ports_from_config(CONFIG)
