@@ -339,7 +339,7 @@ def bench_target(target: dict, args, work: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
 
     ts = TorchServe(
-        workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(), private_tmp=True
+        workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(), user=None
     )
     try:
         result["cold_start_s"] = cold_start(ts, target["images"][0])

@@ -65,7 +65,9 @@ class Soak:
         os.makedirs(store)
         build_archive(checkpoint, "1.0", "eager", output=os.path.join(store, f"{MODEL}.mar"))
         build_archive(checkpoint, "2.0", "onnx", output=os.path.join(store, f"{MODEL}_v2.0.mar"))
-        self.ts = TorchServe(workdir=os.path.join(work, "ts"), model_store=store, ports=Ports.free(), private_tmp=True)
+        # The operator's own temporary server in a private temp dir: run as the caller (no service user).
+        workdir = os.path.join(work, "ts")
+        self.ts = TorchServe(workdir=workdir, model_store=store, ports=Ports.free(), user=None)
         val = os.path.join(data, "val")
         good = [
             (os.path.join(val, c, f), c)

@@ -25,10 +25,11 @@ import zipfile
 import zlib
 
 from deploy import settings
-from model_src.runtime import BACKEND_FILES
 
 
 def get_args_parser():
+    from model_src.runtime import BACKEND_FILES  # here, not at the top: the checks below need no torch
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--version", required=True, help="model version, e.g. 1.0")
     p.add_argument("--checkpoint", required=True, help="training checkpoint to export and package")
@@ -130,6 +131,7 @@ def build_archive(
     config_file=settings.MODEL_CONFIG,
     output=None,
 ) -> dict:
+    from model_src.runtime import BACKEND_FILES
     from train.export import export_all
 
     target = output or os.path.join(model_store, archive_name(model_name, version))

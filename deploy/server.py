@@ -1,10 +1,15 @@
 """One TorchServe instance: its generated config, its process, its keys and authenticated requests.
 
-One `TorchServe` object describes one instance: a working directory (where
-TorchServe writes key_file.json and logs/), a model store and five ports. The
-demo server uses the repository root and the ports of config.properties; tests
-make their own instance in a temporary directory on free ports, with private
-TMPDIR/TEMP so that TorchServe's pid file and worker sockets never collide.
+One `TorchServe` object describes one instance: a private working directory (0700:
+TorchServe writes key_file.json, logs/ and snapshots there, keeps its pid file and
+worker sockets in its tmp/, and unpacks models there), a model store and five
+ports. The demo server uses server/ and the ports of config.properties; tests make
+their own instance in a temporary directory on free ports.
+
+What the server writes is never readable by other users: it starts under umask 077
+(TorchServe creates key_file.json with the process umask and tightens it only
+afterwards). Started as root, it runs as the unprivileged settings.SERVICE_USER,
+which owns the working directory and can read, not write, the model store.
 
 Restarts keep the deployment: TorchServe writes a snapshot of the registered
 versions (and which one is default) after every management call, but ignores it
@@ -18,12 +23,14 @@ management API's calls live in deploy/management.py.
 import glob
 import json
 import os
+import pwd
 import signal
 import socket
+import stat
 import subprocess
 import sys
-import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psutil
@@ -34,6 +41,7 @@ from deploy.properties import read_properties, write_properties
 
 DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
 TOKEN_REFUSED = "Token Authorization failed"  # TorchServe's 400 for a missing, wrong or expired key
+GUARD_KEY = "guarded_management_address"  # in a generated config: where deploy/guard.py listens
 
 
 @dataclass
@@ -62,7 +70,7 @@ def ports_from_config(path: str = settings.CONFIG) -> Ports:
     port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
     return Ports(
         port("inference_address", 8080),
-        port("management_address", 8081),
+        port(GUARD_KEY if GUARD_KEY in props else "management_address", 8081),
         port("metrics_address", 8082),
         int(props.get("grpc_inference_port", 7070)),
         int(props.get("grpc_management_port", 7071)),
@@ -75,13 +83,14 @@ class ServerError(RuntimeError):
 
 @dataclass
 class TorchServe:
-    workdir: str = settings.ROOT
+    workdir: str = settings.SERVER_DIR
     model_store: str = settings.MODEL_STORE
     ports: Ports = field(default_factory=ports_from_config)
     base_config: str = settings.CONFIG
     overrides: dict = field(default_factory=dict)  # extra config.properties keys
-    private_tmp: bool = False  # tests: own TMPDIR/TEMP (pid file, worker sockets)
-    host: str = "127.0.0.1"  # where the client side (request, url) finds the APIs
+    host: str = "127.0.0.1"  # where clients find the inference API (management and metrics stay on loopback)
+    user: str | None = field(default_factory=lambda: service_user())  # None: the caller's own user
+    guard: bool = True  # management through deploy/guard.py (registers checked archives only)
     # Read once per server process and re-read only when TorchServe refuses a key: reading the pid file,
     # the process table, two configs and the key file on every request cost 1.2-2.7 ms per call.
     _tokens: bool | None = field(default=None, init=False, repr=False)
@@ -97,20 +106,30 @@ class TorchServe:
         return os.path.join(self.workdir, "key_file.json")
 
     @property
-    def tmp_dir(self) -> str | None:
-        return os.path.join(self.workdir, "tmp") if self.private_tmp else None
+    def tmp_dir(self) -> str:
+        return os.path.join(self.workdir, "tmp")
 
     @property
     def generated_config(self) -> str:
         return os.path.join(self.log_dir, "generated.config.properties")
 
     @property
+    def management_socket(self) -> str:
+        return os.path.join(self.tmp_dir, "mgmt.sock")
+
+    @property
+    def guard_pid_file(self) -> str:
+        return os.path.join(self.tmp_dir, "guard.pid")
+
+    @property
     def pid_file(self) -> str:
-        # TorchServe's CLI writes it to tempfile.gettempdir(), which follows TMPDIR; env() hands it the same folder.
-        return os.path.join(self.tmp_dir or tempfile.gettempdir(), ".model_server.pid")
+        # TorchServe's CLI writes it to tempfile.gettempdir(), which follows TMPDIR: env() points that at tmp_dir.
+        return os.path.join(self.tmp_dir, ".model_server.pid")
 
     def url(self, api: str = "inference") -> str:
-        return f"http://{self.host}:{getattr(self.ports, api)}"
+        # Only inference may live elsewhere (TS_INFERENCE_URL); the management port, which refreshes keys with
+        # the never-expiring API key, is always this machine's.
+        return f"http://{self.host if api == 'inference' else '127.0.0.1'}:{getattr(self.ports, api)}"
 
     @property
     def tokens_enabled(self) -> bool:
@@ -145,6 +164,9 @@ class TorchServe:
                 os.path.dirname(os.path.abspath(self.base_config)), props["metrics_config"]
             )
         props.update(self.overrides)
+        if self.guard:  # TorchServe's own management API moves to a socket only its user can reach
+            props[GUARD_KEY] = props["management_address"]
+            props.update({"management_address": f"unix:{self.management_socket}", "use_native_io": "true"})
         return props
 
     def running_config(self) -> dict | None:
@@ -200,9 +222,10 @@ class TorchServe:
         if snapshot:
             props["model_snapshot"] = json.dumps(snapshot)
         os.makedirs(self.log_dir, exist_ok=True)
-        write_properties(
-            self.generated_config, props, f"generated by deploy/server.py from {self.base_config}; do not edit"
-        )
+        with private_files():
+            write_properties(
+                self.generated_config, props, f"generated by deploy/server.py from {self.base_config}; do not edit"
+            )
         return self.generated_config, snapshot
 
     # --- process control ---------------------------------------------------------------
@@ -212,12 +235,56 @@ class TorchServe:
         env["LOG_LOCATION"] = self.log_dir
         env["METRICS_LOCATION"] = self.log_dir
         env.pop("TS_CONFIG_FILE", None)
-        if self.tmp_dir:
-            os.makedirs(self.tmp_dir, exist_ok=True)
-            env["TMPDIR"] = env["TEMP"] = self.tmp_dir  # pid file (Python CLI) and java.io.tmpdir (sockets)
-        else:  # the folder pid() reads, even if TMPDIR changed or names no folder (gettempdir() falls back)
-            env["TMPDIR"] = tempfile.gettempdir()
+        # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp, where
+        # another user could create /tmp/models first and have their handler loaded.
+        env["TMPDIR"] = env["TEMP"] = self.tmp_dir
+        if self.user:
+            env["HOME"] = self.workdir  # caches (torch, matplotlib) go here, not to root's home
         return env
+
+    def prepare_dirs(self):
+        """The working directory and its tmp/ and logs/, private to the user the server runs as."""
+        for path in (self.workdir, self.tmp_dir, self.log_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+        entry = pwd.getpwnam(self.user) if self.user else None
+        for path in glob.glob(os.path.join(self.workdir, "**"), recursive=True):
+            if not os.path.islink(path):  # what an earlier version left readable, too
+                os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & 0o700)
+            if entry:
+                os.lchown(path, entry.pw_uid, entry.pw_gid)
+
+    def unreachable(self) -> list[str]:
+        """What self.user cannot read (or, for the working directory, write) of what the server needs."""
+        need = {
+            settings.ROOT: os.R_OK | os.X_OK,  # deploy/guard.py
+            os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
+            os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
+            self.model_store: os.R_OK | os.X_OK,
+            self.workdir: os.R_OK | os.W_OK | os.X_OK,
+            settings.METRICS_CONFIG: os.R_OK,
+        }
+        code = "import json, os, sys; need = json.loads(sys.argv[1])\n"
+        code += "print(json.dumps([p for p, m in need.items() if not os.access(p, m)]))"
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", code, json.dumps(need)],
+                cwd="/",
+                capture_output=True,
+                text=True,
+                timeout=60,
+                **self.as_user(),
+            )
+        except OSError as e:
+            return [f"{sys.executable} ({e})"]
+        return json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+
+    def as_user(self) -> dict:
+        """subprocess arguments that run a child as self.user, without root's groups, under umask 077."""
+        if not self.user:
+            return {"umask": 0o077}
+        entry = pwd.getpwnam(self.user)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "umask": 0o077}
 
     def pid(self) -> int | None:
         try:
@@ -241,7 +308,17 @@ class TorchServe:
             raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
         self.check_ports_free()
         self.forget()
+        self.prepare_dirs()
+        missing = self.unreachable() if self.user else []
+        if missing:
+            print(
+                f"warning: running TorchServe as root: user {self.user!r} cannot reach {', '.join(missing)}. "
+                "Give it read access to the folders above the repository (docs/security.md).",
+                file=sys.stderr,
+            )
+            self.user = None
         config, snapshot = self.write_config(restore)
+        self.prepare_dirs()  # the generated config too
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torchserve"),
             "--start",
@@ -256,9 +333,8 @@ class TorchServe:
             ]
             if available:
                 cmd += ["--models", *available]
-        os.makedirs(self.workdir, exist_ok=True)
         try:
-            with open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
+            with private_files(), open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
                 # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang.
                 subprocess.run(
                     cmd,
@@ -269,12 +345,42 @@ class TorchServe:
                     stdin=subprocess.DEVNULL,
                     check=True,
                     timeout=60,
+                    **self.as_user(),
                 )
+            if self.guard:
+                self.start_guard()
             self.wait_ready(timeout)
         except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
             self.stop()
             raise
         return {"restored": snapshot is not None, "models": management.models(self)}
+
+    def start_guard(self):
+        listen = self.config()[GUARD_KEY].split("://", 1)[-1]
+        with private_files(), open(os.path.join(self.log_dir, "guard.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", self.management_socket]
+                + ["--model-store", self.model_store],
+                cwd=settings.ROOT,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # outlives this command, like TorchServe
+                **self.as_user(),
+            )
+        with private_files(), open(self.guard_pid_file, "w") as f:
+            f.write(str(proc.pid))
+
+    def stop_guard(self):
+        try:
+            with open(self.guard_pid_file) as f:
+                proc = psutil.Process(int(f.read()))
+            if any("deploy.guard" in a for a in proc.cmdline()):
+                proc.terminate()
+                proc.wait(10)
+        except (OSError, ValueError, psutil.Error):
+            pass
 
     def check_ports_free(self):
         for name, port in vars(self.ports).items():
@@ -307,6 +413,7 @@ class TorchServe:
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
         self.forget()
+        self.stop_guard()
         pid = self.pid()
         if pid is None:
             return False
@@ -388,3 +495,30 @@ class TorchServe:
                 "restart with scripts/serve.sh stop && scripts/serve.sh start"
             )
         self._keys = None  # TorchServe wrote the new key to key_file.json
+
+
+@contextmanager
+def private_files():
+    """Files created inside are readable by their owner only."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def service_user() -> str | None:
+    """The user TorchServe runs as: settings.SERVICE_USER when started by root (scripts/setup.sh creates it),
+    else the caller's own user (None). Root without that user gets a warning and runs as root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(settings.SERVICE_USER)
+        return settings.SERVICE_USER
+    except KeyError:
+        print(
+            f"warning: user {settings.SERVICE_USER!r} does not exist, so TorchServe runs as root; "
+            "run scripts/setup.sh as root to create it",
+            file=sys.stderr,
+        )
+        return None

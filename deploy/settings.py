@@ -11,7 +11,7 @@ MODEL_STORE = os.path.join(ROOT, "model_store")  # archives (.mar + .sha256); th
 DATA_DIR = os.path.join(ROOT, "data")
 DIGITS_DIR = os.path.join(DATA_DIR, "digits")  # the bundled default dataset
 RUNS_DIR = os.path.join(ROOT, "runs")  # training runs: checkpoints, metrics, golden sets
-STATE_DIR = os.path.join(ROOT, "state")  # deployment history (deployments.jsonl)
+SERVER_DIR = os.path.join(ROOT, "server")  # the live server's own folder (0700): key_file.json, logs/, tmp/, state/
 MODEL_SRC = os.path.join(ROOT, "model_src")  # exactly what every archive ships
 HANDLER = os.path.join(ROOT, "handlers", "image_classifier.py")
 MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")  # per-model workers, batching, handler limits
@@ -20,6 +20,9 @@ BENCH_RESULTS = os.path.join(ROOT, "bench_results")
 SOAK_RESULTS = os.path.join(ROOT, "soak_results")
 
 MODEL_NAME = "my_model"
+# Started as root, TorchServe runs as this unprivileged user (scripts/setup.sh creates it): a model's handler is
+# code, and a registered model must never run as root.
+SERVICE_USER = "torchserve"
 
 
 def ports():

@@ -42,6 +42,17 @@ MSG
 
 check_java
 
+# Started as root, TorchServe runs as this unprivileged user (SERVICE_USER in deploy/settings.py): a model's
+# handler is code, and it must never run as root.
+if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then
+  if command -v useradd >/dev/null; then
+    echo "setup: creating the system user 'torchserve' that TorchServe runs as when started by root"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin torchserve
+  else
+    echo "setup: warning: no useradd here; create a user 'torchserve' or TorchServe will run as root" >&2
+  fi
+fi
+
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then

@@ -102,7 +102,7 @@ def torchserve_factory(tmp_path_factory):
             model_store=str(store),
             ports=Ports.free(),
             overrides=overrides or {},
-            private_tmp=True,
+            user=None,  # pytest's folders are private to root; test_security.py starts one as the service user
         )
         started.append(ts)
         ts.start(models=models)

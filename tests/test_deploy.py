@@ -67,7 +67,8 @@ def bearer(key):
 
 def register_args(archive, golden, report, **kw):
     """What register_version.main() builds for `register ARCHIVE --promote --golden GOLDEN --report REPORT`."""
-    args = dict(archive=archive, workers=1, promote=True, dry_run=False, golden=golden, max_accuracy_drop=1.0)
+    args = dict(archive=archive, model=None, workers=1, promote=True, dry_run=False, golden=golden)
+    args.update(max_accuracy_drop=1.0)
     args.update(report=str(report), **kw)
     return argparse.Namespace(**args)
 
@@ -529,7 +530,7 @@ def test_a_non_default_version_can_be_unregistered(server, store, png):
 
 
 def test_a_start_that_never_gets_ready_leaves_nothing_running(store, tmp_path):
-    ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(store), ports=Ports.free(), private_tmp=True)
+    ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(store), ports=Ports.free(), user=None)
     try:
         with pytest.raises(ServerError, match="not ready after"):
             ts.start(timeout=0.5)  # the JVM alone takes longer than that
@@ -558,7 +559,7 @@ def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torch
         assert {v["modelVersion"] for v in management.versions(ts, "my_model")} == {"1.0"}
         # serve.sh status, register_version.sh list and deploy.predict know nothing of --no-tokens: they read
         # config.properties (tokens on) and must ask the running server instead
-        plain = TorchServe(workdir=ts.workdir, model_store=ts.model_store, ports=ts.ports, private_tmp=True)
+        plain = TorchServe(workdir=ts.workdir, model_store=ts.model_store, ports=ts.ports, user=None)
         assert plain.config()["disable_token_authorization"] == "false"
         assert plain.tokens_enabled is False and plain.auth("management") == {}
         assert {v["modelVersion"] for v in management.versions(plain, "my_model")} == {"1.0"}
@@ -640,12 +641,13 @@ def test_java_reads_the_generated_config_as_we_do(tmp_path):
     assert java == ts.config()
 
 
-def test_the_pid_file_is_looked_up_where_torchserve_writes_it(tmp_path, monkeypatch):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
+def test_the_pid_file_is_looked_up_in_the_servers_private_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", "/tmp")  # whatever the caller's TMPDIR is, the server's is its own
     monkeypatch.setattr(tempfile, "tempdir", None)  # forget the cached folder: gettempdir() reads TMPDIR again
-    ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
+    ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None)
+    ts.prepare_dirs()
+    tmp = tmp_path / "tmp"
+    assert tmp.stat().st_mode & 0o777 == 0o700
     # TorchServe's CLI writes tempfile.gettempdir()/.model_server.pid in the environment start() gives it
     cli = [sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"]
     where = subprocess.run(cli, env=ts.env(), capture_output=True, text=True, check=True).stdout.strip()
@@ -662,6 +664,7 @@ def test_the_pid_file_is_looked_up_where_torchserve_writes_it(tmp_path, monkeypa
     finally:
         fake.kill()
         fake.wait()
+    ts.forget()  # what stop() does
     assert ts.pid() is None and ts.tokens_enabled is True  # not running: config.properties decides
 
 

@@ -1,0 +1,141 @@
+"""The management port's gatekeeper: only checked archives from the model store can be registered.
+
+TorchServe 0.12's register call also loads an unpacked model *directory* from any absolute path, with no
+checksum, and no setting turns that off; its handler is code that runs as the server's user. So the
+server's own management API listens on a Unix socket inside its private working directory, and this small
+proxy owns the management port. It forwards every call unchanged (TorchServe still checks the keys) except
+registrations, which pass only when `url` is the file name of a `.mar` in the model store that matches its
+`.sha256` and is a sound zip with a manifest; anything else gets 403 with a JSON message.
+
+    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock --model-store model_store
+"""
+
+import argparse
+import http.client
+import http.server
+import json
+import os
+import re
+import socket
+import sys
+import time
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from deploy.archive import check_archive
+
+ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.mar")
+MAX_BODY = 1 << 20  # management calls carry parameters, never archives
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+def refusal(method: str, target: str, body: bytes, model_store: str) -> str | None:
+    """Why this management call may not pass, or None when it may."""
+    parts = urlsplit(target)
+    # TorchServe decodes the path and ignores empty segments: judge the call by what it will see.
+    path = "/" + "/".join(s for s in unquote(parts.path).split("/") if s)
+    if method.upper() != "POST" or path not in ("/models", "/workflows"):
+        return None
+    if path == "/workflows":
+        return "workflows are not served by this bundle"
+    if body.strip():  # TorchServe also reads the url from a JSON body: one place to check, the query string
+        return "send registration parameters in the query string, not in the body"
+    urls = parse_qs(parts.query).get("url", [])
+    if len(urls) != 1:
+        return "give exactly one url: the file name of an archive in the model store"
+    if not ARCHIVE_NAME.fullmatch(urls[0]):
+        return (
+            f"url {urls[0]!r} is not the file name of a .mar in the model store: only archives built with "
+            "scripts/archive.sh (with their .sha256) can be registered"
+        )
+    try:
+        check_archive(os.path.join(model_store, urls[0]), model_store)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class Guard(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like TorchServe
+    timeout = 30  # a client that stops sending mid-request is dropped, not waited for
+    server_version = "torchserve-bundle-guard"
+
+    def do_any(self):
+        start = time.perf_counter()
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self.answer(411, "send a Content-Length")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            return self.answer(413, f"management requests are limited to {MAX_BODY} bytes")
+        body = self.rfile.read(length) if length else b""
+        reason = refusal(self.command, self.path, body, self.server.model_store)
+        if reason:
+            return self.answer(403, f"registration refused: {reason}", "RegistrationRefused")
+        upstream = UnixHTTPConnection(self.server.upstream, timeout=600)  # synchronous registration waits
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            resp = upstream.getresponse()
+            data = resp.read()
+        except OSError as e:
+            return self.answer(502, f"TorchServe's management API did not answer ({e.__class__.__name__})")
+        finally:
+            upstream.close()
+        self.send_response(resp.status, resp.reason)
+        for key, value in resp.getheaders():
+            if key.lower() not in HOP_BY_HOP | {"content-length"}:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.log(resp.status, start)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = do_HEAD = do_any  # noqa: N815
+
+    def answer(self, status: int, message: str, kind: str = "BadRequest"):
+        data = json.dumps({"code": status, "type": kind, "message": message}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.log(status, None)
+
+    def log(self, status: int, start: float | None):
+        took = f" {(time.perf_counter() - start) * 1000:.1f} ms" if start else ""
+        print(f"{self.log_date_time_string()} {self.command} {self.path.split('?')[0]} {status}{took}", flush=True)
+
+    def log_message(self, *args):  # the access log above carries no query strings (they can hold model urls)
+        pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", required=True, help="host:port of the management port")
+    p.add_argument("--socket", required=True, help="TorchServe's management Unix socket")
+    p.add_argument("--model-store", required=True)
+    args = p.parse_args(argv)
+    host, port = args.listen.rsplit(":", 1)
+    server = http.server.ThreadingHTTPServer((host, int(port)), Guard)
+    server.daemon_threads = True
+    server.upstream, server.model_store = args.socket, os.path.abspath(args.model_store)
+    print(f"guarding {args.listen} -> unix:{args.socket} (model store {server.model_store})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
