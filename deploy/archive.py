@@ -100,6 +100,19 @@ def read_manifest(path: str) -> dict:
         raise ValueError(f"{name} has no MAR-INF/MANIFEST.json: not a TorchServe archive") from None
 
 
+def read_classes(path: str) -> list[str]:
+    """The class names an archive answers, in index order, from its index_to_name.json (keyed by str(index))."""
+    name = os.path.basename(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            labels = json.loads(z.read("index_to_name.json"))
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read {name}: {e}") from None
+    except KeyError:
+        raise ValueError(f"{name} has no index_to_name.json: its class names are unknown") from None
+    return [labels[k] for k in sorted(labels, key=int)]
+
+
 def check_archive(archive: str, model_store: str) -> dict:
     """The manifest's model entry of an archive that may be registered: a file directly in the model
     store, matching its .sha256, a sound zip. ValueError says what is wrong."""

@@ -1,11 +1,17 @@
 """The promotion gate: a candidate version and the current default answer the same golden set (validation
-images with known labels, written by training); the candidate passes when it loses no more than
-`max_drop` points of accuracy, counted in whole images, and no golden request fails."""
+images with known labels, written by training); the candidate passes when it answers the default's classes,
+loses no more than `max_drop` points of accuracy, counted in whole images, and no golden request fails.
+
+The classes are checked first, from each version's archive: a candidate trained on other classes scores 0 for
+the default on its own golden set and would "pass", and every client of the default would then get answers
+from a label set it never asked for. Such a model is a new model name, not a new version."""
 
 import json
 import os
 import time
 
+from deploy import management
+from deploy.archive import read_classes
 from deploy.latency import percentile
 from deploy.management import DeployError
 from deploy.predict import post, read_bytes, top1
@@ -49,16 +55,75 @@ def accuracy_drop(old_correct: int, new_correct: int, images: int, max_drop: flo
     return drop, drop <= max_drop + 1e-9
 
 
-def gate(ts: TorchServe, model: str, candidate: str, baseline: str | None, golden, max_drop: float) -> dict:
+NEW_MODEL = "a model that answers other classes is a new model name, not a new version"
+
+
+def version_classes(ts: TorchServe, model: str, version: str) -> list[str]:
+    """The classes a registered version answers, read from its archive in the model store (the describe
+    entry's modelUrl is the archive's file name there)."""
+    desc = management.describe(ts, model, version)
+    if desc is None:
+        raise DeployError(f"{model} {version} is not registered")
+    try:
+        return read_classes(os.path.join(ts.model_store, os.path.basename(desc["modelUrl"])))
+    except ValueError as e:
+        raise DeployError(f"the classes of {model} {version} are unknown: {e}") from None
+
+
+def compare_classes(candidate: list[str], baseline: list[str]) -> dict:
+    """Whether two versions answer the same labels. Index order does not matter: each archive maps its own
+    indices to names, and clients only ever see the names."""
+    return {
+        "same": set(candidate) == set(baseline),
+        "candidate": candidate,
+        "baseline": baseline,
+        "added": [c for c in candidate if c not in baseline],
+        "missing": [c for c in baseline if c not in candidate],
+    }
+
+
+def few(labels: list[str], n: int = 4) -> str:
+    return ", ".join(labels[:n]) + (f" and {len(labels) - n} more" if len(labels) > n else "")
+
+
+def classes_reason(c: dict) -> str:
+    diff = [f"{len(c['candidate'])} classes vs the default's {len(c['baseline'])}"]
+    diff += [f"{what} {few(c[key])}" for what, key in (("new:", "added"), ("gone:", "missing")) if c[key]]
+    return f"the candidate answers other classes than the default ({'; '.join(diff)}): {NEW_MODEL}"
+
+
+def check_classes(ts, model: str, candidate: str, baseline: str, allow_new_classes: bool) -> dict:
+    """The class comparison for the report. With allow_new_classes, archives whose classes cannot be read
+    do not stop the gate either."""
+    try:
+        c = compare_classes(version_classes(ts, model, candidate), version_classes(ts, model, baseline))
+    except DeployError as e:
+        if not allow_new_classes:
+            raise DeployError(f"{e}; pass --allow-new-classes to gate without comparing classes") from None
+        return {"same": None, "error": str(e), "overridden": True}
+    c["overridden"] = allow_new_classes and not c["same"]
+    return c
+
+
+def gate(
+    ts: TorchServe,
+    model: str,
+    candidate: str,
+    baseline: str | None,
+    golden,
+    max_drop: float,
+    allow_new_classes: bool = False,
+) -> dict:
+    report = {"model": model, "images": len(golden), "max_accuracy_drop_points": max_drop}
+    if baseline:
+        report["classes"] = check_classes(ts, model, candidate, baseline, allow_new_classes)
+        if report["classes"]["same"] is False and not allow_new_classes:  # refused before any scoring
+            report.update(candidate={"version": candidate}, baseline={"version": baseline}, passed=False)
+            report["reason"] = classes_reason(report["classes"])
+            return report
     new = score(ts, model, candidate, golden)
     old = score(ts, model, baseline, golden) if baseline else None
-    report = {
-        "model": model,
-        "images": len(golden),
-        "candidate": new,
-        "baseline": old,
-        "max_accuracy_drop_points": max_drop,
-    }
+    report.update(candidate=new, baseline=old)
     if old:
         report["agreement"] = sum(a == b for a, b in zip(new["predictions"], old["predictions"])) / len(golden)
         drop, within = accuracy_drop(old["correct"], new["correct"], len(golden), max_drop)
@@ -71,6 +136,10 @@ def gate(ts: TorchServe, model: str, candidate: str, baseline: str | None, golde
         report["reason"] = f"accuracy {new['accuracy']:.4f} vs default {old['accuracy']:.4f}: {change}"
         if new["errors"]:
             report["reason"] += f"; {new['errors']} golden requests failed"
+        classes = report["classes"]
+        if classes["overridden"]:
+            what = classes_reason(classes) if "error" not in classes else classes["error"]
+            report["reason"] += f"; class check overridden by --allow-new-classes ({what})"
     else:
         report["passed"] = new["errors"] == 0
         report["reason"] = "no default version to compare with"
@@ -81,6 +150,12 @@ def print_report(r: dict):
     new, old = r["candidate"], r["baseline"]
     print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
     print(f"  {'':22s}{'candidate ' + new['version']:>18s}" + (f"{'default ' + old['version']:>18s}" if old else ""))
+    classes = r.get("classes", {})
+    if "candidate" in classes:
+        print(f"  {'classes':22s}{len(classes['candidate']):>18d}{len(classes['baseline']):>18d}")
+    if "accuracy" not in new:  # refused before scoring
+        print(f"  verdict: REJECT - {r['reason']}")
+        return
     rows = [
         ("accuracy", "accuracy", "{:.4f}"),
         ("failed requests", "errors", "{:d}"),

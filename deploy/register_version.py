@@ -2,6 +2,7 @@
 
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
+    python -m deploy.register_version register model_store/textures.mar   # another model: its own name
     python -m deploy.register_version list [--model NAME]
     python -m deploy.register_version rollback [--model NAME]
     python -m deploy.register_version unregister 2.0 [--model NAME]
@@ -11,7 +12,14 @@ a new version, waits for its workers, and, with --promote, sends the golden set
 (validation images with known labels, written by training) to the new version and to
 the current default. It sets the new version default only when its accuracy is no more
 than --max-accuracy-drop points below the default's; otherwise the default keeps
-serving, the rejected version is unregistered, and the exit code is 3.
+serving, the rejected version is unregistered, and the exit code is 3. Before any
+scoring, the gate compares the classes in both versions' archives (index_to_name.json):
+a candidate that answers other classes is refused the same way (exit code 3), since a
+model that answers other classes is a new model name, not a new version (archive it
+with --model-name NAME); --allow-new-classes overrides that check.
+
+The model name comes from the archive (its manifest) for register, and from --model
+(default my_model) for list, rollback and unregister.
 """
 
 import argparse
@@ -73,6 +81,11 @@ def get_args_parser():
     r.add_argument("--dry-run", action="store_true", help="run the gate, report, promote nothing")
     r.add_argument("--golden", default=None, help="golden set folder of the candidate's run (<run>/golden)")
     r.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose")
+    r.add_argument(
+        "--allow-new-classes",
+        action="store_true",
+        help="gate a candidate whose classes differ from the default's (refused otherwise: use a new model name)",
+    )
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--report", default=None, help="also write the gate report as JSON here")
     sub.add_parser("list", parents=[model], help="versions, and which is default")

@@ -113,11 +113,16 @@ def run_gate(ts: TorchServe, model: str, version: str, golden, args) -> int:
     if baseline == version:  # the first version of a model is default by itself
         print(f"{model} {version} is the only version and already default")
         return 0
-    report = gate(ts, model, version, baseline, golden, args.max_accuracy_drop)
+    report = gate(ts, model, version, baseline, golden, args.max_accuracy_drop, args.allow_new_classes)
     print_report(report)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
+    if report.get("classes", {}).get("same") is False and not args.allow_new_classes:
+        print(
+            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION CHECKPOINT "
+            "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
+        )
     if args.dry_run:
         unregister(ts, model, version)
         print(f"dry run: {model} {version} unregistered again; {baseline} stays default")

@@ -6,6 +6,8 @@ each leaving a known state for the next:
 
     tokens, allowed URLs, integrity      1.0 (default) only
     gate: bad 3.0 rejected, 2.0 dry run  1.0 (default) only
+    gate: other classes 4.0 refused;     1.0 (default) only  (textures 1.0 registered beside it, then unregistered)
+      the same as model "textures"
     gate: 2.0 promoted, rollback, back   1.0, 2.0 (default)
     restart, rollback after the restart  1.0 (default), 2.0
     restart with 1.0's archive deleted   2.0 (default)  -> 1.0 registered and unregistered again
@@ -13,7 +15,6 @@ each leaving a known state for the next:
 Two more servers have their own workdirs: one with 3-second tokens, one in development mode (no tokens).
 """
 
-import argparse
 import datetime
 import http.server
 import json
@@ -27,17 +28,20 @@ import threading
 import time
 import zipfile
 
+import numpy as np
 import psutil
 import pytest
 import requests
+from PIL import Image
 
 from deploy import gate as gatelib
 from deploy import management, register_version, versions
-from deploy.archive import write_checksum
+from deploy.archive import read_classes, write_checksum
 from deploy.properties import read_properties
 from deploy.serve import print_status
 from deploy.server import Ports, ServerError, TorchServe
 from deploy.settings import DIGITS_DIR
+from tests import images
 from tests.conftest import install_archive, train_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
@@ -66,11 +70,14 @@ def bearer(key):
 
 
 def register_args(archive, golden, report, **kw):
-    """What register_version.main() builds for `register ARCHIVE --promote --golden GOLDEN --report REPORT`."""
-    args = dict(archive=archive, model=None, workers=1, promote=True, dry_run=False, golden=golden)
-    args.update(max_accuracy_drop=1.0)
-    args.update(report=str(report), **kw)
-    return argparse.Namespace(**args)
+    """What register_version.main() builds for `register ARCHIVE --promote --golden GOLDEN --report REPORT`,
+    with `kw` replacing any of its values (dry_run=True, allow_new_classes=True...)."""
+    argv = ["register", str(archive), "--promote", "--golden", str(golden), "--report", str(report)]
+    args = register_version.get_args_parser().parse_args(argv)
+    for key, value in kw.items():
+        assert hasattr(args, key), key
+        setattr(args, key, value)
+    return args
 
 
 def expires(entry):
@@ -453,6 +460,101 @@ def test_a_gate_that_cannot_finish_leaves_nothing_registered(
     assert management.default_version(server, "my_model") == "1.0" and versions.history(server) == []
 
 
+# --- another model: other classes make a new model name, not a new version --------------------------------------
+
+TEXTURES = ("brick", "grass", "gravel")
+
+
+def texture(name: str, rng) -> Image.Image:
+    """A 16x16 RGB crop: brick = red courses with mortar lines, grass = green blades, gravel = grey speckle."""
+    noise = rng.integers(-20, 21, (16, 16, 3))
+    if name == "brick":
+        arr = np.full((16, 16, 3), (150, 60, 40)) + noise
+        arr[::4] = 200  # mortar
+    elif name == "grass":
+        arr = np.full((16, 16, 3), (40, 140, 40)) + noise
+        arr[:, ::3] = (20, 90, 20)  # blades
+    else:
+        arr = rng.integers(80, 180, (16, 16, 1)).repeat(3, axis=2)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    """A run on 3 classes of synthetic texture crops (one epoch, ~2 s): a classifier of other classes than the
+    digits, as a new user would train on their own images. Returns (checkpoint, golden dir)."""
+    root = tmp_path_factory.mktemp("textures")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 30), ("val", 10)):
+        for name in TEXTURES:
+            (root / "data" / split / name).mkdir(parents=True)
+            for i in range(count):
+                texture(name, rng).save(root / "data" / split / name / f"{i:03d}.png")
+    run = train_run(root / "run", "--data", root / "data", "--epochs", 1)
+    return os.path.join(run, "checkpoint_last.pt"), os.path.join(run, "golden")
+
+
+def test_gate_refuses_a_version_that_answers_other_classes(server, store, archive_factory, textures, tmp_path, capsys):
+    checkpoint, golden = textures  # its own golden set, where the digits default scores 0
+    path = install_archive(archive_factory("4.0", ckpt=checkpoint), store, "my_model_v4.0.mar")
+    assert read_classes(path) == list(TEXTURES)
+    for dry_run in (False, True):
+        args = register_args(path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run)
+        capsys.readouterr()
+        assert register_version.cmd_register(server, args) == versions.EXIT_REJECTED
+        out = capsys.readouterr().out
+        with open(tmp_path / "gate.json") as f:
+            report = json.load(f)
+        assert report["passed"] is False and report["classes"]["same"] is False
+        assert report["classes"]["added"] == list(TEXTURES) and len(report["classes"]["missing"]) == 10
+        assert "accuracy" not in report["candidate"]  # refused before any golden image was sent
+        diff = "3 classes vs the default's 10; new: brick, grass, gravel; gone: 0, 1, 2, 3 and 6 more"
+        assert diff in report["reason"]
+        assert gatelib.NEW_MODEL in report["reason"] and gatelib.NEW_MODEL in out and "--model-name NAME" in out
+        assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
+        assert versions.history(server) == []
+
+    # the override passes the class check (dry run: the state stays as it was)
+    args = register_args(path, golden, tmp_path / "gate.json", dry_run=True, promote=False, allow_new_classes=True)
+    assert register_version.cmd_register(server, args) == 0
+    with open(tmp_path / "gate.json") as f:
+        report = json.load(f)
+    assert report["passed"] is True and report["classes"]["overridden"] is True
+    assert report["baseline"]["accuracy"] == 0.0 and report["images"] == 30  # why the class check exists
+    assert "class check overridden by --allow-new-classes" in report["reason"] and gatelib.NEW_MODEL in report["reason"]
+    assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
+    assert versions.history(server) == []
+
+
+def test_other_classes_serve_beside_my_model_under_their_own_name(
+    server, store, archive_factory, textures, png, monkeypatch, capsys
+):
+    checkpoint, golden = textures
+    path = install_archive(archive_factory("1.0", ckpt=checkpoint, model_name="textures"), store, "textures.mar")
+    with pytest.raises(management.DeployError, match="holds model 'textures', not 'my_model'"):
+        versions.register(server, path, model="my_model")
+    args = register_args(path, golden, os.devnull)
+    assert register_version.cmd_register(server, args) == 0  # the first version of a model is default by itself
+    assert "textures 1.0 is the only version and already default" in capsys.readouterr().out
+    assert management.default_version(server, "textures") == "1.0"
+    assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
+
+    crop = images.encode(texture("grass", np.random.default_rng(1)), "PNG")
+    for model, body, labels in (("textures", crop, set(TEXTURES)), ("my_model", png, set("0123456789"))):
+        resp = server.request("POST", "inference", f"/predictions/{model}", data=body)
+        assert resp.status_code == 200 and set(resp.json()) <= labels, (model, resp.text)
+
+    monkeypatch.setattr(register_version, "TorchServe", lambda: server)  # the CLI, against this test's server
+    capsys.readouterr()
+    assert register_version.main(["list", "--model", "textures"]) == 0
+    assert register_version.main(["list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in listed] == [["textures", "1.0", "default"], ["my_model", "1.0", "default"]]
+    assert register_version.main(["unregister", "1.0", "--model", "textures"]) == 0
+    assert management.model_names(server) == ["my_model"]
+    assert registered(server) == {"1.0"} and management.default_version(server, "my_model") == "1.0"
+
+
 def test_rollback_needs_history(server):
     with pytest.raises(management.DeployError, match="no earlier default of my_model to roll back to from 1.0"):
         versions.rollback(server, "my_model")
@@ -684,6 +786,7 @@ def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypat
         }
 
     monkeypatch.setattr(gatelib, "score", score)
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: ["0", "1"])
     one = gatelib.gate(None, "my_model", "one worse", "default", golden, max_drop=1.0)
     assert one["passed"] is True, one["reason"]  # 0.97 - 0.96 is 1.0000000000000009 points in floats
     assert "drop of 1.00 points (within the allowed 1.00)" in one["reason"]
@@ -691,3 +794,23 @@ def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypat
     assert two["passed"] is False and "drop of 2.00 points (over the allowed 1.00)" in two["reason"]
     assert gatelib.accuracy_drop(baseline, baseline - 1, 100, 1.0) == (1.0, True)
     assert gatelib.accuracy_drop(baseline, baseline - 2, 100, 1.0) == (2.0, False)
+
+
+def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch):
+    classes = {"1.0": [str(d) for d in range(10)], "2.0": [str(d) for d in reversed(range(10))], "3.0": ["a", "0"]}
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: classes[version])
+    scored = []
+
+    def score(ts, model, version, golden):
+        scored.append(version)
+        return {"version": version, "correct": 1, "accuracy": 1.0, "errors": 0, "predictions": ["0"]}
+
+    monkeypatch.setattr(gatelib, "score", score)
+    same = gatelib.gate(None, "my_model", "2.0", "1.0", [(b"", "0")], max_drop=1.0)
+    assert same["passed"] is True and same["classes"]["same"] is True  # the order of the indices does not matter
+    scored.clear()
+    refused = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0)
+    assert refused["passed"] is False and scored == []
+    assert "2 classes vs the default's 10; new: a; gone: 1, 2, 3, 4 and 5 more" in refused["reason"]
+    allowed = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0, allow_new_classes=True)
+    assert allowed["passed"] is True and scored == ["3.0", "1.0"] and allowed["classes"]["overridden"] is True
