@@ -24,12 +24,31 @@ import time
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from model_src.preprocessing import DEFAULT_MAX_PIXELS, InputError, Preprocessing
+from model_src.preprocessing import InputError, Preprocessing, pixel_cost
 from model_src.runtime import BACKEND_FILES, Predictor
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS = {"topk": 5, "max_image_pixels": DEFAULT_MAX_PIXELS, "max_images_per_request": 32, "threads": 0}
+# The handler's settings live in model-config.yaml's `handler:` section (shipped in every archive) and
+# nowhere else: these are the keys it needs, and a worker without one of them refuses to start.
+SETTINGS = (
+    "topk",
+    "max_image_pixels",
+    "max_images_per_request",
+    "max_request_image_bytes",
+    "decode_time_share",
+    "threads",
+)
+
+
+def settings_from(yaml_cfg: dict) -> dict:
+    """model-config.yaml -> the handler's settings; RuntimeError naming any that is missing."""
+    settings = yaml_cfg.get("handler") or {}
+    missing = [f"handler.{key}" for key in SETTINGS if key not in settings]
+    missing += [] if "responseTimeout" in yaml_cfg else ["responseTimeout"]  # the decoding time budget's base
+    if missing:
+        raise RuntimeError(f"model-config.yaml lacks {', '.join(missing)}: see handlers/model-config.yaml")
+    return settings
 
 
 # --- request parsing: row -> list of encoded images ------------------------------------
@@ -47,8 +66,9 @@ def b64decode(text) -> bytes:
         raise InputError("invalid base64 image data") from None
 
 
-def images_from_json(body) -> tuple[list[bytes], str | tuple]:
-    """JSON body -> (encoded images, form of the answer: 'one', 'list' or ('v2', request id))."""
+def items_from_json(body) -> tuple[list, str | tuple]:
+    """JSON body -> (its image items, still base64 and unchecked; form of the answer: 'one', 'list' or
+    ('v2', request id)). Nothing is decoded here, so the cheap checks can run first."""
     if is_v2(body):
         inputs = body["inputs"]
         if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], dict):
@@ -56,7 +76,7 @@ def images_from_json(body) -> tuple[list[bytes], str | tuple]:
         data = inputs[0].get("data")
         if not isinstance(data, list):
             raise InputError('KServe v2: inputs[0]["data"] must be a list of base64 strings')
-        return [b64decode(d) for d in data], ("v2", str(body.get("id", "")))
+        return data, ("v2", str(body.get("id", "")))
     if isinstance(body, dict):
         for key in ("data", "image", "instances"):
             if key in body:
@@ -65,9 +85,9 @@ def images_from_json(body) -> tuple[list[bytes], str | tuple]:
         else:
             raise InputError('JSON body needs a "data" field holding a base64 image (or a list of them)')
     if isinstance(body, str):
-        return [b64decode(body)], "one"
+        return [body], "one"
     if isinstance(body, list):
-        return [b64decode(item.get("data") if isinstance(item, dict) else item) for item in body], "list"
+        return body, "list"
     raise InputError(f'JSON "data" must be a base64 string or a list of them, got {type(body).__name__}')
 
 
@@ -96,15 +116,36 @@ def body_of(row: dict):
     return value
 
 
-def images_from_body(body) -> tuple[list[bytes], str | tuple]:
-    """body_of()'s payload -> (encoded images, form of the answer)."""
+def items_from_body(body) -> tuple[list, str | tuple]:
+    """body_of()'s payload -> (image items: bytes or base64 text, form of the answer)."""
     if isinstance(body, (dict, list)):
-        return images_from_json(body)
+        return items_from_json(body)
     if isinstance(body, str):  # text/* bodies arrive decoded: accept base64 text
-        return [b64decode(body)], "one"
+        return [body], "one"
     if not isinstance(body, (bytes, bytearray)):  # a JSON number or boolean
         raise InputError(f"expected an image, got a JSON {type(body).__name__}")
-    return [bytes(body)], "one"
+    return [body], "one"
+
+
+def check_items(items: list, max_images: int, max_bytes: int) -> list:
+    """Count, types and sizes, before any item is decoded: a 16 MiB list of 2.4 M tiny items is refused
+    in microseconds instead of after 2.4 M base64 decodes. Returns the items as bytes or base64 text."""
+    if not items:
+        raise InputError("the request holds an empty list of images")
+    if len(items) > max_images:
+        raise InputError(f"{len(items):,} images in one request; the limit is {max_images}", 413)
+    items = [item.get("data") if isinstance(item, dict) else item for item in items]  # [{"data": "<b64>"}]
+    for item in items:
+        if not isinstance(item, (str, bytes, bytearray)):
+            raise InputError(f"expected a base64 string, got {type(item).__name__}")
+    size = sum(len(i) if isinstance(i, (bytes, bytearray)) else len(i) * 3 // 4 for i in items)
+    if size > max_bytes:
+        raise InputError(f"the images in this request are {size:,} bytes, over the limit of {max_bytes:,}", 413)
+    return items
+
+
+def decode_items(items: list) -> list[bytes]:
+    return [bytes(i) if isinstance(i, (bytes, bytearray)) else b64decode(i) for i in items]
 
 
 def is_v2(body) -> bool:
@@ -157,7 +198,7 @@ class ImageClassifier(BaseHandler):
         model_dir = properties.get("model_dir")
         manifest = context.manifest["model"]
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
-        self.config = {**DEFAULTS, **(yaml_cfg.get("handler") or {})}
+        self.configure(yaml_cfg, int(properties.get("batch_size") or 1))
         with open(os.path.join(model_dir, "serving.json")) as f:
             meta = json.load(f)
         with open(os.path.join(model_dir, "index_to_name.json")) as f:
@@ -173,6 +214,7 @@ class ImageClassifier(BaseHandler):
         on_gpu = gpu is not None and torch.cuda.is_available() and self.backend not in ("onnx", "int8")
         device = f"cuda:{gpu}" if on_gpu else "cpu"
         self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
+        torch.set_num_threads(self.threads)  # the worker process is the handler's to configure
         self.predictor = Predictor(os.path.join(model_dir, serialized), self.backend, device, self.threads)
         self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
         self.warm_up(int(properties.get("batch_size") or 1))
@@ -186,6 +228,12 @@ class ImageClassifier(BaseHandler):
             self.config["topk"],
             len(self.labels),
         )
+
+    def configure(self, yaml_cfg: dict, batch_size: int):
+        self.config = settings_from(yaml_cfg)
+        # Decoding a batch must end well before TorchServe's responseTimeout kills the worker (and every
+        # request in the batch): each request gets its share of decode_time_share x responseTimeout.
+        self.decode_seconds = self.config["decode_time_share"] * yaml_cfg["responseTimeout"] / batch_size
 
     @staticmethod
     def auto_threads(yaml_cfg: dict) -> int:
@@ -203,17 +251,24 @@ class ImageClassifier(BaseHandler):
         """Encoded images -> model inputs (C, H, W): the training evaluation transform.
 
         The pixel cap is one budget for the whole request: 32 images each just under it would
-        take minutes to decode, time the worker out and fail every neighbour in its batch."""
+        take minutes to decode, time the worker out and fail every neighbour in its batch. Time is
+        budgeted too: one decode cannot be interrupted, but the request stops before the next one."""
         cap = budget = self.config["max_image_pixels"]
-        tensors = []
+        tensors, start = [], time.perf_counter()
         for data in encoded:
+            if tensors and (spent := time.perf_counter() - start) > self.decode_seconds:
+                raise InputError(
+                    f"decoding this request's first {len(tensors)} images took {spent:.1f} s, over its share "
+                    f"of the response timeout ({self.decode_seconds:.1f} s): send fewer or smaller images",
+                    413,
+                )
             try:
                 img = self.prep.decode(data, budget)
             except InputError as e:
                 if e.status == 413 and budget < cap:
                     raise InputError(f"the images in this request have over {cap:,} pixels together", 413) from None
                 raise
-            budget -= img.width * img.height
+            budget -= pixel_cost(img)
             tensors.append(self.prep(img))
         return tensors
 
@@ -224,15 +279,11 @@ class ImageClassifier(BaseHandler):
             body = None
             try:
                 body = body_of(row)
-                encoded, shape = images_from_body(body)
-                if not encoded:
-                    raise InputError("the request holds an empty list of images")
-                if len(encoded) > self.config["max_images_per_request"]:
-                    raise InputError(
-                        f"{len(encoded)} images in one request; the limit is {self.config['max_images_per_request']}",
-                        413,
-                    )
-                tensors = self.to_tensors(encoded)
+                items, shape = items_from_body(body)
+                items = check_items(
+                    items, self.config["max_images_per_request"], self.config["max_request_image_bytes"]
+                )
+                tensors = self.to_tensors(decode_items(items))
             except InputError as e:
                 answers[idx] = self.reject(context, idx, body, e.status, str(e))
                 continue

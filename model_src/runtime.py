@@ -21,14 +21,15 @@ BACKEND_FILES = {
 
 
 class Predictor:
-    """A callable float batch (B, C, H, W) -> logits (B, K) for any backend."""
+    """A callable float batch (B, C, H, W) -> logits (B, K) for any backend.
+
+    `threads` sizes this object's own pools (ONNX Runtime's session). torch's intra-op pool belongs to
+    the whole process: the caller sets it (the TorchServe handler does, in initialize)."""
 
     def __init__(self, path: str, backend: str, device="cpu", threads: int | None = None):
         if backend not in BACKEND_FILES:
             raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKEND_FILES)}")
         self.backend, self.device = backend, torch.device(device)
-        if threads:
-            torch.set_num_threads(threads)
         if backend == "onnx":
             import onnxruntime as ort
 

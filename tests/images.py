@@ -120,3 +120,57 @@ def photo_jpeg(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
     noise = np.random.default_rng(seed).integers(0, 40, (height, width, 1))
     rgb = np.stack([xx / 16 % 256, yy / 12 % 256, (xx + yy) / 28 % 256], -1) + noise
     return encode(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+
+
+# --- hostile bodies: small files that cost a decoder far more than their size -----------------------
+
+
+def scan_bomb_jpeg(side: int = 6320, scans: int = 6500) -> bytes:
+    """A progressive grey JPEG declaring side x side pixels, followed by `scans` empty scans.
+
+    libjpeg walks every block of the image once per scan, data or not (a missing segment is only a
+    warning), so the decode cost is side^2 x scans while the file stays at ~10 bytes per scan. The
+    pixels come from an 8x8 image whose frame header is patched: libjpeg pads the missing data."""
+    jpeg = encode(Image.new("L", (8, 8), 255), "JPEG", progressive=True)
+    sof = jpeg.index(b"\xff\xc2")
+    jpeg = jpeg[: sof + 5] + struct.pack(">HH", side, side) + jpeg[sof + 9 :]
+    sos = jpeg.rindex(b"\xff\xda")  # repeat the last scan's header (a refinement scan) with no data
+    (length,) = struct.unpack(">H", jpeg[sos + 2 : sos + 4])
+    header = jpeg[sos : sos + 2 + length]
+    return jpeg[:-2] + header * scans + b"\xff\xd9"
+
+
+def ico_wrapping_png(side: int = 13300) -> bytes:
+    """An ICO whose one entry is a side x side black PNG (ICO entries may be PNGs of any size; the
+    directory says 256 x 256). 13,300^2 stays just under PIL's default hard limit (2 x 89.5 MP)."""
+    png = black_png(side)
+    directory = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)  # 0 means 256
+    return struct.pack("<HHH", 0, 1, 1) + directory + png
+
+
+def blank_rgba_webp(side: int = 6320) -> bytes:
+    """A lossless transparent side x side WebP: ~1.6 KB that decode to side^2 x 4 bytes, plus compositing."""
+    return encode(Image.new("RGBA", (side, side), (0, 0, 0, 0)), "WEBP", lossless=True, quality=0, method=0)
+
+
+def float_tiff(side: int = 6320) -> bytes:
+    """A deflated side x side 32-bit float TIFF of zeros: ~0.3 MB for 160 MB of samples."""
+    return encode(Image.new("F", (side, side), 0.0), "TIFF", compression="tiff_adobe_deflate")
+
+
+def other_formats() -> dict[str, bytes]:
+    """name -> a small valid image in a format PIL opens but the handler does not accept."""
+    grey = digit_like()
+    rgb = grey.convert("RGB")
+    return {
+        "ico": encode(rgb, "ICO"),
+        "pcx": encode(rgb, "PCX"),
+        "tga": encode(rgb, "TGA"),
+        "dds": encode(grey.convert("RGBA"), "DDS"),
+        "ppm": encode(rgb, "PPM"),
+        "sgi": encode(rgb, "SGI"),
+        "xbm": encode(grey.convert("1"), "XBM"),
+        "qoi": encode(rgb, "QOI"),
+        "jpeg2000": encode(rgb, "JPEG2000"),
+        "eps-header": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n",
+    }

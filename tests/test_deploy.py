@@ -669,6 +669,7 @@ def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torch
         print_status(plain)  # raised "cannot read key_file.json: is TorchServe running with tokens on?"
     finally:
         ts.stop()
+    plain.forget()  # what it read of the running server (done on start, stop and a refused key)
     assert plain.tokens_enabled is True  # stopped: back to config.properties
 
 

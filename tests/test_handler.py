@@ -21,14 +21,18 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import get_yaml_config
 
+import handlers.image_classifier as handler_module
+from deploy import settings
 from deploy.settings import METRICS_CONFIG
-from handlers.image_classifier import DEFAULTS, ImageClassifier, top_k
-from model_src.preprocessing import Preprocessing
+from handlers.image_classifier import ImageClassifier, top_k
+from model_src.preprocessing import ACCEPTED_NAMES, Preprocessing
 from tests import images
 from train.data import CachedImages
 
 BACKENDS = ["eager", "torchscript", "onnx", "int8"]
 GOOD = 200
+MODEL_CONFIG = get_yaml_config(settings.MODEL_CONFIG)  # the settings' one home
+SETTINGS = MODEL_CONFIG["handler"]
 
 
 # --- a handler in a real Context --------------------------------------------------------------
@@ -245,7 +249,7 @@ def bad_rows(png) -> dict[str, tuple[dict, int]]:
         "json-not-utf8": ({"body": bytearray(b'{"data": "\xff"}')}, 400),
         "json-nested-too-deep": ({"body": bytearray(b"[" * 100_000)}, 400),
         "over-max-image-pixels": ({"body": bytearray(images.png_declaring(8000, 6000))}, 413),  # 48 MP > 40 MP
-        "too-many-images": ({"body": [b64] * (DEFAULTS["max_images_per_request"] + 1)}, 413),
+        "too-many-images": ({"body": [b64] * (SETTINGS["max_images_per_request"] + 1)}, 413),
         "url-encoded-form": ({"some key": ""}, 400),  # what a PNG posted as a form turns into
         "v2-bad-base64": (
             {"body": {"id": "9", "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [1], "data": ["@@"]}]}},
@@ -276,7 +280,7 @@ def test_bad_requests_fail_alone_in_their_batch(eager, png, digits):
     assert "no image in the request" in messages["url-encoded-form"]
     assert "no image in the request" in messages["empty-body"]
     assert "pixels" in messages["over-max-image-pixels"] and "pixels" in messages["bomb-header"]
-    assert f"limit is {DEFAULTS['max_images_per_request']}" in messages["too-many-images"]
+    assert f"limit is {SETTINGS['max_images_per_request']}" in messages["too-many-images"]
     assert "base64" in messages["bad-base64-parsed-json"]
     assert '"data"' in messages["json-without-data"]
     assert "does not parse" in messages["json-not-utf8"] and "does not parse" in messages["json-nested-too-deep"]
@@ -319,6 +323,115 @@ def test_pixel_cap_is_per_request_not_per_image(handler_for, png):
     assert "together" in out[1]["message"]
 
 
+# --- hostile inputs (issue 17): each refused by a cheap check, its batch neighbours answered -----------
+
+
+@pytest.fixture
+def pillow_opens(monkeypatch):
+    """The number of Image.open calls: a body refused before Pillow saw it adds none."""
+    calls = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **kw: calls.append(1) or real_open(*a, **kw))
+    return calls
+
+
+def test_jpeg_scan_bomb_is_refused_before_pillow_and_neighbours_answer(eager, png, pillow_opens):
+    # 6,500 empty scans over 6320 x 6320: libjpeg took 31-37 s, past the worker's 30 s timeout
+    bomb = images.scan_bomb_jpeg()
+    out, status = handle(*eager, [{"body": bytearray(png)}, {"body": bytearray(bomb)}, {"body": bytearray(png)}])
+    assert status == [GOOD, 413, GOOD]
+    assert "over 100 scans" in out[1]["message"]
+    assert out[0] == out[2] and is_prediction(out[0])
+    assert len(pillow_opens) == 2  # the two good images only
+
+
+@pytest.mark.parametrize("name", [*images.other_formats(), "ico-wrapping-13300-png"])
+def test_unlisted_formats_are_415_naming_the_accepted_ones(eager, png, pillow_opens, name):
+    body = images.ico_wrapping_png() if name.startswith("ico-wrapping") else images.other_formats()[name]
+    out, status = handle(*eager, [{"body": bytearray(body)}, {"body": bytearray(png)}])
+    assert status == [415, GOOD]
+    assert ACCEPTED_NAMES in out[0]["message"]  # "PNG, JPEG, GIF, BMP, TIFF or WebP"
+    assert len(pillow_opens) == 1  # the PNG: the refused body never reached Pillow (ICO's _open decodes)
+
+
+def test_many_tiny_items_are_refused_before_any_base64_decoding(eager, png, monkeypatch):
+    decodes = []
+    real = handler_module.b64decode
+    monkeypatch.setattr(handler_module, "b64decode", lambda text: decodes.append(1) or real(text))
+    tiny = ["AA=="] * 2_400_000  # a 16 MiB JSON list: 2.4 M decodes took 3-4 s before the count check
+    out, status = handle(*eager, [{"body": tiny}, {"body": bytearray(png)}])
+    assert status == [413, GOOD]
+    assert "2,400,000 images in one request" in out[0]["message"]
+    assert decodes == []
+
+
+def test_request_image_bytes_are_checked_before_decoding(handler_for, png, monkeypatch):
+    handler, ctx = handler_for("eager", max_request_image_bytes=len(png) * 2 + 4)  # base64 padding rounds up
+    decodes = []
+    real = handler_module.b64decode
+    monkeypatch.setattr(handler_module, "b64decode", lambda text: decodes.append(1) or real(text))
+    b64 = images.b64(png)
+    out, status = handle(handler, ctx, [{"body": [b64, b64]}, {"body": [b64, b64, b64]}, {"body": [b64, 7]}])
+    assert status == [GOOD, 413, 400]
+    assert "over the limit of" in out[1]["message"] and "expected a base64 string, got int" in out[2]["message"]
+    assert len(decodes) == 2  # the first request's; the others were refused before decoding
+
+
+@pytest.mark.parametrize("name", ["rgba-webp", "float-tiff"])
+def test_costly_modes_count_more_pixels_and_are_refused_before_decoding(eager, png, monkeypatch, name):
+    # 40 MP each, under the pixel cap, but compositing RGBA and scaling floats hold several 4- or 8-byte
+    # copies: a 34-byte WebP took 1.3 s and +1 GB of worker memory, a 0.25 MB TIFF 1.4 s and +1.2 GB.
+    from PIL import ImageFile, TiffImagePlugin, WebPImagePlugin
+
+    body = images.blank_rgba_webp() if name == "rgba-webp" else images.float_tiff()
+    for cls in (ImageFile.ImageFile, TiffImagePlugin.TiffImageFile, WebPImagePlugin.WebPImageFile):
+        monkeypatch.setattr(cls, "load", lambda self: pytest.fail("pixels were decoded"))
+    out, status = handle(*eager, [{"body": bytearray(body)}])
+    assert status == [413]
+    assert "6320x6320" in out[0]["message"] and "costs as much to decode as" in out[0]["message"]
+
+
+def test_jpeg_compressed_tiff_is_415(eager, png):
+    jpeg_tiff = images.encode(images.digit_like().convert("RGB"), "TIFF", compression="jpeg")
+    out, status = handle(*eager, [{"body": bytearray(jpeg_tiff)}, {"body": bytearray(png)}])
+    assert status == [415, GOOD]
+    assert "TIFF compression jpeg is not accepted" in out[0]["message"]
+
+
+def test_a_request_past_its_decoding_time_share_is_refused(handler_for, png):
+    # A share so small that any decode uses it up: the first image of each request is decoded, the
+    # next ones are refused. (The real share: 0.5 x 30 s / batch of 4 = 3.75 s per request.)
+    handler, ctx = handler_for("eager", decode_time_share=1e-9)
+    b64 = images.b64(png)
+    out, status = handle(handler, ctx, [{"body": [b64]}, {"body": [b64, b64]}, {"body": bytearray(png)}])
+    assert status == [GOOD, 413, GOOD]
+    assert "share of the response timeout" in out[1]["message"]
+
+
+def test_a_missing_setting_stops_the_worker_at_initialize():
+    settings = {k: v for k, v in SETTINGS.items() if k != "topk"}
+    with pytest.raises(RuntimeError, match="handler.topk"):
+        ImageClassifier().configure({**MODEL_CONFIG, "handler": settings}, batch_size=1)
+    without_timeout = {k: v for k, v in MODEL_CONFIG.items() if k != "responseTimeout"}
+    with pytest.raises(RuntimeError, match="responseTimeout"):
+        ImageClassifier().configure(without_timeout, batch_size=1)
+
+
+def test_the_handler_sets_torch_threads_not_the_predictor(handler_for, archive_factory, tmp_path):
+    from model_src.runtime import Predictor
+
+    before = torch.get_num_threads()
+    try:
+        handler_for("eager", threads=1)
+        assert torch.get_num_threads() == 1  # initialize configures the worker process
+        torch.set_num_threads(2)
+        model_dir, manifest, _ = unpack(archive_factory("1.0", "onnx"), tmp_path)
+        Predictor(os.path.join(model_dir, manifest["model"]["serializedFile"]), "onnx", threads=1)
+        assert torch.get_num_threads() == 2  # threads only sized ONNX Runtime's own pool
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- answers ----------------------------------------------------------------------------------
 
 
@@ -358,7 +471,8 @@ def test_photo_transform_is_the_training_transform(tmp_path):
 
     prep = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.48, 0.45, 0.4], std=[0.23, 0.22, 0.22])
     handler = ImageClassifier()
-    handler.prep, handler.config = prep, dict(DEFAULTS)
+    handler.prep = prep
+    handler.configure(MODEL_CONFIG, batch_size=1)
     china = Image.fromarray(load_sample_image("china.jpg"))  # 640 x 427 RGB
     flower = Image.fromarray(load_sample_image("flower.jpg"))
     exif = Image.Exif()

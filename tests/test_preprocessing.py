@@ -3,13 +3,24 @@ refusals with their HTTP status, the tensor it produces, and bit-exact parity wi
 
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
 
-from model_src.preprocessing import InputError, Preprocessing, decode_image, to_mode
+from model_src.preprocessing import (
+    ACCEPTED_NAMES,
+    DEFAULT_MAX_PIXELS,
+    MAX_JPEG_SCANS,
+    InputError,
+    Preprocessing,
+    count_jpeg_scans,
+    decode_image,
+    pixel_cost,
+    to_mode,
+)
 from tests import images
 from tests.images import encode
 from train.data import CachedImages
@@ -288,3 +299,103 @@ def test_parity_with_training_validation_on_a_photo(tmp_path, photo):
     served = prep(prep.decode((folder / "0.jpg").read_bytes()))
     assert served.shape == (3, 64, 64)
     assert torch.equal(served, ds[0][0])
+
+
+# --- hostile inputs (issue 17): bounded by checks that run before Pillow decodes --------------------------
+
+
+def test_only_the_six_formats_reach_pillow_and_only_their_plugin(monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **kw: opened.append(kw.get("formats")) or real_open(fp, *a, **kw))
+    for body in images.other_formats().values():
+        err = refusal(body)
+        assert err.status == 415 and ACCEPTED_NAMES in str(err)
+    assert opened == []
+    for name in ("png-L", "jpeg-RGB", "gif-animated", "bmp", "tiff", "webp"):
+        decode_image(images.accepted()[name])
+    assert opened == [["PNG"], ["JPEG"], ["GIF"], ["BMP"], ["TIFF"], ["WEBP"]]
+
+
+def test_jpeg_scans_are_counted_like_libjpeg():
+    grey = images.digit_like(64)
+    assert count_jpeg_scans(encode(grey, "JPEG")) == 1
+    assert 2 <= count_jpeg_scans(encode(grey.convert("RGB"), "JPEG", progressive=True)) <= 12
+    exif = Image.Exif()
+    exif[0x010E] = "\xff\xda" * 50  # SOS markers inside a segment are data, not scans
+    assert count_jpeg_scans(encode(grey, "JPEG", exif=exif)) == 1
+    assert count_jpeg_scans(images.scan_bomb_jpeg(64, 6500)) == MAX_JPEG_SCANS + 1  # stops counting there
+
+
+def test_scans_hidden_behind_a_fake_end_marker_still_count():
+    # An FF D9 inside a comment segment is not the end: libjpeg skips segments by their length, so does the count.
+    bomb = images.scan_bomb_jpeg(64, 500)
+    first_sos = bomb.index(b"\xff\xda")
+    comment = b"\xff\xfe" + struct.pack(">H", 6) + b"\xff\xd9\xff\xd9"
+    assert count_jpeg_scans(bomb[:first_sos] + comment + bomb[first_sos:]) == MAX_JPEG_SCANS + 1
+
+
+def test_scan_bomb_is_413_before_pillow_opens_it(monkeypatch):
+    monkeypatch.setattr(Image, "open", lambda *a, **kw: pytest.fail("Pillow saw the scan bomb"))
+    err = refusal(images.scan_bomb_jpeg())
+    assert err.status == 413 and f"over {MAX_JPEG_SCANS} scans" in str(err)
+
+
+def test_a_progressive_jpeg_with_normal_scans_decodes():
+    data = encode(images.digit_like(64).convert("RGB"), "JPEG", progressive=True)
+    assert decode_image(data).size == (64, 64)
+
+
+def test_pillow_own_ceiling_is_our_limit_while_decoding(monkeypatch):
+    seen = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda self: seen.append(Image.MAX_IMAGE_PIXELS) or real_load(self)
+    )
+    before = Image.MAX_IMAGE_PIXELS
+    decode_image(encode(images.digit_like(), "PNG"), max_pixels=5000)
+    assert seen == [5000] and Image.MAX_IMAGE_PIXELS == before  # set for the decode, then restored
+
+
+@pytest.mark.parametrize(
+    "mode, cost", [("L", 1), ("RGB", 1), ("P", 1), ("RGBA", 3), ("LA", 3), ("I;16", 2), ("CMYK", 2), ("F", 4)]
+)
+def test_pixel_cost_weighs_the_costly_modes(mode, cost):
+    assert pixel_cost(Image.new(mode, (10, 20))) == 200 * cost
+
+
+def test_transparent_palette_costs_like_rgba():
+    img = Image.new("P", (10, 10))
+    img.info["transparency"] = 0
+    assert pixel_cost(img) == 300
+
+
+@pytest.mark.parametrize("build", [images.blank_rgba_webp, images.float_tiff])
+def test_costly_modes_within_the_pixel_cap_are_413_before_decoding(monkeypatch, build):
+    data = build()
+    from PIL import TiffImagePlugin, WebPImagePlugin
+
+    for cls in (ImageFile.ImageFile, TiffImagePlugin.TiffImageFile, WebPImagePlugin.WebPImageFile):
+        monkeypatch.setattr(cls, "load", lambda self: pytest.fail("pixels were decoded"))
+    err = refusal(data)  # 6320 x 6320 = 39.9 MP: under the 40 MP cap by count
+    assert err.status == 413 and "costs as much to decode as" in str(err)
+
+
+def test_a_twelve_megapixel_transparent_png_is_within_the_cap():
+    assert pixel_cost(Image.new("RGBA", (4000, 3000))) <= DEFAULT_MAX_PIXELS
+
+
+def test_jpeg_compressed_tiff_is_415():
+    err = refusal(encode(images.digit_like().convert("RGB"), "TIFF", compression="jpeg"))
+    assert err.status == 415 and "TIFF compression" in str(err)
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "tiff_adobe_deflate", "packbits", "raw"])
+def test_common_tiff_compressions_decode(compression):
+    assert decode_image(encode(images.digit_like(), "TIFF", compression=compression)).size == (32, 32)
+
+
+def test_a_path_decodes_like_its_bytes(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(encode(images.digit_like(), "PNG"))
+    assert np.array_equal(np.asarray(decode_image(str(path))), np.asarray(decode_image(path.read_bytes())))

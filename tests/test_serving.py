@@ -64,6 +64,10 @@ def worker_pid(ts, version=""):
     return ts.request("GET", "management", f"/models/my_model/{version}".rstrip("/")).json()[0]["workers"][0]["pid"]
 
 
+def worker_pids(ts):
+    return {w["pid"] for w in ts.request("GET", "management", "/models/my_model").json()[0]["workers"]}
+
+
 def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, offline):
     pid = worker_pid(server)
     bad = [(body, status) for body, status in images.refused().values()]
@@ -139,6 +143,31 @@ def test_twelve_megapixel_jpeg_and_a_decompression_bomb(server, val_bodies):
     assert resp.status_code == 413 and "pixels" in resp.json()["message"]
     assert server.request("GET", "inference", "/ping").status_code == 200
     assert post(server, val_bodies[0]).status_code == 200
+
+
+def test_hostile_bodies_fail_fast_beside_good_ones_in_shared_batches(server, val_bodies, offline):
+    # Issue 17: the scan bomb alone kept a worker busy past its 30 s timeout, killing it and its batch.
+    pids = worker_pids(server)
+    tiny_items = json.dumps(["AA=="] * 1_900_000).encode()  # 15 MB, under max_request_size
+    hostile = [
+        (images.scan_bomb_jpeg(), "application/octet-stream", 413),
+        (images.ico_wrapping_png(), "application/octet-stream", 415),
+        (images.blank_rgba_webp(), "application/octet-stream", 413),
+        (images.float_tiff(), "application/octet-stream", 413),
+        (tiny_items, "application/json", 413),
+    ]
+    jobs = [(b, "application/octet-stream", 200) for b in val_bodies[:5]]
+    jobs = [job for pair in zip(jobs, hostile) for job in pair]  # good, hostile, good, hostile, ...
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: post(server, j[0], content_type=j[1]), jobs))
+    for i, ((_, _, status), resp) in enumerate(zip(jobs, answers)):
+        assert resp.status_code == status, (i, resp.text[:200])
+        if status == 200:
+            want = offline[i // 2]
+            assert next(iter(resp.json())) == max(want, key=want.get)
+        else:
+            assert resp.json()["message"]
+    assert worker_pids(server) == pids  # no worker died or timed out
 
 
 def test_body_over_max_request_size_is_refused(server, val_bodies):

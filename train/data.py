@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
 
 from deploy.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-IMG_EXTENSIONS = (*TORCHVISION_EXTENSIONS, ".gif")  # everything the handler decodes
+# Exactly what the handler decodes (model_src.preprocessing.ACCEPTED_FORMATS): torchvision's list also has
+# .ppm and .pgm, which serving refuses, so a model would train on images it can never be sent.
+IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_BYTES = 2**30  # prepared images kept in memory per process, at most
 
 
