@@ -23,9 +23,7 @@ import requests
 
 from deploy import settings
 from deploy.latency import summary
-from deploy.predict import read_bytes, top1
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+from deploy.predict import is_loopback, read_bytes, top1
 
 
 def check(resp, expected) -> bool:
@@ -43,7 +41,7 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
     body that must be refused with a 4xx. Answers that break this count as `wrong`.
     """
     host = urlparse(url).hostname
-    if host not in LOOPBACK and not host.startswith("127."):
+    if not is_loopback(host):
         raise SystemExit(f"loadgen: refusing non-loopback target {host}")
     counter = itertools.count()
     lock = threading.Lock()

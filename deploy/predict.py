@@ -41,8 +41,19 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+LOOPBACK = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
 def target() -> TorchServe:
-    """The demo server, or the one TS_KEY_FILE / TS_INFERENCE_URL name."""
+    """The demo server, or the one TS_KEY_FILE / TS_INFERENCE_URL name.
+
+    Keys stay with their server: the management and API keys only ever go to the key file's own server on
+    this machine (refreshes included), and the inference key goes to TS_INFERENCE_URL only over HTTPS or
+    loopback, unless TS_ALLOW_PLAIN_HTTP=1 says plain HTTP to that host is meant."""
     key_file = os.environ.get("TS_KEY_FILE")
     ts = TorchServe()
     if key_file:  # a server's key_file.json lies in its working directory, beside logs/
@@ -53,7 +64,15 @@ def target() -> TorchServe:
             ts.ports = ports_from_config(ts.generated_config)
     if os.environ.get("TS_INFERENCE_URL"):
         url = urllib.parse.urlsplit(os.environ["TS_INFERENCE_URL"])
-        ts.host, ts.ports.inference = url.hostname, url.port or ts.ports.inference
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SystemExit(f"TS_INFERENCE_URL={url.geturl()}: give http(s)://HOST:PORT")
+        if url.scheme == "http" and not is_loopback(url.hostname) and os.environ.get("TS_ALLOW_PLAIN_HTTP") != "1":
+            raise SystemExit(
+                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on the way reads "
+                "it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
+            )
+        ts.scheme, ts.host = url.scheme, url.hostname
+        ts.ports.inference = url.port or (443 if url.scheme == "https" else ts.ports.inference)
     return ts
 
 

@@ -9,6 +9,7 @@ import os
 import time
 
 from deploy import management, settings
+from deploy.predict import target
 from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
 
 
@@ -30,9 +31,23 @@ def print_status(ts: TorchServe):
             )
 
 
+def print_header(ts: TorchServe, kind: str):
+    """Print `Authorization: Bearer <key>` for curl to read from stdin (`| curl -H @- ...`), so that the key
+    never stands on a command line, where `ps` shows it to every user. An expired key is refreshed first."""
+    probe = ("inference", "/ping") if kind == "inference" else ("management", "/models?limit=1")
+    try:
+        ts.request("GET", *probe, timeout=30)  # refreshes the key when TorchServe says it expired
+        header = ts.auth(kind)
+    except (ServerError, OSError) as e:
+        raise SystemExit(f"error: no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)") from None
+    for name, value in header.items():
+        print(f"{name}: {value}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["start", "stop", "status", "restart"])
+    p.add_argument("action", choices=["start", "stop", "status", "restart", "header"])
+    p.add_argument("kind", nargs="?", default="inference", choices=["inference", "management"], help="for header")
     p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
     p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
     p.add_argument(
@@ -53,6 +68,8 @@ def main(argv=None):
         # Without tokens anyone on this host could register code: keep the model API closed.
         overrides.update({"disable_token_authorization": "true", "enable_model_api": "false"})
     ts = TorchServe(overrides=overrides)
+    if args.action == "header":  # the demo server's key, or TS_KEY_FILE's
+        return print_header(target(), args.kind)
     try:
         if args.action in ("stop", "restart"):
             print("TorchServe stopped" if ts.stop() else "TorchServe was not running")

@@ -89,6 +89,7 @@ class TorchServe:
     base_config: str = settings.CONFIG
     overrides: dict = field(default_factory=dict)  # extra config.properties keys
     host: str = "127.0.0.1"  # where clients find the inference API (management and metrics stay on loopback)
+    scheme: str = "http"  # of the inference API as clients reach it (https through a front door)
     user: str | None = field(default_factory=lambda: service_user())  # None: the caller's own user
     guard: bool = True  # management through deploy/guard.py (registers checked archives only)
     # Read once per server process and re-read only when TorchServe refuses a key: reading the pid file,
@@ -129,7 +130,9 @@ class TorchServe:
     def url(self, api: str = "inference") -> str:
         # Only inference may live elsewhere (TS_INFERENCE_URL); the management port, which refreshes keys with
         # the never-expiring API key, is always this machine's.
-        return f"http://{self.host if api == 'inference' else '127.0.0.1'}:{getattr(self.ports, api)}"
+        if api == "inference":
+            return f"{self.scheme}://{self.host}:{self.ports.inference}"
+        return f"http://127.0.0.1:{getattr(self.ports, api)}"
 
     @property
     def tokens_enabled(self) -> bool:

@@ -65,8 +65,8 @@ if grep -Eq "^my_model 2\.0 +default" <<<"$listed"; then
   echo "2.0 is already the default"
   echo "$listed"
 elif grep -Eq "^my_model 2\.0 " <<<"$listed" \
-    && grep -qsF '"model": "my_model", "version": "2.0"' state/deployments.jsonl; then
-  echo "2.0 passed the gate once and was rolled back since: keeping the current default (state/deployments.jsonl)"
+    && grep -qsF '"model": "my_model", "version": "2.0"' server/state/deployments.jsonl; then
+  echo "2.0 passed the gate once and was rolled back since: keeping the current default (server/state/deployments.jsonl)"
   echo "$listed"
 else
   if grep -Eq "^my_model 2\.0 " <<<"$listed"; then
@@ -82,15 +82,13 @@ $PY -m deploy.predict --version 1.0 $imgs
 $PY -m deploy.predict --version 2.0 $imgs
 $PY -m deploy.register_version list
 
-token='$(python3 -c "import json; print(json.load(open(\"key_file.json\"))[\"inference\"][\"key\"])")'
-mtoken='$(python3 -c "import json; print(json.load(open(\"key_file.json\"))[\"management\"][\"key\"])")'
 img=$(ls data/digits/val/3/*.png | head -1)
 cat <<MSG
 
-Done in $(( $(date +%s) - START ))s. TorchServe is still running. Try:
-  curl -H "Authorization: Bearer $token" -T $img http://127.0.0.1:8080/predictions/my_model
-  curl -H "Authorization: Bearer $token" -T $img http://127.0.0.1:8080/predictions/my_model/1.0
-  curl -H "Authorization: Bearer $mtoken" http://127.0.0.1:8081/models/my_model/all
+Done in $(( $(date +%s) - START ))s. TorchServe is still running. Try (keys reach curl on stdin, never on a command line):
+  scripts/serve.sh header | curl -H @- -T $img http://127.0.0.1:8080/predictions/my_model
+  scripts/serve.sh header | curl -H @- -T $img http://127.0.0.1:8080/predictions/my_model/1.0
+  scripts/serve.sh header management | curl -H @- http://127.0.0.1:8081/models/my_model/all
   curl http://127.0.0.1:8082/metrics
   scripts/predict.sh $img 2.0
 Training reports: runs/v1/ and runs/v2/ (metrics.json, curves.png, confusion_matrix.png; tensorboard --logdir runs)

@@ -16,6 +16,14 @@ def digits():
     return write_digits(DIGITS_DIR)
 
 
+@pytest.fixture(scope="session")
+def png(digits):
+    """A real validation image of a 3 (PNG bytes)."""
+    val3 = os.path.join(digits, "val", "3")
+    with open(os.path.join(val3, sorted(os.listdir(val3))[0]), "rb") as f:
+        return f.read()
+
+
 def train_run(out_dir, *extra):
     """Run train.main in-process with a shrunk recipe; returns the output dir."""
     from train.train import get_args_parser, main

@@ -40,20 +40,12 @@ from deploy.archive import read_classes, write_checksum
 from deploy.properties import read_properties
 from deploy.serve import print_status
 from deploy.server import Ports, ServerError, TorchServe
-from deploy.settings import DIGITS_DIR
 from tests import images
 from tests.conftest import install_archive, train_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
-VAL3 = os.path.join(DIGITS_DIR, "val", "3")
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
-
-
-@pytest.fixture(scope="module")
-def png(digits):
-    with open(os.path.join(VAL3, sorted(os.listdir(VAL3))[0]), "rb") as f:
-        return f.read()
 
 
 def answers(ts, png, version=None):

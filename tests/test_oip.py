@@ -9,28 +9,19 @@ instead of the standard inference.GRPCInferenceService (see docs/kserve.md).
 
 import base64
 import json
-import os
 
 import grpc
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from deploy.settings import DIGITS_DIR
-
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
 TS_OIP_SERVICE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"
-IMAGE = os.path.join(DIGITS_DIR, "val", "3")
 
 
 @pytest.fixture(scope="module")
 def server(store, torchserve_factory, digits):
     return torchserve_factory(store, overrides={"ts_open_inference_protocol": "true"})
-
-
-@pytest.fixture(scope="module")
-def png():
-    return open(os.path.join(IMAGE, sorted(os.listdir(IMAGE))[0]), "rb").read()
 
 
 def infer_request(payload: bytes) -> pb.ModelInferRequest:

@@ -3,6 +3,7 @@ keys never readable by others, registration only of checked archives from the mo
 dir for every server, the service user when started as root, and clients that keep keys to their server."""
 
 import glob
+import http.server
 import json
 import os
 import pwd
@@ -160,3 +161,81 @@ def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, di
             ts.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_printed_commands_read_the_key_from_stdin(server, png, tmp_path):
+    with open(os.path.join(settings.ROOT, "scripts", "quickstart.sh")) as f:
+        curls = [line for line in f if "curl " in line and "127.0.0.1:808" in line]
+    assert curls and not [line for line in curls if "Bearer" in line or "key_file" in line]  # was: Bearer $(python3…)
+    assert all("| curl -H @- " in line for line in curls if ":8082" not in line)
+    image = tmp_path / "3.png"
+    image.write_bytes(png)
+    pipeline = (
+        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- -T {image} "
+        f"{server.url()}/predictions/my_model"
+    )
+    env = {**os.environ, "TS_KEY_FILE": server.key_file}
+    out = subprocess.run(["bash", "-c", pipeline], cwd=settings.ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout == "200", out.stderr
+
+
+class KeyRecorder(http.server.HTTPServer):
+    """A stand-in API that refuses every key the way TorchServe refuses an expired one, and remembers."""
+
+    def __init__(self, host, port=0):
+        super().__init__((host, port), KeyRecorderHandler)
+        self.seen = []
+
+
+class KeyRecorderHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        body = json.dumps({"code": 400, "message": "Token Authorization failed. Token either incorrect, expired"})
+        self.send_response(200 if self.path.startswith("/token") else 400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_in_background(stub):
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    return stub
+
+
+def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
+    from deploy import predict
+
+    workdir = tmp_path / "ts"
+    (workdir / "logs").mkdir(parents=True)
+    keys = {"inference": {"key": "inf"}, "management": {"key": "mgmt"}, "API": {"key": "api-never-expires"}}
+    (workdir / "key_file.json").write_text(json.dumps(keys))
+    own = serve_in_background(KeyRecorder("127.0.0.1"))  # the key file's server: its management port
+    port = own.server_port
+    elsewhere = serve_in_background(KeyRecorder("127.0.0.2"))  # where TS_INFERENCE_URL points
+    lookalike = serve_in_background(KeyRecorder("127.0.0.2", port))  # that host's "management port"
+    (workdir / "logs" / "generated.config.properties").write_text(
+        f"inference_address=http://127.0.0.1:1\nmanagement_address=http://127.0.0.1:{port}\n"
+    )
+    image = tmp_path / "3.png"
+    image.write_bytes(png)
+    monkeypatch.setenv("TS_KEY_FILE", str(workdir / "key_file.json"))
+    monkeypatch.setenv("TS_INFERENCE_URL", f"http://127.0.0.2:{elsewhere.server_port}")
+    try:
+        predict.main(["--raw", str(image)])
+        assert [auth for _, auth in elsewhere.seen] == ["Bearer inf", "Bearer inf"]  # the inference key only
+        assert lookalike.seen == []  # was: GET /token?type=inference with the API key, to that host
+        assert own.seen == [("/token?type=inference", "Bearer api-never-expires")]
+        monkeypatch.setenv("TS_INFERENCE_URL", "http://10.11.12.13:8080")  # never contacted: refused before
+        with pytest.raises(SystemExit, match="refusing to send the inference key to 10.11.12.13 over plain HTTP"):
+            predict.main(["--raw", str(image)])
+        monkeypatch.setenv("TS_ALLOW_PLAIN_HTTP", "1")  # said explicitly: the target is taken as given
+        assert predict.target().url() == "http://10.11.12.13:8080"
+    finally:
+        for stub in (own, elsewhere, lookalike):
+            stub.shutdown()
+            stub.server_close()
