@@ -17,11 +17,18 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import psutil
+
+from deploy import settings
 from deploy.archive import check_archive
+from deploy.privileges import private_files
+
+GUARD_KEY = "guarded_management_address"  # in a generated config: where the guard listens
 
 ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.mar")
 MAX_BODY = 1 << 20  # management calls carry parameters, never archives
@@ -116,6 +123,37 @@ class Guard(http.server.BaseHTTPRequestHandler):
         print(f"{self.log_date_time_string()} {self.command} {self.path.split('?')[0]} {status}{took}", flush=True)
 
     def log_message(self, *args):  # the access log above carries no query strings (they can hold model urls)
+        pass
+
+
+def launch(ts):
+    """Start the guard for `ts` (detached, as the server's user); its pid goes to ts.guard_pid_file."""
+    listen = ts.config()[GUARD_KEY].split("://", 1)[-1]
+    with private_files(), open(os.path.join(ts.log_dir, "guard.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", ts.management_socket]
+            + ["--model-store", ts.model_store],
+            cwd=settings.ROOT,
+            env=ts.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # outlives this command, like TorchServe
+            **ts.as_user(),
+        )
+    with private_files(), open(ts.guard_pid_file, "w") as f:
+        f.write(str(proc.pid))
+
+
+def stop(ts):
+    """Stop the guard of `ts`, if it runs."""
+    try:
+        with open(ts.guard_pid_file) as f:
+            proc = psutil.Process(int(f.read()))
+        if any("deploy.guard" in a for a in proc.cmdline()):
+            proc.terminate()
+            proc.wait(10)
+    except (OSError, ValueError, psutil.Error):
         pass
 
 

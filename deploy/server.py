@@ -20,28 +20,26 @@ The command line for this lives in deploy/serve.py (scripts/serve.sh); the
 management API's calls live in deploy/management.py.
 """
 
-import glob
 import json
 import os
-import pwd
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psutil
 import requests
 
-from deploy import settings
+from deploy import guard, settings
+from deploy.guard import GUARD_KEY
+from deploy.privileges import as_user, make_private, private_files, service_user, unreachable
 from deploy.properties import read_properties, write_properties
+from deploy.snapshot import latest_snapshot
 
 DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
 TOKEN_REFUSED = "Token Authorization failed"  # TorchServe's 400 for a missing, wrong or expired key
-GUARD_KEY = "guarded_management_address"  # in a generated config: where deploy/guard.py listens
 
 
 @dataclass
@@ -194,34 +192,9 @@ class TorchServe:
             props["disable_token_authorization"] = "true"
         return props
 
-    def latest_snapshot(self) -> dict | None:
-        """The model_snapshot of the newest TorchServe snapshot, with versions whose archive is gone dropped."""
-        files = sorted(glob.glob(os.path.join(self.log_dir, "config", "*.cfg")), key=os.path.getmtime)
-        for path in reversed(files):
-            raw = read_properties(path).get("model_snapshot")
-            if not raw:
-                continue
-            snap = json.loads(raw)
-            for name, versions in list(snap.get("models", {}).items()):
-                for version, entry in list(versions.items()):
-                    if not os.path.exists(os.path.join(self.model_store, entry["marName"])):
-                        print(
-                            f"warning: {name} {version}: {entry['marName']} is no longer in the model store; "
-                            "not restoring it",
-                            file=sys.stderr,
-                        )
-                        del versions[version]
-                if not versions:
-                    del snap["models"][name]
-                elif not any(v.get("defaultVersion") for v in versions.values()):
-                    next(iter(versions.values()))["defaultVersion"] = True
-            snap["modelCount"] = len(snap.get("models", {}))
-            return snap if snap["modelCount"] else None
-        return None
-
     def write_config(self, restore: bool = True) -> tuple[str, dict | None]:
         props = self.config()
-        snapshot = self.latest_snapshot() if restore else None
+        snapshot = latest_snapshot(self.log_dir, self.model_store) if restore else None
         if snapshot:
             props["model_snapshot"] = json.dumps(snapshot)
         os.makedirs(self.log_dir, exist_ok=True)
@@ -247,47 +220,24 @@ class TorchServe:
 
     def prepare_dirs(self):
         """The working directory and its tmp/ and logs/, private to the user the server runs as."""
-        for path in (self.workdir, self.tmp_dir, self.log_dir):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            os.chmod(path, 0o700)
-        entry = pwd.getpwnam(self.user) if self.user else None
-        for path in glob.glob(os.path.join(self.workdir, "**"), recursive=True):
-            if not os.path.islink(path):  # what an earlier version left readable, too
-                os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & 0o700)
-            if entry:
-                os.lchown(path, entry.pw_uid, entry.pw_gid)
+        make_private(self.workdir, (self.tmp_dir, self.log_dir), self.user)
 
     def unreachable(self) -> list[str]:
         """What self.user cannot read (or, for the working directory, write) of what the server needs."""
-        need = {
-            settings.ROOT: os.R_OK | os.X_OK,  # deploy/guard.py
-            os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
-            os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
-            self.model_store: os.R_OK | os.X_OK,
-            self.workdir: os.R_OK | os.W_OK | os.X_OK,
-            settings.METRICS_CONFIG: os.R_OK,
-        }
-        code = "import json, os, sys; need = json.loads(sys.argv[1])\n"
-        code += "print(json.dumps([p for p, m in need.items() if not os.access(p, m)]))"
-        try:
-            out = subprocess.run(
-                [sys.executable, "-c", code, json.dumps(need)],
-                cwd="/",
-                capture_output=True,
-                text=True,
-                timeout=60,
-                **self.as_user(),
-            )
-        except OSError as e:
-            return [f"{sys.executable} ({e})"]
-        return json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+        return unreachable(
+            self.user,
+            {
+                settings.ROOT: os.R_OK | os.X_OK,  # deploy/guard.py
+                os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
+                os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
+                self.model_store: os.R_OK | os.X_OK,
+                self.workdir: os.R_OK | os.W_OK | os.X_OK,
+                settings.METRICS_CONFIG: os.R_OK,
+            },
+        )
 
     def as_user(self) -> dict:
-        """subprocess arguments that run a child as self.user, without root's groups, under umask 077."""
-        if not self.user:
-            return {"umask": 0o077}
-        entry = pwd.getpwnam(self.user)
-        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "umask": 0o077}
+        return as_user(self.user)
 
     def pid(self) -> int | None:
         try:
@@ -351,39 +301,12 @@ class TorchServe:
                     **self.as_user(),
                 )
             if self.guard:
-                self.start_guard()
+                guard.launch(self)
             self.wait_ready(timeout)
         except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
             self.stop()
             raise
         return {"restored": snapshot is not None, "models": management.models(self)}
-
-    def start_guard(self):
-        listen = self.config()[GUARD_KEY].split("://", 1)[-1]
-        with private_files(), open(os.path.join(self.log_dir, "guard.log"), "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", self.management_socket]
-                + ["--model-store", self.model_store],
-                cwd=settings.ROOT,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # outlives this command, like TorchServe
-                **self.as_user(),
-            )
-        with private_files(), open(self.guard_pid_file, "w") as f:
-            f.write(str(proc.pid))
-
-    def stop_guard(self):
-        try:
-            with open(self.guard_pid_file) as f:
-                proc = psutil.Process(int(f.read()))
-            if any("deploy.guard" in a for a in proc.cmdline()):
-                proc.terminate()
-                proc.wait(10)
-        except (OSError, ValueError, psutil.Error):
-            pass
 
     def check_ports_free(self):
         for name, port in vars(self.ports).items():
@@ -416,7 +339,7 @@ class TorchServe:
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
         self.forget()
-        self.stop_guard()
+        guard.stop(self)
         pid = self.pid()
         if pid is None:
             return False
@@ -498,30 +421,3 @@ class TorchServe:
                 "restart with scripts/serve.sh stop && scripts/serve.sh start"
             )
         self._keys = None  # TorchServe wrote the new key to key_file.json
-
-
-@contextmanager
-def private_files():
-    """Files created inside are readable by their owner only."""
-    old = os.umask(0o077)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def service_user() -> str | None:
-    """The user TorchServe runs as: settings.SERVICE_USER when started by root (scripts/setup.sh creates it),
-    else the caller's own user (None). Root without that user gets a warning and runs as root."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(settings.SERVICE_USER)
-        return settings.SERVICE_USER
-    except KeyError:
-        print(
-            f"warning: user {settings.SERVICE_USER!r} does not exist, so TorchServe runs as root; "
-            "run scripts/setup.sh as root to create it",
-            file=sys.stderr,
-        )
-        return None
