@@ -19,9 +19,6 @@ Writes bench_results/bench.json, bench_results/bench.png and prints a table.
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
@@ -30,8 +27,10 @@ import torch
 import yaml
 
 from bench.loadgen import spawn
+from bench.peer import build_peer_archive, peer_notes, rgb_copies
+from bench.targets import TARGETS, digits_target
 from deploy import management, settings
-from deploy.archive import build_archive, write_checksum
+from deploy.archive import build_archive
 from deploy.predict import post, read_bytes
 from deploy.server import Ports, TorchServe
 from model_src.runtime import BACKEND_FILES
@@ -56,79 +55,6 @@ def get_args_parser():
     p.add_argument("--no-peer", action="store_true", help="skip the stock image_classifier peer")
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and bench.png")
     return p
-
-
-# --- targets: a checkpoint, request images and their expected labels ---------------------------
-
-
-def digits_target(checkpoint: str, work: str) -> dict:
-    from train.data import write_digits
-
-    val = os.path.join(write_digits(), "val")
-    if not os.path.exists(checkpoint):
-        print(f"{checkpoint} missing: training a digits model for the benchmark (about a minute)")
-        from train.train import get_args_parser as train_args
-        from train.train import main as train_main
-
-        out = os.path.join(work, "digits_run")
-        train_main(train_args().parse_args(["--output-dir", out, "--quiet", "--no-tensorboard", "--no-plots"]))
-        checkpoint = os.path.join(out, "checkpoint_best.pt")
-    images = sorted(
-        os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c)))
-    )
-    return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": settings.DIGITS_DIR}
-
-
-PHOTO_CROPS = {"left": (0, 0, 400, 427), "right": (240, 0, 640, 427), "middle": (100, 27, 500, 427)}
-
-
-def photo_folder(root: str) -> str:
-    """An ImageFolder made of the photos scikit-learn ships (china.jpg, flower.jpg): 6 classes
-    (photo x crop), 2 JPEGs each. Six, not two: the stock handler's top-5 fails below 5 classes."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
-    for name in ("china", "flower"):
-        img = Image.fromarray(load_sample_image(f"{name}.jpg"))
-        for crop_name, box in PHOTO_CROPS.items():
-            for split in ("train", "val"):
-                folder = os.path.join(root, split, f"{name}_{crop_name}")
-                os.makedirs(folder, exist_ok=True)
-                for i, quality in enumerate((90, 75)):
-                    img.crop(box).save(os.path.join(folder, f"{i}.jpg"), quality=quality)
-    return root
-
-
-def resnet18_target(work: str) -> dict:
-    """torchvision resnet18 at 224x224 with random weights (speed only), as a self-describing checkpoint."""
-    from model_src.net import build_model
-    from model_src.preprocessing import Preprocessing
-
-    data = photo_folder(os.path.join(work, "photos"))
-    torch.manual_seed(0)
-    classes = sorted(os.listdir(os.path.join(data, "val")))
-    model_args = {"arch": "resnet18", "in_channels": 3, "num_classes": len(classes)}
-    prep = Preprocessing(
-        image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
-    )
-    ckpt = os.path.join(work, "resnet18.pt")
-    torch.save(
-        {
-            "model": build_model(model_args).eval().state_dict(),
-            "model_args": model_args,
-            "class_names": classes,
-            "preprocessing": prep.to_dict(),
-            "args": {"data": data},
-        },
-        ckpt,
-    )
-    images = sorted(
-        os.path.join(data, "val", c, f) for c in classes for f in sorted(os.listdir(os.path.join(data, "val", c)))
-    )
-    return {"name": "resnet18", "checkpoint": ckpt, "images": images, "data": data}
-
-
-TARGETS = {"digits": digits_target, "resnet18": resnet18_target}  # digits takes its checkpoint too
 
 
 # --- the limit: the handler in-process ------------------------------------------------------------
@@ -168,94 +94,6 @@ def measure_limit(handler, ctx, request_processor, bodies, batch: int, seconds: 
         handler.handle(rows, ctx)
         n += batch
     return n / (time.perf_counter() - t0)
-
-
-# --- the peer: TorchServe's stock image_classifier ----------------------------------------------------
-
-
-class StockAdapter(torch.nn.Module):
-    """Feeds our model from the stock handler's fixed input (3x224x224, ImageNet-normalised)."""
-
-    def __init__(self, model, prep):
-        super().__init__()
-        self.model = model
-        self.size = prep.image_size
-        self.grey = prep.channels == 1
-        self.register_buffer("in_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("in_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-        self.register_buffer("mean", torch.tensor(prep.mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(prep.std).view(1, -1, 1, 1))
-
-    def forward(self, x):  # (B, 3, 224, 224) -> (B, K)
-        x = x * self.in_std + self.in_mean  # back to 0..1
-        if self.grey:
-            x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        if x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return self.model((x - self.mean) / self.std)
-
-
-def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str) -> str:
-    import warnings
-
-    from model_src.net import load_model
-    from model_src.preprocessing import Preprocessing
-
-    model, ckpt = load_model(checkpoint)
-    adapter = StockAdapter(model, Preprocessing.from_dict(ckpt["preprocessing"])).eval()
-    os.makedirs(work, exist_ok=True)
-    peer_dir = tempfile.mkdtemp(dir=work)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(adapter, torch.zeros(1, 3, 224, 224))
-    traced.save(os.path.join(peer_dir, "peer.pt"))
-    with open(os.path.join(peer_dir, "index_to_name.json"), "w") as f:
-        json.dump({str(i): n for i, n in enumerate(ckpt["class_names"])}, f)
-    subprocess.run(
-        [
-            os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
-            "--model-name",
-            MODEL,
-            "--version",
-            "stock",
-            "--serialized-file",
-            os.path.join(peer_dir, "peer.pt"),
-            "--handler",
-            "image_classifier",
-            "--extra-files",
-            os.path.join(peer_dir, "index_to_name.json"),
-            "--config-file",
-            config_file,
-            "--export-path",
-            peer_dir,
-        ],
-        check=True,
-        env={**os.environ, "TMPDIR": peer_dir},  # the archiver wipes $TMPDIR/<model-name>: keep it private
-    )
-    target = os.path.join(store, f"{MODEL}_vstock.mar")
-    shutil.move(os.path.join(peer_dir, f"{MODEL}.mar"), target)
-    write_checksum(target)
-    return target
-
-
-def rgb_copies(paths: list[str], work: str) -> list[str]:
-    from PIL import Image
-
-    folder = os.path.join(work, "rgb")
-    os.makedirs(folder, exist_ok=True)
-    out = []
-    for i, path in enumerate(paths):
-        out.append(os.path.join(folder, f"{i}.png"))
-        if not os.path.exists(out[-1]):
-            with Image.open(path) as img:
-                img.convert("RGB").save(out[-1])
-    return out
-
-
-def peer_notes(ts: TorchServe, image: str, prep) -> dict:
-    """What the stock handler does with the target's own images (before we hand it RGB copies)."""
-    resp = post(ts, read_bytes(image), MODEL, "stock")
-    return {"own_image_status": resp.status_code, "own_image_mode": "grey" if prep.channels == 1 else "RGB"}
 
 
 # --- served numbers ------------------------------------------------------------------------------
