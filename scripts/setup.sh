@@ -53,9 +53,25 @@ if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then
   fi
 fi
 
+# `torchserve --start --models my_model=my_model.mar`, typed as is with the venv active, finds this bundle's
+# config: the activate script points TS_CONFIG_FILE (which TorchServe's CLI reads) at a copy of
+# config.properties whose relative paths are made absolute, so the command works from any directory.
+literal_config() {
+  [ -f "$VENV/bin/activate" ] || return 0
+  local root copy=$VENV/torchserve.config.properties
+  root=$(pwd)
+  sed -E "s#^(model_store|metrics_config)=([^/].*)\$#\1=$root/\2#" config.properties > "$copy"
+  grep -qs "TS_CONFIG_FILE" "$VENV/bin/activate" || cat >> "$VENV/bin/activate" <<ACT
+
+# added by scripts/setup.sh: \`torchserve --start --models my_model=my_model.mar\` uses this bundle's config
+export TS_CONFIG_FILE="$root/$copy"
+ACT
+}
+
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  literal_config
   echo "setup: .venv is up to date with requirements.txt"
   exit 0
 fi
@@ -78,5 +94,6 @@ missing = [m for m in mods if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"setup: install incomplete, missing {missing}")
 PY
+literal_config
 echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)'))"
