@@ -213,6 +213,21 @@ def test_fine_tuning_replaces_the_head_and_keeps_the_backbone(lite_checkpoint):
     assert all(torch.equal(state[k], v) for k, v in pre["model"].items() if not k.startswith("classifier."))
 
 
+def test_weights_packaged_fine_tunes_from_the_arch_package(lite_checkpoint):
+    pre = finetune.load_pretrained("packaged", ARCH)
+    saved = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
+    assert pre["preprocessing"] == saved["preprocessing"] and pre["class_names"] == saved["class_names"]
+    assert all(torch.equal(pre["model"][k], v) for k, v in saved["model"].items())
+    with pytest.raises(SystemExit, match="no import recipe for 'resnet_small'"):
+        finetune.load_pretrained("packaged", "resnet_small")
+
+
+def test_freezing_without_weights_is_refused(tmp_path):
+    args = trainer.get_args_parser().parse_args(["--output-dir", str(tmp_path / "run"), "--head-epochs", "1"])
+    with pytest.raises(SystemExit, match="need --weights"):
+        trainer.main(args)
+
+
 def test_frozen_backbone_trains_only_the_head_and_keeps_its_norm_statistics():
     model = build_model({"arch": ARCH, "in_channels": 3, "num_classes": 3})
     finetune.set_backbone_frozen(model, True)
