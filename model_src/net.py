@@ -22,6 +22,7 @@ DEFAULT_MODEL_ARGS = {
 }
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+LITE_ARCHS = tuple(f"efficientnet_lite{i}" for i in range(5))  # published weights: lite0 (train/pretrained.py)
 
 
 class ResNetClassifier(nn.Module):
@@ -65,7 +66,12 @@ def build_model(model_args: dict) -> nn.Module:
         )
     if arch in TORCHVISION_ARCHS:
         return build_torchvision(arch, args["num_classes"], args["in_channels"], args.get("weights"))
-    raise ValueError(f"unknown arch {arch!r}; choose resnet_small or one of {TORCHVISION_ARCHS}")
+    if arch in LITE_ARCHS:
+        from model_src.efficientnet_lite import EfficientNetLite  # imported here: only lite archives need it
+
+        # Dropout from model_args only when given there: DEFAULT_MODEL_ARGS' is resnet_small's, not the arch's.
+        return EfficientNetLite(arch, args["num_classes"], args["in_channels"], model_args.get("dropout"))
+    raise ValueError(f"unknown arch {arch!r}; choose resnet_small or one of {TORCHVISION_ARCHS + LITE_ARCHS}")
 
 
 def build_torchvision(arch, num_classes, in_channels=3, weights_path=None):

