@@ -11,12 +11,8 @@ gates) and tb/ (TensorBoard).
 
 import argparse
 import datetime
-import json
-import math
 import os
-import shutil
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,8 +22,8 @@ from tqdm import tqdm
 from deploy.settings import RUNS_DIR
 from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
+from train import checkpoint, finetune, report
 from train import data as datalib
-from train import finetune, plots
 from train.losses import build_criterion
 
 
@@ -242,55 +238,6 @@ def evaluate(model, criterion, loader, device, num_classes, args):
     }
 
 
-def save_checkpoint(state: dict, path: str):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
-
-
-def write_golden(data_root: str, out_dir: str):
-    """Copy a fixed validation sample into the run, for promotion gates to replay."""
-    golden_dir = os.path.join(out_dir, "golden")
-    os.makedirs(golden_dir, exist_ok=True)
-    entries = []
-    for i, (path, label) in enumerate(datalib.golden_set(os.path.join(data_root, "val"))):
-        name = f"{i:03d}_{label}{os.path.splitext(path)[1]}"
-        shutil.copyfile(path, os.path.join(golden_dir, name))
-        entries.append({"file": name, "label": label})
-    with open(os.path.join(golden_dir, "golden.json"), "w") as f:
-        json.dump(entries, f, indent=1)
-
-
-def check_output_dir(args):
-    """Refuse a folder holding a run unless continuing that very run: resuming another run's
-    checkpoint (or this one's checkpoint_best.pt) would overwrite its checkpoints."""
-    last = os.path.join(args.output_dir, "checkpoint_last.pt")
-    holds_run = os.path.exists(last)
-    resumes_it = holds_run and bool(args.resume) and os.path.isfile(args.resume) and os.path.samefile(args.resume, last)
-    if holds_run and not resumes_it:
-        raise SystemExit(
-            f"error: {args.output_dir} already holds a run; pass --resume auto to continue it, "
-            "or choose another --output-dir (nothing is overwritten)"
-        )
-    os.makedirs(args.output_dir, exist_ok=True)
-
-
-def load_resume(args) -> dict | None:
-    if not args.resume:
-        return None
-    if not os.path.isfile(args.resume):
-        raise SystemExit(f"error: --resume: no checkpoint at {args.resume}")
-    return torch.load(args.resume, map_location="cpu", weights_only=True)
-
-
-def check_resume_classes(args, resume_ckpt: dict, class_names: list[str]):
-    if class_names != resume_ckpt["class_names"]:
-        raise SystemExit(
-            f"error: {args.data} has classes {class_names}, but {args.resume} was trained on "
-            f"{resume_ckpt['class_names']}; pass the --data it was trained on ({resume_ckpt['args']['data']})"
-        )
-
-
 def main(args):
     start_time = time.time()
     device = torch.device(
@@ -304,8 +251,8 @@ def main(args):
     if args.resume == "auto":
         args.resume = os.path.join(args.output_dir, "checkpoint_last.pt")
     if rank == 0:
-        check_output_dir(args)
-    resume_ckpt = load_resume(args)
+        checkpoint.check_output_dir(args)
+    resume_ckpt = checkpoint.load_resume(args)
     pretrained = finetune.prepare(args, resume_ckpt, world)
     if args.data is None:  # on --resume the default is the data it was trained on, not the digits
         args.data = resume_ckpt["args"]["data"] if resume_ckpt else datalib.DIGITS_DIR
@@ -328,7 +275,7 @@ def main(args):
     train_set, val_set = datalib.build_datasets(args.data, prep, augment, args.limit_samples)
     class_names = datalib.base_and_indices(train_set)[0].classes
     if resume_ckpt:
-        check_resume_classes(args, resume_ckpt, class_names)
+        checkpoint.check_resume_classes(args, resume_ckpt, class_names)
     train_loader, val_loader, train_sampler = datalib.build_loaders(
         train_set, val_set, args.batch_size, args.workers, rank, world
     )
@@ -372,7 +319,7 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
-        add_graph(writer, model_without_ddp, next(iter(val_loader))[0][:2].to(device))
+        report.add_graph(writer, model_without_ddp, next(iter(val_loader))[0][:2].to(device))
 
     n_params = sum(p.numel() for p in model_without_ddp.parameters())
     log(
@@ -391,7 +338,9 @@ def main(args):
             train_sampler.set_epoch(epoch)
         if args.finetune_from:
             finetune.enter_epoch(model_without_ddp, args, epoch, lambda msg: log(msg, rank))
-        profiler = start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
+        profiler = (
+            report.start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
+        )
         train_stats = train_one_epoch(
             model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank
         )
@@ -436,95 +385,16 @@ def main(args):
                 "args": vars(args),
                 "history": history,
             }
-            save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
+            checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
             if is_best:
-                save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
+                checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
             if writer is not None:
-                log_epoch(writer, model_without_ddp, row)
+                report.log_epoch(writer, model_without_ddp, row)
 
     if rank == 0 and val is not None:
-        finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world)
+        report.finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world)
     if world > 1:
         dist.destroy_process_group()
-
-
-def finish(args, prep, class_names, history, best, val, writer, seconds, world):
-    done = history[-1]["epoch"] >= args.epochs
-    metrics = {
-        "best_val_acc": best["acc"],
-        "best_epoch": best["epoch"],
-        "final_val_acc": val["acc"],
-        "final_val_loss": val["loss"],
-        "epochs_done": history[-1]["epoch"],
-        "epochs": args.epochs,
-        "complete": done,
-        "train_seconds": round(seconds, 1),
-        "processes": world,
-        "class_names": class_names,
-        "preprocessing": prep.to_dict(),
-        "confusion_matrix": val["confusion"].tolist(),
-        "history": history,
-    }
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    if writer is not None:
-        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, {"hparam/best_val_acc": best["acc"]}, run_name=".")
-        writer.close()
-    if not args.no_plots:
-        plots.plot_curves(history, os.path.join(args.output_dir, "curves.png"))
-        plots.plot_confusion(
-            val["confusion"].numpy(),
-            class_names,
-            os.path.join(args.output_dir, "confusion_matrix.png"),
-            "last-epoch val",
-        )
-    write_golden(args.data, args.output_dir)
-    state = "finished" if done else f"stopped after epoch {history[-1]['epoch']} (resume with --resume auto)"
-    print(
-        f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
-        f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
-        f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
-        f"{', tb/ (tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}",
-        flush=True,
-    )
-
-
-def add_graph(writer, model, example):
-    try:
-        was_training = model.training
-        with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
-            warnings.simplefilter("ignore", FutureWarning)
-            writer.add_graph(model.eval(), example)
-        model.train(was_training)
-    except Exception as e:  # the graph is a nicety; never fail training for it
-        tqdm.write(f"note: TensorBoard graph skipped ({e.__class__.__name__}: {e})")
-
-
-def log_epoch(writer, model, row):
-    epoch = row["epoch"]
-    for key in ("train_loss", "val_loss"):
-        writer.add_scalar(f"loss/{key[:-5]}", row[key], epoch)
-    for key in ("train_acc", "val_acc"):
-        writer.add_scalar(f"accuracy/{key[:-4]}", row[key], epoch)
-    writer.add_scalar("lr", row["lr"], epoch)
-    for name, p in model.named_parameters():
-        if p.numel() > 1 and math.isfinite(p.detach().float().abs().sum().item()):
-            writer.add_histogram(f"params/{name}", p.detach().float().cpu(), epoch)
-
-
-def start_profiler(out_dir: str):
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(
-        activities=activities,
-        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-        on_trace_ready=tensorboard_trace_handler(os.path.join(out_dir, "profile")),
-        record_shapes=True,
-    )
-    prof.start()
-    return prof
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""What a training run leaves behind besides checkpoints: metrics.json, curves and confusion matrix PNGs,
+the golden set for promotion gates, TensorBoard logs and a profiler trace."""
+
+import json
+import math
+import os
+import shutil
+import warnings
+
+import torch
+from tqdm import tqdm
+
+from train import data as datalib
+from train import plots
+
+
+def write_golden(data_root: str, out_dir: str):
+    """Copy a fixed validation sample into the run, for promotion gates to replay."""
+    golden_dir = os.path.join(out_dir, "golden")
+    os.makedirs(golden_dir, exist_ok=True)
+    entries = []
+    for i, (path, label) in enumerate(datalib.golden_set(os.path.join(data_root, "val"))):
+        name = f"{i:03d}_{label}{os.path.splitext(path)[1]}"
+        shutil.copyfile(path, os.path.join(golden_dir, name))
+        entries.append({"file": name, "label": label})
+    with open(os.path.join(golden_dir, "golden.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+
+
+def finish(args, prep, class_names, history, best, val, writer, seconds, world):
+    done = history[-1]["epoch"] >= args.epochs
+    metrics = {
+        "best_val_acc": best["acc"],
+        "best_epoch": best["epoch"],
+        "final_val_acc": val["acc"],
+        "final_val_loss": val["loss"],
+        "epochs_done": history[-1]["epoch"],
+        "epochs": args.epochs,
+        "complete": done,
+        "train_seconds": round(seconds, 1),
+        "processes": world,
+        "class_names": class_names,
+        "preprocessing": prep.to_dict(),
+        "confusion_matrix": val["confusion"].tolist(),
+        "history": history,
+    }
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    if writer is not None:
+        hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        writer.add_hparams(hparams, {"hparam/best_val_acc": best["acc"]}, run_name=".")
+        writer.close()
+    if not args.no_plots:
+        plots.plot_curves(history, os.path.join(args.output_dir, "curves.png"))
+        plots.plot_confusion(
+            val["confusion"].numpy(),
+            class_names,
+            os.path.join(args.output_dir, "confusion_matrix.png"),
+            "last-epoch val",
+        )
+    write_golden(args.data, args.output_dir)
+    state = "finished" if done else f"stopped after epoch {history[-1]['epoch']} (resume with --resume auto)"
+    print(
+        f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
+        f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
+        f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
+        f"{', tb/ (tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}",
+        flush=True,
+    )
+
+
+def add_graph(writer, model, example):
+    try:
+        was_training = model.training
+        with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            writer.add_graph(model.eval(), example)
+        model.train(was_training)
+    except Exception as e:  # the graph is a nicety; never fail training for it
+        tqdm.write(f"note: TensorBoard graph skipped ({e.__class__.__name__}: {e})")
+
+
+def log_epoch(writer, model, row):
+    epoch = row["epoch"]
+    for key in ("train_loss", "val_loss"):
+        writer.add_scalar(f"loss/{key[:-5]}", row[key], epoch)
+    for key in ("train_acc", "val_acc"):
+        writer.add_scalar(f"accuracy/{key[:-4]}", row[key], epoch)
+    writer.add_scalar("lr", row["lr"], epoch)
+    for name, p in model.named_parameters():
+        if p.numel() > 1 and math.isfinite(p.detach().float().abs().sum().item()):
+            writer.add_histogram(f"params/{name}", p.detach().float().cpu(), epoch)
+
+
+def start_profiler(out_dir: str):
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(
+        activities=activities,
+        schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(os.path.join(out_dir, "profile")),
+        record_shapes=True,
+    )
+    prof.start()
+    return prof
