@@ -9,10 +9,10 @@ START=$(date +%s)
 step() { printf '\n\033[1m== %s\033[0m  (%ds)\n' "$*" $(( $(date +%s) - START )); }
 PY=.venv/bin/python
 
-step "1/9 setup"
+step "1/10 setup"
 scripts/setup.sh
 
-step "2/9 default data: scikit-learn digits as PNGs in data/digits/{train,val}/<digit>/"
+step "2/10 default data: scikit-learn digits as PNGs in data/digits/{train,val}/<digit>/"
 $PY -m train.data
 
 train() {  # train VERSION_DIR ARGS... ; resumes an interrupted run, reuses a finished one
@@ -33,13 +33,13 @@ archive() {  # archive VERSION RUN_DIR ARCHIVE_PATH
   fi
 }
 
-step "3/9 train version 1.0 (default recipe: AdamW, cosine, label smoothing, learnable Swish)"
+step "3/10 train version 1.0 (default recipe: AdamW, cosine, label smoothing, learnable Swish)"
 train runs/v1
 
-step "4/9 archive 1.0 -> model_store/my_model.mar"
+step "4/10 archive 1.0 -> model_store/my_model.mar"
 archive 1.0 runs/v1 model_store/my_model.mar
 
-step "5/9 start TorchServe (inference :8080, management :8081, metrics :8082)"
+step "5/10 start TorchServe (inference :8080, management :8081, metrics :8082)"
 # Capture first: `grep -q` on a pipe would close it early and break the writer under pipefail.
 status=$($PY -m deploy.serve status)
 if grep -q "is running" <<<"$status"; then
@@ -49,13 +49,13 @@ else
 fi
 $PY -m deploy.predict $(ls data/digits/val/*/*.png | awk 'NR % 36 == 1')
 
-step "6/9 train version 2.0 (another recipe: SGD + Nesterov, focal loss, step schedule, wider)"
+step "6/10 train version 2.0 (another recipe: SGD + Nesterov, focal loss, step schedule, wider)"
 train runs/v2 --opt sgd --lr 0.05 --lr-scheduler step --lr-step-size 8 --loss focal --widths 48,96,192 --epochs 12 --seed 1
 
-step "7/9 archive 2.0 -> model_store/my_model_v2.0.mar"
+step "7/10 archive 2.0 -> model_store/my_model_v2.0.mar"
 archive 2.0 runs/v2 model_store/my_model_v2.0.mar
 
-step "8/9 register 2.0 through the management API; promote it only if it passes the gate"
+step "8/10 register 2.0 through the management API; promote it only if it passes the gate"
 # Registered is not enough to skip the gate: 2.0 registered but not default is either an earlier run
 # that stopped mid-gate (or a registration without --promote), or a rollback after 2.0 was promoted.
 # A re-run does what a fresh run would, except that it keeps a rollback (someone chose it): it gates
@@ -76,11 +76,14 @@ else
   scripts/register_version.sh model_store/my_model_v2.0.mar --promote --golden runs/v2/golden --max-accuracy-drop 1.0
 fi
 
-step "9/9 predict through both versions"
+step "9/10 predict through both versions"
 imgs=$(ls data/digits/val/*/*.png | awk 'NR % 36 == 7')
 $PY -m deploy.predict --version 1.0 $imgs
 $PY -m deploy.predict --version 2.0 $imgs
 $PY -m deploy.register_version list
+
+step "10/10 a real pretrained model beside it: EfficientNet-Lite0 (ImageNet weights) as model imagenet 1.0"
+scripts/import_pretrained.sh
 
 img=$(ls data/digits/val/3/*.png | head -1)
 cat <<MSG
@@ -91,6 +94,7 @@ Done in $(( $(date +%s) - START ))s. TorchServe is still running. Try (keys reac
   scripts/serve.sh header management | curl -H @- http://127.0.0.1:8081/models/my_model/all
   curl http://127.0.0.1:8082/metrics
   scripts/predict.sh $img 2.0
+  scripts/serve.sh header | curl -H @- -T data/photos/samples/chelsea.jpg http://127.0.0.1:8080/predictions/imagenet
 Training reports: runs/v1/ and runs/v2/ (metrics.json, curves.png, confusion_matrix.png; tensorboard --logdir runs)
 Stop with: scripts/serve.sh stop
 MSG

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from urllib.parse import urlencode
 
 import numpy as np
 import psutil
@@ -37,6 +38,7 @@ from PIL import Image
 from deploy import gate as gatelib
 from deploy import management, register_version, versions
 from deploy.archive import read_classes, write_checksum
+from deploy.guard import UnixHTTPConnection
 from deploy.properties import read_properties
 from deploy.serve import print_status
 from deploy.server import Ports, ServerError, TorchServe
@@ -274,6 +276,17 @@ class CountingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def behind_the_guard(ts, method, path):
+    """A call to TorchServe's own management API (its Unix socket), past deploy/guard.py."""
+    conn = UnixHTTPConnection(ts.management_socket, timeout=60)
+    try:
+        conn.request(method, path, headers=ts.auth("management"))
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
 def test_urls_outside_the_model_store_are_refused_without_any_download(server, archive_factory, png, tmp_path):
     outside = install_archive(archive_factory("2.0", backend="onnx"), tmp_path, "outside.mar")  # a loadable .mar
     with open(outside, "rb") as f:
@@ -294,8 +307,12 @@ def test_urls_outside_the_model_store_are_refused_without_any_download(server, a
     try:
         for url, message in refused.items():
             resp = server.request("POST", "management", "/models", params={"url": url, "synchronous": "true"})
-            assert resp.status_code == 404, (url, resp.text)  # 0.12 answers all of these 404 ModelNotFoundException
-            assert message in resp.json()["message"], (url, resp.text)
+            assert resp.status_code == 403, (url, resp.text)  # the guard on the management port
+            # ...and TorchServe itself, behind it (what the literal `torchserve --start` exposes): 0.12 answers
+            # all of these 404 ModelNotFoundException
+            status, body = behind_the_guard(server, "POST", "/models?" + urlencode({"url": url, "synchronous": "true"}))
+            assert status == 404, (url, body)
+            assert message in body["message"], (url, body)
         assert httpd.connections == 0  # TorchServe never even connected
         assert requests.get(f"http://127.0.0.1:{port}/probe", timeout=10).status_code == 200
         assert httpd.connections == 1  # ...and the counter does count
@@ -375,9 +392,11 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
 def test_a_truncated_archive_sent_straight_to_torchserve_leaves_serving_alone(server, store, png):
     truncate_half(os.path.join(store, "my_model.mar"), os.path.join(store, "half.mar"))
     resp = server.request("POST", "management", "/models?url=half.mar&initial_workers=1&synchronous=true")
-    # TorchServe 0.12: 500 InternalServerException "Failed to save model: half.mar"
-    assert resp.status_code == 500, resp.text
-    assert resp.json()["type"] == "InternalServerException" and "half.mar" in resp.json()["message"]
+    assert resp.status_code == 403 and "half.mar.sha256 is missing" in resp.json()["message"]  # the guard
+    # past the guard, TorchServe 0.12 itself: 500 InternalServerException "Failed to save model: half.mar"
+    status, body = behind_the_guard(server, "POST", "/models?url=half.mar&initial_workers=1&synchronous=true")
+    assert status == 500, body
+    assert body["type"] == "InternalServerException" and "half.mar" in body["message"]
     duplicate = server.request("POST", "management", "/models?url=my_model.mar&synchronous=true")
     assert duplicate.status_code == 409, duplicate.text  # and an existing version is not replaced
     assert registered(server) == {"1.0"} and management.default_version(server, "my_model") == "1.0"
