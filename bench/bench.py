@@ -1,6 +1,6 @@
 """Benchmark the serving path against its own limit and against TorchServe's stock handler.
 
-    python -m bench.bench                       # digits (runs/v1) and resnet18 at 224x224
+    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at 224x224
     python -m bench.bench --targets digits --requests 300 --concurrency 1,4
 
 For each target model it measures, on this machine, in one run:
@@ -42,10 +42,10 @@ MODEL = settings.MODEL_NAME
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default="digits,resnet18", help=f"comma-separated, of: {', '.join(TARGETS)}")
+    p.add_argument("--targets", default="digits,imagenet", help=f"comma-separated, of: {', '.join(TARGETS)}")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--requests", type=int, default=0, help="requests per level (0: 800 digits, 160 resnet18)")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (0: 800 digits, 160 imagenet)")
     p.add_argument(
         "--digits-checkpoint",
         default=os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt"),

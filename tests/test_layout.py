@@ -70,7 +70,7 @@ def test_promote_needs_the_candidates_own_golden_set(tmp_path):
 
 
 def test_bench_and_soak_refuse_unknown_names_with_the_known_ones(tmp_path):
-    with pytest.raises(SystemExit, match="unknown target\\(s\\) resnet19; choose from digits, resnet18"):
+    with pytest.raises(SystemExit, match="unknown target\\(s\\) resnet19; choose from digits, imagenet"):
         bench.main(bench.get_args_parser().parse_args(["--targets", "resnet19", "--no-peer", "--out", str(tmp_path)]))
     with pytest.raises(SystemExit, match="unknown scenario\\(s\\) __init__; choose from load, worker_death"):
         soak.main(["--scenarios", "__init__", "--checkpoint", __file__])
