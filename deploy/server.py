@@ -95,35 +95,17 @@ class TorchServe:
     _tokens: bool | None = field(default=None, init=False, repr=False)
     _keys: dict | None = field(default=None, init=False, repr=False)
 
-    # --- paths --------------------------------------------------------------------
-    @property
-    def log_dir(self) -> str:
-        return os.path.join(self.workdir, "logs")
+    # --- paths: everything the server writes lies in its working directory ------------------------------
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
 
-    @property
-    def key_file(self) -> str:
-        return os.path.join(self.workdir, "key_file.json")
-
-    @property
-    def tmp_dir(self) -> str:
-        return os.path.join(self.workdir, "tmp")
-
-    @property
-    def generated_config(self) -> str:
-        return os.path.join(self.log_dir, "generated.config.properties")
-
-    @property
-    def management_socket(self) -> str:
-        return os.path.join(self.tmp_dir, "mgmt.sock")
-
-    @property
-    def guard_pid_file(self) -> str:
-        return os.path.join(self.tmp_dir, "guard.pid")
-
-    @property
-    def pid_file(self) -> str:
-        # TorchServe's CLI writes it to tempfile.gettempdir(), which follows TMPDIR: env() points that at tmp_dir.
-        return os.path.join(self.tmp_dir, ".model_server.pid")
+    log_dir = property(lambda self: self.path("logs"))
+    key_file = property(lambda self: self.path("key_file.json"))  # TorchServe writes it to its cwd
+    tmp_dir = property(lambda self: self.path("tmp"))  # TMPDIR: pid file, worker sockets, unpacked models
+    generated_config = property(lambda self: self.path("logs", "generated.config.properties"))
+    management_socket = property(lambda self: self.path("tmp", "mgmt.sock"))
+    guard_pid_file = property(lambda self: self.path("tmp", "guard.pid"))
+    pid_file = property(lambda self: self.path("tmp", ".model_server.pid"))  # tempfile.gettempdir() of the CLI
 
     def url(self, api: str = "inference") -> str:
         # Only inference may live elsewhere (TS_INFERENCE_URL); the management port, which refreshes keys with

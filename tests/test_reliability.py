@@ -41,7 +41,7 @@ def test_bad_registrations_during_load_do_not_disturb_serving(soak):
     r = soak.bad_register(requests=1500)
     print(summarize("bad_register", r))
     assert all(400 <= s < 600 for s in r["registration_status"].values())
-    assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 404
+    assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 403  # the guard: not a model-store archive
     assert r["load"]["errors"] == 0 and r["load"]["wrong_labels"] == 0
     # nothing was registered: still only the 1.0 the fixture started with (2.0 comes with the restart test)
     assert r["deployment"] == r["deployment_before"] == {"versions": ["1.0"], "default": "1.0"}

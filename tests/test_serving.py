@@ -190,4 +190,4 @@ def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
 def test_ready_after_start_means_the_first_request_succeeds(server, val_bodies):
     ping = server.request("GET", "inference", "/ping")
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
-    assert all(w["status"] == "READY" for v in server.models()["my_model"] for w in v["workers"])
+    assert all(w["status"] == "READY" for v in management.models(server)["my_model"] for w in v["workers"])

@@ -1,0 +1,244 @@
+"""The deployment library without a TorchServe: the key handling of requests (against a stand-in API), the
+generated config as Java reads it, the pid file's place, and the gate's arithmetic and class check."""
+
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from deploy import gate as gatelib
+from deploy.properties import read_properties
+from deploy.server import Ports, TorchServe
+
+INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+# --- requests and keys, against a stand-in API --------------------------------------------------------------
+
+
+class Recorder(http.server.HTTPServer):
+    """A stand-in API on one port: refuses key 'old' like TorchServe does, /token switches the key file to 'new'."""
+
+    def __init__(self, key_file):
+        super().__init__(("127.0.0.1", 0), RecorderHandler)
+        self.key_file, self.seen, self.accept = key_file, [], "new"
+
+
+class RecorderHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.server.seen.append((self.path, dict(self.headers)))
+        if self.path.startswith("/token"):
+            keys = {k: {"key": "new"} for k in ("inference", "management")}
+            with open(self.server.key_file, "w") as f:
+                json.dump({**keys, "API": {"key": "api"}}, f)
+            body, code = b"", 200
+        elif self.headers.get("Authorization") == f"Bearer {self.server.accept}":
+            body, code = b"{}", 200
+        else:
+            body, code = json.dumps({"code": 400, "type": "InvalidKeyException", "message": INVALID_KEY}).encode(), 400
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def test_request_retries_after_a_refresh_with_the_callers_headers(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old"}, "management": {"key": "old"}, "API": {"key": "api"}}))
+    stub = Recorder(str(key_file))
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        port = stub.server_port
+        ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(port, port, port, 1, 2))
+        resp = ts.request("POST", "inference", "/x", data=b"abc", headers={"Content-Type": "image/png", "X-Trace": "7"})
+        assert resp.status_code == 200
+        paths = [path for path, _ in stub.seen]
+        assert paths == ["/x", "/token?type=inference", "/x"]
+        first, token, retry = (headers for _, headers in stub.seen)
+        assert token["Authorization"] == "Bearer api"
+        assert first["Authorization"] == "Bearer old" and retry["Authorization"] == "Bearer new"
+        assert retry["Content-Type"] == "image/png" and retry["X-Trace"] == "7"  # not dropped on the retry
+    finally:
+        stub.shutdown()
+        stub.server_close()
+
+
+def test_keys_are_read_once_and_read_again_when_refused(tmp_path):
+    def write_keys(key):
+        key_file.write_text(json.dumps({"inference": {"key": key}, "management": {"key": key}, "API": {"key": "api"}}))
+
+    key_file = tmp_path / "key_file.json"
+    write_keys("k1")
+    stub = Recorder(str(key_file))
+    stub.accept = "k1"
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        port = stub.server_port
+        ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(port, port, port, 1, 2))
+        reads, read_keys = [], ts.read_keys
+        ts.read_keys = lambda: reads.append(1) or read_keys()
+        assert [ts.request("GET", "inference", "/x").status_code for _ in range(5)] == [200] * 5
+        assert len(reads) == 1  # was one read of the key file (and of pid file, process, configs) per request
+        stub.accept = "k2"  # the server restarted with new keys
+        write_keys("k2")
+        assert ts.request("GET", "management", "/x").status_code == 200
+        assert len(reads) == 2 and not any(path.startswith("/token") for path, _ in stub.seen)
+    finally:
+        stub.shutdown()
+        stub.server_close()
+
+
+# --- units without a server: the generated config, the pid file, the gate's arithmetic ------------------------
+
+ODD_VALUES = {  # what java.util.Properties must get back exactly as config.properties (or an override) meant it
+    "spaces": "  leading and trailing  ",
+    "controls": "tab\there\nnewline\rreturn\fform feed",
+    "specials": "a=b:c#d!e \\ f\\",
+    "unicode": "café 数字 😀",
+    "empty": "",
+    "odd key=with:separators #and! spaces": "x",
+}
+
+
+def config_with_odd_values(tmp_path) -> TorchServe:
+    base = tmp_path / "config.properties"
+    base.write_text(
+        "# written the way config.properties documents it\n"
+        "allowed_urls=https://models\\\\.example\\\\.com/.*\n"
+        "continued=one \\\n    two\n"
+    )
+    return TorchServe(
+        workdir=str(tmp_path / "ts"),
+        model_store=str(tmp_path),
+        ports=Ports(1, 2, 3, 4, 5),
+        base_config=str(base),
+        overrides=ODD_VALUES,
+    )
+
+
+def test_the_generated_config_carries_every_value_unchanged(tmp_path):
+    ts = config_with_odd_values(tmp_path)
+    props = ts.config()
+    assert props["allowed_urls"] == r"https://models\.example\.com/.*" and props["continued"] == "one two"
+    path, _ = ts.write_config(restore=False)
+    assert read_properties(path) == props  # before: every backslash lost one level on the way
+    allowed = read_properties(path)["allowed_urls"]
+    assert re.fullmatch(allowed, "https://models.example.com/my_model.mar")
+    assert not re.fullmatch(allowed, "https://models-example.com/evil.mar")  # the look-alike host
+
+
+JAVA_DUMP = """
+import java.io.*;
+import java.util.*;
+
+public class Dump {
+    public static void main(String[] args) throws Exception {
+        Properties p = new Properties();
+        try (InputStream in = new FileInputStream(args[0])) { p.load(in); }  // as TorchServe's ConfigManager
+        for (String k : p.stringPropertyNames()) System.out.println(hex(k) + " " + hex(p.getProperty(k)));
+    }
+
+    static String hex(String s) {  // UTF-16 code units: no quoting or encoding questions on the way back
+        StringBuilder b = new StringBuilder("x");
+        for (char c : s.toCharArray()) b.append(String.format("%04x", (int) c));
+        return b.toString();
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs Java (TorchServe's frontend does)")
+def test_java_reads_the_generated_config_as_we_do(tmp_path):
+    ts = config_with_odd_values(tmp_path)
+    path, _ = ts.write_config(restore=False)
+    (tmp_path / "Dump.java").write_text(JAVA_DUMP)
+    out = subprocess.run(["java", str(tmp_path / "Dump.java"), path], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    decode = lambda h: bytes.fromhex(h[1:]).decode("utf-16-be", "surrogatepass")
+    java = dict(tuple(map(decode, line.split())) for line in out.stdout.splitlines())
+    assert java == ts.config()
+
+
+def test_the_pid_file_is_looked_up_in_the_servers_private_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", "/tmp")  # whatever the caller's TMPDIR is, the server's is its own
+    monkeypatch.setattr(tempfile, "tempdir", None)  # forget the cached folder: gettempdir() reads TMPDIR again
+    ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None)
+    ts.prepare_dirs()
+    tmp = tmp_path / "tmp"
+    assert tmp.stat().st_mode & 0o777 == 0o700
+    # TorchServe's CLI writes tempfile.gettempdir()/.model_server.pid in the environment start() gives it
+    cli = [sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"]
+    where = subprocess.run(cli, env=ts.env(), capture_output=True, text=True, check=True).stdout.strip()
+    assert ts.pid_file == os.path.join(where, ".model_server.pid") == str(tmp / ".model_server.pid")
+
+    # a stand-in frontend started like start() starts one, with tokens off (`serve.sh start --no-tokens`)
+    (tmp_path / "generated.properties").write_text("disable_token_authorization=true\n")
+    argv = ["import time; time.sleep(60)", "org.pytorch.serve.ModelServer", "-f", "generated.properties"]
+    fake = subprocess.Popen([sys.executable, "-c", *argv], cwd=tmp_path)
+    try:
+        (tmp / ".model_server.pid").write_text(str(fake.pid))
+        assert ts.pid() == fake.pid and ts.is_running()
+        assert ts.tokens_enabled is False and ts.auth("inference") == {}  # the running one's config decides
+    finally:
+        fake.kill()
+        fake.wait()
+    ts.forget()  # what stop() does
+    assert ts.pid() is None and ts.tokens_enabled is True  # not running: config.properties decides
+
+
+@pytest.mark.parametrize("baseline", [100, 99, 98, 97, 90])
+def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypatch):
+    golden = [(b"", "0")] * 100
+    correct = {"default": baseline, "one worse": baseline - 1, "two worse": baseline - 2}
+
+    def score(ts, model, version, golden):  # what gatelib.score reports, without a server
+        n = correct[version]
+        return {
+            "version": version,
+            "correct": n,
+            "accuracy": n / 100,
+            "errors": 0,
+            "predictions": ["0"] * n + ["1"] * (100 - n),
+        }
+
+    monkeypatch.setattr(gatelib, "score", score)
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: ["0", "1"])
+    one = gatelib.gate(None, "my_model", "one worse", "default", golden, max_drop=1.0)
+    assert one["passed"] is True, one["reason"]  # 0.97 - 0.96 is 1.0000000000000009 points in floats
+    assert "drop of 1.00 points (within the allowed 1.00)" in one["reason"]
+    two = gatelib.gate(None, "my_model", "two worse", "default", golden, max_drop=1.0)
+    assert two["passed"] is False and "drop of 2.00 points (over the allowed 1.00)" in two["reason"]
+    assert gatelib.accuracy_drop(baseline, baseline - 1, 100, 1.0) == (1.0, True)
+    assert gatelib.accuracy_drop(baseline, baseline - 2, 100, 1.0) == (2.0, False)
+
+
+def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch):
+    classes = {"1.0": [str(d) for d in range(10)], "2.0": [str(d) for d in reversed(range(10))], "3.0": ["a", "0"]}
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: classes[version])
+    scored = []
+
+    def score(ts, model, version, golden):
+        scored.append(version)
+        return {"version": version, "correct": 1, "accuracy": 1.0, "errors": 0, "predictions": ["0"]}
+
+    monkeypatch.setattr(gatelib, "score", score)
+    same = gatelib.gate(None, "my_model", "2.0", "1.0", [(b"", "0")], max_drop=1.0)
+    assert same["passed"] is True and same["classes"]["same"] is True  # the order of the indices does not matter
+    scored.clear()
+    refused = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0)
+    assert refused["passed"] is False and scored == []
+    assert "2 classes vs the default's 10; new: a; gone: 1, 2, 3, 4 and 5 more" in refused["reason"]
+    allowed = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0, allow_new_classes=True)
+    assert allowed["passed"] is True and scored == ["3.0", "1.0"] and allowed["classes"]["overridden"] is True
