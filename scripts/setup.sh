@@ -7,13 +7,22 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 STAMP=$VENV/.requirements.sha256
 
-find_python() {
-  for py in python3.11 python3 python; do
-    if command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
-      echo "$py"; return 0
+find_python() {  # a Python 3.11 that can make a venv; as root, one the service user can run too
+  local py path first=""
+  for py in python3.11 /usr/bin/python3.11 python3 python; do
+    path=$(command -v "$py") || continue
+    "$path" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || continue
+    [ -n "$first" ] || first=$path
+    # TorchServe started by root runs as `torchserve`, which must be able to run the venv's Python: a pyenv
+    # Python under /root (mode 0700) it cannot, so prefer another one (deploy/privileges.py, docs/security.md).
+    if [ "$(id -u)" != 0 ] || ! id -u torchserve >/dev/null 2>&1 \
+        || runuser -u torchserve -- "$path" -c '' 2>/dev/null; then
+      echo "$path"; return 0
     fi
   done
-  return 1
+  [ -n "$first" ] || return 1
+  echo "setup: warning: user 'torchserve' cannot run $first, so TorchServe will run as root (docs/security.md)" >&2
+  echo "$first"
 }
 
 check_java() {
