@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -132,7 +133,7 @@ def launch(ts):
     with private_files(), open(os.path.join(ts.log_dir, "guard.log"), "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", ts.management_socket]
-            + ["--model-store", ts.model_store],
+            + ["--model-store", ts.model_store, "--watch-pid", str(ts.pid() or 0)],
             cwd=settings.ROOT,
             env=ts.env(),
             stdout=log,
@@ -157,17 +158,27 @@ def stop(ts):
         pass
 
 
+def follow(pid: int, server):
+    while psutil.pid_exists(pid):
+        time.sleep(1)
+    print(f"TorchServe (pid {pid}) is gone: stopping", flush=True)
+    server.shutdown()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", required=True, help="host:port of the management port")
     p.add_argument("--socket", required=True, help="TorchServe's management Unix socket")
     p.add_argument("--model-store", required=True)
+    p.add_argument("--watch-pid", type=int, default=0, help="exit when this process (TorchServe) is gone")
     args = p.parse_args(argv)
     host, port = args.listen.rsplit(":", 1)
     server = http.server.ThreadingHTTPServer((host, int(port)), Guard)
     server.daemon_threads = True
     server.upstream, server.model_store = args.socket, os.path.abspath(args.model_store)
     print(f"guarding {args.listen} -> unix:{args.socket} (model store {server.model_store})", flush=True)
+    if args.watch_pid:  # however TorchServe ended (stop, crash, kill), its guard does not outlive it
+        threading.Thread(target=follow, args=(args.watch_pid, server), daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

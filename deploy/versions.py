@@ -11,6 +11,7 @@ from deploy import management
 from deploy.archive import check_archive
 from deploy.gate import gate, print_report
 from deploy.management import DeployError
+from deploy.privileges import private_files
 from deploy.server import TorchServe
 
 EXIT_REJECTED = 3
@@ -75,13 +76,13 @@ def set_default(ts: TorchServe, model: str, version: str, reason: str):
 
 
 def history_path(ts: TorchServe) -> str:
-    return os.path.join(ts.workdir, "state", "deployments.jsonl")
+    return ts.path("state", "deployments.jsonl")
 
 
 def record(ts: TorchServe, entry: dict):
     path = history_path(ts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with private_files(), open(path, "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}) + "\n")
 
 
