@@ -1,0 +1,215 @@
+"""Export (train/export.py) and evaluation (train/evaluate.py): every serving format against eager, the
+checks that write nothing when they fail, and evaluation of checkpoints and exports."""
+
+import glob
+import os
+import tempfile
+
+import pytest
+import torch
+from PIL import Image
+
+from model_src.net import fuse_for_export, load_model
+from model_src.preprocessing import Preprocessing
+from model_src.runtime import BACKEND_FILES, Predictor
+from tests.test_training import N_VAL, load_ckpt, read_json, small_digits
+from train import export as exportlib
+from train.evaluate import evaluate
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def val_batch(checkpoint):
+    """(eager model, real validation images, labels, eager probabilities)."""
+    model, ckpt = load_model(checkpoint)
+    val = exportlib.val_dataset(ckpt["args"]["data"], Preprocessing.from_dict(ckpt["preprocessing"]))
+    images, labels = map(torch.stack, zip(*((x, torch.tensor(y)) for x, y in val)))
+    with torch.inference_mode():
+        want = torch.softmax(model(images), 1)
+    return model, images, labels, want
+
+
+def test_export_writes_every_file(exported, checkpoint):
+    for name in [*BACKEND_FILES.values(), "serving.json", "index_to_name.json"]:
+        assert os.path.getsize(os.path.join(exported, name)) > 0, name
+    ckpt = load_ckpt(checkpoint)
+    assert read_json(os.path.join(exported, "index_to_name.json")) == {str(i): str(i) for i in range(10)}
+    meta = read_json(os.path.join(exported, "serving.json"))
+    assert meta["preprocessing"] == ckpt["preprocessing"] and meta["class_names"] == ckpt["class_names"]
+    assert meta["model_args"] == ckpt["model_args"]
+    report = meta["export"]
+    assert set(report["formats"]) == set(BACKEND_FILES)
+    for fmt, entry in report["formats"].items():
+        assert entry["file"] == BACKEND_FILES[fmt]
+        assert entry["bytes"] == os.path.getsize(os.path.join(exported, entry["file"]))
+    assert report["formats"]["int8"]["agreement"] >= 0.99 and report["formats"]["int8"]["acc_drop"] <= 0.005
+    assert report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL  # int8: the whole split
+    assert not glob.glob(os.path.join(os.path.dirname(exported), ".export-*"))
+
+
+def test_the_check_batch_covers_every_class(checkpoint, digits):
+    prep = Preprocessing.from_dict(load_ckpt(checkpoint)["preprocessing"])
+    val = exportlib.val_dataset(digits, prep)
+    images, labels = exportlib.check_batch(val, 64)
+    assert images.shape == (64, 1, 16, 16)
+    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [6] * 6 + [7] * 4  # 6 turns, then 4 of a 7th
+    again, _ = exportlib.check_batch(val, 64)
+    assert torch.equal(images, again)  # seeded: every export checks the same images
+    assert len(exportlib.check_batch(val, 1000)[1]) == N_VAL
+
+
+def test_export_runs_the_eager_model_in_bounded_batches_without_autograd(checkpoint, tmp_path, monkeypatch):
+    calls = []  # (inference mode on?, batch size) of each forward of the eager model
+
+    def load_model_spied(path):
+        model, ckpt = load_model(path)
+        model.register_forward_hook(lambda m, inp, out: calls.append((torch.is_inference_mode_enabled(), len(inp[0]))))
+        return model, ckpt
+
+    def fuse_unspied(model):  # the fused copy would inherit the hook: tracing it is not the question
+        model._forward_hooks.clear()
+        return fuse_for_export(model)
+
+    monkeypatch.setattr(exportlib, "load_model", load_model_spied)
+    monkeypatch.setattr(exportlib, "fuse_for_export", fuse_unspied)
+    report = exportlib.export_all(checkpoint, str(tmp_path / "out"), formats=("int8",), batch=32)
+    assert report["formats"]["int8"]["images"] == N_VAL
+    assert calls and all(inference for inference, _ in calls)
+    assert max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL  # check batch + the split
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_FILES))
+def test_every_backend_matches_eager_on_real_images(exported, val_batch, backend):
+    _, images, labels, want = val_batch
+    got = torch.softmax(Predictor(os.path.join(exported, BACKEND_FILES[backend]), backend)(images), 1)
+    assert got.shape == want.shape == (N_VAL, 10)
+    if backend == "int8":
+        assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
+    else:
+        assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_exports_take_any_batch_size(exported, val_batch, backend, batch):
+    _, images, _, want = val_batch
+    pred = Predictor(os.path.join(exported, BACKEND_FILES[backend]), backend)
+    got = torch.softmax(pred(images[3 : 3 + batch]), 1)
+    assert got.shape == (batch, 10)
+    assert (got - want[3 : 3 + batch]).abs().max() <= 1e-4
+
+
+def test_onnx_passes_the_checker(exported):
+    import onnx
+
+    model = onnx.load(os.path.join(exported, "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic (dynamic) batch axis
+
+
+@pytest.fixture
+def spy_tempdirs(monkeypatch):
+    """Records every temporary folder export_all creates."""
+    made = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(exportlib.tempfile, "mkdtemp", mkdtemp)
+    return made
+
+
+def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
+    real_check_close, in_tmp = exportlib.check_close, []
+
+    def check_close(name, got, want):
+        if name == "onnx":  # only the ONNX check fails, once model.pt and model.onnx are written
+            in_tmp.extend(sorted(os.listdir(spy_tempdirs[0])))
+            monkeypatch.setattr(exportlib, "TOLERANCE", -1.0)  # no difference can pass
+        return real_check_close(name, got, want)
+
+    monkeypatch.setattr(exportlib, "check_close", check_close)
+    out = tmp_path / "never"
+    with pytest.raises(exportlib.ExportCheckError, match="onnx: .* exceeds"):
+        exportlib.export_all(checkpoint, str(out), formats=("eager", "onnx"))
+    assert in_tmp == ["model.onnx", "model.pt"]  # the failure came after files were written ...
+    assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(tmp_path)  # ... beside the target
+    assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and nothing is left
+    assert not glob.glob(str(tmp_path / ".export-*"))
+
+
+def test_a_check_failing_after_files_were_written_leaves_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
+    written = []
+    real_export_eager = exportlib.export_eager
+
+    def export_eager(model, ckpt, path):
+        real_export_eager(model, ckpt, path)
+        written.append(path)
+
+    monkeypatch.setattr(exportlib, "export_eager", export_eager)
+    monkeypatch.setattr(exportlib, "INT8_MIN_AGREEMENT", 1.01)  # the int8 check, last, cannot pass
+    out = tmp_path / "never"
+    with pytest.raises(exportlib.ExportCheckError, match="int8: agreement"):
+        exportlib.export_all(checkpoint, str(out), formats=("eager", "int8"))
+    assert written and os.path.dirname(written[0]) == spy_tempdirs[0]  # model.pt had been written ...
+    assert os.path.dirname(spy_tempdirs[0]) == str(tmp_path)  # ... in a temporary folder beside the target
+    assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and is gone
+    assert not glob.glob(str(tmp_path / ".export-*"))
+
+
+def test_export_refuses_an_existing_folder(checkpoint, tmp_path):
+    target = tmp_path / "v1"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists"):
+        exportlib.export_all(checkpoint, str(target))
+    assert os.listdir(target) == ["keep.txt"]
+
+
+def test_export_refuses_unknown_formats(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="unknown formats"):
+        exportlib.export_all(checkpoint, str(tmp_path / "x"), formats=("eager", "tflite"))
+    assert not (tmp_path / "x").exists()
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def test_evaluate_checkpoint_and_onnx_agree(checkpoint, exported):
+    a = evaluate(checkpoint)
+    b = evaluate(os.path.join(exported, "model.onnx"))
+    assert a["accuracy"] == b["accuracy"] > 0.8
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    confusion = torch.tensor(a["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum().item() == N_VAL == a["images"]
+    assert a["accuracy"] == pytest.approx(confusion.diag().sum().item() / N_VAL)
+    assert set(a["per_class"]["3"]) == {"precision", "recall", "support"}
+    assert sum(m["support"] for m in a["per_class"].values()) == N_VAL
+
+
+def test_evaluate_main_writes_json_and_png(checkpoint, tmp_path, capsys):
+    from train.evaluate import get_args_parser, main
+
+    args = ["--model", checkpoint, "--json", str(tmp_path / "e.json"), "--confusion-png", str(tmp_path / "c.png")]
+    main(get_args_parser().parse_args(args))
+    res = read_json(tmp_path / "e.json")
+    assert res["images"] == N_VAL and res["accuracy"] > 0.8
+    assert f"accuracy {res['accuracy']:.4f} on {N_VAL} images" in capsys.readouterr().out
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.format == "PNG" and min(img.size) > 100
+
+
+@pytest.mark.slow
+def test_evaluate_an_export_defaults_to_the_data_it_was_trained_on(checkpoint, digits, tmp_path):
+    other = small_digits(digits, tmp_path / "other")
+    ckpt = load_ckpt(checkpoint)
+    ckpt["args"]["data"] = str(other)  # as if trained with --data <other>
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("eager", "onnx"))
+    assert evaluate(str(tmp_path / "ckpt.pt"))["images"] == 20
+    for name in ("model.pt", "model.onnx"):  # every exported file reads serving.json
+        assert evaluate(str(tmp_path / "export" / name))["images"] == 20, name
