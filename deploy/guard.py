@@ -26,12 +26,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import psutil
 
 from deploy import settings
-from deploy.archive import check_archive
+from deploy.archive import NAME, check_archive
 from deploy.privileges import private_files
 
 GUARD_KEY = "guarded_management_address"  # in a generated config: where the guard listens
 
-ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.mar")
+ARCHIVE_NAME = re.compile(NAME.pattern + r"\.mar")  # a file name in the store, as archive.sh names them
 MAX_BODY = 1 << 20  # management calls carry parameters, never archives
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 

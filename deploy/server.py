@@ -243,7 +243,8 @@ class TorchServe:
             raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
         self.check_ports_free()
         self.forget()
-        self.prepare_dirs()
+        config, snapshot = self.write_config(restore)
+        self.prepare_dirs()  # after the config is written: it too belongs to the server's user
         missing = self.unreachable() if self.user else []
         if missing:
             print(
@@ -252,8 +253,6 @@ class TorchServe:
                 file=sys.stderr,
             )
             self.user = None
-        config, snapshot = self.write_config(restore)
-        self.prepare_dirs()  # the generated config too
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torchserve"),
             "--start",
