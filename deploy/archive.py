@@ -9,10 +9,13 @@ SHA-256 is written next to every archive (<archive>.sha256, sha256sum format); t
 registration tools refuse archives that do not match it.
 
 The archive ships the handler, the whole model_src/ package (nothing else: training
-code lives in train/), the serving file of one backend and its metadata.
+code lives in train/), the serving file of one backend and its metadata, a model card
+(model_card.json: training data, accuracy, command; served by `GET /models/<name>/<version>?customized=true`)
+and, for the backends without gradients (onnx, int8), the eager weights too: explanations run on those.
 """
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
@@ -128,11 +131,74 @@ def check_archive(archive: str, model_store: str) -> dict:
     return read_manifest(path)["model"]
 
 
-def stage_extra_files(export_dir: str, stage: str):
-    """Lay out what the archive needs besides the handler: the model_src package, whole, and metadata."""
+# Served files that have no gradients: their archives carry the eager weights as well, for explanations.
+NOT_DIFFERENTIABLE = ("onnx", "int8")
+
+
+def stage_extra_files(export_dir: str, stage: str, backend: str, card: dict):
+    """Lay out what the archive needs besides the handler: the model_src package, whole, metadata, the model
+    card and, where the served file cannot explain, the eager weights."""
+    from model_src.runtime import BACKEND_FILES
+
     shutil.copytree(settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("serving.json", "index_to_name.json"):
+    names = ["serving.json", "index_to_name.json"] + ([BACKEND_FILES["eager"]] if backend in NOT_DIFFERENTIABLE else [])
+    for name in names:
         shutil.copy2(os.path.join(export_dir, name), os.path.join(stage, name))
+    with open(os.path.join(stage, "model_card.json"), "w") as f:
+        json.dump(card, f, indent=1)
+
+
+def training_command(args: dict) -> str | None:
+    """The `python -m train.train ...` that made a checkpoint: its stored arguments that differ from the
+    defaults (None for imported weights, which no training run made)."""
+    from train.train import get_args_parser
+
+    if "output_dir" not in args:
+        return None
+    parser = get_args_parser(add_help=False)
+    defaults = vars(parser.parse_args(["--output-dir", "x"]))
+    flags = []
+    for action in parser._actions:
+        key = action.dest
+        if key not in args or key == "help" or (args[key] == defaults.get(key) and key != "output_dir"):
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # store_true
+            flags += [flag] if args[key] else []
+        else:
+            flags += [flag, relative(str(args[key]))]
+    return " ".join(["python -m train.train", *flags])
+
+
+def relative(path: str) -> str:
+    """Paths inside the bundle as the README's commands write them: from the repository root."""
+    return os.path.relpath(path, settings.ROOT) if path.startswith(settings.ROOT + os.sep) else path
+
+
+def model_card(checkpoint: str, ckpt: dict, report: dict, backend: str) -> dict:
+    """What the archive says about itself beyond the manifest: where the model came from and how good it is."""
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "metrics.json")
+    metrics = {}
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+    args = ckpt.get("args", {})
+    data = args.get("data")
+    return {
+        "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "architecture": ckpt["model_args"],
+        "training": {
+            "data": relative(data) if data else None,
+            "source": args.get("source"),
+            "command": training_command(args),
+            "epochs": metrics.get("epochs_done", ckpt.get("epoch")),
+            "best_val_acc": metrics.get("best_val_acc", (ckpt.get("best_metric") or {}).get("acc")),
+            "best_epoch": metrics.get("best_epoch", (ckpt.get("best_metric") or {}).get("epoch")),
+            "final_val_acc": metrics.get("final_val_acc"),
+            "metrics_json": metrics_path if metrics else None,
+        },
+        "export_check": {k: v for k, v in report["formats"][backend].items() if k != "file"},
+    }
 
 
 def build_archive(
@@ -144,6 +210,8 @@ def build_archive(
     config_file=settings.MODEL_CONFIG,
     output=None,
 ) -> dict:
+    import torch
+
     from model_src.runtime import BACKEND_FILES
     from train.export import export_all
 
@@ -159,9 +227,11 @@ def build_archive(
     # archive. TemporaryDirectory removes it whether the build succeeds or fails.
     with tempfile.TemporaryDirectory(prefix=".archive-", dir=os.path.dirname(os.path.abspath(target))) as tmp:
         export_dir = os.path.join(tmp, "export")
-        report = export_all(checkpoint, export_dir, formats=(backend,))
+        formats = (backend, "eager") if backend in NOT_DIFFERENTIABLE else (backend,)
+        report = export_all(checkpoint, export_dir, formats=formats)
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
         stage = os.path.join(tmp, "stage")
-        stage_extra_files(export_dir, stage)
+        stage_extra_files(export_dir, stage, backend, model_card(checkpoint, ckpt, report, backend))
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
             "--model-name",

@@ -1,4 +1,4 @@
-"""TorchServe handler: images in, top-k {label: probability} out.
+"""TorchServe handler: images in, top-k {label: probability} out; explanations and a model card too.
 
 Thin on purpose: decoding and preprocessing come from model_src.preprocessing (the
 definition training evaluates with), model loading from model_src.runtime. What
@@ -8,24 +8,39 @@ never fails its neighbours in the batch.
 
 Accepted bodies (each request may carry one image, or a list in the JSON forms):
   raw bytes           curl -T img.png  (or --data-binary @img.png with a binary Content-Type)
-  multipart           curl -F data=@img.png         (any field name)
+  multipart           curl -F data=@img.png         (any field name; several files -> a list, in order)
   JSON + base64       {"data": "<b64>"}  or  {"data": ["<b64>", ...]}  or  ["<b64>", ...]
   KServe v2 JSON      {"inputs": [{"name": "...", "datatype": "BYTES", "shape": [n], "data": ["<b64>", ...]}]}
                       (over OIP gRPC the client sends raw bytes; TorchServe hands them over as base64)
+
+Each request in a batch is one of three kinds, told apart by the header TorchServe sets on it:
+  prediction   /predictions/{model}[/{version}], /v2/models/{model}/infer
+  explanation  /explanations/{model}[/{version}], /v2/models/{model}/explain: Integrated Gradients
+               (model_src/explain.py) for the top-1 class, or the class named by "target" in a JSON body
+               or an X-Explain-Target header; "overlay": true (or X-Explain-Overlay: true) adds a PNG
+  describe     GET /models/{model}/{version}?customized=true on the management API: the model card
 """
 
 import base64
 import binascii
+import glob
+import hashlib
 import json
 import logging
 import os
 import time
+import zipfile
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from model_src.preprocessing import InputError, Preprocessing, pixel_cost
+from model_src.explain import explain
+from model_src.preprocessing import InputError, Preprocessing, pixel_cost, sniff_format
 from model_src.runtime import BACKEND_FILES, Predictor
+
+# Backends whose served file has no gradients: an archive of one of them ships the eager weights (model.pt) too,
+# and explanations come from those (deploy/archive.py).
+NOT_DIFFERENTIABLE = ("onnx", "int8")
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +53,9 @@ SETTINGS = (
     "max_request_image_bytes",
     "decode_time_share",
     "threads",
+    "explain_steps",
+    "max_images_per_explanation",
+    "explain_time_share",
 )
 
 
@@ -95,13 +113,43 @@ def is_empty(value) -> bool:
     return value is None or (isinstance(value, (bytes, bytearray, str, list, dict)) and len(value) == 0)
 
 
+def is_image(value) -> bool:
+    try:
+        return isinstance(value, (bytes, bytearray)) and bool(sniff_format(value))
+    except InputError:
+        return False
+
+
+def files_of(fields: dict) -> list:
+    """A multipart request's image files, in the order sent (curl -F a=@x.png -F b=@y.png). Short text fields
+    beside a file (a name, a note) are not images and are left alone; any other field that is not an image
+    of an accepted format is refused, so that no file is ever dropped without a word."""
+    files = [v for v in fields.values() if is_image(v)]
+    for name, value in fields.items():
+        if files and not is_image(value) and not is_text(value):
+            raise InputError(
+                f"multipart field {name!r} is not an image of an accepted format; send image files only", 415
+            )
+    return files
+
+
+def is_text(value) -> bool:
+    if isinstance(value, str):
+        return True
+    try:
+        return len(value) <= 1024 and bytes(value).decode("utf-8").isprintable()
+    except (TypeError, UnicodeDecodeError):
+        return False
+
+
 def body_of(row: dict):
-    """One TorchServe request (its body or form fields) -> the image payload: bytes, base64 text,
-    or a parsed JSON value (TorchServe parses application/json itself; other JSON arrives as bytes)."""
+    """One TorchServe request (its body or form fields) -> the image payload: bytes, base64 text, a list of
+    files, or a parsed JSON value (TorchServe parses application/json itself; other JSON arrives as bytes)."""
     fields = {k: v for k, v in row.items() if not is_empty(v)}
     value = next((fields[k] for k in ("data", "body", "file", "image") if k in fields), None)
-    if value is None:  # a multipart upload under another field name: the file, not a short text field beside it
-        value = max((v for v in fields.values() if isinstance(v, (bytes, bytearray))), key=len, default=None)
+    if len(fields) > 1:  # multipart with several fields: every image file, in order
+        files = files_of(fields)
+        value = files if len(files) > 1 else (files[0] if files else value)
     if value is None:
         raise InputError(
             "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
@@ -118,6 +166,8 @@ def body_of(row: dict):
 
 def items_from_body(body) -> tuple[list, str | tuple]:
     """body_of()'s payload -> (image items: bytes or base64 text, form of the answer)."""
+    if isinstance(body, list) and body and all(isinstance(b, (bytes, bytearray)) for b in body):
+        return body, "list"  # several multipart files
     if isinstance(body, (dict, list)):
         return items_from_json(body)
     if isinstance(body, str):  # text/* bodies arrive decoded: accept base64 text
@@ -192,6 +242,43 @@ def v2_error(status: int, message: str, model_name: str, version: str, request_i
     return {**error_body(status, message), **body}
 
 
+def request_kind(context, idx: int) -> str:
+    """TorchServe marks each request of a batch: a batch may mix predictions, explanations and describes."""
+    if context.get_request_header(idx, "describe") == "True":
+        return "describe"
+    return "explain" if context.get_request_header(idx, "explain") == "True" else "predict"
+
+
+def frontend_model_store() -> str | None:
+    """The model store of the TorchServe frontend that started this worker: the `torchserve` CLI always passes
+    it to the Java frontend as `-s <dir>`, however it was started (scripts, the literal command, KServe)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = f.read().decode().split("\0")
+        return args[args.index("-s") + 1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def archive_info(manifest: dict) -> dict:
+    """{file, sha256} of the .mar this worker was unpacked from: the one in the model store whose manifest
+    (model, version, handler and the archiver's creation time) is this worker's own."""
+    store = frontend_model_store()
+    for path in sorted(glob.glob(os.path.join(glob.escape(store or "/nonexistent"), "*.mar"))):
+        try:
+            with zipfile.ZipFile(path) as z:
+                if json.loads(z.read("MAR-INF/MANIFEST.json")) != manifest:
+                    continue
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return {"file": os.path.basename(path), "sha256": h.hexdigest(), "created": manifest.get("createdOn")}
+    return {"file": None, "sha256": None, "created": manifest.get("createdOn"), "why": f"not found in {store}"}
+
+
 class ImageClassifier(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
@@ -217,6 +304,8 @@ class ImageClassifier(BaseHandler):
         torch.set_num_threads(self.threads)  # the worker process is the handler's to configure
         self.predictor = Predictor(os.path.join(model_dir, serialized), self.backend, device, self.threads)
         self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
+        self.model_dir, self.manifest = model_dir, context.manifest
+        self._explainer = self.card = None  # both made on first use: most workers never explain or describe
         self.warm_up(int(properties.get("batch_size") or 1))
         self.initialized = True
         logger.info(
@@ -233,7 +322,8 @@ class ImageClassifier(BaseHandler):
         self.config = settings_from(yaml_cfg)
         # Decoding a batch must end well before TorchServe's responseTimeout kills the worker (and every
         # request in the batch): each request gets its share of decode_time_share x responseTimeout.
-        self.decode_seconds = self.config["decode_time_share"] * yaml_cfg["responseTimeout"] / batch_size
+        self.response_timeout = yaml_cfg["responseTimeout"]
+        self.decode_seconds = self.config["decode_time_share"] * self.response_timeout / batch_size
 
     @staticmethod
     def auto_threads(yaml_cfg: dict) -> int:
@@ -247,18 +337,18 @@ class ImageClassifier(BaseHandler):
         for n in sorted({1, batch_size}):
             self.predictor(x.expand(n, -1, -1, -1).contiguous())
 
-    def to_tensors(self, encoded: list[bytes]) -> list[torch.Tensor]:
-        """Encoded images -> model inputs (C, H, W): the training evaluation transform.
+    def decode_all(self, encoded: list[bytes], convert=None) -> list:
+        """Encoded images -> convert(decoded image) each (the training evaluation transform for predictions).
 
         The pixel cap is one budget for the whole request: 32 images each just under it would
         take minutes to decode, time the worker out and fail every neighbour in its batch. Time is
         budgeted too: one decode cannot be interrupted, but the request stops before the next one."""
         cap = budget = self.config["max_image_pixels"]
-        tensors, start = [], time.perf_counter()
+        out, start = [], time.perf_counter()
         for data in encoded:
-            if tensors and (spent := time.perf_counter() - start) > self.decode_seconds:
+            if out and (spent := time.perf_counter() - start) > self.decode_seconds:
                 raise InputError(
-                    f"decoding this request's first {len(tensors)} images took {spent:.1f} s, over its share "
+                    f"decoding this request's first {len(out)} images took {spent:.1f} s, over its share "
                     f"of the response timeout ({self.decode_seconds:.1f} s): send fewer or smaller images",
                     413,
                 )
@@ -269,21 +359,28 @@ class ImageClassifier(BaseHandler):
                     raise InputError(f"the images in this request have over {cap:,} pixels together", 413) from None
                 raise
             budget -= pixel_cost(img)
-            tensors.append(self.prep(img))
-        return tensors
+            out.append(convert(img) if convert else img)
+        return out
 
     def handle(self, data, context):
         start = time.perf_counter()
-        images, owners, answers = [], [], [None] * len(data)
+        images, owners, explanations, answers = [], [], [], [None] * len(data)
         for idx, row in enumerate(data):
+            kind = request_kind(context, idx)
+            if kind == "describe":  # the model card, for GET /models/{name}/{version}?customized=true
+                answers[idx] = self.answer(context, idx, [self.describe()], "one")
+                continue
             body = None
             try:
                 body = body_of(row)
                 items, shape = items_from_body(body)
-                items = check_items(
-                    items, self.config["max_images_per_request"], self.config["max_request_image_bytes"]
-                )
-                tensors = self.to_tensors(decode_items(items))
+                limit = self.config["max_images_per_explanation" if kind == "explain" else "max_images_per_request"]
+                items = check_items(items, limit, self.config["max_request_image_bytes"])
+                if kind == "explain":
+                    options = self.explain_options(context, idx, body)  # checked before any decoding
+                    explanations.append((idx, body, shape, options, self.decode_all(decode_items(items))))
+                    continue
+                tensors = self.decode_all(decode_items(items), self.prep)
             except InputError as e:
                 answers[idx] = self.reject(context, idx, body, e.status, str(e))
                 continue
@@ -301,17 +398,108 @@ class ImageClassifier(BaseHandler):
             self.record(context, "InferenceTime", (time.perf_counter() - t0) * 1000)
             predictions = iter([top_k(p, self.labels, self.config["topk"]) for p in probs])
             for idx, n, shape in owners:
-                mine = [next(predictions) for _ in range(n)]
-                if shape == "one":
-                    answers[idx] = mine[0]
-                elif shape == "list":
-                    answers[idx] = mine
-                else:
-                    answers[idx] = v2_response(mine, self.model_name, self.version, shape[1])
-                context.set_response_content_type(idx, "application/json")
+                answers[idx] = self.answer(context, idx, [next(predictions) for _ in range(n)], shape)
+        if explanations:
+            self.explain_all(context, explanations, answers, start)
         self.record(context, "PreprocessTime", preprocess_ms)
         self.record(context, "HandlerTime", (time.perf_counter() - start) * 1000)
         return answers
+
+    def answer(self, context, idx: int, results: list, shape) -> dict | list:
+        context.set_response_content_type(idx, "application/json")
+        if shape == "one":
+            return results[0]
+        if shape == "list":
+            return results
+        return v2_response(results, self.model_name, self.version, shape[1])
+
+    # --- explanations ----------------------------------------------------------------------
+
+    def explain_all(self, context, explanations: list, answers: list, start: float):
+        """Explanations run after the batch's predictions, one image at a time, within their share of the
+        response timeout: a request that would start past it gets a 503 to retry, so a batch of slow
+        explanations never runs into the timeout that would fail every request in the batch."""
+        deadline = start + self.config["explain_time_share"] * self.response_timeout
+        steps = self.config["explain_steps"]
+        for idx, body, shape, (target, overlay), imgs in explanations:
+            t0, results = time.perf_counter(), []
+            try:
+                for img in imgs:
+                    if time.perf_counter() > deadline:
+                        raise InputError(
+                            "this batch's time for explanations is spent: retry, or send fewer images", 503
+                        )
+                    results.append(explain(self.explainer(), self.prep, img, self.labels, target, steps, overlay))
+            except InputError as e:
+                answers[idx] = self.reject(context, idx, body, e.status, str(e))
+                continue
+            except Exception as e:
+                logger.exception("unexpected error explaining request %d", idx)
+                answers[idx] = self.reject(context, idx, body, 500, f"internal error: {e.__class__.__name__}")
+                continue
+            self.record(context, "ExplainTime", (time.perf_counter() - t0) * 1000)
+            answers[idx] = self.answer(context, idx, results, shape)
+
+    def explain_options(self, context, idx: int, body) -> tuple[int | None, bool]:
+        """(class index to explain or None for the top-1, whether to add a PNG overlay), from the JSON body's
+        "target"/"overlay" or the X-Explain-Target/X-Explain-Overlay headers. 501 if nothing can be explained."""
+        self.explainer()
+        headers = {k.lower(): v for k, v in (context.get_all_request_header(idx) or {}).items()}
+        fields = body if isinstance(body, dict) else {}
+        target = fields.get("target", headers.get("x-explain-target"))
+        overlay = fields.get("overlay", headers.get("x-explain-overlay", False))
+        if target is not None and str(target) not in self.labels:
+            names = ", ".join(self.labels[:20]) + (", ..." if len(self.labels) > 20 else "")
+            raise InputError(f"unknown target class {str(target)[:100]!r}; the classes are {names}")
+        return (None if target is None else self.labels.index(str(target))), str(overlay).lower() in ("true", "1")
+
+    def explainer(self):
+        """The differentiable model explanations run on: the served one, or the eager weights an ONNX or int8
+        archive carries beside its served file."""
+        if self._explainer is None:
+            if self.backend not in NOT_DIFFERENTIABLE:
+                self._explainer = self.predictor.model
+            elif os.path.isfile(path := os.path.join(self.model_dir, BACKEND_FILES["eager"])):
+                self._explainer = Predictor(path, "eager").model
+            else:
+                raise InputError(
+                    f"the {self.backend} backend has no gradients to explain with and this archive carries no "
+                    "eager weights (model.pt) beside it: rebuild it with scripts/archive.sh",
+                    501,
+                )
+        return self._explainer
+
+    # --- the model card ----------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        if self.card is None:  # built once: finding and hashing the archive reads it whole
+            self.card = self.make_card()
+        return self.card
+
+    def make_card(self) -> dict:
+        path = os.path.join(self.model_dir, "model_card.json")  # what deploy/archive.py knew at build time
+        card = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                card = json.load(f)
+        card.update(
+            model=self.model_name,
+            version=self.version,
+            backend=self.backend,
+            classes=self.labels,
+            preprocessing=self.prep.to_dict(),
+            explanations={
+                "method": "integrated_gradients (captum)",
+                "steps": self.config["explain_steps"],
+                "model": "the served file"
+                if self.backend not in NOT_DIFFERENTIABLE
+                else "eager weights (model.pt) shipped beside it"
+                if os.path.isfile(os.path.join(self.model_dir, BACKEND_FILES["eager"]))
+                else None,
+            },
+            archive=archive_info(self.manifest),
+        )
+        return card
 
     def reject(self, context, idx: int, body, status: int, message: str) -> dict:
         context.set_response_status(status, message[:200], idx)

@@ -69,11 +69,12 @@ def make_handler(archive, dest, handler_cfg=None, batch_size=8):
     return handler, ctx
 
 
-def handle(handler, ctx, rows):
-    """One batch through handle(), wrapped like ts/service.py: -> (answers, per-request status codes)."""
+def handle(handler, ctx, rows, headers=None):
+    """One batch through handle(), wrapped like ts/service.py: -> (answers, per-request status codes).
+    `headers`: each request's headers as TorchServe sets them (e.g. {"explain": "True"})."""
     req_ids = {i: f"req-{i}" for i in range(len(rows))}
     ctx.request_ids = ctx.metrics.request_ids = req_ids
-    ctx.request_processor = [RequestProcessor({}) for _ in rows]
+    ctx.request_processor = [RequestProcessor(h) for h in headers or [{}] * len(rows)]
     out = handler.handle(rows, ctx)
     assert isinstance(out, list) and len(out) == len(rows)  # else TorchServe fails the whole batch (503)
     # The worker's own serialisation: it falls back to a 503 for the whole batch if an answer is not JSON-able.

@@ -1,0 +1,221 @@
+"""Explanations, several files in one multipart request and the model card, against a real TorchServe
+(and, where a server adds nothing, the handler alone)."""
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from deploy import versions
+from deploy.archive import build_archive, sha256_of
+from deploy.settings import DIGITS_DIR, MODEL_CONFIG
+from model_src.preprocessing import Preprocessing
+from tests import images
+from tests.conftest import install_archive
+from tests.test_handler import handle, make_handler
+
+VAL = os.path.join(DIGITS_DIR, "val")
+BACKENDS = ("torchscript", "onnx", "int8")  # beside 1.0, eager
+
+
+def digit(label: str, i: int = 0) -> bytes:
+    folder = os.path.join(VAL, label)
+    with open(os.path.join(folder, sorted(os.listdir(folder))[i]), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint, archive_factory, torchserve_factory, digits):
+    """my_model 1.0 (eager, batchSize 8 with a long window so requests share batches) and one version per
+    other backend."""
+    cfg = yaml.safe_load(open(MODEL_CONFIG))
+    cfg.update(batchSize=8, maxBatchDelay=200)
+    tmp = tmp_path_factory.mktemp("explain")
+    (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    store = tmp / "store"
+    store.mkdir()
+    build_archive(
+        checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
+    )
+    ts = torchserve_factory(store)
+    for backend in BACKENDS:
+        versions.register(ts, install_archive(archive_factory(backend, backend), store, f"my_model_v{backend}.mar"))
+    return ts
+
+
+def call(ts, route, body, version=None, content_type="application/octet-stream", headers=None):
+    path = f"/{route}/my_model" + (f"/{version}" if version else "")
+    return ts.request("POST", "inference", path, data=body, headers={"Content-Type": content_type, **(headers or {})})
+
+
+def ink_ratio(body: bytes, grid: list, prep: Preprocessing) -> float:
+    """Mean |attribution| on ink pixels over the mean on blank paper, at the grid's resolution."""
+    ink = np.asarray(prep.prepare(prep.decode(body)).resize((len(grid[0]), len(grid))), np.float32) < 128
+    a = np.abs(np.asarray(grid))
+    return a[ink].mean() / max(a[~ink].mean(), 1e-9)
+
+
+# --- explanations --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+@pytest.mark.parametrize("version", ["1.0", *BACKENDS])
+def test_an_explanation_puts_its_mass_on_the_ink(server, checkpoint, version):
+    prep = Preprocessing.from_dict(torch.load(checkpoint, weights_only=True)["preprocessing"])
+    for label in ("0", "3", "7"):
+        body = digit(label)
+        predicted = next(iter(call(server, "predictions", body, version).json()))
+        resp = call(server, "explanations", body, version)
+        assert resp.status_code == 200, resp.text
+        answer = resp.json()
+        assert answer["class"] == predicted and 0 < answer["probability"] <= 1
+        grid = answer["attributions"]
+        assert answer["shape"] == [len(grid), len(grid[0])] and max(answer["shape"]) <= 32
+        assert max(abs(v) for row in grid for v in row) == pytest.approx(1.0)
+        # Ink is about a third of a digit's pixels; the explanation says it is what matters.
+        assert ink_ratio(body, grid, prep) > 3, (version, label)
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_a_named_class_an_overlay_and_the_v2_route(server):
+    body = digit("3")
+    named = call(
+        server,
+        "explanations",
+        json.dumps({"data": images.b64(body), "target": "8", "overlay": True}),
+        content_type="application/json",
+    ).json()
+    assert named["class"] == "8" and named["probability"] < 0.5
+    png = Image.open(io.BytesIO(base64.b64decode(named["overlay_png"])))
+    assert png.format == "PNG" and min(png.size) >= 16
+    by_header = call(server, "explanations", body, headers={"X-Explain-Target": "8"}).json()
+    assert by_header["class"] == "8" and by_header["attributions"] == named["attributions"]
+    unknown = call(server, "explanations", body, headers={"X-Explain-Target": "eleven"})
+    assert unknown.status_code == 400 and "unknown target class" in unknown.json()["message"]
+    v2 = {"id": "7", "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": [images.b64(body)]}]}
+    resp = server.request("POST", "inference", "/v2/models/my_model/explain", json=v2)
+    assert resp.status_code == 200, resp.text
+    (explained,) = [json.loads(d) for d in resp.json()["outputs"][0]["data"]]
+    assert explained["class"] == "3" and explained["method"] == "integrated_gradients"
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_bad_bodies_get_the_same_answer_from_explanations_as_from_predictions(server):
+    for name, (body, status) in images.refused().items():
+        ctype = "application/json" if body.startswith(b"{") else "application/octet-stream"
+        predicted, explained = (call(server, r, body, content_type=ctype) for r in ("predictions", "explanations"))
+        assert predicted.status_code == explained.status_code == status, name
+        assert explained.json()["message"] == predicted.json()["message"], name
+    many = json.dumps({"data": [images.b64(digit("3"))] * 5})  # over max_images_per_explanation (4)
+    resp = call(server, "explanations", many, content_type="application/json")
+    assert resp.status_code == 413 and "limit is 4" in resp.json()["message"]
+    assert call(server, "predictions", many, content_type="application/json").status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_a_batch_mixing_explanations_predictions_and_bad_input_answers_each_on_its_own(server):
+    pid = server.request("GET", "management", "/models/my_model").json()[0]["workers"][0]["pid"]
+    bad, bad_status = images.refused()[next(iter(images.refused()))]
+    jobs = []  # (route, body, expected status, expected class)
+    for label in "0123456789":
+        jobs += [("predictions", digit(label, 1), 200, label), ("explanations", digit(label, 1), 200, label)]
+    jobs += [("explanations", bad, bad_status, None), ("predictions", bad, bad_status, None)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: call(server, j[0], j[1]), jobs))
+    for (route, _, status, label), resp in zip(jobs, answers):
+        assert resp.status_code == status, (route, resp.text[:200])
+        if status != 200:
+            assert resp.json()["message"]
+        elif route == "predictions":
+            assert next(iter(resp.json())) == label
+        else:
+            assert resp.json()["class"] == label and "attributions" in resp.json()
+    assert server.request("GET", "management", "/models/my_model").json()[0]["workers"][0]["pid"] == pid
+
+
+# --- several files in one multipart request ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_two_files_in_one_multipart_request_get_two_answers_in_order(server):
+    url, auth = server.url() + "/predictions/my_model", server.auth("inference")
+    files = [("a", ("three.png", digit("3"))), ("b", ("seven.png", digit("7"))), ("c", ("zero.png", digit("0")))]
+    resp = requests.post(url, files=files, headers=auth, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert [next(iter(p)) for p in resp.json()] == ["3", "7", "0"]
+    # A file that is not an image is refused by name, never dropped in silence.
+    files = [("a", ("three.png", digit("3"))), ("notes", ("x.bin", bytes(range(256)) * 8))]
+    resp = requests.post(url, files=files, headers=auth, timeout=30)
+    assert resp.status_code == 415 and "'notes'" in resp.json()["message"]
+
+
+# --- the model card ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+@pytest.mark.parametrize("version", ["1.0", "onnx"])
+def test_customized_describe_returns_the_model_card(server, trained, version):
+    resp = server.request("GET", "management", f"/models/my_model/{version}?customized=true")
+    assert resp.status_code == 200, resp.text
+    card = resp.json()[0]["customizedMetadata"]
+    with open(os.path.join(trained, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert card["model"] == "my_model" and card["version"] == version
+    assert card["classes"] == [str(i) for i in range(10)]
+    assert card["backend"] == ("eager" if version == "1.0" else "onnx")
+    # TorchServe's frontend (Gson) drops null fields from customizedMetadata.
+    assert card["preprocessing"] == {k: v for k, v in metrics["preprocessing"].items() if v is not None}
+    assert card["training"]["best_val_acc"] == metrics["best_val_acc"]
+    assert card["training"]["data"] == "data/digits"
+    assert (
+        card["training"]["command"].startswith("python -m train.train ")
+        and " --epochs 3" in card["training"]["command"]
+    )
+    archive = card["archive"]
+    mar = os.path.join(server.model_store, archive["file"])
+    assert archive["sha256"] == sha256_of(mar) == open(mar + ".sha256").read().split()[0]
+    assert archive["created"] and card["built"]
+    assert card["explanations"]["model"] == (
+        "the served file" if version == "1.0" else "eager weights (model.pt) shipped beside it"
+    )
+
+
+# --- the handler alone ---------------------------------------------------------------------------
+
+
+def handle_kinds(handler, ctx, kinds_and_bodies):
+    rows = [{"body": bytearray(body)} for _, body in kinds_and_bodies]
+    return handle(handler, ctx, rows, [{"explain": str(kind == "explain")} for kind, _ in kinds_and_bodies])
+
+
+def test_explanations_past_their_time_share_get_503_not_the_predictions_beside_them(archive_factory, digits, tmp_path):
+    handler, ctx = make_handler(archive_factory("1.0"), tmp_path, {"explain_time_share": 0})
+    out, status = handle_kinds(handler, ctx, [("predict", digit("3")), ("explain", digit("3"))])
+    assert status == [200, 503]
+    assert next(iter(out[0])) == "3" and "retry" in out[1]["message"]
+
+
+def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(archive_factory, digits, tmp_path):
+    unpacked = tmp_path / "unpacked"
+    handler, ctx = make_handler(archive_factory("onnx", "onnx"), unpacked)
+    handler._explainer = None
+    os.remove(unpacked / "model.pt")
+    out, status = handle_kinds(handler, ctx, [("explain", digit("3")), ("predict", digit("3"))])
+    assert status == [501, 200]
+    assert "onnx backend has no gradients" in out[0]["message"]
+    shutil.rmtree(unpacked)
