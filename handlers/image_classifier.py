@@ -41,6 +41,9 @@ from model_src.runtime import BACKEND_FILES, Predictor
 # Backends whose served file has no gradients: an archive of one of them ships the eager weights (model.pt) too,
 # and explanations come from those (deploy/archive.py).
 NOT_DIFFERENTIABLE = ("onnx", "int8")
+# Integrated Gradients steps: the fewest worth answering with, and the number a worker's first explanation
+# takes while it measures what one step costs on this model and machine.
+MIN_STEPS, FIRST_STEPS = 4, 8
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +309,7 @@ class ImageClassifier(BaseHandler):
         self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
         self.model_dir, self.manifest = model_dir, context.manifest
         self._explainer = self.card = None  # both made on first use: most workers never explain or describe
+        self.step_seconds = None  # measured cost of one Integrated Gradients step
         self.warm_up(int(properties.get("batch_size") or 1))
         self.initialized = True
         logger.info(
@@ -417,19 +421,18 @@ class ImageClassifier(BaseHandler):
 
     def explain_all(self, context, explanations: list, answers: list, start: float):
         """Explanations run after the batch's predictions, one image at a time, within their share of the
-        response timeout: a request that would start past it gets a 503 to retry, so a batch of slow
-        explanations never runs into the timeout that would fail every request in the batch."""
+        response timeout: each gets the Integrated Gradients steps that fit in what is left of it (measured
+        per worker), and one that would not fit gets a 503 to retry. So a batch of slow explanations never
+        runs into the timeout that would kill the worker and every request in its batch."""
         deadline = start + self.config["explain_time_share"] * self.response_timeout
-        steps = self.config["explain_steps"]
         for idx, body, shape, (target, overlay), imgs in explanations:
             t0, results = time.perf_counter(), []
             try:
                 for img in imgs:
-                    if time.perf_counter() > deadline:
-                        raise InputError(
-                            "this batch's time for explanations is spent: retry, or send fewer images", 503
-                        )
+                    steps = self.affordable_steps(deadline - time.perf_counter())
+                    began = time.perf_counter()
                     results.append(explain(self.explainer(), self.prep, img, self.labels, target, steps, overlay))
+                    self.step_seconds = (time.perf_counter() - began) / steps
             except InputError as e:
                 answers[idx] = self.reject(context, idx, body, e.status, str(e))
                 continue
@@ -439,6 +442,15 @@ class ImageClassifier(BaseHandler):
                 continue
             self.record(context, "ExplainTime", (time.perf_counter() - t0) * 1000)
             answers[idx] = self.answer(context, idx, results, shape)
+
+    def affordable_steps(self, seconds_left: float) -> int:
+        """explain_steps, or fewer when the time left (with a 1.5x margin on the measured cost of a step) holds
+        fewer; 503 below MIN_STEPS. The worker's first explanation takes FIRST_STEPS and measures the cost."""
+        want = self.config["explain_steps"]
+        steps = min(want, FIRST_STEPS) if self.step_seconds is None else int(seconds_left / (1.5 * self.step_seconds))
+        if seconds_left <= 0 or steps < min(MIN_STEPS, want):
+            raise InputError("this batch's time for explanations is spent: retry, or send fewer images", 503)
+        return min(steps, want)
 
     def explain_options(self, context, idx: int, body) -> tuple[int | None, bool]:
         """(class index to explain or None for the top-1, whether to add a PNG overlay), from the JSON body's

@@ -459,13 +459,13 @@ def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
     ds = CachedImages(os.path.join(digits, "val"), prep, prep, cache=False)  # the validation transform
     for i in range(0, len(ds), 45):
         path = ds.folder.samples[i][0]
-        (x,) = handler.to_tensors([open(path, "rb").read()])
+        (x,) = handler.decode_all([open(path, "rb").read()], handler.prep)
         assert torch.equal(x, ds[i][0]), path
 
 
 def test_photo_transform_is_the_training_transform(tmp_path):
     # The archives here are built from the 1-channel digits checkpoint; a 3-channel archive would
-    # need its own training run. So the handler's own to_tensors (decode with the pixel cap, then
+    # need its own training run. So the handler's own decode_all (decode with the pixel cap, then
     # prep) runs with a 3-channel resize-and-crop prep swapped in: that is all initialize() sets
     # for it from serving.json.
     from sklearn.datasets import load_sample_image
@@ -493,7 +493,7 @@ def test_photo_transform_is_the_training_transform(tmp_path):
     ds = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
     assert len(ds) == len(files)
     for i, (path, _) in enumerate(ds.folder.samples):
-        (x,) = handler.to_tensors([open(path, "rb").read()])
+        (x,) = handler.decode_all([open(path, "rb").read()], handler.prep)
         assert x.shape == (3, 64, 64)
         assert torch.equal(x, ds[i][0]), path
 
