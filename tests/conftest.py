@@ -95,6 +95,25 @@ def install_archive(archive, store, name=None):
     return target
 
 
+def batching_store(tmp, checkpoint):
+    """A model store in `tmp` holding my_model 1.0 (eager) with batchSize 8 and a 200 ms batch window, so that
+    concurrent requests share batches (with their bad neighbours)."""
+    import yaml
+
+    from deploy.archive import build_archive
+    from deploy.settings import MODEL_CONFIG
+
+    cfg = yaml.safe_load(open(MODEL_CONFIG))
+    cfg.update(batchSize=8, maxBatchDelay=200)
+    (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    store = tmp / "store"
+    store.mkdir()
+    build_archive(
+        checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
+    )
+    return store
+
+
 @pytest.fixture(scope="module")
 def torchserve_factory(tmp_path_factory):
     """start(store, overrides=None, models=...) -> a running TorchServe on free ports (own workdir, TMPDIR,

@@ -9,15 +9,13 @@ import re
 import pytest
 import requests
 import torch
-import yaml
 
 from deploy import management, versions
-from deploy.archive import build_archive
-from deploy.settings import DIGITS_DIR, MODEL_CONFIG
+from deploy.settings import DIGITS_DIR
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
-from tests.conftest import install_archive
+from tests.conftest import batching_store, install_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
@@ -43,16 +41,7 @@ def offline(checkpoint, val_bodies):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint, torchserve_factory):
     """my_model 1.0 with batchSize 8 and a long batch window, so concurrent requests share batches."""
-    cfg = yaml.safe_load(open(MODEL_CONFIG))
-    cfg.update(batchSize=8, maxBatchDelay=200)
-    tmp = tmp_path_factory.mktemp("serving")
-    (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
-    store = tmp / "store"
-    store.mkdir()
-    build_archive(
-        checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
-    )
-    return torchserve_factory(store)
+    return torchserve_factory(batching_store(tmp_path_factory.mktemp("serving"), checkpoint))
 
 
 def post(ts, body, version=None, content_type="application/octet-stream", **kw):
