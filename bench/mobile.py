@@ -17,9 +17,8 @@ import time
 import torch
 
 from deploy.latency import summary
-from model_src.runtime import Predictor
-from train.export import FILES
-from train.mobile import MOBILE_FILES, PHONE_JSON, MobilePredictor
+from train.export import FILES, load_predictor
+from train.mobile import PHONE_JSON
 
 RUNTIMES = {  # runtime -> (format, what runs the file)
     "eager": "eager",
@@ -48,10 +47,6 @@ def set_threads(threads: int):
         _unsafe_reset_threadpool(threads)  # XNNPACK's pool otherwise takes every core
 
 
-def load(path: str, fmt: str, threads: int):
-    return MobilePredictor(path, fmt) if fmt in MOBILE_FILES else Predictor(path, fmt, threads=threads)
-
-
 def time_calls(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         predictor(x)
@@ -75,7 +70,7 @@ def measure(export_dir: str, runs: int = 200, warmup: int = 10, threads: int = 1
         results[runtime] = {
             "file": FILES[fmt],
             "bytes": os.path.getsize(path),
-            **summary(time_calls(load(path, fmt, threads), x, runs, warmup)),
+            **summary(time_calls(load_predictor(path, fmt, threads), x, runs, warmup)),
         }
     return {
         "export_dir": os.path.abspath(export_dir),

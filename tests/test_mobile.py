@@ -82,6 +82,16 @@ def test_each_runtime_matches_eager_on_every_validation_image(mobile_export, val
 
 
 @pytest.mark.slow
+def test_evaluate_reads_the_mobile_files_and_gets_the_checkpoints_accuracy(mobile_export, checkpoint):
+    from train.evaluate import evaluate
+
+    want = evaluate(checkpoint)
+    for fmt in MOBILE:
+        got = evaluate(os.path.join(mobile_export[0], mobile.MOBILE_FILES[fmt]))  # serving.json beside it
+        assert got["images"] == N_VAL and got["confusion_matrix"] == want["confusion_matrix"], fmt
+
+
+@pytest.mark.slow
 def test_the_lite_interpreter_needs_no_torch_jit_load(mobile_export):
     """A phone has only the lite interpreter: the file carries its bytecode, not TorchScript alone."""
     import zipfile

@@ -44,6 +44,11 @@ class ExportCheckError(RuntimeError):
     pass
 
 
+def load_predictor(path: str, fmt: str, threads: int | None = None):
+    """Any exported file in the runtime that checks it: a callable float batch -> logits."""
+    return MobilePredictor(path, fmt) if fmt in MOBILE_FILES else Predictor(path, fmt, threads=threads)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint_best.pt)")
@@ -218,7 +223,7 @@ def export_all(
             start = time.perf_counter()
             writers[fmt](path)
             seconds = time.perf_counter() - start
-            pred = MobilePredictor(path, fmt) if fmt in MOBILE_FILES else Predictor(path, fmt)
+            pred = load_predictor(path, fmt)
             entry = {"file": FILES[fmt], "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
             if fmt == "int8":
                 entry.update(check_int8(pred, model, DataLoader(val, batch_size=batch)))
