@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned dependencies (requirements.txt) and check for Java 17+.
 # Idempotent: when requirements.txt has not changed since the last install, it takes seconds.
+#   scripts/setup.sh --mobile   also installs requirements-mobile.txt (ExecuTorch, for the .pte export)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.venv
 STAMP=$VENV/.requirements.sha256
+MOBILE_STAMP=$VENV/.requirements-mobile.sha256
+MOBILE=0
+for arg in "$@"; do
+  case $arg in
+    --mobile) MOBILE=1 ;;
+    *) echo "setup: unknown option $arg (--mobile also installs ExecuTorch, requirements-mobile.txt)" >&2; exit 2 ;;
+  esac
+done
 
 find_python() {  # a Python 3.11 that can make a venv; as root, one the service user can run too
   local py path first=""
@@ -77,25 +86,44 @@ export TS_CONFIG_FILE="$root/$copy"
 ACT
 }
 
+# pip's find-links on this kind of machine prints one harmless warning per package; keep the log readable.
+# pip's own exit status decides (a pipe into grep would hide it): no stamp, so the next run tries again.
+pip_install() {
+  local log=$VENV/pip-install.log
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$1" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
+    echo "setup: pip install failed (-r $1; full log: $log); fix the cause above and run scripts/setup.sh again" >&2
+    exit 1
+  fi
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+}
+
+# ExecuTorch is optional (docs/mobile.md): its own stamp covers both files, since it runs on requirements.txt's torch.
+install_mobile() {
+  [ "$MOBILE" = 1 ] || return 0
+  local want_mobile
+  want_mobile=$(cat requirements.txt requirements-mobile.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$MOBILE_STAMP" ] && [ "$(cat "$MOBILE_STAMP")" = "$want_mobile" ]; then
+    echo "setup: ExecuTorch (requirements-mobile.txt) is up to date"
+    return 0
+  fi
+  echo "setup: installing requirements-mobile.txt (ExecuTorch) into $VENV (about a minute)"
+  pip_install requirements-mobile.txt
+  echo "$want_mobile" > "$MOBILE_STAMP"
+}
+
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   literal_config
   echo "setup: .venv is up to date with requirements.txt"
+  install_mobile
   exit 0
 fi
 
 [ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $($PY --version)"; "$PY" -m venv "$VENV"; }
 echo "setup: installing requirements.txt into $VENV (first time: a few minutes; torch alone is ~5 GB)"
-# pip's find-links on this kind of machine prints one harmless warning per package; keep the log readable.
-# pip's own exit status decides (a pipe into grep would hide it): no stamp, so the next run tries again.
-log=$VENV/pip-install.log
-if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt >"$log" 2>&1; then
-  grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
-  echo "setup: pip install failed (full log: $log); fix the cause above and run scripts/setup.sh again" >&2
-  exit 1
-fi
-grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+pip_install requirements.txt
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys
 mods = ["torch", "torchvision", "ts", "model_archiver", "yaml", "onnx", "onnxruntime", "sklearn", "PIL", "pytest"]
@@ -106,3 +134,4 @@ PY
 literal_config
 echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)'))"
+install_mobile

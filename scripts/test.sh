@@ -3,5 +3,5 @@
 # e.g.  scripts/test.sh -m "not slow"   (unit tests only, about a minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --mobile  # ExecuTorch too: the mobile tests run in CI (docs/mobile.md)
 exec .venv/bin/python -m pytest "$@"

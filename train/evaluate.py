@@ -4,8 +4,8 @@
     python -m train.evaluate --model exports/v1/model.onnx --data data/digits --split val
 
 Prints accuracy, per-class precision/recall and the confusion matrix; --json writes them.
-Exported files (model.pt, TorchScript, ONNX, int8) read their preprocessing, class names
-and training data folder from the serving.json beside them.
+Exported files (model.pt, TorchScript, ONNX, int8, and the mobile model.ptl and model.pte) read
+their preprocessing, class names and training data folder from the serving.json beside them.
 """
 
 import argparse
@@ -15,14 +15,16 @@ import os
 import torch
 
 from model_src.preprocessing import Preprocessing
-from model_src.runtime import BACKEND_FILES, Predictor
 from train import data as datalib
+from train.export import FILES, load_predictor
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
-        "--model", required=True, help="checkpoint_*.pt, model.pt, model.torchscript.pt, model.onnx or model.int8.pt"
+        "--model",
+        required=True,
+        help="checkpoint_*.pt or an exported model.pt, .torchscript.pt, .onnx, .int8.pt, .ptl, .pte",
     )
     p.add_argument("--data", default=None, help="ImageFolder root (default: the one the model was trained on)")
     p.add_argument("--split", default="val")
@@ -34,7 +36,7 @@ def get_args_parser():
 
 def load_any(path: str):
     """-> (predictor, preprocessing, class names, data root it was trained on or None)."""
-    backend = {v: k for k, v in BACKEND_FILES.items()}.get(os.path.basename(path))
+    backend = {v: k for k, v in FILES.items()}.get(os.path.basename(path))
     serving_json = os.path.join(os.path.dirname(path), "serving.json")
     # Every exported file reads serving.json, the only one of them that records the training data;
     # a training checkpoint (or a model.pt copied on its own) describes itself.
@@ -49,7 +51,7 @@ def load_any(path: str):
             "data": ckpt.get("args", {}).get("data"),
         }
     return (
-        Predictor(path, backend or "eager"),
+        load_predictor(path, backend or "eager"),
         Preprocessing.from_dict(meta["preprocessing"]),
         meta["class_names"],
         meta.get("data"),

@@ -3,7 +3,9 @@
     python -m train.export --checkpoint runs/v1/checkpoint_best.pt --output-dir exports/v1
 
 Writes model.pt (eager), model.torchscript.pt, model.onnx, model.int8.pt,
-serving.json (preprocessing, class names, checks) and index_to_name.json. Every
+serving.json (preprocessing, class names, checks) and index_to_name.json; on request
+(--formats ...,ptl,pte) the mobile formats model.ptl and model.pte and the phone's
+preprocessing.json (train/mobile.py). Every
 file is compared with the eager model on the same real validation batch (class-balanced,
 at most --batch images), the int8 model also on the whole validation split; if any
 check fails, nothing is written.
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 
 import torch
@@ -26,8 +29,12 @@ from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
 from model_src.runtime import BACKEND_FILES, Predictor
 from train import data as datalib
+from train import mobile
+from train.mobile import MOBILE_FILES, MobileExportError, MobilePredictor
 
-FORMATS = tuple(BACKEND_FILES)
+SERVER_FORMATS = tuple(BACKEND_FILES)  # the default: what TorchServe loads
+FORMATS = SERVER_FORMATS + tuple(MOBILE_FILES)
+FILES = {**BACKEND_FILES, **MOBILE_FILES}
 TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_ACC_DROP = 0.005
@@ -37,11 +44,20 @@ class ExportCheckError(RuntimeError):
     pass
 
 
+def load_predictor(path: str, fmt: str, threads: int | None = None):
+    """Any exported file in the runtime that checks it: a callable float batch -> logits."""
+    return MobilePredictor(path, fmt) if fmt in MOBILE_FILES else Predictor(path, fmt, threads=threads)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint_best.pt)")
     p.add_argument("--output-dir", required=True, help="new folder for the serving files (must not exist)")
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
+    p.add_argument(
+        "--formats",
+        default=",".join(SERVER_FORMATS),
+        help="comma-separated subset of " + ",".join(FORMATS) + " (pte needs ExecuTorch: scripts/setup.sh --mobile)",
+    )
     p.add_argument("--data", default=None, help="ImageFolder root for the check batch (default: the one trained on)")
     p.add_argument("--batch", default=64, type=int, help="check batch size")
     return p
@@ -88,14 +104,19 @@ def export_eager(model, ckpt, path):
     )
 
 
-def export_torchscript(fused, example, path):
+def trace(fused, example) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():  # TorchScript is deprecated in this torch, still the format TorchServe loads
         warnings.simplefilter("ignore", FutureWarning)
         # Shape-dependent Python (EfficientNet-Lite's "SAME" padding) is traced as constants: right,
         # since the preprocessing fixes the input size; the batch size stays free.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(fused, example, check_trace=False)
-        torch.jit.save(traced, path)
+        return torch.jit.trace(fused, example, check_trace=False)
+
+
+def export_torchscript(fused, example, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(trace(fused, example), path)
 
 
 def export_onnx(fused, example, path):
@@ -159,13 +180,17 @@ def check_int8(pred_int8, pred_float, loader) -> dict:
     return report
 
 
-def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | None = None, batch: int = 64) -> dict:
-    """Export and check; returns the report. Raises ExportCheckError (nothing written) on a failed check."""
+def export_all(
+    checkpoint: str, output_dir: str, formats=SERVER_FORMATS, data: str | None = None, batch: int = 64
+) -> dict:
+    """Export and check; returns the report. Raises ExportCheckError or MobileExportError (nothing written)."""
     if os.path.exists(output_dir):
         raise FileExistsError(f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)")
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown formats {sorted(unknown)}; choose from {FORMATS}")
+    if "pte" in formats:  # before any work: the message names the setup flag
+        mobile.require_executorch()
     model, ckpt = load_model(checkpoint)
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     data = data or ckpt.get("args", {}).get("data") or datalib.DIGITS_DIR
@@ -190,12 +215,16 @@ def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | No
             "torchscript": lambda p: export_torchscript(fused, example, p),
             "onnx": lambda p: export_onnx(fused, example, p),
             "int8": lambda p: export_int8(fused, example, p),
+            "ptl": lambda p: mobile.export_ptl(trace(fused, example), p),
+            "pte": lambda p: mobile.export_pte(fused, example, p),
         }
         for fmt in formats:
-            path = os.path.join(tmp, BACKEND_FILES[fmt])
+            path = os.path.join(tmp, FILES[fmt])
+            start = time.perf_counter()
             writers[fmt](path)
-            pred = Predictor(path, fmt)
-            entry = {"file": BACKEND_FILES[fmt], "bytes": os.path.getsize(path)}
+            seconds = time.perf_counter() - start
+            pred = load_predictor(path, fmt)
+            entry = {"file": FILES[fmt], "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
             if fmt == "int8":
                 entry.update(check_int8(pred, model, DataLoader(val, batch_size=batch)))
                 entry["max_diff"] = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
@@ -204,6 +233,8 @@ def export_all(checkpoint: str, output_dir: str, formats=FORMATS, data: str | No
                 entry["max_diff_batch1"] = check_close(f"{fmt} (batch 1)", pred(example[:1]), eager_logits[:1])
             report["formats"][fmt] = entry
         write_metadata(tmp, ckpt, report)
+        if set(formats) & set(MOBILE_FILES):
+            mobile.write_phone_preprocessing(tmp, prep, ckpt["class_names"])
         os.replace(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,7 +261,10 @@ def print_report(report: dict, output_dir: str):
         f"(tolerance {report['tolerance']:.0e} on probabilities):"
     )
     for fmt, e in report["formats"].items():
-        line = f"  {fmt:12s} {e['file']:22s} {e['bytes'] / 1024:8.1f} KiB  max |Δprob| {e['max_diff']:.2e}"
+        line = (
+            f"  {fmt:12s} {e['file']:22s} {e['bytes'] / 1024:8.1f} KiB  {e['export_s']:5.1f} s  "
+            f"max |Δprob| {e['max_diff']:.2e}"
+        )
         if fmt == "int8":
             line += (
                 f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_int8']:.4f} vs float "
@@ -243,7 +277,7 @@ def print_report(report: dict, output_dir: str):
 def main(args):
     try:
         report = export_all(args.checkpoint, args.output_dir, args.formats.split(","), args.data, args.batch)
-    except (ExportCheckError, FileExistsError, ValueError) as e:
+    except (ExportCheckError, MobileExportError, FileExistsError, ValueError) as e:
         raise SystemExit(f"export failed, nothing written: {e}") from None
     print_report(report, args.output_dir)
 
