@@ -1,6 +1,6 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh] [--expose-inference] [--no-tokens]
+python -m deploy.serve start [--fresh] [--expose-inference | --front-door] [--no-tokens]
 python -m deploy.serve stop | status | restart
 """
 
@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from deploy import management, settings
+from deploy import frontdoor, management, settings
 from deploy.predict import target
 from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
 
@@ -72,6 +72,8 @@ def main(argv=None):
         return print_header(target(), args.kind)
     try:
         if args.action in ("stop", "restart"):
+            if frontdoor.for_server(ts).stop():
+                print("front door stopped")
             print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
         if args.action in ("start", "restart"):
             t0 = time.time()
@@ -80,11 +82,14 @@ def main(argv=None):
                 f"TorchServe started in {time.time() - t0:.1f}s"
                 f"{' (restored the saved deployment)' if info['restored'] else ''}"
             )
+            if args.front_door:
+                frontdoor.for_server(ts).start()
             if args.no_tokens:
                 print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
         if args.action in ("start", "restart", "status"):
             print_status(ts)
-    except ServerError as e:
+            frontdoor.print_status(frontdoor.for_server(ts))
+    except (ServerError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
