@@ -81,6 +81,10 @@ class FrontDoor:
         self.names, issued again whenever the names change."""
         if self.cert:
             return
+        with private_files():
+            self.issue()
+
+    def issue(self):
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         if not os.path.exists(self.ca):
             openssl(
@@ -155,7 +159,7 @@ backend torchserve
 
     def write_config(self):
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        with open(self.config, "w") as f:
+        with private_files(), open(self.config, "w") as f:
             f.write(self.haproxy_config())
         check = subprocess.run([haproxy(), "-c", "-q", "-f", self.config], capture_output=True, text=True)
         if check.returncode != 0:
