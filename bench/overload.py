@@ -44,8 +44,9 @@ MODEL = settings.MODEL_NAME
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--levels", default="16,60,120,240,600", help="concurrencies (16 = reference; 60 = capacity)")
-    p.add_argument("--seconds", type=int, default=10, help="per run")
+    p.add_argument("--levels", default="16,60,120,240,600,1200", help="concurrencies (16: reference; 60: capacity)")
+    p.add_argument("--seconds", type=int, default=15, help="per run (amortises opening c TLS connections)")
+    p.add_argument("--rounds", type=int, default=1, help="passes over all levels and paths (the table: medians)")
     p.add_argument("--maxconn", type=int, default=FrontDoor.maxconn, help="front door: requests inside TorchServe")
     p.add_argument("--queue", type=int, default=FrontDoor.queue, help="front door: requests waiting in it")
     p.add_argument("--job-queue-sizes", default="", help="TorchServe job_queue_size values to compare (default: "
@@ -111,6 +112,7 @@ def measure(path: str, url: str, concurrency: int, seconds: int, env: dict, pids
     row = {
         "path": path,
         "concurrency": concurrency,
+        "seconds": secs,
         "good_rps": round(counts.get("good", 0) / secs, 1),
         "rejected_rps": round(rejected / secs, 1),
         "wrong": counts.get("wrong", 0),
@@ -131,6 +133,27 @@ def measure(path: str, url: str, concurrency: int, seconds: int, env: dict, pids
         flush=True,
     )
     return row
+
+
+def table(runs: list[dict]) -> list[dict]:
+    """One row per path and concurrency: the median of the rounds, and good answers per CPU second of
+    TorchServe over all rounds (what a neighbour's load on the shared cores changes least)."""
+    rows = []
+    for key in dict.fromkeys((r["path"], r["concurrency"]) for r in runs):
+        same = [r for r in runs if (r["path"], r["concurrency"]) == key]
+        ts_cpu = sum(r["cpu_s"]["torchserve"] for r in same)
+        good = sum(r["good_rps"] * r["seconds"] for r in same)
+        row = {"path": key[0], "concurrency": key[1], "rounds": len(same)}
+        for k in ("good_rps", "rejected_rps", "p50_ms", "p99_ms", "rejection_p99_ms", "proxy_cpu_share"):
+            values = [r[k] for r in same if r.get(k) is not None]
+            row[k] = statistics.median(values) if values else None
+        row["good_per_torchserve_cpu_s"] = round(good / ts_cpu, 1) if ts_cpu else None
+        for k in ("wrong", "rejections_without_retry_after", "rejections_without_json"):
+            row[k] = sum(r[k] for r in same)
+        row["other_statuses"] = {c: sum(r["other_statuses"].get(c, 0) for r in same) for c in
+                                 {c for r in same for c in r["other_statuses"]}}  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def handshake_ms(host: str, port: int, ca: str | None, n: int = 200) -> float:
@@ -166,12 +189,13 @@ def run_server(args, store: str, work: str, env: dict, levels: list[int], job_qu
         direct = f"{ts.url()}/predictions/{MODEL}"
         through = f"https://127.0.0.1:{door.port}/predictions/{MODEL}" if door else None
         wrk(direct, 16, 3, env)  # warm-up: workers, JIT, caches
-        rows = []
-        for c in levels:
-            rows.append(measure("torchserve", direct, c, args.seconds, env, pids))
-            if door:
-                rows.append(measure("front door", through, c, args.seconds, env, pids, door))
-        result = {"job_queue_size": ts.config().get("job_queue_size"), "rows": rows}
+        runs = []
+        for _ in range(args.rounds):  # rounds interleave the paths, so a noisy neighbour hits both
+            for c in levels:
+                runs.append(measure("torchserve", direct, c, args.seconds, env, pids))
+                if door:
+                    runs.append(measure("front door", through, c, args.seconds, env, pids, door))
+        result = {"job_queue_size": ts.config().get("job_queue_size"), "rows": table(runs), "runs": runs}
         if door:
             result["handshake_ms"] = {
                 "tls_front_door": handshake_ms("127.0.0.1", door.port, door.ca),
