@@ -146,7 +146,7 @@ def table(runs: list[dict]) -> list[dict]:
         row = {"path": key[0], "concurrency": key[1], "rounds": len(same)}
         for k in ("good_rps", "rejected_rps", "p50_ms", "p99_ms", "rejection_p99_ms", "proxy_cpu_share"):
             values = [r[k] for r in same if r.get(k) is not None]
-            row[k] = statistics.median(values) if values else None
+            row[k] = round(statistics.median(values), 3) if values else None
         row["good_per_torchserve_cpu_s"] = round(good / ts_cpu, 1) if ts_cpu else None
         for k in ("wrong", "rejections_without_retry_after", "rejections_without_json"):
             row[k] = sum(r[k] for r in same)
@@ -215,7 +215,7 @@ def plot(runs: list[dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4))
     for run in runs:
         for name in ("torchserve", "front door"):
             rows = [r for r in run["rows"] if r["path"] == name]
@@ -225,8 +225,11 @@ def plot(runs: list[dict], path: str):
             c = [r["concurrency"] for r in rows]
             ax1.plot(c, [r["good_rps"] for r in rows], marker="o", label=label)
             ax2.plot(c, [r["p99_ms"] for r in rows], marker="o", label=label)
+            ax3.plot(c, [r["good_per_torchserve_cpu_s"] for r in rows], marker="o", label=label)
     ax1.set(xscale="log", xlabel="concurrency (wrk, closed loop)", ylabel="good answers/s", ylim=(0, None))
     ax2.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="p99 latency of all answers (ms)")
+    ax3.set(xscale="log", xlabel="concurrency", ylabel="good answers per CPU second of TorchServe", ylim=(0, None))
+    ax3.set_title("the same, per CPU second TorchServe got")
     ax1.legend(fontsize=8)
     ax1.set_title("good answers under overload")
     ax2.set_title("p99")

@@ -284,11 +284,7 @@ def is_ip(name: str) -> bool:
 
 
 def has_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-        return True
-    except KeyError:
-        return False
+    return name in {entry.pw_name for entry in pwd.getpwall()}
 
 
 def listening(host: str, port: int) -> bool:
