@@ -60,7 +60,14 @@ def main(argv=None):
         action="store_true",
         help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too",
     )
+    p.add_argument(
+        "--front-door",
+        action="store_true",
+        help=f"also start the HTTPS front door on 0.0.0.0:{settings.FRONT_DOOR_PORT} (docs/frontdoor.md)",
+    )
     args = p.parse_args(argv)
+    if args.front_door and args.expose_inference:
+        p.error("--front-door keeps TorchServe on loopback: drop --expose-inference")
     overrides = {}
     if args.expose_inference:
         overrides["inference_address"] = f"http://0.0.0.0:{settings.ports().inference}"

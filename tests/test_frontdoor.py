@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from bench.soak import Soak, bad_bodies, summarize, through_front_door
-from deploy import serve
+from deploy import serve, settings
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.predict import top1
 from deploy.server import Ports
@@ -34,13 +34,14 @@ def test_config_is_valid_haproxy_with_every_option(tmp_path):
     door.write_certs()
     door.write_config()  # raises with HAProxy's own words if it refuses the file
     text = door.haproxy_config()
-    assert "maxconn 16" in text and "queue(torchserve) ge 1024" in text and "sc_http_req_rate(0) gt 5" in text
+    assert "maxconn 64" in text and "queue(torchserve) ge 1024" in text and "sc_http_req_rate(0) gt 5" in text
     assert oct(os.stat(door.path("server.pem")).st_mode & 0o777) == "0o600"
 
 
-def test_front_door_and_expose_inference_are_refused_together():
+def test_front_door_and_expose_inference_are_refused_together(capsys):
     with pytest.raises(SystemExit):
         serve.main(["start", "--front-door", "--expose-inference"])
+    assert "--front-door keeps TorchServe on loopback" in capsys.readouterr().err
 
 
 # --- against a real TorchServe ------------------------------------------------------------------------
@@ -259,3 +260,26 @@ def test_only_the_front_door_is_reachable_from_another_network_namespace(soak, d
     )
     assert out.returncode == 0, out.stderr
     assert top1(json.loads(out.stdout)) == good(soak)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_serve_cli_starts_reports_and_stops_the_front_door(soak, tmp_path, monkeypatch, capsys):
+    """scripts/serve.sh's path, on this module's server (last in the file: it restarts that server)."""
+    monkeypatch.setattr(settings, "FRONT_DOOR_PORT", Ports.free().inference)
+    monkeypatch.setattr(settings, "FRONT_DOOR_DIR", str(tmp_path / "frontdoor"))
+    monkeypatch.setattr(serve, "TorchServe", lambda **kw: soak.ts)
+    door = FrontDoor(backend=soak.ts.ports.inference, names=["localhost"])
+    try:
+        serve.main(["restart", "--front-door"])
+        out = capsys.readouterr().out
+        assert "TorchServe started" in out and f"Front door is running (pid {door.pid()})" in out
+        assert f"--cacert {os.path.relpath(door.ca)} -T IMAGE https://localhost:{door.port}/" in out
+        body, label = good(soak)
+        resp = post(door, soak, body)
+        assert resp.status_code == 200 and top1(resp.json()) == label
+        serve.main(["stop"])
+        assert capsys.readouterr().out.splitlines()[:2] == ["front door stopped", "TorchServe stopped"]
+        assert not door.is_running() and not soak.ts.is_running()
+    finally:
+        door.stop()
