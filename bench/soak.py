@@ -68,6 +68,7 @@ class Soak:
         # The operator's own temporary server in a private temp dir: run as the caller (no service user).
         workdir = os.path.join(work, "ts")
         self.ts = TorchServe(workdir=workdir, model_store=store, ports=Ports.free(), user=None)
+        self.base_url = None  # where load goes: TorchServe itself, or its front door (https://...)
         val = os.path.join(data, "val")
         good = [
             (os.path.join(val, c, f), c)
@@ -106,7 +107,7 @@ class Soak:
         return {"Content-Type": "application/octet-stream", **self.ts.auth("inference")}
 
     def url(self, version=None):
-        return f"{self.ts.url()}/predictions/{MODEL}" + (f"/{version}" if version else "")
+        return f"{self.base_url or self.ts.url()}/predictions/{MODEL}" + (f"/{version}" if version else "")
 
     def rss_mb(self) -> float:
         proc = psutil.Process(self.ts.pid())
@@ -280,6 +281,17 @@ SCENARIOS = {
 }
 
 
+def through_front_door(soak: Soak, folder: str):
+    """Start a front door (deploy/frontdoor.py) before the soak's TorchServe and send the load through it;
+    requests trusts its CA through REQUESTS_CA_BUNDLE (the load generator's sessions read it too)."""
+    from deploy.frontdoor import for_server
+
+    door = for_server(soak.ts, port=Ports.free().inference, folder=folder, names=["localhost"]).start()
+    soak.base_url = door.url()
+    os.environ["REQUESTS_CA_BUNDLE"] = door.ca
+    return door
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -291,6 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=10000, help="load scenario size")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--out", default=settings.SOAK_RESULTS)
+    p.add_argument("--front-door", action="store_true", help="send the load through an HTTPS front door")
     args = p.parse_args(argv)
     names = args.scenarios.split(",")
     unknown = [n for n in names if n not in SCENARIOS]
@@ -303,14 +316,18 @@ def main(argv=None) -> int:
     write_digits()
     results = {}
     with tempfile.TemporaryDirectory(prefix="soak-") as work:
-        soak = Soak(args.checkpoint, work)
+        soak, door = Soak(args.checkpoint, work), None
         try:  # start() inside: the workdir is deleted below, so the server must never outlive this block
             soak.start()
+            if args.front_door:
+                door = through_front_door(soak, os.path.join(work, "door"))
             for name in names:
                 kwargs = {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
                 results[name] = SCENARIOS[name](soak, **kwargs)
                 print(summarize(name, results[name]), flush=True)
         finally:
+            if door:
+                door.stop()
             soak.ts.stop()
             shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

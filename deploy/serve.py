@@ -1,6 +1,6 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh] [--expose-inference] [--no-tokens]
+python -m deploy.serve start [--fresh] [--expose-inference | --front-door] [--no-tokens]
 python -m deploy.serve stop | status | restart
 """
 
@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from deploy import management, settings
+from deploy import frontdoor, management, settings
 from deploy.predict import target
 from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
 
@@ -60,7 +60,14 @@ def main(argv=None):
         action="store_true",
         help="DEVELOPMENT ONLY: token authorization off; the registration API is then disabled too",
     )
+    p.add_argument(
+        "--front-door",
+        action="store_true",
+        help=f"also start the HTTPS front door on 0.0.0.0:{settings.FRONT_DOOR_PORT} (docs/frontdoor.md)",
+    )
     args = p.parse_args(argv)
+    if args.front_door and args.expose_inference:
+        p.error("--front-door keeps TorchServe on loopback: drop --expose-inference")
     overrides = {}
     if args.expose_inference:
         overrides["inference_address"] = f"http://0.0.0.0:{settings.ports().inference}"
@@ -72,6 +79,8 @@ def main(argv=None):
         return print_header(target(), args.kind)
     try:
         if args.action in ("stop", "restart"):
+            if frontdoor.for_server(ts).stop():
+                print("front door stopped")
             print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
         if args.action in ("start", "restart"):
             t0 = time.time()
@@ -80,11 +89,14 @@ def main(argv=None):
                 f"TorchServe started in {time.time() - t0:.1f}s"
                 f"{' (restored the saved deployment)' if info['restored'] else ''}"
             )
+            if args.front_door:
+                frontdoor.for_server(ts).start()
             if args.no_tokens:
                 print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
         if args.action in ("start", "restart", "status"):
             print_status(ts)
-    except ServerError as e:
+            frontdoor.print_status(frontdoor.for_server(ts))
+    except (ServerError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

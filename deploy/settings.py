@@ -18,11 +18,13 @@ MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")  # per-model 
 METRICS_CONFIG = os.path.join(ROOT, "serving", "metrics.yaml")
 BENCH_RESULTS = os.path.join(ROOT, "bench_results")
 SOAK_RESULTS = os.path.join(ROOT, "soak_results")
+FRONT_DOOR_DIR = os.path.join(ROOT, "frontdoor")  # the TLS front door's own folder (0700): certificates, config, log
 
 MODEL_NAME = "my_model"
 # Started as root, TorchServe runs as this unprivileged user (scripts/setup.sh creates it): a model's handler is
 # code, and a registered model must never run as root.
 SERVICE_USER = "torchserve"
+FRONT_DOOR_PORT = 8443  # the HTTPS front door (deploy/frontdoor.py): the one port that listens beyond loopback
 
 
 def ports():

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start, stop or inspect the TorchServe of this bundle (config.properties, ports 8080/8081/8082).
-#   scripts/serve.sh start [--fresh] [--expose-inference] [--no-tokens]
+#   scripts/serve.sh start [--fresh] [--front-door | --expose-inference] [--no-tokens]   (--front-door: HTTPS on :8443)
 #   scripts/serve.sh stop | status | restart
 #   scripts/serve.sh header [inference|management] | curl -H @- ...   (the key on stdin, never in `ps`)
 # start waits until every registered version has a ready worker; it restores the versions

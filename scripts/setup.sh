@@ -60,6 +60,20 @@ MSG
 
 check_java
 
+# The HTTPS front door (deploy/frontdoor.py) is HAProxy; the overload benchmark drives wrk. Both from the
+# distribution's packages; without root, say how (the rest of the bundle works without them).
+check_frontdoor_tools() {
+  command -v haproxy >/dev/null && command -v wrk >/dev/null && command -v openssl >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing haproxy, wrk and openssl with apt-get (the front door and its benchmark)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy wrk openssl >/dev/null
+    return 0
+  fi
+  echo "setup: the front door needs haproxy, wrk and openssl: sudo apt-get install -y haproxy wrk openssl" >&2
+}
+
+check_frontdoor_tools
+
 # Started as root, TorchServe runs as this unprivileged user (SERVICE_USER in deploy/settings.py): a model's
 # handler is code, and it must never run as root.
 if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then

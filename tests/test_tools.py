@@ -224,3 +224,12 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     out, calls = run_script(tmp_path, repo, [f"{scripts}/predict.sh", "3.png", "2.0"], cwd=runs)
     assert out.returncode == 0, out.stderr
     assert calls[0][1:] == ["-m", "deploy.predict", "--raw", "--version", "2.0", str(runs / "3.png")]
+
+
+def test_bench_overload_runs_the_overload_benchmark_without_the_peers_extra(tmp_path):
+    repo = fake_repo(tmp_path, "setup.sh", "bench.sh")
+    digest = subprocess.run(["sha256sum", "requirements.txt"], cwd=repo, capture_output=True, text=True).stdout
+    (repo / ".venv" / ".requirements.sha256").write_text(digest.split()[0] + "\n")  # setup.sh: up to date
+    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "overload", "--levels", "16,600"])
+    assert out.returncode == 0, out.stderr
+    assert [c[1:] for c in calls] == [["-m", "bench.overload", "--levels", "16,600"]]

@@ -1,0 +1,293 @@
+"""The front door: HAProxy (Debian's package) in front of TorchServe's inference API.
+
+TorchServe stays on 127.0.0.1; only the front door listens beyond loopback, and only with TLS. It
+  - terminates TLS with a certificate from a local CA it generates once (ca.crt is what clients trust),
+    or with a real one (`cert=`, one PEM file: the chain, then the key, as HAProxy reads it);
+  - keeps at most `maxconn` requests inside TorchServe (keep-alive connections) and queues the rest
+    itself: TorchServe past its own job queue spends its cores turning requests away (docs/frontdoor.md);
+  - answers at once 503 + Retry-After + a JSON message when its queue holds `queue` requests, or when a
+    request waited `queue_timeout` s, and 429 when a client sends more than `rate` requests/s (0: off);
+  - refuses a body longer than TorchServe's max_request_size (413) or without a length (411) before
+    TorchServe sees it;
+  - writes an access log line per request with its latency (frontdoor/access.log).
+Its files live in settings.FRONT_DOOR_DIR (0700), not in server/: that folder belongs to the service user
+that runs model code, which must not read the TLS keys.
+
+scripts/serve.sh start --front-door starts it with TorchServe (deploy/serve.py); stop and status include it.
+"""
+
+import ipaddress
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from deploy import settings
+from deploy.privileges import private_files
+
+RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
+
+
+def json_reply(status: int, kind: str, message: str, retry_after: int | None = None) -> str:
+    """An HAProxy `return`/`http-error` clause answering a JSON body shaped like TorchServe's own errors."""
+    body = f'{{"code": {status}, "type": "{kind}", "message": "{message}"}}'
+    hdr = f" hdr Retry-After {retry_after}" if retry_after else ""
+    return f"status {status} content-type application/json{hdr} string '{body}'"
+
+
+def local_names() -> list[str]:
+    """What clients may call this machine: localhost, its host name and every IPv4 address it has now."""
+    addrs = [a.address for nics in psutil.net_if_addrs().values() for a in nics if a.family == socket.AF_INET]
+    return ["localhost", socket.gethostname(), *addrs]
+
+
+@dataclass
+class FrontDoor:
+    backend: int  # TorchServe's inference port on 127.0.0.1
+    port: int = field(default_factory=lambda: settings.FRONT_DOOR_PORT)  # read at call time (tests move it)
+    bind: str = "0.0.0.0"
+    folder: str = field(default_factory=lambda: settings.FRONT_DOOR_DIR)
+    max_body: int = 16 << 20  # TorchServe's max_request_size: give the same (for_server does)
+    maxconn: int = 64  # requests inside TorchServe at once (docs/frontdoor.md: 8, 16 and 64 measured)
+    queue: int = 1024  # requests waiting in the proxy; more are answered 503 at once
+    queue_timeout: int = 10  # s a request may wait in the queue before its 503
+    retry_after: int = 1  # s, in Retry-After and the message of a 503/429
+    rate: int = 0  # requests per second per client address before 429 (0: no limit)
+    server_timeout: int = 60  # s for TorchServe's answer (its default_response_timeout is 30)
+    names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
+    cert: str | None = None  # a real certificate instead of the generated one
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    ca = property(lambda self: self.path("ca.crt"))  # give this to curl --cacert / requests verify=
+    pem = property(lambda self: self.cert or self.path("server.pem"))
+    config = property(lambda self: self.path("haproxy.cfg"))
+    log = property(lambda self: self.path("access.log"))
+    pid_file = property(lambda self: self.path("haproxy.pid"))
+
+    def url(self, host: str = "localhost") -> str:
+        return f"https://{host}:{self.port}"
+
+    # --- certificates ---------------------------------------------------------------------------------
+    def write_certs(self):
+        """A local CA (kept across restarts, so clients keep trusting it) and a server certificate for
+        self.names, issued again whenever the names change."""
+        if self.cert:
+            return
+        with private_files():
+            self.issue()
+
+    def issue(self):
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        if not os.path.exists(self.ca):
+            openssl(
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3650",
+                "-keyout", self.path("ca.key"), "-out", self.ca, "-subj", "/CN=TorchServe bundle local CA",
+            )  # fmt: skip
+        san = ",".join(f"IP:{n}" if is_ip(n) else f"DNS:{n}" for n in dict.fromkeys(self.names))
+        if os.path.exists(self.pem) and read(self.path("server.san")) == san:
+            return
+        with open(self.path("server.ext"), "w") as f:
+            f.write(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        key, csr, crt = self.path("server.key"), self.path("server.csr"), self.path("server.crt")
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", csr,
+                "-subj", "/CN=localhost")  # fmt: skip
+        openssl("x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self.path("ca.key"), "-CAcreateserial",
+                "-days", "397", "-extfile", self.path("server.ext"), "-out", crt)  # fmt: skip
+        with open(self.pem, "w") as f:  # HAProxy reads the certificate and its key from one file
+            f.write(read(crt) + read(key))
+        with open(self.path("server.san"), "w") as f:
+            f.write(san)
+
+    # --- configuration --------------------------------------------------------------------------------
+    def haproxy_config(self) -> str:
+        overloaded = f"overloaded, retry after {self.retry_after} s"
+        drop = "    user haproxy\n    group haproxy\n" if os.geteuid() == 0 and has_user("haproxy") else ""
+        limit = ""
+        if self.rate:
+            limit = (
+                "    stick-table type ip size 100k expire 10s store http_req_rate(1s)\n"
+                "    http-request track-sc0 src\n"
+                f"    http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
+                f"if {{ sc_http_req_rate(0) gt {self.rate} }}\n"
+            )
+        return f"""# generated by deploy/frontdoor.py; do not edit (docs/frontdoor.md)
+global
+    # One thread: on 2 cores shared with TorchServe, a second one doubled HAProxy's CPU per request (0.15 ->
+    # 0.36 ms, measured; OpenSSL 3's locks) while the workers need those cycles.
+    nbthread 1
+    maxconn 4096
+    log stdout format raw local0
+    ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets
+{drop}
+defaults
+    mode http
+    log global
+    log-format "%t client=%ci:%cp status=%ST ms=%Ta queue_ms=%Tw wait=%sq/%bq server=%s bytes=%B %{{+Q}}r"
+    option forwardfor
+    option http-keep-alive
+    # a client that gave up (closed) loses its place in the queue: TorchServe never computes unread answers
+    option abortonclose
+    timeout connect 5s
+    timeout client 60s
+    timeout http-request 10s
+    timeout http-keep-alive 30s
+    timeout server {self.server_timeout}s
+    timeout queue {self.queue_timeout}s
+    # HAProxy's own 503: a request that waited timeout queue
+    http-error {json_reply(503, "Overloaded", overloaded, self.retry_after)}
+
+frontend public
+    bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1
+{limit}    http-request return {json_reply(411, "LengthRequired", "send a Content-Length (no chunked bodies)")} \
+if {{ req.hdr(transfer-encoding) -m found }}
+    http-request return {json_reply(413, "PayloadTooLarge", f"request body over {self.max_body} bytes")} \
+if {{ req.hdr_val(content-length) gt {self.max_body} }}
+    http-request return {json_reply(503, "Unavailable", "TorchServe is not answering", RETRY_AFTER_DOWN)} \
+if {{ nbsrv(torchserve) eq 0 }}
+    http-request return {json_reply(503, "Overloaded", overloaded, self.retry_after)} \
+if {{ queue(torchserve) ge {self.queue} }}
+    default_backend torchserve
+
+backend torchserve
+    # TorchServe's own 503s (queue full, no worker) say nothing about when to come back
+    http-response set-header Retry-After {self.retry_after} if {{ status 503 }} !{{ res.hdr(Retry-After) -m found }}
+    server torchserve 127.0.0.1:{self.backend} maxconn {self.maxconn} check inter 2s
+"""
+
+    def write_config(self):
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        with private_files(), open(self.config, "w") as f:
+            f.write(self.haproxy_config())
+        check = subprocess.run([haproxy(), "-c", "-q", "-f", self.config], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise FrontDoorError(f"HAProxy refuses {self.config}:\n{check.stdout}{check.stderr}")
+
+    # --- process ----------------------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        try:
+            proc = psutil.Process(int(read(self.pid_file)))
+            if proc.is_running() and proc.name() == "haproxy" and self.config in proc.cmdline():
+                return proc.pid
+        except (OSError, ValueError, psutil.Error):
+            pass
+        return None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, timeout: float = 20):
+        if self.is_running():
+            raise FrontDoorError(f"the front door is already running (pid {self.pid()}); stop it first")
+        with private_files():
+            self.write_certs()
+            self.write_config()
+            # Foreground (-db) so that its log goes to stdout, which is our access log; its own session, so
+            # that it outlives serve.sh.
+            with open(self.log, "ab") as log:
+                proc = subprocess.Popen(
+                    [haproxy(), "-db", "-f", self.config],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            with open(self.pid_file, "w") as f:
+                f.write(str(proc.pid))
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise FrontDoorError(f"HAProxy exited ({proc.returncode}):\n{tail(self.log)}")
+            if listening("127.0.0.1" if self.bind == "0.0.0.0" else self.bind, self.port):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise FrontDoorError(f"HAProxy not listening on {self.bind}:{self.port} after {timeout:.0f}s")
+
+    def stop(self, timeout: float = 10) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        os.remove(self.pid_file)
+        return True
+
+
+class FrontDoorError(RuntimeError):
+    pass
+
+
+def for_server(ts, **kw) -> FrontDoor:
+    """The front door of a TorchServe object: its inference port, its max_request_size and response timeout."""
+    props = ts.config()
+    max_body = int(props.get("max_request_size", 6553500))
+    server_timeout = int(props.get("default_response_timeout", 120)) + 30
+    return FrontDoor(backend=ts.ports.inference, max_body=max_body, server_timeout=server_timeout, **kw)
+
+
+def print_status(door: FrontDoor):
+    if not door.is_running():
+        return
+    rel = os.path.relpath(door.ca)
+    print(f"Front door is running (pid {door.pid()}): {door.url()} -> 127.0.0.1:{door.backend}")
+    print(f"  TLS CA {rel}; at most {door.maxconn} requests in TorchServe, {door.queue} queued (then 503)")
+    print(f"  access log {os.path.relpath(door.log)}")
+    url = f"{door.url()}/predictions/{settings.MODEL_NAME}"
+    print(f"  try: scripts/serve.sh header | curl -H @- --cacert {rel} -T IMAGE {url}")
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+def haproxy() -> str:
+    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+    if not path:
+        raise FrontDoorError("haproxy not found: run scripts/setup.sh as root, or apt-get install haproxy")
+    return path
+
+
+def openssl(*args: str):
+    out = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise FrontDoorError(f"openssl {args[0]} failed: {out.stderr.strip()[-500:]}")
+
+
+def read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def tail(path: str, lines: int = 20) -> str:
+    return "".join(read(path).splitlines(keepends=True)[-lines:])
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def has_user(name: str) -> bool:
+    return name in {entry.pw_name for entry in pwd.getpwall()}
+
+
+def listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
