@@ -36,7 +36,6 @@ from deploy.server import Ports, TorchServe
 from model_src.runtime import BACKEND_FILES
 
 BACKENDS = tuple(BACKEND_FILES)
-BENCH_DEPS = os.path.join(settings.ROOT, ".bench_deps")
 MODEL = settings.MODEL_NAME
 
 
@@ -271,11 +270,6 @@ def plot(results: list, path: str):
 
 
 def main(args):
-    if not args.no_peer:
-        if not os.path.isdir(BENCH_DEPS):
-            raise SystemExit("the peer needs captum in .bench_deps/: run scripts/bench.sh (or pass --no-peer)")
-        # Workers inherit the frontend's environment: captum reaches the stock handler only.
-        os.environ["PYTHONPATH"] = BENCH_DEPS + os.pathsep + os.environ.get("PYTHONPATH", "")
     names = args.targets.split(",")
     unknown = [n for n in names if n not in TARGETS]
     if unknown:

@@ -146,7 +146,6 @@ def fake_repo(tmp_path, *names):
     java.write_text("#!/bin/sh\necho 'openjdk version \"17.0.15\" 2025-04-15' >&2\n")
     java.chmod(0o755)
     (repo / "requirements.txt").write_text("torch==2.14.1\n")
-    (repo / "requirements-bench.txt").write_text("captum==0.9.0\n")
     return repo
 
 
@@ -175,21 +174,6 @@ def test_setup_fails_and_writes_no_stamp_when_pip_fails(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "setup: done" in out.stdout and stamp.exists()
     assert ["-m", "pip", "install"] == calls[0][1:4]
-
-
-def test_bench_retries_a_failed_install_of_its_extra(tmp_path):
-    repo = fake_repo(tmp_path, "setup.sh", "bench.sh")
-    digest = subprocess.run(["sha256sum", "requirements.txt"], cwd=repo, capture_output=True, text=True).stdout
-    (repo / ".venv" / ".requirements.sha256").write_text(digest.split()[0] + "\n")  # setup.sh: up to date
-    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"], FAKE_PIP_FAILS="1")
-    assert out.returncode != 0 and "pip failed on purpose" in out.stderr
-    assert not (repo / ".bench_deps").exists()  # was left behind, so the install was never tried again
-    assert [c[1:3] for c in calls] == [["-m", "pip"]]  # and the benchmark did not run
-    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"])
-    assert out.returncode == 0, out.stderr
-    assert [c[1:3] for c in calls] == [["-m", "pip"], ["-m", "bench.bench"]]
-    out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "--no-peer"])
-    assert [c[1:] for c in calls] == [["-m", "bench.bench", "--no-peer"]]  # installed once
 
 
 def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
@@ -226,7 +210,7 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     assert calls[0][1:] == ["-m", "deploy.predict", "--raw", "--version", "2.0", str(runs / "3.png")]
 
 
-def test_bench_overload_runs_the_overload_benchmark_without_the_peers_extra(tmp_path):
+def test_bench_overload_runs_the_overload_benchmark(tmp_path):
     repo = fake_repo(tmp_path, "setup.sh", "bench.sh")
     digest = subprocess.run(["sha256sum", "requirements.txt"], cwd=repo, capture_output=True, text=True).stdout
     (repo / ".venv" / ".requirements.sha256").write_text(digest.split()[0] + "\n")  # setup.sh: up to date
