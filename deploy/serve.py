@@ -1,6 +1,6 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh] [--expose-inference | --front-door] [--no-tokens]
+python -m deploy.serve start [--fresh] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
 python -m deploy.serve stop | status | restart
 """
 
@@ -65,7 +65,16 @@ def main(argv=None):
         action="store_true",
         help=f"also start the HTTPS front door on 0.0.0.0:{settings.FRONT_DOOR_PORT} (docs/frontdoor.md)",
     )
+    p.add_argument(
+        "--cert",
+        metavar="PEM",
+        help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of the local CA",
+    )
     args = p.parse_args(argv)
+    if args.cert and not args.front_door:
+        p.error("--cert is the front door's certificate: add --front-door")
+    if args.cert and not os.path.isfile(args.cert):
+        p.error(f"--cert {args.cert}: no such file")
     if args.front_door and args.expose_inference:
         p.error("--front-door keeps TorchServe on loopback: drop --expose-inference")
     overrides = {}
@@ -90,7 +99,7 @@ def main(argv=None):
                 f"{' (restored the saved deployment)' if info['restored'] else ''}"
             )
             if args.front_door:
-                frontdoor.for_server(ts).start()
+                frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None).start()
             if args.no_tokens:
                 print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
         if args.action in ("start", "restart", "status"):

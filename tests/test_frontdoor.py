@@ -44,6 +44,16 @@ def test_front_door_and_expose_inference_are_refused_together(capsys):
     assert "--front-door keeps TorchServe on loopback" in capsys.readouterr().err
 
 
+def test_a_real_certificate_is_taken_from_the_command_line_only_for_the_front_door(capsys, tmp_path):
+    for argv, message in (
+        (["start", "--cert", str(tmp_path / "x.pem")], "add --front-door"),
+        (["start", "--front-door", "--cert", str(tmp_path / "missing.pem")], "no such file"),
+    ):
+        with pytest.raises(SystemExit):
+            serve.main(argv)
+        assert message in capsys.readouterr().err
+
+
 # --- against a real TorchServe ------------------------------------------------------------------------
 
 
