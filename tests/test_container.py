@@ -17,7 +17,8 @@ import requests
 from deploy import container, kserve
 from tests.conftest import ROOT, install_archive
 
-pytestmark = [pytest.mark.slow, pytest.mark.container]
+# The image build alone takes ~8 min on 2 cores: more than the suite's 900 s per test once training runs too.
+pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(3600)]
 TAG = f"torchserve-bundle:test-{os.getpid()}"
 
 
