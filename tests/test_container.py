@@ -3,13 +3,14 @@ with tokens on, predicted through the published inference port with the key read
 version registered through management inside it, the archives baked in, KServe's runtime command in the image,
 and bad input refused with nothing left behind.
 
-Marked `container` (deselected by default in pyproject.toml; ~10 min, most of it installing torch into the image):
+Marked `container` (deselected by default in pyproject.toml; 8 min 18 s here, 5.5 min of it building the image):
     scripts/test.sh -m container tests/test_container.py
 """
 
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 import requests
@@ -32,7 +33,8 @@ def image():
     """The image built from the cached debootstrap base; removed (with its layers) when the module ends."""
     container.ensure_docker()
     seconds = container.build(TAG)
-    print(f"\nbuilt {TAG} in {seconds:.0f} s")
+    size = int(container.docker("image", "inspect", "-f", "{{.Size}}", TAG).stdout)
+    print(f"\nbuilt {TAG} in {seconds:.0f} s, {size / 1e9:.2f} GB")  # for docs/container.md
     yield TAG
     container.docker("rmi", "-f", TAG, check=False)
 
@@ -62,7 +64,9 @@ def started(image):
     def start(store):
         name, port = f"bundle-test-{os.getpid()}-{len(names)}", free_port()
         names.append(name)
+        t0 = time.time()
         container.run(image, store and str(store), port, name)
+        print(f"\n{name} ready in {time.time() - t0:.1f} s")
         return name, port
 
     yield start
@@ -84,7 +88,9 @@ def test_mounted_store_predict_register_as_non_root(started, readable_store, png
     assert answer.status_code == 200, answer.text
     assert len(answer.json()) == 5 and all(label in "0123456789" for label in answer.json())
 
+    t0 = time.time()
     out = container.exec_in(name, "scripts/register_version.sh", f"{container.STORE_IN_IMAGE}/my_model_v2.0.mar")
+    print(f"\nregistered 2.0 in {time.time() - t0:.1f} s")
     assert "registered my_model 2.0" in out
     assert predict(port, png, "2.0", headers=key).status_code == 200
     listing = container.exec_in(name, "scripts/register_version.sh", "list")
@@ -100,7 +106,8 @@ def test_mounted_store_predict_register_as_non_root(started, readable_store, png
 def test_baked_store_serves_without_a_mount(image, readable_store, png):
     baked, name = f"{TAG}-baked", f"bundle-test-{os.getpid()}-baked"
     try:
-        container.build(baked, bake=str(readable_store))  # only the last layers differ: from the build cache
+        seconds = container.build(baked, bake=str(readable_store))  # only the last layers differ: build cache
+        print(f"\nbuilt {baked} in {seconds:.0f} s")
         port = free_port()
         container.run(baked, None, port, name)
         assert predict(port, png, headers=container.header(name)).status_code == 200
