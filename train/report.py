@@ -27,7 +27,7 @@ def write_golden(data_root: str, out_dir: str):
         json.dump(entries, f, indent=1)
 
 
-def finish(args, prep, class_names, history, best, val, writer, seconds, world):
+def finish(args, prep, class_names, history, best, val, writer, seconds, world, replicas=None):
     done = history[-1]["epoch"] >= args.epochs
     metrics = {
         "best_val_acc": best["acc"],
@@ -39,6 +39,7 @@ def finish(args, prep, class_names, history, best, val, writer, seconds, world):
         "complete": done,
         "train_seconds": round(seconds, 1),
         "processes": world,
+        "replicas": replicas,  # per process: rank, node, sha256 of its parameters (distributed runs only)
         "class_names": class_names,
         "preprocessing": prep.to_dict(),
         "confusion_matrix": val["confusion"].tolist(),

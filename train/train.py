@@ -11,6 +11,7 @@ gates) and tb/ (TensorBoard).
 
 import argparse
 import datetime
+import hashlib
 import os
 import time
 
@@ -116,6 +117,26 @@ def all_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu()
     return t
+
+
+def state_digest(state) -> str:
+    """sha256 of a model's (or a state_dict's) parameters and buffers, by name."""
+    h = hashlib.sha256()
+    for key, t in sorted((state.state_dict() if isinstance(state, nn.Module) else state).items()):
+        h.update(key.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def replica_digests(model: nn.Module) -> list[dict] | None:
+    """Each process's sha256 of its parameters and buffers, gathered on every rank (None when not distributed):
+    DDP keeps replicas identical, and this proves it for processes on other nodes too (docs/multinode.md)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    mine = {"rank": dist.get_rank(), "node": int(os.environ.get("GROUP_RANK", 0)), "sha256": state_digest(model)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
 
 
 def log(msg: str, rank: int = 0):
@@ -391,8 +412,9 @@ def main(args):
             if writer is not None:
                 report.log_epoch(writer, model_without_ddp, row)
 
+    replicas = replica_digests(model_without_ddp)  # a collective: every rank takes part
     if rank == 0 and val is not None:
-        report.finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world)
+        report.finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world, replicas)
     if world > 1:
         dist.destroy_process_group()
 
