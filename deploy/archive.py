@@ -151,10 +151,9 @@ def stage_extra_files(export_dir: str, stage: str, backend: str, card: dict):
 def training_command(args: dict) -> str | None:
     """The `python -m train.train ...` that made a checkpoint: its stored arguments that differ from the
     defaults (None for imported weights, which no training run made)."""
-    from train.train import get_args_parser
-
     if "output_dir" not in args:
         return None
+    from train.train import get_args_parser  # (imports torch._inductor, which makes a cache folder in TMPDIR)
     parser = get_args_parser(add_help=False)
     defaults = vars(parser.parse_args(["--output-dir", "x"]))
     flags = []
@@ -175,25 +174,26 @@ def relative(path: str) -> str:
     return os.path.relpath(path, settings.ROOT) if path.startswith(settings.ROOT + os.sep) else path
 
 
-def model_card(checkpoint: str, ckpt: dict, report: dict, backend: str) -> dict:
+def model_card(checkpoint: str, meta: dict, report: dict, backend: str) -> dict:
     """What the archive says about itself beyond the manifest: where the model came from and how good it is."""
     metrics_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "metrics.json")
     metrics = {}
     if os.path.isfile(metrics_path):
         with open(metrics_path) as f:
             metrics = json.load(f)
-    args = ckpt.get("args", {})
+    args = meta.get("args") or {}  # serving.json: what the export read from the checkpoint
+    best = meta.get("best_metric") or {}
     data = args.get("data")
     return {
         "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "architecture": ckpt["model_args"],
+        "architecture": meta.get("model_args"),
         "training": {
             "data": relative(data) if data else None,
             "source": args.get("source"),
             "command": training_command(args),
-            "epochs": metrics.get("epochs_done", ckpt.get("epoch")),
-            "best_val_acc": metrics.get("best_val_acc", (ckpt.get("best_metric") or {}).get("acc")),
-            "best_epoch": metrics.get("best_epoch", (ckpt.get("best_metric") or {}).get("epoch")),
+            "epochs": metrics.get("epochs_done", meta.get("epoch")),
+            "best_val_acc": metrics.get("best_val_acc", best.get("acc")),
+            "best_epoch": metrics.get("best_epoch", best.get("epoch")),
             "final_val_acc": metrics.get("final_val_acc"),
             "metrics_json": metrics_path if metrics else None,
         },
@@ -210,8 +210,6 @@ def build_archive(
     config_file=settings.MODEL_CONFIG,
     output=None,
 ) -> dict:
-    import torch
-
     from model_src.runtime import BACKEND_FILES
     from train.export import export_all
 
@@ -229,9 +227,10 @@ def build_archive(
         export_dir = os.path.join(tmp, "export")
         formats = (backend, "eager") if backend in NOT_DIFFERENTIABLE else (backend,)
         report = export_all(checkpoint, export_dir, formats=formats)
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with open(os.path.join(export_dir, "serving.json")) as f:
+            meta = json.load(f)
         stage = os.path.join(tmp, "stage")
-        stage_extra_files(export_dir, stage, backend, model_card(checkpoint, ckpt, report, backend))
+        stage_extra_files(export_dir, stage, backend, model_card(checkpoint, meta, report, backend))
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
             "--model-name",

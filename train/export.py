@@ -249,6 +249,9 @@ def write_metadata(out_dir: str, ckpt: dict, report: dict):
         "class_names": ckpt["class_names"],
         "preprocessing": ckpt["preprocessing"],
         "data": ckpt.get("args", {}).get("data"),  # lets train.evaluate default to the training data
+        "args": ckpt.get("args", {}),  # how it was trained: the archive's model card (deploy/archive.py)
+        "epoch": ckpt.get("epoch"),
+        "best_metric": ckpt.get("best_metric"),
         "export": report,
     }
     with open(os.path.join(out_dir, "serving.json"), "w") as f:
