@@ -154,6 +154,7 @@ def training_command(args: dict) -> str | None:
     if "output_dir" not in args:
         return None
     from train.train import get_args_parser  # (imports torch._inductor, which makes a cache folder in TMPDIR)
+
     parser = get_args_parser(add_help=False)
     defaults = vars(parser.parse_args(["--output-dir", "x"]))
     flags = []
