@@ -131,14 +131,10 @@ def check_archive(archive: str, model_store: str) -> dict:
     return read_manifest(path)["model"]
 
 
-# Served files that have no gradients: their archives carry the eager weights as well, for explanations.
-NOT_DIFFERENTIABLE = ("onnx", "int8")
-
-
 def stage_extra_files(export_dir: str, stage: str, backend: str, card: dict):
     """Lay out what the archive needs besides the handler: the model_src package, whole, metadata, the model
     card and, where the served file cannot explain, the eager weights."""
-    from model_src.runtime import BACKEND_FILES
+    from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE
 
     shutil.copytree(settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__"))
     names = ["serving.json", "index_to_name.json"] + ([BACKEND_FILES["eager"]] if backend in NOT_DIFFERENTIABLE else [])
@@ -211,7 +207,7 @@ def build_archive(
     config_file=settings.MODEL_CONFIG,
     output=None,
 ) -> dict:
-    from model_src.runtime import BACKEND_FILES
+    from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE
     from train.export import export_all
 
     target = output or os.path.join(model_store, archive_name(model_name, version))

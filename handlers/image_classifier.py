@@ -36,11 +36,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from model_src.explain import explain
 from model_src.preprocessing import InputError, Preprocessing, pixel_cost, sniff_format
-from model_src.runtime import BACKEND_FILES, Predictor
+from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE, Predictor
 
-# Backends whose served file has no gradients: an archive of one of them ships the eager weights (model.pt) too,
-# and explanations come from those (deploy/archive.py).
-NOT_DIFFERENTIABLE = ("onnx", "int8")
 # Integrated Gradients steps: the fewest worth answering with, and the number a worker's first explanation
 # takes while it measures what one step costs on this model and machine.
 MIN_STEPS, FIRST_STEPS = 4, 8
@@ -127,12 +124,16 @@ def files_of(fields: dict) -> list:
     """A multipart request's image files, in the order sent (curl -F a=@x.png -F b=@y.png). Short text fields
     beside a file (a name, a note) are not images and are left alone; any other field that is not an image
     of an accepted format is refused, so that no file is ever dropped without a word."""
-    files = [v for v in fields.values() if is_image(v)]
+    files, others = [], []
     for name, value in fields.items():
-        if files and not is_image(value) and not is_text(value):
-            raise InputError(
-                f"multipart field {name!r} is not an image of an accepted format; send image files only", 415
-            )
+        if is_image(value):
+            files.append(value)
+        elif not is_text(value):
+            others.append(name)
+    if files and others:
+        raise InputError(
+            f"multipart field {others[0]!r} is not an image of an accepted format; send image files only", 415
+        )
     return files
 
 
@@ -274,11 +275,9 @@ def archive_info(manifest: dict) -> dict:
                     continue
         except (OSError, KeyError, ValueError, zipfile.BadZipFile):
             continue
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return {"file": os.path.basename(path), "sha256": h.hexdigest(), "created": manifest.get("createdOn")}
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return {"file": os.path.basename(path), "sha256": digest, "created": manifest.get("createdOn")}
     return {"file": None, "sha256": None, "created": manifest.get("createdOn"), "why": f"not found in {store}"}
 
 
@@ -471,7 +470,7 @@ class ImageClassifier(BaseHandler):
         if self._explainer is None:
             if self.backend not in NOT_DIFFERENTIABLE:
                 self._explainer = self.predictor.model
-            elif os.path.isfile(path := os.path.join(self.model_dir, BACKEND_FILES["eager"])):
+            elif path := self.eager_weights():
                 self._explainer = Predictor(path, "eager").model
             else:
                 raise InputError(
@@ -480,6 +479,11 @@ class ImageClassifier(BaseHandler):
                     501,
                 )
         return self._explainer
+
+    def eager_weights(self) -> str | None:
+        """The eager weights an ONNX or int8 archive carries for explanations (None: an older archive)."""
+        path = os.path.join(self.model_dir, BACKEND_FILES["eager"])
+        return path if os.path.isfile(path) else None
 
     # --- the model card ----------------------------------------------------------------------
 
@@ -506,7 +510,7 @@ class ImageClassifier(BaseHandler):
                 "model": "the served file"
                 if self.backend not in NOT_DIFFERENTIABLE
                 else "eager weights (model.pt) shipped beside it"
-                if os.path.isfile(os.path.join(self.model_dir, BACKEND_FILES["eager"]))
+                if self.eager_weights()
                 else None,
             },
             archive=archive_info(self.manifest),

@@ -18,6 +18,9 @@ BACKEND_FILES = {
     "onnx": "model.onnx",
     "int8": "model.int8.pt",
 }
+# Backends whose served file has no gradients: their archives carry the eager weights (model.pt) as well, and
+# explanations run on those (deploy/archive.py packs them, the handler loads them).
+NOT_DIFFERENTIABLE = ("onnx", "int8")
 
 
 class Predictor:

@@ -2,10 +2,18 @@
 (pyproject.toml puts the repository root on sys.path)."""
 
 import os
+import socket
 
 import pytest
 
 from deploy.settings import ROOT  # noqa: F401  (tests import it from here)
+
+
+def free_port() -> int:
+    """A port the OS says is free right now (for torchrun's rendezvous, a container's published port, ...)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

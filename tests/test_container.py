@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from deploy import container, kserve
-from tests.conftest import ROOT, install_archive
+from tests.conftest import ROOT, free_port, install_archive
 
 # The image build alone takes ~8 min on 2 cores: more than the suite's 900 s per test once training runs too.
 pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(3600)]
@@ -48,12 +48,6 @@ def readable_store(tmp_path_factory, archive_factory):
     for path in [store, *store.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from model_src.layers import Swish
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
-from tests.conftest import ROOT, train_run
+from tests.conftest import ROOT, free_port, train_run
 from train import data as datalib
 from train.data import CachedImages, build_datasets, build_loaders
 
@@ -283,12 +282,6 @@ def test_tensorboard_plots_and_profiler(tmp_path, digits):
 
 
 # --- torchrun -------------------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
