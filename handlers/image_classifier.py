@@ -32,6 +32,7 @@ import time
 import zipfile
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_src.explain import explain
@@ -527,7 +528,9 @@ class ImageClassifier(BaseHandler):
 
     # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.
     def record(self, context, name: str, ms: float):
-        context.metrics.add_time(name, round(ms, 3), None, "ms")
+        """A time measured in ms, exported as the histogram `<name>_seconds` in seconds: TorchServe's histograms
+        have the Prometheus client's fixed buckets (5 ms ... 10 s), which only fit times in the base unit."""
+        context.metrics.add_time(f"{name}_seconds", round(ms / 1000, 6), None, "s", metric_type=MetricTypes.HISTOGRAM)
 
     def count(self, context, name: str):
         context.metrics.add_counter(name, 1, None)

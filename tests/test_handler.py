@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zipfile
 
 import numpy as np
@@ -503,12 +504,17 @@ def test_photo_transform_is_the_training_transform(tmp_path):
 
 def test_custom_metrics_are_recorded(eager, png, caplog):
     # A worker's metrics leave it as "[METRICS]..." log lines that the frontend parses; only metrics
-    # declared in serving/metrics.yaml are exported, so the handler must not add any to the cache.
+    # declared in serving/metrics.yaml are exported, so the handler must not add any to the cache: an emission
+    # whose type differs from the declaration would add one (and the frontend would file it under the declared
+    # type), and the cached unit is the declared one whatever add_time() was given, so the value must be seconds.
     handler, ctx = eager
     declared = set(ctx.metrics.cache_keys())
-    assert {"gauge:PreprocessTime", "gauge:InferenceTime", "gauge:HandlerTime", "counter:RejectedInputs"} <= declared
+    times = ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds")
+    assert {f"histogram:{name}" for name in times} | {"counter:RejectedInputs"} <= declared
     with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        t0 = time.perf_counter()
         handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}, {"body": bytearray()}])
+        wall = time.perf_counter() - t0
     assert set(ctx.metrics.cache_keys()) == declared
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
     assert not [r for r in caplog.records if "Failed to update metric" in r.getMessage()]
@@ -516,10 +522,10 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
     def emitted(name):
         return [line for line in lines if line.startswith(f"[METRICS]{name}.")]
 
-    for name in ("PreprocessTime", "InferenceTime", "HandlerTime"):
+    for name in times:
         (line,) = emitted(name)
-        assert line.startswith(f"[METRICS]{name}.Milliseconds:") and "#type:GAUGE" in line
-        assert float(line.split(":", 1)[1].split("|")[0]) >= 0
+        assert line.startswith(f"[METRICS]{name}.Seconds:") and "#type:HISTOGRAM" in line
+        assert 0 <= float(line.split(":", 1)[1].split("|")[0]) <= wall  # seconds, not ms
         assert "ModelName:my_model,Level:Model" in line
     rejected = emitted("RejectedInputs")
     assert len(rejected) == 2  # one per refused request
@@ -532,5 +538,5 @@ def test_no_inference_metric_when_nothing_reaches_the_model(eager, caplog):
         out, status = handle(handler, ctx, [{"body": bytearray(b"nope")}])
     assert status == [415]
     lines = [r.getMessage() for r in caplog.records]
-    assert not any(line.startswith("[METRICS]InferenceTime.") for line in lines)
-    assert any(line.startswith("[METRICS]HandlerTime.") for line in lines)
+    assert not any(line.startswith("[METRICS]InferenceTime_seconds.") for line in lines)
+    assert any(line.startswith("[METRICS]HandlerTime_seconds.") for line in lines)

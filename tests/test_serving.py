@@ -1,5 +1,5 @@
 """The serving path against a real TorchServe: batching with bad neighbours, every backend,
-huge images and bombs, and the custom metrics on the Prometheus endpoint."""
+huge images and bombs, and the custom metrics on the Prometheus endpoint (histograms with buckets)."""
 
 import concurrent.futures
 import json
@@ -20,6 +20,7 @@ from tests.conftest import batching_store, install_archive
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 
 VAL = os.path.join(DIGITS_DIR, "val")
+PROMETHEUS_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
 
 @pytest.fixture(scope="module")
@@ -168,12 +169,19 @@ def test_body_over_max_request_size_is_refused(server, val_bodies):
 def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
     post(server, val_bodies[0])
     post(server, b"not an image")
-    text = requests.get(server.url("metrics") + "/metrics", timeout=30).text
-    for name in ("PreprocessTime", "InferenceTime", "RejectedInputs", "HandlerTime"):
-        assert re.search(rf'^{name}\{{ModelName="my_model",Level="Model",.*\}} \d', text, re.M), name
+    text = requests.get(server.url("metrics") + "/metrics", timeout=30).text  # no token: the metrics API has none
+    labels = r'ModelName="my_model",Level="Model",Hostname="[^"]*"'
+    for name in ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds"):
+        assert f"# TYPE {name} histogram" in text, name
+        buckets = re.findall(rf'^{name}_bucket\{{{labels},le="([^"]+)",?\}} ([\d.E+-]+)$', text, re.M)
+        # TorchServe 0.12's fixed buckets: the Prometheus Java client's defaults, in seconds here
+        assert [le for le, _ in buckets] == [*map(str, PROMETHEUS_DEFAULT_BUCKETS), "+Inf"], name
+        counts = [float(c) for _, c in buckets]
+        assert counts == sorted(counts) and counts[-1] >= 1, name  # cumulative, and it saw our batch
+        assert re.search(rf"^{name}_count\{{{labels},?\}} [1-9]", text, re.M), name
+    assert "# TYPE RejectedInputs counter" in text
     rejected = re.search(r'^RejectedInputs\{ModelName="my_model".*\} ([\d.]+)', text, re.M)
     assert float(rejected.group(1)) >= 1
-    assert "# TYPE RejectedInputs counter" in text
 
 
 def test_ready_after_start_means_the_first_request_succeeds(server, val_bodies):
