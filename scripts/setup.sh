@@ -74,6 +74,27 @@ check_frontdoor_tools() {
 
 check_frontdoor_tools
 
+# tests/test_prometheus.py scrapes a test TorchServe with a real Prometheus (its own, on a free port). Without
+# recommends: they pull in prometheus-node-exporter, a daemon on :9100. Where systemd runs, the package starts a
+# prometheus service on :9090; stop the one it started (one already running before is not ours to stop).
+check_prometheus() {
+  command -v prometheus >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing prometheus with apt-get (tests/test_prometheus.py)" >&2
+    local before
+    before=$(pgrep -x prometheus || true)
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if [ -z "$before" ] && pgrep -x prometheus >/dev/null; then
+      echo "setup: stopping the prometheus service the package started (the tests start their own)" >&2
+      systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+    fi
+    return 0
+  fi
+  echo "setup: tests/test_prometheus.py needs prometheus: sudo apt-get install -y prometheus" >&2
+}
+
+check_prometheus
+
 # Started as root, TorchServe runs as this unprivileged user (SERVICE_USER in deploy/settings.py): a model's
 # handler is code, and it must never run as root.
 if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then
