@@ -1,23 +1,34 @@
-"""Benchmark the serving path against its own limit and against TorchServe's stock handler.
+"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same run.
 
     python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at 224x224
-    python -m bench.bench --targets digits --requests 300 --concurrency 1,4
+    python -m bench.bench --targets digits --backends onnx --concurrency 16 --seconds 5
 
-For each target model it measures, on this machine, in one run:
-  limit   the handler's own pipeline (decode -> preprocess -> inference -> postprocess)
-          called in-process, per backend, at batch 1 and at the configured batch size,
-          with the thread count the workers use;
-  served  the same archive behind a real TorchServe, loaded by a separate client process
-          (bench/loadgen.py, loopback only) at each concurrency: req/s, p50/p90/p99, errors;
-          ratio = served req/s / (workers x limit img/s at the configured batch size);
-  peer    the same weights behind TorchServe's stock `image_classifier` handler;
-  cold    `torchserve --start` to the first good prediction, and registration to ready.
-Client and server share the machine's cores; the report says how many there are.
-Writes bench_results/bench.json, bench_results/bench.png and prints a table.
+For each target model, on this machine, in one run:
+  limit     the handler's own pipeline (parse -> decode -> preprocess -> model -> top-k) called in-process per
+            backend, one worker's thread count, at the batch size the row's concurrency makes; measured right
+            before each served row (this machine's speed drifts by up to 2x within minutes);
+  ceiling   a no-op handler (bench/noop_handler.py, answers {"0": 1.0}) with the same model-config.yaml on
+            the same TorchServe: what TorchServe itself costs per request, for the same bodies;
+  served    each backend under wrk (1 thread, closed loop, `c` connections): req/s, p50/p90/p99;
+  estimate  if a request costs the frontend's share (the ceiling) plus the handler's share (the limit), served
+            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost beyond
+            those two (busy workers = min(c, workers), at the batch size c requests make);
+  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python workers,
+            wrk) and split with the in-process stage times: frontend, TorchServe's worker framing (the
+            no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the workers
+            (metrics, logging, message parsing); bench_breakdown.png stacks them;
+  batching  images/s when one request carries 1, 8 or 32 images (JSON list), against the same references;
+  checked   every image once through the served backend with the Python client: labels must equal the
+            eager model's;
+  peer      the same weights behind TorchServe's stock `image_classifier` handler (--no-peer skips it);
+  cold      `torchserve --start` to the first good prediction, and registration to ready.
+Writes bench_results/bench.json, bench.png and bench_breakdown.png, and prints the tables.
 """
 
 import argparse
+import base64
 import json
+import math
 import os
 import tempfile
 import time
@@ -26,25 +37,39 @@ import zipfile
 import torch
 import yaml
 
-from bench.loadgen import spawn
+from bench.noop import build_noop_archive
 from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.targets import TARGETS, digits_target
+from bench.wrk import children_cpu, cpu_seconds, post_files
 from deploy import management, settings
 from deploy.archive import build_archive
-from deploy.predict import post, read_bytes
+from deploy.predict import post, read_bytes, top1
 from deploy.server import Ports, TorchServe
 from model_src.runtime import BACKEND_FILES
 
-BACKENDS = tuple(BACKEND_FILES)
+# The archive default (onnx, deploy/archive.py) first: it is served as my_model.mar and gets the batching rows.
+BACKENDS = ("onnx", *(b for b in BACKEND_FILES if b != "onnx"))
 MODEL = settings.MODEL_NAME
+STAGES = ("frontend", "framing", "decode", "model", "topk", "worker_rest")
+STAGE_NAMES = {
+    "frontend": "frontend (Java: HTTP, queue, metrics parsing, logs)",
+    "framing": "worker framing (TorchServe's Python service, no-op)",
+    "decode": "decode + preprocess",
+    "model": "model",
+    "topk": "top-k + response",
+    "worker_rest": "rest of the worker (metrics, logging, batching)",
+}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="digits,imagenet", help=f"comma-separated, of: {', '.join(TARGETS)}")
-    p.add_argument("--backends", default=",".join(BACKENDS))
-    p.add_argument("--concurrency", default="1,4,16,64")
-    p.add_argument("--requests", type=int, default=0, help="requests per level (0: 800 digits, 160 imagenet)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="the first one also gets the batching rows")
+    p.add_argument("--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last")
+    p.add_argument("--seconds", type=float, default=10, help="wrk duration per row")
+    p.add_argument("--batching", default="1,8,32", help="images per request for the client-side batching rows")
+    p.add_argument("--batching-concurrency", type=int, default=8)
+    p.add_argument("--limit-seconds", type=float, default=2, help="in-process limit duration per row")
     p.add_argument(
         "--digits-checkpoint",
         default=os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt"),
@@ -52,7 +77,7 @@ def get_args_parser():
     )
     p.add_argument("--config-file", default=settings.MODEL_CONFIG, help="model-config.yaml under test")
     p.add_argument("--no-peer", action="store_true", help="skip the stock image_classifier peer")
-    p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and bench.png")
+    p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and the PNGs")
     return p
 
 
@@ -76,35 +101,95 @@ def make_handler(archive: str, work: str, batch_size: int):
     metrics = MetricsCacheYamlImpl(settings.METRICS_CONFIG)
     metrics.initialize_cache()
     ctx = Context(MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg)
+    ctx.request_processor = None
     handler = ImageClassifier()
     handler.initialize(ctx)
     return handler, ctx, RequestProcessor
 
 
+def per_second(fn, units: int, seconds: float) -> float:
+    """units/s of fn() repeated for `seconds` after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += units
+    return n / (time.perf_counter() - t0)
+
+
 def measure_limit(handler, ctx, request_processor, bodies, batch: int, seconds: float = 3.0) -> float:
-    """Images per second through handler.handle() with `batch` requests per call."""
+    """Images per second through handler.handle() with `batch` requests (bodies as sent) per call."""
     rows = [{"body": bytearray(bodies[i % len(bodies)])} for i in range(batch)]
     ctx.request_processor = [request_processor({}) for _ in rows]
     ctx.metrics.request_ids = {i: str(i) for i in range(batch)}
-    for _ in range(3):
-        handler.handle(rows, ctx)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        handler.handle(rows, ctx)
-        n += batch
-    return n / (time.perf_counter() - t0)
+    per_row = images_in(bodies[0])
+    return per_second(lambda: handler.handle(rows, ctx), batch * per_row, seconds)
+
+
+def images_in(body: bytes) -> int:
+    return len(json.loads(body)["data"]) if body[:1] == b"{" else 1
+
+
+def measure_stages(handler, bodies, batch: int, seconds: float = 2.0) -> dict:
+    """ms per image of decode + preprocess and of the model (at `batch`), in-process, as the handler runs them."""
+    i = iter(range(10**9))
+    decode = per_second(lambda: handler.decode_all([bodies[next(i) % len(bodies)]], handler.prep), 1, seconds)
+    x = torch.stack(handler.decode_all([bodies[k % len(bodies)] for k in range(batch)], handler.prep))
+    model = per_second(lambda: handler.predictor(x), batch, seconds)
+    return {"decode": 1000 / decode, "model": 1000 / model}
+
+
+def json_bodies(files: list[str], n: int, folder: str) -> list[str]:
+    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching bodies."""
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for start in range(0, max(len(files), n), n):
+        images = [base64.b64encode(read_bytes(files[(start + k) % len(files)])).decode() for k in range(n)]
+        out.append(os.path.join(folder, f"{n}_{start}.json"))
+        with open(out[-1], "w") as f:
+            json.dump({"data": images}, f)
+    return out
 
 
 # --- served numbers ------------------------------------------------------------------------------
 
 
-def load(ts: TorchServe, version: str, images, expect, concurrency: int, requests: int) -> dict:
-    """One load level through bench/loadgen.py in its own process; expect=None checks no labels."""
-    proc = spawn(f"{ts.url()}/predictions/{MODEL}/{version}", ts.key_file, concurrency, requests, images, expect)
-    out, _ = proc.communicate(timeout=900)
-    if proc.returncode:
-        raise RuntimeError(f"the load generator failed (exit {proc.returncode})")
-    return json.loads(out)
+class Server:
+    """A benchmark TorchServe: wrk against one version at a time, with the CPU each process spent."""
+
+    def __init__(self, ts: TorchServe, seconds: float):
+        self.ts, self.seconds = ts, seconds
+
+    def load(self, version: str, files: list[str], c: int, content_type=None) -> dict:
+        frontend, workers = self.processes()
+        cpu0 = (cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu())
+        url = f"{self.ts.url()}/predictions/{MODEL}/{version}"
+        res = post_files(url, self.ts.keys()["inference"]["key"], files, c, self.seconds, content_type)
+        workers_now = self.processes()[1]
+        cpu1 = (cpu_seconds([frontend]) - cpu_seconds(workers_now), cpu_seconds(workers_now), children_cpu())
+        n = max(res["requests"], 1)
+        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an error.
+        res["cpu_ms"] = {k: round((b - a) * 1000 / n, 4) for k, a, b in zip(("frontend", "workers", "wrk"), cpu0, cpu1)}
+        res["cpu_ms"]["idle"] = round(
+            max(0.0, (os.cpu_count() or 1) * res["seconds"] * 1000 / n - sum(res["cpu_ms"].values())), 4
+        )
+        return res
+
+    def processes(self) -> tuple[int, list[int]]:
+        import psutil
+
+        pid = self.ts.pid()
+        return pid, [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+    def check(self, version: str, files: list[str], expect: list[str]) -> dict:
+        """Every image once, sequentially, with the Python client: answers read and compared."""
+        wrong = errors = 0
+        for path, label in zip(files, expect):
+            resp = post(self.ts, read_bytes(path), MODEL, version)
+            errors += resp.status_code != 200
+            wrong += resp.status_code == 200 and top1(resp.json()) != label
+        return {"requests": len(files), "wrong_labels": wrong, "errors": errors}
 
 
 def register(ts: TorchServe, archive: str) -> float:
@@ -125,114 +210,213 @@ def cold_start(ts: TorchServe, image: str, timeout: float = 120) -> float:
     return time.perf_counter() - t0
 
 
+def batch_at(c: int, workers: int, batch: int) -> int:
+    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting requests."""
+    return max(1, min(batch, math.ceil(c / workers)))
+
+
+def estimate(ceiling_rps: float, limit_ips: float, busy_workers: int, images_per_request: int = 1) -> float:
+    """Requests/s if each request cost the no-op's time plus its images' share of the busy workers' limit."""
+    return 1 / (1 / ceiling_rps + images_per_request / (busy_workers * limit_ips))
+
+
+# --- one target ------------------------------------------------------------------------------------
+
+
 def bench_target(target: dict, args, work: str) -> dict:
     from model_src.net import load_model
+    from model_src.preprocessing import Preprocessing
 
     backends = args.backends.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
-    n_requests = args.requests or (800 if target["name"] == "digits" else 160)
     with open(args.config_file) as f:
         model_cfg = yaml.safe_load(f)
-    batch = int(model_cfg.get("batchSize", 1))
+    batch, workers = int(model_cfg.get("batchSize", 1)), int(model_cfg.get("maxWorkers", 1))
+    fan = [int(n) for n in args.batching.split(",")] if args.batching else []
     store = os.path.join(work, f"store_{target['name']}")
     os.makedirs(store)
-    model, ckpt = load_model(target["checkpoint"])
-    prep_names = ckpt["class_names"]
-    bodies = [read_bytes(p) for p in target["images"]]
+    files = target["images"]
+    bodies = [read_bytes(p) for p in files]
+    fan_files = {n: json_bodies(files, n, os.path.join(work, f"json_{target['name']}")) for n in fan}
     # Expected labels: what the eager model says offline (served answers must agree).
-    from model_src.preprocessing import Preprocessing
-
+    model, ckpt = load_model(target["checkpoint"])
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     with torch.inference_mode():
-        expect = [prep_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
+        expect = [ckpt["class_names"][model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
 
     result = {
         "model": target["name"],
         "batch_size": batch,
-        "workers": model_cfg.get("maxWorkers"),
+        "workers": workers,
         "max_batch_delay_ms": model_cfg.get("maxBatchDelay"),
         "images": len(bodies),
-        "requests_per_level": n_requests,
+        "seconds_per_row": args.seconds,
+        "levels": levels,
         "limit": {},
+        "stages_ms_per_image": {},
+        "ceiling": [],
         "served": {},
+        "checked": {},
+        "batching": [],
         "registration_s": {},
     }
-    archives = {}
+    archives, handlers = {}, {}
     for i, backend in enumerate(backends):
         name = f"{MODEL}.mar" if i == 0 else f"{MODEL}_v{backend}.mar"
         archives[backend] = build_archive(
             target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
         )["archive"]
-        handler, ctx, rp = make_handler(archives[backend], work, batch)
-        per_worker = measure_limit(handler, ctx, rp, bodies, batch)
-        result["limit"][backend] = {
-            "batch_1": measure_limit(handler, ctx, rp, bodies, 1),
-            f"batch_{batch}": per_worker,
-            # Each worker runs this pipeline on cores/workers threads, so together they can do workers x.
-            "all_workers": per_worker * int(model_cfg.get("maxWorkers", 1)),
-        }
-        print(f"  limit {target['name']} {backend}: {result['limit'][backend]}", flush=True)
-        del handler
-    torch.set_num_threads(os.cpu_count() or 1)
+        handlers[backend] = make_handler(archives[backend], work, batch)
+    build_noop_archive(store, args.config_file)
 
+    def limit(backend: str, key: str, row_bodies: list[bytes], b: int) -> float:
+        """The handler in-process right before the served row it is the reference of (the machine's speed drifts
+        by up to 2x within minutes); every measurement is kept, the row uses its own."""
+        handler, ctx, rp = handlers[backend]
+        ips = measure_limit(handler, ctx, rp, row_bodies, b, args.limit_seconds)
+        result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
+        return ips
+
+    for backend in backends:
+        result["stages_ms_per_image"][backend] = measure_stages(handlers[backend][0], bodies, batch)
     ts = TorchServe(
         workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(), user=None
     )
     try:
-        result["cold_start_s"] = cold_start(ts, target["images"][0])
-        served_versions = {backends[0]: backends[0]}
+        result["cold_start_s"] = cold_start(ts, files[0])
+        versions = {backends[0]: backends[0]}
         for backend in backends[1:]:
             result["registration_s"][backend] = register(ts, archives[backend])
-            served_versions[backend] = backend
+            versions[backend] = backend
+        result["registration_s"]["noop"] = register(ts, os.path.join(store, f"{MODEL}_vnoop.mar"))
+        peer_files = None
         if not args.no_peer:
             peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
             result["registration_s"]["stock"] = register(ts, peer)
-            served_versions["stock image_classifier"] = "stock"
-            result["peer_notes"] = peer_notes(ts, target["images"][0], prep)
-        for label, version in served_versions.items():
-            rows = []
-            for c in levels:
-                if version == "stock":  # RGB copies (the stock handler cannot read grey PNGs); labels unchecked
-                    stats = load(ts, version, rgb_copies(target["images"], work), None, c, n_requests)
-                else:
-                    stats = load(ts, version, target["images"], expect, c, n_requests)
-                rows.append(stats)
-                print(
-                    f"  served {target['name']} {label} c={c}: {stats['throughput_rps']} req/s "
-                    f"p50 {stats['p50_ms']:.1f} p99 {stats['p99_ms']:.1f} ms errors {stats['errors']} "
-                    f"wrong {stats['wrong_labels']}",
-                    flush=True,
-                )
-            result["served"][label] = rows
+            result["peer_notes"] = peer_notes(ts, files[0], prep)
+            peer_files = rgb_copies(files, work)  # the stock handler cannot read grey PNGs; labels unchecked
+        server = Server(ts, args.seconds)
+        for backend in backends:
+            result["checked"][backend] = server.check(backend, files, expect)
+            server.load(backend, files, levels[-1])  # warm-up: JIT, caches, connection pools
+        server.load("noop", files, levels[-1])
+        for c in levels:  # the ceiling right before the rows it is the reference of: the machine drifts
+            result["ceiling"].append(server.load("noop", files, c))
+            say(target["name"], "no-op", result["ceiling"][-1])
+            for label, version, fs in [
+                *((b, b, files) for b in backends),
+                *([("stock", "stock", peer_files)] if peer_files else []),
+            ]:
+                b = batch_at(c, workers, batch)
+                ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
+                result["served"].setdefault(label, []).append({**server.load(version, fs, c), "limit_ips": ips})
+                say(target["name"], label, result["served"][label][-1])
+        c = args.batching_concurrency
+        for n in fan:
+            row = {"images_per_request": n, "concurrency": c}
+            row["limit_ips"] = limit(backends[0], f"json_{n}", [read_bytes(p) for p in fan_files[n]], batch)
+            row["ceiling"] = server.load("noop", fan_files[n], c, "application/json")
+            row["served"] = server.load(backends[0], fan_files[n], c, "application/json")
+            result["batching"].append(row)
+            say(target["name"], f"{backends[0]} x{n} images", row["served"])
     finally:
         ts.stop()
+    add_estimates(result)
     return result
+
+
+def say(name: str, label: str, r: dict):
+    print(
+        f"  {name} {label} c={r['concurrency']}: {r['throughput_rps']} req/s p50 {r['p50_ms']:.1f} "
+        f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}",
+        flush=True,
+    )
+
+
+def add_estimates(res: dict):
+    """served / estimate for every row, and the CPU breakdown per request at the top level."""
+    workers = res["workers"]
+    for rows in res["served"].values():
+        for row, ceiling in zip(rows, res["ceiling"]):
+            c = row["concurrency"]
+            # Only where the batching is known: one request at a time, or every worker taking full batches. In
+            # between, TorchServe's greedy batching decides (at c=4 one worker often takes all four requests).
+            if row["limit_ips"] and (c == 1 or c >= workers * res["batch_size"]):
+                row["estimate_rps"] = round(estimate(ceiling["throughput_rps"], row["limit_ips"], min(c, workers)), 1)
+                row["vs_estimate"] = round(row["throughput_rps"] / row["estimate_rps"], 3)
+    for row in res["batching"]:
+        n = row["images_per_request"]
+        row["images_per_s"] = round(row["served"]["throughput_rps"] * n, 1)
+        row["estimate_images_per_s"] = round(
+            n * estimate(row["ceiling"]["throughput_rps"], row["limit_ips"], workers, n), 1
+        )
+        row["vs_estimate"] = round(row["images_per_s"] / row["estimate_images_per_s"], 3)
+    top = res["ceiling"][-1]
+    res["breakdown_ms"] = {}
+    for label, rows in res["served"].items():
+        if label not in res["limit"]:
+            continue
+        cpu, stages = rows[-1]["cpu_ms"], res["stages_ms_per_image"][label]
+        handler_ms = 1000 / rows[-1]["limit_ips"]  # one worker thread: CPU ms per image, measured next to the row
+        framing = top["cpu_ms"]["workers"]
+        parts = {
+            "frontend": cpu["frontend"],
+            "framing": framing,
+            "decode": stages["decode"],
+            "model": stages["model"],
+            "topk": max(0.0, handler_ms - stages["decode"] - stages["model"]),
+            "worker_rest": cpu["workers"] - framing - handler_ms,
+            "wrk": cpu["wrk"],
+            "idle": cpu["idle"],
+        }
+        res["breakdown_ms"][label] = {k: round(v, 4) for k, v in parts.items()}
 
 
 # --- report --------------------------------------------------------------------------------
 
 
 def table(res: dict) -> str:
-    batch = res["batch_size"]
     lines = [
-        f"\n{res['model']}: batch {batch}, {res['workers']} worker(s), maxBatchDelay {res['max_batch_delay_ms']} ms,"
-        f" {res['requests_per_level']} requests per level, cold start {res['cold_start_s']:.1f} s",
-        f"{'backend':24s}{'limit b1':>10s}{'limit b' + str(batch):>10s}{'x workers':>10s}  {'c':>3s}{'req/s':>9s}"
-        f"{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'served/limit':>14s}",
+        f"\n{res['model']}: batch {res['batch_size']}, {res['workers']} worker(s), maxBatchDelay "
+        f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
+        f"cold start {res['cold_start_s']:.1f} s",
+        f"{'backend':14s}{'c':>4s}{'req/s':>9s}{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'no-op':>9s}"
+        f"{'estimate':>10s}{'served/est':>12s}",
     ]
     for label, rows in res["served"].items():
-        lim = res["limit"].get(label)  # the stock peer has no in-process limit of ours
-        for j, r in enumerate(rows):
-            l1 = f"{lim['batch_1']:.0f}" if lim and j == 0 else ""
-            lb = f"{lim[f'batch_{batch}']:.0f}" if lim and j == 0 else ""
-            la = f"{lim['all_workers']:.0f}" if lim and j == 0 else ""
-            ratio = f"{r['throughput_rps'] / lim['all_workers']:.2f}" if lim else ""
+        for j, (r, ceil) in enumerate(zip(rows, res["ceiling"])):
+            est = f"{r['estimate_rps']:.0f}" if "estimate_rps" in r else ""
+            ratio = f"{r['vs_estimate']:.2f}" if "vs_estimate" in r else ""
             lines.append(
-                f"{label if j == 0 else '':24s}{l1:>10s}{lb:>10s}{la:>10s}  {r['concurrency']:3d}"
-                f"{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ratio:>14s}"
+                f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}"
+                f"{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ceil['throughput_rps']:9.0f}{est:>10s}{ratio:>12s}"
             )
-    regs = ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
-    lines.append(f"registration to ready: {regs}")
+    lines.append(
+        "limit, img/s in-process, each measured next to its row: "
+        + "; ".join(
+            f"{b}: " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in row.items())
+            for b, row in res["limit"].items()
+        )
+    )
+    for row in res["batching"]:
+        lines.append(
+            f"client batching x{row['images_per_request']} (c={row['concurrency']}): {row['images_per_s']:.0f} img/s, "
+            f"estimate {row['estimate_images_per_s']:.0f}, ratio {row['vs_estimate']:.2f}, "
+            f"p50 {row['served']['p50_ms']:.1f} ms, errors {row['served']['errors']}"
+        )
+    for label, parts in res["breakdown_ms"].items():
+        lines.append(
+            f"CPU ms per request at c={res['levels'][-1]}, {label}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+        )
+    lines.append(
+        "checked: "
+        + ", ".join(
+            f"{b} {v['wrong_labels']} wrong / {v['errors']} errors of {v['requests']}"
+            for b, v in res["checked"].items()
+        )
+    )
+    lines.append("registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items()))
     return "\n".join(lines)
 
 
@@ -244,26 +428,57 @@ def plot(results: list, path: str):
 
     fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
     for col, res in enumerate(results):
-        batch = res["batch_size"]
+        c = res["levels"]
+        axes[0][col].plot(c, [r["throughput_rps"] for r in res["ceiling"]], "k--", label="no-op handler (ceiling)")
         for label, rows in res["served"].items():
-            c = [r["concurrency"] for r in rows]
-            axes[0][col].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=label)
+            (line,) = axes[0][col].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=label)
+            if "estimate_rps" in rows[0]:
+                axes[0][col].plot(c, [r["estimate_rps"] for r in rows], ":", color=line.get_color())
             axes[1][col].plot(c, [r["p99_ms"] for r in rows], marker="o", label=label)
-            lim = res["limit"].get(label)
-            if lim:
-                axes[0][col].axhline(lim["all_workers"], linestyle=":", color=axes[0][col].lines[-1].get_color())
         axes[0][col].set(
-            title=f"{res['model']}: throughput (dotted: in-process limit x workers, batch {batch})",
+            title=f"{res['model']}: req/s (dotted: additive estimate)",
             xscale="log",
-            xlabel="concurrency",
+            yscale="log",
+            xlabel="concurrency (wrk)",
             ylabel="req/s",
         )
-        axes[1][col].set(
-            title=f"{res['model']}: p99 latency", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms"
-        )
+        axes[1][col].set(title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_breakdown(results: list, path: str):
+    """One stacked bar per model and backend: CPU ms per request, by where it went."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{r['model']}\n{label}", parts) for r in results for label, parts in r["breakdown_ms"].items()]
+    names = {**STAGE_NAMES, "wrk": "load generator (wrk)", "idle": "idle cores"}
+    fig, axes = plt.subplots(1, len(results), figsize=(4 + 3 * len(bars), 5), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        mine = [(label, parts) for label, parts in res["breakdown_ms"].items()]
+        for k, key in enumerate([*STAGES, "wrk", "idle"]):
+            bottoms = [sum(max(0.0, p[s]) for s in [*STAGES, "wrk", "idle"][:k]) for _, p in mine]
+            ax.bar(
+                [label for label, _ in mine],
+                [max(0.0, p[key]) for _, p in mine],
+                bottom=bottoms,
+                label=names[key],
+                color=f"C{k}",
+                hatch="//" if key == "idle" else None,
+                alpha=0.4 if key == "idle" else 1,
+            )
+        ax.set(
+            title=f"{res['model']}: CPU ms per request at c={res['levels'][-1]} ({os.cpu_count()} cores)",
+            ylabel="ms of CPU per request",
+        )
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -279,20 +494,16 @@ def main(args):
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         for name in names:
             target = digits_target(args.digits_checkpoint, work) if name == "digits" else TARGETS[name](work)
-            print(f"benchmarking {name} ({os.cpu_count()} cores shared by client and server)", flush=True)
+            print(f"benchmarking {name} ({os.cpu_count()} cores shared by wrk and the server)", flush=True)
             results.append(bench_target(target, args, work))
-    report = {
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "note": "client and server share the cores",
-        "results": results,
-    }
+    report = {"cores": os.cpu_count(), "torch": torch.__version__, "results": results}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(results, os.path.join(args.out, "bench.png"))
+    plot_breakdown(results, os.path.join(args.out, "bench_breakdown.png"))
     for res in results:
         print(table(res))
-    print(f"\nwrote {args.out}/bench.json and {args.out}/bench.png")
+    print(f"\nwrote {args.out}/bench.json, bench.png and bench_breakdown.png")
 
 
 if __name__ == "__main__":

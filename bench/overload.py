@@ -19,18 +19,14 @@ import base64
 import json
 import os
 import re
-import resource
-import shutil
 import socket
 import ssl
 import statistics
-import subprocess
 import tempfile
 import time
 
-import psutil
-
 from bench.targets import digits_target
+from bench.wrk import children_cpu, cpu_seconds, wrk
 from deploy import settings
 from deploy.archive import build_archive
 from deploy.frontdoor import FrontDoor, for_server
@@ -58,36 +54,6 @@ def get_args_parser():
     return p
 
 
-def wrk(url: str, concurrency: int, seconds: int, env: dict) -> dict:
-    """One closed-loop wrk run; its Lua script prints the counts as JSON on the last line."""
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk not found: run scripts/setup.sh as root, or apt-get install wrk")
-    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "60s", "-s", LUA, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 120)
-    if out.returncode != 0:
-        raise SystemExit(f"wrk failed: {out.stderr.strip()}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            proc = psutil.Process(pid)
-            for p in [proc, *proc.children(recursive=True)]:
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    return total
-
-
-def children_cpu() -> float:
-    """CPU seconds of this process's finished children (the wrk runs)."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 def rejection_p99(log: str, offset: int) -> tuple[float | None, int]:
     """p99 (ms) of the front door's own rejections (429/503 it answered without TorchServe) logged after
     `offset`, and the log's new size."""
@@ -103,7 +69,7 @@ def measure(path: str, url: str, concurrency: int, seconds: int, env: dict, pids
     cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
     wrk0 = children_cpu()
     offset = os.path.getsize(door.log) if door else 0
-    res = wrk(url, concurrency, seconds, env)
+    res = wrk(url, LUA, concurrency, seconds, env)
     cpu = {k: round(cpu_seconds(v) - cpu0[k], 2) for k, v in pids.items()}
     cpu["wrk"] = round(children_cpu() - wrk0, 2)
     counts, secs = res["counts"], res["seconds"]
@@ -188,7 +154,7 @@ def run_server(args, store: str, work: str, env: dict, levels: list[int], job_qu
             pids["haproxy"] = [door.pid()]
         direct = f"{ts.url()}/predictions/{MODEL}"
         through = f"https://127.0.0.1:{door.port}/predictions/{MODEL}" if door else None
-        wrk(direct, 16, 3, env)  # warm-up: workers, JIT, caches
+        wrk(direct, LUA, 16, 3, env)  # warm-up: workers, JIT, caches
         runs = []
         for _ in range(args.rounds):  # rounds interleave the paths, so a noisy neighbour hits both
             for c in levels:

@@ -22,6 +22,7 @@ management API's calls live in deploy/management.py.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -142,9 +143,13 @@ class TorchServe:
                 "model_store": self.model_store,
             }
         )
+        # Paths in config.properties are relative to its folder (the repository root); the server runs elsewhere.
+        here = os.path.dirname(os.path.abspath(self.base_config))
         if props.get("metrics_config") and not os.path.isabs(props["metrics_config"]):
-            props["metrics_config"] = os.path.join(
-                os.path.dirname(os.path.abspath(self.base_config)), props["metrics_config"]
+            props["metrics_config"] = os.path.join(here, props["metrics_config"])
+        if "vmargs" in props:
+            props["vmargs"] = re.sub(
+                r"(-Dlog4j\.configurationFile=)(?!/)(\S+)", lambda m: m[1] + os.path.join(here, m[2]), props["vmargs"]
             )
         props.update(self.overrides)
         if self.guard:  # TorchServe's own management API moves to a socket only its user can reach

@@ -16,6 +16,7 @@ MODEL_SRC = os.path.join(ROOT, "model_src")  # exactly what every archive ships
 HANDLER = os.path.join(ROOT, "handlers", "image_classifier.py")
 MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")  # per-model workers, batching, handler limits
 METRICS_CONFIG = os.path.join(ROOT, "serving", "metrics.yaml")
+LOG_CONFIG = os.path.join(ROOT, "serving", "log4j2.xml")  # the frontend's log4j2 (config.properties vmargs)
 BENCH_RESULTS = os.path.join(ROOT, "bench_results")
 SOAK_RESULTS = os.path.join(ROOT, "soak_results")
 FRONT_DOOR_DIR = os.path.join(ROOT, "frontdoor")  # the TLS front door's own folder (0700): certificates, config, log

@@ -113,7 +113,8 @@ literal_config() {
   [ -f "$VENV/bin/activate" ] || return 0
   local root copy=$VENV/torchserve.config.properties
   root=$(pwd)
-  sed -E "s#^(model_store|metrics_config)=([^/].*)\$#\1=$root/\2#" config.properties > "$copy"
+  sed -E -e "s#^(model_store|metrics_config)=([^/].*)\$#\1=$root/\2#" \
+    -e "s#(-Dlog4j\.configurationFile=)([^/ ][^ ]*)#\1$root/\2#" config.properties > "$copy"
   grep -qs "TS_CONFIG_FILE" "$VENV/bin/activate" || cat >> "$VENV/bin/activate" <<ACT
 
 # added by scripts/setup.sh: \`torchserve --start --models my_model=my_model.mar\` uses this bundle's config

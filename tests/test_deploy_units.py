@@ -139,6 +139,13 @@ def test_the_generated_config_carries_every_value_unchanged(tmp_path):
     assert not re.fullmatch(allowed, "https://models-example.com/evil.mar")  # the look-alike host
 
 
+def test_the_frontend_logging_config_is_found_from_the_servers_own_directory(tmp_path):
+    # config.properties names serving/log4j2.xml relative to the repository; the JVM runs in the server's workdir.
+    props = TorchServe(workdir=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None).config()
+    path = props["vmargs"].split("-Dlog4j.configurationFile=", 1)[1]
+    assert os.path.isabs(path) and os.path.isfile(path) and path.endswith("serving/log4j2.xml")
+
+
 JAVA_DUMP = """
 import java.io.*;
 import java.util.*;

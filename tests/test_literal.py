@@ -52,6 +52,7 @@ def test_the_activate_script_points_torchserve_at_this_bundles_config():
     assert props["model_store"] == os.path.join(ROOT, "model_store")
     assert props["inference_address"] == "http://127.0.0.1:8080"
     assert props["disable_token_authorization"] == "false"
+    assert props["vmargs"] == f"-Dlog4j.configurationFile={ROOT}/serving/log4j2.xml"  # the frontend's logging
 
 
 @pytest.fixture

@@ -17,37 +17,48 @@ from deploy.archive import build_archive, verify_checksum
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
-    from bench.bench import get_args_parser, main
+    from bench.bench import STAGES, get_args_parser, main
 
     out = tmp_path / "bench"
-    main(
-        get_args_parser().parse_args(
-            [
-                "--targets",
-                "digits",
-                "--backends",
-                "eager,onnx",
-                "--concurrency",
-                "1,4",
-                "--requests",
-                "40",
-                "--no-peer",
-                "--digits-checkpoint",
-                checkpoint,
-                "--out",
-                str(out),
-            ]
-        )
-    )
+    args = ["--targets", "digits", "--backends", "onnx,eager", "--concurrency", "1,16", "--seconds", "2"]
+    args += ["--batching", "1,8", "--no-peer", "--digits-checkpoint", checkpoint, "--out", str(out)]
+    main(get_args_parser().parse_args(args))
     report = json.load(open(out / "bench.json"))
     (res,) = report["results"]
     assert report["cores"] >= 1 and res["model"] == "digits"
-    assert set(res["limit"]) == {"eager", "onnx"} and all(v["batch_1"] > 0 for v in res["limit"].values())
+    # the limit at the batch size each level makes (c=1: 1; c=16 over 2 workers: the configured 4), next to its row
+    assert set(res["limit"]) == {"onnx", "eager"}
+    assert set(res["limit"]["onnx"]) == {"batch_1", "batch_4", "json_1", "json_8"}
+    assert all(len(v) >= 1 and min(v) > 0 for row in res["limit"].values() for v in row.values())
+    # the no-op ceiling and each backend at every level, from wrk: answers, no errors, an estimate to compare with
+    assert [r["concurrency"] for r in res["ceiling"]] == [1, 16]
     for rows in res["served"].values():
-        assert [r["concurrency"] for r in rows] == [1, 4]
-        assert all(r["requests"] == 40 and r["errors"] == 0 and r["wrong_labels"] == 0 for r in rows)
-    assert res["cold_start_s"] > 0 and res["registration_s"]["onnx"] > 0
-    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert [r["concurrency"] for r in rows] == [1, 16]
+        assert all(r["requests"] > 0 and r["errors"] == 0 and r["statuses"] == {"200": r["requests"]} for r in rows)
+        assert all(0 < r["vs_estimate"] and r["estimate_rps"] > 0 for r in rows)
+    assert all(v == {"requests": res["images"], "wrong_labels": 0, "errors": 0} for v in res["checked"].values())
+    assert [r["images_per_request"] for r in res["batching"]] == [1, 8]
+    assert all(r["served"]["errors"] == 0 and r["images_per_s"] > 0 for r in res["batching"])
+    # the breakdown: every stage present for each backend, model and decode measured
+    for parts in res["breakdown_ms"].values():
+        assert set(STAGES) <= set(parts) and parts["model"] > 0 and parts["decode"] > 0 and parts["frontend"] > 0
+    assert res["cold_start_s"] > 0 and res["registration_s"]["eager"] > 0
+    for png in ("bench.png", "bench_breakdown.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrk_refuses_other_hosts():
+    from bench.wrk import post_files
+
+    with pytest.raises(SystemExit, match="non-loopback"):
+        post_files("http://example.com/predictions/my_model", "key", [__file__], 1, 1)
+
+
+def test_noop_handler_answers_every_request():
+    from bench.noop_handler import handle
+
+    assert [json.loads(a) for a in handle([{"body": b"x"}, {"body": b"y"}], None)] == [{"0": 1.0}] * 2
+    assert handle(None, None) is None  # TorchServe's initialisation call
 
 
 @pytest.mark.slow

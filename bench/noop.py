@@ -1,0 +1,33 @@
+"""Archive bench/noop_handler.py with a given model-config.yaml (the benchmark's framework ceiling)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from deploy import settings
+from deploy.archive import write_checksum
+
+HANDLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop_handler.py")
+
+
+def build_noop_archive(store: str, config_file: str, version: str = "noop") -> str:
+    """model_store/<model>_v<version>.mar serving the no-op handler under the bundle's model name."""
+    work = tempfile.mkdtemp(prefix="noop-")
+    try:
+        subprocess.run(
+            [
+                os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
+                *("--model-name", settings.MODEL_NAME, "--version", version),
+                *("--handler", HANDLER, "--config-file", config_file, "--export-path", work),
+            ],
+            check=True,
+            env={**os.environ, "TMPDIR": work},  # the archiver wipes $TMPDIR/<model-name>: keep it private
+        )
+        target = os.path.join(store, f"{settings.MODEL_NAME}_v{version}.mar")
+        shutil.move(os.path.join(work, f"{settings.MODEL_NAME}.mar"), target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_checksum(target)
+    return target
