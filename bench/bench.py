@@ -161,7 +161,19 @@ class Server:
     def __init__(self, ts: TorchServe, seconds: float):
         self.ts, self.seconds = ts, seconds
 
+    def settle(self, timeout: float = 120):
+        """Wait until TorchServe is idle. wrk stops sending at the end of a run, but what was queued is still
+        served (a slow backend at c=64 leaves seconds of work), on the cores the next measurement needs."""
+        frontend, workers = self.processes()
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            before = cpu_seconds([frontend])
+            time.sleep(0.5)
+            if cpu_seconds([frontend]) - before < 0.05:  # under 5 % of one core
+                return
+
     def load(self, version: str, files: list[str], c: int, content_type=None) -> dict:
+        self.settle()
         frontend, workers = self.processes()
         cpu0 = (cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu())
         url = f"{self.ts.url()}/predictions/{MODEL}/{version}"
@@ -273,12 +285,11 @@ def bench_target(target: dict, args, work: str) -> dict:
         """The handler in-process right before the served row it is the reference of (the machine's speed drifts
         by up to 2x within minutes); every measurement is kept, the row uses its own."""
         handler, ctx, rp = handlers[backend]
+        server.settle()
         ips = measure_limit(handler, ctx, rp, row_bodies, b, args.limit_seconds)
         result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
         return ips
 
-    for backend in backends:
-        result["stages_ms_per_image"][backend] = measure_stages(handlers[backend][0], bodies, batch)
     ts = TorchServe(
         workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(), user=None
     )
@@ -309,6 +320,8 @@ def bench_target(target: dict, args, work: str) -> dict:
             ]:
                 b = batch_at(c, workers, batch)
                 ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
+                if label in handlers and c == levels[-1]:  # the breakdown's split, measured next to its row too
+                    result["stages_ms_per_image"][label] = measure_stages(handlers[label][0], bodies, b)
                 result["served"].setdefault(label, []).append({**server.load(version, fs, c), "limit_ips": ips})
                 say(target["name"], label, result["served"][label][-1])
         c = args.batching_concurrency
