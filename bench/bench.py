@@ -119,12 +119,17 @@ def per_second(fn, units: int, seconds: float) -> float:
 
 
 def measure_limit(handler, ctx, request_processor, bodies, batch: int, seconds: float = 3.0) -> float:
-    """Images per second through handler.handle() with `batch` requests (bodies as sent) per call."""
-    rows = [{"body": bytearray(bodies[i % len(bodies)])} for i in range(batch)]
-    ctx.request_processor = [request_processor({}) for _ in rows]
+    """Images per second through handler.handle() with `batch` requests (bodies as sent) per call, the bodies
+    taken in turn (real photos differ in size: the first few alone are not the average)."""
+    ctx.request_processor = [request_processor({}) for _ in range(batch)]
     ctx.metrics.request_ids = {i: str(i) for i in range(batch)}
-    per_row = images_in(bodies[0])
-    return per_second(lambda: handler.handle(rows, ctx), batch * per_row, seconds)
+    turn = iter(range(10**9))
+
+    def call():
+        start = next(turn) * batch
+        handler.handle([{"body": bytearray(bodies[(start + i) % len(bodies)])} for i in range(batch)], ctx)
+
+    return per_second(call, batch * images_in(bodies[0]), seconds)
 
 
 def images_in(body: bytes) -> int:
@@ -445,8 +450,9 @@ def plot(results: list, path: str):
         axes[0][col].plot(c, [r["throughput_rps"] for r in res["ceiling"]], "k--", label="no-op handler (ceiling)")
         for label, rows in res["served"].items():
             (line,) = axes[0][col].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=label)
-            if "estimate_rps" in rows[0]:
-                axes[0][col].plot(c, [r["estimate_rps"] for r in rows], ":", color=line.get_color())
+            est = [(r["concurrency"], r["estimate_rps"]) for r in rows if "estimate_rps" in r]
+            if est:
+                axes[0][col].plot(*zip(*est), ":", marker=".", color=line.get_color())
             axes[1][col].plot(c, [r["p99_ms"] for r in rows], marker="o", label=label)
         axes[0][col].set(
             title=f"{res['model']}: req/s (dotted: additive estimate)",
