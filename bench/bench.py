@@ -169,7 +169,7 @@ class Server:
     def settle(self, timeout: float = 120):
         """Wait until TorchServe is idle. wrk stops sending at the end of a run, but what was queued is still
         served (a slow backend at c=64 leaves seconds of work), on the cores the next measurement needs."""
-        frontend, workers = self.processes()
+        frontend = self.ts.pid()
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
             before = cpu_seconds([frontend])
@@ -179,12 +179,10 @@ class Server:
 
     def load(self, version: str, files: list[str], c: int, content_type=None) -> dict:
         self.settle()
-        frontend, workers = self.processes()
-        cpu0 = (cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu())
+        cpu0 = self.cpu()
         url = f"{self.ts.url()}/predictions/{MODEL}/{version}"
         res = post_files(url, self.ts.keys()["inference"]["key"], files, c, self.seconds, content_type)
-        workers_now = self.processes()[1]
-        cpu1 = (cpu_seconds([frontend]) - cpu_seconds(workers_now), cpu_seconds(workers_now), children_cpu())
+        cpu1 = self.cpu()
         n = max(res["requests"], 1)
         # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an error.
         res["cpu_ms"] = {k: round((b - a) * 1000 / n, 4) for k, a, b in zip(("frontend", "workers", "wrk"), cpu0, cpu1)}
@@ -193,11 +191,13 @@ class Server:
         )
         return res
 
-    def processes(self) -> tuple[int, list[int]]:
+    def cpu(self) -> tuple[float, float, float]:
+        """CPU seconds so far of the frontend alone, of its workers (those alive now), and of finished wrk runs."""
         import psutil
 
-        pid = self.ts.pid()
-        return pid, [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        frontend = self.ts.pid()
+        workers = [p.pid for p in psutil.Process(frontend).children(recursive=True)]
+        return cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu()
 
     def check(self, version: str, files: list[str], expect: list[str]) -> dict:
         """Every image once, sequentially, with the Python client: answers read and compared."""
