@@ -13,6 +13,10 @@ For each target model, on this machine, in one run:
   estimate  if a request costs the frontend's share (the ceiling) plus the handler's share (the limit), served
             would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost beyond
             those two (busy workers = min(c, workers), at the batch size c requests make);
+  ideal     the no-op handler spending exactly the limit's CPU per image before it answers (bench/noop_handler.py),
+            served right before the row: the best any handler with our cost can do behind this TorchServe here.
+            served / ideal is what our handler loses itself; ideal / estimate is what the estimate cannot see
+            (the two parts overlap only partly on shared cores);
   breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python workers,
             wrk) and split with the in-process stage times: frontend, TorchServe's worker framing (the
             no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the workers
@@ -37,7 +41,7 @@ import zipfile
 import torch
 import yaml
 
-from bench.noop import build_noop_archive
+from bench.noop import build_busy_archive, build_noop_archive
 from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.targets import TARGETS, digits_target
 from bench.wrk import children_cpu, cpu_seconds, post_files
@@ -227,6 +231,18 @@ def cold_start(ts: TorchServe, image: str, timeout: float = 120) -> float:
     return time.perf_counter() - t0
 
 
+def has_estimate(c: int, workers: int, batch: int) -> bool:
+    """Only where the batching is known: one request at a time, or every worker taking full batches. In between,
+    TorchServe's greedy batching decides (at c=4 one worker often takes all four requests and the other waits)."""
+    return c == 1 or c >= workers * batch
+
+
+def write_busy(path: str, us_per_image: float):
+    """What the ideal handler spends per image from now on (it re-reads the file when it changes)."""
+    with open(path, "w") as f:
+        f.write(f"{us_per_image:.1f}")
+
+
 def batch_at(c: int, workers: int, batch: int) -> int:
     """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting requests."""
     return max(1, min(batch, math.ceil(c / workers)))
@@ -285,6 +301,8 @@ def bench_target(target: dict, args, work: str) -> dict:
         )["archive"]
         handlers[backend] = make_handler(archives[backend], work, batch)
     build_noop_archive(store, args.config_file)
+    busy_file = os.path.join(work, f"busy_{target['name']}.us")
+    build_busy_archive(store, args.config_file, busy_file)
 
     def limit(backend: str, key: str, row_bodies: list[bytes], b: int) -> float:
         """The handler in-process right before the served row it is the reference of (the machine's speed drifts
@@ -305,6 +323,8 @@ def bench_target(target: dict, args, work: str) -> dict:
             result["registration_s"][backend] = register(ts, archives[backend])
             versions[backend] = backend
         result["registration_s"]["noop"] = register(ts, os.path.join(store, f"{MODEL}_vnoop.mar"))
+        write_busy(busy_file, 1000.0)
+        result["registration_s"]["busy"] = register(ts, os.path.join(store, f"{MODEL}_vbusy.mar"))
         peer_files = None
         if not args.no_peer:
             peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
@@ -327,7 +347,12 @@ def bench_target(target: dict, args, work: str) -> dict:
                 ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
                 if label in handlers and c == levels[-1]:  # the breakdown's split, measured next to its row too
                     result["stages_ms_per_image"][label] = measure_stages(handlers[label][0], bodies, b)
-                result["served"].setdefault(label, []).append({**server.load(version, fs, c), "limit_ips": ips})
+                ideal = None
+                if ips and has_estimate(c, workers, batch):  # the ideal handler at this limit, next to the row
+                    write_busy(busy_file, 1e6 / ips)
+                    ideal = server.load("busy", files, c)
+                row = {**server.load(version, fs, c), "limit_ips": ips}
+                result["served"].setdefault(label, []).append({**row, "ideal": ideal} if ideal else row)
                 say(target["name"], label, result["served"][label][-1])
         c = args.batching_concurrency
         for n in fan:
@@ -357,11 +382,13 @@ def add_estimates(res: dict):
     for rows in res["served"].values():
         for row, ceiling in zip(rows, res["ceiling"]):
             c = row["concurrency"]
-            # Only where the batching is known: one request at a time, or every worker taking full batches. In
-            # between, TorchServe's greedy batching decides (at c=4 one worker often takes all four requests).
-            if row["limit_ips"] and (c == 1 or c >= workers * res["batch_size"]):
+            if row["limit_ips"] and has_estimate(c, workers, res["batch_size"]):
                 row["estimate_rps"] = round(estimate(ceiling["throughput_rps"], row["limit_ips"], min(c, workers)), 1)
                 row["vs_estimate"] = round(row["throughput_rps"] / row["estimate_rps"], 3)
+            if row.get("ideal"):
+                row["ideal_rps"] = row["ideal"]["throughput_rps"]
+                row["vs_ideal"] = round(row["throughput_rps"] / row["ideal_rps"], 3)
+                row["ideal_vs_estimate"] = round(row["ideal_rps"] / row["estimate_rps"], 3)
     for row in res["batching"]:
         n = row["images_per_request"]
         row["images_per_s"] = round(row["served"]["throughput_rps"] * n, 1)
@@ -399,15 +426,19 @@ def table(res: dict) -> str:
         f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
         f"cold start {res['cold_start_s']:.1f} s",
         f"{'backend':14s}{'c':>4s}{'req/s':>9s}{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'no-op':>9s}"
-        f"{'estimate':>10s}{'served/est':>12s}",
+        f"{'estimate':>10s}{'served/est':>12s}{'ideal':>9s}{'served/ideal':>14s}{'ideal/est':>11s}",
     ]
     for label, rows in res["served"].items():
         for j, (r, ceil) in enumerate(zip(rows, res["ceiling"])):
             est = f"{r['estimate_rps']:.0f}" if "estimate_rps" in r else ""
             ratio = f"{r['vs_estimate']:.2f}" if "vs_estimate" in r else ""
+            ideal = (
+                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}" if "ideal_rps" in r else ""
+            )
             lines.append(
                 f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}"
                 f"{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{ceil['throughput_rps']:9.0f}{est:>10s}{ratio:>12s}"
+                + ideal
             )
     lines.append(
         "limit, img/s in-process, each measured next to its row: "
@@ -453,9 +484,12 @@ def plot(results: list, path: str):
             est = [(r["concurrency"], r["estimate_rps"]) for r in rows if "estimate_rps" in r]
             if est:
                 axes[0][col].plot(*zip(*est), ":", marker=".", color=line.get_color())
+            ideal = [(r["concurrency"], r["ideal_rps"]) for r in rows if "ideal_rps" in r]
+            if ideal:
+                axes[0][col].plot(*zip(*ideal), "-.", marker="x", color=line.get_color(), alpha=0.6)
             axes[1][col].plot(c, [r["p99_ms"] for r in rows], marker="o", label=label)
         axes[0][col].set(
-            title=f"{res['model']}: req/s (dotted: additive estimate)",
+            title=f"{res['model']}: req/s (dotted: additive estimate; dash-dot: ideal handler)",
             xscale="log",
             yscale="log",
             xlabel="concurrency (wrk)",

@@ -1,10 +1,13 @@
-"""Archive bench/noop_handler.py with a given model-config.yaml (the benchmark's framework ceiling)."""
+"""Archive bench/noop_handler.py with a given model-config.yaml: the benchmark's framework ceiling (no-op) and its
+ideal handler (busy)."""
 
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+
+import yaml
 
 from deploy import settings
 from deploy.archive import write_checksum
@@ -31,3 +34,15 @@ def build_noop_archive(store: str, config_file: str, version: str = "noop") -> s
         shutil.rmtree(work, ignore_errors=True)
     write_checksum(target)
     return target
+
+
+def build_busy_archive(store: str, config_file: str, busy_file: str) -> str:
+    """model_store/<model>_vbusy.mar: the no-op handler that first spends the CPU microseconds per image that
+    `busy_file` holds (the bench rewrites it before each row), with config_file's workers and batching."""
+    with open(config_file) as f:
+        config = yaml.safe_load(f)
+    config["handler"] = {"busy_file": os.path.abspath(busy_file)}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(config, f)
+        f.flush()
+        return build_noop_archive(store, f.name, "busy")

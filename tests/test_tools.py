@@ -36,6 +36,8 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
         assert [r["concurrency"] for r in rows] == [1, 16]
         assert all(r["requests"] > 0 and r["errors"] == 0 and r["statuses"] == {"200": r["requests"]} for r in rows)
         assert all(0 < r["vs_estimate"] and r["estimate_rps"] > 0 for r in rows)
+        # the ideal handler (the no-op spending the limit's CPU) next to each row that has an estimate
+        assert all(r["ideal"]["errors"] == 0 and r["ideal_rps"] > 0 and r["vs_ideal"] > 0 for r in rows)
     assert all(v == {"requests": res["images"], "wrong_labels": 0, "errors": 0} for v in res["checked"].values())
     assert [r["images_per_request"] for r in res["batching"]] == [1, 8]
     assert all(r["served"]["errors"] == 0 and r["images_per_s"] > 0 for r in res["batching"])
@@ -59,6 +61,28 @@ def test_noop_handler_answers_every_request():
 
     assert [json.loads(a) for a in handle([{"body": b"x"}, {"body": b"y"}], None)] == [{"0": 1.0}] * 2
     assert handle(None, None) is None  # TorchServe's initialisation call
+
+
+def test_busy_handler_spends_the_cpu_it_is_told_per_image(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from bench import noop_handler
+
+    busy = tmp_path / "busy.us"
+    busy.write_text("20000")  # 20 ms per image
+    handle = noop_handler.handle
+    assert handle(None, SimpleNamespace(model_yaml_config={"handler": {"busy_file": str(busy)}})) is None
+    try:
+        t0 = time.thread_time()
+        assert [json.loads(a) for a in handle([{"body": b"x"}] * 3, None)] == [{"0": 1.0}] * 3
+        assert time.thread_time() - t0 >= 0.06  # 3 images x 20 ms of this thread's own CPU
+        busy.write_text("0")  # the bench rewrites it between rows; the handler follows
+        os.utime(busy, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new mtime even on a coarse clock
+        handle([{"body": b"x"}], None)
+        assert noop_handler.busy["us"] == 0
+    finally:
+        noop_handler.busy["file"] = None  # module state: leave the plain no-op for other tests
 
 
 @pytest.mark.slow
