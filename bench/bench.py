@@ -55,13 +55,14 @@ from model_src.runtime import BACKEND_FILES
 # The archive default (onnx, deploy/archive.py) first: it is served as my_model.mar and gets the batching rows.
 BACKENDS = ("onnx", *(b for b in BACKEND_FILES if b != "onnx"))
 MODEL = settings.MODEL_NAME
-STAGES = ("frontend", "framing", "decode", "model", "topk", "worker_rest")
+STAGES = ("frontend", "framing", "decode", "model", "topk", "spent", "worker_rest")
 STAGE_NAMES = {
     "frontend": "frontend (Java: HTTP, queue, metrics parsing, logs)",
     "framing": "worker framing (TorchServe's Python service, no-op)",
     "decode": "decode + preprocess",
     "model": "model",
     "topk": "top-k + response",
+    "spent": "the ideal handler's spent CPU (= the limit)",
     "worker_rest": "rest of the worker (metrics, logging, batching)",
 }
 
@@ -434,12 +435,20 @@ def add_estimates(res: dict):
             "decode": stages["decode"],
             "model": stages["model"],
             "topk": max(0.0, handler_ms - stages["decode"] - stages["model"]),
+            "spent": 0.0,
             "worker_rest": cpu["workers"] - framing - handler_ms,
             "wrk": cpu["wrk"],
             "steal": cpu.get("steal", 0.0),
             "idle": cpu["idle"],
         }
         res["breakdown_ms"][label] = {k: round(v, 4) for k, v in parts.items()}
+        if rows[-1].get("ideal"):  # the same row's ideal handler: where its CPU went, for comparison
+            cpu = rows[-1]["ideal"]["cpu_ms"]
+            ideal = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0}
+            ideal |= {"spent": handler_ms}
+            ideal |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
+            ideal |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
+            res["breakdown_ms"][f"{label} ideal"] = {k: round(v, 4) for k, v in ideal.items()}
 
 
 # --- report --------------------------------------------------------------------------------
@@ -575,7 +584,7 @@ def plot_breakdown(results: list, path: str):
                 alpha=0.4 if key in ("idle", "steal") else 1,
             )
         ax.set(
-            title=f"{res['model']}: CPU ms per request at c={res['levels'][-1]} ({os.cpu_count()} cores)",
+            title=f"{res['model']}, c={res['levels'][-1]}, {os.cpu_count()} cores",
             ylabel="ms of CPU per request",
         )
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))

@@ -38,12 +38,15 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
         assert all(0 < r["vs_estimate"] and r["estimate_rps"] > 0 for r in rows)
         # the ideal handler (the no-op spending the limit's CPU) next to each row that has an estimate
         assert all(r["ideal"]["errors"] == 0 and r["ideal_rps"] > 0 and r["vs_ideal"] > 0 for r in rows)
+        assert all(0 <= r["steal_share"] < 1 and r["rps_unstolen"] >= r["throughput_rps"] for r in rows)
     assert all(v == {"requests": res["images"], "wrong_labels": 0, "errors": 0} for v in res["checked"].values())
     assert [r["images_per_request"] for r in res["batching"]] == [1, 8]
     assert all(r["served"]["errors"] == 0 and r["images_per_s"] > 0 for r in res["batching"])
     # the breakdown: every stage present for each backend, model and decode measured
-    for parts in res["breakdown_ms"].values():
-        assert set(STAGES) <= set(parts) and parts["model"] > 0 and parts["decode"] > 0 and parts["frontend"] > 0
+    assert set(res["breakdown_ms"]) == {"onnx", "eager", "onnx ideal", "eager ideal"}
+    for label, parts in res["breakdown_ms"].items():
+        assert set(STAGES) <= set(parts) and parts["frontend"] > 0
+        assert parts["spent"] > 0 if label.endswith("ideal") else parts["model"] > 0 and parts["decode"] > 0
     assert res["cold_start_s"] > 0 and res["registration_s"]["eager"] > 0
     for png in ("bench.png", "bench_breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
