@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -165,10 +166,16 @@ def test_oversize_and_chunked_bodies_are_refused_by_the_proxy(soak, door):
         head = f"POST /predictions/my_model HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n{extra}\r\n\r\n"
         code, headers, body = raw_request(door, head.encode())
         assert code == status and headers["content-type"] == "application/json" and "message" in body
-    # The proxy's log: neither request reached a server (TorchServe never saw them).
-    with open(door.log) as f:
-        f.seek(offset)
-        refused = [line for line in f if "status=413" in line or "status=411" in line]
+    # The proxy's log: neither request reached a server (TorchServe never saw them). HAProxy writes a request's
+    # line when it closes the session, which can be just after the client has its answer: wait for both.
+    deadline = time.monotonic() + 10
+    while True:
+        with open(door.log) as f:
+            f.seek(offset)
+            refused = [line for line in f if "status=413" in line or "status=411" in line]
+        if len(refused) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(refused) == 2 and all("server=<NOSRV>" in line for line in refused)
     body, label = good(soak)
     assert post(door, soak, body).status_code == 200  # at the limit's right side nothing changed

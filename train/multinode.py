@@ -74,15 +74,25 @@ def make_nodes(nnodes: int, tag: str) -> list[Node]:
     return nodes
 
 
-def remove_nodes(nodes: list[Node]):
-    """Kill what still runs inside the namespaces, then delete them (which deletes the veth ends in them)."""
-    for node in nodes:
+def kill_inside(node: Node):
+    """SIGKILL every process in the node's namespace: torchrun and the trainers it started. Killing torchrun alone
+    orphans its trainers, which keep the output pipe open (and wait up to gloo's 30-minute timeout for a peer)."""
+    for _ in range(20):  # again until empty: torchrun may start a trainer between the listing and its death
         pids = ip("netns", "pids", node.netns, check=False).stdout.split()
+        if not pids:
+            return
         for pid in pids:
             try:
                 os.kill(int(pid), 9)
             except (ProcessLookupError, ValueError):
                 pass
+        time.sleep(0.05)
+
+
+def remove_nodes(nodes: list[Node]):
+    """Kill what still runs inside the namespaces, then delete them (which deletes the veth ends in them)."""
+    for node in nodes:
+        kill_inside(node)
         ip("netns", "delete", node.netns, check=False)
     ip("link", "delete", nodes[0].veth, check=False)  # only if it never moved into a namespace
 
@@ -137,6 +147,7 @@ def run(train_args: list[str], nnodes: int = 2, timeout: float = 900, tag: str |
             try:
                 out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
+                kill_inside(node)
                 proc.kill()
                 out, _ = proc.communicate()
                 out += f"\n[node {node.index}: killed after {timeout:.0f}s]".encode()
