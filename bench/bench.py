@@ -195,10 +195,9 @@ class Server:
         # steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's drift).
         parties = ("frontend", "workers", "wrk", "steal")
         res["cpu_ms"] = {k: round((b - a) * 1000 / n, 4) for k, a, b in zip(parties, cpu0, cpu1)}
-        res["cpu_ms"]["idle"] = round(
-            max(0.0, (os.cpu_count() or 1) * res["seconds"] * 1000 / n - sum(res["cpu_ms"].values())), 4
-        )
-        res["steal_share"] = round(res["cpu_ms"]["steal"] * n / ((os.cpu_count() or 1) * res["seconds"] * 1000), 4)
+        core_seconds = (os.cpu_count() or 1) * res["seconds"]
+        res["cpu_ms"]["idle"] = round(max(0.0, core_seconds * 1000 / n - sum(res["cpu_ms"].values())), 4)
+        res["steal_share"] = round((cpu1[3] - cpu0[3]) / core_seconds, 4)
         res["rps_unstolen"] = round(unstolen(res["throughput_rps"], res["steal_share"]), 1)
         return res
 
@@ -209,8 +208,7 @@ class Server:
 
         frontend = self.ts.pid()
         workers = [p.pid for p in psutil.Process(frontend).children(recursive=True)]
-        steal = getattr(psutil.cpu_times(), "steal", 0.0)  # Linux only
-        return cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu(), steal
+        return cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu(), steal_seconds()
 
     def check(self, version: str, files: list[str], expect: list[str]) -> dict:
         """Every image once, sequentially, with the Python client: answers read and compared."""
@@ -429,26 +427,23 @@ def add_estimates(res: dict):
         cpu, stages = rows[-1]["cpu_ms"], res["stages_ms_per_image"][label]
         handler_ms = 1000 / rows[-1]["limit_ips"]  # one worker thread: CPU ms per image, measured next to the row
         framing = top["cpu_ms"]["workers"]
-        parts = {
-            "frontend": cpu["frontend"],
-            "framing": framing,
-            "decode": stages["decode"],
-            "model": stages["model"],
-            "topk": max(0.0, handler_ms - stages["decode"] - stages["model"]),
-            "spent": 0.0,
-            "worker_rest": cpu["workers"] - framing - handler_ms,
-            "wrk": cpu["wrk"],
-            "steal": cpu.get("steal", 0.0),
-            "idle": cpu["idle"],
-        }
-        res["breakdown_ms"][label] = {k: round(v, 4) for k, v in parts.items()}
+        topk = max(0.0, handler_ms - stages["decode"] - stages["model"])
+        handler = {"decode": stages["decode"], "model": stages["model"], "topk": topk}
+        res["breakdown_ms"][label] = split_cpu(cpu, framing, handler_ms, handler)
         if rows[-1].get("ideal"):  # the same row's ideal handler: where its CPU went, for comparison
-            cpu = rows[-1]["ideal"]["cpu_ms"]
-            ideal = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0}
-            ideal |= {"spent": handler_ms}
-            ideal |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
-            ideal |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
-            res["breakdown_ms"][f"{label} ideal"] = {k: round(v, 4) for k, v in ideal.items()}
+            res["breakdown_ms"][f"{label} ideal"] = split_cpu(
+                rows[-1]["ideal"]["cpu_ms"], framing, handler_ms, {"spent": handler_ms}
+            )
+
+
+def split_cpu(cpu: dict, framing: float, handler_ms: float, handler: dict) -> dict:
+    """One row's CPU ms per request by stage: the workers' share beyond TorchServe's framing and the handler's
+    own `handler_ms` (split as `handler` says) is the rest of the worker."""
+    parts = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0, "spent": 0.0}
+    parts |= handler
+    parts |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
+    parts |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
+    return {k: round(v, 4) for k, v in parts.items()}
 
 
 # --- report --------------------------------------------------------------------------------
