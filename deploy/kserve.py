@@ -61,7 +61,8 @@ PART_OF = {"app.kubernetes.io/part-of": RUNTIME}
 PREDICTOR = {**PART_OF, "component": "predictor"}
 # Who may call the predictors: the ingress gateway, Knative's activator/autoscaler, and pods of the namespace that
 # carry CLIENT_LABEL; who may scrape metrics: the monitoring namespace. Change them here for another cluster.
-GATEWAY = ("istio-system", {"istio": "ingressgateway"})
+ISTIO_NAMESPACE = "istio-system"  # istiod and (by default) the ingress gateway
+GATEWAY = (ISTIO_NAMESPACE, {"istio": "ingressgateway"})
 KNATIVE_NAMESPACE = "knative-serving"
 MONITORING_NAMESPACE = "monitoring"
 CLIENT_LABEL = {f"{RUNTIME}/client": "true"}
@@ -316,7 +317,7 @@ def authorization_policy() -> dict:
 def sidecar_network_policy() -> dict:
     """With Istio, the sidecar in each predictor pod needs istiod (xDS, certificates) and DNS, and Prometheus
     scrapes its merged metrics on 15020: added to network_policy() (NetworkPolicies add up)."""
-    DNS = {"k8s-app": "kube-dns"}  # CoreDNS keeps kube-dns's label
+    dns = {"k8s-app": "kube-dns"}  # CoreDNS keeps kube-dns's label
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -326,8 +327,8 @@ def sidecar_network_policy() -> dict:
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [{"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(15020)}],
             "egress": [
-                {"to": [peer(GATEWAY[0], {"app": "istiod"})], "ports": tcp(15012)},
-                {"to": [peer("kube-system", DNS)], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]},
+                {"to": [peer(ISTIO_NAMESPACE, {"app": "istiod"})], "ports": tcp(15012)},
+                {"to": [peer("kube-system", dns)], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]},
             ],
         },
     }
