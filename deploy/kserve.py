@@ -11,9 +11,15 @@ writes
   OUT/storage/model-store/*.mar          my_model's checked archives (each matches its .sha256)
   OUT/manifests/servingruntime.yaml      ClusterServingRuntime torchserve-bundle: this bundle's image
   OUT/manifests/inferenceservice-v1.yaml, inferenceservice-v2.yaml
+  OUT/manifests/networkpolicy.yaml       the predictor pods take inference only from the ingress gateway, Knative
+                                         and labelled clients, metrics only from the monitoring namespace; no egress
+  OUT/istio/authorizationpolicy.yaml     (apply when Istio is installed) only the paths, methods and content types
+                                         the bundle serves
+  OUT/istio/networkpolicy-sidecar.yaml   (with Istio) the sidecar's own traffic: istiod, DNS, merged metrics
 
-Copy OUT/storage to where storageUri points (a PVC, a bucket), then `kubectl apply -f OUT/manifests/`.
-The manifests are checked against KServe's published CRD schemas (serving/kserve-crd/) before they are written.
+Copy OUT/storage to where storageUri points (a PVC, a bucket), then `kubectl apply -f OUT/manifests/` (and
+`kubectl apply -f OUT/istio/` where Istio runs). Every manifest is checked against its published schema
+(serving/kserve-crd/) before it is written.
 """
 
 import argparse
@@ -29,6 +35,7 @@ import yaml
 
 from deploy import settings
 from deploy.archive import read_manifest, verify_checksum
+from deploy.frontdoor import FrontDoor
 from deploy.properties import read_properties, write_properties
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's content
@@ -44,6 +51,25 @@ IMAGE = "torchserve-bundle:latest"  # push it to your registry and pass --image 
 SCHEMAS = os.path.join(settings.ROOT, "serving", "kserve-crd")
 # A pod's budget for the default model (2 workers x 1 thread, docs/serving.md), and room for a second version.
 RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+# The pod's ports: inference (KServe routes here), metrics, and Knative's queue-proxy in front of inference
+# (Knative mode only; in Standard mode nothing listens there).
+INFERENCE_PORT, METRICS_PORT, QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT = 8080, 8082, 8012, 9090
+# On both InferenceServices: KServe copies an InferenceService's labels to its pods and adds component=predictor
+# to a predictor's (pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta), so the
+# policies select exactly the predictor pods of this bundle's services.
+PART_OF = {"app.kubernetes.io/part-of": RUNTIME}
+PREDICTOR = {**PART_OF, "component": "predictor"}
+# Who may call the predictors: the ingress gateway, Knative's activator/autoscaler, and pods of the namespace that
+# carry CLIENT_LABEL; who may scrape metrics: the monitoring namespace. Change them here for another cluster.
+ISTIO_NAMESPACE = "istio-system"  # istiod and (by default) the ingress gateway
+GATEWAY = (ISTIO_NAMESPACE, {"istio": "ingressgateway"})
+KNATIVE_NAMESPACE = "knative-serving"
+MONITORING_NAMESPACE = "monitoring"
+CLIENT_LABEL = {f"{RUNTIME}/client": "true"}
+# What a request may carry (Istio's prefix match, case-sensitive): a url-encoded form goes through Netty's form
+# decoder before any handler (issue 25, finding 9), so it is not among them. A request without Content-Type
+# reaches the handler as raw bytes and is allowed too.
+CONTENT_TYPES = ["application/octet-stream", "application/json*", "image/*", "multipart/form-data*"]
 SNAPSHOT_KEYS = {  # model_snapshot entry <- the archive's model-config.yaml (TorchServe's defaults otherwise)
     "minWorkers": ("minWorkers", 1),
     "maxWorkers": ("maxWorkers", 1),
@@ -98,7 +124,8 @@ def snapshot(versions: dict[str, str], default: str, model: str = settings.MODEL
 
 
 def layout_config(snap: dict) -> dict:
-    """config.properties for KServe: this bundle's limits, KServe's ports, everything but inference on loopback."""
+    """config.properties for KServe: this bundle's limits, KServe's ports, everything but inference and metrics on
+    the pod's loopback whatever config.properties says (it may expose more on a host: --expose-inference)."""
     props = read_properties(settings.CONFIG)
     props.update(
         {
@@ -106,9 +133,17 @@ def layout_config(snap: dict) -> dict:
             # runtime moves inference to 8080 with TS_INFERENCE_ADDRESS (enable_envvars_config).
             "inference_address": "http://0.0.0.0:8085",
             "management_address": "http://127.0.0.1:8081",
-            "metrics_address": "http://0.0.0.0:8082",
+            "metrics_address": f"http://0.0.0.0:{METRICS_PORT}",
+            # gRPC has no switch to turn it off in 0.12: both servers stay on the pod's loopback (management would
+            # register any directory for whoever reaches it, finding 3; the NetworkPolicy opens neither port).
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
             "grpc_inference_port": "7070",
             "grpc_management_port": "7071",
+            # No front door in the pod: each waiting request holds its body (up to max_request_size), so the
+            # queue is what the front door lets inside TorchServe, not the host's 1024 (64 x 16 MiB fits the
+            # pod's memory limit; Knative's containerConcurrency caps at the same number).
+            "job_queue_size": str(FrontDoor.maxconn),
             "enable_envvars_config": "true",
             "model_store": f"{MOUNT}/model-store",
             "metrics_config": f"{MOUNT}/config/metrics.yaml",
@@ -152,7 +187,7 @@ def serving_runtime(image: str) -> dict:
         "kind": "ClusterServingRuntime",
         "metadata": {"name": RUNTIME},
         "spec": {
-            "annotations": {"prometheus.kserve.io/port": "8082", "prometheus.kserve.io/path": "/metrics"},
+            "annotations": {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"},
             "supportedModelFormats": [{"name": "pytorch", "version": "1", "autoSelect": False}],
             "protocolVersions": ["v1", "v2"],
             "containers": [
@@ -162,8 +197,8 @@ def serving_runtime(image: str) -> dict:
                     "args": RUNTIME_ARGS,  # the stock runtime's command; the image's entry point runs it in front
                     # No wrapper in this image: TorchServe itself answers /v1/models/my_model:predict,
                     # /v2/models/my_model/infer and /predictions/my_model on the port KServe routes to.
-                    "env": [{"name": "TS_INFERENCE_ADDRESS", "value": "http://0.0.0.0:8080"}],
-                    "ports": [{"containerPort": 8080, "name": "http1", "protocol": "TCP"}],
+                    "env": [{"name": "TS_INFERENCE_ADDRESS", "value": f"http://0.0.0.0:{INFERENCE_PORT}"}],
+                    "ports": [{"containerPort": INFERENCE_PORT, "name": "http1", "protocol": "TCP"}],
                     "securityContext": {
                         "runAsUser": 1000,
                         "runAsNonRoot": True,
@@ -182,10 +217,18 @@ def inference_service(protocol: str, storage_uri: str) -> dict:
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
-        "metadata": {"name": f"my-model-{protocol}"},
+        "metadata": {"name": f"my-model-{protocol}", "labels": PART_OF},
         "spec": {
             "predictor": {
                 "minReplicas": 1,
+                # The front door's limits that KServe can carry (docs/kserve.md lists those it cannot): requests
+                # inside the pod at once (Knative's queue-proxy holds the rest) and the answer's deadline.
+                "containerConcurrency": FrontDoor.maxconn,
+                "timeout": int(read_properties(settings.CONFIG)["default_response_timeout"]),
+                # With enable_envvars_config, TorchServe reads every TS_* variable: a Service named e.g.
+                # ts-grpc-management in the namespace would inject TS_GRPC_MANAGEMENT_PORT=tcp://... (service links).
+                "enableServiceLinks": False,
+                "automountServiceAccountToken": False,  # model code never needs the Kubernetes API
                 "model": {
                     "modelFormat": {"name": "pytorch"},
                     "protocolVersion": protocol,
@@ -194,6 +237,99 @@ def inference_service(protocol: str, storage_uri: str) -> dict:
                     "resources": RESOURCES,
                 },
             }
+        },
+    }
+
+
+def peer(namespace: str, labels: dict | None = None) -> dict:
+    """A NetworkPolicy peer: the pods of `namespace` (those with `labels` only, when given)."""
+    # Every namespace carries its name as this label (Kubernetes >= 1.21).
+    selected = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    return {**selected, "podSelector": {"matchLabels": labels}} if labels else selected
+
+
+def tcp(*ports: int) -> list[dict]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def network_policy() -> dict:
+    """Ingress to the predictor pods only from the gateway, Knative and labelled clients (inference ports) and the
+    monitoring namespace (metrics); no egress at all (a pvc:// storageUri needs none)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{RUNTIME}-predictor"},
+        "spec": {
+            "podSelector": {"matchLabels": PREDICTOR},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {
+                    "from": [
+                        peer(*GATEWAY),
+                        {"podSelector": {"matchLabels": CLIENT_LABEL}},
+                    ],
+                    "ports": tcp(INFERENCE_PORT, QUEUE_PROXY_PORT),
+                },
+                {"from": [peer(KNATIVE_NAMESPACE)], "ports": tcp(QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT)},
+                {"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(METRICS_PORT)},
+            ],
+            "egress": [],
+        },
+    }
+
+
+def served_paths(model: str = settings.MODEL_NAME) -> dict[str, list[str]]:
+    """{method: paths} of what the bundle answers on its inference port (Istio paths: `x*` is a prefix)."""
+    return {
+        "POST": [
+            *(f"/{api}/{model}{tail}" for api in ("predictions", "explanations") for tail in ("", "/*")),
+            f"/v1/models/{model}:predict",
+            f"/v1/models/{model}:explain",
+            f"/v2/models/{model}/infer",
+            f"/v2/models/{model}/explain",
+        ],
+        "GET": ["/ping", "/v2/health/live", "/v2/health/ready"],
+    }
+
+
+def authorization_policy() -> dict:
+    """Istio ALLOW policy on the predictor pods: anything not listed (/api-description, management paths, other
+    methods, url-encoded bodies) is denied by the sidecar before TorchServe sees it."""
+    inference = [str(INFERENCE_PORT), str(QUEUE_PROXY_PORT)]
+    to = [{"operation": {"methods": [m], "paths": p, "ports": inference}} for m, p in served_paths().items()]
+    to.append({"operation": {"methods": ["GET"], "paths": ["/metrics"], "ports": [str(METRICS_PORT)]}})
+    content_type = "request.headers[content-type]"
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": f"{RUNTIME}-predictor"},
+        "spec": {
+            "selector": {"matchLabels": PREDICTOR},
+            "action": "ALLOW",
+            "rules": [
+                {"to": to, "when": [{"key": content_type, "values": CONTENT_TYPES}]},
+                {"to": to, "when": [{"key": content_type, "notValues": ["*"]}]},  # no Content-Type header
+            ],
+        },
+    }
+
+
+def sidecar_network_policy() -> dict:
+    """With Istio, the sidecar in each predictor pod needs istiod (xDS, certificates) and DNS, and Prometheus
+    scrapes its merged metrics on 15020: added to network_policy() (NetworkPolicies add up)."""
+    dns = {"k8s-app": "kube-dns"}  # CoreDNS keeps kube-dns's label
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{RUNTIME}-predictor-sidecar"},
+        "spec": {
+            "podSelector": {"matchLabels": PREDICTOR},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(15020)}],
+            "egress": [
+                {"to": [peer(ISTIO_NAMESPACE, {"app": "istiod"})], "ports": tcp(15012)},
+                {"to": [peer("kube-system", dns)], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]},
+            ],
         },
     }
 
@@ -212,10 +348,16 @@ def strict(schema):
 
 
 def validate(manifest: dict) -> list[str]:
-    """Errors of `manifest` against KServe's published CRD schema for its kind (serving/kserve-crd/)."""
+    """Errors of `manifest` against the published schema for its kind (serving/kserve-crd/: KServe's CRDs,
+    Kubernetes' NetworkPolicy, Istio's AuthorizationPolicy CRD; each file names its source)."""
     import jsonschema
 
-    kinds = {"InferenceService": "inferenceservice.json", "ClusterServingRuntime": "clusterservingruntime.json"}
+    kinds = {
+        "InferenceService": "inferenceservice.json",
+        "ClusterServingRuntime": "clusterservingruntime.json",
+        "NetworkPolicy": "networkpolicy.json",
+        "AuthorizationPolicy": "authorizationpolicy.json",
+    }
     if manifest.get("kind") not in kinds:
         return [f"kind {manifest.get('kind')!r}: only {sorted(kinds)} are checked"]
     with open(os.path.join(SCHEMAS, kinds[manifest["kind"]])) as f:
@@ -230,22 +372,26 @@ def validate(manifest: dict) -> list[str]:
 
 
 def write_manifests(out: str, image: str, storage_uri: str) -> list[str]:
+    """OUT/manifests/ (apply everywhere) and OUT/istio/ (apply where Istio is installed), each file validated
+    before any is written."""
     docs = {
-        "servingruntime.yaml": serving_runtime(image),
-        "inferenceservice-v1.yaml": inference_service("v1", storage_uri),
-        "inferenceservice-v2.yaml": inference_service("v2", storage_uri),
+        "manifests/servingruntime.yaml": serving_runtime(image),
+        "manifests/inferenceservice-v1.yaml": inference_service("v1", storage_uri),
+        "manifests/inferenceservice-v2.yaml": inference_service("v2", storage_uri),
+        "manifests/networkpolicy.yaml": network_policy(),
+        "istio/authorizationpolicy.yaml": authorization_policy(),
+        "istio/networkpolicy-sidecar.yaml": sidecar_network_policy(),
     }
     for name, doc in docs.items():
         errors = validate(doc)
         if errors:
-            raise LayoutError(f"{name} does not match KServe's CRD schema: " + "; ".join(errors))
-    folder = os.path.join(out, "manifests")
-    os.makedirs(folder, exist_ok=True)
+            raise LayoutError(f"{name} does not match its published schema: " + "; ".join(errors))
     paths = []
     for name, doc in docs.items():
-        paths.append(os.path.join(folder, name))
+        paths.append(os.path.join(out, name))
+        os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
         with open(paths[-1], "w") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
+            yaml.safe_dump(json.loads(json.dumps(doc)), f, sort_keys=False)  # a copy: no YAML anchors for shared parts
     return paths
 
 
@@ -291,7 +437,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     print(f"{info['storage']}: my_model {', '.join(info['versions'])} (default {info['default']})")
     for path in info["manifests"]:
-        print(f"{path}: valid against KServe's CRD schema")
+        print(f"{path}: valid against its published schema")
 
 
 if __name__ == "__main__":
