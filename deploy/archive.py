@@ -5,8 +5,10 @@
 
 Version 1.0 becomes model_store/<model>.mar, any other version
 model_store/<model>_v<version>.mar. An existing archive is never overwritten. A
-SHA-256 is written next to every archive (<archive>.sha256, sha256sum format); the
-registration tools refuse archives that do not match it.
+SHA-256 is written next to every archive (<archive>.sha256, sha256sum format), before the
+archive is placed, so a build killed at any point leaves no archive without one; the
+registration tools refuse archives that do not match it. A killed build's staging folder
+(model_store/.archive-*) is removed by the next build.
 
 The archive ships the handler, the whole model_src/ package (nothing else: training
 code lives in train/), the serving file of one backend and its metadata, a model card

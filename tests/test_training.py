@@ -319,10 +319,14 @@ def test_torchrun_two_cpu_processes(tmp_path, digits):
 
 # --- faults: a run killed at any point can be finished, and no two runs share a folder ----------------------------
 
-CHEAP = ("--epochs", 1, "--limit-samples", 100)
+
+@pytest.fixture
+def tiny(digits, tmp_path):
+    """Flags of a one-epoch run on 3 digits a class (a second or two)."""
+    return ("--epochs", 1, "--data", small_digits(digits, tmp_path / "data", per_class=3))
 
 
-def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(digits, tmp_path, monkeypatch, capsys):
+def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(tiny, tmp_path, monkeypatch, capsys):
     from train import report
 
     dump = json.dump
@@ -336,16 +340,16 @@ def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(digits, tm
     monkeypatch.setattr(report.json, "dump", torn_dump)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train_run(run, *CHEAP)
+        train_run(run, *tiny)
     monkeypatch.undo()
     assert load_ckpt(run / "checkpoint_last.pt")["epoch"] == 1  # died after its last checkpoint
-    assert len(read_json(run / "golden" / "golden.json")) == 100  # written at the start
+    assert len(read_json(run / "golden" / "golden.json")) == 30  # written at the start
     assert not (run / "metrics.json").exists()  # no torn file: none at all
     with pytest.raises(SystemExit, match="already holds a run"):
-        train_run(run, *CHEAP)
+        train_run(run, *tiny)
     capsys.readouterr()
 
-    train_run(run, *CHEAP, "--resume", "auto")  # no epoch left: it writes the missing reports
+    train_run(run, *tiny, "--resume", "auto")  # no epoch left: it writes the missing reports
     assert "finished in" in capsys.readouterr().out
     metrics = read_json(run / "metrics.json")
     assert metrics["complete"] and metrics["epochs_done"] == 1
@@ -353,7 +357,7 @@ def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(digits, tm
     assert sorted(os.listdir(run)) == ["checkpoint_best.pt", "checkpoint_last.pt", "golden", "metrics.json", "run.lock"]
 
 
-def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(digits, tmp_path, monkeypatch):
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny, tmp_path, monkeypatch):
     import train.train as trainer
 
     run, refusals = tmp_path / "run", []
@@ -362,20 +366,20 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(digit
     def epoch_with_a_rival(*args, **kwargs):  # the second run starts while the first trains its first epoch
         monkeypatch.setattr(trainer, "train_one_epoch", first_epoch)
         try:
-            train_run(run, *CHEAP, "--seed", 7)
+            train_run(run, *tiny, "--seed", 7)
         except SystemExit as e:
             refusals.append(str(e))
         return first_epoch(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_one_epoch", epoch_with_a_rival)
-    train_run(run, *CHEAP)
+    train_run(run, *tiny)
     assert len(refusals) == 1, "the second run was not refused"
     assert f"in use by another training run (pid {os.getpid()}" in refusals[0]
     assert load_ckpt(run / "checkpoint_last.pt")["args"]["seed"] == 0  # the first run's model, not the rival's
-    train_run(run, *CHEAP, "--resume", "auto")  # the lock went with the run that held it
+    train_run(run, *tiny, "--resume", "auto")  # the lock went with the run that held it
 
 
-def test_best_is_saved_before_last(digits, tmp_path, monkeypatch):
+def test_best_is_saved_before_last(tiny, tmp_path, monkeypatch):
     from train import checkpoint
 
     save, saved = checkpoint.save_checkpoint, []
@@ -389,10 +393,10 @@ def test_best_is_saved_before_last(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train_run(run, *CHEAP)
+        train_run(run, *tiny)
     monkeypatch.undo()
     assert saved == ["checkpoint_best.pt"], f"saved {saved} first"
-    train_run(run, *CHEAP)  # no last checkpoint: the run starts again and writes both
+    train_run(run, *tiny)  # no last checkpoint: the run starts again and writes both
     last, best = load_ckpt(run / "checkpoint_last.pt"), load_ckpt(run / "checkpoint_best.pt")
     assert last["best_metric"]["epoch"] == best["epoch"] == 1
 
