@@ -83,8 +83,8 @@ def write_checksum(path: str) -> str:
     return digest
 
 
-def fsync_path(path: str, flags: int = os.O_RDONLY):
-    fd = os.open(path, flags)
+def fsync_path(path: str):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

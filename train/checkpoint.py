@@ -38,7 +38,8 @@ def save_checkpoint(state: dict, path: str):
     try:
         write_atomic(path, lambda tmp: torch.save(state, tmp))
     except (RuntimeError, OSError) as e:
-        # A full disk reads "basic_ios::clear: iostream error" in torch: name the file and the space left.
+        # torch says "basic_ios::clear: iostream error" or "[enforce fail at inline_container.cc] unexpected pos"
+        # on a full disk: name the file and the space left.
         folder = os.path.dirname(os.path.abspath(path))
         free = shutil.disk_usage(folder).free
         raise CheckpointWriteError(
