@@ -5,8 +5,10 @@
 
 Version 1.0 becomes model_store/<model>.mar, any other version
 model_store/<model>_v<version>.mar. An existing archive is never overwritten. A
-SHA-256 is written next to every archive (<archive>.sha256, sha256sum format); the
-registration tools refuse archives that do not match it.
+SHA-256 is written next to every archive (<archive>.sha256, sha256sum format), before the
+archive is placed, so a build killed at any point leaves no archive without one; the
+registration tools refuse archives that do not match it. A killed build's staging folder
+(model_store/.archive-*) is removed by the next build.
 
 The archive ships the handler, the whole model_src/ package (nothing else: training
 code lives in train/), the serving file of one backend and its metadata, a model card
@@ -15,12 +17,16 @@ and, for the backends without gradients (onnx, int8), the eager weights too: exp
 """
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -65,10 +71,43 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+STAGING_PREFIX = ".archive-"  # a build's folder in the model store (hidden: see build_archive)
+
+
 def write_checksum(path: str) -> str:
+    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses place_archive."""
     digest = sha256_of(path)
     with open(path + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
+    return digest
+
+
+def fsync_path(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def place_archive(built: str, target: str) -> str:
+    """Put a built archive at `target` with its checksum, sidecar first: a build killed at any point leaves either
+    no .mar or a .mar with its .sha256, never a .mar without one. A sidecar without its .mar is what a build killed
+    between the two leaves; it is replaced."""
+    digest = sha256_of(built)
+    fsync_path(built)
+    staged_sidecar = built + ".sha256"
+    with open(staged_sidecar, "w") as f:
+        f.write(f"{digest}  {os.path.basename(target)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    store = os.path.dirname(target)
+    os.replace(staged_sidecar, target + ".sha256")
+    fsync_path(store)
+    # link() fails if the target appeared meanwhile, so even a race cannot overwrite an archive.
+    os.link(built, target)
+    fsync_path(store)
     return digest
 
 
@@ -77,8 +116,11 @@ def verify_checksum(path: str) -> str:
     sidecar = path + ".sha256"
     if not os.path.isfile(sidecar):
         raise ValueError(f"{sidecar} is missing: build archives with scripts/archive.sh, which writes it")
-    with open(sidecar) as f:
-        expected = f.read().split()[0]
+    with open(sidecar, errors="replace") as f:
+        fields = f.read(4096).split()  # sha256sum's line is ~70 bytes plus the name
+    if not fields or not SHA256.fullmatch(fields[0]):
+        raise ValueError(f"{sidecar} is empty or garbled (no SHA-256 at its start): rebuild the archive")
+    expected = fields[0]
     actual = sha256_of(path)
     if actual != expected:
         raise ValueError(
@@ -198,6 +240,42 @@ def model_card(checkpoint: str, meta: dict, report: dict, backend: str) -> dict:
     }
 
 
+@contextlib.contextmanager
+def staging(store: str):
+    """A build's folder in the store, removed when the build ends, also by an exception. The build holds an flock
+    on it, which the kernel releases when the build dies: remove_dead_staging tells a dead build's folder by that."""
+    with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=store) as tmp:
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield tmp
+        finally:
+            os.close(fd)
+
+
+def remove_dead_staging(store: str):
+    """Remove the staging folders of builds that were killed (SIGKILL, a power cut): ours, real folders (no
+    symlinks), whose flock no live build holds."""
+    for name in os.listdir(store):
+        path = os.path.join(store, name)
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path)
+        except BlockingIOError:
+            pass  # a build in progress
+        finally:
+            os.close(fd)
+
+
 def build_archive(
     checkpoint,
     version,
@@ -216,11 +294,13 @@ def build_archive(
             f"{target} exists; archives are never overwritten: pick a new --version "
             "or remove the old archive (and its .sha256) yourself"
         )
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    store = os.path.dirname(os.path.abspath(target))
+    os.makedirs(store, exist_ok=True)
+    remove_dead_staging(store)
     # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot keeps
     # TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover for an
-    # archive. TemporaryDirectory removes it whether the build succeeds or fails.
-    with tempfile.TemporaryDirectory(prefix=".archive-", dir=os.path.dirname(os.path.abspath(target))) as tmp:
+    # archive.
+    with staging(store) as tmp:
         export_dir = os.path.join(tmp, "export")
         formats = (backend, "eager") if backend in NOT_DIFFERENTIABLE else (backend,)
         report = export_all(checkpoint, export_dir, formats=formats)
@@ -248,14 +328,17 @@ def build_archive(
         # The archiver stages files in $TMPDIR/<model-name> and deletes that folder before and after:
         # a private TMPDIR keeps two archive builds (quickstart and tests, say) from clobbering each other.
         subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
-        built = os.path.join(tmp, f"{model_name}.mar")
-        # link() fails if the target appeared meanwhile, so even a race cannot overwrite an archive.
-        os.link(built, target)
-    digest = write_checksum(target)
+        digest = place_archive(os.path.join(tmp, f"{model_name}.mar"), os.path.abspath(target))
     return {"archive": target, "sha256": digest, "bytes": os.path.getsize(target), "export": report}
 
 
+def exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the staging folder is removed, the archiver killed
+
+
 def main(args):
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, exit_on_signal)
     try:
         info = build_archive(
             args.checkpoint,

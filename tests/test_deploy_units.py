@@ -1,21 +1,27 @@
 """The deployment library without a TorchServe: the key handling of requests (against a stand-in API), the
-generated config as Java reads it, the pid file's place, and the gate's arithmetic and class check."""
+generated config as Java reads it, the pid file's place, the gate's arithmetic and class check, and the archive
+builder killed at each step (with a stand-in export)."""
 
+import fcntl
 import http.server
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
+from deploy import archive as archivelib
 from deploy import gate as gatelib
 from deploy.properties import read_properties
 from deploy.server import Ports, TorchServe
+from tests.conftest import ROOT
 
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
@@ -249,3 +255,108 @@ def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch)
     assert "2 classes vs the default's 10; new: a; gone: 1, 2, 3, 4 and 5 more" in refused["reason"]
     allowed = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0, allow_new_classes=True)
     assert allowed["passed"] is True and scored == ["3.0", "1.0"] and allowed["classes"]["overridden"] is True
+
+
+# --- the archive builder killed at each step (a stand-in export; the real torch-model-archiver) ------------------
+
+# Builds version 3.0 into a store with deploy.archive's CLI. KILL_AT: "export" dies (SIGKILL) while exporting,
+# "placement-N" right after its N-th rename or link into the store, "sigterm" waits in the export for a SIGTERM.
+ARCHIVE_DRIVER = """
+import os, signal, sys, time, types
+from tests.test_tools import fake_export
+from deploy import archive
+kill_at, store = sys.argv[1], os.path.abspath(sys.argv[2])
+export = fake_export()
+
+def export_all(checkpoint, export_dir, formats):
+    if kill_at == "export":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kill_at == "sigterm":
+        open(store + ".exporting", "w").close()
+        time.sleep(120)
+    return export.export_all(checkpoint, export_dir, formats)
+
+sys.modules["train.export"] = types.SimpleNamespace(export_all=export_all)
+placed = 0
+
+def placing(real):
+    def call(src, dst, *args, **kwargs):
+        global placed
+        real(src, dst, *args, **kwargs)
+        if os.path.dirname(os.path.abspath(dst)) == store:
+            placed += 1
+            if kill_at == f"placement-{placed}":
+                os.kill(os.getpid(), signal.SIGKILL)
+    return call
+
+os.link, os.replace, os.rename = placing(os.link), placing(os.replace), placing(os.rename)
+archive.main(archive.get_args_parser().parse_args(
+    ["--version", "3.0", "--checkpoint", "unused.pt", "--backend", "eager", "--model-store", store]))
+"""
+MAR = "my_model_v3.0.mar"
+
+
+def start_archive(store, kill_at):
+    return subprocess.Popen([sys.executable, "-c", ARCHIVE_DRIVER, kill_at, str(store)], cwd=ROOT)
+
+
+def build_in_process(store, monkeypatch, version="3.0"):
+    from tests.test_tools import fake_export
+
+    monkeypatch.setitem(sys.modules, "train.export", fake_export())
+    return archivelib.build_archive("unused.pt", version, "eager", model_store=str(store))
+
+
+@pytest.mark.parametrize("kill_at", ["export", "placement-1", "placement-2"])
+def test_an_archive_killed_at_any_step_leaves_no_mar_without_its_checksum(tmp_path, monkeypatch, kill_at):
+    store = tmp_path / "store"
+    assert start_archive(store, kill_at).wait(timeout=300) in (-signal.SIGKILL, 0)
+    complete = (store / MAR).exists()
+    if complete:  # then with its checksum
+        archivelib.verify_checksum(str(store / MAR))
+    build_in_process(store, monkeypatch, "4.0" if complete else "3.0")  # goes through and clears what was left
+    names = sorted(os.listdir(store))
+    assert not [n for n in names if n.startswith(".archive-")], "a staging folder was left"
+    assert MAR in names and len(names) == (4 if complete else 2)  # each archive with its sidecar
+    for mar in (n for n in names if n.endswith(".mar")):
+        archivelib.verify_checksum(str(store / mar))
+
+
+def test_a_terminated_archive_removes_its_staging_folder(tmp_path):
+    store = tmp_path / "store"
+    proc = start_archive(store, "sigterm")
+    try:
+        for _ in range(600):  # until it is exporting (the process's exit ends the wait too)
+            if os.path.exists(f"{store}.exporting") or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert [n for n in os.listdir(store) if n.startswith(".archive-")], "no staging folder while exporting"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert os.listdir(store) == []
+
+
+def test_a_live_builds_staging_folder_is_kept_a_dead_ones_removed(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    live, dead = store / ".archive-live", store / ".archive-dead"
+    for folder in (live, dead):
+        (folder / "export").mkdir(parents=True)
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a build in progress holds it
+        build_in_process(store, monkeypatch)
+        assert sorted(os.listdir(store)) == [".archive-live", MAR, MAR + ".sha256"]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("text", ["", "\n", "not-a-digest  my_model.mar\n"])
+def test_an_empty_or_garbled_sidecar_is_refused_with_a_value_error(tmp_path, text):
+    mar = tmp_path / "my_model.mar"
+    mar.write_bytes(b"PK")
+    (tmp_path / "my_model.mar.sha256").write_text(text)
+    with pytest.raises(ValueError, match="is empty or garbled"):
+        archivelib.verify_checksum(str(mar))

@@ -315,3 +315,107 @@ def test_torchrun_two_cpu_processes(tmp_path, digits):
     assert metrics["processes"] == 2 and metrics["best_val_acc"] > 0.6  # chance is 0.1
     assert sum(map(sum, metrics["confusion_matrix"])) == N_VAL  # each val image counted once across ranks
     assert proc.stdout.count("finished in") == 1  # rank 0 alone prints the summary
+
+
+# --- faults: a run killed at any point can be finished, and no two runs share a folder ----------------------------
+
+
+@pytest.fixture
+def tiny(digits, tmp_path):
+    """Flags of a one-epoch run on 3 digits a class (a second or two)."""
+    return ("--epochs", 1, "--data", small_digits(digits, tmp_path / "data", per_class=3))
+
+
+def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(tiny, tmp_path, monkeypatch, capsys):
+    from train import report
+
+    dump = json.dump
+
+    def torn_dump(obj, f, **kwargs):  # metrics.json half-written when the run dies
+        if "best_val_acc" not in obj:
+            return dump(obj, f, **kwargs)
+        f.write('{"best_val_acc": ')
+        raise KeyboardInterrupt("killed while writing metrics.json")
+
+    monkeypatch.setattr(report.json, "dump", torn_dump)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, *tiny)
+    monkeypatch.undo()
+    assert load_ckpt(run / "checkpoint_last.pt")["epoch"] == 1  # died after its last checkpoint
+    assert len(read_json(run / "golden" / "golden.json")) == 30  # written at the start
+    assert not (run / "metrics.json").exists()  # no torn file: none at all
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train_run(run, *tiny)
+    capsys.readouterr()
+
+    train_run(run, *tiny, "--resume", "auto")  # no epoch left: it writes the missing reports
+    assert "finished in" in capsys.readouterr().out
+    metrics = read_json(run / "metrics.json")
+    assert metrics["complete"] and metrics["epochs_done"] == 1
+    assert metrics["final_val_acc"] == metrics["history"][-1]["val_acc"]  # the last epoch's model, evaluated again
+    assert sorted(os.listdir(run)) == ["checkpoint_best.pt", "checkpoint_last.pt", "golden", "metrics.json", "run.lock"]
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny, tmp_path, monkeypatch):
+    import train.train as trainer
+
+    run, refusals = tmp_path / "run", []
+    first_epoch = trainer.train_one_epoch
+
+    def epoch_with_a_rival(*args, **kwargs):  # the second run starts while the first trains its first epoch
+        monkeypatch.setattr(trainer, "train_one_epoch", first_epoch)
+        try:
+            train_run(run, *tiny, "--seed", 7)
+        except SystemExit as e:
+            refusals.append(str(e))
+        return first_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", epoch_with_a_rival)
+    train_run(run, *tiny)
+    assert len(refusals) == 1, "the second run was not refused"
+    assert f"in use by another training run (pid {os.getpid()}" in refusals[0]
+    assert load_ckpt(run / "checkpoint_last.pt")["args"]["seed"] == 0  # the first run's model, not the rival's
+    train_run(run, *tiny, "--resume", "auto")  # the lock went with the run that held it
+
+
+def test_best_is_saved_before_last(tiny, tmp_path, monkeypatch):
+    from train import checkpoint
+
+    save, saved = checkpoint.save_checkpoint, []
+
+    def save_then_die(state, path):  # killed between the two saves of epoch 1 (always a best)
+        if saved:
+            raise KeyboardInterrupt("killed between the two checkpoint saves")
+        save(state, path)
+        saved.append(os.path.basename(path))
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run, *tiny)
+    monkeypatch.undo()
+    assert saved == ["checkpoint_best.pt"], f"saved {saved} first"
+    train_run(run, *tiny)  # no last checkpoint: the run starts again and writes both
+    last, best = load_ckpt(run / "checkpoint_last.pt"), load_ckpt(run / "checkpoint_best.pt")
+    assert last["best_metric"]["epoch"] == best["epoch"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a failed save may still hold a file open
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_path_and_the_free_space(small_disk):
+    from train.checkpoint import save_checkpoint
+
+    path = small_disk / "checkpoint_last.pt"
+    with pytest.raises(RuntimeError, match=rf"cannot write checkpoint {path}: 0\.\d MiB free on {small_disk}"):
+        save_checkpoint({"model": {"w": torch.zeros(1 << 20)}}, str(path))  # 4 MiB
+    assert os.listdir(small_disk) == []  # no half-written checkpoint or temporary file

@@ -1,14 +1,81 @@
-"""A run's checkpoints: written atomically, never over another run, resumed only on the data they came from."""
+"""A run's files: written atomically, never by two runs at once, never over another run, resumed only on the data
+they came from."""
 
+import fcntl
 import os
+import shutil
 
 import torch
 
+LOCK_FILE = "run.lock"  # in the output folder; holds the pid of the run that owns the folder
+
+
+def write_atomic(path: str, write):
+    """`write(tmp_path)` writes the file; it then replaces `path` whole (fsync + rename), so a run killed meanwhile
+    leaves the old file or none, never a torn one."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
 
 def save_checkpoint(state: dict, path: str):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    try:
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
+    except (RuntimeError, OSError) as e:
+        # torch says "basic_ios::clear: iostream error" or "[enforce fail at inline_container.cc] unexpected pos"
+        # on a full disk: name the file and the space left.
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {free / 2**20:.1f} MiB free on {folder} ({e.__class__.__name__}: {e})"
+        ) from e
+
+
+def lock_output_dir(output_dir: str) -> int:
+    """Claim the output folder for this process: an open file descriptor holding an flock on its run.lock, which
+    the kernel releases when the run ends, however it ends. SystemExit names the pid of a live holder."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(
+            f"error: {output_dir} is in use by another training run (pid {holder}, {path}); "
+            "wait for it to end or choose another --output-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def claim_output_dir(args) -> int:
+    """lock_output_dir, then check_output_dir under the lock (checked before locking, two runs could both pass)."""
+    fd = lock_output_dir(args.output_dir)
+    try:
+        check_output_dir(args)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def check_output_dir(args):

@@ -22,7 +22,7 @@ def plot_curves(history: list[dict], path: str):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # whatever the name ends with
     plt.close(fig)
 
 
@@ -54,5 +54,5 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str, tit
                     )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # whatever the name ends with
     plt.close(fig)

@@ -12,10 +12,20 @@ from tqdm import tqdm
 
 from train import data as datalib
 from train import plots
+from train.checkpoint import write_atomic
+
+
+def write_json(obj, path: str):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    write_atomic(path, write)
 
 
 def write_golden(data_root: str, out_dir: str):
-    """Copy a fixed validation sample into the run, for promotion gates to replay."""
+    """Copy a fixed validation sample into the run, for promotion gates to replay. golden.json, which the gates
+    read, comes last and whole: a run killed while copying has none, and its next start copies them again."""
     golden_dir = os.path.join(out_dir, "golden")
     os.makedirs(golden_dir, exist_ok=True)
     entries = []
@@ -23,8 +33,7 @@ def write_golden(data_root: str, out_dir: str):
         name = f"{i:03d}_{label}{os.path.splitext(path)[1]}"
         shutil.copyfile(path, os.path.join(golden_dir, name))
         entries.append({"file": name, "label": label})
-    with open(os.path.join(golden_dir, "golden.json"), "w") as f:
-        json.dump(entries, f, indent=1)
+    write_json(entries, os.path.join(golden_dir, "golden.json"))
 
 
 def finish(args, prep, class_names, history, best, val, writer, seconds, world, replicas=None):
@@ -45,21 +54,18 @@ def finish(args, prep, class_names, history, best, val, writer, seconds, world, 
         "confusion_matrix": val["confusion"].tolist(),
         "history": history,
     }
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
     if writer is not None:
         hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         writer.add_hparams(hparams, {"hparam/best_val_acc": best["acc"]}, run_name=".")
         writer.close()
     if not args.no_plots:
-        plots.plot_curves(history, os.path.join(args.output_dir, "curves.png"))
-        plots.plot_confusion(
-            val["confusion"].numpy(),
-            class_names,
+        write_atomic(os.path.join(args.output_dir, "curves.png"), lambda tmp: plots.plot_curves(history, tmp))
+        write_atomic(
             os.path.join(args.output_dir, "confusion_matrix.png"),
-            "last-epoch val",
+            lambda tmp: plots.plot_confusion(val["confusion"].numpy(), class_names, tmp, "last-epoch val"),
         )
-    write_golden(args.data, args.output_dir)
+    # Last: a metrics.json that says "complete" means every report of the run is there.
+    write_json(metrics, os.path.join(args.output_dir, "metrics.json"))
     state = "finished" if done else f"stopped after epoch {history[-1]['epoch']} (resume with --resume auto)"
     print(
         f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "

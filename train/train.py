@@ -6,7 +6,8 @@
 
 Writes to --output-dir: checkpoint_best.pt, checkpoint_last.pt, metrics.json,
 curves.png, confusion_matrix.png, golden/ (a fixed validation sample for promotion
-gates) and tb/ (TensorBoard).
+gates), tb/ (TensorBoard) and run.lock (the pid of the run that holds the folder: a second
+run into it is refused). A run killed at any point can be finished with --resume auto.
 """
 
 import argparse
@@ -271,8 +272,18 @@ def main(args):
         device = torch.device("cuda", torch.cuda.current_device())
     if args.resume == "auto":
         args.resume = os.path.join(args.output_dir, "checkpoint_last.pt")
-    if rank == 0:
-        checkpoint.check_output_dir(args)
+    # Rank 0 writes every file of the run, so it alone holds the folder: a second run into it is refused.
+    lock = checkpoint.claim_output_dir(args) if rank == 0 else None
+    try:
+        run(args, device, rank, world, start_time)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run(args, device, rank, world, start_time):
     resume_ckpt = checkpoint.load_resume(args)
     pretrained = finetune.prepare(args, resume_ckpt, world)
     if args.data is None:  # on --resume the default is the data it was trained on, not the digits
@@ -297,6 +308,8 @@ def main(args):
     class_names = datalib.base_and_indices(train_set)[0].classes
     if resume_ckpt:
         checkpoint.check_resume_classes(args, resume_ckpt, class_names)
+    if rank == 0:  # first: a run killed at any later point still has its golden set
+        report.write_golden(args.data, args.output_dir)
     train_loader, val_loader, train_sampler = datalib.build_loaders(
         train_set, val_set, args.batch_size, args.workers, rank, world
     )
@@ -406,17 +419,20 @@ def main(args):
                 "args": vars(args),
                 "history": history,
             }
-            checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
+            # Best first: a run killed between the two saves resumes from the older last checkpoint and writes
+            # both again, whereas a newer last would resume past an epoch whose best was never saved.
             if is_best:
                 checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
+            checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
             if writer is not None:
                 report.log_epoch(writer, model_without_ddp, row)
 
+    if val is None and history:  # resumed with no epoch left: a run killed while writing its reports writes them
+        log("no epoch left to train: writing the run's reports", rank)
+        val = evaluate(model, criterion, val_loader, device, len(class_names), args)  # the last epoch's, again
     replicas = replica_digests(model_without_ddp)  # a collective: every rank takes part
     if rank == 0 and val is not None:
         report.finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world, replicas)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
