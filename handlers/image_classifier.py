@@ -36,7 +36,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_src.explain import explain
-from model_src.preprocessing import InputError, Preprocessing, pixel_cost, sniff_format
+from model_src.preprocessing import InputError, Preprocessing, sniff_format
 from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE, Predictor
 
 # Integrated Gradients steps: the fewest worth answering with, and the number a worker's first explanation
@@ -362,7 +362,7 @@ class ImageClassifier(BaseHandler):
                 if e.status == 413 and budget < cap:
                     raise InputError(f"the images in this request have over {cap:,} pixels together", 413) from None
                 raise
-            budget -= pixel_cost(img)
+            budget -= self.prep.pixel_cost(img)  # a thin image costs its pixels after resizing
             out.append(convert(img) if convert else img)
         return out
 
