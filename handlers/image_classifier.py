@@ -143,7 +143,7 @@ def is_text(value) -> bool:
         return True
     try:
         return len(value) <= 1024 and bytes(value).decode("utf-8").isprintable()
-    except (TypeError, UnicodeDecodeError):
+    except (TypeError, ValueError):  # not bytes-like ([-1] from a JSON field), or not UTF-8
         return False
 
 

@@ -410,6 +410,13 @@ def test_inputs_past_the_decode_budget_are_413_beside_good_neighbours(eager, png
         ), (name, answer["message"])
 
 
+def test_a_multipart_field_holding_a_json_list_is_refused_not_a_crash():
+    # Found by the fuzz target (issue 25): bytes([-1]) raised ValueError out of is_text, a 500 for the request.
+    items, _ = handler_module.items_from_body(handler_module.body_of({"body": b"\x00", "data": [-1]}))
+    with pytest.raises(handler_module.InputError, match="expected a base64 string, got int"):
+        handler_module.check_items(items, 32, 2**20)
+
+
 def test_jpeg_compressed_tiff_is_415(eager, png):
     jpeg_tiff = images.encode(images.digit_like().convert("RGB"), "TIFF", compression="jpeg")
     out, status = handle(*eager, [{"body": bytearray(jpeg_tiff)}, {"body": bytearray(png)}])
