@@ -238,6 +238,8 @@ def decode_image(
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # an inner image (a container's)
             raise InputError(too_many_pixels(max_pixels), 413) from None
+        except MemoryError:  # the process's ceiling, not the data: the caller answers for it
+            raise
         except Exception as e:  # truncated/corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
             logger.info("%s data refused: %s: %s", fmt, e.__class__.__name__, e)
             raise InputError(f"{fmt} image data is corrupt or truncated") from None
