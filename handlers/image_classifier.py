@@ -330,8 +330,9 @@ class ImageClassifier(BaseHandler):
         self.step_seconds = None  # measured cost of one Integrated Gradients step
         self.warm_up(int(properties.get("batch_size") or 1))
         # Only a worker the frontend started gets a ceiling: a handler built in-process (tests, the bench)
-        # leaves its host process alone.
-        ceiling = limit_memory(self.config["memory_headroom_mb"]) if frontend_model_store() else None
+        # leaves its host process alone. A headroom of 0 sets none.
+        headroom = self.config["memory_headroom_mb"]
+        ceiling = limit_memory(headroom) if headroom and frontend_model_store() else None
         self.initialized = True
         logger.info(
             "loaded %s %s: backend=%s threads=%d topk=%d classes=%d memory ceiling=%s MB",
