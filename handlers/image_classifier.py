@@ -28,6 +28,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import resource
 import time
 import zipfile
 
@@ -36,7 +38,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_src.explain import explain
-from model_src.preprocessing import InputError, Preprocessing, pixel_cost, sniff_format
+from model_src.preprocessing import InputError, Preprocessing, sniff_format
 from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE, Predictor
 
 # Integrated Gradients steps: the fewest worth answering with, and the number a worker's first explanation
@@ -57,6 +59,7 @@ SETTINGS = (
     "explain_steps",
     "max_images_per_explanation",
     "explain_time_share",
+    "memory_headroom_mb",
 )
 
 
@@ -143,7 +146,7 @@ def is_text(value) -> bool:
         return True
     try:
         return len(value) <= 1024 and bytes(value).decode("utf-8").isprintable()
-    except (TypeError, UnicodeDecodeError):
+    except (TypeError, ValueError):  # not bytes-like ([-1] from a JSON field), or not UTF-8
         return False
 
 
@@ -265,6 +268,21 @@ def frontend_model_store() -> str | None:
         return None
 
 
+def limit_memory(headroom_mb: int) -> int:
+    """Cap this process's data (RLIMIT_DATA: heap and private writable mappings, where decoding allocates) at
+    its size now plus `headroom_mb`, so that an input past every other check fails its own request with a
+    MemoryError (507) instead of growing the worker until the kernel's OOM killer picks some process.
+    RLIMIT_AS would also count the address space that torch, ORT and glibc reserve but never touch.
+    Returns the ceiling in bytes."""
+    with open("/proc/self/status") as f:
+        data = int(re.search(r"^VmData:\s+(\d+) kB", f.read(), re.M)[1]) << 10
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    ceiling = data + (headroom_mb << 20)
+    ceiling = ceiling if hard == resource.RLIM_INFINITY else min(ceiling, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (ceiling, hard))
+    return ceiling
+
+
 def archive_info(manifest: dict) -> dict:
     """{file, sha256} of the .mar this worker was unpacked from: the one in the model store whose manifest
     (model, version, handler and the archiver's creation time) is this worker's own."""
@@ -311,15 +329,20 @@ class ImageClassifier(BaseHandler):
         self._explainer = self.card = None  # both made on first use: most workers never explain or describe
         self.step_seconds = None  # measured cost of one Integrated Gradients step
         self.warm_up(int(properties.get("batch_size") or 1))
+        # Only a worker the frontend started gets a ceiling: a handler built in-process (tests, the bench)
+        # leaves its host process alone. A headroom of 0 sets none.
+        headroom = self.config["memory_headroom_mb"]
+        ceiling = limit_memory(headroom) if headroom and frontend_model_store() else None
         self.initialized = True
         logger.info(
-            "loaded %s %s: backend=%s threads=%d topk=%d classes=%d",
+            "loaded %s %s: backend=%s threads=%d topk=%d classes=%d memory ceiling=%s MB",
             self.model_name,
             self.version,
             self.backend,
             self.threads,
             self.config["topk"],
             len(self.labels),
+            ceiling and ceiling >> 20,
         )
 
     def configure(self, yaml_cfg: dict, batch_size: int):
@@ -362,7 +385,7 @@ class ImageClassifier(BaseHandler):
                 if e.status == 413 and budget < cap:
                     raise InputError(f"the images in this request have over {cap:,} pixels together", 413) from None
                 raise
-            budget -= pixel_cost(img)
+            budget -= self.prep.pixel_cost(img)  # a thin image costs its pixels after resizing
             out.append(convert(img) if convert else img)
         return out
 
@@ -387,6 +410,9 @@ class ImageClassifier(BaseHandler):
                 tensors = self.decode_all(decode_items(items), self.prep)
             except InputError as e:
                 answers[idx] = self.reject(context, idx, body, e.status, str(e))
+                continue
+            except MemoryError:  # past the worker's ceiling (memory_headroom_mb): this request fails, not the box
+                answers[idx] = self.reject(context, idx, body, 507, "this request needs more memory than a worker has")
                 continue
             except Exception as e:  # a bug, not bad input: answer 500 for this request only
                 logger.exception("unexpected error preparing request %d", idx)

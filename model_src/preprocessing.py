@@ -8,6 +8,7 @@ archive (`Preprocessing.to_dict`), so serving can never drift from evaluation.
 
 import contextlib
 import io
+import logging
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,17 @@ MAGIC = {  # leading bytes -> format; RIFF....WEBP is checked apart
 # libjpeg walks every block of the image once per scan, even an empty one: a 0.4 MB file of 6,500
 # empty scans over 40 MP decodes for half a minute. Real progressive JPEGs have about 10 scans.
 MAX_JPEG_SCANS = 100
+# Structures that Pillow walks one at a time in Python, 0.3-5 us each, whatever they hold: 12 MB of empty ones
+# cost it 3-18 s (3 M JPEG comments, 1 M PNG chunks, 6 M GIF comment sub-blocks, 1 M TIFF strips). Real images
+# have far fewer: a JPEG ~10 segments (~260 with an ICC profile split in 64 KB pieces), a PNG one chunk per
+# 8-64 KB of data (a 16 MiB request holds 2,000 at 8 KB), a GIF's first frame one sub-block per 255 bytes
+# (66,000 in 16 MiB), a TIFF one strip per 8-64 KB (4,500 for a 12 MP photo at 8 KB). The pre-scans that
+# count them read a few bytes per structure and stop past the limit.
+MAX_JPEG_SEGMENTS = 1_000
+MAX_PNG_CHUNKS = 10_000
+MAX_GIF_BLOCKS = 100_000  # blocks and sub-blocks up to the end of the first frame, the only one decoded
+MAX_TIFF_STRIPS = 10_000  # strips or tiles
+MAX_TIFF_TAGS = 1_000  # entries in the first directory; real files have 10-50
 # TIFF codecs whose cost is bounded by the pixel count. JPEG-in-TIFF is left out: each strip is a JPEG
 # that could carry a scan bomb, which counting scans per file cannot bound.
 TIFF_COMPRESSIONS = {
@@ -55,7 +67,13 @@ MODE_COST = {
     **dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "CMYK"), 2),
 }
 ORIENTATION = 0x0112  # the EXIF tag
-JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # what libjpeg takes for a marker; FF 00 is a stuffed byte
+# What libjpeg takes for a marker: an FF (after any number of FF fill bytes) and a code; FF 00 is a stuffed
+# byte. Only the last FF of a run is matched, so a run of FF costs one step per byte: `\xff+` backtracked
+# through the whole run at each of its bytes (16 KB of FF took 1.3 s). RSTn and TEM carry no length and no
+# cost to Pillow: they are skipped here, in C, so the Python loop runs once per segment, at most the limit.
+JPEG_MARKER = re.compile(rb"\xff([^\x00\x01\xd0-\xd7\xff])")
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -76,21 +94,75 @@ def sniff_format(data: bytes) -> str:
     raise InputError(f"not an accepted image format: send {ACCEPTED_NAMES}", 415)
 
 
-def count_jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
-    """Start-of-scan markers in a JPEG, found the way libjpeg finds them (counting stops past `limit`).
+def count_jpeg_markers(data: bytes, max_scans: int = MAX_JPEG_SCANS, max_segments: int = MAX_JPEG_SEGMENTS):
+    """(start-of-scan markers, segments) in a JPEG, found the way libjpeg finds them; counting stops past
+    either limit. Linear in the data: one regex step per byte, one loop turn per segment.
 
     Segments are skipped by their length, as libjpeg does, so an SOS inside an EXIF thumbnail does not
     count; between scans, the next marker is the next FF not followed by 00 or FF."""
-    scans, pos = 0, 2
-    while scans <= limit and (m := JPEG_MARKER.search(data, pos)):
+    scans, segments, pos = 0, 0, 2
+    while scans <= max_scans and segments <= max_segments and (m := JPEG_MARKER.search(data, pos)):
         code, pos = m[1][0], m.end()
         if code == 0xD9:  # EOI: libjpeg stops reading here
             break
-        if code == 0x01 or 0xD0 <= code <= 0xD7:  # TEM and RSTn carry no length
-            continue
         scans += code == 0xDA
+        segments += 1
         pos += int.from_bytes(data[pos : pos + 2], "big")
-    return scans
+    return scans, segments
+
+
+def count_png_chunks(data: bytes, limit: int = MAX_PNG_CHUNKS) -> int:
+    """Chunks up to IEND, each skipped by its length (12 bytes read per chunk); counting stops past `limit`."""
+    chunks, pos = 0, 8
+    while chunks <= limit and pos + 8 <= len(data):
+        chunks += 1
+        if data[pos + 4 : pos + 8] == b"IEND":
+            break
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return chunks
+
+
+def count_gif_blocks(data: bytes, limit: int = MAX_GIF_BLOCKS) -> int:
+    """Blocks and sub-blocks up to the end of the first image's data, where Pillow stops reading (it decodes
+    the first frame only); counting stops past `limit`. One loop turn per block or sub-block."""
+    blocks, pos = 0, 13  # after the header and the logical screen descriptor
+    if len(data) > 10 and data[10] & 0x80:  # a global colour table
+        pos += 3 << ((data[10] & 7) + 1)
+    image = False
+    while blocks <= limit and pos < len(data) and not image:
+        intro = data[pos]
+        if intro == 0x21:  # an extension: introducer, label, sub-blocks
+            pos += 2
+        elif intro == 0x2C:  # an image: descriptor, local colour table, LZW code size, sub-blocks
+            flags = data[pos + 9] if pos + 9 < len(data) else 0
+            pos += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            image = True
+        else:  # the trailer or garbage: Pillow stops there too
+            break
+        blocks += 1
+        while blocks <= limit and pos < len(data) and (size := data[pos]):
+            blocks += 1
+            pos += 1 + size
+        pos += 1  # the zero-length terminator
+    return blocks
+
+
+def count_tiff_strips(data: bytes) -> tuple[int, int]:
+    """(entries in the first directory, the most strips or tiles it declares), read from the directory
+    itself as Pillow would before it unpacks any value: 0 entries counted past MAX_TIFF_TAGS. Classic TIFF
+    and BigTIFF; a directory that does not fit the data counts as empty and is Pillow's to refuse."""
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    order = "little" if data[:2] == b"II" else "big"
+    at = int.from_bytes(data[8:16] if big else data[4:8], order)
+    width, entry, size = (8, 20, 8) if big else (2, 12, 4)  # of the entry count, an entry, a count field
+    entries = int.from_bytes(data[at : at + width], order)
+    if entries > MAX_TIFF_TAGS:
+        return entries, 0
+    strips = 0
+    for pos in range(at + width, min(at + width + entries * entry, len(data) - entry + 1), entry):
+        if int.from_bytes(data[pos : pos + 2], order) in (273, 279, 324, 325):  # strip/tile offsets, byte counts
+            strips = max(strips, int.from_bytes(data[pos + 4 : pos + 4 + size], order))
+    return entries, strips
 
 
 def pixel_cost(img: Image.Image) -> int:
@@ -100,9 +172,24 @@ def pixel_cost(img: Image.Image) -> int:
 
 
 def check_cheaply(data: bytes, fmt: str):
-    """Refuse inputs whose decoding cost is not bounded by their pixel count, before Pillow sees them."""
-    if fmt == "JPEG" and (scans := count_jpeg_scans(data)) > MAX_JPEG_SCANS:
-        raise InputError(f"JPEG has over {MAX_JPEG_SCANS} scans ({scans:,} counted); a normal one has about 10", 413)
+    """Refuse inputs whose decoding cost is not bounded by their pixel count, before Pillow sees them: each
+    pre-scan reads a few bytes per structure and stops past its limit."""
+    if fmt == "JPEG":
+        scans, segments = count_jpeg_markers(data)
+        if scans > MAX_JPEG_SCANS:
+            raise InputError(f"JPEG has over {MAX_JPEG_SCANS} scans; a normal one has about 10", 413)
+        if segments > MAX_JPEG_SEGMENTS:
+            raise InputError(f"JPEG has over {MAX_JPEG_SEGMENTS:,} segments; a normal one has about 10", 413)
+    elif fmt == "PNG" and count_png_chunks(data) > MAX_PNG_CHUNKS:
+        raise InputError(f"PNG has over {MAX_PNG_CHUNKS:,} chunks", 413)
+    elif fmt == "GIF" and count_gif_blocks(data) > MAX_GIF_BLOCKS:
+        raise InputError(f"GIF has over {MAX_GIF_BLOCKS:,} blocks and sub-blocks before its first frame ends", 413)
+    elif fmt == "TIFF":
+        entries, strips = count_tiff_strips(data)
+        if entries > MAX_TIFF_TAGS:
+            raise InputError(f"TIFF directory has over {MAX_TIFF_TAGS:,} entries", 413)
+        if strips > MAX_TIFF_STRIPS:
+            raise InputError(f"TIFF has {strips:,} strips or tiles, over the limit of {MAX_TIFF_STRIPS:,}", 413)
 
 
 @contextlib.contextmanager
@@ -122,15 +209,19 @@ def pillow_ceiling(max_pixels: int | None):
             Image.MAX_IMAGE_PIXELS = old
 
 
-def decode_image(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+def decode_image(
+    data, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, resize_size: int | None = None
+) -> Image.Image:
     """Bytes or a path -> a fully loaded PIL image, or InputError.
 
     Every step before decoding is cheap and bounds what decoding may cost: the format comes from the
-    magic bytes (only the six accepted ones reach Pillow, and Pillow may only try that one), JPEG scans
-    are counted, and the pixel count (weighted by the mode's cost) is checked from the header, so a
+    magic bytes (only the six accepted ones reach Pillow, and Pillow may only try that one), the
+    structures Pillow walks one by one are counted (check_cheaply), and the pixel count (weighted by the
+    mode's cost, and after resizing the shorter side to `resize_size`) is checked from the header, so a
     small file that inflates to gigabytes is refused without allocating them. JPEGs are decoded at a
     reduced scale (DCT scaling) when `draft_size` allows, which is much faster for big photos and still
     leaves >= 2x the pixels that resizing needs. Animations decode their first frame only.
+    Error messages name our limits only; what the decoder said goes to the log.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         with open(data, "rb") as f:
@@ -138,31 +229,39 @@ def decode_image(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: 
     data = bytes(data)
     fmt = sniff_format(data)
     check_cheaply(data, fmt)
-    img = open_image(data, fmt)
-    check_size(img, max_pixels)
+    img = open_image(data, fmt, max_pixels)
+    check_size(img, max_pixels, resize_size)
     if draft_size and img.format == "JPEG":
         img.draft(img.mode, (draft_size, draft_size))
     with pillow_ceiling(max_pixels):
         try:
             img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"image has too many pixels: {e}", 413) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # an inner image (a container's)
+            raise InputError(too_many_pixels(max_pixels), 413) from None
+        except MemoryError:  # the process's ceiling, not the data: the caller answers for it
+            raise
         except Exception as e:  # truncated/corrupt data: OSError, SyntaxError, ValueError, EOFError, ...
-            raise InputError(f"image data is corrupt or truncated ({e.__class__.__name__}: {e})") from None
+            logger.info("%s data refused: %s: %s", fmt, e.__class__.__name__, e)
+            raise InputError(f"{fmt} image data is corrupt or truncated") from None
     return img
 
 
-def open_image(data: bytes, fmt: str) -> Image.Image:
+def too_many_pixels(max_pixels: int | None) -> str:
+    return "image has too many pixels" + (f": the limit is {max_pixels:,}" if max_pixels else "")
+
+
+def open_image(data: bytes, fmt: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Parse the header with the one plugin the magic bytes named; no pixel is decoded yet."""
     try:
         with pillow_ceiling(None):  # check_size applies our limit, with a clearer message
             img = Image.open(io.BytesIO(data), formats=[fmt])
     except UnidentifiedImageError:
         raise InputError(f"not a valid {fmt} image (send {ACCEPTED_NAMES})", 415) from None
-    except Image.DecompressionBombError as e:  # PIL's hard stop, far above any sane image
-        raise InputError(f"image has too many pixels: {e}", 413) from None
+    except Image.DecompressionBombError:  # PIL's hard stop, far above any sane image
+        raise InputError(too_many_pixels(max_pixels), 413) from None
     except Exception as e:  # PIL raises many types for broken headers
-        raise InputError(f"could not read the image header: {e.__class__.__name__}: {e}") from None
+        logger.info("%s header refused: %s: %s", fmt, e.__class__.__name__, e)
+        raise InputError(f"could not read the {fmt} image header: it is corrupt or truncated") from None
     if fmt == "TIFF" and (code := img.tag_v2.get(259, 1)) not in TIFF_COMPRESSIONS:
         name = TiffImagePlugin.COMPRESSION_INFO.get(code, code)
         raise InputError(
@@ -171,7 +270,7 @@ def open_image(data: bytes, fmt: str) -> Image.Image:
     return img
 
 
-def check_size(img: Image.Image, max_pixels: int | None):
+def check_size(img: Image.Image, max_pixels: int | None, resize_size: int | None = None):
     width, height = img.size
     if width < 1 or height < 1:
         raise InputError(f"image has an empty size {width}x{height}")
@@ -185,6 +284,13 @@ def check_size(img: Image.Image, max_pixels: int | None):
         raise InputError(
             f"image is {width}x{height} {img.mode}: it costs as much to decode as {cost:,} pixels of RGB, "
             f"over the limit of {max_pixels:,}",
+            413,
+        )
+    # A thin image is small until its shorter side is resized: 1x8000 at 256 is 256x2,048,000 (3.9 GB, 7 s).
+    if resize_size and (size := shorter_side_to(img.size, resize_size))[0] * size[1] > max_pixels:
+        raise InputError(
+            f"image is {width}x{height}: resizing its shorter side to {resize_size} makes it {size[0]}x{size[1]} "
+            f"= {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,}",
             413,
         )
 
@@ -207,7 +313,13 @@ class Preprocessing:
 
     def decode(self, data, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
         """Bytes or a path -> PIL image. Training and serving both decode through here."""
-        return decode_image(data, max_pixels, draft_size=2 * (self.resize_size or self.image_size))
+        return decode_image(data, max_pixels, 2 * (self.resize_size or self.image_size), self.resize_size)
+
+    def pixel_cost(self, img: Image.Image) -> int:
+        """What decoding and preparing `img` costs, in pixels of RGB: its weighted pixels, or the pixels
+        after resizing its shorter side, whichever is more."""
+        resized = shorter_side_to(img.size, self.resize_size) if self.resize_size else (0, 0)
+        return max(pixel_cost(img), resized[0] * resized[1])
 
     def prepare(self, img: Image.Image) -> Image.Image:
         """Any decoded PIL image -> a PIL image of the model's mode and size."""
@@ -271,9 +383,14 @@ def high_depth_to_8bit(img: Image.Image) -> Image.Image:
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
+    return img.resize(shorter_side_to(img.size, size), Image.BILINEAR)
+
+
+def shorter_side_to(wh: tuple[int, int], size: int) -> tuple[int, int]:
+    """The size an image of size `wh` has once its shorter side is resized to `size`."""
+    w, h = wh
     scale = size / min(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -174,3 +174,88 @@ def other_formats() -> dict[str, bytes]:
         "jpeg2000": encode(rgb, "JPEG2000"),
         "eps-header": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n",
     }
+
+
+# --- hostile bodies past the decode budget (issue 25, finding 8): cheap to send, costly in Pillow's loops ---
+
+
+def thin_png(length: int = 8000) -> bytes:
+    """A 1 x length grey PNG (~95 bytes): resizing its shorter side to 256 makes 256 x (256 * length) pixels."""
+    return encode(Image.new("L", (1, length), 255), "PNG")
+
+
+def png_with_chunks(n: int = 1_000_000) -> bytes:
+    """A valid tiny PNG with n empty private ancillary chunks before its image data (12 bytes each)."""
+    png = encode(Image.new("L", (8, 8), 255), "PNG")
+    empty = struct.pack(">I", 0) + b"prIv" + struct.pack(">I", zlib.crc32(b"prIv"))
+    return png[:33] + empty * n + png[33:]  # after the signature (8) and IHDR (25)
+
+
+def jpeg_with_comments(n: int = 3_000_000) -> bytes:
+    """A valid tiny JPEG with n empty COM segments after SOI (4 bytes each)."""
+    jpeg = encode(Image.new("L", (8, 8), 255), "JPEG")
+    return jpeg[:2] + b"\xff\xfe\x00\x02" * n + jpeg[2:]
+
+
+def jpeg_with_ff_run(n: int = 100_000) -> bytes:
+    """A valid tiny JPEG whose scan data ends in n bytes of 0xFF and a 00: libjpeg reads the run as fill
+    bytes before a stuffed zero (one data byte past the last block, ignored), so the image decodes."""
+    jpeg = encode(Image.new("L", (8, 8), 255), "JPEG")
+    return jpeg[:-2] + b"\xff" * n + b"\x00" + jpeg[-2:]
+
+
+def gif_with_comment_blocks(n: int = 6_000_000) -> bytes:
+    """A valid tiny GIF whose comment extension holds n one-byte sub-blocks (2 bytes each)."""
+    gif = encode(Image.new("L", (8, 8), 255), "GIF")
+    at = 13 + 3 * 2 ** ((gif[10] & 7) + 1) if gif[10] & 0x80 else 13  # after the global colour table
+    return gif[:at] + b"\x21\xfe" + b"\x01c" * n + b"\x00" + gif[at:]
+
+
+def tiff_with_strips(n: int = 1_000_000) -> bytes:
+    """An uncompressed 1 x n grey TIFF with one row per strip: n strips, all pointing at the same pixel byte."""
+    entries = [  # (tag, type, count, value or offset); types: 3 SHORT, 4 LONG
+        (256, 4, 1, 1),  # width
+        (257, 4, 1, n),  # height
+        (258, 3, 1, 8),  # bits per sample
+        (259, 3, 1, 1),  # no compression
+        (262, 3, 1, 1),  # black is zero
+        (273, 4, n, None),  # strip offsets
+        (277, 3, 1, 1),  # samples per pixel
+        (278, 4, 1, 1),  # rows per strip
+        (279, 3, n, None),  # strip byte counts
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    pixel = 8 + ifd_size
+    offsets_at = pixel + 2  # word-aligned
+    counts_at = offsets_at + 4 * n
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        if tag == 273:
+            value = offsets_at
+        elif tag == 279:
+            value = counts_at if n > 2 else 0  # a short array fits in the entry itself (n = 1, 2 here)
+        packed = struct.pack("<H", value) + b"\x00\x00" if typ == 3 and count == 1 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, typ, count) + packed
+    out += struct.pack("<I", 0) + b"\xff\x00"
+    assert len(out) == offsets_at
+    return out + struct.pack(f"<{n}I", *[pixel] * n) + struct.pack(f"<{n}H", *[1] * n)
+
+
+def png_with_text_bomb(size: int = 2_000_000) -> bytes:
+    """A valid tiny PNG with a compressed text chunk that inflates past Pillow's own text limit (1 MB):
+    Pillow refuses it with a message naming its internals."""
+    png = encode(Image.new("L", (8, 8), 255), "PNG")
+    data = b"note\x00\x00" + zlib.compress(bytes(size), 9)
+    chunk = struct.pack(">I", len(data)) + b"zTXt" + data + struct.pack(">I", zlib.crc32(b"zTXt" + data))
+    return png[:33] + chunk + png[33:]
+
+
+def past_the_decode_budget() -> dict[str, bytes]:
+    """Issue 25, finding 8: name -> a body each pre-scan must refuse (413) before Pillow opens it, at sizes
+    that are quick to build; the finding's own sizes are the defaults of the generators."""
+    return {
+        "png-20k-chunks": png_with_chunks(20_000),
+        "jpeg-2k-comments": jpeg_with_comments(2_000),
+        "gif-200k-comment-sub-blocks": gif_with_comment_blocks(200_000),
+        "tiff-20k-strips": tiff_with_strips(20_000),
+    }

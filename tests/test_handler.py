@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import time
 import zipfile
@@ -391,6 +392,29 @@ def test_costly_modes_count_more_pixels_and_are_refused_before_decoding(eager, p
     out, status = handle(*eager, [{"body": bytearray(body)}])
     assert status == [413]
     assert "6320x6320" in out[0]["message"] and "costs as much to decode as" in out[0]["message"]
+
+
+def test_inputs_past_the_decode_budget_are_413_beside_good_neighbours(eager, png):
+    # Issue 25, finding 8: each body is refused by its pre-scan before Pillow opens it; the error bodies name
+    # our limits only (no Pillow internals, no exception class), for these and the other hostile bodies.
+    hostile = {**images.past_the_decode_budget(), "png-text-bomb": images.png_with_text_bomb()}
+    hostile.update({name: body for name, (body, _) in images.refused().items()})
+    rows = [row for body in hostile.values() for row in ({"body": bytearray(body)}, {"body": bytearray(png)})]
+    out, status = handle(*eager, rows)
+    codes = dict(zip(hostile, status[::2]))
+    assert all(codes[name] == 413 for name in images.past_the_decode_budget()), codes
+    assert set(status[1::2]) == {GOOD} and all(answer == out[1] for answer in out[1::2])
+    for name, answer in zip(hostile, out[::2]):
+        assert not re.search(
+            r"pillow|\bPIL\b|decompression ?bomb|178,?956,?970|MAX_\w+|\w+Error|traceback", answer["message"], re.I
+        ), (name, answer["message"])
+
+
+def test_a_multipart_field_holding_a_json_list_is_refused_not_a_crash():
+    # Found by the fuzz target (issue 25): bytes([-1]) raised ValueError out of is_text, a 500 for the request.
+    items, _ = handler_module.items_from_body(handler_module.body_of({"body": b"\x00", "data": [-1]}))
+    with pytest.raises(handler_module.InputError, match="expected a base64 string, got int"):
+        handler_module.check_items(items, 32, 2**20)
 
 
 def test_jpeg_compressed_tiff_is_415(eager, png):

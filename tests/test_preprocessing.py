@@ -3,7 +3,9 @@ refusals with their HTTP status, the tensor it produces, and bit-exact parity wi
 
 import json
 import os
+import re
 import struct
+import timeit
 
 import numpy as np
 import pytest
@@ -13,10 +15,17 @@ from PIL import Image, ImageFile
 from model_src.preprocessing import (
     ACCEPTED_NAMES,
     DEFAULT_MAX_PIXELS,
+    MAX_GIF_BLOCKS,
     MAX_JPEG_SCANS,
+    MAX_JPEG_SEGMENTS,
+    MAX_PNG_CHUNKS,
+    MAX_TIFF_STRIPS,
     InputError,
     Preprocessing,
-    count_jpeg_scans,
+    count_gif_blocks,
+    count_jpeg_markers,
+    count_png_chunks,
+    count_tiff_strips,
     decode_image,
     pixel_cost,
     to_mode,
@@ -317,6 +326,10 @@ def test_only_the_six_formats_reach_pillow_and_only_their_plugin(monkeypatch):
     assert opened == [["PNG"], ["JPEG"], ["GIF"], ["BMP"], ["TIFF"], ["WEBP"]]
 
 
+def count_jpeg_scans(data: bytes) -> int:
+    return count_jpeg_markers(data)[0]
+
+
 def test_jpeg_scans_are_counted_like_libjpeg():
     grey = images.digit_like(64)
     assert count_jpeg_scans(encode(grey, "JPEG")) == 1
@@ -325,6 +338,10 @@ def test_jpeg_scans_are_counted_like_libjpeg():
     exif[0x010E] = "\xff\xda" * 50  # SOS markers inside a segment are data, not scans
     assert count_jpeg_scans(encode(grey, "JPEG", exif=exif)) == 1
     assert count_jpeg_scans(images.scan_bomb_jpeg(64, 6500)) == MAX_JPEG_SCANS + 1  # stops counting there
+    rgb = images.digit_like(256).convert("RGB")
+    restarts = encode(rgb, "JPEG", restart_marker_blocks=1)  # RSTn in the scan data are not segments
+    assert restarts.count(b"\xff\xd0") > 10
+    assert count_jpeg_markers(restarts) == (1, count_jpeg_markers(encode(rgb, "JPEG"))[1] + 1)  # + DRI
 
 
 def test_scans_hidden_behind_a_fake_end_marker_still_count():
@@ -399,3 +416,114 @@ def test_a_path_decodes_like_its_bytes(tmp_path):
     path = tmp_path / "x.png"
     path.write_bytes(encode(images.digit_like(), "PNG"))
     assert np.array_equal(np.asarray(decode_image(str(path))), np.asarray(decode_image(path.read_bytes())))
+
+
+# --- past the decode budget (issue 25, findings 5 and 8): every pre-scan is linear and capped ---------------
+
+UNCAPPED = 10**9
+
+
+def best_seconds(fn, arg) -> float:
+    """fn(arg)'s best time per call over 5 rounds, each of enough calls to last >= 10 ms (clock noise)."""
+    calls = 1
+    while (t := timeit.timeit(lambda: fn(arg), number=calls)) < 0.01:
+        calls *= 10
+    return min([t, *timeit.repeat(lambda: fn(arg), number=calls, repeat=4)]) / calls
+
+
+def growth(fn, build, n: int) -> tuple[float, float]:
+    """(how much longer fn takes on build(10 n) than on build(n), the same for a linear baseline: bytes.count)."""
+    small, large = build(n), build(10 * n)
+    ours = best_seconds(fn, large) / best_seconds(fn, small)
+    baseline = best_seconds(lambda d: d.count(b"\xff"), large) / best_seconds(lambda d: d.count(b"\xff"), small)
+    return ours, baseline
+
+
+LINEAR_CASES = {  # name -> (parser, hostile input of size n, n): the parsers run uncapped, to see their own cost
+    "jpeg-ff-run": (count_jpeg_markers, images.jpeg_with_ff_run, 2_000),
+    "jpeg-comments": (lambda d: count_jpeg_markers(d, max_segments=UNCAPPED), images.jpeg_with_comments, 2_000),
+    "png-chunks": (lambda d: count_png_chunks(d, UNCAPPED), images.png_with_chunks, 2_000),
+    "gif-sub-blocks": (lambda d: count_gif_blocks(d, UNCAPPED), images.gif_with_comment_blocks, 2_000),
+    "tiff-strips": (count_tiff_strips, images.tiff_with_strips, 2_000),
+}
+
+
+@pytest.mark.parametrize("name", LINEAR_CASES)
+def test_pre_scans_cost_grows_linearly_with_hostile_input(name):
+    # Finding 5: `\xff+` backtracked through a run of FF at each of its bytes: 10x the run took ~100x the time.
+    fn, build, n = LINEAR_CASES[name]
+    ours, baseline = growth(fn, build, n)
+    assert ours <= 3 * max(10, baseline), f"10x the input took {ours:.0f}x the time (bytes.count: {baseline:.0f}x)"
+
+
+def test_pre_scans_count_what_they_are_built_to_count():
+    assert count_jpeg_markers(images.jpeg_with_comments(50), max_segments=UNCAPPED)[1] == 50 + 6
+    assert count_jpeg_markers(images.jpeg_with_ff_run(5000)) == count_jpeg_markers(images.jpeg_with_ff_run(1))
+    assert count_png_chunks(images.png_with_chunks(50)) == 50 + 3  # IHDR, IDAT, IEND
+    assert count_gif_blocks(images.gif_with_comment_blocks(50)) == 50 + 3  # extension, image, its one data block
+    assert count_tiff_strips(images.tiff_with_strips(50)) == (9, 50)
+    for name, data in images.accepted().items():  # real files are far from every limit
+        assert count_png_chunks(data) < 10 if name.startswith("png") else True
+        assert count_gif_blocks(data) < 20 if name.startswith("gif") else True
+        assert count_tiff_strips(data)[1] < 10 if name == "tiff" else True
+
+
+def test_pre_scans_stop_counting_past_their_limit():
+    assert count_jpeg_markers(images.jpeg_with_comments(5000)) == (0, MAX_JPEG_SEGMENTS + 1)
+    assert count_png_chunks(images.png_with_chunks(20_000)) == MAX_PNG_CHUNKS + 1
+    assert count_gif_blocks(images.gif_with_comment_blocks(200_000)) == MAX_GIF_BLOCKS + 1
+
+
+def test_a_jpeg_with_a_run_of_fill_bytes_decodes():
+    assert decode_image(images.jpeg_with_ff_run(100_000)).size == (8, 8)
+
+
+@pytest.mark.parametrize("name", images.past_the_decode_budget())
+def test_inputs_past_the_decode_budget_are_413_before_pillow_opens_them(monkeypatch, name):
+    # Finding 8 at full size: 1 M PNG chunks took 4.2 s, 3 M JPEG comments 3.2 s, 6 M GIF comment sub-blocks
+    # 2.0 s (+520 MB), 1 M TIFF strips 4.7 s.
+    monkeypatch.setattr(Image, "open", lambda *a, **kw: pytest.fail("Pillow saw it"))
+    err = refusal(images.past_the_decode_budget()[name])
+    limits = (MAX_PNG_CHUNKS, MAX_JPEG_SEGMENTS, MAX_GIF_BLOCKS, MAX_TIFF_STRIPS)
+    assert err.status == 413 and any(f"{limit:,}" in str(err) for limit in limits), str(err)
+
+
+def test_a_thin_image_is_413_by_its_size_after_resizing_before_decoding(monkeypatch):
+    # Finding 8: a 95-byte 1 x 8000 PNG resized its shorter side to 256: 256 x 2,048,000, 6.8 s and 3.9 GB.
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+    prep = Preprocessing(image_size=224, resize_size=256, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(InputError) as e:
+        prep.decode(images.thin_png(8000))
+    assert e.value.status == 413 and "256x2048000" in str(e.value) and "40,000,000" in str(e.value)
+    monkeypatch.undo()
+    assert prep(prep.decode(images.thin_png(100))).shape == (3, 224, 224)  # 256 x 25,600: within the budget
+    assert prep.pixel_cost(prep.decode(images.thin_png(100))) == 256 * 25_600
+    assert GREY(GREY.decode(images.thin_png(8000))).shape == (1, 16, 16)  # no resizing of the shorter side
+
+
+def test_pixel_cost_after_resizing_keeps_the_resized_size_of_normal_images():
+    prep = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    img = Image.new("RGB", (640, 427))
+    assert prep.pixel_cost(img) == 640 * 427  # a photo costs its own pixels, more than the resized ones
+    assert prep.prepare(img).size == (64, 64)
+
+
+HOSTILE = {
+    **{name: body for name, (body, _) in images.refused().items() if "json" not in name},
+    **images.past_the_decode_budget(),
+    "scan-bomb": images.scan_bomb_jpeg(64, 500),
+    "bomb-over-pillow-hard-stop": images.png_declaring(50_000, 50_000),
+    "rgba-webp": images.blank_rgba_webp(),
+    "png-text-bomb": images.png_with_text_bomb(),
+    "jpeg-garbage": images.jpeg_with_garbage(),
+    "ico": images.other_formats()["ico"],
+}
+LIBRARY_WORDS = re.compile(r"pillow|\bPIL\b|decompression ?bomb|178,?956,?970|MAX_\w+|\w+Error|traceback", re.I)
+
+
+def test_error_messages_name_our_limits_only():
+    # Low: messages showed Pillow's internal pixel limit ("exceeds limit of 178956970 pixels, could be
+    # decompression bomb DOS attack") and its internals ("PngImagePlugin.MAX_TEXT_CHUNK").
+    for name, body in HOSTILE.items():
+        message = str(refusal(body))
+        assert not LIBRARY_WORDS.search(message), (name, message)

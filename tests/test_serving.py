@@ -145,8 +145,9 @@ def test_hostile_bodies_fail_fast_beside_good_ones_in_shared_batches(server, val
         (images.blank_rgba_webp(), "application/octet-stream", 413),
         (images.float_tiff(), "application/octet-stream", 413),
         (tiny_items, "application/json", 413),
+        *[(body, "application/octet-stream", 413) for body in images.past_the_decode_budget().values()],  # issue 25
     ]
-    jobs = [(b, "application/octet-stream", 200) for b in val_bodies[:5]]
+    jobs = [(b, "application/octet-stream", 200) for b in val_bodies[: len(hostile)]]
     jobs = [job for pair in zip(jobs, hostile) for job in pair]  # good, hostile, good, hostile, ...
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda j: post(server, j[0], content_type=j[1]), jobs))
@@ -158,6 +159,38 @@ def test_hostile_bodies_fail_fast_beside_good_ones_in_shared_batches(server, val
         else:
             assert resp.json()["message"]
     assert worker_pids(server) == pids  # no worker died or timed out
+
+
+def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
+    tmp_path_factory, checkpoint, torchserve_factory, val_bodies
+):
+    # Issue 25: "a bomb fails one request, never the box". One worker whose data may grow 24 MB past its
+    # loaded size; a 39.7 MP grey PNG (16 KB, under every pixel check) decodes into 40 MB.
+    import yaml
+
+    from deploy.archive import build_archive
+    from deploy.settings import MODEL_CONFIG
+
+    tmp = tmp_path_factory.mktemp("ceiling")
+    cfg = yaml.safe_load(open(MODEL_CONFIG))
+    cfg.update(minWorkers=1, maxWorkers=1)
+    cfg["handler"]["memory_headroom_mb"] = 24
+    (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp / "store").mkdir()
+    archive = str(tmp / "store" / "my_model.mar")
+    build_archive(checkpoint, "1.0", "eager", output=archive, config_file=str(tmp / "model-config.yaml"))
+    ts = torchserve_factory(tmp / "store")
+    pid = worker_pid(ts)
+    resp = post(ts, images.black_png(6300))
+    assert resp.status_code == 507 and "more memory than a worker has" in resp.json()["message"], resp.text
+    assert [post(ts, body).status_code for body in val_bodies[:3]] == [200] * 3
+    assert worker_pid(ts) == pid  # the same worker, alive
+    with open(f"/proc/{pid}/limits") as f:
+        ceiling = int(re.search(r"Max data size\s+(\d+)", f.read())[1])  # a number, not "unlimited"
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(re.findall(r"^(Vm\w+):\s+(\d+) kB", f.read(), re.M))
+    print(f"\nworker: ceiling {ceiling >> 20} MB, " + ", ".join(f"{k} {int(v) >> 10} MB" for k, v in status.items()))
+    assert int(status["VmData"]) << 10 <= ceiling
 
 
 def test_body_over_max_request_size_is_refused(server, val_bodies):
