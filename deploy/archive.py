@@ -78,7 +78,10 @@ def verify_checksum(path: str) -> str:
     if not os.path.isfile(sidecar):
         raise ValueError(f"{sidecar} is missing: build archives with scripts/archive.sh, which writes it")
     with open(sidecar) as f:
-        expected = f.read().split()[0]
+        fields = f.read(256).split()
+    expected = fields[0] if fields else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise ValueError(f"{sidecar} holds no SHA-256: rebuild the archive with scripts/archive.sh")
     actual = sha256_of(path)
     if actual != expected:
         raise ValueError(
