@@ -194,9 +194,9 @@ def netty_params(query: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_target(target: str) -> tuple[list[str], dict[str, str]]:
+def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Path segments and parameters of an origin-form target, as TorchServe would see them; Refusal for anything
-    that could be read two ways (absolute form, fragments, broken escapes, repeated parameters)."""
+    that could be read two ways (absolute form, fragments, broken escapes)."""
     if not target.startswith("/"):
         raise Refusal(400, "send the path only (origin-form), not an absolute URL")
     if "#" in target:
@@ -211,14 +211,7 @@ def parse_target(target: str) -> tuple[list[str], dict[str, str]]:
     for s in segments:
         if len(s) > MAX_NAME or not NAME.fullmatch(s):
             raise Refusal(400, f"path segment {shown(s)}: use letters, digits, '.', '_' or '-'")
-    if len(pairs) > MAX_PARAMS:
-        raise Refusal(400, f"more than {MAX_PARAMS} parameters")
-    params = {}
-    for name, value in pairs:
-        if name in params:  # Netty keeps every value and TorchServe reads the first: one meaning only
-            raise Refusal(400, f"parameter {shown(name)} is given twice")
-        params[name] = value
-    return segments, params
+    return segments, pairs
 
 
 # --- what may pass -----------------------------------------------------------------------------------------------
@@ -329,12 +322,19 @@ def route(method: str, segments: list[str]) -> tuple[str, ...]:
 def build(head: Head) -> Call:
     """The call TorchServe will get for this request, with every parameter's form checked (not yet the archive:
     that is costly, and waits for the key)."""
-    segments, params = parse_target(head.target)
+    segments, pairs = parse_target(head.target)
     registers = head.method == "POST" and segments == ["models"]
     allowed = route(head.method, segments)
     try:
         if head.length:
             raise ValueError("send the parameters in the query string: management calls here carry no body")
+        if len(pairs) > MAX_PARAMS:
+            raise ValueError(f"more than {MAX_PARAMS} parameters")
+        params = {}
+        for name, value in pairs:
+            if name in params:  # Netty keeps every value and TorchServe reads the first: one meaning only
+                raise ValueError(f"parameter {shown(name)} is given twice")
+            params[name] = value
         unknown = sorted(set(params) - set(allowed))
         if unknown:
             raise ValueError(f"parameter {shown(unknown[0])} is not accepted here (only {', '.join(allowed)})")
