@@ -7,13 +7,14 @@ proxy owns the management port.
 
 Every request is parsed strictly (one request line, no folded or duplicate headers, no control characters, at
 most one Content-Length of 0..MAX_BODY, no Transfer-Encoding) and its key is checked against TorchServe's
-key_file.json before any costly work. Its path is percent-decoded and split the way TorchServe reads it, its
-query the way Netty 4.1.53's QueryStringDecoder does (on '&' *and* ';', '+' as a space); repeated and unknown
-parameters are refused, each value must have its parameter's form. Then a *new* request goes to TorchServe,
-built from the validated values only: method, normalised path, re-encoded query, the Authorization header.
-Registrations pass only when `url` is the file name of a `.mar` in the model store that matches its `.sha256`
-and is a sound zip with a manifest. Anything else gets a JSON answer (400, 403, 404, 413) and the connection
-is closed.
+key_file.json (which the guard, running as the server's user, can read) before any costly work. Its path is
+percent-decoded and split the way TorchServe reads it, its query the way Netty 4.1.53's QueryStringDecoder does
+(on '&' *and* ';', '+' as a space); repeated and unknown parameters are refused, each value must have its
+parameter's form. Then a *new* request goes to TorchServe, built from the validated values only: method,
+normalised path, re-encoded query, the Authorization header. Registrations pass only when `url` is the file name
+of a `.mar` in the model store that matches its `.sha256` and is a sound zip with a manifest. Anything else gets
+a JSON answer (400, 403, 404, 405, 413; 500 for a bug of ours) and the connection is closed. The log lists each
+call as it was re-issued.
 
     python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock --model-store model_store
 """
@@ -486,12 +487,16 @@ class Guard(socketserver.StreamRequestHandler):
     def drain(self, head: Head | None):
         """Read the body a refused request announced, so that closing the socket does not reset the connection
         before the client has read the answer."""
-        if head and head.length:
-            try:
-                self.connection.settimeout(2)
-                self.rfile.read(head.length)
-            except OSError:
-                pass
+        left, deadline = head.length if head else 0, time.monotonic() + 2  # a trickling client gets 2 s, in all
+        try:
+            while left > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.rfile.read1(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
+        except OSError:
+            pass
 
     def reply(self, status: int, headers: list[tuple[str, str]], data: bytes, close: bool):
         try:

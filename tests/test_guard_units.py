@@ -158,11 +158,21 @@ def answer(raw: bytes) -> tuple[int, dict]:
         return status, {"raw": body.decode("latin-1")}
 
 
-@pytest.fixture
-def gw(tmp_path):
-    g = GuardProcess(tmp_path)
+@pytest.fixture(scope="module")
+def guard_process(tmp_path_factory):
+    g = GuardProcess(tmp_path_factory.mktemp("guard"))
     yield g
     g.stop()
+
+
+@pytest.fixture
+def gw(guard_process):
+    """The module's guard, its store, keys and stand-in as a test found them at the start."""
+    fake_archive(guard_process.store)
+    guard_process.write_keys(KEY)
+    guard_process.upstream.heads.clear()
+    yield guard_process
+    assert guard_process.proc.poll() is None  # whatever the test sent, the guard still runs
 
 
 def refused(status, body):
@@ -294,7 +304,6 @@ def test_a_malformed_request_gets_a_json_answer(gw, raw):
     status, body = answer(head)
     assert status in (400, 413) and body["message"], (status, head)  # 'Content-Length: abc': no answer at all
     assert gw.upstream.targets() == []
-    assert gw.proc.poll() is None
 
 
 # --- the key, before any costly work -------------------------------------------------------------------------
@@ -398,9 +407,9 @@ def growth(fn, small, large) -> float:
     return (cost(fn, large) / cost(fn, small)) / (cost(baseline, large) / cost(baseline, small))
 
 
-@pytest.mark.parametrize("unit", ["&;", ";=", "==", "a=%41+&", "%C3%A9;", "=&=;"])
+@pytest.mark.parametrize("unit", ["&;", "==;", "=&=;", "a=%C3%A9+&"])
 def test_the_query_parser_is_linear(unit):
-    small, large = unit * 5_000, unit * 50_000
+    small, large = unit * 2_000, unit * 20_000
     assert len(guard.netty_params(small)) <= len(small)
     assert growth(guard.netty_params, small, large) < 3  # a quadratic parser would give ~10
 
