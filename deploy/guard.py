@@ -478,17 +478,19 @@ class Guard(socketserver.StreamRequestHandler):
 
     def refuse(self, refusal: Refusal, head: Head | None, start: float) -> bool:
         """Answer a refusal as JSON and close the connection (False)."""
-        self.drain(head)
         body = error(refusal.status, refusal.kind, refusal.message)
         self.reply(refusal.status, [("Content-Type", "application/json")], body, True)
         self.log(f"refused {refusal.status} {head.method if head else '-'}: {refusal.message}", start)
+        self.linger()
         return False
 
-    def drain(self, head: Head | None):
-        """Read the body a refused request announced, so that closing the socket does not reset the connection
-        before the client has read the answer."""
-        left, deadline = head.length if head else 0, time.monotonic() + 2  # a trickling client gets 2 s, in all
+    def linger(self):
+        """Close gently: closing a socket with unread input resets the connection, and the reset can erase the
+        answer before the client reads it (RFC 9112 9.6). So stop sending, then read what the client still sends,
+        for 2 s and MAX_BODY bytes at most, before the socket is closed."""
+        left, deadline = MAX_BODY + MAX_LINE, time.monotonic() + 2
         try:
+            self.connection.shutdown(socket.SHUT_WR)
             while left > 0 and time.monotonic() < deadline:
                 self.connection.settimeout(max(0.01, deadline - time.monotonic()))
                 data = self.rfile.read1(min(left, 65536))

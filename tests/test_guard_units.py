@@ -185,7 +185,7 @@ TWO_READINGS = {
     "';' before the valid url (finding 1)": "/models?x=1;url=/some/dir&url=my_model.mar",
     "';' after it": "/models?url=my_model.mar;url=/some/dir",
     "two urls": "/models?url=my_model.mar&url=/some/dir",
-    "leading '=' (Netty skips it)": "/models?=url=/some/dir",
+    "leading '=' (Netty skips it)": "/models?=url=/some/dir&url=my_model.mar",
     "encoded key": "/models?u%72l=/some/dir&url=my_model.mar",
     "encoded ';' in the value": "/models?url=my_model.mar%3Burl=/some/dir",
     "encoded '&' in the value": "/models?url=my_model.mar%26url=/some/dir",
@@ -409,7 +409,7 @@ def growth(fn, small, large) -> float:
 
 @pytest.mark.parametrize("unit", ["&;", "==;", "=&=;", "a=%C3%A9+&"])
 def test_the_query_parser_is_linear(unit):
-    small, large = unit * 2_000, unit * 20_000
+    small, large = unit * 1_000, unit * 10_000
     assert len(guard.netty_params(small)) <= len(small)
     assert growth(guard.netty_params, small, large) < 3  # a quadratic parser would give ~10
 
