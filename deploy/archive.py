@@ -28,6 +28,7 @@ import zipfile
 import zlib
 
 from deploy import settings
+from deploy.privileges import shared_dir
 
 
 def get_args_parser():
@@ -216,7 +217,7 @@ def build_archive(
             f"{target} exists; archives are never overwritten: pick a new --version "
             "or remove the old archive (and its .sha256) yourself"
         )
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    shared_dir(os.path.dirname(os.path.abspath(target)))
     # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot keeps
     # TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover for an
     # archive. TemporaryDirectory removes it whether the build succeeds or fails.
