@@ -50,6 +50,9 @@ def print_status(ts: TorchServe):
         print(f"  {exposure_warning(ts, why)}")
     else:
         print(f"  gRPC management :{ts.ports.grpc_management}: root and the server's user only (nftables)")
+    if guard_state in ("down", "frozen"):  # a frozen guard would hold the question until it times out
+        print("  models: unknown while the management guard is down")
+        return
     try:
         models = management.models(ts)
     except (requests.RequestException, ServerError) as e:
@@ -137,7 +140,9 @@ def main(argv=None):
             if info["exposed"]:
                 print(exposure_warning(ts, info["exposed"]), file=sys.stderr)
             if args.front_door:
-                frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None).start()
+                door = frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None)
+                if not (info.get("relaunched") and door.is_running()):
+                    door.start()
             if args.no_tokens:
                 print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
         if args.action in ("start", "restart", "status"):

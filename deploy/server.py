@@ -279,7 +279,7 @@ class TorchServe:
         the server's user. Now that root holds the folder again, those entries move into the new home/ (renames
         of entries of root's folder: nothing inside is opened), and the deployment history is copied into a
         state/ of root's (read without following links); the old state/ stays, renamed."""
-        uid = self.uid
+        uid = ids(self.user)[0]  # home/ is root's until it is handed over
         for name in LEGACY:
             old = self.path(name)
             if os.path.lexists(old) and os.lstat(old).st_uid == uid:
