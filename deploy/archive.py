@@ -34,6 +34,7 @@ import zipfile
 import zlib
 
 from deploy import settings
+from deploy.privileges import shared_dir
 
 
 def get_args_parser():
@@ -295,7 +296,7 @@ def build_archive(
             "or remove the old archive (and its .sha256) yourself"
         )
     store = os.path.dirname(os.path.abspath(target))
-    os.makedirs(store, exist_ok=True)
+    shared_dir(store)
     remove_dead_staging(store)
     # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot keeps
     # TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover for an

@@ -40,7 +40,7 @@ import psutil
 
 from deploy import settings
 from deploy.archive import NAME, check_archive
-from deploy.privileges import private_files
+from deploy.privileges import logged
 
 GUARD_KEY = "guarded_management_address"  # in a generated config: where the guard listens
 
@@ -534,34 +534,79 @@ class GuardServer(socketserver.ThreadingTCPServer):
 
 
 def launch(ts):
-    """Start the guard for `ts` (detached, as the server's user); its pid goes to ts.guard_pid_file."""
+    """Start the guard for `ts`, detached, as the server's user, under deploy/supervise.py, which restarts it
+    when it dies while TorchServe runs. Both write to logs/guard.log, which the child opens as that user."""
     listen = ts.config()[GUARD_KEY].split("://", 1)[-1]
-    with private_files(), open(os.path.join(ts.log_dir, "guard.log"), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", ts.management_socket]
-            + ["--model-store", ts.model_store, "--watch-pid", str(ts.pid() or 0)],
-            cwd=settings.ROOT,
-            env=ts.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives this command, like TorchServe
-            **ts.as_user(),
-        )
-    with private_files(), open(ts.guard_pid_file, "w") as f:
-        f.write(str(proc.pid))
+    watch = str(ts.pid() or 0)
+    guard = [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", ts.management_socket]
+    guard += ["--model-store", ts.model_store, "--watch-pid", watch, "--key-file", ts.key_file]
+    supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", watch, "--", *guard]
+    subprocess.Popen(
+        logged(supervised, os.path.join(ts.log_dir, "guard.log")),
+        cwd=settings.ROOT,
+        env=ts.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this command, like TorchServe
+        **ts.as_user(),
+    )
 
 
-def stop(ts):
-    """Stop the guard of `ts`, if it runs."""
+def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for this
+    server's management socket. Found by what they are, not through a pid file: a pid file can name anyone's
+    process, and root signals only these."""
+    supervisors, guards = [], []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
+        if uids is None or uids.real != ts.uid or ts.management_socket not in cmd:
+            continue
+        if cmd[1:3] == ["-m", "deploy.supervise"]:
+            supervisors.append(proc)
+        elif cmd[1:3] == ["-m", "deploy.guard"]:
+            guards.append(proc)
+    return supervisors, guards
+
+
+def state(ts) -> str:
+    """'running', 'unsupervised' (running, but nothing restarts it), 'restarting' (its supervisor runs),
+    'frozen' (stopped by a signal) or 'down'."""
+    supervisors, guards = processes(ts)
     try:
-        with open(ts.guard_pid_file) as f:
-            proc = psutil.Process(int(f.read()))
-        if any("deploy.guard" in a for a in proc.cmdline()):
-            proc.terminate()
-            proc.wait(10)
-    except (OSError, ValueError, psutil.Error):
-        pass
+        frozen = any(g.status() == psutil.STATUS_STOPPED for g in guards)
+    except psutil.Error:
+        frozen = False
+    if frozen:
+        return "frozen"
+    if guards:
+        return "running" if supervisors else "unsupervised"
+    return "restarting" if supervisors else "down"
+
+
+def stop(ts, timeout: float = 5) -> bool:
+    """Stop the guard of `ts` and its supervisor: SIGTERM, then SIGKILL for whatever is still there after
+    `timeout` seconds (a frozen guard still holds the port). False when none ran."""
+    supervisors, guards = processes(ts)
+    procs = supervisors + guards  # the supervisor first, so that it does not restart the guard
+    for _ in range(3):  # a supervisor that restarted its guard just before it heard SIGTERM: once more
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=timeout)
+        left = processes(ts)
+        if not left[0] + left[1]:
+            break
+        procs = left[0] + left[1]
+    return bool(supervisors or guards)
 
 
 def follow(pid: int, server):

@@ -56,8 +56,8 @@ def target() -> TorchServe:
     loopback, unless TS_ALLOW_PLAIN_HTTP=1 says plain HTTP to that host is meant."""
     key_file = os.environ.get("TS_KEY_FILE")
     ts = TorchServe()
-    if key_file:  # a server's key_file.json lies in its working directory, beside logs/
-        ts = TorchServe(workdir=os.path.dirname(os.path.abspath(key_file)))
+    if key_file:  # a server's key_file.json lies in its folder's home/, beside logs/
+        ts = TorchServe(workdir=TorchServe.workdir_of(key_file))
         if os.path.basename(key_file) != "key_file.json":
             raise SystemExit(f"TS_KEY_FILE={key_file}: name the key_file.json a TorchServe wrote (it refreshes it)")
         if os.path.exists(ts.generated_config):  # the ports it was started on: management answers refreshes

@@ -1,6 +1,7 @@
-"""Who the server runs as and who may read what it writes (see docs/security.md)."""
+"""Who the server runs as, who may read what it writes, and how root touches the server's folders without
+following the service user's links (see docs/security.md)."""
 
-import glob
+import errno
 import json
 import os
 import pwd
@@ -39,27 +40,112 @@ def service_user() -> str | None:
         return None
 
 
+def ids(user: str | None) -> tuple[int, int]:
+    """(uid, gid) of `user`, or of the caller when None."""
+    if not user:
+        return os.getuid(), os.getgid()
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
+
+
 def as_user(user: str | None) -> dict:
     """subprocess arguments that run a child as `user` (None: the caller), without root's groups, under
     umask 077."""
     if not user:
         return {"umask": 0o077}
-    entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "umask": 0o077}
+    uid, gid = ids(user)
+    return {"user": uid, "group": gid, "extra_groups": [], "umask": 0o077}
 
 
-def make_private(folder: str, subfolders, user: str | None):
-    """`folder` and `subfolders` exist with mode 0700; nothing inside is readable by others (what an earlier
-    version left readable included); everything belongs to `user` when given."""
-    for path in (folder, *subfolders):
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
-    entry = pwd.getpwnam(user) if user else None
-    for path in glob.glob(os.path.join(folder, "**"), recursive=True):
-        if not os.path.islink(path):
-            os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) & 0o700)
-        if entry:
-            os.lchown(path, entry.pw_uid, entry.pw_gid)
+def own_dir(path: str, mode: int, uid: int, gid: int, adopt: bool = False):
+    """`path` is a real folder (never a link) owned by uid:gid with `mode`; created when missing. Only the folder
+    itself is changed, through a no-follow handle, never what lies inside. A folder of another owner is taken
+    over only when `adopt` (else PermissionError). Its parent must be one that no other user can write (the
+    caller's to check)."""
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        created = False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise PermissionError(f"{path} is not a folder (a link?): remove it ({e.strerror})") from None
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != uid and not (created or adopt):
+            raise PermissionError(f"{path} belongs to uid {owner}, not {uid}: remove it (it is recreated)")
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def open_below(base: str, path: str, owners: tuple[int, ...]):
+    """Open the regular file `path` inside folder `base` for reading, as root may in a folder another user can
+    write: every component below `base` is opened without following links, a FIFO does not block, and the file
+    must belong to one of `owners` (a hard link to someone else's file does not). Raises OSError."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base)).split(os.sep)
+    if rel[0] in ("..", "."):
+        raise OSError(errno.EINVAL, f"{path} is not inside {base}")
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in rel[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file_fd = os.open(rel[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        os.close(fd)
+    st = os.fstat(file_fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners:
+        os.close(file_fd)
+        raise OSError(errno.EPERM, f"{path} is not a regular file of uid {'/'.join(map(str, owners))}")
+    return os.fdopen(file_fd, "rb")
+
+
+def write_new(path: str, data: bytes, mode: int = 0o600, gid: int = -1):
+    """Replace `path` with a new file holding `data`: written under a fresh name (O_EXCL, no-follow) and renamed
+    over it, so a reader never sees half a file and nothing already there is opened. For folders of root's
+    own, not ones another user can write."""
+    tmp = f"{path}.{os.getpid()}.new"
+    if os.path.lexists(tmp):  # left by a killed writer
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)  # the umask does not narrow what was asked for
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def logged(cmd: list[str], log: str) -> list[str]:
+    """`cmd` with its stdout and stderr appended to `log`, which the child opens itself: as the user it runs as,
+    so a link planted there leads nowhere that user could not write anyway."""
+    return ["/bin/sh", "-c", 'log=$1; shift; exec "$@" >>"$log" 2>&1', "sh", log, *cmd]
+
+
+def shared_dir(path: str):
+    """Create folder `path` (and missing parents) readable by root and the service user's group only (0750):
+    the model store and training runs hold the models, which other local users must not copy. A folder that
+    exists is left as it is."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent)
+    os.mkdir(path, 0o750)
+    os.chmod(path, 0o750)  # whatever the umask
+    if os.geteuid() == 0:
+        try:
+            os.chown(path, -1, pwd.getpwnam(settings.SERVICE_USER).pw_gid)
+        except KeyError:  # no service user: root alone
+            pass
 
 
 def unreachable(user: str | None, need: dict[str, int]) -> list[str]:

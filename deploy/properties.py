@@ -5,19 +5,24 @@ def read_properties(path: str) -> dict:
     r"""Parse a Java .properties file as java.util.Properties.load does (TorchServe writes its snapshots with Java
     escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are dropped, trailing
     ones kept; an odd number of backslashes at the end of a line continues it on the next."""
-    props, pending = {}, None
     with open(path, encoding="latin-1") as f:  # Properties.load(InputStream) reads ISO 8859-1
-        for raw in f:
-            line = raw.rstrip("\n").lstrip(" \t\f")
-            if pending is None and (not line or line.startswith(("#", "!"))):
-                continue
-            line = line if pending is None else pending + line
-            if (len(line) - len(line.rstrip("\\"))) % 2:
-                pending = line[:-1]
-                continue
-            pending = None
-            key, value = split_property(line)
-            props[unescape(key)] = unescape(value)
+        return parse_properties(f)
+
+
+def parse_properties(lines) -> dict:
+    """read_properties of lines already read (str, ISO 8859-1 decoded)."""
+    props, pending = {}, None
+    for raw in lines:
+        line = raw.rstrip("\n").lstrip(" \t\f")
+        if pending is None and (not line or line.startswith(("#", "!"))):
+            continue
+        line = line if pending is None else pending + line
+        if (len(line) - len(line.rstrip("\\"))) % 2:
+            pending = line[:-1]
+            continue
+        pending = None
+        key, value = split_property(line)
+        props[unescape(key)] = unescape(value)
     if pending is not None:  # the file ended on a continued line
         key, value = split_property(pending)
         props[unescape(key)] = unescape(value)
@@ -84,7 +89,9 @@ def escape(text: str, key: bool = False) -> str:
 def write_properties(path: str, props: dict, comment: str = ""):
     """Write props so that Properties.load reads back exactly these strings."""
     with open(path, "w", encoding="latin-1") as f:  # escape() leaves plain ASCII
-        if comment:
-            f.write(f"# {comment}\n")
-        for key, value in props.items():
-            f.write(f"{escape(key, key=True)}={escape(value)}\n")
+        f.write(format_properties(props, comment))
+
+
+def format_properties(props: dict, comment: str = "") -> str:
+    lines = [f"# {comment}\n"] if comment else []
+    return "".join(lines + [f"{escape(key, key=True)}={escape(value)}\n" for key, value in props.items()])

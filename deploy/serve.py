@@ -6,23 +6,59 @@ python -m deploy.serve stop | status | restart
 
 import argparse
 import os
+import sys
 import time
 
-from deploy import frontdoor, management, settings
+import requests
+
+from deploy import frontdoor, guard, management, settings
 from deploy.predict import target
 from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
 
+GUARD_STATES = {
+    "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` relaunches it",
+    "frozen": "FROZEN (stopped by a signal): management requests hang; `scripts/serve.sh start` relaunches it",
+    "restarting": "restarting (its supervisor brings it back within seconds)",
+    "unsupervised": "running, but nothing restarts it if it dies; `scripts/serve.sh start` relaunches it supervised",
+}
+
+
+def exposure_warning(ts: TorchServe, why: str) -> str:
+    return (
+        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any model directory "
+        f"for a management-key holder and every local user can connect to it ({why}): start as root with "
+        "nftables installed (scripts/setup.sh) so that only root and the server's user can (docs/security.md)"
+    )
+
 
 def print_status(ts: TorchServe):
+    guard_state = guard.state(ts) if ts.guard else "running"
     if not ts.is_running():
         print("TorchServe is not running")
+        if guard_state not in ("down", "restarting"):
+            print(f"  its management guard is still {guard_state}: scripts/serve.sh stop ends it")
         return
     print(f"TorchServe is running (pid {ts.pid()})")
     key_hint = lambda kind: f"(key: .{kind}.key in {os.path.relpath(ts.key_file)})" if ts.tokens_enabled else ""
     print(f"  inference   {ts.url('inference')}   {key_hint('inference') or '(tokens off)'}")
     print(f"  management  {ts.url('management')}   {key_hint('management')}")
+    if guard_state != "running":
+        print(f"  management guard: {GUARD_STATES[guard_state]}")
     print(f"  metrics     {ts.url('metrics')}/metrics")
-    for name, versions in management.models(ts).items():
+    why = ts.exposure()
+    if why:
+        print(f"  {exposure_warning(ts, why)}")
+    else:
+        print(f"  gRPC management :{ts.ports.grpc_management}: root and the server's user only (nftables)")
+    if guard_state in ("down", "frozen"):  # a frozen guard would hold the question until it times out
+        print("  models: unknown while the management guard is down")
+        return
+    try:
+        models = management.models(ts)
+    except (requests.RequestException, ServerError) as e:
+        print(f"  models: unknown, the management API did not answer ({e.__class__.__name__})")
+        return
+    for name, versions in models.items():
         default = management.default_version(ts, name)
         for v in versions:
             print(
@@ -94,12 +130,19 @@ def main(argv=None):
         if args.action in ("start", "restart"):
             t0 = time.time()
             info = ts.start(models=args.models, restore=not args.fresh)
-            print(
-                f"TorchServe started in {time.time() - t0:.1f}s"
-                f"{' (restored the saved deployment)' if info['restored'] else ''}"
-            )
+            if info.get("relaunched"):
+                print(f"TorchServe was running; relaunched its {' and '.join(info['relaunched'])}")
+            else:
+                print(
+                    f"TorchServe started in {time.time() - t0:.1f}s"
+                    f"{' (restored the saved deployment)' if info['restored'] else ''}"
+                )
+            if info["exposed"]:
+                print(exposure_warning(ts, info["exposed"]), file=sys.stderr)
             if args.front_door:
-                frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None).start()
+                door = frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None)
+                if not (info.get("relaunched") and door.is_running()):
+                    door.start()
             if args.no_tokens:
                 print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
         if args.action in ("start", "restart", "status"):

@@ -1,15 +1,28 @@
 """One TorchServe instance: its generated config, its process, its keys and authenticated requests.
 
-One `TorchServe` object describes one instance: a private working directory (0700:
-TorchServe writes key_file.json, logs/ and snapshots there, keeps its pid file and
-worker sockets in its tmp/, and unpacks models there), a model store and five
-ports. The demo server uses server/ and the ports of config.properties; tests make
-their own instance in a temporary directory on free ports.
+One `TorchServe` object describes one instance: a folder, a model store and five ports. The demo
+server uses server/ and the ports of config.properties; tests make their own instance in a temporary
+directory on free ports. The folder holds:
+
+    run/    root's (0750, group: the server's user): the generated config TorchServe reads
+    home/   the server's user's (0700), TorchServe's working directory: key_file.json, logs/ (its logs,
+            snapshots, torchserve.out, guard.log), tmp/ (TMPDIR: its pid file, worker sockets, unpacked models)
+    state/  root's: the deployment history (deploy/versions.py)
+
+The folder itself is root's (0711). Started as root, TorchServe runs as the unprivileged
+settings.SERVICE_USER, which owns home/ and can read, not write, the model store; its handlers are code, so
+whatever lies in home/ is that user's to plant. Root therefore never writes, walks or chowns inside home/:
+it creates home/ empty and chowns that folder alone; whatever must be made inside (logs/, tmp/, the output
+logs) is made by a child running as that user; what root reads there (key file, pid file, logs) it opens
+without following links; and it signals only processes of that user whose command line is TorchServe's,
+and stops TorchServe by running `torchserve --stop` as that user.
+
+TorchServe's gRPC management port cannot be turned off and registers any model directory: started by root,
+the server gets an nftables table (deploy/firewall.py) that lets only root and its user connect to it.
 
 What the server writes is never readable by other users: it starts under umask 077
 (TorchServe creates key_file.json with the process umask and tightens it only
-afterwards). Started as root, it runs as the unprivileged settings.SERVICE_USER,
-which owns the working directory and can read, not write, the model store.
+afterwards).
 
 Restarts keep the deployment: TorchServe writes a snapshot of the registered
 versions (and which one is default) after every management call, but ignores it
@@ -20,8 +33,10 @@ The command line for this lives in deploy/serve.py (scripts/serve.sh); the
 management API's calls live in deploy/management.py.
 """
 
+import io
 import json
 import os
+import pwd
 import re
 import signal
 import socket
@@ -33,13 +48,14 @@ from dataclasses import dataclass, field
 import psutil
 import requests
 
-from deploy import guard, settings
+from deploy import firewall, guard, settings
 from deploy.guard import GUARD_KEY
-from deploy.privileges import as_user, make_private, private_files, service_user, unreachable
-from deploy.properties import read_properties, write_properties
+from deploy.privileges import as_user, ids, logged, open_below, own_dir, service_user, unreachable, write_new
+from deploy.properties import format_properties, parse_properties, read_properties
 from deploy.snapshot import latest_snapshot
 
 DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
+LEGACY = ("logs", "tmp", "key_file.json")  # what an earlier version kept at the top of the server's folder
 TOKEN_REFUSED = "Token Authorization failed"  # TorchServe's 400 for a missing, wrong or expired key
 
 
@@ -96,17 +112,37 @@ class TorchServe:
     _tokens: bool | None = field(default=None, init=False, repr=False)
     _keys: dict | None = field(default=None, init=False, repr=False)
 
-    # --- paths: everything the server writes lies in its working directory ------------------------------
+    # --- paths: everything the server writes lies in its folder (see the module's docstring) -----------------
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 
-    log_dir = property(lambda self: self.path("logs"))
-    key_file = property(lambda self: self.path("key_file.json"))  # TorchServe writes it to its cwd
-    tmp_dir = property(lambda self: self.path("tmp"))  # TMPDIR: pid file, worker sockets, unpacked models
-    generated_config = property(lambda self: self.path("logs", "generated.config.properties"))
-    management_socket = property(lambda self: self.path("tmp", "mgmt.sock"))
-    guard_pid_file = property(lambda self: self.path("tmp", "guard.pid"))
-    pid_file = property(lambda self: self.path("tmp", ".model_server.pid"))  # tempfile.gettempdir() of the CLI
+    run_dir = property(lambda self: self.path("run"))  # root's
+    home = property(lambda self: self.path("home"))  # the server's user's: TorchServe's working directory
+    log_dir = property(lambda self: self.path("home", "logs"))
+    key_file = property(lambda self: self.path("home", "key_file.json"))  # TorchServe writes it to its cwd
+    tmp_dir = property(lambda self: self.path("home", "tmp"))  # TMPDIR: pid file, worker sockets, unpacked models
+    generated_config = property(lambda self: self.path("run", "generated.config.properties"))
+    management_socket = property(lambda self: self.path("home", "tmp", "mgmt.sock"))
+    pid_file = property(lambda self: self.path("home", "tmp", ".model_server.pid"))  # tempfile.gettempdir() of the CLI
+
+    @staticmethod
+    def workdir_of(key_file: str) -> str:
+        """The server folder of a key_file.json that a TorchServe wrote."""
+        return os.path.dirname(os.path.dirname(os.path.abspath(key_file)))
+
+    @property
+    def uid(self) -> int:
+        """Whose processes and files the server's are: the owner of its home/, which root set at start (so it
+        also tells when start fell back to root), else its user's or the caller's."""
+        try:
+            return os.lstat(self.home).st_uid
+        except FileNotFoundError:
+            return ids(self.user)[0]
+
+    def open(self, path: str):
+        """Open a file of the server's folder for reading the way root may (privileges.open_below): no links
+        followed, no FIFO waited on, only files of root, the caller or the server's user."""
+        return open_below(self.workdir, path, (0, os.geteuid(), self.uid))
 
     def url(self, api: str = "inference") -> str:
         # Only inference may live elsewhere (TS_INFERENCE_URL); the management port, which refreshes keys with
@@ -169,10 +205,11 @@ class TorchServe:
         except psutil.Error:
             return None
         args = cmd[cmd.index("org.pytorch.serve.ModelServer") + 1 :] if "org.pytorch.serve.ModelServer" in cmd else []
-        props = self.config()  # started without -f: our best guess
+        props = self.config()  # started without -f, or with a file outside its folder: our best guess
         if "-f" in args[:-1]:
             try:
-                props = read_properties(os.path.join(cwd, args[args.index("-f") + 1]))
+                with self.open(os.path.join(cwd, args[args.index("-f") + 1])) as f:
+                    props = parse_properties(io.TextIOWrapper(f, encoding="latin-1"))
             except OSError:
                 pass
         if "--disable-token-auth" in args:
@@ -184,11 +221,11 @@ class TorchServe:
         snapshot = latest_snapshot(self.log_dir, self.model_store) if restore else None
         if snapshot:
             props["model_snapshot"] = json.dumps(snapshot)
-        os.makedirs(self.log_dir, exist_ok=True)
-        with private_files():
-            write_properties(
-                self.generated_config, props, f"generated by deploy/server.py from {self.base_config}; do not edit"
-            )
+        self.prepare_run_dir()
+        text = format_properties(props, f"generated by deploy/server.py from {self.base_config}; do not edit")
+        # root's file in root's folder; the server's user reads it through the group
+        mode, group = (0o640, ids(self.user)[1]) if self.user else (0o600, -1)
+        write_new(self.generated_config, text.encode("latin-1"), mode, group)
         return self.generated_config, snapshot
 
     # --- process control ---------------------------------------------------------------
@@ -202,12 +239,63 @@ class TorchServe:
         # another user could create /tmp/models first and have their handler loaded.
         env["TMPDIR"] = env["TEMP"] = self.tmp_dir
         if self.user:
-            env["HOME"] = self.workdir  # caches (torch, matplotlib) go here, not to root's home
+            env["HOME"] = self.home  # caches (torch, matplotlib) go here, not to root's home
         return env
 
+    def prepare_run_dir(self):
+        """The server's folder and its run/, root's (or the caller's); only those two folders are changed. An
+        earlier version gave the whole folder to the server's user: root takes the folder back."""
+        me, my_group = os.geteuid(), os.getegid()
+        try:
+            own_dir(self.workdir, 0o711, me, my_group, adopt=True)
+            own_dir(self.run_dir, 0o750 if self.user else 0o700, me, ids(self.user)[1] if self.user else my_group)
+        except PermissionError as e:
+            raise ServerError(str(e)) from None
+
     def prepare_dirs(self):
-        """The working directory and its tmp/ and logs/, private to the user the server runs as."""
-        make_private(self.workdir, (self.tmp_dir, self.log_dir), self.user)
+        """The server's folder, run/ and home/ with its logs/ and tmp/; nothing in home/ readable by others (what
+        an earlier version left readable included)."""
+        self.prepare_run_dir()
+        fresh = not os.path.lexists(self.home)
+        if fresh:
+            os.mkdir(self.home, 0o700)
+            self.move_legacy()
+        try:
+            own_dir(self.home, 0o700, *ids(self.user), adopt=fresh)
+        except PermissionError as e:
+            raise ServerError(str(e)) from None
+        # Inside home/, only its user acts: a link planted there leads nowhere that user could not go anyway.
+        subprocess.run(
+            ["/bin/sh", "-c", "mkdir -p logs tmp && { chmod -R go-rwx . 2>/dev/null || true; }"],
+            cwd=self.home,
+            check=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            **self.as_user(),
+        )
+
+    def move_legacy(self):
+        """An earlier version kept TorchServe's files at the top of the folder and gave it, and all inside, to
+        the server's user. Now that root holds the folder again, those entries move into the new home/ (renames
+        of entries of root's folder: nothing inside is opened), and the deployment history is copied into a
+        state/ of root's (read without following links); the old state/ stays, renamed."""
+        uid = ids(self.user)[0]  # home/ is root's until it is handed over
+        for name in LEGACY:
+            old = self.path(name)
+            if os.path.lexists(old) and os.lstat(old).st_uid == uid:
+                os.rename(old, os.path.join(self.home, name))
+        state = self.path("state")
+        if not os.path.lexists(state) or os.lstat(state).st_uid == os.geteuid():
+            return
+        owner, kept = os.lstat(state).st_uid, f"{state}.from-uid-{os.lstat(state).st_uid}"
+        os.rename(state, kept)
+        os.mkdir(state, 0o700)
+        for entry in os.scandir(kept):
+            try:
+                with open_below(self.workdir, entry.path, (owner,)) as f:
+                    write_new(os.path.join(state, entry.name), f.read(64 << 20))
+            except OSError:  # a link, a FIFO, someone else's file: not history
+                pass
 
     def unreachable(self) -> list[str]:
         """What self.user cannot read (or, for the working directory, write) of what the server needs."""
@@ -218,7 +306,7 @@ class TorchServe:
                 os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
                 os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
                 self.model_store: os.R_OK | os.X_OK,
-                self.workdir: os.R_OK | os.W_OK | os.X_OK,
+                os.path.dirname(os.path.abspath(self.workdir)): os.X_OK,  # home/ is its own, under root's folder
                 settings.METRICS_CONFIG: os.R_OK,
             },
         )
@@ -227,29 +315,46 @@ class TorchServe:
         return as_user(self.user)
 
     def pid(self) -> int | None:
+        """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe frontend
+        running as that user."""
         try:
-            with open(self.pid_file) as f:
-                pid = int(f.read().strip())
+            with self.open(self.pid_file) as f:
+                pid = int(f.read(64).strip())
             proc = psutil.Process(pid)
-            if proc.is_running() and any("org.pytorch.serve.ModelServer" in a for a in proc.cmdline()):
+            if proc.uids().real == self.uid and "org.pytorch.serve.ModelServer" in proc.cmdline():
                 return pid
         except (OSError, ValueError, psutil.Error):
             pass
         return None
 
+    def processes(self) -> list[psutil.Process]:
+        """The frontend and its workers: what stop() may signal (only processes of the server's user)."""
+        pid = self.pid()
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)] if pid else []
+            return [p for p in procs if p.uids().real == self.uid]
+        except psutil.Error:
+            return []
+
     def is_running(self) -> bool:
         return self.pid() is not None
 
     def start(self, models: str | None = DEFAULT_MODELS, restore: bool = True, timeout: float = 180) -> dict:
-        """Start and wait until every registered version has a READY worker."""
+        """Start and wait until every registered version has a READY worker. When TorchServe runs but its guard
+        does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports that can
+        register a model are reachable by every local user, or is None when the firewall keeps them to root and
+        the server's user."""
         from deploy import management
 
         if self.is_running():
+            if self.guard and guard.state(self) in ("down", "frozen", "unsupervised"):
+                guard.stop(self)
+                guard.launch(self)
+                self.wait_ready(timeout)
+                return {"restored": False, "relaunched": ["guard"], "exposed": self.exposure(), "models": {}}
             raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
         self.check_ports_free()
         self.forget()
-        config, snapshot = self.write_config(restore)
-        self.prepare_dirs()  # after the config is written: it too belongs to the server's user
         missing = self.unreachable() if self.user else []
         if missing:
             print(
@@ -258,6 +363,9 @@ class TorchServe:
                 file=sys.stderr,
             )
             self.user = None
+        self.prepare_dirs()
+        config, snapshot = self.write_config(restore)
+        exposed = self.fence()  # before TorchServe listens
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torchserve"),
             "--start",
@@ -273,26 +381,49 @@ class TorchServe:
             if available:
                 cmd += ["--models", *available]
         try:
-            with private_files(), open(os.path.join(self.log_dir, "torchserve.out"), "ab") as out:
-                # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang.
-                subprocess.run(
-                    cmd,
-                    cwd=self.workdir,
-                    env=self.env(),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    check=True,
-                    timeout=60,
-                    **self.as_user(),
-                )
+            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its log is
+            # opened by the child, as the server's user.
+            subprocess.run(
+                logged(cmd, os.path.join(self.log_dir, "torchserve.out")),
+                cwd=self.home,
+                env=self.env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
+                check=True,
+                timeout=60,
+                **self.as_user(),
+            )
             if self.guard:
                 guard.launch(self)
             self.wait_ready(timeout)
         except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
             self.stop()
             raise
-        return {"restored": snapshot is not None, "models": management.models(self)}
+        return {"restored": snapshot is not None, "exposed": exposed, "models": management.models(self)}
+
+    # --- who may connect: TorchServe's TCP ports that can register a model -----------------------------------
+    @property
+    def fence_name(self) -> str:
+        return firewall.table_name(self.ports.grpc_management)
+
+    def registering_ports(self) -> list[int]:
+        """gRPC management always; HTTP management when no guard owns the port (TorchServe's own then)."""
+        return [self.ports.grpc_management] + ([] if self.guard else [self.ports.management])
+
+    def fence(self) -> str | None:
+        """Let only root and the server's user connect to registering_ports(); why not, or None when done."""
+        try:
+            firewall.restrict(self.fence_name, self.registering_ports(), [0, self.uid])
+            return None
+        except (firewall.FirewallError, OSError) as e:
+            return str(e)
+
+    def exposure(self) -> str | None:
+        """Why registering_ports() are open to every local user now, or None when the firewall holds them."""
+        if firewall.active(self.fence_name):
+            return None
+        return "not root" if os.geteuid() != 0 else "no firewall table (nftables missing?)"
 
     def check_ports_free(self):
         for name, port in vars(self.ports).items():
@@ -325,34 +456,36 @@ class TorchServe:
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
         self.forget()
+        if self.uid != ids(self.user)[0]:  # started as another user than this object says (a fallback to root)
+            self.user = None if self.uid == os.geteuid() else pwd.getpwuid(self.uid).pw_name
         guard.stop(self)
-        pid = self.pid()
-        if pid is None:
-            return False
-        try:
-            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        subprocess.run(
-            [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--stop"],
-            cwd=self.workdir,
-            env=self.env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-        )
-        gone, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:  # stuck: do not leave anything behind
-            p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=10)
-        return True
+        procs = self.processes()
+        if procs:
+            # As the server's user: its pid file names the process to stop, and the kernel bounds what it can.
+            subprocess.run(
+                [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--stop"],
+                cwd=self.home,
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=60,
+                **self.as_user(),
+            )
+            gone, alive = psutil.wait_procs(procs, timeout=timeout)
+            for p in alive:  # stuck: do not leave anything behind
+                p.send_signal(signal.SIGKILL)
+            psutil.wait_procs(alive, timeout=10)
+        firewall.lift(self.fence_name)
+        return bool(procs)
 
     def tail_log(self, lines: int = 20) -> str:
-        path = os.path.join(self.log_dir, "ts_log.log")
-        if not os.path.exists(path):
+        try:
+            with self.open(os.path.join(self.log_dir, "ts_log.log")) as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))
+                return "".join(f.read().decode(errors="replace").splitlines(keepends=True)[-lines:])
+        except OSError:
             return ""
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
 
     # --- keys and requests --------------------------------------------------------------
     def keys(self) -> dict:
@@ -363,9 +496,9 @@ class TorchServe:
     def read_keys(self) -> dict:
         for _ in range(50):  # TorchServe may be writing the file right now: retry a torn read
             try:
-                with open(self.key_file) as f:
-                    return json.load(f)
-            except (json.JSONDecodeError, FileNotFoundError):
+                with self.open(self.key_file) as f:
+                    return json.loads(f.read(1 << 20))
+            except (json.JSONDecodeError, OSError):
                 time.sleep(0.1)
         raise ServerError(f"cannot read {self.key_file}: is TorchServe running with tokens on?")
 

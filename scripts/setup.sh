@@ -95,6 +95,20 @@ check_prometheus() {
 
 check_prometheus
 
+# TorchServe's gRPC management port cannot be turned off and registers any model directory: started by root, the
+# server lets only root and its user connect to it through an nftables table (deploy/firewall.py).
+check_nftables() {
+  command -v nft >/dev/null && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing nftables with apt-get (only root and the server's user reach gRPC management)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null
+    return 0
+  fi
+  echo "setup: without nftables every local user can reach TorchServe's gRPC management: sudo apt-get install -y nftables" >&2
+}
+
+check_nftables
+
 # Started as root, TorchServe runs as this unprivileged user (SERVICE_USER in deploy/settings.py): a model's
 # handler is code, and it must never run as root.
 if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then
@@ -104,6 +118,13 @@ if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then
   else
     echo "setup: warning: no useradd here; create a user 'torchserve' or TorchServe will run as root" >&2
   fi
+fi
+
+# The archives and the training runs are the models: readable by root and the service user's group only.
+mkdir -p model_store runs
+chmod 0750 model_store runs
+if [ "$(id -u)" = 0 ] && id -u torchserve >/dev/null 2>&1; then
+  chgrp torchserve model_store runs
 fi
 
 # `torchserve --start --models my_model=my_model.mar`, typed as is with the venv active, finds this bundle's

@@ -61,7 +61,8 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_request_retries_after_a_refresh_with_the_callers_headers(tmp_path):
-    key_file = tmp_path / "key_file.json"
+    key_file = tmp_path / "home" / "key_file.json"  # where TorchServe(workdir=tmp_path) reads it
+    key_file.parent.mkdir()
     key_file.write_text(json.dumps({"inference": {"key": "old"}, "management": {"key": "old"}, "API": {"key": "api"}}))
     stub = Recorder(str(key_file))
     threading.Thread(target=stub.serve_forever, daemon=True).start()
@@ -85,7 +86,8 @@ def test_keys_are_read_once_and_read_again_when_refused(tmp_path):
     def write_keys(key):
         key_file.write_text(json.dumps({"inference": {"key": key}, "management": {"key": key}, "API": {"key": "api"}}))
 
-    key_file = tmp_path / "key_file.json"
+    key_file = tmp_path / "home" / "key_file.json"  # where TorchServe(workdir=tmp_path) reads it
+    key_file.parent.mkdir()
     write_keys("k1")
     stub = Recorder(str(key_file))
     stub.accept = "k1"
@@ -189,7 +191,7 @@ def test_the_pid_file_is_looked_up_in_the_servers_private_tmp(tmp_path, monkeypa
     monkeypatch.setattr(tempfile, "tempdir", None)  # forget the cached folder: gettempdir() reads TMPDIR again
     ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None)
     ts.prepare_dirs()
-    tmp = tmp_path / "tmp"
+    tmp = tmp_path / "home" / "tmp"
     assert tmp.stat().st_mode & 0o777 == 0o700
     # TorchServe's CLI writes tempfile.gettempdir()/.model_server.pid in the environment start() gives it
     cli = [sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"]

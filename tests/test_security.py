@@ -2,17 +2,20 @@
 keys never readable by others, registration only of checked archives from the model store, a private temp
 dir for every server, the service user when started as root, and clients that keep keys to their server."""
 
+import argparse
 import glob
 import http.server
 import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 
 import psutil
@@ -210,20 +213,21 @@ def serve_in_background(stub):
 def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
     from deploy import predict
 
-    workdir = tmp_path / "ts"
-    (workdir / "logs").mkdir(parents=True)
+    workdir = tmp_path / "ts"  # a server's folder as start() lays it out: key file in home/, config in run/
+    (workdir / "home").mkdir(parents=True)
+    (workdir / "run").mkdir()
     keys = {"inference": {"key": "inf"}, "management": {"key": "mgmt"}, "API": {"key": "api-never-expires"}}
-    (workdir / "key_file.json").write_text(json.dumps(keys))
+    (workdir / "home" / "key_file.json").write_text(json.dumps(keys))
     own = serve_in_background(KeyRecorder("127.0.0.1"))  # the key file's server: its management port
     port = own.server_port
     elsewhere = serve_in_background(KeyRecorder("127.0.0.2"))  # where TS_INFERENCE_URL points
     lookalike = serve_in_background(KeyRecorder("127.0.0.2", port))  # that host's "management port"
-    (workdir / "logs" / "generated.config.properties").write_text(
+    (workdir / "run" / "generated.config.properties").write_text(
         f"inference_address=http://127.0.0.1:1\nmanagement_address=http://127.0.0.1:{port}\n"
     )
     image = tmp_path / "3.png"
     image.write_bytes(png)
-    monkeypatch.setenv("TS_KEY_FILE", str(workdir / "key_file.json"))
+    monkeypatch.setenv("TS_KEY_FILE", str(workdir / "home" / "key_file.json"))
     monkeypatch.setenv("TS_INFERENCE_URL", f"http://127.0.0.2:{elsewhere.server_port}")
     try:
         predict.main(["--raw", str(image)])
@@ -239,3 +243,231 @@ def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
         for stub in (own, elsewhere, lookalike):
             stub.shutdown()
             stub.server_close()
+
+
+# --- privilege boundaries: the service user's folder, its firewall, its guard ----------------------------------
+
+
+def service_server_in(base, archive_factory) -> TorchServe:
+    """A server as the service user in `base` (0755, which others may enter; pytest's folders are root's alone),
+    its folders prepared; skips where the service user cannot run this checkout."""
+    os.chmod(base, 0o755)
+    store = os.path.join(base, "store")
+    os.makedirs(store)
+    install_archive(archive_factory("1.0"), store, "my_model.mar")
+    ts = TorchServe(workdir=os.path.join(base, "ts"), model_store=store, ports=Ports.free())
+    ts.prepare_dirs()
+    missing = ts.unreachable()
+    if missing:
+        pytest.skip(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
+    return ts
+
+
+@pytest.fixture(scope="module")
+def service_server(archive_factory, digits):
+    """One server started by root as the service user, shared by the tests below; the last one stops it."""
+    if service_user_can_run_here():
+        pytest.skip(service_user_can_run_here())
+    base = tempfile.mkdtemp(prefix="ts-user-")
+    try:
+        ts = service_server_in(base, archive_factory)
+        ts.start()
+        yield ts
+        ts.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def connect_as(user: str, port: int) -> int:
+    """errno of a TCP connect to 127.0.0.1:port by a process of `user` (0: connected)."""
+    code = "import socket, sys; print(socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1]))))"
+    entry = pwd.getpwnam(user)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(port)], capture_output=True, text=True, timeout=60, cwd="/",
+        user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def test_grpc_management_answers_root_and_the_service_user_only(service_server):
+    ts = service_server
+    # Issue 25 finding 3: gRPC management registers any model directory for a key holder, past the guard.
+    assert connect_as("nobody", ts.ports.grpc_management) == 111  # ECONNREFUSED; was 0: connected
+    assert connect_as("nobody", ts.ports.inference) == 0  # the rule is about registering ports alone
+    assert connect_as(settings.SERVICE_USER, ts.ports.grpc_management) == 0
+    with socket.create_connection(("127.0.0.1", ts.ports.grpc_management), timeout=30):
+        pass  # root
+    assert ts.request("GET", "management", "/models").status_code == 200  # through the guard, as before
+
+
+def guard_processes(ts) -> list[psutil.Process]:
+    """The guard (not its supervisor) of `ts`, found by its command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd[1:3] == ["-m", "deploy.guard"] and ts.management_socket in cmd:
+            found.append(proc)
+    return found
+
+
+def management_answers(ts, within: float = 60) -> bool:
+    deadline = time.monotonic() + within  # a deadline to give up, not a timing assertion
+    while time.monotonic() < deadline:
+        try:
+            if ts.request("GET", "management", "/models", timeout=10).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def test_a_killed_guard_comes_back(service_server, capsys):
+    from deploy import guard
+    from deploy.serve import print_status
+
+    ts = service_server
+    (first,) = guard_processes(ts)
+    first.kill()
+    first.wait(30)
+    # Issue 29 item 9: inference went on, the management port stayed dead and nothing restarted the guard.
+    assert management_answers(ts), "the management port is dead after the guard was killed"
+    assert [p.pid for p in guard_processes(ts)] != [first.pid]
+    # Its supervisor killed too: `status` says what is down (was a traceback), `start` relaunches the guard alone
+    # (was "already running").
+    supervisors, guards = guard.processes(ts)
+    for proc in supervisors + guards:
+        proc.kill()
+    psutil.wait_procs(supervisors + guards, timeout=30)
+    capsys.readouterr()
+    print_status(ts)
+    status = capsys.readouterr().out
+    assert "TorchServe is running" in status and "management guard: DOWN" in status, status
+    info = ts.start()
+    assert info["relaunched"] == ["guard"] and guard.state(ts) == "running"
+    assert management_answers(ts, within=5)
+
+
+def test_stop_kills_a_frozen_guard(service_server):
+    (frozen,) = guard_processes(service_server)
+    frozen.suspend()  # SIGSTOP: SIGTERM waits until it is continued; it still holds the management port
+    try:
+        service_server.stop()
+        assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never past a listener
+            s.bind(("127.0.0.1", service_server.ports.management))  # free again; was held by the stopped guard
+    finally:
+        if frozen.is_running():
+            frozen.kill()
+
+
+def as_service_user(*cmd: str):
+    entry = pwd.getpwnam(settings.SERVICE_USER)
+    subprocess.run(cmd, check=True, timeout=60, cwd="/", user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+
+
+def fingerprint(*paths: str) -> list[tuple]:
+    """Owner, group, mode and content of files (and folders, without content)."""
+    found = []
+    for path in paths:
+        st = os.lstat(path)
+        found.append((path, st.st_uid, st.st_gid, oct(stat.S_IMODE(st.st_mode))))
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                found.append(f.read())
+    return found
+
+
+def test_root_never_follows_the_service_users_links(archive_factory, digits, png):
+    """Issue 25 finding 4: the service user plants links in every folder it can write, pointing at a root-owned
+    0600 file (and the folder holding it); start and stop as root leave that file as it was."""
+    if service_user_can_run_here():
+        pytest.skip(service_user_can_run_here())
+    base = tempfile.mkdtemp(prefix="ts-user-")
+    decoy = None
+    try:
+        ts = service_server_in(base, archive_factory)
+        secret_dir = os.path.join(base, "secret")
+        os.mkdir(secret_dir, 0o700)
+        secret = os.path.join(secret_dir, "secret.txt")
+        with open(secret, "w") as f:
+            f.write("root's alone\n")
+        os.chmod(secret, 0o600)
+        before = fingerprint(secret, secret_dir)
+        uid = pwd.getpwnam(settings.SERVICE_USER).pw_uid
+        writable = [d for d, _, _ in os.walk(ts.workdir) if os.stat(d).st_uid == uid]
+        assert writable
+        logs = ("torchserve.out", "guard.log")  # root appended to these
+        for folder in writable:
+            as_service_user("ln", "-s", secret_dir, os.path.join(folder, "evil"))  # make_private's walk chowned
+            for name in ("generated.config.properties", "guard.pid", *logs):  # written through by root
+                as_service_user("ln", "-sf", secret, os.path.join(folder, name))
+        try:  # the service user's own logs lead nowhere it can write: TorchServe may not start; nothing else
+            ts.start()
+        except (subprocess.CalledProcessError, RuntimeError):
+            pass
+        ts.stop()
+        assert fingerprint(secret, secret_dir) == before  # was: the service user's, the config written into it
+        for folder in writable:
+            for name in logs:
+                as_service_user("rm", "-f", os.path.join(folder, name))
+        ts.start()
+        assert ts.request("POST", "inference", "/predictions/my_model", data=png).status_code == 200
+        ts.stop()
+        assert fingerprint(secret, secret_dir) == before
+        # A pid file names a root process that looks like TorchServe and the guard: root signals none of it.
+        decoy = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(600)", "org.pytorch.serve.ModelServer", "deploy.guard"]
+            + ["-m", "deploy.guard", ts.management_socket]
+        )
+        for pid_file in (ts.pid_file, os.path.join(os.path.dirname(ts.pid_file), "guard.pid")):
+            as_service_user("sh", "-c", f'rm -f "$0" && echo {decoy.pid} > "$0"', pid_file)
+        assert not ts.is_running()
+        ts.stop()
+        assert decoy.poll() is None, "root stopped a process that the service user's pid file named"
+    finally:
+        if decoy is not None:
+            decoy.kill()
+            decoy.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_model_store_and_runs_are_for_root_and_the_service_group(checkpoint, tmp_path):
+    """Issue 25 (low): model_store/ and runs/ were world-readable: any local user copied the models."""
+    from deploy.archive import build_archive
+    from train.checkpoint import check_output_dir
+
+    store, runs = tmp_path / "model_store", tmp_path / "runs"
+    build_archive(checkpoint, "1.0", "eager", output=str(store / "my_model.mar"))
+    check_output_dir(argparse.Namespace(output_dir=str(runs / "default"), resume=None))
+    assert {oct(stat.S_IMODE(d.stat().st_mode)) for d in (store, runs)} == {"0o750"}  # was 0o755
+    if not service_user_can_run_here():
+        assert store.stat().st_gid == pwd.getpwnam(settings.SERVICE_USER).pw_gid  # the server reads it
+
+
+def test_an_earlier_layout_is_taken_back_without_following_links(tmp_path):
+    """The folder an earlier version gave wholly to the service user: root takes the folder back, moves
+    TorchServe's logs and snapshots into home/ and copies the deployment history into a state/ of its own."""
+    if service_user_can_run_here():
+        pytest.skip(service_user_can_run_here())
+    ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root's alone\n")
+    os.makedirs(ts.path("logs", "config"))
+    (tmp_path / "ts" / "logs" / "config" / "snapshot.cfg").write_text("model_snapshot={}\n")
+    os.makedirs(ts.path("state"))
+    (tmp_path / "ts" / "state" / "deployments.jsonl").write_text('{"model": "my_model"}\n')
+    os.symlink(secret, ts.path("state", "planted.jsonl"))
+    entry = pwd.getpwnam(settings.SERVICE_USER)
+    for folder, dirs, files in os.walk(ts.workdir):
+        for name in [folder, *[os.path.join(folder, n) for n in dirs + files]]:
+            os.lchown(name, entry.pw_uid, entry.pw_gid)
+    ts.prepare_dirs()
+    assert os.stat(ts.workdir).st_uid == 0 and os.stat(ts.path("state")).st_uid == 0
+    assert os.path.isfile(os.path.join(ts.log_dir, "config", "snapshot.cfg"))  # restores find it
+    assert open(ts.path("state", "deployments.jsonl")).read() == '{"model": "my_model"}\n'
+    assert os.stat(ts.path("state", "deployments.jsonl")).st_uid == 0
+    assert not os.path.lexists(ts.path("state", "planted.jsonl"))
+    assert secret.stat().st_uid == 0 and secret.read_text() == "root's alone\n"

@@ -89,6 +89,9 @@ def check_output_dir(args):
             f"error: {args.output_dir} already holds a run; pass --resume auto to continue it, "
             "or choose another --output-dir (nothing is overwritten)"
         )
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    if not os.path.isdir(parent):  # runs/: checkpoints are the models, not for other local users to copy
+        os.makedirs(parent, mode=0o750)
     os.makedirs(args.output_dir, exist_ok=True)
 
 
