@@ -7,8 +7,12 @@ TorchServe stays on 127.0.0.1; only the front door listens beyond loopback, and 
     itself: TorchServe past its own job queue spends its cores turning requests away (docs/frontdoor.md);
   - answers at once 503 + Retry-After + a JSON message when its queue holds `queue` requests, or when a
     request waited `queue_timeout` s, and 429 when a client sends more than `rate` requests/s (0: off);
-  - refuses a body longer than TorchServe's max_request_size (413) or without a length (411) before
-    TorchServe sees it;
+  - refuses a body longer than TorchServe's max_request_size (413) or without a length (411), a media type
+    the handler does not read (415: url-encoded forms) and the API description (404) before TorchServe sees it;
+  - protects TorchServe from slow and many clients: `per_source` connections per address, a deadline for the
+    handshake, the head and the body (held whole before the request is queued: 408), idle keep-alive closed;
+  - gives explanations (seconds each) and bodies too large to hold (they stream) their own lanes, each with
+    its own small cap and queue, so neither can take the slots predictions need;
   - writes an access log line per request with its latency (frontdoor/access.log).
 Its files live in settings.FRONT_DOOR_DIR (0700), not in server/: that folder belongs to the service user
 that runs model code, which must not read the TLS keys.
@@ -360,7 +364,10 @@ def print_status(door: FrontDoor):
         return
     rel = os.path.relpath(door.ca)
     print(f"Front door is running (pid {door.pid()}): {door.url()} -> 127.0.0.1:{door.backend}")
-    print(f"  TLS CA {rel}; at most {door.maxconn} requests in TorchServe, {door.queue} queued (then 503)")
+    print(
+        f"  TLS CA {rel}; at most {door.maxconn} requests in TorchServe, {door.queue} queued (then 503); "
+        f"explanations: {door.explain_maxconn} at once, {door.explain_queue} queued"
+    )
     print(f"  access log {os.path.relpath(door.log)}")
     url = f"{door.url()}/predictions/{settings.MODEL_NAME}"
     print(f"  try: scripts/serve.sh header | curl -H @- --cacert {rel} -T IMAGE {url}")

@@ -1,0 +1,110 @@
+"""Explanations beside predictions: imagenet predictions' latency while 8 clients ask for explanations through
+the front door, with its explanation lane off (explanations share the predictions' slots, as before issue 25)
+and on (FrontDoor's defaults: one explanation inside TorchServe at once, its own queue and rate).
+
+    python -m bench.explain_lane                  # 30 s per phase
+    python -m bench.explain_lane --seconds 10 --explainers 4
+
+One TorchServe (EfficientNet-Lite0 with its published weights, ONNX, as scripts/import_pretrained.sh builds it)
+on free ports; per phase one front door before it, `--predictors` clients sending one photo each to
+/predictions/imagenet in a loop and `--explainers` clients sending 4 photos each to /explanations/imagenet.
+Phases: predictions alone, lane off, lane on. Writes bench_results/explain_lane.json.
+"""
+
+import argparse
+import base64
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import requests
+
+from bench.targets import imagenet_target
+from deploy import settings
+from deploy.archive import build_archive
+from deploy.frontdoor import FrontDoor, for_server
+from deploy.latency import summary
+from deploy.predict import read_bytes
+from deploy.server import Ports, TorchServe
+
+LANE_OFF = {"explain_maxconn": FrontDoor.maxconn, "explain_queue": FrontDoor.queue, "explain_rate": 0}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=int, default=30, help="per phase")
+    p.add_argument("--explainers", type=int, default=8, help="clients asking for explanations (4 photos each)")
+    p.add_argument("--predictors", type=int, default=2, help="clients asking for predictions (1 photo each)")
+    p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for explain_lane.json")
+    return p
+
+
+def client(url: str, door, headers: dict, body: bytes, deadline: float, out: list):
+    """Send `body` to `url` in a loop until the deadline; append (status, ms) per answer."""
+    with requests.Session() as s:
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                status = s.post(url, data=body, headers=headers, verify=door.ca, timeout=120).status_code
+            except requests.RequestException:
+                status = "error"
+            out.append((status, (time.perf_counter() - t0) * 1000))
+
+
+def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:
+    key = {"Authorization": f"Bearer {ts.keys()['inference']['key']}"}
+    deadline = time.monotonic() + args.seconds
+    predictions, explanations = [], []
+    predict = (f"{door.url()}/predictions/imagenet", {**key, "Content-Type": "application/octet-stream"}, photo)
+    explain = (f"{door.url()}/explanations/imagenet", {**key, "Content-Type": "application/json"}, four)
+    jobs = [(*predict, predictions)] * args.predictors + [(*explain, explanations)] * explainers
+    threads = [threading.Thread(target=client, args=(u, door, h, b, deadline, out)) for u, h, b, out in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [ms for status, ms in predictions if status == 200]
+    return {
+        "explainers": explainers,
+        "predictions": dict(Counter(str(s) for s, _ in predictions)),
+        "prediction_ms": {**summary(ok), "max_ms": round(max(ok), 1)} if ok else None,
+        "explanations": dict(Counter(str(s) for s, _ in explanations)),
+        "explanation_ms": summary([ms for s, ms in explanations if s == 200]) if explanations else None,
+    }
+
+
+def main(args):
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        target = imagenet_target(work)
+        store = os.path.join(work, "store")
+        build_archive(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar")
+        photos = [read_bytes(p) for p in target["images"][:4]]
+        four = json.dumps({"data": [base64.b64encode(p).decode() for p in photos]}).encode()
+        ts = TorchServe(workdir=work, model_store=store, ports=Ports.free(), user=None)
+        ts.start(models="imagenet=imagenet.mar", restore=False)
+        try:
+            for name, lanes, explainers in (("alone", {}, 0), ("lane off", LANE_OFF, args.explainers),
+                                            ("lane on", {}, args.explainers)):  # fmt: skip
+                folder = os.path.join(work, f"door-{len(rows)}")
+                door = for_server(ts, port=Ports.free().inference, folder=folder, names=["localhost"], **lanes)
+                door.start()
+                try:
+                    rows.append({"phase": name, **phase(args, ts, door, photos[0], four, explainers)})
+                finally:
+                    door.stop()
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            ts.stop()
+    result = {"cores": os.cpu_count(), "seconds_per_phase": args.seconds, "rows": rows}
+    with open(os.path.join(args.out, "explain_lane.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
