@@ -25,7 +25,7 @@ import requests
 from bench.targets import imagenet_target
 from deploy import settings
 from deploy.archive import build_archive
-from deploy.frontdoor import FrontDoor, for_server
+from deploy.frontdoor import FrontDoor, FrontDoorError, for_server
 from deploy.latency import summary
 from deploy.predict import read_bytes
 from deploy.server import Ports, TorchServe
@@ -76,6 +76,18 @@ def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:
     }
 
 
+def start_door(ts, folder: str, lanes: dict, tries: int = 3):
+    """A front door on a free loopback port (another process may take the port first: then another one)."""
+    for attempt in range(tries):
+        door = for_server(ts, port=Ports.free().inference, folder=folder, names=["localhost"], **lanes)
+        door.bind = "127.0.0.1"
+        try:
+            return door.start()
+        except FrontDoorError:
+            if attempt == tries - 1:
+                raise
+
+
 def main(args):
     os.makedirs(args.out, exist_ok=True)
     rows = []
@@ -90,9 +102,7 @@ def main(args):
         try:
             for name, lanes, explainers in (("alone", {}, 0), ("lane off", LANE_OFF, args.explainers),
                                             ("lane on", {}, args.explainers)):  # fmt: skip
-                folder = os.path.join(work, f"door-{len(rows)}")
-                door = for_server(ts, port=Ports.free().inference, folder=folder, names=["localhost"], **lanes)
-                door.start()
+                door = start_door(ts, os.path.join(work, f"door-{len(rows)}"), lanes)
                 try:
                     rows.append({"phase": name, **phase(args, ts, door, photos[0], four, explainers)})
                 finally:
