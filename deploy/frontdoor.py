@@ -220,12 +220,8 @@ class FrontDoor:
             f"stick-table type ip size 100k expire {table}s store conn_cur,http_req_rate({self.rate_period}s)",
             "tcp-request connection track-sc0 src",
             f"tcp-request connection reject if {{ sc0_conn_cur gt {self.per_source} }}",
-        ]
-        if self.rate:
-            rules.append(f"http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
-                         f"if {{ sc_http_req_rate(0) gt {self.rate} }}")  # fmt: skip
-        rules += [
-            # What TorchServe must not see: it reads (and form-decodes) whole bodies before it checks the key.
+            # What TorchServe must not see, refused on the head: it reads (and form-decodes) whole bodies before
+            # it checks the key.
             f"http-request return {json_reply(411, 'LengthRequired', 'send a Content-Length (no chunked bodies)')} "
             "if { req.hdr(transfer-encoding) -m found }",
             f"http-request return {json_reply(413, 'PayloadTooLarge', f'request body over {self.max_body} bytes')} "
@@ -245,10 +241,19 @@ class FrontDoor:
             # Paths as Netty reads them: percent-decoded; lower-cased to refuse more, never less.
             "acl api_description path,url_dec,lower -m beg /api-description",
             f"http-request return {json_reply(404, 'NotFound', 'no such resource')} if METH_OPTIONS or api_description",
+            # The body, whole, before the request may take a place in a queue: a slow sender gets 408 after
+            # body_timeout and never holds a slot. A body larger than the buffer has to stream: the bulk lane.
+            # Refusals from here on come after the body, so the connection stays usable for the next request.
+            f"http-request wait-for-body time {self.body_timeout}s",
+            "http-request set-var(txn.buffered) req.body_len",
+            "acl streamed req.body_size,sub(txn.buffered) gt 0",
             # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here too)
             "acl explain path,url_dec,lower -m sub explanation explain",
             "http-request track-sc1 src table explain if explain",
         ]
+        if self.rate:
+            rules.append(f"http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
+                         f"if {{ sc_http_req_rate(0) gt {self.rate} }}")  # fmt: skip
         if self.explain_rate:
             many = f"at most {self.explain_rate} explanations per {self.explain_period} s per client"
             rules.append(f"http-request return {json_reply(429, 'TooManyRequests', many, self.retry_after)} "
@@ -256,11 +261,6 @@ class FrontDoor:
         rules += [
             f"http-request return {json_reply(503, 'Unavailable', 'TorchServe is not answering', RETRY_AFTER_DOWN)} "
             "if { nbsrv(torchserve) eq 0 }",
-            # The body, whole, before the request may take a place in a queue: a slow sender gets 408 after
-            # body_timeout and never holds a slot. A body larger than the buffer has to stream: the bulk lane.
-            f"http-request wait-for-body time {self.body_timeout}s",
-            "http-request set-var(txn.buffered) req.body_len",
-            "acl streamed req.body_size,sub(txn.buffered) gt 0",
             "use_backend explain if explain",
             "use_backend bulk if streamed",
             "default_backend torchserve",
