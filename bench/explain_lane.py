@@ -21,6 +21,7 @@ import time
 from collections import Counter
 
 import requests
+import yaml
 
 from bench.targets import imagenet_target
 from deploy import settings
@@ -38,6 +39,8 @@ def get_args_parser():
     p.add_argument("--seconds", type=int, default=30, help="per phase")
     p.add_argument("--explainers", type=int, default=8, help="clients asking for explanations (4 photos each)")
     p.add_argument("--predictors", type=int, default=2, help="clients asking for predictions (1 photo each)")
+    p.add_argument("--phases", default="alone,lane off,lane on", help="which phases, in order")
+    p.add_argument("--batch-size", type=int, default=0, help="the archive's batchSize (0: model-config.yaml's)")
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for explain_lane.json")
     return p
 
@@ -76,6 +79,18 @@ def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:
     }
 
 
+def model_config(work: str, batch_size: int) -> str:
+    """model-config.yaml, or a copy of it with another batchSize."""
+    if not batch_size:
+        return settings.MODEL_CONFIG
+    with open(settings.MODEL_CONFIG) as f:
+        config = {**yaml.safe_load(f), "batchSize": batch_size}
+    path = os.path.join(work, "model-config.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    return path
+
+
 def start_door(ts, folder: str, lanes: dict, tries: int = 3):
     """A front door on a free loopback port (another process may take the port first: then another one)."""
     for attempt in range(tries):
@@ -94,14 +109,17 @@ def main(args):
     with tempfile.TemporaryDirectory() as work:
         target = imagenet_target(work)
         store = os.path.join(work, "store")
-        build_archive(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar")
+        config = model_config(work, args.batch_size)
+        build_archive(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar",
+                      config_file=config)  # fmt: skip
         photos = [read_bytes(p) for p in target["images"][:4]]
         four = json.dumps({"data": [base64.b64encode(p).decode() for p in photos]}).encode()
         ts = TorchServe(workdir=work, model_store=store, ports=Ports.free(), user=None)
         ts.start(models="imagenet=imagenet.mar", restore=False)
         try:
-            for name, lanes, explainers in (("alone", {}, 0), ("lane off", LANE_OFF, args.explainers),
-                                            ("lane on", {}, args.explainers)):  # fmt: skip
+            phases = {"alone": ({}, 0), "lane off": (LANE_OFF, args.explainers), "lane on": ({}, args.explainers)}
+            for name in args.phases.split(","):
+                lanes, explainers = phases[name]
                 door = start_door(ts, os.path.join(work, f"door-{len(rows)}"), lanes)
                 try:
                     rows.append({"phase": name, **phase(args, ts, door, photos[0], four, explainers)})
@@ -110,7 +128,7 @@ def main(args):
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             ts.stop()
-    result = {"cores": os.cpu_count(), "seconds_per_phase": args.seconds, "rows": rows}
+    result = {"cores": os.cpu_count(), "seconds_per_phase": args.seconds, "batch_size": args.batch_size, "rows": rows}
     with open(os.path.join(args.out, "explain_lane.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
