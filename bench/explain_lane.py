@@ -46,15 +46,17 @@ def get_args_parser():
 
 
 def client(url: str, door, headers: dict, body: bytes, deadline: float, out: list):
-    """Send `body` to `url` in a loop until the deadline; append (status, ms) per answer."""
+    """Send `body` to `url` in a loop until the deadline (waiting Retry-After when told); append (status, ms)."""
     with requests.Session() as s:
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             try:
-                status = s.post(url, data=body, headers=headers, verify=door.ca, timeout=120).status_code
+                resp = s.post(url, data=body, headers=headers, verify=door.ca, timeout=120)
+                status, wait = resp.status_code, float(resp.headers.get("Retry-After", 0))
             except requests.RequestException:
-                status = "error"
+                status, wait = "error", 1.0
             out.append((status, (time.perf_counter() - t0) * 1000))
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))  # a polite client honours Retry-After
 
 
 def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:

@@ -89,7 +89,7 @@ class FrontDoor:
     server_timeout: int = 60  # s for TorchServe's answer (its default_response_timeout is 30)
     rate_period: int = 1  # s over which `rate` is counted
     # Slow and many clients (docs/frontdoor.md): caps per address, and a deadline for each phase of a request
-    per_source: int = 64  # connections at once from one client address; more are closed at accept
+    per_source: int = 256  # connections at once from one client address; more are closed at accept
     max_clients: int = 4096  # connections at once in all (HAProxy's maxconn), idle ones included
     handshake_timeout: int = 10  # s for the TLS handshake (and inactivity while a request or answer flows)
     request_timeout: int = 5  # s for a request's head (408 after)

@@ -52,7 +52,7 @@ def test_config_is_valid_haproxy_with_every_option(tmp_path):
     door.write_config()  # raises with HAProxy's own words if it refuses the file
     text = door.haproxy_config()
     assert "maxconn 64" in text and "queue(torchserve) ge 1024" in text and "sc_http_req_rate(0) gt 5" in text
-    assert "sc0_conn_cur gt 64" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
+    assert "sc0_conn_cur gt 256" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
     assert oct(os.stat(door.path("server.pem")).st_mode & 0o777) == "0o600"
 
 
