@@ -197,7 +197,7 @@ class FrontDoor:
     # a client that gave up (closed) loses its place in the queue: TorchServe never computes unread answers
     option abortonclose
     timeout connect 5s
-    # HAProxy 2.6 has no `timeout client-hs` (2.8 has): the TLS handshake, and a TCP connection that never
+    # HAProxy 2.6 has no `timeout client-hs` (newer releases have): the TLS handshake, and a TCP connection that never
     # starts one, are bounded by the client timeout (measured: an idle TCP connection closes after it).
     timeout client {self.handshake_timeout}s
     # the request head, counted from the end of the handshake; the body has its own wait (frontend)
