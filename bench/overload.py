@@ -150,6 +150,7 @@ def run_server(args, store: str, work: str, env: dict, levels: list[int], job_qu
         if not args.no_front_door:
             door = for_server(ts, port=Ports.free().inference, folder=os.path.join(work, "door"), names=["localhost"])
             door.maxconn, door.queue = args.maxconn, args.queue
+            door.per_source = max(levels)  # wrk's connections all come from one address
             door.start()
             pids["haproxy"] = [door.pid()]
         direct = f"{ts.url()}/predictions/{MODEL}"

@@ -7,8 +7,12 @@ TorchServe stays on 127.0.0.1; only the front door listens beyond loopback, and 
     itself: TorchServe past its own job queue spends its cores turning requests away (docs/frontdoor.md);
   - answers at once 503 + Retry-After + a JSON message when its queue holds `queue` requests, or when a
     request waited `queue_timeout` s, and 429 when a client sends more than `rate` requests/s (0: off);
-  - refuses a body longer than TorchServe's max_request_size (413) or without a length (411) before
-    TorchServe sees it;
+  - refuses a body longer than TorchServe's max_request_size (413) or without a length (411), a media type
+    the handler does not read (415: url-encoded forms) and the API description (404) before TorchServe sees it;
+  - protects TorchServe from slow and many clients: `per_source` connections per address, a deadline for the
+    handshake, the head and the body (held whole before the request is queued: 408), idle keep-alive closed;
+  - gives explanations (seconds each) and bodies too large to hold (they stream) their own lanes, each with
+    its own small cap and queue, so neither can take the slots predictions need;
   - writes an access log line per request with its latency (frontdoor/access.log).
 Its files live in settings.FRONT_DOOR_DIR (0700), not in server/: that folder belongs to the service user
 that runs model code, which must not read the TLS keys.
@@ -17,6 +21,7 @@ scripts/serve.sh start --front-door starts it with TorchServe (deploy/serve.py);
 """
 
 import ipaddress
+import json
 import os
 import pwd
 import shutil
@@ -34,11 +39,33 @@ from deploy.privileges import private_files
 RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
 
 
+# TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (ECDSA for the generated certificate, RSA for a real one)
+TLS12_CIPHERS = ":".join(
+    f"ECDHE-{auth}-{cipher}"
+    for auth in ("ECDSA", "RSA")
+    for cipher in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305")
+)
+# Media types the handler reads (handlers/image_classifier.py), besides image/* and no Content-Type at all
+SERVED_TYPES = ("application/octet-stream", "application/json", "multipart/form-data", "text/plain")
+UNSUPPORTED = (
+    "send the image as application/octet-stream or image/*, base64 in application/json, or as a "
+    "multipart/form-data file (no url-encoded forms)"
+)
+
+
 def json_reply(status: int, kind: str, message: str, retry_after: int | None = None) -> str:
     """An HAProxy `return`/`http-error` clause answering a JSON body shaped like TorchServe's own errors."""
-    body = f'{{"code": {status}, "type": "{kind}", "message": "{message}"}}'
+    body = json.dumps({"code": status, "type": kind, "message": message})
     hdr = f" hdr Retry-After {retry_after}" if retry_after else ""
-    return f"status {status} content-type application/json{hdr} string '{body}'"
+    return f"status {status} content-type application/json{hdr} string {haproxy_quote(body)}"
+
+
+def haproxy_quote(text: str) -> str:
+    """A word of HAProxy's configuration that reads back as `text`: single quotes keep everything literal
+    (no escapes, no $VAR); a single quote itself closes them, is escaped outside, and they reopen."""
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise ValueError("an HAProxy configuration word cannot hold a line break or NUL")
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def local_names() -> list[str]:
@@ -60,6 +87,23 @@ class FrontDoor:
     retry_after: int = 1  # s, in Retry-After and the message of a 503/429
     rate: int = 0  # requests per second per client address before 429 (0: no limit)
     server_timeout: int = 60  # s for TorchServe's answer (its default_response_timeout is 30)
+    rate_period: int = 1  # s over which `rate` is counted
+    # Slow and many clients (docs/frontdoor.md): caps per address, and a deadline for each phase of a request
+    per_source: int = 256  # connections at once from one client address; more are closed at accept
+    max_clients: int = 4096  # connections at once in all (HAProxy's maxconn), idle ones included
+    handshake_timeout: int = 10  # s for the TLS handshake (and inactivity while a request or answer flows)
+    request_timeout: int = 5  # s for a request's head (408 after)
+    body_timeout: int = 10  # s for a body to arrive whole before the request is queued (408 after)
+    idle_timeout: int = 10  # s a kept-alive connection may wait for its next request
+    buffer: int = 64 << 10  # bytes: bodies up to ~this are held whole; larger ones stream, in the bulk lane
+    max_form: int = 4 << 20  # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
+    # Lanes: explanations cost seconds each, streamed bodies hold their slot while they arrive
+    explain_maxconn: int = 1  # explanations inside TorchServe at once
+    explain_queue: int = 8  # explanations waiting; more get 503 at once
+    explain_rate: int = 10  # explanations per client address per explain_period before 429 (0: no limit)
+    explain_period: int = 60  # s
+    bulk_maxconn: int = 4  # requests whose body is larger than `buffer`, inside TorchServe at once
+    bulk_queue: int = 64
     names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
     cert: str | None = None  # a real certificate instead of the generated one
 
@@ -108,59 +152,136 @@ class FrontDoor:
 
     # --- configuration --------------------------------------------------------------------------------
     def haproxy_config(self) -> str:
-        overloaded = f"overloaded, retry after {self.retry_after} s"
+        return "\n".join(
+            ["# generated by deploy/frontdoor.py; do not edit (docs/frontdoor.md)", self.global_section(),
+             self.defaults_section(), self.frontend_section(), *(self.backend_section(*lane) for lane in self.lanes())]
+        )  # fmt: skip
+
+    def lanes(self) -> list[tuple[str, int, int]]:
+        """(backend, requests inside TorchServe at once, requests waiting) per lane: predictions, explanations
+        (costly: they must never take the slots predictions need), and bodies too large to buffer (they stream,
+        so a slow sender holds its slot: keep those few)."""
+        return [
+            ("torchserve", self.maxconn, self.queue),
+            ("explain", self.explain_maxconn, self.explain_queue),
+            ("bulk", self.bulk_maxconn, self.bulk_queue),
+        ]
+
+    def global_section(self) -> str:
         drop = "    user haproxy\n    group haproxy\n" if os.geteuid() == 0 and has_user("haproxy") else ""
-        limit = ""
-        if self.rate:
-            limit = (
-                "    stick-table type ip size 100k expire 10s store http_req_rate(1s)\n"
-                "    http-request track-sc0 src\n"
-                f"    http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
-                f"if {{ sc_http_req_rate(0) gt {self.rate} }}\n"
-            )
-        return f"""# generated by deploy/frontdoor.py; do not edit (docs/frontdoor.md)
-global
+        return f"""global
     # One thread: on 2 cores shared with TorchServe, a second one doubled HAProxy's CPU per request (0.15 ->
     # 0.36 ms, measured; OpenSSL 3's locks) while the workers need those cycles.
     nbthread 1
-    maxconn 4096
+    # Connections at once, idle ones included; one address holds at most per_source of them, so filling this
+    # takes max_clients / per_source addresses, and each idle one is closed within the timeouts below.
+    maxconn {self.max_clients}
+    # A request's head and a body up to this size are held whole before the request may be queued.
+    tune.bufsize {self.buffer}
     log stdout format raw local0
+    stats socket {self.path("admin.sock")} mode 600 level user
     ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets
-{drop}
-defaults
+    # TLS 1.2: ECDHE with AEAD ciphers only (no CBC, no RSA key exchange); TLS 1.3's suites are all AEAD.
+    ssl-default-bind-ciphers {TLS12_CIPHERS}
+{drop}"""
+
+    def defaults_section(self) -> str:
+        overloaded = f"overloaded, retry after {self.retry_after} s"
+        late = f"request not received within {self.request_timeout} s (head) or {self.body_timeout} s (body)"
+        return f"""defaults
     mode http
     log global
-    log-format "%t client=%ci:%cp status=%ST ms=%Ta queue_ms=%Tw wait=%sq/%bq server=%s bytes=%B %{{+Q}}r"
+    log-format "%t client=%ci:%cp status=%ST ms=%Ta queue_ms=%Tw wait=%sq/%bq lane=%b server=%s bytes=%B %{{+Q}}r"
     option forwardfor
     option http-keep-alive
     # a client that gave up (closed) loses its place in the queue: TorchServe never computes unread answers
     option abortonclose
     timeout connect 5s
-    timeout client 60s
-    timeout http-request 10s
-    timeout http-keep-alive 30s
+    # HAProxy 2.6 has no `timeout client-hs` (newer releases have): the TLS handshake, and a TCP connection that never
+    # starts one, are bounded by the client timeout (measured: an idle TCP connection closes after it).
+    timeout client {self.handshake_timeout}s
+    # the request head, counted from the end of the handshake; the body has its own wait (frontend)
+    timeout http-request {self.request_timeout}s
+    timeout http-keep-alive {self.idle_timeout}s
     timeout server {self.server_timeout}s
     timeout queue {self.queue_timeout}s
-    # HAProxy's own 503: a request that waited timeout queue
+    # HAProxy's own answers, in TorchServe's JSON shape: a request that waited timeout queue, a slow client
     http-error {json_reply(503, "Overloaded", overloaded, self.retry_after)}
-
-frontend public
-    bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1
-{limit}    http-request return {json_reply(411, "LengthRequired", "send a Content-Length (no chunked bodies)")} \
-if {{ req.hdr(transfer-encoding) -m found }}
-    http-request return {json_reply(413, "PayloadTooLarge", f"request body over {self.max_body} bytes")} \
-if {{ req.hdr_val(content-length) gt {self.max_body} }}
-    http-request return {json_reply(503, "Unavailable", "TorchServe is not answering", RETRY_AFTER_DOWN)} \
-if {{ nbsrv(torchserve) eq 0 }}
-    http-request return {json_reply(503, "Overloaded", overloaded, self.retry_after)} \
-if {{ queue(torchserve) ge {self.queue} }}
-    default_backend torchserve
-
-backend torchserve
-    # TorchServe's own 503s (queue full, no worker) say nothing about when to come back
-    http-response set-header Retry-After {self.retry_after} if {{ status 503 }} !{{ res.hdr(Retry-After) -m found }}
-    server torchserve 127.0.0.1:{self.backend} maxconn {self.maxconn} check inter 2s
+    http-error {json_reply(408, "RequestTimeout", late)}
+    http-error {json_reply(504, "GatewayTimeout", f"no answer from TorchServe within {self.server_timeout} s")}
 """
+
+    def frontend_section(self) -> str:
+        overloaded = f"overloaded, retry after {self.retry_after} s"
+        table = max(30, self.rate_period, self.explain_period)  # s an address is remembered after its last use
+        rules = [
+            f"bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1",
+            f"maxconn {self.max_clients}",
+            f"stick-table type ip size 100k expire {table}s store conn_cur,http_req_rate({self.rate_period}s)",
+            "tcp-request connection track-sc0 src",
+            f"tcp-request connection reject if {{ sc0_conn_cur gt {self.per_source} }}",
+            # What TorchServe must not see, refused on the head: it reads (and form-decodes) whole bodies before
+            # it checks the key.
+            f"http-request return {json_reply(411, 'LengthRequired', 'send a Content-Length (no chunked bodies)')} "
+            "if { req.hdr(transfer-encoding) -m found }",
+            f"http-request return {json_reply(413, 'PayloadTooLarge', f'request body over {self.max_body} bytes')} "
+            f"if {{ req.hdr_val(content-length) gt {self.max_body} }}",
+            # The media type before any parameter, lower-cased: the types the handler reads. Netty form-decodes
+            # url-encoded bodies (16 MB: 5.7 s of its CPU, +2.1 GB) and multipart ones (capped below).
+            "acl typed req.fhdr_cnt(content-type) gt 0",
+            f"acl served req.fhdr(content-type),lower,field(1,;) -m str {' '.join(SERVED_TYPES)}",
+            "acl served req.fhdr(content-type),lower,field(1,;) -m beg image/",
+            "acl form req.fhdr(content-type),lower,field(1,;) -m str multipart/form-data",
+            f"http-request return {json_reply(400, 'BadRequest', 'one Content-Type at most')} "
+            "if { req.fhdr_cnt(content-type) gt 1 }",
+            f"http-request return {json_reply(415, 'UnsupportedMediaType', UNSUPPORTED)} if typed !served",
+            f"http-request return {json_reply(413, 'PayloadTooLarge', f'multipart body over {self.max_form} bytes')} "
+            f"if form {{ req.hdr_val(content-length) gt {self.max_form} }}",
+            # TorchServe's OpenAPI description (GET /api-description, OPTIONS /) needs no key and names its version.
+            # Paths as Netty reads them: percent-decoded; lower-cased to refuse more, never less.
+            "acl api_description path,url_dec,lower -m beg /api-description",
+            f"http-request return {json_reply(404, 'NotFound', 'no such resource')} if METH_OPTIONS or api_description",
+            # The body, whole, before the request may take a place in a queue: a slow sender gets 408 after
+            # body_timeout and never holds a slot. A body larger than the buffer has to stream: the bulk lane.
+            # Refusals from here on come after the body, so the connection stays usable for the next request.
+            f"http-request wait-for-body time {self.body_timeout}s",
+            "http-request set-var(txn.buffered) req.body_len",
+            "acl streamed req.body_size,sub(txn.buffered) gt 0",
+            # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here too)
+            "acl explain path,url_dec,lower -m sub explanation explain",
+            "http-request track-sc1 src table explain if explain",
+        ]
+        if self.rate:
+            rules.append(f"http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
+                         f"if {{ sc_http_req_rate(0) gt {self.rate} }}")  # fmt: skip
+        if self.explain_rate:
+            many = f"at most {self.explain_rate} explanations per {self.explain_period} s per client"
+            rules.append(f"http-request return {json_reply(429, 'TooManyRequests', many, self.retry_after)} "
+                         f"if explain {{ sc_http_req_rate(1) gt {self.explain_rate} }}")  # fmt: skip
+        rules += [
+            f"http-request return {json_reply(503, 'Unavailable', 'TorchServe is not answering', RETRY_AFTER_DOWN)} "
+            "if { nbsrv(torchserve) eq 0 }",
+            "use_backend explain if explain",
+            "use_backend bulk if streamed",
+            "default_backend torchserve",
+        ]
+        return "frontend public\n" + "".join(f"    {rule}\n" for rule in rules)
+
+    def backend_section(self, name: str, maxconn: int, queue: int) -> str:
+        """One lane to TorchServe: its own connection cap and queue (refused at once with 503 when full)."""
+        overloaded = json_reply(503, "Overloaded", f"overloaded, retry after {self.retry_after} s", self.retry_after)
+        check = "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"  # one health check
+        rules = [f"http-request return {overloaded} if {{ queue({name}) ge {queue} }}"]
+        if name == "explain":  # the explanations each address asked for (the frontend tracks them in sc1)
+            period = self.explain_period
+            rules.insert(0, f"stick-table type ip size 100k expire {max(30, period)}s store http_req_rate({period}s)")
+        rules += [
+            "# TorchServe's own 503s (queue full, no worker) say nothing about when to come back",
+            f"http-response set-header Retry-After {self.retry_after} "
+            "if { status 503 } !{ res.hdr(Retry-After) -m found }",
+            f"server torchserve 127.0.0.1:{self.backend} maxconn {maxconn} {check}",
+        ]
+        return f"backend {name}\n" + "".join(f"    {rule}\n" for rule in rules)
 
     def write_config(self):
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
@@ -243,7 +364,10 @@ def print_status(door: FrontDoor):
         return
     rel = os.path.relpath(door.ca)
     print(f"Front door is running (pid {door.pid()}): {door.url()} -> 127.0.0.1:{door.backend}")
-    print(f"  TLS CA {rel}; at most {door.maxconn} requests in TorchServe, {door.queue} queued (then 503)")
+    print(
+        f"  TLS CA {rel}; at most {door.maxconn} requests in TorchServe, {door.queue} queued (then 503); "
+        f"explanations: {door.explain_maxconn} at once, {door.explain_queue} queued"
+    )
     print(f"  access log {os.path.relpath(door.log)}")
     url = f"{door.url()}/predictions/{settings.MODEL_NAME}"
     print(f"  try: scripts/serve.sh header | curl -H @- --cacert {rel} -T IMAGE {url}")
