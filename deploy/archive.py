@@ -285,7 +285,10 @@ def build_archive(
     model_store=settings.MODEL_STORE,
     config_file=settings.MODEL_CONFIG,
     output=None,
+    batch_size: int | None = None,
 ) -> dict:
+    """Export `checkpoint` and package it as a checked archive with its .sha256; `batch_size` replaces the
+    config file's batchSize for this archive only."""
     from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE
     from train.export import export_all
 
@@ -309,6 +312,8 @@ def build_archive(
             meta = json.load(f)
         stage = os.path.join(tmp, "stage")
         stage_extra_files(export_dir, stage, backend, model_card(checkpoint, meta, report, backend))
+        if batch_size is not None:
+            config_file = with_batch_size(config_file, batch_size, os.path.join(tmp, "model-config.yaml"))
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
             "--model-name",
@@ -331,6 +336,18 @@ def build_archive(
         subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
         digest = place_archive(os.path.join(tmp, f"{model_name}.mar"), os.path.abspath(target))
     return {"archive": target, "sha256": digest, "bytes": os.path.getsize(target), "export": report}
+
+
+def with_batch_size(config_file: str, batch_size: int, out: str) -> str:
+    """A copy of `config_file` at `out` with batchSize set to `batch_size`."""
+    import yaml
+
+    with open(config_file) as f:
+        config = yaml.safe_load(f)
+    config["batchSize"] = batch_size
+    with open(out, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return out
 
 
 def exit_on_signal(signum, frame):

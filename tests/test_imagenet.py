@@ -11,7 +11,7 @@ from PIL import Image
 
 from deploy import management, settings, versions
 from deploy.archive import build_archive
-from deploy.import_pretrained import import_weights, write_photos
+from deploy.import_pretrained import BATCH_SIZE, import_weights, write_photos
 from deploy.predict import post, top1
 from tests.conftest import install_archive
 
@@ -31,7 +31,9 @@ def imagenet_server(photos, store, torchserve_factory, tmp_path_factory):
     """my_model 1.0 as in the other suites, then imagenet 1.0 registered beside it through the guard."""
     checkpoint = str(tmp_path_factory.mktemp("imagenet") / "checkpoint.pt")
     import_weights("efficientnet_lite0", checkpoint, photos)
-    built = build_archive(checkpoint, "1.0", "onnx", model_name="imagenet", output=str(checkpoint + ".mar"))
+    built = build_archive(
+        checkpoint, "1.0", "onnx", model_name="imagenet", output=str(checkpoint + ".mar"), batch_size=BATCH_SIZE
+    )
     ts = torchserve_factory(store)
     versions.register(ts, install_archive(built["archive"], store, "imagenet.mar"), model="imagenet")
     return ts
@@ -79,3 +81,9 @@ def test_real_photos_get_their_imagenet_labels_in_every_form(imagenet_server, ph
 def test_the_digits_model_still_answers_beside_it(imagenet_server, png):
     resp = post(imagenet_server, png, settings.MODEL_NAME)
     assert resp.status_code == 200 and top1(resp.json()) in {str(d) for d in range(10)}
+
+
+def test_imagenet_takes_one_request_per_batch(imagenet_server):
+    """A batch never holds a prediction hostage to an explanation (docs/frontdoor.md, the explanation lane)."""
+    described = imagenet_server.request("GET", "management", "/models/imagenet").json()
+    assert [v["batchSize"] for v in described] == [BATCH_SIZE] == [1]
