@@ -160,6 +160,19 @@ def batching_store(tmp, checkpoint):
     return store
 
 
+def served_version(ts, body: bytes, version: str | None = None, model: str = "my_model") -> str:
+    """Which version answered a prediction, read from the answer itself: a KServe v2 request's answer carries the
+    worker's model_version (versions with the same weights give the same label, so a label proves nothing)."""
+    import base64
+
+    v2 = {"id": "which", "inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES"}]}
+    v2["inputs"][0]["data"] = [base64.b64encode(body).decode()]
+    path = f"/predictions/{model}" + (f"/{version}" if version else "")
+    resp = ts.request("POST", "inference", path, json=v2)
+    assert resp.status_code == 200, resp.text[:300]
+    return resp.json()["model_version"]
+
+
 @pytest.fixture(scope="module")
 def torchserve_factory(tmp_path_factory):
     """start(store, overrides=None, models=...) -> a running TorchServe on free ports (own workdir, TMPDIR,
