@@ -242,7 +242,8 @@ def watch_training(monkeypatch) -> dict:
 
         def forward_hook(module, inputs, output):
             if module.training:
-                convs = [p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1]  # 1 channel: ambiguous
+                # one input channel or a 1x1 kernel lays out the same either way: only the others tell
+                convs = [p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1 and p[0, 0].numel() > 1]
                 last = all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
                 seen["forward"].append((output.dtype, last))
 
@@ -281,12 +282,16 @@ def test_recipe_flags_train(tmp_path, digits, name, monkeypatch):
     ckpt = load_ckpt(os.path.join(out, "checkpoint_last.pt"))
     # Each flag shows in what training did (and the others are the controls that it does not show there).
     steps = len(seen["forward"])  # training batches
-    assert steps > 2 and {dtype for dtype, _ in seen["forward"]} == {
+    assert steps >= 2 and {dtype for dtype, _ in seen["forward"]} == {
         torch.bfloat16 if name == "amp-bf16" else torch.float32
     }
     assert {last for _, last in seen["forward"]} == {name == "channels-last"}
+    smoothing = ckpt["args"]["label_smoothing"]  # cross-entropy's default is smoothed; focal ignores it
     for logits, targets, loss in seen["losses"]:
-        want = focal_reference(logits, targets, 1.5) if name == "focal" else F.cross_entropy(logits.float(), targets)
+        if name == "focal":
+            want = focal_reference(logits, targets, 1.5)
+        else:
+            want = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         assert loss.item() == pytest.approx(want.item(), rel=1e-4)
     if name == "accum-clip":  # one optimizer step (and one clipping) per two batches
         assert len(seen["clips"]) == math.ceil(steps / 2)
