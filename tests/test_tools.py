@@ -318,3 +318,15 @@ def test_loadgen_run_counts_unparsable_answers_as_wrong():
             httpd.shutdown()
     assert r["statuses"] == {"200": 6} and r["errors"] == 0
     assert r["wrong_labels"] == 4  # "5" answered 3, and "not json", twice each
+
+
+def test_require_tool_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    from tests.conftest import require_tool
+
+    assert require_tool("sh") == shutil.which("sh")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI: no-such-tool-30 not found"):
+        require_tool("no-such-tool-30")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no-such-tool-30 not found"):
+        require_tool("no-such-tool-30")
