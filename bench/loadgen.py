@@ -27,11 +27,23 @@ from deploy.predict import is_loopback, read_bytes, top1
 
 
 def check(resp, expected) -> bool:
-    if expected is None:  # a bad body: must be refused with a JSON message, never 2xx or 5xx
-        return 400 <= resp.status_code < 500 and "message" in resp.json()
-    if resp.status_code != 200:
-        return resp.status_code >= 500  # 5xx are errors, counted separately
-    return top1(resp.json()) == expected
+    """Whether an answer is right. expected: the top-1 label, or None for a bad body, which must be refused
+    with a 4xx and a JSON message. A 5xx is not judged here (run() counts it under errors); an answer that
+    does not parse as the expected JSON is wrong, never right."""
+    body = parsed(resp)
+    if expected is None:
+        return 400 <= resp.status_code < 500 and isinstance(body, dict) and "message" in body
+    if resp.status_code >= 500:
+        return True
+    return resp.status_code == 200 and isinstance(body, dict) and bool(body) and top1(body) == expected
+
+
+def parsed(resp):
+    """The answer's JSON, or None when it is not JSON."""
+    try:
+        return resp.json()
+    except ValueError:  # requests' JSONDecodeError is one
+        return None
 
 
 def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, duration_cap=300):
@@ -60,12 +72,13 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
             t0 = time.perf_counter()
             try:
                 resp = session.post(url, data=body, headers=headers, timeout=timeout)
+            except requests.RequestException:  # no answer to judge: counted under errors
+                code, ok_label = "error", True
+            else:
                 code = resp.status_code
                 if code >= 500 and not first_error:
                     first_error.append(resp.text[:300])
                 ok_label = expect is None or check(resp, expect[i % len(bodies)])
-            except requests.RequestException:
-                code, ok_label = "error", True  # counted under errors, not as a wrong answer
             dt = (time.perf_counter() - t0) * 1000
             with lock:
                 latencies.append(dt)

@@ -9,6 +9,7 @@ from a label set it never asked for. Such a model is a new model name, not a new
 import json
 import os
 import time
+from typing import Any
 
 from deploy import management
 from deploy.archive import read_classes
@@ -114,7 +115,7 @@ def gate(
     max_drop: float,
     allow_new_classes: bool = False,
 ) -> dict:
-    report = {"model": model, "images": len(golden), "max_accuracy_drop_points": max_drop}
+    report: dict[str, Any] = {"model": model, "images": len(golden), "max_accuracy_drop_points": max_drop}
     if baseline:
         report["classes"] = check_classes(ts, model, candidate, baseline, allow_new_classes)
         if report["classes"]["same"] is False and not allow_new_classes:  # refused before any scoring

@@ -21,7 +21,7 @@ from deploy.server import ServerError, TorchServe, ports_from_config
 
 def top1(answer: dict) -> str:
     """The label of an answer {label: probability}: the most probable one, whatever the key order."""
-    return max(answer, key=answer.get)
+    return max(answer, key=lambda label: answer[label])
 
 
 def post(ts: TorchServe, data: bytes, model: str = settings.MODEL_NAME, version: str | None = None, **kw):

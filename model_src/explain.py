@@ -61,9 +61,9 @@ def overlay_png(prepared: Image.Image, grid: torch.Tensor) -> str:
     """The model's view of the image in grey with |attribution| in red on top, as base64 PNG."""
     scale = max(1, OVERLAY_SIDE // max(prepared.size))
     size = (prepared.width * scale, prepared.height * scale)
-    grey = np.asarray(prepared.convert("L").resize(size, Image.NEAREST), dtype=np.float32)
-    heat = np.asarray(Image.fromarray((grid.abs().numpy() * 255).astype(np.uint8)).resize(size, Image.BILINEAR))
-    alpha = heat.astype(np.float32)[..., None] / 255.0
+    grey = np.asarray(prepared.convert("L").resize(size, Image.Resampling.NEAREST), dtype=np.float32)
+    heat = Image.fromarray((grid.abs().numpy() * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    alpha = np.asarray(heat, dtype=np.float32)[..., None] / 255.0
     red = np.zeros((*grey.shape, 3), np.float32)
     red[..., 0] = 255
     rgb = (1 - alpha) * np.repeat(grey[..., None], 3, axis=2) + alpha * red

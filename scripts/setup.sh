@@ -60,6 +60,12 @@ MSG
 
 check_java
 
+ci_needs() {  # under CI (.ci/run sets CI=1) a missing tool stops here: its tests would fail anyway (tests/conftest.py)
+  [ -z "${CI:-}" ] && return 0
+  echo "setup: CI needs $1; run .ci/run as root (it installs them) or install them first" >&2
+  exit 1
+}
+
 # The HTTPS front door (deploy/frontdoor.py) is HAProxy; the overload benchmark drives wrk. Both from the
 # distribution's packages; without root, say how (the rest of the bundle works without them).
 check_frontdoor_tools() {
@@ -70,6 +76,7 @@ check_frontdoor_tools() {
     return 0
   fi
   echo "setup: the front door needs haproxy, wrk and openssl: sudo apt-get install -y haproxy wrk openssl" >&2
+  ci_needs "haproxy, wrk and openssl"
 }
 
 check_frontdoor_tools
@@ -91,6 +98,7 @@ check_prometheus() {
     return 0
   fi
   echo "setup: tests/test_prometheus.py needs prometheus: sudo apt-get install -y prometheus" >&2
+  ci_needs prometheus
 }
 
 check_prometheus

@@ -1,12 +1,50 @@
 """Shared fixtures. Paths come from deploy.settings, so the tests run from any working directory
 (pyproject.toml puts the repository root on sys.path)."""
 
+import itertools
 import os
+import shutil
 import socket
 
 import pytest
 
 from deploy.settings import ROOT  # noqa: F401  (tests import it from here)
+
+
+def require_tool(name: str) -> str:
+    """The path of an executable the test needs. Missing, the test skips, except under CI (`.ci/run` sets CI=1,
+    and scripts/setup.sh installs the tools there), where it fails: a CI run never goes green by skipping."""
+    path = shutil.which(name)
+    if path:
+        return path
+    why = f"{name} not found on PATH: scripts/setup.sh installs it (as root), or apt-get install it"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+# --- test order ---------------------------------------------------------------------------------
+# pytest-randomly shuffles modules and the tests in each; a module whose tests build on each other's effects
+# says so with `pytest.mark.in_order` and keeps its file order (its place among the modules is still random).
+
+COLLECTED = pytest.StashKey[int]()
+_collected = itertools.count()
+
+
+def pytest_itemcollected(item):
+    item.stash[COLLECTED] = next(_collected)  # file order, before any plugin reorders
+
+
+def pytest_collection_modifyitems(items):
+    """Put the tests of each `in_order` module back in file order, in the slots the shuffle gave them."""
+    slots: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        if item.get_closest_marker("in_order"):
+            slots.setdefault(item.nodeid.split("::")[0], []).append(i)
+    for positions in slots.values():
+        ordered = sorted((items[i] for i in positions), key=lambda item: item.stash[COLLECTED])
+        for i, item in zip(positions, ordered):
+            items[i] = item
 
 
 def free_port() -> int:
@@ -120,6 +158,19 @@ def batching_store(tmp, checkpoint):
         checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
     )
     return store
+
+
+def served_version(ts, body: bytes, version: str | None = None, model: str = "my_model") -> str:
+    """Which version answered a prediction, read from the answer itself: a KServe v2 request's answer carries the
+    worker's model_version (versions with the same weights give the same label, so a label proves nothing)."""
+    import base64
+
+    v2 = {"id": "which", "inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES"}]}
+    v2["inputs"][0]["data"] = [base64.b64encode(body).decode()]
+    path = f"/predictions/{model}" + (f"/{version}" if version else "")
+    resp = ts.request("POST", "inference", path, json=v2)
+    assert resp.status_code == 200, resp.text[:300]
+    return resp.json()["model_version"]
 
 
 @pytest.fixture(scope="module")

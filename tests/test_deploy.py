@@ -38,9 +38,10 @@ from deploy.guard import UnixHTTPConnection
 from deploy.serve import print_status
 from deploy.server import Ports, ServerError, TorchServe
 from tests import images
-from tests.conftest import install_archive, train_run
+from tests.conftest import install_archive, served_version, train_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# One server for the module: registrations, promotions, rollbacks and restarts build on each other.
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
@@ -499,14 +500,17 @@ def test_gate_promotes_a_good_model_and_rollback_undoes_it(server, store, golden
     assert report["passed"] is True and report["agreement"] > 0.95
     assert report["candidate"]["accuracy"] == pytest.approx(report["baseline"]["accuracy"], abs=0.02)
     assert management.default_version(server, "my_model") == "2.0" and registered(server) == {"1.0", "2.0"}
+    assert served_version(server, png) == "2.0"  # the answer says so too, not only the management API
     (entry,) = versions.history(server)
     assert (entry["version"], entry["previous"]) == ("2.0", "1.0") and entry["reason"].startswith("gate passed")
 
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
     assert management.default_version(server, "my_model") == "1.0"
     assert answers(server, png) == answers(server, png, "1.0") == answers(server, png, "2.0") == 200
+    assert served_version(server, png) == "1.0"
     assert versions.rollback(server, "my_model") == ("1.0", "2.0")  # rollback of the rollback
     assert management.default_version(server, "my_model") == "2.0"
+    assert served_version(server, png) == "2.0"
     assert [e["version"] for e in versions.history(server)] == ["2.0", "1.0", "2.0"]
 
 
@@ -532,9 +536,11 @@ def test_restart_keeps_versions_and_default(server, png):
     assert set(info["models"]) == {"my_model"}
     assert registered(server) == {"1.0", "2.0"} and management.default_version(server, "my_model") == "2.0"
     assert answers(server, png, "1.0") == answers(server, png, "2.0") == answers(server, png) == 200
+    assert served_version(server, png) == "2.0"
     # the promotion history lives in the workdir too: rollback still works after the restart
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
     assert management.default_version(server, "my_model") == "1.0"
+    assert served_version(server, png) == "1.0"
 
 
 def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, capsys):

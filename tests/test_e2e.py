@@ -13,9 +13,10 @@ from PIL import Image
 from deploy import management, versions
 from deploy.settings import DIGITS_DIR
 from model_src.runtime import Predictor
-from tests.conftest import install_archive
+from tests.conftest import install_archive, served_version
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# The last test promotes an ONNX 2.0; the tests above compare answers with the eager model: they run first.
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 VAL = os.path.join(DIGITS_DIR, "val")
 
@@ -105,5 +106,7 @@ def test_register_second_version_promote_and_call_both(server, store, archive_fa
     assert [a.status_code for a in answers] == [200, 200, 200]
     labels = [next(iter(a.json())) for a in answers]
     assert labels[0] == labels[1] == labels[2]  # same weights, eager vs ONNX
+    # so the label cannot tell who answered: the answer's own model_version does
+    assert [served_version(server, data, v) for v in ("1.0", "2.0", None)] == ["1.0", "2.0", "2.0"]
     listed = {v["modelVersion"] for v in management.versions(server, "my_model")}
     assert listed == {"1.0", "2.0"}

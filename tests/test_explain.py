@@ -143,7 +143,7 @@ def test_a_batch_mixing_explanations_predictions_and_bad_input_answers_each_on_i
 
 @pytest.mark.slow
 @pytest.mark.torchserve
-def test_two_files_in_one_multipart_request_get_two_answers_in_order(server):
+def test_three_files_in_one_multipart_request_get_three_answers_in_order(server):
     url, auth = server.url() + "/predictions/my_model", server.auth("inference")
     files = [("a", ("three.png", digit("3"))), ("b", ("seven.png", digit("7"))), ("c", ("zero.png", digit("0")))]
     resp = requests.post(url, files=files, headers=auth, timeout=30)

@@ -27,8 +27,10 @@ import handlers.image_classifier as handler_module
 from deploy import settings
 from deploy.settings import METRICS_CONFIG
 from handlers.image_classifier import ImageClassifier, top_k
+from model_src.net import build_model, load_model
 from model_src.preprocessing import ACCEPTED_NAMES, Preprocessing
 from tests import images
+from tests.reference import torchvision_eval
 from train.data import CachedImages
 
 BACKENDS = ["eager", "torchscript", "onnx", "int8"]
@@ -132,14 +134,26 @@ def is_prediction(answer, k=5):
 # --- backends ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def reference_probs(checkpoint, digits):
+    """{label: probability} per val file, from the checkpoint's model in plain torch on torchvision's transform:
+    no handler, no archive, no Preprocessing, so the eager handler is compared with something other than itself."""
+    model, ckpt = load_model(checkpoint)
+    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    with torch.inference_mode():
+        x = torch.stack([torchvision_eval(prep, Image.open(p)) for p in val_files(digits)])
+        probs = torch.softmax(model.eval()(x), dim=1)
+    return [dict(zip(ckpt["class_names"], p.tolist())) for p in probs]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_initialises_and_agrees_with_eager(backend, handler_for, digits):
+def test_every_backend_initialises_and_agrees_with_the_model(backend, handler_for, digits, reference_probs):
     # topk above the number of classes: every probability comes back, so all of them are compared.
     handler, ctx = handler_for(backend, topk=100)
     assert handler.backend == backend and len(handler.labels) == 10
     rows = [{"body": bytearray(open(p, "rb").read())} for p in val_files(digits)]
     got, status = handle(handler, ctx, rows)
-    want, _ = handle(*handler_for("eager", topk=100), rows)
+    want = [dict(sorted(w.items(), key=lambda kv: -kv[1])) for w in reference_probs]  # highest first, as answers
     assert status == [GOOD] * len(rows)
     for g, w in zip(got, want):
         assert is_prediction(g, k=10) and g.keys() == w.keys()
@@ -147,7 +161,7 @@ def test_every_backend_initialises_and_agrees_with_eager(backend, handler_for, d
         if backend == "int8":  # dynamic quantisation moves probabilities; the answer must not change
             assert next(iter(g)) == next(iter(w))
         else:
-            assert max(abs(g[k] - w[k]) for k in w) <= 1e-4, (g, w)
+            assert max(abs(g[k] - w[k]) for k in w) <= 1e-4, (backend, g, w)
 
 
 # --- input forms and image kinds ----------------------------------------------------------------
@@ -486,19 +500,33 @@ def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
         path = ds.folder.samples[i][0]
         (x,) = handler.decode_all([open(path, "rb").read()], handler.prep)
         assert torch.equal(x, ds[i][0]), path
+        assert torch.equal(x, torchvision_eval(prep, Image.open(path))), path  # both sides share Preprocessing
 
 
-def test_photo_transform_is_the_training_transform(tmp_path):
-    # The archives here are built from the 1-channel digits checkpoint; a 3-channel archive would
-    # need its own training run. So the handler's own decode_all (decode with the pixel cap, then
-    # prep) runs with a 3-channel resize-and-crop prep swapped in: that is all initialize() sets
-    # for it from serving.json.
+PHOTO_PREP = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.48, 0.45, 0.4], std=[0.23, 0.22, 0.22])
+
+
+@pytest.fixture(scope="module")
+def photo_handler(checkpoint, archive_factory, tmp_path_factory):
+    """A handler initialised from an archive with 3-channel resize-and-crop preprocessing. The session's trained
+    model is the 1-channel digits one, so this checkpoint holds a small untrained model in the same format: the
+    transform, not the weights, is under test."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model_args = {**ckpt["model_args"], "in_channels": 3, "num_classes": 2, "widths": [8], "blocks": [1]}
+    torch.manual_seed(0)
+    ckpt.update(model=build_model(model_args).state_dict(), model_args=model_args, class_names=["china", "flower"])
+    ckpt["preprocessing"] = PHOTO_PREP.to_dict()
+    path = str(tmp_path_factory.mktemp("photo") / "checkpoint.pt")
+    torch.save(ckpt, path)
+    return make_handler(archive_factory("1.0", "eager", path), tmp_path_factory.mktemp("photo-handler"))
+
+
+def test_photo_transform_is_the_training_transform(photo_handler, tmp_path):
     from sklearn.datasets import load_sample_image
 
-    prep = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.48, 0.45, 0.4], std=[0.23, 0.22, 0.22])
-    handler = ImageClassifier()
-    handler.prep = prep
-    handler.configure(MODEL_CONFIG, batch_size=1)
+    handler, ctx = photo_handler
+    assert handler.prep == PHOTO_PREP  # initialize() read it from the archive's serving.json
+    prep = PHOTO_PREP
     china = Image.fromarray(load_sample_image("china.jpg"))  # 640 x 427 RGB
     flower = Image.fromarray(load_sample_image("flower.jpg"))
     exif = Image.Exif()
@@ -518,9 +546,15 @@ def test_photo_transform_is_the_training_transform(tmp_path):
     ds = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
     assert len(ds) == len(files)
     for i, (path, _) in enumerate(ds.folder.samples):
-        (x,) = handler.decode_all([open(path, "rb").read()], handler.prep)
+        data = open(path, "rb").read()
+        (x,) = handler.decode_all([data], handler.prep)
         assert x.shape == (3, 64, 64)
         assert torch.equal(x, ds[i][0]), path
+        # independent of Preprocessing: torchvision's transform, given the decoded image (JPEG's DCT draft
+        # scaling is decode's choice); it applies EXIF and transparency itself
+        assert torch.equal(x, torchvision_eval(prep, prep.decode(data))), path
+    out, status = handle(handler, ctx, [{"body": bytearray(files["china/china_rotated.jpg"])}])
+    assert status == [GOOD] and set(out[0]) == {"china", "flower"}  # the 3-channel model answers through handle()
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -532,14 +566,16 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
     # whose type differs from the declaration would add one (and the frontend would file it under the declared
     # type), and the cached unit is the declared one whatever add_time() was given, so the value must be seconds.
     handler, ctx = eager
-    declared = set(ctx.metrics.cache_keys())
+    fresh = MetricsCacheYamlImpl(METRICS_CONFIG)  # what serving/metrics.yaml declares, before any request
+    fresh.initialize_cache()
+    declared = set(fresh.cache_keys())
     times = ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds")
     assert {f"histogram:{name}" for name in times} | {"counter:RejectedInputs"} <= declared
     with caplog.at_level(logging.INFO, logger="ts.metrics"):
         t0 = time.perf_counter()
         handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}, {"body": bytearray()}])
         wall = time.perf_counter() - t0
-    assert set(ctx.metrics.cache_keys()) == declared
+    assert set(ctx.metrics.cache_keys()) == declared  # also after every earlier test's requests on this handler
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
     assert not [r for r in caplog.records if "Failed to update metric" in r.getMessage()]
 

@@ -111,8 +111,10 @@ def test_the_pte_program_takes_one_image_in_the_phone_json_layout(mobile_export)
     meta = str(method.metadata)  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, 1, 16, 16], dtype=Float
     assert phone["input_shape"] == [1, 1, 16, 16] and phone["dtype"] == "float32"
     assert "sizes=[1, 1, 16, 16], dtype=Float" in meta and "sizes=[1, 10], dtype=Float" in meta
-    with pytest.raises(Exception):  # noqa: B017 (the runtime raises its own error types)
+    with pytest.raises(RuntimeError):  # ExecuTorch's pybindings raise RuntimeError for an input it refuses
         method.execute([torch.zeros(2, 1, 16, 16)])  # a batch is refused, not silently cut
+    (one,) = method.execute([torch.zeros(1, 1, 16, 16)])  # the control: one image runs
+    assert one.shape == (1, 10)
 
 
 # --- the phone's preprocessing --------------------------------------------------------------------

@@ -3,25 +3,31 @@ pair (train/multinode.py), gloo over that link; then the checkpoint resumes on o
 
 import json
 import os
-import shutil
 
 import psutil
 import pytest
 import torch
 
-from tests.conftest import train_run
+from tests.conftest import require_tool, train_run
 from train import multinode
 from train.train import state_digest
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and iproute2"
-)
+
+@pytest.fixture
+def namespaces():
+    """Network namespaces need iproute2 and root: a missing one skips, or fails under CI (require_tool)."""
+    require_tool("ip")
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI: network namespaces need root (.ci/run runs as root)", pytrace=False)
+        pytest.skip("network namespaces need root")
+
 
 TRAIN = ["--epochs", "3", "--stop-after-epoch", "2", "--quiet", "--no-tensorboard", "--no-plots"]
 
 
 @pytest.mark.slow
-def test_two_nodes_train_identical_replicas_then_resume_on_one(tmp_path, digits):
+def test_two_nodes_train_identical_replicas_then_resume_on_one(namespaces, tmp_path, digits):
     out = tmp_path / "two-nodes"
     tag = f"t{os.getpid() % 10000}"
     results = multinode.run(["--output-dir", str(out), *TRAIN], tag=tag, timeout=600)
@@ -47,7 +53,7 @@ def test_two_nodes_train_identical_replicas_then_resume_on_one(tmp_path, digits)
 
 
 @pytest.mark.slow
-def test_killed_run_leaves_no_namespace_or_link(tmp_path):
+def test_killed_run_leaves_no_namespace_or_link(namespaces, tmp_path):
     tag = f"k{os.getpid() % 10000}"
     results = multinode.run(["--output-dir", str(tmp_path / "run"), *TRAIN], tag=tag, timeout=3)
     assert all(r["returncode"] != 0 for r in results)

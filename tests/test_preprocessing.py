@@ -32,6 +32,7 @@ from model_src.preprocessing import (
 )
 from tests import images
 from tests.images import encode
+from tests.reference import torchvision_eval
 from train.data import CachedImages
 
 GREY = Preprocessing(image_size=16, channels=1, mean=[0.5], std=[0.5])
@@ -291,6 +292,7 @@ def test_parity_with_training_validation_on_digits(digits):
             served = prep(prep.decode(f.read()))
         trained, label = ds[i]
         assert torch.equal(served, trained), path
+        assert torch.equal(served, torchvision_eval(prep, Image.open(path))), path  # both sides call prep
         assert ds.classes[label] == os.path.basename(os.path.dirname(path))
 
 
@@ -305,9 +307,11 @@ def test_parity_with_training_validation_on_a_photo(tmp_path, photo):
         image_size=64, resize_size=72, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
     )
     ds = CachedImages(str(tmp_path / "val"), prep, prep, cache=False)
-    served = prep(prep.decode((folder / "0.jpg").read_bytes()))
+    decoded = prep.decode((folder / "0.jpg").read_bytes())  # (JPEG's DCT draft scaling is decode's choice)
+    served = prep(decoded)
     assert served.shape == (3, 64, 64)
     assert torch.equal(served, ds[0][0])
+    assert torch.equal(served, torchvision_eval(prep, decoded))  # both sides call prep: check it independently
 
 
 # --- hostile inputs (issue 17): bounded by checks that run before Pillow decodes --------------------------

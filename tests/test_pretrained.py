@@ -117,12 +117,25 @@ def test_top1_on_real_photos(lite, photo_batch):
 
 
 def test_the_handler_path_gives_the_same_input_as_the_pil_image(lite, tmp_path):
-    """A JPEG of the photo decoded as a request is (DCT draft aside) what the tests feed."""
-    prep = lite[2]
+    """The photo sent as a request (a lossless PNG) goes through the handler's own decoding and the checkpoint's
+    preprocessing to exactly the tensor the tests above feed the model; a JPEG of it to the same top-1."""
+    from ts.utils.util import get_yaml_config
+
+    from deploy.settings import MODEL_CONFIG
+    from handlers.image_classifier import ImageClassifier
+
+    model, _, prep = lite
+    handler = ImageClassifier()
+    handler.prep = prep  # what initialize() reads from the archive's serving.json
+    handler.configure(get_yaml_config(MODEL_CONFIG), batch_size=1)
     img = photos.load_photos()["chelsea"]
     img.save(tmp_path / "chelsea.png")
-    x = prep(prep.decode((tmp_path / "chelsea.png").read_bytes()))
+    img.save(tmp_path / "chelsea.jpg", quality=92)
+    (x,) = handler.decode_all([(tmp_path / "chelsea.png").read_bytes()], prep)
     assert torch.equal(x, prep(img))
+    (jpeg,) = handler.decode_all([(tmp_path / "chelsea.jpg").read_bytes()], prep)  # lossy, DCT draft scaling
+    with torch.inference_mode():
+        assert model(jpeg[None]).argmax().item() == model(x[None]).argmax().item()
 
 
 # --- refusing what does not fit --------------------------------------------------------

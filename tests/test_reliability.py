@@ -43,8 +43,9 @@ def test_bad_registrations_during_load_do_not_disturb_serving(soak):
     assert all(400 <= s < 600 for s in r["registration_status"].values())
     assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 403  # the guard: not a model-store archive
     assert r["load"]["errors"] == 0 and r["load"]["wrong_labels"] == 0
-    # nothing was registered: still only the 1.0 the fixture started with (2.0 comes with the restart test)
-    assert r["deployment"] == r["deployment_before"] == {"versions": ["1.0"], "default": "1.0"}
+    # nothing was registered and the default stayed: whatever the restart test (in any order) did before
+    assert r["deployment"] == r["deployment_before"]
+    assert r["deployment"]["default"] in r["deployment"]["versions"] and "1.0" in r["deployment"]["versions"]
     assert r["models"] == ["my_model"]  # and no other model (corrupt.mar's) appeared
 
 

@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import os
 import re
+import time
 
 import pytest
 import requests
@@ -199,10 +200,33 @@ def test_body_over_max_request_size_is_refused(server, val_bodies):
     assert post(server, val_bodies[0]).status_code == 200
 
 
+def metric_counts(ts) -> tuple[str, dict[str, float]]:
+    """The metrics page and, per custom metric, its count: a histogram's _count, a counter's value (0 if absent)."""
+    text = requests.get(ts.url("metrics") + "/metrics", timeout=30).text  # no token: the metrics API has none
+    counts = {}
+    for name in ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds", "RejectedInputs"):
+        series = name + ("_count" if name.endswith("_seconds") else "")
+        found = re.search(rf'^{series}\{{ModelName="my_model",[^}}]*\}} ([\d.E+-]+)$', text, re.M)
+        counts[name] = float(found.group(1)) if found else 0.0
+    return text, counts
+
+
 def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
-    post(server, val_bodies[0])
-    post(server, b"not an image")
-    text = requests.get(server.url("metrics") + "/metrics", timeout=30).text  # no token: the metrics API has none
+    # Deltas over this test's own two requests, not totals that earlier tests in the module already raised. Sent
+    # one after the other, each is its own batch: preprocessing and handler times once per batch, inference time
+    # only for the batch with an image, one rejection.
+    _, before = metric_counts(server)
+    assert post(server, val_bodies[0]).status_code == 200
+    assert post(server, b"not an image").status_code == 415
+    want = {"PreprocessTime_seconds": 2, "InferenceTime_seconds": 1, "HandlerTime_seconds": 2, "RejectedInputs": 1}
+    deadline = time.time() + 30  # the frontend files a worker's metrics from its log lines: wait for them
+    while True:
+        text, after = metric_counts(server)
+        delta = {name: after[name] - before[name] for name in want}
+        if all(delta[name] >= n for name, n in want.items()) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert delta == want, (before, after)
     labels = r'ModelName="my_model",Level="Model",Hostname="[^"]*"'
     for name in ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds"):
         assert f"# TYPE {name} histogram" in text, name
@@ -210,14 +234,23 @@ def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
         # TorchServe 0.12's fixed buckets: the Prometheus Java client's defaults, in seconds here
         assert [le for le, _ in buckets] == [*map(str, PROMETHEUS_DEFAULT_BUCKETS), "+Inf"], name
         counts = [float(c) for _, c in buckets]
-        assert counts == sorted(counts) and counts[-1] >= 1, name  # cumulative, and it saw our batch
-        assert re.search(rf"^{name}_count\{{{labels},?\}} [1-9]", text, re.M), name
+        assert counts == sorted(counts) and counts[-1] == after[name], name  # cumulative; +Inf holds them all
     assert "# TYPE RejectedInputs counter" in text
-    rejected = re.search(r'^RejectedInputs\{ModelName="my_model".*\} ([\d.]+)', text, re.M)
-    assert float(rejected.group(1)) >= 1
 
 
-def test_ready_after_start_means_the_first_request_succeeds(server, val_bodies):
-    ping = server.request("GET", "inference", "/ping")
-    assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
-    assert all(w["status"] == "READY" for v in management.models(server)["my_model"] for w in v["workers"])
+def test_ready_after_start_means_the_first_request_succeeds(server, torchserve_factory, val_bodies, offline):
+    # A server of its own, fresh: the module's has long been warm. start() returns once it says it is ready,
+    # and the very first prediction must then be answered, by a READY worker, with the model's label.
+    # (TorchServe queues a request while its worker loads, so the READY check comes first: an answer alone
+    # would not show that start() waited.)
+    fresh = torchserve_factory(server.model_store)
+    try:
+        workers = [w for v in management.models(fresh)["my_model"] for w in v["workers"]]
+        assert workers and all(w["status"] == "READY" for w in workers), workers
+        resp = post(fresh, val_bodies[1])
+        assert resp.status_code == 200, resp.text[:300]
+        assert next(iter(resp.json())) == max(offline[1], key=offline[1].get)
+        ping = fresh.request("GET", "inference", "/ping")
+        assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
+    finally:
+        fresh.stop()

@@ -255,3 +255,78 @@ def test_bench_overload_runs_the_overload_benchmark(tmp_path):
     out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "overload", "--levels", "16,600"])
     assert out.returncode == 0, out.stderr
     assert [c[1:] for c in calls] == [["-m", "bench.overload", "--levels", "16,600"]]
+
+
+# --- the judge of the load tests (bench/loadgen.check): each wrong kind of answer is caught ----------------
+
+
+def answer(status: int, body: bytes):
+    import requests
+
+    resp = requests.Response()
+    resp.status_code, resp._content = status, body
+    return resp
+
+
+def test_loadgen_check_catches_every_wrong_answer():
+    from bench.loadgen import check
+
+    right = answer(200, b'{"3": 0.9, "5": 0.1}')
+    assert check(right, "3") and check(answer(400, b'{"code": 400, "message": "no image"}'), None)
+    assert check(answer(503, b"Prediction failed"), "3")  # 5xx: run() counts it under errors instead
+    wrong = {
+        "other label": (answer(200, b'{"5": 0.9, "3": 0.1}'), "3"),
+        "200 not JSON": (answer(200, b"<html>proxy page</html>"), "3"),
+        "200 a JSON list": (answer(200, b'["3"]'), "3"),
+        "200 empty answer": (answer(200, b"{}"), "3"),
+        "4xx for a good image": (answer(400, b'{"message": "x"}'), "3"),
+        "bad body answered": (answer(200, b'{"3": 1.0}'), None),
+        "bad body refused without JSON": (answer(400, b"Bad Request"), None),
+        "bad body refused without message": (answer(413, b'{"code": 413}'), None),
+        "bad body refused with a list": (answer(400, b'["message"]'), None),
+        "bad body 5xx": (answer(500, b'{"message": "x"}'), None),
+    }
+    assert [name for name, (resp, expected) in wrong.items() if check(resp, expected)] == []
+
+
+def test_loadgen_run_counts_unparsable_answers_as_wrong():
+    """run() against a tiny loopback server: an answer the judge cannot parse is a wrong answer, not a pass."""
+    import http.server
+    import threading
+
+    from bench.loadgen import run
+
+    replies = {b"3": b'{"3": 0.9, "5": 0.1}', b"5": b'{"3": 0.9, "5": 0.1}', b"x": b"not json"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = replies[self.rfile.read(int(self.headers["Content-Length"]))]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{httpd.server_address[1]}/predictions/m"
+            r = run(url, [b"3", b"5", b"x"], concurrency=1, total=6, expect=["3", "5", "3"])
+        finally:
+            httpd.shutdown()
+    assert r["statuses"] == {"200": 6} and r["errors"] == 0
+    assert r["wrong_labels"] == 4  # "5" answered 3, and "not json", twice each
+
+
+def test_require_tool_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    from tests.conftest import require_tool
+
+    assert require_tool("sh") == shutil.which("sh")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI: no-such-tool-30 not found"):
+        require_tool("no-such-tool-30")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no-such-tool-30 not found"):
+        require_tool("no-such-tool-30")

@@ -3,6 +3,7 @@ TensorBoard/plots/profiler and torchrun DDP on CPU. Export and evaluation: tests
 
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -10,7 +11,9 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from model_src.layers import Swish
@@ -18,7 +21,9 @@ from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
 from tests.conftest import ROOT, free_port, train_run
+from tests.reference import torchvision_eval
 from train import data as datalib
+from train import train as trainer
 from train.data import CachedImages, build_datasets, build_loaders
 
 CHECKPOINT_KEYS = {
@@ -208,6 +213,7 @@ def test_gifs_are_training_images(tmp_path):
     ds = CachedImages(str(tmp_path), prep, prep, cache=False)
     assert ds.classes == ["gif", "png"] and len(ds) == 2
     assert torch.equal(ds[0][0], prep(prep.decode((tmp_path / "gif" / "0.gif").read_bytes())))  # the handler's
+    assert torch.equal(ds[0][0], torchvision_eval(prep, Image.open(tmp_path / "gif" / "0.gif")))  # independent
     assert [label for _, label in datalib.golden_set(str(tmp_path))] == ["gif", "png"]
 
 
@@ -224,11 +230,77 @@ FLAGS = {
 }
 
 
+def watch_training(monkeypatch) -> dict:
+    """What a training run really does, seen from outside train.py: each training forward's output dtype and
+    whether the convolutions' weights are channels_last, each loss with its inputs, each gradient clipping with
+    the norm it left."""
+    seen: dict[str, list] = {"forward": [], "losses": [], "clips": []}
+    real_model, real_criterion, real_clip = trainer.build_model, trainer.build_criterion, nn.utils.clip_grad_norm_
+
+    def build_model(model_args):
+        model = real_model(model_args)
+
+        def forward_hook(module, inputs, output):
+            if module.training:
+                # one input channel or a 1x1 kernel lays out the same either way: only the others tell
+                convs = [p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1 and p[0, 0].numel() > 1]
+                last = all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+                seen["forward"].append((output.dtype, last))
+
+        model.register_forward_hook(forward_hook)
+        return model
+
+    def build_criterion(*args):
+        criterion = real_criterion(*args)
+        criterion.register_forward_hook(lambda m, inputs, out: seen["losses"].append((*inputs, out.detach())))
+        return criterion
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        total = real_clip(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        seen["clips"].append((max_norm, after.item()))
+        return total
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    monkeypatch.setattr(trainer, "build_criterion", build_criterion)
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", clip)
+    return seen
+
+
+def focal_reference(logits, targets, gamma):
+    """Focal loss from its formula, mean of -(1 - p_t)^gamma * log(p_t) (Lin et al. 2017), not train.losses."""
+    log_pt = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None])[:, 0]
+    return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(FLAGS))
-def test_recipe_flags_train(tmp_path, digits, name):
+def test_recipe_flags_train(tmp_path, digits, name, monkeypatch):
+    seen = watch_training(monkeypatch)
     out = train_run(tmp_path / "run", "--epochs", 1, "--limit-samples", 300, *FLAGS[name].split())
     ckpt = load_ckpt(os.path.join(out, "checkpoint_last.pt"))
+    # Each flag shows in what training did (and the others are the controls that it does not show there).
+    steps = len(seen["forward"])  # training batches
+    assert steps >= 2 and {dtype for dtype, _ in seen["forward"]} == {
+        torch.bfloat16 if name == "amp-bf16" else torch.float32
+    }
+    assert {last for _, last in seen["forward"]} == {name == "channels-last"}
+    smoothing = ckpt["args"]["label_smoothing"]  # cross-entropy's default is smoothed; focal ignores it
+    for logits, targets, loss in seen["losses"]:
+        if name == "focal":
+            want = focal_reference(logits, targets, 1.5)
+        else:
+            want = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    if name == "accum-clip":  # one optimizer step (and one clipping) per two batches
+        assert len(seen["clips"]) == math.ceil(steps / 2)
+        assert all(max_norm == 1.0 and after <= 1.0 + 1e-4 for max_norm, after in seen["clips"]), seen["clips"]
+    else:
+        assert seen["clips"] == []
+    if "exp_avg" in next(iter(ckpt["optimizer"]["state"].values())):  # AdamW counts its steps
+        adam_steps = next(iter(ckpt["optimizer"]["state"].values()))["step"]
+        assert adam_steps == (math.ceil(steps / 2) if name == "accum-clip" else steps)
     assert ckpt["epoch"] == 1 and ckpt["args"]["epochs"] == 1
     for key, value in ckpt["model"].items():
         if value.is_floating_point():

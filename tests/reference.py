@@ -1,0 +1,30 @@
+"""An independent reference for the parity tests: torchvision's own eval transforms, set from a Preprocessing's
+numbers. Training and serving both call model_src.preprocessing, so comparing them with each other cannot show a
+bug in it; comparing each with this can."""
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+
+def torchvision_eval(prep, img: Image.Image) -> torch.Tensor:
+    """A decoded image -> the tensor torchvision's eval preset makes of it with `prep`'s size, mean and std:
+    EXIF turn, transparency onto the background colour, resize (the shorter side then a centre crop, or straight
+    to the square), to_tensor, normalize."""
+    img = ImageOps.exif_transpose(img)
+    mode = "L" if prep.channels == 1 else "RGB"
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        flat = rgba[..., :3] * alpha + prep.background * (1 - alpha)
+        img = Image.fromarray(np.rint(flat).astype(np.uint8), "RGB")
+    img = img.convert(mode)
+    if prep.resize_size is None:
+        img = F.resize(img, [prep.image_size, prep.image_size], InterpolationMode.BILINEAR)
+    else:  # the shorter side to resize_size, the longer one rounded (torchvision's own Resize(int) truncates it)
+        scale = prep.resize_size / min(img.size)
+        size = [max(1, round(img.height * scale)), max(1, round(img.width * scale))]
+        img = F.center_crop(F.resize(img, size, InterpolationMode.BILINEAR), prep.image_size)
+    return F.normalize(F.to_tensor(img), prep.mean, prep.std)
