@@ -113,7 +113,7 @@ def read_head(rfile) -> Head | None:
         raise Refusal(400, "only HTTP/1.1 and HTTP/1.0 are spoken here")
     if not target or not only(target, VISIBLE):
         raise Refusal(400, "the request target holds a control character, a space or a non-ASCII byte")
-    headers = {}
+    headers: dict[str, str] = {}
     for _ in range(MAX_HEADERS + 1):
         line = read_line(rfile)
         if line is None:
@@ -270,8 +270,8 @@ PARAMS = {  # every parameter that may reach TorchServe, and the form of its val
     "next_page_token": integer(0, 1_000_000),
     "type": token_type,
 }
-REGISTRATION = ("url", "model_name", "initial_workers", "batch_size", "max_batch_delay", "response_timeout")
-REGISTRATION += ("synchronous",)
+REGISTRATION: tuple[str, ...] = ("url", "model_name", "initial_workers", "batch_size", "max_batch_delay")
+REGISTRATION += ("response_timeout", "synchronous")
 SCALE = ("min_worker", "max_worker", "synchronous")
 ANY = None  # in a route: any path segment (a model name or version)
 ROUTES = {  # (method, path shape) -> the parameters it takes, in the order they are re-issued
@@ -365,7 +365,8 @@ class Keys:
 
     def __init__(self, key_file: str | None, upstream: str):
         self.key_file, self.upstream = key_file, upstream
-        self.keys, self.tokens = None, None
+        self.keys: dict | None = None
+        self.tokens: bool | None = None
         self.lock = threading.Lock()
 
     def authorize(self, call: Call, authorization: str | None) -> dict:
@@ -389,6 +390,7 @@ class Keys:
         return isinstance(key, str) and hmac.compare_digest(key.encode(), token.encode())
 
     def read(self) -> dict:
+        assert self.key_file is not None  # authorize() asks only when there is one
         for _ in range(3):  # TorchServe may be rewriting it right now
             try:
                 with open(self.key_file) as f:
@@ -443,6 +445,7 @@ def reissue(upstream: str, call: Call, headers: dict) -> tuple[int, list[tuple[s
 
 class Guard(socketserver.StreamRequestHandler):
     timeout = 30  # a client that stops sending mid-request is dropped, not waited for
+    server: "GuardServer"
 
     def handle(self):
         while self.serve_one():
