@@ -77,8 +77,11 @@ def verify_checksum(path: str) -> str:
     sidecar = path + ".sha256"
     if not os.path.isfile(sidecar):
         raise ValueError(f"{sidecar} is missing: build archives with scripts/archive.sh, which writes it")
-    with open(sidecar) as f:
-        expected = f.read().split()[0]
+    with open(sidecar, errors="replace") as f:
+        fields = f.read(4096).split()
+    expected = fields[0].lower() if fields else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise ValueError(f"{sidecar} holds no SHA-256 (empty or damaged): rebuild the archive with scripts/archive.sh")
     actual = sha256_of(path)
     if actual != expected:
         raise ValueError(

@@ -1,16 +1,18 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
+python -m deploy.serve start [--fresh | --accept-loss] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
 python -m deploy.serve stop | status | restart
 """
 
 import argparse
 import os
+import sys
 import time
 
 from deploy import frontdoor, management, settings
 from deploy.predict import target
 from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
+from deploy.versions import check_restore
 
 
 def print_status(ts: TorchServe):
@@ -51,6 +53,12 @@ def main(argv=None):
     p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
     p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
     p.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="start even when versions or defaults of the saved deployment cannot be restored, and make what is "
+        "served the saved deployment (otherwise start exits 1 naming them, and a later start tries again)",
+    )
+    p.add_argument(
         "--expose-inference",
         action="store_true",
         help="bind inference to 0.0.0.0 (management and metrics stay on loopback)",
@@ -86,6 +94,7 @@ def main(argv=None):
     ts = TorchServe(overrides=overrides)
     if args.action == "header":  # the demo server's key, or TS_KEY_FILE's
         return print_header(target(), args.kind)
+    missing = []
     try:
         if args.action in ("stop", "restart"):
             if frontdoor.for_server(ts).stop():
@@ -94,9 +103,10 @@ def main(argv=None):
         if args.action in ("start", "restart"):
             t0 = time.time()
             info = ts.start(models=args.models, restore=not args.fresh)
+            missing = check_restore(ts, info["plan"], baseline=args.fresh or args.accept_loss)
             print(
                 f"TorchServe started in {time.time() - t0:.1f}s"
-                f"{' (restored the saved deployment)' if info['restored'] else ''}"
+                f"{' (restored the saved deployment)' if info['restored'] and not missing else ''}"
             )
             if args.front_door:
                 frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None).start()
@@ -105,6 +115,16 @@ def main(argv=None):
         if args.action in ("start", "restart", "status"):
             print_status(ts)
             frontdoor.print_status(frontdoor.for_server(ts))
+        if args.action in ("start", "restart") and missing:
+            lost = "; ".join(missing)
+            if args.accept_loss:
+                print(f"warning: accepted the loss of the saved deployment: {lost}", file=sys.stderr)
+            else:
+                raise SystemExit(
+                    f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
+                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is served "
+                    "with `scripts/serve.sh restart --accept-loss`"
+                )
     except (ServerError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None
 
