@@ -206,14 +206,20 @@ def locked(state_dir: str, what: str, timeout: float = 900):
                     print(f"waiting for the deployment lock, held by {holder(fd)}", file=sys.stderr, flush=True)
                     told = True
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {what}\n".encode(), 0)
+        try:  # who holds it, for whoever waits (best effort: a full disk must not stop a rollback)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {what}\n".encode(), 0)
+        except OSError:
+            pass
         held.add(key)
         try:
             yield
         finally:
             held.discard(key)
-            os.ftruncate(fd, 0)
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
     finally:
         os.close(fd)  # releases the flock
 
