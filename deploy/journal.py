@@ -14,7 +14,6 @@ This module knows files only; deploy/versions.py applies the changes to TorchSer
 import fcntl
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -25,19 +24,10 @@ from deploy.privileges import private_files
 
 JOURNAL = "deployments.jsonl"
 LOCK = "deploy.lock"
-FAULT_ENV = "DEPLOY_FAULT"  # tests: "<point>:<signal name>" sends that signal to this process at that point
 
 
 class JournalError(RuntimeError):
     pass
-
-
-def fault_point(name: str):
-    """Test hook: kill or signal this process at a named point (DEPLOY_FAULT=after-set-default:SIGKILL)."""
-    point, _, sig = os.environ.get(FAULT_ENV, "").partition(":")
-    if point == name:
-        os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
-        time.sleep(1)  # let a Python handler run here, not after the next step
 
 
 # --- writing ------------------------------------------------------------------------------------------------
