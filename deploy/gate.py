@@ -1,6 +1,8 @@
 """The promotion gate: a candidate version and the current default answer the same golden set (validation
 images with known labels, written by training); the candidate passes when it answers the default's classes,
 loses no more than `max_drop` points of accuracy, counted in whole images, and no golden request fails.
+Requests that fail for the server's sake are retried; when the default still fails one, the verdict is
+"inconclusive": a crash of the default must not lower its score and let a worse candidate through.
 
 The classes are checked first, from each version's archive: a candidate trained on other classes scores 0 for
 the default on its own golden set and would "pass", and every client of the default would then get answers
@@ -10,6 +12,8 @@ import json
 import os
 import time
 from typing import Any
+
+import requests
 
 from deploy import management
 from deploy.archive import read_classes
@@ -28,24 +32,45 @@ def load_golden(golden_dir: str) -> list[tuple[bytes, str]]:
     return [(read_bytes(os.path.join(golden_dir, e["file"])), e["label"]) for e in entries]
 
 
-def score(ts: TorchServe, model: str, version: str, golden) -> dict:
-    preds, latencies, errors = [], [], 0
-    for data, _ in golden:
-        t0 = time.perf_counter()
+RETRY_WAITS = (1, 2, 4, 8)  # seconds before each retry round: TorchServe replaces a killed worker in a few
+
+
+def ask(ts: TorchServe, model: str, version: str, data: bytes) -> tuple[str | None, int | None, float]:
+    """(top-1 label or None, HTTP status or None for no answer, latency in ms) of one golden request."""
+    t0 = time.perf_counter()
+    try:
         resp = post(ts, data, model, version)
-        latencies.append((time.perf_counter() - t0) * 1000)
-        preds.append(top1(resp.json()) if resp.status_code == 200 else None)
-        errors += resp.status_code != 200
+    except requests.RequestException:
+        return None, None, (time.perf_counter() - t0) * 1000
+    label = top1(resp.json()) if resp.status_code == 200 else None
+    return label, resp.status_code, (time.perf_counter() - t0) * 1000
+
+
+def score(ts: TorchServe, model: str, version: str, golden) -> dict:
+    """Send the golden set to one version. Requests that fail for the server's sake (5xx, no answer: a worker
+    died) are sent again after a pause, up to len(RETRY_WAITS) times: a crash is not a wrong answer."""
+    answers = [ask(ts, model, version, data) for data, _ in golden]
+    retried = 0
+    for wait in RETRY_WAITS:
+        failed = [i for i, (_, status, _) in enumerate(answers) if status is None or status >= 500]
+        if not failed:
+            break
+        time.sleep(wait)
+        retried += len(failed)
+        for i in failed:
+            answers[i] = ask(ts, model, version, golden[i][0])
+    preds = [label for label, _, _ in answers]
+    latencies = sorted(ms for _, status, ms in answers if status == 200)
     correct = sum(p == label for p, (_, label) in zip(preds, golden))
-    latencies.sort()
     return {
         "version": version,
         "correct": correct,
         "accuracy": correct / len(golden),
-        "errors": errors,
+        "errors": sum(status != 200 for _, status, _ in answers),
+        "retried": retried,
         "predictions": preds,
-        "latency_ms_p50": percentile(latencies, 0.5),
-        "latency_ms_p90": percentile(latencies, 0.9),
+        "latency_ms_p50": percentile(latencies, 0.5) if latencies else float("nan"),
+        "latency_ms_p90": percentile(latencies, 0.9) if latencies else float("nan"),
     }
 
 
@@ -125,7 +150,13 @@ def gate(
     new = score(ts, model, candidate, golden)
     old = score(ts, model, baseline, golden) if baseline else None
     report.update(candidate=new, baseline=old)
-    if old:
+    if old and old["errors"]:  # the default could not answer: its accuracy says nothing, nor does the comparison
+        report.update(passed=False, inconclusive=True, agreement=None)
+        report["reason"] = (
+            f"inconclusive: the default {baseline} failed {old['errors']} golden requests even after "
+            f"{len(RETRY_WAITS)} retries; gate again once it serves"
+        )
+    elif old:
         report["agreement"] = sum(a == b for a, b in zip(new["predictions"], old["predictions"])) / len(golden)
         drop, within = accuracy_drop(old["correct"], new["correct"], len(golden), max_drop)
         report["passed"] = within and new["errors"] == 0
@@ -165,6 +196,7 @@ def print_report(r: dict):
     ]
     for label, key, fmt in rows:
         print(f"  {label:22s}{fmt.format(new[key]):>18s}" + (f"{fmt.format(old[key]):>18s}" if old else ""))
-    if old:
+    if old and r["agreement"] is not None:
         print(f"  {'agreement':22s}{r['agreement'] * 100:>17.1f}%")
-    print(f"  verdict: {'PASS' if r['passed'] else 'REJECT'} - {r['reason']}")
+    verdict = "INCONCLUSIVE" if r.get("inconclusive") else "PASS" if r["passed"] else "REJECT"
+    print(f"  verdict: {verdict} - {r['reason']}")

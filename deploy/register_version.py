@@ -12,7 +12,9 @@ a new version, waits for its workers, and, with --promote, sends the golden set
 (validation images with known labels, written by training) to the new version and to
 the current default. It sets the new version default only when its accuracy is no more
 than --max-accuracy-drop points below the default's; otherwise the default keeps
-serving, the rejected version is unregistered, and the exit code is 3. Before any
+serving, the rejected version is unregistered, and the exit code is 3. Golden requests
+that fail for the server's sake are retried; if the default still fails one, the verdict is
+inconclusive: nothing is promoted, the candidate is unregistered, and the exit code is 4. Before any
 scoring, the gate compares the classes in both versions' archives (index_to_name.json):
 a candidate that answers other classes is refused the same way (exit code 3), since a
 model that answers other classes is a new model name, not a new version (archive it
@@ -24,12 +26,17 @@ The model name comes from the archive (its manifest) for register, and from --mo
 
 import argparse
 import os
+import signal
 import sys
+import threading
+
+import requests
 
 from deploy import management, settings
 from deploy.gate import load_golden
+from deploy.journal import JournalError
 from deploy.server import ServerError, TorchServe
-from deploy.versions import register, rollback, run_gate, unregister, withdraw
+from deploy.versions import locked, register, rollback, run_gate, unregister
 
 
 def cmd_register(ts: TorchServe, args) -> int:
@@ -37,21 +44,19 @@ def cmd_register(ts: TorchServe, args) -> int:
     if gated and not args.golden:
         raise ServerError("--promote and --dry-run need --golden DIR: the golden set of the candidate's own run")
     golden = load_golden(args.golden) if gated else None  # before registering: a missing set changes nothing
-    model, version = register(ts, args.archive, args.workers, args.model)
-    print(f"registered {model} {version} from {os.path.basename(args.archive)}")
-    if not gated:
-        print(
-            f"not promoted: {model} {management.default_version(ts, model)} stays default "
-            f"(/predictions/{model}/{version} serves the new one)"
-        )
-        return 0
-    # Until the verdict is carried out, any failure (a request error, Ctrl-C...) unregisters the candidate
-    # again: left registered but not default, it would make a retry fail with "already registered".
-    try:
+    # One lock from registering to the verdict: no other promotion, rollback or unregister interleaves.
+    with locked(ts, f"register {os.path.basename(args.archive)}"):
+        model, version = register(ts, args.archive, args.workers, args.model)
+        print(f"registered {model} {version} from {os.path.basename(args.archive)}")
+        if not gated:
+            print(
+                f"not promoted: {model} {management.default_version(ts, model)} stays default "
+                f"(/predictions/{model}/{version} serves the new one)"
+            )
+            return 0
+        # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
+        # candidate again: left registered but not default, it would make a retry fail with "already registered".
         return run_gate(ts, model, version, golden, args)
-    except BaseException:
-        withdraw(ts, model, version)
-        raise
 
 
 def cmd_list(ts: TorchServe, model: str) -> int:
@@ -95,8 +100,18 @@ def get_args_parser():
     return p
 
 
+def interrupted(signum, frame):
+    """SIGHUP (a dropped SSH session) and SIGTERM unwind like Ctrl-C, so a gate withdraws its candidate."""
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, interrupted)
     ts = TorchServe()
     if not ts.is_running():
         print("error: TorchServe is not running; start it with scripts/serve.sh start", file=sys.stderr)
@@ -113,8 +128,15 @@ def main(argv=None) -> int:
         elif args.command == "unregister":
             unregister(ts, model, args.version)
             print(f"unregistered {model} {args.version}")
-    except ServerError as e:
+    except (ServerError, JournalError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except requests.RequestException as e:  # the guard or TorchServe went away mid-call
+        print(
+            f"error: lost the management API ({e.__class__.__name__}); is TorchServe running? "
+            "(scripts/serve.sh status); `list` shows what was applied",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

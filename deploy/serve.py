@@ -1,6 +1,6 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
+python -m deploy.serve start [--fresh | --accept-loss] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
 python -m deploy.serve stop | status | restart
 """
 
@@ -14,6 +14,7 @@ import requests
 from deploy import frontdoor, guard, management, settings
 from deploy.predict import target
 from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
+from deploy.versions import check_restore
 
 GUARD_STATES = {
     "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` relaunches it",
@@ -87,6 +88,12 @@ def main(argv=None):
     p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
     p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
     p.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="start even when versions or defaults of the saved deployment cannot be restored, and make what is "
+        "served the saved deployment (otherwise start exits 1 naming them, and a later start tries again)",
+    )
+    p.add_argument(
         "--expose-inference",
         action="store_true",
         help="bind inference to 0.0.0.0 (management and metrics stay on loopback)",
@@ -122,6 +129,7 @@ def main(argv=None):
     ts = TorchServe(overrides=overrides)
     if args.action == "header":  # the demo server's key, or TS_KEY_FILE's
         return print_header(target(), args.kind)
+    missing = []
     try:
         if args.action in ("stop", "restart"):
             if frontdoor.for_server(ts).stop():
@@ -133,9 +141,10 @@ def main(argv=None):
             if info.get("relaunched"):
                 print(f"TorchServe was running; relaunched its {' and '.join(info['relaunched'])}")
             else:
+                missing = check_restore(ts, info["plan"], baseline=args.fresh or args.accept_loss)
                 print(
                     f"TorchServe started in {time.time() - t0:.1f}s"
-                    f"{' (restored the saved deployment)' if info['restored'] else ''}"
+                    f"{' (restored the saved deployment)' if info['restored'] and not missing else ''}"
                 )
             if info["exposed"]:
                 print(exposure_warning(ts, info["exposed"]), file=sys.stderr)
@@ -148,6 +157,16 @@ def main(argv=None):
         if args.action in ("start", "restart", "status"):
             print_status(ts)
             frontdoor.print_status(frontdoor.for_server(ts))
+        if args.action in ("start", "restart") and missing:
+            lost = "; ".join(missing)
+            if args.accept_loss:
+                print(f"warning: accepted the loss of the saved deployment: {lost}", file=sys.stderr)
+            else:
+                raise SystemExit(
+                    f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
+                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is served "
+                    "with `scripts/serve.sh restart --accept-loss`"
+                )
     except (ServerError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None
 

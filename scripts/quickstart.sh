@@ -65,7 +65,7 @@ if grep -Eq "^my_model 2\.0 +default" <<<"$listed"; then
   echo "2.0 is already the default"
   echo "$listed"
 elif grep -Eq "^my_model 2\.0 " <<<"$listed" \
-    && grep -qsF '"model": "my_model", "version": "2.0"' server/state/deployments.jsonl; then
+    && grep -qsF '"op": "default", "state": "done", "model": "my_model", "version": "2.0"' server/state/deployments.jsonl; then
   echo "2.0 passed the gate once and was rolled back since: keeping the current default (server/state/deployments.jsonl)"
   echo "$listed"
 else

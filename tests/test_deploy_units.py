@@ -14,12 +14,15 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 
 import pytest
 
 from deploy import archive as archivelib
 from deploy import gate as gatelib
-from deploy.properties import read_properties
+from deploy import journal, versions
+from deploy.archive import check_archive, write_checksum
+from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
 from tests.conftest import ROOT
 
@@ -362,3 +365,221 @@ def test_an_empty_or_garbled_sidecar_is_refused_with_a_value_error(tmp_path, tex
     (tmp_path / "my_model.mar.sha256").write_text(text)
     with pytest.raises(ValueError, match="is empty or garbled"):
         archivelib.verify_checksum(str(mar))
+
+
+# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries -----
+
+
+def fake_mar(store, name, model="my_model", version="1.0"):
+    """A minimal archive the checks accept: a zip with a manifest, and its .sha256."""
+    path = os.path.join(store, name)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": model, "modelVersion": version}}))
+        z.writestr("weights.bin", os.urandom(64))
+    write_checksum(path)
+    return path
+
+
+def write_snapshot(ts, name, models, age):
+    """A TorchServe snapshot in logs/config: models = {model: {version: (marName, default)}}; older with age."""
+    snap = {
+        "name": name,
+        "modelCount": len(models),
+        "models": {
+            m: {v: {"defaultVersion": d, "marName": mar, "minWorkers": 1} for v, (mar, d) in vs.items()}
+            for m, vs in models.items()
+        },
+    }
+    path = os.path.join(ts.log_dir, "config", name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_properties(path, {"model_snapshot": json.dumps(snap)})
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def restored(ts) -> dict:
+    """{model: (sorted versions, default)} of the model_snapshot a start would load (read back from the config)."""
+    path, _ = ts.write_config()
+    raw = read_properties(path).get("model_snapshot")
+    models = json.loads(raw)["models"] if raw else {}
+    return {m: (sorted(vs), next(v for v, e in vs.items() if e["defaultVersion"])) for m, vs in sorted(models.items())}
+
+
+@pytest.fixture
+def offline(tmp_path):
+    """A TorchServe that is never started: its workdir, a model store with my_model 1.0 and 2.0."""
+    store = tmp_path / "store"
+    store.mkdir()
+    fake_mar(store, "my_model.mar")
+    fake_mar(store, "my_model_v2.0.mar", version="2.0")
+    return TorchServe(workdir=str(tmp_path / "ts"), model_store=str(store), ports=Ports(1, 2, 3, 4, 5), user=None)
+
+
+def test_restore_skips_unreadable_snapshots_and_names_them(offline, capsys):
+    # item 6: a truncated newest snapshot stopped every start with a raw JSONDecodeError naming no file
+    write_snapshot(offline, "old.cfg", {"my_model": {"1.0": ("my_model.mar", True)}}, age=60)
+    both = {"1.0": ("my_model.mar", False), "2.0": ("my_model_v2.0.mar", True)}
+    good = write_snapshot(offline, "new.cfg", {"my_model": both}, age=30)
+    with open(good, "rb") as f:
+        data = f.read()
+    with open(good, "wb") as f:
+        f.write(data[: len(data) // 2])
+    empty = write_snapshot(offline, "empty.cfg", {}, age=0)
+    open(empty, "w").close()  # what a full disk leaves (item 5)
+    assert restored(offline) == {"my_model": (["1.0"], "1.0")}  # the newest readable one
+    err = capsys.readouterr().err
+    assert f"TorchServe snapshot {good} is unreadable" in err and f"TorchServe snapshot {empty} is unreadable" in err
+
+
+def test_restore_checks_every_archive_and_keeps_the_others(offline, tmp_path, capsys):
+    store = offline.model_store
+    fake_mar(store, "photos.mar", model="photos")
+    fake_mar(store, "oddnames.mar", model="my_model")  # item 7: replaced by another build, sidecar rewritten
+    fake_mar(store, "my_model_v3.0.mar", version="3.0")
+    with open(os.path.join(store, "my_model_v3.0.mar"), "ab") as f:
+        f.write(b"tampered")  # item 8: checksum mismatch
+    outside = fake_mar(tmp_path, "evil.mar", version="4.0")  # issue 25 finding 11: an absolute marName
+    models = {
+        "my_model": {
+            "1.0": ("my_model.mar", False),
+            "3.0": ("my_model_v3.0.mar", True),
+            "4.0": (outside, False),
+            "5.0": ("../store/my_model.mar", False),
+        },
+        "photos": {"1.0": ("photos.mar", True)},
+        "oddnames": {"1.0": ("oddnames.mar", True)},
+    }
+    write_snapshot(offline, "snap.cfg", models, age=0)
+    assert restored(offline) == {"my_model": (["1.0"], "1.0"), "photos": (["1.0"], "1.0")}
+    err = capsys.readouterr().err
+    assert "my_model 3.0: my_model_v3.0.mar: SHA-256" in err and "does not match" in err
+    assert f"my_model 4.0: {outside!r} is not the file name of a .mar in the model store" in err
+    assert "my_model 5.0: '../store/my_model.mar' is not the file name" in err
+    assert "oddnames 1.0: oddnames.mar holds my_model 1.0, not oddnames 1.0; not restoring it" in err
+
+
+def test_restore_follows_the_journal_where_snapshots_lost_or_kept_too_much(offline):
+    state = offline.path("state")
+    # item 5: a full disk under logs/config left only a snapshot from before the promotion of 2.0
+    write_snapshot(offline, "before.cfg", {"my_model": {"1.0": ("my_model.mar", True)}}, age=60)
+    journal.baseline(state, {"my_model": {"versions": {"1.0": "my_model.mar"}, "default": "1.0"}}, "start")
+    reg = journal.begin(state, "register", model="my_model", version="2.0", archive="my_model_v2.0.mar")
+    journal.finish(state, reg, default="1.0")
+    promote = journal.begin(state, "default", model="my_model", version="2.0", previous="1.0", reason="gate")
+    journal.finish(state, promote)
+    assert restored(offline) == {"my_model": (["1.0", "2.0"], "2.0")}
+
+    # items 10, 11: killed mid-registration; TorchServe snapshots a version as soon as it is registered
+    fake_mar(offline.model_store, "my_model_v3.0.mar", version="3.0")
+    journal.begin(state, "register", model="my_model", version="3.0", archive="my_model_v3.0.mar")
+    three = {"1.0": ("my_model.mar", False), "2.0": ("my_model_v2.0.mar", True), "3.0": ("my_model_v3.0.mar", False)}
+    write_snapshot(offline, "after.cfg", {"my_model": three}, age=0)
+    assert restored(offline) == {"my_model": (["1.0", "2.0"], "2.0")}  # withdrawn, never served again
+    plan = offline.write_config()[1]
+    assert [(d["op"], d["version"]) for d in plan["withdrawn"]] == [("register", "3.0")]
+
+    # item 2: killed between set-default and its record: the snapshot says whether it was applied
+    journal.begin(state, "default", model="my_model", version="1.0", previous="2.0", reason="rollback")
+    two = {"1.0": ("my_model.mar", True), "2.0": ("my_model_v2.0.mar", False)}
+    write_snapshot(offline, "after.cfg", {"my_model": two}, age=0)
+    assert restored(offline) == {"my_model": (["1.0", "2.0"], "1.0")}
+    assert offline.write_config()[1]["expected"]["my_model"]["either"] == ["2.0", "1.0"]
+
+
+def test_a_torn_journal_line_is_skipped_and_reported(offline, capsys):
+    # item 4: a full disk during a promotion tore a line; every later rollback crashed with a JSONDecodeError
+    state = offline.path("state")
+    os.makedirs(state)
+    line = {"id": "a1", "op": "default", "state": "done", "model": "my_model", "version": "2.0", "previous": "1.0"}
+    with open(os.path.join(state, "deployments.jsonl"), "w") as f:
+        f.write(json.dumps(line) + "\n" + json.dumps({**line, "id": "b2", "version": "1.0"})[:40])
+    assert [e["version"] for e in versions.history(offline)] == ["2.0"]
+    assert "deployments.jsonl line 2 is unreadable" in capsys.readouterr().err
+    journal.append(state, {**line, "id": "c3", "version": "3.0"})  # starts on a line of its own
+    assert [e["version"] for e in versions.history(offline)] == ["2.0", "3.0"]
+
+
+def test_a_full_disk_leaves_no_torn_journal_line(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        journal.baseline(str(state), {"m": {"versions": {"1.0": "m.mar"}, "default": "1.0"}}, "start")
+        path = state / "deployments.jsonl"
+        size = path.stat().st_size
+        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # the disk fills up, to the last byte
+            with pytest.raises(OSError):
+                for chunk in (4096,) * 100 + (1,) * 5000:
+                    os.write(fd, b"x" * chunk)
+        finally:
+            os.close(fd)
+        with pytest.raises(journal.JournalError, match="cannot write the deployment journal .*nothing was changed"):
+            journal.begin(str(state), "default", model="m", version="2.0", previous="1.0", reason="x" * 8000)
+        assert path.stat().st_size == size  # cut back: no torn line
+        os.remove(state / "filler")
+        journal.begin(str(state), "default", model="m", version="2.0", previous="1.0", reason="ok")
+        assert [e["op"] for e in journal.read(str(state))] == ["state", "default"]
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
+
+
+def test_an_empty_checksum_file_is_a_clear_refusal(offline):
+    path = os.path.join(offline.model_store, "my_model_v2.0.mar")
+    open(path + ".sha256", "w").close()  # was: IndexError in register_version, a dropped connection at the guard
+    with pytest.raises(ValueError, match=r"my_model_v2.0.mar.sha256 is empty or garbled"):
+        check_archive(path, offline.model_store)
+
+
+def test_the_deployment_lock_makes_a_second_operator_wait(tmp_path, capsys):
+    order, inside = [], threading.Event()
+
+    def first():
+        with journal.locked(str(tmp_path), "register my_model 2.0"):
+            inside.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(10)
+    with journal.locked(str(tmp_path), "rollback my_model"):
+        order.append("second in")
+        with journal.locked(str(tmp_path), "nested"):  # re-entrant within one operator
+            pass
+    t.join()
+    assert order == ["first done", "second in"]
+    waited = r"waiting for the deployment lock, held by pid \d+: register my_model 2.0"
+    assert re.search(waited, capsys.readouterr().err)
+
+
+class Answer:
+    def __init__(self, status, label="3"):
+        self.status_code = status
+
+        self.json = lambda: {label: 0.9, "1": 0.1}
+
+
+def test_the_gate_retries_failed_requests_and_is_inconclusive_when_the_default_keeps_failing(monkeypatch):
+    golden = [(b"%d" % i, "3") for i in range(10)]
+    monkeypatch.setattr(gatelib, "RETRY_WAITS", (0, 0), raising=False)  # raising: the old gate had none
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: ["1", "3"])
+    sent = {}
+
+    def post(ts, data, model, version):  # the default's workers die on two images: 503 once, then fine
+        sent[version, data] = sent.get((version, data), 0) + 1
+        if version == "1.0" and data in (b"4", b"5") and (sent[version, data] == 1 or persistent):
+            return Answer(503)
+        return Answer(200)
+
+    monkeypatch.setattr(gatelib, "post", post)
+    persistent = False
+    report = gatelib.gate(None, "my_model", "2.0", "1.0", golden, max_drop=0.0)
+    assert report["baseline"]["errors"] == 0 and report["baseline"]["retried"] == 2
+    assert report["passed"] is True and report["baseline"]["correct"] == 10
+    persistent = True
+    report = gatelib.gate(None, "my_model", "2.0", "1.0", golden, max_drop=0.0)
+    # item 1: the default's failures counted as wrong answers, and a worse candidate "gained" points
+    assert report["passed"] is False and report["inconclusive"] is True
+    assert "inconclusive: the default 1.0 failed 2 golden requests" in report["reason"]
