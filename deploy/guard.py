@@ -530,10 +530,31 @@ class GuardServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = 128  # was 5: a burst of tools and probes was refused at the door
 
-    def __init__(self, address, upstream: str, model_store: str, key_file: str | None):
-        super().__init__(address, Guard)
+    def __init__(self, address, upstream: str, model_store: str, key_file: str | None, fd: int | None = None):
+        super().__init__(address, Guard, bind_and_activate=fd is None)
+        if fd is not None:  # the listening socket launch() bound, handed down through the supervisor
+            self.socket.close()
+            self.socket = socket.socket(fileno=fd)
+            self.server_address = self.socket.getsockname()
         self.upstream, self.model_store = upstream, os.path.abspath(model_store)
         self.keys = Keys(key_file, upstream)
+
+
+def bind_port(listen: str) -> socket.socket:
+    """The management port, bound and listening in the caller (root, before any child runs). The supervisor
+    holds it for the server's whole life and hands it to each guard it starts, so the port is never free: a
+    local user who took it while a guard restarted would be sent the management key by the tools (second
+    review's own hostile check). A port someone else listens on already is an error, never shared."""
+    host, port = listen.rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT; a listener still wins the bind
+    try:
+        sock.bind((host, int(port)))
+        sock.listen(GuardServer.request_queue_size)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {listen} for the management guard: {e.strerror}") from None
+    return sock
 
 
 def launch(ts):
@@ -543,17 +564,20 @@ def launch(ts):
     watch = str(ts.pid() or 0)
     guard = [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", ts.management_socket]
     guard += ["--model-store", ts.model_store, "--watch-pid", watch, "--key-file", ts.key_file]
-    supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", watch, "--", *guard]
-    subprocess.Popen(
-        logged(supervised, os.path.join(ts.log_dir, "guard.log")),
-        cwd=settings.ROOT,
-        env=ts.env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # outlives this command, like TorchServe
-        **ts.as_user(),
-    )
+    with bind_port(listen) as sock:
+        fd = str(sock.fileno())
+        supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", watch, "--pass-fd", fd, "--"]
+        subprocess.Popen(
+            logged([*supervised, *guard, "--listen-fd", fd], os.path.join(ts.log_dir, "guard.log")),
+            cwd=settings.ROOT,
+            env=ts.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outlives this command, like TorchServe
+            pass_fds=[sock.fileno()],
+            **ts.as_user(),
+        )
 
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
@@ -634,10 +658,11 @@ def main(argv=None):
     p.add_argument("--model-store", required=True)
     p.add_argument("--watch-pid", type=int, default=0, help="exit when this process (TorchServe) is gone")
     p.add_argument("--key-file", help="TorchServe's key_file.json (default: the one in --watch-pid's directory)")
+    p.add_argument("--listen-fd", type=int, help="an inherited socket already listening on --listen (launch())")
     args = p.parse_args(argv)
     key_file = args.key_file or (key_file_of(args.watch_pid) if args.watch_pid else None)
     host, port = args.listen.rsplit(":", 1)
-    server = GuardServer((host, int(port)), args.socket, args.model_store, key_file)
+    server = GuardServer((host, int(port)), args.socket, args.model_store, key_file, args.listen_fd)
     print(f"guarding {args.listen} -> unix:{args.socket} (model store {server.model_store})", flush=True)
     if key_file is None:
         print("warning: no key file to check keys against: TorchServe alone checks them", flush=True)

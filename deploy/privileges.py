@@ -165,3 +165,20 @@ def unreachable(user: str | None, need: dict[str, int]) -> list[str]:
     except OSError as e:
         return [f"{sys.executable} ({e})"]
     return json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+
+
+def listener_uids(port: int) -> set[int]:
+    """The uids of the sockets listening on TCP `port` (any address, IPv4 or IPv6), from /proc/net/tcp{,6};
+    empty where /proc has no such files."""
+    uids = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)  # the header
+                for line in f:
+                    fields = line.split()  # sl local rem st queues timer retransmits uid ...
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        uids.add(int(fields[7]))
+        except (OSError, StopIteration):
+            pass
+    return uids

@@ -50,7 +50,17 @@ import requests
 
 from deploy import firewall, guard, settings
 from deploy.guard import GUARD_KEY
-from deploy.privileges import as_user, ids, logged, open_below, own_dir, service_user, unreachable, write_new
+from deploy.privileges import (
+    as_user,
+    ids,
+    listener_uids,
+    logged,
+    open_below,
+    own_dir,
+    service_user,
+    unreachable,
+    write_new,
+)
 from deploy.properties import format_properties, parse_properties, read_properties
 from deploy.snapshot import restore_plan
 
@@ -350,7 +360,7 @@ class TorchServe:
         if self.is_running():
             if self.guard and guard.state(self) in ("down", "frozen", "unsupervised"):
                 guard.stop(self)
-                guard.launch(self)
+                self.launch_guard()
                 self.wait_ready(timeout)
                 return {"restored": False, "relaunched": ["guard"], "exposed": self.exposure(), "models": {}}
             raise ServerError(f"TorchServe is already running (pid {self.pid()}); stop it first")
@@ -397,7 +407,7 @@ class TorchServe:
                 **self.as_user(),
             )
             if self.guard:
-                guard.launch(self)
+                self.launch_guard()
             self.wait_ready(timeout)
         except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
             self.stop()
@@ -427,6 +437,23 @@ class TorchServe:
         if firewall.active(self.fence_name):
             return None
         return "not root" if os.geteuid() != 0 else "no firewall table (nftables missing?)"
+
+    def launch_guard(self):
+        try:
+            guard.launch(self)
+        except OSError as e:
+            raise ServerError(f"{e}; is another process holding port {self.ports.management}?") from None
+
+    def check_listener(self, api: str):
+        """Refuse to send a management or API key to a port that a listener of another local user holds: one who
+        took the management port while its guard was down would be handed the key."""
+        port = getattr(self.ports, api)
+        strangers = listener_uids(port) - {0, os.geteuid(), self.uid}
+        if strangers:
+            raise ServerError(
+                f"port {port} ({api}) is held by a process of uid {min(strangers)}, not this server's: "
+                "no key was sent to it. Stop that process, then scripts/serve.sh start"
+            )
 
     def check_ports_free(self):
         for name, port in vars(self.ports).items():
@@ -518,6 +545,9 @@ class TorchServe:
         kind = "inference" if api == "inference" else "management"
         headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
 
+        if kind == "management":
+            self.check_listener(api)
+
         def send():
             return requests.request(
                 method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
@@ -533,6 +563,7 @@ class TorchServe:
         return resp
 
     def refresh_token(self, kind: str):
+        self.check_listener("management")
         api_key = self.keys()["API"]["key"]
         resp = requests.get(
             self.url("management") + f"/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30

@@ -5,7 +5,8 @@
 The management guard runs under it (deploy/guard.py launch()): a guard that crashed or was killed is back
 within a second, instead of leaving the management port dead while inference goes on. A command that exits
 with status 0 is done (the guard does when TorchServe is gone) and is not restarted; SIGTERM stops the command
-and the supervisor.
+and the supervisor. `--pass-fd` keeps a descriptor (the guard's listening socket) open across restarts, so the
+port is never free between a death and the restart.
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--watch-pid", type=int, required=True, help="stop supervising when this process is gone")
     p.add_argument("--delay", type=float, default=1.0, help="seconds between a death and the restart")
+    p.add_argument("--pass-fd", type=int, action="append", default=[], help="a descriptor each run inherits")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     while not stopping and psutil.pid_exists(args.watch_pid):
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=args.pass_fd)
         code = child.wait()
         if stopping or code == 0:
             break

@@ -23,10 +23,11 @@ import pytest
 import requests
 
 from deploy import settings
-from deploy.server import Ports, TorchServe
+from deploy.server import Ports, ServerError, TorchServe
 from tests.conftest import install_archive
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# in_order: the service_server tests share one server, and the frozen-guard test stops it (it runs last)
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 
 def server_processes(ts):
@@ -290,6 +291,61 @@ def connect_as(user: str, port: int) -> int:
     return int(out.stdout)
 
 
+SQUAT = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.listen()
+except OSError as e:
+    print("refused", e.errno, flush=True)
+    sys.exit(0)
+print("listening", flush=True)
+s.settimeout(float(sys.argv[2]))
+got = b""
+try:
+    while True:
+        conn, _ = s.accept()
+        conn.settimeout(2)
+        try:
+            got += conn.recv(65536)
+        except OSError:
+            pass
+except OSError:
+    pass
+print("received", len(got), flush=True)
+"""
+
+
+def squat(user: str, port: int, seconds: float = 5) -> subprocess.Popen:
+    """A process of `user` that listens on 127.0.0.1:port for `seconds` and says how many bytes it was sent (or
+    'refused ERRNO' when it cannot listen there); its first line is read before this returns."""
+    entry = pwd.getpwnam(user)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SQUAT, str(port), str(seconds)], stdout=subprocess.PIPE, text=True, cwd="/",
+        user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
+    )  # fmt: skip
+    proc.first = proc.stdout.readline().split()  # type: ignore[attr-defined]
+    return proc
+
+
+def test_no_key_is_sent_to_a_listener_of_another_user(tmp_path):
+    """The hostile check of the second review: a local user who listens on the management port (while the guard
+    is down) was sent the management key by the tools, and used it to register through the guard."""
+    if service_user_can_run_here():
+        pytest.skip(service_user_can_run_here())
+    ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(tmp_path), ports=Ports.free())
+    squatter = squat("nobody", ts.ports.management)
+    assert squatter.first == ["listening"]
+    with pytest.raises(ServerError, match=rf"port {ts.ports.management} \(management\) is held by .* uid 65534"):
+        ts.request("GET", "management", "/models")
+    with pytest.raises(ServerError, match="no key was sent"):
+        ts.refresh_token("inference")
+    out, _ = squatter.communicate(timeout=30)
+    assert out.split() == ["received", "0"]  # was: a GET /models with "Authorization: Bearer <management key>"
+
+
 def test_grpc_management_answers_root_and_the_service_user_only(service_server):
     ts = service_server
     # Issue 25 finding 3: gRPC management registers any model directory for a key holder, past the guard.
@@ -331,6 +387,11 @@ def test_a_killed_guard_comes_back(service_server, capsys):
     (first,) = guard_processes(ts)
     first.kill()
     first.wait(30)
+    # Between the guard's death and its restart the port stays held (the supervisor keeps the socket root bound):
+    # another user cannot listen there and be sent the management key.
+    squatter = squat("nobody", ts.ports.management)
+    assert squatter.first[0] == "refused", squatter.first  # was: listening (the guard's port was free for 1 s)
+    squatter.wait(30)
     # Issue 29 item 9: inference went on, the management port stayed dead and nothing restarted the guard.
     assert management_answers(ts), "the management port is dead after the guard was killed"
     assert [p.pid for p in guard_processes(ts)] != [first.pid]
@@ -344,6 +405,12 @@ def test_a_killed_guard_comes_back(service_server, capsys):
     print_status(ts)
     status = capsys.readouterr().out
     assert "TorchServe is running" in status and "management guard: DOWN" in status, status
+    squatter = squat("nobody", ts.ports.management, seconds=3)  # took the port while nothing held it
+    assert squatter.first == ["listening"]
+    with pytest.raises(ServerError, match="cannot listen on .* for the management guard"):
+        ts.start()  # was: the guard could not bind, and wait_ready sent the squatter the management key
+    out, _ = squatter.communicate(timeout=30)
+    assert out.split() == ["received", "0"]
     info = ts.start()
     assert info["relaunched"] == ["guard"] and guard.state(ts) == "running"
     assert management_answers(ts, within=5)
