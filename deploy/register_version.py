@@ -49,10 +49,13 @@ def cmd_register(ts: TorchServe, args) -> int:
         model, version = register(ts, args.archive, args.workers, args.model)
         print(f"registered {model} {version} from {os.path.basename(args.archive)}")
         if not gated:
-            print(
-                f"not promoted: {model} {management.default_version(ts, model)} stays default "
-                f"(/predictions/{model}/{version} serves the new one)"
-            )
+            default = management.default_version(ts, model)
+            if default == version:  # TorchServe makes a model's first version its default
+                print(f"{model} {version} is the first version of {model}, and its default")
+            else:
+                print(
+                    f"not promoted: {model} {default} stays default (/predictions/{model}/{version} serves the new one)"
+                )
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
         # candidate again: left registered but not default, it would make a retry fail with "already registered".
