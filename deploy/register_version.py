@@ -94,7 +94,13 @@ def get_args_parser():
         action="store_true",
         help="gate a candidate whose classes differ from the default's (refused otherwise: use a new model name)",
     )
-    r.add_argument("--workers", type=int, default=1)
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="workers for an archive whose model-config.yaml sets no minWorkers/maxWorkers (when it does, as "
+        "archive.sh's do, those win; scale a registered version with PUT /models/NAME/VERSION?min_worker=N)",
+    )
     r.add_argument("--report", default=None, help="also write the gate report as JSON here")
     sub.add_parser("list", parents=[model], help="versions, and which is default")
     sub.add_parser("rollback", parents=[model], help="make the previous default the default again")
