@@ -65,7 +65,10 @@ def all_ready(ts: TorchServe) -> bool:
 
 
 def register(ts: TorchServe, url: str, workers: int = 1, timeout: float = 300, **params) -> dict:
-    """POST /models for an archive in the model store (url = its file name); returns when it is loaded."""
+    """POST /models for an archive in the model store (url = its file name); returns when it is loaded.
+
+    `workers` (initial_workers) is only a fallback: TorchServe 0.12 starts the minWorkers/maxWorkers of the
+    archive's model-config.yaml whenever it sets both, as every archive built here does (docs/serving.md)."""
     query = urlencode({"url": url, "initial_workers": workers, "synchronous": "true", **params})
     return call(ts, "POST", f"/models?{query}", timeout=timeout)
 

@@ -49,10 +49,13 @@ def cmd_register(ts: TorchServe, args) -> int:
         model, version = register(ts, args.archive, args.workers, args.model)
         print(f"registered {model} {version} from {os.path.basename(args.archive)}")
         if not gated:
-            print(
-                f"not promoted: {model} {management.default_version(ts, model)} stays default "
-                f"(/predictions/{model}/{version} serves the new one)"
-            )
+            default = management.default_version(ts, model)
+            if default == version:  # TorchServe makes a model's first version its default
+                print(f"{model} {version} is the first version of {model}, and its default")
+            else:
+                print(
+                    f"not promoted: {model} {default} stays default (/predictions/{model}/{version} serves the new one)"
+                )
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
         # candidate again: left registered but not default, it would make a retry fail with "already registered".
@@ -91,7 +94,13 @@ def get_args_parser():
         action="store_true",
         help="gate a candidate whose classes differ from the default's (refused otherwise: use a new model name)",
     )
-    r.add_argument("--workers", type=int, default=1)
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="workers for an archive whose model-config.yaml sets no minWorkers/maxWorkers (when it does, as "
+        "archive.sh's do, those win; scale a registered version with PUT /models/NAME/VERSION?min_worker=N)",
+    )
     r.add_argument("--report", default=None, help="also write the gate report as JSON here")
     sub.add_parser("list", parents=[model], help="versions, and which is default")
     sub.add_parser("rollback", parents=[model], help="make the previous default the default again")

@@ -8,9 +8,12 @@
 #   scripts/register_version.sh list | rollback | unregister VERSION  [--model NAME]
 set -euo pipefail
 source "$(dirname "$0")/paths.sh"
-[ $# -ge 1 ] || { echo "usage: scripts/register_version.sh ARCHIVE [--promote|--dry-run] [--golden DIR] [--allow-new-classes] [--model NAME] | list | rollback | unregister VERSION  [--model NAME]" >&2; exit 2; }
+USAGE="usage: scripts/register_version.sh ARCHIVE [--promote|--dry-run] [--golden DIR] [--allow-new-classes] [--model NAME] | list | rollback | unregister VERSION  [--model NAME]"
+[ $# -ge 1 ] || { echo "$USAGE" >&2; exit 2; }
 case "$1" in
   list|rollback|unregister) cd "$(dirname "$0")/.."; exec .venv/bin/python -m deploy.register_version "$@" ;;
+  # ARCHIVE [options] is the module's `register` command; `ARCHIVE --help` lists its options.
+  -h|--help) echo "$USAGE"; echo; cd "$(dirname "$0")/.."; exec .venv/bin/python -m deploy.register_version --help ;;
 esac
 absolute_options "--golden --report" "$(abspath "$1")" "${@:2}"
 cd "$(dirname "$0")/.."

@@ -20,7 +20,7 @@ import pytest
 
 from deploy import archive as archivelib
 from deploy import gate as gatelib
-from deploy import journal, versions
+from deploy import journal, register_version, versions
 from deploy.archive import check_archive, write_checksum
 from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
@@ -260,6 +260,24 @@ def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch)
     assert "2 classes vs the default's 10; new: a; gone: 1, 2, 3, 4 and 5 more" in refused["reason"]
     allowed = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0, allow_new_classes=True)
     assert allowed["passed"] is True and scored == ["3.0", "1.0"] and allowed["classes"]["overridden"] is True
+
+
+@pytest.mark.parametrize(
+    ("default", "said"),
+    [
+        ("1.0", "photos 1.0 is the first version of photos, and its default"),  # was: "not promoted: ... stays"
+        ("0.9", "not promoted: photos 0.9 stays default (/predictions/photos/1.0 serves the new one)"),
+    ],
+)
+def test_register_without_a_gate_says_which_version_is_default(tmp_path, monkeypatch, capsys, default, said):
+    """`register_version.sh model_store/photos.mar`, without --promote: TorchServe keeps a model's first version
+    default by itself (a stand-in for it here: TorchServe's side is test_deploy.py's)."""
+    ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
+    monkeypatch.setattr(register_version, "register", lambda *args, **kwargs: ("photos", "1.0"))
+    monkeypatch.setattr(register_version.management, "default_version", lambda ts, model: default)
+    args = register_version.get_args_parser().parse_args(["register", str(tmp_path / "photos.mar")])
+    assert register_version.cmd_register(ts, args) == 0
+    assert capsys.readouterr().out.splitlines() == ["registered photos 1.0 from photos.mar", said]
 
 
 # --- the archive builder killed at each step (a stand-in export; the real torch-model-archiver) ------------------

@@ -161,6 +161,17 @@ def test_a_check_failing_after_files_were_written_leaves_nothing(checkpoint, tmp
     assert not glob.glob(str(tmp_path / ".export-*"))
 
 
+def test_export_creates_the_parent_folder_of_its_help_example(checkpoint, tmp_path, monkeypatch, capsys):
+    """`--output-dir exports/v1` as in the --help example, on a clone where exports/ does not exist yet
+    (was: FileNotFoundError from tempfile.mkdtemp)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", checkpoint, "--output-dir", "exports/v1", "--formats", "eager"]
+    exportlib.main(exportlib.get_args_parser().parse_args(argv))
+    assert sorted(os.listdir(tmp_path / "exports")) == ["v1"]  # no temporary folder left beside it
+    assert (tmp_path / "exports" / "v1" / "model.pt").is_file()
+    assert "wrote exports/v1/" in capsys.readouterr().out
+
+
 def test_export_refuses_an_existing_folder(checkpoint, tmp_path):
     target = tmp_path / "v1"
     target.mkdir()

@@ -116,8 +116,15 @@ def test_the_documented_commands_work_as_typed(shell):
     assert "Default version" in answer("set-default")["status"]
     listed = json.loads(outputs[next(line for line in outputs if line.endswith("8081/models"))])
     assert [m["modelName"] for m in listed["models"]] == ["my_model"]
-    card = answer("customized=true")[0]["customizedMetadata"]
+    described = answer("customized=true")[0]
+    card = described["customizedMetadata"]
     assert card["version"] == "2.0" and card["archive"]["file"] == "my_model_v2.0.mar"
+    # Registered with initial_workers=1, it has model-config.yaml's 2 workers, as docs/serving.md now says (it
+    # said the management API's parameters win over that file).
+    assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) == (2, 2, 2)
+    said = " ".join(open(DOCS).read().split("## Batching and workers", 1)[1].split("\n\n", 2)[1].split())
+    assert "`minWorkers`/`maxWorkers` also win over a registration's `initial_workers`" in said
+    assert "initial_workers=1" in said and "comes up with 2 workers" in said
     assert "unregistered" in answer("-X DELETE")["status"]
     # `torchserve --stop` in the block stopped it (it returns before the frontend has exited): soon nothing answers
     assert wait_until_refused(ports.inference, seconds=60)

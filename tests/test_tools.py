@@ -12,6 +12,7 @@ import types
 import pytest
 
 from deploy.archive import build_archive, verify_checksum
+from deploy.settings import ROOT
 
 
 @pytest.mark.slow
@@ -246,6 +247,17 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     out, calls = run_script(tmp_path, repo, [f"{scripts}/predict.sh", "3.png", "2.0"], cwd=runs)
     assert out.returncode == 0, out.stderr
     assert calls[0][1:] == ["-m", "deploy.predict", "--raw", "--version", "2.0", str(runs / "3.png")]
+
+
+def test_register_version_help_prints_help(tmp_path):
+    """Run for real (its Python too), from another directory, with no TorchServe needed
+    (was: "--help is not in the model store", or "TorchServe is not running")."""
+    script = os.path.join(ROOT, "scripts", "register_version.sh")
+    for flag in ("--help", "-h"):
+        out = subprocess.run([script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("usage: scripts/register_version.sh ARCHIVE")
+        assert "{register,list,rollback,unregister}" in out.stdout and "--allow-new-classes" in out.stdout
 
 
 def test_bench_overload_runs_the_overload_benchmark(tmp_path):

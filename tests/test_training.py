@@ -429,6 +429,24 @@ def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(tiny, tmp_
     assert sorted(os.listdir(run)) == ["checkpoint_best.pt", "checkpoint_last.pt", "golden", "metrics.json", "run.lock"]
 
 
+def test_a_missing_weights_file_is_refused_before_the_run_folder_is_made(tiny, tmp_path):
+    """docs/training.md's `--arch resnet18 --weights ~/resnet18-f37072fd.pth` without that file (was: a
+    FileNotFoundError traceback, and runs/pets/ left behind with run.lock and golden/)."""
+    with pytest.raises(SystemExit, match=r"--weights .*missing\.pth: no such file"):
+        train_run(tmp_path / "runs" / "pets", *tiny, "--arch", "resnet18", "--weights", tmp_path / "missing.pth")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_names_the_venv_tensorboard(tiny, tmp_path, capsys):
+    """The run's closing line shows a TensorBoard command that works without the venv active (was: a bare
+    `tensorboard`, not on PATH)."""
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--quiet", "--no-plots", *map(str, tiny)]  # TensorBoard on
+    trainer.main(trainer.get_args_parser().parse_args(argv))
+    assert f"tb/ (.venv/bin/tensorboard --logdir {out}/tb)" in capsys.readouterr().out
+    assert os.access(os.path.join(ROOT, ".venv", "bin", "tensorboard"), os.X_OK)
+
+
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny, tmp_path, monkeypatch):
     import train.train as trainer
 

@@ -208,7 +208,9 @@ def export_all(
     with torch.inference_mode():
         report["fused_max_diff"] = check_close("fused WNLinear", fused(example), eager_logits)
 
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(output_dir)))
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)  # exports/ of `--output-dir exports/v1` on a fresh clone
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         writers = {
             "eager": lambda p: export_eager(model, ckpt, p),

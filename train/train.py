@@ -260,8 +260,20 @@ def evaluate(model, criterion, loader, device, num_classes, args):
     }
 
 
+def check_weights(args):
+    """A --weights file that is not there is refused before the run's folder is made (was: a traceback once the
+    model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
+    if args.weights in (None, "", "packaged", "cache") or args.resume or os.path.isfile(args.weights):
+        return
+    raise SystemExit(
+        f"error: --weights {args.weights}: no such file (give a bundle checkpoint, a torchvision weights file, "
+        "'cache' or 'packaged')"
+    )
+
+
 def main(args):
     start_time = time.time()
+    check_weights(args)
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
