@@ -16,6 +16,7 @@ import threading
 import time
 import zipfile
 
+import psutil
 import pytest
 
 from deploy import archive as archivelib
@@ -206,6 +207,10 @@ def test_the_pid_file_is_looked_up_in_the_servers_private_tmp(tmp_path, monkeypa
     argv = ["import time; time.sleep(60)", "org.pytorch.serve.ModelServer", "-f", "generated.properties"]
     fake = subprocess.Popen([sys.executable, "-c", *argv], cwd=tmp_path)
     try:
+        for _ in range(200):  # until it has exec'd: before that its command line is still pytest's
+            if "org.pytorch.serve.ModelServer" in psutil.Process(fake.pid).cmdline():
+                break
+            time.sleep(0.05)
         (tmp / ".model_server.pid").write_text(str(fake.pid))
         assert ts.pid() == fake.pid and ts.is_running()
         assert ts.tokens_enabled is False and ts.auth("inference") == {}  # the running one's config decides
