@@ -95,6 +95,6 @@ Done in $(( $(date +%s) - START ))s. TorchServe is still running. Try (keys reac
   curl http://127.0.0.1:8082/metrics
   scripts/predict.sh $img 2.0
   scripts/serve.sh header | curl -H @- -T data/photos/samples/chelsea.jpg http://127.0.0.1:8080/predictions/imagenet
-Training reports: runs/v1/ and runs/v2/ (metrics.json, curves.png, confusion_matrix.png; tensorboard --logdir runs)
+Training reports: runs/v1/ and runs/v2/ (metrics.json, curves.png, confusion_matrix.png; .venv/bin/tensorboard --logdir runs)
 Stop with: scripts/serve.sh stop
 MSG
