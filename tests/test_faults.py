@@ -35,7 +35,8 @@ from deploy import management, register_version, serve, versions
 from deploy.archive import write_checksum
 from tests.conftest import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# in_order: the tests share one module-scoped server (or door) and build on each other's effects
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 
 def relabel(src, dst, version):

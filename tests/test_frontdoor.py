@@ -34,6 +34,9 @@ from deploy.predict import top1
 from deploy.server import Ports
 from tests.conftest import free_port
 
+# in_order: the tests share one module-scoped server (or door) and build on each other's effects
+pytestmark = pytest.mark.in_order
+
 NS_HOST, NS_PEER = "10.213.77.1", "10.213.77.2"  # the veth pair's addresses: this host, the other namespace
 
 

@@ -12,7 +12,8 @@ import pytest
 from deploy import management
 from deploy.guard import ARCHIVE_NAME, REGISTRATION, netty_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# in_order: the tests share one module-scoped server (or door) and build on each other's effects
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 ABSENT = "/nonexistent/evil"  # TorchServe answers 404 "Model not found at: /nonexistent/evil": it received it
 PATHS = ["/models"] * 6 + ["//models", "/%6Dodels", "/models/", "/models/.", "http://127.0.0.1/models", "/workflows"]

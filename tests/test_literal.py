@@ -20,7 +20,8 @@ from deploy.server import Ports
 from deploy.settings import ROOT
 from tests.conftest import install_archive
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# in_order: the tests share one module-scoped server (or door) and build on each other's effects
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 DOCS = os.path.join(ROOT, "docs", "serving.md")
 VENV_CONFIG = os.path.join(ROOT, ".venv", "torchserve.config.properties")

@@ -14,7 +14,8 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
+# in_order: the tests share one module-scoped server (or door) and build on each other's effects
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 TS_OIP_SERVICE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"
 
