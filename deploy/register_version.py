@@ -33,19 +33,25 @@ import threading
 import requests
 
 from deploy import management, settings
-from deploy.gate import load_golden
+from deploy.gate import MIN_AGREEMENT
+from deploy.golden import choose
 from deploy.journal import JournalError
 from deploy.server import ServerError, TorchServe
-from deploy.versions import locked, register, rollback, run_gate, unregister
+from deploy.versions import archive_version, locked, register, rollback, run_gate, state_dir, unregister
 
 
 def cmd_register(ts: TorchServe, args) -> int:
     gated = args.promote or args.dry_run
-    if gated and not args.golden:
-        raise ServerError("--promote and --dry-run need --golden DIR: the golden set of the candidate's own run")
-    golden = load_golden(args.golden) if gated else None  # before registering: a missing set changes nothing
     # One lock from registering to the verdict: no other promotion, rollback or unregister interleaves.
     with locked(ts, f"register {os.path.basename(args.archive)}"):
+        golden, golden_info = None, None
+        if gated or args.golden:  # before registering: a missing or refused set changes nothing
+            name, _ = archive_version(ts, args.archive, args.model)
+            golden, golden_info = choose(
+                state_dir(ts), name, args.golden, args.golden_from_candidate, args.replace_golden
+            )
+            if golden_info["source"] in ("fixed", "replaced"):
+                print(f"the golden set of {name} is now {golden_info['dir']} (from {golden_info['from']})")
         model, version = register(ts, args.archive, args.workers, args.model)
         print(f"registered {model} {version} from {os.path.basename(args.archive)}")
         if not gated:
@@ -56,7 +62,7 @@ def cmd_register(ts: TorchServe, args) -> int:
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
         # candidate again: left registered but not default, it would make a retry fail with "already registered".
-        return run_gate(ts, model, version, golden, args)
+        return run_gate(ts, model, version, golden, args, golden_info)
 
 
 def cmd_list(ts: TorchServe, model: str) -> int:
@@ -84,8 +90,32 @@ def get_args_parser():
     r.add_argument("archive")
     r.add_argument("--promote", action="store_true", help="run the gate and set default if it passes")
     r.add_argument("--dry-run", action="store_true", help="run the gate, report, promote nothing")
-    r.add_argument("--golden", default=None, help="golden set folder of the candidate's run (<run>/golden)")
+    r.add_argument(
+        "--golden",
+        default=None,
+        help="golden set folder (<run>/golden); the model's first one becomes its set, later ones must match it "
+        "(default: the model's set)",
+    )
+    r.add_argument(
+        "--golden-from-candidate",
+        action="store_true",
+        help="gate on --golden DIR this once although it differs from the model's set (the report records it)",
+    )
+    r.add_argument(
+        "--replace-golden", action="store_true", help="make --golden DIR the model's set (the report records it)"
+    )
     r.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose")
+    r.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help="share of golden images on which the candidate must give the default's top-1 answer",
+    )
+    r.add_argument(
+        "--allow-disagreement",
+        action="store_true",
+        help="promote below --min-agreement (the report records it)",
+    )
     r.add_argument(
         "--allow-new-classes",
         action="store_true",

@@ -428,8 +428,9 @@ def test_gate_refuses_a_version_that_answers_other_classes(server, store, archiv
     checkpoint, golden = textures  # its own golden set, where the digits default scores 0
     path = install_archive(archive_factory("4.0", ckpt=checkpoint), store, "my_model_v4.0.mar")
     assert read_classes(path) == list(TEXTURES)
+    own = {"golden_from_candidate": True}  # not my_model's set: gated on only when asked for
     for dry_run in (False, True):
-        args = register_args(path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run)
+        args = register_args(path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run, **own)
         capsys.readouterr()
         assert register_version.cmd_register(server, args) == versions.EXIT_REJECTED
         out = capsys.readouterr().out
@@ -444,8 +445,9 @@ def test_gate_refuses_a_version_that_answers_other_classes(server, store, archiv
         assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
         assert versions.history(server) == []
 
-    # the override passes the class check (dry run: the state stays as it was)
-    args = register_args(path, golden, tmp_path / "gate.json", dry_run=True, promote=False, allow_new_classes=True)
+    # the overrides pass the class check, and the agreement check that follows (dry run: the state stays as it was)
+    overrides = {"allow_new_classes": True, "allow_disagreement": True}
+    args = register_args(path, golden, tmp_path / "gate.json", dry_run=True, promote=False, **own, **overrides)
     assert register_version.cmd_register(server, args) == 0
     with open(tmp_path / "gate.json") as f:
         report = json.load(f)
