@@ -35,7 +35,8 @@ def read_file(folder: str, name: str) -> bytes:
     if not NAME.fullmatch(name) or name == MANIFEST:
         raise DeployError(f"golden set {folder}: {name!r} is not a plain file name")
     try:
-        fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted under that name must not hang the gate before the type check below
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise DeployError(f"golden set {folder}: cannot read {name}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:

@@ -1,6 +1,7 @@
 """Ship model versions through TorchServe's management API, behind a promotion gate.
 
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
+    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's golden set
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
     python -m deploy.register_version register model_store/textures.mar   # another model: its own name
     python -m deploy.register_version list [--model NAME]
@@ -8,11 +9,17 @@
     python -m deploy.register_version unregister 2.0 [--model NAME]
 
 register: checks the archive (SHA-256 sidecar, zip integrity, manifest), registers it as
-a new version, waits for its workers, and, with --promote, sends the golden set
-(validation images with known labels, written by training) to the new version and to
-the current default. It sets the new version default only when its accuracy is no more
-than --max-accuracy-drop points below the default's; otherwise the default keeps
-serving, the rejected version is unregistered, and the exit code is 3. Golden requests
+a new version, waits for its workers, and, with --promote, sends the model's golden set
+(validation images with known labels) to the new version and to the current default.
+The golden set belongs to the model: the first --golden DIR given for a model is copied,
+with SHA-256 checksums, to server/state/golden/<model>/, and later gates use that copy;
+a --golden DIR that differs from it is refused unless --golden-from-candidate (this gate
+only) or --replace-golden (it becomes the model's set) says which one is meant.
+It sets the new version default only when its accuracy is no more than
+--max-accuracy-drop points below the default's and it gives the default's top-1 answer
+on at least --min-agreement of the images (--allow-disagreement overrides that);
+otherwise the default keeps serving, the rejected version is unregistered, and the exit
+code is 3. Overrides are written into the report and the journal. Golden requests
 that fail for the server's sake are retried; if the default still fails one, the verdict is
 inconclusive: nothing is promoted, the candidate is unregistered, and the exit code is 4. Before any
 scoring, the gate compares the classes in both versions' archives (index_to_name.json):
