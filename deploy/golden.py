@@ -105,8 +105,12 @@ def fix(state_dir: str, model: str, source: str, files: dict[str, bytes]) -> str
     tmp = f"{fixed}.{os.getpid()}.new"
     if os.path.lexists(tmp):  # left by a killed writer
         shutil.rmtree(tmp)
-    manifest = {"model": model, "from": os.path.abspath(source), "fixed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    manifest["sha256"] = checksums(files)
+    manifest = {
+        "model": model,
+        "from": os.path.abspath(source),
+        "fixed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sha256": checksums(files),
+    }
     with private_files():
         os.mkdir(tmp, 0o700)
         for name, data in files.items():
