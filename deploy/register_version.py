@@ -1,6 +1,7 @@
 """Ship model versions through TorchServe's management API, behind a promotion gate.
 
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
+    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's golden set
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
     python -m deploy.register_version register model_store/textures.mar   # another model: its own name
     python -m deploy.register_version list [--model NAME]
@@ -8,11 +9,17 @@
     python -m deploy.register_version unregister 2.0 [--model NAME]
 
 register: checks the archive (SHA-256 sidecar, zip integrity, manifest), registers it as
-a new version, waits for its workers, and, with --promote, sends the golden set
-(validation images with known labels, written by training) to the new version and to
-the current default. It sets the new version default only when its accuracy is no more
-than --max-accuracy-drop points below the default's; otherwise the default keeps
-serving, the rejected version is unregistered, and the exit code is 3. Golden requests
+a new version, waits for its workers, and, with --promote, sends the model's golden set
+(validation images with known labels) to the new version and to the current default.
+The golden set belongs to the model: the first --golden DIR given for a model is copied,
+with SHA-256 checksums, to server/state/golden/<model>/, and later gates use that copy;
+a --golden DIR that differs from it is refused unless --golden-from-candidate (this gate
+only) or --replace-golden (it becomes the model's set) says which one is meant.
+It sets the new version default only when its accuracy is no more than
+--max-accuracy-drop points below the default's and it gives the default's top-1 answer
+on at least --min-agreement of the images (--allow-disagreement overrides that);
+otherwise the default keeps serving, the rejected version is unregistered, and the exit
+code is 3. Overrides are written into the report and the journal. Golden requests
 that fail for the server's sake are retried; if the default still fails one, the verdict is
 inconclusive: nothing is promoted, the candidate is unregistered, and the exit code is 4. Before any
 scoring, the gate compares the classes in both versions' archives (index_to_name.json):
@@ -33,19 +40,25 @@ import threading
 import requests
 
 from deploy import management, settings
-from deploy.gate import load_golden
+from deploy.gate import MIN_AGREEMENT
+from deploy.golden import choose
 from deploy.journal import JournalError
 from deploy.server import ServerError, TorchServe
-from deploy.versions import locked, register, rollback, run_gate, unregister
+from deploy.versions import archive_version, locked, register, rollback, run_gate, state_dir, unregister
 
 
 def cmd_register(ts: TorchServe, args) -> int:
     gated = args.promote or args.dry_run
-    if gated and not args.golden:
-        raise ServerError("--promote and --dry-run need --golden DIR: the golden set of the candidate's own run")
-    golden = load_golden(args.golden) if gated else None  # before registering: a missing set changes nothing
     # One lock from registering to the verdict: no other promotion, rollback or unregister interleaves.
     with locked(ts, f"register {os.path.basename(args.archive)}"):
+        golden, golden_info = None, None
+        if gated or args.golden:  # before registering: a missing or refused set changes nothing
+            name, _ = archive_version(ts, args.archive, args.model)
+            golden, golden_info = choose(
+                state_dir(ts), name, args.golden, args.golden_from_candidate, args.replace_golden
+            )
+            if golden_info["source"] in ("fixed", "replaced"):
+                print(f"the golden set of {name} is now {golden_info['dir']} (from {golden_info['from']})")
         model, version = register(ts, args.archive, args.workers, args.model)
         print(f"registered {model} {version} from {os.path.basename(args.archive)}")
         if not gated:
@@ -59,7 +72,7 @@ def cmd_register(ts: TorchServe, args) -> int:
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
         # candidate again: left registered but not default, it would make a retry fail with "already registered".
-        return run_gate(ts, model, version, golden, args)
+        return run_gate(ts, model, version, golden, args, golden_info)
 
 
 def cmd_list(ts: TorchServe, model: str) -> int:
@@ -87,8 +100,32 @@ def get_args_parser():
     r.add_argument("archive")
     r.add_argument("--promote", action="store_true", help="run the gate and set default if it passes")
     r.add_argument("--dry-run", action="store_true", help="run the gate, report, promote nothing")
-    r.add_argument("--golden", default=None, help="golden set folder of the candidate's run (<run>/golden)")
+    r.add_argument(
+        "--golden",
+        default=None,
+        help="golden set folder (<run>/golden); the model's first one becomes its set, later ones must match it "
+        "(default: the model's set)",
+    )
+    r.add_argument(
+        "--golden-from-candidate",
+        action="store_true",
+        help="gate on --golden DIR this once although it differs from the model's set (the report records it)",
+    )
+    r.add_argument(
+        "--replace-golden", action="store_true", help="make --golden DIR the model's set (the report records it)"
+    )
     r.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose")
+    r.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help="share of golden images on which the candidate must give the default's top-1 answer",
+    )
+    r.add_argument(
+        "--allow-disagreement",
+        action="store_true",
+        help="promote below --min-agreement (the report records it)",
+    )
     r.add_argument(
         "--allow-new-classes",
         action="store_true",

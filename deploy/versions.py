@@ -28,9 +28,8 @@ def locked(ts: TorchServe, what: str):
     return journal.locked(state_dir(ts), what)
 
 
-def register(ts: TorchServe, archive: str, workers: int = 1, model: str | None = None) -> tuple[str, str]:
-    """Register an archive from the model store as a new version; returns (model, version) once it has a
-    READY worker. `model`, when given, must be the archive's own model name."""
+def archive_version(ts: TorchServe, archive: str, model: str | None = None) -> tuple[str, str]:
+    """(model, version) of a checked archive in the model store. `model`, when given, must be its own name."""
     try:
         manifest = check_archive(archive, ts.model_store)
     except ValueError as e:
@@ -38,6 +37,13 @@ def register(ts: TorchServe, archive: str, workers: int = 1, model: str | None =
     name, version = manifest["modelName"], manifest["modelVersion"]
     if model and model != name:
         raise DeployError(f"{os.path.basename(archive)} holds model {name!r}, not {model!r}")
+    return name, version
+
+
+def register(ts: TorchServe, archive: str, workers: int = 1, model: str | None = None) -> tuple[str, str]:
+    """Register an archive from the model store as a new version; returns (model, version) once it has a
+    READY worker. `model`, when given, must be the archive's own model name."""
+    name, version = archive_version(ts, archive, model)
     with locked(ts, f"register {name} {version}"):
         if any(v["modelVersion"] == version for v in management.versions(ts, name)):
             if not stray(ts, name, version):
@@ -209,7 +215,7 @@ def check_restore(ts: TorchServe, plan: dict | None, baseline: bool = False) -> 
 # --- the gate, carried out ------------------------------------------------------------------------
 
 
-def run_gate(ts: TorchServe, model: str, version: str, golden, args) -> int:
+def run_gate(ts: TorchServe, model: str, version: str, golden, args, golden_info: dict | None = None) -> int:
     """Gate a registered candidate against the default and carry out the verdict (promote, or unregister).
     Any failure before the verdict is carried out (a request error, Ctrl-C, SIGHUP, SIGTERM) withdraws the
     candidate; a process killed outright leaves the gate pending in the journal and the next start withdraws it."""
@@ -220,14 +226,27 @@ def run_gate(ts: TorchServe, model: str, version: str, golden, args) -> int:
             return 0
         entry = journal.begin(state_dir(ts), "gate", model=model, version=version, baseline=baseline)
         try:
-            return carry_out(ts, model, version, baseline, golden, args, entry)
+            return carry_out(ts, model, version, baseline, golden, args, entry, golden_info)
         except BaseException:
             withdraw(ts, model, version, entry)
             raise
 
 
-def carry_out(ts: TorchServe, model: str, version: str, baseline: str | None, golden, args, entry: dict) -> int:
-    report = gate(ts, model, version, baseline, golden, args.max_accuracy_drop, args.allow_new_classes)
+def carry_out(
+    ts: TorchServe, model: str, version: str, baseline: str | None, golden, args, entry: dict, golden_info=None
+) -> int:
+    report = gate(
+        ts,
+        model,
+        version,
+        baseline,
+        golden,
+        args.max_accuracy_drop,
+        args.allow_new_classes,
+        args.min_agreement,
+        args.allow_disagreement,
+        golden_info,
+    )
     print_report(report)
     if args.report:
         with open(args.report, "w") as f:
@@ -236,6 +255,12 @@ def carry_out(ts: TorchServe, model: str, version: str, baseline: str | None, go
         print(
             "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION CHECKPOINT "
             "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
+        )
+    check = report.get("agreement_check") or {}
+    if check.get("passed") is False and not check["overridden"]:
+        print(
+            "  a candidate that answers differently on many golden images may have mislabelled training data "
+            "(two class folders swapped, say); to promote it anyway, pass --allow-disagreement"
         )
     if args.dry_run or not report["passed"]:
         withdraw(ts, model, version, entry, why=None)

@@ -8,6 +8,7 @@ each leaving a known state for the next:
     gate: bad 3.0 rejected, 2.0 dry run  1.0 (default) only
     gate: other classes 4.0 refused;     1.0 (default) only  (textures 1.0 registered beside it, then unregistered)
       the same as model "textures"
+    gate: a 3<->8 swapped 9.0 refused    1.0 (default) only
     gate: 2.0 promoted, rollback, back   1.0, 2.0 (default)
     restart, rollback after the restart  1.0 (default), 2.0
     restart with 1.0's archive deleted   2.0 (default)  -> 1.0 registered and unregistered again
@@ -428,8 +429,9 @@ def test_gate_refuses_a_version_that_answers_other_classes(server, store, archiv
     checkpoint, golden = textures  # its own golden set, where the digits default scores 0
     path = install_archive(archive_factory("4.0", ckpt=checkpoint), store, "my_model_v4.0.mar")
     assert read_classes(path) == list(TEXTURES)
+    own = {"golden_from_candidate": True}  # not my_model's set: gated on only when asked for
     for dry_run in (False, True):
-        args = register_args(path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run)
+        args = register_args(path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run, **own)
         capsys.readouterr()
         assert register_version.cmd_register(server, args) == versions.EXIT_REJECTED
         out = capsys.readouterr().out
@@ -444,8 +446,9 @@ def test_gate_refuses_a_version_that_answers_other_classes(server, store, archiv
         assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
         assert versions.history(server) == []
 
-    # the override passes the class check (dry run: the state stays as it was)
-    args = register_args(path, golden, tmp_path / "gate.json", dry_run=True, promote=False, allow_new_classes=True)
+    # the overrides pass the class check, and the agreement check that follows (dry run: the state stays as it was)
+    overrides = {"allow_new_classes": True, "allow_disagreement": True}
+    args = register_args(path, golden, tmp_path / "gate.json", dry_run=True, promote=False, **own, **overrides)
     assert register_version.cmd_register(server, args) == 0
     with open(tmp_path / "gate.json") as f:
         report = json.load(f)
@@ -483,6 +486,60 @@ def test_other_classes_serve_beside_my_model_under_their_own_name(
     assert register_version.main(["unregister", "1.0", "--model", "textures"]) == 0
     assert management.model_names(server) == ["my_model"]
     assert registered(server) == {"1.0"} and management.default_version(server, "my_model") == "1.0"
+
+
+SWAP = {"3": "8", "8": "3"}
+
+
+def swapped(store, golden, out):
+    """my_model 9.0 as if trained with the folders of 3 and 8 swapped (1.0's build, its labels for 3 and 8
+    exchanged: the same ten classes), and the golden set its run would have written."""
+    src, path = os.path.join(store, "my_model.mar"), os.path.join(store, "my_model_v9.0.mar")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = "9.0"
+                data = json.dumps(manifest).encode()
+            elif item.filename == "index_to_name.json":
+                data = json.dumps({i: SWAP.get(name, name) for i, name in json.loads(data).items()}).encode()
+            zout.writestr(item, data)
+    write_checksum(path)
+    shutil.copytree(golden, out)
+    with open(os.path.join(golden, "golden.json")) as f:
+        entries = [{**e, "label": SWAP.get(e["label"], e["label"])} for e in json.load(f)]
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump(entries, f)
+    return path, str(out)
+
+
+def test_gate_refuses_a_3_8_swapped_candidate_on_either_golden_set(server, store, golden, tmp_path):
+    path, own = swapped(store, golden, tmp_path / "swapped-golden")
+    report_path = tmp_path / "gate.json"
+
+    def gate(golden_dir, **kw):
+        rc = register_version.cmd_register(server, register_args(path, golden_dir, report_path, **kw))
+        with open(report_path) as f:
+            return rc, json.load(f)
+
+    rc, model_set = gate(golden)  # the model's set (fixed by the first gate of my_model, from this same folder)
+    assert rc == versions.EXIT_REJECTED
+    assert model_set["candidate"]["accuracy"] < model_set["baseline"]["accuracy"] - 0.15
+    # issue 28's command line, --golden naming the candidate's own set: not my_model's, refused before registering
+    with pytest.raises(management.DeployError, match="is not my_model's golden set"):
+        gate(own)
+    assert model_set["golden"]["source"] in ("model", "fixed")
+    rc, report = gate(own, golden_from_candidate=True)  # its own set: it scores higher there, and still disagrees
+    assert rc == versions.EXIT_REJECTED and report["candidate"]["accuracy"] > report["baseline"]["accuracy"]
+    assert report["agreement"] < 0.85 and "is below 90%" in report["reason"]
+    rc, report = gate(own, golden_from_candidate=True, allow_disagreement=True, dry_run=True, promote=False)
+    assert rc == 0 and report["passed"] is True
+    assert "--golden-from-candidate" in report["reason"] and "--allow-disagreement" in report["reason"]
+    assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
+    assert versions.history(server) == []
+    for leftover in (path, path + ".sha256"):
+        os.remove(leftover)
 
 
 def test_rollback_needs_history(server):

@@ -21,7 +21,7 @@ import pytest
 
 from deploy import archive as archivelib
 from deploy import gate as gatelib
-from deploy import journal, register_version, versions
+from deploy import journal, management, register_version, versions
 from deploy.archive import check_archive, write_checksum
 from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
@@ -606,3 +606,108 @@ def test_the_gate_retries_failed_requests_and_is_inconclusive_when_the_default_k
     # item 1: the default's failures counted as wrong answers, and a worse candidate "gained" points
     assert report["passed"] is False and report["inconclusive"] is True
     assert "inconclusive: the default 1.0 failed 2 golden requests" in report["reason"]
+
+
+# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default ----
+
+SWAP = {"3": "8", "8": "3"}  # a candidate trained with the folders of 3 and 8 swapped
+
+
+def digits_golden(swapped=False) -> list[tuple[bytes, str]]:
+    """10 stand-in images per digit, each body naming its digit; `swapped`: the labels of the swapped run."""
+    return [(f"{d}:{i}".encode(), SWAP.get(d, d) if swapped else d) for d in "0123456789" for i in range(10)]
+
+
+def write_golden_set(folder, swapped=False):
+    os.makedirs(folder)
+    entries = []
+    for data, label in digits_golden(swapped):
+        name = data.decode().replace(":", "") + ".png"
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+        entries.append({"file": name, "label": label})
+    with open(os.path.join(folder, "golden.json"), "w") as f:
+        json.dump(entries, f)
+    return str(folder)
+
+
+def answer_digits(ts, data, model, version):
+    """A stand-in TorchServe: every version reads the digit right; 9.0 answers 8 for a 3 and 3 for an 8."""
+    digit = data.decode().split(":")[0]
+    return Answer(200, SWAP.get(digit, digit) if version == "9.0" else digit)
+
+
+def test_the_gate_refuses_a_3_8_swap_by_agreement_on_its_own_golden_set(monkeypatch):
+    monkeypatch.setattr(gatelib, "post", answer_digits)
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: list("0123456789"))
+    own = digits_golden(swapped=True)  # the candidate's run's set
+    report = gatelib.gate(None, "my_model", "9.0", "1.0", own, max_drop=1.0)
+    assert (report["candidate"]["accuracy"], report["baseline"]["accuracy"]) == (1.0, 0.8)  # its own labels
+    assert report["passed"] is False, report["reason"]  # issue 28: "PASS ... gain of 20.00 points"
+    assert "top-1 agreement with the default 80.0% is below 90%" in report["reason"]
+    overridden = gatelib.gate(None, "my_model", "9.0", "1.0", own, max_drop=1.0, allow_disagreement=True)
+    assert overridden["passed"] is True and overridden["agreement_check"]["overridden"] is True
+    assert "overridden by --allow-disagreement" in overridden["reason"]
+
+
+def test_a_swapped_candidate_is_gated_on_the_models_fixed_golden_set(offline, tmp_path, monkeypatch, capsys):
+    store = offline.model_store
+    archive = fake_mar(store, "my_model_v9.0.mar", version="9.0")
+    served, default = {"1.0"}, ["1.0"]
+
+    def register(ts, path, workers, model):  # a stand-in registration: the version is served at once
+        manifest = check_archive(path, ts.model_store)
+        served.add(manifest["modelVersion"])
+        return manifest["modelName"], manifest["modelVersion"]
+
+    monkeypatch.setattr(register_version, "register", register)
+    monkeypatch.setattr(management, "versions", lambda ts, model: [{"modelVersion": v} for v in sorted(served)])
+    monkeypatch.setattr(management, "default_version", lambda ts, model: default[0])
+    monkeypatch.setattr(management, "set_default", lambda ts, model, version: default.__setitem__(0, version))
+    monkeypatch.setattr(management, "unregister", lambda ts, model, version: served.discard(version))
+    monkeypatch.setattr(gatelib, "post", answer_digits)
+    monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: list("0123456789"))
+    right = write_golden_set(tmp_path / "v2" / "golden")
+    swapped = write_golden_set(tmp_path / "v9" / "golden", swapped=True)
+
+    def gate(path, *flags):
+        argv = ["register", path, "--promote", *flags, "--report", str(tmp_path / "gate.json")]
+        return register_version.cmd_register(offline, register_version.get_args_parser().parse_args(argv))
+
+    # the first gate of the model fixes its golden set: a good 2.0, dry run
+    assert gate(os.path.join(store, "my_model_v2.0.mar"), "--golden", right, "--dry-run") == 0
+    # issue 28's command line: the candidate's own golden set, where it scores 1.0 and the default 0.8
+    with pytest.raises(management.DeployError, match="is not my_model's golden set"):
+        gate(archive, "--golden", swapped)
+    assert served == {"1.0"} and default == ["1.0"]  # refused before registering
+    fixed = os.path.join(versions.state_dir(offline), "golden", "my_model")
+    with open(os.path.join(fixed, "manifest.json")) as f:
+        assert json.load(f)["from"] == right
+    # by default the model's set: 0.8 against 1.0, 80 % agreement
+    assert gate(archive) == versions.EXIT_REJECTED
+    with open(tmp_path / "gate.json") as f:
+        report = json.load(f)
+    assert report["golden"]["source"] == "model" and report["candidate"]["accuracy"] == 0.8
+    assert "drop of 20.00 points" in report["reason"] and "agreement with the default 80.0%" in report["reason"]
+    # the candidate's set only when asked for, and then agreement still refuses it
+    assert gate(archive, "--golden", swapped, "--golden-from-candidate") == versions.EXIT_REJECTED
+    assert served == {"1.0"} and default == ["1.0"]
+    # both overrides, each recorded in the report and in the journal's reason
+    capsys.readouterr()
+    assert gate(archive, "--golden", swapped, "--golden-from-candidate", "--allow-disagreement") == 0
+    assert "golden set: the candidate's" in capsys.readouterr().out
+    with open(tmp_path / "gate.json") as f:
+        report = json.load(f)
+    assert report["passed"] is True and report["golden"]["overridden"] is True
+    assert report["agreement_check"]["overridden"] is True and default == ["9.0"]
+    promoted = versions.history(offline)[-1]["reason"]
+    assert "--allow-disagreement" in promoted and "--golden-from-candidate" in promoted
+
+    # the model's copy is checked on every read; a first gate without any set says what to pass
+    with open(os.path.join(fixed, "00.png"), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(management.DeployError, match="does not match its manifest \\(00.png\\)"):
+        gate(archive)
+    shutil.rmtree(fixed)
+    with pytest.raises(management.DeployError, match="its first gate needs --golden DIR"):
+        gate(archive)

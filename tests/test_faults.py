@@ -189,7 +189,8 @@ def test_a_full_disk_under_the_state_folder_stops_a_promotion_before_it_applies(
     state = server.path("state")
     saved = tmp_path / "saved"
     shutil.copytree(state, saved)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", state]).returncode:
+    # 1 MiB: the state folder holds the model's golden set too (20 files here, a 4 KiB page each on tmpfs)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", state]).returncode:
         pytest.skip("needs root to mount a small tmpfs")
     try:
         shutil.copytree(saved, state, dirs_exist_ok=True)

@@ -2,7 +2,6 @@
 train/, paths resolve the same from any working directory, and the small shared definitions (top-1, the
 percentile, the deployment CLI's rules) behave as the docs say."""
 
-import argparse
 import glob
 import os
 import subprocess
@@ -12,10 +11,9 @@ import zipfile
 import pytest
 
 from bench import bench, soak
-from deploy import latency, register_version, settings
+from deploy import latency, settings
 from deploy.archive import archive_name, build_archive
 from deploy.predict import top1
-from deploy.server import ServerError, TorchServe
 
 
 def test_scripts_holds_only_shell_entry_points():
@@ -61,12 +59,6 @@ def test_archive_names_refuse_odd_model_names_and_versions():
     for model, version in (("../x", "1.0"), ("my_model", "1.0;rm"), ("", "1.0")):
         with pytest.raises(ValueError):
             archive_name(model, version)
-
-
-def test_promote_needs_the_candidates_own_golden_set(tmp_path):
-    args = argparse.Namespace(archive="x.mar", model=None, workers=1, promote=True, dry_run=False, golden=None)
-    with pytest.raises(ServerError, match="need --golden DIR"):
-        register_version.cmd_register(TorchServe(workdir=str(tmp_path)), args)  # before any server call
 
 
 def test_bench_and_soak_refuse_unknown_names_with_the_known_ones(tmp_path):
