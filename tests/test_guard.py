@@ -5,12 +5,12 @@ log) must be one the guard approved (its log) and name only an archive of the mo
 import os
 import random
 import re
-import socket
 
 import pytest
 
 from deploy import management
 from deploy.guard import ARCHIVE_NAME, REGISTRATION, netty_params
+from tests.test_guard_units import send_raw
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
@@ -89,16 +89,7 @@ def framing(rng, key: str, method: str, target: str) -> bytes:
 
 
 def send(port: int, raw: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        s.sendall(raw)
-        s.shutdown(socket.SHUT_WR)
-        out = b""
-        try:
-            while data := s.recv(65536):
-                out += data
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return out
+    return send_raw(port, raw, timeout=60)
 
 
 def received(ts) -> list[str]:

@@ -78,6 +78,20 @@ def fake_archive(store, name="my_model.mar"):
     return path
 
 
+def send_raw(port: int, raw: bytes, timeout: float = 10) -> bytes:
+    """Raw bytes in, everything the guard answers until it closes (or `timeout` passes) out."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)  # like a client that sent all it had; the guard still answers
+        out = b""
+        try:
+            while data := s.recv(65536):
+                out += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
 class GuardProcess:
     """deploy.guard as launch() starts it: --watch-pid names 'TorchServe' (here a sleeper whose working directory
     holds key_file.json, as TorchServe's does)."""
@@ -114,17 +128,7 @@ class GuardProcess:
         self.key_file.write_text(json.dumps(keys))
 
     def send(self, raw: bytes, timeout: float = 10) -> bytes:
-        """Raw bytes in, everything the guard answers until it closes (or `timeout` passes) out."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            s.sendall(raw)
-            s.shutdown(socket.SHUT_WR)  # like a client that sent all it had; the guard still answers
-            out = b""
-            try:
-                while data := s.recv(65536):
-                    out += data
-            except (TimeoutError, ConnectionResetError):
-                pass
-            return out
+        return send_raw(self.port, raw, timeout)
 
     def request(self, method, target, headers=None, body=b"", key=KEY) -> tuple[int, dict]:
         lines = [f"{method} {target} HTTP/1.1", "Host: localhost", "Connection: close"]
