@@ -229,7 +229,7 @@ class TorchServe:
     def write_config(self, restore: bool = True) -> tuple[str, dict | None]:
         """The generated config, and the restore plan (deploy/snapshot.py; None with restore=False)."""
         props = self.config()
-        plan = restore_plan(self.log_dir, self.model_store, self.path("state")) if restore else None
+        plan = restore_plan(self.log_dir, self.model_store, self.path("state"), self.open) if restore else None
         if plan and plan["snapshot"]:
             props["model_snapshot"] = json.dumps(plan["snapshot"])
         self.prepare_run_dir()

@@ -20,21 +20,27 @@ import sys
 from deploy import journal
 from deploy.archive import NAME, check_archive
 from deploy.kserve import SNAPSHOT_KEYS, archive_config
-from deploy.properties import read_properties
+from deploy.properties import parse_properties, read_properties
 
 
 def warn(message: str):
     print(f"warning: {message}", file=sys.stderr)
 
 
-def read_snapshots(log_dir: str) -> list[dict]:
+def read_snapshots(log_dir: str, opener=None) -> list[dict]:
     """The model_snapshot of every readable TorchServe snapshot, newest first; unreadable or empty ones are
-    skipped with a warning naming the file."""
+    skipped with a warning naming the file. `opener(path)` opens a file for reading in bytes: the server's
+    TorchServe.open, which neither follows links nor waits on a FIFO that its user planted (root reads these)."""
     files = sorted(glob.glob(os.path.join(log_dir, "config", "*.cfg")), key=os.path.getmtime, reverse=True)
     found = []
     for path in files:
         try:
-            raw = read_properties(path).get("model_snapshot")
+            if opener is None:
+                props = read_properties(path)
+            else:
+                with opener(path) as f:
+                    props = parse_properties(f.read().decode("latin-1").splitlines(keepends=True))
+            raw = props.get("model_snapshot")
             if not raw:
                 raise ValueError("it is empty or has no model_snapshot")
             snap = json.loads(raw)
@@ -102,10 +108,10 @@ def wanted(snaps: list[dict], entries: list[dict]) -> dict:
     return {m: w for m, w in want.items() if w["versions"]}
 
 
-def restore_plan(log_dir: str, model_store: str, state_dir: str) -> dict:
+def restore_plan(log_dir: str, model_store: str, state_dir: str, opener=None) -> dict:
     """{"snapshot": the model_snapshot to start with (None: nothing to restore), "expected": what should be
     served (see wanted()), "withdrawn": pending journal entries whose versions are left out}."""
-    snaps = read_snapshots(log_dir)
+    snaps = read_snapshots(log_dir, opener)
     entries = journal.read(state_dir)
     expected = wanted(snaps, entries)
     models = {}

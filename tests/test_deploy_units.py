@@ -711,3 +711,25 @@ def test_a_swapped_candidate_is_gated_on_the_models_fixed_golden_set(offline, tm
     shutil.rmtree(fixed)
     with pytest.raises(management.DeployError, match="its first gate needs --golden DIR"):
         gate(archive)
+
+
+def test_restore_reads_snapshots_without_following_links_or_waiting_on_a_fifo(tmp_path, capsys):
+    """Root reads TorchServe's snapshots from the service user's folder: a FIFO planted there must not hang
+    `start`, nor a link lead it to a file elsewhere (a plain open() did both)."""
+    from deploy import snapshot
+
+    ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None)
+    config = os.path.join(ts.log_dir, "config")
+    os.makedirs(config)
+    os.mkfifo(os.path.join(config, "fifo.cfg"))
+    secret = tmp_path / "elsewhere.properties"
+    secret.write_text('model_snapshot={"models": {"stolen": {}}}\n')
+    os.symlink(secret, os.path.join(config, "link.cfg"))
+    found = []
+    reader = threading.Thread(target=lambda: found.extend(snapshot.read_snapshots(ts.log_dir, ts.open)), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "reading the snapshots waited on the FIFO"
+    assert found == []  # neither the FIFO nor the link's target was taken for a snapshot
+    err = capsys.readouterr().err
+    assert "fifo.cfg is unreadable" in err and "link.cfg is unreadable" in err, err
