@@ -252,30 +252,31 @@ def tcp(*ports: int) -> list[dict]:
     return [{"protocol": "TCP", "port": p} for p in ports]
 
 
-def network_policy() -> dict:
-    """Ingress to the predictor pods only from the gateway, Knative and labelled clients (inference ports) and the
-    monitoring namespace (metrics); no egress at all (a pvc:// storageUri needs none)."""
+def predictor_policy(name: str, ingress: list[dict], egress: list[dict]) -> dict:
+    """A NetworkPolicy on the predictor pods, for both directions: what is not listed is closed."""
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": {"name": f"{RUNTIME}-predictor"},
+        "metadata": {"name": name},
         "spec": {
             "podSelector": {"matchLabels": PREDICTOR},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [
-                {
-                    "from": [
-                        peer(*GATEWAY),
-                        {"podSelector": {"matchLabels": CLIENT_LABEL}},
-                    ],
-                    "ports": tcp(INFERENCE_PORT, QUEUE_PROXY_PORT),
-                },
-                {"from": [peer(KNATIVE_NAMESPACE)], "ports": tcp(QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT)},
-                {"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(METRICS_PORT)},
-            ],
-            "egress": [],
+            "ingress": ingress,
+            "egress": egress,
         },
     }
+
+
+def network_policy() -> dict:
+    """Ingress to the predictor pods only from the gateway, Knative and labelled clients (inference ports) and the
+    monitoring namespace (metrics); no egress at all (a pvc:// storageUri needs none)."""
+    clients = [peer(*GATEWAY), {"podSelector": {"matchLabels": CLIENT_LABEL}}]
+    ingress = [
+        {"from": clients, "ports": tcp(INFERENCE_PORT, QUEUE_PROXY_PORT)},
+        {"from": [peer(KNATIVE_NAMESPACE)], "ports": tcp(QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT)},
+        {"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(METRICS_PORT)},
+    ]
+    return predictor_policy(f"{RUNTIME}-predictor", ingress, egress=[])
 
 
 def served_paths(model: str = settings.MODEL_NAME) -> dict[str, list[str]]:
@@ -318,20 +319,12 @@ def sidecar_network_policy() -> dict:
     """With Istio, the sidecar in each predictor pod needs istiod (xDS, certificates) and DNS, and Prometheus
     scrapes its merged metrics on 15020: added to network_policy() (NetworkPolicies add up)."""
     dns = {"k8s-app": "kube-dns"}  # CoreDNS keeps kube-dns's label
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": f"{RUNTIME}-predictor-sidecar"},
-        "spec": {
-            "podSelector": {"matchLabels": PREDICTOR},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(15020)}],
-            "egress": [
-                {"to": [peer(ISTIO_NAMESPACE, {"app": "istiod"})], "ports": tcp(15012)},
-                {"to": [peer("kube-system", dns)], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]},
-            ],
-        },
-    }
+    ingress = [{"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(15020)}]
+    egress = [
+        {"to": [peer(ISTIO_NAMESPACE, {"app": "istiod"})], "ports": tcp(15012)},
+        {"to": [peer("kube-system", dns)], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]},
+    ]
+    return predictor_policy(f"{RUNTIME}-predictor-sidecar", ingress, egress)
 
 
 def strict(schema):
