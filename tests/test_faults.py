@@ -244,17 +244,22 @@ def gate_in_thread(server, archive, golden, tmp_path, **kw):
     return t, go, result, real
 
 
+def race(gate: threading.Thread, go: threading.Event, operation):
+    """Run `operation` in a thread while the gate waits at `go`, let the gate go a second later, wait for both."""
+    other = threading.Thread(target=operation)
+    other.start()
+    time.sleep(1)
+    go.set()
+    gate.join(300)
+    other.join(300)
+
+
 def test_a_rollback_during_a_promotion_is_not_undone(server, archives, golden, tmp_path):
     # item 14: the rollback was undone a second later by the promotion, which reported the wrong previous default
     t, go, promotion, real = gate_in_thread(server, archives["3.0"], golden, tmp_path)
     rolled = {}
-    rb = threading.Thread(target=lambda: rolled.update(r=versions.rollback(server, "my_model")))
     try:
-        rb.start()
-        time.sleep(1)
-        go.set()
-        t.join(300)
-        rb.join(300)
+        race(t, go, lambda: rolled.update(r=versions.rollback(server, "my_model")))
     finally:
         gatelib.score = real
     assert promotion == {"rc": 0}
@@ -274,13 +279,8 @@ def test_a_rollback_during_a_gate_never_picks_the_version_under_the_gate(server,
         except management.DeployError as e:
             rolled["error"] = str(e)
 
-    rb = threading.Thread(target=rollback)
     try:
-        rb.start()
-        time.sleep(1)
-        go.set()
-        t.join(300)
-        rb.join(300)
+        race(t, go, rollback)
     finally:
         gatelib.score = real
     assert gate == {"rc": versions.EXIT_REJECTED}  # the same model cannot gain a point
