@@ -20,21 +20,26 @@ that runs model code, which must not read the TLS keys.
 scripts/serve.sh start --front-door starts it with TorchServe (deploy/serve.py); stop and status include it.
 """
 
+import glob
 import ipaddress
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass, field
 
 import psutil
 
 from deploy import settings
+from deploy.archive import read_classes, read_manifest
 from deploy.privileges import private_files
+from model_src.oip import model_metadata
 
 RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
 
@@ -106,6 +111,7 @@ class FrontDoor:
     bulk_queue: int = 64
     names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
     cert: str | None = None  # a real certificate instead of the generated one
+    models: dict = field(default_factory=dict)  # KServe v2 metadata per model name (oip_models): the v2 routes
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -250,6 +256,7 @@ class FrontDoor:
             # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here too)
             "acl explain path,url_dec,lower -m sub explanation explain",
             "http-request track-sc1 src table explain if explain",
+            *self.oip_rules(),
         ]
         if self.rate:
             rules.append(f"http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
@@ -283,8 +290,49 @@ class FrontDoor:
         ]
         return f"backend {name}\n" + "".join(f"    {rule}\n" for rule in rules)
 
+    # --- KServe v2 / Open Inference Protocol: what TorchServe 0.12 does not answer (docs/kserve.md) -------------
+    def oip_rules(self) -> list[str]:
+        """Model metadata and readiness, and the versioned infer/explain routes, for each model in self.models.
+        Each becomes a request TorchServe answers with the client's own key (metadata and readiness: GET /ping,
+        whose 200 the door then replaces with the model's answer), so a wrong key gets TorchServe's refusal on
+        every v2 path. Paths are matched whole as strings (no regular expression); any other spelling reaches
+        TorchServe unchanged and gets its 404."""
+        rules = []
+        for name, meta in self.models.items():
+            base = f"/v2/models/{name}"
+            versioned = [f"{base}/versions/{v}" for v in meta["versions"]]
+            rules += [
+                f"http-request set-var(txn.oip) str(meta-{name}) if METH_GET "
+                f"{{ path -m str {base} {' '.join(versioned)} }}",
+                f"http-request set-var(txn.oip) str(ready-{name}) if METH_GET "
+                f"{{ path -m str {base}/ready {' '.join(p + '/ready' for p in versioned)} }}",
+            ]
+            for version, path in zip(meta["versions"], versioned):
+                rules += [
+                    f"http-request set-path /predictions/{name}/{version} if {{ path -m str {path}/infer }}",
+                    f"http-request set-path /explanations/{name}/{version} if {{ path -m str {path}/explain }}",
+                ]
+            ready = haproxy_quote(json.dumps({"name": name, "ready": True}))
+            rules += [
+                f"http-response return status 200 content-type application/json file {self.oip_file(name)} "
+                f"if {{ var(txn.oip) -m str meta-{name} }} {{ status 200 }}",
+                f"http-response return status 200 content-type application/json string {ready} "
+                f"if {{ var(txn.oip) -m str ready-{name} }} {{ status 200 }}",
+            ]
+        return [*rules, "http-request set-path /ping if { var(txn.oip) -m found }"] if rules else []
+
+    def oip_file(self, name: str) -> str:
+        return self.path(f"oip-{name}.json")
+
+    def write_oip(self):
+        """The metadata files the config names (HAProxy reads them at start, before it drops to its user)."""
+        for name, meta in self.models.items():
+            with private_files(), open(self.oip_file(name), "w") as f:
+                json.dump(meta, f)
+
     def write_config(self):
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        self.write_oip()
         with private_files(), open(self.config, "w") as f:
             f.write(self.haproxy_config())
         check = subprocess.run([haproxy(), "-c", "-q", "-f", self.config], capture_output=True, text=True)
@@ -356,7 +404,35 @@ def for_server(ts, **kw) -> FrontDoor:
     props = ts.config()
     max_body = int(props.get("max_request_size", 6553500))
     server_timeout = int(props.get("default_response_timeout", 120)) + 30
+    kw.setdefault("models", oip_models(ts.model_store))
     return FrontDoor(backend=ts.ports.inference, max_body=max_body, server_timeout=server_timeout, **kw)
+
+
+# --- KServe v2 model metadata, from the archives in a model store -------------------------------------------
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # model names and versions written into HAProxy's config
+
+
+def oip_models(store: str) -> dict[str, dict]:
+    """{model name: its KServe v2 metadata} for every archive in `store` (versions in archive order).
+    Only a store that no other user can write is read: root opens these files."""
+    info = os.stat(store)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        return {}
+    found: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(store, "*.mar"))):
+        try:
+            model = read_manifest(path)["model"]
+            name, version = model["modelName"], model["modelVersion"]
+            with zipfile.ZipFile(path) as z:
+                preprocessing = json.loads(z.read("serving.json")).get("preprocessing") or {}
+            classes = read_classes(path)
+        except (ValueError, KeyError, OSError):
+            continue  # not one of this bundle's archives: TorchServe decides what to do with it
+        if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
+            continue
+        meta = found.setdefault(name, model_metadata(name, [], classes, preprocessing))
+        meta["versions"].append(version)
+    return found
 
 
 def print_status(door: FrontDoor):

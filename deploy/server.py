@@ -246,6 +246,7 @@ class TorchServe:
         env["LOG_LOCATION"] = self.log_dir
         env["METRICS_LOCATION"] = self.log_dir
         env.pop("TS_CONFIG_FILE", None)
+        env["TS_OPEN_INFERENCE_PROTOCOL"] = "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
         # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp, where
         # another user could create /tmp/models first and have their handler loaded.
         env["TMPDIR"] = env["TEMP"] = self.tmp_dir

@@ -37,6 +37,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from model_src import oip
 from model_src.explain import explain
 from model_src.preprocessing import InputError, Preprocessing, sniff_format
 from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE, Predictor
@@ -247,7 +248,7 @@ def v2_error(status: int, message: str, model_name: str, version: str, request_i
     output tensor named "error" there (a body without them would crash its response path)."""
     body = v2_response([error_body(status, message)], model_name, version, request_id)
     body["outputs"][0]["name"] = "error"
-    return {**error_body(status, message), **body}
+    return {**error_body(status, message), **body, "error": message}  # "error": the v2 error shape
 
 
 def request_kind(context, idx: int) -> str:
@@ -399,7 +400,8 @@ class ImageClassifier(BaseHandler):
                 continue
             body = None
             try:
-                body = body_of(row)
+                head = oip.header_length(context.get_all_request_header(idx))  # the v2 binary extension
+                body = oip.parse(row.get("body"), head, self.config["max_images_per_request"]) if head else body_of(row)
                 items, shape = items_from_body(body)
                 limit = self.config["max_images_per_explanation" if kind == "explain" else "max_images_per_request"]
                 items = check_items(items, limit, self.config["max_request_image_bytes"])

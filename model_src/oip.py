@@ -1,0 +1,101 @@
+"""KServe v2 / Open Inference Protocol over HTTP: the binary tensor extension, model metadata. Pure: no TorchServe.
+
+The binary extension (Triton's, which every tritonclient uses by default): the body is a JSON header of
+`Inference-Header-Content-Length` bytes, then each tensor that carries `parameters.binary_data_size` as raw bytes,
+in the order of the header's tensors. A BYTES tensor's raw bytes are its elements, each a 4-byte little-endian
+length and that many bytes. Answers stay JSON (tritonclient reads either, whatever binary_data_output asked).
+
+Cost: parse() reads the header once (json.loads) and each element once; the elements are capped by `max_elements`
+before any is copied past the cap, so a body of 16 MiB of zero-length elements is refused after max_elements + 1
+steps (tests/test_oip_units.py grows it 10x).
+"""
+
+import json
+import struct
+
+from model_src.preprocessing import InputError
+
+HEADER = "inference-header-content-length"  # lower-cased: HAProxy sends header names in lower case
+PLATFORM = "pytorch_torchserve"
+INPUT, OUTPUT = "data", "predictions"  # the tensor names the handler reads and answers (any input name is read)
+_LENGTH = struct.Struct("<I")
+
+
+def header_length(headers: dict) -> str | None:
+    """The binary extension's header length from a request's headers (any case), or None: plain JSON."""
+    return next((v for k, v in (headers or {}).items() if str(k).lower() == HEADER), None)
+
+
+def parse(body, length: str, max_elements: int) -> dict:
+    """A binary-extension body -> the v2 request, each binary BYTES tensor's `data` a list of raw bytes."""
+    if not isinstance(body, (bytes, bytearray)):
+        raise InputError(f"{HEADER} needs a raw body (no JSON or form Content-Type), got {type(body).__name__}")
+    body = memoryview(body)
+    if not str(length).isdigit() or not 0 < int(length) <= len(body):
+        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {str(length)[:40]!r}")
+    offset = int(length)
+    try:
+        request = json.loads(bytes(body[:offset]))
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"the binary request's JSON header does not parse: {e}") from None
+    inputs = request.get("inputs") if isinstance(request, dict) else None
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise InputError('KServe v2: "inputs" must be a list of tensors')
+    for tensor in inputs:
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(body):
+            raise InputError(f"binary_data_size {str(size)[:40]} runs past the body's end")
+        if tensor.get("datatype") != "BYTES":
+            raise InputError(f"input {str(tensor.get('name'))[:40]!r}: only BYTES tensors (encoded images) are read")
+        tensor["data"] = elements(body[offset : offset + size], max_elements)
+        tensor["parameters"] = {k: v for k, v in tensor["parameters"].items() if k != "binary_data_size"}
+        offset += size
+    if offset != len(body):
+        raise InputError(f"{len(body) - offset} bytes after the binary tensors that no binary_data_size claims")
+    return request
+
+
+def elements(raw: memoryview, max_elements: int) -> list[bytes]:
+    """A BYTES tensor's raw bytes -> its elements (a 4-byte little-endian length, then the bytes each), at most
+    max_elements."""
+    out: list[bytes] = []
+    at = 0
+    while at < len(raw):
+        if len(out) >= max_elements:
+            raise InputError(f"over {max_elements} elements in one BYTES tensor", 413)
+        if at + 4 > len(raw):
+            raise InputError("a BYTES element's 4-byte length is cut short")
+        (n,) = _LENGTH.unpack_from(raw, at)
+        if at + 4 + n > len(raw):
+            raise InputError(f"a BYTES element of {n} bytes runs past its tensor's end")
+        out.append(bytes(raw[at + 4 : at + 4 + n]))
+        at += 4 + n
+    return out
+
+
+def model_metadata(name: str, versions: list[str], classes: list[str], preprocessing: dict) -> dict:
+    """GET /v2/models/{name}: one BYTES input of encoded images in, one BYTES output of JSON top-k dicts out."""
+    image = {k: preprocessing[k] for k in ("image_size", "channels") if k in preprocessing}
+    return {
+        "name": name,
+        "versions": versions,
+        "platform": PLATFORM,
+        "inputs": [
+            {
+                "name": INPUT,
+                "datatype": "BYTES",
+                "shape": [-1],
+                "parameters": {"content": "encoded image (PNG, JPEG, ...), raw or base64", **image},
+            }
+        ],
+        "outputs": [
+            {
+                "name": OUTPUT,
+                "datatype": "BYTES",
+                "shape": [-1],
+                "parameters": {"content": 'JSON {"<class>": probability}, highest first', "classes": classes},
+            }
+        ],
+    }

@@ -1,0 +1,96 @@
+"""model_src/oip.py without a server: the binary tensor extension as tritonclient writes and reads it."""
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from model_src import oip
+from model_src.preprocessing import InputError
+
+
+def client_body(*payloads: bytes, binary=True, **kw) -> tuple[bytes, int | None]:
+    """The exact body tritonclient.http sends for one BYTES input (its own serialiser, not ours)."""
+    tensor = httpclient.InferInput("data", [len(payloads)], "BYTES")
+    tensor.set_data_from_numpy(np.array(payloads, dtype=np.object_), binary_data=binary)
+    body, length = httpclient.InferenceServerClient.generate_request_body([tensor], request_id="r1", **kw)
+    return body, length
+
+
+def test_parse_gives_back_the_raw_bytes_tritonclient_sent():
+    images = [b"\x89PNG\r\n\x1a\n" + bytes(range(256)), b"", b"\xff\xd8\xff" * 100]
+    body, length = client_body(*images)
+    request = oip.parse(body, str(length), 10)
+    assert request["id"] == "r1" and request["inputs"][0]["data"] == images
+    assert "binary_data_size" not in request["inputs"][0]["parameters"]
+
+
+def test_header_length_is_found_in_any_case():
+    assert oip.header_length({"Inference-Header-Content-Length": "12"}) == "12"
+    assert oip.header_length({"inference-header-content-length": "7"}) == "7"
+    assert oip.header_length({"content-type": "x"}) is None and oip.header_length(None) is None
+
+
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda body, n: (body, str(len(body) + 1)), "within the body"),
+        (lambda body, n: (body, "-3"), "within the body"),
+        (lambda body, n: (body, str(n - 1)), "does not parse"),
+        (lambda body, n: (body + b"x", str(n)), "bytes after the binary tensors"),
+        (lambda body, n: (body[:-1], str(n)), "runs past"),
+        (lambda body, n: (json.loads(body[:n]), str(n)), "raw body"),
+    ],
+)
+def test_malformed_binary_bodies_are_400_with_a_reason(mangle, message):
+    body, n = client_body(b"\xff\xd8\xffimage")
+    with pytest.raises(InputError, match=message) as e:
+        oip.parse(*mangle(body, n), 10)
+    assert e.value.status == 400
+
+
+def test_non_bytes_binary_tensor_is_refused():
+    tensor = httpclient.InferInput("x", [2], "FP32")
+    tensor.set_data_from_numpy(np.zeros(2, dtype=np.float32), binary_data=True)
+    body, n = httpclient.InferenceServerClient.generate_request_body([tensor])
+    with pytest.raises(InputError, match="only BYTES"):
+        oip.parse(body, str(n), 10)
+
+
+def count_steps(monkeypatch) -> list[int]:
+    """Counts the element reads parse() makes (its only loop over attacker bytes)."""
+    calls = [0]
+    real = oip._LENGTH
+
+    class Counting:
+        def unpack_from(self, buf, at):
+            calls[0] += 1
+            return real.unpack_from(buf, at)
+
+    monkeypatch.setattr(oip, "_LENGTH", Counting())
+    return calls
+
+
+def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
+    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops it."""
+    calls = count_steps(monkeypatch)
+    work = []
+    for n in (1_000, 10_000):
+        body, length = client_body(*([b""] * n))
+        calls[0] = 0
+        assert len(oip.parse(body, str(length), 10**6)["inputs"][0]["data"]) == n
+        work.append(calls[0])
+    assert work == [1_000, 10_000]
+    body, length = client_body(*([b""] * 10_000))
+    calls[0] = 0
+    with pytest.raises(InputError, match="over 32 elements") as e:
+        oip.parse(body, str(length), 32)
+    assert e.value.status == 413 and calls[0] == 32
+
+
+def test_model_metadata_names_the_tensors_and_classes():
+    meta = oip.model_metadata("m", ["1.0", "2.0"], ["cat", "dog"], {"image_size": 28, "channels": 1, "mean": [0.5]})
+    assert meta["versions"] == ["1.0", "2.0"] and meta["platform"] == "pytorch_torchserve"
+    assert meta["inputs"][0]["datatype"] == "BYTES" and meta["inputs"][0]["parameters"]["image_size"] == 28
+    assert meta["outputs"][0]["parameters"]["classes"] == ["cat", "dog"]
