@@ -403,6 +403,7 @@ class ImageClassifier(BaseHandler):
                 head = oip.header_length(context.get_all_request_header(idx))  # the v2 binary extension
                 body = oip.parse(row.get("body"), head, self.config["max_images_per_request"]) if head else body_of(row)
                 items, shape = items_from_body(body)
+                shape = oip.form(shape, body)  # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
                 limit = self.config["max_images_per_explanation" if kind == "explain" else "max_images_per_request"]
                 items = check_items(items, limit, self.config["max_request_image_bytes"])
                 if kind == "explain":
@@ -437,13 +438,21 @@ class ImageClassifier(BaseHandler):
         self.record(context, "HandlerTime", (time.perf_counter() - start) * 1000)
         return answers
 
-    def answer(self, context, idx: int, results: list, shape) -> dict | list:
+    def answer(self, context, idx: int, results: list, shape) -> dict | list | bytes:
         context.set_response_content_type(idx, "application/json")
         if shape == "one":
             return results[0]
         if shape == "list":
             return results
-        return v2_response(results, self.model_name, self.version, shape[1])
+        if shape == "v1":
+            return {"predictions": results}
+        reply = v2_response(results, self.model_name, self.version, shape[1])
+        if shape[-1] != "binary":
+            return reply
+        body, length = oip.binary_reply(reply)  # the v2 binary extension, as the request asked
+        context.set_response_header(idx, "Inference-Header-Content-Length", str(length))
+        context.set_response_content_type(idx, "application/octet-stream")
+        return body
 
     # --- explanations ----------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 The binary extension (Triton's, which every tritonclient uses by default): the body is a JSON header of
 `Inference-Header-Content-Length` bytes, then each tensor that carries `parameters.binary_data_size` as raw bytes,
 in the order of the header's tensors. A BYTES tensor's raw bytes are its elements, each a 4-byte little-endian
-length and that many bytes. Answers stay JSON (tritonclient reads either, whatever binary_data_output asked).
+length and that many bytes. Answers use the same layout when the request asks for binary outputs
+(`parameters.binary_data_output`, which tritonclient sets whenever it names no outputs, or `binary_data` on a
+requested output).
 
 Cost: parse() reads the header once (json.loads) and each element once; the elements are capped by `max_elements`
 before any is copied past the cap, so a body of 16 MiB of zero-length elements is refused after max_elements + 1
@@ -73,6 +75,40 @@ def elements(raw: memoryview, max_elements: int) -> list[bytes]:
         out.append(bytes(raw[at + 4 : at + 4 + n]))
         at += 4 + n
     return out
+
+
+def form(shape, body):
+    """The handler's answer form (items_from_body's), refined for KServe: a v2 request that asks for binary outputs
+    gets ('v2', id, 'binary'); a v1 body ({"instances": [...]}) gets 'v1', answered {"predictions": [...]}."""
+    if isinstance(shape, tuple) and wants_binary(body, OUTPUT):
+        return (*shape, "binary")
+    if shape == "list" and isinstance(body, dict) and "instances" in body:
+        return "v1"
+    return shape
+
+
+def wants_binary(request, output: str) -> bool:
+    """Whether a v2 request asks for `output` in binary: binary_data_output, or binary_data on that output."""
+    if not isinstance(request, dict):
+        return False
+    if (request.get("parameters") or {}).get("binary_data_output") is True:
+        return True
+    asked = [o for o in request.get("outputs") or [] if isinstance(o, dict) and o.get("name") == output]
+    return any((o.get("parameters") or {}).get("binary_data") is True for o in asked)
+
+
+def binary_reply(reply: dict) -> tuple[bytes, int]:
+    """A v2 answer with BYTES outputs -> (body in the binary layout, its JSON header's length)."""
+    header, raw = dict(reply), []
+    header["outputs"] = []
+    for out in reply["outputs"]:
+        data = [d.encode() if isinstance(d, str) else bytes(d) for d in out["data"]]
+        blob = b"".join(_LENGTH.pack(len(d)) + d for d in data)
+        params = {**out.get("parameters", {}), "binary_data_size": len(blob)}
+        header["outputs"].append({k: v for k, v in out.items() if k != "data"} | {"parameters": params})
+        raw.append(blob)
+    text = json.dumps(header).encode()
+    return text + b"".join(raw), len(text)
 
 
 def model_metadata(name: str, versions: list[str], classes: list[str], preprocessing: dict) -> dict:

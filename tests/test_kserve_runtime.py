@@ -93,7 +93,7 @@ def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
         assert v2.status_code == 200 and v2.json()["model_version"] == "2.0"  # the snapshot's default
         assert json.loads(v2.json()["outputs"][0]["data"][0]) == default.json()
         v1 = requests.post(f"{url}/v1/models/my_model:predict", json={"instances": [{"data": b64}] * 2}, timeout=60)
-        assert v1.status_code == 200 and v1.json() == [default.json()] * 2
+        assert v1.status_code == 200 and v1.json() == {"predictions": [default.json()] * 2}
 
         # Nothing can be registered: the model API is off, whoever reaches management.
         reg = requests.post(f"http://127.0.0.1:{ports.management}/models?url=my_model.mar", timeout=30)

@@ -1,5 +1,6 @@
 """model_src/oip.py without a server: the binary tensor extension as tritonclient writes and reads it."""
 
+import base64
 import json
 
 import numpy as np
@@ -89,8 +90,67 @@ def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
     assert e.value.status == 413 and calls[0] == 32
 
 
+def test_binary_reply_reads_back_with_tritonclient():
+    reply = {"id": "r", "model_name": "m", "model_version": "1", "outputs": []}
+    reply["outputs"].append({"name": "predictions", "datatype": "BYTES", "shape": [2], "data": ['{"3": 0.9}', "é"]})
+    body, length = oip.binary_reply(reply)
+    result = httpclient.InferResult.from_response_body(body, header_length=length)
+    assert [x.decode() for x in result.as_numpy("predictions")] == ['{"3": 0.9}', "é"]
+    assert result.get_response()["model_version"] == "1"
+
+
+def test_answer_forms_for_kserve():
+    assert oip.form(("v2", "r"), {"parameters": {"binary_data_output": True}}) == ("v2", "r", "binary")
+    asked = {"outputs": [{"name": "predictions", "parameters": {"binary_data": True}}]}
+    assert oip.form(("v2", "r"), asked) == ("v2", "r", "binary")
+    assert oip.form(("v2", "r"), {"outputs": [{"name": "other", "parameters": {"binary_data": True}}]}) == ("v2", "r")
+    assert oip.form("list", {"instances": ["x"]}) == "v1" and oip.form("list", ["x"]) == "list"
+    assert oip.form("one", b"raw") == "one"
+
+
 def test_model_metadata_names_the_tensors_and_classes():
     meta = oip.model_metadata("m", ["1.0", "2.0"], ["cat", "dog"], {"image_size": 28, "channels": 1, "mean": [0.5]})
     assert meta["versions"] == ["1.0", "2.0"] and meta["platform"] == "pytorch_torchserve"
     assert meta["inputs"][0]["datatype"] == "BYTES" and meta["inputs"][0]["parameters"]["image_size"] == 28
     assert meta["outputs"][0]["parameters"]["classes"] == ["cat", "dog"]
+
+
+# --- the handler's hook, without a server (tests/test_handler.py's real Context) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def handler(archive_factory, tmp_path_factory):
+    from tests.test_handler import make_handler
+
+    return make_handler(archive_factory("1.0"), tmp_path_factory.mktemp("oip-handler"))
+
+
+JSON_OUT = [httpclient.InferRequestedOutput("predictions", binary_data=False)]
+
+
+def run(handler, rows, headers):
+    from ts.context import RequestProcessor
+    from ts.protocol.otf_message_handler import create_predict_response
+
+    model, ctx = handler
+    ctx.request_ids = ctx.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
+    ctx.request_processor = [RequestProcessor(h) for h in headers]
+    out = model.handle(rows, ctx)
+    create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)  # the worker's framing
+    return out, ctx
+
+
+def test_handler_reads_binary_images_and_answers_binary_and_v1(handler, png):
+    body, length = client_body(png)
+    b64 = base64.b64encode(png).decode()
+    plain = client_body(b64, binary=False, outputs=JSON_OUT)[0]
+    rows = [{"body": bytearray(body)}, {"body": {"instances": [b64]}}, {"body": plain}]
+    headers = [{"Inference-Header-Content-Length": str(length)}, {}, {}]
+    out, ctx = run(handler, rows, headers)
+    assert ctx.get_response_status(0)[0] == 200, out[0]
+    assert ctx.get_response_content_type(0) == "application/octet-stream"
+    head = int(ctx.get_response_headers(0)["Inference-Header-Content-Length"])
+    result = httpclient.InferResult.from_response_body(out[0], header_length=head)
+    as_binary = json.loads(result.as_numpy("predictions")[0])
+    assert out[1] == {"predictions": [as_binary]}  # KServe v1
+    assert json.loads(out[2]["outputs"][0]["data"][0]) == as_binary  # JSON asked, JSON answered
