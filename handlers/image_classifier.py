@@ -29,31 +29,6 @@ from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE, Predictor
 
 logger = logging.getLogger(__name__)
 
-# The handler's settings live in model-config.yaml's `handler:` section (shipped in every archive) and
-# nowhere else: these are the keys it needs, and a worker without one of them refuses to start.
-SETTINGS = (
-    "topk",
-    "max_image_pixels",
-    "max_images_per_request",
-    "max_request_image_bytes",
-    "decode_time_share",
-    "threads",
-    "explain_steps",
-    "max_images_per_explanation",
-    "explain_time_share",
-    "memory_headroom_mb",
-)
-
-
-def settings_from(yaml_cfg: dict) -> dict:
-    """model-config.yaml -> the handler's settings; RuntimeError naming any that is missing."""
-    settings = yaml_cfg.get("handler") or {}
-    missing = [f"handler.{key}" for key in SETTINGS if key not in settings]
-    missing += [] if "responseTimeout" in yaml_cfg else ["responseTimeout"]  # the decoding time budget's base
-    if missing:
-        raise RuntimeError(f"model-config.yaml lacks {', '.join(missing)}: see handlers/model-config.yaml")
-    return settings
-
 
 def frontend_model_store() -> str | None:
     """The model store of the TorchServe frontend that started this worker: the `torchserve` CLI always passes
@@ -143,7 +118,7 @@ class ImageClassifier(BaseHandler):
         )
 
     def configure(self, yaml_cfg: dict, batch_size: int):
-        self.config = settings_from(yaml_cfg)
+        self.config = protocol.settings_from(yaml_cfg)
         # Decoding a batch must end well before TorchServe's responseTimeout kills the worker (and every
         # request in the batch): each request gets its share of decode_time_share x responseTimeout.
         self.response_timeout = yaml_cfg["responseTimeout"]

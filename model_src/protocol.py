@@ -15,6 +15,7 @@ Each request is one of three kinds, told apart by the header TorchServe sets on 
   describe   GET /models/{model}/{version}?customized=true on the management API: the model card
 
 The cheap checks (count, types, sizes) run before anything is decoded; decoding has a pixel and a time budget.
+The limits come from the handler's settings (model-config.yaml's `handler:` section), read here too.
 """
 
 import base64
@@ -27,6 +28,34 @@ from typing import Any
 import torch
 
 from model_src.preprocessing import InputError, Preprocessing, sniff_format
+
+# --- settings ------------------------------------------------------------------------------------
+
+# The handler's settings live in model-config.yaml's `handler:` section (shipped in every archive) and
+# nowhere else: these are the keys it needs, and a worker without one of them refuses to start.
+SETTINGS = (
+    "topk",
+    "max_image_pixels",
+    "max_images_per_request",
+    "max_request_image_bytes",
+    "decode_time_share",
+    "threads",
+    "explain_steps",
+    "max_images_per_explanation",
+    "explain_time_share",
+    "memory_headroom_mb",
+)
+
+
+def settings_from(yaml_cfg: dict) -> dict:
+    """model-config.yaml -> the handler's settings; RuntimeError naming any that is missing."""
+    settings = yaml_cfg.get("handler") or {}
+    missing = [f"handler.{key}" for key in SETTINGS if key not in settings]
+    missing += [] if "responseTimeout" in yaml_cfg else ["responseTimeout"]  # the decoding time budget's base
+    if missing:
+        raise RuntimeError(f"model-config.yaml lacks {', '.join(missing)}: see handlers/model-config.yaml")
+    return settings
+
 
 # --- request parsing: row -> list of encoded images ------------------------------------
 

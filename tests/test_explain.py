@@ -214,6 +214,21 @@ def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(ar
     shutil.rmtree(unpacked)
 
 
+def test_an_explanation_past_the_memory_ceiling_is_507(archive_factory, digits, tmp_path, monkeypatch):
+    # The worker's memory ceiling (memory_headroom_mb) turns an allocation past it into MemoryError: that request
+    # fails with 507, not a 500 "internal error", and its neighbours answer.
+    import handlers.image_classifier as handler_module
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    handler, ctx = make_handler(archive_factory("1.0"), tmp_path)
+    monkeypatch.setattr(handler_module, "explain", out_of_memory)
+    out, status = handle_kinds(handler, ctx, [("explain", digit("3")), ("predict", digit("3"))])
+    assert status == [507, 200]
+    assert out[0]["message"] == "this request needs more memory than a worker has"
+
+
 # --- the step budget (model_src/explain.py): a fake clock and a fake explainer -------------------------------------
 
 

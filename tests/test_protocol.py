@@ -140,3 +140,18 @@ def test_top_k_with_fewer_classes_than_k():
     probs = torch.tensor([0.2, 0.5, 0.3])
     assert list(protocol.top_k(probs, ["a", "b", "c"], 5).items()) == [("b", 0.5), ("c", 0.3), ("a", 0.2)]
     assert protocol.top_k(probs, ["a", "b", "c"], 1) == {"b": 0.5}
+
+
+def test_reading_a_multipart_request_costs_one_look_per_field(png, monkeypatch):
+    # A cost bound for the parser of attacker bytes: 10x the fields is 10x the work, counted, not timed.
+    looks = []
+    real = protocol.is_image
+    monkeypatch.setattr(protocol, "is_image", lambda value: looks.append(1) or real(value))
+
+    def cost(n: int) -> int:
+        looks.clear()
+        row = {f"f{i}": png for i in range(n)}
+        assert len(read_request(row, {}, Limits(10 * n, 1, 2**30)).items) == n
+        return len(looks)
+
+    assert cost(1000) == 10 * cost(100)
