@@ -8,6 +8,7 @@ Its JSON form carries "schema"; a reader refuses a schema it does not know.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,12 @@ from typing import Any
 
 SCHEMA = 1
 FILE = "bundle.json"
+
+
+def sha256_of(path: str) -> str:
+    """The SHA-256 of a file, hex: the bundle's one digest helper (archives, their contents, imported weights)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ManifestError(ValueError):
@@ -62,7 +69,7 @@ class Manifest:
     preprocessing: dict[str, Any]  # Preprocessing.to_dict()
     provenance: Provenance = field(default_factory=Provenance)
     backend: BackendEntry | None = None  # export: the served file
-    files: list[str] = field(default_factory=list)  # export: every file beside the manifest (eager weights, ...)
+    files: dict[str, str] = field(default_factory=dict)  # backend name -> its file, for every model file beside
     checks: dict[str, Any] = field(default_factory=dict)  # export: its report (tolerance, per-format checks)
     archive: ArchiveEntry | None = None  # archiving
 
@@ -83,7 +90,7 @@ class Manifest:
                 preprocessing=d["preprocessing"],
                 provenance=Provenance(**prov),
                 backend=BackendEntry(**d["backend"]) if d.get("backend") else None,
-                files=list(d.get("files") or []),
+                files=dict(d.get("files") or {}),
                 checks=d.get("checks") or {},
                 archive=ArchiveEntry(**d["archive"]) if d.get("archive") else None,
             )
@@ -112,6 +119,10 @@ class Manifest:
                 ),
             ),
         )
+
+    def index_to_name(self) -> dict[str, str]:
+        """TorchServe's label convention (index_to_name.json, keyed by str(index)), for its stock handlers."""
+        return {str(i): name for i, name in enumerate(self.class_names)}
 
     def write(self, folder: str) -> str:
         path = os.path.join(folder, FILE)

@@ -111,7 +111,7 @@ def archive_factory(checkpoint, tmp_path_factory):
 
     Archives are cached per (version, backend, checkpoint), so each is built once per session.
     """
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
 
     cache_root = tmp_path_factory.mktemp("archives")
     built = {}
@@ -121,9 +121,9 @@ def archive_factory(checkpoint, tmp_path_factory):
         if key not in built:
             out = cache_root / f"{len(built)}" / f"{model_name}_v{version}.mar"
             out.parent.mkdir()
-            built[key] = build_archive(ckpt or checkpoint, version, backend, model_name=model_name, output=str(out))[
-                "archive"
-            ]
+            built[key] = archive_checkpoint(
+                ckpt or checkpoint, version, backend, model_name=model_name, output=str(out)
+            )["archive"]
         return built[key]
 
     return build
@@ -146,7 +146,7 @@ def batching_store(tmp, checkpoint):
     concurrent requests share batches (with their bad neighbours)."""
     import yaml
 
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
     from deploy.settings import MODEL_CONFIG
 
     cfg = yaml.safe_load(open(MODEL_CONFIG))
@@ -154,7 +154,7 @@ def batching_store(tmp, checkpoint):
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     store = tmp / "store"
     store.mkdir()
-    build_archive(
+    archive_checkpoint(
         checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
     )
     return store

@@ -8,11 +8,11 @@ import subprocess
 
 import pytest
 import torch
+from model_src.runtime import Predictor
 from PIL import Image
 
 from deploy import management, versions
 from deploy.settings import DIGITS_DIR
-from model_src.runtime import Predictor
 from tests.conftest import install_archive, served_version
 
 # The last test promotes an ONNX 2.0; the tests above compare answers with the eager model: they run first.

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from deploy import management, settings, versions
-from deploy.archive import build_archive
+from deploy.archive import archive_checkpoint
 from deploy.import_pretrained import BATCH_SIZE, import_weights, write_photos
 from deploy.predict import post, top1
 from model_src.net import load_model
@@ -35,7 +35,7 @@ def imagenet_server(photos, store, torchserve_factory, tmp_path_factory):
     """my_model 1.0 as in the other suites, then imagenet 1.0 registered beside it through the guard."""
     checkpoint = str(tmp_path_factory.mktemp("imagenet") / "checkpoint.pt")
     import_weights("efficientnet_lite0", checkpoint, photos)
-    built = build_archive(
+    built = archive_checkpoint(
         checkpoint, "1.0", "onnx", model_name="imagenet", output=str(checkpoint + ".mar"), batch_size=BATCH_SIZE
     )
     ts = torchserve_factory(store)

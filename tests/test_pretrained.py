@@ -11,11 +11,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from model_src.runtime import BACKEND_FILES, Predictor
 from torch import nn
 
 from model_src.net import build_model, load_model
 from model_src.preprocessing import Preprocessing
-from model_src.runtime import BACKEND_FILES, Predictor
 from train import finetune, photos
 from train import pretrained as P
 from train import train as trainer

@@ -169,7 +169,7 @@ def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
     # loaded size; a 39.7 MP grey PNG (16 KB, under every pixel check) decodes into 40 MB.
     import yaml
 
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
     from deploy.settings import MODEL_CONFIG
 
     tmp = tmp_path_factory.mktemp("ceiling")
@@ -179,7 +179,7 @@ def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     (tmp / "store").mkdir()
     archive = str(tmp / "store" / "my_model.mar")
-    build_archive(checkpoint, "1.0", "eager", output=archive, config_file=str(tmp / "model-config.yaml"))
+    archive_checkpoint(checkpoint, "1.0", "eager", output=archive, config_file=str(tmp / "model-config.yaml"))
     ts = torchserve_factory(tmp / "store")
     pid = worker_pid(ts)
     resp = post(ts, images.black_png(6300))

@@ -47,6 +47,11 @@ class Backend:
     # (path, device, threads) -> callable float (B, C, H, W) -> logits (B, K) float32 CPU tensor
     load: Callable[[str, str, int | None], Callable[..., Any]]
     available: Callable[[], str | None] = usable  # None if usable here, else why not (missing package, ...)
+    runtime: str = ""  # what runs the file, in words (bench/mobile.py's rows); "" for the backend's name
+
+    @property
+    def runner(self) -> str:
+        return self.runtime or self.name
 
 
 class BackendUnavailable(RuntimeError):
@@ -103,6 +108,9 @@ def by_file(file: str) -> Backend:
         if backend.file == file:
             return backend
     raise ValueError(f"{file!r} is the file of no backend; known: {sorted(b.file for b in all_backends().values())}")
+
+
+DEFAULT = "onnx"  # what an archive serves unless told: ONNX Runtime served the most requests/s (docs/benchmarks.md)
 
 
 def eager() -> Backend:

@@ -65,5 +65,6 @@ BACKEND = Backend(
     precision="fp32",
     export=export,
     load=load,
+    runtime="onnxruntime",
     available=available,
 )

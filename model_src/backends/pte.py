@@ -79,5 +79,6 @@ BACKEND = Backend(
     precision="fp32",
     export=export,
     load=load,
+    runtime="executorch xnnpack",
     available=available,
 )

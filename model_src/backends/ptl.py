@@ -39,4 +39,5 @@ BACKEND = Backend(
     precision="fp32",
     export=export,
     load=load,
+    runtime="lite interpreter",
 )
