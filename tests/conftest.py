@@ -72,12 +72,16 @@ def png(digits):
 
 def train_run(out_dir, *extra):
     """Run train.main in-process with a shrunk recipe; returns the output dir."""
-    from train.train import get_args_parser, main
+    import sys
 
-    args = get_args_parser().parse_args(
-        ["--output-dir", str(out_dir), "--quiet", "--no-tensorboard", "--no-plots", *map(str, extra)]
-    )
-    main(args)
+    from train import train
+
+    argv = ["--output-dir", str(out_dir), "--quiet", "--no-tensorboard", "--no-plots", *map(str, extra)]
+    saved, sys.argv = sys.argv, [train.__file__, *argv]  # what `python -m train.train ...` would see
+    try:
+        train.main(train.get_args_parser().parse_args(argv))
+    finally:
+        sys.argv = saved
     return str(out_dir)
 
 

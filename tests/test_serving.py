@@ -13,6 +13,7 @@ import torch
 
 from deploy import management, versions
 from deploy.settings import DIGITS_DIR
+from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
@@ -34,10 +35,11 @@ def val_bodies(digits):
 def offline(checkpoint, val_bodies):
     """Eager probabilities for each body, computed without TorchServe."""
     model, ckpt = load_model(checkpoint)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    known = Manifest.from_checkpoint(ckpt)
+    prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
         probs = torch.softmax(model(torch.stack([prep(prep.decode(b)) for b in val_bodies])), 1)
-    return [{ckpt["class_names"][i]: p[i].item() for i in range(len(p))} for p in probs]
+    return [{known.class_names[i]: p[i].item() for i in range(len(p))} for p in probs]
 
 
 @pytest.fixture(scope="module")

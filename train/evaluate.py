@@ -30,7 +30,7 @@ def get_args_parser():
     p.add_argument(
         "--model",
         required=True,
-        help="checkpoint_*.pt or an exported model.pt, .torchscript.pt, .onnx, .int8.pt, .ptl, .pte",
+        help="checkpoint_*.pt, or any backend's file in an export folder (bundle.json beside it)",
     )
     p.add_argument("--data", default=None, help="ImageFolder root (default: the one the model was trained on)")
     p.add_argument("--split", default="val")
