@@ -482,8 +482,8 @@ class ImageClassifier(BaseHandler):
 
     def eager_weights(self) -> str | None:
         """The eager weights an ONNX or int8 archive carries for explanations (None: it carries none)."""
-        file = self.bundle.files.get(backends.reference().name)
-        return os.path.join(self.model_dir, file) if file else None
+        path = os.path.join(self.model_dir, self.bundle.files.get(backends.reference().name, ""))
+        return path if os.path.isfile(path) else None
 
     # --- the model card ----------------------------------------------------------------------
 
