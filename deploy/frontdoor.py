@@ -31,13 +31,12 @@ import signal
 import socket
 import subprocess
 import time
-import zipfile
 from dataclasses import dataclass, field
 
 import psutil
 
 from deploy import settings
-from deploy.archive import read_classes, read_manifest
+from deploy.mar import read_bundle, read_manifest
 from deploy.privileges import private_files
 from model_src.oip import model_metadata
 
@@ -423,14 +422,12 @@ def oip_models(store: str) -> dict[str, dict]:
         try:
             model = read_manifest(path)["model"]
             name, version = model["modelName"], model["modelVersion"]
-            with zipfile.ZipFile(path) as z:
-                preprocessing = json.loads(z.read("serving.json")).get("preprocessing") or {}
-            classes = read_classes(path)
+            bundle = read_bundle(path)
         except (ValueError, KeyError, OSError):
             continue  # not one of this bundle's archives: TorchServe decides what to do with it
         if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
             continue
-        meta = found.setdefault(name, model_metadata(name, [], classes, preprocessing))
+        meta = found.setdefault(name, model_metadata(name, [], bundle.class_names, bundle.preprocessing))
         meta["versions"].append(version)
     return found
 
