@@ -25,7 +25,7 @@ from deploy import journal, management, register_version, versions
 from deploy.archive import check_archive, write_checksum
 from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cannot_run, require_tool
 
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
@@ -178,8 +178,8 @@ public class Dump {
 """
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs Java (TorchServe's frontend does)")
 def test_java_reads_the_generated_config_as_we_do(tmp_path):
+    require_tool("java")  # TorchServe's frontend needs it too
     ts = config_with_odd_values(tmp_path)
     path, _ = ts.write_config(restore=False)
     (tmp_path / "Dump.java").write_text(JAVA_DUMP)
@@ -526,7 +526,7 @@ def test_a_full_disk_leaves_no_torn_journal_line(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
+        cannot_run("needs root to mount a small tmpfs")
     try:
         journal.baseline(str(state), {"m": {"versions": {"1.0": "m.mar"}, "default": "1.0"}}, "start")
         path = state / "deployments.jsonl"

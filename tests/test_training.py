@@ -20,7 +20,7 @@ from model_src.layers import Swish
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
-from tests.conftest import ROOT, free_port, train_run
+from tests.conftest import ROOT, cannot_run, free_port, train_run
 from tests.reference import torchvision_eval
 from train import data as datalib
 from train import train as trainer
@@ -497,7 +497,7 @@ def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a tmpfs")
+        cannot_run("needs root to mount a tmpfs")
     yield disk
     subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a failed save may still hold a file open
 
