@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 import zlib
 
-from deploy import settings
+from bundle import settings
 from deploy.privileges import shared_dir
 
 

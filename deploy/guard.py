@@ -38,11 +38,12 @@ from urllib.parse import unquote_to_bytes, urlencode
 
 import psutil
 
-from deploy import settings
+from bundle import settings
+from bundle.settings import GUARD_KEY
+from deploy import process
 from deploy.archive import NAME, check_archive
+from deploy.errors import error_body
 from deploy.privileges import logged
-
-GUARD_KEY = "guarded_management_address"  # in a generated config: where the guard listens
 
 ARCHIVE_NAME = re.compile(NAME.pattern + r"\.mar")  # a file name in the store, as archive.sh names them
 MAX_BODY = 1 << 20  # the framing we accept; management calls carry parameters, never archives (bodies are refused)
@@ -481,7 +482,7 @@ class Guard(socketserver.StreamRequestHandler):
 
     def refuse(self, refusal: Refusal, head: Head | None, start: float) -> bool:
         """Answer a refusal as JSON and close the connection (False)."""
-        body = error(refusal.status, refusal.kind, refusal.message)
+        body = error_body(refusal.status, refusal.kind, refusal.message).encode()
         self.reply(refusal.status, [("Content-Type", "application/json")], body, True)
         self.log(f"refused {refusal.status} {head.method if head else '-'}: {refusal.message}", start)
         self.linger()
@@ -519,10 +520,6 @@ class Guard(socketserver.StreamRequestHandler):
     def log(self, what: str, start: float):
         took = (time.perf_counter() - start) * 1000
         print(f"{time.strftime('%d/%b/%Y %H:%M:%S')} {what} {took:.1f} ms", flush=True)
-
-
-def error(status: int, kind: str, message: str) -> bytes:
-    return json.dumps({"code": status, "type": kind, "message": message}).encode()
 
 
 class GuardServer(socketserver.ThreadingTCPServer):
@@ -617,18 +614,7 @@ def stop(ts, timeout: float = 5) -> bool:
     supervisors, guards = processes(ts)
     procs = supervisors + guards  # the supervisor first, so that it does not restart the guard
     for _ in range(3):  # a supervisor that restarted its guard just before it heard SIGTERM: once more
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=timeout)
+        process.terminate(procs, timeout, timeout)
         left = processes(ts)
         if not left[0] + left[1]:
             break

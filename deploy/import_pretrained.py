@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from deploy import management, settings, versions
+from bundle import settings
+from deploy import management, versions
 from deploy.archive import archive_name, build_archive
 from deploy.server import ServerError, TorchServe
 

@@ -39,7 +39,8 @@ import threading
 
 import requests
 
-from deploy import management, settings
+from bundle import settings
+from deploy import management
 from deploy.gate import MIN_AGREEMENT
 from deploy.golden import choose
 from deploy.journal import JournalError

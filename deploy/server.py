@@ -38,7 +38,6 @@ import json
 import os
 import pwd
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -48,8 +47,12 @@ from dataclasses import dataclass, field
 import psutil
 import requests
 
-from deploy import firewall, guard, settings
-from deploy.guard import GUARD_KEY
+from bundle import settings
+from bundle.properties import format_properties, parse_properties, read_properties
+from bundle.settings import GUARD_KEY, Ports
+from bundle.settings import ports as ports_from_config
+from deploy import firewall, guard, management, process
+from deploy.errors import ServerError
 from deploy.privileges import (
     as_user,
     ids,
@@ -61,49 +64,12 @@ from deploy.privileges import (
     unreachable,
     write_new,
 )
-from deploy.properties import format_properties, parse_properties, read_properties
 from deploy.snapshot import restore_plan
 
 DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
 LEGACY = ("logs", "tmp", "key_file.json")  # what an earlier version kept at the top of the server's folder
+FRONTEND = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe's frontend (its JVM)
 TOKEN_REFUSED = "Token Authorization failed"  # TorchServe's 400 for a missing, wrong or expired key
-
-
-@dataclass
-class Ports:
-    inference: int = 8080
-    management: int = 8081
-    metrics: int = 8082
-    grpc_inference: int = 7070
-    grpc_management: int = 7071
-
-    @classmethod
-    def free(cls) -> "Ports":
-        """Five ports the OS says are free right now (for tests and side-by-side servers)."""
-        socks = [socket.socket() for _ in range(5)]
-        try:
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            return cls(*[s.getsockname()[1] for s in socks])
-        finally:
-            for s in socks:
-                s.close()
-
-
-def ports_from_config(path: str = settings.CONFIG) -> Ports:
-    props = read_properties(path)
-    port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
-    return Ports(
-        port("inference_address", 8080),
-        port(GUARD_KEY if GUARD_KEY in props else "management_address", 8081),
-        port("metrics_address", 8082),
-        int(props.get("grpc_inference_port", 7070)),
-        int(props.get("grpc_management_port", 7071)),
-    )
-
-
-class ServerError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -214,7 +180,7 @@ class TorchServe:
             cmd, cwd = proc.cmdline(), proc.cwd()
         except psutil.Error:
             return None
-        args = cmd[cmd.index("org.pytorch.serve.ModelServer") + 1 :] if "org.pytorch.serve.ModelServer" in cmd else []
+        args = cmd[cmd.index(FRONTEND) + 1 :] if FRONTEND in cmd else []
         props = self.config()  # started without -f, or with a file outside its folder: our best guess
         if "-f" in args[:-1]:
             try:
@@ -328,15 +294,8 @@ class TorchServe:
     def pid(self) -> int | None:
         """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe frontend
         running as that user."""
-        try:
-            with self.open(self.pid_file) as f:
-                pid = int(f.read(64).strip())
-            proc = psutil.Process(pid)
-            if proc.uids().real == self.uid and "org.pytorch.serve.ModelServer" in proc.cmdline():
-                return pid
-        except (OSError, ValueError, psutil.Error):
-            pass
-        return None
+        proc = process.find_by_pid_file(self.pid_file, FRONTEND, self.uid, opener=self.open)
+        return proc.pid if proc else None
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and its workers: what stop() may signal (only processes of the server's user)."""
@@ -355,8 +314,6 @@ class TorchServe:
         does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports that can
         register a model are reachable by every local user, or is None when the firewall keeps them to root and
         the server's user."""
-        from deploy import management
-
         if self.is_running():
             if self.guard and guard.state(self) in ("down", "frozen", "unsupervised"):
                 guard.stop(self)
@@ -462,26 +419,23 @@ class TorchServe:
                     raise ServerError(f"port {port} ({name}) is already in use: is another TorchServe running?")
 
     def wait_ready(self, timeout: float):
-        from deploy import management
+        """Until /ping answers 200 and every registered version has its READY workers."""
+        process.wait_until(self.ready, timeout, "TorchServe", hint=f"see {self.log_dir}/ts_log.log")
 
-        deadline = time.time() + timeout
-        last = "no answer yet"
-        while time.time() < deadline:
-            if not self.is_running():
-                raise ServerError(
-                    f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}"
-                )
-            try:
-                if os.path.exists(self.key_file) or not self.tokens_enabled:
-                    # request() refreshes an expired key: start-up can outlast a short token_expiration_min.
-                    ping = self.request("GET", "inference", "/ping", timeout=5)
-                    last = f"ping {ping.status_code} {ping.text.strip()[:80]}"
-                    if ping.status_code == 200 and management.all_ready(self):
-                        return
-            except (requests.RequestException, ServerError) as e:  # ServerError: a refresh with a stale key file
-                last = f"{e.__class__.__name__}"
-            time.sleep(0.5)
-        raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({last}); see {self.log_dir}/ts_log.log")
+    def ready(self) -> bool | str:
+        """wait_ready's probe: True, or what is not ready yet; ServerError when TorchServe has exited."""
+        if not self.is_running():
+            raise ServerError(f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}")
+        if not os.path.exists(self.key_file) and self.tokens_enabled:
+            return "no key file yet"
+        try:
+            # request() refreshes an expired key: start-up can outlast a short token_expiration_min.
+            ping = self.request("GET", "inference", "/ping", timeout=5)
+            if ping.status_code != 200:
+                return f"ping {ping.status_code} {ping.text.strip()[:80]}"
+            return management.all_ready(self) or "ping 200, not every version has its READY workers"
+        except (requests.RequestException, ServerError) as e:  # ServerError: a refresh with a stale key file
+            return e.__class__.__name__
 
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
@@ -502,10 +456,7 @@ class TorchServe:
                 timeout=60,
                 **self.as_user(),
             )
-            gone, alive = psutil.wait_procs(procs, timeout=timeout)
-            for p in alive:  # stuck: do not leave anything behind
-                p.send_signal(signal.SIGKILL)
-            psutil.wait_procs(alive, timeout=10)
+            process.reap(procs, timeout)  # stuck: do not leave anything behind
         firewall.lift(self.fence_name)
         return bool(procs)
 

@@ -19,11 +19,11 @@ import zipfile
 import psutil
 import pytest
 
+from bundle.properties import read_properties, write_properties
 from deploy import archive as archivelib
 from deploy import gate as gatelib
 from deploy import journal, management, register_version, versions
 from deploy.archive import check_archive, write_checksum
-from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
 from tests.conftest import ROOT
 

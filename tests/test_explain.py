@@ -14,9 +14,9 @@ import requests
 import torch
 from PIL import Image
 
+from bundle.settings import DIGITS_DIR
 from deploy import versions
 from deploy.archive import sha256_of
-from deploy.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 from tests import images
 from tests.conftest import batching_store, install_archive

@@ -24,8 +24,8 @@ from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import get_yaml_config
 
 import handlers.image_classifier as handler_module
-from deploy import settings
-from deploy.settings import METRICS_CONFIG
+from bundle import settings
+from bundle.settings import METRICS_CONFIG
 from handlers.image_classifier import ImageClassifier, top_k
 from model_src.net import build_model, load_model
 from model_src.preprocessing import ACCEPTED_NAMES, Preprocessing

@@ -11,8 +11,8 @@ import types
 
 import pytest
 
+from bundle.settings import ROOT
 from deploy.archive import build_archive, verify_checksum
-from deploy.settings import ROOT
 
 
 @pytest.mark.slow

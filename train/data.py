@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from deploy.settings import DIGITS_DIR
+from bundle.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}

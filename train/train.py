@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from deploy.settings import RUNS_DIR
+from bundle.settings import RUNS_DIR
 from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
 from train import checkpoint, finetune, report
