@@ -83,7 +83,7 @@ def print_header(ts: TorchServe, kind: str):
         print(f"{name}: {value}")
 
 
-def main(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["start", "stop", "status", "restart", "header"])
     p.add_argument("kind", nargs="?", default="inference", choices=["inference", "management"], help="for header")
@@ -115,6 +115,11 @@ def main(argv=None):
         metavar="PEM",
         help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of the local CA",
     )
+    return p
+
+
+def main(argv=None):
+    p = get_args_parser()
     args = p.parse_args(argv)
     if args.cert and not args.front_door:
         p.error("--cert is the front door's certificate: add --front-door")

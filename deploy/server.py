@@ -224,20 +224,7 @@ class TorchServe(KeyedApi, ServerHome):
         config, plan = self.write_config(restore)
         snapshot = plan and plan["snapshot"]
         exposed = self.fence()  # before TorchServe listens
-        cmd = [
-            os.path.join(os.path.dirname(sys.executable), "torchserve"),
-            "--start",
-            "--ts-config",
-            config,
-            "--model-store",
-            self.model_store,
-        ]
-        if not snapshot and models:
-            available = [
-                m for m in models.split(",") if os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))
-            ]
-            if available:
-                cmd += ["--models", *available]
+        cmd = self.start_command(config, None if snapshot else models)
         try:
             # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its log is
             # opened by the child, as the server's user.
@@ -260,6 +247,14 @@ class TorchServe(KeyedApi, ServerHome):
             raise
         # "plan": what should be served; deploy.versions.check_restore compares it with what is
         return {"restored": bool(snapshot), "exposed": exposed, "models": management.models(self), "plan": plan}
+
+    def start_command(self, config: str, models: str | None) -> list[str]:
+        """`torchserve --start` with the generated config, loading those of `models` that are in the store."""
+        cmd = [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--start", "--ts-config", config]
+        cmd += ["--model-store", self.model_store]
+        in_store = lambda m: os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))  # name=file.mar
+        available = [m for m in (models or "").split(",") if m and in_store(m)]
+        return cmd + (["--models", *available] if available else [])
 
     # --- who may connect: TorchServe's TCP ports that can register a model -----------------------------------
     @property
