@@ -20,10 +20,10 @@ from typing import Any
 import requests
 
 from deploy import management
-from deploy.archive import read_classes
 from deploy.client import post, top1
 from deploy.latency import percentile
 from deploy.management import DeployError
+from deploy.mar import read_classes
 from deploy.server import TorchServe
 
 RETRY_WAITS = (1, 2, 4, 8)  # seconds before each retry round: TorchServe replaces a killed worker in a few

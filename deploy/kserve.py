@@ -34,8 +34,8 @@ import yaml
 
 from bundle import settings
 from bundle.properties import read_properties, write_properties
-from deploy.archive import read_manifest, verify_checksum
 from deploy.frontdoor import FrontDoor
+from deploy.mar import read_manifest, verify_checksum
 from deploy.process import wait_until
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's content

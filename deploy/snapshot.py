@@ -19,8 +19,8 @@ import sys
 
 from bundle.properties import parse_properties, read_properties
 from deploy import journal
-from deploy.archive import NAME, check_archive
 from deploy.kserve import SNAPSHOT_KEYS, archive_config
+from deploy.mar import NAME, check_archive
 
 
 def warn(message: str):
