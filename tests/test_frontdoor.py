@@ -27,9 +27,10 @@ import pytest
 import requests
 
 from bench.soak import Soak, bad_bodies, summarize, through_front_door
-from deploy import serve, settings
+from bundle import settings
+from deploy import serve
+from deploy.client import top1
 from deploy.frontdoor import FrontDoor, FrontDoorError, for_server, haproxy, json_reply, listening
-from deploy.predict import top1
 from deploy.server import Ports
 from tests.conftest import cannot_run, free_port, require_tool
 

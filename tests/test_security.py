@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from deploy import settings
+from bundle import settings
 from deploy.server import Ports, ServerError, TorchServe
 from tests.conftest import cannot_run, install_archive
 
@@ -213,7 +213,7 @@ def serve_in_background(stub):
 
 
 def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
-    from deploy import predict
+    from deploy import client, predict
 
     workdir = tmp_path / "ts"  # a server's folder as start() lays it out: key file in home/, config in run/
     (workdir / "home").mkdir(parents=True)
@@ -240,7 +240,7 @@ def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
         with pytest.raises(SystemExit, match="refusing to send the inference key to 10.11.12.13 over plain HTTP"):
             predict.main(["--raw", str(image)])
         monkeypatch.setenv("TS_ALLOW_PLAIN_HTTP", "1")  # said explicitly: the target is taken as given
-        assert predict.target().url() == "http://10.11.12.13:8080"
+        assert client.target().url() == "http://10.11.12.13:8080"
     finally:
         for stub in (own, elsewhere, lookalike):
             stub.shutdown()

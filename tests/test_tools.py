@@ -11,8 +11,8 @@ import types
 
 import pytest
 
+from bundle.settings import ROOT
 from deploy.archive import archive_checkpoint, verify_checksum
-from deploy.settings import ROOT
 from model_src import backends
 from model_src.manifest import Manifest
 
