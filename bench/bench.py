@@ -46,9 +46,10 @@ from bench.noop import build_busy_archive, build_noop_archive
 from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.targets import TARGETS, digits_target
 from bench.wrk import children_cpu, cpu_seconds, post_files
-from deploy import management, settings
+from bundle import settings
+from deploy import management
 from deploy.archive import archive_checkpoint
-from deploy.predict import post, read_bytes, top1
+from deploy.client import post, read_bytes, top1
 from deploy.server import Ports, TorchServe
 from model_src import backends
 

@@ -24,11 +24,11 @@ import requests
 import yaml
 
 from bench.targets import imagenet_target
-from deploy import settings
+from bundle import settings
 from deploy.archive import archive_checkpoint
+from deploy.client import read_bytes
 from deploy.frontdoor import FrontDoor, FrontDoorError, for_server
 from deploy.latency import summary
-from deploy.predict import read_bytes
 from deploy.server import Ports, TorchServe
 
 LANE_OFF = {"explain_maxconn": FrontDoor.maxconn, "explain_queue": FrontDoor.queue, "explain_rate": 0}

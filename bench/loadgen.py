@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 
 import requests
 
-from deploy import settings
+from bundle import settings
+from deploy.client import is_loopback, read_bytes, top1
 from deploy.latency import summary
-from deploy.predict import is_loopback, read_bytes, top1
 
 
 def check(resp, expected) -> bool:

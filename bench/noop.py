@@ -9,7 +9,7 @@ import tempfile
 
 import yaml
 
-from deploy import settings
+from bundle import settings
 from deploy.archive import write_checksum
 
 HANDLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop_handler.py")

@@ -27,11 +27,11 @@ import time
 
 from bench.targets import digits_target
 from bench.wrk import children_cpu, cpu_seconds, wrk
-from deploy import settings
+from bundle import settings
 from deploy.archive import archive_checkpoint
+from deploy.client import read_bytes
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.latency import summary
-from deploy.predict import read_bytes
 from deploy.server import Ports, TorchServe
 
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overload.lua")

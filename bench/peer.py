@@ -9,9 +9,9 @@ import tempfile
 
 import torch
 
-from deploy import settings
+from bundle import settings
 from deploy.archive import write_checksum
-from deploy.predict import post, read_bytes
+from deploy.client import post, read_bytes
 from deploy.server import TorchServe
 
 MODEL = settings.MODEL_NAME

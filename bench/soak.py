@@ -27,9 +27,10 @@ import psutil
 
 from bench.loadgen import run as run_load
 from bench.loadgen import spawn
-from deploy import management, settings, versions
+from bundle import settings
+from deploy import management, versions
 from deploy.archive import archive_checkpoint
-from deploy.predict import post, read_bytes
+from deploy.client import post, read_bytes
 from deploy.server import Ports, TorchServe
 
 MODEL = settings.MODEL_NAME

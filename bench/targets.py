@@ -2,7 +2,7 @@
 
 import os
 
-from deploy import settings
+from bundle import settings
 
 
 def digits_target(checkpoint: str, work: str) -> dict:

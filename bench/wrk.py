@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from deploy.predict import is_loopback
+from deploy.client import is_loopback
 
 POST_LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "post.lua")
 

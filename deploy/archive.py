@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 
-from deploy import settings
+from bundle import settings
 from deploy.mar import (  # noqa: F401  (re-exported: the guard, versions and the tests import them from here)
     NAME,
     SHA256,

@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-from deploy import settings
+from bundle import settings
+from deploy.process import wait_until
 
 BASE = "bundle-base:bookworm"  # the one cached base image (debootstrap); `docker rmi` it to rebuild
 OFFICIAL_BASE = "python:3.11-slim-bookworm"  # the Dockerfile's default, for users with a registry
@@ -82,11 +83,7 @@ def ensure_docker():
         subprocess.Popen(
             ["dockerd", "--storage-driver", "overlay2"], stdout=log, stderr=log, start_new_session=True
         )  # a daemon: it outlives this command, as a service would
-    deadline = time.time() + 60
-    while not daemon_answers():
-        if time.time() > deadline:
-            raise ContainerError(f"dockerd did not start within 60 s; see {DOCKERD_LOG}")
-        time.sleep(1)
+    wait_until(daemon_answers, 60, "dockerd", interval=1, hint=f"see {DOCKERD_LOG}", error=ContainerError)
 
 
 def image_exists(tag: str) -> bool:
@@ -211,16 +208,17 @@ def run(
 
 def wait_ready(name: str, timeout: float):
     """The entry point prints TorchServe's status once every version has a ready worker."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+
+    def ready() -> bool:
         logs = docker("logs", name, check=False)
         if "TorchServe is running" in logs.stdout:
-            return
+            return True
         state = docker("inspect", "-f", "{{.State.Status}}", name, check=False).stdout.strip()
         if state not in ("created", "running"):
             raise ContainerError(f"container {name} {state}:\n{(logs.stdout + logs.stderr)[-3000:]}")
-        time.sleep(2)
-    raise ContainerError(f"container {name} not ready after {timeout:.0f} s (docker logs {name})")
+        return False
+
+    wait_until(ready, timeout, f"container {name}", interval=2, hint=f"docker logs {name}", error=ContainerError)
 
 
 def exec_in(name: str, *cmd: str, timeout: float = 300) -> str:

@@ -27,15 +27,15 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 import psutil
 
-from deploy import settings
+from bundle import settings
+from deploy import process
+from deploy.errors import error_body
 from deploy.mar import read_bundle, read_manifest
 from deploy.privileges import private_files
 from model_src.oip import model_metadata
@@ -59,7 +59,7 @@ UNSUPPORTED = (
 
 def json_reply(status: int, kind: str, message: str, retry_after: int | None = None) -> str:
     """An HAProxy `return`/`http-error` clause answering a JSON body shaped like TorchServe's own errors."""
-    body = json.dumps({"code": status, "type": kind, "message": message})
+    body = error_body(status, kind, message)
     hdr = f" hdr Retry-After {retry_after}" if retry_after else ""
     return f"status {status} content-type application/json{hdr} string {haproxy_quote(body)}"
 
@@ -340,13 +340,8 @@ class FrontDoor:
 
     # --- process ----------------------------------------------------------------------------------------
     def pid(self) -> int | None:
-        try:
-            proc = psutil.Process(int(read(self.pid_file)))
-            if proc.is_running() and proc.name() == "haproxy" and self.config in proc.cmdline():
-                return proc.pid
-        except (OSError, ValueError, psutil.Error):
-            pass
-        return None
+        proc = process.find_by_pid_file(self.pid_file, self.config, name="haproxy")
+        return proc.pid if proc else None
 
     def is_running(self) -> bool:
         return self.pid() is not None
@@ -367,30 +362,26 @@ class FrontDoor:
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
-            with open(self.pid_file, "w") as f:
-                f.write(str(proc.pid))
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+            process.write_pid(self.pid_file, proc.pid)
+
+        def up() -> bool:
             if proc.poll() is not None:
                 raise FrontDoorError(f"HAProxy exited ({proc.returncode}):\n{tail(self.log)}")
-            if listening("127.0.0.1" if self.bind == "0.0.0.0" else self.bind, self.port):
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise FrontDoorError(f"HAProxy not listening on {self.bind}:{self.port} after {timeout:.0f}s")
+            return listening("127.0.0.1" if self.bind == "0.0.0.0" else self.bind, self.port)
+
+        try:
+            process.wait_until(up, timeout, f"HAProxy on {self.bind}:{self.port}", 0.1, error=FrontDoorError)
+        except FrontDoorError:
+            self.stop()
+            raise
+        return self
 
     def stop(self, timeout: float = 10) -> bool:
         pid = self.pid()
         if pid is None:
             return False
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        os.remove(self.pid_file)
+        process.terminate([psutil.Process(pid)], timeout, 5)
+        process.remove_pid_file(self.pid_file)
         return True
 
 

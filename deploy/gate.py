@@ -20,10 +20,10 @@ from typing import Any
 import requests
 
 from deploy import management
+from deploy.client import post, top1
 from deploy.latency import percentile
 from deploy.management import DeployError
 from deploy.mar import read_classes
-from deploy.predict import post, top1
 from deploy.server import TorchServe
 
 RETRY_WAITS = (1, 2, 4, 8)  # seconds before each retry round: TorchServe replaces a killed worker in a few
@@ -213,31 +213,3 @@ def gate(
     if golden_info and golden_info["overridden"]:
         report["reason"] += "; " + golden_reason(golden_info)
     return report
-
-
-def print_report(r: dict):
-    new, old = r["candidate"], r["baseline"]
-    print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
-    print(f"  {'':22s}{'candidate ' + new['version']:>18s}" + (f"{'default ' + old['version']:>18s}" if old else ""))
-    classes = r.get("classes", {})
-    if "candidate" in classes:
-        print(f"  {'classes':22s}{len(classes['candidate']):>18d}{len(classes['baseline']):>18d}")
-    if r.get("golden"):
-        g = r["golden"]
-        where = g["dir"] if g["source"] == "candidate" else f"{g['dir']}, from {g['from']}"
-        print(f"  golden set: {'the candidate' if g['source'] == 'candidate' else 'the model'}'s ({where})")
-    if "accuracy" not in new:  # refused before scoring
-        print(f"  verdict: REJECT - {r['reason']}")
-        return
-    rows = [
-        ("accuracy", "accuracy", "{:.4f}"),
-        ("failed requests", "errors", "{:d}"),
-        ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"),
-        ("latency p90 (ms)", "latency_ms_p90", "{:.1f}"),
-    ]
-    for label, key, fmt in rows:
-        print(f"  {label:22s}{fmt.format(new[key]):>18s}" + (f"{fmt.format(old[key]):>18s}" if old else ""))
-    if old and r["agreement"] is not None:
-        print(f"  {'agreement':22s}{r['agreement'] * 100:>17.1f}%")
-    verdict = "INCONCLUSIVE" if r.get("inconclusive") else "PASS" if r["passed"] else "REJECT"
-    print(f"  verdict: {verdict} - {r['reason']}")

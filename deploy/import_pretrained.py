@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from deploy import management, settings, versions
+from bundle import settings
+from deploy import management, versions
 from deploy.archive import archive_checkpoint, archive_name
 from deploy.server import ServerError, TorchServe
 from model_src import backends

@@ -27,16 +27,16 @@ import glob
 import json
 import os
 import shutil
-import time
 import zipfile
 
 import requests
 import yaml
 
-from deploy import settings
+from bundle import settings
+from bundle.properties import read_properties, write_properties
 from deploy.frontdoor import FrontDoor
 from deploy.mar import read_manifest, verify_checksum
-from deploy.properties import read_properties, write_properties
+from deploy.process import wait_until
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's content
 # KServe's TorchServe runtime (config/runtimes/kserve-torchserve.yaml) starts exactly this.
@@ -403,17 +403,15 @@ def write_layout(
 def wait_ready(url: str, timeout: float = 180, headers=None):
     """Until `url` (a TorchServe inference address) answers /ping 200: TorchServe says Healthy only once every
     model's minimum of workers runs (what KServe's readiness probe sees too)."""
-    deadline, last = time.time() + timeout, "no answer"
-    while time.time() < deadline:
+
+    def ready() -> bool | str:
         try:
             ping = requests.get(f"{url}/ping", headers=headers, timeout=5)
-            last = f"ping {ping.status_code} {ping.text.strip()[:80]}"
-            if ping.status_code == 200:
-                return
         except requests.RequestException as e:
-            last = e.__class__.__name__
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s ({last})")
+            return e.__class__.__name__
+        return ping.status_code == 200 or f"ping {ping.status_code} {ping.text.strip()[:80]}"
+
+    wait_until(ready, timeout, url, interval=1, error=TimeoutError)
 
 
 def main(argv=None):

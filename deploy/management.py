@@ -3,14 +3,16 @@
 Every function takes a `TorchServe` (deploy/server.py), which carries the address and the keys.
 """
 
-import time
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from deploy.server import ServerError, TorchServe
+from deploy.errors import DeployError
+from deploy.process import wait_until
 
-
-class DeployError(ServerError):
-    """A management call or a deployment rule said no; the message says what to do."""
+if TYPE_CHECKING:  # for the annotations only: server.py calls this module (start waits for READY workers)
+    from deploy.server import TorchServe
 
 
 def call(ts: TorchServe, method: str, path: str, ok=(200,), **kw):
@@ -87,14 +89,13 @@ def scale(ts: TorchServe, model: str, version: str, workers: int, timeout: float
 
 
 def wait_ready(ts: TorchServe, model: str, version: str, timeout: float = 180):
-    """Wait until `model` `version` has a READY worker."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """Wait until `model` `version` has a READY worker (NotReady, a ServerError, when it has none in time)."""
+
+    def ready() -> bool | str:
         desc = describe(ts, model, version)
-        if desc and ready_workers(desc):
-            return
-        time.sleep(0.5)
-    raise DeployError(f"{model} {version} has no READY worker after {timeout:.0f}s; see logs/model_log.log")
+        return bool(desc and ready_workers(desc)) or "no READY worker"
+
+    wait_until(ready, timeout, f"{model} {version}", hint="see logs/model_log.log")
 
 
 def ready_pids(ts: TorchServe, model: str, version: str) -> list[int]:

@@ -11,69 +11,13 @@ through the token API, so no key ever appears on a command line.
 import argparse
 import os
 import sys
-import urllib.parse
 
 import requests
 
-from deploy import settings
-from deploy.server import ServerError, TorchServe, ports_from_config
-
-
-def top1(answer: dict) -> str:
-    """The label of an answer {label: probability}: the most probable one, whatever the key order."""
-    return max(answer, key=lambda label: answer[label])
-
-
-def post(ts: TorchServe, data: bytes, model: str = settings.MODEL_NAME, version: str | None = None, **kw):
-    """POST one encoded image to /predictions/{model}[/{version}]."""
-    return ts.request(
-        "POST",
-        "inference",
-        f"/predictions/{model}" + (f"/{version}" if version else ""),
-        data=data,
-        headers={"Content-Type": "application/octet-stream"},
-        **kw,
-    )
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-LOOPBACK = ("localhost", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
-
-
-def target() -> TorchServe:
-    """The demo server, or the one TS_KEY_FILE / TS_INFERENCE_URL name.
-
-    Keys stay with their server: the management and API keys only ever go to the key file's own server on
-    this machine (refreshes included), and the inference key goes to TS_INFERENCE_URL only over HTTPS or
-    loopback, unless TS_ALLOW_PLAIN_HTTP=1 says plain HTTP to that host is meant."""
-    key_file = os.environ.get("TS_KEY_FILE")
-    ts = TorchServe()
-    if key_file:  # a server's key_file.json lies in its folder's home/, beside logs/
-        ts = TorchServe(workdir=TorchServe.workdir_of(key_file))
-        if os.path.basename(key_file) != "key_file.json":
-            raise SystemExit(f"TS_KEY_FILE={key_file}: name the key_file.json a TorchServe wrote (it refreshes it)")
-        if os.path.exists(ts.generated_config):  # the ports it was started on: management answers refreshes
-            ts.ports = ports_from_config(ts.generated_config)
-    if os.environ.get("TS_INFERENCE_URL"):
-        url = urllib.parse.urlsplit(os.environ["TS_INFERENCE_URL"])
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise SystemExit(f"TS_INFERENCE_URL={url.geturl()}: give http(s)://HOST:PORT")
-        if url.scheme == "http" and not is_loopback(url.hostname) and os.environ.get("TS_ALLOW_PLAIN_HTTP") != "1":
-            raise SystemExit(
-                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on the way reads "
-                "it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
-            )
-        ts.scheme, ts.host = url.scheme, url.hostname
-        ts.ports.inference = url.port or (443 if url.scheme == "https" else ts.ports.inference)
-    return ts
+from bundle import settings
+from deploy.client import post, read_bytes, target, top1
+from deploy.errors import ServerError, UsageError
+from deploy.server import TorchServe
 
 
 def main(argv=None) -> int:
@@ -84,7 +28,10 @@ def main(argv=None) -> int:
     p.add_argument("--summary", action="store_true", help="print only the accuracy (e.g. for a whole val set)")
     p.add_argument("--raw", action="store_true", help="print only each answer's body, as the server sent it")
     args = p.parse_args(argv)
-    ts = target()
+    try:
+        ts = target()
+    except UsageError as e:
+        raise SystemExit(f"predict: {e}") from None
     try:
         return run(ts, args)
     except requests.ConnectionError:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
-from deploy import settings
+from bundle import settings
 
 
 @contextmanager

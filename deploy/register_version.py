@@ -32,6 +32,7 @@ The model name comes from the archive (its manifest) for register, and from --mo
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -39,12 +40,22 @@ import threading
 
 import requests
 
-from deploy import management, settings
+from bundle import settings
+from deploy import management
 from deploy.gate import MIN_AGREEMENT
 from deploy.golden import choose
 from deploy.journal import JournalError
 from deploy.server import ServerError, TorchServe
-from deploy.versions import archive_version, locked, register, rollback, run_gate, state_dir, unregister
+from deploy.versions import (
+    GatePolicy,
+    archive_version,
+    locked,
+    register,
+    rollback,
+    run_gate,
+    state_dir,
+    unregister,
+)
 
 
 def cmd_register(ts: TorchServe, args) -> int:
@@ -72,7 +83,72 @@ def cmd_register(ts: TorchServe, args) -> int:
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
         # candidate again: left registered but not default, it would make a retry fail with "already registered".
-        return run_gate(ts, model, version, golden, args, golden_info)
+        policy = GatePolicy(
+            max_accuracy_drop=args.max_accuracy_drop,
+            min_agreement=args.min_agreement,
+            allow_disagreement=args.allow_disagreement,
+            allow_new_classes=args.allow_new_classes,
+            dry_run=args.dry_run,
+        )
+        outcome = run_gate(ts, model, version, golden, policy, golden_info, lambda report: show_report(report, args))
+        print(VERDICTS[outcome.verdict].format(o=outcome), flush=True)
+        return outcome.exit_code
+
+
+VERDICTS = {  # what register --promote says about each GateOutcome.verdict
+    "default": "{o.model} {o.version} is the only version and already default",
+    "promoted": "promoted: {o.model} {o.version} is now default (was {o.baseline})",
+    "dry-run": "dry run: {o.model} {o.version} unregistered again; {o.baseline} stays default",
+    "rejected": "rejected: {o.model} {o.version} unregistered; {o.baseline} stays default",
+    "inconclusive": "inconclusive: {o.model} {o.version} unregistered; {o.baseline} stays default",
+}
+
+
+def show_report(report: dict, args):
+    """The gate's report, before its verdict is carried out: the table, what to do about a refusal, --report."""
+    print_report(report)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
+    if report.get("classes", {}).get("same") is False and not args.allow_new_classes:
+        print(
+            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION CHECKPOINT "
+            "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
+        )
+    check = report.get("agreement_check") or {}
+    if check.get("passed") is False and not check["overridden"]:
+        print(
+            "  a candidate that answers differently on many golden images may have mislabelled training data "
+            "(two class folders swapped, say); to promote it anyway, pass --allow-disagreement"
+        )
+
+
+def print_report(r: dict):
+    new, old = r["candidate"], r["baseline"]
+    print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
+    print(f"  {'':22s}{'candidate ' + new['version']:>18s}" + (f"{'default ' + old['version']:>18s}" if old else ""))
+    classes = r.get("classes", {})
+    if "candidate" in classes:
+        print(f"  {'classes':22s}{len(classes['candidate']):>18d}{len(classes['baseline']):>18d}")
+    if r.get("golden"):
+        g = r["golden"]
+        where = g["dir"] if g["source"] == "candidate" else f"{g['dir']}, from {g['from']}"
+        print(f"  golden set: {'the candidate' if g['source'] == 'candidate' else 'the model'}'s ({where})")
+    if "accuracy" not in new:  # refused before scoring
+        print(f"  verdict: REJECT - {r['reason']}")
+        return
+    rows = [
+        ("accuracy", "accuracy", "{:.4f}"),
+        ("failed requests", "errors", "{:d}"),
+        ("latency p50 (ms)", "latency_ms_p50", "{:.1f}"),
+        ("latency p90 (ms)", "latency_ms_p90", "{:.1f}"),
+    ]
+    for label, key, fmt in rows:
+        print(f"  {label:22s}{fmt.format(new[key]):>18s}" + (f"{fmt.format(old[key]):>18s}" if old else ""))
+    if old and r["agreement"] is not None:
+        print(f"  {'agreement':22s}{r['agreement'] * 100:>17.1f}%")
+    verdict = "INCONCLUSIVE" if r.get("inconclusive") else "PASS" if r["passed"] else "REJECT"
+    print(f"  verdict: {verdict} - {r['reason']}")
 
 
 def cmd_list(ts: TorchServe, model: str) -> int:

@@ -11,9 +11,11 @@ import time
 
 import requests
 
-from deploy import frontdoor, guard, management, settings
-from deploy.predict import target
-from deploy.server import DEFAULT_MODELS, ServerError, TorchServe
+from bundle import settings
+from deploy import frontdoor, guard, management
+from deploy.client import target
+from deploy.errors import ServerError, UsageError
+from deploy.server import DEFAULT_MODELS, TorchServe
 from deploy.versions import check_restore
 
 GUARD_STATES = {
@@ -81,7 +83,7 @@ def print_header(ts: TorchServe, kind: str):
         print(f"{name}: {value}")
 
 
-def main(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["start", "stop", "status", "restart", "header"])
     p.add_argument("kind", nargs="?", default="inference", choices=["inference", "management"], help="for header")
@@ -113,6 +115,11 @@ def main(argv=None):
         metavar="PEM",
         help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of the local CA",
     )
+    return p
+
+
+def main(argv=None):
+    p = get_args_parser()
     args = p.parse_args(argv)
     if args.cert and not args.front_door:
         p.error("--cert is the front door's certificate: add --front-door")
@@ -127,10 +134,10 @@ def main(argv=None):
         # Without tokens anyone on this host could register code: keep the model API closed.
         overrides.update({"disable_token_authorization": "true", "enable_model_api": "false"})
     ts = TorchServe(overrides=overrides)
-    if args.action == "header":  # the demo server's key, or TS_KEY_FILE's
-        return print_header(target(), args.kind)
     missing = []
     try:
+        if args.action == "header":  # the demo server's key, or TS_KEY_FILE's
+            return print_header(target(), args.kind)
         if args.action in ("stop", "restart"):
             if frontdoor.for_server(ts).stop():
                 print("front door stopped")
@@ -167,7 +174,7 @@ def main(argv=None):
                     "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is served "
                     "with `scripts/serve.sh restart --accept-loss`"
                 )
-    except (ServerError, frontdoor.FrontDoorError) as e:
+    except (ServerError, UsageError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

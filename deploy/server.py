@@ -38,76 +38,37 @@ import json
 import os
 import pwd
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import psutil
 import requests
 
-from deploy import firewall, guard, settings
-from deploy.guard import GUARD_KEY
+from bundle import settings
+from bundle.properties import format_properties, parse_properties, read_properties
+from bundle.settings import GUARD_KEY, Ports
+from bundle.settings import ports as ports_from_config
+from deploy import firewall, guard, management, process
+from deploy.errors import ServerError
 from deploy.privileges import (
-    as_user,
     ids,
-    listener_uids,
     logged,
     open_below,
-    own_dir,
     service_user,
-    unreachable,
     write_new,
 )
-from deploy.properties import format_properties, parse_properties, read_properties
+from deploy.server_api import KeyedApi
+from deploy.server_home import ServerHome
 from deploy.snapshot import restore_plan
 
 DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
-LEGACY = ("logs", "tmp", "key_file.json")  # what an earlier version kept at the top of the server's folder
-TOKEN_REFUSED = "Token Authorization failed"  # TorchServe's 400 for a missing, wrong or expired key
+FRONTEND = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe's frontend (its JVM)
 
 
 @dataclass
-class Ports:
-    inference: int = 8080
-    management: int = 8081
-    metrics: int = 8082
-    grpc_inference: int = 7070
-    grpc_management: int = 7071
-
-    @classmethod
-    def free(cls) -> "Ports":
-        """Five ports the OS says are free right now (for tests and side-by-side servers)."""
-        socks = [socket.socket() for _ in range(5)]
-        try:
-            for s in socks:
-                s.bind(("127.0.0.1", 0))
-            return cls(*[s.getsockname()[1] for s in socks])
-        finally:
-            for s in socks:
-                s.close()
-
-
-def ports_from_config(path: str = settings.CONFIG) -> Ports:
-    props = read_properties(path)
-    port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
-    return Ports(
-        port("inference_address", 8080),
-        port(GUARD_KEY if GUARD_KEY in props else "management_address", 8081),
-        port("metrics_address", 8082),
-        int(props.get("grpc_inference_port", 7070)),
-        int(props.get("grpc_management_port", 7071)),
-    )
-
-
-class ServerError(RuntimeError):
-    pass
-
-
-@dataclass
-class TorchServe:
+class TorchServe(KeyedApi, ServerHome):
     workdir: str = settings.SERVER_DIR
     model_store: str = settings.MODEL_STORE
     ports: Ports = field(default_factory=ports_from_config)
@@ -154,27 +115,6 @@ class TorchServe:
         followed, no FIFO waited on, only files of root, the caller or the server's user."""
         return open_below(self.workdir, path, (0, os.geteuid(), self.uid))
 
-    def url(self, api: str = "inference") -> str:
-        # Only inference may live elsewhere (TS_INFERENCE_URL); the management port, which refreshes keys with
-        # the never-expiring API key, is always this machine's.
-        if api == "inference":
-            return f"{self.scheme}://{self.host}:{self.ports.inference}"
-        return f"http://127.0.0.1:{getattr(self.ports, api)}"
-
-    @property
-    def tokens_enabled(self) -> bool:
-        if self._tokens is None:
-            # Ask the running server first: `serve.sh start --no-tokens` turns tokens off for that run only.
-            props = self.running_config()
-            if props is None:
-                props = self.config()
-            self._tokens = props.get("disable_token_authorization", "false").lower() != "true"  # Boolean.parseBoolean
-        return self._tokens
-
-    def forget(self):
-        """Drop what was read from the running server (token mode, keys): after a start, stop or refused key."""
-        self._tokens = self._keys = None
-
     # --- configuration --------------------------------------------------------------
     def config(self) -> dict:
         props = read_properties(self.base_config)
@@ -214,7 +154,7 @@ class TorchServe:
             cmd, cwd = proc.cmdline(), proc.cwd()
         except psutil.Error:
             return None
-        args = cmd[cmd.index("org.pytorch.serve.ModelServer") + 1 :] if "org.pytorch.serve.ModelServer" in cmd else []
+        args = cmd[cmd.index(FRONTEND) + 1 :] if FRONTEND in cmd else []
         props = self.config()  # started without -f, or with a file outside its folder: our best guess
         if "-f" in args[:-1]:
             try:
@@ -240,104 +180,11 @@ class TorchServe:
         return self.generated_config, plan
 
     # --- process control ---------------------------------------------------------------
-    def env(self) -> dict:
-        env = dict(os.environ)
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        env["LOG_LOCATION"] = self.log_dir
-        env["METRICS_LOCATION"] = self.log_dir
-        env.pop("TS_CONFIG_FILE", None)
-        env["TS_OPEN_INFERENCE_PROTOCOL"] = "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
-        # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp, where
-        # another user could create /tmp/models first and have their handler loaded.
-        env["TMPDIR"] = env["TEMP"] = self.tmp_dir
-        if self.user:
-            env["HOME"] = self.home  # caches (torch, matplotlib) go here, not to root's home
-        return env
-
-    def prepare_run_dir(self):
-        """The server's folder and its run/, root's (or the caller's); only those two folders are changed. An
-        earlier version gave the whole folder to the server's user: root takes the folder back."""
-        me, my_group = os.geteuid(), os.getegid()
-        try:
-            own_dir(self.workdir, 0o711, me, my_group, adopt=True)
-            own_dir(self.run_dir, 0o750 if self.user else 0o700, me, ids(self.user)[1] if self.user else my_group)
-        except PermissionError as e:
-            raise ServerError(str(e)) from None
-
-    def prepare_dirs(self):
-        """The server's folder, run/ and home/ with its logs/ and tmp/; nothing in home/ readable by others (what
-        an earlier version left readable included)."""
-        self.prepare_run_dir()
-        fresh = not os.path.lexists(self.home)
-        if fresh:
-            os.mkdir(self.home, 0o700)
-            self.move_legacy()
-        try:
-            own_dir(self.home, 0o700, *ids(self.user), adopt=fresh)
-        except PermissionError as e:
-            raise ServerError(str(e)) from None
-        # Inside home/, only its user acts: a link planted there leads nowhere that user could not go anyway.
-        subprocess.run(
-            ["/bin/sh", "-c", "mkdir -p logs tmp && { chmod -R go-rwx . 2>/dev/null || true; }"],
-            cwd=self.home,
-            check=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-            **self.as_user(),
-        )
-
-    def move_legacy(self):
-        """An earlier version kept TorchServe's files at the top of the folder and gave it, and all inside, to
-        the server's user. Now that root holds the folder again, those entries move into the new home/ (renames
-        of entries of root's folder: nothing inside is opened), and the deployment history is copied into a
-        state/ of root's (read without following links); the old state/ stays, renamed."""
-        uid = ids(self.user)[0]  # home/ is root's until it is handed over
-        for name in LEGACY:
-            old = self.path(name)
-            if os.path.lexists(old) and os.lstat(old).st_uid == uid:
-                os.rename(old, os.path.join(self.home, name))
-        state = self.path("state")
-        if not os.path.lexists(state) or os.lstat(state).st_uid == os.geteuid():
-            return
-        owner, kept = os.lstat(state).st_uid, f"{state}.from-uid-{os.lstat(state).st_uid}"
-        os.rename(state, kept)
-        os.mkdir(state, 0o700)
-        for entry in os.scandir(kept):
-            try:
-                with open_below(self.workdir, entry.path, (owner,)) as f:
-                    write_new(os.path.join(state, entry.name), f.read(64 << 20))
-            except OSError:  # a link, a FIFO, someone else's file: not history
-                pass
-
-    def unreachable(self) -> list[str]:
-        """What self.user cannot read (or, for the working directory, write) of what the server needs."""
-        return unreachable(
-            self.user,
-            {
-                settings.ROOT: os.R_OK | os.X_OK,  # deploy/guard.py
-                os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
-                os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
-                self.model_store: os.R_OK | os.X_OK,
-                os.path.dirname(os.path.abspath(self.workdir)): os.X_OK,  # home/ is its own, under root's folder
-                settings.METRICS_CONFIG: os.R_OK,
-            },
-        )
-
-    def as_user(self) -> dict:
-        return as_user(self.user)
-
     def pid(self) -> int | None:
         """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe frontend
         running as that user."""
-        try:
-            with self.open(self.pid_file) as f:
-                pid = int(f.read(64).strip())
-            proc = psutil.Process(pid)
-            if proc.uids().real == self.uid and "org.pytorch.serve.ModelServer" in proc.cmdline():
-                return pid
-        except (OSError, ValueError, psutil.Error):
-            pass
-        return None
+        proc = process.find_by_pid_file(self.pid_file, FRONTEND, self.uid, opener=self.open)
+        return proc.pid if proc else None
 
     def processes(self) -> list[psutil.Process]:
         """The frontend and its workers: what stop() may signal (only processes of the server's user)."""
@@ -356,8 +203,6 @@ class TorchServe:
         does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports that can
         register a model are reachable by every local user, or is None when the firewall keeps them to root and
         the server's user."""
-        from deploy import management
-
         if self.is_running():
             if self.guard and guard.state(self) in ("down", "frozen", "unsupervised"):
                 guard.stop(self)
@@ -379,20 +224,7 @@ class TorchServe:
         config, plan = self.write_config(restore)
         snapshot = plan and plan["snapshot"]
         exposed = self.fence()  # before TorchServe listens
-        cmd = [
-            os.path.join(os.path.dirname(sys.executable), "torchserve"),
-            "--start",
-            "--ts-config",
-            config,
-            "--model-store",
-            self.model_store,
-        ]
-        if not snapshot and models:
-            available = [
-                m for m in models.split(",") if os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))
-            ]
-            if available:
-                cmd += ["--models", *available]
+        cmd = self.start_command(config, None if snapshot else models)
         try:
             # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its log is
             # opened by the child, as the server's user.
@@ -415,6 +247,14 @@ class TorchServe:
             raise
         # "plan": what should be served; deploy.versions.check_restore compares it with what is
         return {"restored": bool(snapshot), "exposed": exposed, "models": management.models(self), "plan": plan}
+
+    def start_command(self, config: str, models: str | None) -> list[str]:
+        """`torchserve --start` with the generated config, loading those of `models` that are in the store."""
+        cmd = [os.path.join(os.path.dirname(sys.executable), "torchserve"), "--start", "--ts-config", config]
+        cmd += ["--model-store", self.model_store]
+        in_store = lambda m: os.path.exists(os.path.join(self.model_store, m.split("=")[-1]))  # name=file.mar
+        available = [m for m in (models or "").split(",") if m and in_store(m)]
+        return cmd + (["--models", *available] if available else [])
 
     # --- who may connect: TorchServe's TCP ports that can register a model -----------------------------------
     @property
@@ -445,17 +285,6 @@ class TorchServe:
         except OSError as e:
             raise ServerError(f"{e}; is another process holding port {self.ports.management}?") from None
 
-    def check_listener(self, api: str):
-        """Refuse to send a management or API key to a port that a listener of another local user holds: one who
-        took the management port while its guard was down would be handed the key."""
-        port = getattr(self.ports, api)
-        strangers = listener_uids(port) - {0, os.geteuid(), self.uid}
-        if strangers:
-            raise ServerError(
-                f"port {port} ({api}) is held by a process of uid {min(strangers)}, not this server's: "
-                "no key was sent to it. Stop that process, then scripts/serve.sh start"
-            )
-
     def check_ports_free(self):
         for name, port in vars(self.ports).items():
             with socket.socket() as s:
@@ -463,26 +292,23 @@ class TorchServe:
                     raise ServerError(f"port {port} ({name}) is already in use: is another TorchServe running?")
 
     def wait_ready(self, timeout: float):
-        from deploy import management
+        """Until /ping answers 200 and every registered version has its READY workers."""
+        process.wait_until(self.ready, timeout, "TorchServe", hint=f"see {self.log_dir}/ts_log.log")
 
-        deadline = time.time() + timeout
-        last = "no answer yet"
-        while time.time() < deadline:
-            if not self.is_running():
-                raise ServerError(
-                    f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}"
-                )
-            try:
-                if os.path.exists(self.key_file) or not self.tokens_enabled:
-                    # request() refreshes an expired key: start-up can outlast a short token_expiration_min.
-                    ping = self.request("GET", "inference", "/ping", timeout=5)
-                    last = f"ping {ping.status_code} {ping.text.strip()[:80]}"
-                    if ping.status_code == 200 and management.all_ready(self):
-                        return
-            except (requests.RequestException, ServerError) as e:  # ServerError: a refresh with a stale key file
-                last = f"{e.__class__.__name__}"
-            time.sleep(0.5)
-        raise ServerError(f"TorchServe not ready after {timeout:.0f}s ({last}); see {self.log_dir}/ts_log.log")
+    def ready(self) -> bool | str:
+        """wait_ready's probe: True, or what is not ready yet; ServerError when TorchServe has exited."""
+        if not self.is_running():
+            raise ServerError(f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}")
+        if not os.path.exists(self.key_file) and self.tokens_enabled:
+            return "no key file yet"
+        try:
+            # request() refreshes an expired key: start-up can outlast a short token_expiration_min.
+            ping = self.request("GET", "inference", "/ping", timeout=5)
+            if ping.status_code != 200:
+                return f"ping {ping.status_code} {ping.text.strip()[:80]}"
+            return management.all_ready(self) or "ping 200, not every version has its READY workers"
+        except (requests.RequestException, ServerError) as e:  # ServerError: a refresh with a stale key file
+            return e.__class__.__name__
 
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
@@ -503,10 +329,7 @@ class TorchServe:
                 timeout=60,
                 **self.as_user(),
             )
-            gone, alive = psutil.wait_procs(procs, timeout=timeout)
-            for p in alive:  # stuck: do not leave anything behind
-                p.send_signal(signal.SIGKILL)
-            psutil.wait_procs(alive, timeout=10)
+            process.reap(procs, timeout)  # stuck: do not leave anything behind
         firewall.lift(self.fence_name)
         return bool(procs)
 
@@ -517,61 +340,3 @@ class TorchServe:
                 return "".join(f.read().decode(errors="replace").splitlines(keepends=True)[-lines:])
         except OSError:
             return ""
-
-    # --- keys and requests --------------------------------------------------------------
-    def keys(self) -> dict:
-        if self._keys is None:
-            self._keys = self.read_keys()
-        return self._keys
-
-    def read_keys(self) -> dict:
-        for _ in range(50):  # TorchServe may be writing the file right now: retry a torn read
-            try:
-                with self.open(self.key_file) as f:
-                    return json.loads(f.read(1 << 20))
-            except (json.JSONDecodeError, OSError):
-                time.sleep(0.1)
-        raise ServerError(f"cannot read {self.key_file}: is TorchServe running with tokens on?")
-
-    def auth(self, kind: str) -> dict:
-        """Authorization header for 'inference' or 'management' (empty when tokens are off)."""
-        if not self.tokens_enabled:
-            return {}
-        return {"Authorization": f"Bearer {self.keys()[kind]['key']}"}
-
-    def request(self, method: str, api: str, path: str, **kw) -> requests.Response:
-        """An API call with the current key. When TorchServe refuses the key (400: missing, wrong or expired),
-        re-read the key file (the server may have restarted) or, if it is unchanged, refresh the key through the
-        token API, and retry once."""
-        kind = "inference" if api == "inference" else "management"
-        headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
-
-        if kind == "management":
-            self.check_listener(api)
-
-        def send():
-            return requests.request(
-                method, self.url(api) + path, headers={**self.auth(kind), **headers}, timeout=timeout, **kw
-            )
-
-        resp = send()
-        if resp.status_code == 400 and TOKEN_REFUSED in resp.text and self.tokens_enabled:
-            sent = self.keys()
-            self.forget()
-            if self.tokens_enabled and self.keys() == sent:
-                self.refresh_token(kind)
-            resp = send()  # with the caller's headers (Content-Type...) and timeout
-        return resp
-
-    def refresh_token(self, kind: str):
-        self.check_listener("management")
-        api_key = self.keys()["API"]["key"]
-        resp = requests.get(
-            self.url("management") + f"/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
-        )
-        if resp.status_code != 200:
-            raise ServerError(
-                f"could not refresh the {kind} token ({resp.status_code} {resp.text.strip()}); "
-                "restart with scripts/serve.sh stop && scripts/serve.sh start"
-            )
-        self._keys = None  # TorchServe wrote the new key to key_file.json

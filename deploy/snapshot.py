@@ -17,10 +17,10 @@ import json
 import os
 import sys
 
+from bundle.properties import parse_properties, read_properties
 from deploy import journal
 from deploy.kserve import SNAPSHOT_KEYS, archive_config
 from deploy.mar import NAME, check_archive
-from deploy.properties import parse_properties, read_properties
 
 
 def warn(message: str):

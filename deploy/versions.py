@@ -6,12 +6,15 @@ The command line for this is deploy/register_version.py (scripts/register_versio
 import json
 import os
 import sys
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import requests
 
 from deploy import journal, management
-from deploy.archive import check_archive
-from deploy.gate import gate, print_report
+from deploy.gate import MIN_AGREEMENT, gate
 from deploy.management import DeployError
 from deploy.server import TorchServe
 
@@ -29,12 +32,23 @@ def locked(ts: TorchServe, what: str):
 
 
 def archive_version(ts: TorchServe, archive: str, model: str | None = None) -> tuple[str, str]:
-    """(model, version) of a checked archive in the model store. `model`, when given, must be its own name."""
+    """(model, version) of an archive in the model store, from its manifest. `model`, when given, must be its own
+    name. The archive is neither hashed nor zip-tested here: the guard does both when it is registered (the
+    security boundary, and one hash per registration); this only says early what is plainly wrong."""
+    path, store = os.path.abspath(archive), os.path.abspath(ts.model_store)
+    if os.path.dirname(path) != store:
+        raise DeployError(
+            f"{archive} is not in the model store {store}: only archives there can be registered "
+            "(allowed_urls blocks everything else). Build it with scripts/archive.sh"
+        )
+    if not os.path.isfile(path):
+        raise DeployError(f"{archive} does not exist")
     try:
-        manifest = check_archive(archive, ts.model_store)
-    except ValueError as e:
-        raise DeployError(str(e)) from None
-    name, version = manifest["modelName"], manifest["modelVersion"]
+        with zipfile.ZipFile(path) as z:
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+        name, version = manifest["modelName"], manifest["modelVersion"]
+    except (OSError, zipfile.BadZipFile, zlib.error, KeyError, TypeError, ValueError) as e:
+        raise DeployError(f"{os.path.basename(path)} is not a valid .mar (truncated or corrupt zip: {e})") from None
     if model and model != name:
         raise DeployError(f"{os.path.basename(archive)} holds model {name!r}, not {model!r}")
     return name, version
@@ -215,63 +229,85 @@ def check_restore(ts: TorchServe, plan: dict | None, baseline: bool = False) -> 
 # --- the gate, carried out ------------------------------------------------------------------------
 
 
-def run_gate(ts: TorchServe, model: str, version: str, golden, args, golden_info: dict | None = None) -> int:
+@dataclass
+class GatePolicy:
+    """What the gate lets through (register_version.py's options)."""
+
+    max_accuracy_drop: float = 1.0  # points
+    min_agreement: float = MIN_AGREEMENT
+    allow_disagreement: bool = False
+    allow_new_classes: bool = False
+    dry_run: bool = False  # gate and report, promote nothing
+
+
+@dataclass
+class GateOutcome:
+    """What run_gate did: `verdict` is "default" (the model's only version: nothing to gate), "promoted",
+    "dry-run", "rejected" or "inconclusive"; `report` is the gate's (None for "default")."""
+
+    verdict: str
+    model: str
+    version: str
+    baseline: str | None
+    report: dict | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.verdict == "dry-run":
+            return 0 if self.report and self.report["passed"] else EXIT_REJECTED
+        return {"rejected": EXIT_REJECTED, "inconclusive": EXIT_INCONCLUSIVE}.get(self.verdict, 0)
+
+
+def run_gate(
+    ts: TorchServe,
+    model: str,
+    version: str,
+    golden,
+    policy: GatePolicy,
+    golden_info: dict | None = None,
+    on_report: Callable[[dict], None] | None = None,
+) -> GateOutcome:
     """Gate a registered candidate against the default and carry out the verdict (promote, or unregister).
-    Any failure before the verdict is carried out (a request error, Ctrl-C, SIGHUP, SIGTERM) withdraws the
-    candidate; a process killed outright leaves the gate pending in the journal and the next start withdraws it."""
+    `on_report` sees the gate's report before the verdict is carried out. Any failure before the verdict is
+    carried out (a request error, Ctrl-C, SIGHUP, SIGTERM) withdraws the candidate; a process killed outright
+    leaves the gate pending in the journal and the next start withdraws it."""
     with locked(ts, f"gate {model} {version}"):
         baseline = management.default_version(ts, model)
         if baseline == version:  # the first version of a model is default by itself
-            print(f"{model} {version} is the only version and already default")
-            return 0
+            return GateOutcome("default", model, version, baseline)
         entry = journal.begin(state_dir(ts), "gate", model=model, version=version, baseline=baseline)
         try:
-            return carry_out(ts, model, version, baseline, golden, args, entry, golden_info)
+            outcome = GateOutcome("", model, version, baseline)
+            outcome.report = gate(
+                ts,
+                model,
+                version,
+                baseline,
+                golden,
+                policy.max_accuracy_drop,
+                policy.allow_new_classes,
+                policy.min_agreement,
+                policy.allow_disagreement,
+                golden_info,
+            )
+            if on_report:
+                on_report(outcome.report)
+            outcome.verdict = carry_out(ts, outcome, policy.dry_run, entry)
+            return outcome
         except BaseException:
             withdraw(ts, model, version, entry)
             raise
 
 
-def carry_out(
-    ts: TorchServe, model: str, version: str, baseline: str | None, golden, args, entry: dict, golden_info=None
-) -> int:
-    report = gate(
-        ts,
-        model,
-        version,
-        baseline,
-        golden,
-        args.max_accuracy_drop,
-        args.allow_new_classes,
-        args.min_agreement,
-        args.allow_disagreement,
-        golden_info,
-    )
-    print_report(report)
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=1)
-    if report.get("classes", {}).get("same") is False and not args.allow_new_classes:
-        print(
-            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION CHECKPOINT "
-            "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
-        )
-    check = report.get("agreement_check") or {}
-    if check.get("passed") is False and not check["overridden"]:
-        print(
-            "  a candidate that answers differently on many golden images may have mislabelled training data "
-            "(two class folders swapped, say); to promote it anyway, pass --allow-disagreement"
-        )
-    if args.dry_run or not report["passed"]:
+def carry_out(ts: TorchServe, outcome: GateOutcome, dry_run: bool, entry: dict) -> str:
+    """Promote the candidate the gate passed, or unregister it; returns the verdict."""
+    report, model, version = outcome.report or {}, outcome.model, outcome.version
+    if dry_run or not report["passed"]:
         withdraw(ts, model, version, entry, why=None)
-        if args.dry_run:
-            print(f"dry run: {model} {version} unregistered again; {baseline} stays default")
-            return 0 if report["passed"] else EXIT_REJECTED
-        verdict = "inconclusive" if report.get("inconclusive") else "rejected"
-        print(f"{verdict}: {model} {version} unregistered; {baseline} stays default", flush=True)
-        return EXIT_INCONCLUSIVE if report.get("inconclusive") else EXIT_REJECTED
+        if dry_run:
+            return "dry-run"
+        return "inconclusive" if report.get("inconclusive") else "rejected"
     # compare-and-set: promote only over the default the candidate was compared with
-    set_default(ts, model, version, reason="gate passed: " + report["reason"], expected=baseline)
+    set_default(ts, model, version, reason="gate passed: " + report["reason"], expected=outcome.baseline)
     journal.finish(state_dir(ts), entry)
-    print(f"promoted: {model} {version} is now default (was {baseline})")
-    return 0
+    return "promoted"

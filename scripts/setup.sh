@@ -117,7 +117,7 @@ check_nftables() {
 
 check_nftables
 
-# Started as root, TorchServe runs as this unprivileged user (SERVICE_USER in deploy/settings.py): a model's
+# Started as root, TorchServe runs as this unprivileged user (SERVICE_USER in bundle/settings.py): a model's
 # handler is code, and it must never run as root.
 if [ "$(id -u)" = 0 ] && ! id -u torchserve >/dev/null 2>&1; then
   if command -v useradd >/dev/null; then

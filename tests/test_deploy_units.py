@@ -3,6 +3,7 @@ generated config as Java reads it, the pid file's place, the gate's arithmetic a
 builder killed at each step (with a stand-in export)."""
 
 import fcntl
+import hashlib
 import http.server
 import json
 import os
@@ -19,13 +20,13 @@ import zipfile
 import psutil
 import pytest
 
+from bundle.properties import read_properties, write_properties
 from deploy import archive as archivelib
 from deploy import gate as gatelib
 from deploy import journal, management, register_version, versions
 from deploy.archive import check_archive, write_checksum
-from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cannot_run, require_tool
 
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
@@ -178,8 +179,8 @@ public class Dump {
 """
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="needs Java (TorchServe's frontend does)")
 def test_java_reads_the_generated_config_as_we_do(tmp_path):
+    require_tool("java")  # TorchServe's frontend needs it too
     ts = config_with_odd_values(tmp_path)
     path, _ = ts.write_config(restore=False)
     (tmp_path / "Dump.java").write_text(JAVA_DUMP)
@@ -526,7 +527,7 @@ def test_a_full_disk_leaves_no_torn_journal_line(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(state)]).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
+        cannot_run("needs root to mount a small tmpfs")
     try:
         journal.baseline(str(state), {"m": {"versions": {"1.0": "m.mar"}, "default": "1.0"}}, "start")
         path = state / "deployments.jsonl"
@@ -733,3 +734,28 @@ def test_restore_reads_snapshots_without_following_links_or_waiting_on_a_fifo(tm
     assert found == []  # neither the FIFO nor the link's target was taken for a snapshot
     err = capsys.readouterr().err
     assert "fifo.cfg is unreadable" in err and "link.cfg is unreadable" in err, err
+
+
+def test_a_registration_leaves_hashing_and_zip_tests_to_the_guard(offline, monkeypatch):
+    """An archive is hashed once per registration, by the guard (the security boundary, test_guard_units.py):
+    the client reads the manifest's name and version only (was: versions.register hashed and zip-tested it,
+    then the guard did both again)."""
+    hashed, tested, sent = [], [], []
+    real_sha256, real_testzip = hashlib.sha256, zipfile.ZipFile.testzip
+    monkeypatch.setattr(hashlib, "sha256", lambda *a, **kw: hashed.append(a) or real_sha256(*a, **kw))
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda z: tested.append(z) or real_testzip(z))
+    monkeypatch.setattr(management, "versions", lambda ts, model: [])
+    monkeypatch.setattr(management, "register", lambda ts, url, workers: sent.append(url))
+    monkeypatch.setattr(management, "wait_ready", lambda ts, model, version: None)
+    monkeypatch.setattr(management, "default_version", lambda ts, model: "1.0")
+    archive = os.path.join(offline.model_store, "my_model_v2.0.mar")
+    assert versions.register(offline, archive) == ("my_model", "2.0")
+    assert sent == ["my_model_v2.0.mar"] and hashed == [] and tested == []
+    with pytest.raises(management.DeployError, match="is not a valid .mar"):  # still a clear word before the call
+        versions.archive_version(offline, write_garbage(os.path.join(offline.model_store, "junk.mar")))
+
+
+def write_garbage(path: str) -> str:
+    with open(path, "wb") as f:
+        f.write(b"not a zip")
+    return path

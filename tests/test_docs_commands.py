@@ -11,7 +11,7 @@ import shlex
 
 import pytest
 
-from deploy.settings import ROOT
+from bundle.settings import ROOT
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 TOOLS = {"curl", "docker", "kubectl", "sleep", "printf", "echo", "cd", "export"}  # from the system, not the venv

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle.settings import DIGITS_DIR
 from deploy import management, versions
-from deploy.settings import DIGITS_DIR
 from model_src import backends
 from model_src.manifest import Manifest
 from model_src.preprocessing import Preprocessing

@@ -16,8 +16,8 @@ import requests
 import torch
 from PIL import Image
 
+from bundle.settings import DIGITS_DIR
 from deploy import versions
-from deploy.settings import DIGITS_DIR
 from model_src import backends
 from model_src.explain import FIRST_STEPS, MIN_STEPS, StepBudget
 from model_src.manifest import Manifest

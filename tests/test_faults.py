@@ -33,7 +33,7 @@ import requests
 from deploy import gate as gatelib
 from deploy import management, register_version, serve, versions
 from deploy.archive import write_checksum
-from tests.conftest import ROOT
+from tests.conftest import ROOT, cannot_run
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
@@ -191,7 +191,7 @@ def test_a_full_disk_under_the_state_folder_stops_a_promotion_before_it_applies(
     shutil.copytree(state, saved)
     # 1 MiB: the state folder holds the model's golden set too (20 files here, a 4 KiB page each on tmpfs)
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", state]).returncode:
-        pytest.skip("needs root to mount a small tmpfs")
+        cannot_run("needs root to mount a small tmpfs")
     try:
         shutil.copytree(saved, state, dirs_exist_ok=True)
         fd = os.open(os.path.join(state, "filler"), os.O_WRONLY | os.O_CREAT)

@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -28,11 +27,12 @@ import pytest
 import requests
 
 from bench.soak import Soak, bad_bodies, summarize, through_front_door
-from deploy import serve, settings
-from deploy.frontdoor import FrontDoor, for_server, haproxy, json_reply, listening
-from deploy.predict import top1
+from bundle import settings
+from deploy import serve
+from deploy.client import top1
+from deploy.frontdoor import FrontDoor, FrontDoorError, for_server, haproxy, json_reply, listening
 from deploy.server import Ports
-from tests.conftest import free_port
+from tests.conftest import cannot_run, free_port, require_tool
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects
 pytestmark = pytest.mark.in_order
@@ -41,11 +41,12 @@ NS_HOST, NS_PEER = "10.213.77.1", "10.213.77.2"  # the veth pair's addresses: th
 
 
 def require_haproxy():
-    if shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy"):
-        return
-    if os.environ.get("CI"):
-        pytest.fail("CI without haproxy: scripts/setup.sh installs it with apt-get (as root)")
-    pytest.skip("no haproxy (scripts/setup.sh installs it as root)")
+    """Where haproxy is found is deploy.frontdoor.haproxy()'s; whether its absence skips or fails (under CI) is
+    require_tool's, whose own test checks that decision."""
+    try:
+        haproxy()
+    except FrontDoorError:
+        require_tool("haproxy")
 
 
 def test_config_is_valid_haproxy_with_every_option(tmp_path):
@@ -543,8 +544,9 @@ def test_soak_10k_mixed_requests_through_the_front_door(soak, tmp_path):
 @pytest.fixture
 def netns():
     """A network namespace joined to this one by a veth pair (NS_HOST here, NS_PEER there); always deleted."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2 (ip netns)")
+    require_tool("ip")
+    if os.geteuid() != 0:
+        cannot_run("network namespaces need root")
     name, veth = f"fdtest{os.getpid()}", f"fdv{os.getpid() % 100000}"
     steps = [
         ["ip", "netns", "add", name],

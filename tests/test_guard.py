@@ -9,7 +9,7 @@ import re
 import pytest
 
 from deploy import management
-from deploy.guard import ARCHIVE_NAME, REGISTRATION, netty_params
+from deploy.guard_request import ARCHIVE_NAME, REGISTRATION, netty_params
 from tests.test_guard_units import send_raw
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects

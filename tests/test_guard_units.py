@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from deploy import guard
+from deploy import guard, guard_request
 from deploy.archive import write_checksum
 from tests.conftest import ROOT, free_port
 
@@ -414,8 +414,8 @@ def growth(fn, small, large) -> float:
 @pytest.mark.parametrize("unit", ["&;", "==;", "=&=;", "a=%C3%A9+&"])
 def test_the_query_parser_is_linear(unit):
     small, large = unit * 1_000, unit * 10_000
-    assert len(guard.netty_params(small)) <= len(small)
-    assert growth(guard.netty_params, small, large) < 3  # a quadratic parser would give ~10
+    assert len(guard_request.netty_params(small)) <= len(small)
+    assert growth(guard_request.netty_params, small, large) < 3  # a quadratic parser would give ~10
 
 
 def test_the_head_parser_is_linear():
@@ -423,7 +423,7 @@ def test_the_head_parser_is_linear():
         return b"GET /models?" + b"a=b;" * n + b" HTTP/1.1\r\n" + b"X-A: " + b"b " * n + b"\r\n" * 2
 
     def parse(raw):
-        return guard.read_head(io.BytesIO(raw))
+        return guard_request.read_head(io.BytesIO(raw))
 
     small, large = head(200), head(2_000)
     assert parse(large).target.count(";") == 2_000

@@ -23,8 +23,8 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import get_yaml_config
 
-from deploy import settings
-from deploy.settings import METRICS_CONFIG
+from bundle import settings
+from bundle.settings import METRICS_CONFIG
 from handlers.image_classifier import ImageClassifier
 from model_src import backends, protocol
 from model_src.manifest import Manifest

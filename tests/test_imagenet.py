@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deploy import management, settings, versions
+from bundle import settings
+from deploy import management, versions
 from deploy.archive import archive_checkpoint
+from deploy.client import post, top1
 from deploy.import_pretrained import BATCH_SIZE, import_weights, write_photos
-from deploy.predict import post, top1
 from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing

@@ -15,9 +15,10 @@ import pytest
 import requests
 import yaml
 
-from deploy import kserve, settings
+from bundle import settings
+from bundle.properties import read_properties, write_properties
+from deploy import kserve
 from deploy.frontdoor import FrontDoor
-from deploy.properties import read_properties, write_properties
 from deploy.server import Ports, TorchServe
 from tests.conftest import install_archive
 

@@ -11,9 +11,10 @@ import zipfile
 import pytest
 
 from bench import bench, soak
-from deploy import latency, settings
+from bundle import settings
+from deploy import latency
 from deploy.archive import archive_checkpoint, archive_name
-from deploy.predict import top1
+from deploy.client import top1
 
 
 def test_scripts_holds_only_shell_entry_points():

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
+from bundle.settings import ROOT
 from deploy.server import Ports
-from deploy.settings import ROOT
 from tests.conftest import install_archive
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects

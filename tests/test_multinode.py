@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import require_tool, train_run
+from tests.conftest import cannot_run, require_tool, train_run
 from train import multinode
 from train.train import state_digest
 
@@ -18,9 +18,7 @@ def namespaces():
     """Network namespaces need iproute2 and root: a missing one skips, or fails under CI (require_tool)."""
     require_tool("ip")
     if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI: network namespaces need root (.ci/run runs as root)", pytrace=False)
-        pytest.skip("network namespaces need root")
+        cannot_run("network namespaces need root (.ci/run runs as root)")
 
 
 TRAIN = ["--epochs", "3", "--stop-after-epoch", "2", "--quiet", "--no-tensorboard", "--no-plots"]

@@ -124,7 +124,7 @@ def test_the_handler_path_gives_the_same_input_as_the_pil_image(lite, tmp_path):
     tests above feed the model; a JPEG of it to the same top-1."""
     from ts.utils.util import get_yaml_config
 
-    from deploy.settings import MODEL_CONFIG
+    from bundle.settings import MODEL_CONFIG
     from model_src.protocol import decode_all
 
     model, _, prep = lite

@@ -22,9 +22,9 @@ import psutil
 import pytest
 import requests
 
-from deploy import settings
+from bundle import settings
 from deploy.server import Ports, ServerError, TorchServe
-from tests.conftest import install_archive
+from tests.conftest import cannot_run, install_archive
 
 # in_order: the service_server tests share one server, and the frozen-guard test stops it (it runs last)
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
@@ -134,8 +134,9 @@ def service_user_can_run_here():
     return None
 
 
-@pytest.mark.skipif(service_user_can_run_here() is not None, reason=str(service_user_can_run_here()))
 def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, digits):
+    if service_user_can_run_here():
+        cannot_run(service_user_can_run_here())
     base = tempfile.mkdtemp(prefix="ts-user-")  # pytest's folders are root's alone: this one others may enter
     try:
         os.chmod(base, 0o755)
@@ -147,7 +148,7 @@ def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, di
         ts.prepare_dirs()
         missing = ts.unreachable()
         if missing:  # e.g. a Python installed in root's home (pyenv under /root, 0700): start() warns, runs as root
-            pytest.skip(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
+            cannot_run(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
         try:
             ts.start()
             uid = pwd.getpwnam(settings.SERVICE_USER).pw_uid
@@ -212,7 +213,7 @@ def serve_in_background(stub):
 
 
 def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
-    from deploy import predict
+    from deploy import client, predict
 
     workdir = tmp_path / "ts"  # a server's folder as start() lays it out: key file in home/, config in run/
     (workdir / "home").mkdir(parents=True)
@@ -239,7 +240,7 @@ def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
         with pytest.raises(SystemExit, match="refusing to send the inference key to 10.11.12.13 over plain HTTP"):
             predict.main(["--raw", str(image)])
         monkeypatch.setenv("TS_ALLOW_PLAIN_HTTP", "1")  # said explicitly: the target is taken as given
-        assert predict.target().url() == "http://10.11.12.13:8080"
+        assert client.target().url() == "http://10.11.12.13:8080"
     finally:
         for stub in (own, elsewhere, lookalike):
             stub.shutdown()
@@ -260,7 +261,7 @@ def service_server_in(base, archive_factory) -> TorchServe:
     ts.prepare_dirs()
     missing = ts.unreachable()
     if missing:
-        pytest.skip(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
+        cannot_run(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
     return ts
 
 
@@ -268,7 +269,7 @@ def service_server_in(base, archive_factory) -> TorchServe:
 def service_server(archive_factory, digits):
     """One server started by root as the service user, shared by the tests below; the last one stops it."""
     if service_user_can_run_here():
-        pytest.skip(service_user_can_run_here())
+        cannot_run(service_user_can_run_here())
     base = tempfile.mkdtemp(prefix="ts-user-")
     try:
         ts = service_server_in(base, archive_factory)
@@ -334,7 +335,7 @@ def test_no_key_is_sent_to_a_listener_of_another_user(tmp_path):
     """The hostile check of the second review: a local user who listens on the management port (while the guard
     is down) was sent the management key by the tools, and used it to register through the guard."""
     if service_user_can_run_here():
-        pytest.skip(service_user_can_run_here())
+        cannot_run(service_user_can_run_here())
     ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(tmp_path), ports=Ports.free())
     squatter = squat("nobody", ts.ports.management)
     assert squatter.first == ["listening"]
@@ -451,7 +452,7 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
     """Issue 25 finding 4: the service user plants links in every folder it can write, pointing at a root-owned
     0600 file (and the folder holding it); start and stop as root leave that file as it was."""
     if service_user_can_run_here():
-        pytest.skip(service_user_can_run_here())
+        cannot_run(service_user_can_run_here())
     base = tempfile.mkdtemp(prefix="ts-user-")
     decoy = None
     try:
@@ -518,7 +519,7 @@ def test_an_earlier_layout_is_taken_back_without_following_links(tmp_path):
     """The folder an earlier version gave wholly to the service user: root takes the folder back, moves
     TorchServe's logs and snapshots into home/ and copies the deployment history into a state/ of its own."""
     if service_user_can_run_here():
-        pytest.skip(service_user_can_run_here())
+        cannot_run(service_user_can_run_here())
     ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
     secret = tmp_path / "secret.txt"
     secret.write_text("root's alone\n")

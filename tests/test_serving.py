@@ -11,8 +11,8 @@ import pytest
 import requests
 import torch
 
+from bundle.settings import DIGITS_DIR
 from deploy import management, versions
-from deploy.settings import DIGITS_DIR
 from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
@@ -171,8 +171,8 @@ def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
     # loaded size; a 39.7 MP grey PNG (16 KB, under every pixel check) decodes into 40 MB.
     import yaml
 
+    from bundle.settings import MODEL_CONFIG
     from deploy.archive import archive_checkpoint
-    from deploy.settings import MODEL_CONFIG
 
     tmp = tmp_path_factory.mktemp("ceiling")
     cfg = yaml.safe_load(open(MODEL_CONFIG))

@@ -21,11 +21,11 @@ from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
-from tests.conftest import ROOT, free_port, train_run
+from tests.conftest import ROOT, cannot_run, free_port, train_run
 from tests.reference import torchvision_eval
 from train import data as datalib
 from train import train as trainer
-from train.data import CachedImages, build_datasets, build_loaders
+from train.data import CachedImages, DataError, build_datasets, build_loaders
 
 CHECKPOINT_KEYS = {"model", "manifest", "optimizer", "lr_scheduler", "scaler", "epoch", "args"}
 N_VAL = 359  # digits validation images (20% of 1,797, stratified)
@@ -180,7 +180,7 @@ def test_each_rank_trains_on_its_share_of_the_batches():
     assert len(sampler) == 50 and len(loader) == 1 and sum(len(y) for _, y in loader) == 50
     loader, _, _ = build_loaders(train, train, batch_size=64, workers=0, rank=0, world=1)
     assert len(loader) == 1  # 100 > 64: the ragged last batch is dropped
-    with pytest.raises(SystemExit, match="no training batch"):
+    with pytest.raises(DataError, match="no training batch"):
         build_loaders(Subset(train, []), train, batch_size=64, workers=0, rank=0, world=2)
 
 
@@ -494,7 +494,7 @@ def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("needs root to mount a tmpfs")
+        cannot_run("needs root to mount a tmpfs")
     yield disk
     subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a failed save may still hold a file open
 

@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from deploy.settings import DIGITS_DIR
+from bundle.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -19,6 +19,10 @@ GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 # .ppm and .pgm, which serving refuses, so a model would train on images it can never be sent.
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_BYTES = 2**30  # prepared images kept in memory per process, at most
+
+
+class DataError(ValueError):
+    """The data is not what training or evaluation needs; the message says what to change."""
 
 
 def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 0) -> str:
@@ -63,7 +67,7 @@ def ensure_data(path: str) -> str:
         write_digits(path)
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(path, split)):
-            raise SystemExit(f"error: {path} needs {split}/<class>/<images> folders (ImageFolder layout)")
+            raise DataError(f"{path} needs {split}/<class>/<images> folders (ImageFolder layout)")
     return path
 
 
@@ -172,7 +176,7 @@ def build_datasets(data: str, prep: Preprocessing, augment: str, limit: int | No
     train = CachedImages(os.path.join(data, "train"), prep, train_transform(prep, augment), cache=cache)
     val = CachedImages(os.path.join(data, "val"), prep, prep, cache=cache)
     if train.classes != val.classes:
-        raise SystemExit(f"error: train/ and val/ have different classes: {train.classes} vs {val.classes}")
+        raise DataError(f"train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if limit:  # cheap mode: an evenly spread subset
         train = Subset(train, list(range(0, len(train), max(1, len(train) // limit))))
         val = Subset(val, list(range(0, len(val), max(1, len(val) // limit))))
@@ -229,8 +233,8 @@ def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: i
         persistent_workers=False,
     )
     if len(train_loader) == 0:
-        raise SystemExit(
-            f"error: no training batch: {len(train_sampler)} images per process; add images or use fewer processes"
+        raise DataError(
+            f"no training batch: {len(train_sampler)} images per process; add images or use fewer processes"
         )
     val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
     return train_loader, val_loader, train_sampler

@@ -126,4 +126,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except datalib.DataError as e:  # the data is not what is needed: say what to change, without a traceback
+        raise SystemExit(f"error: {e}") from None

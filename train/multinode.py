@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from deploy.settings import ROOT
+from bundle.settings import ROOT
 
 SUBNET = "10.231.7"  # private to the namespaces: the same addresses in two concurrent runs never meet
 RDZV_PORT = 29400  # torchrun's default c10d port, on node 0's address

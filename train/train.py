@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from deploy.settings import RUNS_DIR
+from bundle.settings import RUNS_DIR
 from model_src.manifest import Manifest, Metrics, Provenance
 from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
@@ -476,4 +476,7 @@ def run(args, device, rank, world, start_time):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except datalib.DataError as e:  # the data is not what is needed: say what to change, without a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -3,6 +3,10 @@ and ports. Every path is absolute (anchored at the repository root), so code res
 from any working directory; paths a user types on a command line stay relative to where they typed."""
 
 import os
+import socket
+from dataclasses import dataclass
+
+from bundle.properties import read_properties
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +32,41 @@ SERVICE_USER = "torchserve"
 FRONT_DOOR_PORT = 8443  # the HTTPS front door (deploy/frontdoor.py): the one port that listens beyond loopback
 
 
-def ports():
-    """The ports config.properties gives the demo server (8080/8081/8082, gRPC 7070/7071)."""
-    from deploy.server import ports_from_config
+GUARD_KEY = "guarded_management_address"  # in a generated config: where the management guard listens
 
-    return ports_from_config(CONFIG)
+
+@dataclass
+class Ports:
+    """The five ports of one TorchServe (the defaults are TorchServe's own)."""
+
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> "Ports":
+        """Five ports the OS says are free right now (for tests and side-by-side servers)."""
+        socks = [socket.socket() for _ in range(5)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            return cls(*[s.getsockname()[1] for s in socks])
+        finally:
+            for s in socks:
+                s.close()
+
+
+def ports(path: str = CONFIG) -> Ports:
+    """The ports a config.properties gives (the demo server's: 8080/8081/8082, gRPC 7070/7071); in a generated
+    config, the management port is the guard's."""
+    props = read_properties(path)
+    port = lambda key, default: int(props.get(key, f":{default}").rsplit(":", 1)[1])
+    return Ports(
+        port("inference_address", 8080),
+        port(GUARD_KEY if GUARD_KEY in props else "management_address", 8081),
+        port("metrics_address", 8082),
+        int(props.get("grpc_inference_port", 7070)),
+        int(props.get("grpc_management_port", 7071)),
+    )
