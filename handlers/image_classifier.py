@@ -1,7 +1,8 @@
 """TorchServe handler: images in, top-k {label: probability} out; explanations and a model card too.
 
 Thin on purpose: decoding and preprocessing come from model_src.preprocessing (the
-definition training evaluates with), model loading from model_src.runtime. What
+definition training evaluates with), what the archive holds from its bundle.json (model_src.manifest),
+model loading from the backend registry (model_src.backends). What
 this file adds is TorchServe's contract: per-request parsing, one batched forward
 pass over the good requests, and a per-request status so that one bad image
 never fails its neighbours in the batch.
@@ -23,23 +24,21 @@ Each request in a batch is one of three kinds, told apart by the header TorchSer
 
 import base64
 import binascii
-import glob
-import hashlib
 import json
 import logging
 import os
 import re
 import resource
+import sys
 import time
-import zipfile
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from model_src import backends, manifest
 from model_src.explain import explain
 from model_src.preprocessing import InputError, Preprocessing, sniff_format
-from model_src.runtime import BACKEND_FILES, NOT_DIFFERENTIABLE, Predictor
 
 # Integrated Gradients steps: the fewest worth answering with, and the number a worker's first explanation
 # takes while it measures what one step costs on this model and machine.
@@ -257,15 +256,10 @@ def request_kind(context, idx: int) -> str:
     return "explain" if context.get_request_header(idx, "explain") == "True" else "predict"
 
 
-def frontend_model_store() -> str | None:
-    """The model store of the TorchServe frontend that started this worker: the `torchserve` CLI always passes
-    it to the Java frontend as `-s <dir>`, however it was started (scripts, the literal command, KServe)."""
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            args = f.read().decode().split("\0")
-        return args[args.index("-s") + 1]
-    except (OSError, ValueError, IndexError):
-        return None
+def in_frontend_worker() -> bool:
+    """Whether TorchServe's frontend started this process: its worker runs ts/model_service_worker.py
+    (WorkerLifeCycle builds that command), however TorchServe was started (scripts, the literal command, KServe)."""
+    return sys.argv[0].endswith(os.path.join("ts", "model_service_worker.py"))
 
 
 def limit_memory(headroom_mb: int) -> int:
@@ -283,56 +277,35 @@ def limit_memory(headroom_mb: int) -> int:
     return ceiling
 
 
-def archive_info(manifest: dict) -> dict:
-    """{file, sha256} of the .mar this worker was unpacked from: the one in the model store whose manifest
-    (model, version, handler and the archiver's creation time) is this worker's own."""
-    store = frontend_model_store()
-    for path in sorted(glob.glob(os.path.join(glob.escape(store or "/nonexistent"), "*.mar"))):
-        try:
-            with zipfile.ZipFile(path) as z:
-                if json.loads(z.read("MAR-INF/MANIFEST.json")) != manifest:
-                    continue
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-            continue
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        return {"file": os.path.basename(path), "sha256": digest, "created": manifest.get("createdOn")}
-    return {"file": None, "sha256": None, "created": manifest.get("createdOn"), "why": f"not found in {store}"}
-
-
 class ImageClassifier(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
         model_dir = properties.get("model_dir")
-        manifest = context.manifest["model"]
+        mar = context.manifest["model"]
         yaml_cfg = getattr(context, "model_yaml_config", None) or {}
         self.configure(yaml_cfg, int(properties.get("batch_size") or 1))
-        with open(os.path.join(model_dir, "serving.json")) as f:
-            meta = json.load(f)
-        with open(os.path.join(model_dir, "index_to_name.json")) as f:
-            mapping = json.load(f)
-        self.labels = [mapping[str(i)] for i in range(len(mapping))]
-        self.prep = Preprocessing.from_dict(meta["preprocessing"])
-        serialized = manifest["serializedFile"]
-        self.backend = {v: k for k, v in BACKEND_FILES.items()}.get(os.path.basename(serialized))
-        if self.backend is None:
-            raise RuntimeError(f"serialized file {serialized} is none of {sorted(BACKEND_FILES.values())}")
+        self.bundle = manifest.read(model_dir)  # what the archive holds, written by export and archiving
+        if self.bundle.backend is None:
+            raise RuntimeError(f"{manifest.FILE} names no served backend: build the archive with scripts/archive.sh")
+        self.labels = self.bundle.class_names
+        self.prep = Preprocessing.from_dict(self.bundle.preprocessing)
+        backend = backends.get(self.bundle.backend.name)
+        self.backend = backend.name
         gpu = properties.get("gpu_id")
-        # ONNX runs on ORT's CPU provider; dynamically quantised int8 kernels exist for the CPU only.
-        on_gpu = gpu is not None and torch.cuda.is_available() and self.backend not in ("onnx", "int8")
+        on_gpu = gpu is not None and torch.cuda.is_available() and backend.gpu  # else its kernels are the CPU's
         device = f"cuda:{gpu}" if on_gpu else "cpu"
         self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
         torch.set_num_threads(self.threads)  # the worker process is the handler's to configure
-        self.predictor = Predictor(os.path.join(model_dir, serialized), self.backend, device, self.threads)
-        self.model_name, self.version = manifest.get("modelName", ""), manifest.get("modelVersion", "")
-        self.model_dir, self.manifest = model_dir, context.manifest
+        self.predictor = backends.load(os.path.join(model_dir, backend.file), backend.name, device, self.threads)
+        self.model_name, self.version = mar.get("modelName", ""), mar.get("modelVersion", "")
+        self.model_dir = model_dir
         self._explainer = self.card = None  # both made on first use: most workers never explain or describe
         self.step_seconds = None  # measured cost of one Integrated Gradients step
         self.warm_up(int(properties.get("batch_size") or 1))
         # Only a worker the frontend started gets a ceiling: a handler built in-process (tests, the bench)
         # leaves its host process alone. A headroom of 0 sets none.
         headroom = self.config["memory_headroom_mb"]
-        ceiling = limit_memory(headroom) if headroom and frontend_model_store() else None
+        ceiling = limit_memory(headroom) if headroom and in_frontend_worker() else None
         self.initialized = True
         logger.info(
             "loaded %s %s: backend=%s threads=%d topk=%d classes=%d memory ceiling=%s MB",
@@ -495,54 +468,64 @@ class ImageClassifier(BaseHandler):
         """The differentiable model explanations run on: the served one, or the eager weights an ONNX or int8
         archive carries beside its served file."""
         if self._explainer is None:
-            if self.backend not in NOT_DIFFERENTIABLE:
+            if backends.get(self.backend).differentiable:
                 self._explainer = self.predictor.model
             elif path := self.eager_weights():
-                self._explainer = Predictor(path, "eager").model
+                self._explainer = backends.load(path, backends.eager().name).model
             else:
                 raise InputError(
                     f"the {self.backend} backend has no gradients to explain with and this archive carries no "
-                    "eager weights (model.pt) beside it: rebuild it with scripts/archive.sh",
+                    f"eager weights ({backends.eager().file}) beside it: rebuild it with scripts/archive.sh",
                     501,
                 )
         return self._explainer
 
     def eager_weights(self) -> str | None:
-        """The eager weights an ONNX or int8 archive carries for explanations (None: an older archive)."""
-        path = os.path.join(self.model_dir, BACKEND_FILES["eager"])
-        return path if os.path.isfile(path) else None
+        """The eager weights an ONNX or int8 archive carries for explanations (None: it carries none)."""
+        file = self.bundle.files.get(backends.eager().name)
+        return os.path.join(self.model_dir, file) if file else None
 
     # --- the model card ----------------------------------------------------------------------
 
     def describe(self) -> dict:
-        if self.card is None:  # built once: finding and hashing the archive reads it whole
+        if self.card is None:  # built once
             self.card = self.make_card()
         return self.card
 
     def make_card(self) -> dict:
-        path = os.path.join(self.model_dir, "model_card.json")  # what deploy/archive.py knew at build time
-        card = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                card = json.load(f)
-        card.update(
-            model=self.model_name,
-            version=self.version,
-            backend=self.backend,
-            classes=self.labels,
-            preprocessing=self.prep.to_dict(),
-            explanations={
+        """The model card, from the archive's manifest alone."""
+        b, prov, archive = self.bundle, self.bundle.provenance, self.bundle.archive
+        eager = backends.eager()
+        if backends.get(self.backend).differentiable:
+            explained_by = "the served file"
+        else:
+            explained_by = f"eager weights ({eager.file}) shipped beside it" if self.eager_weights() else None
+        return {
+            "model": self.model_name,
+            "version": self.version,
+            "backend": self.backend,
+            "classes": self.labels,
+            "preprocessing": self.prep.to_dict(),
+            "architecture": b.model_args,
+            "training": {
+                "data": prov.data,
+                "source": prov.source,
+                "command": prov.command,
+                "epochs": prov.metrics.epochs_done,
+                "best_val_acc": prov.metrics.best_val_acc,
+                "best_epoch": prov.metrics.best_epoch,
+                "final_val_acc": prov.metrics.final_val_acc,
+            },
+            "export_check": {k: v for k, v in b.checks.get("formats", {}).get(self.backend, {}).items() if k != "file"},
+            "built": archive and archive.built,
+            # The archive's own SHA-256 is in its .sha256 sidecar and the journal: a worker hashes nothing.
+            "archive": archive and {"file": archive.file, "built": archive.built, "digests": archive.digests},
+            "explanations": {
                 "method": "integrated_gradients (captum)",
                 "steps": self.config["explain_steps"],
-                "model": "the served file"
-                if self.backend not in NOT_DIFFERENTIABLE
-                else "eager weights (model.pt) shipped beside it"
-                if self.eager_weights()
-                else None,
+                "model": explained_by,
             },
-            archive=archive_info(self.manifest),
-        )
-        return card
+        }
 
     def reject(self, context, idx: int, body, status: int, message: str) -> dict:
         context.set_response_status(status, message[:200], idx)

@@ -3,10 +3,12 @@
 
 import base64
 import concurrent.futures
+import hashlib
 import io
 import json
 import os
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,8 +17,9 @@ import torch
 from PIL import Image
 
 from deploy import versions
-from deploy.archive import sha256_of
 from deploy.settings import DIGITS_DIR
+from model_src import backends
+from model_src.manifest import Manifest
 from model_src.preprocessing import Preprocessing
 from tests import images
 from tests.conftest import batching_store, install_archive
@@ -62,7 +65,7 @@ def ink_ratio(body: bytes, grid: list, prep: Preprocessing) -> float:
 @pytest.mark.torchserve
 @pytest.mark.parametrize("version", ["1.0", *BACKENDS])
 def test_an_explanation_puts_its_mass_on_the_ink(server, checkpoint, version):
-    prep = Preprocessing.from_dict(torch.load(checkpoint, weights_only=True)["preprocessing"])
+    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
     for label in ("0", "3", "7"):
         body = digit(label)
         predicted = next(iter(call(server, "predictions", body, version).json()))
@@ -167,23 +170,26 @@ def test_customized_describe_returns_the_model_card(server, trained, version):
     card = resp.json()[0]["customizedMetadata"]
     with open(os.path.join(trained, "metrics.json")) as f:
         metrics = json.load(f)
+    trained_as = Manifest.from_checkpoint(torch.load(os.path.join(trained, "checkpoint_best.pt"), weights_only=True))
     assert card["model"] == "my_model" and card["version"] == version
     assert card["classes"] == [str(i) for i in range(10)]
     assert card["backend"] == ("eager" if version == "1.0" else "onnx")
     # TorchServe's frontend (Gson) drops null fields from customizedMetadata.
-    assert card["preprocessing"] == {k: v for k, v in metrics["preprocessing"].items() if v is not None}
-    assert card["training"]["best_val_acc"] == metrics["best_val_acc"]
-    assert card["training"]["data"] == "data/digits"
+    assert card["preprocessing"] == {k: v for k, v in trained_as.preprocessing.items() if v is not None}
+    assert card["training"]["best_val_acc"] == metrics["best_val_acc"]  # the checkpoint_best of the run
+    assert card["training"]["data"] == DIGITS_DIR
     assert (
         card["training"]["command"].startswith("python -m train.train ")
         and " --epochs 3" in card["training"]["command"]
     )
     archive = card["archive"]
     mar = os.path.join(server.model_store, archive["file"])
-    assert archive["sha256"] == sha256_of(mar) == open(mar + ".sha256").read().split()[0]
-    assert archive["created"] and card["built"]
+    assert os.path.isfile(mar + ".sha256") and archive["built"] == card["built"]  # its SHA-256: the sidecar's
+    served = backends.get(card["backend"]).file
+    with zipfile.ZipFile(mar) as z:  # the digests of the files inside are those of the files inside
+        assert archive["digests"][served] == hashlib.sha256(z.read(served)).hexdigest()
     assert card["explanations"]["model"] == (
-        "the served file" if version == "1.0" else "eager weights (model.pt) shipped beside it"
+        "the served file" if version == "1.0" else f"eager weights ({backends.eager().file}) shipped beside it"
     )
 
 
@@ -206,7 +212,7 @@ def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(ar
     unpacked = tmp_path / "unpacked"
     handler, ctx = make_handler(archive_factory("onnx", "onnx"), unpacked)
     handler._explainer = None
-    os.remove(unpacked / "model.pt")
+    os.remove(unpacked / backends.eager().file)
     out, status = handle_kinds(handler, ctx, [("explain", digit("3")), ("predict", digit("3"))])
     assert status == [501, 200]
     assert "onnx backend has no gradients" in out[0]["message"]
