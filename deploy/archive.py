@@ -104,7 +104,7 @@ def place_archive(built: str, target: str) -> str:
 def shipped(bundle: Manifest, backend: backends.Backend) -> dict[str, str]:
     """backend name -> file of what the archive carries: the served file and, where it has no gradients, the
     eager weights explanations run on."""
-    want = [backend] if backend.differentiable else [backend, backends.eager()]
+    want = [backend] if backend.differentiable else [backend, backends.reference()]
     missing = [b.name for b in want if b.name not in bundle.files]
     if missing:
         raise ValueError(
@@ -270,7 +270,7 @@ def archive_checkpoint(
     from train.export import export_all
 
     chosen = backends.get(backend)
-    formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.eager().name]
+    formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.reference().name]
     store = os.path.dirname(os.path.abspath(new_target(version, model_name, model_store, output)))  # before export
     shared_dir(store)
     remove_dead_staging(store)

@@ -471,19 +471,19 @@ class ImageClassifier(BaseHandler):
             if backends.get(self.backend).differentiable:
                 self._explainer = self.predictor.model
             elif path := self.eager_weights():
-                self._explainer = backends.load(path, backends.eager().name).model
+                self._explainer = backends.load(path, backends.reference().name).model
             else:
                 raise InputError(
                     f"the {self.backend} backend has no gradients to explain with and this archive carries no "
-                    f"eager weights ({backends.eager().file}) beside it: rebuild it with scripts/archive.sh",
+                    f"eager weights ({backends.reference().file}) beside it: rebuild it with scripts/archive.sh",
                     501,
                 )
         return self._explainer
 
     def eager_weights(self) -> str | None:
         """The eager weights an ONNX or int8 archive carries for explanations (None: it carries none)."""
-        file = self.bundle.files.get(backends.eager().name)
-        return os.path.join(self.model_dir, file) if file else None
+        path = os.path.join(self.model_dir, self.bundle.files.get(backends.reference().name, ""))
+        return path if os.path.isfile(path) else None
 
     # --- the model card ----------------------------------------------------------------------
 
@@ -495,7 +495,7 @@ class ImageClassifier(BaseHandler):
     def make_card(self) -> dict:
         """The model card, from the archive's manifest alone."""
         b, prov, archive = self.bundle, self.bundle.provenance, self.bundle.archive
-        eager = backends.eager()
+        eager = backends.reference()
         if backends.get(self.backend).differentiable:
             explained_by = "the served file"
         else:

@@ -189,7 +189,7 @@ def test_customized_describe_returns_the_model_card(server, trained, version):
     with zipfile.ZipFile(mar) as z:  # the digests of the files inside are those of the files inside
         assert archive["digests"][served] == hashlib.sha256(z.read(served)).hexdigest()
     assert card["explanations"]["model"] == (
-        "the served file" if version == "1.0" else f"eager weights ({backends.eager().file}) shipped beside it"
+        "the served file" if version == "1.0" else f"eager weights ({backends.reference().file}) shipped beside it"
     )
 
 
@@ -212,7 +212,7 @@ def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(ar
     unpacked = tmp_path / "unpacked"
     handler, ctx = make_handler(archive_factory("onnx", "onnx"), unpacked)
     handler._explainer = None
-    os.remove(unpacked / backends.eager().file)
+    os.remove(unpacked / backends.reference().file)
     out, status = handle_kinds(handler, ctx, [("explain", digit("3")), ("predict", digit("3"))])
     assert status == [501, 200]
     assert "onnx backend has no gradients" in out[0]["message"]

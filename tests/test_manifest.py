@@ -150,3 +150,31 @@ def test_only_torchserves_own_worker_gets_a_memory_ceiling(monkeypatch):
     assert image_classifier.in_frontend_worker()
     monkeypatch.setattr(sys, "argv", ["pytest"])
     assert not image_classifier.in_frontend_worker()
+
+
+# --- archiving an export folder -------------------------------------------------------------------------------------
+
+
+def test_an_archive_is_built_from_an_export_folder_and_adds_its_part(tmp_path, monkeypatch):
+    """build_archive reads the folder's bundle.json and packs; it neither exports nor imports train.export."""
+    import hashlib
+
+    from deploy import archive
+    from tests.test_tools import fake_export
+
+    fake_export().export_all("unused.pt", str(tmp_path / "export"), ["onnx", "eager", "int8"])
+    monkeypatch.setitem(sys.modules, "train.export", None)  # importing it now fails
+    info = archive.build_archive(str(tmp_path / "export"), "2.0", "onnx", model_store=str(tmp_path / "store"))
+    assert info["archive"] == str(tmp_path / "store" / "my_model_v2.0.mar")
+    bundle = mar.read_bundle(info["archive"])
+    assert (bundle.backend.name, bundle.backend.file, bundle.backend.precision) == ("onnx", "model.onnx", "fp32")
+    assert bundle.files == {"onnx": "model.onnx", "eager": "model.pt"}  # int8 stays out; the eager weights go in
+    assert bundle.archive.file == "my_model_v2.0.mar" and bundle.archive.version == "2.0" and bundle.archive.built
+    with zipfile.ZipFile(info["archive"]) as z:
+        inside = {name: hashlib.sha256(z.read(name)).hexdigest() for name in z.namelist()}
+    assert bundle.archive.digests and all(inside[name] == digest for name, digest in bundle.archive.digests.items())
+    assert set(inside) - set(bundle.archive.digests) == {manifest.FILE, "MAR-INF/MANIFEST.json", "model-config.yaml"}
+    with pytest.raises(ValueError, match="export folder has no torchscript file"):
+        archive.build_archive(str(tmp_path / "export"), "3.0", "torchscript", model_store=str(tmp_path / "store"))
+    with pytest.raises(ValueError, match="TorchServe cannot serve the ptl backend"):
+        archive.build_archive(str(tmp_path / "export"), "3.0", "ptl", model_store=str(tmp_path / "store"))

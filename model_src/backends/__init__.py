@@ -116,8 +116,9 @@ def by_file(file: str) -> Backend:
 DEFAULT = "onnx"  # what an archive serves unless told: ONNX Runtime served the most requests/s (docs/benchmarks.md)
 
 
-def eager() -> Backend:
-    """The eager weights: what explanations of a non-differentiable backend run on."""
+def reference() -> Backend:
+    """The eager weights: what export checks compare with, and what explanations of a backend without gradients
+    run on. (Not named `eager`: importing the submodule eager sets that attribute of this package.)"""
     return get("eager")
 
 
