@@ -80,16 +80,20 @@ def read_manifest(path: str) -> dict:
 
 
 def read_bundle(path: str) -> Manifest:
-    """The bundle manifest (bundle.json) inside an archive. ValueError if it has none or it is unreadable."""
+    """The bundle manifest (bundle.json) inside an archive, or what an archive built before it carries
+    (serving.json). ValueError if it has neither or it is unreadable."""
     name = os.path.basename(path)
     try:
         with zipfile.ZipFile(path) as z:
-            text = z.read(manifest.FILE)
+            members = z.namelist()
+            if manifest.FILE in members:
+                return manifest.loads(z.read(manifest.FILE))
+            legacy = manifest.from_legacy(lambda m: z.read(m) if m in members else None, members)
     except (OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"cannot read {name}: {e}") from None
-    except KeyError:
-        raise ValueError(f"{name} has no {manifest.FILE}: its class names are unknown (rebuild it)") from None
-    return manifest.loads(text)
+    if legacy is None:
+        raise ValueError(f"{name} has no {manifest.FILE}: its class names are unknown (rebuild it)")
+    return legacy
 
 
 def read_classes(path: str) -> list[str]:

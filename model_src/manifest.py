@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,10 +140,50 @@ def loads(text: str | bytes) -> Manifest:
 
 
 def read(folder: str) -> Manifest:
-    """The manifest in `folder` (an export folder, an unpacked archive)."""
+    """The manifest in `folder` (an export folder, an unpacked archive; an archive built before bundle.json
+    existed is read from its serving.json, so that it keeps serving)."""
     path = os.path.join(folder, FILE)
     try:
         with open(path, "rb") as f:
             return loads(f.read())
     except FileNotFoundError:
-        raise ManifestError(f"{path} does not exist: export the model with train.export, which writes it") from None
+        pass
+
+    def read_file(name: str) -> bytes | None:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    legacy = from_legacy(read_file, os.listdir(folder) if os.path.isdir(folder) else [])
+    if legacy is None:
+        raise ManifestError(f"{path} does not exist: export the model with train.export, which writes it")
+    return legacy
+
+
+LEGACY_FILE = "serving.json"  # what archives built before bundle.json (December 2026) carry instead
+
+
+def from_legacy(read_file: Callable[[str], bytes | None], names: Iterable[str]) -> Manifest | None:
+    """The manifest of an archive built before bundle.json: serving.json (the checkpoint's top-level keys plus the
+    export report) and TorchServe's MAR-INF/MANIFEST.json (the served file). `read_file(name)` reads a member of
+    a folder or a zip (None if absent); `names` lists its members. None if it is not such an archive."""
+    text = read_file(LEGACY_FILE)
+    if text is None:
+        return None
+    from model_src import backends  # here: the registry's modules import this one
+
+    try:
+        meta = json.loads(text)
+        m = Manifest.from_checkpoint(meta)
+        m.checks = meta.get("export") or {}
+        mar = read_file("MAR-INF/MANIFEST.json")
+        if mar is not None:
+            served = backends.by_file(os.path.basename(json.loads(mar)["model"]["serializedFile"]))
+            m.backend = BackendEntry(served.name, served.file, served.precision)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestError(f"{LEGACY_FILE} of an older archive does not read: {e}") from None
+    present = set(names)
+    m.files = {b.name: b.file for b in backends.served().values() if b.file in present}
+    return m

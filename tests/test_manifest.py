@@ -63,6 +63,30 @@ def test_the_gate_reads_class_names_from_the_archives_manifest(tmp_path):
         mar.read_classes(str(path))
 
 
+def test_an_archive_built_before_the_manifest_still_reads(tmp_path):
+    """Archives in a user's model store from before bundle.json (serving.json + TorchServe's MANIFEST.json) keep
+    serving and keep passing the gate's class check: the same manifest from the zip and from its unpacked folder."""
+    serving = {"model_args": {"arch": "x"}, "class_names": ["cat", "dog"], "preprocessing": PREP}
+    serving.update(args={"data": "/data/pets"}, best_metric={"acc": 0.9, "epoch": 3}, epoch=4, export={"tolerance": 1})
+    members = {
+        "serving.json": json.dumps(serving),
+        "MAR-INF/MANIFEST.json": json.dumps({"model": {"serializedFile": "model.onnx"}}),
+        "model.onnx": "",
+        "model.pt": "",
+    }
+    path = tmp_path / "old.mar"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    folder = tmp_path / "unpacked"
+    with zipfile.ZipFile(path) as z:
+        z.extractall(folder)
+    for m in (mar.read_bundle(str(path)), manifest.read(str(folder))):
+        assert m.class_names == ["cat", "dog"] and m.backend.name == "onnx"
+        assert m.files == {"onnx": "model.onnx", "eager": "model.pt"}
+        assert (m.provenance.data, m.provenance.metrics.best_val_acc, m.checks) == ("/data/pets", 0.9, {"tolerance": 1})
+
+
 # --- the registry -------------------------------------------------------------------------------------------------
 
 TINY = """

@@ -119,23 +119,27 @@ def test_top1_on_real_photos(lite, photo_batch):
 
 
 def test_the_handler_path_gives_the_same_input_as_the_pil_image(lite, tmp_path):
-    """The photo sent as a request (a lossless PNG) goes through the handler's own decoding and the checkpoint's
-    preprocessing to exactly the tensor the tests above feed the model; a JPEG of it to the same top-1."""
+    """The photo sent as a request (a lossless PNG) goes through the serving decoding (model_src/protocol.py, what
+    the handler calls, with the archive's pixel cap) and the checkpoint's preprocessing to exactly the tensor the
+    tests above feed the model; a JPEG of it to the same top-1."""
     from ts.utils.util import get_yaml_config
 
     from deploy.settings import MODEL_CONFIG
-    from handlers.image_classifier import ImageClassifier
+    from model_src.protocol import decode_all
 
     model, _, prep = lite
-    handler = ImageClassifier()
-    handler.prep = prep  # what initialize() reads from the archive's bundle.json
-    handler.configure(get_yaml_config(MODEL_CONFIG), batch_size=1)
+    max_pixels = get_yaml_config(MODEL_CONFIG)["handler"]["max_image_pixels"]
+
+    def served(path):  # the tensor a request body becomes
+        (x,) = decode_all(prep, [path.read_bytes()], max_pixels, float("inf"), prep)
+        return x
+
     img = photos.load_photos()["chelsea"]
     img.save(tmp_path / "chelsea.png")
     img.save(tmp_path / "chelsea.jpg", quality=92)
-    (x,) = handler.decode_all([(tmp_path / "chelsea.png").read_bytes()], prep)
+    x = served(tmp_path / "chelsea.png")
     assert torch.equal(x, prep(img))
-    (jpeg,) = handler.decode_all([(tmp_path / "chelsea.jpg").read_bytes()], prep)  # lossy, DCT draft scaling
+    jpeg = served(tmp_path / "chelsea.jpg")  # lossy, DCT draft scaling
     with torch.inference_mode():
         assert model(jpeg[None]).argmax().item() == model(x[None]).argmax().item()
 
