@@ -7,6 +7,7 @@ archive (`Preprocessing.to_dict`), so serving can never drift from evaluation.
 """
 
 import contextlib
+import functools
 import io
 import logging
 import re
@@ -218,9 +219,9 @@ def decode_image(
     magic bytes (only the six accepted ones reach Pillow, and Pillow may only try that one), the
     structures Pillow walks one by one are counted (check_cheaply), and the pixel count (weighted by the
     mode's cost, and after resizing the shorter side to `resize_size`) is checked from the header, so a
-    small file that inflates to gigabytes is refused without allocating them. JPEGs are decoded at a
-    reduced scale (DCT scaling) when `draft_size` allows, which is much faster for big photos and still
-    leaves >= 2x the pixels that resizing needs. Animations decode their first frame only.
+    small file that inflates to gigabytes is refused without allocating them. JPEGs are decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) whose shorter side still has `draft_size` pixels, which is much faster
+    for big photos. Animations decode their first frame only.
     Error messages name our limits only; what the decoder said goes to the log.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -312,8 +313,9 @@ class Preprocessing:
         return cls(**d)
 
     def decode(self, data, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-        """Bytes or a path -> PIL image. Training and serving both decode through here."""
-        return decode_image(data, max_pixels, 2 * (self.resize_size or self.image_size), self.resize_size)
+        """Bytes or a path -> PIL image. Training and serving both decode through here. A JPEG is decoded at
+        the smallest scale that still covers the resize (decode_image): resizing then only ever shrinks it."""
+        return decode_image(data, max_pixels, self.resize_size or self.image_size, self.resize_size)
 
     def pixel_cost(self, img: Image.Image) -> int:
         """What decoding and preparing `img` costs, in pixels of RGB: its weighted pixels, or the pixels
@@ -326,20 +328,42 @@ class Preprocessing:
         img = to_mode(img, "L" if self.channels == 1 else "RGB", self.background)
         if self.resize_size is None:
             return img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        return center_crop(resize_shorter(img, self.resize_size), self.image_size)
+        return resize_crop(img, self.resize_size, self.image_size)
 
-    def to_tensor(self, img: Image.Image) -> torch.Tensor:
-        """Prepared PIL image -> normalised float tensor (C, H, W)."""
-        arr = np.asarray(img, dtype=np.float32) / 255.0
+    def to_tensor(self, img: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Prepared PIL image -> normalised float tensor (C, H, W), written into `out` when given (a batch's
+        row, see `batch`). One table look-up per value: the table holds (v / 255 - mean) / std for the 256 grey
+        levels, computed in float32 as a per-pixel formula would, so the values are the same bit for bit."""
+        arr = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, C); no copy for L and RGB
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        x = torch.from_numpy(arr.transpose(2, 0, 1).copy())  # (C, H, W)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        return (x - mean) / std
+        if out is None:
+            out = torch.empty((arr.shape[2], arr.shape[0], arr.shape[1]), dtype=torch.float32)
+        table, dst = normalising_table(tuple(self.mean), tuple(self.std)), out.numpy()
+        for c in range(arr.shape[2]):
+            np.take(table[c], arr[:, :, c], out=dst[c], mode="clip")  # "clip": unbuffered; uint8 is in range
+        return out
+
+    def batch(self, images: list[Image.Image]) -> torch.Tensor:
+        """Prepared PIL images -> the model's input batch (B, C, H, W), each written straight into its row."""
+        x = torch.empty((len(images), self.channels, self.image_size, self.image_size), dtype=torch.float32)
+        for i, img in enumerate(images):
+            self.to_tensor(img, x[i])
+        return x
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.to_tensor(self.prepare(img))
+
+
+@functools.lru_cache(maxsize=16)
+def normalising_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(C, 256) float32: (v / 255 - mean[c]) / std[c] for every uint8 v, in float32 arithmetic."""
+    levels = torch.from_numpy(np.arange(256, dtype=np.float32) / 255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1)
+    table = ((levels - mean_t) / std_t).numpy()
+    table.flags.writeable = False  # shared by every call with these numbers
+    return table
 
 
 def to_mode(img: Image.Image, mode: str, background: int = 255) -> Image.Image:
@@ -382,8 +406,17 @@ def high_depth_to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    return img.resize(shorter_side_to(img.size, size), Image.BILINEAR)
+def resize_crop(img: Image.Image, resize_size: int, size: int) -> Image.Image:
+    """The centre `size` square of `img` once its shorter side is resized to `resize_size`, in one resampling
+    pass that computes only the square's pixels: Pillow resamples the matching box of the source, its filter
+    reaching past the box's edges as the whole image's resize would. Pillow's float arithmetic places a few
+    taps one rounding apart from the two-step resize-then-crop, so values may differ by one grey level."""
+    w, h = shorter_side_to(img.size, resize_size)
+    if size > min(w, h):  # the crop is bigger than the image: centre_crop pads it
+        return center_crop(img.resize((w, h), Image.BILINEAR), size)
+    left, top = (w - size) // 2, (h - size) // 2
+    sx, sy = img.width / w, img.height / h
+    return img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
 
 
 def shorter_side_to(wh: tuple[int, int], size: int) -> tuple[int, int]:

@@ -28,11 +28,13 @@ from model_src.preprocessing import (
     count_tiff_strips,
     decode_image,
     pixel_cost,
+    resize_crop,
+    shorter_side_to,
     to_mode,
 )
 from tests import images
 from tests.images import encode
-from tests.reference import torchvision_eval
+from tests.reference import assert_matches_reference, torchvision_eval
 from train.data import CachedImages
 
 GREY = Preprocessing(image_size=16, channels=1, mean=[0.5], std=[0.5])
@@ -239,10 +241,22 @@ def test_12_megapixel_jpeg_decodes_through_draft():
     data = encode(Image.fromarray(arr), "JPEG", quality=85)
     prep = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
     img = prep.decode(data)  # the default cap (40 MP) lets a 12 MP photo through
-    assert 144 <= min(img.size) and img.size[0] < 4000  # decoded at a reduced scale, still >= 2x what is needed
+    assert img.size == (500, 375)  # decoded at 1/8, the smallest DCT scale whose shorter side still covers 72
     x = prep(img)
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
     assert x[0, :, -1].mean() > x[0, :, 0].mean()  # red grows left to right
+
+
+@pytest.mark.parametrize(
+    "size, decoded",
+    [((600, 512), (300, 256)), ((600, 511), (600, 511)), ((2048, 2100), (256, 263)), ((1100, 1030), (275, 258))],
+)
+def test_a_jpeg_decodes_at_the_smallest_scale_that_covers_the_resize(size, decoded):
+    # Before: the draft asked for twice the resize, so a 512-px photo was decoded whole for a 256 resize.
+    prep = Preprocessing(image_size=224, resize_size=256, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    img = prep.decode(encode(Image.new("RGB", size, (200, 100, 50)), "JPEG"))
+    assert img.size == decoded and min(img.size) >= prep.resize_size
+    assert prep(img).shape == (3, 224, 224)
 
 
 # --- the tensor -----------------------------------------------------------------------------------
@@ -254,6 +268,41 @@ def test_call_gives_c_h_w_float32(channels):
     x = prep(Image.new("RGB", (30, 17), (255, 255, 255)))
     assert x.shape == (channels, 12, 12) and x.dtype == torch.float32 and x.is_contiguous()
     torch.testing.assert_close(x, torch.full_like(x, (1.0 - 0.2) / 0.4))
+
+
+def to_tensor_formula(prep, img):
+    """The per-pixel formula the normalising table replaces: float32 v / 255, minus mean, over std."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy((arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1).copy())
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (prep.mean, prep.std))
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_to_tensor_is_the_formula_bit_for_bit_and_fills_a_batch_in_place(channels):
+    rng = np.random.RandomState(0)
+    mean, std = [0.485, 0.456, 0.406][:channels], [0.229] * channels
+    prep = Preprocessing(image_size=16, channels=channels, mean=mean, std=std)
+    pixels = rng.randint(0, 256, (16, 16, 3)[: 2 if channels == 1 else 3]).astype(np.uint8)
+    pixels.flat[:256] = np.arange(256)  # every grey level
+    imgs = [Image.fromarray(pixels), Image.fromarray(pixels[::-1].copy())]
+    want = [to_tensor_formula(prep, img) for img in imgs]
+    assert torch.equal(prep.to_tensor(imgs[0]), want[0])
+    batch = prep.batch(imgs)
+    assert batch.shape == (2, channels, 16, 16) and batch.is_contiguous()
+    assert torch.equal(batch, torch.stack(want))
+
+
+@pytest.mark.parametrize("photo", ["china.jpg", "flower.jpg"])
+def test_resize_and_crop_in_one_pass_is_the_two_step_result(photo):
+    from sklearn.datasets import load_sample_image
+
+    img = Image.fromarray(load_sample_image(photo))  # 640 x 427
+    w, h = shorter_side_to(img.size, 256)
+    two_step = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=int)[16:240, 80:304]  # centre 224 of 384 x 256
+    one_pass = np.asarray(resize_crop(img, 256, 224), dtype=int)
+    assert one_pass.shape == two_step.shape == (224, 224, 3)
+    assert np.abs(one_pass - two_step).max() <= 1 and (one_pass == two_step).mean() > 0.9
 
 
 def test_resize_then_centre_crop():
@@ -311,7 +360,7 @@ def test_parity_with_training_validation_on_a_photo(tmp_path, photo):
     served = prep(decoded)
     assert served.shape == (3, 64, 64)
     assert torch.equal(served, ds[0][0])
-    assert torch.equal(served, torchvision_eval(prep, decoded))  # both sides call prep: check it independently
+    assert_matches_reference(served, prep, decoded)  # both sides call prep: check it independently
 
 
 # --- hostile inputs (issue 17): bounded by checks that run before Pillow decodes --------------------------

@@ -47,6 +47,9 @@ class Backend:
     # (path, device, threads) -> callable float (B, C, H, W) -> logits (B, K) float32 CPU tensor
     load: Callable[[str, str, int | None], Callable[..., Any]]
     available: Callable[[], str | None] = usable  # None if usable here, else why not (missing package, ...)
+    # In the default export set. False: exported only when named (the OpenVINO variants: three conversions and an
+    # int8 calibration that the digits quickstart does not need)
+    default: bool = True
     runtime: str = ""  # what runs the file, in words (bench/mobile.py's rows); "" for the backend's name
 
     @property

@@ -1,0 +1,159 @@
+"""Preprocessing per stage, before and after issue 26, measured alternately in one run on one thread.
+
+    python -m bench.prep                    # the per-stage table (docs/benchmarks.md, "Preprocessing per stage")
+    python -m bench.prep --rounds 3         # cheap mode
+    python -m bench.prep --agreement 200    # also: EfficientNet-Lite0's top-1 under both, on photos and crops
+
+Stages, for the bundled photos (scikit-image's and scikit-learn's, 451-640 px) as JPEGs of quality 90:
+  decode          bytes -> PIL image (decode_image: the cheap checks, then Pillow at its JPEG draft scale)
+  resize + crop   the decoded image -> the model's 224 x 224 RGB (Preprocessing.prepare)
+  to tensor       -> normalised float32 (3, 224, 224)
+"before" is the code this issue replaced, kept here to measure against: the draft asked for twice the resize, the
+whole image was resized and then cropped, and normalisation was three passes over float copies.
+Each round times every photo's stages before and after, alternating which goes first, each stage the least of 3
+runs; the table gives the median over rounds and photos, and the spread of the per-round medians.
+"""
+
+import argparse
+import io
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model_src.manifest import Manifest
+from model_src.net import build_model
+from model_src.preprocessing import Preprocessing, center_crop, decode_image, shorter_side_to, to_mode
+from train import photos, pretrained
+
+PREP = Preprocessing(image_size=224, resize_size=256, channels=3, mean=[127 / 255] * 3, std=[128 / 255] * 3)
+STAGES = ("decode", "resize + crop", "to tensor")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30, help="rounds over all photos (default 30)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the encoded photos (default 90)")
+    p.add_argument("--agreement", type=int, default=0, help="random crops for the top-1 agreement (default 0: skip)")
+    return p
+
+
+def decode_before(prep: Preprocessing, data: bytes) -> Image.Image:
+    return decode_image(data, draft_size=2 * prep.resize_size, resize_size=prep.resize_size)
+
+
+def prepare_before(prep: Preprocessing, img: Image.Image) -> Image.Image:
+    img = to_mode(img, "RGB", prep.background)
+    return center_crop(img.resize(shorter_side_to(img.size, prep.resize_size), Image.BILINEAR), prep.image_size)
+
+
+def to_tensor_before(prep: Preprocessing, img: Image.Image) -> torch.Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (prep.mean, prep.std))
+    return (x - mean) / std
+
+
+PIPELINES = {
+    "before": (decode_before, prepare_before, to_tensor_before),
+    "after": (lambda p, d: p.decode(d), lambda p, i: p.prepare(i), lambda p, i: p.to_tensor(i)),
+}
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def time_stages(name: str, data: bytes, repeats: int = 3) -> list[float]:
+    """ms per stage of one image through one pipeline: the least of `repeats` runs of each stage, which drops
+    the runs that another process preempted (on a shared machine, a 10 ms time slice inside a 1 ms stage)."""
+    times, value = [], data
+    for stage in PIPELINES[name]:
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = stage(PREP, value)
+            best = min(best, time.perf_counter() - start)
+        times.append(best * 1000)
+        value = out
+    return times
+
+
+def measure(jpegs: dict[str, bytes], rounds: int) -> dict[str, list[list[float]]]:
+    """name -> per round, the median ms of each stage and of the total over the photos."""
+    per_round: dict[str, list[list[float]]] = {name: [] for name in PIPELINES}
+    for r in range(rounds):
+        order = list(PIPELINES) if r % 2 == 0 else list(PIPELINES)[::-1]
+        samples: dict[str, list[list[float]]] = {name: [] for name in PIPELINES}
+        for data in jpegs.values():
+            for name in order:
+                stages = time_stages(name, data)
+                samples[name].append(stages + [sum(stages)])
+        for name, rows in samples.items():
+            per_round[name].append([statistics.median(col) for col in zip(*rows)])
+    return per_round
+
+
+def table(per_round: dict[str, list[list[float]]]) -> str:
+    lines = ["| stage | before, ms | after, ms | after / before |", "|---|---:|---:|---:|"]
+    for i, stage in enumerate(STAGES + ("total",)):
+        cells = {}
+        for name, rounds in per_round.items():
+            values = [r[i] for r in rounds]
+            q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+            cells[name] = (statistics.median(values), q[0], q[-1])
+        (b, b_lo, b_hi), (a, a_lo, a_hi) = cells["before"], cells["after"]
+        lines.append(f"| {stage} | {b:.2f} ({b_lo:.2f}-{b_hi:.2f}) | {a:.2f} ({a_lo:.2f}-{a_hi:.2f}) | {a / b:.2f} |")
+    return "\n".join(lines)
+
+
+def agreement(jpegs: dict[str, bytes], crops: int, quality: int) -> str:
+    """EfficientNet-Lite0's top-1 on each photo and on random crops of them (as JPEGs), before and after."""
+    ckpt = pretrained.import_checkpoint("efficientnet_lite0")
+    manifest = Manifest.from_checkpoint(ckpt)
+    model = build_model(manifest.model_args)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    prep = Preprocessing.from_dict(manifest.preprocessing)
+    rng = np.random.RandomState(0)
+    images = photos.load_photos()
+    names = list(images)
+    samples = list(jpegs.values()) + [
+        encode_jpeg(photos.random_crop(images[names[i % len(names)]], rng), quality) for i in range(crops)
+    ]
+
+    def top1(name: str) -> torch.Tensor:
+        decode, prepare, to_tensor = PIPELINES[name]
+        x = torch.stack([to_tensor(prep, prepare(prep, decode(prep, d))) for d in samples])
+        with torch.inference_mode():
+            return torch.cat([model(b).argmax(1) for b in x.split(32)])
+
+    same = top1("before") == top1("after")
+    n = len(jpegs)
+    return (
+        f"top-1 agreement, before vs after: {int(same[:n].sum())}/{n} whole photos, "
+        f"{int(same[n:].sum())}/{len(same) - n} random crops ({float(same[n:].float().mean()):.1%})"
+    )
+
+
+def main(args):
+    torch.set_num_threads(1)
+    jpegs = {name: encode_jpeg(img, args.quality) for name, img in photos.load_photos().items()}
+    sizes = ", ".join(f"{n} {'x'.join(map(str, Image.open(io.BytesIO(d)).size))}" for n, d in jpegs.items())
+    for name in PIPELINES:  # warm up both (imports, tables)
+        time_stages(name, next(iter(jpegs.values())))
+    per_round = measure(jpegs, args.rounds)
+    print(f"photos (JPEG q{args.quality}): {sizes}")
+    print(f"{args.rounds} rounds, 1 thread; median ms (10th-90th percentile of the per-round medians)\n")
+    print(table(per_round))
+    if args.agreement:
+        print("\n" + agreement(jpegs, args.agreement, args.quality))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

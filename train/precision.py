@@ -1,0 +1,138 @@
+"""The precision gate: may a reduced-precision predictor (bf16, int8) stand in for the eager fp32 model?
+
+Judged on at least MIN_CROPS random crops of real photos (the bundled ImageNet photos for an ImageNet model, the
+validation split for a model trained here), against fp32 itself:
+  agreement        the candidate's top-1 equals fp32's on at least as many crops as fp32 agrees with itself when
+                   each input value moves by one grey level (the noise floor, measured on the same crops): real
+                   crops are full of near-ties, which a raw "99 %" bar would blame on the candidate;
+  confident        100 % agreement on the crops where fp32's top-1 leads the runner-up by >= MARGIN;
+  labelled         on a labelled split, not one image more wrong than fp32 (no loss of accuracy);
+  max |Δprob|      reported, not judged (int8 moves probabilities a few hundredths and still passes the above).
+A candidate that fails is refused with PrecisionError, whose message holds every figure.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model_src.preprocessing import Preprocessing
+from train import photos
+
+MIN_CROPS = 400
+MARGIN = 0.05  # fp32's top-1 probability minus its runner-up's, from which a candidate must agree
+BATCH = 32
+
+
+class PrecisionError(ValueError):
+    """A candidate that does not pass the gate; the message says which test failed, with the figures."""
+
+
+@dataclass
+class GateResult:
+    crops: int
+    agreement: float  # share of crops where the candidate's top-1 is fp32's
+    noise_floor: float  # share of crops where fp32's top-1 survives one grey level of noise
+    confident: int  # crops where fp32's top-1 leads by >= MARGIN
+    confident_agreement: float
+    max_dprob: float  # largest |candidate prob - fp32 prob| over crops and classes
+    labelled: int = 0  # images of the labelled split (0: none given)
+    wrong_fp32: int = 0
+    wrong_candidate: int = 0
+
+    def failures(self) -> list[str]:
+        why = []
+        if self.agreement < self.noise_floor:
+            why.append(f"top-1 agreement {self.agreement:.2%} is below fp32's own noise floor {self.noise_floor:.2%}")
+        if self.confident_agreement < 1.0:
+            why.append(
+                f"top-1 agreement is {self.confident_agreement:.2%} on the {self.confident} crops where fp32 leads "
+                f"by >= {MARGIN} (must be 100 %)"
+            )
+        if self.wrong_candidate > self.wrong_fp32:
+            why.append(
+                f"{self.wrong_candidate} of {self.labelled} labelled images wrong, fp32 gets {self.wrong_fp32} wrong"
+            )
+        return why
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def figures(self) -> str:
+        labelled = f"; labelled: {self.wrong_candidate}/{self.labelled} wrong (fp32 {self.wrong_fp32})"
+        return (
+            f"{self.crops} crops: top-1 agreement {self.agreement:.2%} (noise floor {self.noise_floor:.2%}), "
+            f"{self.confident_agreement:.2%} where fp32 leads by >= {MARGIN} ({self.confident} crops), "
+            f"max |Δprob| {self.max_dprob:.4f}" + (labelled if self.labelled else "")
+        )
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "passed": self.passed}
+
+
+def probabilities(predict: Callable, x: torch.Tensor) -> torch.Tensor:
+    """Softmax of `predict`'s logits, batch by batch: (N, K) float32."""
+    with torch.inference_mode():
+        return torch.cat([torch.softmax(predict(b).float(), dim=1) for b in x.split(BATCH)])
+
+
+def grey_noise(x: torch.Tensor, prep: Preprocessing, seed: int = 0) -> torch.Tensor:
+    """`x` with every value moved one grey level up or down (a random sign each), in normalised units."""
+    g = torch.Generator().manual_seed(seed)
+    sign = torch.randint(0, 2, x.shape, generator=g, dtype=torch.float32) * 2 - 1
+    step = (1 / 255) / torch.tensor(prep.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x + sign * step
+
+
+def evaluate(
+    model: torch.nn.Module,
+    candidate: Callable,
+    crops: torch.Tensor,
+    prep: Preprocessing,
+    labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> GateResult:
+    """The gate's figures for `candidate` (float batch -> logits) against the eager fp32 `model` (eval mode)."""
+    if len(crops) < MIN_CROPS:
+        raise ValueError(f"the precision gate needs at least {MIN_CROPS} crops, got {len(crops)}")
+    ref = probabilities(model, crops)
+    got = probabilities(candidate, crops)
+    noisy = probabilities(model, grey_noise(crops, prep))
+    top2 = ref.topk(2, dim=1).values
+    confident = (top2[:, 0] - top2[:, 1]) >= MARGIN
+    agree = got.argmax(1) == ref.argmax(1)
+    result = GateResult(
+        crops=len(crops),
+        agreement=float(agree.float().mean()),
+        noise_floor=float((noisy.argmax(1) == ref.argmax(1)).float().mean()),
+        confident=int(confident.sum()),
+        confident_agreement=float(agree[confident].float().mean()) if confident.any() else 1.0,
+        max_dprob=float((got - ref).abs().max()),
+    )
+    if labelled is not None:
+        x, y = labelled
+        result.labelled = len(y)
+        result.wrong_fp32 = int((probabilities(model, x).argmax(1) != y).sum())
+        result.wrong_candidate = int((probabilities(candidate, x).argmax(1) != y).sum())
+    return result
+
+
+def require(name: str, *args, **kwargs) -> GateResult:
+    """evaluate(...), raising PrecisionError naming `name` and every figure when the candidate fails."""
+    result = evaluate(*args, **kwargs)
+    if failures := result.failures():
+        raise PrecisionError(f"{name} refused by the precision gate: {'; '.join(failures)} ({result.figures()})")
+    return result
+
+
+def random_crops(images: list[Image.Image], prep: Preprocessing, n: int = MIN_CROPS, seed: int = 0) -> torch.Tensor:
+    """`n` random square crops (train.photos.random_crop) of `images`, in turn, through `prep`: (n, C, H, W)."""
+    rng = np.random.RandomState(seed)
+    return prep.batch([prep.prepare(photos.random_crop(images[i % len(images)], rng)) for i in range(n)])
+
+
+def photo_crops(prep: Preprocessing, n: int = MIN_CROPS, seed: int = 0) -> torch.Tensor:
+    """Random crops of the bundled real photos (what an ImageNet model is checked on)."""
+    return random_crops(list(photos.load_photos().values()), prep, n, seed)
