@@ -69,20 +69,21 @@ _REGISTRY: dict[str, Backend] | None = None
 
 
 def discover(package: str = __name__) -> dict[str, Backend]:
-    """Every `BACKEND` of the modules in `package` (modules starting with "_" are helpers), by name."""
+    """Every backend of the modules in `package`, by name: a module's `BACKEND`, or its `BACKENDS` when one file
+    serves several precisions of one runtime (modules starting with "_" are helpers)."""
     found: dict[str, Backend] = {}
     files: dict[str, str] = {}
     pkg = importlib.import_module(package)
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
-        backend = getattr(importlib.import_module(f"{package}.{info.name}"), "BACKEND", None)
-        if not isinstance(backend, Backend):
-            continue
-        for what, key, seen in (("name", backend.name, found), ("file", backend.file, files)):
-            if key in seen:
-                raise RuntimeError(f"two backends have the {what} {key!r} ({package}.{info.name})")
-        found[backend.name], files[backend.file] = backend, backend.name
+        module = importlib.import_module(f"{package}.{info.name}")
+        declared = getattr(module, "BACKENDS", None) or [getattr(module, "BACKEND", None)]
+        for backend in (b for b in declared if isinstance(b, Backend)):
+            for what, key, seen in (("name", backend.name, found), ("file", backend.file, files)):
+                if key in seen:
+                    raise RuntimeError(f"two backends have the {what} {key!r} ({package}.{info.name})")
+            found[backend.name], files[backend.file] = backend, backend.name
     return found
 
 

@@ -1,6 +1,6 @@
 """openvino, openvino-bf16, openvino-int8: the model as OpenVINO IR, run by OpenVINO's CPU plugin.
 
-The three share this module; each variant's module (openvino_bf16.py, openvino_int8.py) is one line that names it.
+The three are one module: BACKENDS names each variant (the registry reads BACKEND or BACKENDS of a module).
 - openvino       fp32, exact (|Δprob| <= 1e-4 against eager).
 - openvino-bf16  the same IR compiled with bf16 inference precision: AMX tiles or AVX-512 BF16 do the matrix work.
                  On a CPU with neither, OpenVINO would emulate bf16 (slower than fp32): `available` says so.
@@ -139,4 +139,4 @@ def variant(precision: str) -> Backend:
     )
 
 
-BACKEND = variant("fp32")
+BACKENDS = [variant(precision) for precision in ("fp32", "bf16", "int8")]
