@@ -39,6 +39,11 @@ def error_rate(side: dict) -> float:
     return side["errors"] / total if total else 0.0
 
 
+def client_error_rate(side: dict) -> float:
+    total = side["answers"] + side["errors"] + side.get("client_errors", 0)
+    return side.get("client_errors", 0) / total if total else 0.0
+
+
 def class_distance(a: dict[str, int], b: dict[str, int]) -> float:
     """Total variation distance between two label counts (half the L1 distance of their shares)."""
     na, nb = sum(a.values()), sum(b.values())
@@ -55,6 +60,14 @@ def judge(candidate: dict, default: dict, th: Thresholds) -> list[str]:
     if gap > th.max_error_gap:
         why.append(
             f"error rate {error_rate(candidate):.1%} vs the default's {error_rate(default):.1%} "
+            f"(over the allowed {th.max_error_gap:.1%} more)"
+        )
+    # The split is round-robin over the same traffic, so bad bodies reach both alike: a candidate with more 4xx
+    # answers what the default answers with a refusal (a version TorchServe no longer serves answers 404).
+    gap = client_error_rate(candidate) - client_error_rate(default)
+    if gap > th.max_error_gap:
+        why.append(
+            f"4xx rate {client_error_rate(candidate):.1%} vs the default's {client_error_rate(default):.1%} "
             f"(over the allowed {th.max_error_gap:.1%} more)"
         )
     p99, base = candidate.get("p99_ms"), default.get("p99_ms")

@@ -72,9 +72,10 @@ def open_split(door: FrontDoor, model: str, version: str):
     """Route the model's path through the canary backend, the candidate at weight 0."""
     if not NAME.fullmatch(version):
         raise CanaryError(f"version {version!r} cannot go into a route")
+    path = route(model)
     set_share(door, 0)
     admin(door, f"clear map {door.path(CANARY_MAP)}")
-    admin(door, f"add map {door.path(CANARY_MAP)} {route(model)} {version}")
+    admin(door, f"add map {door.path(CANARY_MAP)} {path} {version}")
 
 
 def set_share(door: FrontDoor, share: int):
@@ -209,6 +210,9 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
         counted = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
             break
+        now = door_errors(door).get("candidate", {})
+        if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
+            break  # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
         if elapsed > th.max_step_seconds:
             raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
     t1 = time.time()

@@ -17,7 +17,7 @@ import requests
 from deploy import canary, management
 from deploy.analysis import Thresholds, class_distance, judge
 from deploy.archive import write_checksum
-from deploy.frontdoor import for_server
+from deploy.frontdoor import FrontDoor, for_server
 from deploy.versions import register, set_default, state_dir
 from tests.conftest import free_port, install_archive, require_tool
 from tests.test_prometheus import ready, stop
@@ -32,12 +32,25 @@ def test_class_distance_and_judge_units():
     permuted = {**same, "classes": {"4": 40, "8": 10}}
     slow = {**same, "p99_ms": 400.0}
     failing = {**same, "answers": 40, "errors": 10}
+    gone = {**same, "answers": 30, "client_errors": 20}  # a TorchServe restarted without the candidate: 404s
     assert class_distance(same["classes"], same["classes"]) == 0
     assert class_distance(same["classes"], permuted["classes"]) == 1
     assert judge(same, same, Thresholds()) == []
     assert "predicted classes differ" in judge(permuted, same, Thresholds())[0]
     assert "p99" in judge(slow, same, Thresholds())[0]
     assert "error rate 20.0%" in judge(failing, same, Thresholds())[0]
+    assert "4xx rate 40.0%" in judge(gone, same, Thresholds())[0]
+
+
+@pytest.mark.parametrize(
+    "model, version", [("my_model", "2.0 x"), ("my_model", "../1.0"), ("m/../x", "2.0"), ("", "2")]
+)
+def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
+    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does any
+    admin command run: there is no door in tmp_path)."""
+    door = FrontDoor(backend=9, folder=str(tmp_path))
+    with pytest.raises(canary.CanaryError, match="cannot go into a route"):
+        canary.open_split(door, model, version)
 
 
 def permuted(store, src: str, version: str) -> str:
