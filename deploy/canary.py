@@ -147,7 +147,8 @@ def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int
         data = f.read()
     end = data.rfind(b"\n") + 1  # a line being written stays for the next window
     for raw in data[:end].decode(errors="replace").splitlines():
-        fields = dict(f.split("=", 1) for f in raw.split(" ") if "=" in f)
+        head = raw.split('"', 1)[0]  # the quoted request line is the client's: no field is read from it
+        fields = dict(f.split("=", 1) for f in head.split(" ") if "=" in f)
         if fields.get("lane") == "canary" and fields.get("server") in out and fields.get("ms", "").isdigit():
             out[fields["server"]].append(float(fields["ms"]))
     return out, offset + end

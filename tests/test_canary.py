@@ -53,6 +53,18 @@ def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
         canary.open_split(door, model, version)
 
 
+def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
+    door = FrontDoor(backend=9, folder=str(tmp_path))
+    real = (
+        'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
+    )
+    forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
+    forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
+    (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
+    times, offset = canary.latencies(door, 0)
+    assert times == {"default": [], "candidate": [7.0]} and offset == len(real) + len(forged) + 2
+
+
 def permuted(store, src: str, version: str) -> str:
     """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same classes,
     another distribution of answers on the same traffic."""
