@@ -265,6 +265,8 @@ def run(
     if not door.is_running():
         raise CanaryError("the front door is not running: a canary splits traffic there (serve.sh start --front-door)")
     default = management.default_version(ts, model)
+    if all(v["modelVersion"] != version for v in management.versions(ts, model)):
+        raise CanaryError(f"{model} {version} is not registered")
     if default in (None, version):
         raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
     report: dict = {"model": model, "candidate": version, "default": default, "steps": [], "thresholds": th.as_dict()}
@@ -282,6 +284,8 @@ def run(
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
             if w["default"]["answers"] >= th.min_answers:
                 baseline = w["default"]
+            elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
+                baseline = {**baseline, "p99_ms": None}  # latency across windows (a busy neighbour moves both)
             why = judge(w["candidate"], baseline or w["default"], th)
             report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
             if why:
