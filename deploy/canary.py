@@ -197,7 +197,7 @@ def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
 # --- one step -----------------------------------------------------------------------------------------------
 
 
-def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float) -> dict:
+def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split) -> dict:
     """Watch the split as it is for at least `seconds` and until the candidate has min_answers (at 0 % the
     default's count is what is waited for); {"default": side, "candidate": side, "seconds", "errors_from"}."""
     answers(door, clear=True)
@@ -210,6 +210,8 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
         elapsed = time.time() - t0
         counted = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
+            break
+        if not split():  # a restarted door splits nothing: no answer would ever come through the canary backend
             break
         now = door_errors(door).get("candidate", {})
         if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
@@ -279,7 +281,7 @@ def run(
         for share in steps:
             set_share(door, share)
             say(f"canary {model} {version}: {share} % of {route(model)}")
-            w = window(door, prometheus, step_seconds, th, scrape)
+            w = window(door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s))
             if not split_in_place(door, model, share):
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
             if w["default"]["answers"] >= th.min_answers:
