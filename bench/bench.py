@@ -47,13 +47,13 @@ from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.targets import TARGETS, digits_target
 from bench.wrk import children_cpu, cpu_seconds, post_files
 from deploy import management, settings
-from deploy.archive import build_archive
+from deploy.archive import archive_checkpoint
 from deploy.predict import post, read_bytes, top1
 from deploy.server import Ports, TorchServe
-from model_src.runtime import BACKEND_FILES
+from model_src import backends
 
-# The archive default (onnx, deploy/archive.py) first: it is served as my_model.mar and gets the batching rows.
-BACKENDS = ("onnx", *(b for b in BACKEND_FILES if b != "onnx"))
+# The archive default first: it is served as my_model.mar and gets the batching rows.
+BACKENDS = (backends.DEFAULT, *(b for b in backends.served() if b != backends.DEFAULT))
 MODEL = settings.MODEL_NAME
 STAGES = ("frontend", "framing", "decode", "model", "topk", "spent", "worker_rest")
 STAGE_NAMES = {
@@ -278,6 +278,7 @@ def estimate(ceiling_rps: float, limit_ips: float, busy_workers: int, images_per
 
 
 def bench_target(target: dict, args, work: str) -> dict:
+    from model_src.manifest import Manifest
     from model_src.net import load_model
     from model_src.preprocessing import Preprocessing
 
@@ -294,9 +295,10 @@ def bench_target(target: dict, args, work: str) -> dict:
     fan_files = {n: json_bodies(files, n, os.path.join(work, f"json_{target['name']}")) for n in fan}
     # Expected labels: what the eager model says offline (served answers must agree).
     model, ckpt = load_model(target["checkpoint"])
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    known = Manifest.from_checkpoint(ckpt)
+    prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
-        expect = [ckpt["class_names"][model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
+        expect = [known.class_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
 
     result = {
         "model": target["name"],
@@ -318,7 +320,7 @@ def bench_target(target: dict, args, work: str) -> dict:
     archives, handlers = {}, {}
     for i, backend in enumerate(backends):
         name = f"{MODEL}.mar" if i == 0 else f"{MODEL}_v{backend}.mar"
-        archives[backend] = build_archive(
+        archives[backend] = archive_checkpoint(
             target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
         )["archive"]
         handlers[backend] = make_handler(archives[backend], work, batch)

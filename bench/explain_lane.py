@@ -25,7 +25,7 @@ import yaml
 
 from bench.targets import imagenet_target
 from deploy import settings
-from deploy.archive import build_archive
+from deploy.archive import archive_checkpoint
 from deploy.frontdoor import FrontDoor, FrontDoorError, for_server
 from deploy.latency import summary
 from deploy.predict import read_bytes
@@ -112,7 +112,7 @@ def main(args):
         target = imagenet_target(work)
         store = os.path.join(work, "store")
         config = model_config(work, args.batch_size)
-        build_archive(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar",
+        archive_checkpoint(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar",
                       config_file=config)  # fmt: skip
         photos = [read_bytes(p) for p in target["images"][:4]]
         four = json.dumps({"data": [base64.b64encode(p).decode() for p in photos]}).encode()

@@ -17,16 +17,8 @@ import time
 import torch
 
 from deploy.latency import summary
-from train.export import FILES, load_predictor
+from model_src import backends, manifest
 from train.mobile import PHONE_JSON
-
-RUNTIMES = {  # runtime -> (format, what runs the file)
-    "eager": "eager",
-    "torchscript": "torchscript",
-    "onnxruntime": "onnx",
-    "lite interpreter": "ptl",
-    "executorch xnnpack": "pte",
-}
 
 
 def get_args_parser():
@@ -63,14 +55,12 @@ def measure(export_dir: str, runs: int = 200, warmup: int = 10, threads: int = 1
     with open(os.path.join(export_dir, PHONE_JSON)) as f:
         x = torch.randn(json.load(f)["input_shape"], generator=torch.Generator().manual_seed(0))
     results = {}
-    for runtime, fmt in RUNTIMES.items():
-        path = os.path.join(export_dir, FILES[fmt])
-        if not os.path.isfile(path):  # the folder may hold only some formats
-            continue
-        results[runtime] = {
-            "file": FILES[fmt],
+    for name, file in manifest.read(export_dir).files.items():  # the folder may hold only some formats
+        path = os.path.join(export_dir, file)
+        results[backends.get(name).runner] = {
+            "file": file,
             "bytes": os.path.getsize(path),
-            **summary(time_calls(load_predictor(path, fmt, threads), x, runs, warmup)),
+            **summary(time_calls(backends.load(path, name, "cpu", threads), x, runs, warmup)),
         }
     return {
         "export_dir": os.path.abspath(export_dir),

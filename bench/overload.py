@@ -28,7 +28,7 @@ import time
 from bench.targets import digits_target
 from bench.wrk import children_cpu, cpu_seconds, wrk
 from deploy import settings
-from deploy.archive import build_archive
+from deploy.archive import archive_checkpoint
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.latency import summary
 from deploy.predict import read_bytes
@@ -210,7 +210,7 @@ def main(args):
     with tempfile.TemporaryDirectory() as work:
         target = digits_target(args.digits_checkpoint, work)
         store = os.path.join(work, "store")
-        build_archive(target["checkpoint"], "1.0", "eager", output=os.path.join(store, f"{MODEL}.mar"))
+        archive_checkpoint(target["checkpoint"], "1.0", "eager", output=os.path.join(store, f"{MODEL}.mar"))
         image = next(p for p in target["images"] if os.path.basename(os.path.dirname(p)) == "3")
         body = os.path.join(work, "body.json")
         with open(body, "w") as f:

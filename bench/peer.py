@@ -42,11 +42,13 @@ class StockAdapter(torch.nn.Module):
 def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str) -> str:
     import warnings
 
+    from model_src.manifest import Manifest
     from model_src.net import load_model
     from model_src.preprocessing import Preprocessing
 
     model, ckpt = load_model(checkpoint)
-    adapter = StockAdapter(model, Preprocessing.from_dict(ckpt["preprocessing"])).eval()
+    known = Manifest.from_checkpoint(ckpt)
+    adapter = StockAdapter(model, Preprocessing.from_dict(known.preprocessing)).eval()
     os.makedirs(work, exist_ok=True)
     peer_dir = tempfile.mkdtemp(dir=work)
     with warnings.catch_warnings():
@@ -54,7 +56,7 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
         traced = torch.jit.trace(adapter, torch.zeros(1, 3, 224, 224))
     traced.save(os.path.join(peer_dir, "peer.pt"))
     with open(os.path.join(peer_dir, "index_to_name.json"), "w") as f:
-        json.dump({str(i): n for i, n in enumerate(ckpt["class_names"])}, f)
+        json.dump(known.index_to_name(), f)  # the stock handler's labels
     subprocess.run(
         [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),

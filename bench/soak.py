@@ -28,7 +28,7 @@ import psutil
 from bench.loadgen import run as run_load
 from bench.loadgen import spawn
 from deploy import management, settings, versions
-from deploy.archive import build_archive
+from deploy.archive import archive_checkpoint
 from deploy.predict import post, read_bytes
 from deploy.server import Ports, TorchServe
 
@@ -63,8 +63,8 @@ class Soak:
         self.work = work
         store = os.path.join(work, "store")
         os.makedirs(store)
-        build_archive(checkpoint, "1.0", "eager", output=os.path.join(store, f"{MODEL}.mar"))
-        build_archive(checkpoint, "2.0", "onnx", output=os.path.join(store, f"{MODEL}_v2.0.mar"))
+        archive_checkpoint(checkpoint, "1.0", "eager", output=os.path.join(store, f"{MODEL}.mar"))
+        archive_checkpoint(checkpoint, "2.0", "onnx", output=os.path.join(store, f"{MODEL}_v2.0.mar"))
         # The operator's own temporary server in a private temp dir: run as the caller (no service user).
         workdir = os.path.join(work, "ts")
         self.ts = TorchServe(workdir=workdir, model_store=store, ports=Ports.free(), user=None)
@@ -82,14 +82,16 @@ class Soak:
     def offline_labels(self, checkpoint):
         import torch
 
+        from model_src.manifest import Manifest
         from model_src.net import load_model
         from model_src.preprocessing import Preprocessing
 
         model, ckpt = load_model(checkpoint)
-        prep = Preprocessing.from_dict(ckpt["preprocessing"])
+        known = Manifest.from_checkpoint(ckpt)
+        prep = Preprocessing.from_dict(known.preprocessing)
         with torch.inference_mode():
             batch = torch.stack([prep(prep.decode(b)) for b, _ in self.good])
-            return [ckpt["class_names"][i] for i in model(batch).argmax(1).tolist()]
+            return [known.class_names[i] for i in model(batch).argmax(1).tolist()]
 
     def mix(self, bad_every: int = 4):
         """Bodies and expectations: one bad body after every `bad_every` good ones."""

@@ -20,9 +20,9 @@ from typing import Any
 import requests
 
 from deploy import management
-from deploy.archive import read_classes
 from deploy.latency import percentile
 from deploy.management import DeployError
+from deploy.mar import read_classes
 from deploy.predict import post, top1
 from deploy.server import TorchServe
 

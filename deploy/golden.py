@@ -16,8 +16,8 @@ import shutil
 import stat
 import time
 
-from deploy.archive import NAME
 from deploy.management import DeployError
+from deploy.mar import NAME
 from deploy.privileges import private_files, write_new
 
 INDEX = "golden.json"  # [{"file": name, "label": label}], as training writes it

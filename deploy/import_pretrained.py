@@ -15,8 +15,10 @@ import os
 import sys
 
 from deploy import management, settings, versions
-from deploy.archive import archive_name, build_archive
+from deploy.archive import archive_checkpoint, archive_name
 from deploy.server import ServerError, TorchServe
+from model_src import backends
+from model_src.manifest import Manifest
 
 PHOTOS_DIR = os.path.join(settings.DATA_DIR, "photos")
 # One request per batch for a 224-px model: batching buys it little (ONNX Runtime 7.5 ms/image alone, 7.8 at
@@ -47,10 +49,10 @@ def import_weights(arch: str, checkpoint: str, photos: str):
     if os.path.exists(checkpoint):
         print(f"reusing {os.path.relpath(checkpoint)}")
         return
-    ckpt = import_checkpoint(arch)
-    ckpt["args"]["data"] = photos  # the export checks run on these real photos
+    ckpt = import_checkpoint(arch, data=photos)  # the export checks run on these real photos
     write_new(ckpt, checkpoint)
-    print(f"imported {arch} ({len(ckpt['class_names'])} classes) -> {os.path.relpath(checkpoint)}")
+    classes = len(Manifest.from_checkpoint(ckpt).class_names)
+    print(f"imported {arch} ({classes} classes) -> {os.path.relpath(checkpoint)}")
 
 
 def main(argv=None) -> int:
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--model", default="imagenet", help="model name on the server")
     p.add_argument("--version", default="1.0")
-    p.add_argument("--backend", default="onnx", choices=["eager", "torchscript", "onnx", "int8"])
+    p.add_argument("--backend", default=backends.DEFAULT, choices=sorted(backends.served()))
     args = p.parse_args(argv)
     ts = TorchServe()
     if not ts.is_running():
@@ -72,7 +74,9 @@ def main(argv=None) -> int:
         if os.path.exists(archive):
             print(f"reusing {os.path.relpath(archive)}")
         else:
-            info = build_archive(checkpoint, args.version, args.backend, model_name=args.model, batch_size=BATCH_SIZE)
+            info = archive_checkpoint(
+                checkpoint, args.version, args.backend, model_name=args.model, batch_size=BATCH_SIZE
+            )
             check = info["export"]["formats"][args.backend]["max_diff"]
             print(f"archived {os.path.relpath(archive)} ({args.backend}, max |Δprob| vs eager {check:.1e})")
         if any(v["modelVersion"] == args.version for v in management.versions(ts, args.model)):

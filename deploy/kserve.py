@@ -34,8 +34,8 @@ import requests
 import yaml
 
 from deploy import settings
-from deploy.archive import read_manifest, verify_checksum
 from deploy.frontdoor import FrontDoor
+from deploy.mar import read_manifest, verify_checksum
 from deploy.properties import read_properties, write_properties
 
 MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri's content

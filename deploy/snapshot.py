@@ -18,8 +18,8 @@ import os
 import sys
 
 from deploy import journal
-from deploy.archive import NAME, check_archive
 from deploy.kserve import SNAPSHOT_KEYS, archive_config
+from deploy.mar import NAME, check_archive
 from deploy.properties import parse_properties, read_properties
 
 

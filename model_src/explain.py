@@ -9,16 +9,22 @@ attribution of a pixel then says how much drawing it, rather than leaving it bla
 
 import base64
 import io
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model_src.preprocessing import Preprocessing
+from model_src.preprocessing import InputError, Preprocessing
 
 MAX_GRID = 32  # side of the returned attribution grid: a readable, bounded answer whatever the input size
 OVERLAY_SIDE = 256  # the optional PNG overlay is scaled up to about this size
+# Integrated Gradients steps: the fewest worth answering with, and the number a worker's first explanation
+# takes while it measures what one step costs on this model and machine.
+MIN_STEPS, FIRST_STEPS = 4, 8
 
 
 def baseline_for(prep: Preprocessing) -> torch.Tensor:
@@ -102,3 +108,34 @@ def explain(
     if overlay:
         answer["overlay_png"] = overlay_png(prepared, grid)
     return answer
+
+
+class StepBudget:
+    """Explanations within a time budget: each image gets the Integrated Gradients steps that fit in what is left
+    of it (measured per worker), and one that would not fit gets a 503 to retry. So a batch of slow explanations
+    never runs into the timeout that would kill the worker and every request in its batch."""
+
+    def __init__(self, steps: int, clock: Callable[[], float] = time.perf_counter):
+        self.steps = steps  # the most steps an explanation takes (explain_steps)
+        self.step_seconds: float | None = None  # measured cost of one step; None until the first explanation
+        self.clock = clock
+
+    def affordable(self, seconds_left: float) -> int:
+        """`steps`, or fewer when the time left (with a 1.5x margin on the measured cost of a step) holds
+        fewer; 503 below MIN_STEPS. The first explanation takes FIRST_STEPS and measures the cost."""
+        want = self.steps
+        steps = min(want, FIRST_STEPS) if self.step_seconds is None else int(seconds_left / (1.5 * self.step_seconds))
+        if seconds_left <= 0 or steps < min(MIN_STEPS, want):
+            raise InputError("this batch's time for explanations is spent: retry, or send fewer images", 503)
+        return min(steps, want)
+
+    def explain_each(self, imgs: list, deadline: float, explain_one: Callable[[Any, int], dict]) -> list[dict]:
+        """explain_one(img, steps) for each image, one at a time, with the steps that fit before `deadline`
+        (a time of `clock`); InputError 503 once they do not."""
+        results = []
+        for img in imgs:
+            steps = self.affordable(deadline - self.clock())
+            began = self.clock()
+            results.append(explain_one(img, steps))
+            self.step_seconds = (self.clock() - began) / steps
+        return results

@@ -72,12 +72,16 @@ def png(digits):
 
 def train_run(out_dir, *extra):
     """Run train.main in-process with a shrunk recipe; returns the output dir."""
-    from train.train import get_args_parser, main
+    import sys
 
-    args = get_args_parser().parse_args(
-        ["--output-dir", str(out_dir), "--quiet", "--no-tensorboard", "--no-plots", *map(str, extra)]
-    )
-    main(args)
+    from train import train
+
+    argv = ["--output-dir", str(out_dir), "--quiet", "--no-tensorboard", "--no-plots", *map(str, extra)]
+    saved, sys.argv = sys.argv, [train.__file__, *argv]  # what `python -m train.train ...` would see
+    try:
+        train.main(train.get_args_parser().parse_args(argv))
+    finally:
+        sys.argv = saved
     return str(out_dir)
 
 
@@ -111,7 +115,7 @@ def archive_factory(checkpoint, tmp_path_factory):
 
     Archives are cached per (version, backend, checkpoint), so each is built once per session.
     """
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
 
     cache_root = tmp_path_factory.mktemp("archives")
     built = {}
@@ -121,9 +125,9 @@ def archive_factory(checkpoint, tmp_path_factory):
         if key not in built:
             out = cache_root / f"{len(built)}" / f"{model_name}_v{version}.mar"
             out.parent.mkdir()
-            built[key] = build_archive(ckpt or checkpoint, version, backend, model_name=model_name, output=str(out))[
-                "archive"
-            ]
+            built[key] = archive_checkpoint(
+                ckpt or checkpoint, version, backend, model_name=model_name, output=str(out)
+            )["archive"]
         return built[key]
 
     return build
@@ -146,7 +150,7 @@ def batching_store(tmp, checkpoint):
     concurrent requests share batches (with their bad neighbours)."""
     import yaml
 
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
     from deploy.settings import MODEL_CONFIG
 
     cfg = yaml.safe_load(open(MODEL_CONFIG))
@@ -154,7 +158,7 @@ def batching_store(tmp, checkpoint):
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     store = tmp / "store"
     store.mkdir()
-    build_archive(
+    archive_checkpoint(
         checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
     )
     return store

@@ -38,6 +38,7 @@ from deploy.archive import read_classes, write_checksum
 from deploy.guard import UnixHTTPConnection
 from deploy.serve import print_status
 from deploy.server import Ports, ServerError, TorchServe
+from model_src import manifest as bundle_manifest
 from tests import images
 from tests.conftest import install_archive, served_version, train_run
 
@@ -499,11 +500,13 @@ def swapped(store, golden, out):
         for item in zin.infolist():
             data = zin.read(item)
             if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = "9.0"
-                data = json.dumps(manifest).encode()
-            elif item.filename == "index_to_name.json":
-                data = json.dumps({i: SWAP.get(name, name) for i, name in json.loads(data).items()}).encode()
+                mar = json.loads(data)
+                mar["model"]["modelVersion"] = "9.0"
+                data = json.dumps(mar).encode()
+            elif item.filename == bundle_manifest.FILE:
+                bundle = bundle_manifest.loads(data)
+                bundle.class_names = [SWAP.get(name, name) for name in bundle.class_names]
+                data = json.dumps(bundle.to_dict()).encode()
             zout.writestr(item, data)
     write_checksum(path)
     shutil.copytree(golden, out)

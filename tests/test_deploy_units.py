@@ -332,7 +332,7 @@ def build_in_process(store, monkeypatch, version="3.0"):
     from tests.test_tools import fake_export
 
     monkeypatch.setitem(sys.modules, "train.export", fake_export())
-    return archivelib.build_archive("unused.pt", version, "eager", model_store=str(store))
+    return archivelib.archive_checkpoint("unused.pt", version, "eager", model_store=str(store))
 
 
 @pytest.mark.parametrize("kill_at", ["export", "placement-1", "placement-2"])

@@ -12,7 +12,9 @@ from PIL import Image
 
 from deploy import management, versions
 from deploy.settings import DIGITS_DIR
-from model_src.runtime import Predictor
+from model_src import backends
+from model_src.manifest import Manifest
+from model_src.preprocessing import Preprocessing
 from tests.conftest import install_archive, served_version
 
 # The last test promotes an ONNX 2.0; the tests above compare answers with the eager model: they run first.
@@ -26,13 +28,11 @@ def val_images():
 
 
 def offline_label(checkpoint, data: bytes) -> str:
-    predictor = Predictor(checkpoint, "eager")
-    ckpt = torch.load(checkpoint, weights_only=True)
-    from model_src.preprocessing import Preprocessing
-
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    predictor = backends.load(checkpoint, "eager")
+    known = Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True))
+    prep = Preprocessing.from_dict(known.preprocessing)
     logits = predictor(prep(prep.decode(data)).unsqueeze(0))
-    return ckpt["class_names"][logits.argmax(1).item()]
+    return known.class_names[logits.argmax(1).item()]
 
 
 def post(ts, data, version=None, **kw):

@@ -3,10 +3,12 @@
 
 import base64
 import concurrent.futures
+import hashlib
 import io
 import json
 import os
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,9 +17,11 @@ import torch
 from PIL import Image
 
 from deploy import versions
-from deploy.archive import sha256_of
 from deploy.settings import DIGITS_DIR
-from model_src.preprocessing import Preprocessing
+from model_src import backends
+from model_src.explain import FIRST_STEPS, MIN_STEPS, StepBudget
+from model_src.manifest import Manifest
+from model_src.preprocessing import InputError, Preprocessing
 from tests import images
 from tests.conftest import batching_store, install_archive
 from tests.test_handler import handle, make_handler
@@ -62,7 +66,7 @@ def ink_ratio(body: bytes, grid: list, prep: Preprocessing) -> float:
 @pytest.mark.torchserve
 @pytest.mark.parametrize("version", ["1.0", *BACKENDS])
 def test_an_explanation_puts_its_mass_on_the_ink(server, checkpoint, version):
-    prep = Preprocessing.from_dict(torch.load(checkpoint, weights_only=True)["preprocessing"])
+    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
     for label in ("0", "3", "7"):
         body = digit(label)
         predicted = next(iter(call(server, "predictions", body, version).json()))
@@ -167,23 +171,26 @@ def test_customized_describe_returns_the_model_card(server, trained, version):
     card = resp.json()[0]["customizedMetadata"]
     with open(os.path.join(trained, "metrics.json")) as f:
         metrics = json.load(f)
+    trained_as = Manifest.from_checkpoint(torch.load(os.path.join(trained, "checkpoint_best.pt"), weights_only=True))
     assert card["model"] == "my_model" and card["version"] == version
     assert card["classes"] == [str(i) for i in range(10)]
     assert card["backend"] == ("eager" if version == "1.0" else "onnx")
     # TorchServe's frontend (Gson) drops null fields from customizedMetadata.
-    assert card["preprocessing"] == {k: v for k, v in metrics["preprocessing"].items() if v is not None}
-    assert card["training"]["best_val_acc"] == metrics["best_val_acc"]
-    assert card["training"]["data"] == "data/digits"
+    assert card["preprocessing"] == {k: v for k, v in trained_as.preprocessing.items() if v is not None}
+    assert card["training"]["best_val_acc"] == metrics["best_val_acc"]  # the checkpoint_best of the run
+    assert card["training"]["data"] == DIGITS_DIR
     assert (
         card["training"]["command"].startswith("python -m train.train ")
         and " --epochs 3" in card["training"]["command"]
     )
     archive = card["archive"]
     mar = os.path.join(server.model_store, archive["file"])
-    assert archive["sha256"] == sha256_of(mar) == open(mar + ".sha256").read().split()[0]
-    assert archive["created"] and card["built"]
+    assert os.path.isfile(mar + ".sha256") and archive["built"] == card["built"]  # its SHA-256: the sidecar's
+    served = backends.get(card["backend"]).file
+    with zipfile.ZipFile(mar) as z:  # the digests of the files inside are those of the files inside
+        assert archive["digests"][served] == hashlib.sha256(z.read(served)).hexdigest()
     assert card["explanations"]["model"] == (
-        "the served file" if version == "1.0" else "eager weights (model.pt) shipped beside it"
+        "the served file" if version == "1.0" else f"eager weights ({backends.reference().file}) shipped beside it"
     )
 
 
@@ -206,8 +213,65 @@ def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(ar
     unpacked = tmp_path / "unpacked"
     handler, ctx = make_handler(archive_factory("onnx", "onnx"), unpacked)
     handler._explainer = None
-    os.remove(unpacked / "model.pt")
+    os.remove(unpacked / backends.reference().file)
     out, status = handle_kinds(handler, ctx, [("explain", digit("3")), ("predict", digit("3"))])
     assert status == [501, 200]
     assert "onnx backend has no gradients" in out[0]["message"]
     shutil.rmtree(unpacked)
+
+
+def test_an_explanation_past_the_memory_ceiling_is_507(archive_factory, digits, tmp_path, monkeypatch):
+    # The worker's memory ceiling (memory_headroom_mb) turns an allocation past it into MemoryError: that request
+    # fails with 507, not a 500 "internal error", and its neighbours answer.
+    import handlers.image_classifier as handler_module
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    handler, ctx = make_handler(archive_factory("1.0"), tmp_path)
+    monkeypatch.setattr(handler_module, "explain", out_of_memory)
+    out, status = handle_kinds(handler, ctx, [("explain", digit("3")), ("predict", digit("3"))])
+    assert status == [507, 200]
+    assert out[0]["message"] == "this request needs more memory than a worker has"
+
+
+# --- the step budget (model_src/explain.py): a fake clock and a fake explainer -------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_explainer(clock: Clock, step_seconds: float, taken: list):
+    def explain_one(img, steps):
+        taken.append(steps)
+        clock.now += steps * step_seconds
+        return {"image": img, "steps": steps}
+
+    return explain_one
+
+
+def test_the_step_budget_measures_then_shrinks_to_the_time_left_and_refuses_below_min_steps():
+    clock, taken = Clock(), []
+    budget = StepBudget(steps=32, clock=clock)
+    explain_one = fake_explainer(clock, 0.25, taken)  # a step costs 0.25 s; the budget plans with 1.5 x that
+    assert budget.explain_each(["a"], 1000.0, explain_one) == [{"image": "a", "steps": FIRST_STEPS}]
+    assert budget.step_seconds == 0.25  # measured on the worker's first explanation
+    assert budget.explain_each(["b"], clock.now + 1000, explain_one)[0]["steps"] == 32  # time for all it wants
+    with pytest.raises(InputError, match="time for explanations is spent") as e:
+        # 3.75 s left holds 10 steps (at 0.375 s each); after them 1.25 s holds 3, under MIN_STEPS
+        budget.explain_each(["c", "d"], clock.now + 3.75, explain_one)
+    assert e.value.status == 503 and taken == [FIRST_STEPS, 32, 10] and 3 < MIN_STEPS
+
+
+def test_no_time_left_is_503_before_any_step_and_a_small_setting_is_not_refused():
+    clock, taken = Clock(), []
+    with pytest.raises(InputError) as e:
+        StepBudget(steps=32, clock=clock).explain_each(["a"], 0.0, fake_explainer(clock, 0.25, taken))
+    assert e.value.status == 503 and taken == []  # explain_time_share 0: nothing runs
+    small = StepBudget(steps=2, clock=clock)  # explain_steps under MIN_STEPS: it is what was asked for
+    assert [r["steps"] for r in small.explain_each(["a", "b"], 10.0, fake_explainer(clock, 0.25, taken))] == [2, 2]

@@ -1,6 +1,7 @@
 """Export (train/export.py) and evaluation (train/evaluate.py): every serving format against eager, the
 checks that write nothing when they fail, and evaluation of checkpoints and exports."""
 
+import dataclasses
 import glob
 import os
 import tempfile
@@ -9,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from model_src import backends, manifest
+from model_src.manifest import Manifest
 from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
-from model_src.runtime import BACKEND_FILES, Predictor
 from tests.test_training import N_VAL, load_ckpt, read_json, small_digits
 from train import export as exportlib
 from train.evaluate import evaluate
@@ -23,7 +25,8 @@ from train.evaluate import evaluate
 def val_batch(checkpoint):
     """(eager model, real validation images, labels, eager probabilities)."""
     model, ckpt = load_model(checkpoint)
-    val = exportlib.val_dataset(ckpt["args"]["data"], Preprocessing.from_dict(ckpt["preprocessing"]))
+    known = Manifest.from_checkpoint(ckpt)
+    val = exportlib.val_dataset(known.provenance.data, Preprocessing.from_dict(known.preprocessing))
     images, labels = map(torch.stack, zip(*((x, torch.tensor(y)) for x, y in val)))
     with torch.inference_mode():
         want = torch.softmax(model(images), 1)
@@ -31,17 +34,23 @@ def val_batch(checkpoint):
 
 
 def test_export_writes_every_file(exported, checkpoint):
-    for name in [*BACKEND_FILES.values(), "serving.json", "index_to_name.json"]:
+    served = backends.served()
+    assert sorted(os.listdir(exported)) == sorted([*(b.file for b in served.values()), manifest.FILE])
+    for name in os.listdir(exported):
         assert os.path.getsize(os.path.join(exported, name)) > 0, name
-    ckpt = load_ckpt(checkpoint)
-    assert read_json(os.path.join(exported, "index_to_name.json")) == {str(i): str(i) for i in range(10)}
-    meta = read_json(os.path.join(exported, "serving.json"))
-    assert meta["preprocessing"] == ckpt["preprocessing"] and meta["class_names"] == ckpt["class_names"]
-    assert meta["model_args"] == ckpt["model_args"]
-    report = meta["export"]
-    assert set(report["formats"]) == set(BACKEND_FILES)
+    trained = Manifest.from_checkpoint(load_ckpt(checkpoint))
+    meta = manifest.read(exported)
+    assert meta.class_names == trained.class_names == [str(i) for i in range(10)]
+    assert (meta.preprocessing, meta.model_args, meta.provenance) == (
+        trained.preprocessing,
+        trained.model_args,
+        trained.provenance,
+    )
+    assert meta.files == {name: b.file for name, b in served.items()} and meta.backend is None  # archiving's
+    report = meta.checks
+    assert set(report["formats"]) == set(served)
     for fmt, entry in report["formats"].items():
-        assert entry["file"] == BACKEND_FILES[fmt]
+        assert entry["file"] == served[fmt].file
         assert entry["bytes"] == os.path.getsize(os.path.join(exported, entry["file"]))
     assert report["formats"]["int8"]["agreement"] >= 0.99 and report["formats"]["int8"]["acc_drop"] <= 0.005
     assert report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL  # int8: the whole split
@@ -49,7 +58,7 @@ def test_export_writes_every_file(exported, checkpoint):
 
 
 def test_the_check_batch_covers_every_class(checkpoint, digits):
-    prep = Preprocessing.from_dict(load_ckpt(checkpoint)["preprocessing"])
+    prep = Preprocessing.from_dict(Manifest.from_checkpoint(load_ckpt(checkpoint)).preprocessing)
     val = exportlib.val_dataset(digits, prep)
     images, labels = exportlib.check_batch(val, 64)
     assert images.shape == (64, 1, 16, 16)
@@ -79,12 +88,12 @@ def test_export_runs_the_eager_model_in_bounded_batches_without_autograd(checkpo
     assert max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL  # check batch + the split
 
 
-@pytest.mark.parametrize("backend", list(BACKEND_FILES))
+@pytest.mark.parametrize("backend", list(backends.served()))
 def test_every_backend_matches_eager_on_real_images(exported, val_batch, backend):
     _, images, labels, want = val_batch
-    got = torch.softmax(Predictor(os.path.join(exported, BACKEND_FILES[backend]), backend)(images), 1)
+    got = torch.softmax(backends.load(os.path.join(exported, backends.get(backend).file), backend)(images), 1)
     assert got.shape == want.shape == (N_VAL, 10)
-    if backend == "int8":
+    if not backends.get(backend).exact:
         assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.99
     else:
         assert (got - want).abs().max() <= 1e-4
@@ -94,7 +103,7 @@ def test_every_backend_matches_eager_on_real_images(exported, val_batch, backend
 @pytest.mark.parametrize("batch", [1, 7])
 def test_exports_take_any_batch_size(exported, val_batch, backend, batch):
     _, images, _, want = val_batch
-    pred = Predictor(os.path.join(exported, BACKEND_FILES[backend]), backend)
+    pred = backends.load(os.path.join(exported, backends.get(backend).file), backend)
     got = torch.softmax(pred(images[3 : 3 + batch]), 1)
     assert got.shape == (batch, 10)
     assert (got - want[3 : 3 + batch]).abs().max() <= 1e-4
@@ -103,7 +112,7 @@ def test_exports_take_any_batch_size(exported, val_batch, backend, batch):
 def test_onnx_passes_the_checker(exported):
     import onnx
 
-    model = onnx.load(os.path.join(exported, "model.onnx"))
+    model = onnx.load(os.path.join(exported, backends.get("onnx").file))
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic (dynamic) batch axis
@@ -136,7 +145,8 @@ def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_te
     out = tmp_path / "never"
     with pytest.raises(exportlib.ExportCheckError, match="onnx: .* exceeds"):
         exportlib.export_all(checkpoint, str(out), formats=("eager", "onnx"))
-    assert in_tmp == ["model.onnx", "model.pt"]  # the failure came after files were written ...
+    # the failure came after files were written ...
+    assert in_tmp == sorted(backends.get(b).file for b in ("eager", "onnx"))
     assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(tmp_path)  # ... beside the target
     assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and nothing is left
     assert not glob.glob(str(tmp_path / ".export-*"))
@@ -144,14 +154,15 @@ def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_te
 
 def test_a_check_failing_after_files_were_written_leaves_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
     written = []
-    real_export_eager = exportlib.export_eager
+    eager, real_get = backends.get("eager"), backends.get
 
-    def export_eager(model, ckpt, path):
-        real_export_eager(model, ckpt, path)
+    def export_eager(job, path):
+        eager.export(job, path)
         written.append(path)
 
-    monkeypatch.setattr(exportlib, "export_eager", export_eager)
-    monkeypatch.setattr(exportlib, "INT8_MIN_AGREEMENT", 1.01)  # the int8 check, last, cannot pass
+    spied = dataclasses.replace(eager, export=export_eager)
+    monkeypatch.setattr(backends, "get", lambda name: spied if name == "eager" else real_get(name))
+    monkeypatch.setattr(exportlib, "MIN_AGREEMENT", 1.01)  # the int8 check, last, cannot pass
     out = tmp_path / "never"
     with pytest.raises(exportlib.ExportCheckError, match="int8: agreement"):
         exportlib.export_all(checkpoint, str(out), formats=("eager", "int8"))
@@ -168,7 +179,7 @@ def test_export_creates_the_parent_folder_of_its_help_example(checkpoint, tmp_pa
     argv = ["--checkpoint", checkpoint, "--output-dir", "exports/v1", "--formats", "eager"]
     exportlib.main(exportlib.get_args_parser().parse_args(argv))
     assert sorted(os.listdir(tmp_path / "exports")) == ["v1"]  # no temporary folder left beside it
-    assert (tmp_path / "exports" / "v1" / "model.pt").is_file()
+    assert (tmp_path / "exports" / "v1" / backends.get("eager").file).is_file()
     assert "wrote exports/v1/" in capsys.readouterr().out
 
 
@@ -192,7 +203,7 @@ def test_export_refuses_unknown_formats(checkpoint, tmp_path):
 
 def test_evaluate_checkpoint_and_onnx_agree(checkpoint, exported):
     a = evaluate(checkpoint)
-    b = evaluate(os.path.join(exported, "model.onnx"))
+    b = evaluate(os.path.join(exported, backends.get("onnx").file))
     assert a["accuracy"] == b["accuracy"] > 0.8
     assert a["confusion_matrix"] == b["confusion_matrix"]
     confusion = torch.tensor(a["confusion_matrix"])
@@ -218,9 +229,10 @@ def test_evaluate_main_writes_json_and_png(checkpoint, tmp_path, capsys):
 def test_evaluate_an_export_defaults_to_the_data_it_was_trained_on(checkpoint, digits, tmp_path):
     other = small_digits(digits, tmp_path / "other")
     ckpt = load_ckpt(checkpoint)
-    ckpt["args"]["data"] = str(other)  # as if trained with --data <other>
-    torch.save(ckpt, tmp_path / "ckpt.pt")
+    known = Manifest.from_checkpoint(ckpt)
+    known.provenance.data = str(other)  # as if trained with --data <other>
+    torch.save({**ckpt, "manifest": known.to_dict()}, tmp_path / "ckpt.pt")
     exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("eager", "onnx"))
     assert evaluate(str(tmp_path / "ckpt.pt"))["images"] == 20
-    for name in ("model.pt", "model.onnx"):  # every exported file reads serving.json
+    for name in (backends.get("eager").file, backends.get("onnx").file):  # every exported file reads bundle.json
         assert evaluate(str(tmp_path / "export" / name))["images"] == 20, name

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handlers.image_classifier import body_of, check_items, decode_items, items_from_body
 from model_src.preprocessing import DEFAULT_MAX_PIXELS, InputError, Preprocessing, check_cheaply, sniff_format
+from model_src.protocol import Limits, decode_items, read_request
 from tests import images
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns at each corrupt tag it skips
@@ -190,8 +190,7 @@ def pre_scan(data: bytes):
 
 
 def parse_row(row: dict):
-    items, _ = items_from_body(body_of(row))
-    decode_items(check_items(items, 32, 16 * 2**20))
+    decode_items(read_request(row, {}, Limits(32, 32, 16 * 2**20)).items)
 
 
 def test_fuzz_decode_and_preprocess(budgets):

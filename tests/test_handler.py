@@ -23,10 +23,11 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import get_yaml_config
 
-import handlers.image_classifier as handler_module
 from deploy import settings
 from deploy.settings import METRICS_CONFIG
-from handlers.image_classifier import ImageClassifier, top_k
+from handlers.image_classifier import ImageClassifier
+from model_src import backends, protocol
+from model_src.manifest import Manifest
 from model_src.net import build_model, load_model
 from model_src.preprocessing import ACCEPTED_NAMES, Preprocessing
 from tests import images
@@ -139,11 +140,12 @@ def reference_probs(checkpoint, digits):
     """{label: probability} per val file, from the checkpoint's model in plain torch on torchvision's transform:
     no handler, no archive, no Preprocessing, so the eager handler is compared with something other than itself."""
     model, ckpt = load_model(checkpoint)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    known = Manifest.from_checkpoint(ckpt)
+    prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
         x = torch.stack([torchvision_eval(prep, Image.open(p)) for p in val_files(digits)])
         probs = torch.softmax(model.eval()(x), dim=1)
-    return [dict(zip(ckpt["class_names"], p.tolist())) for p in probs]
+    return [dict(zip(known.class_names, p.tolist())) for p in probs]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -373,8 +375,8 @@ def test_unlisted_formats_are_415_naming_the_accepted_ones(eager, png, pillow_op
 
 def test_many_tiny_items_are_refused_before_any_base64_decoding(eager, png, monkeypatch):
     decodes = []
-    real = handler_module.b64decode
-    monkeypatch.setattr(handler_module, "b64decode", lambda text: decodes.append(1) or real(text))
+    real = protocol.b64decode
+    monkeypatch.setattr(protocol, "b64decode", lambda text: decodes.append(1) or real(text))
     tiny = ["AA=="] * 2_400_000  # a 16 MiB JSON list: 2.4 M decodes took 3-4 s before the count check
     out, status = handle(*eager, [{"body": tiny}, {"body": bytearray(png)}])
     assert status == [413, GOOD]
@@ -385,8 +387,8 @@ def test_many_tiny_items_are_refused_before_any_base64_decoding(eager, png, monk
 def test_request_image_bytes_are_checked_before_decoding(handler_for, png, monkeypatch):
     handler, ctx = handler_for("eager", max_request_image_bytes=len(png) * 2 + 4)  # base64 padding rounds up
     decodes = []
-    real = handler_module.b64decode
-    monkeypatch.setattr(handler_module, "b64decode", lambda text: decodes.append(1) or real(text))
+    real = protocol.b64decode
+    monkeypatch.setattr(protocol, "b64decode", lambda text: decodes.append(1) or real(text))
     b64 = images.b64(png)
     out, status = handle(handler, ctx, [{"body": [b64, b64]}, {"body": [b64, b64, b64]}, {"body": [b64, 7]}])
     assert status == [GOOD, 413, 400]
@@ -424,13 +426,6 @@ def test_inputs_past_the_decode_budget_are_413_beside_good_neighbours(eager, png
         ), (name, answer["message"])
 
 
-def test_a_multipart_field_holding_a_json_list_is_refused_not_a_crash():
-    # Found by the fuzz target (issue 25): bytes([-1]) raised ValueError out of is_text, a 500 for the request.
-    items, _ = handler_module.items_from_body(handler_module.body_of({"body": b"\x00", "data": [-1]}))
-    with pytest.raises(handler_module.InputError, match="expected a base64 string, got int"):
-        handler_module.check_items(items, 32, 2**20)
-
-
 def test_jpeg_compressed_tiff_is_415(eager, png):
     jpeg_tiff = images.encode(images.digit_like().convert("RGB"), "TIFF", compression="jpeg")
     out, status = handle(*eager, [{"body": bytearray(jpeg_tiff)}, {"body": bytearray(png)}])
@@ -458,27 +453,19 @@ def test_a_missing_setting_stops_the_worker_at_initialize():
 
 
 def test_the_handler_sets_torch_threads_not_the_predictor(handler_for, archive_factory, tmp_path):
-    from model_src.runtime import Predictor
-
     before = torch.get_num_threads()
     try:
         handler_for("eager", threads=1)
         assert torch.get_num_threads() == 1  # initialize configures the worker process
         torch.set_num_threads(2)
         model_dir, manifest, _ = unpack(archive_factory("1.0", "onnx"), tmp_path)
-        Predictor(os.path.join(model_dir, manifest["model"]["serializedFile"]), "onnx", threads=1)
+        backends.load(os.path.join(model_dir, manifest["model"]["serializedFile"]), "onnx", "cpu", threads=1)
         assert torch.get_num_threads() == 2  # threads only sized ONNX Runtime's own pool
     finally:
         torch.set_num_threads(before)
 
 
 # --- answers ----------------------------------------------------------------------------------
-
-
-def test_top_k_with_fewer_classes_than_k():
-    probs = torch.tensor([0.2, 0.5, 0.3])
-    assert list(top_k(probs, ["a", "b", "c"], 5).items()) == [("b", 0.5), ("c", 0.3), ("a", 0.2)]
-    assert top_k(probs, ["a", "b", "c"], 1) == {"b": 0.5}
 
 
 def test_topk_setting_reaches_the_answer(handler_for, png):
@@ -493,8 +480,8 @@ def test_topk_setting_reaches_the_answer(handler_for, png):
 
 def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
     handler, _ = eager
-    prep = Preprocessing.from_dict(torch.load(checkpoint, weights_only=True)["preprocessing"])
-    assert handler.prep == prep  # the archive's serving.json carries the checkpoint's preprocessing
+    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
+    assert handler.prep == prep  # the archive's bundle.json carries the checkpoint's preprocessing
     ds = CachedImages(os.path.join(digits, "val"), prep, prep, cache=False)  # the validation transform
     for i in range(0, len(ds), 45):
         path = ds.folder.samples[i][0]
@@ -512,10 +499,11 @@ def photo_handler(checkpoint, archive_factory, tmp_path_factory):
     model is the 1-channel digits one, so this checkpoint holds a small untrained model in the same format: the
     transform, not the weights, is under test."""
     ckpt = torch.load(checkpoint, weights_only=True)
-    model_args = {**ckpt["model_args"], "in_channels": 3, "num_classes": 2, "widths": [8], "blocks": [1]}
+    known = Manifest.from_checkpoint(ckpt)
+    model_args = {**known.model_args, "in_channels": 3, "num_classes": 2, "widths": [8], "blocks": [1]}
     torch.manual_seed(0)
-    ckpt.update(model=build_model(model_args).state_dict(), model_args=model_args, class_names=["china", "flower"])
-    ckpt["preprocessing"] = PHOTO_PREP.to_dict()
+    photo = Manifest(model_args, ["china", "flower"], PHOTO_PREP.to_dict(), known.provenance)
+    ckpt.update(model=build_model(model_args).state_dict(), manifest=photo.to_dict())
     path = str(tmp_path_factory.mktemp("photo") / "checkpoint.pt")
     torch.save(ckpt, path)
     return make_handler(archive_factory("1.0", "eager", path), tmp_path_factory.mktemp("photo-handler"))
@@ -525,7 +513,7 @@ def test_photo_transform_is_the_training_transform(photo_handler, tmp_path):
     from sklearn.datasets import load_sample_image
 
     handler, ctx = photo_handler
-    assert handler.prep == PHOTO_PREP  # initialize() read it from the archive's serving.json
+    assert handler.prep == PHOTO_PREP  # initialize() read it from the archive's bundle.json
     prep = PHOTO_PREP
     china = Image.fromarray(load_sample_image("china.jpg"))  # 640 x 427 RGB
     flower = Image.fromarray(load_sample_image("flower.jpg"))

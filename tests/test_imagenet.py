@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from deploy import management, settings, versions
-from deploy.archive import build_archive
+from deploy.archive import archive_checkpoint
 from deploy.import_pretrained import BATCH_SIZE, import_weights, write_photos
 from deploy.predict import post, top1
+from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests.conftest import install_archive
@@ -35,7 +36,7 @@ def imagenet_server(photos, store, torchserve_factory, tmp_path_factory):
     """my_model 1.0 as in the other suites, then imagenet 1.0 registered beside it through the guard."""
     checkpoint = str(tmp_path_factory.mktemp("imagenet") / "checkpoint.pt")
     import_weights("efficientnet_lite0", checkpoint, photos)
-    built = build_archive(
+    built = archive_checkpoint(
         checkpoint, "1.0", "onnx", model_name="imagenet", output=str(checkpoint + ".mar"), batch_size=BATCH_SIZE
     )
     ts = torchserve_factory(store)
@@ -87,9 +88,10 @@ def test_the_digits_model_still_answers_beside_it(imagenet_server, png, checkpoi
     assert resp.status_code == 200, resp.text
     # the digits model's own answer for this image (plain torch on torchvision's transform), not just any digit
     model, ckpt = load_model(checkpoint)
-    x = torchvision_eval(Preprocessing.from_dict(ckpt["preprocessing"]), Image.open(io.BytesIO(png)))
+    known = Manifest.from_checkpoint(ckpt)
+    x = torchvision_eval(Preprocessing.from_dict(known.preprocessing), Image.open(io.BytesIO(png)))
     with torch.inference_mode():
-        want = dict(zip(ckpt["class_names"], torch.softmax(model.eval()(x[None]), 1)[0].tolist()))
+        want = dict(zip(known.class_names, torch.softmax(model.eval()(x[None]), 1)[0].tolist()))
     got = resp.json()
     assert top1(got) == top1(want) and all(abs(p - want[label]) <= 1e-4 for label, p in got.items()), (got, want)
 

@@ -12,7 +12,7 @@ import pytest
 
 from bench import bench, soak
 from deploy import latency, settings
-from deploy.archive import archive_name, build_archive
+from deploy.archive import archive_checkpoint, archive_name
 from deploy.predict import top1
 
 
@@ -23,7 +23,7 @@ def test_scripts_holds_only_shell_entry_points():
 
 @pytest.mark.slow
 def test_an_archive_ships_the_model_src_package_exactly(checkpoint, tmp_path):
-    mar = build_archive(checkpoint, "1.0", "eager", output=str(tmp_path / "m.mar"))["archive"]
+    mar = archive_checkpoint(checkpoint, "1.0", "eager", output=str(tmp_path / "m.mar"))["archive"]
     package = {
         os.path.relpath(p, settings.ROOT): open(p, "rb").read()
         for p in glob.glob(os.path.join(settings.MODEL_SRC, "*.py"))

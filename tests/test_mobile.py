@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from model_src import backends, manifest
+from model_src.manifest import Manifest
 from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
 from tests.test_export import val_batch  # noqa: F401  (a fixture: the eager model on every validation image)
@@ -49,14 +51,12 @@ def mobile_export(checkpoint, tmp_path_factory):
 @pytest.mark.slow  # the export behind mobile_export: a training run and an XNNPACK lowering (~30 s idle)
 def test_mobile_formats_are_written_with_their_checks_and_the_phone_json(mobile_export, checkpoint):
     out, report = mobile_export
-    mobile_files = [mobile.MOBILE_FILES[f] for f in MOBILE]
-    assert sorted(os.listdir(out)) == sorted(
-        ["model.pt", *mobile_files, "index_to_name.json", "serving.json", "preprocessing.json"]
-    )
-    assert read_json(os.path.join(out, "serving.json"))["export"]["formats"] == report["formats"]
+    files = [backends.get(f).file for f in ("eager", *MOBILE)]
+    assert sorted(os.listdir(out)) == sorted([*files, manifest.FILE, mobile.PHONE_JSON])
+    assert manifest.read(out).checks["formats"] == report["formats"]
     for fmt in MOBILE:
         entry = report["formats"][fmt]
-        assert entry["file"] == mobile.MOBILE_FILES[fmt]
+        assert entry["file"] == backends.get(fmt).file
         assert entry["bytes"] == os.path.getsize(os.path.join(out, entry["file"])) > 100_000
         assert entry["max_diff"] <= 1e-4 and entry["max_diff_batch1"] <= 1e-4 and entry["export_s"] > 0
     print(json.dumps(report["formats"], indent=1))
@@ -64,9 +64,10 @@ def test_mobile_formats_are_written_with_their_checks_and_the_phone_json(mobile_
 
 
 def test_server_exports_stay_the_default():
-    assert exportlib.SERVER_FORMATS == ("eager", "torchscript", "onnx", "int8")
-    assert exportlib.get_args_parser().parse_args(["--checkpoint", "c", "--output-dir", "o"]).formats == (
-        "eager,torchscript,onnx,int8"
+    assert set(exportlib.SERVER_FORMATS) == {"eager", "torchscript", "onnx", "int8"}
+    assert not {"ptl", "pte"} & set(backends.served())  # the phone formats are not served
+    assert exportlib.get_args_parser().parse_args(["--checkpoint", "c", "--output-dir", "o"]).formats == ",".join(
+        exportlib.SERVER_FORMATS
     )
 
 
@@ -74,7 +75,7 @@ def test_server_exports_stay_the_default():
 @pytest.mark.parametrize("fmt", ["ptl", pytest.param("pte", marks=needs_executorch)])
 def test_each_runtime_matches_eager_on_every_validation_image(mobile_export, val_batch, fmt):  # noqa: F811
     _, images, labels, want = val_batch
-    pred = mobile.MobilePredictor(os.path.join(mobile_export[0], mobile.MOBILE_FILES[fmt]), fmt)
+    pred = backends.load(os.path.join(mobile_export[0], backends.get(fmt).file), fmt)
     got = torch.softmax(pred(images), 1)
     assert got.shape == want.shape == (N_VAL, 10)
     assert (got - want).abs().max().item() <= 1e-4
@@ -87,7 +88,7 @@ def test_evaluate_reads_the_mobile_files_and_gets_the_checkpoints_accuracy(mobil
 
     want = evaluate(checkpoint)
     for fmt in MOBILE:
-        got = evaluate(os.path.join(mobile_export[0], mobile.MOBILE_FILES[fmt]))  # serving.json beside it
+        got = evaluate(os.path.join(mobile_export[0], backends.get(fmt).file))  # bundle.json beside it
         assert got["images"] == N_VAL and got["confusion_matrix"] == want["confusion_matrix"], fmt
 
 
@@ -139,7 +140,7 @@ def phone_input(img: Image.Image, phone: dict) -> torch.Tensor:
 @pytest.mark.slow
 def test_the_phone_json_reproduces_the_digits_input(mobile_export, checkpoint, png):
     phone = read_json(os.path.join(mobile_export[0], mobile.PHONE_JSON))
-    prep = Preprocessing.from_dict(torch.load(checkpoint, weights_only=True)["preprocessing"])
+    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
     assert {k: phone[k] for k in prep.to_dict()} == prep.to_dict()  # the checkpoint's own values, not re-typed
     assert phone["class_names"] == [str(i) for i in range(10)]
     img = prep.decode(png)
@@ -162,7 +163,7 @@ def test_pte_without_executorch_names_the_setup_flag(checkpoint, tmp_path, monke
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
     out = tmp_path / "never"
-    with pytest.raises(mobile.MobileExportError, match=r"needs ExecuTorch.*run scripts/setup\.sh --mobile"):
+    with pytest.raises(backends.BackendUnavailable, match=r"needs ExecuTorch.*run scripts/setup\.sh --mobile"):
         exportlib.export_all(checkpoint, str(out), formats=("eager", "pte"))
     args = ["--checkpoint", checkpoint, "--output-dir", str(out), "--formats", "ptl,pte"]
     with pytest.raises(SystemExit, match="export failed, nothing written: .*scripts/setup.sh --mobile"):
@@ -186,7 +187,7 @@ class WithMedian(nn.Module):
 def test_an_operator_executorch_cannot_lower_is_named_and_nothing_is_written(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(exportlib, "fuse_for_export", lambda model: WithMedian(fuse_for_export(model)))
     out = tmp_path / "never"
-    with pytest.raises(mobile.MobileExportError, match=r"cannot lower operator aten\.median\.dim") as e:
+    with pytest.raises(backends.ExportError, match=r"cannot lower operator aten\.median\.dim") as e:
         exportlib.export_all(checkpoint, str(out), formats=("eager", "ptl", "pte"))  # eager and ptl pass first
     print(e.value)
     assert os.listdir(tmp_path) == []  # neither the folder nor its temporary one
@@ -213,7 +214,8 @@ def test_efficientnet_lite0_mobile_formats_agree_with_eager_on_real_photos(lite0
     phone = read_json(os.path.join(out, mobile.PHONE_JSON))
     assert phone["input_shape"] == [1, 3, 224, 224] and len(phone["class_names"]) == 1000
     model, ckpt = load_model(lite0)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    known = Manifest.from_checkpoint(ckpt)
+    prep = Preprocessing.from_dict(known.preprocessing)
     imgs = photos.load_photos()
     names = ["chelsea", "coffee", "rocket", "camera", "china"]
     x = torch.stack([phone_input(imgs[n], phone)[0] for n in names])  # as a phone would make them
@@ -221,10 +223,10 @@ def test_efficientnet_lite0_mobile_formats_agree_with_eager_on_real_photos(lite0
     with torch.inference_mode():
         want = model(x).softmax(1)
     for fmt in MOBILE:
-        got = mobile.MobilePredictor(os.path.join(out, mobile.MOBILE_FILES[fmt]), fmt)(x).softmax(1)
+        got = backends.load(os.path.join(out, backends.get(fmt).file), fmt)(x).softmax(1)
         assert torch.equal(got.argmax(1), want.argmax(1)), fmt
         assert (got - want).abs().max().item() <= 1e-4, fmt
-    assert ckpt["class_names"][want[0].argmax()] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert known.class_names[want[0].argmax()] in {"tabby", "tiger cat", "Egyptian cat"}
 
 
 # --- the latency tool and setup.sh --mobile -------------------------------------------------------

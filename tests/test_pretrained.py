@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from model_src import backends, manifest
+from model_src.manifest import Manifest
 from model_src.net import build_model, load_model
 from model_src.preprocessing import Preprocessing
-from model_src.runtime import BACKEND_FILES, Predictor
 from train import finetune, photos
 from train import pretrained as P
 from train import train as trainer
@@ -36,7 +37,7 @@ def lite_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lite(lite_checkpoint):
     model, ckpt = load_model(lite_checkpoint)
-    return model, ckpt, Preprocessing.from_dict(ckpt["preprocessing"])
+    return model, Manifest.from_checkpoint(ckpt), Preprocessing.from_dict(Manifest.from_checkpoint(ckpt).preprocessing)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +60,18 @@ def reference_model():
 
 def test_checkpoint_is_a_plain_dict_in_the_bundle_format(lite_checkpoint):
     ckpt = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
-    assert {"model", "model_args", "class_names", "preprocessing", "args"} <= set(ckpt)
-    assert ckpt["model_args"] == {"arch": ARCH, "in_channels": 3, "num_classes": 1000}
-    assert ckpt["preprocessing"]["image_size"] == 224 and ckpt["preprocessing"]["resize_size"] == 256
-    assert ckpt["preprocessing"]["channels"] == 3
-    np.testing.assert_allclose(ckpt["preprocessing"]["mean"], [127 / 255] * 3)
-    np.testing.assert_allclose(ckpt["preprocessing"]["std"], [128 / 255] * 3)
-    assert ckpt["args"]["weights"].endswith("efficientnet-lite0-57934424.pth")
+    assert set(ckpt) == {"model", "manifest"}
+    known = Manifest.from_checkpoint(ckpt)
+    assert known.model_args == {"arch": ARCH, "in_channels": 3, "num_classes": 1000}
+    assert known.preprocessing["image_size"] == 224 and known.preprocessing["resize_size"] == 256
+    assert known.preprocessing["channels"] == 3
+    np.testing.assert_allclose(known.preprocessing["mean"], [127 / 255] * 3)
+    np.testing.assert_allclose(known.preprocessing["std"], [128 / 255] * 3)
+    assert known.provenance.source.endswith("efficientnet-lite0-57934424.pth") and known.provenance.command is None
 
 
 def test_class_names_are_imagenet_in_the_standard_index_order(lite):
-    names = lite[1]["class_names"]
+    names = lite[1].class_names
     assert len(names) == len(set(names)) == 1000
     assert (names[0], names[281], names[285], names[504], names[967]) == (
         "tench",
@@ -104,7 +106,7 @@ def test_same_logits_as_the_reference_port_on_real_photos(lite, photo_batch):
 
 def test_top1_on_real_photos(lite, photo_batch):
     names, x = photo_batch
-    class_names = lite[1]["class_names"]
+    class_names = lite[1].class_names
     with torch.inference_mode():
         probs = lite[0](x).softmax(1)
     top5 = {}
@@ -117,23 +119,27 @@ def test_top1_on_real_photos(lite, photo_batch):
 
 
 def test_the_handler_path_gives_the_same_input_as_the_pil_image(lite, tmp_path):
-    """The photo sent as a request (a lossless PNG) goes through the handler's own decoding and the checkpoint's
-    preprocessing to exactly the tensor the tests above feed the model; a JPEG of it to the same top-1."""
+    """The photo sent as a request (a lossless PNG) goes through the serving decoding (model_src/protocol.py, what
+    the handler calls, with the archive's pixel cap) and the checkpoint's preprocessing to exactly the tensor the
+    tests above feed the model; a JPEG of it to the same top-1."""
     from ts.utils.util import get_yaml_config
 
     from deploy.settings import MODEL_CONFIG
-    from handlers.image_classifier import ImageClassifier
+    from model_src.protocol import decode_all
 
     model, _, prep = lite
-    handler = ImageClassifier()
-    handler.prep = prep  # what initialize() reads from the archive's serving.json
-    handler.configure(get_yaml_config(MODEL_CONFIG), batch_size=1)
+    max_pixels = get_yaml_config(MODEL_CONFIG)["handler"]["max_image_pixels"]
+
+    def served(path):  # the tensor a request body becomes
+        (x,) = decode_all(prep, [path.read_bytes()], max_pixels, float("inf"), prep)
+        return x
+
     img = photos.load_photos()["chelsea"]
     img.save(tmp_path / "chelsea.png")
     img.save(tmp_path / "chelsea.jpg", quality=92)
-    (x,) = handler.decode_all([(tmp_path / "chelsea.png").read_bytes()], prep)
+    x = served(tmp_path / "chelsea.png")
     assert torch.equal(x, prep(img))
-    (jpeg,) = handler.decode_all([(tmp_path / "chelsea.jpg").read_bytes()], prep)  # lossy, DCT draft scaling
+    jpeg = served(tmp_path / "chelsea.jpg")  # lossy, DCT draft scaling
     with torch.inference_mode():
         assert model(jpeg[None]).argmax().item() == model(x[None]).argmax().item()
 
@@ -205,10 +211,10 @@ def test_every_backend_agrees_with_eager_on_real_photos(lite_checkpoint, lite, p
     names, x = photo_batch
     with torch.inference_mode():
         eager = lite[0](x)
-    for backend in BACKEND_FILES:
-        got = Predictor(os.path.join(out, BACKEND_FILES[backend]), backend)(x)
+    for backend, file in manifest.read(out).files.items():
+        got = backends.load(os.path.join(out, file), backend)(x)
         assert torch.equal(got.argmax(1), eager.argmax(1)), backend
-        if backend != "int8":
+        if backends.get(backend).exact:
             assert (got.softmax(1) - eager.softmax(1)).abs().max().item() <= 1e-4, backend
 
 
@@ -229,9 +235,9 @@ def test_fine_tuning_replaces_the_head_and_keeps_the_backbone(lite_checkpoint):
 def test_weights_packaged_fine_tunes_from_the_arch_package(lite_checkpoint):
     pre = finetune.load_pretrained("packaged", ARCH)
     saved = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
-    assert pre["preprocessing"] == saved["preprocessing"] and pre["class_names"] == saved["class_names"]
+    assert pre["manifest"] == saved["manifest"]
     assert all(torch.equal(pre["model"][k], v) for k, v in saved["model"].items())
-    with pytest.raises(SystemExit, match="no import recipe for 'resnet_small'"):
+    with pytest.raises(finetune.FinetuneError, match="no import recipe for 'resnet_small'"):
         finetune.load_pretrained("packaged", "resnet_small")
 
 
@@ -283,8 +289,9 @@ def test_head_epochs_then_the_whole_network_at_224_with_the_pretrained_preproces
     assert "epoch 1: training the classifier only" in log and "epoch 2: training all layers" in log
     ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), map_location="cpu", weights_only=True)
     pre = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
-    assert ckpt["preprocessing"] == pre["preprocessing"]  # 224 x 224 RGB, the model's own transform
-    assert ckpt["model_args"] == {"arch": ARCH, "in_channels": 3, "num_classes": 3}
+    tuned, imported = Manifest.from_checkpoint(ckpt), Manifest.from_checkpoint(pre)
+    assert tuned.preprocessing == imported.preprocessing  # 224 x 224 RGB, the model's own transform
+    assert tuned.model_args == {"arch": ARCH, "in_channels": 3, "num_classes": 3}
     head_lr, backbone_lr = ckpt["optimizer"]["param_groups"][0]["lr"], ckpt["optimizer"]["param_groups"][2]["lr"]
     assert backbone_lr == pytest.approx(head_lr * 0.1)
     # epoch 2 trained the backbone (stem weights moved), with its batch norms in train mode again
@@ -304,7 +311,7 @@ def test_fine_tuning_beats_training_from_scratch_on_real_textures(lite_checkpoin
     9 steps barely move batch-norm statistics at TF's momentum), so a 0.3 margin holds with room.
     """
     pre = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
-    pre["preprocessing"].update(image_size=96, resize_size=110)
+    pre["manifest"]["preprocessing"].update(image_size=96, resize_size=110)
     small = str(tmp_path / "imagenet96.pt")
     P.write_new(pre, small)
     for seed in ("0", "1"):

@@ -503,11 +503,11 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
 
 def test_model_store_and_runs_are_for_root_and_the_service_group(checkpoint, tmp_path):
     """Issue 25 (low): model_store/ and runs/ were world-readable: any local user copied the models."""
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
     from train.checkpoint import check_output_dir
 
     store, runs = tmp_path / "model_store", tmp_path / "runs"
-    build_archive(checkpoint, "1.0", "eager", output=str(store / "my_model.mar"))
+    archive_checkpoint(checkpoint, "1.0", "eager", output=str(store / "my_model.mar"))
     check_output_dir(argparse.Namespace(output_dir=str(runs / "default"), resume=None))
     assert {oct(stat.S_IMODE(d.stat().st_mode)) for d in (store, runs)} == {"0o750"}  # was 0o755
     if not service_user_can_run_here():

@@ -13,6 +13,7 @@ import torch
 
 from deploy import management, versions
 from deploy.settings import DIGITS_DIR
+from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
@@ -34,10 +35,11 @@ def val_bodies(digits):
 def offline(checkpoint, val_bodies):
     """Eager probabilities for each body, computed without TorchServe."""
     model, ckpt = load_model(checkpoint)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    known = Manifest.from_checkpoint(ckpt)
+    prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
         probs = torch.softmax(model(torch.stack([prep(prep.decode(b)) for b in val_bodies])), 1)
-    return [{ckpt["class_names"][i]: p[i].item() for i in range(len(p))} for p in probs]
+    return [{known.class_names[i]: p[i].item() for i in range(len(p))} for p in probs]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,7 @@ def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
     # loaded size; a 39.7 MP grey PNG (16 KB, under every pixel check) decodes into 40 MB.
     import yaml
 
-    from deploy.archive import build_archive
+    from deploy.archive import archive_checkpoint
     from deploy.settings import MODEL_CONFIG
 
     tmp = tmp_path_factory.mktemp("ceiling")
@@ -179,7 +181,7 @@ def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     (tmp / "store").mkdir()
     archive = str(tmp / "store" / "my_model.mar")
-    build_archive(checkpoint, "1.0", "eager", output=archive, config_file=str(tmp / "model-config.yaml"))
+    archive_checkpoint(checkpoint, "1.0", "eager", output=archive, config_file=str(tmp / "model-config.yaml"))
     ts = torchserve_factory(tmp / "store")
     pid = worker_pid(ts)
     resp = post(ts, images.black_png(6300))

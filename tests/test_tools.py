@@ -11,8 +11,10 @@ import types
 
 import pytest
 
-from deploy.archive import build_archive, verify_checksum
+from deploy.archive import archive_checkpoint, verify_checksum
 from deploy.settings import ROOT
+from model_src import backends
+from model_src.manifest import Manifest
 
 
 @pytest.mark.slow
@@ -118,16 +120,19 @@ def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
 
 
 def fake_export(fail=False):
-    """Stands in for train.export (no checkpoint, no torch export): writes what build_archive packages."""
+    """Stands in for train.export (no checkpoint, no torch export): writes what archive_checkpoint packages."""
 
     def export_all(checkpoint, export_dir, formats):
         if fail:
             raise RuntimeError("export failed on purpose")
         os.makedirs(export_dir)
-        for name, text in (("model.pt", "weights"), ("serving.json", "{}"), ("index_to_name.json", '{"0": "0"}')):
+        files = {fmt: backends.get(fmt).file for fmt in formats}
+        for name in files.values():
             with open(os.path.join(export_dir, name), "w") as f:
-                f.write(text)
-        return {"formats": {fmt: {"max_diff": 0.0} for fmt in formats}}
+                f.write("weights")
+        report = {"formats": {fmt: {"max_diff": 0.0} for fmt in formats}}
+        Manifest({}, ["0"], {}, files=files, checks=report).write(export_dir)
+        return report
 
     return types.SimpleNamespace(export_all=export_all)
 
@@ -142,14 +147,14 @@ def test_archive_builds_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch)
         monkeypatch.setattr(tempfile, "tempdir", tmp)
         store = tmp_path / "store"
         monkeypatch.setitem(sys.modules, "train.export", fake_export())
-        info = build_archive("unused.pt", "3.0", "eager", model_store=str(store))  # os.link raised EXDEV here
+        info = archive_checkpoint("unused.pt", "3.0", "eager", model_store=str(store))  # os.link raised EXDEV here
         assert info["archive"] == str(store / "my_model_v3.0.mar")
         assert verify_checksum(info["archive"]) == info["sha256"]
         assert sorted(os.listdir(store)) == ["my_model_v3.0.mar", "my_model_v3.0.mar.sha256"]  # no build folder
 
         monkeypatch.setitem(sys.modules, "train.export", fake_export(fail=True))
         with pytest.raises(RuntimeError, match="on purpose"):
-            build_archive("unused.pt", "4.0", "eager", model_store=str(store))
+            archive_checkpoint("unused.pt", "4.0", "eager", model_store=str(store))
         assert sorted(os.listdir(store)) == ["my_model_v3.0.mar", "my_model_v3.0.mar.sha256"]  # nothing left over
         assert os.listdir(tmp) == []  # and nothing was built in TMPDIR
     finally:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from model_src.layers import Swish
+from model_src.manifest import Manifest
 from model_src.net import load_model
 from model_src.preprocessing import Preprocessing
 from tests import images
@@ -26,18 +27,7 @@ from train import data as datalib
 from train import train as trainer
 from train.data import CachedImages, build_datasets, build_loaders
 
-CHECKPOINT_KEYS = {
-    "model",
-    "model_args",
-    "class_names",
-    "preprocessing",
-    "optimizer",
-    "lr_scheduler",
-    "scaler",
-    "epoch",
-    "best_metric",
-    "args",
-}
+CHECKPOINT_KEYS = {"model", "manifest", "optimizer", "lr_scheduler", "scaler", "epoch", "args"}
 N_VAL = 359  # digits validation images (20% of 1,797, stratified)
 
 
@@ -58,11 +48,17 @@ def test_checkpoint_is_a_plain_dict_with_the_agreed_keys(checkpoint):
     assert CHECKPOINT_KEYS <= set(ckpt)
     assert type(ckpt["args"]) is dict and ckpt["args"]["epochs"] == 3
     json.dumps(ckpt["args"])  # plain values only
-    assert ckpt["class_names"] == [str(i) for i in range(10)]
-    assert ckpt["model_args"]["num_classes"] == 10 and ckpt["model_args"]["in_channels"] == 1
-    assert "weights" not in ckpt["model_args"]
-    assert Preprocessing.from_dict(ckpt["preprocessing"]).channels == 1
-    assert 1 <= ckpt["epoch"] <= 3 and ckpt["best_metric"]["epoch"] == ckpt["epoch"]
+    known = Manifest.from_checkpoint(ckpt)  # training's part of the bundle manifest, in plain values
+    assert json.loads(json.dumps(ckpt["manifest"])) == ckpt["manifest"] == known.to_dict()
+    assert known.class_names == [str(i) for i in range(10)]
+    assert known.model_args["num_classes"] == 10 and known.model_args["in_channels"] == 1
+    assert "weights" not in known.model_args
+    assert Preprocessing.from_dict(known.preprocessing).channels == 1
+    metrics = known.provenance.metrics
+    assert 1 <= ckpt["epoch"] <= 3 and metrics.best_epoch == metrics.epochs_done == ckpt["epoch"]
+    assert metrics.best_val_acc == metrics.final_val_acc > 0.8  # checkpoint_best: its epoch was the best
+    assert known.provenance.command.startswith("python -m train.train --output-dir ")  # as typed: sys.argv
+    assert known.provenance.data == os.path.abspath(datalib.DIGITS_DIR)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["optimizer"]["state"] and ckpt["lr_scheduler"]
 
@@ -71,12 +67,13 @@ def test_checkpoint_rebuilds_its_model_and_classifies_the_golden_set(checkpoint,
     model, ckpt = load_model(checkpoint)
     assert not model.training
     golden = read_json(os.path.join(trained, "golden", "golden.json"))
-    assert len(golden) == 100 and {g["label"] for g in golden} == set(ckpt["class_names"])
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
+    known = Manifest.from_checkpoint(ckpt)
+    assert len(golden) == 100 and {g["label"] for g in golden} == set(known.class_names)
+    prep = Preprocessing.from_dict(known.preprocessing)
     batch = torch.stack([prep(prep.decode(os.path.join(trained, "golden", g["file"]))) for g in golden])
     with torch.inference_mode():
         pred = model(batch).argmax(1).tolist()
-    acc = sum(ckpt["class_names"][p] == g["label"] for p, g in zip(pred, golden)) / len(golden)
+    acc = sum(known.class_names[p] == g["label"] for p, g in zip(pred, golden)) / len(golden)
     assert acc > 0.8
 
 
@@ -143,7 +140,7 @@ def test_resume_continues_on_the_data_it_was_trained_on(trained, digits, tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     ckpt = load_ckpt(os.path.join(trained, "checkpoint_last.pt"))
-    ckpt["args"]["data"] = str(other)  # as if trained with --data <other>
+    ckpt["manifest"]["provenance"]["data"] = str(other)  # as if trained with --data <other>
     torch.save(ckpt, run / "checkpoint_last.pt")
     train_run(run, "--resume", "auto", "--epochs", 4)  # no --data: <other>, not the digits default
     metrics = read_json(run / "metrics.json")
@@ -316,7 +313,7 @@ def test_recipe_flags_train(tmp_path, digits, name, monkeypatch):
     elif name == "plateau":
         assert sched["mode"] == "max" and sched["best"] == read_json(os.path.join(out, "metrics.json"))["best_val_acc"]
     elif name == "relu":
-        assert ckpt["model_args"]["activation"] == "relu"
+        assert Manifest.from_checkpoint(ckpt).model_args["activation"] == "relu"
         assert not any(isinstance(m, Swish) for m in model.modules())
     else:
         assert "exp_avg" in next(iter(opt["state"].values()))  # the default AdamW
@@ -488,7 +485,7 @@ def test_best_is_saved_before_last(tiny, tmp_path, monkeypatch):
     assert saved == ["checkpoint_best.pt"], f"saved {saved} first"
     train_run(run, *tiny)  # no last checkpoint: the run starts again and writes both
     last, best = load_ckpt(run / "checkpoint_last.pt"), load_ckpt(run / "checkpoint_best.pt")
-    assert last["best_metric"]["epoch"] == best["epoch"] == 1
+    assert Manifest.from_checkpoint(last).provenance.metrics.best_epoch == best["epoch"] == 1
 
 
 @pytest.fixture

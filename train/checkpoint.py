@@ -7,6 +7,8 @@ import shutil
 
 import torch
 
+from model_src.manifest import Manifest
+
 LOCK_FILE = "run.lock"  # in the output folder; holds the pid of the run that owns the folder
 
 
@@ -34,6 +36,10 @@ class CheckpointWriteError(RuntimeError):
     pass
 
 
+class RunError(ValueError):
+    """A run's folder or checkpoint refuses this run (in use, another run's, classes that differ)."""
+
+
 def save_checkpoint(state: dict, path: str):
     try:
         write_atomic(path, lambda tmp: torch.save(state, tmp))
@@ -49,7 +55,7 @@ def save_checkpoint(state: dict, path: str):
 
 def lock_output_dir(output_dir: str) -> int:
     """Claim the output folder for this process: an open file descriptor holding an flock on its run.lock, which
-    the kernel releases when the run ends, however it ends. SystemExit names the pid of a live holder."""
+    the kernel releases when the run ends, however it ends. RunError names the pid of a live holder."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -58,8 +64,8 @@ def lock_output_dir(output_dir: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise SystemExit(
-            f"error: {output_dir} is in use by another training run (pid {holder}, {path}); "
+        raise RunError(
+            f"{output_dir} is in use by another training run (pid {holder}, {path}); "
             "wait for it to end or choose another --output-dir"
         ) from None
     os.ftruncate(fd, 0)
@@ -85,8 +91,8 @@ def check_output_dir(args):
     holds_run = os.path.exists(last)
     resumes_it = holds_run and bool(args.resume) and os.path.isfile(args.resume) and os.path.samefile(args.resume, last)
     if holds_run and not resumes_it:
-        raise SystemExit(
-            f"error: {args.output_dir} already holds a run; pass --resume auto to continue it, "
+        raise RunError(
+            f"{args.output_dir} already holds a run; pass --resume auto to continue it, "
             "or choose another --output-dir (nothing is overwritten)"
         )
     parent = os.path.dirname(os.path.abspath(args.output_dir))
@@ -99,13 +105,13 @@ def load_resume(args) -> dict | None:
     if not args.resume:
         return None
     if not os.path.isfile(args.resume):
-        raise SystemExit(f"error: --resume: no checkpoint at {args.resume}")
+        raise RunError(f"--resume: no checkpoint at {args.resume}")
     return torch.load(args.resume, map_location="cpu", weights_only=True)
 
 
-def check_resume_classes(args, resume_ckpt: dict, class_names: list[str]):
-    if class_names != resume_ckpt["class_names"]:
-        raise SystemExit(
-            f"error: {args.data} has classes {class_names}, but {args.resume} was trained on "
-            f"{resume_ckpt['class_names']}; pass the --data it was trained on ({resume_ckpt['args']['data']})"
+def check_resume_classes(args, resumed: Manifest, class_names: list[str]):
+    if class_names != resumed.class_names:
+        raise RunError(
+            f"{args.data} has classes {class_names}, but {args.resume} was trained on "
+            f"{resumed.class_names}; pass the --data it was trained on ({resumed.provenance.data})"
         )

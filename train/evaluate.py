@@ -4,8 +4,9 @@
     python -m train.evaluate --model exports/v1/model.onnx --data data/digits --split val
 
 Prints accuracy, per-class precision/recall and the confusion matrix; --json writes them.
-Exported files (model.pt, TorchScript, ONNX, int8, and the mobile model.ptl and model.pte) read
-their preprocessing, class names and training data folder from the serving.json beside them.
+An exported file (any backend's, model_src/backends/) is told by the bundle.json beside it (model_src/manifest.py),
+which names its backend and holds its preprocessing, class names and training data folder; a checkpoint (or a
+model.pt copied on its own) describes itself.
 """
 
 import argparse
@@ -14,9 +15,14 @@ import os
 
 import torch
 
+from model_src import backends, manifest
+from model_src.manifest import Manifest
 from model_src.preprocessing import Preprocessing
 from train import data as datalib
-from train.export import FILES, load_predictor
+
+
+class ClassMismatchError(ValueError):
+    """The data's classes are not the model's."""
 
 
 def get_args_parser():
@@ -24,7 +30,7 @@ def get_args_parser():
     p.add_argument(
         "--model",
         required=True,
-        help="checkpoint_*.pt or an exported model.pt, .torchscript.pt, .onnx, .int8.pt, .ptl, .pte",
+        help="checkpoint_*.pt, or any backend's file in an export folder (bundle.json beside it)",
     )
     p.add_argument("--data", default=None, help="ImageFolder root (default: the one the model was trained on)")
     p.add_argument("--split", default="val")
@@ -36,25 +42,19 @@ def get_args_parser():
 
 def load_any(path: str):
     """-> (predictor, preprocessing, class names, data root it was trained on or None)."""
-    backend = {v: k for k, v in FILES.items()}.get(os.path.basename(path))
-    serving_json = os.path.join(os.path.dirname(path), "serving.json")
-    # Every exported file reads serving.json, the only one of them that records the training data;
-    # a training checkpoint (or a model.pt copied on its own) describes itself.
-    if backend is not None and (backend != "eager" or os.path.isfile(serving_json)):
-        with open(serving_json) as f:
-            meta = json.load(f)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        meta = {
-            "preprocessing": ckpt["preprocessing"],
-            "class_names": ckpt["class_names"],
-            "data": ckpt.get("args", {}).get("data"),
-        }
+    folder, name = os.path.split(path)
+    if os.path.isfile(os.path.join(folder, manifest.FILE)):  # an export folder
+        m = manifest.read(folder)
+        backend = next((b for b, file in m.files.items() if file == name), None)
+        if backend is None:
+            raise ValueError(f"{path}: the {manifest.FILE} beside it lists only {sorted(m.files.values())}")
+    else:  # a checkpoint
+        m, backend = Manifest.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True)), "eager"
     return (
-        load_predictor(path, backend or "eager"),
-        Preprocessing.from_dict(meta["preprocessing"]),
-        meta["class_names"],
-        meta.get("data"),
+        backends.load(path, backend),
+        Preprocessing.from_dict(m.preprocessing),
+        m.class_names,
+        m.provenance.data,
     )
 
 
@@ -103,13 +103,16 @@ def evaluate(model_path: str, data: str | None = None, split: str = "val", batch
     root = datalib.ensure_data(data or trained_on or datalib.DIGITS_DIR)
     ds = datalib.CachedImages(os.path.join(root, split), prep, prep, cache=False)
     if ds.classes != class_names:
-        raise SystemExit(f"error: {root}/{split} has classes {ds.classes}, the model knows {class_names}")
+        raise ClassMismatchError(f"{root}/{split} has classes {ds.classes}, the model knows {class_names}")
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size)
     return summarize(confusion_matrix(predictor, loader, len(class_names)), class_names)
 
 
 def main(args):
-    res = evaluate(args.model, args.data, args.split, args.batch_size)
+    try:
+        res = evaluate(args.model, args.data, args.split, args.batch_size)
+    except (ValueError, backends.BackendUnavailable) as e:
+        raise SystemExit(f"error: {e}") from None
     print_summary(res)
     if args.json:
         with open(args.json, "w") as f:

@@ -2,51 +2,43 @@
 
     python -m train.export --checkpoint runs/v1/checkpoint_best.pt --output-dir exports/v1
 
-Writes model.pt (eager), model.torchscript.pt, model.onnx, model.int8.pt,
-serving.json (preprocessing, class names, checks) and index_to_name.json; on request
-(--formats ...,ptl,pte) the mobile formats model.ptl and model.pte and the phone's
-preprocessing.json (train/mobile.py). Every
-file is compared with the eager model on the same real validation batch (class-balanced,
-at most --batch images), the int8 model also on the whole validation split; if any
-check fails, nothing is written.
+Writes the file of each backend asked for (model_src/backends/: by default every one TorchServe serves,
+model.pt, model.torchscript.pt, model.onnx, model.int8.pt; on request (--formats ...,ptl,pte) the phone formats
+model.ptl and model.pte, with the phone's preprocessing.json, train/mobile.py) and bundle.json, the bundle
+manifest (model_src/manifest.py): the checkpoint's manifest plus the files written and their checks. Every
+file is compared with the eager model on the same real validation batch (class-balanced, at most --batch
+images); a backend of reduced precision (int8) passes a precision gate on the whole validation split instead.
+If any check fails, nothing is written.
 """
 
 import argparse
 import collections
 import copy
-import json
 import os
 import shutil
 import tempfile
 import time
-import warnings
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
+from model_src import backends
+from model_src.backends import Backend, BackendUnavailable, ExportError, ExportJob
+from model_src.manifest import Manifest
 from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
-from model_src.runtime import BACKEND_FILES, Predictor
 from train import data as datalib
 from train import mobile
-from train.mobile import MOBILE_FILES, MobileExportError, MobilePredictor
 
-SERVER_FORMATS = tuple(BACKEND_FILES)  # the default: what TorchServe loads
-FORMATS = SERVER_FORMATS + tuple(MOBILE_FILES)
-FILES = {**BACKEND_FILES, **MOBILE_FILES}
+SERVER_FORMATS = tuple(backends.served())  # the default: what TorchServe loads
+FORMATS = tuple(backends.all_backends())
 TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
-INT8_MIN_AGREEMENT = 0.99
-INT8_MAX_ACC_DROP = 0.005
+MIN_AGREEMENT = 0.99  # the precision gate of a backend that is not exact (int8): top-1 agreement with float
+MAX_ACC_DROP = 0.005  # ... and accuracy lost
 
 
 class ExportCheckError(RuntimeError):
     pass
-
-
-def load_predictor(path: str, fmt: str, threads: int | None = None):
-    """Any exported file in the runtime that checks it: a callable float batch -> logits."""
-    return MobilePredictor(path, fmt) if fmt in MOBILE_FILES else Predictor(path, fmt, threads=threads)
 
 
 def get_args_parser():
@@ -92,113 +84,71 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return diff
 
 
-def export_eager(model, ckpt, path):
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "model_args": ckpt["model_args"],
-            "class_names": ckpt["class_names"],
-            "preprocessing": ckpt["preprocessing"],
-        },
-        path,
-    )
-
-
-def trace(fused, example) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():  # TorchScript is deprecated in this torch, still the format TorchServe loads
-        warnings.simplefilter("ignore", FutureWarning)
-        # Shape-dependent Python (EfficientNet-Lite's "SAME" padding) is traced as constants: right,
-        # since the preprocessing fixes the input size; the batch size stays free.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.jit.trace(fused, example, check_trace=False)
-
-
-def export_torchscript(fused, example, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(trace(fused, example), path)
-
-
-def export_onnx(fused, example, path):
-    import onnx
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            fused,
-            (example,),
-            path,
-            input_names=["input"],
-            output_names=["logits"],
-            # Positional (one entry per input), so it does not depend on what forward names its argument.
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    onnx.checker.check_model(onnx.load(path), full_check=True)
-
-
-def quantize(fused):
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the dynamic-quant API here
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        # Per output channel weight scales: a 1000-class ImageNet head has rows of very different
-        # ranges, and one scale for all of them flips near-tied top-1s (measured in tests/test_pretrained.py).
-        return quantize_dynamic(copy.deepcopy(fused), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-
-
-def export_int8(fused, example, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(quantize(fused), example, check_trace=False)
-        torch.jit.save(traced, path)
-
-
 @torch.inference_mode()  # the float reference is the eager model: no autograd graph
-def check_int8(pred_int8, pred_float, loader) -> dict:
-    """Top-1 agreement and accuracy of int8 vs float over every image of `loader`, a batch at a time."""
+def check_precision(name: str, pred_low, pred_float, loader) -> dict:
+    """Top-1 agreement and accuracy of a reduced-precision backend vs float over every image of `loader`."""
     q, f, labels = [], [], []
     for images, targets in loader:
-        q.append(pred_int8(images).argmax(1))
+        q.append(pred_low(images).argmax(1))
         f.append(pred_float(images).argmax(1))
         labels.append(targets)
     q, f, labels = torch.cat(q), torch.cat(f), torch.cat(labels)
     report = {
         "agreement": (q == f).float().mean().item(),
         "acc_float": (f == labels).float().mean().item(),
-        "acc_int8": (q == labels).float().mean().item(),
+        "acc_low": (q == labels).float().mean().item(),
         "images": len(labels),
     }
-    report["acc_drop"] = report["acc_float"] - report["acc_int8"]
-    if report["agreement"] < INT8_MIN_AGREEMENT or report["acc_drop"] > INT8_MAX_ACC_DROP:
+    report["acc_drop"] = report["acc_float"] - report["acc_low"]
+    if report["agreement"] < MIN_AGREEMENT or report["acc_drop"] > MAX_ACC_DROP:
         raise ExportCheckError(
-            f"int8: agreement {report['agreement']:.4f} (need ≥ {INT8_MIN_AGREEMENT}), "
-            f"accuracy drop {report['acc_drop'] * 100:.2f} points (max {INT8_MAX_ACC_DROP * 100})"
+            f"{name}: agreement {report['agreement']:.4f} (need ≥ {MIN_AGREEMENT}), "
+            f"accuracy drop {report['acc_drop'] * 100:.2f} points (max {MAX_ACC_DROP * 100})"
         )
     return report
+
+
+def check_backend(backend: Backend, pred, model, example, eager_logits, val, batch: int) -> dict:
+    """The export check of one written file: exact backends match eager on the check batch (and at batch 1);
+    the others pass the precision gate on the whole validation split."""
+    if backend.exact:
+        return {
+            "max_diff": check_close(backend.name, pred(example), eager_logits),
+            "max_diff_batch1": check_close(f"{backend.name} (batch 1)", pred(example[:1]), eager_logits[:1]),
+        }
+    entry = check_precision(backend.name, pred, model, DataLoader(val, batch_size=batch))
+    entry["max_diff"] = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
+    return entry
+
+
+def chosen(formats) -> list[Backend]:
+    """The backends asked for, each usable here: checked before any work, so the message comes first."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {FORMATS}")
+    chosen = [backends.get(f) for f in formats]
+    for backend in chosen:
+        if why := backend.available():
+            raise BackendUnavailable(why)
+    return chosen
 
 
 def export_all(
     checkpoint: str, output_dir: str, formats=SERVER_FORMATS, data: str | None = None, batch: int = 64
 ) -> dict:
-    """Export and check; returns the report. Raises ExportCheckError or MobileExportError (nothing written)."""
+    """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable (nothing
+    written)."""
     if os.path.exists(output_dir):
         raise FileExistsError(f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)")
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {FORMATS}")
-    if "pte" in formats:  # before any work: the message names the setup flag
-        mobile.require_executorch()
+    todo = chosen(formats)
     model, ckpt = load_model(checkpoint)
-    prep = Preprocessing.from_dict(ckpt["preprocessing"])
-    data = data or ckpt.get("args", {}).get("data") or datalib.DIGITS_DIR
-    val = val_dataset(datalib.ensure_data(data), prep)
+    manifest = Manifest.from_checkpoint(ckpt)
+    prep = Preprocessing.from_dict(manifest.preprocessing)
+    val = val_dataset(datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR), prep)
     example, _ = check_batch(val, batch)
     with torch.inference_mode():
         eager_logits = model(example)
-    fused = fuse_for_export(copy.deepcopy(model)).eval()
+    job = ExportJob(model, fuse_for_export(copy.deepcopy(model)).eval(), example, None, manifest)
     report = {
         "checkpoint": os.path.abspath(checkpoint),
         "check_batch": len(example),
@@ -206,58 +156,30 @@ def export_all(
         "formats": {},
     }
     with torch.inference_mode():
-        report["fused_max_diff"] = check_close("fused WNLinear", fused(example), eager_logits)
+        report["fused_max_diff"] = check_close("fused WNLinear", job.fused(example), eager_logits)
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)  # exports/ of `--output-dir exports/v1` on a fresh clone
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        writers = {
-            "eager": lambda p: export_eager(model, ckpt, p),
-            "torchscript": lambda p: export_torchscript(fused, example, p),
-            "onnx": lambda p: export_onnx(fused, example, p),
-            "int8": lambda p: export_int8(fused, example, p),
-            "ptl": lambda p: mobile.export_ptl(trace(fused, example), p),
-            "pte": lambda p: mobile.export_pte(fused, example, p),
-        }
-        for fmt in formats:
-            path = os.path.join(tmp, FILES[fmt])
+        for backend in todo:
+            path = os.path.join(tmp, backend.file)
             start = time.perf_counter()
-            writers[fmt](path)
+            backend.export(job, path)
             seconds = time.perf_counter() - start
-            pred = load_predictor(path, fmt)
-            entry = {"file": FILES[fmt], "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
-            if fmt == "int8":
-                entry.update(check_int8(pred, model, DataLoader(val, batch_size=batch)))
-                entry["max_diff"] = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
-            else:
-                entry["max_diff"] = check_close(fmt, pred(example), eager_logits)
-                entry["max_diff_batch1"] = check_close(f"{fmt} (batch 1)", pred(example[:1]), eager_logits[:1])
-            report["formats"][fmt] = entry
-        write_metadata(tmp, ckpt, report)
-        if set(formats) & set(MOBILE_FILES):
-            mobile.write_phone_preprocessing(tmp, prep, ckpt["class_names"])
+            pred = backend.load(path, "cpu", None)
+            entry = {"file": backend.file, "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
+            entry.update(check_backend(backend, pred, model, example, eager_logits, val, batch))
+            report["formats"][backend.name] = entry
+        manifest.files = {b.name: b.file for b in todo}
+        manifest.checks = report
+        manifest.write(tmp)
+        if any(not b.server for b in todo):
+            mobile.write_phone_preprocessing(tmp, manifest)
         os.replace(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
-
-
-def write_metadata(out_dir: str, ckpt: dict, report: dict):
-    with open(os.path.join(out_dir, "index_to_name.json"), "w") as f:
-        json.dump({str(i): name for i, name in enumerate(ckpt["class_names"])}, f, indent=1)
-    meta = {
-        "model_args": ckpt["model_args"],
-        "class_names": ckpt["class_names"],
-        "preprocessing": ckpt["preprocessing"],
-        "data": ckpt.get("args", {}).get("data"),  # lets train.evaluate default to the training data
-        "args": ckpt.get("args", {}),  # how it was trained: the archive's model card (deploy/archive.py)
-        "epoch": ckpt.get("epoch"),
-        "best_metric": ckpt.get("best_metric"),
-        "export": report,
-    }
-    with open(os.path.join(out_dir, "serving.json"), "w") as f:
-        json.dump(meta, f, indent=1)
 
 
 def print_report(report: dict, output_dir: str):
@@ -270,9 +192,9 @@ def print_report(report: dict, output_dir: str):
             f"  {fmt:12s} {e['file']:22s} {e['bytes'] / 1024:8.1f} KiB  {e['export_s']:5.1f} s  "
             f"max |Δprob| {e['max_diff']:.2e}"
         )
-        if fmt == "int8":
+        if "agreement" in e:
             line += (
-                f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_int8']:.4f} vs float "
+                f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_low']:.4f} vs float "
                 f"{e['acc_float']:.4f} on {e['images']} images"
             )
         print(line)
@@ -282,7 +204,7 @@ def print_report(report: dict, output_dir: str):
 def main(args):
     try:
         report = export_all(args.checkpoint, args.output_dir, args.formats.split(","), args.data, args.batch)
-    except (ExportCheckError, MobileExportError, FileExistsError, ValueError) as e:
+    except (ExportCheckError, ExportError, BackendUnavailable, FileExistsError, ValueError) as e:
         raise SystemExit(f"export failed, nothing written: {e}") from None
     print_report(report, args.output_dir)
 

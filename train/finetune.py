@@ -15,10 +15,15 @@ import torch
 from torch import nn
 
 from model_src.layers import WNLinear
+from model_src.manifest import Manifest
 from model_src.net import build_model, strip_prefixes
 
 # Fine-tuning flags that shape the optimiser's groups and the epoch schedule: a resumed run keeps its own.
 RUN_FLAGS = ("finetune_from", "freeze_backbone", "head_epochs", "backbone_lr_scale")
+
+
+class FinetuneError(ValueError):
+    """Fine-tuning flags or weights that cannot work together."""
 
 
 def load_pretrained(weights: str | None, arch: str) -> dict | None:
@@ -32,11 +37,12 @@ def load_pretrained(weights: str | None, arch: str) -> dict | None:
         try:
             return pretrained.import_checkpoint(arch)
         except pretrained.WeightsError as e:
-            raise SystemExit(f"error: --weights packaged: {e}") from None
+            raise FinetuneError(f"--weights packaged: {e}") from None
     if not os.path.isfile(weights):
         return None
     ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-    return ckpt if isinstance(ckpt, dict) and "model_args" in ckpt and "model" in ckpt else None
+    bundle = isinstance(ckpt, dict) and "model" in ckpt and ("manifest" in ckpt or "model_args" in ckpt)
+    return ckpt if bundle else None
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -49,17 +55,18 @@ def classifier_name(model: nn.Module) -> str:
 
 def build_from_pretrained(pre: dict, class_names: list[str], log=print) -> tuple[nn.Module, dict]:
     """The pretrained model with a fresh classifier when its classes are not `class_names`."""
-    model_args = {**pre["model_args"], "num_classes": len(class_names)}
+    known = Manifest.from_checkpoint(pre)
+    model_args = {**known.model_args, "num_classes": len(class_names)}
     model_args.pop("weights", None)
     model = build_model(model_args)
     state = strip_prefixes(pre["model"])
     head = classifier_name(model)
-    if pre.get("class_names") != class_names:
+    if known.class_names != class_names:
         state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(head + ".") for k in missing):
-            raise SystemExit(f"error: pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
-        old = len(pre.get("class_names") or []) or pre["model_args"].get("num_classes")
+            raise FinetuneError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
+        old = len(known.class_names) or known.model_args.get("num_classes")
         log(
             f"replaced the classifier head ({head}): the pretrained model has {old} classes, "
             f"the data {len(class_names)}; the new head starts from random weights"
@@ -126,14 +133,14 @@ def prepare(args, resume_ckpt: dict | None, world: int) -> dict | None:
         pre = None
     else:
         if (args.freeze_backbone or args.head_epochs) and not args.weights:
-            raise SystemExit("error: --freeze-backbone and --head-epochs need --weights (what to fine-tune from)")
+            raise FinetuneError("--freeze-backbone and --head-epochs need --weights (what to fine-tune from)")
         args.finetune_from = args.weights or None
         pre = load_pretrained(args.weights, args.arch)
         if pre:
-            args.arch = pre["model_args"]["arch"]
+            args.arch = Manifest.from_checkpoint(pre).model_args["arch"]
     if args.finetune_from and args.head_epochs and world > 1:
-        raise SystemExit(
-            "error: --head-epochs unfreezes the backbone mid-run, which DDP does not follow (it syncs only the "
+        raise FinetuneError(
+            "--head-epochs unfreezes the backbone mid-run, which DDP does not follow (it syncs only the "
             "parameters that required grad when it wrapped the model); use --freeze-backbone or one process"
         )
     return pre

@@ -12,7 +12,6 @@ like any trained checkpoint. An existing file is never overwritten.
 """
 
 import argparse
-import hashlib
 import importlib
 import importlib.resources
 import os
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model_src.manifest import Manifest, Provenance, sha256_of
 from model_src.net import build_model
 from model_src.preprocessing import Preprocessing
 
@@ -102,8 +102,7 @@ def check_file_hash(path: str):
     match = re.search(r"-([0-9a-f]{8,64})\.pth?$", os.path.basename(path))
     if not match:
         return
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = sha256_of(path)
     if not digest.startswith(match.group(1)):
         raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match the {match.group(1)} in its name")
 
@@ -148,8 +147,11 @@ def imagenet_categories() -> list[str]:
     return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def import_checkpoint(arch: str, weights: str | None = None, module: str | None = None) -> dict:
-    """Build the checkpoint dict (nothing written). Raises WeightsError for missing or unfitting weights."""
+def import_checkpoint(
+    arch: str, weights: str | None = None, module: str | None = None, data: str | None = None
+) -> dict:
+    """Build the checkpoint dict (nothing written); `data`: an ImageFolder root its export checks run on. Raises
+    WeightsError for missing or unfitting weights."""
     if arch not in EVAL_SIZES:
         raise WeightsError(f"no import recipe for {arch!r}; known: {sorted(EVAL_SIZES)}")
     path = weights or packaged_weights(arch, module)
@@ -165,13 +167,9 @@ def import_checkpoint(arch: str, weights: str | None = None, module: str | None 
     load_weights(model, map_reference_keys(state), path)
     resize, size = EVAL_SIZES[arch]
     prep = Preprocessing(image_size=size, resize_size=resize, channels=3, mean=LITE_MEAN, std=LITE_STD)
-    return {
-        "model": model.state_dict(),
-        "model_args": model_args,
-        "class_names": class_names,
-        "preprocessing": prep.to_dict(),
-        "args": {"arch": arch, "weights": os.path.abspath(path), "source": "ImageNet-1k (published)", "data": None},
-    }
+    source = f"ImageNet-1k (published): {os.path.abspath(path)}"
+    manifest = Manifest(model_args, class_names, prep.to_dict(), Provenance(data=data, source=source))
+    return {"model": model.state_dict(), "manifest": manifest.to_dict()}
 
 
 def write_new(ckpt: dict, output: str):
@@ -197,11 +195,12 @@ def main(args):
         write_new(ckpt, args.output)
     except (WeightsError, FileExistsError) as e:
         raise SystemExit(f"error: {e}\nnothing written") from None
-    n_params = sum(p.numel() for p in build_model(ckpt["model_args"]).parameters())
+    m = Manifest.from_checkpoint(ckpt)
+    n_params = sum(p.numel() for p in build_model(m.model_args).parameters())
     print(
         f"wrote {args.output}: {args.arch}, {n_params / 1e6:.2f}M parameters, "
-        f"{len(ckpt['class_names'])} classes, preprocessing {ckpt['preprocessing']}\n"
-        f"  weights {ckpt['args']['weights']}"
+        f"{len(m.class_names)} classes, preprocessing {m.preprocessing}\n"
+        f"  weights {m.provenance.source}"
     )
 
 

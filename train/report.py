@@ -36,7 +36,8 @@ def write_golden(data_root: str, out_dir: str):
     write_json(entries, os.path.join(golden_dir, "golden.json"))
 
 
-def finish(args, prep, class_names, history, best, val, writer, seconds, world, replicas=None):
+def finish(args, class_names, history, best, val, writer, seconds, world, replicas=None):
+    """metrics.json and the plots. Class names and preprocessing are the checkpoint's manifest's to record."""
     done = history[-1]["epoch"] >= args.epochs
     metrics = {
         "best_val_acc": best["acc"],
@@ -49,8 +50,6 @@ def finish(args, prep, class_names, history, best, val, writer, seconds, world, 
         "train_seconds": round(seconds, 1),
         "processes": world,
         "replicas": replicas,  # per process: rank, node, sha256 of its parameters (distributed runs only)
-        "class_names": class_names,
-        "preprocessing": prep.to_dict(),
         "confusion_matrix": val["confusion"].tolist(),
         "history": history,
     }

@@ -14,6 +14,8 @@ import argparse
 import datetime
 import hashlib
 import os
+import shlex
+import sys
 import time
 
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deploy.settings import RUNS_DIR
+from model_src.manifest import Manifest, Metrics, Provenance
 from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
 from train import checkpoint, finetune, report
@@ -96,6 +99,10 @@ def get_args_parser(add_help=True):
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+class ConfigError(ValueError):
+    """Flags that name no optimiser, scheduler or weights file."""
 
 
 # --- distributed helpers ---------------------------------------------------------------
@@ -182,7 +189,7 @@ def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
     if args.opt == "adamw":
         return torch.optim.AdamW(groups, lr=args.lr)
-    raise SystemExit(f"error: unknown optimiser {args.opt!r}; choose adamw or sgd")
+    raise ConfigError(f"unknown optimiser {args.opt!r}; choose adamw or sgd")
 
 
 def make_scheduler(args, optimizer):
@@ -193,7 +200,7 @@ def make_scheduler(args, optimizer):
     elif args.lr_scheduler == "step":
         main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
     else:
-        raise SystemExit(f"error: unknown scheduler {args.lr_scheduler!r}; choose cosine, step or plateau")
+        raise ConfigError(f"unknown scheduler {args.lr_scheduler!r}; choose cosine, step or plateau")
     if args.lr_warmup_epochs <= 0:
         return main
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=args.lr_warmup_epochs)
@@ -265,13 +272,32 @@ def check_weights(args):
     model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
     if args.weights in (None, "", "packaged", "cache") or args.resume or os.path.isfile(args.weights):
         return
-    raise SystemExit(
-        f"error: --weights {args.weights}: no such file (give a bundle checkpoint, a torchvision weights file, "
+    raise ConfigError(
+        f"--weights {args.weights}: no such file (give a bundle checkpoint, a torchvision weights file, "
         "'cache' or 'packaged')"
     )
 
 
+def command_line(argv: list[str]) -> str:
+    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is its
+    path then, also under torchrun), recorded in the manifest's provenance."""
+    prog = argv[0]
+    if os.path.abspath(prog) == os.path.abspath(__file__):
+        prog = "python -m train.train"
+    return " ".join([prog, *map(shlex.quote, argv[1:])])
+
+
+TRAINING_ERRORS = (ConfigError, checkpoint.RunError, finetune.FinetuneError)
+
+
 def main(args):
+    try:
+        train(args)
+    except TRAINING_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def train(args):
     start_time = time.time()
     check_weights(args)
     device = torch.device(
@@ -297,9 +323,10 @@ def main(args):
 
 def run(args, device, rank, world, start_time):
     resume_ckpt = checkpoint.load_resume(args)
+    resumed = Manifest.from_checkpoint(resume_ckpt) if resume_ckpt else None
     pretrained = finetune.prepare(args, resume_ckpt, world)
     if args.data is None:  # on --resume the default is the data it was trained on, not the digits
-        args.data = resume_ckpt["args"]["data"] if resume_ckpt else datalib.DIGITS_DIR
+        args.data = resumed.provenance.data if resumed else datalib.DIGITS_DIR
     args.data = os.path.abspath(args.data)  # recorded in the checkpoint: the same folder from any directory
     torch.manual_seed(args.seed)
     if args.deterministic:
@@ -309,17 +336,17 @@ def run(args, device, rank, world, start_time):
     datalib.ensure_data(args.data) if rank == 0 else None
     if world > 1:
         dist.barrier()  # rank 0 may have just written the default data
-    if resume_ckpt:
-        prep = Preprocessing.from_dict(resume_ckpt["preprocessing"])
+    if resumed:
+        prep = Preprocessing.from_dict(resumed.preprocessing)
     elif pretrained:  # the pretrained model's own eval transform
-        prep = Preprocessing.from_dict(pretrained["preprocessing"])
+        prep = Preprocessing.from_dict(Manifest.from_checkpoint(pretrained).preprocessing)
     else:
         prep = make_preprocessing(args)
     augment = args.augment if args.augment != "auto" else ("affine" if prep.channels == 1 else "crop-flip")
     train_set, val_set = datalib.build_datasets(args.data, prep, augment, args.limit_samples)
     class_names = datalib.base_and_indices(train_set)[0].classes
-    if resume_ckpt:
-        checkpoint.check_resume_classes(args, resume_ckpt, class_names)
+    if resumed:
+        checkpoint.check_resume_classes(args, resumed, class_names)
     if rank == 0:  # first: a run killed at any later point still has its golden set
         report.write_golden(args.data, args.output_dir)
     train_loader, val_loader, train_sampler = datalib.build_loaders(
@@ -331,7 +358,7 @@ def run(args, device, rank, world, start_time):
         model = model.to(device)
     else:
         n_classes = len(class_names)
-        model_args = resume_ckpt["model_args"] if resume_ckpt else make_model_args(args, prep.channels, n_classes)
+        model_args = resumed.model_args if resumed else make_model_args(args, prep.channels, n_classes)
         if args.weights and not resume_ckpt:
             model_args["weights"] = args.weights
         model = build_model(model_args).to(device)
@@ -350,13 +377,15 @@ def run(args, device, rank, world, start_time):
     scheduler = make_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
     start_epoch, best, history = 1, {"acc": -1.0, "epoch": 0}, []
-    if resume_ckpt:
+    # The command that made the run: a resumed run's is the one that started it.
+    command = resumed.provenance.command if resumed else command_line(sys.argv)
+    if resume_ckpt and resumed:
         model_without_ddp.load_state_dict(strip_prefixes(resume_ckpt["model"]))
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
         scaler.load_state_dict(resume_ckpt["scaler"])
         start_epoch = resume_ckpt["epoch"] + 1
-        best = resume_ckpt["best_metric"]
+        best = {"acc": resumed.provenance.metrics.best_val_acc, "epoch": resumed.provenance.metrics.best_epoch}
         history = resume_ckpt.get("history", [])
         log(f"resumed from {args.resume} at epoch {start_epoch}", rank)
 
@@ -418,17 +447,16 @@ def run(args, device, rank, world, start_time):
             rank,
         )
         if rank == 0:
+            metrics = Metrics(best["acc"], best["epoch"], epoch, val["acc"])
+            manifest = Manifest(model_args, class_names, prep.to_dict(), Provenance(args.data, command, None, metrics))
             state = {
                 "model": model_without_ddp.state_dict(),
-                "model_args": model_args,
-                "class_names": class_names,
-                "preprocessing": prep.to_dict(),
+                "manifest": manifest.to_dict(),  # training's part of the bundle manifest (model_src/manifest.py)
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "epoch": epoch,
-                "best_metric": best,
-                "args": vars(args),
+                "args": vars(args),  # the run's flags, for --resume
                 "history": history,
             }
             # Best first: a run killed between the two saves resumes from the older last checkpoint and writes
@@ -444,7 +472,7 @@ def run(args, device, rank, world, start_time):
         val = evaluate(model, criterion, val_loader, device, len(class_names), args)  # the last epoch's, again
     replicas = replica_digests(model_without_ddp)  # a collective: every rank takes part
     if rank == 0 and val is not None:
-        report.finish(args, prep, class_names, history, best, val, writer, time.time() - start_time, world, replicas)
+        report.finish(args, class_names, history, best, val, writer, time.time() - start_time, world, replicas)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""onnx: model.onnx, run by ONNX Runtime's CPU provider (no gradients: explanations use the eager weights)."""
+
+import importlib.util
+import os
+import warnings
+
+from model_src.backends import Backend, ExportJob
+
+
+def export(job: ExportJob, path: str):
+    import onnx
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            job.fused,
+            (job.example,),
+            path,
+            input_names=["input"],
+            output_names=["logits"],
+            # Positional (one entry per input), so it does not depend on what forward names its argument.
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+
+
+class OnnxRunner:
+    def __init__(self, path: str, threads: int | None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # One intra-op pool sized by the caller: ORT's default takes every core,
+        # which oversubscribes the machine as soon as there are two workers.
+        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch):
+        import torch
+
+        (logits,) = self.session.run(None, {self.input_name: batch.cpu().numpy()})
+        return torch.from_numpy(logits)
+
+
+def load(path: str, device: str, threads: int | None = None) -> OnnxRunner:
+    return OnnxRunner(path, threads)  # the CPU provider whatever the device: BACKEND.gpu is False
+
+
+def available() -> str | None:
+    return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
+
+
+BACKEND = Backend(
+    name="onnx",
+    file="model.onnx",
+    gpu=False,
+    differentiable=False,
+    server=True,
+    exact=True,
+    precision="fp32",
+    export=export,
+    load=load,
+    runtime="onnxruntime",
+    available=available,
+)
