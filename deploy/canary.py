@@ -284,8 +284,8 @@ def run(
             w = window(door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s))
             if not split_in_place(door, model, share):
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
-            if w["default"]["answers"] >= th.min_answers:
-                baseline = w["default"]
+            if share < 100 and w["default"]["answers"] >= th.min_answers:  # at 100 % the default's side holds only
+                baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
             elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
                 baseline = {**baseline, "p99_ms": None}  # latency across windows (a busy neighbour moves both)
             why = judge(w["candidate"], baseline or w["default"], th)

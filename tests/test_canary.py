@@ -20,6 +20,7 @@ from deploy.analysis import Thresholds, class_distance, judge
 from deploy.archive import write_checksum
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.versions import register, set_default, state_dir
+from model_src import manifest as bundle_manifest
 from tests.conftest import free_port, install_archive, require_tool
 from tests.test_prometheus import ready, stop
 
@@ -77,9 +78,11 @@ def permuted(store, src: str, version: str) -> str:
                 manifest = json.loads(data)
                 manifest["model"]["modelVersion"] = version
                 data = json.dumps(manifest).encode()
-            elif item.filename == "index_to_name.json":
-                names = json.loads(data)
-                data = json.dumps({i: names[str((int(i) + 1) % len(names))] for i in names}).encode()
+            elif item.filename == bundle_manifest.FILE:  # the class names the handler answers with
+                bundle = bundle_manifest.loads(data)
+                names = bundle.class_names
+                bundle.class_names = [names[(i + 1) % len(names)] for i in range(len(names))]
+                data = json.dumps(bundle.to_dict()).encode()
             zout.writestr(item, data)
     write_checksum(path)
     return path
