@@ -126,7 +126,7 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
         if e["state"] == "pending":
             doubts.append(e)
             continue
-        if e["state"] != "done" or e["op"] == "gate":
+        if e["state"] != "done" or e["op"] in ("gate", "canary"):  # a verdict; its changes have their own entries
             continue
         model, version = e["model"], e["version"]
         # a later change that went through settles the doubts it supersedes
@@ -150,14 +150,16 @@ def supersedes(done: dict, pending: dict) -> bool:
     if done["model"] != pending["model"]:
         return False
     if done["op"] == "default":  # a newer default replaces an uncertain one; a promoted version's gate is over
-        return pending["op"] == "default" or (pending["op"] == "gate" and pending["version"] == done["version"])
+        return pending["op"] == "default" or (
+            pending["op"] in ("gate", "canary") and pending["version"] == done["version"]
+        )
     return pending["version"] == done["version"] and pending["op"] in ("register", "gate", "unregister")
 
 
 def in_doubt(doubts: list[dict], model: str) -> dict[str, str]:
-    """{version: op} of a model's versions whose register or gate never finished: withdrawn at the next
+    """{version: op} of a model's versions whose register, gate or canary never finished: withdrawn at the next
     start, never chosen by rollback."""
-    return {d["version"]: d["op"] for d in doubts if d["model"] == model and d["op"] in ("register", "gate")}
+    return {d["version"]: d["op"] for d in doubts if d["model"] == model and d["op"] in ("register", "gate", "canary")}
 
 
 def pending_default(doubts: list[dict], model: str) -> dict | None:

@@ -41,12 +41,13 @@ import threading
 import requests
 
 from bundle import settings
-from deploy import management
+from deploy import canary, frontdoor, management
 from deploy.gate import MIN_AGREEMENT
 from deploy.golden import choose
 from deploy.journal import JournalError
 from deploy.server import ServerError, TorchServe
 from deploy.versions import (
+    EXIT_REJECTED,
     GatePolicy,
     archive_version,
     locked,
@@ -72,6 +73,8 @@ def cmd_register(ts: TorchServe, args) -> int:
                 print(f"the golden set of {name} is now {golden_info['dir']} (from {golden_info['from']})")
         model, version = register(ts, args.archive, args.workers, args.model)
         print(f"registered {model} {version} from {os.path.basename(args.archive)}")
+        if args.canary:
+            return cmd_canary(ts, model, version, args)
         if not gated:
             default = management.default_version(ts, model)
             if default == version:  # TorchServe makes a model's first version its default
@@ -151,6 +154,31 @@ def print_report(r: dict):
     print(f"  verdict: {verdict} - {r['reason']}")
 
 
+def cmd_canary(ts: TorchServe, model: str, version: str, args) -> int:
+    """Canary through the front door (deploy/canary.py); 0 when promoted, 3 when rolled back."""
+    th = canary.Thresholds(min_answers=args.step_requests or canary.Thresholds.min_answers)
+    steps = [int(s) for s in args.canary.split(",")]
+    try:
+        report = canary.run(
+            ts, frontdoor.for_server(ts), model, version, steps, args.step_seconds, th, args.prometheus,
+            keep=args.keep_candidate, say=print,
+        )  # fmt: skip
+    except canary.CanaryError as e:  # refused before any traffic moved
+        unregister(ts, model, version)
+        print(f"error: {e}; {model} {version} unregistered", file=sys.stderr)
+        return 1
+    for step in report["steps"]:
+        c, d = step["candidate"], step["default"]
+        print(
+            f"  {step['share']:3d} %  {step['seconds']:5.1f} s  candidate {c['answers']} answers, {c['errors']} 5xx, "
+            f"p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, p99 {d['p99_ms']} ms  "
+            f"{step['verdict']} {'; '.join(step['why'])}"
+        )
+    print(report["verdict"])
+    print(f"report: {' '.join(report['files'])}")
+    return 0 if report["verdict"].startswith("promoted") else EXIT_REJECTED
+
+
 def cmd_list(ts: TorchServe, model: str) -> int:
     listed = management.versions(ts, model)
     if not listed:
@@ -215,6 +243,14 @@ def get_args_parser():
         "archive.sh's do, those win; scale a registered version with PUT /models/NAME/VERSION?min_worker=N)",
     )
     r.add_argument("--report", default=None, help="also write the gate report as JSON here")
+    c = r.add_argument_group("canary through the front door (docs/deployment.md#canary)")
+    c.add_argument("--canary", default=None, metavar="STEPS", help="shares in percent, e.g. 5,25,50,100; then default")
+    c.add_argument("--step-seconds", type=float, default=60.0, help="least time per step (default 60)")
+    c.add_argument(
+        "--step-requests", type=int, default=0, help="least candidate answers per step (default: analysis.Thresholds)"
+    )
+    c.add_argument("--prometheus", default=None, help="Prometheus URL scraping the door's metrics_port (errors)")
+    c.add_argument("--keep-candidate", action="store_true", help="after a rollback, keep the candidate registered")
     sub.add_parser("list", parents=[model], help="versions, and which is default")
     sub.add_parser("rollback", parents=[model], help="make the previous default the default again")
     u = sub.add_parser("unregister", parents=[model], help="remove a version (never the default while others exist)")

@@ -1,0 +1,363 @@
+"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each step
+judged against the default over the same window, promoted after the last step, rolled back by itself on a fail.
+
+    scripts/register_version.sh model_store/my_model_v2.0.mar --canary 5,25,50,100 --step-seconds 60 \
+        --prometheus http://127.0.0.1:9090
+
+The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin servers,
+`default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no connection
+dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy builds the
+candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per step:
+  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`), the
+    door's own counters when Prometheus has no such series (the report says which);
+  - p99: the door's access log (`lane=canary server=... ms=...`) over the window;
+  - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
+deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
+goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is written
+to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted door
+starts with an empty map, so it sends everything to the default, and the controller, finding its split gone,
+stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
+
+import json
+import os
+import re
+import socket
+import time
+
+import requests
+
+from deploy import journal, management
+from deploy.analysis import Thresholds, class_distance, error_rate, judge, p99
+from deploy.frontdoor import CANARY_MAP, CANARY_WEIGHT, FrontDoor
+from deploy.privileges import private_files
+from deploy.server import TorchServe
+from deploy.versions import set_default, state_dir, unregister
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name or version HAProxy may put into a path
+SIDES = ("default", "candidate")
+ADMIN_LIMIT = 1 << 20  # bytes read back from one admin command (the table holds at most 1k short keys)
+
+
+class CanaryError(RuntimeError):
+    pass
+
+
+# --- the door, live -----------------------------------------------------------------------------------------
+
+
+def admin(door: FrontDoor, command: str) -> str:
+    """One command on HAProxy's admin socket (the door's 0700 folder); its answer."""
+    if "\n" in command or ";" in command:
+        raise CanaryError(f"not one admin command: {command!r}")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(door.path("admin.sock"))
+        s.sendall(command.encode() + b"\n")
+        out = b""
+        while len(out) < ADMIN_LIMIT:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+    return out.decode(errors="replace")
+
+
+def route(model: str) -> str:
+    if not NAME.fullmatch(model):
+        raise CanaryError(f"model name {model!r} cannot go into a route")
+    return f"/predictions/{model}"
+
+
+def open_split(door: FrontDoor, model: str, version: str):
+    """Route the model's path through the canary backend, the candidate at weight 0."""
+    if not NAME.fullmatch(version):
+        raise CanaryError(f"version {version!r} cannot go into a route")
+    path = route(model)
+    set_share(door, 0)
+    admin(door, f"clear map {door.path(CANARY_MAP)}")
+    admin(door, f"add map {door.path(CANARY_MAP)} {path} {version}")
+
+
+def set_share(door: FrontDoor, share: int):
+    """The candidate's share in percent; when it shrinks, the candidate's weight drops first."""
+    weights = [("candidate", share), ("default", CANARY_WEIGHT - share)]
+    for server, weight in weights if share < current_share(door) else reversed(weights):
+        out = admin(door, f"set weight canary/{server} {weight}")
+        if out.strip():
+            raise CanaryError(f"HAProxy refused the weight of {server}: {out.strip()}")
+
+
+def current_share(door: FrontDoor) -> int:
+    """The candidate's weight now (`get weight` answers `25 (initial 0)`); 0 when the door does not answer."""
+    try:
+        return int(admin(door, "get weight canary/candidate").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def split_in_place(door: FrontDoor, model: str, share: int) -> bool:
+    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight 0)."""
+    try:
+        mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
+    except OSError:
+        return False
+    return f" {route(model)} " in mapped and current_share(door) == share
+
+
+def close_split(door: FrontDoor):
+    """Everything back on the default: weight first (at once), then the route."""
+    try:
+        set_share(door, 0)
+        admin(door, f"clear map {door.path(CANARY_MAP)}")
+    except OSError:
+        pass  # a door that is gone splits nothing: it starts with an empty map
+
+
+def answers(door: FrontDoor, clear: bool = False) -> dict[str, dict[str, int]]:
+    """{server: {top-1 label: 200 answers}} from the door's `canary` table (keys `server/label"`)."""
+    counts: dict[str, dict[str, int]] = {side: {} for side in SIDES}
+    for line in admin(door, "show table canary").splitlines():
+        fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+        server, _, label = fields.get("key", "").partition("/")
+        if server in counts and "gpc0" in fields:
+            label = label.rstrip('"')
+            counts[server][label] = counts[server].get(label, 0) + int(fields["gpc0"])
+    if clear:
+        admin(door, "clear table canary")
+    return counts
+
+
+def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
+    """{server: {"2xx": n, "4xx": n, "5xx": n}} from the door's own counters (`show stat`)."""
+    lines = admin(door, "show stat").splitlines()
+    head = lines[0].lstrip("# ").split(",") if lines else []
+    out = {}
+    for line in lines[1:]:
+        row = dict(zip(head, line.split(",")))
+        if row.get("pxname") == "canary" and row.get("svname") in SIDES:
+            out[row["svname"]] = {k: int(row.get(f"hrsp_{k}") or 0) for k in ("2xx", "4xx", "5xx")}
+    return out
+
+
+def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int]:
+    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset)."""
+    out: dict[str, list[float]] = {side: [] for side in SIDES}
+    with open(door.log, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # a line being written stays for the next window
+    for raw in data[:end].decode(errors="replace").splitlines():
+        head = raw.split('"', 1)[0]  # the quoted request line is the client's: no field is read from it
+        fields = dict(f.split("=", 1) for f in head.split(" ") if "=" in f)
+        if fields.get("lane") == "canary" and fields.get("server") in out and fields.get("ms", "").isdigit():
+            out[fields["server"]].append(float(fields["ms"]))
+    return out, offset + end
+
+
+def log_size(door: FrontDoor) -> int:
+    try:
+        return os.path.getsize(door.log)
+    except OSError:
+        return 0
+
+
+# --- Prometheus ---------------------------------------------------------------------------------------------
+
+
+def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] | None:
+    """{server: {code class: count}} of the canary backend at time `at`, from Prometheus; None without it."""
+    if not prometheus:
+        return None
+    query = 'sum by (server, code) (haproxy_server_http_responses_total{proxy="canary"})'
+    try:
+        resp = requests.get(f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10)
+        result = resp.json()["data"]["result"] if resp.status_code == 200 else []
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for r in result:
+        out.setdefault(r["metric"].get("server", ""), {})[r["metric"].get("code", "")] = float(r["value"][1])
+    return out if set(SIDES) <= set(out) else None
+
+
+def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
+    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the report."""
+    if not prometheus:
+        return {}
+    query = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
+    try:
+        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"][
+            "result"
+        ]
+    except (requests.RequestException, ValueError, KeyError):
+        return {}
+    return {r["metric"].get("model_version", "?"): float(r["value"][1]) for r in result}
+
+
+# --- one step -----------------------------------------------------------------------------------------------
+
+
+def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split) -> dict:
+    """Watch the split as it is for at least `seconds` and until the candidate has min_answers (at 0 % the
+    default's count is what is waited for); {"default": side, "candidate": side, "seconds", "errors_from"}."""
+    answers(door, clear=True)
+    offset, t0 = log_size(door), time.time()
+    stats0, prom0 = door_errors(door), responses(prometheus, t0)
+    share = current_share(door)
+    waits_for = "candidate" if share else "default"
+    while True:
+        time.sleep(0.5)
+        elapsed = time.time() - t0
+        counted = answers(door)
+        if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
+            break
+        if not split():  # a restarted door splits nothing: no answer would ever come through the canary backend
+            break
+        now = door_errors(door).get("candidate", {})
+        if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
+            break  # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+        if elapsed > th.max_step_seconds:
+            raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
+    t1 = time.time()
+    counted = answers(door)
+    times, _ = latencies(door, offset)
+    stats1 = door_errors(door)
+    time.sleep(2 * scrape)  # the scrape after t1 holds every answer counted above
+    prom1 = responses(prometheus, t1 + 2 * scrape)
+    errors_from = "prometheus" if prom0 and prom1 else "door"
+    sides = {}
+    for side in SIDES:
+        if errors_from == "prometheus":
+            assert prom0 and prom1
+            delta = {k: prom1[side].get(k, 0) - prom0[side].get(k, 0) for k in ("2xx", "4xx", "5xx")}
+        else:
+            delta = {k: stats1[side][k] - stats0[side][k] for k in ("2xx", "4xx", "5xx")}
+        sides[side] = {
+            "answers": int(delta["2xx"]),
+            "errors": int(delta["5xx"]),
+            "client_errors": int(delta["4xx"]),
+            "p99_ms": p99(sorted(times[side])),
+            "classes": counted[side],
+        }
+    return {**sides, "seconds": round(t1 - t0, 1), "errors_from": errors_from}
+
+
+# --- the rollout --------------------------------------------------------------------------------------------
+
+
+def run(
+    ts: TorchServe,
+    door: FrontDoor,
+    model: str,
+    version: str,
+    steps: list[int],
+    step_seconds: float = 60,
+    th: Thresholds | None = None,
+    prometheus: str | None = None,
+    keep: bool = False,
+    scrape: float = 1.0,
+    say=lambda line: None,
+) -> dict:
+    """Canary `version` of `model` (registered, not default) through `door`; the report (also written to
+    server/state/canary/). Whatever happens, the door sends everything to the default when this returns or
+    raises, unless the candidate was promoted."""
+    th = th or Thresholds()
+    if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
+        raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
+    if not door.is_running():
+        raise CanaryError("the front door is not running: a canary splits traffic there (serve.sh start --front-door)")
+    default = management.default_version(ts, model)
+    if all(v["modelVersion"] != version for v in management.versions(ts, model)):
+        raise CanaryError(f"{model} {version} is not registered")
+    if default in (None, version):
+        raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
+    report: dict = {"model": model, "candidate": version, "default": default, "steps": [], "thresholds": th.as_dict()}
+    report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
+    t_start = time.time()
+    try:
+        open_split(door, model, version)
+        baseline = None
+        for share in steps:
+            set_share(door, share)
+            say(f"canary {model} {version}: {share} % of {route(model)}")
+            w = window(door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s))
+            if not split_in_place(door, model, share):
+                raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
+            if share < 100 and w["default"]["answers"] >= th.min_answers:  # at 100 % the default's side holds only
+                baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
+            elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
+                baseline = {**baseline, "p99_ms": None}  # latency across windows (a busy neighbour moves both)
+            why = judge(w["candidate"], baseline or w["default"], th)
+            report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
+            if why:
+                close_split(door)  # first: the weight to 0 at once
+                report["rolled_back_after_s"] = round(time.time() - t_start, 1)
+                raise CanaryError(f"step {share} %: " + "; ".join(why))
+        set_default(ts, model, version, reason=f"canary {','.join(map(str, steps))} passed")
+        close_split(door)  # the model's path now reaches the new default directly
+        report["verdict"] = f"promoted: {model} {version} is default (was {default})"
+    except BaseException as e:  # a fail, an error, Ctrl-C: the candidate goes, whatever happened
+        close_split(door)
+        report["verdict"] = f"rolled back: {e or e.__class__.__name__}"
+        report["traffic"] = "all on the default"
+        report["candidate_state"] = withdraw(ts, model, version, keep)
+        report["served_by_version"] = served_by_version(prometheus, model)
+        report["files"] = write_report(ts, report)
+        journal.finish(state_dir(ts), entry, "failed", why=report["verdict"])
+        if not isinstance(e, CanaryError):
+            raise
+        return report
+    report["served_by_version"] = served_by_version(prometheus, model)
+    report["files"] = write_report(ts, report)
+    journal.finish(state_dir(ts), entry, "done", why=report["verdict"])
+    return report
+
+
+def withdraw(ts: TorchServe, model: str, version: str, keep: bool) -> str:
+    if keep:
+        return "kept, not default (--keep-candidate)"
+    try:
+        unregister(ts, model, version)
+        return "unregistered"
+    except Exception as e:  # noqa: BLE001 (the report says so; the next start withdraws a stray version)
+        return f"left registered ({e})"
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+
+def write_report(ts: TorchServe, report: dict) -> list[str]:
+    """server/state/canary/<model>-<version>-<time>.json and .png (root's state folder, 0700)."""
+    folder = os.path.join(state_dir(ts), "canary")
+    stem = os.path.join(folder, f"{report['model']}-{report['candidate']}-{time.strftime('%Y%m%dT%H%M%S')}")
+    with private_files():
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        plot(report, stem + ".png")
+    return [stem + ".json", stem + ".png"]
+
+
+def plot(report: dict, path: str):
+    import matplotlib  # here: only a report draws, and matplotlib costs a second to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    x = [f"{s['share']} %" for s in steps]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for side in SIDES:
+        axes[0].plot(x, [100 * error_rate(s[side]) for s in steps], "o-", label=side)
+        axes[1].plot(x, [s[side]["p99_ms"] or 0 for s in steps], "o-", label=side)
+    axes[2].plot(x, [class_distance(s["candidate"]["classes"], s["default"]["classes"]) for s in steps], "o-")
+    axes[2].axhline(report["thresholds"]["max_class_distance"], color="red", ls="--")
+    for ax, title in zip(axes, ("5xx rate (%)", "p99 (ms)", "class distance")):
+        ax.set_title(title)
+        ax.set_xlabel("candidate share")
+    axes[0].legend()
+    fig.suptitle(f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

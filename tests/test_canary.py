@@ -1,0 +1,241 @@
+"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and TorchServe:
+a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a candidate with its
+class names permuted is rolled back within the first step, having had at most its step's share."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import zipfile
+from collections import Counter
+
+import pytest
+import requests
+
+from deploy import canary, management
+from deploy.analysis import Thresholds, class_distance, judge
+from deploy.archive import write_checksum
+from deploy.frontdoor import FrontDoor, for_server
+from deploy.versions import register, set_default, state_dir
+from model_src import manifest as bundle_manifest
+from tests.conftest import free_port, install_archive, require_tool
+from tests.test_prometheus import ready, stop
+
+pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
+
+QUICK = Thresholds(min_answers=10)  # the defaults want 20 per step; 10 keeps the test short and still judges
+
+
+def test_class_distance_and_judge_units():
+    same = {"answers": 50, "errors": 0, "p99_ms": 20.0, "classes": {"3": 40, "7": 10}}
+    permuted = {**same, "classes": {"4": 40, "8": 10}}
+    slow = {**same, "p99_ms": 400.0}
+    failing = {**same, "answers": 40, "errors": 10}
+    gone = {**same, "answers": 30, "client_errors": 20}  # a TorchServe restarted without the candidate: 404s
+    assert class_distance(same["classes"], same["classes"]) == 0
+    assert class_distance(same["classes"], permuted["classes"]) == 1
+    assert judge(same, same, Thresholds()) == []
+    assert "predicted classes differ" in judge(permuted, same, Thresholds())[0]
+    assert "p99" in judge(slow, same, Thresholds())[0]
+    assert "error rate 20.0%" in judge(failing, same, Thresholds())[0]
+    assert "4xx rate 40.0%" in judge(gone, same, Thresholds())[0]
+
+
+@pytest.mark.parametrize(
+    "model, version", [("my_model", "2.0 x"), ("my_model", "../1.0"), ("m/../x", "2.0"), ("", "2")]
+)
+def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
+    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does any
+    admin command run: there is no door in tmp_path)."""
+    door = FrontDoor(backend=9, folder=str(tmp_path))
+    with pytest.raises(canary.CanaryError, match="cannot go into a route"):
+        canary.open_split(door, model, version)
+
+
+def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
+    door = FrontDoor(backend=9, folder=str(tmp_path))
+    real = (
+        'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
+    )
+    forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
+    forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
+    (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
+    times, offset = canary.latencies(door, 0)
+    assert times == {"default": [], "candidate": [7.0]} and offset == len(real) + len(forged) + 2
+
+
+def permuted(store, src: str, version: str) -> str:
+    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same classes,
+    another distribution of answers on the same traffic."""
+    path = os.path.join(str(store), f"my_model_v{version}.mar")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["model"]["modelVersion"] = version
+                data = json.dumps(manifest).encode()
+            elif item.filename == bundle_manifest.FILE:  # the class names the handler answers with
+                bundle = bundle_manifest.loads(data)
+                names = bundle.class_names
+                bundle.class_names = [names[(i + 1) % len(names)] for i in range(len(names))]
+                data = json.dumps(bundle.to_dict()).encode()
+            zout.writestr(item, data)
+    write_checksum(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def door(server, tmp_path_factory):
+    require_tool("haproxy")
+    d = for_server(server, port=free_port(), bind="127.0.0.1", folder=str(tmp_path_factory.mktemp("door")))
+    d.names, d.metrics_port = ["localhost"], free_port()
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, door, tmp_path_factory):
+    """A Prometheus scraping the door's exporter and TorchServe's metrics every second; its URL."""
+    binary = require_tool("prometheus")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    targets = {"frontdoor": door.metrics_port, "torchserve": server.ports.metrics}
+    jobs = "".join(
+        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n" for j, p in targets.items()
+    )
+    (tmp / "prometheus.yml").write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n{jobs}")
+    port = free_port()
+    argv = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}"]
+    argv += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    with open(tmp / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while not ready(url):
+            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[-2000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def bodies(digits):
+    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the distribution."""
+    out = []
+    for label, n in (("3", 3), ("7", 1)):
+        folder = os.path.join(digits, "val", label)
+        with open(os.path.join(folder, sorted(os.listdir(folder))[0]), "rb") as f:
+            out += [(f.read(), label)] * n
+    return out
+
+
+class Load:
+    """Two clients posting through the door to /predictions/my_model until stopped; every answer kept."""
+
+    def __init__(self, door, server, bodies):
+        self.url, self.ca = f"{door.url()}/predictions/my_model", door.ca
+        self.headers = {**server.auth("inference"), "Content-Type": "application/octet-stream"}
+        self.bodies, self.stopped, self.answers = bodies, threading.Event(), []
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(2)]
+
+    def client(self):
+        pick = random.Random(threading.get_ident())  # not a cycle: a cycle aliases with the door's round-robin
+        with requests.Session() as s:
+            while not self.stopped.is_set():
+                body, label = pick.choice(self.bodies)
+                try:
+                    resp = s.post(self.url, data=body, headers=self.headers, verify=self.ca, timeout=60)
+                    top = next(iter(resp.json())) if resp.status_code == 200 else None
+                    self.answers.append((resp.status_code, top, label))
+                except requests.RequestException as e:  # counted: a lost request fails the test
+                    self.answers.append((repr(e), None, label))
+                time.sleep(0.005)  # bounded: at most ~400 requests/s from both
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        for t in self.threads:
+            t.join(70)
+
+
+def test_good_candidate_goes_5_25_50_100_and_becomes_default(server, store, door, prometheus, archive_factory, bodies):
+    install_archive(archive_factory("2.0"), store)
+    register(server, os.path.join(str(store), "my_model_v2.0.mar"))
+    with Load(door, server, bodies) as load:
+        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus)
+    print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=1))
+    assert report["verdict"].startswith("promoted"), report
+    assert [s["share"] for s in report["steps"]] == [5, 25, 50, 100]
+    assert {s["errors_from"] for s in report["steps"]} == {"prometheus"}
+    assert management.default_version(server, "my_model") == "2.0"
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert set(statuses) == {200}, statuses
+    assert all(os.path.exists(f) for f in report["files"]), report["files"]
+    assert canary.current_share(door) == 0  # the split is closed: the path reaches the new default directly
+
+
+def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, door, prometheus, bodies):
+    set_default(server, "my_model", "1.0", reason="test: back to 1.0")  # whatever the test before left
+    register(server, permuted(store, os.path.join(str(store), "my_model.mar"), "3.0"))
+    with Load(door, server, bodies) as load:
+        report = canary.run(server, door, "my_model", "3.0", [5, 25, 50, 100], 1.0, QUICK, prometheus)
+        time.sleep(1)  # traffic after the rollback reaches the default only
+    print(json.dumps(report, indent=1))
+    assert report["verdict"].startswith("rolled back: step 5 %"), report["verdict"]
+    assert len(report["steps"]) == 1 and "predicted classes differ" in report["steps"][0]["why"][0]
+    assert report["candidate_state"] == "unregistered"
+    assert management.default_version(server, "my_model") == "1.0"
+    assert "3.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}
+    # no request lost; the wrong answers (the candidate's) are at most the step's share + 1 point of the step
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert set(statuses) == {200}, statuses
+    step = report["steps"][0]
+    got = step["candidate"]["answers"] / (step["candidate"]["answers"] + step["default"]["answers"])
+    assert got <= 0.06, step
+    usual = {label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0] for _, label in bodies}
+    wrong = sum(top != usual[label] for _, top, label in load.answers)
+    assert 0 < wrong <= 0.06 * len(load.answers), (wrong, len(load.answers))
+    assert report["files"][0].startswith(os.path.join(state_dir(server), "canary"))
+    assert canary.current_share(door) == 0
+
+
+def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
+    server, store, door, prometheus, archive_factory, bodies
+):
+    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's weight
+    0, and the controller, finding its split gone, rolls back and says so."""
+    assert management.default_version(server, "my_model") == "1.0"
+    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:  # the first test rolled back
+        register(server, install_archive(archive_factory("2.0"), store))
+    killed = []
+
+    def say(line):
+        if line.endswith(" 25 % of /predictions/my_model") and not killed:
+            pid = door.pid()
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # our child: reaped, so the door sees it gone
+            killed.append(door.start().pid())
+
+    with Load(door, server, bodies):
+        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say)
+    print(report["verdict"])
+    assert killed and "the front door lost the split" in report["verdict"], report["verdict"]
+    assert [s["share"] for s in report["steps"]] == [5] and report["traffic"] == "all on the default"
+    assert canary.current_share(door) == 0 and management.default_version(server, "my_model") == "1.0"
+    headers = {**server.auth("inference"), "Content-Type": "application/octet-stream"}
+    for body, _ in bodies:  # the restarted door answers from the default
+        resp = requests.post(
+            f"{door.url()}/predictions/my_model", data=body, headers=headers, verify=door.ca, timeout=60
+        )
+        assert resp.status_code == 200, resp.text[:200]
