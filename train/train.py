@@ -11,24 +11,25 @@ run into it is refused). A run killed at any point can be finished with --resume
 """
 
 import argparse
-import datetime
-import hashlib
 import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from bundle.settings import RUNS_DIR
 from model_src.manifest import Manifest, Metrics, Provenance
-from model_src.net import DEFAULT_MODEL_ARGS, build_model, strip_prefixes
+from model_src.net import build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
-from train import checkpoint, finetune, report
+from train import checkpoint, finetune, recipe, report
 from train import data as datalib
+from train.loop import evaluate, init_distributed, log, replica_digests, train_one_epoch
+from train.loop import state_digest as state_digest  # tests and tools import it from here
 from train.losses import build_criterion
 
 
@@ -101,183 +102,6 @@ def get_args_parser(add_help=True):
     return p
 
 
-class ConfigError(ValueError):
-    """Flags that name no optimiser, scheduler or weights file."""
-
-
-# --- distributed helpers ---------------------------------------------------------------
-
-
-def init_distributed(device_type: str) -> tuple[int, int, int]:
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
-    if device_type == "cuda":
-        torch.cuda.set_device(local)
-    return rank, world, local
-
-
-def all_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum a CPU tensor over processes. NCCL reduces only CUDA tensors, so a copy travels on `device`."""
-    if dist.is_available() and dist.is_initialized():
-        t = t.to(device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.cpu()
-    return t
-
-
-def state_digest(state) -> str:
-    """sha256 of a model's (or a state_dict's) parameters and buffers, by name."""
-    h = hashlib.sha256()
-    for key, t in sorted((state.state_dict() if isinstance(state, nn.Module) else state).items()):
-        h.update(key.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def replica_digests(model: nn.Module) -> list[dict] | None:
-    """Each process's sha256 of its parameters and buffers, gathered on every rank (None when not distributed):
-    DDP keeps replicas identical, and this proves it for processes on other nodes too (docs/multinode.md)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    mine = {"rank": dist.get_rank(), "node": int(os.environ.get("GROUP_RANK", 0)), "sha256": state_digest(model)}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return gathered
-
-
-def log(msg: str, rank: int = 0):
-    if rank == 0:
-        tqdm.write(msg)
-
-
-# --- building blocks of main ---------------------------------------------------------
-
-
-def make_preprocessing(args) -> Preprocessing:
-    channels = args.channels or datalib.detect_channels(os.path.join(args.data, "train"))
-    prep = Preprocessing(
-        image_size=args.image_size,
-        resize_size=args.resize_size,
-        channels=channels,
-        mean=[0.5] * channels,
-        std=[0.5] * channels,
-    )
-    prep.mean, prep.std = datalib.compute_mean_std(os.path.join(args.data, "train"), prep)
-    return prep
-
-
-def make_model_args(args, in_channels: int, num_classes: int) -> dict:
-    if args.arch == "resnet_small":
-        return {
-            **DEFAULT_MODEL_ARGS,
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "widths": [int(w) for w in args.widths.split(",")],
-            "blocks": [int(b) for b in args.blocks.split(",")],
-            "activation": args.activation,
-            "dropout": args.dropout,
-        }
-    return {"arch": args.arch, "in_channels": in_channels, "num_classes": num_classes}
-
-
-def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
-    scale = args.backbone_lr_scale if getattr(args, "finetune_from", None) else None
-    groups = finetune.param_groups(model, args.weight_decay, args.lr, scale)
-    if args.opt == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    if args.opt == "adamw":
-        return torch.optim.AdamW(groups, lr=args.lr)
-    raise ConfigError(f"unknown optimiser {args.opt!r}; choose adamw or sgd")
-
-
-def make_scheduler(args, optimizer):
-    if args.lr_scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_gamma, patience=2)
-    if args.lr_scheduler == "cosine":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs - args.lr_warmup_epochs))
-    elif args.lr_scheduler == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
-    else:
-        raise ConfigError(f"unknown scheduler {args.lr_scheduler!r}; choose cosine, step or plateau")
-    if args.lr_warmup_epochs <= 0:
-        return main
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=args.lr_warmup_epochs)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[args.lr_warmup_epochs])
-
-
-def autocast(device: torch.device, enabled: bool):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scaler, profiler=None, rank=0):
-    model.train()
-    finetune.hold_frozen_norms(model)
-    total_loss, correct, seen = torch.zeros(3, dtype=torch.float64).unbind(0)
-    optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=args.quiet or rank != 0, mininterval=1.0)
-    for step, (images, targets) in enumerate(bar):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
-            logits = model(images)
-            loss = criterion(logits.float(), targets)
-        scaler.scale(loss / args.accum_steps).backward()
-        if (step + 1) % args.accum_steps == 0 or step + 1 == len(loader):
-            if args.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
-        seen += len(targets)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if profiler is not None:
-            profiler.step()
-    stats = all_sum(torch.stack([total_loss, correct, seen]), device)
-    return {"loss": (stats[0] / stats[2]).item(), "acc": (stats[1] / stats[2]).item()}
-
-
-@torch.inference_mode()
-def evaluate(model, criterion, loader, device, num_classes, args):
-    model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [true, predicted]
-    for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
-            logits = model(images).float()
-        total_loss += criterion(logits, targets).item() * len(targets)
-        idx = targets.cpu() * num_classes + logits.argmax(1).cpu()
-        confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
-    confusion = all_sum(confusion, device)
-    total_loss = all_sum(total_loss, device)
-    n = confusion.sum().item()
-    return {
-        "loss": total_loss.item() / max(n, 1),
-        "acc": confusion.diag().sum().item() / max(n, 1),
-        "confusion": confusion,
-    }
-
-
-def check_weights(args):
-    """A --weights file that is not there is refused before the run's folder is made (was: a traceback once the
-    model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
-    if args.weights in (None, "", "packaged", "cache") or args.resume or os.path.isfile(args.weights):
-        return
-    raise ConfigError(
-        f"--weights {args.weights}: no such file (give a bundle checkpoint, a torchvision weights file, "
-        "'cache' or 'packaged')"
-    )
-
-
 def command_line(argv: list[str]) -> str:
     """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is its
     path then, also under torchrun), recorded in the manifest's provenance."""
@@ -287,7 +111,7 @@ def command_line(argv: list[str]) -> str:
     return " ".join([prog, *map(shlex.quote, argv[1:])])
 
 
-TRAINING_ERRORS = (ConfigError, checkpoint.RunError, finetune.FinetuneError)
+TRAINING_ERRORS = (recipe.ConfigError, checkpoint.RunError, finetune.FinetuneError)
 
 
 def main(args):
@@ -299,7 +123,7 @@ def main(args):
 
 def train(args):
     start_time = time.time()
-    check_weights(args)
+    recipe.check_weights(args)
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -321,10 +145,77 @@ def train(args):
         dist.destroy_process_group()
 
 
+@dataclass
+class Data:
+    """The run's images: its preprocessing, the two splits and their loaders."""
+
+    prep: Preprocessing
+    train_set: Any
+    val_set: Any
+    class_names: list[str]
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Any
+
+
+@dataclass
+class Learner:
+    """What an epoch changes: the model (`model_without_ddp` is the bare one, saved without a `module.`
+    prefix), its loss, optimiser, scheduler and gradient scaler."""
+
+    model: nn.Module
+    model_without_ddp: nn.Module
+    model_args: dict
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the next epoch, the best one so far, and one row per epoch trained."""
+
+    start_epoch: int = 1
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One run's parts once built: where it runs, what it trains on and with, how far it got."""
+
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    data: Data
+    learner: Learner
+    progress: Progress
+    command: str  # the command that made the run: a resumed run's is the one that started it
+    writer: Any  # TensorBoard's, on rank 0 only
+
+
 def run(args, device, rank, world, start_time):
     resume_ckpt = checkpoint.load_resume(args)
     resumed = Manifest.from_checkpoint(resume_ckpt) if resume_ckpt else None
     pretrained = finetune.prepare(args, resume_ckpt, world)
+    prepare_run(args, resumed, rank, world)
+    data = load_data(args, resumed, pretrained, rank, world)
+    learner = build_learner(args, data, resume_ckpt, resumed, pretrained, device, world, rank)
+    command = resumed.provenance.command if resumed else command_line(sys.argv)
+    progress = Progress()
+    if resume_ckpt and resumed:
+        progress = restore_progress(args, learner, resume_ckpt, resumed, rank)
+    writer = open_writer(args, learner, data, device, rank)
+    r = Run(args, device, rank, world, data, learner, progress, command, writer)
+    log_start(r)
+    val = train_epochs(r)
+    finish_run(r, val, start_time)
+
+
+def prepare_run(args, resumed: Manifest | None, rank: int, world: int):
+    """Settle the data folder, seed, and make sure the data is there before any process reads it."""
     if args.data is None:  # on --resume the default is the data it was trained on, not the digits
         args.data = resumed.provenance.data if resumed else datalib.DIGITS_DIR
     args.data = os.path.abspath(args.data)  # recorded in the checkpoint: the same folder from any directory
@@ -332,16 +223,18 @@ def run(args, device, rank, world, start_time):
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-
     datalib.ensure_data(args.data) if rank == 0 else None
     if world > 1:
         dist.barrier()  # rank 0 may have just written the default data
+
+
+def load_data(args, resumed: Manifest | None, pretrained: dict | None, rank: int, world: int) -> Data:
     if resumed:
         prep = Preprocessing.from_dict(resumed.preprocessing)
     elif pretrained:  # the pretrained model's own eval transform
         prep = Preprocessing.from_dict(Manifest.from_checkpoint(pretrained).preprocessing)
     else:
-        prep = make_preprocessing(args)
+        prep = recipe.make_preprocessing(args)
     augment = args.augment if args.augment != "auto" else ("affine" if prep.channels == 1 else "crop-flip")
     train_set, val_set = datalib.build_datasets(args.data, prep, augment, args.limit_samples)
     class_names = datalib.base_and_indices(train_set)[0].classes
@@ -352,13 +245,17 @@ def run(args, device, rank, world, start_time):
     train_loader, val_loader, train_sampler = datalib.build_loaders(
         train_set, val_set, args.batch_size, args.workers, rank, world
     )
+    return Data(prep, train_set, val_set, class_names, train_loader, val_loader, train_sampler)
 
+
+def build_learner(args, data: Data, resume_ckpt, resumed, pretrained, device, world, rank) -> Learner:
     if pretrained:
-        model, model_args = finetune.build_from_pretrained(pretrained, class_names, lambda msg: log(msg, rank))
+        say = lambda msg: log(msg, rank)
+        model, model_args = finetune.build_from_pretrained(pretrained, data.class_names, say)
         model = model.to(device)
     else:
-        n_classes = len(class_names)
-        model_args = resumed.model_args if resumed else make_model_args(args, prep.channels, n_classes)
+        channels, n_classes = data.prep.channels, len(data.class_names)
+        model_args = resumed.model_args if resumed else recipe.make_model_args(args, channels, n_classes)
         if args.weights and not resume_ckpt:
             model_args["weights"] = args.weights
         model = build_model(model_args).to(device)
@@ -371,65 +268,78 @@ def run(args, device, rank, world, start_time):
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
         model_without_ddp = model.module
-
     criterion = build_criterion(args.loss, args.label_smoothing, args.focal_gamma).to(device)
-    optimizer = make_optimizer(args, model_without_ddp)
-    scheduler = make_scheduler(args, optimizer)
+    optimizer = recipe.make_optimizer(args, model_without_ddp)
+    scheduler = recipe.make_scheduler(args, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
-    start_epoch, best, history = 1, {"acc": -1.0, "epoch": 0}, []
-    # The command that made the run: a resumed run's is the one that started it.
-    command = resumed.provenance.command if resumed else command_line(sys.argv)
-    if resume_ckpt and resumed:
-        model_without_ddp.load_state_dict(strip_prefixes(resume_ckpt["model"]))
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        start_epoch = resume_ckpt["epoch"] + 1
-        best = {"acc": resumed.provenance.metrics.best_val_acc, "epoch": resumed.provenance.metrics.best_epoch}
-        history = resume_ckpt.get("history", [])
-        log(f"resumed from {args.resume} at epoch {start_epoch}", rank)
+    return Learner(model, model_without_ddp, model_args, criterion, optimizer, scheduler, scaler)
 
-    writer = None
-    if rank == 0 and not args.no_tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
-        report.add_graph(writer, model_without_ddp, next(iter(val_loader))[0][:2].to(device))
+def restore_progress(args, learner: Learner, resume_ckpt: dict, resumed: Manifest, rank: int) -> Progress:
+    learner.model_without_ddp.load_state_dict(strip_prefixes(resume_ckpt["model"]))
+    learner.optimizer.load_state_dict(resume_ckpt["optimizer"])
+    learner.scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
+    learner.scaler.load_state_dict(resume_ckpt["scaler"])
+    metrics = resumed.provenance.metrics
+    best = {"acc": metrics.best_val_acc, "epoch": metrics.best_epoch}
+    progress = Progress(resume_ckpt["epoch"] + 1, best, resume_ckpt.get("history", []))
+    log(f"resumed from {args.resume} at epoch {progress.start_epoch}", rank)
+    return progress
 
-    n_params = sum(p.numel() for p in model_without_ddp.parameters())
+
+def open_writer(args, learner: Learner, data: Data, device, rank: int):
+    """TensorBoard's writer on rank 0 (None elsewhere or with --no-tensorboard), with the model's graph."""
+    if rank != 0 or args.no_tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+    report.add_graph(writer, learner.model_without_ddp, next(iter(data.val_loader))[0][:2].to(device))
+    return writer
+
+
+def log_start(r: Run):
+    n_params = sum(p.numel() for p in r.learner.model_without_ddp.parameters())
+    data = r.data
     log(
-        f"{args.arch}: {n_params / 1e6:.2f}M params | {len(train_set)} train / {len(val_set)} val images, "
-        f"{len(class_names)} classes | {world} process(es) on {device} | preprocessing {prep.to_dict()}",
-        rank,
+        f"{r.args.arch}: {n_params / 1e6:.2f}M params | "
+        f"{len(data.train_set)} train / {len(data.val_set)} val images, {len(data.class_names)} classes | "
+        f"{r.world} process(es) on {r.device} | preprocessing {data.prep.to_dict()}",
+        r.rank,
     )
+
+
+def train_epochs(r: Run) -> dict | None:
+    """Train from the run's next epoch to its last, saving after each; the last evaluation (None if none)."""
+    args, data, m, rank = r.args, r.data, r.learner, r.rank
     last_epoch = min(args.epochs, args.stop_after_epoch or args.epochs)
     val = None
-    for epoch in range(start_epoch, last_epoch + 1):
+    for epoch in range(r.progress.start_epoch, last_epoch + 1):
         t0 = time.time()
         # Re-seed per epoch: shuffling, augmentation and dropout then depend only on
         # (seed, epoch), which is what makes --resume reproduce an uninterrupted run.
         torch.manual_seed(args.seed + epoch)
-        if world > 1:
-            train_sampler.set_epoch(epoch)
+        if r.world > 1:
+            data.train_sampler.set_epoch(epoch)
         if args.finetune_from:
-            finetune.enter_epoch(model_without_ddp, args, epoch, lambda msg: log(msg, rank))
-        profiler = (
-            report.start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
-        )
+            finetune.enter_epoch(m.model_without_ddp, args, epoch, lambda msg: log(msg, rank))
+        first = args.profile and epoch == r.progress.start_epoch and rank == 0
+        profiler = report.start_profiler(args.output_dir) if first else None
+        loader, device = data.train_loader, r.device
         train_stats = train_one_epoch(
-            model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank
+            m.model, m.criterion, m.optimizer, loader, device, epoch, args, m.scaler, profiler, rank
         )
         if profiler is not None:
             profiler.stop()
-        val = evaluate(model, criterion, val_loader, device, len(class_names), args)
-        lr = optimizer.param_groups[0]["lr"]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["acc"])
+        val = evaluate(m.model, m.criterion, data.val_loader, r.device, len(data.class_names), args)
+        lr = m.optimizer.param_groups[0]["lr"]
+        if isinstance(m.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            m.scheduler.step(val["acc"])
         else:
-            scheduler.step()
-        is_best = val["acc"] > best["acc"]
+            m.scheduler.step()
+        is_best = val["acc"] > r.progress.best["acc"]
         if is_best:
-            best = {"acc": val["acc"], "loss": val["loss"], "epoch": epoch}
+            r.progress.best = {"acc": val["acc"], "loss": val["loss"], "epoch": epoch}
         row = {
             "epoch": epoch,
             "lr": lr,
@@ -439,40 +349,61 @@ def run(args, device, rank, world, start_time):
             "val_acc": val["acc"],
             "seconds": round(time.time() - t0, 2),
         }
-        history.append(row)
-        log(
-            f"epoch {epoch:3d}/{args.epochs} | lr {lr:.2e} | "
-            f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | {row['seconds']:.1f}s",
-            rank,
-        )
+        r.progress.history.append(row)
+        log_epoch(args, row, is_best, rank)
         if rank == 0:
-            metrics = Metrics(best["acc"], best["epoch"], epoch, val["acc"])
-            manifest = Manifest(model_args, class_names, prep.to_dict(), Provenance(args.data, command, None, metrics))
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "manifest": manifest.to_dict(),  # training's part of the bundle manifest (model_src/manifest.py)
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "args": vars(args),  # the run's flags, for --resume
-                "history": history,
-            }
-            # Best first: a run killed between the two saves resumes from the older last checkpoint and writes
-            # both again, whereas a newer last would resume past an epoch whose best was never saved.
-            if is_best:
-                checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
-            checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
-            if writer is not None:
-                report.log_epoch(writer, model_without_ddp, row)
+            save_epoch(r, val, is_best)
+            if r.writer is not None:
+                report.log_epoch(r.writer, m.model_without_ddp, row)
+    return val
 
-    if val is None and history:  # resumed with no epoch left: a run killed while writing its reports writes them
-        log("no epoch left to train: writing the run's reports", rank)
-        val = evaluate(model, criterion, val_loader, device, len(class_names), args)  # the last epoch's, again
-    replicas = replica_digests(model_without_ddp)  # a collective: every rank takes part
-    if rank == 0 and val is not None:
-        report.finish(args, class_names, history, best, val, writer, time.time() - start_time, world, replicas)
+
+def log_epoch(args, row: dict, is_best: bool, rank: int):
+    log(
+        f"epoch {row['epoch']:3d}/{args.epochs} | lr {row['lr']:.2e} | "
+        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | "
+        f"{row['seconds']:.1f}s",
+        rank,
+    )
+
+
+def save_epoch(r: Run, val: dict, is_best: bool):
+    """The epoch's checkpoint_last.pt, and checkpoint_best.pt when it is the best so far."""
+    args, m, best = r.args, r.learner, r.progress.best
+    epoch = r.progress.history[-1]["epoch"]
+    metrics = Metrics(best["acc"], best["epoch"], epoch, val["acc"])
+    provenance = Provenance(args.data, r.command, None, metrics)
+    manifest = Manifest(m.model_args, r.data.class_names, r.data.prep.to_dict(), provenance)
+    state = {
+        "model": m.model_without_ddp.state_dict(),
+        "manifest": manifest.to_dict(),  # training's part of the bundle manifest (model_src/manifest.py)
+        "optimizer": m.optimizer.state_dict(),
+        "lr_scheduler": m.scheduler.state_dict(),
+        "scaler": m.scaler.state_dict(),
+        "epoch": epoch,
+        "args": vars(args),  # the run's flags, for --resume
+        "history": r.progress.history,
+    }
+    # Best first: a run killed between the two saves resumes from the older last checkpoint and writes
+    # both again, whereas a newer last would resume past an epoch whose best was never saved.
+    if is_best:
+        checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_best.pt"))
+    checkpoint.save_checkpoint(state, os.path.join(args.output_dir, "checkpoint_last.pt"))
+
+
+def finish_run(r: Run, val: dict | None, start_time: float):
+    """The end-of-training report (rank 0), after every process has given its replica's digest."""
+    m, data = r.learner, r.data
+    # resumed with no epoch left: a run killed while writing its reports writes them
+    if val is None and r.progress.history:
+        log("no epoch left to train: writing the run's reports", r.rank)
+        # the last epoch's evaluation, again
+        val = evaluate(m.model, m.criterion, data.val_loader, r.device, len(data.class_names), r.args)
+    replicas = replica_digests(m.model_without_ddp)  # a collective: every rank takes part
+    if r.rank == 0 and val is not None:
+        p, seconds = r.progress, time.time() - start_time
+        report.finish(r.args, data.class_names, p.history, p.best, val, r.writer, seconds, r.world, replicas)
 
 
 if __name__ == "__main__":
