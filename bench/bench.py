@@ -34,16 +34,19 @@ import base64
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
-import zipfile
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import yaml
 
+from bench.inprocess import make_handler, measure_limit, measure_stages, steal_seconds, unstolen
 from bench.noop import build_busy_archive, build_noop_archive
 from bench.peer import build_peer_archive, peer_notes, rgb_copies
+from bench.report import STAGES as STAGES  # tests read the breakdown's stages from here
+from bench.report import add_estimates, has_estimate, plot, plot_breakdown, say, table
 from bench.targets import TARGETS, digits_target
 from bench.wrk import children_cpu, cpu_seconds, post_files
 from bundle import settings
@@ -56,16 +59,6 @@ from model_src import backends
 # The archive default first: it is served as my_model.mar and gets the batching rows.
 BACKENDS = (backends.DEFAULT, *(b for b in backends.served() if b != backends.DEFAULT))
 MODEL = settings.MODEL_NAME
-STAGES = ("frontend", "framing", "decode", "model", "topk", "spent", "worker_rest")
-STAGE_NAMES = {
-    "frontend": "frontend (Java: HTTP, queue, metrics parsing, logs)",
-    "framing": "worker framing (TorchServe's Python service, no-op)",
-    "decode": "decode + preprocess",
-    "model": "model",
-    "topk": "top-k + response",
-    "spent": "the ideal handler's spent CPU (= the limit)",
-    "worker_rest": "rest of the worker (metrics, logging, batching)",
-}
 
 
 def get_args_parser():
@@ -89,68 +82,7 @@ def get_args_parser():
     return p
 
 
-# --- the limit: the handler in-process ------------------------------------------------------------
-
-
-def make_handler(archive: str, work: str, batch_size: int):
-    """Unpack an archive and initialise our handler on it with a real TorchServe Context."""
-    from ts.context import Context, RequestProcessor
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-    from handlers.image_classifier import ImageClassifier
-
-    model_dir = tempfile.mkdtemp(dir=work)
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(model_dir)
-    with open(os.path.join(model_dir, "MAR-INF", "MANIFEST.json")) as f:
-        manifest = json.load(f)
-    with open(os.path.join(model_dir, manifest["model"]["configFile"])) as f:  # the name --config-file had
-        yaml_cfg = yaml.safe_load(f)
-    metrics = MetricsCacheYamlImpl(settings.METRICS_CONFIG)
-    metrics.initialize_cache()
-    ctx = Context(MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg)
-    ctx.request_processor = None
-    handler = ImageClassifier()
-    handler.initialize(ctx)
-    return handler, ctx, RequestProcessor
-
-
-def per_second(fn, units: int, seconds: float) -> float:
-    """units/s of fn() repeated for `seconds` after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += units
-    return n / (time.perf_counter() - t0)
-
-
-def measure_limit(handler, ctx, request_processor, bodies, batch: int, seconds: float = 3.0) -> float:
-    """Images per second through handler.handle() with `batch` requests (bodies as sent) per call, the bodies
-    taken in turn (real photos differ in size: the first few alone are not the average)."""
-    ctx.request_processor = [request_processor({}) for _ in range(batch)]
-    ctx.metrics.request_ids = {i: str(i) for i in range(batch)}
-    turn = iter(range(10**9))
-
-    def call():
-        start = next(turn) * batch
-        handler.handle([{"body": bytearray(bodies[(start + i) % len(bodies)])} for i in range(batch)], ctx)
-
-    return per_second(call, batch * images_in(bodies[0]), seconds)
-
-
-def images_in(body: bytes) -> int:
-    return len(json.loads(body)["data"]) if body[:1] == b"{" else 1
-
-
-def measure_stages(handler, bodies, batch: int, seconds: float = 2.0) -> dict:
-    """ms per image of decode + preprocess and of the model (at `batch`), in-process, as the handler runs them."""
-    i = iter(range(10**9))
-    decode = per_second(lambda: handler.decode_all([bodies[next(i) % len(bodies)]], handler.prep), 1, seconds)
-    x = torch.stack(handler.decode_all([bodies[k % len(bodies)] for k in range(batch)], handler.prep))
-    model = per_second(lambda: handler.predictor(x), batch, seconds)
-    return {"decode": 1000 / decode, "model": 1000 / model}
+# --- the client-side batching bodies -------------------------------------------------------------
 
 
 def json_bodies(files: list[str], n: int, folder: str) -> list[str]:
@@ -239,26 +171,6 @@ def cold_start(ts: TorchServe, image: str, timeout: float = 120) -> float:
     return time.perf_counter() - t0
 
 
-def steal_seconds() -> float:
-    """The machine's steal time so far (Linux; 0 elsewhere): CPU the hypervisor gave to other guests while this VM
-    wanted it. On the reference VM it reached 45 % of the cores for minutes."""
-    import psutil
-
-    return getattr(psutil.cpu_times(), "steal", 0.0)
-
-
-def unstolen(rate: float, steal_share: float) -> float:
-    """A rate per core-second the host left us: every reference and row is compared in these units, so minutes
-    when the host took a share of the cores do not read as a slow server (all three are CPU-bound)."""
-    return rate / max(1e-3, 1 - steal_share)
-
-
-def has_estimate(c: int, workers: int, batch: int) -> bool:
-    """Only where the batching is known: one request at a time, or every worker taking full batches. In between,
-    TorchServe's greedy batching decides (at c=4 one worker often takes all four requests and the other waits)."""
-    return c == 1 or c >= workers * batch
-
-
 def write_busy(path: str, us_per_image: float):
     """What the ideal handler spends per image from now on (it re-reads the file when it changes)."""
     with open(path, "w") as f:
@@ -270,20 +182,64 @@ def batch_at(c: int, workers: int, batch: int) -> int:
     return max(1, min(batch, math.ceil(c / workers)))
 
 
-def estimate(ceiling_rps: float, limit_ips: float, busy_workers: int, images_per_request: int = 1) -> float:
-    """Requests/s if each request cost the no-op's time plus its images' share of the busy workers' limit."""
-    return 1 / (1 / ceiling_rps + images_per_request / (busy_workers * limit_ips))
-
-
 # --- one target ------------------------------------------------------------------------------------
 
 
+@dataclass
+class Target:
+    """One target model under test: its inputs, the parts built for it, and its `result` as rows come in."""
+
+    name: str
+    checkpoint: str
+    args: argparse.Namespace
+    work: str
+    backends: list[str]
+    levels: list[int]
+    batch: int
+    workers: int
+    fan: list[int]  # images per request of the client-side batching rows
+    store: str
+    files: list[str]
+    bodies: list[bytes]
+    fan_files: dict[int, list[str]]
+    expect: list[str]  # the eager model's labels, offline: served answers must agree
+    prep: Any
+    result: dict
+    archives: dict = field(default_factory=dict)
+    handlers: dict = field(default_factory=dict)  # backend -> (handler, ctx, RequestProcessor), in-process
+    busy_file: str = ""
+    server: Server | None = None
+    peer_files: list[str] | None = None
+
+
 def bench_target(target: dict, args, work: str) -> dict:
+    t = prepare_target(target, args, work)
+    build_archives(t)
+    workdir = os.path.join(work, f"ts_{t.name}")
+    ts = TorchServe(workdir=workdir, model_store=t.store, ports=Ports.free(), user=None)
+    try:
+        start_and_register(t, ts)
+        t.server = Server(ts, args.seconds)
+        for backend in t.backends:
+            t.result["checked"][backend] = t.server.check(backend, t.files, t.expect)
+            t.server.load(backend, t.files, t.levels[-1])  # warm-up: JIT, caches, connection pools
+        t.server.load("noop", t.files, t.levels[-1])
+        # each reference right before its rows: the machine's speed drifts
+        for c in [c for _ in range(args.rounds) for c in t.levels]:
+            measure_level(t, c)
+        measure_batching(t)
+    finally:
+        ts.stop()
+    add_estimates(t.result)
+    return t.result
+
+
+def prepare_target(target: dict, args, work: str) -> Target:
+    """The target's settings, request bodies and expected labels, and its result with nothing measured yet."""
     from model_src.manifest import Manifest
     from model_src.net import load_model
     from model_src.preprocessing import Preprocessing
 
-    backends = args.backends.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
     with open(args.config_file) as f:
         model_cfg = yaml.safe_load(f)
@@ -299,8 +255,8 @@ def bench_target(target: dict, args, work: str) -> dict:
     known = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
-        expect = [known.class_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
-
+        indices = [model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item() for b in bodies]
+    expect = [known.class_names[i] for i in indices]
     result = {
         "model": target["name"],
         "batch_size": batch,
@@ -318,277 +274,93 @@ def bench_target(target: dict, args, work: str) -> dict:
         "batching": [],
         "registration_s": {},
     }
-    archives, handlers = {}, {}
-    for i, backend in enumerate(backends):
+    backends = args.backends.split(",")
+    return Target(
+        target["name"], target["checkpoint"], args, work, backends, levels, batch, workers, fan, store, files,
+        bodies, fan_files, expect, prep, result,
+    )  # fmt: skip
+
+
+def build_archives(t: Target):
+    """Each backend's archive (the first as my_model.mar) with its in-process handler, and the no-op and busy
+    (ideal handler) archives."""
+    for i, backend in enumerate(t.backends):
         name = f"{MODEL}.mar" if i == 0 else f"{MODEL}_v{backend}.mar"
-        archives[backend] = archive_checkpoint(
-            target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
+        output, config_file = os.path.join(t.store, name), t.args.config_file
+        t.archives[backend] = archive_checkpoint(
+            t.checkpoint, backend, backend, output=output, config_file=config_file
         )["archive"]
-        handlers[backend] = make_handler(archives[backend], work, batch)
-    build_noop_archive(store, args.config_file)
-    busy_file = os.path.join(work, f"busy_{target['name']}.us")
-    build_busy_archive(store, args.config_file, busy_file)
-
-    def limit(backend: str, key: str, row_bodies: list[bytes], b: int) -> float:
-        """The handler in-process right before the served row it is the reference of (the machine's speed drifts
-        by up to 2x within minutes); every measurement is kept, the row uses its own."""
-        handler, ctx, rp = handlers[backend]
-        server.settle()
-        t0, s0 = time.perf_counter(), steal_seconds()
-        ips = measure_limit(handler, ctx, rp, row_bodies, b, args.limit_seconds)
-        share = (steal_seconds() - s0) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))  # spread over the cores
-        result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
-        return unstolen(ips, share)
-
-    ts = TorchServe(
-        workdir=os.path.join(work, f"ts_{target['name']}"), model_store=store, ports=Ports.free(), user=None
-    )
-    try:
-        result["cold_start_s"] = cold_start(ts, files[0])
-        versions = {backends[0]: backends[0]}
-        for backend in backends[1:]:
-            result["registration_s"][backend] = register(ts, archives[backend])
-            versions[backend] = backend
-        result["registration_s"]["noop"] = register(ts, os.path.join(store, f"{MODEL}_vnoop.mar"))
-        write_busy(busy_file, 1000.0)
-        result["registration_s"]["busy"] = register(ts, os.path.join(store, f"{MODEL}_vbusy.mar"))
-        peer_files = None
-        if not args.no_peer:
-            peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
-            result["registration_s"]["stock"] = register(ts, peer)
-            result["peer_notes"] = peer_notes(ts, files[0], prep)
-            peer_files = rgb_copies(files, work)  # the stock handler cannot read grey PNGs; labels unchecked
-        server = Server(ts, args.seconds)
-        for backend in backends:
-            result["checked"][backend] = server.check(backend, files, expect)
-            server.load(backend, files, levels[-1])  # warm-up: JIT, caches, connection pools
-        server.load("noop", files, levels[-1])
-        for c in [c for _ in range(args.rounds) for c in levels]:  # each reference right before its rows: drift
-            result["ceiling"].append(server.load("noop", files, c))
-            say(target["name"], "no-op", result["ceiling"][-1])
-            for label, version, fs in [
-                *((b, b, files) for b in backends),
-                *([("stock", "stock", peer_files)] if peer_files else []),
-            ]:
-                b = batch_at(c, workers, batch)
-                ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
-                if label in handlers and c == levels[-1]:  # the breakdown's split, measured next to its row too
-                    result["stages_ms_per_image"][label] = measure_stages(handlers[label][0], bodies, b)
-                ideal = None
-                if ips and has_estimate(c, workers, batch):  # the ideal handler at this limit, next to the row
-                    write_busy(busy_file, 1e6 / ips)
-                    ideal = server.load("busy", files, c)
-                row = {**server.load(version, fs, c), "limit_ips": ips}
-                result["served"].setdefault(label, []).append({**row, "ideal": ideal} if ideal else row)
-                say(target["name"], label, result["served"][label][-1])
-        c = args.batching_concurrency
-        for n in fan:
-            row = {"images_per_request": n, "concurrency": c}
-            row["limit_ips"] = limit(backends[0], f"json_{n}", [read_bytes(p) for p in fan_files[n]], batch)
-            row["ceiling"] = server.load("noop", fan_files[n], c, "application/json")
-            row["served"] = server.load(backends[0], fan_files[n], c, "application/json")
-            result["batching"].append(row)
-            say(target["name"], f"{backends[0]} x{n} images", row["served"])
-    finally:
-        ts.stop()
-    add_estimates(result)
-    return result
+        t.handlers[backend] = make_handler(t.archives[backend], t.work, t.batch)
+    build_noop_archive(t.store, t.args.config_file)
+    t.busy_file = os.path.join(t.work, f"busy_{t.name}.us")
+    build_busy_archive(t.store, t.args.config_file, t.busy_file)
 
 
-def say(name: str, label: str, r: dict):
-    print(
-        f"  {name} {label} c={r['concurrency']}: {r['throughput_rps']} req/s p50 {r['p50_ms']:.1f} "
-        f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}",
-        flush=True,
-    )
+def start_and_register(t: Target, ts: TorchServe):
+    """Cold start with the first backend, then every other version, timed from registration to ready."""
+    t.result["cold_start_s"] = cold_start(ts, t.files[0])
+    for backend in t.backends[1:]:
+        t.result["registration_s"][backend] = register(ts, t.archives[backend])
+    t.result["registration_s"]["noop"] = register(ts, os.path.join(t.store, f"{MODEL}_vnoop.mar"))
+    write_busy(t.busy_file, 1000.0)
+    t.result["registration_s"]["busy"] = register(ts, os.path.join(t.store, f"{MODEL}_vbusy.mar"))
+    if not t.args.no_peer:
+        build = os.path.join(t.work, "peer_build")
+        peer = build_peer_archive(t.checkpoint, t.store, build, t.args.config_file)
+        t.result["registration_s"]["stock"] = register(ts, peer)
+        t.result["peer_notes"] = peer_notes(ts, t.files[0], t.prep)
+        # the stock handler cannot read grey PNGs; its labels are not checked
+        t.peer_files = rgb_copies(t.files, t.work)
 
 
-def add_estimates(res: dict):
-    """served / estimate for every row, and the CPU breakdown per request at the top level."""
-    workers = res["workers"]
-    for rows in res["served"].values():
-        for row, ceiling in zip(rows, res["ceiling"]):
-            c = row["concurrency"]
-            if row["limit_ips"] and has_estimate(c, workers, res["batch_size"]):
-                row["estimate_rps"] = round(estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1)
-                row["vs_estimate"] = round(row["rps_unstolen"] / row["estimate_rps"], 3)
-            if row.get("ideal"):
-                row["ideal_rps"] = row["ideal"]["rps_unstolen"]
-                row["vs_ideal"] = round(row["rps_unstolen"] / row["ideal_rps"], 3)
-                row["ideal_vs_estimate"] = round(row["ideal_rps"] / row["estimate_rps"], 3)
-    for row in res["batching"]:
-        n = row["images_per_request"]
-        row["images_per_s"] = round(row["served"]["throughput_rps"] * n, 1)
-        ceiling = row["ceiling"]["rps_unstolen"]
-        row["estimate_images_per_s"] = round(n * estimate(ceiling, row["limit_ips"], workers, n), 1)
-        row["vs_estimate"] = round(row["served"]["rps_unstolen"] * n / row["estimate_images_per_s"], 3)
-    top = res["ceiling"][-1]
-    res["breakdown_ms"] = {}
-    for label, rows in res["served"].items():
-        if label not in res["limit"]:
-            continue
-        cpu, stages = rows[-1]["cpu_ms"], res["stages_ms_per_image"][label]
-        handler_ms = 1000 / rows[-1]["limit_ips"]  # one worker thread: CPU ms per image, measured next to the row
-        framing = top["cpu_ms"]["workers"]
-        topk = max(0.0, handler_ms - stages["decode"] - stages["model"])
-        handler = {"decode": stages["decode"], "model": stages["model"], "topk": topk}
-        res["breakdown_ms"][label] = split_cpu(cpu, framing, handler_ms, handler)
-        if rows[-1].get("ideal"):  # the same row's ideal handler: where its CPU went, for comparison
-            res["breakdown_ms"][f"{label} ideal"] = split_cpu(
-                rows[-1]["ideal"]["cpu_ms"], framing, handler_ms, {"spent": handler_ms}
-            )
+def measure_limit_next_to_row(t: Target, backend: str, key: str, row_bodies: list[bytes], b: int) -> float:
+    """The handler in-process right before the served row it is the reference of (the machine's speed drifts
+    by up to 2x within minutes); every measurement is kept, the row uses its own."""
+    assert t.server is not None
+    handler, ctx, rp = t.handlers[backend]
+    t.server.settle()
+    t0, s0 = time.perf_counter(), steal_seconds()
+    ips = measure_limit(handler, ctx, rp, row_bodies, b, t.args.limit_seconds)
+    # the steal is spread over the cores
+    share = (steal_seconds() - s0) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))
+    t.result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
+    return unstolen(ips, share)
 
 
-def split_cpu(cpu: dict, framing: float, handler_ms: float, handler: dict) -> dict:
-    """One row's CPU ms per request by stage: the workers' share beyond TorchServe's framing and the handler's
-    own `handler_ms` (split as `handler` says) is the rest of the worker."""
-    parts = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0, "spent": 0.0}
-    parts |= handler
-    parts |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
-    parts |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
-    return {k: round(v, 4) for k, v in parts.items()}
+def measure_level(t: Target, c: int):
+    """The no-op ceiling at `c` connections, then each backend (and the stock peer) with its limit and its
+    ideal handler measured right before it."""
+    assert t.server is not None
+    server, result = t.server, t.result
+    result["ceiling"].append(server.load("noop", t.files, c))
+    say(t.name, "no-op", result["ceiling"][-1])
+    rows = [(b, t.files) for b in t.backends] + ([("stock", t.peer_files)] if t.peer_files else [])
+    for label, fs in rows:
+        b = batch_at(c, t.workers, t.batch)
+        ips = measure_limit_next_to_row(t, label, f"batch_{b}", t.bodies, b) if label in t.handlers else None
+        if label in t.handlers and c == t.levels[-1]:  # the breakdown's split, measured next to its row too
+            result["stages_ms_per_image"][label] = measure_stages(t.handlers[label][0], t.bodies, b)
+        ideal = None
+        if ips and has_estimate(c, t.workers, t.batch):  # the ideal handler at this limit, next to the row
+            write_busy(t.busy_file, 1e6 / ips)
+            ideal = server.load("busy", t.files, c)
+        row = {**server.load(label, fs, c), "limit_ips": ips}
+        result["served"].setdefault(label, []).append({**row, "ideal": ideal} if ideal else row)
+        say(t.name, label, result["served"][label][-1])
 
 
-# --- report --------------------------------------------------------------------------------
-
-
-def table(res: dict) -> str:
-    lines = [
-        f"\n{res['model']}: batch {res['batch_size']}, {res['workers']} worker(s), maxBatchDelay "
-        f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
-        f"cold start {res['cold_start_s']:.1f} s",
-        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and the ratios are per "
-        "core-second it left)",
-        f"{'backend':14s}{'c':>4s}{'req/s':>9s}{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'steal':>7s}{'no-op':>9s}"
-        f"{'estimate':>10s}{'served/est':>12s}{'ideal':>9s}{'served/ideal':>14s}{'ideal/est':>11s}",
-    ]
-    for label, rows in res["served"].items():
-        for j, (r, ceil) in enumerate(zip(rows, res["ceiling"])):
-            est = f"{r['estimate_rps']:.0f}" if "estimate_rps" in r else ""
-            ratio = f"{r['vs_estimate']:.2f}" if "vs_estimate" in r else ""
-            ideal = (
-                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}" if "ideal_rps" in r else ""
-            )
-            lines.append(
-                f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}"
-                f"{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{r['steal_share']:7.0%}{ceil['rps_unstolen']:9.0f}"
-                f"{est:>10s}{ratio:>12s}" + ideal
-            )
-    lines.append(
-        "limit, img/s in-process, each measured next to its row: "
-        + "; ".join(
-            f"{b}: " + ", ".join(f"{k} {min(v):.0f}-{max(v):.0f}" for k, v in row.items())
-            for b, row in res["limit"].items()
-        )
-    )
-    if res.get("rounds", 1) > 1:
-        lines += medians(res)
-    for row in res["batching"]:
-        lines.append(
-            f"client batching x{row['images_per_request']} (c={row['concurrency']}): {row['images_per_s']:.0f} img/s, "
-            f"estimate {row['estimate_images_per_s']:.0f}, ratio {row['vs_estimate']:.2f}, "
-            f"p50 {row['served']['p50_ms']:.1f} ms, errors {row['served']['errors']}"
-        )
-    for label, parts in res["breakdown_ms"].items():
-        lines.append(
-            f"CPU ms per request at c={res['levels'][-1]}, {label}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
-        )
-    lines.append(
-        "checked: "
-        + ", ".join(
-            f"{b} {v['wrong_labels']} wrong / {v['errors']} errors of {v['requests']}"
-            for b, v in res["checked"].items()
-        )
-    )
-    lines.append("registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items()))
-    return "\n".join(lines)
-
-
-def by_level(rows: list, key: str) -> tuple[list, list]:
-    """(levels, the median of `key` at each level over the rounds), for the rows that have it."""
-    levels = sorted({r["concurrency"] for r in rows if key in r})
-    return levels, [statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels]
-
-
-def medians(res: dict) -> list[str]:
-    """One line per backend and level with an estimate: the ratios' medians and ranges over the rounds."""
-    lines = []
-    for label, rows in res["served"].items():
-        for c in by_level(rows, "vs_estimate")[0]:
-            at = [r for r in rows if r["concurrency"] == c]
-            parts = []
-            for key in ("vs_estimate", "vs_ideal", "ideal_vs_estimate"):
-                v = [r[key] for r in at if key in r]
-                if v:
-                    parts.append(f"{key} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})")
-            lines.append(f"median of {len(at)} at c={c}, {label}: " + ", ".join(parts))
-    return lines
-
-
-def plot(results: list, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
-    for col, res in enumerate(results):
-        axes[0][col].plot(*by_level(res["ceiling"], "throughput_rps"), "k--", label="no-op handler (ceiling)")
-        for label, rows in res["served"].items():
-            (line,) = axes[0][col].plot(*by_level(rows, "throughput_rps"), marker="o", label=label)
-            for key, style, marker in (("estimate_rps", ":", "."), ("ideal_rps", "-.", "x")):
-                if any(key in r for r in rows):
-                    axes[0][col].plot(*by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7)
-            axes[1][col].plot(*by_level(rows, "p99_ms"), marker="o", label=label)
-        axes[0][col].set(
-            title=f"{res['model']}: req/s (dotted: estimate; dash-dot: ideal handler)",
-            xscale="log",
-            yscale="log",
-            xlabel="concurrency (wrk)",
-            ylabel="req/s",
-        )
-        axes[1][col].set(title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms")
-        for ax in axes[:, col]:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_breakdown(results: list, path: str):
-    """One stacked bar per model and backend: CPU ms per request, by where it went."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bars = [(f"{r['model']}\n{label}", parts) for r in results for label, parts in r["breakdown_ms"].items()]
-    names = {**STAGE_NAMES, "wrk": "load generator (wrk)", "steal": "taken by the host (steal)", "idle": "idle cores"}
-    rest = ["wrk", "steal", "idle"]
-    fig, axes = plt.subplots(1, len(results), figsize=(4 + 3 * len(bars), 5), squeeze=False)
-    for ax, res in zip(axes[0], results):
-        mine = [(label, parts) for label, parts in res["breakdown_ms"].items()]
-        for k, key in enumerate([*STAGES, *rest]):
-            bottoms = [sum(max(0.0, p.get(s, 0.0)) for s in [*STAGES, *rest][:k]) for _, p in mine]
-            ax.bar(
-                [label for label, _ in mine],
-                [max(0.0, p.get(key, 0.0)) for _, p in mine],
-                bottom=bottoms,
-                label=names[key],
-                color=f"C{k}",
-                hatch="//" if key in ("idle", "steal") else None,
-                alpha=0.4 if key in ("idle", "steal") else 1,
-            )
-        ax.set(
-            title=f"{res['model']}, c={res['levels'][-1]}, {os.cpu_count()} cores",
-            ylabel="ms of CPU per request",
-        )
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def measure_batching(t: Target):
+    """Client-side batching: n images per JSON request to the first backend, with its limit and ceiling."""
+    assert t.server is not None
+    c, first = t.args.batching_concurrency, t.backends[0]
+    for n in t.fan:
+        row = {"images_per_request": n, "concurrency": c}
+        fan_bodies = [read_bytes(p) for p in t.fan_files[n]]
+        row["limit_ips"] = measure_limit_next_to_row(t, first, f"json_{n}", fan_bodies, t.batch)
+        row["ceiling"] = t.server.load("noop", t.fan_files[n], c, "application/json")
+        row["served"] = t.server.load(first, t.fan_files[n], c, "application/json")
+        t.result["batching"].append(row)
+        say(t.name, f"{first} x{n} images", row["served"])
 
 
 def main(args):
