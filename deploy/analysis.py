@@ -2,10 +2,10 @@
 
 Each side of a window is {"answers": n, "errors": 5xx count, "gone": 404 count, "p99_ms": float | None,
 "classes": {label: n}}: answers and errors come from Prometheus (HAProxy's exporter, per server of the door's
-`canary` backend), 404s (a version TorchServe no longer serves), the top-1 labels from the door's answer table and
-p99 from the door's access log. A client's other 4xx (no key, a bad body, too many requests) are never judged: any
-client can send them, to either side. The thresholds live here and nowhere else; docs/deployment.md gives the
-reason for each."""
+`canary` backend), 404s (a version TorchServe no longer serves) and the top-1 labels from the door's answer
+table, p99 from the door's access log. A client's other 4xx (no key, a bad body, too many requests) are never
+judged: any client can send them, to either side. The thresholds live here and nowhere else;
+docs/deployment.md gives the reason for each."""
 
 from dataclasses import asdict, dataclass
 
@@ -17,9 +17,9 @@ class Thresholds:
     # Answers the candidate must have given in a step before it is judged: a class distribution of fewer is noise
     # (at 20, one odd answer moves a share by 5 points), and a step without them waits (up to max_step_seconds).
     min_answers: int = 20
-    # The candidate's rate of 5xx and 404 answers may exceed the default's by this much (a share) plus the sampling
-    # noise of the two rates (rate_noise()): one failure in a hundred may be a worker restart; a version that fails
-    # on an input the default answers shows up far above it.
+    # The candidate's rate of 5xx and 404 answers may exceed the default's by this much (a share) plus the
+    # sampling noise of the two rates (rate_noise()): one failure in a hundred may be a worker restart; a
+    # version that fails on an input the default answers shows up far above it.
     max_error_gap: float = 0.01
     # p99 may be this many times the default's plus p99_slack_ms: on a shared machine p99s of a few ms jitter by
     # tens of ms, so the slack keeps a fast model from failing on noise, and the ratio catches a slow one.
@@ -48,8 +48,9 @@ def error_rate(side: dict) -> float:
 
 
 def rate_noise(a: dict, b: dict) -> float:
-    """How far two sides' failure rates may differ by chance, about: two standard errors of the difference of two
-    shares at their pooled rate, 2 sqrt(p (1 - p) (1/na + 1/nb)); it shrinks as the samples grow, like noise().
+    """How far two sides' failure rates may differ by chance, about: two standard errors of the difference of
+    two shares at their pooled rate, 2 sqrt(p (1 - p) (1/na + 1/nb)); it shrinks as the samples grow, like
+    noise().
     A side with no answers drops out (its term and its rate, taken as 0): the other is judged on its own."""
     na, nb = a["answers"] + failures(a), b["answers"] + failures(b)
     if not na + nb:
@@ -76,7 +77,8 @@ def judge(candidate: dict, default: dict, th: Thresholds) -> list[str]:
     """Why the candidate fails this window against `default` (the default's side of the same window, or of the
     last window that had one, at 100 %); empty when it passes."""
     why = []
-    gap, allowed = error_rate(candidate) - error_rate(default), th.max_error_gap + rate_noise(candidate, default)
+    gap = error_rate(candidate) - error_rate(default)
+    allowed = th.max_error_gap + rate_noise(candidate, default)
     if gap > allowed:
         why.append(
             f"error rate (5xx, 404) {error_rate(candidate):.1%} vs the default's {error_rate(default):.1%} "

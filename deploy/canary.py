@@ -35,8 +35,8 @@ from deploy.versions import set_default, state_dir, unregister
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name or version HAProxy may put into a path
 SIDES = ("default", "candidate")
-ADMIN_LIMIT = 1 << 22  # bytes read back from one admin command (the table: 16k keys of <= 80 bytes, ~150 a line)
-GONE = "!404"  # `server!404` counts a server's 404 answers (its version gone), `server/label"` its 200 answers
+ADMIN_LIMIT = 1 << 22  # bytes read back from one admin command (the table: 16k keys, ~150 bytes a line)
+GONE = "!404"  # `server!404` counts a server's 404s (its version gone), `server/label` its 200 answers
 TABLE_WORD = re.compile(r"(?:\\.|[^ \\])+")  # a `show table` field: a space inside one is escaped
 TABLE_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.)")
 
@@ -138,7 +138,7 @@ def answers(door: FrontDoor, clear: bool = False) -> tuple[dict[str, dict[str, i
 
 
 def table_fields(line: str) -> dict[str, str]:
-    """`0x55..: key=candidate/sea\\ lion use=0 exp=0 gpc0=3` as {"key": "candidate/sea lion", "gpc0": "3", ...}:
+    """`0x55..: key=candidate/sea\\ lion use=0 exp=0 gpc0=3` as {"key": "candidate/sea lion", "gpc0": "3"}:
     HAProxy escapes a space, `=` and `\\` with a backslash and other bytes as \\xHH (measured with 2.6)."""
     fields = {}
     for word in TABLE_WORD.findall(line):
@@ -162,9 +162,9 @@ def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
 
 
 def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int]:
-    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset): the server's
-    response time (`srv_ms`, HAProxy's %Tr) of 200 answers only; %Ta would count a client's slow upload and
-    download, and a refusal's time is not the model's."""
+    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset): the
+    server's response time (`srv_ms`, HAProxy's %Tr) of 200 answers only; %Ta would count a client's slow
+    upload and download, and a refusal's time is not the model's."""
     out: dict[str, list[float]] = {side: [] for side in SIDES}
     with open(door.log, "rb") as f:
         f.seek(offset)

@@ -47,26 +47,26 @@ def test_class_distance_and_judge_units():
 
 
 def test_a_clients_4xx_never_count_against_the_candidate():
-    """H1: requests with no key (401), bad bodies, 413/429 reach either side by round-robin; any client can send
-    them, so they never judge the version, at 100 % against the last window's default nor within one window."""
+    """H1: requests with no key (401), bad bodies, 413/429 reach either side by round-robin; any client can
+    send them, so they never judge the version: at 100 % against the last window's default, nor in one."""
     ok = {"answers": 1000, "errors": 0, "p99_ms": 20.0, "classes": {"3": 750, "7": 250}}
-    assert judge({**ok, "client_errors": 30}, ok, Thresholds()) == []  # 100 %: 30 x 401 against a clean baseline
+    assert judge({**ok, "client_errors": 30}, ok, Thresholds()) == []  # 100 %: 30 x 401, a clean baseline
     few = {"answers": 5, "errors": 0, "client_errors": 20, "p99_ms": 20.0, "classes": {"3": 4, "7": 1}}
-    assert judge(few, {**ok, "answers": 95, "client_errors": 380}, Thresholds()) == []  # a 401 flood in a window
+    assert judge(few, {**ok, "answers": 95, "client_errors": 380}, Thresholds()) == []  # a flood of 401s
 
 
 def test_the_error_bound_grows_as_the_sample_shrinks():
-    """H1: one 5xx in the candidate's 20 answers against the default's 3 in 380 (the same rate, about) is noise;
-    the same gap over 10x the answers is not, nor is a candidate failing alone when the default answered nothing."""
-    side = {"p99_ms": 20.0, "classes": {"3": 3, "7": 1}}
-    assert judge({**side, "answers": 20, "errors": 1}, {**side, "answers": 380, "errors": 3}, Thresholds()) == []
-    assert judge({**side, "answers": 200, "errors": 10}, {**side, "answers": 3800, "errors": 30}, Thresholds())
-    assert judge({**side, "answers": 90, "gone": 10, "errors": 0}, {**side, "answers": 0, "errors": 0}, Thresholds())
+    """H1: one 5xx in the candidate's 20 answers against the default's 3 in 380 (about the same rate) is
+    noise; the same gap over 10x the answers is not, nor a candidate failing alone (no default)."""
+    side, th = {"p99_ms": 20.0, "classes": {"3": 3, "7": 1}}, Thresholds()
+    assert judge({**side, "answers": 20, "errors": 1}, {**side, "answers": 380, "errors": 3}, th) == []
+    assert judge({**side, "answers": 200, "errors": 10}, {**side, "answers": 3800, "errors": 30}, th)
+    assert judge({**side, "answers": 90, "gone": 10, "errors": 0}, {**side, "answers": 0, "errors": 0}, th)
 
 
 def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_path, monkeypatch):
-    """M4: HAProxy's `show table` escapes a space, `=` and a backslash (`\\ `) and other bytes (`\\xHH`); 416 of
-    the ImageNet labels have a space. The table holds 2 servers x (classes + a 404 key) for 1000 classes and more."""
+    """M4: HAProxy's `show table` escapes a space, `=` and a backslash (`\\ `) and other bytes (`\\xHH`); 416
+    of the ImageNet labels have a space. The table holds 2 servers x (classes + a 404 key) for 1000 labels."""
     shown = (  # as HAProxy 2.6 shows keys set with these bytes
         "# table: canary, type: string, size:16384, used:5\n"
         "0x1: key=candidate/American\\ robin use=0 exp=0 gpc0=3\n"
@@ -77,7 +77,8 @@ def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_pat
     )
     monkeypatch.setattr(canary, "admin", lambda door, command: shown)
     labels, gone = canary.answers(FrontDoor(backend=9, folder=str(tmp_path)))
-    assert labels == {"candidate": {"American robin": 3, "American alligator": 2}, "default": {"a=b\\c": 1, "café": 1}}
+    assert labels["candidate"] == {"American robin": 3, "American alligator": 2}
+    assert labels["default"] == {"a=b\\c": 1, "café": 1}
     assert gone == {"default": 0, "candidate": 4}
     size = re.search(r"stick-table type string len 80 size (\d+)k", FrontDoor(backend=9).canary_sections())
     assert size and int(size[1]) * 1024 >= 2 * (1000 + 1)
@@ -96,8 +97,8 @@ def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
 
 def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
     door = FrontDoor(backend=9, folder=str(tmp_path))
-    real = 'x client=1.2.3.4:5 status=200 ms=9 srv_ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "'
-    real += 'POST /p HTTP/1.1"'
+    real = "x client=1.2.3.4:5 status=200 ms=9 srv_ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate"
+    real += ' bytes=9 "POST /p HTTP/1.1"'
     forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
     forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
     (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
@@ -106,8 +107,8 @@ def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path
 
 
 def test_latencies_are_the_servers_time_of_200_answers(tmp_path):
-    """M1: %Ta (ms=) counts a client's slow upload and download, and a 401 is no model's time: only the server's
-    response time (srv_ms=, %Tr) of 200 answers counts."""
+    """M1: %Ta (ms=) counts a client's slow upload and download, and a 401 is no model's time: only the
+    server's response time (srv_ms=, %Tr) of 200 answers counts."""
     door = FrontDoor(backend=9, folder=str(tmp_path))
     lines = [
         "x status=200 ms=9000 srv_ms=7 lane=canary server=candidate",  # a body trickled in over 9 s
@@ -120,9 +121,10 @@ def test_latencies_are_the_servers_time_of_200_answers(tmp_path):
 
 def test_a_name_bound_first_by_another_user_does_not_keep_the_door_down(tmp_path):
     """M2: abstract Unix names have no permissions; the canary's loopback frontends were named after the port
-    alone, so anyone could bind one first. Now each start draws its names: the door starts beside the squatter."""
+    alone, so anyone could bind one first. Now each start draws its names: the door starts anyway."""
     require_tool("haproxy")
-    door = FrontDoor(backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path), names=["localhost"])
+    door = FrontDoor(backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path))
+    door.names = ["localhost"]
     with socket.socket(socket.AF_UNIX) as squat:
         # the name the door used to take, as HAProxy binds it: the whole of sun_path, padded with zero bytes
         squat.bind(b"\0" + f"frontdoor-{door.port}-default".encode().ljust(107, b"\0"))
