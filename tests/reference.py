@@ -39,7 +39,14 @@ def assert_matches_reference(x: torch.Tensor, prep, img: Image.Image, what: str 
     if prep.resize_size is None:
         assert torch.equal(x, want), what
         return
+    assert_within_one_grey(x, want, prep, what)
+
+
+def assert_within_one_grey(x: torch.Tensor, want: torch.Tensor, prep, what: str = "", atol: float = 0.0):
+    """`x` and `want` (normalised inputs) are at most one grey level apart and equal (within `atol`, for a float
+    formula beside the table look-up) on most values: what resampling only the crop's box allows, and what a crop
+    one pixel off does not."""
     diff = (x - want).abs()
     grey = 1 / 255 / min(prep.std)  # one grey level, normalised
-    assert x.shape == want.shape and float(diff.max()) <= grey * 1.001, (what, float(diff.max()), grey)
-    assert float((diff == 0).float().mean()) >= 0.75, (what, float((diff == 0).float().mean()))
+    assert x.shape == want.shape and float(diff.max()) <= grey * 1.001 + atol, (what, float(diff.max()), grey)
+    assert float((diff <= atol).float().mean()) >= 0.75, (what, float((diff <= atol).float().mean()))

@@ -27,7 +27,7 @@ def test_an_archive_ships_the_model_src_package_exactly(checkpoint, tmp_path):
     mar = archive_checkpoint(checkpoint, "1.0", "eager", output=str(tmp_path / "m.mar"))["archive"]
     package = {
         os.path.relpath(p, settings.ROOT): open(p, "rb").read()
-        for p in glob.glob(os.path.join(settings.MODEL_SRC, "*.py"))
+        for p in glob.glob(os.path.join(settings.MODEL_SRC, "**", "*.py"), recursive=True)
     }
     with zipfile.ZipFile(mar) as z:
         shipped = {n: z.read(n) for n in z.namelist() if n.startswith("model_src/") and not n.endswith("/")}
