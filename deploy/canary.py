@@ -10,7 +10,7 @@ dropped): `canary.map` names the model's path and the candidate's version (valid
 candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per step:
   - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`), the
     door's own counters when Prometheus has no such series (the report says which);
-  - p99: the door's access log (`lane=canary server=... ms=...`) over the window;
+  - p99: the door's access log (`lane=canary server=... srv_ms=...`, 200 answers) over the window;
   - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
 deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
 goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is written
@@ -35,7 +35,10 @@ from deploy.versions import set_default, state_dir, unregister
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name or version HAProxy may put into a path
 SIDES = ("default", "candidate")
-ADMIN_LIMIT = 1 << 20  # bytes read back from one admin command (the table holds at most 1k short keys)
+ADMIN_LIMIT = 1 << 22  # bytes read back from one admin command (the table: 16k keys, ~150 bytes a line)
+GONE = "!404"  # `server!404` counts a server's 404s (its version gone), `server/label` its 200 answers
+TABLE_WORD = re.compile(r"(?:\\.|[^ \\])+")  # a `show table` field: a space inside one is escaped
+TABLE_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.)")
 
 
 class CanaryError(RuntimeError):
@@ -113,18 +116,37 @@ def close_split(door: FrontDoor):
         pass  # a door that is gone splits nothing: it starts with an empty map
 
 
-def answers(door: FrontDoor, clear: bool = False) -> dict[str, dict[str, int]]:
-    """{server: {top-1 label: 200 answers}} from the door's `canary` table (keys `server/label"`)."""
+def answers(door: FrontDoor, clear: bool = False) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """({server: {top-1 label: 200 answers}}, {server: 404 answers}) from the door's `canary` table (keys
+    `server/label"` and `server!404`)."""
     counts: dict[str, dict[str, int]] = {side: {} for side in SIDES}
+    gone = dict.fromkeys(SIDES, 0)
     for line in admin(door, "show table canary").splitlines():
-        fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-        server, _, label = fields.get("key", "").partition("/")
-        if server in counts and "gpc0" in fields:
+        fields = table_fields(line)
+        key, n = fields.get("key", ""), fields.get("gpc0", "")
+        server, _, label = key.partition("/")
+        if not n.isdigit():
+            continue
+        if key in (f"{side}{GONE}" for side in SIDES):
+            gone[key.removesuffix(GONE)] += int(n)
+        elif server in counts:
             label = label.rstrip('"')
-            counts[server][label] = counts[server].get(label, 0) + int(fields["gpc0"])
+            counts[server][label] = counts[server].get(label, 0) + int(n)
     if clear:
         admin(door, "clear table canary")
-    return counts
+    return counts, gone
+
+
+def table_fields(line: str) -> dict[str, str]:
+    """`0x55..: key=candidate/sea\\ lion use=0 exp=0 gpc0=3` as {"key": "candidate/sea lion", "gpc0": "3"}:
+    HAProxy escapes a space, `=` and `\\` with a backslash and other bytes as \\xHH (measured with 2.6)."""
+    fields = {}
+    for word in TABLE_WORD.findall(line):
+        name, eq, value = word.partition("=")
+        if eq:
+            raw = TABLE_ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if len(m[1]) == 3 else m[1], value)
+            fields[name] = raw.encode("latin-1", errors="replace").decode(errors="replace")
+    return fields
 
 
 def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
@@ -140,7 +162,9 @@ def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
 
 
 def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int]:
-    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset)."""
+    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset): the
+    server's response time (`srv_ms`, HAProxy's %Tr) of 200 answers only; %Ta would count a client's slow
+    upload and download, and a refusal's time is not the model's."""
     out: dict[str, list[float]] = {side: [] for side in SIDES}
     with open(door.log, "rb") as f:
         f.seek(offset)
@@ -149,8 +173,9 @@ def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int
     for raw in data[:end].decode(errors="replace").splitlines():
         head = raw.split('"', 1)[0]  # the quoted request line is the client's: no field is read from it
         fields = dict(f.split("=", 1) for f in head.split(" ") if "=" in f)
-        if fields.get("lane") == "canary" and fields.get("server") in out and fields.get("ms", "").isdigit():
-            out[fields["server"]].append(float(fields["ms"]))
+        ok = fields.get("status") == "200" and fields.get("srv_ms", "").isdigit()
+        if ok and fields.get("lane") == "canary" and fields.get("server") in out:
+            out[fields["server"]].append(float(fields["srv_ms"]))
     return out, offset + end
 
 
@@ -208,18 +233,19 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
     while True:
         time.sleep(0.5)
         elapsed = time.time() - t0
-        counted = answers(door)
+        counted, gone = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
             break
         if not split():  # a restarted door splits nothing: no answer would ever come through the canary backend
             break
         now = door_errors(door).get("candidate", {})
-        if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
+        if now.get("5xx", 0) - stats0["candidate"]["5xx"] + gone["candidate"] >= th.min_answers:
             break  # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+            # (only 5xx and 404: a client's 4xx, a missing key or a bad body, says nothing of the version)
         if elapsed > th.max_step_seconds:
             raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
     t1 = time.time()
-    counted = answers(door)
+    counted, gone = answers(door)
     times, _ = latencies(door, offset)
     stats1 = door_errors(door)
     time.sleep(2 * scrape)  # the scrape after t1 holds every answer counted above
@@ -235,7 +261,8 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
         sides[side] = {
             "answers": int(delta["2xx"]),
             "errors": int(delta["5xx"]),
-            "client_errors": int(delta["4xx"]),
+            "gone": gone[side],  # 404s: TorchServe no longer serves this version
+            "client_errors": int(delta["4xx"]),  # reported, never judged: any client can cause them
             "p99_ms": p99(sorted(times[side])),
             "classes": counted[side],
         }

@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -42,6 +43,10 @@ from model_src.oip import model_metadata
 
 RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
 CANARY_MAP = "canary.map"  # path of a model in canary -> the candidate's version (deploy/canary.py writes it live)
+# The access log: ms is the whole request (the client's upload and download too), srv_ms TorchServe's
+# answer (%Tr)
+LOG_FORMAT = "%t client=%ci:%cp status=%ST ms=%Ta srv_ms=%Tr queue_ms=%Tw wait=%sq/%bq lane=%b server=%s"
+LOG_FORMAT += " bytes=%B %{+Q}r"
 CANARY_WEIGHT = 100  # the canary backend's weights add up to this: a weight is a share in percent
 
 
@@ -201,7 +206,7 @@ class FrontDoor:
         return f"""defaults
     mode http
     log global
-    log-format "%t client=%ci:%cp status=%ST ms=%Ta queue_ms=%Tw wait=%sq/%bq lane=%b server=%s bytes=%B %{{+Q}}r"
+    log-format "{LOG_FORMAT}"
     option forwardfor
     option http-keep-alive
     # a client that gave up (closed) loses its place in the queue: TorchServe never computes unread answers
@@ -345,18 +350,24 @@ class FrontDoor:
         and queue hold for the split traffic too. The candidate starts at weight 0; the config never splits by
         itself, so a restarted door sends everything to the default. Each 200 answer's top-1 label (the first key
         of the handler's JSON) is counted per server in the backend's table, for the class distributions."""
-        sock = f"abns@frontdoor-{self.port}"
+        # abstract names have no permissions: a fixed one could be bound first by any local user, and the
+        # door would not start; 128 random bits per config cannot be (a `unix@` socket in the 0700 folder
+        # could not be reached by HAProxy once it runs as its own user)
+        sock = f"abns@frontdoor-{self.port}-{secrets.token_hex(16)}"
         cmap = self.path(CANARY_MAP)
         lines = [
             "backend canary",
             "    balance roundrobin",
-            "    stick-table type string len 80 size 1k store gpc0",
+            # 2 servers x (classes + a 404 key): 16k keys hold 8k classes (ImageNet's 1000 take 2002)
+            "    stick-table type string len 80 size 16k store gpc0",
             "    http-response wait-for-body time 1s if { status 200 }",
             # the first key of the answer's JSON object (the top-1 label: the handler writes it first), split on `"`
             """    http-response set-var(txn.top1) 'res.body,field(2,"\\"")' if { status 200 }""",
             "    http-response set-var(txn.answer) srv_name,concat(/,txn.top1) if { status 200 }",
-            "    http-response track-sc2 var(txn.answer) if { status 200 }",
-            "    http-response sc-inc-gpc0(2) if { status 200 }",
+            # a 404 (the version gone from TorchServe) counts as `server!404`; a client's other 4xx never do
+            "    http-response set-var(txn.answer) srv_name,concat(!404) if { status 404 }",
+            "    http-response track-sc2 var(txn.answer) if { var(txn.answer) -m found }",
+            "    http-response sc-inc-gpc0(2) if { var(txn.answer) -m found }",
             f"    server default {sock}-default weight {CANARY_WEIGHT}",
             f"    server candidate {sock}-candidate weight 0",
         ]

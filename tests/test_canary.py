@@ -5,7 +5,9 @@ class names permuted is rolled back within the first step, having had at most it
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -34,14 +36,52 @@ def test_class_distance_and_judge_units():
     permuted = {**same, "classes": {"4": 40, "8": 10}}
     slow = {**same, "p99_ms": 400.0}
     failing = {**same, "answers": 40, "errors": 10}
-    gone = {**same, "answers": 30, "client_errors": 20}  # a TorchServe restarted without the candidate: 404s
+    gone = {**same, "answers": 30, "gone": 20}  # a TorchServe restarted without the candidate: 404s
     assert class_distance(same["classes"], same["classes"]) == 0
     assert class_distance(same["classes"], permuted["classes"]) == 1
     assert judge(same, same, Thresholds()) == []
     assert "predicted classes differ" in judge(permuted, same, Thresholds())[0]
     assert "p99" in judge(slow, same, Thresholds())[0]
-    assert "error rate 20.0%" in judge(failing, same, Thresholds())[0]
-    assert "4xx rate 40.0%" in judge(gone, same, Thresholds())[0]
+    assert "error rate (5xx, 404) 20.0%" in judge(failing, same, Thresholds())[0]
+    assert "error rate (5xx, 404) 40.0%" in judge(gone, same, Thresholds())[0]
+
+
+def test_a_clients_4xx_never_count_against_the_candidate():
+    """H1: requests with no key (401), bad bodies, 413/429 reach either side by round-robin; any client can
+    send them, so they never judge the version: at 100 % against the last window's default, nor in one."""
+    ok = {"answers": 1000, "errors": 0, "p99_ms": 20.0, "classes": {"3": 750, "7": 250}}
+    assert judge({**ok, "client_errors": 30}, ok, Thresholds()) == []  # 100 %: 30 x 401, a clean baseline
+    few = {"answers": 5, "errors": 0, "client_errors": 20, "p99_ms": 20.0, "classes": {"3": 4, "7": 1}}
+    assert judge(few, {**ok, "answers": 95, "client_errors": 380}, Thresholds()) == []  # a flood of 401s
+
+
+def test_the_error_bound_grows_as_the_sample_shrinks():
+    """H1: one 5xx in the candidate's 20 answers against the default's 3 in 380 (about the same rate) is
+    noise; the same gap over 10x the answers is not, nor a candidate failing alone (no default)."""
+    side, th = {"p99_ms": 20.0, "classes": {"3": 3, "7": 1}}, Thresholds()
+    assert judge({**side, "answers": 20, "errors": 1}, {**side, "answers": 380, "errors": 3}, th) == []
+    assert judge({**side, "answers": 200, "errors": 10}, {**side, "answers": 3800, "errors": 30}, th)
+    assert judge({**side, "answers": 90, "gone": 10, "errors": 0}, {**side, "answers": 0, "errors": 0}, th)
+
+
+def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_path, monkeypatch):
+    """M4: HAProxy's `show table` escapes a space, `=` and a backslash (`\\ `) and other bytes (`\\xHH`); 416
+    of the ImageNet labels have a space. The table holds 2 servers x (classes + a 404 key) for 1000 labels."""
+    shown = (  # as HAProxy 2.6 shows keys set with these bytes
+        "# table: canary, type: string, size:16384, used:5\n"
+        "0x1: key=candidate/American\\ robin use=0 exp=0 gpc0=3\n"
+        "0x2: key=candidate/American\\ alligator use=0 exp=0 gpc0=2\n"
+        "0x3: key=default/a\\=b\\\\c use=0 exp=0 gpc0=1\n"
+        "0x4: key=default/caf\\xC3\\xA9 use=0 exp=0 gpc0=1\n"
+        "0x5: key=candidate!404 use=0 exp=0 gpc0=4\n\n"
+    )
+    monkeypatch.setattr(canary, "admin", lambda door, command: shown)
+    labels, gone = canary.answers(FrontDoor(backend=9, folder=str(tmp_path)))
+    assert labels["candidate"] == {"American robin": 3, "American alligator": 2}
+    assert labels["default"] == {"a=b\\c": 1, "café": 1}
+    assert gone == {"default": 0, "candidate": 4}
+    size = re.search(r"stick-table type string len 80 size (\d+)k", FrontDoor(backend=9).canary_sections())
+    assert size and int(size[1]) * 1024 >= 2 * (1000 + 1)
 
 
 @pytest.mark.parametrize(
@@ -57,14 +97,43 @@ def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
 
 def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
     door = FrontDoor(backend=9, folder=str(tmp_path))
-    real = (
-        'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
-    )
+    real = "x client=1.2.3.4:5 status=200 ms=9 srv_ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate"
+    real += ' bytes=9 "POST /p HTTP/1.1"'
     forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
     forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
     (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
     times, offset = canary.latencies(door, 0)
     assert times == {"default": [], "candidate": [7.0]} and offset == len(real) + len(forged) + 2
+
+
+def test_latencies_are_the_servers_time_of_200_answers(tmp_path):
+    """M1: %Ta (ms=) counts a client's slow upload and download, and a 401 is no model's time: only the
+    server's response time (srv_ms=, %Tr) of 200 answers counts."""
+    door = FrontDoor(backend=9, folder=str(tmp_path))
+    lines = [
+        "x status=200 ms=9000 srv_ms=7 lane=canary server=candidate",  # a body trickled in over 9 s
+        "x status=401 ms=9000 srv_ms=1 lane=canary server=candidate",
+        "x status=503 ms=10000 srv_ms=-1 lane=canary server=default",
+    ]
+    (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
+    assert canary.latencies(door, 0)[0] == {"default": [], "candidate": [7.0]}
+
+
+def test_a_name_bound_first_by_another_user_does_not_keep_the_door_down(tmp_path):
+    """M2: abstract Unix names have no permissions; the canary's loopback frontends were named after the port
+    alone, so anyone could bind one first. Now each start draws its names: the door starts anyway."""
+    require_tool("haproxy")
+    door = FrontDoor(backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path))
+    door.names = ["localhost"]
+    with socket.socket(socket.AF_UNIX) as squat:
+        # the name the door used to take, as HAProxy binds it: the whole of sun_path, padded with zero bytes
+        squat.bind(b"\0" + f"frontdoor-{door.port}-default".encode().ljust(107, b"\0"))
+        try:
+            door.start()
+            assert door.is_running()
+        finally:
+            door.stop()
+    assert door.canary_sections() != door.canary_sections()  # drawn again for each config
 
 
 def permuted(store, src: str, version: str) -> str:

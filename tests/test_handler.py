@@ -226,6 +226,9 @@ def more_kinds() -> dict[str, bytes]:
 
 
 LOSSY = {"jpeg-L", "jpeg-CMYK"}  # every other kind holds exactly the pixels of png-L
+# ... when decoded at full scale: a 32-px JPEG decodes at 1/2 (the smallest DCT scale that covers digits' 16 px),
+# other pixels than png-L resized, the same label
+DRAFTED = {"jpeg-RGB"}
 
 
 @pytest.mark.parametrize("name", [*images.accepted(), *more_kinds()])
@@ -234,7 +237,9 @@ def test_every_image_kind_is_accepted(eager, png, name):
     out, status = handle(*eager, [{"body": bytearray(data)}, {"body": bytearray(png)}])
     assert status == [GOOD, GOOD], out
     assert is_prediction(out[0])
-    if name not in LOSSY:  # same pixels, same answer: no mode conversion changed the image
+    if name in DRAFTED:
+        assert next(iter(out[0])) == next(iter(out[1])), out  # the top-1 label
+    elif name not in LOSSY:  # same pixels, same answer: no mode conversion changed the image
         assert out[0] == out[1]
 
 
