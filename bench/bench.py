@@ -72,10 +72,16 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="digits,imagenet", help=f"comma-separated, of: {', '.join(TARGETS)}")
     p.add_argument("--backends", default=",".join(BACKENDS), help="the first one also gets the batching rows")
-    p.add_argument("--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last")
+    p.add_argument(
+        "--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last"
+    )
     p.add_argument("--seconds", type=float, default=10, help="wrk duration per row")
-    p.add_argument("--rounds", type=int, default=1, help="measure every level this many times (the table adds medians)")
-    p.add_argument("--batching", default="1,8,32", help="images per request for the client-side batching rows")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="measure every level this many times (the table adds medians)"
+    )
+    p.add_argument(
+        "--batching", default="1,8,32", help="images per request for the client-side batching rows"
+    )
     p.add_argument("--batching-concurrency", type=int, default=8)
     p.add_argument("--limit-seconds", type=float, default=2, help="in-process limit duration per row")
     p.add_argument(
@@ -108,7 +114,9 @@ def make_handler(archive: str, work: str, batch_size: int):
         yaml_cfg = yaml.safe_load(f)
     metrics = MetricsCacheYamlImpl(settings.METRICS_CONFIG)
     metrics.initialize_cache()
-    ctx = Context(MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg)
+    ctx = Context(
+        MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg
+    )
     ctx.request_processor = None
     handler = ImageClassifier()
     handler.initialize(ctx)
@@ -209,7 +217,12 @@ class Server:
 
         frontend = self.ts.pid()
         workers = [p.pid for p in psutil.Process(frontend).children(recursive=True)]
-        return cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu(), steal_seconds()
+        return (
+            cpu_seconds([frontend]) - cpu_seconds(workers),
+            cpu_seconds(workers),
+            children_cpu(),
+            steal_seconds(),
+        )
 
     def check(self, version: str, files: list[str], expect: list[str]) -> dict:
         """Every image once, sequentially, with the Python client: answers read and compared."""
@@ -299,7 +312,9 @@ def bench_target(target: dict, args, work: str) -> dict:
     known = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
-        expect = [known.class_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
+        expect = [
+            known.class_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies
+        ]
 
     result = {
         "model": target["name"],
@@ -322,7 +337,11 @@ def bench_target(target: dict, args, work: str) -> dict:
     for i, backend in enumerate(backends):
         name = f"{MODEL}.mar" if i == 0 else f"{MODEL}_v{backend}.mar"
         archives[backend] = archive_checkpoint(
-            target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
+            target["checkpoint"],
+            backend,
+            backend,
+            output=os.path.join(store, name),
+            config_file=args.config_file,
         )["archive"]
         handlers[backend] = make_handler(archives[backend], work, batch)
     build_noop_archive(store, args.config_file)
@@ -336,7 +355,9 @@ def bench_target(target: dict, args, work: str) -> dict:
         server.settle()
         t0, s0 = time.perf_counter(), steal_seconds()
         ips = measure_limit(handler, ctx, rp, row_bodies, b, args.limit_seconds)
-        share = (steal_seconds() - s0) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))  # spread over the cores
+        share = (steal_seconds() - s0) / (
+            (os.cpu_count() or 1) * (time.perf_counter() - t0)
+        )  # spread over the cores
         result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
         return unstolen(ips, share)
 
@@ -354,7 +375,9 @@ def bench_target(target: dict, args, work: str) -> dict:
         result["registration_s"]["busy"] = register(ts, os.path.join(store, f"{MODEL}_vbusy.mar"))
         peer_files = None
         if not args.no_peer:
-            peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
+            peer = build_peer_archive(
+                target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file
+            )
             result["registration_s"]["stock"] = register(ts, peer)
             result["peer_notes"] = peer_notes(ts, files[0], prep)
             peer_files = rgb_copies(files, work)  # the stock handler cannot read grey PNGs; labels unchecked
@@ -363,7 +386,9 @@ def bench_target(target: dict, args, work: str) -> dict:
             result["checked"][backend] = server.check(backend, files, expect)
             server.load(backend, files, levels[-1])  # warm-up: JIT, caches, connection pools
         server.load("noop", files, levels[-1])
-        for c in [c for _ in range(args.rounds) for c in levels]:  # each reference right before its rows: drift
+        for c in [
+            c for _ in range(args.rounds) for c in levels
+        ]:  # each reference right before its rows: drift
             result["ceiling"].append(server.load("noop", files, c))
             say(target["name"], "no-op", result["ceiling"][-1])
             for label, version, fs in [
@@ -372,10 +397,14 @@ def bench_target(target: dict, args, work: str) -> dict:
             ]:
                 b = batch_at(c, workers, batch)
                 ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
-                if label in handlers and c == levels[-1]:  # the breakdown's split, measured next to its row too
+                if (
+                    label in handlers and c == levels[-1]
+                ):  # the breakdown's split, measured next to its row too
                     result["stages_ms_per_image"][label] = measure_stages(handlers[label][0], bodies, b)
                 ideal = None
-                if ips and has_estimate(c, workers, batch):  # the ideal handler at this limit, next to the row
+                if ips and has_estimate(
+                    c, workers, batch
+                ):  # the ideal handler at this limit, next to the row
                     write_busy(busy_file, 1e6 / ips)
                     ideal = server.load("busy", files, c)
                 row = {**server.load(version, fs, c), "limit_ips": ips}
@@ -410,7 +439,9 @@ def add_estimates(res: dict):
         for row, ceiling in zip(rows, res["ceiling"]):
             c = row["concurrency"]
             if row["limit_ips"] and has_estimate(c, workers, res["batch_size"]):
-                row["estimate_rps"] = round(estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1)
+                row["estimate_rps"] = round(
+                    estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1
+                )
                 row["vs_estimate"] = round(row["rps_unstolen"] / row["estimate_rps"], 3)
             if row.get("ideal"):
                 row["ideal_rps"] = row["ideal"]["rps_unstolen"]
@@ -428,7 +459,9 @@ def add_estimates(res: dict):
         if label not in res["limit"]:
             continue
         cpu, stages = rows[-1]["cpu_ms"], res["stages_ms_per_image"][label]
-        handler_ms = 1000 / rows[-1]["limit_ips"]  # one worker thread: CPU ms per image, measured next to the row
+        handler_ms = (
+            1000 / rows[-1]["limit_ips"]
+        )  # one worker thread: CPU ms per image, measured next to the row
         framing = top["cpu_ms"]["workers"]
         topk = max(0.0, handler_ms - stages["decode"] - stages["model"])
         handler = {"decode": stages["decode"], "model": stages["model"], "topk": topk}
@@ -442,7 +475,14 @@ def add_estimates(res: dict):
 def split_cpu(cpu: dict, framing: float, handler_ms: float, handler: dict) -> dict:
     """One row's CPU ms per request by stage: the workers' share beyond TorchServe's framing and the handler's
     own `handler_ms` (split as `handler` says) is the rest of the worker."""
-    parts = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0, "spent": 0.0}
+    parts = {
+        "frontend": cpu["frontend"],
+        "framing": framing,
+        "decode": 0.0,
+        "model": 0.0,
+        "topk": 0.0,
+        "spent": 0.0,
+    }
     parts |= handler
     parts |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
     parts |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
@@ -467,7 +507,9 @@ def table(res: dict) -> str:
             est = f"{r['estimate_rps']:.0f}" if "estimate_rps" in r else ""
             ratio = f"{r['vs_estimate']:.2f}" if "vs_estimate" in r else ""
             ideal = (
-                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}" if "ideal_rps" in r else ""
+                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}"
+                if "ideal_rps" in r
+                else ""
             )
             lines.append(
                 f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}"
@@ -501,14 +543,18 @@ def table(res: dict) -> str:
             for b, v in res["checked"].items()
         )
     )
-    lines.append("registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items()))
+    lines.append(
+        "registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
+    )
     return "\n".join(lines)
 
 
 def by_level(rows: list, key: str) -> tuple[list, list]:
     """(levels, the median of `key` at each level over the rounds), for the rows that have it."""
     levels = sorted({r["concurrency"] for r in rows if key in r})
-    return levels, [statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels]
+    return levels, [
+        statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels
+    ]
 
 
 def medians(res: dict) -> list[str]:
@@ -539,7 +585,9 @@ def plot(results: list, path: str):
             (line,) = axes[0][col].plot(*by_level(rows, "throughput_rps"), marker="o", label=label)
             for key, style, marker in (("estimate_rps", ":", "."), ("ideal_rps", "-.", "x")):
                 if any(key in r for r in rows):
-                    axes[0][col].plot(*by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7)
+                    axes[0][col].plot(
+                        *by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7
+                    )
             axes[1][col].plot(*by_level(rows, "p99_ms"), marker="o", label=label)
         axes[0][col].set(
             title=f"{res['model']}: req/s (dotted: estimate; dash-dot: ideal handler)",
@@ -548,7 +596,9 @@ def plot(results: list, path: str):
             xlabel="concurrency (wrk)",
             ylabel="req/s",
         )
-        axes[1][col].set(title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms")
+        axes[1][col].set(
+            title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms"
+        )
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -565,7 +615,12 @@ def plot_breakdown(results: list, path: str):
     import matplotlib.pyplot as plt
 
     bars = [(f"{r['model']}\n{label}", parts) for r in results for label, parts in r["breakdown_ms"].items()]
-    names = {**STAGE_NAMES, "wrk": "load generator (wrk)", "steal": "taken by the host (steal)", "idle": "idle cores"}
+    names = {
+        **STAGE_NAMES,
+        "wrk": "load generator (wrk)",
+        "steal": "taken by the host (steal)",
+        "idle": "idle cores",
+    }
     rest = ["wrk", "steal", "idle"]
     fig, axes = plt.subplots(1, len(results), figsize=(4 + 3 * len(bars), 5), squeeze=False)
     for ax, res in zip(axes[0], results):

@@ -37,10 +37,14 @@ LANE_OFF = {"explain_maxconn": FrontDoor.maxconn, "explain_queue": FrontDoor.que
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=int, default=30, help="per phase")
-    p.add_argument("--explainers", type=int, default=8, help="clients asking for explanations (4 photos each)")
+    p.add_argument(
+        "--explainers", type=int, default=8, help="clients asking for explanations (4 photos each)"
+    )
     p.add_argument("--predictors", type=int, default=2, help="clients asking for predictions (1 photo each)")
     p.add_argument("--phases", default="alone,lane off,lane on", help="which phases, in order")
-    p.add_argument("--batch-size", type=int, default=0, help="the archive's batchSize (0: model-config.yaml's)")
+    p.add_argument(
+        "--batch-size", type=int, default=0, help="the archive's batchSize (0: model-config.yaml's)"
+    )
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for explain_lane.json")
     return p
 
@@ -56,14 +60,20 @@ def client(url: str, door, headers: dict, body: bytes, deadline: float, out: lis
             except requests.RequestException:
                 status, wait = "error", 1.0
             out.append((status, (time.perf_counter() - t0) * 1000))
-            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))  # a polite client honours Retry-After
+            time.sleep(
+                max(0.0, min(wait, deadline - time.monotonic()))
+            )  # a polite client honours Retry-After
 
 
 def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:
     key = {"Authorization": f"Bearer {ts.keys()['inference']['key']}"}
     deadline = time.monotonic() + args.seconds
     predictions, explanations = [], []
-    predict = (f"{door.url()}/predictions/imagenet", {**key, "Content-Type": "application/octet-stream"}, photo)
+    predict = (
+        f"{door.url()}/predictions/imagenet",
+        {**key, "Content-Type": "application/octet-stream"},
+        photo,
+    )
     explain = (f"{door.url()}/explanations/imagenet", {**key, "Content-Type": "application/json"}, four)
     jobs = [(*predict, predictions)] * args.predictors + [(*explain, explanations)] * explainers
     threads = [threading.Thread(target=client, args=(u, door, h, b, deadline, out)) for u, h, b, out in jobs]
@@ -119,7 +129,11 @@ def main(args):
         ts = TorchServe(workdir=work, model_store=store, ports=Ports.free(), user=None)
         ts.start(models="imagenet=imagenet.mar", restore=False)
         try:
-            phases = {"alone": ({}, 0), "lane off": (LANE_OFF, args.explainers), "lane on": ({}, args.explainers)}
+            phases = {
+                "alone": ({}, 0),
+                "lane off": (LANE_OFF, args.explainers),
+                "lane on": ({}, args.explainers),
+            }
             for name in args.phases.split(","):
                 lanes, explainers = phases[name]
                 door = start_door(ts, os.path.join(work, f"door-{len(rows)}"), lanes)
@@ -130,7 +144,12 @@ def main(args):
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             ts.stop()
-    result = {"cores": os.cpu_count(), "seconds_per_phase": args.seconds, "batch_size": args.batch_size, "rows": rows}
+    result = {
+        "cores": os.cpu_count(),
+        "seconds_per_phase": args.seconds,
+        "batch_size": args.batch_size,
+        "rows": rows,
+    }
     with open(os.path.join(args.out, "explain_lane.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -32,13 +32,17 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", default=list(DEFAULT), help=f"default: {' '.join(DEFAULT)}")
     p.add_argument("--rounds", type=int, default=10, help="timing rounds (default 10)")
-    p.add_argument("--iters", type=int, default=20, help="calls per backend, batch size and round (default 20)")
+    p.add_argument(
+        "--iters", type=int, default=20, help="calls per backend, batch size and round (default 20)"
+    )
     p.add_argument("--crops", type=int, default=precision.MIN_CROPS, help="gate crops (default 400)")
     p.add_argument("--threads", type=int, default=1, help="threads per backend (default 1)")
     return p
 
 
-def export_and_load(names: list[str], model, prep: Preprocessing, manifest: Manifest, folder: str, threads: int):
+def export_and_load(
+    names: list[str], model, prep: Preprocessing, manifest: Manifest, folder: str, threads: int
+):
     example = precision.photo_crops(prep, 8, seed=1)
     calibration = precision.photo_crops(prep, 300, seed=2)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
@@ -95,7 +99,9 @@ def main(args):
         loaded = export_and_load(args.backends, model, prep, manifest, folder, args.threads)
         samples = timings(loaded, prep, args.rounds, args.iters)
         gates = {name: precision.evaluate(model, predict, crops, prep) for name, predict in loaded.items()}
-    print(f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median (10th-90th pct)\n")
+    print(
+        f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median (10th-90th pct)\n"
+    )
     print(
         "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where fp32 leads "
         "by >= 0.05 | max abs Δprob | gate |"

@@ -37,7 +37,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30, help="rounds over all photos (default 30)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the encoded photos (default 90)")
-    p.add_argument("--agreement", type=int, default=0, help="random crops for the top-1 agreement (default 0: skip)")
+    p.add_argument(
+        "--agreement", type=int, default=0, help="random crops for the top-1 agreement (default 0: skip)"
+    )
     return p
 
 
@@ -47,7 +49,9 @@ def decode_before(prep: Preprocessing, data: bytes) -> Image.Image:
 
 def prepare_before(prep: Preprocessing, img: Image.Image) -> Image.Image:
     img = to_mode(img, "RGB", prep.background)
-    return center_crop(img.resize(shorter_side_to(img.size, prep.resize_size), Image.BILINEAR), prep.image_size)
+    return center_crop(
+        img.resize(shorter_side_to(img.size, prep.resize_size), Image.BILINEAR), prep.image_size
+    )
 
 
 def to_tensor_before(prep: Preprocessing, img: Image.Image) -> torch.Tensor:
@@ -108,7 +112,9 @@ def table(per_round: dict[str, list[list[float]]]) -> str:
             q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
             cells[name] = (statistics.median(values), q[0], q[-1])
         (b, b_lo, b_hi), (a, a_lo, a_hi) = cells["before"], cells["after"]
-        lines.append(f"| {stage} | {b:.2f} ({b_lo:.2f}-{b_hi:.2f}) | {a:.2f} ({a_lo:.2f}-{a_hi:.2f}) | {a / b:.2f} |")
+        lines.append(
+            f"| {stage} | {b:.2f} ({b_lo:.2f}-{b_hi:.2f}) | {a:.2f} ({a_lo:.2f}-{a_hi:.2f}) | {a / b:.2f} |"
+        )
     return "\n".join(lines)
 
 

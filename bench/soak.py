@@ -48,7 +48,14 @@ def bad_bodies() -> list[bytes]:
     Image.new("L", (8, 8), 255).save(buf, "PNG")
     png = buf.getvalue()
     ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0)  # header of a 2.5-gigapixel image
-    bomb = png[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+    bomb = (
+        png[:8]
+        + struct.pack(">I", 13)
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        + png[33:]
+    )
     return [
         b"definitely not an image",
         png[: len(png) // 2],  # truncated
@@ -223,7 +230,9 @@ class Soak:
         before = self.deployment()
         result = {}
         load = threading.Thread(
-            target=lambda: result.update(run_load(self.url(), bodies, concurrency, requests, self.headers(), expect))
+            target=lambda: result.update(
+                run_load(self.url(), bodies, concurrency, requests, self.headers(), expect)
+            )
         )
         load.start()
         time.sleep(1.0)
@@ -302,7 +311,9 @@ def main(argv=None) -> int:
         default=os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt"),
         help="model to serve (quickstart's 1.0)",
     )
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}"
+    )
     p.add_argument("--requests", type=int, default=10000, help="load scenario size")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--out", default=settings.SOAK_RESULTS)
@@ -313,7 +324,9 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     if not os.path.exists(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint} not found: run scripts/quickstart.sh first, or pass --checkpoint")
+        raise SystemExit(
+            f"{args.checkpoint} not found: run scripts/quickstart.sh first, or pass --checkpoint"
+        )
     from train.data import write_digits
 
     write_digits()
@@ -325,7 +338,9 @@ def main(argv=None) -> int:
             if args.front_door:
                 door = through_front_door(soak, os.path.join(work, "door"))
             for name in names:
-                kwargs = {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
+                kwargs = (
+                    {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
+                )
                 results[name] = SCENARIOS[name](soak, **kwargs)
                 print(summarize(name, results[name]), flush=True)
         finally:

@@ -59,7 +59,10 @@ def get_args_parser():
     source.add_argument("--export-dir", help="a train.export folder (with bundle.json) to package as it is")
     # ONNX Runtime served 1.4-1.5x the requests/s of eager PyTorch in scripts/bench.sh (docs/benchmarks.md).
     p.add_argument(
-        "--backend", default=backends.DEFAULT, choices=sorted(backends.served()), help="serving format to ship"
+        "--backend",
+        default=backends.DEFAULT,
+        choices=sorted(backends.served()),
+        help="serving format to ship",
     )
     p.add_argument("--model-name", default=settings.MODEL_NAME)
     p.add_argument("--model-store", default=settings.MODEL_STORE)
@@ -117,7 +120,9 @@ def shipped(bundle: Manifest, backend: backends.Backend) -> dict[str, str]:
 def stage_extra_files(export_dir: str, stage: str, files: dict[str, str], served: str):
     """Lay out what the archive needs besides the handler and the served file: the model_src package, whole,
     and the other model files (the eager weights of a backend that cannot explain)."""
-    shutil.copytree(settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in files.values():
         if name != served:
             shutil.copy2(os.path.join(export_dir, name), os.path.join(stage, name))
@@ -133,7 +138,9 @@ def digests(stage: str, served: str) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def add_archive_part(bundle: Manifest, backend: backends.Backend, files, model_name, version, target) -> Manifest:
+def add_archive_part(
+    bundle: Manifest, backend: backends.Backend, files, model_name, version, target
+) -> Manifest:
     """Archiving's part of the manifest: what is served and shipped, by whom, when."""
     return Manifest(
         **{
@@ -200,7 +207,9 @@ def build_archive(
     .sha256; `batch_size` replaces the config file's batchSize for this archive only."""
     chosen = backends.get(backend)
     if not chosen.server:
-        raise ValueError(f"TorchServe cannot serve the {backend} backend; choose one of {sorted(backends.served())}")
+        raise ValueError(
+            f"TorchServe cannot serve the {backend} backend; choose one of {sorted(backends.served())}"
+        )
     bundle = manifest.read(export_dir)
     files = shipped(bundle, chosen)
     target = new_target(version, model_name, model_store, output)
@@ -271,13 +280,17 @@ def archive_checkpoint(
 
     chosen = backends.get(backend)
     formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.reference().name]
-    store = os.path.dirname(os.path.abspath(new_target(version, model_name, model_store, output)))  # before export
+    store = os.path.dirname(
+        os.path.abspath(new_target(version, model_name, model_store, output))
+    )  # before export
     shared_dir(store)
     remove_dead_staging(store)
     with staging(store) as tmp:
         export_dir = os.path.join(tmp, "export")
         export_all(checkpoint, export_dir, formats=formats)
-        return build_archive(export_dir, version, backend, model_name, model_store, config_file, output, batch_size)
+        return build_archive(
+            export_dir, version, backend, model_name, model_store, config_file, output, batch_size
+        )
 
 
 def with_batch_size(config_file: str, batch_size: int, out: str) -> str:
@@ -302,7 +315,9 @@ def main(args):
     options = dict(model_name=args.model_name, model_store=args.model_store, config_file=args.config_file)
     try:
         if args.checkpoint:
-            info = archive_checkpoint(args.checkpoint, args.version, args.backend, output=args.output, **options)
+            info = archive_checkpoint(
+                args.checkpoint, args.version, args.backend, output=args.output, **options
+            )
         else:
             info = build_archive(args.export_dir, args.version, args.backend, output=args.output, **options)
     except (FileExistsError, ValueError, RuntimeError) as e:

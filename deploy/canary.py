@@ -170,7 +170,9 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
         return None
     query = 'sum by (server, code) (haproxy_server_http_responses_total{proxy="canary"})'
     try:
-        resp = requests.get(f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10)
+        resp = requests.get(
+            f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10
+        )
         result = resp.json()["data"]["result"] if resp.status_code == 200 else []
     except (requests.RequestException, ValueError, KeyError):
         return None
@@ -186,9 +188,9 @@ def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
         return {}
     query = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
     try:
-        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"][
-            "result"
-        ]
+        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()[
+            "data"
+        ]["result"]
     except (requests.RequestException, ValueError, KeyError):
         return {}
     return {r["metric"].get("model_version", "?"): float(r["value"][1]) for r in result}
@@ -197,7 +199,9 @@ def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
 # --- one step -----------------------------------------------------------------------------------------------
 
 
-def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split) -> dict:
+def window(
+    door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split
+) -> dict:
     """Watch the split as it is for at least `seconds` and until the candidate has min_answers (at 0 % the
     default's count is what is waited for); {"default": side, "candidate": side, "seconds", "errors_from"}."""
     answers(door, clear=True)
@@ -211,7 +215,9 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
         counted = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
             break
-        if not split():  # a restarted door splits nothing: no answer would ever come through the canary backend
+        if (
+            not split()
+        ):  # a restarted door splits nothing: no answer would ever come through the canary backend
             break
         now = door_errors(door).get("candidate", {})
         if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
@@ -265,13 +271,21 @@ def run(
     if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
         raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
     if not door.is_running():
-        raise CanaryError("the front door is not running: a canary splits traffic there (serve.sh start --front-door)")
+        raise CanaryError(
+            "the front door is not running: a canary splits traffic there (serve.sh start --front-door)"
+        )
     default = management.default_version(ts, model)
     if all(v["modelVersion"] != version for v in management.versions(ts, model)):
         raise CanaryError(f"{model} {version} is not registered")
     if default in (None, version):
         raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
-    report: dict = {"model": model, "candidate": version, "default": default, "steps": [], "thresholds": th.as_dict()}
+    report: dict = {
+        "model": model,
+        "candidate": version,
+        "default": default,
+        "steps": [],
+        "thresholds": th.as_dict(),
+    }
     report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
     t_start = time.time()
@@ -281,13 +295,20 @@ def run(
         for share in steps:
             set_share(door, share)
             say(f"canary {model} {version}: {share} % of {route(model)}")
-            w = window(door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s))
+            w = window(
+                door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s)
+            )
             if not split_in_place(door, model, share):
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
-            if share < 100 and w["default"]["answers"] >= th.min_answers:  # at 100 % the default's side holds only
+            if (
+                share < 100 and w["default"]["answers"] >= th.min_answers
+            ):  # at 100 % the default's side holds only
                 baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
             elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
-                baseline = {**baseline, "p99_ms": None}  # latency across windows (a busy neighbour moves both)
+                baseline = {
+                    **baseline,
+                    "p99_ms": None,
+                }  # latency across windows (a busy neighbour moves both)
             why = judge(w["candidate"], baseline or w["default"], th)
             report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
             if why:
@@ -357,7 +378,9 @@ def plot(report: dict, path: str):
         ax.set_title(title)
         ax.set_xlabel("candidate share")
     axes[0].legend()
-    fig.suptitle(f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}")
+    fig.suptitle(
+        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

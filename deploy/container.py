@@ -185,7 +185,11 @@ def remove(name: str = NAME) -> bool:
 
 
 def run(
-    tag: str = IMAGE, store: str | None = settings.MODEL_STORE, port: int = 8080, name: str = NAME, timeout=300
+    tag: str = IMAGE,
+    store: str | None = settings.MODEL_STORE,
+    port: int = 8080,
+    name: str = NAME,
+    timeout=300,
 ) -> str:
     """Start the image serving `store` (mounted read-only; None: the archives baked in) with inference published
     on 127.0.0.1:port only; wait until TorchServe is ready. Nothing is left behind when it fails."""
@@ -195,7 +199,9 @@ def run(
     check_port(port)
     ensure_docker()
     if docker("container", "inspect", name, check=False).returncode == 0:
-        raise ContainerError(f"a container named {name} exists already: `scripts/container.sh rm --name {name}`")
+        raise ContainerError(
+            f"a container named {name} exists already: `scripts/container.sh rm --name {name}`"
+        )
     mount = ["-v", f"{store}:{STORE_IN_IMAGE}:ro"] if store else []
     try:
         docker("run", "-d", "--init", "--name", name, "-p", f"127.0.0.1:{port}:8080", *mount, tag)
@@ -218,7 +224,9 @@ def wait_ready(name: str, timeout: float):
             raise ContainerError(f"container {name} {state}:\n{(logs.stdout + logs.stderr)[-3000:]}")
         return False
 
-    wait_until(ready, timeout, f"container {name}", interval=2, hint=f"docker logs {name}", error=ContainerError)
+    wait_until(
+        ready, timeout, f"container {name}", interval=2, hint=f"docker logs {name}", error=ContainerError
+    )
 
 
 def exec_in(name: str, *cmd: str, timeout: float = 300) -> str:
@@ -250,7 +258,9 @@ def main(argv=None):
             print(f"built {args.tag} in {seconds:.0f} s")
         elif args.action == "run":
             run(args.tag, None if args.baked else args.store, args.port, args.name)
-            print(f"{args.name}: inference on http://127.0.0.1:{args.port} (scripts/container.sh header | curl -H @-)")
+            print(
+                f"{args.name}: inference on http://127.0.0.1:{args.port} (scripts/container.sh header | curl -H @-)"
+            )
         elif args.action == "header":
             for k, v in header(args.name).items():
                 print(f"{k}: {v}")

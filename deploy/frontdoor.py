@@ -41,7 +41,9 @@ from deploy.privileges import private_files
 from model_src.oip import model_metadata
 
 RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
-CANARY_MAP = "canary.map"  # path of a model in canary -> the candidate's version (deploy/canary.py writes it live)
+CANARY_MAP = (
+    "canary.map"  # path of a model in canary -> the candidate's version (deploy/canary.py writes it live)
+)
 CANARY_WEIGHT = 100  # the canary backend's weights add up to this: a weight is a share in percent
 
 
@@ -102,7 +104,9 @@ class FrontDoor:
     body_timeout: int = 10  # s for a body to arrive whole before the request is queued (408 after)
     idle_timeout: int = 10  # s a kept-alive connection may wait for its next request
     buffer: int = 64 << 10  # bytes: bodies up to ~this are held whole; larger ones stream, in the bulk lane
-    max_form: int = 4 << 20  # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
+    max_form: int = (
+        4 << 20
+    )  # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
     # Lanes: explanations cost seconds each, streamed bodies hold their slot while they arrive
     explain_maxconn: int = 1  # explanations inside TorchServe at once
     explain_queue: int = 8  # explanations waiting; more get 503 at once
@@ -112,8 +116,12 @@ class FrontDoor:
     bulk_queue: int = 64
     names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
     cert: str | None = None  # a real certificate instead of the generated one
-    models: dict = field(default_factory=dict)  # KServe v2 metadata per model name (oip_models): the v2 routes
-    metrics_port: int = 0  # HAProxy's Prometheus exporter on 127.0.0.1:PORT/metrics (0: off); a canary reads it
+    models: dict = field(
+        default_factory=dict
+    )  # KServe v2 metadata per model name (oip_models): the v2 routes
+    metrics_port: int = (
+        0  # HAProxy's Prometheus exporter on 127.0.0.1:PORT/metrics (0: off); a canary reads it
+    )
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -223,7 +231,9 @@ class FrontDoor:
 
     def frontend_section(self) -> str:
         overloaded = f"overloaded, retry after {self.retry_after} s"
-        table = max(30, self.rate_period, self.explain_period)  # s an address is remembered after its last use
+        table = max(
+            30, self.rate_period, self.explain_period
+        )  # s an address is remembered after its last use
         rules = [
             f"bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1",
             f"maxconn {self.max_clients}",
@@ -282,12 +292,18 @@ class FrontDoor:
 
     def backend_section(self, name: str, maxconn: int, queue: int) -> str:
         """One lane to TorchServe: its own connection cap and queue (refused at once with 503 when full)."""
-        overloaded = json_reply(503, "Overloaded", f"overloaded, retry after {self.retry_after} s", self.retry_after)
-        check = "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"  # one health check
+        overloaded = json_reply(
+            503, "Overloaded", f"overloaded, retry after {self.retry_after} s", self.retry_after
+        )
+        check = (
+            "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"
+        )  # one health check
         rules = [f"http-request return {overloaded} if {{ queue({name}) ge {queue} }}"]
         if name == "explain":  # the explanations each address asked for (the frontend tracks them in sc1)
             period = self.explain_period
-            rules.insert(0, f"stick-table type ip size 100k expire {max(30, period)}s store http_req_rate({period}s)")
+            rules.insert(
+                0, f"stick-table type ip size 100k expire {max(30, period)}s store http_req_rate({period}s)"
+            )
         rules += [
             "# TorchServe's own 503s (queue full, no worker) say nothing about when to come back",
             f"http-response set-header Retry-After {self.retry_after} "
@@ -452,7 +468,9 @@ def for_server(ts, **kw) -> FrontDoor:
 
 
 # --- KServe v2 model metadata, from the archives in a model store -------------------------------------------
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # model names and versions written into HAProxy's config
+SAFE_NAME = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+)  # model names and versions written into HAProxy's config
 
 
 def oip_models(store: str) -> dict[str, dict]:

@@ -146,10 +146,14 @@ def check_agreement(new: dict, old: dict, min_agreement: float, allow_disagreeme
 
 
 def agreement_reason(a: dict) -> str:
-    share = f"top-1 agreement with the default {a['agreed'] / a['images']:.1%} is below {a['min_agreement']:.0%}"
+    share = (
+        f"top-1 agreement with the default {a['agreed'] / a['images']:.1%} is below {a['min_agreement']:.0%}"
+    )
     if a["overridden"]:
         return f"{share}, overridden by --allow-disagreement"
-    return f"{share}: the candidate answers differently from the default on {a['images'] - a['agreed']} images"
+    return (
+        f"{share}: the candidate answers differently from the default on {a['images'] - a['agreed']} images"
+    )
 
 
 def golden_reason(g: dict) -> str:
@@ -182,7 +186,9 @@ def gate(
     new = score(ts, model, candidate, golden)
     old = score(ts, model, baseline, golden) if baseline else None
     report.update(candidate=new, baseline=old)
-    if old and old["errors"]:  # the default could not answer: its accuracy says nothing, nor does the comparison
+    if (
+        old and old["errors"]
+    ):  # the default could not answer: its accuracy says nothing, nor does the comparison
         report.update(passed=False, inconclusive=True, agreement=None)
         report["reason"] = (
             f"inconclusive: the default {baseline} failed {old['errors']} golden requests even after "

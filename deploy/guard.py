@@ -101,7 +101,9 @@ class Keys:
         if self.tokens is None:
             status, _, _ = reissue(self.upstream, Call("GET", "/models", {"limit": "1"}, "management"), {})
             if status not in (200, 400):
-                raise Refusal(502, f"TorchServe's management API answered {status} without a key", "BadGateway")
+                raise Refusal(
+                    502, f"TorchServe's management API answered {status} without a key", "BadGateway"
+                )
             self.tokens = status == 400
         return self.tokens
 
@@ -131,7 +133,9 @@ def reissue(upstream: str, call: Call, headers: dict) -> tuple[int, list[tuple[s
         resp = conn.getresponse()
         return resp.status, resp.getheaders(), resp.read()
     except OSError as e:
-        raise Refusal(502, f"TorchServe's management API did not answer ({e.__class__.__name__})", "BadGateway") from e
+        raise Refusal(
+            502, f"TorchServe's management API did not answer ({e.__class__.__name__})", "BadGateway"
+        ) from e
     finally:
         conn.close()
 
@@ -153,9 +157,13 @@ class Guard(socketserver.StreamRequestHandler):
                 return False
             call = build(head)
             auth = self.server.keys.authorize(call, head.headers.get("authorization"))
-            if call.registers:  # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
+            if (
+                call.registers
+            ):  # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
                 try:
-                    check_archive(os.path.join(self.server.model_store, call.params["url"]), self.server.model_store)
+                    check_archive(
+                        os.path.join(self.server.model_store, call.params["url"]), self.server.model_store
+                    )
                 except ValueError as e:
                     raise Refusal(403, f"registration refused: {e}", "RegistrationRefused") from None
             status, headers, data = reissue(self.server.upstream, call, auth)
@@ -165,7 +173,9 @@ class Guard(socketserver.StreamRequestHandler):
             return self.refuse(r, head, start)
         except Exception:  # a bug of ours: answer it, never drop the connection without a word
             traceback.print_exc()
-            return self.refuse(Refusal(500, "the guard failed on this request", "InternalServerError"), head, start)
+            return self.refuse(
+                Refusal(500, "the guard failed on this request", "InternalServerError"), head, start
+            )
         close = head.version == "HTTP/1.0" or "close" in head.headers.get("connection", "").lower()
         passed = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP | {"content-length"}]
         self.reply(status, passed, data, close)
@@ -236,7 +246,9 @@ def bind_port(listen: str) -> socket.socket:
     review's own hostile check). A port someone else listens on already is an error, never shared."""
     host, port = listen.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT; a listener still wins the bind
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+    )  # past TIME_WAIT; a listener still wins the bind
     try:
         sock.bind((host, int(port)))
         sock.listen(GuardServer.request_queue_size)
@@ -335,8 +347,12 @@ def main(argv=None):
     p.add_argument("--socket", required=True, help="TorchServe's management Unix socket")
     p.add_argument("--model-store", required=True)
     p.add_argument("--watch-pid", type=int, default=0, help="exit when this process (TorchServe) is gone")
-    p.add_argument("--key-file", help="TorchServe's key_file.json (default: the one in --watch-pid's directory)")
-    p.add_argument("--listen-fd", type=int, help="an inherited socket already listening on --listen (launch())")
+    p.add_argument(
+        "--key-file", help="TorchServe's key_file.json (default: the one in --watch-pid's directory)"
+    )
+    p.add_argument(
+        "--listen-fd", type=int, help="an inherited socket already listening on --listen (launch())"
+    )
     args = p.parse_args(argv)
     key_file = args.key_file or (key_file_of(args.watch_pid) if args.watch_pid else None)
     host, port = args.listen.rsplit(":", 1)

@@ -10,7 +10,9 @@ from urllib.parse import unquote_to_bytes, urlencode
 from deploy.archive import NAME
 
 ARCHIVE_NAME = re.compile(NAME.pattern + r"\.mar")  # a file name in the store, as archive.sh names them
-MAX_BODY = 1 << 20  # the framing we accept; management calls carry parameters, never archives (bodies are refused)
+MAX_BODY = (
+    1 << 20
+)  # the framing we accept; management calls carry parameters, never archives (bodies are refused)
 MAX_LINE = 8192  # bytes of the request line or of one header line, CRLF included
 MAX_HEADERS = 64
 MAX_PARAMS = 16
@@ -277,7 +279,9 @@ def route(method: str, segments: list[str]) -> tuple[str, ...]:
     fits = lambda shape: len(shape) == len(segments) and all(p in (ANY, s) for p, s in zip(shape, segments))
     methods = [m for m, shape in ROUTES if fits(shape)]
     if not methods:
-        raise Refusal(404, f"/{'/'.join(segments)} is not a management call that this guard passes", "NotFound")
+        raise Refusal(
+            404, f"/{'/'.join(segments)} is not a management call that this guard passes", "NotFound"
+        )
     if method not in methods:
         raise Refusal(405, f"{method} is not allowed here (only {', '.join(methods)})", "MethodNotAllowed")
     return next(p for (m, shape), p in ROUTES.items() if m == method and fits(shape))
@@ -301,7 +305,9 @@ def build(head: Head) -> Call:
             params[name] = value
         unknown = sorted(set(params) - set(allowed))
         if unknown:
-            raise ValueError(f"parameter {shown(unknown[0])} is not accepted here (only {', '.join(allowed)})")
+            raise ValueError(
+                f"parameter {shown(unknown[0])} is not accepted here (only {', '.join(allowed)})"
+            )
         if registers and "url" not in params:
             raise ValueError("give exactly one url: the file name of an archive in the model store")
         checked = {}

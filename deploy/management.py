@@ -62,7 +62,10 @@ def all_ready(ts: TorchServe) -> bool:
     """Every registered version has at least its minimum of READY workers. /ping turns healthy before a
     worker has finished loading its model: READY workers are the real signal."""
     return all(
-        ready_workers(v) >= v["minWorkers"] for entries in models(ts).values() for v in entries if v["minWorkers"] > 0
+        ready_workers(v) >= v["minWorkers"]
+        for entries in models(ts).values()
+        for v in entries
+        if v["minWorkers"] > 0
     )
 
 

@@ -73,7 +73,10 @@ def read_manifest(path: str) -> dict:
             if bad:
                 raise ValueError(f"{name} is corrupt: {bad} fails its CRC check")
             return json.loads(z.read("MAR-INF/MANIFEST.json"))
-    except (zipfile.BadZipFile, zlib.error) as e:  # testzip() lets a broken deflate stream's zlib.error through
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as e:  # testzip() lets a broken deflate stream's zlib.error through
         raise ValueError(f"{name} is not a valid .mar (truncated or corrupt zip: {e})") from None
     except KeyError:
         raise ValueError(f"{name} has no MAR-INF/MANIFEST.json: not a TorchServe archive") from None

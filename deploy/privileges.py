@@ -164,7 +164,9 @@ def unreachable(user: str | None, need: dict[str, int]) -> list[str]:
         )
     except OSError as e:
         return [f"{sys.executable} ({e})"]
-    return json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+    return (
+        json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+    )
 
 
 def listener_uids(port: int) -> set[int]:

@@ -28,7 +28,9 @@ def write_pid(path: str, pid: int):
         f.write(str(pid))
 
 
-def find(pid: int | None, marker: str, uid: int | None = None, name: str | None = None) -> psutil.Process | None:
+def find(
+    pid: int | None, marker: str, uid: int | None = None, name: str | None = None
+) -> psutil.Process | None:
     """The process `pid` if it runs, its command line holds `marker` and (when given) it runs as `uid` and is
     called `name`; None otherwise."""
     if pid is None:
@@ -51,7 +53,9 @@ def find_by_pid_file(path: str, marker: str, uid: int | None = None, name: str |
     return find(read_pid(path, opener), marker, uid, name)
 
 
-def terminate(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 10) -> list[psutil.Process]:
+def terminate(
+    procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 10
+) -> list[psutil.Process]:
     """SIGTERM each process, wait up to `timeout` s, SIGKILL whatever is left and wait `kill_timeout` s more;
     returns the processes still alive after all that (normally none)."""
     procs = list(procs)

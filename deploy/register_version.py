@@ -93,7 +93,9 @@ def cmd_register(ts: TorchServe, args) -> int:
             allow_new_classes=args.allow_new_classes,
             dry_run=args.dry_run,
         )
-        outcome = run_gate(ts, model, version, golden, policy, golden_info, lambda report: show_report(report, args))
+        outcome = run_gate(
+            ts, model, version, golden, policy, golden_info, lambda report: show_report(report, args)
+        )
         print(VERDICTS[outcome.verdict].format(o=outcome), flush=True)
         return outcome.exit_code
 
@@ -129,7 +131,10 @@ def show_report(report: dict, args):
 def print_report(r: dict):
     new, old = r["candidate"], r["baseline"]
     print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
-    print(f"  {'':22s}{'candidate ' + new['version']:>18s}" + (f"{'default ' + old['version']:>18s}" if old else ""))
+    print(
+        f"  {'':22s}{'candidate ' + new['version']:>18s}"
+        + (f"{'default ' + old['version']:>18s}" if old else "")
+    )
     classes = r.get("classes", {})
     if "candidate" in classes:
         print(f"  {'classes':22s}{len(classes['candidate']):>18d}{len(classes['baseline']):>18d}")
@@ -200,7 +205,9 @@ def get_args_parser():
         "--model", default=None, help=f"model name (default: the archive's own, else {settings.MODEL_NAME})"
     )
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("register", parents=[model], help="register an archive from model_store/ as a new version")
+    r = sub.add_parser(
+        "register", parents=[model], help="register an archive from model_store/ as a new version"
+    )
     r.add_argument("archive")
     r.add_argument("--promote", action="store_true", help="run the gate and set default if it passes")
     r.add_argument("--dry-run", action="store_true", help="run the gate, report, promote nothing")
@@ -216,9 +223,13 @@ def get_args_parser():
         help="gate on --golden DIR this once although it differs from the model's set (the report records it)",
     )
     r.add_argument(
-        "--replace-golden", action="store_true", help="make --golden DIR the model's set (the report records it)"
+        "--replace-golden",
+        action="store_true",
+        help="make --golden DIR the model's set (the report records it)",
     )
-    r.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose")
+    r.add_argument(
+        "--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose"
+    )
     r.add_argument(
         "--min-agreement",
         type=float,
@@ -244,16 +255,27 @@ def get_args_parser():
     )
     r.add_argument("--report", default=None, help="also write the gate report as JSON here")
     c = r.add_argument_group("canary through the front door (docs/deployment.md#canary)")
-    c.add_argument("--canary", default=None, metavar="STEPS", help="shares in percent, e.g. 5,25,50,100; then default")
+    c.add_argument(
+        "--canary", default=None, metavar="STEPS", help="shares in percent, e.g. 5,25,50,100; then default"
+    )
     c.add_argument("--step-seconds", type=float, default=60.0, help="least time per step (default 60)")
     c.add_argument(
-        "--step-requests", type=int, default=0, help="least candidate answers per step (default: analysis.Thresholds)"
+        "--step-requests",
+        type=int,
+        default=0,
+        help="least candidate answers per step (default: analysis.Thresholds)",
     )
-    c.add_argument("--prometheus", default=None, help="Prometheus URL scraping the door's metrics_port (errors)")
-    c.add_argument("--keep-candidate", action="store_true", help="after a rollback, keep the candidate registered")
+    c.add_argument(
+        "--prometheus", default=None, help="Prometheus URL scraping the door's metrics_port (errors)"
+    )
+    c.add_argument(
+        "--keep-candidate", action="store_true", help="after a rollback, keep the candidate registered"
+    )
     sub.add_parser("list", parents=[model], help="versions, and which is default")
     sub.add_parser("rollback", parents=[model], help="make the previous default the default again")
-    u = sub.add_parser("unregister", parents=[model], help="remove a version (never the default while others exist)")
+    u = sub.add_parser(
+        "unregister", parents=[model], help="remove a version (never the default while others exist)"
+    )
     u.add_argument("version")
     return p
 

@@ -42,7 +42,9 @@ def print_status(ts: TorchServe):
             print(f"  its management guard is still {guard_state}: scripts/serve.sh stop ends it")
         return
     print(f"TorchServe is running (pid {ts.pid()})")
-    key_hint = lambda kind: f"(key: .{kind}.key in {os.path.relpath(ts.key_file)})" if ts.tokens_enabled else ""
+    key_hint = lambda kind: (
+        f"(key: .{kind}.key in {os.path.relpath(ts.key_file)})" if ts.tokens_enabled else ""
+    )
     print(f"  inference   {ts.url('inference')}   {key_hint('inference') or '(tokens off)'}")
     print(f"  management  {ts.url('management')}   {key_hint('management')}")
     if guard_state != "running":
@@ -78,7 +80,9 @@ def print_header(ts: TorchServe, kind: str):
         ts.request("GET", *probe, timeout=30)  # refreshes the key when TorchServe says it expired
         header = ts.auth(kind)
     except (ServerError, OSError) as e:
-        raise SystemExit(f"error: no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)") from None
+        raise SystemExit(
+            f"error: no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)"
+        ) from None
     for name, value in header.items():
         print(f"{name}: {value}")
 
@@ -86,8 +90,12 @@ def print_header(ts: TorchServe, kind: str):
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["start", "stop", "status", "restart", "header"])
-    p.add_argument("kind", nargs="?", default="inference", choices=["inference", "management"], help="for header")
-    p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
+    p.add_argument(
+        "kind", nargs="?", default="inference", choices=["inference", "management"], help="for header"
+    )
+    p.add_argument(
+        "--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment"
+    )
     p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
     p.add_argument(
         "--accept-loss",
@@ -160,7 +168,9 @@ def main(argv=None):
                 if not (info.get("relaunched") and door.is_running()):
                     door.start()
             if args.no_tokens:
-                print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
+                print(
+                    "WARNING: token authorization is OFF and the registration API is disabled (development mode)"
+                )
         if args.action in ("start", "restart", "status"):
             print_status(ts)
             frontdoor.print_status(frontdoor.for_server(ts))

@@ -91,10 +91,14 @@ class TorchServe(KeyedApi, ServerHome):
     home = property(lambda self: self.path("home"))  # the server's user's: TorchServe's working directory
     log_dir = property(lambda self: self.path("home", "logs"))
     key_file = property(lambda self: self.path("home", "key_file.json"))  # TorchServe writes it to its cwd
-    tmp_dir = property(lambda self: self.path("home", "tmp"))  # TMPDIR: pid file, worker sockets, unpacked models
+    tmp_dir = property(
+        lambda self: self.path("home", "tmp")
+    )  # TMPDIR: pid file, worker sockets, unpacked models
     generated_config = property(lambda self: self.path("run", "generated.config.properties"))
     management_socket = property(lambda self: self.path("home", "tmp", "mgmt.sock"))
-    pid_file = property(lambda self: self.path("home", "tmp", ".model_server.pid"))  # tempfile.gettempdir() of the CLI
+    pid_file = property(
+        lambda self: self.path("home", "tmp", ".model_server.pid")
+    )  # tempfile.gettempdir() of the CLI
 
     @staticmethod
     def workdir_of(key_file: str) -> str:
@@ -135,7 +139,9 @@ class TorchServe(KeyedApi, ServerHome):
             props["metrics_config"] = os.path.join(here, props["metrics_config"])
         if "vmargs" in props:
             props["vmargs"] = re.sub(
-                r"(-Dlog4j\.configurationFile=)(?!/)(\S+)", lambda m: m[1] + os.path.join(here, m[2]), props["vmargs"]
+                r"(-Dlog4j\.configurationFile=)(?!/)(\S+)",
+                lambda m: m[1] + os.path.join(here, m[2]),
+                props["vmargs"],
             )
         props.update(self.overrides)
         if self.guard:  # TorchServe's own management API moves to a socket only its user can reach
@@ -169,7 +175,9 @@ class TorchServe(KeyedApi, ServerHome):
     def write_config(self, restore: bool = True) -> tuple[str, dict | None]:
         """The generated config, and the restore plan (deploy/snapshot.py; None with restore=False)."""
         props = self.config()
-        plan = restore_plan(self.log_dir, self.model_store, self.path("state"), self.open) if restore else None
+        plan = (
+            restore_plan(self.log_dir, self.model_store, self.path("state"), self.open) if restore else None
+        )
         if plan and plan["snapshot"]:
             props["model_snapshot"] = json.dumps(plan["snapshot"])
         self.prepare_run_dir()
@@ -246,7 +254,12 @@ class TorchServe(KeyedApi, ServerHome):
             self.stop()
             raise
         # "plan": what should be served; deploy.versions.check_restore compares it with what is
-        return {"restored": bool(snapshot), "exposed": exposed, "models": management.models(self), "plan": plan}
+        return {
+            "restored": bool(snapshot),
+            "exposed": exposed,
+            "models": management.models(self),
+            "plan": plan,
+        }
 
     def start_command(self, config: str, models: str | None) -> list[str]:
         """`torchserve --start` with the generated config, loading those of `models` that are in the store."""
@@ -289,7 +302,9 @@ class TorchServe(KeyedApi, ServerHome):
         for name, port in vars(self.ports).items():
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
-                    raise ServerError(f"port {port} ({name}) is already in use: is another TorchServe running?")
+                    raise ServerError(
+                        f"port {port} ({name}) is already in use: is another TorchServe running?"
+                    )
 
     def wait_ready(self, timeout: float):
         """Until /ping answers 200 and every registered version has its READY workers."""
@@ -298,7 +313,9 @@ class TorchServe(KeyedApi, ServerHome):
     def ready(self) -> bool | str:
         """wait_ready's probe: True, or what is not ready yet; ServerError when TorchServe has exited."""
         if not self.is_running():
-            raise ServerError(f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}")
+            raise ServerError(
+                f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}"
+            )
         if not os.path.exists(self.key_file) and self.tokens_enabled:
             return "no key file yet"
         try:
@@ -313,7 +330,9 @@ class TorchServe(KeyedApi, ServerHome):
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
         self.forget()
-        if self.uid != ids(self.user)[0]:  # started as another user than this object says (a fallback to root)
+        if (
+            self.uid != ids(self.user)[0]
+        ):  # started as another user than this object says (a fallback to root)
             self.user = None if self.uid == os.geteuid() else pwd.getpwuid(self.uid).pw_name
         guard.stop(self)
         procs = self.processes()

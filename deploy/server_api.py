@@ -65,7 +65,9 @@ class KeyedApi:
             props = self.running_config()
             if props is None:
                 props = self.config()
-            tokens = props.get("disable_token_authorization", "false").lower() != "true"  # Boolean.parseBoolean
+            tokens = (
+                props.get("disable_token_authorization", "false").lower() != "true"
+            )  # Boolean.parseBoolean
             self._tokens = tokens
             return tokens
         return self._tokens
@@ -133,7 +135,9 @@ class KeyedApi:
         self.check_listener("management")
         api_key = self.keys()["API"]["key"]
         resp = requests.get(
-            self.url("management") + f"/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+            self.url("management") + f"/token?type={kind}",
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
         )
         if resp.status_code != 200:
             raise ServerError(

@@ -47,7 +47,9 @@ class ServerHome:
         env["LOG_LOCATION"] = self.log_dir
         env["METRICS_LOCATION"] = self.log_dir
         env.pop("TS_CONFIG_FILE", None)
-        env["TS_OPEN_INFERENCE_PROTOCOL"] = "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
+        env["TS_OPEN_INFERENCE_PROTOCOL"] = (
+            "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
+        )
         # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp, where
         # another user could create /tmp/models first and have their handler loaded.
         env["TMPDIR"] = env["TEMP"] = self.tmp_dir
@@ -61,7 +63,9 @@ class ServerHome:
         me, my_group = os.geteuid(), os.getegid()
         try:
             own_dir(self.workdir, 0o711, me, my_group, adopt=True)
-            own_dir(self.run_dir, 0o750 if self.user else 0o700, me, ids(self.user)[1] if self.user else my_group)
+            own_dir(
+                self.run_dir, 0o750 if self.user else 0o700, me, ids(self.user)[1] if self.user else my_group
+            )
         except PermissionError as e:
             raise ServerError(str(e)) from None
 
@@ -116,10 +120,13 @@ class ServerHome:
             self.user,
             {
                 settings.ROOT: os.R_OK | os.X_OK,  # deploy/guard.py
-                os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
+                os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK
+                | os.X_OK,  # the venv
                 os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
                 self.model_store: os.R_OK | os.X_OK,
-                os.path.dirname(os.path.abspath(self.workdir)): os.X_OK,  # home/ is its own, under root's folder
+                os.path.dirname(
+                    os.path.abspath(self.workdir)
+                ): os.X_OK,  # home/ is its own, under root's folder
                 settings.METRICS_CONFIG: os.R_OK,
             },
         )

@@ -65,7 +65,9 @@ def refusal(model_store: str, model: str, version: str, mar) -> str | None:
     except ValueError as e:
         return str(e)
     if (manifest.get("modelName"), manifest.get("modelVersion")) != (model, version):
-        return f"{mar} holds {manifest.get('modelName')} {manifest.get('modelVersion')}, not {model} {version}"
+        return (
+            f"{mar} holds {manifest.get('modelName')} {manifest.get('modelVersion')}, not {model} {version}"
+        )
     return None
 
 
@@ -77,7 +79,10 @@ def entry_for(snaps: list[dict], model_store: str, model: str, version: str, mar
         if isinstance(entry, dict) and entry.get("marName") == mar:
             return dict(entry)
     config = archive_config(os.path.join(model_store, mar))
-    return {"marName": mar, **{key: config.get(name, fallback) for key, (name, fallback) in SNAPSHOT_KEYS.items()}}
+    return {
+        "marName": mar,
+        **{key: config.get(name, fallback) for key, (name, fallback) in SNAPSHOT_KEYS.items()},
+    }
 
 
 def wanted(snaps: list[dict], entries: list[dict]) -> dict:
@@ -86,7 +91,10 @@ def wanted(snaps: list[dict], entries: list[dict]) -> dict:
     state, doubts = journal.replay(entries)
     tracked = {(e["model"], e["version"]) for e in entries if e["op"] in ("register", "unregister", "gate")}
     newest = snaps[0]["models"] if snaps else {}
-    want = {m: {"versions": dict(s["versions"]), "default": s["default"], "either": None} for m, s in state.items()}
+    want = {
+        m: {"versions": dict(s["versions"]), "default": s["default"], "either": None}
+        for m, s in state.items()
+    }
     for model, versions in newest.items():  # what the journal never saw
         for version, entry in versions.items():
             if (model, version) in tracked or not isinstance(entry, dict):

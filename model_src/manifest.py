@@ -70,7 +70,9 @@ class Manifest:
     preprocessing: dict[str, Any]  # Preprocessing.to_dict()
     provenance: Provenance = field(default_factory=Provenance)
     backend: BackendEntry | None = None  # export: the served file
-    files: dict[str, str] = field(default_factory=dict)  # backend name -> its file, for every model file beside
+    files: dict[str, str] = field(
+        default_factory=dict
+    )  # backend name -> its file, for every model file beside
     checks: dict[str, Any] = field(default_factory=dict)  # export: its report (tolerance, per-format checks)
     archive: ArchiveEntry | None = None  # archiving
 
@@ -81,7 +83,9 @@ class Manifest:
     def from_dict(cls, d: dict) -> "Manifest":
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else type(d).__name__
-            raise ManifestError(f"bundle manifest schema {got!r} is not {SCHEMA}: this code reads schema {SCHEMA}")
+            raise ManifestError(
+                f"bundle manifest schema {got!r} is not {SCHEMA}: this code reads schema {SCHEMA}"
+            )
         try:
             prov = dict(d.get("provenance") or {})
             prov["metrics"] = Metrics(**(prov.get("metrics") or {}))

@@ -23,7 +23,9 @@ DEFAULT_MODEL_ARGS = {
 }
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
-LITE_ARCHS = tuple(f"efficientnet_lite{i}" for i in range(5))  # published weights: lite0 (train/pretrained.py)
+LITE_ARCHS = tuple(
+    f"efficientnet_lite{i}" for i in range(5)
+)  # published weights: lite0 (train/pretrained.py)
 
 
 class ResNetClassifier(nn.Module):
@@ -90,9 +92,13 @@ def build_torchvision(arch, num_classes, in_channels=3, weights_path=None):
     if in_channels != 3:
         # Grey input: sum the RGB filters, which gives the same response to a grey image.
         old = model.conv1
-        model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        model.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+        )
         with torch.no_grad():
-            model.conv1.weight.copy_(old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
+            model.conv1.weight.copy_(
+                old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels
+            )
     if model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model

@@ -19,7 +19,10 @@ from model_src.preprocessing import InputError
 
 HEADER = "inference-header-content-length"  # lower-cased: HAProxy sends header names in lower case
 PLATFORM = "pytorch_torchserve"
-INPUT, OUTPUT = "data", "predictions"  # the tensor names the handler reads and answers (any input name is read)
+INPUT, OUTPUT = (
+    "data",
+    "predictions",
+)  # the tensor names the handler reads and answers (any input name is read)
 _LENGTH = struct.Struct("<I")
 
 
@@ -31,10 +34,14 @@ def header_length(headers: dict) -> str | None:
 def parse(body, length: str, max_elements: int) -> dict:
     """A binary-extension body -> the v2 request, each binary BYTES tensor's `data` a list of raw bytes."""
     if not isinstance(body, (bytes, bytearray)):
-        raise InputError(f"{HEADER} needs a raw body (no JSON or form Content-Type), got {type(body).__name__}")
+        raise InputError(
+            f"{HEADER} needs a raw body (no JSON or form Content-Type), got {type(body).__name__}"
+        )
     body = memoryview(body)
     if not str(length).isdigit() or not 0 < int(length) <= len(body):
-        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {str(length)[:40]!r}")
+        raise InputError(
+            f"{HEADER} must be a length within the body's {len(body)} bytes, got {str(length)[:40]!r}"
+        )
     offset = int(length)
     try:
         request = json.loads(bytes(body[:offset]))
@@ -50,12 +57,16 @@ def parse(body, length: str, max_elements: int) -> dict:
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
             raise InputError(f"binary_data_size {str(size)[:40]} runs past the body's end")
         if tensor.get("datatype") != "BYTES":
-            raise InputError(f"input {str(tensor.get('name'))[:40]!r}: only BYTES tensors (encoded images) are read")
+            raise InputError(
+                f"input {str(tensor.get('name'))[:40]!r}: only BYTES tensors (encoded images) are read"
+            )
         tensor["data"] = elements(body[offset : offset + size], max_elements)
         tensor["parameters"] = {k: v for k, v in tensor["parameters"].items() if k != "binary_data_size"}
         offset += size
     if offset != len(body):
-        raise InputError(f"{len(body) - offset} bytes after the binary tensors that no binary_data_size claims")
+        raise InputError(
+            f"{len(body) - offset} bytes after the binary tensors that no binary_data_size claims"
+        )
     return request
 
 

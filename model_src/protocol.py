@@ -106,7 +106,9 @@ def is_empty(value) -> bool:
 
 def is_image(value) -> bool:
     try:
-        return isinstance(value, (bytes, bytearray)) and bool(sniff_format(bytes(value[:64])))  # magic: 12 bytes
+        return isinstance(value, (bytes, bytearray)) and bool(
+            sniff_format(bytes(value[:64]))
+        )  # magic: 12 bytes
     except InputError:
         return False
 
@@ -185,7 +187,9 @@ def check_items(items: list, max_images: int, max_bytes: int) -> list:
             raise InputError(f"expected a base64 string, got {type(item).__name__}")
     size = sum(len(i) if isinstance(i, (bytes, bytearray)) else len(i) * 3 // 4 for i in items)
     if size > max_bytes:
-        raise InputError(f"the images in this request are {size:,} bytes, over the limit of {max_bytes:,}", 413)
+        raise InputError(
+            f"the images in this request are {size:,} bytes, over the limit of {max_bytes:,}", 413
+        )
     return items
 
 
@@ -242,9 +246,13 @@ class Request:
         head = oip.header_length(self.headers)  # the v2 binary extension: raw image bytes after a JSON header
         self.body = oip.parse(row.get("body"), head, limits.images) if head else body_of(row)
         items, shape = items_from_body(self.body)
-        self.shape = oip.form(shape, self.body)  # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
+        self.shape = oip.form(
+            shape, self.body
+        )  # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
         explaining = self.kind == "explain"
-        self.items = check_items(items, limits.explain_images if explaining else limits.images, limits.image_bytes)
+        self.items = check_items(
+            items, limits.explain_images if explaining else limits.images, limits.image_bytes
+        )
         if explaining:
             self.target, self.overlay = explain_options(self.body, self.headers)
         return self
@@ -303,7 +311,9 @@ def decode_all(prep: Preprocessing, encoded: list, max_pixels: int, seconds: flo
             img = prep.decode(data, budget)
         except InputError as e:
             if e.status == 413 and budget < max_pixels:
-                raise InputError(f"the images in this request have over {max_pixels:,} pixels together", 413) from None
+                raise InputError(
+                    f"the images in this request have over {max_pixels:,} pixels together", 413
+                ) from None
             raise
         budget -= prep.pixel_cost(img)  # a thin image costs its pixels after resizing
         out.append(convert(img) if convert else img)

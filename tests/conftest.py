@@ -164,7 +164,11 @@ def batching_store(tmp, checkpoint):
     store = tmp / "store"
     store.mkdir()
     archive_checkpoint(
-        checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
+        checkpoint,
+        "1.0",
+        "eager",
+        output=str(store / "my_model.mar"),
+        config_file=str(tmp / "model-config.yaml"),
     )
     return store
 

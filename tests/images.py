@@ -101,7 +101,9 @@ def black_png(side: int, rows_per_piece: int = 100) -> bytes:
     independent of what came before, so the same compressed bytes can simply be repeated."""
     assert side % rows_per_piece == 0
     z = zlib.compressobj(9)
-    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[2:]  # minus zlib header
+    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[
+        2:
+    ]  # minus zlib header
     n = (side + 1) * side  # raw bytes: a filter byte plus `side` pixels per row, all zero
     adler = ((n % 65521) << 16) | 1  # Adler-32 of n zero bytes
     last = b"\x03\x00"  # an empty final block
@@ -234,7 +236,9 @@ def tiff_with_strips(n: int = 1_000_000) -> bytes:
             value = offsets_at
         elif tag == 279:
             value = counts_at if n > 2 else 0  # a short array fits in the entry itself (n = 1, 2 here)
-        packed = struct.pack("<H", value) + b"\x00\x00" if typ == 3 and count == 1 else struct.pack("<I", value)
+        packed = (
+            struct.pack("<H", value) + b"\x00\x00" if typ == 3 and count == 1 else struct.pack("<I", value)
+        )
         out += struct.pack("<HHI", tag, typ, count) + packed
     out += struct.pack("<I", 0) + b"\xff\x00"
     assert len(out) == offsets_at

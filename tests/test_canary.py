@@ -57,9 +57,7 @@ def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
 
 def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
     door = FrontDoor(backend=9, folder=str(tmp_path))
-    real = (
-        'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
-    )
+    real = 'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
     forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
     forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
     (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
@@ -106,7 +104,8 @@ def prometheus(server, door, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prometheus")
     targets = {"frontdoor": door.metrics_port, "torchserve": server.ports.metrics}
     jobs = "".join(
-        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n" for j, p in targets.items()
+        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n"
+        for j, p in targets.items()
     )
     (tmp / "prometheus.yml").write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n{jobs}")
     port = free_port()
@@ -118,7 +117,9 @@ def prometheus(server, door, tmp_path_factory):
     try:
         deadline = time.time() + 30
         while not ready(url):
-            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[-2000:]
+            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[
+                -2000:
+            ]
             time.sleep(0.2)
         yield url
     finally:
@@ -146,7 +147,9 @@ class Load:
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(2)]
 
     def client(self):
-        pick = random.Random(threading.get_ident())  # not a cycle: a cycle aliases with the door's round-robin
+        pick = random.Random(
+            threading.get_ident()
+        )  # not a cycle: a cycle aliases with the door's round-robin
         with requests.Session() as s:
             while not self.stopped.is_set():
                 body, label = pick.choice(self.bodies)
@@ -169,7 +172,9 @@ class Load:
             t.join(70)
 
 
-def test_good_candidate_goes_5_25_50_100_and_becomes_default(server, store, door, prometheus, archive_factory, bodies):
+def test_good_candidate_goes_5_25_50_100_and_becomes_default(
+    server, store, door, prometheus, archive_factory, bodies
+):
     install_archive(archive_factory("2.0"), store)
     register(server, os.path.join(str(store), "my_model_v2.0.mar"))
     with Load(door, server, bodies) as load:
@@ -203,7 +208,10 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
     step = report["steps"][0]
     got = step["candidate"]["answers"] / (step["candidate"]["answers"] + step["default"]["answers"])
     assert got <= 0.06, step
-    usual = {label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0] for _, label in bodies}
+    usual = {
+        label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0]
+        for _, label in bodies
+    }
     wrong = sum(top != usual[label] for _, top, label in load.answers)
     assert 0 < wrong <= 0.06 * len(load.answers), (wrong, len(load.answers))
     assert report["files"][0].startswith(os.path.join(state_dir(server), "canary"))
@@ -216,7 +224,9 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
     """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's weight
     0, and the controller, finding its split gone, rolls back and says so."""
     assert management.default_version(server, "my_model") == "1.0"
-    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:  # the first test rolled back
+    if "2.0" not in {
+        v["modelVersion"] for v in management.versions(server, "my_model")
+    }:  # the first test rolled back
         register(server, install_archive(archive_factory("2.0"), store))
     killed = []
 
@@ -228,7 +238,9 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
             killed.append(door.start().pid())
 
     with Load(door, server, bodies):
-        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say)
+        report = canary.run(
+            server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say
+        )
     print(report["verdict"])
     assert killed and "the front door lost the split" in report["verdict"], report["verdict"]
     assert [s["share"] for s in report["steps"]] == [5] and report["traffic"] == "all on the default"

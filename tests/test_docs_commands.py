@@ -14,7 +14,16 @@ import pytest
 from bundle.settings import ROOT
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-TOOLS = {"curl", "docker", "kubectl", "sleep", "printf", "echo", "cd", "export"}  # from the system, not the venv
+TOOLS = {
+    "curl",
+    "docker",
+    "kubectl",
+    "sleep",
+    "printf",
+    "echo",
+    "cd",
+    "export",
+}  # from the system, not the venv
 PREFIXES = {"sudo", "until", "while", "if", "then", "do", "else", "!"}  # the command is the word after them
 ENDINGS = {"done", "fi"}
 OPERATORS = {"|", "||", "&&", ";", "&"}
@@ -25,7 +34,8 @@ def bash_blocks(path: str) -> list[tuple[int, str]]:
     """(line number of the opening fence, text) of each ```bash block."""
     text = open(os.path.join(ROOT, path)).read()
     return [
-        (text.count("\n", 0, m.start()) + 1, m.group(1)) for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M)
+        (text.count("\n", 0, m.start()) + 1, m.group(1))
+        for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M)
     ]
 
 
@@ -53,12 +63,18 @@ def problem(word: str, rest: str, known: set[str], activated: bool) -> str | Non
     """Why `word` (the program of a command; `rest` is the line) would not run on a clone, or None."""
     local = word.removeprefix("./")
     if local.startswith("scripts/"):
-        return None if os.access(os.path.join(ROOT, local), os.X_OK) else f"{local} is not an executable script"
+        return (
+            None if os.access(os.path.join(ROOT, local), os.X_OK) else f"{local} is not an executable script"
+        )
     if local.startswith(".venv/bin/"):
         if not os.access(os.path.join(ROOT, local), os.X_OK):
             return f"{local} is not in the venv"
         module = re.match(r"\S+ -m ([\w.]+)", rest[rest.find(word) :])
-        if module and os.path.basename(local).startswith("python") and not importlib.util.find_spec(module[1]):
+        if (
+            module
+            and os.path.basename(local).startswith("python")
+            and not importlib.util.find_spec(module[1])
+        ):
             return f"no module {module[1]}"
         return None
     if word in TOOLS or word in known:

@@ -130,7 +130,9 @@ def operator(ts, fault, *argv):
 
 def test_a_promotion_killed_before_its_record_can_still_be_rolled_back(server, archives, golden):
     # item 2: TorchServe served the new default, the history had no record, rollback said "no earlier default"
-    out = operator(server, KILL_AFTER_SET_DEFAULT, "register", archives["2.0"], "--promote", "--golden", golden)
+    out = operator(
+        server, KILL_AFTER_SET_DEFAULT, "register", archives["2.0"], "--promote", "--golden", golden
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr
     assert default(server) == "2.0" and registered(server) == {"1.0", "2.0"}
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
@@ -155,7 +157,9 @@ def test_a_lost_answer_to_set_default_is_read_back_and_reported(server, archives
 
 def test_sighup_during_a_gate_withdraws_the_candidate(server, archives, golden):
     # item 12: a dropped SSH session exited 129 without cleanup: the candidate stayed registered
-    out = operator(server, HANG_UP_DURING_THE_GATE, "register", archives["3.0"], "--promote", "--golden", golden)
+    out = operator(
+        server, HANG_UP_DURING_THE_GATE, "register", archives["3.0"], "--promote", "--golden", golden
+    )
     assert out.returncode == 128 + signal.SIGHUP, out.stderr
     assert "my_model 3.0 unregistered again" in out.stderr
     assert registered(server) == {"1.0", "2.0"} and default(server) == "1.0"
@@ -165,7 +169,11 @@ def test_a_registration_killed_midway_is_withdrawn_by_a_retry(server, archives):
     # item 10: a retry said "already registered; archive a new version instead"
     out = operator(server, KILL_BEFORE_READY, "register", archives["3.0"])
     assert out.returncode == -signal.SIGKILL, out.stderr
-    assert registered(server) == {"1.0", "2.0", "3.0"}  # TorchServe has it; the journal says it never finished
+    assert registered(server) == {
+        "1.0",
+        "2.0",
+        "3.0",
+    }  # TorchServe has it; the journal says it never finished
     assert versions.register(server, archives["3.0"]) == ("my_model", "3.0")
     versions.unregister(server, "my_model", "3.0")
     out = operator(server, KILL_BEFORE_READY, "register", archives["3.0"])  # again, for the restart below
@@ -295,7 +303,15 @@ def test_two_promotions_at_once_take_turns(server, archives, golden, tmp_path):
 
     def promote(v):
         args = register_version.get_args_parser().parse_args(
-            ["register", archives[v], "--promote", "--golden", golden, "--report", str(tmp_path / f"{v}.json")]
+            [
+                "register",
+                archives[v],
+                "--promote",
+                "--golden",
+                golden,
+                "--report",
+                str(tmp_path / f"{v}.json"),
+            ]
         )
         results[v] = register_version.cmd_register(server, args)
 
@@ -325,7 +341,15 @@ def test_the_default_killed_during_a_gate_is_asked_again(server, archives, golde
 
     monkeypatch.setattr(gatelib, "post", post)
     args = register_version.get_args_parser().parse_args(
-        ["register", archives["6.0"], "--dry-run", "--golden", golden, "--report", str(tmp_path / "gate.json")]
+        [
+            "register",
+            archives["6.0"],
+            "--dry-run",
+            "--golden",
+            golden,
+            "--report",
+            str(tmp_path / "gate.json"),
+        ]
     )
     assert register_version.cmd_register(server, args) == 0
     report = json.load(open(tmp_path / "gate.json"))

@@ -56,7 +56,9 @@ def test_config_is_valid_haproxy_with_every_option(tmp_path):
     door.write_config()  # raises with HAProxy's own words if it refuses the file
     text = door.haproxy_config()
     assert "maxconn 64" in text and "queue(torchserve) ge 1024" in text and "sc_http_req_rate(0) gt 5" in text
-    assert "sc0_conn_cur gt 256" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
+    assert (
+        "sc0_conn_cur gt 256" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
+    )
     assert oct(os.stat(door.path("server.pem")).st_mode & 0o777) == "0o600"
 
 
@@ -87,7 +89,9 @@ def test_json_replies_read_back_as_their_message(tmp_path):
         "defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n    timeout connect 5s\n"
         f"frontend f\n    bind 127.0.0.1:{port}\n    http-request return {json_reply(429, 'Odd', HOSTILE, 3)}\n"
     )
-    proc = subprocess.Popen([haproxy(), "-db", "-f", str(tmp_path / "h.cfg")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [haproxy(), "-db", "-f", str(tmp_path / "h.cfg")], stderr=subprocess.PIPE, text=True
+    )
     try:
         for _ in range(100):  # bounded: 10 s
             if proc.poll() is not None or listening("127.0.0.1", port):
@@ -106,7 +110,9 @@ def test_json_replies_read_back_as_their_message(tmp_path):
 def bare_door(tmp_path):
     """A front door on 127.0.0.1 before a port where nothing listens: enough for what TLS offers."""
     require_haproxy()
-    door = FrontDoor(backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path), names=["localhost"])
+    door = FrontDoor(
+        backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path), names=["localhost"]
+    )
     try:
         yield door.start()
     finally:
@@ -129,9 +135,18 @@ def tls12_cipher(door, ciphers: str) -> str | None:
 
 
 def test_tls12_offers_only_aead_suites(bare_door):
-    for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+    for aead in (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ):
         assert tls12_cipher(bare_door, aead) == aead
-    for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA", "ECDHE-ECDSA-AES128-SHA256", "AES128-SHA"):
+    for cbc in (
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "AES128-SHA",
+    ):
         assert tls12_cipher(bare_door, cbc) is None, cbc
 
 
@@ -180,7 +195,12 @@ def small_door(soak, tmp_path):
 
 def post(door, soak, body, **kw):
     return requests.post(
-        f"{door.url()}/predictions/my_model", data=body, headers=soak.headers(), verify=door.ca, timeout=60, **kw
+        f"{door.url()}/predictions/my_model",
+        data=body,
+        headers=soak.headers(),
+        verify=door.ca,
+        timeout=60,
+        **kw,
     )
 
 
@@ -213,12 +233,16 @@ def test_tls_with_generated_ca_answers_and_plain_http_is_refused(soak, door):
 @pytest.mark.torchserve
 def test_bad_input_gets_the_same_4xx_as_direct(soak, door):
     for body in bad_bodies():
-        direct = requests.post(f"{soak.ts.url()}/predictions/my_model", data=body, headers=soak.headers(), timeout=60)
+        direct = requests.post(
+            f"{soak.ts.url()}/predictions/my_model", data=body, headers=soak.headers(), timeout=60
+        )
         through = post(door, soak, body)
         assert 400 <= direct.status_code < 500, direct.text
         assert (through.status_code, through.json()) == (direct.status_code, direct.json())
     wrong_key = {**soak.headers(), "Authorization": "Bearer wrong"}
-    resp = requests.post(f"{door.url()}/predictions/my_model", data=good(soak)[0], headers=wrong_key, verify=door.ca)
+    resp = requests.post(
+        f"{door.url()}/predictions/my_model", data=good(soak)[0], headers=wrong_key, verify=door.ca
+    )
     assert resp.status_code == 400 and "Token Authorization failed" in resp.text
 
 
@@ -227,7 +251,9 @@ def exchange(door, request: bytes, source: str = "127.0.0.1", timeout: float = 3
     should say `Connection: close`, or be one the proxy refuses)."""
     ctx = ssl.create_default_context(cafile=door.ca)
     with (
-        socket.create_connection(("127.0.0.1", door.port), timeout=timeout, source_address=(source, 0)) as raw,
+        socket.create_connection(
+            ("127.0.0.1", door.port), timeout=timeout, source_address=(source, 0)
+        ) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as s,
     ):
         s.sendall(request)
@@ -301,7 +327,9 @@ def test_full_queue_and_rate_limit_answer_json_with_retry_after_and_lose_nothing
             assert top1(r.json()) == label
     assert post(tight, soak, body).status_code == 200  # the overload left nothing behind
 
-    limited = small_door(rate=5, rate_period=3600)  # 5 per hour: the 6th is over, however slow the requests are
+    limited = small_door(
+        rate=5, rate_period=3600
+    )  # 5 per hour: the 6th is over, however slow the requests are
     codes = [post(limited, soak, body).status_code for _ in range(6)]
     assert codes == [200] * 5 + [429], codes
     r = post(limited, soak, body)
@@ -326,7 +354,11 @@ def test_only_the_media_types_the_handler_reads_pass(soak, door):
     png, label = good(soak)
     offset = os.path.getsize(door.log)
     form = b"a=" + b"x%41" * 100
-    for ctype in ("application/x-www-form-urlencoded", "Application/X-WWW-Form-Urlencoded; charset=utf-8", "text/html"):
+    for ctype in (
+        "application/x-www-form-urlencoded",
+        "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+        "text/html",
+    ):
         code, headers, body = exchange(door, head(soak, ctype=ctype, length=len(form)) + form)
         assert (code, json.loads(body)["type"]) == (415, "UnsupportedMediaType"), ctype
     twice = head(soak, length=len(png)).replace(
@@ -535,7 +567,9 @@ def test_soak_10k_mixed_requests_through_the_front_door(soak, tmp_path):
             os.environ["REQUESTS_CA_BUNDLE"] = before
     print("through the front door:", summarize("load", r))
     assert r["requests"] == 10000 and r["errors"] == 0 and r["wrong_labels"] == 0, r["statuses"]
-    assert r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    assert (
+        r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    )
 
 
 # --- another network namespace ------------------------------------------------------------------------
@@ -564,7 +598,9 @@ def netns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)  # gone with the netns, mostly
+        subprocess.run(
+            ["ip", "link", "del", veth], capture_output=True, timeout=30
+        )  # gone with the netns, mostly
 
 
 # A port whose packets are dropped (the firewall keeps gRPC management from other hosts) never answers: 5 s is

@@ -117,7 +117,10 @@ bodies = st.one_of(
     b64_texts,
     st.fixed_dictionaries({"data": st.one_of(b64_texts, st.lists(b64_texts, max_size=4), json_values)}),
     st.fixed_dictionaries(
-        {"id": json_values, "inputs": st.lists(st.fixed_dictionaries({"data": st.lists(b64_texts, max_size=3)}))}
+        {
+            "id": json_values,
+            "inputs": st.lists(st.fixed_dictionaries({"data": st.lists(b64_texts, max_size=3)})),
+        }
     ),
     json_values.map(lambda v: bytearray(json.dumps(v).encode())),
 )

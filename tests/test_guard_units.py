@@ -73,7 +73,9 @@ def fake_archive(store, name="my_model.mar"):
     """A sound zip with a manifest and its .sha256: all the guard checks of an archive."""
     path = os.path.join(store, name)
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "my_model", "modelVersion": "1.0"}}))
+        z.writestr(
+            "MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "my_model", "modelVersion": "1.0"}})
+        )
     write_checksum(path)
     return path
 
@@ -110,7 +112,13 @@ class GuardProcess:
         self.log = open(tmp / "guard.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.guard", "--listen", f"127.0.0.1:{self.port}", "--socket"]
-            + [str(tmp / "mgmt.sock"), "--model-store", str(self.store), "--watch-pid", str(self.sleeper.pid)],
+            + [
+                str(tmp / "mgmt.sock"),
+                "--model-store",
+                str(self.store),
+                "--watch-pid",
+                str(self.sleeper.pid),
+            ],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -216,11 +224,18 @@ TWO_READINGS = {
 def test_a_query_that_could_be_read_two_ways_never_reaches_torchserve(gw, target):
     status, body = gw.request("POST", target)
     assert refused(status, body), (status, body)
-    assert gw.upstream.targets() == []  # ';' case before: 'POST /models?x=1;url=/some/dir&url=my_model.mar' passed
+    assert (
+        gw.upstream.targets() == []
+    )  # ';' case before: 'POST /models?x=1;url=/some/dir&url=my_model.mar' passed
 
 
 def test_a_registration_is_reissued_from_validated_values_only(gw):
-    junk = {"X-Forwarded-For": "1.2.3.4", "Cookie": "a=b", "Content-Type": "application/json", "X-Url": "/some/dir"}
+    junk = {
+        "X-Forwarded-For": "1.2.3.4",
+        "Cookie": "a=b",
+        "Content-Type": "application/json",
+        "X-Url": "/some/dir",
+    }
     status, _ = gw.request("POST", "//%6Dodels/?url=my%5Fmodel.mar&synchronous=TRUE&initial_workers=01", junk)
     assert status == 200
     (head,) = gw.upstream.heads
@@ -238,7 +253,11 @@ def test_other_management_calls_are_reissued_from_a_parsed_form(gw):
         ("GET", "/models?limit=5", "GET /models?limit=5"),
         ("GET", "/models/my_model/all", "GET /models/my_model/all"),
         ("GET", "/models/my%5Fmodel/1.0?customized=true", "GET /models/my_model/1.0?customized=true"),
-        ("PUT", "/models/my_model/1.0?min_worker=2;max_worker=2", "PUT /models/my_model/1.0?min_worker=2&max_worker=2"),
+        (
+            "PUT",
+            "/models/my_model/1.0?min_worker=2;max_worker=2",
+            "PUT /models/my_model/1.0?min_worker=2&max_worker=2",
+        ),
         ("PUT", "/models/my_model/2.0/set-default", "PUT /models/my_model/2.0/set-default"),
         ("DELETE", "/models/my_model/2.0", "DELETE /models/my_model/2.0"),
     ]
@@ -266,7 +285,8 @@ SMUGGLED = b"POST /models?url=/some/dir HTTP/1.1\r\nHost: x\r\nContent-Length: 0
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
 FRAMINGS = {
     "two Content-Lengths (finding 2)": b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(SMUGGLED),
-    "Content-Length and Transfer-Encoding": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(SMUGGLED),
+    "Content-Length and Transfer-Encoding": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n"
+    % len(SMUGGLED),
     "chunked": b"Transfer-Encoding: chunked\r\n",
     "Content-Length with a sign": b"Content-Length: +%d\r\n" % len(SMUGGLED),
     "Content-Length list": b"Content-Length: %d, %d\r\n" % (len(SMUGGLED), len(SMUGGLED)),
@@ -296,7 +316,9 @@ BAD_HEADS = {
     "no version": b"GET /models\r\n\r\n",
     "non-ASCII header": b"GET /models HTTP/1.1\r\nX-A: \xc3\xa9\r\n\r\n",
     "line too long": b"GET /models HTTP/1.1\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
-    "too many headers": b"GET /models HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(70)) + b"\r\n",
+    "too many headers": b"GET /models HTTP/1.1\r\n"
+    + b"".join(b"X-%d: a\r\n" % i for i in range(70))
+    + b"\r\n",
 }
 
 
@@ -318,7 +340,9 @@ def test_the_key_is_checked_before_the_archive(gw):
         f.write(b"\0")  # hashing it would find a mismatch: the answer tells which check ran first
     for key in (None, "wrong", API_KEY, "inf-key"):
         status, body = gw.request("POST", "/models?url=my_model.mar", key=key)
-        assert (status, body["type"]) == (400, "InvalidKeyException"), body  # was 403 'SHA-256 ... does not match'
+        assert (status, body["type"]) == (400, "InvalidKeyException"), (
+            body
+        )  # was 403 'SHA-256 ... does not match'
         assert body["message"] == guard.INVALID_KEY
     status, body = gw.request("POST", "/models?url=my_model.mar")
     assert status == 403 and "does not match" in body["message"]
@@ -374,7 +398,9 @@ def test_an_internal_error_answers_500(tmp_path, monkeypatch):
 
 
 def test_the_listen_backlog_takes_a_burst(gw):
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{gw.port}"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{gw.port}"], capture_output=True, text=True, check=True
+    ).stdout
     assert int(out.split()[2]) >= 128, out  # Send-Q of a listening socket is its backlog: was 5
 
 

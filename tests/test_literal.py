@@ -82,7 +82,11 @@ def shell(tmp_path, archive_factory):
     }
     yield work, env, ports, tmp_path / "ts.properties"
     subprocess.run(
-        ["bash", "-c", f"source .venv/bin/activate && TS_CONFIG_FILE={tmp_path}/ts.properties torchserve --stop"],
+        [
+            "bash",
+            "-c",
+            f"source .venv/bin/activate && TS_CONFIG_FILE={tmp_path}/ts.properties torchserve --stop",
+        ],
         cwd=work,
         env=env,
         capture_output=True,
@@ -93,10 +97,15 @@ def shell(tmp_path, archive_factory):
 def test_the_documented_commands_work_as_typed(shell):
     work, env, ports, config = shell
     lines = documented_lines()
-    assert lines[0] == "source .venv/bin/activate" and lines[1] == "torchserve --start --models my_model=my_model.mar"
+    assert (
+        lines[0] == "source .venv/bin/activate"
+        and lines[1] == "torchserve --start --models my_model=my_model.mar"
+    )
     script = ["set -u", lines[0], f"export TS_CONFIG_FILE={config}  # the test's ports and store"]
     for line in lines[1:]:
-        if line.startswith("torchserve --start"):  # the frontend keeps logging to the shell's stdout: not here
+        if line.startswith(
+            "torchserve --start"
+        ):  # the frontend keeps logging to the shell's stdout: not here
             line += f" > {config.parent}/start.log 2>&1"
         line = line.replace("127.0.0.1:8080", f"127.0.0.1:{ports.inference}")
         script += [line.replace("127.0.0.1:8081", f"127.0.0.1:{ports.management}"), f"echo '{MARKER}'"]

@@ -58,7 +58,9 @@ def test_killed_run_leaves_no_namespace_or_link(namespaces, tmp_path):
     assert "killed after 3s" in results[0]["output"]
     assert multinode.leftovers(tag) == []
     # no trainer outlives the run (an orphan would also keep run() waiting on its output pipe)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def test_refuses_other_than_two_nodes():

@@ -19,7 +19,9 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
 
 
 def quantile(q: float) -> str:
-    return f'histogram_quantile({q}, sum by (le) (rate(HandlerTime_seconds_bucket{{ModelName="my_model"}}[1m])))'
+    return (
+        f'histogram_quantile({q}, sum by (le) (rate(HandlerTime_seconds_bucket{{ModelName="my_model"}}[1m])))'
+    )
 
 
 def bucket_above(seconds: float) -> float:
@@ -48,7 +50,9 @@ def prometheus(server, tmp_path_factory):
         deadline = time.time() + 30
         while not ready(url):
             assert proc.poll() is None, f"prometheus exited:\n{(tmp / 'prometheus.log').read_text()[-2000:]}"
-            assert time.time() < deadline, f"prometheus not ready:\n{(tmp / 'prometheus.log').read_text()[-2000:]}"
+            assert time.time() < deadline, (
+                f"prometheus not ready:\n{(tmp / 'prometheus.log').read_text()[-2000:]}"
+            )
             time.sleep(0.2)
         yield url
     finally:
@@ -99,7 +103,9 @@ def test_prometheus_computes_the_handlers_p99_from_torchserves_histogram(server,
     (p50,) = query(prometheus, quantile(0.5))
     p50 = float(p50["value"][1])
     median, slowest = statistics.median_high(trips), max(trips)
-    print(f"HandlerTime_seconds from Prometheus: p50 {p50:.6f} s, p99 {p99:.6f} s; round trips: median {median:.6f} s")
+    print(
+        f"HandlerTime_seconds from Prometheus: p50 {p50:.6f} s, p99 {p99:.6f} s; round trips: median {median:.6f} s"
+    )
     assert 0 < p99 <= bucket_above(slowest), (p99, slowest)
     assert 0 < p50 <= bucket_above(median), (p50, median)
 

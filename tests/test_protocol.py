@@ -30,7 +30,11 @@ def test_every_body_form_reads_to_its_items_and_answer_shape(png):
         "multipart, two files": ({"a": png, "b": bytearray(png)}, [png, png], "list"),
         "JSON one": ({"body": {"data": b64}}, [b64], "one"),
         "JSON list": ({"body": {"data": [b64, b64]}}, [b64, b64], "list"),
-        "KServe v1, JSON objects": ({"body": {"instances": [{"data": b64}]}}, [b64], "v1"),  # {"predictions": [...]}
+        "KServe v1, JSON objects": (
+            {"body": {"instances": [{"data": b64}]}},
+            [b64],
+            "v1",
+        ),  # {"predictions": [...]}
         "bare list": ({"body": [b64]}, [b64], "list"),
         "JSON as bytes": ({"body": json.dumps({"image": b64}).encode()}, [b64], "one"),
         "base64 text": ({"body": b64}, [b64], "one"),
@@ -101,7 +105,9 @@ def test_answer_shapes():
     }
     (output,) = v2["outputs"]
     assert (
-        output["name"] == "predictions" and output["shape"] == [2] and list(map(json.loads, output["data"])) == results
+        output["name"] == "predictions"
+        and output["shape"] == [2]
+        and list(map(json.loads, output["data"])) == results
     )
 
 

@@ -89,7 +89,12 @@ def check_output_dir(args):
     checkpoint (or this one's checkpoint_best.pt) would overwrite its checkpoints."""
     last = os.path.join(args.output_dir, "checkpoint_last.pt")
     holds_run = os.path.exists(last)
-    resumes_it = holds_run and bool(args.resume) and os.path.isfile(args.resume) and os.path.samefile(args.resume, last)
+    resumes_it = (
+        holds_run
+        and bool(args.resume)
+        and os.path.isfile(args.resume)
+        and os.path.samefile(args.resume, last)
+    )
     if holds_run and not resumes_it:
         raise RunError(
             f"{args.output_dir} already holds a run; pass --resume auto to continue it, "

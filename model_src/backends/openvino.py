@@ -34,7 +34,9 @@ def convert(job: ExportJob):
 
     with warnings.catch_warnings():  # tracing warns about the Python-side padding arithmetic
         warnings.simplefilter("ignore")
-        return ov.convert_model(job.fused, example_input=job.example[:1], input=[(-1, *job.example.shape[1:])])
+        return ov.convert_model(
+            job.fused, example_input=job.example[:1], input=[(-1, *job.example.shape[1:])]
+        )
 
 
 def quantize(model, job: ExportJob):
@@ -42,7 +44,9 @@ def quantize(model, job: ExportJob):
     import nncf
 
     if job.calibration is None:
-        raise ExportError("openvino-int8 needs calibration batches (the training split) and the export job has none")
+        raise ExportError(
+            "openvino-int8 needs calibration batches (the training split) and the export job has none"
+        )
     images = [x[None].numpy() for batch in job.calibration() for x in batch][:CALIBRATION_SAMPLES]
     if not images:
         raise ExportError("openvino-int8: the calibration batches are empty")
