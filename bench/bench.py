@@ -1,6 +1,8 @@
-"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same run.
+"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same
+run.
 
-    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at 224x224
+    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at
+                                                # 224x224
     python -m bench.bench --targets digits --backends onnx --concurrency 16 --seconds 5
 
 For each target model, on this machine, in one run:
@@ -11,13 +13,15 @@ For each target model, on this machine, in one run:
             the same TorchServe: what TorchServe itself costs per request, for the same bodies;
   served    each backend under wrk (1 thread, closed loop, `c` connections): req/s, p50/p90/p99;
   estimate  if a request costs the frontend's share (the ceiling) plus the handler's share (the limit), served
-            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost beyond
-            those two (busy workers = min(c, workers), at the batch size c requests make);
-  ideal     the no-op handler spending exactly the limit's CPU per image before it answers (bench/noop_handler.py),
-            served right before the row: the best any handler with our cost can do behind this TorchServe here.
-            served / ideal is what our handler loses itself; ideal / estimate is what the estimate cannot see
-            (the two parts overlap only partly on shared cores);
-  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python workers,
+            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost
+            beyond those two (busy workers = min(c, workers), at the batch size c requests make);
+  ideal     the no-op handler spending exactly the limit's CPU per image before it answers
+            (bench/noop_handler.py),
+            served right before the row: the best any handler with our cost can do behind this TorchServe
+            here. served / ideal is what our handler loses itself; ideal / estimate is what the estimate
+            cannot see (the two parts overlap only partly on shared cores);
+  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python
+  workers,
             wrk) and split with the in-process stage times: frontend, TorchServe's worker framing (the
             no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the workers
             (metrics, logging, message parsing); bench_breakdown.png stacks them;
@@ -153,7 +157,8 @@ def images_in(body: bytes) -> int:
 
 
 def measure_stages(handler, bodies, batch: int, seconds: float = 2.0) -> dict:
-    """ms per image of decode + preprocess and of the model (at `batch`), in-process, as the handler runs them."""
+    """ms per image of decode + preprocess and of the model (at `batch`), in-process, as the handler runs
+    them."""
     i = iter(range(10**9))
     decode = per_second(lambda: handler.decode_all([bodies[next(i) % len(bodies)]], handler.prep), 1, seconds)
     x = torch.stack(handler.decode_all([bodies[k % len(bodies)] for k in range(batch)], handler.prep))
@@ -162,7 +167,8 @@ def measure_stages(handler, bodies, batch: int, seconds: float = 2.0) -> dict:
 
 
 def json_bodies(files: list[str], n: int, folder: str) -> list[str]:
-    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching bodies."""
+    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching
+    bodies."""
     os.makedirs(folder, exist_ok=True)
     out = []
     for start in range(0, max(len(files), n), n):
@@ -200,8 +206,9 @@ class Server:
         res = post_files(url, self.ts.keys()["inference"]["key"], files, c, self.seconds, content_type)
         cpu1 = self.cpu()
         n = max(res["requests"], 1)
-        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an error.
-        # steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's drift).
+        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an
+        # error. steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's
+        # drift).
         parties = ("frontend", "workers", "wrk", "steal")
         res["cpu_ms"] = {k: round((b - a) * 1000 / n, 4) for k, a, b in zip(parties, cpu0, cpu1)}
         core_seconds = (os.cpu_count() or 1) * res["seconds"]
@@ -211,8 +218,8 @@ class Server:
         return res
 
     def cpu(self) -> tuple[float, float, float, float]:
-        """CPU seconds so far of the frontend alone, of its workers (those alive now), of finished wrk runs, and
-        the machine's steal time."""
+        """CPU seconds so far of the frontend alone, of its workers (those alive now), of finished wrk runs,
+        and the machine's steal time."""
         import psutil
 
         frontend = self.ts.pid()
@@ -253,8 +260,8 @@ def cold_start(ts: TorchServe, image: str, timeout: float = 120) -> float:
 
 
 def steal_seconds() -> float:
-    """The machine's steal time so far (Linux; 0 elsewhere): CPU the hypervisor gave to other guests while this VM
-    wanted it. On the reference VM it reached 45 % of the cores for minutes."""
+    """The machine's steal time so far (Linux; 0 elsewhere): CPU the hypervisor gave to other guests while
+    this VM wanted it. On the reference VM it reached 45 % of the cores for minutes."""
     import psutil
 
     return getattr(psutil.cpu_times(), "steal", 0.0)
@@ -267,8 +274,9 @@ def unstolen(rate: float, steal_share: float) -> float:
 
 
 def has_estimate(c: int, workers: int, batch: int) -> bool:
-    """Only where the batching is known: one request at a time, or every worker taking full batches. In between,
-    TorchServe's greedy batching decides (at c=4 one worker often takes all four requests and the other waits)."""
+    """Only where the batching is known: one request at a time, or every worker taking full batches. In
+    between, TorchServe's greedy batching decides (at c=4 one worker often takes all four requests and the
+    other waits)."""
     return c == 1 or c >= workers * batch
 
 
@@ -279,7 +287,8 @@ def write_busy(path: str, us_per_image: float):
 
 
 def batch_at(c: int, workers: int, batch: int) -> int:
-    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting requests."""
+    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting
+    requests."""
     return max(1, min(batch, math.ceil(c / workers)))
 
 
@@ -349,8 +358,8 @@ def bench_target(target: dict, args, work: str) -> dict:
     build_busy_archive(store, args.config_file, busy_file)
 
     def limit(backend: str, key: str, row_bodies: list[bytes], b: int) -> float:
-        """The handler in-process right before the served row it is the reference of (the machine's speed drifts
-        by up to 2x within minutes); every measurement is kept, the row uses its own."""
+        """The handler in-process right before the served row it is the reference of (the machine's speed
+        drifts by up to 2x within minutes); every measurement is kept, the row uses its own."""
         handler, ctx, rp = handlers[backend]
         server.settle()
         t0, s0 = time.perf_counter(), steal_seconds()
@@ -497,7 +506,8 @@ def table(res: dict) -> str:
         f"\n{res['model']}: batch {res['batch_size']}, {res['workers']} worker(s), maxBatchDelay "
         f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
         f"cold start {res['cold_start_s']:.1f} s",
-        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and the ratios are per "
+        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and "
+        "the ratios are per "
         "core-second it left)",
         f"{'backend':14s}{'c':>4s}{'req/s':>9s}{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'steal':>7s}{'no-op':>9s}"
         f"{'estimate':>10s}{'served/est':>12s}{'ideal':>9s}{'served/ideal':>14s}{'ideal/est':>11s}",
@@ -527,7 +537,8 @@ def table(res: dict) -> str:
         lines += medians(res)
     for row in res["batching"]:
         lines.append(
-            f"client batching x{row['images_per_request']} (c={row['concurrency']}): {row['images_per_s']:.0f} img/s, "
+            f"client batching x{row['images_per_request']} (c={row['concurrency']}): "
+            f"{row['images_per_s']:.0f} img/s, "
             f"estimate {row['estimate_images_per_s']:.0f}, ratio {row['vs_estimate']:.2f}, "
             f"p50 {row['served']['p50_ms']:.1f} ms, errors {row['served']['errors']}"
         )

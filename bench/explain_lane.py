@@ -5,8 +5,8 @@ and on (FrontDoor's defaults: one explanation inside TorchServe at once, its own
     python -m bench.explain_lane                  # 30 s per phase
     python -m bench.explain_lane --seconds 10 --explainers 4
 
-One TorchServe (EfficientNet-Lite0 with its published weights, ONNX, as scripts/import_pretrained.sh builds it)
-on free ports; per phase one front door before it, `--predictors` clients sending one photo each to
+One TorchServe (EfficientNet-Lite0 with its published weights, ONNX, as scripts/import_pretrained.sh builds
+it) on free ports; per phase one front door before it, `--predictors` clients sending one photo each to
 /predictions/imagenet in a loop and `--explainers` clients sending 4 photos each to /explanations/imagenet.
 Phases: predictions alone, lane off, lane on. Writes bench_results/explain_lane.json.
 """
@@ -50,7 +50,8 @@ def get_args_parser():
 
 
 def client(url: str, door, headers: dict, body: bytes, deadline: float, out: list):
-    """Send `body` to `url` in a loop until the deadline (waiting Retry-After when told); append (status, ms)."""
+    """Send `body` to `url` in a loop until the deadline (waiting Retry-After when told); append (status,
+    ms)."""
     with requests.Session() as s:
         while time.monotonic() < deadline:
             t0 = time.perf_counter()

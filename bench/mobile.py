@@ -76,7 +76,8 @@ def measure(export_dir: str, runs: int = 200, warmup: int = 10, threads: int = 1
 def main(args):
     report = measure(args.export_dir, args.runs, args.warmup, args.threads)
     print(
-        f"batch-1 latency, {report['runs']} calls each, {args.threads} thread(s), input {report['input_shape']}:"
+        f"batch-1 latency, {report['runs']} calls each, {args.threads} thread(s), input "
+        f"{report['input_shape']}:"
     )
     for runtime, r in report["runtimes"].items():
         print(

@@ -100,7 +100,8 @@ def measure(path: str, url: str, concurrency: int, seconds: int, env: dict, pids
     if door:
         row["rejection_p99_ms"], _ = rejection_p99(door.log, offset)
     print(
-        f"  {path:10s} c={concurrency:4d}: {row['good_rps']:7.1f} good/s {row['rejected_rps']:8.1f} rejected/s "
+        f"  {path:10s} c={concurrency:4d}: {row['good_rps']:7.1f} good/s "
+        f"{row['rejected_rps']:8.1f} rejected/s "
         f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms  other {other or '-'}  cpu {cpu}",
         flush=True,
     )

@@ -1,12 +1,13 @@
-"""EfficientNet-Lite0 in-process, per CPU backend and precision: ms per image and the precision gate's figures.
+"""EfficientNet-Lite0 in-process, per CPU backend and precision: ms per image and the precision gate's
+figures.
 
     python -m bench.precisions                          # onnx, openvino, openvino-bf16, openvino-int8
     python -m bench.precisions --rounds 3 --crops 400   # cheap mode
 
 Each backend's file is exported from the imported ImageNet weights (int8 calibrated on 300 random crops of the
 bundled photos, another seed than the gate's), loaded with one thread, and timed at batch 1 and 4: each round
-runs every backend in turn, starting from a different one, so a slow minute of this shared machine falls on all
-of them alike. The table gives the median ms per image over rounds and its 10th-90th percentile. The gate
+runs every backend in turn, starting from a different one, so a slow minute of this shared machine falls on
+all of them alike. The table gives the median ms per image over rounds and its 10th-90th percentile. The gate
 (train/precision.py) runs each backend against the eager fp32 model on --crops random crops of the photos.
 """
 
@@ -100,10 +101,12 @@ def main(args):
         samples = timings(loaded, prep, args.rounds, args.iters)
         gates = {name: precision.evaluate(model, predict, crops, prep) for name, predict in loaded.items()}
     print(
-        f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median (10th-90th pct)\n"
+        f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median "
+        "(10th-90th pct)\n"
     )
     print(
-        "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where fp32 leads "
+        "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where "
+        "fp32 leads "
         "by >= 0.05 | max abs Δprob | gate |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")

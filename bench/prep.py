@@ -1,6 +1,7 @@
 """Preprocessing per stage, before and after issue 26, measured alternately in one run on one thread.
 
-    python -m bench.prep                    # the per-stage table (docs/benchmarks.md, "Preprocessing per stage")
+    python -m bench.prep                    # the per-stage table (docs/benchmarks.md, "Preprocessing per
+                                            # stage")
     python -m bench.prep --rounds 3         # cheap mode
     python -m bench.prep --agreement 200    # also: EfficientNet-Lite0's top-1 under both, on photos and crops
 
@@ -8,10 +9,10 @@ Stages, for the bundled photos (scikit-image's and scikit-learn's, 451-640 px) a
   decode          bytes -> PIL image (decode_image: the cheap checks, then Pillow at its JPEG draft scale)
   resize + crop   the decoded image -> the model's 224 x 224 RGB (Preprocessing.prepare)
   to tensor       -> normalised float32 (3, 224, 224)
-"before" is the code this issue replaced, kept here to measure against: the draft asked for twice the resize, the
-whole image was resized and then cropped, and normalisation was three passes over float copies.
-Each round times every photo's stages before and after, alternating which goes first, each stage the least of 3
-runs; the table gives the median over rounds and photos, and the spread of the per-round medians.
+"before" is the code this issue replaced, kept here to measure against: the draft asked for twice the resize,
+the whole image was resized and then cropped, and normalisation was three passes over float copies.
+Each round times every photo's stages before and after, alternating which goes first, each stage the least of
+3 runs; the table gives the median over rounds and photos, and the spread of the per-round medians.
 """
 
 import argparse

@@ -261,16 +261,19 @@ def summarize(name: str, r: dict) -> str:
     verdict = "PASS" if r["passed"] else "FAIL"
     if name == "load":
         return (
-            f"load: {r['requests']} requests at c={r['concurrency']} ({r['bad_body_share'] * 100:.0f}% bad bodies of "
+            f"load: {r['requests']} requests at c={r['concurrency']} "
+            f"({r['bad_body_share'] * 100:.0f}% bad bodies of "
             f"{r['bad_kinds']} kinds) in {r['seconds']:.0f}s = {r['throughput_rps']:.0f} req/s; statuses "
             f"{r['statuses']}; 5xx/errors {r['errors']}; wrong answers {r['wrong_labels']}; RSS "
-            f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB ({r['rss_growth'] * 100:+.1f}%) {verdict}"
+            f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB "
+            f"({r['rss_growth'] * 100:+.1f}%) {verdict}"
         )
     if name == "worker_death":
         return (
             f"worker death: SIGKILL pid {r['killed_pid']} of {r['workers_before']} mid-load; "
             f"workers {r['workers_after']} ready and answering after "
-            f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests failed during; "
+            f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests "
+            "failed during; "
             f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}"
         )
     if name == "restart":
@@ -279,7 +282,8 @@ def summarize(name: str, r: dict) -> str:
             f"answers {r['answers']} {verdict}"
         )
     return (
-        f"bad registration during load: {r['registration_status']}; load {r['load'].get('requests')} requests, "
+        f"bad registration during load: {r['registration_status']}; load "
+        f"{r['load'].get('requests')} requests, "
         f"errors {r['load'].get('errors')}, wrong {r['load'].get('wrong_labels')}; "
         f"deployment {r['deployment']} {verdict}"
     )

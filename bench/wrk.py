@@ -1,4 +1,5 @@
-"""Load from wrk (C, one event-loop thread) and the CPU it costs each process: the benchmarks' measuring tools.
+"""Load from wrk (C, one event-loop thread) and the CPU it costs each process: the benchmarks' measuring
+tools.
 
 A Python load generator spends about a core of its own on each request at these rates, on the cores the
 server needs; wrk spends a few microseconds, so what gets measured is the server. wrk counts answers by

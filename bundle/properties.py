@@ -3,8 +3,8 @@
 
 def read_properties(path: str) -> dict:
     r"""Parse a Java .properties file as java.util.Properties.load does (TorchServe writes its snapshots with Java
-    escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are dropped, trailing
-    ones kept; an odd number of backslashes at the end of a line continues it on the next."""
+    escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are dropped,
+    trailing ones kept; an odd number of backslashes at the end of a line continues it on the next."""
     with open(path, encoding="latin-1") as f:  # Properties.load(InputStream) reads ISO 8859-1
         return parse_properties(f)
 

@@ -32,8 +32,8 @@ FRONT_DOOR_DIR = os.path.join(
 )  # the TLS front door's own folder (0700): certificates, config, log
 
 MODEL_NAME = "my_model"
-# Started as root, TorchServe runs as this unprivileged user (scripts/setup.sh creates it): a model's handler is
-# code, and a registered model must never run as root.
+# Started as root, TorchServe runs as this unprivileged user (scripts/setup.sh creates it): a model's handler
+# is code, and a registered model must never run as root.
 SERVICE_USER = "torchserve"
 FRONT_DOOR_PORT = (
     8443  # the HTTPS front door (deploy/frontdoor.py): the one port that listens beyond loopback

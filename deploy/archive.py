@@ -6,9 +6,9 @@
 
 With --checkpoint, the command first exports it (train.export) into the build's staging folder; with
 --export-dir it packs a train.export folder as it is. Version 1.0 becomes model_store/<model>.mar, any other
-version model_store/<model>_v<version>.mar. An existing archive is never overwritten. A SHA-256 is written next
-to every archive (<archive>.sha256, sha256sum format), before the archive is placed, so a build killed at any
-point leaves no archive without one; the registration tools refuse archives that do not match it. A killed
+version model_store/<model>_v<version>.mar. An existing archive is never overwritten. A SHA-256 is written
+next to every archive (<archive>.sha256, sha256sum format), before the archive is placed, so a build killed at
+any point leaves no archive without one; the registration tools refuse archives that do not match it. A killed
 build's staging folder (model_store/.archive-*) is removed by the next build.
 
 The archive ships the handler, the whole model_src/ package (nothing else: training code lives in train/), the
@@ -85,9 +85,9 @@ def fsync_path(path: str):
 
 
 def place_archive(built: str, target: str) -> str:
-    """Put a built archive at `target` with its checksum, sidecar first: a build killed at any point leaves either
-    no .mar or a .mar with its .sha256, never a .mar without one. A sidecar without its .mar is what a build killed
-    between the two leaves; it is replaced."""
+    """Put a built archive at `target` with its checksum, sidecar first: a build killed at any point leaves
+    either no .mar or a .mar with its .sha256, never a .mar without one. A sidecar without its .mar is what a
+    build killed between the two leaves; it is replaced."""
     digest = sha256_of(built)
     fsync_path(built)
     staged_sidecar = built + ".sha256"
@@ -111,7 +111,8 @@ def shipped(bundle: Manifest, backend: backends.Backend) -> dict[str, str]:
     missing = [b.name for b in want if b.name not in bundle.files]
     if missing:
         raise ValueError(
-            f"the export folder has no {', '.join(missing)} file (it has {sorted(bundle.files)}): export it with "
+            f"the export folder has no {', '.join(missing)} file (it has {sorted(bundle.files)}): "
+            "export it with "
             f"--formats {','.join(b.name for b in want)}"
         )
     return {b.name: bundle.files[b.name] for b in want}
@@ -159,8 +160,9 @@ def add_archive_part(
 
 @contextlib.contextmanager
 def staging(store: str):
-    """A build's folder in the store, removed when the build ends, also by an exception. The build holds an flock
-    on it, which the kernel releases when the build dies: remove_dead_staging tells a dead build's folder by that."""
+    """A build's folder in the store, removed when the build ends, also by an exception. The build holds an
+    flock on it, which the kernel releases when the build dies: remove_dead_staging tells a dead build's
+    folder by that."""
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=store) as tmp:
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -203,8 +205,8 @@ def build_archive(
     output: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    """Package the export folder `export_dir` (its bundle.json says what is there) as a checked archive with its
-    .sha256; `batch_size` replaces the config file's batchSize for this archive only."""
+    """Package the export folder `export_dir` (its bundle.json says what is there) as a checked archive with
+    its .sha256; `batch_size` replaces the config file's batchSize for this archive only."""
     chosen = backends.get(backend)
     if not chosen.server:
         raise ValueError(
@@ -216,9 +218,9 @@ def build_archive(
     store = os.path.dirname(os.path.abspath(target))
     shared_dir(store)
     remove_dead_staging(store)
-    # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot keeps
-    # TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover for an
-    # archive.
+    # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot
+    # keeps TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover
+    # for an archive.
     with staging(store) as tmp:
         stage, served = os.path.join(tmp, "stage"), os.path.join(export_dir, chosen.file)
         stage_extra_files(export_dir, stage, files, chosen.file)
@@ -274,8 +276,8 @@ def archive_checkpoint(
 ) -> dict:
     """Export `checkpoint` (train.export) into a staging folder in the store, then build_archive that folder:
     what the CLI's --checkpoint does."""
-    # Imported here, not at the top: this module's re-exported checks are imported by the guard, which loads no
-    # torch; only this CLI path exports.
+    # Imported here, not at the top: this module's re-exported checks are imported by the guard, which loads
+    # no torch; only this CLI path exports.
     from train.export import export_all
 
     chosen = backends.get(backend)
@@ -324,7 +326,8 @@ def main(args):
         raise SystemExit(f"archive failed: {e}") from None
     entry = info["export"]["formats"][args.backend]
     print(
-        f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager {entry['max_diff']:.1e})"
+        f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager "
+        f"{entry['max_diff']:.1e})"
         f"\n  {os.path.relpath(info['archive'])}  {info['bytes'] / 1024:.0f} KiB  sha256 {info['sha256']}"
     )
 

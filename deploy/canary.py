@@ -1,22 +1,24 @@
-"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each step
-judged against the default over the same window, promoted after the last step, rolled back by itself on a fail.
+"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each
+step judged against the default over the same window, promoted after the last step, rolled back by itself on a
+fail.
 
     scripts/register_version.sh model_store/my_model_v2.0.mar --canary 5,25,50,100 --step-seconds 60 \
         --prometheus http://127.0.0.1:9090
 
-The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin servers,
-`default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no connection
-dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy builds the
-candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per step:
-  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`), the
-    door's own counters when Prometheus has no such series (the report says which);
+The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin
+servers, `default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no
+connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
+builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per
+step:
+  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
+    the door's own counters when Prometheus has no such series (the report says which);
   - p99: the door's access log (`lane=canary server=... ms=...`) over the window;
   - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
 deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
-goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is written
-to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted door
-starts with an empty map, so it sends everything to the default, and the controller, finding its split gone,
-stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
+goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is
+written to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted
+door starts with an empty map, so it sends everything to the default, and the controller, finding its split
+gone, stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
 
 import json
 import os
@@ -96,7 +98,8 @@ def current_share(door: FrontDoor) -> int:
 
 
 def split_in_place(door: FrontDoor, model: str, share: int) -> bool:
-    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight 0)."""
+    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight
+    0)."""
     try:
         mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
     except OSError:
@@ -183,7 +186,8 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
 
 
 def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
-    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the report."""
+    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the
+    report."""
     if not prometheus:
         return {}
     query = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
@@ -221,7 +225,8 @@ def window(
             break
         now = door_errors(door).get("candidate", {})
         if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
-            break  # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+            # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+            break
         if elapsed > th.max_step_seconds:
             raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
     t1 = time.time()

@@ -1,6 +1,6 @@
-"""The HTTP client of a running TorchServe's inference API, shared by the `predict` CLI (deploy/predict.py), the
-promotion gate, serve.sh and the benchmarks: which server to talk to (TS_KEY_FILE, TS_INFERENCE_URL), how an
-image is posted and how an answer is read."""
+"""The HTTP client of a running TorchServe's inference API, shared by the `predict` CLI (deploy/predict.py),
+the promotion gate, serve.sh and the benchmarks: which server to talk to (TS_KEY_FILE, TS_INFERENCE_URL), how
+an image is posted and how an answer is read."""
 
 import os
 import urllib.parse
@@ -66,7 +66,8 @@ def target() -> TorchServe:
             and os.environ.get("TS_ALLOW_PLAIN_HTTP") != "1"
         ):
             raise UsageError(
-                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on the way reads "
+                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on "
+                "the way reads "
                 "it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
             )
         ts.scheme, ts.host = url.scheme, url.hostname

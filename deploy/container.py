@@ -3,7 +3,8 @@
 python -m deploy.container base                                   # Debian base from debootstrap (cached)
 python -m deploy.container build [--base IMAGE] [--tag TAG] [--bake STORE]
 python -m deploy.container run [--tag TAG] [--store DIR] [--port 8080] [--name NAME]
-python -m deploy.container header [--name NAME] | curl -H @- ...  # the inference key, read inside the container
+python -m deploy.container header [--name NAME] | curl -H @- ...  # the inference key, read inside the
+                                                                  # container
 python -m deploy.container rm [--name NAME]
 
 Where no registry is reachable, `base` builds a Debian bookworm image with debootstrap and `docker import`
@@ -50,7 +51,7 @@ def docker(*args: str, check: bool = True, timeout: float = 120, **kw) -> subpro
     return proc
 
 
-# --- the container runtime ------------------------------------------------------------------------------------
+# --- the container runtime ----------------------------------------------------------------------------------
 
 
 def daemon_answers() -> bool:
@@ -71,7 +72,8 @@ def apt_install(*packages: str):
 
 
 def ensure_docker():
-    """A docker CLI and a daemon that answers: as root, Debian's docker.io is installed and dockerd started."""
+    """A docker CLI and a daemon that answers: as root, Debian's docker.io is installed and dockerd
+    started."""
     if daemon_answers():
         return
     if shutil.which("dockerd") is None:
@@ -116,11 +118,12 @@ def ensure_base(tag: str = BASE) -> str:
     return tag
 
 
-# --- build ----------------------------------------------------------------------------------------------------
+# --- build --------------------------------------------------------------------------------------------------
 
 
 def stage_cas():
-    """Behind a TLS-intercepting proxy pip needs its CA: copy this machine's extra CAs into the build context."""
+    """Behind a TLS-intercepting proxy pip needs its CA: copy this machine's extra CAs into the build
+    context."""
     for old in glob.glob(os.path.join(CA_DIR, "*.crt")):
         os.remove(old)
     for crt in glob.glob("/usr/local/share/ca-certificates/**/*.crt", recursive=True):
@@ -138,7 +141,8 @@ def stage_store(store: str) -> str:
 
 
 def build(tag: str = IMAGE, base: str | None = None, bake: str | None = None, timeout: float = 3600) -> float:
-    """Build the image; returns its wall time in seconds. base None: the debootstrap base (built if missing)."""
+    """Build the image; returns its wall time in seconds. base None: the debootstrap base (built if
+    missing)."""
     ensure_docker()
     base = base or ensure_base()
     stage_cas()
@@ -153,7 +157,7 @@ def build(tag: str = IMAGE, base: str | None = None, bake: str | None = None, ti
     return time.time() - t0
 
 
-# --- run ------------------------------------------------------------------------------------------------------
+# --- run ----------------------------------------------------------------------------------------------------
 
 
 def check_store(store: str):
@@ -163,7 +167,8 @@ def check_store(store: str):
     mar = os.path.join(store, f"{settings.MODEL_NAME}.mar")
     if not os.path.isfile(mar):
         raise ContainerError(
-            f"model store {store} has no {settings.MODEL_NAME}.mar: TorchServe in the container starts with it "
+            f"model store {store} has no {settings.MODEL_NAME}.mar: TorchServe in the container "
+            "starts with it "
             f"(scripts/archive.sh 1.0 CHECKPOINT writes it)"
         )
     if os.stat(store).st_mode & 0o005 != 0o005 or os.stat(mar).st_mode & 0o004 == 0:
@@ -191,8 +196,8 @@ def run(
     name: str = NAME,
     timeout=300,
 ) -> str:
-    """Start the image serving `store` (mounted read-only; None: the archives baked in) with inference published
-    on 127.0.0.1:port only; wait until TorchServe is ready. Nothing is left behind when it fails."""
+    """Start the image serving `store` (mounted read-only; None: the archives baked in) with inference
+    published on 127.0.0.1:port only; wait until TorchServe is ready. Nothing is left behind when it fails."""
     if store is not None:
         store = os.path.abspath(store)
         check_store(store)
@@ -259,7 +264,8 @@ def main(argv=None):
         elif args.action == "run":
             run(args.tag, None if args.baked else args.store, args.port, args.name)
             print(
-                f"{args.name}: inference on http://127.0.0.1:{args.port} (scripts/container.sh header | curl -H @-)"
+                f"{args.name}: inference on http://127.0.0.1:{args.port} (scripts/container.sh "
+                "header | curl -H @-)"
             )
         elif args.action == "header":
             for k, v in header(args.name).items():

@@ -8,7 +8,8 @@ TorchServe stays on 127.0.0.1; only the front door listens beyond loopback, and 
   - answers at once 503 + Retry-After + a JSON message when its queue holds `queue` requests, or when a
     request waited `queue_timeout` s, and 429 when a client sends more than `rate` requests/s (0: off);
   - refuses a body longer than TorchServe's max_request_size (413) or without a length (411), a media type
-    the handler does not read (415: url-encoded forms) and the API description (404) before TorchServe sees it;
+    the handler does not read (415: url-encoded forms) and the API description (404) before TorchServe sees
+    it;
   - protects TorchServe from slow and many clients: `per_source` connections per address, a deadline for the
     handshake, the head and the body (held whole before the request is queued: 408), idle keep-alive closed;
   - gives explanations (seconds each) and bodies too large to hold (they stream) their own lanes, each with
@@ -47,7 +48,8 @@ CANARY_MAP = (
 CANARY_WEIGHT = 100  # the canary backend's weights add up to this: a weight is a share in percent
 
 
-# TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (ECDSA for the generated certificate, RSA for a real one)
+# TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (ECDSA for the generated certificate, RSA for a
+# real one)
 TLS12_CIPHERS = ":".join(
     f"ECDHE-{auth}-{cipher}"
     for auth in ("ECDSA", "RSA")
@@ -176,8 +178,8 @@ class FrontDoor:
 
     def lanes(self) -> list[tuple[str, int, int]]:
         """(backend, requests inside TorchServe at once, requests waiting) per lane: predictions, explanations
-        (costly: they must never take the slots predictions need), and bodies too large to buffer (they stream,
-        so a slow sender holds its slot: keep those few)."""
+        (costly: they must never take the slots predictions need), and bodies too large to buffer (they
+        stream, so a slow sender holds its slot: keep those few)."""
         return [
             ("torchserve", self.maxconn, self.queue),
             ("explain", self.explain_maxconn, self.explain_queue),
@@ -237,17 +239,21 @@ class FrontDoor:
         rules = [
             f"bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1",
             f"maxconn {self.max_clients}",
-            f"stick-table type ip size 100k expire {table}s store conn_cur,http_req_rate({self.rate_period}s)",
+            f"stick-table type ip size 100k expire {table}s store "
+            f"conn_cur,http_req_rate({self.rate_period}s)",
             "tcp-request connection track-sc0 src",
             f"tcp-request connection reject if {{ sc0_conn_cur gt {self.per_source} }}",
-            # What TorchServe must not see, refused on the head: it reads (and form-decodes) whole bodies before
-            # it checks the key.
-            f"http-request return {json_reply(411, 'LengthRequired', 'send a Content-Length (no chunked bodies)')} "
+            # What TorchServe must not see, refused on the head: it reads (and form-decodes) whole bodies
+            # before it checks the key.
+            "http-request return "
+            f"{json_reply(411, 'LengthRequired', 'send a Content-Length (no chunked bodies)')} "
             "if { req.hdr(transfer-encoding) -m found }",
-            f"http-request return {json_reply(413, 'PayloadTooLarge', f'request body over {self.max_body} bytes')} "
+            "http-request return "
+            f"{json_reply(413, 'PayloadTooLarge', f'request body over {self.max_body} bytes')} "
             f"if {{ req.hdr_val(content-length) gt {self.max_body} }}",
-            # The media type before any parameter, lower-cased: the types the handler reads. Netty form-decodes
-            # url-encoded bodies (16 MB: 5.7 s of its CPU, +2.1 GB) and multipart ones (capped below).
+            # The media type before any parameter, lower-cased: the types the handler reads. Netty
+            # form-decodes url-encoded bodies (16 MB: 5.7 s of its CPU, +2.1 GB) and multipart ones (capped
+            # below).
             "acl typed req.fhdr_cnt(content-type) gt 0",
             f"acl served req.fhdr(content-type),lower,field(1,;) -m str {' '.join(SERVED_TYPES)}",
             "acl served req.fhdr(content-type),lower,field(1,;) -m beg image/",
@@ -255,19 +261,22 @@ class FrontDoor:
             f"http-request return {json_reply(400, 'BadRequest', 'one Content-Type at most')} "
             "if { req.fhdr_cnt(content-type) gt 1 }",
             f"http-request return {json_reply(415, 'UnsupportedMediaType', UNSUPPORTED)} if typed !served",
-            f"http-request return {json_reply(413, 'PayloadTooLarge', f'multipart body over {self.max_form} bytes')} "
+            "http-request return "
+            f"{json_reply(413, 'PayloadTooLarge', f'multipart body over {self.max_form} bytes')} "
             f"if form {{ req.hdr_val(content-length) gt {self.max_form} }}",
-            # TorchServe's OpenAPI description (GET /api-description, OPTIONS /) needs no key and names its version.
-            # Paths as Netty reads them: percent-decoded; lower-cased to refuse more, never less.
+            # TorchServe's OpenAPI description (GET /api-description, OPTIONS /) needs no key and names its
+            # version. Paths as Netty reads them: percent-decoded; lower-cased to refuse more, never less.
             "acl api_description path,url_dec,lower -m beg /api-description",
-            f"http-request return {json_reply(404, 'NotFound', 'no such resource')} if METH_OPTIONS or api_description",
+            f"http-request return {json_reply(404, 'NotFound', 'no such resource')} if "
+            "METH_OPTIONS or api_description",
             # The body, whole, before the request may take a place in a queue: a slow sender gets 408 after
             # body_timeout and never holds a slot. A body larger than the buffer has to stream: the bulk lane.
             # Refusals from here on come after the body, so the connection stays usable for the next request.
             f"http-request wait-for-body time {self.body_timeout}s",
             "http-request set-var(txn.buffered) req.body_len",
             "acl streamed req.body_size,sub(txn.buffered) gt 0",
-            # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here too)
+            # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here
+            # too)
             "acl explain path,url_dec,lower -m sub explanation explain",
             "http-request track-sc1 src table explain if explain",
             *self.oip_rules(),
@@ -312,13 +321,13 @@ class FrontDoor:
         ]
         return f"backend {name}\n" + "".join(f"    {rule}\n" for rule in rules)
 
-    # --- KServe v2 / Open Inference Protocol: what TorchServe 0.12 does not answer (docs/kserve.md) -------------
+    # --- KServe v2 / Open Inference Protocol: what TorchServe 0.12 does not answer (docs/kserve.md) ---------
     def oip_rules(self) -> list[str]:
-        """Model metadata and readiness, and the versioned infer/explain routes, for each model in self.models.
-        Each becomes a request TorchServe answers with the client's own key (metadata and readiness: GET /ping,
-        whose 200 the door then replaces with the model's answer), so a wrong key gets TorchServe's refusal on
-        every v2 path. Paths are matched whole as strings (no regular expression); any other spelling reaches
-        TorchServe unchanged and gets its 404."""
+        """Model metadata and readiness, and the versioned infer/explain routes, for each model in
+        self.models. Each becomes a request TorchServe answers with the client's own key (metadata and
+        readiness: GET /ping, whose 200 the door then replaces with the model's answer), so a wrong key gets
+        TorchServe's refusal on every v2 path. Paths are matched whole as strings (no regular expression); any
+        other spelling reaches TorchServe unchanged and gets its 404."""
         rules = []
         for name, meta in self.models.items():
             base = f"/v2/models/{name}"
@@ -332,7 +341,8 @@ class FrontDoor:
             for version, path in zip(meta["versions"], versioned):
                 rules += [
                     f"http-request set-path /predictions/{name}/{version} if {{ path -m str {path}/infer }}",
-                    f"http-request set-path /explanations/{name}/{version} if {{ path -m str {path}/explain }}",
+                    f"http-request set-path /explanations/{name}/{version} if {{ path -m str "
+                    f"{path}/explain }}",
                 ]
             ready = haproxy_quote(json.dumps({"name": name, "ready": True}))
             rules += [
@@ -354,13 +364,14 @@ class FrontDoor:
 
     # --- canary (deploy/canary.py drives it live through the admin socket) ---------------------------------
     def canary_sections(self) -> str:
-        """A `canary` backend with two servers, `default` and `candidate`, weighted round-robin (so each share is
-        exact, not a coin toss), each a loopback frontend that re-issues the request on a path HAProxy builds:
-        the candidate's versioned route `/predictions/<model>/<version>` from canary.map (which deploy/canary.py
-        fills with validated values), the default's unchanged. Both then take the predictions lane, so its cap
-        and queue hold for the split traffic too. The candidate starts at weight 0; the config never splits by
-        itself, so a restarted door sends everything to the default. Each 200 answer's top-1 label (the first key
-        of the handler's JSON) is counted per server in the backend's table, for the class distributions."""
+        """A `canary` backend with two servers, `default` and `candidate`, weighted round-robin (so each share
+        is exact, not a coin toss), each a loopback frontend that re-issues the request on a path HAProxy
+        builds: the candidate's versioned route `/predictions/<model>/<version>` from canary.map (which
+        deploy/canary.py fills with validated values), the default's unchanged. Both then take the predictions
+        lane, so its cap and queue hold for the split traffic too. The candidate starts at weight 0; the
+        config never splits by itself, so a restarted door sends everything to the default. Each 200 answer's
+        top-1 label (the first key of the handler's JSON) is counted per server in the backend's table, for
+        the class distributions."""
         sock = f"abns@frontdoor-{self.port}"
         cmap = self.path(CANARY_MAP)
         lines = [
@@ -368,7 +379,8 @@ class FrontDoor:
             "    balance roundrobin",
             "    stick-table type string len 80 size 1k store gpc0",
             "    http-response wait-for-body time 1s if { status 200 }",
-            # the first key of the answer's JSON object (the top-1 label: the handler writes it first), split on `"`
+            # the first key of the answer's JSON object (the top-1 label: the handler writes it first), split
+            # on `"`
             """    http-response set-var(txn.top1) 'res.body,field(2,"\\"")' if { status 200 }""",
             "    http-response set-var(txn.answer) srv_name,concat(/,txn.top1) if { status 200 }",
             "    http-response track-sc2 var(txn.answer) if { status 200 }",
@@ -400,7 +412,8 @@ class FrontDoor:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         self.write_oip()
         with private_files(), open(self.path(CANARY_MAP), "w"):
-            pass  # empty at every start: a restarted door splits nothing (a canary's controller sees it and stops)
+            # empty at every start: a restarted door splits nothing (a canary's controller sees it and stops)
+            pass
         with private_files(), open(self.config, "w") as f:
             f.write(self.haproxy_config())
         check = subprocess.run([haproxy(), "-c", "-q", "-f", self.config], capture_output=True, text=True)
@@ -459,7 +472,8 @@ class FrontDoorError(RuntimeError):
 
 
 def for_server(ts, **kw) -> FrontDoor:
-    """The front door of a TorchServe object: its inference port, its max_request_size and response timeout."""
+    """The front door of a TorchServe object: its inference port, its max_request_size and response
+    timeout."""
     props = ts.config()
     max_body = int(props.get("max_request_size", 6553500))
     server_timeout = int(props.get("default_response_timeout", 120)) + 30

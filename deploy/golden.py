@@ -95,7 +95,8 @@ def read_fixed(fixed: str) -> tuple[list[tuple[bytes, str]], dict]:
     if changed:
         raise DeployError(
             f"the model's golden set {fixed} does not match its manifest ({', '.join(changed[:4])}"
-            f"{' ...' if len(changed) > 4 else ''}): not gating on it; name a set with --golden DIR --replace-golden"
+            f"{' ...' if len(changed) > 4 else ''}): not gating on it; name a set with --golden "
+            "DIR --replace-golden"
         )
     info = {
         "source": "model",
@@ -143,7 +144,8 @@ def choose(
             raise DeployError("--golden-from-candidate and --replace-golden need --golden DIR")
         if not os.path.isdir(fixed):
             raise DeployError(
-                f"{model} has no golden set yet: its first gate needs --golden DIR, which becomes the model's set "
+                f"{model} has no golden set yet: its first gate needs --golden DIR, which becomes "
+                "the model's set "
                 f"(copied to {fixed})"
             )
         return read_fixed(fixed)
@@ -161,7 +163,8 @@ def choose(
         golden, info = read_fixed(fixed)
         if info["sha256"] != named["sha256"]:
             raise DeployError(
-                f"{folder} is not {model}'s golden set (fixed in {fixed} from {info['from']}): a candidate is "
+                f"{folder} is not {model}'s golden set (fixed in {fixed} from {info['from']}): a "
+                "candidate is "
                 f"judged on the model's set. Leave out --golden to use it; --golden-from-candidate gates on "
                 f"{folder} this once (the report records it); --replace-golden makes {folder} the model's set"
             )

@@ -1,4 +1,5 @@
-"""The management port's gatekeeper: it re-issues the management calls it understands, it never forwards bytes.
+"""The management port's gatekeeper: it re-issues the management calls it understands, it never forwards
+bytes.
 
 TorchServe 0.12's register call also loads an unpacked model *directory* from any absolute path, with no
 checksum, and no setting turns that off; its handler is code that runs as the server's user. So the
@@ -8,17 +9,18 @@ proxy owns the management port.
 Every request is parsed strictly (one request line, no folded or duplicate headers, no control characters, at
 most one Content-Length of 0..MAX_BODY, no Transfer-Encoding) and its key is checked against TorchServe's
 key_file.json (which the guard, running as the server's user, can read) before any costly work. Its path is
-percent-decoded and split the way TorchServe reads it, its query the way Netty 4.1.53's QueryStringDecoder does
-(on '&' *and* ';', '+' as a space); repeated and unknown parameters are refused, each value must have its
+percent-decoded and split the way TorchServe reads it, its query the way Netty 4.1.53's QueryStringDecoder
+does (on '&' *and* ';', '+' as a space); repeated and unknown parameters are refused, each value must have its
 parameter's form. Then a *new* request goes to TorchServe, built from the validated values only: method,
-normalised path, re-encoded query, the Authorization header. Registrations pass only when `url` is the file name
-of a `.mar` in the model store that matches its `.sha256` and is a sound zip with a manifest. Anything else gets
-a JSON answer (400, 403, 404, 405, 413; 500 for a bug of ours) and the connection is closed. The log lists each
-call as it was re-issued.
+normalised path, re-encoded query, the Authorization header. Registrations pass only when `url` is the file
+name of a `.mar` in the model store that matches its `.sha256` and is a sound zip with a manifest. Anything
+else gets a JSON answer (400, 403, 404, 405, 413; 500 for a bug of ours) and the connection is closed. The log
+lists each call as it was re-issued.
 The reading of a request lives in deploy/guard_request.py; this module holds the keys, the proxy and the
 guard's process (launch, state, stop).
 
-    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock --model-store model_store
+    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock --model-store
+    model_store
 """
 
 import argparse
@@ -45,16 +47,17 @@ from deploy.errors import error_body
 from deploy.guard_request import FIELD_CHARS, MAX_BODY, MAX_LINE, Call, Head, Refusal, build, only, read_head
 from deploy.privileges import logged
 
-# TorchServe's answer to a missing or wrong key: the tools (deploy/server.py) recognise it and re-read the key file
+# TorchServe's answer to a missing or wrong key: the tools (deploy/server.py) recognise it and re-read the key
+# file
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
 
-# --- keys ----------------------------------------------------------------------------------------------------------
+# --- keys ---------------------------------------------------------------------------------------------------
 
 
 class Keys:
-    """The keys in TorchServe's key_file.json (the guard runs as the server's user and may read it), re-read when a
-    presented key does not match (TorchServe rewrites the file when a key is refreshed)."""
+    """The keys in TorchServe's key_file.json (the guard runs as the server's user and may read it), re-read
+    when a presented key does not match (TorchServe rewrites the file when a key is refreshed)."""
 
     def __init__(self, key_file: str | None, upstream: str):
         self.key_file, self.upstream = key_file, upstream
@@ -63,7 +66,8 @@ class Keys:
         self.lock = threading.Lock()
 
     def authorize(self, call: Call, authorization: str | None) -> dict:
-        """The Authorization header to send with `call` ({} with tokens off); Refusal when the key is wrong."""
+        """The Authorization header to send with `call` ({} with tokens off); Refusal when the key is
+        wrong."""
         scheme, _, token = (authorization or "").partition(" ")
         if self.key_file is None:  # nothing to check against: TorchServe alone judges the key
             return {"Authorization": f"Bearer {token}"} if scheme == "Bearer" and token else {}
@@ -108,7 +112,7 @@ class Keys:
         return self.tokens
 
 
-# --- the proxy -----------------------------------------------------------------------------------------------------
+# --- the proxy ----------------------------------------------------------------------------------------------
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -192,8 +196,8 @@ class Guard(socketserver.StreamRequestHandler):
 
     def linger(self):
         """Close gently: closing a socket with unread input resets the connection, and the reset can erase the
-        answer before the client reads it (RFC 9112 9.6). So stop sending, then read what the client still sends,
-        for 2 s and MAX_BODY bytes at most, before the socket is closed."""
+        answer before the client reads it (RFC 9112 9.6). So stop sending, then read what the client still
+        sends, for 2 s and MAX_BODY bytes at most, before the socket is closed."""
         left, deadline = MAX_BODY + MAX_LINE, time.monotonic() + 2
         try:
             self.connection.shutdown(socket.SHUT_WR)
@@ -282,9 +286,9 @@ def launch(ts):
 
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
-    """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for this
-    server's management socket. Found by what they are, not through a pid file: a pid file can name anyone's
-    process, and root signals only these."""
+    """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for
+    this server's management socket. Found by what they are, not through a pid file: a pid file can name
+    anyone's process, and root signals only these."""
     supervisors, guards = [], []
     for proc in psutil.process_iter(["cmdline", "uids"]):
         cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]

@@ -1,7 +1,7 @@
-"""The guard's reading of a management request (deploy/guard.py): strict HTTP/1.1 framing, the target split the
-way TorchServe reads it, and the calls that may pass, each parameter with the form of its value. Everything here
-is pure: bytes in, a `Call` built from validated values out, or a `Refusal` that says why. Each parser runs in
-time linear in its input (tests/test_guard_units.py grows hostile input 10x)."""
+"""The guard's reading of a management request (deploy/guard.py): strict HTTP/1.1 framing, the target split
+the way TorchServe reads it, and the calls that may pass, each parameter with the form of its value.
+Everything here is pure: bytes in, a `Call` built from validated values out, or a `Refusal` that says why.
+Each parser runs in time linear in its input (tests/test_guard_units.py grows hostile input 10x)."""
 
 import re
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ def shown(value: str, limit: int = 80) -> str:
     return repr(value[:limit]) + ("…" if len(value) > limit else "")
 
 
-# --- HTTP framing: the request head ---------------------------------------------------------------------------
+# --- HTTP framing: the request head -------------------------------------------------------------------------
 
 
 @dataclass
@@ -110,7 +110,7 @@ def content_length(headers: dict[str, str]) -> int:
     return int(value)
 
 
-# --- the target, as TorchServe reads it -----------------------------------------------------------------------
+# --- the target, as TorchServe reads it ---------------------------------------------------------------------
 
 
 def decode(component: str, is_path: bool = False) -> str:
@@ -161,8 +161,8 @@ def netty_params(query: str) -> list[tuple[str, str]]:
 
 
 def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Path segments and parameters of an origin-form target, as TorchServe would see them; Refusal for anything
-    that could be read two ways (absolute form, fragments, broken escapes)."""
+    """Path segments and parameters of an origin-form target, as TorchServe would see them; Refusal for
+    anything that could be read two ways (absolute form, fragments, broken escapes)."""
     if not target.startswith("/"):
         raise Refusal(400, "send the path only (origin-form), not an absolute URL")
     if "#" in target:
@@ -180,7 +180,7 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
     return segments, pairs
 
 
-# --- what may pass -----------------------------------------------------------------------------------------------
+# --- what may pass ------------------------------------------------------------------------------------------
 
 
 def integer(low: int, high: int):
@@ -207,7 +207,8 @@ def model_name(value: str) -> str:
 def archive_name(value: str) -> str:
     if not ARCHIVE_NAME.fullmatch(value):
         raise ValueError(
-            "the file name of a .mar in the model store: only archives built with scripts/archive.sh (with their "
+            "the file name of a .mar in the model store: only archives built with "
+            "scripts/archive.sh (with their "
             ".sha256) can be registered"
         )
     return value
@@ -288,8 +289,8 @@ def route(method: str, segments: list[str]) -> tuple[str, ...]:
 
 
 def build(head: Head) -> Call:
-    """The call TorchServe will get for this request, with every parameter's form checked (not yet the archive:
-    that is costly, and waits for the key)."""
+    """The call TorchServe will get for this request, with every parameter's form checked (not yet the
+    archive: that is costly, and waits for the key)."""
     segments, pairs = parse_target(head.target)
     registers = head.method == "POST" and segments == ["models"]
     allowed = route(head.method, segments)

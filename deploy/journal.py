@@ -167,8 +167,8 @@ def supersedes(done: dict, pending: dict) -> bool:
 
 
 def in_doubt(doubts: list[dict], model: str) -> dict[str, str]:
-    """{version: op} of a model's versions whose register, gate or canary never finished: withdrawn at the next
-    start, never chosen by rollback."""
+    """{version: op} of a model's versions whose register, gate or canary never finished: withdrawn at the
+    next start, never chosen by rollback."""
     return {
         d["version"]: d["op"]
         for d in doubts

@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # for the annotations only: server.py calls this module (star
 
 
 def call(ts: TorchServe, method: str, path: str, ok=(200,), **kw):
-    """One management call -> its parsed JSON ({} for an empty body); DeployError with TorchServe's message."""
+    """One management call -> its parsed JSON ({} for an empty body); DeployError with TorchServe's
+    message."""
     resp = ts.request(method, "management", path, **kw)
     if resp.status_code not in ok:
         try:

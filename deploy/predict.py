@@ -65,10 +65,12 @@ def run(ts: TorchServe, args) -> int:
         right += label == truth
         if not args.summary or label != truth:
             print(
-                f"  {path}: true {truth}  predicted {label} ({body[label]:.3f}) {'ok' if label == truth else 'WRONG'}"
+                f"  {path}: true {truth}  predicted {label} ({body[label]:.3f}) "
+                f"{'ok' if label == truth else 'WRONG'}"
             )
     print(
-        f"  {right}/{len(args.images)} correct (accuracy {right / len(args.images):.4f}), {failed} failed requests"
+        f"  {right}/{len(args.images)} correct (accuracy {right / len(args.images):.4f}), {failed} "
+        "failed requests"
     )
     return 1 if failed else 0  # a wrong label is information; a failed request is an error
 

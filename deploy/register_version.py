@@ -1,7 +1,8 @@
 """Ship model versions through TorchServe's management API, behind a promotion gate.
 
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
-    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's golden set
+    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's golden
+                                                                                        # set
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
     python -m deploy.register_version register model_store/textures.mar   # another model: its own name
     python -m deploy.register_version list [--model NAME]
@@ -81,11 +82,13 @@ def cmd_register(ts: TorchServe, args) -> int:
                 print(f"{model} {version} is the first version of {model}, and its default")
             else:
                 print(
-                    f"not promoted: {model} {default} stays default (/predictions/{model}/{version} serves the new one)"
+                    f"not promoted: {model} {default} stays default "
+                    f"(/predictions/{model}/{version} serves the new one)"
                 )
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
-        # candidate again: left registered but not default, it would make a retry fail with "already registered".
+        # candidate again: left registered but not default, it would make a retry fail with "already
+        # registered".
         policy = GatePolicy(
             max_accuracy_drop=args.max_accuracy_drop,
             min_agreement=args.min_agreement,
@@ -110,14 +113,16 @@ VERDICTS = {  # what register --promote says about each GateOutcome.verdict
 
 
 def show_report(report: dict, args):
-    """The gate's report, before its verdict is carried out: the table, what to do about a refusal, --report."""
+    """The gate's report, before its verdict is carried out: the table, what to do about a refusal,
+    --report."""
     print_report(report)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
     if report.get("classes", {}).get("same") is False and not args.allow_new_classes:
         print(
-            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION CHECKPOINT "
+            "  to serve it beside this model, archive it under its own name (scripts/archive.sh "
+            "VERSION CHECKPOINT "
             "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
         )
     check = report.get("agreement_check") or {}
@@ -175,8 +180,10 @@ def cmd_canary(ts: TorchServe, model: str, version: str, args) -> int:
     for step in report["steps"]:
         c, d = step["candidate"], step["default"]
         print(
-            f"  {step['share']:3d} %  {step['seconds']:5.1f} s  candidate {c['answers']} answers, {c['errors']} 5xx, "
-            f"p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, p99 {d['p99_ms']} ms  "
+            f"  {step['share']:3d} %  {step['seconds']:5.1f} s  candidate {c['answers']} answers, "
+            f"{c['errors']} 5xx, "
+            f"p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, p99 "
+            f"{d['p99_ms']} ms  "
             f"{step['verdict']} {'; '.join(step['why'])}"
         )
     print(report["verdict"])
@@ -214,13 +221,15 @@ def get_args_parser():
     r.add_argument(
         "--golden",
         default=None,
-        help="golden set folder (<run>/golden); the model's first one becomes its set, later ones must match it "
+        help="golden set folder (<run>/golden); the model's first one becomes its set, later ones must "
+        "match it "
         "(default: the model's set)",
     )
     r.add_argument(
         "--golden-from-candidate",
         action="store_true",
-        help="gate on --golden DIR this once although it differs from the model's set (the report records it)",
+        help="gate on --golden DIR this once although it differs from the model's set (the report "
+        "records it)",
     )
     r.add_argument(
         "--replace-golden",
@@ -244,7 +253,8 @@ def get_args_parser():
     r.add_argument(
         "--allow-new-classes",
         action="store_true",
-        help="gate a candidate whose classes differ from the default's (refused otherwise: use a new model name)",
+        help="gate a candidate whose classes differ from the default's (refused otherwise: use a new "
+        "model name)",
     )
     r.add_argument(
         "--workers",

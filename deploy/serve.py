@@ -1,7 +1,7 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh | --accept-loss] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
-python -m deploy.serve stop | status | restart
+python -m deploy.serve start [--fresh | --accept-loss] [--expose-inference | --front-door [--cert PEM]]
+[--no-tokens] python -m deploy.serve stop | status | restart
 """
 
 import argparse
@@ -19,7 +19,8 @@ from deploy.server import DEFAULT_MODELS, TorchServe
 from deploy.versions import check_restore
 
 GUARD_STATES = {
-    "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` relaunches it",
+    "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` "
+    "relaunches it",
     "frozen": "FROZEN (stopped by a signal): management requests hang; `scripts/serve.sh start` relaunches it",
     "restarting": "restarting (its supervisor brings it back within seconds)",
     "unsupervised": "running, but nothing restarts it if it dies; `scripts/serve.sh start` relaunches it supervised",
@@ -28,7 +29,8 @@ GUARD_STATES = {
 
 def exposure_warning(ts: TorchServe, why: str) -> str:
     return (
-        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any model directory "
+        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any "
+        "model directory "
         f"for a management-key holder and every local user can connect to it ({why}): start as root with "
         "nftables installed (scripts/setup.sh) so that only root and the server's user can (docs/security.md)"
     )
@@ -100,7 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--accept-loss",
         action="store_true",
-        help="start even when versions or defaults of the saved deployment cannot be restored, and make what is "
+        help="start even when versions or defaults of the saved deployment cannot be restored, and make "
+        "what is "
         "served the saved deployment (otherwise start exits 1 naming them, and a later start tries again)",
     )
     p.add_argument(
@@ -121,7 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cert",
         metavar="PEM",
-        help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of the local CA",
+        help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of "
+        "the local CA",
     )
     return p
 
@@ -169,7 +173,8 @@ def main(argv=None):
                     door.start()
             if args.no_tokens:
                 print(
-                    "WARNING: token authorization is OFF and the registration API is disabled (development mode)"
+                    "WARNING: token authorization is OFF and the registration API is disabled "
+                    "(development mode)"
                 )
         if args.action in ("start", "restart", "status"):
             print_status(ts)
@@ -181,7 +186,8 @@ def main(argv=None):
             else:
                 raise SystemExit(
                     f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
-                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is served "
+                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept "
+                    "what is served "
                     "with `scripts/serve.sh restart --accept-loss`"
                 )
     except (ServerError, UsageError, frontdoor.FrontDoorError) as e:

@@ -6,7 +6,8 @@ directory on free ports. The folder holds:
 
     run/    root's (0750, group: the server's user): the generated config TorchServe reads
     home/   the server's user's (0700), TorchServe's working directory: key_file.json, logs/ (its logs,
-            snapshots, torchserve.out, guard.log), tmp/ (TMPDIR: its pid file, worker sockets, unpacked models)
+            snapshots, torchserve.out, guard.log), tmp/ (TMPDIR: its pid file, worker sockets, unpacked
+            models)
     state/  root's: the deployment history (deploy/versions.py)
 
 The folder itself is root's (0711). Started as root, TorchServe runs as the unprivileged
@@ -83,7 +84,7 @@ class TorchServe(KeyedApi, ServerHome):
     _tokens: bool | None = field(default=None, init=False, repr=False)
     _keys: dict | None = field(default=None, init=False, repr=False)
 
-    # --- paths: everything the server writes lies in its folder (see the module's docstring) -----------------
+    # --- paths: everything the server writes lies in its folder (see the module's docstring) ----------------
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 
@@ -133,7 +134,8 @@ class TorchServe(KeyedApi, ServerHome):
                 "model_store": self.model_store,
             }
         )
-        # Paths in config.properties are relative to its folder (the repository root); the server runs elsewhere.
+        # Paths in config.properties are relative to its folder (the repository root); the server runs
+        # elsewhere.
         here = os.path.dirname(os.path.abspath(self.base_config))
         if props.get("metrics_config") and not os.path.isabs(props["metrics_config"]):
             props["metrics_config"] = os.path.join(here, props["metrics_config"])
@@ -150,8 +152,8 @@ class TorchServe(KeyedApi, ServerHome):
         return props
 
     def running_config(self) -> dict | None:
-        """The properties the running TorchServe was started with (the -f file on its command line: for start(),
-        the generated config), or None when it is not running."""
+        """The properties the running TorchServe was started with (the -f file on its command line: for
+        start(), the generated config), or None when it is not running."""
         pid = self.pid()
         if pid is None:
             return None
@@ -189,8 +191,8 @@ class TorchServe(KeyedApi, ServerHome):
 
     # --- process control ---------------------------------------------------------------
     def pid(self) -> int | None:
-        """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe frontend
-        running as that user."""
+        """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe
+        frontend running as that user."""
         proc = process.find_by_pid_file(self.pid_file, FRONTEND, self.uid, opener=self.open)
         return proc.pid if proc else None
 
@@ -207,10 +209,10 @@ class TorchServe(KeyedApi, ServerHome):
         return self.pid() is not None
 
     def start(self, models: str | None = DEFAULT_MODELS, restore: bool = True, timeout: float = 180) -> dict:
-        """Start and wait until every registered version has a READY worker. When TorchServe runs but its guard
-        does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports that can
-        register a model are reachable by every local user, or is None when the firewall keeps them to root and
-        the server's user."""
+        """Start and wait until every registered version has a READY worker. When TorchServe runs but its
+        guard does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports
+        that can register a model are reachable by every local user, or is None when the firewall keeps them
+        to root and the server's user."""
         if self.is_running():
             if self.guard and guard.state(self) in ("down", "frozen", "unsupervised"):
                 guard.stop(self)
@@ -234,8 +236,8 @@ class TorchServe(KeyedApi, ServerHome):
         exposed = self.fence()  # before TorchServe listens
         cmd = self.start_command(config, None if snapshot else models)
         try:
-            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its log is
-            # opened by the child, as the server's user.
+            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its
+            # log is opened by the child, as the server's user.
             subprocess.run(
                 logged(cmd, os.path.join(self.log_dir, "torchserve.out")),
                 cwd=self.home,
@@ -269,7 +271,7 @@ class TorchServe(KeyedApi, ServerHome):
         available = [m for m in (models or "").split(",") if m and in_store(m)]
         return cmd + (["--models", *available] if available else [])
 
-    # --- who may connect: TorchServe's TCP ports that can register a model -----------------------------------
+    # --- who may connect: TorchServe's TCP ports that can register a model ----------------------------------
     @property
     def fence_name(self) -> str:
         return firewall.table_name(self.ports.grpc_management)

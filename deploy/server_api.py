@@ -73,12 +73,13 @@ class KeyedApi:
         return self._tokens
 
     def forget(self: Server):
-        """Drop what was read from the running server (token mode, keys): after a start, stop or refused key."""
+        """Drop what was read from the running server (token mode, keys): after a start, stop or refused
+        key."""
         self._tokens = self._keys = None
 
     def check_listener(self: Server, api: str):
-        """Refuse to send a management or API key to a port that a listener of another local user holds: one who
-        took the management port while its guard was down would be handed the key."""
+        """Refuse to send a management or API key to a port that a listener of another local user holds: one
+        who took the management port while its guard was down would be handed the key."""
         port = getattr(self.ports, api)
         strangers = listener_uids(port) - {0, os.geteuid(), self.uid}
         if strangers:
@@ -109,8 +110,8 @@ class KeyedApi:
 
     def request(self: Server, method: str, api: str, path: str, **kw) -> requests.Response:
         """An API call with the current key. When TorchServe refuses the key (400: missing, wrong or expired),
-        re-read the key file (the server may have restarted) or, if it is unchanged, refresh the key through the
-        token API, and retry once."""
+        re-read the key file (the server may have restarted) or, if it is unchanged, refresh the key through
+        the token API, and retry once."""
         kind = "inference" if api == "inference" else "management"
         headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
 

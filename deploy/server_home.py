@@ -1,6 +1,6 @@
-"""The server's folder as root prepares it (deploy/server.py's TorchServe inherits this): run/ root's, home/ the
-server's user's and made inside by that user only, an earlier layout moved without root walking into it, and the
-environment TorchServe runs with. Why root never acts inside home/: deploy/server.py's docstring."""
+"""The server's folder as root prepares it (deploy/server.py's TorchServe inherits this): run/ root's, home/
+the server's user's and made inside by that user only, an earlier layout moved without root walking into it,
+and the environment TorchServe runs with. Why root never acts inside home/: deploy/server.py's docstring."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ class ServerHome:
         env["TS_OPEN_INFERENCE_PROTOCOL"] = (
             "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
         )
-        # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp, where
-        # another user could create /tmp/models first and have their handler loaded.
+        # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp,
+        # where another user could create /tmp/models first and have their handler loaded.
         env["TMPDIR"] = env["TEMP"] = self.tmp_dir
         if self.user:
             env["HOME"] = self.home  # caches (torch, matplotlib) go here, not to root's home
@@ -70,8 +70,8 @@ class ServerHome:
             raise ServerError(str(e)) from None
 
     def prepare_dirs(self: Server):
-        """The server's folder, run/ and home/ with its logs/ and tmp/; nothing in home/ readable by others (what
-        an earlier version left readable included)."""
+        """The server's folder, run/ and home/ with its logs/ and tmp/; nothing in home/ readable by others
+        (what an earlier version left readable included)."""
         self.prepare_run_dir()
         fresh = not os.path.lexists(self.home)
         if fresh:
@@ -93,9 +93,9 @@ class ServerHome:
 
     def move_legacy(self: Server):
         """An earlier version kept TorchServe's files at the top of the folder and gave it, and all inside, to
-        the server's user. Now that root holds the folder again, those entries move into the new home/ (renames
-        of entries of root's folder: nothing inside is opened), and the deployment history is copied into a
-        state/ of root's (read without following links); the old state/ stays, renamed."""
+        the server's user. Now that root holds the folder again, those entries move into the new home/
+        (renames of entries of root's folder: nothing inside is opened), and the deployment history is copied
+        into a state/ of root's (read without following links); the old state/ stays, renamed."""
         uid = ids(self.user)[0]  # home/ is root's until it is handed over
         for name in LEGACY:
             old = self.path(name)

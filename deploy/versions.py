@@ -32,9 +32,9 @@ def locked(ts: TorchServe, what: str):
 
 
 def archive_version(ts: TorchServe, archive: str, model: str | None = None) -> tuple[str, str]:
-    """(model, version) of an archive in the model store, from its manifest. `model`, when given, must be its own
-    name. The archive is neither hashed nor zip-tested here: the guard does both when it is registered (the
-    security boundary, and one hash per registration); this only says early what is plainly wrong."""
+    """(model, version) of an archive in the model store, from its manifest. `model`, when given, must be its
+    own name. The archive is neither hashed nor zip-tested here: the guard does both when it is registered
+    (the security boundary, and one hash per registration); this only says early what is plainly wrong."""
     path, store = os.path.abspath(archive), os.path.abspath(ts.model_store)
     if os.path.dirname(path) != store:
         raise DeployError(
@@ -104,7 +104,8 @@ def withdraw(ts: TorchServe, model: str, version: str, entry: dict | None = None
             journal.finish(state_dir(ts), entry, "failed")
     except Exception as e:  # the journal keeps it pending: the next start withdraws it
         print(
-            f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, or remove it "
+            f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, "
+            "or remove it "
             f"with scripts/register_version.sh unregister {version} --model {model}",
             file=sys.stderr,
         )
@@ -171,7 +172,8 @@ def apply(ts: TorchServe, entry: dict, change, applied):
             journal.finish(state_dir(ts), entry, "failed")
             raise
         print(
-            f"{entry['op']} {entry['model']} {entry['version']}: the answer was lost ({e}), but it was applied"
+            f"{entry['op']} {entry['model']} {entry['version']}: the answer was lost ({e}), but it "
+            "was applied"
         )
     journal.finish(state_dir(ts), entry)
 

@@ -5,7 +5,8 @@ explanation scheduler model_src/explain.py, preprocessing model_src/preprocessin
 training evaluates with), what the archive holds its bundle.json (model_src/manifest.py), model loading the
 backend registry (model_src/backends/). What this file adds is TorchServe's contract: one batched
 forward pass over the good requests of a batch, and a per-request status so that one bad image never fails its
-neighbours in the batch. The accepted bodies and the three kinds of request are listed in model_src/protocol.py.
+neighbours in the batch. The accepted bodies and the three kinds of request are listed in
+model_src/protocol.py.
 """
 
 import functools
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 def in_frontend_worker() -> bool:
     """Whether TorchServe's frontend started this process: its worker runs ts/model_service_worker.py
-    (WorkerLifeCycle builds that command), however TorchServe was started (scripts, the literal command, KServe)."""
+    (WorkerLifeCycle builds that command), however TorchServe was started (scripts, the literal command,
+    KServe)."""
     return sys.argv[0].endswith(os.path.join("ts", "model_service_worker.py"))
 
 
@@ -156,7 +158,8 @@ class ImageClassifier(BaseHandler):
         return answers
 
     def prepare(self, idx: int, request, row: dict, explanations: list) -> list | None:
-        """Read and decode one request: a prediction's tensors, or None for an explanation (queued instead)."""
+        """Read and decode one request: a prediction's tensors, or None for an explanation (queued
+        instead)."""
         request.read(row, self.limits)  # the cheap checks: nothing is decoded yet
         if request.kind != "explain":
             return self.decode_all(request.items, self.prep)
@@ -205,8 +208,10 @@ class ImageClassifier(BaseHandler):
                 self._explainer = backends.load(path, backends.reference().name).model
             else:
                 raise InputError(
-                    f"the {self.backend} backend has no gradients to explain with and this archive carries no "
-                    f"eager weights ({backends.reference().file}) beside it: rebuild it with scripts/archive.sh",
+                    f"the {self.backend} backend has no gradients to explain with and this archive "
+                    "carries no "
+                    f"eager weights ({backends.reference().file}) beside it: rebuild it with "
+                    "scripts/archive.sh",
                     501,
                 )
         return self._explainer
@@ -279,8 +284,9 @@ class ImageClassifier(BaseHandler):
 
     # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.
     def record(self, context, name: str, ms: float):
-        """A time measured in ms, exported as the histogram `<name>_seconds` in seconds: TorchServe's histograms
-        have the Prometheus client's fixed buckets (5 ms ... 10 s), which only fit times in the base unit."""
+        """A time measured in ms, exported as the histogram `<name>_seconds` in seconds: TorchServe's
+        histograms have the Prometheus client's fixed buckets (5 ms ... 10 s), which only fit times in the
+        base unit."""
         context.metrics.add_time(
             f"{name}_seconds", round(ms / 1000, 6), None, "s", metric_type=MetricTypes.HISTOGRAM
         )

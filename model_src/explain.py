@@ -115,9 +115,9 @@ def explain(
 
 
 class StepBudget:
-    """Explanations within a time budget: each image gets the Integrated Gradients steps that fit in what is left
-    of it (measured per worker), and one that would not fit gets a 503 to retry. So a batch of slow explanations
-    never runs into the timeout that would kill the worker and every request in its batch."""
+    """Explanations within a time budget: each image gets the Integrated Gradients steps that fit in what is
+    left of it (measured per worker), and one that would not fit gets a 503 to retry. So a batch of slow
+    explanations never runs into the timeout that would kill the worker and every request in its batch."""
 
     def __init__(self, steps: int, clock: Callable[[], float] = time.perf_counter):
         self.steps = steps  # the most steps an explanation takes (explain_steps)

@@ -72,7 +72,8 @@ def build_model(model_args: dict) -> nn.Module:
     if arch in LITE_ARCHS:
         from model_src.efficientnet_lite import EfficientNetLite  # imported here: only lite archives need it
 
-        # Dropout from model_args only when given there: DEFAULT_MODEL_ARGS' is resnet_small's, not the arch's.
+        # Dropout from model_args only when given there: DEFAULT_MODEL_ARGS' is resnet_small's, not the
+        # arch's.
         return EfficientNetLite(arch, args["num_classes"], args["in_channels"], model_args.get("dropout"))
     raise ValueError(f"unknown arch {arch!r}; choose resnet_small or one of {TORCHVISION_ARCHS + LITE_ARCHS}")
 

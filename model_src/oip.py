@@ -1,15 +1,16 @@
-"""KServe v2 / Open Inference Protocol over HTTP: the binary tensor extension, model metadata. Pure: no TorchServe.
+"""KServe v2 / Open Inference Protocol over HTTP: the binary tensor extension, model metadata. Pure: no
+TorchServe.
 
 The binary extension (Triton's, which every tritonclient uses by default): the body is a JSON header of
-`Inference-Header-Content-Length` bytes, then each tensor that carries `parameters.binary_data_size` as raw bytes,
-in the order of the header's tensors. A BYTES tensor's raw bytes are its elements, each a 4-byte little-endian
-length and that many bytes. Answers use the same layout when the request asks for binary outputs
+`Inference-Header-Content-Length` bytes, then each tensor that carries `parameters.binary_data_size` as raw
+bytes, in the order of the header's tensors. A BYTES tensor's raw bytes are its elements, each a 4-byte
+little-endian length and that many bytes. Answers use the same layout when the request asks for binary outputs
 (`parameters.binary_data_output`, which tritonclient sets whenever it names no outputs, or `binary_data` on a
 requested output).
 
-Cost: parse() reads the header once (json.loads) and each element once; the elements are capped by `max_elements`
-before any is copied past the cap, so a body of 16 MiB of zero-length elements is refused after max_elements + 1
-steps (tests/test_oip_units.py grows it 10x).
+Cost: parse() reads the header once (json.loads) and each element once; the elements are capped by
+`max_elements` before any is copied past the cap, so a body of 16 MiB of zero-length elements is refused after
+max_elements + 1 steps (tests/test_oip_units.py grows it 10x).
 """
 
 import json
@@ -71,8 +72,8 @@ def parse(body, length: str, max_elements: int) -> dict:
 
 
 def elements(raw: memoryview, max_elements: int) -> list[bytes]:
-    """A BYTES tensor's raw bytes -> its elements (a 4-byte little-endian length, then the bytes each), at most
-    max_elements."""
+    """A BYTES tensor's raw bytes -> its elements (a 4-byte little-endian length, then the bytes each), at
+    most max_elements."""
     out: list[bytes] = []
     at = 0
     while at < len(raw):
@@ -89,8 +90,9 @@ def elements(raw: memoryview, max_elements: int) -> list[bytes]:
 
 
 def form(shape, body):
-    """The handler's answer form (items_from_body's), refined for KServe: a v2 request that asks for binary outputs
-    gets ('v2', id, 'binary'); a v1 body ({"instances": [...]}) gets 'v1', answered {"predictions": [...]}."""
+    """The handler's answer form (items_from_body's), refined for KServe: a v2 request that asks for binary
+    outputs gets ('v2', id, 'binary'); a v1 body ({"instances": [...]}) gets 'v1', answered {"predictions":
+    [...]}."""
     if isinstance(shape, tuple) and wants_binary(body, OUTPUT):
         return (*shape, "binary")
     if shape == "list" and isinstance(body, dict) and "instances" in body:
@@ -123,7 +125,8 @@ def binary_reply(reply: dict) -> tuple[bytes, int]:
 
 
 def model_metadata(name: str, versions: list[str], classes: list[str], preprocessing: dict) -> dict:
-    """GET /v2/models/{name}: one BYTES input of encoded images in, one BYTES output of JSON top-k dicts out."""
+    """GET /v2/models/{name}: one BYTES input of encoded images in, one BYTES output of JSON top-k dicts
+    out."""
     image = {k: preprocessing[k] for k in ("image_size", "channels") if k in preprocessing}
     return {
         "name": name,

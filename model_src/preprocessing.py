@@ -113,7 +113,8 @@ def count_jpeg_markers(data: bytes, max_scans: int = MAX_JPEG_SCANS, max_segment
 
 
 def count_png_chunks(data: bytes, limit: int = MAX_PNG_CHUNKS) -> int:
-    """Chunks up to IEND, each skipped by its length (12 bytes read per chunk); counting stops past `limit`."""
+    """Chunks up to IEND, each skipped by its length (12 bytes read per chunk); counting stops past
+    `limit`."""
     chunks, pos = 0, 8
     while chunks <= limit and pos + 8 <= len(data):
         chunks += 1
@@ -306,7 +307,8 @@ def check_size(img: Image.Image, max_pixels: int | None, resize_size: int | None
     # A thin image is small until its shorter side is resized: 1x8000 at 256 is 256x2,048,000 (3.9 GB, 7 s).
     if resize_size and (size := shorter_side_to(img.size, resize_size))[0] * size[1] > max_pixels:
         raise InputError(
-            f"image is {width}x{height}: resizing its shorter side to {resize_size} makes it {size[0]}x{size[1]} "
+            f"image is {width}x{height}: resizing its shorter side to {resize_size} makes it "
+            f"{size[0]}x{size[1]} "
             f"= {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,}",
             413,
         )
@@ -348,8 +350,9 @@ class Preprocessing:
 
     def to_tensor(self, img: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
         """Prepared PIL image -> normalised float tensor (C, H, W), written into `out` when given (a batch's
-        row, see `batch`). One table look-up per value: the table holds (v / 255 - mean) / std for the 256 grey
-        levels, computed in float32 as a per-pixel formula would, so the values are the same bit for bit."""
+        row, see `batch`). One table look-up per value: the table holds (v / 255 - mean) / std for the 256
+        grey levels, computed in float32 as a per-pixel formula would, so the values are the same bit for
+        bit."""
         arr = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, C); no copy for L and RGB
         if arr.ndim == 2:
             arr = arr[:, :, None]

@@ -1,5 +1,6 @@
-"""The serving protocol: one request (its body or form fields and its headers) in, a typed Request out, and the
-answer bodies back. Pure functions, no TorchServe: the handler is the adapter between these and TorchServe.
+"""The serving protocol: one request (its body or form fields and its headers) in, a typed Request out, and
+the answer bodies back. Pure functions, no TorchServe: the handler is the adapter between these and
+TorchServe.
 
 Accepted bodies (each request may carry one image, or a list in the JSON forms):
   raw bytes           curl -T img.png  (or --data-binary @img.png with a binary Content-Type)
@@ -7,12 +8,14 @@ Accepted bodies (each request may carry one image, or a list in the JSON forms):
   JSON + base64       {"data": "<b64>"}  or  {"data": ["<b64>", ...]}  or  ["<b64>", ...]
   KServe v2 JSON      {"inputs": [{"name": "...", "datatype": "BYTES", "shape": [n], "data": ["<b64>", ...]}]}
                       (over OIP gRPC the client sends raw bytes; TorchServe hands them over as base64)
-  KServe v2 binary    tritonclient's binary tensor extension: raw image bytes after the JSON header (model_src/oip.py)
+  KServe v2 binary    tritonclient's binary tensor extension: raw image bytes after the JSON header
+                      (model_src/oip.py)
   KServe v1 JSON      {"instances": ["<b64>", ...]}, answered {"predictions": [...]}
 
 Each request is one of three kinds, told apart by the header TorchServe sets on it:
   predict    /predictions/{model}[/{version}], /v2/models/{model}/infer
-  explain    /explanations/{model}[/{version}], /v2/models/{model}/explain: the class named by "target" in a JSON
+  explain    /explanations/{model}[/{version}], /v2/models/{model}/explain: the class named by "target" in a
+             JSON
              body or an X-Explain-Target header (else the top-1); "overlay": true (or X-Explain-Overlay: true)
   describe   GET /models/{model}/{version}?customized=true on the management API: the model card
 
@@ -150,7 +153,8 @@ def body_of(row: dict):
     if value is None:
         raise InputError(
             "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
-            "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
+            "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys "
+            "binary data), "
             'as a form field (curl -F data=@img.png) or as base64 JSON ({"data": "<base64>"})'
         )
     if isinstance(value, (bytes, bytearray)) and value[:1] in (b"{", b"["):
@@ -236,7 +240,8 @@ class Request:
 
     @classmethod
     def of(cls, headers: dict | None) -> "Request":
-        """TorchServe marks each request of a batch: a batch may mix predictions, explanations and describes."""
+        """TorchServe marks each request of a batch: a batch may mix predictions, explanations and
+        describes."""
         headers = headers or {}
         kind = "describe" if headers.get("describe") == "True" else "predict"
         return cls("explain" if headers.get("explain") == "True" else kind, headers)
@@ -279,7 +284,8 @@ def explain_options(body, headers: dict) -> tuple[str | None, bool]:
 
 
 def target_index(target: str | None, labels: list[str]) -> int | None:
-    """A class name -> its index (None stays None: the top-1); 400 naming the classes if it is none of them."""
+    """A class name -> its index (None stays None: the top-1); 400 naming the classes if it is none of
+    them."""
     if target is None:
         return None
     if target not in labels:
@@ -292,8 +298,8 @@ def target_index(target: str | None, labels: list[str]) -> int | None:
 
 
 def decode_all(prep: Preprocessing, encoded: list, max_pixels: int, seconds: float, convert=None) -> list:
-    """Encoded images (bytes or base64 text) -> convert(decoded image) each (the training evaluation transform for
-    predictions).
+    """Encoded images (bytes or base64 text) -> convert(decoded image) each (the training evaluation transform
+    for predictions).
 
     The pixel cap is one budget for the whole request: 32 images each just under it would
     take minutes to decode, time the worker out and fail every neighbour in its batch. Time is

@@ -4,9 +4,9 @@
     python -m train.evaluate --model exports/v1/model.onnx --data data/digits --split val
 
 Prints accuracy, per-class precision/recall and the confusion matrix; --json writes them.
-An exported file (any backend's, model_src/backends/) is told by the bundle.json beside it (model_src/manifest.py),
-which names its backend and holds its preprocessing, class names and training data folder; a checkpoint (or a
-model.pt copied on its own) describes itself.
+An exported file (any backend's, model_src/backends/) is told by the bundle.json beside it
+(model_src/manifest.py), which names its backend and holds its preprocessing, class names and training data
+folder; a checkpoint (or a model.pt copied on its own) describes itself.
 """
 
 import argparse

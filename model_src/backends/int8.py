@@ -1,4 +1,5 @@
-"""int8: model.int8.pt, TorchScript of the dynamically quantised model (Linear layers, per-channel weight scales).
+"""int8: model.int8.pt, TorchScript of the dynamically quantised model (Linear layers, per-channel weight
+scales).
 
 Quantised kernels exist for the CPU only, and the traced graph has no gradients worth explaining with."""
 

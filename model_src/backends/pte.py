@@ -1,5 +1,6 @@
-"""pte: model.pte, an ExecuTorch program with the XNNPACK delegate, input fixed at batch 1 (what a phone sends).
-A phone format, not served. ExecuTorch is optional: `scripts/setup.sh --mobile` installs requirements-mobile.txt."""
+"""pte: model.pte, an ExecuTorch program with the XNNPACK delegate, input fixed at batch 1 (what a phone
+sends). A phone format, not served. ExecuTorch is optional: `scripts/setup.sh --mobile` installs
+requirements-mobile.txt."""
 
 import importlib.util
 import re
