@@ -117,7 +117,8 @@ def black_png(side: int, rows_per_piece: int = 100) -> bytes:
 
 
 def photo_jpeg(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
-    """A big colour photo stand-in: smooth gradients plus noise (encodes in a few seconds, ~4.5 MB at 12 MP)."""
+    """A big colour photo stand-in: smooth gradients plus noise (encodes in a few seconds, ~4.5 MB at 12
+    MP)."""
     yy, xx = np.mgrid[0:height, 0:width]
     noise = np.random.default_rng(seed).integers(0, 40, (height, width, 1))
     rgb = np.stack([xx / 16 % 256, yy / 12 % 256, (xx + yy) / 28 % 256], -1) + noise
@@ -182,7 +183,8 @@ def other_formats() -> dict[str, bytes]:
 
 
 def thin_png(length: int = 8000) -> bytes:
-    """A 1 x length grey PNG (~95 bytes): resizing its shorter side to 256 makes 256 x (256 * length) pixels."""
+    """A 1 x length grey PNG (~95 bytes): resizing its shorter side to 256 makes 256 x (256 * length)
+    pixels."""
     return encode(Image.new("L", (1, length), 255), "PNG")
 
 
@@ -214,7 +216,8 @@ def gif_with_comment_blocks(n: int = 6_000_000) -> bytes:
 
 
 def tiff_with_strips(n: int = 1_000_000) -> bytes:
-    """An uncompressed 1 x n grey TIFF with one row per strip: n strips, all pointing at the same pixel byte."""
+    """An uncompressed 1 x n grey TIFF with one row per strip: n strips, all pointing at the same pixel
+    byte."""
     entries = [  # (tag, type, count, value or offset); types: 3 SHORT, 4 LONG
         (256, 4, 1, 1),  # width
         (257, 4, 1, n),  # height

@@ -1,6 +1,7 @@
-"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and TorchServe:
-a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a candidate with its
-class names permuted is rolled back within the first step, having had at most its step's share."""
+"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and
+TorchServe: a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a
+candidate with its class names permuted is rolled back within the first step, having had at most its step's
+share."""
 
 import json
 import os
@@ -48,8 +49,8 @@ def test_class_distance_and_judge_units():
     "model, version", [("my_model", "2.0 x"), ("my_model", "../1.0"), ("m/../x", "2.0"), ("", "2")]
 )
 def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
-    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does any
-    admin command run: there is no door in tmp_path)."""
+    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does
+    any admin command run: there is no door in tmp_path)."""
     door = FrontDoor(backend=9, folder=str(tmp_path))
     with pytest.raises(canary.CanaryError, match="cannot go into a route"):
         canary.open_split(door, model, version)
@@ -57,7 +58,10 @@ def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
 
 def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
     door = FrontDoor(backend=9, folder=str(tmp_path))
-    real = 'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
+    real = (
+        "x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "
+        '"POST /p HTTP/1.1"'
+    )
     forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
     forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
     (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
@@ -66,8 +70,8 @@ def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path
 
 
 def permuted(store, src: str, version: str) -> str:
-    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same classes,
-    another distribution of answers on the same traffic."""
+    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same
+    classes, another distribution of answers on the same traffic."""
     path = os.path.join(str(store), f"my_model_v{version}.mar")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
@@ -128,7 +132,8 @@ def prometheus(server, door, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bodies(digits):
-    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the distribution."""
+    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the
+    distribution."""
     out = []
     for label, n in (("3", 3), ("7", 1)):
         folder = os.path.join(digits, "val", label)
@@ -221,8 +226,8 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
 def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
     server, store, door, prometheus, archive_factory, bodies
 ):
-    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's weight
-    0, and the controller, finding its split gone, rolls back and says so."""
+    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's
+    weight 0, and the controller, finding its split gone, rolls back and says so."""
     assert management.default_version(server, "my_model") == "1.0"
     if "2.0" not in {
         v["modelVersion"] for v in management.versions(server, "my_model")

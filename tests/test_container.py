@@ -1,9 +1,10 @@
 """The container image (container/Dockerfile): built here from the debootstrapped base, run as a non-root user
-with tokens on, predicted through the published inference port with the key read inside the container, a second
-version registered through management inside it, the archives baked in, KServe's runtime command in the image,
-and bad input refused with nothing left behind.
+with tokens on, predicted through the published inference port with the key read inside the container, a
+second version registered through management inside it, the archives baked in, KServe's runtime command in the
+image, and bad input refused with nothing left behind.
 
-Marked `container` (deselected by default in pyproject.toml; 8 min 18 s here, 5.5 min of it building the image):
+Marked `container` (deselected by default in pyproject.toml; 8 min 18 s here, 5.5 min of it building the
+image):
     scripts/test.sh -m container tests/test_container.py
 """
 

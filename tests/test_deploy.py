@@ -1,12 +1,13 @@
 """Shipping versions safely against a real TorchServe 0.12: tokens and their refresh, allowed URLs, archive
 integrity, the promotion gate, rollback, unregistering, restarts and the no-token development mode.
 
-The module shares one TorchServe (`server`, from conftest: my_model 1.0, eager) and the tests run in file order,
-each leaving a known state for the next:
+The module shares one TorchServe (`server`, from conftest: my_model 1.0, eager) and the tests run in file
+order, each leaving a known state for the next:
 
     tokens, allowed URLs, integrity      1.0 (default) only
     gate: bad 3.0 rejected, 2.0 dry run  1.0 (default) only
-    gate: other classes 4.0 refused;     1.0 (default) only  (textures 1.0 registered beside it, then unregistered)
+    gate: other classes 4.0 refused;     1.0 (default) only  (textures 1.0 registered beside it, then
+                                                             unregistered)
       the same as model "textures"
     gate: a 3<->8 swapped 9.0 refused    1.0 (default) only
     gate: 2.0 promoted, rollback, back   1.0, 2.0 (default)
@@ -79,7 +80,7 @@ def expires(entry):
     return stamp + float("0." + (frac or "0"))
 
 
-# --- tokens ---------------------------------------------------------------------------------------------------
+# --- tokens -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -188,7 +189,7 @@ def test_expired_keys_are_refreshed_by_the_tools(store, torchserve_factory, png)
         ts.stop()
 
 
-# --- what the management API may load -------------------------------------------------------------------------
+# --- what the management API may load -----------------------------------------------------------------------
 
 
 class CountingServer(http.server.HTTPServer):
@@ -252,8 +253,8 @@ def test_urls_outside_the_model_store_are_refused_without_any_download(
         for url, message in refused.items():
             resp = server.request("POST", "management", "/models", params={"url": url, "synchronous": "true"})
             assert resp.status_code == 403, (url, resp.text)  # the guard on the management port
-            # ...and TorchServe itself, behind it (what the literal `torchserve --start` exposes): 0.12 answers
-            # all of these 404 ModelNotFoundException
+            # ...and TorchServe itself, behind it (what the literal `torchserve --start` exposes): 0.12
+            # answers all of these 404 ModelNotFoundException
             status, body = behind_the_guard(
                 server, "POST", "/models?" + urlencode({"url": url, "synchronous": "true"})
             )
@@ -269,7 +270,7 @@ def test_urls_outside_the_model_store_are_refused_without_any_download(
     assert answers(server, png) == 200
 
 
-# --- archive integrity -----------------------------------------------------------------------------------------
+# --- archive integrity --------------------------------------------------------------------------------------
 
 
 def flip_byte(path, offset):
@@ -289,8 +290,8 @@ def truncate_half(src, dst):
 
 
 def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store, archive_factory, tmp_path):
-    # A version not registered yet: the client reads only the manifest (name, version, already registered?) and
-    # leaves the hash and the zip test to the guard, which refuses the archive before TorchServe sees it.
+    # A version not registered yet: the client reads only the manifest (name, version, already registered?)
+    # and leaves the hash and the zip test to the guard, which refuses the archive before TorchServe sees it.
     good = archive_factory("2.0", backend="onnx")
 
     tampered = install_archive(good, store, "tampered.mar")  # checksum written, then one byte changes
@@ -312,8 +313,8 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
     ):
         versions.register(server, truncated)
 
-    # a broken deflate stream (first byte 0xFF: reserved block type) with a matching checksum: zipfile.testzip()
-    # lets zlib.error through, read_manifest must still turn it into a DeployError
+    # a broken deflate stream (first byte 0xFF: reserved block type) with a matching checksum:
+    # zipfile.testzip() lets zlib.error through, read_manifest must still turn it into a DeployError
     broken = install_archive(good, store, "broken.mar")
     with zipfile.ZipFile(broken) as z:
         info = z.getinfo("MAR-INF/MANIFEST.json")
@@ -359,7 +360,7 @@ def test_a_truncated_archive_sent_straight_to_torchserve_leaves_serving_alone(se
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
 
 
-# --- the promotion gate ----------------------------------------------------------------------------------------
+# --- the promotion gate -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -430,13 +431,14 @@ def test_a_gate_that_cannot_finish_leaves_nothing_registered(
     assert management.default_version(server, "my_model") == "1.0" and versions.history(server) == []
 
 
-# --- another model: other classes make a new model name, not a new version --------------------------------------
+# --- another model: other classes make a new model name, not a new version ----------------------------------
 
 TEXTURES = ("brick", "grass", "gravel")
 
 
 def texture(name: str, rng) -> Image.Image:
-    """A 16x16 RGB crop: brick = red courses with mortar lines, grass = green blades, gravel = grey speckle."""
+    """A 16x16 RGB crop: brick = red courses with mortar lines, grass = green blades, gravel = grey
+    speckle."""
     noise = rng.integers(-20, 21, (16, 16, 3))
     if name == "brick":
         arr = np.full((16, 16, 3), (150, 60, 40)) + noise
@@ -491,7 +493,8 @@ def test_gate_refuses_a_version_that_answers_other_classes(
         assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
         assert versions.history(server) == []
 
-    # the overrides pass the class check, and the agreement check that follows (dry run: the state stays as it was)
+    # the overrides pass the class check, and the agreement check that follows (dry run: the state stays as it
+    # was)
     overrides = {"allow_new_classes": True, "allow_disagreement": True}
     args = register_args(
         path, golden, tmp_path / "gate.json", dry_run=True, promote=False, **own, **overrides
@@ -587,7 +590,8 @@ def test_gate_refuses_a_3_8_swapped_candidate_on_either_golden_set(server, store
     )  # the model's set (fixed by the first gate of my_model, from this same folder)
     assert rc == versions.EXIT_REJECTED
     assert model_set["candidate"]["accuracy"] < model_set["baseline"]["accuracy"] - 0.15
-    # issue 28's command line, --golden naming the candidate's own set: not my_model's, refused before registering
+    # issue 28's command line, --golden naming the candidate's own set: not my_model's, refused before
+    # registering
     with pytest.raises(management.DeployError, match="is not my_model's golden set"):
         gate(own)
     assert model_set["golden"]["source"] in ("model", "fixed")
@@ -651,7 +655,7 @@ def test_the_default_cannot_be_unregistered_while_others_exist(server, png):
     assert answers(server, png) == 200
 
 
-# --- restarts ----------------------------------------------------------------------------------------------------
+# --- restarts -----------------------------------------------------------------------------------------------
 
 
 def test_restart_keeps_versions_and_default(server, png):
@@ -714,7 +718,7 @@ def test_a_start_that_never_gets_ready_leaves_nothing_running(store, tmp_path):
         ts.stop()
 
 
-# --- development mode ---------------------------------------------------------------------------------------------
+# --- development mode ---------------------------------------------------------------------------------------
 
 
 def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torchserve_factory, png):

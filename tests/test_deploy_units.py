@@ -1,6 +1,6 @@
 """The deployment library without a TorchServe: the key handling of requests (against a stand-in API), the
-generated config as Java reads it, the pid file's place, the gate's arithmetic and class check, and the archive
-builder killed at each step (with a stand-in export)."""
+generated config as Java reads it, the pid file's place, the gate's arithmetic and class check, and the
+archive builder killed at each step (with a stand-in export)."""
 
 import fcntl
 import hashlib
@@ -35,7 +35,8 @@ INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or n
 
 
 class Recorder(http.server.HTTPServer):
-    """A stand-in API on one port: refuses key 'old' like TorchServe does, /token switches the key file to 'new'."""
+    """A stand-in API on one port: refuses key 'old' like TorchServe does, /token switches the key file to
+    'new'."""
 
     def __init__(self, key_file):
         super().__init__(("127.0.0.1", 0), RecorderHandler)
@@ -122,9 +123,10 @@ def test_keys_are_read_once_and_read_again_when_refused(tmp_path):
         stub.server_close()
 
 
-# --- units without a server: the generated config, the pid file, the gate's arithmetic ------------------------
+# --- units without a server: the generated config, the pid file, the gate's arithmetic ----------------------
 
-ODD_VALUES = {  # what java.util.Properties must get back exactly as config.properties (or an override) meant it
+# what java.util.Properties must get back exactly as config.properties (or an override) meant it
+ODD_VALUES = {
     "spaces": "  leading and trailing  ",
     "controls": "tab\there\nnewline\rreturn\fform feed",
     "specials": "a=b:c#d!e \\ f\\",
@@ -162,7 +164,8 @@ def test_the_generated_config_carries_every_value_unchanged(tmp_path):
 
 
 def test_the_frontend_logging_config_is_found_from_the_servers_own_directory(tmp_path):
-    # config.properties names serving/log4j2.xml relative to the repository; the JVM runs in the server's workdir.
+    # config.properties names serving/log4j2.xml relative to the repository; the JVM runs in the server's
+    # workdir.
     props = TorchServe(workdir=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None).config()
     path = props["vmargs"].split("-Dlog4j.configurationFile=", 1)[1]
     assert os.path.isabs(path) and os.path.isfile(path) and path.endswith("serving/log4j2.xml")
@@ -298,8 +301,8 @@ def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch)
     ],
 )
 def test_register_without_a_gate_says_which_version_is_default(tmp_path, monkeypatch, capsys, default, said):
-    """`register_version.sh model_store/photos.mar`, without --promote: TorchServe keeps a model's first version
-    default by itself (a stand-in for it here: TorchServe's side is test_deploy.py's)."""
+    """`register_version.sh model_store/photos.mar`, without --promote: TorchServe keeps a model's first
+    version default by itself (a stand-in for it here: TorchServe's side is test_deploy.py's)."""
     ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
     monkeypatch.setattr(register_version, "register", lambda *args, **kwargs: ("photos", "1.0"))
     monkeypatch.setattr(register_version.management, "default_version", lambda ts, model: default)
@@ -308,10 +311,11 @@ def test_register_without_a_gate_says_which_version_is_default(tmp_path, monkeyp
     assert capsys.readouterr().out.splitlines() == ["registered photos 1.0 from photos.mar", said]
 
 
-# --- the archive builder killed at each step (a stand-in export; the real torch-model-archiver) ------------------
+# --- the archive builder killed at each step (a stand-in export; the real torch-model-archiver) -------------
 
 # Builds version 3.0 into a store with deploy.archive's CLI. KILL_AT: "export" dies (SIGKILL) while exporting,
-# "placement-N" right after its N-th rename or link into the store, "sigterm" waits in the export for a SIGTERM.
+# "placement-N" right after its N-th rename or link into the store, "sigterm" waits in the export for a
+# SIGTERM.
 ARCHIVE_DRIVER = """
 import os, signal, sys, time, types
 from tests.test_tools import fake_export
@@ -417,7 +421,7 @@ def test_an_empty_or_garbled_sidecar_is_refused_with_a_value_error(tmp_path, tex
         archivelib.verify_checksum(str(mar))
 
 
-# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries -----
+# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries ---
 
 
 def fake_mar(store, name, model="my_model", version="1.0"):
@@ -433,7 +437,8 @@ def fake_mar(store, name, model="my_model", version="1.0"):
 
 
 def write_snapshot(ts, name, models, age):
-    """A TorchServe snapshot in logs/config: models = {model: {version: (marName, default)}}; older with age."""
+    """A TorchServe snapshot in logs/config: models = {model: {version: (marName, default)}}; older with
+    age."""
     snap = {
         "name": name,
         "modelCount": len(models),
@@ -450,7 +455,8 @@ def write_snapshot(ts, name, models, age):
 
 
 def restored(ts) -> dict:
-    """{model: (sorted versions, default)} of the model_snapshot a start would load (read back from the config)."""
+    """{model: (sorted versions, default)} of the model_snapshot a start would load (read back from the
+    config)."""
     path, _ = ts.write_config()
     raw = read_properties(path).get("model_snapshot")
     models = json.loads(raw)["models"] if raw else {}
@@ -660,7 +666,7 @@ def test_the_gate_retries_failed_requests_and_is_inconclusive_when_the_default_k
     assert "inconclusive: the default 1.0 failed 2 golden requests" in report["reason"]
 
 
-# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default ----
+# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default ---
 
 SWAP = {"3": "8", "8": "3"}  # a candidate trained with the folders of 3 and 8 swapped
 

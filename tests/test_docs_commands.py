@@ -1,7 +1,8 @@
-"""Every command in a ```bash block of README.md and docs/*.md starts with something that exists on a clone after
-scripts/setup.sh: a script of scripts/, a program of the venv (.venv/bin/..., and for `python -m` a module that is
-there), or a known tool. Nothing is run. A bare `python` or `tensorboard` works only with the venv active, so it is
-refused unless the block itself ran `source .venv/bin/activate` first (as docs/serving.md's plain commands do)."""
+"""Every command in a ```bash block of README.md and docs/*.md starts with something that exists on a clone
+after scripts/setup.sh: a script of scripts/, a program of the venv (.venv/bin/..., and for `python -m` a
+module that is there), or a known tool. Nothing is run. A bare `python` or `tensorboard` works only with the
+venv active, so it is refused unless the block itself ran `source .venv/bin/activate` first (as
+docs/serving.md's plain commands do)."""
 
 import glob
 import importlib.util
@@ -46,7 +47,8 @@ def commands(block: str) -> list[str]:
 
 
 def first_words(line: str) -> list[str]:
-    """The program of each command in a line: after an operator, past VAR=value assignments and sudo/until/do..."""
+    """The program of each command in a line: after an operator, past VAR=value assignments and
+    sudo/until/do..."""
     lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
     lexer.whitespace_split, lexer.commenters = True, "#"
     words, start = [], True

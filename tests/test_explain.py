@@ -241,8 +241,8 @@ def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(
 
 
 def test_an_explanation_past_the_memory_ceiling_is_507(archive_factory, digits, tmp_path, monkeypatch):
-    # The worker's memory ceiling (memory_headroom_mb) turns an allocation past it into MemoryError: that request
-    # fails with 507, not a 500 "internal error", and its neighbours answer.
+    # The worker's memory ceiling (memory_headroom_mb) turns an allocation past it into MemoryError: that
+    # request fails with 507, not a 500 "internal error", and its neighbours answer.
     import handlers.image_classifier as handler_module
 
     def out_of_memory(*args, **kwargs):
@@ -255,7 +255,7 @@ def test_an_explanation_past_the_memory_ceiling_is_507(archive_factory, digits, 
     assert out[0]["message"] == "this request needs more memory than a worker has"
 
 
-# --- the step budget (model_src/explain.py): a fake clock and a fake explainer -------------------------------------
+# --- the step budget (model_src/explain.py): a fake clock and a fake explainer ------------------------------
 
 
 class Clock:

@@ -1,6 +1,6 @@
-"""Deployment state under faults (issue 29), against one real TorchServe 0.12: operators killed or hung up on at
-chosen points, a lost answer, a full disk under the journal, two operators at once, the default's workers killed
-during a gate, and restarts with an unfinished registration and a damaged archive.
+"""Deployment state under faults (issue 29), against one real TorchServe 0.12: operators killed or hung up on
+at chosen points, a lost answer, a full disk under the journal, two operators at once, the default's workers
+killed during a gate, and restarts with an unfinished registration and a damaged archive.
 
 The tests run in file order on one server (conftest's `server`: my_model 1.0), each leaving a known state:
 
@@ -40,8 +40,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 
 def relabel(src, dst, version):
-    """A copy of an archive that says it is `version` (its manifest rewritten), with its .sha256: a new version
-    in a second, not a new build."""
+    """A copy of an archive that says it is `version` (its manifest rewritten), with its .sha256: a new
+    version in a second, not a new build."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
             data = zin.read(item)
@@ -83,8 +83,8 @@ def default(ts):
     return management.default_version(ts, "my_model")
 
 
-# An operator in its own process, against this module's server. FAULT patches one step, the same way on the old
-# code and the new, so that the test shows what each does after the fault.
+# An operator in its own process, against this module's server. FAULT patches one step, the same way on the
+# old code and the new, so that the test shows what each does after the fault.
 OPERATOR = """
 import json, os, signal, sys
 from deploy import gate, management, register_version
@@ -253,7 +253,8 @@ def gate_in_thread(server, archive, golden, tmp_path, **kw):
 
 
 def race(gate: threading.Thread, go: threading.Event, operation):
-    """Run `operation` in a thread while the gate waits at `go`, let the gate go a second later, wait for both."""
+    """Run `operation` in a thread while the gate waits at `go`, let the gate go a second later, wait for
+    both."""
     other = threading.Thread(target=operation)
     other.start()
     time.sleep(1)
@@ -263,7 +264,8 @@ def race(gate: threading.Thread, go: threading.Event, operation):
 
 
 def test_a_rollback_during_a_promotion_is_not_undone(server, archives, golden, tmp_path):
-    # item 14: the rollback was undone a second later by the promotion, which reported the wrong previous default
+    # item 14: the rollback was undone a second later by the promotion, which reported the wrong previous
+    # default
     t, go, promotion, real = gate_in_thread(server, archives["3.0"], golden, tmp_path)
     rolled = {}
     try:
@@ -361,8 +363,8 @@ def test_the_default_killed_during_a_gate_is_asked_again(server, archives, golde
 def test_a_start_that_cannot_restore_the_default_says_so_and_a_repaired_one_restores_it(
     server, store, archives, monkeypatch, capsys
 ):
-    # item 7: the default's archive truncated: "restored the saved deployment", another default, no warning; and
-    # after the repair the promoted version was still gone
+    # item 7: the default's archive truncated: "restored the saved deployment", another default, no warning;
+    # and after the repair the promoted version was still gone
     want = registered(server), default(server)
     monkeypatch.setattr(serve, "TorchServe", lambda **kw: server)
     mar = archives[want[1]]

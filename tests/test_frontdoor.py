@@ -1,10 +1,10 @@
 """The HTTPS front door (deploy/frontdoor.py): real HAProxy in front of a real TorchServe on free ports.
 
-TLS with the generated CA (TLS 1.2 with AEAD suites only), plain HTTP refused, bad input answered as TorchServe
-answers it, over-size, chunked and url-encoded bodies and the API description refused by the proxy, a full queue
-and a rate limit answered with Retry-After and JSON, slow bodies and idle connections from one address that
-leave others served, explanations in their own lane, 10,000 mixed requests through it with no wrong answer, and
-TorchServe unreachable from another network namespace while the front door is reachable.
+TLS with the generated CA (TLS 1.2 with AEAD suites only), plain HTTP refused, bad input answered as
+TorchServe answers it, over-size, chunked and url-encoded bodies and the API description refused by the proxy,
+a full queue and a rate limit answered with Retry-After and JSON, slow bodies and idle connections from one
+address that leave others served, explanations in their own lane, 10,000 mixed requests through it with no
+wrong answer, and TorchServe unreachable from another network namespace while the front door is reachable.
 
 Without haproxy the tests that need it skip, except under CI (env CI set), where they fail: CI installs it."""
 
@@ -41,8 +41,8 @@ NS_HOST, NS_PEER = "10.213.77.1", "10.213.77.2"  # the veth pair's addresses: th
 
 
 def require_haproxy():
-    """Where haproxy is found is deploy.frontdoor.haproxy()'s; whether its absence skips or fails (under CI) is
-    require_tool's, whose own test checks that decision."""
+    """Where haproxy is found is deploy.frontdoor.haproxy()'s; whether its absence skips or fails (under CI)
+    is require_tool's, whose own test checks that decision."""
     try:
         haproxy()
     except FrontDoorError:
@@ -87,7 +87,8 @@ def test_json_replies_read_back_as_their_message(tmp_path):
     port = free_port()
     (tmp_path / "h.cfg").write_text(
         "defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n    timeout connect 5s\n"
-        f"frontend f\n    bind 127.0.0.1:{port}\n    http-request return {json_reply(429, 'Odd', HOSTILE, 3)}\n"
+        f"frontend f\n    bind 127.0.0.1:{port}\n    http-request return "
+        f"{json_reply(429, 'Odd', HOSTILE, 3)}\n"
     )
     proc = subprocess.Popen(
         [haproxy(), "-db", "-f", str(tmp_path / "h.cfg")], stderr=subprocess.PIPE, text=True
@@ -120,7 +121,8 @@ def bare_door(tmp_path):
 
 
 def tls12_cipher(door, ciphers: str) -> str | None:
-    """The suite a TLS 1.2 client offering only `ciphers` gets from the door; None when the handshake fails."""
+    """The suite a TLS 1.2 client offering only `ciphers` gets from the door; None when the handshake
+    fails."""
     ctx = ssl.create_default_context(cafile=door.ca)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(ciphers + ":@SECLEVEL=0")  # the client offers them all; the door decides
@@ -247,8 +249,8 @@ def test_bad_input_gets_the_same_4xx_as_direct(soak, door):
 
 
 def exchange(door, request: bytes, source: str = "127.0.0.1", timeout: float = 30) -> tuple[int, dict, bytes]:
-    """Send raw bytes over TLS from a loopback address; the status, headers and body of the answer (the request
-    should say `Connection: close`, or be one the proxy refuses)."""
+    """Send raw bytes over TLS from a loopback address; the status, headers and body of the answer (the
+    request should say `Connection: close`, or be one the proxy refuses)."""
     ctx = ssl.create_default_context(cafile=door.ca)
     with (
         socket.create_connection(
@@ -284,8 +286,9 @@ def head(soak, path="/predictions/my_model", ctype="application/octet-stream", l
 
 
 def refused_lines(door, offset: int, statuses: tuple[int, ...], expected: int) -> list[str]:
-    """The access log's lines with these statuses after `offset`. HAProxy writes a request's line when it closes
-    the session, which can be just after the client has its answer: wait (bounded) for `expected` of them."""
+    """The access log's lines with these statuses after `offset`. HAProxy writes a request's line when it
+    closes the session, which can be just after the client has its answer: wait (bounded) for `expected` of
+    them."""
     deadline = time.monotonic() + 10
     while True:
         with open(door.log) as f:
@@ -302,7 +305,10 @@ def test_oversize_and_chunked_bodies_are_refused_by_the_proxy(soak, door):
     auth = soak.headers()["Authorization"]
     offset = os.path.getsize(door.log)
     for extra, status in ((f"Content-Length: {door.max_body + 1}", 413), ("Transfer-Encoding: chunked", 411)):
-        head = f"POST /predictions/my_model HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n{extra}\r\n\r\n"
+        head = (
+            "POST /predictions/my_model HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
+            f"{auth}\r\n{extra}\r\n\r\n"
+        )
         code, headers, body = raw_request(door, head.encode())
         assert code == status and headers["content-type"] == "application/json" and "message" in body
     refused = refused_lines(door, offset, (413, 411), 2)  # neither request reached a server
@@ -350,7 +356,8 @@ def multipart(data: bytes, boundary: str = "b0undary") -> bytes:
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_only_the_media_types_the_handler_reads_pass(soak, door):
-    """Finding 9: Netty form-decodes url-encoded bodies before the key is checked (16 MB: 5.7 s of CPU, +2.1 GB)."""
+    """Finding 9: Netty form-decodes url-encoded bodies before the key is checked (16 MB: 5.7 s of CPU, +2.1
+    GB)."""
     png, label = good(soak)
     offset = os.path.getsize(door.log)
     form = b"a=" + b"x%41" * 100
@@ -407,9 +414,10 @@ def read_answer(s: ssl.SSLSocket) -> tuple[int, dict, bytes] | OSError:
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_slow_bodies_get_408_and_leave_the_door_open_to_others(soak, small_door):
-    """Finding 6: 20 connections from 127.0.0.2 send the head of a 1 MB body, then a byte a second, with 2 slots
-    in TorchServe. Each body must arrive whole before its request is queued: they get 408 and take no slot, and
-    a request from 127.0.0.3 is answered meanwhile (it waited for a slot and got 503 after 10 s before)."""
+    """Finding 6: 20 connections from 127.0.0.2 send the head of a 1 MB body, then a byte a second, with 2
+    slots in TorchServe. Each body must arrive whole before its request is queued: they get 408 and take no
+    slot, and a request from 127.0.0.3 is answered meanwhile (it waited for a slot and got 503 after 10 s
+    before)."""
     door = small_door(maxconn=2)
     ctx = ssl.create_default_context(cafile=door.ca)
     slow = []
@@ -495,8 +503,8 @@ def wait_closed(socks: list[socket.socket], deadline: float) -> int:
 
 
 def established(s: socket.socket) -> bool:
-    """Whether the connection was ever accepted: one whose SYN the full backlog dropped is still retrying, and the
-    door cannot hold (or close) what it never accepted."""
+    """Whether the connection was ever accepted: one whose SYN the full backlog dropped is still retrying, and
+    the door cannot hold (or close) what it never accepted."""
     try:
         s.getpeername()
         return True

@@ -13,7 +13,8 @@ CI runs a short, derandomised pass (FUZZ_EXAMPLES, default 300 inputs per target
 without asserting on them (the project's rule: no timing asserts). The long run also holds each input
 to a time budget and prints the figures:
 
-    FUZZ_EXAMPLES=20000 FUZZ_SECONDS_PER_INPUT=2 .venv/bin/python -m pytest tests/test_fuzz.py -p no:cacheprovider -s
+    FUZZ_EXAMPLES=20000 FUZZ_SECONDS_PER_INPUT=2 .venv/bin/python -m pytest tests/test_fuzz.py -p
+    no:cacheprovider -s
 """
 
 import json

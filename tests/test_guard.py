@@ -1,6 +1,6 @@
-"""The management guard against a real TorchServe: a differential test. Hundreds of generated query strings and
-framings go raw over a socket to the guard; afterwards every registration that TorchServe received (its access
-log) must be one the guard approved (its log) and name only an archive of the model store."""
+"""The management guard against a real TorchServe: a differential test. Hundreds of generated query strings
+and framings go raw over a socket to the guard; afterwards every registration that TorchServe received (its
+access log) must be one the guard approved (its log) and name only an archive of the model store."""
 
 import os
 import random
@@ -60,7 +60,8 @@ FIXED = [  # the review's reproductions, first
 
 
 def query(rng) -> str:
-    """A valid registration's parameters in any order and separators, half of the time with hostile additions."""
+    """A valid registration's parameters in any order and separators, half of the time with hostile
+    additions."""
     params = [f"url={rng.choice(['my_model.mar', 'my%5Fmodel.mar'])}"]
     params += [f"{k}={rng.choice(v)}" for k, v in VALID.items() if rng.random() < 0.4]
     if rng.random() < 0.5:

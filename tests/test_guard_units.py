@@ -1,5 +1,5 @@
-"""The management guard (deploy/guard.py) without a TorchServe: the real guard process in front of a stand-in for
-TorchServe's management socket that records every byte it receives. What the stand-in receives is what
+"""The management guard (deploy/guard.py) without a TorchServe: the real guard process in front of a stand-in
+for TorchServe's management socket that records every byte it receives. What the stand-in receives is what
 TorchServe would have: the guard must re-issue requests built from validated values, never forward bytes.
 (tests/test_guard.py sends the same kinds of requests through to a real TorchServe.)"""
 
@@ -95,8 +95,8 @@ def send_raw(port: int, raw: bytes, timeout: float = 10) -> bytes:
 
 
 class GuardProcess:
-    """deploy.guard as launch() starts it: --watch-pid names 'TorchServe' (here a sleeper whose working directory
-    holds key_file.json, as TorchServe's does)."""
+    """deploy.guard as launch() starts it: --watch-pid names 'TorchServe' (here a sleeper whose working
+    directory holds key_file.json, as TorchServe's does)."""
 
     def __init__(self, tmp, tokens=True):
         self.dir = tmp
@@ -191,7 +191,7 @@ def refused(status, body):
     return status in (400, 403) and body.get("message")
 
 
-# --- finding 1: ';' as a query separator, and what else reads a query two ways ---------------------------------
+# --- finding 1: ';' as a query separator, and what else reads a query two ways ------------------------------
 
 TWO_READINGS = {
     "';' before the valid url (finding 1)": "/models?x=1;url=/some/dir&url=my_model.mar",
@@ -279,7 +279,7 @@ def test_other_management_calls_are_reissued_from_a_parsed_form(gw):
     assert len(gw.upstream.targets()) == len(calls) + 1
 
 
-# --- framing: findings 2 and 10, and the guard that died on a bad header --------------------------------------
+# --- framing: findings 2 and 10, and the guard that died on a bad header ------------------------------------
 
 SMUGGLED = b"POST /models?url=/some/dir HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
@@ -332,7 +332,7 @@ def test_a_malformed_request_gets_a_json_answer(gw, raw):
     assert gw.upstream.targets() == []
 
 
-# --- the key, before any costly work -------------------------------------------------------------------------
+# --- the key, before any costly work ------------------------------------------------------------------------
 
 
 def test_the_key_is_checked_before_the_archive(gw):
@@ -368,7 +368,7 @@ def test_with_tokens_off_no_key_is_asked(tmp_path):
         g.stop()
 
 
-# --- what must not kill or stall the guard -------------------------------------------------------------------
+# --- what must not kill or stall the guard ------------------------------------------------------------------
 
 
 def test_an_empty_checksum_file_is_a_refusal_with_a_reason(gw):
@@ -411,7 +411,7 @@ def test_keep_alive_carries_several_calls(gw):
     assert gw.upstream.targets() == ["GET /models HTTP/1.1"] * 3
 
 
-# --- the parsers' cost grows linearly ----------------------------------------------------------------------------
+# --- the parsers' cost grows linearly -----------------------------------------------------------------------
 
 
 def cost(fn, arg, repeat=5) -> float:

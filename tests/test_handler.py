@@ -82,7 +82,8 @@ def handle(handler, ctx, rows, headers=None):
     ctx.request_processor = [RequestProcessor(h) for h in headers or [{}] * len(rows)]
     out = handler.handle(rows, ctx)
     assert isinstance(out, list) and len(out) == len(rows)  # else TorchServe fails the whole batch (503)
-    # The worker's own serialisation: it falls back to a 503 for the whole batch if an answer is not JSON-able.
+    # The worker's own serialisation: it falls back to a 503 for the whole batch if an answer is not
+    # JSON-able.
     frame = create_predict_response(out, req_ids, "Prediction success", 200, context=ctx)
     assert struct.unpack("!i", frame[:4])[0] == 200
     statuses = [ctx.get_response_status(i)[0] for i in range(len(rows))]
@@ -137,8 +138,9 @@ def is_prediction(answer, k=5):
 
 @pytest.fixture(scope="module")
 def reference_probs(checkpoint, digits):
-    """{label: probability} per val file, from the checkpoint's model in plain torch on torchvision's transform:
-    no handler, no archive, no Preprocessing, so the eager handler is compared with something other than itself."""
+    """{label: probability} per val file, from the checkpoint's model in plain torch on torchvision's
+    transform: no handler, no archive, no Preprocessing, so the eager handler is compared with something other
+    than itself."""
     model, ckpt = load_model(checkpoint)
     known = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(known.preprocessing)
@@ -525,9 +527,9 @@ PHOTO_PREP = Preprocessing(
 
 @pytest.fixture(scope="module")
 def photo_handler(checkpoint, archive_factory, tmp_path_factory):
-    """A handler initialised from an archive with 3-channel resize-and-crop preprocessing. The session's trained
-    model is the 1-channel digits one, so this checkpoint holds a small untrained model in the same format: the
-    transform, not the weights, is under test."""
+    """A handler initialised from an archive with 3-channel resize-and-crop preprocessing. The session's
+    trained model is the 1-channel digits one, so this checkpoint holds a small untrained model in the same
+    format: the transform, not the weights, is under test."""
     ckpt = torch.load(checkpoint, weights_only=True)
     known = Manifest.from_checkpoint(ckpt)
     model_args = {**known.model_args, "in_channels": 3, "num_classes": 2, "widths": [8], "blocks": [1]}
@@ -585,7 +587,8 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
     # A worker's metrics leave it as "[METRICS]..." log lines that the frontend parses; only metrics
     # declared in serving/metrics.yaml are exported, so the handler must not add any to the cache: an emission
     # whose type differs from the declaration would add one (and the frontend would file it under the declared
-    # type), and the cached unit is the declared one whatever add_time() was given, so the value must be seconds.
+    # type), and the cached unit is the declared one whatever add_time() was given, so the value must be
+    # seconds.
     handler, ctx = eager
     fresh = MetricsCacheYamlImpl(METRICS_CONFIG)  # what serving/metrics.yaml declares, before any request
     fresh.initialize_cache()

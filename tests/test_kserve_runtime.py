@@ -63,8 +63,8 @@ def test_layout_names_versions_default_and_kserve_ports(layout):
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
-    """`torchserve --start --model-store=... --ts-config=...` exactly as kserve-torchserve.yaml runs it; free ports
-    come in through TS_* variables, as KServe's own settings do (enable_envvars_config)."""
+    """`torchserve --start --model-store=... --ts-config=...` exactly as kserve-torchserve.yaml runs it; free
+    ports come in through TS_* variables, as KServe's own settings do (enable_envvars_config)."""
     storage, ports = layout["storage"], Ports.free()
     store = os.path.join(storage, "model-store")
     ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=store, ports=ports, user=None)
@@ -150,13 +150,15 @@ def test_manifests_valid_against_published_schemas(manifests):
         model = predictor["model"]
         assert model["protocolVersion"] == protocol and model["runtime"] == kserve.RUNTIME
         assert model["resources"]["limits"]["cpu"] and model["resources"]["requests"]["memory"]
-        # The front door's limits KServe can carry; no service-link variables for enable_envvars_config to read.
+        # The front door's limits KServe can carry; no service-link variables for enable_envvars_config to
+        # read.
         assert predictor["containerConcurrency"] == FrontDoor.maxconn and predictor["timeout"] > 0
         assert predictor["enableServiceLinks"] is False and predictor["automountServiceAccountToken"] is False
 
 
 def test_schema_catches_mistakes():
-    """The check is strict: a misspelt field (which the API server would silently drop) and a wrong type fail."""
+    """The check is strict: a misspelt field (which the API server would silently drop) and a wrong type
+    fail."""
     doc = kserve.inference_service("v2", "pvc://x")
     doc["spec"]["predictor"]["model"]["protocolVersoin"] = "v2"
     doc["spec"]["predictor"]["minReplicas"] = "one"
@@ -179,12 +181,13 @@ def test_schema_catches_mistakes():
     assert "8080 is not of type 'string'" in errors and "'PERMIT' is not one of" in errors
 
 
-# --- the policies, evaluated the way Kubernetes and Istio read them ------------------------------------------
+# --- the policies, evaluated the way Kubernetes and Istio read them -----------------------------------------
 
 
 def predictor_pod_labels(isvc: dict) -> dict:
-    """The labels KServe gives an InferenceService's predictor pods: the service's own labels and the predictor's,
-    then its two (kserve pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta)."""
+    """The labels KServe gives an InferenceService's predictor pods: the service's own labels and the
+    predictor's, then its two (kserve pkg/controller/v1beta1/inferenceservice/components/predictor.go,
+    buildObjectMeta)."""
     return {
         **isvc["metadata"].get("labels", {}),
         **isvc["spec"]["predictor"].get("labels", {}),
@@ -207,7 +210,8 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def admits(policy: dict, namespace: str, labels: dict, port: int, own_namespace: str = "models") -> bool:
-    """Whether `policy`'s ingress rules let a pod (`namespace`, `labels`) connect to `port` on a selected pod."""
+    """Whether `policy`'s ingress rules let a pod (`namespace`, `labels`) connect to `port` on a selected
+    pod."""
 
     def peer_matches(peer):
         ns_ok = (
@@ -268,8 +272,9 @@ def istio_match(pattern: str, value: str) -> bool:
 
 
 def istio_allows(policy: dict, method: str, url: str, port: int, headers: dict | None = None) -> bool:
-    """An ALLOW AuthorizationPolicy's verdict: some rule matches, i.e. one of its operations and all its `when`
-    conditions (paths match without the query, as Istio does; header names are case-insensitive, values not)."""
+    """An ALLOW AuthorizationPolicy's verdict: some rule matches, i.e. one of its operations and all its
+    `when` conditions (paths match without the query, as Istio does; header names are case-insensitive, values
+    not)."""
     headers = {k.lower(): v for k, v in (headers or {}).items()}
     path = urlsplit(url).path
 
@@ -340,8 +345,8 @@ def test_authorization_policy_allows_only_what_the_bundle_serves(manifests):
 
 def test_pod_keeps_management_and_grpc_on_loopback(tmp_path, monkeypatch):
     """Whatever the host's config.properties exposes (here everything on 0.0.0.0), the pod's config keeps
-    management and both gRPC servers on the pod's loopback, also after the runtime's TS_* variables (read through
-    enable_envvars_config), and holds no more waiting requests than the front door lets in."""
+    management and both gRPC servers on the pod's loopback, also after the runtime's TS_* variables (read
+    through enable_envvars_config), and holds no more waiting requests than the front door lets in."""
     host = read_properties(settings.CONFIG)
     for key in ("inference_address", "management_address", "metrics_address"):
         host[key] = host[key].replace("127.0.0.1", "0.0.0.0")

@@ -1,5 +1,6 @@
-"""TorchServe's own commands, typed as the docs write them: `torchserve --start --models my_model=my_model.mar`
-in a clean shell with only the venv activated, then every curl line of docs/serving.md's block.
+"""TorchServe's own commands, typed as the docs write them: `torchserve --start --models
+my_model=my_model.mar` in a clean shell with only the venv activated, then every curl line of
+docs/serving.md's block.
 
 The block runs as written but for three things: its ports (free ones, so a demo server on 8080-8082 is
 untouched) and its model store (a private one), which both come from TS_CONFIG_FILE, the variable the venv's
@@ -136,6 +137,7 @@ def test_the_documented_commands_work_as_typed(shell):
     assert "`minWorkers`/`maxWorkers` also win over a registration's `initial_workers`" in said
     assert "initial_workers=1" in said and "comes up with 2 workers" in said
     assert "unregistered" in answer("-X DELETE")["status"]
-    # `torchserve --stop` in the block stopped it (it returns before the frontend has exited): soon nothing answers
+    # `torchserve --stop` in the block stopped it (it returns before the frontend has exited): soon nothing
+    # answers
     assert wait_until_refused(ports.inference, seconds=60)
     shutil.rmtree(work / "logs", ignore_errors=True)

@@ -1,6 +1,6 @@
-"""The bundle manifest (model_src/manifest.py) and the backend registry (model_src/backends/): a versioned JSON
-form, old checkpoints still read, a backend added by one file, no backend file name typed elsewhere, the archive
-checks and the registry importable without torch."""
+"""The bundle manifest (model_src/manifest.py) and the backend registry (model_src/backends/): a versioned
+JSON form, old checkpoints still read, a backend added by one file, no backend file name typed elsewhere, the
+archive checks and the registry importable without torch."""
 
 import ast
 import json
@@ -66,8 +66,9 @@ def test_the_gate_reads_class_names_from_the_archives_manifest(tmp_path):
 
 
 def test_an_archive_built_before_the_manifest_still_reads(tmp_path):
-    """Archives in a user's model store from before bundle.json (serving.json + TorchServe's MANIFEST.json) keep
-    serving and keep passing the gate's class check: the same manifest from the zip and from its unpacked folder."""
+    """Archives in a user's model store from before bundle.json (serving.json + TorchServe's MANIFEST.json)
+    keep serving and keep passing the gate's class check: the same manifest from the zip and from its unpacked
+    folder."""
     serving = {"model_args": {"arch": "x"}, "class_names": ["cat", "dog"], "preprocessing": PREP}
     serving.update(
         args={"data": "/data/pets"}, best_metric={"acc": 0.9, "epoch": 3}, epoch=4, export={"tolerance": 1}
@@ -95,7 +96,7 @@ def test_an_archive_built_before_the_manifest_still_reads(tmp_path):
         )
 
 
-# --- the registry -------------------------------------------------------------------------------------------------
+# --- the registry -------------------------------------------------------------------------------------------
 
 TINY = """
 from model_src.backends import Backend
@@ -188,7 +189,7 @@ def test_only_torchserves_own_worker_gets_a_memory_ceiling(monkeypatch):
     assert not image_classifier.in_frontend_worker()
 
 
-# --- archiving an export folder -------------------------------------------------------------------------------------
+# --- archiving an export folder -----------------------------------------------------------------------------
 
 
 def test_an_archive_is_built_from_an_export_folder_and_adds_its_part(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
-"""Mobile formats (train/mobile.py through train.export): .ptl for the lite interpreter and .pte for ExecuTorch,
-each loaded back by its own runtime and compared with eager on real images, for the digits model and the
-pretrained EfficientNet-Lite0; the phone's preprocessing.json; refusals that write nothing; setup.sh --mobile.
+"""Mobile formats (train/mobile.py through train.export): .ptl for the lite interpreter and .pte for
+ExecuTorch, each loaded back by its own runtime and compared with eager on real images, for the digits model
+and the pretrained EfficientNet-Lite0; the phone's preprocessing.json; refusals that write nothing; setup.sh
+--mobile.
 
 ExecuTorch is optional (scripts/setup.sh --mobile; scripts/test.sh installs it): without it the .pte tests are
 skipped with that reason and the rest run."""
@@ -41,7 +42,8 @@ pytestmark = [  # ExecuTorch 1.5.1's own import-time warnings, not this bundle's
 
 @pytest.fixture(scope="module")
 def mobile_export(checkpoint, tmp_path_factory):
-    """The digits model as model.pt and every mobile format this environment can make, checked by export_all."""
+    """The digits model as model.pt and every mobile format this environment can make, checked by
+    export_all."""
     out = str(tmp_path_factory.mktemp("mobile") / "export")
     return out, exportlib.export_all(checkpoint, out, formats=("eager", *MOBILE))
 
@@ -125,7 +127,8 @@ def test_the_pte_program_takes_one_image_in_the_phone_json_layout(mobile_export)
 
 
 def phone_input(img: Image.Image, phone: dict) -> torch.Tensor:
-    """What an app does, written from preprocessing.json alone (Pillow stands in for the phone's bitmap calls)."""
+    """What an app does, written from preprocessing.json alone (Pillow stands in for the phone's bitmap
+    calls)."""
     img = img.convert("L" if phone["channel_order"].startswith("L") else "RGB")
     size = phone["image_size"]
     if phone["resize_size"] is None:

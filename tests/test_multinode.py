@@ -35,8 +35,8 @@ def test_two_nodes_train_identical_replicas_then_resume_on_one(namespaces, tmp_p
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["processes"] == 2 and metrics["epochs_done"] == 2
-    # One process per node, each reporting a digest of its own parameters after the run: all equal, and equal to
-    # what the checkpoint holds.
+    # One process per node, each reporting a digest of its own parameters after the run: all equal, and equal
+    # to what the checkpoint holds.
     replicas = metrics["replicas"]
     assert sorted(r["node"] for r in replicas) == [0, 1]
     saved = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)

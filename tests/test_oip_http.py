@@ -1,6 +1,7 @@
-"""KServe v2 / Open Inference Protocol over HTTP with stock clients (tritonclient.http, sync and async), against a
-real TorchServe 0.12 (TS_OPEN_INFERENCE_PROTOCOL=oip, set by deploy/server.py) directly on loopback and through the
-HTTPS front door (real HAProxy). Every request here is built and read by tritonclient; docs/kserve.md has the table.
+"""KServe v2 / Open Inference Protocol over HTTP with stock clients (tritonclient.http, sync and async),
+against a real TorchServe 0.12 (TS_OPEN_INFERENCE_PROTOCOL=oip, set by deploy/server.py) directly on loopback
+and through the HTTPS front door (real HAProxy). Every request here is built and read by tritonclient;
+docs/kserve.md has the table.
 """
 
 import asyncio
@@ -72,8 +73,8 @@ def test_health_and_server_metadata(path):
 
 
 def test_model_ready_and_metadata(path):
-    """TorchServe 0.12 answers neither (404, and 501 for versions): the front door does, after TorchServe checked
-    the key. Directly on TorchServe's port they stay missing."""
+    """TorchServe 0.12 answers neither (404, and 501 for versions): the front door does, after TorchServe
+    checked the key. Directly on TorchServe's port they stay missing."""
     where, client, key = path
     if where == "direct":
         assert not client.is_model_ready("my_model", headers=key)
@@ -153,7 +154,8 @@ def test_wrong_key_is_refused_on_every_route(path):
 
 
 def test_explanation_through_the_door(server, door, png):
-    """tritonclient has no explain call: its own serialiser builds the v2 body, sent to /v2/models/m/explain."""
+    """tritonclient has no explain call: its own serialiser builds the v2 body, sent to
+    /v2/models/m/explain."""
     body, length = httpclient.InferenceServerClient.generate_request_body([image_input(png, binary=True)])
     headers = {"Authorization": f"Bearer {server.keys()['inference']['key']}"}
     headers["Inference-Header-Content-Length"] = str(length)

@@ -74,7 +74,8 @@ def count_steps(monkeypatch) -> list[int]:
 
 
 def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
-    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops it."""
+    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops
+    it."""
     calls = count_steps(monkeypatch)
     work = []
     for n in (1_000, 10_000):

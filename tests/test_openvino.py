@@ -1,5 +1,6 @@
-"""The OpenVINO backends (model_src/backends/openvino.py): fp32 exact, bf16 said unavailable in one line where the
-CPU has no bf16 units, int8 calibrated on the export job's batches; a small fixed CNN on real photo crops."""
+"""The OpenVINO backends (model_src/backends/openvino.py): fp32 exact, bf16 said unavailable in one line where
+the CPU has no bf16 units, int8 calibrated on the export job's batches; a small fixed CNN on real photo
+crops."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""The precision gate (train/precision.py): fp32 itself passes; a candidate that is wrong in a way the figures can
-see is refused, with the figures in the message."""
+"""The precision gate (train/precision.py): fp32 itself passes; a candidate that is wrong in a way the figures
+can see is refused, with the figures in the message."""
 
 import pytest
 import torch

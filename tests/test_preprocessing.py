@@ -411,7 +411,8 @@ def test_jpeg_scans_are_counted_like_libjpeg():
 
 
 def test_scans_hidden_behind_a_fake_end_marker_still_count():
-    # An FF D9 inside a comment segment is not the end: libjpeg skips segments by their length, so does the count.
+    # An FF D9 inside a comment segment is not the end: libjpeg skips segments by their length, so does the
+    # count.
     bomb = images.scan_bomb_jpeg(64, 500)
     first_sos = bomb.index(b"\xff\xda")
     comment = b"\xff\xfe" + struct.pack(">H", 6) + b"\xff\xd9\xff\xd9"
@@ -498,7 +499,8 @@ def best_seconds(fn, arg) -> float:
 
 
 def growth(fn, build, n: int) -> tuple[float, float]:
-    """(how much longer fn takes on build(10 n) than on build(n), the same for a linear baseline: bytes.count)."""
+    """(how much longer fn takes on build(10 n) than on build(n), the same for a linear baseline:
+    bytes.count)."""
     small, large = build(n), build(10 * n)
     ours = best_seconds(fn, large) / best_seconds(fn, small)
     baseline = best_seconds(lambda d: d.count(b"\xff"), large) / best_seconds(
@@ -507,7 +509,8 @@ def growth(fn, build, n: int) -> tuple[float, float]:
     return ours, baseline
 
 
-LINEAR_CASES = {  # name -> (parser, hostile input of size n, n): the parsers run uncapped, to see their own cost
+# name -> (parser, hostile input of size n, n): the parsers run uncapped, to see their own cost
+LINEAR_CASES = {
     "jpeg-ff-run": (count_jpeg_markers, images.jpeg_with_ff_run, 2_000),
     "jpeg-comments": (
         lambda d: count_jpeg_markers(d, max_segments=UNCAPPED),
@@ -522,7 +525,8 @@ LINEAR_CASES = {  # name -> (parser, hostile input of size n, n): the parsers ru
 
 @pytest.mark.parametrize("name", LINEAR_CASES)
 def test_pre_scans_cost_grows_linearly_with_hostile_input(name):
-    # Finding 5: `\xff+` backtracked through a run of FF at each of its bytes: 10x the run took ~100x the time.
+    # Finding 5: `\xff+` backtracked through a run of FF at each of its bytes: 10x the run took ~100x the
+    # time.
     fn, build, n = LINEAR_CASES[name]
     ours, baseline = growth(fn, build, n)
     assert ours <= 3 * max(10, baseline), (

@@ -126,9 +126,9 @@ def test_top1_on_real_photos(lite, photo_batch):
 
 
 def test_the_handler_path_gives_the_same_input_as_the_pil_image(lite, tmp_path):
-    """The photo sent as a request (a lossless PNG) goes through the serving decoding (model_src/protocol.py, what
-    the handler calls, with the archive's pixel cap) and the checkpoint's preprocessing to exactly the tensor the
-    tests above feed the model; a JPEG of it to the same top-1."""
+    """The photo sent as a request (a lossless PNG) goes through the serving decoding (model_src/protocol.py,
+    what the handler calls, with the archive's pixel cap) and the checkpoint's preprocessing to exactly the
+    tensor the tests above feed the model; a JPEG of it to the same top-1."""
     from ts.utils.util import get_yaml_config
 
     from bundle.settings import MODEL_CONFIG

@@ -1,5 +1,5 @@
-"""deploy/process.py, the one supervisor of TorchServe, its guard and the front door, and its one wait loop; and
-deploy/errors.py's JSON error body, shared by the guard and the front door."""
+"""deploy/process.py, the one supervisor of TorchServe, its guard and the front door, and its one wait loop;
+and deploy/errors.py's JSON error body, shared by the guard and the front door."""
 
 import json
 import os
@@ -12,12 +12,16 @@ import pytest
 from deploy import process
 from deploy.errors import NotReady, error_body
 
-STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(99)"
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+    "time.sleep(99)"
+)
 
 
 @pytest.fixture
 def stubborn():
-    """A process that ignores SIGTERM (a frozen or stuck server), marked 'stubborn-marker' on its command line."""
+    """A process that ignores SIGTERM (a frozen or stuck server), marked 'stubborn-marker' on its command
+    line."""
     proc = subprocess.Popen(
         [sys.executable, "-c", STUBBORN, "stubborn-marker"], stdout=subprocess.PIPE, text=True
     )

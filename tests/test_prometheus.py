@@ -86,9 +86,9 @@ def query(url: str, promql: str) -> list:
 
 def test_prometheus_computes_the_handlers_p99_from_torchserves_histogram(server, prometheus, png):
     # rate() needs an increase between two scrapes, so predictions keep coming until the p99 is there.
-    # Each handler time is shorter than its request's round trip seen here, so every observation lies in a bucket
-    # at or below the one holding the slowest round trip: histogram_quantile() cannot answer above that bucket's
-    # bound (a handler reporting milliseconds as seconds would land in +Inf, read as 10 s).
+    # Each handler time is shorter than its request's round trip seen here, so every observation lies in a
+    # bucket at or below the one holding the slowest round trip: histogram_quantile() cannot answer above that
+    # bucket's bound (a handler reporting milliseconds as seconds would land in +Inf, read as 10 s).
     # The same holds for the median, which one slow round trip on a busy machine cannot loosen.
     p99, deadline, trips = math.nan, time.time() + 60, []
     while not math.isfinite(p99) and time.time() < deadline:
@@ -104,7 +104,8 @@ def test_prometheus_computes_the_handlers_p99_from_torchserves_histogram(server,
     p50 = float(p50["value"][1])
     median, slowest = statistics.median_high(trips), max(trips)
     print(
-        f"HandlerTime_seconds from Prometheus: p50 {p50:.6f} s, p99 {p99:.6f} s; round trips: median {median:.6f} s"
+        f"HandlerTime_seconds from Prometheus: p50 {p50:.6f} s, p99 {p99:.6f} s; round trips: "
+        f"median {median:.6f} s"
     )
     assert 0 < p99 <= bucket_above(slowest), (p99, slowest)
     assert 0 < p50 <= bucket_above(median), (p50, median)

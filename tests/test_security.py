@@ -198,7 +198,8 @@ def test_printed_commands_read_the_key_from_stdin(server, png, tmp_path):
     image = tmp_path / "3.png"
     image.write_bytes(png)
     pipeline = (
-        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- -T {image} "
+        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- "
+        f"-T {image} "
         f"{server.url()}/predictions/my_model"
     )
     env = {**os.environ, "TS_KEY_FILE": server.key_file}
@@ -273,12 +274,12 @@ def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
             stub.server_close()
 
 
-# --- privilege boundaries: the service user's folder, its firewall, its guard ----------------------------------
+# --- privilege boundaries: the service user's folder, its firewall, its guard -------------------------------
 
 
 def service_server_in(base, archive_factory) -> TorchServe:
-    """A server as the service user in `base` (0755, which others may enter; pytest's folders are root's alone),
-    its folders prepared; skips where the service user cannot run this checkout."""
+    """A server as the service user in `base` (0755, which others may enter; pytest's folders are root's
+    alone), its folders prepared; skips where the service user cannot run this checkout."""
     os.chmod(base, 0o755)
     store = os.path.join(base, "store")
     os.makedirs(store)
@@ -346,8 +347,8 @@ print("received", len(got), flush=True)
 
 
 def squat(user: str, port: int, seconds: float = 5) -> subprocess.Popen:
-    """A process of `user` that listens on 127.0.0.1:port for `seconds` and says how many bytes it was sent (or
-    'refused ERRNO' when it cannot listen there); its first line is read before this returns."""
+    """A process of `user` that listens on 127.0.0.1:port for `seconds` and says how many bytes it was sent
+    (or 'refused ERRNO' when it cannot listen there); its first line is read before this returns."""
     entry = pwd.getpwnam(user)
     proc = subprocess.Popen(
         [sys.executable, "-c", SQUAT, str(port), str(seconds)], stdout=subprocess.PIPE, text=True, cwd="/",
@@ -358,8 +359,8 @@ def squat(user: str, port: int, seconds: float = 5) -> subprocess.Popen:
 
 
 def test_no_key_is_sent_to_a_listener_of_another_user(tmp_path):
-    """The hostile check of the second review: a local user who listens on the management port (while the guard
-    is down) was sent the management key by the tools, and used it to register through the guard."""
+    """The hostile check of the second review: a local user who listens on the management port (while the
+    guard is down) was sent the management key by the tools, and used it to register through the guard."""
     if service_user_can_run_here():
         cannot_run(service_user_can_run_here())
     ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(tmp_path), ports=Ports.free())
@@ -419,8 +420,8 @@ def test_a_killed_guard_comes_back(service_server, capsys):
     (first,) = guard_processes(ts)
     first.kill()
     first.wait(30)
-    # Between the guard's death and its restart the port stays held (the supervisor keeps the socket root bound):
-    # another user cannot listen there and be sent the management key.
+    # Between the guard's death and its restart the port stays held (the supervisor keeps the socket root
+    # bound): another user cannot listen there and be sent the management key.
     squatter = squat("nobody", ts.ports.management)
     assert squatter.first[0] == "refused", (
         squatter.first
@@ -429,8 +430,8 @@ def test_a_killed_guard_comes_back(service_server, capsys):
     # Issue 29 item 9: inference went on, the management port stayed dead and nothing restarted the guard.
     assert management_answers(ts), "the management port is dead after the guard was killed"
     assert [p.pid for p in guard_processes(ts)] != [first.pid]
-    # Its supervisor killed too: `status` says what is down (was a traceback), `start` relaunches the guard alone
-    # (was "already running").
+    # Its supervisor killed too: `status` says what is down (was a traceback), `start` relaunches the guard
+    # alone (was "already running").
     supervisors, guards = guard.processes(ts)
     for proc in supervisors + guards:
         proc.kill()
@@ -486,8 +487,8 @@ def fingerprint(*paths: str) -> list[tuple]:
 
 
 def test_root_never_follows_the_service_users_links(archive_factory, digits, png):
-    """Issue 25 finding 4: the service user plants links in every folder it can write, pointing at a root-owned
-    0600 file (and the folder holding it); start and stop as root leave that file as it was."""
+    """Issue 25 finding 4: the service user plants links in every folder it can write, pointing at a
+    root-owned 0600 file (and the folder holding it); start and stop as root leave that file as it was."""
     if service_user_can_run_here():
         cannot_run(service_user_can_run_here())
     base = tempfile.mkdtemp(prefix="ts-user-")

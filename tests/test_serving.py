@@ -93,8 +93,9 @@ def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, of
         else:
             assert resp.json()["message"]
     assert worker_pid(server) == pid  # bad input never killed the worker
-    # The frontend logs one "Looping backend response at: <ms>" per batch a worker answers (INFO; serving/log4j2.xml
-    # keeps it): fewer batches than requests means requests really shared batches (with their bad neighbours).
+    # The frontend logs one "Looping backend response at: <ms>" per batch a worker answers (INFO;
+    # serving/log4j2.xml keeps it): fewer batches than requests means requests really shared batches (with
+    # their bad neighbours).
     log = open(os.path.join(server.log_dir, "ts_log.log")).read()
     batches = set(re.findall(r"W-\d+-\S+ \S+WorkerThread - Looping backend response at: \d+", log))
     assert 0 < len(batches) < len(jobs)
@@ -222,7 +223,8 @@ def test_body_over_max_request_size_is_refused(server, val_bodies):
 
 
 def metric_counts(ts) -> tuple[str, dict[str, float]]:
-    """The metrics page and, per custom metric, its count: a histogram's _count, a counter's value (0 if absent)."""
+    """The metrics page and, per custom metric, its count: a histogram's _count, a counter's value (0 if
+    absent)."""
     text = requests.get(ts.url("metrics") + "/metrics", timeout=30).text  # no token: the metrics API has none
     counts = {}
     for name in ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds", "RejectedInputs"):
@@ -233,9 +235,9 @@ def metric_counts(ts) -> tuple[str, dict[str, float]]:
 
 
 def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
-    # Deltas over this test's own two requests, not totals that earlier tests in the module already raised. Sent
-    # one after the other, each is its own batch: preprocessing and handler times once per batch, inference time
-    # only for the batch with an image, one rejection.
+    # Deltas over this test's own two requests, not totals that earlier tests in the module already raised.
+    # Sent one after the other, each is its own batch: preprocessing and handler times once per batch,
+    # inference time only for the batch with an image, one rejection.
     _, before = metric_counts(server)
     assert post(server, val_bodies[0]).status_code == 200
     assert post(server, b"not an image").status_code == 415

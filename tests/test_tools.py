@@ -29,11 +29,13 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
     report = json.load(open(out / "bench.json"))
     (res,) = report["results"]
     assert report["cores"] >= 1 and res["model"] == "digits"
-    # the limit at the batch size each level makes (c=1: 1; c=16 over 2 workers: the configured 4), next to its row
+    # the limit at the batch size each level makes (c=1: 1; c=16 over 2 workers: the configured 4), next to
+    # its row
     assert set(res["limit"]) == {"onnx", "eager"}
     assert set(res["limit"]["onnx"]) == {"batch_1", "batch_4", "json_1", "json_8"}
     assert all(len(v) >= 1 and min(v) > 0 for row in res["limit"].values() for v in row.values())
-    # the no-op ceiling and each backend at every level, from wrk: answers, no errors, an estimate to compare with
+    # the no-op ceiling and each backend at every level, from wrk: answers, no errors, an estimate to compare
+    # with
     assert [r["concurrency"] for r in res["ceiling"]] == [1, 16]
     for rows in res["served"].values():
         assert [r["concurrency"] for r in rows] == [1, 16]
@@ -120,11 +122,12 @@ def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
     assert summary["results"]["restart"]["after"]["default"] == "2.0"
 
 
-# --- the archive builder ------------------------------------------------------------------------------------------
+# --- the archive builder ------------------------------------------------------------------------------------
 
 
 def fake_export(fail=False):
-    """Stands in for train.export (no checkpoint, no torch export): writes what archive_checkpoint packages."""
+    """Stands in for train.export (no checkpoint, no torch export): writes what archive_checkpoint
+    packages."""
 
     def export_all(checkpoint, export_dir, formats):
         if fail:
@@ -177,7 +180,7 @@ def test_archive_builds_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --- the shell wrappers, in a copy of the repository whose .venv/bin/python only records its calls ---------------
+# --- the shell wrappers, in a copy of the repository whose .venv/bin/python only records its calls ----------
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # Stands in for .venv/bin/python: logs each call (working directory, arguments) as one JSON line;
@@ -341,7 +344,8 @@ def test_loadgen_check_catches_every_wrong_answer():
 
 
 def test_loadgen_run_counts_unparsable_answers_as_wrong():
-    """run() against a tiny loopback server: an answer the judge cannot parse is a wrong answer, not a pass."""
+    """run() against a tiny loopback server: an answer the judge cannot parse is a wrong answer, not a
+    pass."""
     import http.server
     import threading
 
@@ -376,7 +380,8 @@ def test_require_tool_fails_under_ci_and_skips_elsewhere(monkeypatch):
 
     assert require_tool("sh") == shutil.which("sh")
     monkeypatch.setenv("CI", "1")
-    # a skip raised here would escape pytest.raises(Failed) and skip this test: catch both and ask which it was
+    # a skip raised here would escape pytest.raises(Failed) and skip this test: catch both and ask which it
+    # was
     with pytest.raises(
         (pytest.fail.Exception, pytest.skip.Exception), match="no-such-tool-30 not found"
     ) as under_ci:

@@ -233,8 +233,8 @@ FLAGS = {
 
 def watch_training(monkeypatch) -> dict:
     """What a training run really does, seen from outside train.py: each training forward's output dtype and
-    whether the convolutions' weights are channels_last, each loss with its inputs, each gradient clipping with
-    the norm it left."""
+    whether the convolutions' weights are channels_last, each loss with its inputs, each gradient clipping
+    with the norm it left."""
     seen: dict[str, list] = {"forward": [], "losses": [], "clips": []}
     real_model, real_criterion, real_clip = (
         trainer.build_model,
@@ -279,7 +279,8 @@ def watch_training(monkeypatch) -> dict:
 
 
 def focal_reference(logits, targets, gamma):
-    """Focal loss from its formula, mean of -(1 - p_t)^gamma * log(p_t) (Lin et al. 2017), not train.losses."""
+    """Focal loss from its formula, mean of -(1 - p_t)^gamma * log(p_t) (Lin et al. 2017), not
+    train.losses."""
     log_pt = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None])[:, 0]
     return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
 
@@ -404,7 +405,7 @@ def test_torchrun_two_cpu_processes(tmp_path, digits):
     assert proc.stdout.count("finished in") == 1  # rank 0 alone prints the summary
 
 
-# --- faults: a run killed at any point can be finished, and no two runs share a folder ----------------------------
+# --- faults: a run killed at any point can be finished, and no two runs share a folder ----------------------
 
 
 @pytest.fixture
