@@ -522,9 +522,9 @@ def table(res: dict) -> str:
                 else ""
             )
             lines.append(
-                f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}"
-                f"{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{r['steal_share']:7.0%}{ceil['rps_unstolen']:9.0f}"
-                f"{est:>10s}{ratio:>12s}" + ideal
+                f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}"
+                f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{r['steal_share']:7.0%}"
+                f"{ceil['rps_unstolen']:9.0f}{est:>10s}{ratio:>12s}" + ideal
             )
     lines.append(
         "limit, img/s in-process, each measured next to its row: "

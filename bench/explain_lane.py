@@ -123,8 +123,8 @@ def main(args):
         target = imagenet_target(work)
         store = os.path.join(work, "store")
         config = model_config(work, args.batch_size)
-        archive_checkpoint(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar",
-                      config_file=config)  # fmt: skip
+        archive_checkpoint(target["checkpoint"], "1.0", "onnx", model_name="imagenet",
+                           output=f"{store}/imagenet.mar", config_file=config)  # fmt: skip
         photos = [read_bytes(p) for p in target["images"][:4]]
         four = json.dumps({"data": [base64.b64encode(p).decode() for p in photos]}).encode()
         ts = TorchServe(workdir=work, model_store=store, ports=Ports.free(), user=None)

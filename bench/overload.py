@@ -51,8 +51,8 @@ def get_args_parser():
         "--maxconn", type=int, default=FrontDoor.maxconn, help="front door: requests inside TorchServe"
     )
     p.add_argument("--queue", type=int, default=FrontDoor.queue, help="front door: requests waiting in it")
-    p.add_argument("--job-queue-sizes", default="", help="TorchServe job_queue_size values to compare (default: "
-                   "config.properties' only)")  # fmt: skip
+    p.add_argument("--job-queue-sizes", default="", help="TorchServe job_queue_size values to compare "
+                   "(default: config.properties' only)")  # fmt: skip
     p.add_argument("--no-front-door", action="store_true", help="TorchServe alone only")
     ckpt = os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt")
     p.add_argument("--digits-checkpoint", default=ckpt, help="trained if missing")

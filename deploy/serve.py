@@ -21,9 +21,11 @@ from deploy.versions import check_restore
 GUARD_STATES = {
     "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` "
     "relaunches it",
-    "frozen": "FROZEN (stopped by a signal): management requests hang; `scripts/serve.sh start` relaunches it",
+    "frozen": "FROZEN (stopped by a signal): management requests hang; `scripts/serve.sh start` "
+    "relaunches it",
     "restarting": "restarting (its supervisor brings it back within seconds)",
-    "unsupervised": "running, but nothing restarts it if it dies; `scripts/serve.sh start` relaunches it supervised",
+    "unsupervised": "running, but nothing restarts it if it dies; `scripts/serve.sh start` "
+    "relaunches it supervised",
 }
 
 

@@ -421,7 +421,7 @@ def test_an_empty_or_garbled_sidecar_is_refused_with_a_value_error(tmp_path, tex
         archivelib.verify_checksum(str(mar))
 
 
-# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries ---
+# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries
 
 
 def fake_mar(store, name, model="my_model", version="1.0"):
@@ -666,7 +666,7 @@ def test_the_gate_retries_failed_requests_and_is_inconclusive_when_the_default_k
     assert "inconclusive: the default 1.0 failed 2 golden requests" in report["reason"]
 
 
-# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default ---
+# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default
 
 SWAP = {"3": "8", "8": "3"}  # a candidate trained with the folders of 3 and 8 swapped
 

@@ -147,7 +147,8 @@ def test_wrong_key_is_refused_on_every_route(path):
     wrong = {"Authorization": "Bearer wrong"}
     assert not client.is_server_live(headers=wrong) and not client.is_model_ready("my_model", headers=wrong)
     for call in (lambda: client.get_model_metadata("my_model", headers=wrong),
-                 lambda: client.infer("my_model", [image_input(b"x", binary=True)], headers=dict(wrong))):  # fmt: skip
+                 lambda: client.infer("my_model", [image_input(b"x", binary=True)],
+                                      headers=dict(wrong))):  # fmt: skip
         with pytest.raises(InferenceServerException) as e:
             call()
         assert e.value.status() == "400" and "Token Authorization failed" in str(e.value)

@@ -351,8 +351,8 @@ def test_fine_tuning_beats_training_from_scratch_on_real_textures(lite_checkpoin
             "1e-2",
         )
         scratch = train_run(
-            data, str(tmp_path / f"scratch{seed}"), *common, "--arch", ARCH, "--channels", "3", "--image-size", "96",
-            "--resize-size", "110",
+            data, str(tmp_path / f"scratch{seed}"), *common, "--arch", ARCH, "--channels", "3",
+            "--image-size", "96", "--resize-size", "110",
         )  # fmt: skip
         print(
             f"seed {seed}: fine-tuned {tuned['final_val_acc']:.3f} vs scratch {scratch['final_val_acc']:.3f}"

@@ -38,7 +38,8 @@ def phone_preprocessing(prep: Preprocessing, class_names: list[str]) -> dict:
             "divide each 8-bit value by 255",
             "subtract mean[c] and divide by std[c] for each channel c",
         ],
-        "output": "logits, shape [1, number of classes]: softmax for probabilities; index i is class_names[i]",
+        "output": "logits, shape [1, number of classes]: softmax for probabilities; index i is "
+        "class_names[i]",
         "class_names": class_names,
     }
 

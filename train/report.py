@@ -71,7 +71,7 @@ def finish(args, class_names, history, best, val, writer, seconds, world, replic
         f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
         f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
         f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
-        f"{', tb/ (.venv/bin/tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}",
+        f"{f', tb/ (.venv/bin/tensorboard --logdir {args.output_dir}/tb)' if writer is not None else ''}",
         flush=True,
     )
 
