@@ -506,9 +506,8 @@ def table(res: dict) -> str:
         f"\n{res['model']}: batch {res['batch_size']}, {res['workers']} worker(s), maxBatchDelay "
         f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
         f"cold start {res['cold_start_s']:.1f} s",
-        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and "
-        "the ratios are per "
-        "core-second it left)",
+        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and the ratios "
+        "are per core-second it left)",
         f"{'backend':14s}{'c':>4s}{'req/s':>9s}{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'steal':>7s}{'no-op':>9s}"
         f"{'estimate':>10s}{'served/est':>12s}{'ideal':>9s}{'served/ideal':>14s}{'ideal/est':>11s}",
     ]

@@ -105,9 +105,8 @@ def main(args):
         "(10th-90th pct)\n"
     )
     print(
-        "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where "
-        "fp32 leads "
-        "by >= 0.05 | max abs Δprob | gate |"
+        "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where fp32 "
+        "leads by >= 0.05 | max abs Δprob | gate |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, g in gates.items():

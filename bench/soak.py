@@ -270,11 +270,10 @@ def summarize(name: str, r: dict) -> str:
         )
     if name == "worker_death":
         return (
-            f"worker death: SIGKILL pid {r['killed_pid']} of {r['workers_before']} mid-load; "
-            f"workers {r['workers_after']} ready and answering after "
-            f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests "
-            "failed during; "
-            f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}"
+            f"worker death: SIGKILL pid {r['killed_pid']} of {r['workers_before']} mid-load; workers "
+            f"{r['workers_after']} ready and answering after {r['recovery_s']:.2f}s; {r['failed_during']} "
+            f"of {r['during']['requests']} requests failed during; {r['after']['errors']} errors in "
+            f"{r['after']['requests']} after {verdict}"
         )
     if name == "restart":
         return (

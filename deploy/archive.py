@@ -111,9 +111,8 @@ def shipped(bundle: Manifest, backend: backends.Backend) -> dict[str, str]:
     missing = [b.name for b in want if b.name not in bundle.files]
     if missing:
         raise ValueError(
-            f"the export folder has no {', '.join(missing)} file (it has {sorted(bundle.files)}): "
-            "export it with "
-            f"--formats {','.join(b.name for b in want)}"
+            f"the export folder has no {', '.join(missing)} file (it has {sorted(bundle.files)}): export it "
+            f"with --formats {','.join(b.name for b in want)}"
         )
     return {b.name: bundle.files[b.name] for b in want}
 

@@ -66,9 +66,8 @@ def target() -> TorchServe:
             and os.environ.get("TS_ALLOW_PLAIN_HTTP") != "1"
         ):
             raise UsageError(
-                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on "
-                "the way reads "
-                "it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
+                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on the way "
+                "reads it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
             )
         ts.scheme, ts.host = url.scheme, url.hostname
         ts.ports.inference = url.port or (443 if url.scheme == "https" else ts.ports.inference)

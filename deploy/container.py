@@ -167,9 +167,8 @@ def check_store(store: str):
     mar = os.path.join(store, f"{settings.MODEL_NAME}.mar")
     if not os.path.isfile(mar):
         raise ContainerError(
-            f"model store {store} has no {settings.MODEL_NAME}.mar: TorchServe in the container "
-            "starts with it "
-            f"(scripts/archive.sh 1.0 CHECKPOINT writes it)"
+            f"model store {store} has no {settings.MODEL_NAME}.mar: TorchServe in the container starts with "
+            "it (scripts/archive.sh 1.0 CHECKPOINT writes it)"
         )
     if os.stat(store).st_mode & 0o005 != 0o005 or os.stat(mar).st_mode & 0o004 == 0:
         raise ContainerError(

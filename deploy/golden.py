@@ -94,9 +94,9 @@ def read_fixed(fixed: str) -> tuple[list[tuple[bytes, str]], dict]:
     changed = sorted(n for n in set(have) | set(want) if have.get(n) != want.get(n))
     if changed:
         raise DeployError(
-            f"the model's golden set {fixed} does not match its manifest ({', '.join(changed[:4])}"
-            f"{' ...' if len(changed) > 4 else ''}): not gating on it; name a set with --golden "
-            "DIR --replace-golden"
+            f"the model's golden set {fixed} does not match its manifest "
+            f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}): not gating on it; name a set "
+            "with --golden DIR --replace-golden"
         )
     info = {
         "source": "model",
@@ -144,9 +144,8 @@ def choose(
             raise DeployError("--golden-from-candidate and --replace-golden need --golden DIR")
         if not os.path.isdir(fixed):
             raise DeployError(
-                f"{model} has no golden set yet: its first gate needs --golden DIR, which becomes "
-                "the model's set "
-                f"(copied to {fixed})"
+                f"{model} has no golden set yet: its first gate needs --golden DIR, which becomes the "
+                f"model's set (copied to {fixed})"
             )
         return read_fixed(fixed)
     entries, files = read_set(folder)
@@ -163,10 +162,10 @@ def choose(
         golden, info = read_fixed(fixed)
         if info["sha256"] != named["sha256"]:
             raise DeployError(
-                f"{folder} is not {model}'s golden set (fixed in {fixed} from {info['from']}): a "
-                "candidate is "
-                f"judged on the model's set. Leave out --golden to use it; --golden-from-candidate gates on "
-                f"{folder} this once (the report records it); --replace-golden makes {folder} the model's set"
+                f"{folder} is not {model}'s golden set (fixed in {fixed} from {info['from']}): a candidate "
+                "is judged on the model's set. Leave out --golden to use it; --golden-from-candidate gates "
+                f"on {folder} this once (the report records it); --replace-golden makes {folder} the "
+                "model's set"
             )
         return golden, info
     fix(state_dir, model, folder, files)

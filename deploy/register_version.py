@@ -121,9 +121,8 @@ def show_report(report: dict, args):
             json.dump(report, f, indent=1)
     if report.get("classes", {}).get("same") is False and not args.allow_new_classes:
         print(
-            "  to serve it beside this model, archive it under its own name (scripts/archive.sh "
-            "VERSION CHECKPOINT "
-            "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
+            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION "
+            "CHECKPOINT --model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
         )
     check = report.get("agreement_check") or {}
     if check.get("passed") is False and not check["overridden"]:
@@ -181,10 +180,8 @@ def cmd_canary(ts: TorchServe, model: str, version: str, args) -> int:
         c, d = step["candidate"], step["default"]
         print(
             f"  {step['share']:3d} %  {step['seconds']:5.1f} s  candidate {c['answers']} answers, "
-            f"{c['errors']} 5xx, "
-            f"p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, p99 "
-            f"{d['p99_ms']} ms  "
-            f"{step['verdict']} {'; '.join(step['why'])}"
+            f"{c['errors']} 5xx, p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, "
+            f"p99 {d['p99_ms']} ms  {step['verdict']} {'; '.join(step['why'])}"
         )
     print(report["verdict"])
     print(f"report: {' '.join(report['files'])}")

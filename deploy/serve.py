@@ -31,10 +31,10 @@ GUARD_STATES = {
 
 def exposure_warning(ts: TorchServe, why: str) -> str:
     return (
-        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any "
-        "model directory "
-        f"for a management-key holder and every local user can connect to it ({why}): start as root with "
-        "nftables installed (scripts/setup.sh) so that only root and the server's user can (docs/security.md)"
+        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any model "
+        f"directory for a management-key holder and every local user can connect to it ({why}): start as "
+        "root with nftables installed (scripts/setup.sh) so that only root and the server's user can "
+        "(docs/security.md)"
     )
 
 
@@ -188,9 +188,8 @@ def main(argv=None):
             else:
                 raise SystemExit(
                     f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
-                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept "
-                    "what is served "
-                    "with `scripts/serve.sh restart --accept-loss`"
+                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is "
+                    "served with `scripts/serve.sh restart --accept-loss`"
                 )
     except (ServerError, UsageError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -104,9 +104,8 @@ def withdraw(ts: TorchServe, model: str, version: str, entry: dict | None = None
             journal.finish(state_dir(ts), entry, "failed")
     except Exception as e:  # the journal keeps it pending: the next start withdraws it
         print(
-            f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, "
-            "or remove it "
-            f"with scripts/register_version.sh unregister {version} --model {model}",
+            f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, or remove "
+            f"it with scripts/register_version.sh unregister {version} --model {model}",
             file=sys.stderr,
         )
 

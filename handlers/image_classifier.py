@@ -208,9 +208,8 @@ class ImageClassifier(BaseHandler):
                 self._explainer = backends.load(path, backends.reference().name).model
             else:
                 raise InputError(
-                    f"the {self.backend} backend has no gradients to explain with and this archive "
-                    "carries no "
-                    f"eager weights ({backends.reference().file}) beside it: rebuild it with "
+                    f"the {self.backend} backend has no gradients to explain with and this archive carries "
+                    f"no eager weights ({backends.reference().file}) beside it: rebuild it with "
                     "scripts/archive.sh",
                     501,
                 )

@@ -308,8 +308,7 @@ def check_size(img: Image.Image, max_pixels: int | None, resize_size: int | None
     if resize_size and (size := shorter_side_to(img.size, resize_size))[0] * size[1] > max_pixels:
         raise InputError(
             f"image is {width}x{height}: resizing its shorter side to {resize_size} makes it "
-            f"{size[0]}x{size[1]} "
-            f"= {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,}",
+            f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,}",
             413,
         )
 

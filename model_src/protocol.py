@@ -152,9 +152,8 @@ def body_of(row: dict):
         value = files if len(files) > 1 else (files[0] if files else value)
     if value is None:
         raise InputError(
-            "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
-            "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys "
-            "binary data), "
+            "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png -H "
+            "'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
             'as a form field (curl -F data=@img.png) or as base64 JSON ({"data": "<base64>"})'
         )
     if isinstance(value, (bytes, bytearray)) and value[:1] in (b"{", b"["):

@@ -198,9 +198,8 @@ def test_printed_commands_read_the_key_from_stdin(server, png, tmp_path):
     image = tmp_path / "3.png"
     image.write_bytes(png)
     pipeline = (
-        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- "
-        f"-T {image} "
-        f"{server.url()}/predictions/my_model"
+        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- -T "
+        f"{image} {server.url()}/predictions/my_model"
     )
     env = {**os.environ, "TS_KEY_FILE": server.key_file}
     out = subprocess.run(["bash", "-c", pipeline], cwd=settings.ROOT, env=env, capture_output=True, text=True)

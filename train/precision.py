@@ -52,9 +52,8 @@ class GateResult:
             )
         if self.confident_agreement < 1.0:
             why.append(
-                f"top-1 agreement is {self.confident_agreement:.2%} on the {self.confident} crops "
-                "where fp32 leads "
-                f"by >= {MARGIN} (must be 100 %)"
+                f"top-1 agreement is {self.confident_agreement:.2%} on the {self.confident} crops where "
+                f"fp32 leads by >= {MARGIN} (must be 100 %)"
             )
         if self.wrong_candidate > self.wrong_fp32:
             why.append(
