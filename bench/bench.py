@@ -16,15 +16,13 @@ For each target model, on this machine, in one run:
             would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost
             beyond those two (busy workers = min(c, workers), at the batch size c requests make);
   ideal     the no-op handler spending exactly the limit's CPU per image before it answers
-            (bench/noop_handler.py),
-            served right before the row: the best any handler with our cost can do behind this TorchServe
-            here. served / ideal is what our handler loses itself; ideal / estimate is what the estimate
-            cannot see (the two parts overlap only partly on shared cores);
+            (bench/noop_handler.py), served right before the row: the best any handler with our cost can do
+            behind this TorchServe here. served / ideal is what our handler loses itself; ideal / estimate is
+            what the estimate cannot see (the two parts overlap only partly on shared cores);
   breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python
-  workers,
-            wrk) and split with the in-process stage times: frontend, TorchServe's worker framing (the
-            no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the workers
-            (metrics, logging, message parsing); bench_breakdown.png stacks them;
+            workers, wrk) and split with the in-process stage times: frontend, TorchServe's worker framing
+            (the no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the
+            workers (metrics, logging, message parsing); bench_breakdown.png stacks them;
   batching  images/s when one request carries 1, 8 or 32 images (JSON list), against the same references;
   checked   every image once through the served backend with the Python client: labels must equal the
             eager model's;

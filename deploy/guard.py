@@ -19,8 +19,8 @@ lists each call as it was re-issued.
 The reading of a request lives in deploy/guard_request.py; this module holds the keys, the proxy and the
 guard's process (launch, state, stop).
 
-    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock --model-store
-    model_store
+    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock \\
+        --model-store model_store
 """
 
 import argparse

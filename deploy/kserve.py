@@ -12,12 +12,10 @@ writes
   OUT/manifests/servingruntime.yaml      ClusterServingRuntime torchserve-bundle: this bundle's image
   OUT/manifests/inferenceservice-v1.yaml, inferenceservice-v2.yaml
   OUT/manifests/networkpolicy.yaml       the predictor pods take inference only from the ingress gateway,
-                                         Knative
-                                         and labelled clients, metrics only from the monitoring namespace; no
-                                         egress
+                                         Knative and labelled clients, metrics only from the monitoring
+                                         namespace; no egress
   OUT/istio/authorizationpolicy.yaml     (apply when Istio is installed) only the paths, methods and content
-                                         types
-                                         the bundle serves
+                                         types the bundle serves
   OUT/istio/networkpolicy-sidecar.yaml   (with Istio) the sidecar's own traffic: istiod, DNS, merged metrics
 
 Copy OUT/storage to where storageUri points (a PVC, a bucket), then `kubectl apply -f OUT/manifests/` (and

@@ -1,8 +1,8 @@
 """Ship model versions through TorchServe's management API, behind a promotion gate.
 
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
-    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's golden
-                                                                                        # set
+    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's
+                                                                                        # golden set
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
     python -m deploy.register_version register model_store/textures.mar   # another model: its own name
     python -m deploy.register_version list [--model NAME]
