@@ -15,8 +15,8 @@ Accepted bodies (each request may carry one image, or a list in the JSON forms):
 Each request is one of three kinds, told apart by the header TorchServe sets on it:
   predict    /predictions/{model}[/{version}], /v2/models/{model}/infer
   explain    /explanations/{model}[/{version}], /v2/models/{model}/explain: the class named by "target" in a
-             JSON
-             body or an X-Explain-Target header (else the top-1); "overlay": true (or X-Explain-Overlay: true)
+             JSON body or an X-Explain-Target header (else the top-1); "overlay": true (or X-Explain-Overlay:
+             true)
   describe   GET /models/{model}/{version}?customized=true on the management API: the model card
 
 The cheap checks (count, types, sizes) run before anything is decoded; decoding has a pixel and a time budget.

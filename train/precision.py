@@ -3,9 +3,9 @@
 Judged on at least MIN_CROPS random crops of real photos (the bundled ImageNet photos for an ImageNet model,
 the validation split for a model trained here), against fp32 itself:
   agreement        the candidate's top-1 equals fp32's on at least as many crops as fp32 agrees with itself
-                   when
-                   each input value moves by one grey level (the noise floor, measured on the same crops):
-                   real crops are full of near-ties, which a raw "99 %" bar would blame on the candidate;
+                   when each input value moves by one grey level (the noise floor, measured on the same
+                   crops): real crops are full of near-ties, which a raw "99 %" bar would blame on the
+                   candidate;
   confident        100 % agreement on the crops where fp32's top-1 leads the runner-up by >= MARGIN;
   labelled         on a labelled split, not one image more wrong than fp32 (no loss of accuracy);
   max |Δprob|      reported, not judged (int8 moves probabilities a few hundredths and still passes the

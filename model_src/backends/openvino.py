@@ -3,8 +3,8 @@
 The three are one module: BACKENDS names each variant (the registry reads BACKEND or BACKENDS of a module).
 - openvino       fp32, exact (|Δprob| <= 1e-4 against eager).
 - openvino-bf16  the same IR compiled with bf16 inference precision: AMX tiles or AVX-512 BF16 do the matrix
-                 work.
-                 On a CPU with neither, OpenVINO would emulate bf16 (slower than fp32): `available` says so.
+                 work. On a CPU with neither, OpenVINO would emulate bf16 (slower than fp32): `available` says
+                 so.
 - openvino-int8  post-training quantisation with NNCF, calibrated on the export job's training-split batches.
 bf16 and int8 are not exact: the export check runs the precision gate (train/precision.py) on them.
 
