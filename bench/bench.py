@@ -362,9 +362,8 @@ def bench_target(target: dict, args, work: str) -> dict:
         server.settle()
         t0, s0 = time.perf_counter(), steal_seconds()
         ips = measure_limit(handler, ctx, rp, row_bodies, b, args.limit_seconds)
-        share = (steal_seconds() - s0) / (
-            (os.cpu_count() or 1) * (time.perf_counter() - t0)
-        )  # spread over the cores
+        # spread over the cores
+        share = (steal_seconds() - s0) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))
         result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
         return unstolen(ips, share)
 
@@ -466,9 +465,8 @@ def add_estimates(res: dict):
         if label not in res["limit"]:
             continue
         cpu, stages = rows[-1]["cpu_ms"], res["stages_ms_per_image"][label]
-        handler_ms = (
-            1000 / rows[-1]["limit_ips"]
-        )  # one worker thread: CPU ms per image, measured next to the row
+        # one worker thread: CPU ms per image, measured next to the row
+        handler_ms = 1000 / rows[-1]["limit_ips"]
         framing = top["cpu_ms"]["workers"]
         topk = max(0.0, handler_ms - stages["decode"] - stages["model"])
         handler = {"decode": stages["decode"], "model": stages["model"], "topk": topk}

@@ -61,9 +61,8 @@ def client(url: str, door, headers: dict, body: bytes, deadline: float, out: lis
             except requests.RequestException:
                 status, wait = "error", 1.0
             out.append((status, (time.perf_counter() - t0) * 1000))
-            time.sleep(
-                max(0.0, min(wait, deadline - time.monotonic()))
-            )  # a polite client honours Retry-After
+            # a polite client honours Retry-After
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
 
 
 def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:

@@ -281,9 +281,8 @@ def archive_checkpoint(
 
     chosen = backends.get(backend)
     formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.reference().name]
-    store = os.path.dirname(
-        os.path.abspath(new_target(version, model_name, model_store, output))
-    )  # before export
+    # before export
+    store = os.path.dirname(os.path.abspath(new_target(version, model_name, model_store, output)))
     shared_dir(store)
     remove_dead_staging(store)
     with staging(store) as tmp:

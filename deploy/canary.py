@@ -310,10 +310,11 @@ def run(
             ):  # at 100 % the default's side holds only
                 baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
             elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
+                # latency across windows (a busy neighbour moves both)
                 baseline = {
                     **baseline,
                     "p99_ms": None,
-                }  # latency across windows (a busy neighbour moves both)
+                }
             why = judge(w["candidate"], baseline or w["default"], th)
             report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
             if why:

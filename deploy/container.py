@@ -82,9 +82,10 @@ def ensure_docker():
         raise ContainerError("the docker daemon is not running: start it (sudo systemctl start docker)")
     print(f"starting dockerd (log: {DOCKERD_LOG})", file=sys.stderr)
     with open(DOCKERD_LOG, "ab") as log:
+        # a daemon: it outlives this command, as a service would
         subprocess.Popen(
             ["dockerd", "--storage-driver", "overlay2"], stdout=log, stderr=log, start_new_session=True
-        )  # a daemon: it outlives this command, as a service would
+        )
     wait_until(daemon_answers, 60, "dockerd", interval=1, hint=f"see {DOCKERD_LOG}", error=ContainerError)
 
 

@@ -106,9 +106,8 @@ class FrontDoor:
     body_timeout: int = 10  # s for a body to arrive whole before the request is queued (408 after)
     idle_timeout: int = 10  # s a kept-alive connection may wait for its next request
     buffer: int = 64 << 10  # bytes: bodies up to ~this are held whole; larger ones stream, in the bulk lane
-    max_form: int = (
-        4 << 20
-    )  # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
+    # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
+    max_form: int = 4 << 20
     # Lanes: explanations cost seconds each, streamed bodies hold their slot while they arrive
     explain_maxconn: int = 1  # explanations inside TorchServe at once
     explain_queue: int = 8  # explanations waiting; more get 503 at once
@@ -118,9 +117,8 @@ class FrontDoor:
     bulk_queue: int = 64
     names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
     cert: str | None = None  # a real certificate instead of the generated one
-    models: dict = field(
-        default_factory=dict
-    )  # KServe v2 metadata per model name (oip_models): the v2 routes
+    # KServe v2 metadata per model name (oip_models): the v2 routes
+    models: dict = field(default_factory=dict)
     metrics_port: int = (
         0  # HAProxy's Prometheus exporter on 127.0.0.1:PORT/metrics (0: off); a canary reads it
     )
@@ -235,9 +233,8 @@ class FrontDoor:
 
     def frontend_section(self) -> str:
         overloaded = f"overloaded, retry after {self.retry_after} s"
-        table = max(
-            30, self.rate_period, self.explain_period
-        )  # s an address is remembered after its last use
+        # s an address is remembered after its last use
+        table = max(30, self.rate_period, self.explain_period)
         rules = [
             f"bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1",
             f"maxconn {self.max_clients}",
@@ -308,9 +305,8 @@ class FrontDoor:
         overloaded = json_reply(
             503, "Overloaded", f"overloaded, retry after {self.retry_after} s", self.retry_after
         )
-        check = (
-            "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"
-        )  # one health check
+        # one health check
+        check = "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"
         rules = [f"http-request return {overloaded} if {{ queue({name}) ge {queue} }}"]
         if name == "explain":  # the explanations each address asked for (the frontend tracks them in sc1)
             period = self.explain_period
@@ -486,9 +482,8 @@ def for_server(ts, **kw) -> FrontDoor:
 
 
 # --- KServe v2 model metadata, from the archives in a model store -------------------------------------------
-SAFE_NAME = re.compile(
-    r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-)  # model names and versions written into HAProxy's config
+# model names and versions written into HAProxy's config
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def oip_models(store: str) -> dict[str, dict]:

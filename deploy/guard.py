@@ -250,9 +250,8 @@ def bind_port(listen: str) -> socket.socket:
     review's own hostile check). A port someone else listens on already is an error, never shared."""
     host, port = listen.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(
-        socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-    )  # past TIME_WAIT; a listener still wins the bind
+    # past TIME_WAIT; a listener still wins the bind
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, int(port)))
         sock.listen(GuardServer.request_queue_size)

@@ -10,9 +10,8 @@ from urllib.parse import unquote_to_bytes, urlencode
 from deploy.archive import NAME
 
 ARCHIVE_NAME = re.compile(NAME.pattern + r"\.mar")  # a file name in the store, as archive.sh names them
-MAX_BODY = (
-    1 << 20
-)  # the framing we accept; management calls carry parameters, never archives (bodies are refused)
+# the framing we accept; management calls carry parameters, never archives (bodies are refused)
+MAX_BODY = 1 << 20
 MAX_LINE = 8192  # bytes of the request line or of one header line, CRLF included
 MAX_HEADERS = 64
 MAX_PARAMS = 16

@@ -403,9 +403,8 @@ def write_manifests(out: str, image: str, storage_uri: str) -> list[str]:
         paths.append(os.path.join(out, name))
         os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
         with open(paths[-1], "w") as f:
-            yaml.safe_dump(
-                json.loads(json.dumps(doc)), f, sort_keys=False
-            )  # a copy: no YAML anchors for shared parts
+            # a copy: no YAML anchors for shared parts
+            yaml.safe_dump(json.loads(json.dumps(doc)), f, sort_keys=False)
     return paths
 
 

@@ -92,14 +92,12 @@ class TorchServe(KeyedApi, ServerHome):
     home = property(lambda self: self.path("home"))  # the server's user's: TorchServe's working directory
     log_dir = property(lambda self: self.path("home", "logs"))
     key_file = property(lambda self: self.path("home", "key_file.json"))  # TorchServe writes it to its cwd
-    tmp_dir = property(
-        lambda self: self.path("home", "tmp")
-    )  # TMPDIR: pid file, worker sockets, unpacked models
+    # TMPDIR: pid file, worker sockets, unpacked models
+    tmp_dir = property(lambda self: self.path("home", "tmp"))
     generated_config = property(lambda self: self.path("run", "generated.config.properties"))
     management_socket = property(lambda self: self.path("home", "tmp", "mgmt.sock"))
-    pid_file = property(
-        lambda self: self.path("home", "tmp", ".model_server.pid")
-    )  # tempfile.gettempdir() of the CLI
+    # tempfile.gettempdir() of the CLI
+    pid_file = property(lambda self: self.path("home", "tmp", ".model_server.pid"))
 
     @staticmethod
     def workdir_of(key_file: str) -> str:

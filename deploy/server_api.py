@@ -65,9 +65,8 @@ class KeyedApi:
             props = self.running_config()
             if props is None:
                 props = self.config()
-            tokens = (
-                props.get("disable_token_authorization", "false").lower() != "true"
-            )  # Boolean.parseBoolean
+            # Boolean.parseBoolean
+            tokens = props.get("disable_token_authorization", "false").lower() != "true"
             self._tokens = tokens
             return tokens
         return self._tokens

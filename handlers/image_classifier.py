@@ -67,9 +67,8 @@ class ImageClassifier(BaseHandler):
         backend = backends.get(self.bundle.backend.name)
         self.backend = backend.name
         gpu = properties.get("gpu_id")
-        on_gpu = (
-            gpu is not None and torch.cuda.is_available() and backend.gpu
-        )  # else its kernels are the CPU's
+        # else its kernels are the CPU's
+        on_gpu = gpu is not None and torch.cuda.is_available() and backend.gpu
         device = f"cuda:{gpu}" if on_gpu else "cpu"
         self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
         torch.set_num_threads(self.threads)  # the worker process is the handler's to configure
@@ -109,9 +108,8 @@ class ImageClassifier(BaseHandler):
     def auto_threads(yaml_cfg: dict) -> int:
         # Split the cores between the workers so they do not oversubscribe each other.
         workers = int(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
-        return max(
-            1, len(os.sched_getaffinity(0)) // workers
-        )  # the cores this process may use, not the host's
+        # the cores this process may use, not the host's
+        return max(1, len(os.sched_getaffinity(0)) // workers)
 
     def warm_up(self, batch_size: int):
         """Run the model once per shape it will see first, so no user request pays for it."""

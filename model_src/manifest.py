@@ -71,9 +71,8 @@ class Manifest:
     preprocessing: dict[str, Any]  # Preprocessing.to_dict()
     provenance: Provenance = field(default_factory=Provenance)
     backend: BackendEntry | None = None  # export: the served file
-    files: dict[str, str] = field(
-        default_factory=dict
-    )  # backend name -> its file, for every model file beside
+    # backend name -> its file, for every model file beside
+    files: dict[str, str] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)  # export: its report (tolerance, per-format checks)
     archive: ArchiveEntry | None = None  # archiving
 

@@ -23,9 +23,8 @@ DEFAULT_MODEL_ARGS = {
 }
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
-LITE_ARCHS = tuple(
-    f"efficientnet_lite{i}" for i in range(5)
-)  # published weights: lite0 (train/pretrained.py)
+# published weights: lite0 (train/pretrained.py)
+LITE_ARCHS = tuple(f"efficientnet_lite{i}" for i in range(5))
 
 
 class ResNetClassifier(nn.Module):

@@ -20,10 +20,11 @@ from model_src.preprocessing import InputError
 
 HEADER = "inference-header-content-length"  # lower-cased: HAProxy sends header names in lower case
 PLATFORM = "pytorch_torchserve"
+# the tensor names the handler reads and answers (any input name is read)
 INPUT, OUTPUT = (
     "data",
     "predictions",
-)  # the tensor names the handler reads and answers (any input name is read)
+)
 _LENGTH = struct.Struct("<I")
 
 

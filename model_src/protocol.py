@@ -109,9 +109,8 @@ def is_empty(value) -> bool:
 
 def is_image(value) -> bool:
     try:
-        return isinstance(value, (bytes, bytearray)) and bool(
-            sniff_format(bytes(value[:64]))
-        )  # magic: 12 bytes
+        # magic: 12 bytes
+        return isinstance(value, (bytes, bytearray)) and bool(sniff_format(bytes(value[:64])))
     except InputError:
         return False
 
@@ -250,9 +249,8 @@ class Request:
         head = oip.header_length(self.headers)  # the v2 binary extension: raw image bytes after a JSON header
         self.body = oip.parse(row.get("body"), head, limits.images) if head else body_of(row)
         items, shape = items_from_body(self.body)
-        self.shape = oip.form(
-            shape, self.body
-        )  # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
+        # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
+        self.shape = oip.form(shape, self.body)
         explaining = self.kind == "explain"
         self.items = check_items(
             items, limits.explain_images if explaining else limits.images, limits.image_bytes

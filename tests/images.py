@@ -101,9 +101,8 @@ def black_png(side: int, rows_per_piece: int = 100) -> bytes:
     independent of what came before, so the same compressed bytes can simply be repeated."""
     assert side % rows_per_piece == 0
     z = zlib.compressobj(9)
-    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[
-        2:
-    ]  # minus zlib header
+    # minus zlib header
+    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[2:]
     n = (side + 1) * side  # raw bytes: a filter byte plus `side` pixels per row, all zero
     adler = ((n % 65521) << 16) | 1  # Adler-32 of n zero bytes
     last = b"\x03\x00"  # an empty final block

@@ -152,9 +152,8 @@ class Load:
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(2)]
 
     def client(self):
-        pick = random.Random(
-            threading.get_ident()
-        )  # not a cycle: a cycle aliases with the door's round-robin
+        # not a cycle: a cycle aliases with the door's round-robin
+        pick = random.Random(threading.get_ident())
         with requests.Session() as s:
             while not self.stopped.is_set():
                 body, label = pick.choice(self.bodies)

@@ -135,9 +135,8 @@ def test_management_token_refresh_rewrites_only_that_key(server, png):
     url = server.url("management") + "/models"
     assert requests.get(url, headers=bearer(after["management"]["key"]), timeout=30).status_code == 200
     old = requests.get(url, headers=bearer(before["management"]["key"]), timeout=30)
-    assert (
-        old.status_code == 400 and old.json()["type"] == "InvalidKeyException"
-    )  # the old key is dead at once
+    # the old key is dead at once
+    assert old.status_code == 400 and old.json()["type"] == "InvalidKeyException"
     # the tools read key_file.json on every call, so they keep working
     assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
     assert answers(server, png) == 200
@@ -231,9 +230,8 @@ def behind_the_guard(ts, method, path):
 def test_urls_outside_the_model_store_are_refused_without_any_download(
     server, archive_factory, png, tmp_path
 ):
-    outside = install_archive(
-        archive_factory("2.0", backend="onnx"), tmp_path, "outside.mar"
-    )  # a loadable .mar
+    # a loadable .mar
+    outside = install_archive(archive_factory("2.0", backend="onnx"), tmp_path, "outside.mar")
     with open(outside, "rb") as f:
         httpd = CountingServer(f.read())
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -337,9 +335,8 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
     with pytest.raises(management.DeployError, match="my_model 1.0 is already registered"):
         versions.register(server, os.path.join(store, "my_model.mar"))
     with pytest.raises(management.DeployError, match="my_model.mar holds model 'my_model', not 'imagenet'"):
-        versions.register(
-            server, os.path.join(store, "my_model.mar"), model="imagenet"
-        )  # was: --model ignored
+        # was: --model ignored
+        versions.register(server, os.path.join(store, "my_model.mar"), model="imagenet")
 
     assert registered(server) == {"1.0"}
 
@@ -522,9 +519,8 @@ def test_other_classes_serve_beside_my_model_under_their_own_name(
     with pytest.raises(management.DeployError, match="holds model 'textures', not 'my_model'"):
         versions.register(server, path, model="my_model")
     args = register_args(path, golden, os.devnull)
-    assert (
-        register_version.cmd_register(server, args) == 0
-    )  # the first version of a model is default by itself
+    # the first version of a model is default by itself
+    assert register_version.cmd_register(server, args) == 0
     assert "textures 1.0 is the only version and already default" in capsys.readouterr().out
     assert management.default_version(server, "textures") == "1.0"
     assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
@@ -585,9 +581,8 @@ def test_gate_refuses_a_3_8_swapped_candidate_on_either_golden_set(server, store
         with open(report_path) as f:
             return rc, json.load(f)
 
-    rc, model_set = gate(
-        golden
-    )  # the model's set (fixed by the first gate of my_model, from this same folder)
+    # the model's set (fixed by the first gate of my_model, from this same folder)
+    rc, model_set = gate(golden)
     assert rc == versions.EXIT_REJECTED
     assert model_set["candidate"]["accuracy"] < model_set["baseline"]["accuracy"] - 0.15
     # issue 28's command line, --golden naming the candidate's own set: not my_model's, refused before
@@ -595,9 +590,8 @@ def test_gate_refuses_a_3_8_swapped_candidate_on_either_golden_set(server, store
     with pytest.raises(management.DeployError, match="is not my_model's golden set"):
         gate(own)
     assert model_set["golden"]["source"] in ("model", "fixed")
-    rc, report = gate(
-        own, golden_from_candidate=True
-    )  # its own set: it scores higher there, and still disagrees
+    # its own set: it scores higher there, and still disagrees
+    rc, report = gate(own, golden_from_candidate=True)
     assert rc == versions.EXIT_REJECTED and report["candidate"]["accuracy"] > report["baseline"]["accuracy"]
     assert report["agreement"] < 0.85 and "is below 90%" in report["reason"]
     rc, report = gate(own, golden_from_candidate=True, allow_disagreement=True, dry_run=True, promote=False)
@@ -692,10 +686,11 @@ def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, c
 
 
 def test_a_non_default_version_can_be_unregistered(server, store, png):
+    # archive is back
     assert versions.register(server, os.path.join(store, "my_model.mar")) == (
         "my_model",
         "1.0",
-    )  # archive is back
+    )
     assert management.default_version(server, "my_model") == "2.0"  # registering never changes the default
     versions.unregister(server, "my_model", "1.0")
     assert registered(server) == {"2.0"}
@@ -730,9 +725,8 @@ def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torch
         assert not os.path.exists(ts.key_file) and ts.auth("inference") == {}
         assert requests.post(ts.url() + "/predictions/my_model", data=png, timeout=30).status_code == 200
         assert requests.get(ts.url() + "/ping", timeout=30).status_code == 200
-        assert (
-            requests.get(ts.url("management") + "/models", timeout=30).status_code == 200
-        )  # reading is allowed
+        # reading is allowed
+        assert requests.get(ts.url("management") + "/models", timeout=30).status_code == 200
         register = requests.post(ts.url("management") + "/models?url=my_model_v2.0.mar", timeout=30)
         assert register.status_code == 405, register.text
         delete = requests.delete(ts.url("management") + "/models/my_model/1.0", timeout=30)

@@ -207,9 +207,8 @@ def test_java_reads_the_generated_config_as_we_do(tmp_path):
 
 def test_the_pid_file_is_looked_up_in_the_servers_private_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", "/tmp")  # whatever the caller's TMPDIR is, the server's is its own
-    monkeypatch.setattr(
-        tempfile, "tempdir", None
-    )  # forget the cached folder: gettempdir() reads TMPDIR again
+    # forget the cached folder: gettempdir() reads TMPDIR again
+    monkeypatch.setattr(tempfile, "tempdir", None)
     ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None)
     ts.prepare_dirs()
     tmp = tmp_path / "home" / "tmp"
@@ -279,9 +278,8 @@ def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch)
 
     monkeypatch.setattr(gatelib, "score", score)
     same = gatelib.gate(None, "my_model", "2.0", "1.0", [(b"", "0")], max_drop=1.0)
-    assert (
-        same["passed"] is True and same["classes"]["same"] is True
-    )  # the order of the indices does not matter
+    # the order of the indices does not matter
+    assert same["passed"] is True and same["classes"]["same"] is True
     scored.clear()
     refused = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0)
     assert refused["passed"] is False and scored == []
@@ -369,9 +367,8 @@ def test_an_archive_killed_at_any_step_leaves_no_mar_without_its_checksum(tmp_pa
     complete = (store / MAR).exists()
     if complete:  # then with its checksum
         archivelib.verify_checksum(str(store / MAR))
-    build_in_process(
-        store, monkeypatch, "4.0" if complete else "3.0"
-    )  # goes through and clears what was left
+    # goes through and clears what was left
+    build_in_process(store, monkeypatch, "4.0" if complete else "3.0")
     names = sorted(os.listdir(store))
     assert not [n for n in names if n.startswith(".archive-")], "a staging folder was left"
     assert MAR in names and len(names) == (4 if complete else 2)  # each archive with its sidecar

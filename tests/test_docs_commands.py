@@ -15,6 +15,7 @@ import pytest
 from bundle.settings import ROOT
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+# from the system, not the venv
 TOOLS = {
     "curl",
     "docker",
@@ -24,7 +25,7 @@ TOOLS = {
     "echo",
     "cd",
     "export",
-}  # from the system, not the venv
+}
 PREFIXES = {"sudo", "until", "while", "if", "then", "do", "else", "!"}  # the command is the word after them
 ENDINGS = {"done", "fi"}
 OPERATORS = {"|", "||", "&&", ";", "&"}

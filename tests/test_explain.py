@@ -281,9 +281,8 @@ def test_the_step_budget_measures_then_shrinks_to_the_time_left_and_refuses_belo
     explain_one = fake_explainer(clock, 0.25, taken)  # a step costs 0.25 s; the budget plans with 1.5 x that
     assert budget.explain_each(["a"], 1000.0, explain_one) == [{"image": "a", "steps": FIRST_STEPS}]
     assert budget.step_seconds == 0.25  # measured on the worker's first explanation
-    assert (
-        budget.explain_each(["b"], clock.now + 1000, explain_one)[0]["steps"] == 32
-    )  # time for all it wants
+    # time for all it wants
+    assert budget.explain_each(["b"], clock.now + 1000, explain_one)[0]["steps"] == 32
     with pytest.raises(InputError, match="time for explanations is spent") as e:
         # 3.75 s left holds 10 steps (at 0.375 s each); after them 1.25 s holds 3, under MIN_STEPS
         budget.explain_each(["c", "d"], clock.now + 3.75, explain_one)

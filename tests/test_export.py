@@ -53,9 +53,8 @@ def test_export_writes_every_file(exported, checkpoint):
         assert entry["file"] == served[fmt].file
         assert entry["bytes"] == os.path.getsize(os.path.join(exported, entry["file"]))
     assert report["formats"]["int8"]["agreement"] >= 0.99 and report["formats"]["int8"]["acc_drop"] <= 0.005
-    assert (
-        report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL
-    )  # int8: the whole split
+    # int8: the whole split
+    assert report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL
     assert not glob.glob(os.path.join(os.path.dirname(exported), ".export-*"))
 
 
@@ -64,9 +63,8 @@ def test_the_check_batch_covers_every_class(checkpoint, digits):
     val = exportlib.val_dataset(digits, prep)
     images, labels = exportlib.check_batch(val, 64)
     assert images.shape == (64, 1, 16, 16)
-    assert (
-        sorted(torch.bincount(labels, minlength=10).tolist()) == [6] * 6 + [7] * 4
-    )  # 6 turns, then 4 of a 7th
+    # 6 turns, then 4 of a 7th
+    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [6] * 6 + [7] * 4
     again, _ = exportlib.check_batch(val, 64)
     assert torch.equal(images, again)  # seeded: every export checks the same images
     assert len(exportlib.check_batch(val, 1000)[1]) == N_VAL
@@ -91,9 +89,8 @@ def test_export_runs_the_eager_model_in_bounded_batches_without_autograd(checkpo
     report = exportlib.export_all(checkpoint, str(tmp_path / "out"), formats=("int8",), batch=32)
     assert report["formats"]["int8"]["images"] == N_VAL
     assert calls and all(inference for inference, _ in calls)
-    assert (
-        max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL
-    )  # check batch + the split
+    # check batch + the split
+    assert max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL
 
 
 @pytest.mark.parametrize("backend", list(backends.served()))
@@ -157,9 +154,8 @@ def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_te
         exportlib.export_all(checkpoint, str(out), formats=("eager", "onnx"))
     # the failure came after files were written ...
     assert in_tmp == sorted(backends.get(b).file for b in ("eager", "onnx"))
-    assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(
-        tmp_path
-    )  # ... beside the target
+    # ... beside the target
+    assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(tmp_path)
     assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and nothing is left
     assert not glob.glob(str(tmp_path / ".export-*"))
 

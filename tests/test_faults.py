@@ -169,11 +169,12 @@ def test_a_registration_killed_midway_is_withdrawn_by_a_retry(server, archives):
     # item 10: a retry said "already registered; archive a new version instead"
     out = operator(server, KILL_BEFORE_READY, "register", archives["3.0"])
     assert out.returncode == -signal.SIGKILL, out.stderr
+    # TorchServe has it; the journal says it never finished
     assert registered(server) == {
         "1.0",
         "2.0",
         "3.0",
-    }  # TorchServe has it; the journal says it never finished
+    }
     assert versions.register(server, archives["3.0"]) == ("my_model", "3.0")
     versions.unregister(server, "my_model", "3.0")
     out = operator(server, KILL_BEFORE_READY, "register", archives["3.0"])  # again, for the restart below

@@ -333,9 +333,8 @@ def test_full_queue_and_rate_limit_answer_json_with_retry_after_and_lose_nothing
             assert top1(r.json()) == label
     assert post(tight, soak, body).status_code == 200  # the overload left nothing behind
 
-    limited = small_door(
-        rate=5, rate_period=3600
-    )  # 5 per hour: the 6th is over, however slow the requests are
+    # 5 per hour: the 6th is over, however slow the requests are
+    limited = small_door(rate=5, rate_period=3600)
     codes = [post(limited, soak, body).status_code for _ in range(6)]
     assert codes == [200] * 5 + [429], codes
     r = post(limited, soak, body)
@@ -606,9 +605,8 @@ def netns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        subprocess.run(
-            ["ip", "link", "del", veth], capture_output=True, timeout=30
-        )  # gone with the netns, mostly
+        # gone with the netns, mostly
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)
 
 
 # A port whose packets are dropped (the firewall keeps gRPC management from other hosts) never answers: 5 s is

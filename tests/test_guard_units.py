@@ -224,9 +224,8 @@ TWO_READINGS = {
 def test_a_query_that_could_be_read_two_ways_never_reaches_torchserve(gw, target):
     status, body = gw.request("POST", target)
     assert refused(status, body), (status, body)
-    assert (
-        gw.upstream.targets() == []
-    )  # ';' case before: 'POST /models?x=1;url=/some/dir&url=my_model.mar' passed
+    # ';' case before: 'POST /models?x=1;url=/some/dir&url=my_model.mar' passed
+    assert gw.upstream.targets() == []
 
 
 def test_a_registration_is_reissued_from_validated_values_only(gw):
@@ -340,9 +339,8 @@ def test_the_key_is_checked_before_the_archive(gw):
         f.write(b"\0")  # hashing it would find a mismatch: the answer tells which check ran first
     for key in (None, "wrong", API_KEY, "inf-key"):
         status, body = gw.request("POST", "/models?url=my_model.mar", key=key)
-        assert (status, body["type"]) == (400, "InvalidKeyException"), (
-            body
-        )  # was 403 'SHA-256 ... does not match'
+        # was 403 'SHA-256 ... does not match'
+        assert (status, body["type"]) == (400, "InvalidKeyException"), body
         assert body["message"] == guard.INVALID_KEY
     status, body = gw.request("POST", "/models?url=my_model.mar")
     assert status == 403 and "does not match" in body["message"]

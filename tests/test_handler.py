@@ -157,9 +157,8 @@ def test_every_backend_initialises_and_agrees_with_the_model(backend, handler_fo
     assert handler.backend == backend and len(handler.labels) == 10
     rows = [{"body": bytearray(open(p, "rb").read())} for p in val_files(digits)]
     got, status = handle(handler, ctx, rows)
-    want = [
-        dict(sorted(w.items(), key=lambda kv: -kv[1])) for w in reference_probs
-    ]  # highest first, as answers
+    # highest first, as answers
+    want = [dict(sorted(w.items(), key=lambda kv: -kv[1])) for w in reference_probs]
     assert status == [GOOD] * len(rows)
     for g, w in zip(got, want):
         assert is_prediction(g, k=10) and g.keys() == w.keys()
@@ -515,9 +514,8 @@ def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
         path = ds.folder.samples[i][0]
         (x,) = handler.decode_all([open(path, "rb").read()], handler.prep)
         assert torch.equal(x, ds[i][0]), path
-        assert torch.equal(x, torchvision_eval(prep, Image.open(path))), (
-            path
-        )  # both sides share Preprocessing
+        # both sides share Preprocessing
+        assert torch.equal(x, torchvision_eval(prep, Image.open(path))), path
 
 
 PHOTO_PREP = Preprocessing(
@@ -574,10 +572,11 @@ def test_photo_transform_is_the_training_transform(photo_handler, tmp_path):
         # scaling is decode's choice); it applies EXIF and transparency itself
         assert_matches_reference(x, prep, prep.decode(data), path)
     out, status = handle(handler, ctx, [{"body": bytearray(files["china/china_rotated.jpg"])}])
+    # the 3-channel model answers through handle()
     assert status == [GOOD] and set(out[0]) == {
         "china",
         "flower",
-    }  # the 3-channel model answers through handle()
+    }
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -599,9 +598,8 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
         t0 = time.perf_counter()
         handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}, {"body": bytearray()}])
         wall = time.perf_counter() - t0
-    assert (
-        set(ctx.metrics.cache_keys()) == declared
-    )  # also after every earlier test's requests on this handler
+    # also after every earlier test's requests on this handler
+    assert set(ctx.metrics.cache_keys()) == declared
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
     assert not [r for r in caplog.records if "Failed to update metric" in r.getMessage()]
 

@@ -51,9 +51,8 @@ def test_layout_names_versions_default_and_kserve_ports(layout):
     versions = snap["models"]["my_model"]
     assert sorted(versions) == ["1.0", "2.0"] and snap["modelCount"] == 1
     assert [v for v, e in versions.items() if e["defaultVersion"]] == ["2.0"]
-    assert (
-        versions["1.0"]["marName"] == "my_model.mar" and versions["2.0"]["batchSize"] == 4
-    )  # model-config.yaml
+    # model-config.yaml
+    assert versions["1.0"]["marName"] == "my_model.mar" and versions["2.0"]["batchSize"] == 4
     assert props["inference_address"] == "http://0.0.0.0:8085" and props["metrics_address"].endswith(":8082")
     assert props["enable_envvars_config"] == "true"
     assert props["disable_token_authorization"] == "true" and props["enable_model_api"] == "false"
@@ -87,9 +86,8 @@ def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
         ) as out:  # never a pipe: the JVM keeps it open
             subprocess.run(cmd, cwd=ts.workdir, env=env, check=True, timeout=60, stdout=out, stderr=out)
         kserve.wait_ready(url, timeout=180)
-        default = requests.post(
-            f"{url}/predictions/my_model", data=png, timeout=60
-        )  # no token: tokens are off
+        # no token: tokens are off
+        default = requests.post(f"{url}/predictions/my_model", data=png, timeout=60)
         assert default.status_code == 200, default.text
         assert requests.post(f"{url}/predictions/my_model/1.0", data=png, timeout=60).json() == default.json()
 
@@ -115,9 +113,8 @@ def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
             c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port in grpc
         ]
         assert sorted(a.port for a in listening) == sorted(grpc)
-        assert {a.ip.removeprefix("::ffff:") for a in listening} == {
-            "127.0.0.1"
-        }  # Java's IPv6 socket, v4 address
+        # Java's IPv6 socket, v4 address
+        assert {a.ip.removeprefix("::ffff:") for a in listening} == {"127.0.0.1"}
     finally:
         ts.stop()
     assert not ts.is_running()
@@ -247,9 +244,8 @@ def test_network_policy_selects_the_predictors_and_admits_only_its_peers(manifes
     assert admits(policy, "knative-serving", {"app": "activator"}, 8012)
     assert admits(policy, "monitoring", {"app": "prometheus"}, 8082)
     assert not admits(policy, "models", {"app": "anything"}, 8080)  # a pod of the namespace without the label
-    assert not admits(
-        policy, "elsewhere", kserve.CLIENT_LABEL, 8080
-    )  # the label counts in the namespace only
+    # the label counts in the namespace only
+    assert not admits(policy, "elsewhere", kserve.CLIENT_LABEL, 8080)
     assert not admits(policy, gateway_ns, {"app": "other"}, 8080)
     assert not admits(policy, "monitoring", {"app": "prometheus"}, 8080)  # metrics only
     for port in (8081, 8085, 7070, 7071):  # management, the stock runtime's inference, gRPC: nobody

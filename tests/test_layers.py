@@ -67,9 +67,8 @@ def test_wnlinear_to_linear_gives_identical_outputs(bias):
     x = torch.randn(9, 5)
     with torch.no_grad():
         assert torch.equal(linear(x), layer(x))
-    assert (
-        isinstance(linear.weight, nn.Parameter) and linear.weight.grad_fn is None
-    )  # a copy, not a view of g/v
+    # a copy, not a view of g/v
+    assert isinstance(linear.weight, nn.Parameter) and linear.weight.grad_fn is None
 
 
 def test_wnlinear_gradients_reach_g_v_and_bias():

@@ -33,9 +33,8 @@ def test_focal_gradient_at_gamma0_is_the_cross_entropy_gradient():
 
 
 def test_focal_down_weights_easy_examples():
-    logits = torch.tensor(
-        [[6.0, 0.0, 0.0], [4.0, 1.0, 0.0], [0.2, 0.0, 0.1]]
-    )  # confident .. unsure, all correct
+    # confident .. unsure, all correct
+    logits = torch.tensor([[6.0, 0.0, 0.0], [4.0, 1.0, 0.0], [0.2, 0.0, 0.1]])
     target = torch.tensor([0, 0, 0])
     ce = F.cross_entropy(logits, target, reduction="none")
     focal = FocalLoss(gamma=2.0, reduction="none")(logits, target)
@@ -98,9 +97,8 @@ def test_focal_rejects_bad_settings():
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
 def test_focal_gradient_is_finite_for_a_perfectly_classified_sample(gamma):
-    logits = torch.tensor(
-        [[30.0, 0.0, 0.0], [0.5, 0.2, 0.1]], requires_grad=True
-    )  # row 0: p_t == 1.0 in float32
+    # row 0: p_t == 1.0 in float32
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.5, 0.2, 0.1]], requires_grad=True)
     FocalLoss(gamma=gamma)(logits, torch.tensor([0, 1])).backward()
     assert torch.isfinite(logits.grad).all(), logits.grad
 

@@ -209,10 +209,11 @@ def test_an_archive_is_built_from_an_export_folder_and_adds_its_part(tmp_path, m
         "model.onnx",
         "fp32",
     )
+    # int8 stays out; the eager weights go in
     assert bundle.files == {
         "onnx": "model.onnx",
         "eager": "model.pt",
-    }  # int8 stays out; the eager weights go in
+    }
     assert (
         bundle.archive.file == "my_model_v2.0.mar"
         and bundle.archive.version == "2.0"

@@ -112,9 +112,8 @@ def test_the_pte_program_takes_one_image_in_the_phone_json_layout(mobile_export)
     out = mobile_export[0]
     phone = read_json(os.path.join(out, mobile.PHONE_JSON))
     method = Runtime.get().load_program(os.path.join(out, "model.pte")).load_method("forward")
-    meta = str(
-        method.metadata
-    )  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, 1, 16, 16], dtype=Float
+    # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, 1, 16, 16], dtype=Float
+    meta = str(method.metadata)
     assert phone["input_shape"] == [1, 1, 16, 16] and phone["dtype"] == "float32"
     assert "sizes=[1, 1, 16, 16], dtype=Float" in meta and "sizes=[1, 10], dtype=Float" in meta
     with pytest.raises(RuntimeError):  # ExecuTorch's pybindings raise RuntimeError for an input it refuses
@@ -206,9 +205,8 @@ def test_an_operator_executorch_cannot_lower_is_named_and_nothing_is_written(
     monkeypatch.setattr(exportlib, "fuse_for_export", lambda model: WithMedian(fuse_for_export(model)))
     out = tmp_path / "never"
     with pytest.raises(backends.ExportError, match=r"cannot lower operator aten\.median\.dim") as e:
-        exportlib.export_all(
-            checkpoint, str(out), formats=("eager", "ptl", "pte")
-        )  # eager and ptl pass first
+        # eager and ptl pass first
+        exportlib.export_all(checkpoint, str(out), formats=("eager", "ptl", "pte"))
     print(e.value)
     assert os.listdir(tmp_path) == []  # neither the folder nor its temporary one
 

@@ -92,9 +92,8 @@ def test_oip_grpc_bad_input_answers_an_error_tensor_and_the_worker_survives(serv
     resp = grpc_infer(server, infer_request(b"not an image at all"))
     assert resp.outputs[0].name == "error"
     assert "image" in json.loads(json.loads(resp.outputs[0].contents.bytes_contents[0]))["message"]
-    assert (
-        worker_pid(server) == pid
-    )  # a body without the v2 keys would have crashed the frontend's response path
+    # a body without the v2 keys would have crashed the frontend's response path
+    assert worker_pid(server) == pid
     assert grpc_infer(server, infer_request(png)).outputs[0].name == "predictions"
 
 

@@ -100,9 +100,8 @@ def test_raw_jpeg_in_binary_gives_the_base64_json_answer(path, jpeg):
     result = client.infer("my_model", [image_input(jpeg, binary=True)], headers=dict(key))
     as_binary = top(result)
     assert as_binary == as_json and next(iter(as_json)) == "3"
-    assert (
-        "binary_data_size" in result.get_output("predictions")["parameters"]
-    )  # asked for binary, answered so
+    # asked for binary, answered so
+    assert "binary_data_size" in result.get_output("predictions")["parameters"]
     json_out = [httpclient.InferRequestedOutput("predictions", binary_data=False)]
     result = client.infer("my_model", [image_input(jpeg, binary=True)], outputs=json_out, headers=dict(key))
     assert top(result) == as_json and "data" in result.get_output("predictions")
@@ -164,8 +163,7 @@ def test_explanation_through_the_door(server, door, png):
         f"{door.url()}/v2/models/my_model/explain", data=body, headers=headers, verify=door.ca
     )
     assert resp.status_code == 200, resp.text[:300]
-    length = int(
-        resp.headers["Inference-Header-Content-Length"]
-    )  # binary: the client asked (binary_data_output)
+    # binary: the client asked (binary_data_output)
+    length = int(resp.headers["Inference-Header-Content-Length"])
     explanation = top(httpclient.InferResult.from_response_body(resp.content, header_length=length))
     assert explanation["class"] == "3" and explanation["attributions"]

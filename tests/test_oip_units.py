@@ -144,9 +144,8 @@ def run(handler, rows, headers):
     ctx.request_ids = ctx.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
     ctx.request_processor = [RequestProcessor(h) for h in headers]
     out = model.handle(rows, ctx)
-    create_predict_response(
-        out, ctx.request_ids, "Prediction success", 200, context=ctx
-    )  # the worker's framing
+    # the worker's framing
+    create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)
     return out, ctx
 
 

@@ -99,9 +99,8 @@ def test_la_alpha_is_composited():
 @pytest.mark.parametrize("fmt", ["PNG", "GIF"])
 def test_palette_with_a_transparent_index(fmt):
     pal = Image.new("P", (4, 1), 0)
-    pal.putpalette(
-        [0, 0, 0] * 2 + [255, 255, 255] + [0, 0, 0] * 253
-    )  # 0: transparent black, 1: black, 2: white
+    # 0: transparent black, 1: black, 2: white
+    pal.putpalette([0, 0, 0] * 2 + [255, 255, 255] + [0, 0, 0] * 253)
     pal.putpixel((1, 0), 1)
     pal.putpixel((2, 0), 2)
     img = decode_image(encode(pal, fmt, transparency=0))
@@ -306,9 +305,8 @@ def test_resize_and_crop_in_one_pass_is_the_two_step_result(photo):
 
     img = Image.fromarray(load_sample_image(photo))  # 640 x 427
     w, h = shorter_side_to(img.size, 256)
-    two_step = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=int)[
-        16:240, 80:304
-    ]  # centre 224 of 384 x 256
+    # centre 224 of 384 x 256
+    two_step = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=int)[16:240, 80:304]
     one_pass = np.asarray(resize_crop(img, 256, 224), dtype=int)
     assert one_pass.shape == two_step.shape == (224, 224, 3)
     assert np.abs(one_pass - two_step).max() <= 1 and (one_pass == two_step).mean() > 0.9
@@ -538,9 +536,8 @@ def test_pre_scans_count_what_they_are_built_to_count():
     assert count_jpeg_markers(images.jpeg_with_comments(50), max_segments=UNCAPPED)[1] == 50 + 6
     assert count_jpeg_markers(images.jpeg_with_ff_run(5000)) == count_jpeg_markers(images.jpeg_with_ff_run(1))
     assert count_png_chunks(images.png_with_chunks(50)) == 50 + 3  # IHDR, IDAT, IEND
-    assert (
-        count_gif_blocks(images.gif_with_comment_blocks(50)) == 50 + 3
-    )  # extension, image, its one data block
+    # extension, image, its one data block
+    assert count_gif_blocks(images.gif_with_comment_blocks(50)) == 50 + 3
     assert count_tiff_strips(images.tiff_with_strips(50)) == (9, 50)
     for name, data in images.accepted().items():  # real files are far from every limit
         assert count_png_chunks(data) < 10 if name.startswith("png") else True

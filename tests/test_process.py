@@ -43,12 +43,10 @@ def test_a_pid_file_names_our_process_only_with_its_command_line_and_user(stubbo
     pid_file = str(tmp_path / "x.pid")
     process.write_pid(pid_file, stubborn.pid)
     assert process.find_by_pid_file(pid_file, "stubborn-marker", uid=os.getuid()).pid == stubborn.pid
-    assert (
-        process.find_by_pid_file(pid_file, "org.pytorch.serve.ModelServer") is None
-    )  # someone else's process
-    assert (
-        process.find_by_pid_file(pid_file, "stubborn-marker", uid=os.getuid() + 1) is None
-    )  # another user's
+    # someone else's process
+    assert process.find_by_pid_file(pid_file, "org.pytorch.serve.ModelServer") is None
+    # another user's
+    assert process.find_by_pid_file(pid_file, "stubborn-marker", uid=os.getuid() + 1) is None
     (tmp_path / "x.pid").write_text("garbage")
     assert process.find_by_pid_file(pid_file, "stubborn-marker") is None
     process.remove_pid_file(pid_file)

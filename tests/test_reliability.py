@@ -43,9 +43,8 @@ def test_bad_registrations_during_load_do_not_disturb_serving(soak):
     r = soak.bad_register(requests=1500)
     print(summarize("bad_register", r))
     assert all(400 <= s < 600 for s in r["registration_status"].values())
-    assert (
-        r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 403
-    )  # the guard: not a model-store archive
+    # the guard: not a model-store archive
+    assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 403
     assert r["load"]["errors"] == 0 and r["load"]["wrong_labels"] == 0
     # nothing was registered and the default stayed: whatever the restart test (in any order) did before
     assert r["deployment"] == r["deployment_before"]

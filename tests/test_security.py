@@ -98,11 +98,12 @@ def test_only_checked_archives_from_the_model_store_can_be_registered(
     for name, (method, path, body) in attempts.items():
         headers = {"Content-Type": "application/json"} if body else {}
         resp = server.request(method, "management", path, data=body, headers=headers)
+        # the directory was 200: registered
         assert resp.status_code == 403, (
             name,
             resp.status_code,
             resp.text,
-        )  # the directory was 200: registered
+        )
         assert resp.json()["message"].startswith("registration refused"), name
     names = [m["modelName"] for m in server.request("GET", "management", "/models").json()["models"]]
     assert names == ["my_model"]
@@ -191,9 +192,8 @@ def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, di
 def test_printed_commands_read_the_key_from_stdin(server, png, tmp_path):
     with open(os.path.join(settings.ROOT, "scripts", "quickstart.sh")) as f:
         curls = [line for line in f if "curl " in line and "127.0.0.1:808" in line]
-    assert curls and not [
-        line for line in curls if "Bearer" in line or "key_file" in line
-    ]  # was: Bearer $(python3…)
+    # was: Bearer $(python3…)
+    assert curls and not [line for line in curls if "Bearer" in line or "key_file" in line]
     assert all("| curl -H @- " in line for line in curls if ":8082" not in line)
     image = tmp_path / "3.png"
     image.write_bytes(png)
@@ -372,10 +372,11 @@ def test_no_key_is_sent_to_a_listener_of_another_user(tmp_path):
     with pytest.raises(ServerError, match="no key was sent"):
         ts.refresh_token("inference")
     out, _ = squatter.communicate(timeout=30)
+    # was: a GET /models with "Authorization: Bearer <management key>"
     assert out.split() == [
         "received",
         "0",
-    ]  # was: a GET /models with "Authorization: Bearer <management key>"
+    ]
 
 
 def test_grpc_management_answers_root_and_the_service_user_only(service_server):
@@ -422,9 +423,8 @@ def test_a_killed_guard_comes_back(service_server, capsys):
     # Between the guard's death and its restart the port stays held (the supervisor keeps the socket root
     # bound): another user cannot listen there and be sent the management key.
     squatter = squat("nobody", ts.ports.management)
-    assert squatter.first[0] == "refused", (
-        squatter.first
-    )  # was: listening (the guard's port was free for 1 s)
+    # was: listening (the guard's port was free for 1 s)
+    assert squatter.first[0] == "refused", squatter.first
     squatter.wait(30)
     # Issue 29 item 9: inference went on, the management port stayed dead and nothing restarted the guard.
     assert management_answers(ts), "the management port is dead after the guard was killed"
@@ -458,9 +458,8 @@ def test_stop_kills_a_frozen_guard(service_server):
         assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never past a listener
-            s.bind(
-                ("127.0.0.1", service_server.ports.management)
-            )  # free again; was held by the stopped guard
+            # free again; was held by the stopped guard
+            s.bind(("127.0.0.1", service_server.ports.management))
     finally:
         if frozen.is_running():
             frozen.kill()
@@ -506,9 +505,8 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
         assert writable
         logs = ("torchserve.out", "guard.log")  # root appended to these
         for folder in writable:
-            as_service_user(
-                "ln", "-s", secret_dir, os.path.join(folder, "evil")
-            )  # make_private's walk chowned
+            # make_private's walk chowned
+            as_service_user("ln", "-s", secret_dir, os.path.join(folder, "evil"))
             for name in ("generated.config.properties", "guard.pid", *logs):  # written through by root
                 as_service_user("ln", "-sf", secret, os.path.join(folder, name))
         try:  # the service user's own logs lead nowhere it can write: TorchServe may not start; nothing else
@@ -516,9 +514,8 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
         except (subprocess.CalledProcessError, RuntimeError):
             pass
         ts.stop()
-        assert (
-            fingerprint(secret, secret_dir) == before
-        )  # was: the service user's, the config written into it
+        # was: the service user's, the config written into it
+        assert fingerprint(secret, secret_dir) == before
         for folder in writable:
             for name in logs:
                 as_service_user("rm", "-f", os.path.join(folder, name))

@@ -77,9 +77,8 @@ def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, of
         jobs.append(
             (b, "application/json" if b.startswith(b"{") else "application/octet-stream", status, None)
         )
-    jobs.append(
-        (val_bodies[0], "application/x-www-form-urlencoded", 400, None)
-    )  # curl --data-binary's default
+    # curl --data-binary's default
+    jobs.append((val_bodies[0], "application/x-www-form-urlencoded", 400, None))
     # 32 images of 40 MP in one 0.5 MB request: each is under the per-image cap, together they would
     # keep the worker decoding past its timeout and fail the whole batch; the request's budget refuses it.
     heavy = json.dumps({"data": [images.b64(images.black_png(6300))] * 32}).encode()

@@ -158,23 +158,24 @@ def test_archive_builds_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch)
         monkeypatch.setattr(tempfile, "tempdir", tmp)
         store = tmp_path / "store"
         monkeypatch.setitem(sys.modules, "train.export", fake_export())
-        info = archive_checkpoint(
-            "unused.pt", "3.0", "eager", model_store=str(store)
-        )  # os.link raised EXDEV here
+        # os.link raised EXDEV here
+        info = archive_checkpoint("unused.pt", "3.0", "eager", model_store=str(store))
         assert info["archive"] == str(store / "my_model_v3.0.mar")
         assert verify_checksum(info["archive"]) == info["sha256"]
+        # no build folder
         assert sorted(os.listdir(store)) == [
             "my_model_v3.0.mar",
             "my_model_v3.0.mar.sha256",
-        ]  # no build folder
+        ]
 
         monkeypatch.setitem(sys.modules, "train.export", fake_export(fail=True))
         with pytest.raises(RuntimeError, match="on purpose"):
             archive_checkpoint("unused.pt", "4.0", "eager", model_store=str(store))
+        # nothing left over
         assert sorted(os.listdir(store)) == [
             "my_model_v3.0.mar",
             "my_model_v3.0.mar.sha256",
-        ]  # nothing left over
+        ]
         assert os.listdir(tmp) == []  # and nothing was built in TMPDIR
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -209,12 +209,10 @@ def test_gifs_are_training_images(tmp_path):
     prep = Preprocessing()
     ds = CachedImages(str(tmp_path), prep, prep, cache=False)
     assert ds.classes == ["gif", "png"] and len(ds) == 2
-    assert torch.equal(
-        ds[0][0], prep(prep.decode((tmp_path / "gif" / "0.gif").read_bytes()))
-    )  # the handler's
-    assert torch.equal(
-        ds[0][0], torchvision_eval(prep, Image.open(tmp_path / "gif" / "0.gif"))
-    )  # independent
+    # the handler's
+    assert torch.equal(ds[0][0], prep(prep.decode((tmp_path / "gif" / "0.gif").read_bytes())))
+    # independent
+    assert torch.equal(ds[0][0], torchvision_eval(prep, Image.open(tmp_path / "gif" / "0.gif")))
     assert [label for _, label in datalib.golden_set(str(tmp_path))] == ["gif", "png"]
 
 
@@ -441,9 +439,8 @@ def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(tiny, tmp_
     assert "finished in" in capsys.readouterr().out
     metrics = read_json(run / "metrics.json")
     assert metrics["complete"] and metrics["epochs_done"] == 1
-    assert (
-        metrics["final_val_acc"] == metrics["history"][-1]["val_acc"]
-    )  # the last epoch's model, evaluated again
+    # the last epoch's model, evaluated again
+    assert metrics["final_val_acc"] == metrics["history"][-1]["val_acc"]
     assert sorted(os.listdir(run)) == [
         "checkpoint_best.pt",
         "checkpoint_last.pt",
@@ -491,9 +488,8 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny,
     train_run(run, *tiny)
     assert len(refusals) == 1, "the second run was not refused"
     assert f"in use by another training run (pid {os.getpid()}" in refusals[0]
-    assert (
-        load_ckpt(run / "checkpoint_last.pt")["args"]["seed"] == 0
-    )  # the first run's model, not the rival's
+    # the first run's model, not the rival's
+    assert load_ckpt(run / "checkpoint_last.pt")["args"]["seed"] == 0
     train_run(run, *tiny, "--resume", "auto")  # the lock went with the run that held it
 
 
@@ -529,9 +525,8 @@ def small_disk(tmp_path):
     ).returncode:
         cannot_run("needs root to mount a tmpfs")
     yield disk
-    subprocess.run(
-        ["umount", "--lazy", str(disk)], check=True
-    )  # lazy: a failed save may still hold a file open
+    # lazy: a failed save may still hold a file open
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_path_and_the_free_space(small_disk):

@@ -30,9 +30,8 @@ from model_src.preprocessing import Preprocessing
 from train import data as datalib
 from train import mobile
 
-SERVER_FORMATS = tuple(
-    n for n, b in backends.served().items() if b.default
-)  # the default: what TorchServe loads
+# the default: what TorchServe loads
+SERVER_FORMATS = tuple(n for n, b in backends.served().items() if b.default)
 FORMATS = tuple(backends.all_backends())
 TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
 MIN_AGREEMENT = 0.99  # the precision gate of a backend that is not exact (int8): top-1 agreement with float

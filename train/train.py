@@ -510,9 +510,8 @@ def run(args, device, rank, world, start_time):
         val is None and history
     ):  # resumed with no epoch left: a run killed while writing its reports writes them
         log("no epoch left to train: writing the run's reports", rank)
-        val = evaluate(
-            model, criterion, val_loader, device, len(class_names), args
-        )  # the last epoch's, again
+        # the last epoch's, again
+        val = evaluate(model, criterion, val_loader, device, len(class_names), args)
     replicas = replica_digests(model_without_ddp)  # a collective: every rank takes part
     if rank == 0 and val is not None:
         report.finish(
