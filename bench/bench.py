@@ -392,9 +392,8 @@ def bench_target(target: dict, args, work: str) -> dict:
             result["checked"][backend] = server.check(backend, files, expect)
             server.load(backend, files, levels[-1])  # warm-up: JIT, caches, connection pools
         server.load("noop", files, levels[-1])
-        for c in [
-            c for _ in range(args.rounds) for c in levels
-        ]:  # each reference right before its rows: drift
+        # each reference right before its rows: drift
+        for c in [c for _ in range(args.rounds) for c in levels]:
             result["ceiling"].append(server.load("noop", files, c))
             say(target["name"], "no-op", result["ceiling"][-1])
             for label, version, fs in [
@@ -403,14 +402,12 @@ def bench_target(target: dict, args, work: str) -> dict:
             ]:
                 b = batch_at(c, workers, batch)
                 ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
-                if (
-                    label in handlers and c == levels[-1]
-                ):  # the breakdown's split, measured next to its row too
+                # the breakdown's split, measured next to its row too
+                if label in handlers and c == levels[-1]:
                     result["stages_ms_per_image"][label] = measure_stages(handlers[label][0], bodies, b)
                 ideal = None
-                if ips and has_estimate(
-                    c, workers, batch
-                ):  # the ideal handler at this limit, next to the row
+                # the ideal handler at this limit, next to the row
+                if ips and has_estimate(c, workers, batch):
                     write_busy(busy_file, 1e6 / ips)
                     ideal = server.load("busy", files, c)
                 row = {**server.load(version, fs, c), "limit_ips": ips}

@@ -305,16 +305,14 @@ def run(
             )
             if not split_in_place(door, model, share):
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
-            if (
-                share < 100 and w["default"]["answers"] >= th.min_answers
-            ):  # at 100 % the default's side holds only
-                baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
-            elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
-                # latency across windows (a busy neighbour moves both)
-                baseline = {
-                    **baseline,
-                    "p99_ms": None,
-                }
+            # at 100 % the default's side holds only stragglers of the step before (p99 of a few: 10 ms vs a
+            # busy 257)
+            if share < 100 and w["default"]["answers"] >= th.min_answers:
+                baseline = w["default"]
+            elif baseline:
+                # at 100 %: errors and classes against the last window that had the default; never latency
+                # across windows (a busy neighbour moves both)
+                baseline = {**baseline, "p99_ms": None}
             why = judge(w["candidate"], baseline or w["default"], th)
             report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
             if why:

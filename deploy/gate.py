@@ -188,9 +188,8 @@ def gate(
     new = score(ts, model, candidate, golden)
     old = score(ts, model, baseline, golden) if baseline else None
     report.update(candidate=new, baseline=old)
-    if (
-        old and old["errors"]
-    ):  # the default could not answer: its accuracy says nothing, nor does the comparison
+    # the default could not answer: its accuracy says nothing, nor does the comparison
+    if old and old["errors"]:
         report.update(passed=False, inconclusive=True, agreement=None)
         report["reason"] = (
             f"inconclusive: the default {baseline} failed {old['errors']} golden requests even after "

@@ -161,9 +161,8 @@ class Guard(socketserver.StreamRequestHandler):
                 return False
             call = build(head)
             auth = self.server.keys.authorize(call, head.headers.get("authorization"))
-            if (
-                call.registers
-            ):  # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
+            # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
+            if call.registers:
                 try:
                     check_archive(
                         os.path.join(self.server.model_store, call.params["url"]), self.server.model_store

@@ -131,10 +131,8 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
         if e["state"] == "pending":
             doubts.append(e)
             continue
-        if e["state"] != "done" or e["op"] in (
-            "gate",
-            "canary",
-        ):  # a verdict; its changes have their own entries
+        # a verdict; its changes have their own entries
+        if e["state"] != "done" or e["op"] in ("gate", "canary"):
             continue
         model, version = e["model"], e["version"]
         # a later change that went through settles the doubts it supersedes
@@ -157,9 +155,8 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
 def supersedes(done: dict, pending: dict) -> bool:
     if done["model"] != pending["model"]:
         return False
-    if (
-        done["op"] == "default"
-    ):  # a newer default replaces an uncertain one; a promoted version's gate is over
+    # a newer default replaces an uncertain one; a promoted version's gate is over
+    if done["op"] == "default":
         return pending["op"] == "default" or (
             pending["op"] in ("gate", "canary") and pending["version"] == done["version"]
         )

@@ -330,9 +330,8 @@ class TorchServe(KeyedApi, ServerHome):
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
         self.forget()
-        if (
-            self.uid != ids(self.user)[0]
-        ):  # started as another user than this object says (a fallback to root)
+        # started as another user than this object says (a fallback to root)
+        if self.uid != ids(self.user)[0]:
             self.user = None if self.uid == os.geteuid() else pwd.getpwuid(self.uid).pw_name
         guard.stop(self)
         procs = self.processes()

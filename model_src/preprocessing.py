@@ -162,12 +162,8 @@ def count_tiff_strips(data: bytes) -> tuple[int, int]:
         return entries, 0
     strips = 0
     for pos in range(at + width, min(at + width + entries * entry, len(data) - entry + 1), entry):
-        if int.from_bytes(data[pos : pos + 2], order) in (
-            273,
-            279,
-            324,
-            325,
-        ):  # strip/tile offsets, byte counts
+        # strip/tile offsets, byte counts
+        if int.from_bytes(data[pos : pos + 2], order) in (273, 279, 324, 325):
             strips = max(strips, int.from_bytes(data[pos + 4 : pos + 4 + size], order))
     return entries, strips
 
@@ -250,10 +246,11 @@ def decode_image(
     with pillow_ceiling(max_pixels):
         try:
             img.load()
+        # an inner image (a container's)
         except (
             Image.DecompressionBombError,
             Image.DecompressionBombWarning,
-        ):  # an inner image (a container's)
+        ):
             raise InputError(too_many_pixels(max_pixels), 413) from None
         except MemoryError:  # the process's ceiling, not the data: the caller answers for it
             raise

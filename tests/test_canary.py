@@ -228,9 +228,8 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
     """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's
     weight 0, and the controller, finding its split gone, rolls back and says so."""
     assert management.default_version(server, "my_model") == "1.0"
-    if "2.0" not in {
-        v["modelVersion"] for v in management.versions(server, "my_model")
-    }:  # the first test rolled back
+    # the first test rolled back
+    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:
         register(server, install_archive(archive_factory("2.0"), store))
     killed = []
 

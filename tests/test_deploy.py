@@ -98,8 +98,8 @@ def test_calls_without_or_with_a_wrong_token_are_refused(server, api, method, pa
     for headers in (
         {},
         bearer("not-the-key"),
-        {"Authorization": server.keys()["inference"]["key"]},
-    ):  # no Bearer
+        {"Authorization": server.keys()["inference"]["key"]},  # no Bearer
+    ):
         resp = requests.request(method, server.url(api) + path, headers=headers, timeout=30)
         assert resp.status_code == 400, (headers, resp.text)
         assert resp.json()["type"] == "InvalidKeyException", resp.text

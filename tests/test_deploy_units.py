@@ -811,9 +811,8 @@ def test_a_registration_leaves_hashing_and_zip_tests_to_the_guard(offline, monke
     archive = os.path.join(offline.model_store, "my_model_v2.0.mar")
     assert versions.register(offline, archive) == ("my_model", "2.0")
     assert sent == ["my_model_v2.0.mar"] and hashed == [] and tested == []
-    with pytest.raises(
-        management.DeployError, match="is not a valid .mar"
-    ):  # still a clear word before the call
+    # still a clear word before the call
+    with pytest.raises(management.DeployError, match="is not a valid .mar"):
         versions.archive_version(offline, write_garbage(os.path.join(offline.model_store, "junk.mar")))
 
 

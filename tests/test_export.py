@@ -251,8 +251,6 @@ def test_evaluate_an_export_defaults_to_the_data_it_was_trained_on(checkpoint, d
     torch.save({**ckpt, "manifest": known.to_dict()}, tmp_path / "ckpt.pt")
     exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("eager", "onnx"))
     assert evaluate(str(tmp_path / "ckpt.pt"))["images"] == 20
-    for name in (
-        backends.get("eager").file,
-        backends.get("onnx").file,
-    ):  # every exported file reads bundle.json
+    # every exported file reads bundle.json
+    for name in (backends.get("eager").file, backends.get("onnx").file):
         assert evaluate(str(tmp_path / "export" / name))["images"] == 20, name

@@ -104,9 +104,8 @@ def test_the_documented_commands_work_as_typed(shell):
     )
     script = ["set -u", lines[0], f"export TS_CONFIG_FILE={config}  # the test's ports and store"]
     for line in lines[1:]:
-        if line.startswith(
-            "torchserve --start"
-        ):  # the frontend keeps logging to the shell's stdout: not here
+        # the frontend keeps logging to the shell's stdout: not here
+        if line.startswith("torchserve --start"):
             line += f" > {config.parent}/start.log 2>&1"
         line = line.replace("127.0.0.1:8080", f"127.0.0.1:{ports.inference}")
         script += [line.replace("127.0.0.1:8081", f"127.0.0.1:{ports.management}"), f"echo '{MARKER}'"]

@@ -105,9 +105,8 @@ def test_raw_jpeg_in_binary_gives_the_base64_json_answer(path, jpeg):
     json_out = [httpclient.InferRequestedOutput("predictions", binary_data=False)]
     result = client.infer("my_model", [image_input(jpeg, binary=True)], outputs=json_out, headers=dict(key))
     assert top(result) == as_json and "data" in result.get_output("predictions")
-    if (
-        where == "door"
-    ):  # the versioned route: TorchServe answers it 501, the door re-issues it as /predictions/m/v
+    # the versioned route: TorchServe answers it 501, the door re-issues it as /predictions/m/v
+    if where == "door":
         result = client.infer(
             "my_model", [image_input(jpeg, binary=True)], model_version="1.0", headers=dict(key)
         )

@@ -156,9 +156,8 @@ def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, di
         assert ts.user == settings.SERVICE_USER
         ts.prepare_dirs()
         missing = ts.unreachable()
-        if (
-            missing
-        ):  # e.g. a Python installed in root's home (pyenv under /root, 0700): start() warns, runs as root
+        # e.g. a Python installed in root's home (pyenv under /root, 0700): start() warns, runs as root
+        if missing:
             cannot_run(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
         try:
             ts.start()

@@ -506,9 +506,8 @@ def run(args, device, rank, world, start_time):
             if writer is not None:
                 report.log_epoch(writer, model_without_ddp, row)
 
-    if (
-        val is None and history
-    ):  # resumed with no epoch left: a run killed while writing its reports writes them
+    # resumed with no epoch left: a run killed while writing its reports writes them
+    if val is None and history:
         log("no epoch left to train: writing the run's reports", rank)
         # the last epoch's, again
         val = evaluate(model, criterion, val_loader, device, len(class_names), args)

@@ -14,9 +14,8 @@ def quantize(fused):
     import torch
     from torch import nn
 
-    with (
-        warnings.catch_warnings()
-    ):  # torch.ao.quantization is deprecated but still the dynamic-quant API here
+    # torch.ao.quantization is deprecated but still the dynamic-quant API here
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
