@@ -38,7 +38,8 @@ def archive_name(model_name: str, version: str) -> str:
 
 
 def write_checksum(path: str) -> str:
-    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses place_archive."""
+    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses
+    place_archive."""
     digest = sha256_of(path)
     with open(path + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
@@ -73,7 +74,10 @@ def read_manifest(path: str) -> dict:
             if bad:
                 raise ValueError(f"{name} is corrupt: {bad} fails its CRC check")
             return json.loads(z.read("MAR-INF/MANIFEST.json"))
-    except (zipfile.BadZipFile, zlib.error) as e:  # testzip() lets a broken deflate stream's zlib.error through
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as e:  # testzip() lets a broken deflate stream's zlib.error through
         raise ValueError(f"{name} is not a valid .mar (truncated or corrupt zip: {e})") from None
     except KeyError:
         raise ValueError(f"{name} has no MAR-INF/MANIFEST.json: not a TorchServe archive") from None
