@@ -137,6 +137,12 @@ class Manifest:
         return path
 
 
+def model_args_of(ckpt: dict) -> dict:
+    """The architecture of a checkpoint or serving file: all a model needs to be rebuilt (bare weights files
+    carry model_args alone, without class names or preprocessing)."""
+    return ckpt["manifest"]["model_args"] if "manifest" in ckpt else ckpt["model_args"]
+
+
 def loads(text: str | bytes) -> Manifest:
     try:
         return Manifest.from_dict(json.loads(text))

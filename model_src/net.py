@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model_src.layers import ResidualBlock, WNLinear, make_activation
-from model_src.manifest import Manifest
+from model_src.manifest import model_args_of
 
 DEFAULT_MODEL_ARGS = {
     "arch": "resnet_small",
@@ -133,7 +133,7 @@ def strip_prefixes(state_dict: dict) -> dict:
 def load_model(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint or serving file; returns (model in eval mode, checkpoint)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(Manifest.from_checkpoint(ckpt).model_args)
+    model = build_model(model_args_of(ckpt))
     model.load_state_dict(strip_prefixes(ckpt["model"]))
     return model.eval(), ckpt
 
