@@ -35,7 +35,8 @@ def parse(body, length: str, max_elements: int) -> dict:
     body, length = memoryview(body), str(length)
     # isdigit() alone takes '²' (Netty reads header bytes as Latin-1), which int() refuses
     if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= len(body):
-        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {length[:40]!r}")
+        got = length[:40]
+        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {got!r}")
     offset = int(length)
     try:
         request = json.loads(bytes(body[:offset]))
