@@ -226,7 +226,7 @@ BROKEN = {
     "nested 100,000 deep": (b"[" * 100_000, None),
     "encrypted member": (b'{"model": {"modelName": "m", "modelVersion": "1.0"}}', encrypted),
     "compression method 99": (b'{"model": {"modelName": "m", "modelVersion": "1.0"}}', method99),
-    "a member over 1 MiB": (b'{"model": {"modelName": "m"}}' + b" " * mar.MEMBER_MAX, None),
+    "a member over 1 MiB": (b'{"model": {"modelName": "m"}}' + b" " * (1 << 20), None),  # mar.MEMBER_MAX
 }
 
 

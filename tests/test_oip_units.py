@@ -191,7 +191,14 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
     max_leaves=12,
 )
-V2 = st.fixed_dictionaries({"inputs": JSON}, optional={k: JSON for k in ("outputs", "parameters", "id")})
+TENSOR = st.fixed_dictionaries(
+    {"data": st.just([IMAGE]) | JSON}, optional={k: JSON for k in ("parameters", "datatype", "name")}
+)
+# mostly well-formed inputs, so that the later fields (outputs, parameters) are reached too
+V2 = st.fixed_dictionaries(
+    {"inputs": st.lists(TENSOR, min_size=1, max_size=2) | JSON},
+    optional={k: JSON for k in ("outputs", "parameters", "id")},
+)
 
 
 @settings(max_examples=400, deadline=None, derandomize=True, database=None)
