@@ -1,6 +1,8 @@
-"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same run.
+"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same
+run.
 
-    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at 224x224
+    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at
+                                                # 224x224
     python -m bench.bench --targets digits --backends onnx --concurrency 16 --seconds 5
 
 For each target model, on this machine, in one run:
@@ -11,16 +13,16 @@ For each target model, on this machine, in one run:
             the same TorchServe: what TorchServe itself costs per request, for the same bodies;
   served    each backend under wrk (1 thread, closed loop, `c` connections): req/s, p50/p90/p99;
   estimate  if a request costs the frontend's share (the ceiling) plus the handler's share (the limit), served
-            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost beyond
-            those two (busy workers = min(c, workers), at the batch size c requests make);
-  ideal     the no-op handler spending exactly the limit's CPU per image before it answers (bench/noop_handler.py),
-            served right before the row: the best any handler with our cost can do behind this TorchServe here.
-            served / ideal is what our handler loses itself; ideal / estimate is what the estimate cannot see
-            (the two parts overlap only partly on shared cores);
-  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python workers,
-            wrk) and split with the in-process stage times: frontend, TorchServe's worker framing (the
-            no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the workers
-            (metrics, logging, message parsing); bench_breakdown.png stacks them;
+            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost
+            beyond those two (busy workers = min(c, workers), at the batch size c requests make);
+  ideal     the no-op handler spending exactly the limit's CPU per image before it answers
+            (bench/noop_handler.py), served right before the row: the best any handler with our cost can do
+            behind this TorchServe here. served / ideal is what our handler loses itself; ideal / estimate is
+            what the estimate cannot see (the two parts overlap only partly on shared cores);
+  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python
+            workers, wrk) and split with the in-process stage times: frontend, TorchServe's worker framing
+            (the no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the
+            workers (metrics, logging, message parsing); bench_breakdown.png stacks them;
   batching  images/s when one request carries 1, 8 or 32 images (JSON list), against the same references;
   checked   every image once through the served backend with the Python client: labels must equal the
             eager model's;
@@ -72,10 +74,16 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="digits,imagenet", help=f"comma-separated, of: {', '.join(TARGETS)}")
     p.add_argument("--backends", default=",".join(BACKENDS), help="the first one also gets the batching rows")
-    p.add_argument("--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last")
+    p.add_argument(
+        "--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last"
+    )
     p.add_argument("--seconds", type=float, default=10, help="wrk duration per row")
-    p.add_argument("--rounds", type=int, default=1, help="measure every level this many times (the table adds medians)")
-    p.add_argument("--batching", default="1,8,32", help="images per request for the client-side batching rows")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="measure every level this many times (the table adds medians)"
+    )
+    p.add_argument(
+        "--batching", default="1,8,32", help="images per request for the client-side batching rows"
+    )
     p.add_argument("--batching-concurrency", type=int, default=8)
     p.add_argument("--limit-seconds", type=float, default=2, help="in-process limit duration per row")
     p.add_argument(
@@ -108,7 +116,9 @@ def make_handler(archive: str, work: str, batch_size: int):
         yaml_cfg = yaml.safe_load(f)
     metrics = MetricsCacheYamlImpl(settings.METRICS_CONFIG)
     metrics.initialize_cache()
-    ctx = Context(MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg)
+    ctx = Context(
+        MODEL, model_dir, manifest, batch_size, None, "0.12.0", metrics=metrics, model_yaml_config=yaml_cfg
+    )
     ctx.request_processor = None
     handler = ImageClassifier()
     handler.initialize(ctx)
@@ -145,7 +155,8 @@ def images_in(body: bytes) -> int:
 
 
 def measure_stages(handler, bodies, batch: int, seconds: float = 2.0) -> dict:
-    """ms per image of decode + preprocess and of the model (at `batch`), in-process, as the handler runs them."""
+    """ms per image of decode + preprocess and of the model (at `batch`), in-process, as the handler runs
+    them."""
     i = iter(range(10**9))
     decode = per_second(lambda: handler.decode_all([bodies[next(i) % len(bodies)]], handler.prep), 1, seconds)
     x = torch.stack(handler.decode_all([bodies[k % len(bodies)] for k in range(batch)], handler.prep))
@@ -154,7 +165,8 @@ def measure_stages(handler, bodies, batch: int, seconds: float = 2.0) -> dict:
 
 
 def json_bodies(files: list[str], n: int, folder: str) -> list[str]:
-    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching bodies."""
+    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching
+    bodies."""
     os.makedirs(folder, exist_ok=True)
     out = []
     for start in range(0, max(len(files), n), n):
@@ -192,8 +204,9 @@ class Server:
         res = post_files(url, self.ts.keys()["inference"]["key"], files, c, self.seconds, content_type)
         cpu1 = self.cpu()
         n = max(res["requests"], 1)
-        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an error.
-        # steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's drift).
+        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an
+        # error. steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's
+        # drift).
         parties = ("frontend", "workers", "wrk", "steal")
         res["cpu_ms"] = {k: round((b - a) * 1000 / n, 4) for k, a, b in zip(parties, cpu0, cpu1)}
         core_seconds = (os.cpu_count() or 1) * res["seconds"]
@@ -203,13 +216,18 @@ class Server:
         return res
 
     def cpu(self) -> tuple[float, float, float, float]:
-        """CPU seconds so far of the frontend alone, of its workers (those alive now), of finished wrk runs, and
-        the machine's steal time."""
+        """CPU seconds so far of the frontend alone, of its workers (those alive now), of finished wrk runs,
+        and the machine's steal time."""
         import psutil
 
         frontend = self.ts.pid()
         workers = [p.pid for p in psutil.Process(frontend).children(recursive=True)]
-        return cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu(), steal_seconds()
+        return (
+            cpu_seconds([frontend]) - cpu_seconds(workers),
+            cpu_seconds(workers),
+            children_cpu(),
+            steal_seconds(),
+        )
 
     def check(self, version: str, files: list[str], expect: list[str]) -> dict:
         """Every image once, sequentially, with the Python client: answers read and compared."""
@@ -240,8 +258,8 @@ def cold_start(ts: TorchServe, image: str, timeout: float = 120) -> float:
 
 
 def steal_seconds() -> float:
-    """The machine's steal time so far (Linux; 0 elsewhere): CPU the hypervisor gave to other guests while this VM
-    wanted it. On the reference VM it reached 45 % of the cores for minutes."""
+    """The machine's steal time so far (Linux; 0 elsewhere): CPU the hypervisor gave to other guests while
+    this VM wanted it. On the reference VM it reached 45 % of the cores for minutes."""
     import psutil
 
     return getattr(psutil.cpu_times(), "steal", 0.0)
@@ -254,8 +272,9 @@ def unstolen(rate: float, steal_share: float) -> float:
 
 
 def has_estimate(c: int, workers: int, batch: int) -> bool:
-    """Only where the batching is known: one request at a time, or every worker taking full batches. In between,
-    TorchServe's greedy batching decides (at c=4 one worker often takes all four requests and the other waits)."""
+    """Only where the batching is known: one request at a time, or every worker taking full batches. In
+    between, TorchServe's greedy batching decides (at c=4 one worker often takes all four requests and the
+    other waits)."""
     return c == 1 or c >= workers * batch
 
 
@@ -266,7 +285,8 @@ def write_busy(path: str, us_per_image: float):
 
 
 def batch_at(c: int, workers: int, batch: int) -> int:
-    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting requests."""
+    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting
+    requests."""
     return max(1, min(batch, math.ceil(c / workers)))
 
 
@@ -299,7 +319,9 @@ def bench_target(target: dict, args, work: str) -> dict:
     known = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(known.preprocessing)
     with torch.inference_mode():
-        expect = [known.class_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies]
+        expect = [
+            known.class_names[model(prep(prep.decode(b)).unsqueeze(0)).argmax(1).item()] for b in bodies
+        ]
 
     result = {
         "model": target["name"],
@@ -322,7 +344,11 @@ def bench_target(target: dict, args, work: str) -> dict:
     for i, backend in enumerate(backends):
         name = f"{MODEL}.mar" if i == 0 else f"{MODEL}_v{backend}.mar"
         archives[backend] = archive_checkpoint(
-            target["checkpoint"], backend, backend, output=os.path.join(store, name), config_file=args.config_file
+            target["checkpoint"],
+            backend,
+            backend,
+            output=os.path.join(store, name),
+            config_file=args.config_file,
         )["archive"]
         handlers[backend] = make_handler(archives[backend], work, batch)
     build_noop_archive(store, args.config_file)
@@ -330,13 +356,14 @@ def bench_target(target: dict, args, work: str) -> dict:
     build_busy_archive(store, args.config_file, busy_file)
 
     def limit(backend: str, key: str, row_bodies: list[bytes], b: int) -> float:
-        """The handler in-process right before the served row it is the reference of (the machine's speed drifts
-        by up to 2x within minutes); every measurement is kept, the row uses its own."""
+        """The handler in-process right before the served row it is the reference of (the machine's speed
+        drifts by up to 2x within minutes); every measurement is kept, the row uses its own."""
         handler, ctx, rp = handlers[backend]
         server.settle()
         t0, s0 = time.perf_counter(), steal_seconds()
         ips = measure_limit(handler, ctx, rp, row_bodies, b, args.limit_seconds)
-        share = (steal_seconds() - s0) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))  # spread over the cores
+        # spread over the cores
+        share = (steal_seconds() - s0) / ((os.cpu_count() or 1) * (time.perf_counter() - t0))
         result["limit"].setdefault(backend, {}).setdefault(key, []).append(round(ips, 1))
         return unstolen(ips, share)
 
@@ -354,7 +381,9 @@ def bench_target(target: dict, args, work: str) -> dict:
         result["registration_s"]["busy"] = register(ts, os.path.join(store, f"{MODEL}_vbusy.mar"))
         peer_files = None
         if not args.no_peer:
-            peer = build_peer_archive(target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file)
+            peer = build_peer_archive(
+                target["checkpoint"], store, os.path.join(work, "peer_build"), args.config_file
+            )
             result["registration_s"]["stock"] = register(ts, peer)
             result["peer_notes"] = peer_notes(ts, files[0], prep)
             peer_files = rgb_copies(files, work)  # the stock handler cannot read grey PNGs; labels unchecked
@@ -363,7 +392,8 @@ def bench_target(target: dict, args, work: str) -> dict:
             result["checked"][backend] = server.check(backend, files, expect)
             server.load(backend, files, levels[-1])  # warm-up: JIT, caches, connection pools
         server.load("noop", files, levels[-1])
-        for c in [c for _ in range(args.rounds) for c in levels]:  # each reference right before its rows: drift
+        # each reference right before its rows: drift
+        for c in [c for _ in range(args.rounds) for c in levels]:
             result["ceiling"].append(server.load("noop", files, c))
             say(target["name"], "no-op", result["ceiling"][-1])
             for label, version, fs in [
@@ -372,10 +402,12 @@ def bench_target(target: dict, args, work: str) -> dict:
             ]:
                 b = batch_at(c, workers, batch)
                 ips = limit(label, f"batch_{b}", bodies, b) if label in handlers else None
-                if label in handlers and c == levels[-1]:  # the breakdown's split, measured next to its row too
+                # the breakdown's split, measured next to its row too
+                if label in handlers and c == levels[-1]:
                     result["stages_ms_per_image"][label] = measure_stages(handlers[label][0], bodies, b)
                 ideal = None
-                if ips and has_estimate(c, workers, batch):  # the ideal handler at this limit, next to the row
+                # the ideal handler at this limit, next to the row
+                if ips and has_estimate(c, workers, batch):
                     write_busy(busy_file, 1e6 / ips)
                     ideal = server.load("busy", files, c)
                 row = {**server.load(version, fs, c), "limit_ips": ips}
@@ -410,7 +442,9 @@ def add_estimates(res: dict):
         for row, ceiling in zip(rows, res["ceiling"]):
             c = row["concurrency"]
             if row["limit_ips"] and has_estimate(c, workers, res["batch_size"]):
-                row["estimate_rps"] = round(estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1)
+                row["estimate_rps"] = round(
+                    estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1
+                )
                 row["vs_estimate"] = round(row["rps_unstolen"] / row["estimate_rps"], 3)
             if row.get("ideal"):
                 row["ideal_rps"] = row["ideal"]["rps_unstolen"]
@@ -428,7 +462,8 @@ def add_estimates(res: dict):
         if label not in res["limit"]:
             continue
         cpu, stages = rows[-1]["cpu_ms"], res["stages_ms_per_image"][label]
-        handler_ms = 1000 / rows[-1]["limit_ips"]  # one worker thread: CPU ms per image, measured next to the row
+        # one worker thread: CPU ms per image, measured next to the row
+        handler_ms = 1000 / rows[-1]["limit_ips"]
         framing = top["cpu_ms"]["workers"]
         topk = max(0.0, handler_ms - stages["decode"] - stages["model"])
         handler = {"decode": stages["decode"], "model": stages["model"], "topk": topk}
@@ -442,7 +477,14 @@ def add_estimates(res: dict):
 def split_cpu(cpu: dict, framing: float, handler_ms: float, handler: dict) -> dict:
     """One row's CPU ms per request by stage: the workers' share beyond TorchServe's framing and the handler's
     own `handler_ms` (split as `handler` says) is the rest of the worker."""
-    parts = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0, "spent": 0.0}
+    parts = {
+        "frontend": cpu["frontend"],
+        "framing": framing,
+        "decode": 0.0,
+        "model": 0.0,
+        "topk": 0.0,
+        "spent": 0.0,
+    }
     parts |= handler
     parts |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
     parts |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
@@ -457,8 +499,8 @@ def table(res: dict) -> str:
         f"\n{res['model']}: batch {res['batch_size']}, {res['workers']} worker(s), maxBatchDelay "
         f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
         f"cold start {res['cold_start_s']:.1f} s",
-        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and the ratios are per "
-        "core-second it left)",
+        "(steal: the share of the cores the host took during the row; no-op, estimate, ideal and the ratios "
+        "are per core-second it left)",
         f"{'backend':14s}{'c':>4s}{'req/s':>9s}{'p50':>8s}{'p90':>8s}{'p99':>8s}{'err':>5s}{'steal':>7s}{'no-op':>9s}"
         f"{'estimate':>10s}{'served/est':>12s}{'ideal':>9s}{'served/ideal':>14s}{'ideal/est':>11s}",
     ]
@@ -467,12 +509,14 @@ def table(res: dict) -> str:
             est = f"{r['estimate_rps']:.0f}" if "estimate_rps" in r else ""
             ratio = f"{r['vs_estimate']:.2f}" if "vs_estimate" in r else ""
             ideal = (
-                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}" if "ideal_rps" in r else ""
+                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}"
+                if "ideal_rps" in r
+                else ""
             )
             lines.append(
-                f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}{r['p50_ms']:8.1f}"
-                f"{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{r['steal_share']:7.0%}{ceil['rps_unstolen']:9.0f}"
-                f"{est:>10s}{ratio:>12s}" + ideal
+                f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}"
+                f"{r['p50_ms']:8.1f}{r['p90_ms']:8.1f}{r['p99_ms']:8.1f}{r['errors']:5d}{r['steal_share']:7.0%}"
+                f"{ceil['rps_unstolen']:9.0f}{est:>10s}{ratio:>12s}" + ideal
             )
     lines.append(
         "limit, img/s in-process, each measured next to its row: "
@@ -485,7 +529,8 @@ def table(res: dict) -> str:
         lines += medians(res)
     for row in res["batching"]:
         lines.append(
-            f"client batching x{row['images_per_request']} (c={row['concurrency']}): {row['images_per_s']:.0f} img/s, "
+            f"client batching x{row['images_per_request']} (c={row['concurrency']}): "
+            f"{row['images_per_s']:.0f} img/s, "
             f"estimate {row['estimate_images_per_s']:.0f}, ratio {row['vs_estimate']:.2f}, "
             f"p50 {row['served']['p50_ms']:.1f} ms, errors {row['served']['errors']}"
         )
@@ -501,14 +546,18 @@ def table(res: dict) -> str:
             for b, v in res["checked"].items()
         )
     )
-    lines.append("registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items()))
+    lines.append(
+        "registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
+    )
     return "\n".join(lines)
 
 
 def by_level(rows: list, key: str) -> tuple[list, list]:
     """(levels, the median of `key` at each level over the rounds), for the rows that have it."""
     levels = sorted({r["concurrency"] for r in rows if key in r})
-    return levels, [statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels]
+    return levels, [
+        statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels
+    ]
 
 
 def medians(res: dict) -> list[str]:
@@ -539,7 +588,9 @@ def plot(results: list, path: str):
             (line,) = axes[0][col].plot(*by_level(rows, "throughput_rps"), marker="o", label=label)
             for key, style, marker in (("estimate_rps", ":", "."), ("ideal_rps", "-.", "x")):
                 if any(key in r for r in rows):
-                    axes[0][col].plot(*by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7)
+                    axes[0][col].plot(
+                        *by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7
+                    )
             axes[1][col].plot(*by_level(rows, "p99_ms"), marker="o", label=label)
         axes[0][col].set(
             title=f"{res['model']}: req/s (dotted: estimate; dash-dot: ideal handler)",
@@ -548,7 +599,9 @@ def plot(results: list, path: str):
             xlabel="concurrency (wrk)",
             ylabel="req/s",
         )
-        axes[1][col].set(title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms")
+        axes[1][col].set(
+            title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms"
+        )
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -565,7 +618,12 @@ def plot_breakdown(results: list, path: str):
     import matplotlib.pyplot as plt
 
     bars = [(f"{r['model']}\n{label}", parts) for r in results for label, parts in r["breakdown_ms"].items()]
-    names = {**STAGE_NAMES, "wrk": "load generator (wrk)", "steal": "taken by the host (steal)", "idle": "idle cores"}
+    names = {
+        **STAGE_NAMES,
+        "wrk": "load generator (wrk)",
+        "steal": "taken by the host (steal)",
+        "idle": "idle cores",
+    }
     rest = ["wrk", "steal", "idle"]
     fig, axes = plt.subplots(1, len(results), figsize=(4 + 3 * len(bars), 5), squeeze=False)
     for ax, res in zip(axes[0], results):

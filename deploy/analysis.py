@@ -1,10 +1,11 @@
 """A canary step's verdict: the candidate against the default over the same window (deploy/canary.py).
 
-Each side of a window is {"answers": n, "errors": 5xx count, "p99_ms": float | None, "classes": {label: n}}:
-answers and errors come from Prometheus (HAProxy's exporter, per server of the door's `canary` backend; clients'
-4xx are not the model's fault and are not counted as errors), p99 from the door's access log and the top-1
-labels from the door's answer table. The thresholds live here and nowhere else; docs/deployment.md gives the
-reason for each."""
+Each side of a window is {"answers": n, "errors": 5xx count, "gone": 404 count, "p99_ms": float | None,
+"classes": {label: n}}: answers and errors come from Prometheus (HAProxy's exporter, per server of the door's
+`canary` backend), 404s (a version TorchServe no longer serves) and the top-1 labels from the door's answer
+table, p99 from the door's access log. A client's other 4xx (no key, a bad body, too many requests) are never
+judged: any client can send them, to either side. The thresholds live here and nowhere else;
+docs/deployment.md gives the reason for each."""
 
 from dataclasses import asdict, dataclass
 
@@ -13,36 +14,51 @@ from deploy.latency import percentile
 
 @dataclass
 class Thresholds:
-    # Answers the candidate must have given in a step before it is judged: a class distribution of fewer is noise
-    # (at 20, one odd answer moves a share by 5 points), and a step without them waits (up to max_step_seconds).
+    # Answers the candidate must have given in a step before it is judged: a class distribution of fewer is
+    # noise (at 20, one odd answer moves a share by 5 points), and a step without them waits (up to
+    # max_step_seconds).
     min_answers: int = 20
-    # The candidate's 5xx rate may exceed the default's by this much (a share): one failure in a hundred may be a
-    # worker restart; a version that fails on an input the default answers shows up far above it.
+    # The candidate's rate of 5xx and 404 answers may exceed the default's by this much (a share) plus the
+    # sampling noise of the two rates (rate_noise()): one failure in a hundred may be a worker restart; a
+    # version that fails on an input the default answers shows up far above it.
     max_error_gap: float = 0.01
-    # p99 may be this many times the default's plus p99_slack_ms: on a shared machine p99s of a few ms jitter by
-    # tens of ms, so the slack keeps a fast model from failing on noise, and the ratio catches a slow one.
+    # p99 may be this many times the default's plus p99_slack_ms: on a shared machine p99s of a few ms jitter
+    # by tens of ms, so the slack keeps a fast model from failing on noise, and the ratio catches a slow one.
     max_p99_ratio: float = 1.5
     p99_slack_ms: float = 50.0
-    # Total variation distance between the two top-1 distributions (0: same, 1: disjoint), on top of the sampling
-    # noise of the candidate's answers (noise(): 1/sqrt(n), 0.22 at 20). Two honest versions on the same traffic
-    # differ by that noise; a model with mixed-up labels moves whole classes. A distribution can look the same
-    # while answers differ: the offline gate's agreement catches that.
+    # Total variation distance between the two top-1 distributions (0: same, 1: disjoint), on top of the
+    # sampling noise of the candidate's answers (noise(): 1/sqrt(n), 0.22 at 20). Two honest versions on the
+    # same traffic differ by that noise; a model with mixed-up labels moves whole classes. A distribution can
+    # look the same while answers differ: the offline gate's agreement catches that.
     max_class_distance: float = 0.25
-    # A step that has not collected min_answers after this long fails: traffic nobody can judge is not promoted.
+    # A step that has not collected min_answers after this long fails: traffic nobody can judge is not
+    # promoted.
     max_step_seconds: float = 600.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+def failures(side: dict) -> int:
+    """Answers the version caused to fail: 5xx, and 404 (TorchServe no longer serves it)."""
+    return side["errors"] + side.get("gone", 0)
+
+
 def error_rate(side: dict) -> float:
-    total = side["answers"] + side["errors"]
-    return side["errors"] / total if total else 0.0
+    total = side["answers"] + failures(side)
+    return failures(side) / total if total else 0.0
 
 
-def client_error_rate(side: dict) -> float:
-    total = side["answers"] + side["errors"] + side.get("client_errors", 0)
-    return side.get("client_errors", 0) / total if total else 0.0
+def rate_noise(a: dict, b: dict) -> float:
+    """How far two sides' failure rates may differ by chance, about: two standard errors of the difference of
+    two shares at their pooled rate, 2 sqrt(p (1 - p) (1/na + 1/nb)); it shrinks as the samples grow, like
+    noise().
+    A side with no answers drops out (its term and its rate, taken as 0): the other is judged on its own."""
+    na, nb = a["answers"] + failures(a), b["answers"] + failures(b)
+    if not na + nb:
+        return 1.0
+    p = (failures(a) + failures(b)) / (na + nb)
+    return 2 * (p * (1 - p) * sum(1 / n for n in (na, nb) if n)) ** 0.5
 
 
 def class_distance(a: dict[str, int], b: dict[str, int]) -> float:
@@ -54,8 +70,9 @@ def class_distance(a: dict[str, int], b: dict[str, int]) -> float:
 
 
 def noise(n: int) -> float:
-    """How far n answers' shares may stray by chance, about: 1/sqrt(n) (two standard errors of a share near 0.5).
-    16 answers from a good candidate on 3:1 traffic measured 0.26 apart; a permutation of labels measures ~1."""
+    """How far n answers' shares may stray by chance, about: 1/sqrt(n) (two standard errors of a share near
+    0.5). 16 answers from a good candidate on 3:1 traffic measured 0.26 apart; a permutation of labels
+    measures ~1."""
     return 1 / n**0.5 if n else 1.0
 
 
@@ -64,18 +81,11 @@ def judge(candidate: dict, default: dict, th: Thresholds) -> list[str]:
     last window that had one, at 100 %); empty when it passes."""
     why = []
     gap = error_rate(candidate) - error_rate(default)
-    if gap > th.max_error_gap:
+    allowed = th.max_error_gap + rate_noise(candidate, default)
+    if gap > allowed:
         why.append(
-            f"error rate {error_rate(candidate):.1%} vs the default's {error_rate(default):.1%} "
-            f"(over the allowed {th.max_error_gap:.1%} more)"
-        )
-    # The split is round-robin over the same traffic, so bad bodies reach both alike: a candidate with more 4xx
-    # answers what the default answers with a refusal (a version TorchServe no longer serves answers 404).
-    gap = client_error_rate(candidate) - client_error_rate(default)
-    if gap > th.max_error_gap:
-        why.append(
-            f"4xx rate {client_error_rate(candidate):.1%} vs the default's {client_error_rate(default):.1%} "
-            f"(over the allowed {th.max_error_gap:.1%} more)"
+            f"error rate (5xx, 404) {error_rate(candidate):.1%} vs the default's {error_rate(default):.1%} "
+            f"(over the allowed {allowed:.1%} more)"
         )
     p99, base = candidate.get("p99_ms"), default.get("p99_ms")
     if p99 is not None and base is not None and p99 > base * th.max_p99_ratio + th.p99_slack_ms:

@@ -1,22 +1,24 @@
-"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each step
-judged against the default over the same window, promoted after the last step, rolled back by itself on a fail.
+"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each
+step judged against the default over the same window, promoted after the last step, rolled back by itself on a
+fail.
 
     scripts/register_version.sh model_store/my_model_v2.0.mar --canary 5,25,50,100 --step-seconds 60 \
         --prometheus http://127.0.0.1:9090
 
-The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin servers,
-`default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no connection
-dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy builds the
-candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per step:
-  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`), the
-    door's own counters when Prometheus has no such series (the report says which);
-  - p99: the door's access log (`lane=canary server=... ms=...`) over the window;
+The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin
+servers, `default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no
+connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
+builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per
+step:
+  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
+    the door's own counters when Prometheus has no such series (the report says which);
+  - p99: the door's access log (`lane=canary server=... srv_ms=...`, 200 answers) over the window;
   - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
 deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
-goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is written
-to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted door
-starts with an empty map, so it sends everything to the default, and the controller, finding its split gone,
-stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
+goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is
+written to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted
+door starts with an empty map, so it sends everything to the default, and the controller, finding its split
+gone, stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
 
 import json
 import os
@@ -35,7 +37,10 @@ from deploy.versions import set_default, state_dir, unregister
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name or version HAProxy may put into a path
 SIDES = ("default", "candidate")
-ADMIN_LIMIT = 1 << 20  # bytes read back from one admin command (the table holds at most 1k short keys)
+ADMIN_LIMIT = 1 << 22  # bytes read back from one admin command (the table: 16k keys, ~150 bytes a line)
+GONE = "!404"  # `server!404` counts a server's 404s (its version gone), `server/label` its 200 answers
+TABLE_WORD = re.compile(r"(?:\\.|[^ \\])+")  # a `show table` field: a space inside one is escaped
+TABLE_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.)")
 
 
 class CanaryError(RuntimeError):
@@ -96,7 +101,8 @@ def current_share(door: FrontDoor) -> int:
 
 
 def split_in_place(door: FrontDoor, model: str, share: int) -> bool:
-    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight 0)."""
+    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight
+    0)."""
     try:
         mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
     except OSError:
@@ -113,18 +119,37 @@ def close_split(door: FrontDoor):
         pass  # a door that is gone splits nothing: it starts with an empty map
 
 
-def answers(door: FrontDoor, clear: bool = False) -> dict[str, dict[str, int]]:
-    """{server: {top-1 label: 200 answers}} from the door's `canary` table (keys `server/label"`)."""
+def answers(door: FrontDoor, clear: bool = False) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """({server: {top-1 label: 200 answers}}, {server: 404 answers}) from the door's `canary` table (keys
+    `server/label"` and `server!404`)."""
     counts: dict[str, dict[str, int]] = {side: {} for side in SIDES}
+    gone = dict.fromkeys(SIDES, 0)
     for line in admin(door, "show table canary").splitlines():
-        fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-        server, _, label = fields.get("key", "").partition("/")
-        if server in counts and "gpc0" in fields:
+        fields = table_fields(line)
+        key, n = fields.get("key", ""), fields.get("gpc0", "")
+        server, _, label = key.partition("/")
+        if not n.isdigit():
+            continue
+        if key in (f"{side}{GONE}" for side in SIDES):
+            gone[key.removesuffix(GONE)] += int(n)
+        elif server in counts:
             label = label.rstrip('"')
-            counts[server][label] = counts[server].get(label, 0) + int(fields["gpc0"])
+            counts[server][label] = counts[server].get(label, 0) + int(n)
     if clear:
         admin(door, "clear table canary")
-    return counts
+    return counts, gone
+
+
+def table_fields(line: str) -> dict[str, str]:
+    """`0x55..: key=candidate/sea\\ lion use=0 exp=0 gpc0=3` as {"key": "candidate/sea lion", "gpc0": "3"}:
+    HAProxy escapes a space, `=` and `\\` with a backslash and other bytes as \\xHH (measured with 2.6)."""
+    fields = {}
+    for word in TABLE_WORD.findall(line):
+        name, eq, value = word.partition("=")
+        if eq:
+            raw = TABLE_ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if len(m[1]) == 3 else m[1], value)
+            fields[name] = raw.encode("latin-1", errors="replace").decode(errors="replace")
+    return fields
 
 
 def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
@@ -140,7 +165,9 @@ def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
 
 
 def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int]:
-    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset)."""
+    """({server: [ms, ...]} of the canary lines the access log gained since `offset`, the new offset): the
+    server's response time (`srv_ms`, HAProxy's %Tr) of 200 answers only; %Ta would count a client's slow
+    upload and download, and a refusal's time is not the model's."""
     out: dict[str, list[float]] = {side: [] for side in SIDES}
     with open(door.log, "rb") as f:
         f.seek(offset)
@@ -149,8 +176,9 @@ def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int
     for raw in data[:end].decode(errors="replace").splitlines():
         head = raw.split('"', 1)[0]  # the quoted request line is the client's: no field is read from it
         fields = dict(f.split("=", 1) for f in head.split(" ") if "=" in f)
-        if fields.get("lane") == "canary" and fields.get("server") in out and fields.get("ms", "").isdigit():
-            out[fields["server"]].append(float(fields["ms"]))
+        ok = fields.get("status") == "200" and fields.get("srv_ms", "").isdigit()
+        if ok and fields.get("lane") == "canary" and fields.get("server") in out:
+            out[fields["server"]].append(float(fields["srv_ms"]))
     return out, offset + end
 
 
@@ -170,7 +198,9 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
         return None
     query = 'sum by (server, code) (haproxy_server_http_responses_total{proxy="canary"})'
     try:
-        resp = requests.get(f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10)
+        resp = requests.get(
+            f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10
+        )
         result = resp.json()["data"]["result"] if resp.status_code == 200 else []
     except (requests.RequestException, ValueError, KeyError):
         return None
@@ -181,14 +211,15 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
 
 
 def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
-    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the report."""
+    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the
+    report."""
     if not prometheus:
         return {}
     query = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
     try:
-        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"][
-            "result"
-        ]
+        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()[
+            "data"
+        ]["result"]
     except (requests.RequestException, ValueError, KeyError):
         return {}
     return {r["metric"].get("model_version", "?"): float(r["value"][1]) for r in result}
@@ -197,7 +228,9 @@ def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
 # --- one step -----------------------------------------------------------------------------------------------
 
 
-def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split) -> dict:
+def window(
+    door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split
+) -> dict:
     """Watch the split as it is for at least `seconds` and until the candidate has min_answers (at 0 % the
     default's count is what is waited for); {"default": side, "candidate": side, "seconds", "errors_from"}."""
     answers(door, clear=True)
@@ -208,18 +241,22 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
     while True:
         time.sleep(0.5)
         elapsed = time.time() - t0
-        counted = answers(door)
+        counted, gone = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
             break
-        if not split():  # a restarted door splits nothing: no answer would ever come through the canary backend
+        if (
+            not split()
+        ):  # a restarted door splits nothing: no answer would ever come through the canary backend
             break
         now = door_errors(door).get("candidate", {})
-        if sum(now.get(k, 0) - stats0["candidate"][k] for k in ("4xx", "5xx")) >= th.min_answers:
-            break  # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+        if now.get("5xx", 0) - stats0["candidate"]["5xx"] + gone["candidate"] >= th.min_answers:
+            # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+            break
+            # (only 5xx and 404: a client's 4xx, a missing key or a bad body, says nothing of the version)
         if elapsed > th.max_step_seconds:
             raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
     t1 = time.time()
-    counted = answers(door)
+    counted, gone = answers(door)
     times, _ = latencies(door, offset)
     stats1 = door_errors(door)
     time.sleep(2 * scrape)  # the scrape after t1 holds every answer counted above
@@ -235,7 +272,8 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
         sides[side] = {
             "answers": int(delta["2xx"]),
             "errors": int(delta["5xx"]),
-            "client_errors": int(delta["4xx"]),
+            "gone": gone[side],  # 404s: TorchServe no longer serves this version
+            "client_errors": int(delta["4xx"]),  # reported, never judged: any client can cause them
             "p99_ms": p99(sorted(times[side])),
             "classes": counted[side],
         }
@@ -265,13 +303,21 @@ def run(
     if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
         raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
     if not door.is_running():
-        raise CanaryError("the front door is not running: a canary splits traffic there (serve.sh start --front-door)")
+        raise CanaryError(
+            "the front door is not running: a canary splits traffic there (serve.sh start --front-door)"
+        )
     default = management.default_version(ts, model)
     if all(v["modelVersion"] != version for v in management.versions(ts, model)):
         raise CanaryError(f"{model} {version} is not registered")
     if default in (None, version):
         raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
-    report: dict = {"model": model, "candidate": version, "default": default, "steps": [], "thresholds": th.as_dict()}
+    report: dict = {
+        "model": model,
+        "candidate": version,
+        "default": default,
+        "steps": [],
+        "thresholds": th.as_dict(),
+    }
     report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
     t_start = time.time()
@@ -281,13 +327,20 @@ def run(
         for share in steps:
             set_share(door, share)
             say(f"canary {model} {version}: {share} % of {route(model)}")
-            w = window(door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s))
+            w = window(
+                door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s)
+            )
             if not split_in_place(door, model, share):
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
-            if share < 100 and w["default"]["answers"] >= th.min_answers:  # at 100 % the default's side holds only
+            if (
+                share < 100 and w["default"]["answers"] >= th.min_answers
+            ):  # at 100 % the default's side holds only
                 baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
             elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
-                baseline = {**baseline, "p99_ms": None}  # latency across windows (a busy neighbour moves both)
+                baseline = {
+                    **baseline,
+                    "p99_ms": None,
+                }  # latency across windows (a busy neighbour moves both)
             why = judge(w["candidate"], baseline or w["default"], th)
             report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
             if why:
@@ -357,7 +410,9 @@ def plot(report: dict, path: str):
         ax.set_title(title)
         ax.set_xlabel("candidate share")
     axes[0].legend()
-    fig.suptitle(f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}")
+    fig.suptitle(
+        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

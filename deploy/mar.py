@@ -42,7 +42,8 @@ def archive_name(model_name: str, version: str) -> str:
 
 
 def write_checksum(path: str) -> str:
-    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses place_archive."""
+    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses
+    place_archive."""
     digest = sha256_of(path)
     with open(path + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")

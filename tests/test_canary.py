@@ -1,11 +1,14 @@
-"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and TorchServe:
-a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a candidate with its
-class names permuted is rolled back within the first step, having had at most its step's share."""
+"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and
+TorchServe: a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a
+candidate with its class names permuted is rolled back within the first step, having had at most its step's
+share."""
 
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -34,22 +37,60 @@ def test_class_distance_and_judge_units():
     permuted = {**same, "classes": {"4": 40, "8": 10}}
     slow = {**same, "p99_ms": 400.0}
     failing = {**same, "answers": 40, "errors": 10}
-    gone = {**same, "answers": 30, "client_errors": 20}  # a TorchServe restarted without the candidate: 404s
+    gone = {**same, "answers": 30, "gone": 20}  # a TorchServe restarted without the candidate: 404s
     assert class_distance(same["classes"], same["classes"]) == 0
     assert class_distance(same["classes"], permuted["classes"]) == 1
     assert judge(same, same, Thresholds()) == []
     assert "predicted classes differ" in judge(permuted, same, Thresholds())[0]
     assert "p99" in judge(slow, same, Thresholds())[0]
-    assert "error rate 20.0%" in judge(failing, same, Thresholds())[0]
-    assert "4xx rate 40.0%" in judge(gone, same, Thresholds())[0]
+    assert "error rate (5xx, 404) 20.0%" in judge(failing, same, Thresholds())[0]
+    assert "error rate (5xx, 404) 40.0%" in judge(gone, same, Thresholds())[0]
+
+
+def test_a_clients_4xx_never_count_against_the_candidate():
+    """H1: requests with no key (401), bad bodies, 413/429 reach either side by round-robin; any client can
+    send them, so they never judge the version: at 100 % against the last window's default, nor in one."""
+    ok = {"answers": 1000, "errors": 0, "p99_ms": 20.0, "classes": {"3": 750, "7": 250}}
+    assert judge({**ok, "client_errors": 30}, ok, Thresholds()) == []  # 100 %: 30 x 401, a clean baseline
+    few = {"answers": 5, "errors": 0, "client_errors": 20, "p99_ms": 20.0, "classes": {"3": 4, "7": 1}}
+    assert judge(few, {**ok, "answers": 95, "client_errors": 380}, Thresholds()) == []  # a flood of 401s
+
+
+def test_the_error_bound_grows_as_the_sample_shrinks():
+    """H1: one 5xx in the candidate's 20 answers against the default's 3 in 380 (about the same rate) is
+    noise; the same gap over 10x the answers is not, nor a candidate failing alone (no default)."""
+    side, th = {"p99_ms": 20.0, "classes": {"3": 3, "7": 1}}, Thresholds()
+    assert judge({**side, "answers": 20, "errors": 1}, {**side, "answers": 380, "errors": 3}, th) == []
+    assert judge({**side, "answers": 200, "errors": 10}, {**side, "answers": 3800, "errors": 30}, th)
+    assert judge({**side, "answers": 90, "gone": 10, "errors": 0}, {**side, "answers": 0, "errors": 0}, th)
+
+
+def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_path, monkeypatch):
+    """M4: HAProxy's `show table` escapes a space, `=` and a backslash (`\\ `) and other bytes (`\\xHH`); 416
+    of the ImageNet labels have a space. The table holds 2 servers x (classes + a 404 key) for 1000 labels."""
+    shown = (  # as HAProxy 2.6 shows keys set with these bytes
+        "# table: canary, type: string, size:16384, used:5\n"
+        "0x1: key=candidate/American\\ robin use=0 exp=0 gpc0=3\n"
+        "0x2: key=candidate/American\\ alligator use=0 exp=0 gpc0=2\n"
+        "0x3: key=default/a\\=b\\\\c use=0 exp=0 gpc0=1\n"
+        "0x4: key=default/caf\\xC3\\xA9 use=0 exp=0 gpc0=1\n"
+        "0x5: key=candidate!404 use=0 exp=0 gpc0=4\n\n"
+    )
+    monkeypatch.setattr(canary, "admin", lambda door, command: shown)
+    labels, gone = canary.answers(FrontDoor(backend=9, folder=str(tmp_path)))
+    assert labels["candidate"] == {"American robin": 3, "American alligator": 2}
+    assert labels["default"] == {"a=b\\c": 1, "café": 1}
+    assert gone == {"default": 0, "candidate": 4}
+    size = re.search(r"stick-table type string len 80 size (\d+)k", FrontDoor(backend=9).canary_sections())
+    assert size and int(size[1]) * 1024 >= 2 * (1000 + 1)
 
 
 @pytest.mark.parametrize(
     "model, version", [("my_model", "2.0 x"), ("my_model", "../1.0"), ("m/../x", "2.0"), ("", "2")]
 )
 def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
-    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does any
-    admin command run: there is no door in tmp_path)."""
+    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does
+    any admin command run: there is no door in tmp_path)."""
     door = FrontDoor(backend=9, folder=str(tmp_path))
     with pytest.raises(canary.CanaryError, match="cannot go into a route"):
         canary.open_split(door, model, version)
@@ -57,9 +98,8 @@ def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
 
 def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path):
     door = FrontDoor(backend=9, folder=str(tmp_path))
-    real = (
-        'x client=1.2.3.4:5 status=200 ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate bytes=9 "POST /p HTTP/1.1"'
-    )
+    real = "x client=1.2.3.4:5 status=200 ms=9 srv_ms=7 queue_ms=0 wait=0/0 lane=canary server=candidate"
+    real += ' bytes=9 "POST /p HTTP/1.1"'
     forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
     forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
     (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
@@ -67,9 +107,39 @@ def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path
     assert times == {"default": [], "candidate": [7.0]} and offset == len(real) + len(forged) + 2
 
 
+def test_latencies_are_the_servers_time_of_200_answers(tmp_path):
+    """M1: %Ta (ms=) counts a client's slow upload and download, and a 401 is no model's time: only the
+    server's response time (srv_ms=, %Tr) of 200 answers counts."""
+    door = FrontDoor(backend=9, folder=str(tmp_path))
+    lines = [
+        "x status=200 ms=9000 srv_ms=7 lane=canary server=candidate",  # a body trickled in over 9 s
+        "x status=401 ms=9000 srv_ms=1 lane=canary server=candidate",
+        "x status=503 ms=10000 srv_ms=-1 lane=canary server=default",
+    ]
+    (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
+    assert canary.latencies(door, 0)[0] == {"default": [], "candidate": [7.0]}
+
+
+def test_a_name_bound_first_by_another_user_does_not_keep_the_door_down(tmp_path):
+    """M2: abstract Unix names have no permissions; the canary's loopback frontends were named after the port
+    alone, so anyone could bind one first. Now each start draws its names: the door starts anyway."""
+    require_tool("haproxy")
+    door = FrontDoor(backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path))
+    door.names = ["localhost"]
+    with socket.socket(socket.AF_UNIX) as squat:
+        # the name the door used to take, as HAProxy binds it: the whole of sun_path, padded with zero bytes
+        squat.bind(b"\0" + f"frontdoor-{door.port}-default".encode().ljust(107, b"\0"))
+        try:
+            door.start()
+            assert door.is_running()
+        finally:
+            door.stop()
+    assert door.canary_sections() != door.canary_sections()  # drawn again for each config
+
+
 def permuted(store, src: str, version: str) -> str:
-    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same classes,
-    another distribution of answers on the same traffic."""
+    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same
+    classes, another distribution of answers on the same traffic."""
     path = os.path.join(str(store), f"my_model_v{version}.mar")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
@@ -106,7 +176,8 @@ def prometheus(server, door, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prometheus")
     targets = {"frontdoor": door.metrics_port, "torchserve": server.ports.metrics}
     jobs = "".join(
-        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n" for j, p in targets.items()
+        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n"
+        for j, p in targets.items()
     )
     (tmp / "prometheus.yml").write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n{jobs}")
     port = free_port()
@@ -118,7 +189,9 @@ def prometheus(server, door, tmp_path_factory):
     try:
         deadline = time.time() + 30
         while not ready(url):
-            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[-2000:]
+            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[
+                -2000:
+            ]
             time.sleep(0.2)
         yield url
     finally:
@@ -127,7 +200,8 @@ def prometheus(server, door, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bodies(digits):
-    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the distribution."""
+    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the
+    distribution."""
     out = []
     for label, n in (("3", 3), ("7", 1)):
         folder = os.path.join(digits, "val", label)
@@ -146,7 +220,9 @@ class Load:
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(2)]
 
     def client(self):
-        pick = random.Random(threading.get_ident())  # not a cycle: a cycle aliases with the door's round-robin
+        pick = random.Random(
+            threading.get_ident()
+        )  # not a cycle: a cycle aliases with the door's round-robin
         with requests.Session() as s:
             while not self.stopped.is_set():
                 body, label = pick.choice(self.bodies)
@@ -169,7 +245,9 @@ class Load:
             t.join(70)
 
 
-def test_good_candidate_goes_5_25_50_100_and_becomes_default(server, store, door, prometheus, archive_factory, bodies):
+def test_good_candidate_goes_5_25_50_100_and_becomes_default(
+    server, store, door, prometheus, archive_factory, bodies
+):
     install_archive(archive_factory("2.0"), store)
     register(server, os.path.join(str(store), "my_model_v2.0.mar"))
     with Load(door, server, bodies) as load:
@@ -203,7 +281,10 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
     step = report["steps"][0]
     got = step["candidate"]["answers"] / (step["candidate"]["answers"] + step["default"]["answers"])
     assert got <= 0.06, step
-    usual = {label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0] for _, label in bodies}
+    usual = {
+        label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0]
+        for _, label in bodies
+    }
     wrong = sum(top != usual[label] for _, top, label in load.answers)
     assert 0 < wrong <= 0.06 * len(load.answers), (wrong, len(load.answers))
     assert report["files"][0].startswith(os.path.join(state_dir(server), "canary"))
@@ -213,10 +294,12 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
 def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
     server, store, door, prometheus, archive_factory, bodies
 ):
-    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's weight
-    0, and the controller, finding its split gone, rolls back and says so."""
+    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's
+    weight 0, and the controller, finding its split gone, rolls back and says so."""
     assert management.default_version(server, "my_model") == "1.0"
-    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:  # the first test rolled back
+    if "2.0" not in {
+        v["modelVersion"] for v in management.versions(server, "my_model")
+    }:  # the first test rolled back
         register(server, install_archive(archive_factory("2.0"), store))
     killed = []
 
@@ -228,7 +311,9 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
             killed.append(door.start().pid())
 
     with Load(door, server, bodies):
-        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say)
+        report = canary.run(
+            server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say
+        )
     print(report["verdict"])
     assert killed and "the front door lost the split" in report["verdict"], report["verdict"]
     assert [s["share"] for s in report["steps"]] == [5] and report["traffic"] == "all on the default"

@@ -76,7 +76,8 @@ def count_steps(monkeypatch) -> list[int]:
 
 
 def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
-    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops it."""
+    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops
+    it."""
     calls = count_steps(monkeypatch)
     work = []
     for n in (1_000, 10_000):
@@ -94,7 +95,9 @@ def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
 
 def test_binary_reply_reads_back_with_tritonclient():
     reply = {"id": "r", "model_name": "m", "model_version": "1", "outputs": []}
-    reply["outputs"].append({"name": "predictions", "datatype": "BYTES", "shape": [2], "data": ['{"3": 0.9}', "é"]})
+    reply["outputs"].append(
+        {"name": "predictions", "datatype": "BYTES", "shape": [2], "data": ['{"3": 0.9}', "é"]}
+    )
     body, length = oip.binary_reply(reply)
     result = httpclient.InferResult.from_response_body(body, header_length=length)
     assert [x.decode() for x in result.as_numpy("predictions")] == ['{"3": 0.9}', "é"]
@@ -105,13 +108,18 @@ def test_answer_forms_for_kserve():
     assert oip.form(("v2", "r"), {"parameters": {"binary_data_output": True}}) == ("v2", "r", "binary")
     asked = {"outputs": [{"name": "predictions", "parameters": {"binary_data": True}}]}
     assert oip.form(("v2", "r"), asked) == ("v2", "r", "binary")
-    assert oip.form(("v2", "r"), {"outputs": [{"name": "other", "parameters": {"binary_data": True}}]}) == ("v2", "r")
+    assert oip.form(("v2", "r"), {"outputs": [{"name": "other", "parameters": {"binary_data": True}}]}) == (
+        "v2",
+        "r",
+    )
     assert oip.form("list", {"instances": ["x"]}) == "v1" and oip.form("list", ["x"]) == "list"
     assert oip.form("one", b"raw") == "one"
 
 
 def test_model_metadata_names_the_tensors_and_classes():
-    meta = oip.model_metadata("m", ["1.0", "2.0"], ["cat", "dog"], {"image_size": 28, "channels": 1, "mean": [0.5]})
+    meta = oip.model_metadata(
+        "m", ["1.0", "2.0"], ["cat", "dog"], {"image_size": 28, "channels": 1, "mean": [0.5]}
+    )
     assert meta["versions"] == ["1.0", "2.0"] and meta["platform"] == "pytorch_torchserve"
     assert meta["inputs"][0]["datatype"] == "BYTES" and meta["inputs"][0]["parameters"]["image_size"] == 28
     assert meta["outputs"][0]["parameters"]["classes"] == ["cat", "dog"]
@@ -138,7 +146,8 @@ def run(handler, rows, headers):
     ctx.request_ids = ctx.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
     ctx.request_processor = [RequestProcessor(h) for h in headers]
     out = model.handle(rows, ctx)
-    create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)  # the worker's framing
+    # the worker's framing
+    create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)
     return out, ctx
 
 

