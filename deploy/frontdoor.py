@@ -31,6 +31,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import psutil
@@ -40,7 +41,7 @@ from deploy import process
 from deploy.errors import error_body
 from deploy.mar import read_bundle, read_manifest
 from deploy.privileges import private_files
-from model_src.oip import model_metadata
+from model_src.oip import metadata_text, model_metadata
 
 RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
 # path of a model in canary -> the candidate's version (deploy/canary.py writes it live)
@@ -364,7 +365,9 @@ class FrontDoor:
         """The metadata files the config names (HAProxy reads them at start, before it drops to its user)."""
         for name, meta in self.models.items():
             with private_files(), open(self.oip_file(name), "w") as f:
-                json.dump(meta, f)
+                # HAProxy refuses a `return ... file` that does not fit its buffer less tune.maxrewrite, and
+                # the answer's headers share it: half the buffer leaves room (1,000 ImageNet labels: ~14 KB)
+                f.write(metadata_text(meta, self.buffer // 2))
 
     # --- canary (deploy/canary.py drives it live through the admin socket) ---------------------------------
     def canary_sections(self) -> str:
@@ -508,11 +511,13 @@ def oip_models(store: str) -> dict[str, dict]:
             model = read_manifest(path)["model"]
             name, version = model["modelName"], model["modelVersion"]
             bundle = read_bundle(path)
-        except (ValueError, KeyError, OSError):
-            continue  # not one of this bundle's archives: TorchServe decides what to do with it
-        if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
+            meta = model_metadata(name, [], bundle.class_names, bundle.preprocessing)
+        except Exception as e:  # a foreign or broken archive must not stop the door; the guard refuses it
+            print(f"warning: {os.path.basename(path)} has no v2 metadata: {e!r:.200}", file=sys.stderr)
             continue
-        meta = found.setdefault(name, model_metadata(name, [], bundle.class_names, bundle.preprocessing))
+        if not all(isinstance(v, str) and SAFE_NAME.fullmatch(v) for v in (name, version)):
+            continue
+        meta = found.setdefault(name, meta)
         meta["versions"].append(version)
     return found
 

@@ -39,11 +39,11 @@ def parse(body, length: str, max_elements: int) -> dict:
         raise InputError(
             f"{HEADER} needs a raw body (no JSON or form Content-Type), got {type(body).__name__}"
         )
-    body = memoryview(body)
-    if not str(length).isdigit() or not 0 < int(length) <= len(body):
-        raise InputError(
-            f"{HEADER} must be a length within the body's {len(body)} bytes, got {str(length)[:40]!r}"
-        )
+    body, length = memoryview(body), str(length)
+    # isdigit() alone takes '²' (Netty reads header bytes as Latin-1), which int() refuses
+    if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= len(body):
+        got = length[:40]
+        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {got!r}")
     offset = int(length)
     try:
         request = json.loads(bytes(body[:offset]))
@@ -53,7 +53,7 @@ def parse(body, length: str, max_elements: int) -> dict:
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise InputError('KServe v2: "inputs" must be a list of tensors')
     for tensor in inputs:
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = parameters(tensor, "an input's").get("binary_data_size")
         if size is None:
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
@@ -63,13 +63,23 @@ def parse(body, length: str, max_elements: int) -> dict:
                 f"input {str(tensor.get('name'))[:40]!r}: only BYTES tensors (encoded images) are read"
             )
         tensor["data"] = elements(body[offset : offset + size], max_elements)
-        tensor["parameters"] = {k: v for k, v in tensor["parameters"].items() if k != "binary_data_size"}
+        tensor["parameters"] = without(tensor["parameters"], "binary_data_size")
         offset += size
     if offset != len(body):
         raise InputError(
             f"{len(body) - offset} bytes after the binary tensors that no binary_data_size claims"
         )
     return request
+
+
+def parameters(obj: dict, whose: str) -> dict:
+    """A v2 object's `parameters` ({} if absent); InputError if the client sent anything but an object."""
+    value = obj.get("parameters")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f'KServe v2: {whose} "parameters" must be an object, got {type(value).__name__}')
+    return value
 
 
 def elements(raw: memoryview, max_elements: int) -> list[bytes]:
@@ -105,10 +115,13 @@ def wants_binary(request, output: str) -> bool:
     """Whether a v2 request asks for `output` in binary: binary_data_output, or binary_data on that output."""
     if not isinstance(request, dict):
         return False
-    if (request.get("parameters") or {}).get("binary_data_output") is True:
+    if parameters(request, "the request's").get("binary_data_output") is True:
         return True
-    asked = [o for o in request.get("outputs") or [] if isinstance(o, dict) and o.get("name") == output]
-    return any((o.get("parameters") or {}).get("binary_data") is True for o in asked)
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InputError('KServe v2: "outputs" must be a list of objects')
+    asked = [o for o in outputs if o.get("name") == output]
+    return any(parameters(o, "an output's").get("binary_data") is True for o in asked)
 
 
 def binary_reply(reply: dict) -> tuple[bytes, int]:
@@ -128,7 +141,8 @@ def binary_reply(reply: dict) -> tuple[bytes, int]:
 def model_metadata(name: str, versions: list[str], classes: list[str], preprocessing: dict) -> dict:
     """GET /v2/models/{name}: one BYTES input of encoded images in, one BYTES output of JSON top-k dicts
     out."""
-    image = {k: preprocessing[k] for k in ("image_size", "channels") if k in preprocessing}
+    given = preprocessing if isinstance(preprocessing, dict) else {}  # a foreign archive may hold anything
+    image = {k: given[k] for k in ("image_size", "channels") if k in given}
     return {
         "name": name,
         "versions": versions,
@@ -150,3 +164,17 @@ def model_metadata(name: str, versions: list[str], classes: list[str], preproces
             }
         ],
     }
+
+
+def metadata_text(meta: dict, limit: int) -> str:
+    """model_metadata's answer as JSON of at most about `limit` bytes: past it the class list is left out (a
+    client needs the tensors, not the labels; the front door serves this file from one buffer)."""
+    text = json.dumps(meta)
+    if len(text) <= limit:
+        return text
+    outputs = [{**o, "parameters": without(o["parameters"], "classes")} for o in meta["outputs"]]
+    return json.dumps({**meta, "outputs": outputs})
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}

@@ -32,6 +32,7 @@ from deploy import serve
 from deploy.client import top1
 from deploy.frontdoor import FrontDoor, FrontDoorError, for_server, haproxy, json_reply, listening
 from deploy.server import Ports
+from model_src.oip import model_metadata
 from tests.conftest import cannot_run, free_port, require_tool
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects
@@ -60,6 +61,20 @@ def test_config_is_valid_haproxy_with_every_option(tmp_path):
         "sc0_conn_cur gt 256" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
     )
     assert oct(os.stat(door.path("server.pem")).st_mode & 0o777) == "0o600"
+
+
+def test_a_model_with_5000_classes_keeps_a_valid_config(tmp_path):
+    require_haproxy()
+    many = model_metadata("big", ["1.0"], [f"class number {i}" for i in range(5000)], {"image_size": 28})
+    few = model_metadata("small", ["1.0"], ["cat", "dog"], {})
+    door = FrontDoor(backend=9, folder=str(tmp_path), names=["localhost"], models={"big": many, "small": few})
+    door.write_certs()
+    door.write_config()  # was: FrontDoorError: HAProxy refuses the 104 KB oip-big.json
+    with open(door.oip_file("big")) as f:
+        big = json.load(f)
+    assert "classes" not in big["outputs"][0]["parameters"] and big["inputs"] == many["inputs"]
+    with open(door.oip_file("small")) as f:
+        assert json.load(f) == few
 
 
 def test_front_door_and_expose_inference_are_refused_together(capsys):

@@ -456,3 +456,12 @@ def test_the_head_parser_is_linear():
         cost(lambda r: baseline(text(r)), large, 20) / cost(lambda r: baseline(text(r)), small, 20)
     )
     assert ratio < 3
+
+
+@pytest.mark.parametrize("how", ["a list, not an object", "nested 100,000 deep", "encrypted member"])
+def test_a_broken_archive_is_refused_not_a_500(gw, how):
+    from tests.test_manifest import broken_mar
+
+    write_checksum(broken_mar(os.path.join(gw.store, "broken.mar"), how))
+    status, body = gw.request("POST", "/models?url=broken.mar")
+    assert (status, body["type"]) == (403, "RegistrationRefused"), body  # was: 500 InternalServerError

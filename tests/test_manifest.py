@@ -235,3 +235,56 @@ def test_an_archive_is_built_from_an_export_folder_and_adds_its_part(tmp_path, m
         )
     with pytest.raises(ValueError, match="TorchServe cannot serve the ptl backend"):
         archive.build_archive(str(tmp_path / "export"), "3.0", "ptl", model_store=str(tmp_path / "store"))
+
+
+# --- archives that are not ours or are broken: ValueError, never another exception (review M5) -------------
+def flip(raw: bytearray, at: dict[bytes, int], value: bytes):
+    """Write `value` at the offset given per zip header signature (local file header, central directory)."""
+    for sig, offset in at.items():
+        i = raw.find(sig) + offset
+        raw[i : i + len(value)] = value
+
+
+def encrypted(raw: bytearray):  # general-purpose flag bit 0: zipfile wants a password (RuntimeError)
+    flip(raw, {b"PK\x03\x04": 6, b"PK\x01\x02": 8}, b"\x01\x00")
+
+
+def method99(raw: bytearray):  # an unknown compression method (NotImplementedError)
+    flip(raw, {b"PK\x03\x04": 8, b"PK\x01\x02": 10}, b"\x63\x00")
+
+
+BROKEN = {
+    "a list, not an object": (b"[]", None),
+    "no model object": (b'{"model": 1}', None),
+    "nested 100,000 deep": (b"[" * 100_000, None),
+    "encrypted member": (b'{"model": {"modelName": "m", "modelVersion": "1.0"}}', encrypted),
+    "compression method 99": (b'{"model": {"modelName": "m", "modelVersion": "1.0"}}', method99),
+    "a member over 1 MiB": (b'{"model": {"modelName": "m"}}' + b" " * (1 << 20), None),  # mar.MEMBER_MAX
+}
+
+
+def broken_mar(path: str, how: str) -> str:
+    """An archive whose MAR-INF/MANIFEST.json (and bundle.json) is broken as BROKEN[how] says."""
+    text, tweak = BROKEN[how]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("MAR-INF/MANIFEST.json", text)
+        z.writestr(manifest.FILE, text)
+    if tweak:
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+        tweak(raw)
+        with open(path, "wb") as f:
+            f.write(raw)
+    return path
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_broken_archive_is_a_value_error_and_the_door_skips_it(how, tmp_path, capsys):
+    from deploy.frontdoor import oip_models
+
+    path = broken_mar(str(tmp_path / "m.mar"), how)
+    for read in (mar.read_manifest, mar.read_bundle):
+        with pytest.raises(ValueError):  # was: TypeError, RecursionError, RuntimeError, NotImplementedError
+            read(path)
+    assert oip_models(str(tmp_path)) == {}  # the door starts without it
+    assert "m.mar has no v2 metadata" in capsys.readouterr().err

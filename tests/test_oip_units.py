@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from model_src import oip
+from model_src import oip, protocol
 from model_src.preprocessing import InputError
 
 
@@ -163,3 +165,59 @@ def test_handler_reads_binary_images_and_answers_binary_and_v1(handler, png):
     as_binary = json.loads(result.as_numpy("predictions")[0])
     assert out[1] == {"predictions": [as_binary]}  # KServe v1
     assert json.loads(out[2]["outputs"][0]["data"][0]) == as_binary  # JSON asked, JSON answered
+
+
+# --- type confusion in client JSON: always a 400 InputError, never a 500 (review M3) -----------------------
+LIMITS = protocol.Limits(images=32, explain_images=4, image_bytes=16 << 20)
+IMAGE = base64.b64encode(b"\xff\xd8\xffimage").decode()
+HEAD = "Inference-Header-Content-Length"
+
+
+def v2(**fields) -> bytes:
+    return json.dumps({"inputs": [{"data": [IMAGE]}], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    "body, headers",
+    [
+        (v2(parameters=[1]), {}),
+        (v2(outputs=5), {}),
+        (v2(outputs=[{"name": "predictions", "parameters": 3}]), {}),
+        (v2(outputs=["predictions"]), {}),
+        (b'{"inputs":[{"parameters":[1]}]}', {HEAD: "31"}),
+        (b"{}", {HEAD: "\u00b2"}),  # byte 0xB2 as Netty reads it (Latin-1): isdigit() True, int() refuses
+    ],
+)
+def test_malformed_v2_json_is_a_400(body, headers):
+    with pytest.raises(InputError) as e:
+        protocol.read_request({"body": body}, headers, LIMITS)  # was: AttributeError, TypeError, ValueError
+    assert e.value.status == 400
+
+
+KEYS = "inputs outputs parameters data name datatype binary_data_size binary_data_output binary_data".split()
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 40) | st.sampled_from(["", "BYTES", "predictions", IMAGE]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+    max_leaves=12,
+)
+TENSOR = st.fixed_dictionaries(
+    {"data": st.just([IMAGE]) | JSON}, optional={k: JSON for k in ("parameters", "datatype", "name")}
+)
+# mostly well-formed inputs, so that the later fields (outputs, parameters) are reached too
+V2 = st.fixed_dictionaries(
+    {"inputs": st.lists(TENSOR, min_size=1, max_size=2) | JSON},
+    optional={k: JSON for k in ("outputs", "parameters", "id")},
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(V2, st.binary(max_size=24), st.sampled_from(["", "binary", "explain"]), st.text(max_size=3))
+def test_the_v2_parser_raises_only_input_error(body, tail, how, length):
+    header = json.dumps(body).encode()
+    headers = {"explain": "True"} if how == "explain" else {}
+    if how == "binary":
+        headers[HEAD] = length or str(len(header))
+    try:
+        protocol.read_request({"body": header + tail if how == "binary" else header}, headers, LIMITS)
+    except InputError:
+        pass
