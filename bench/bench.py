@@ -1,6 +1,8 @@
-"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same run.
+"""Benchmark the serving path and explain each millisecond of it, with every reference measured in the same
+run.
 
-    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at 224x224
+    python -m bench.bench                       # digits (runs/v1) and EfficientNet-Lite0 (ImageNet) at
+                                                # 224x224
     python -m bench.bench --targets digits --backends onnx --concurrency 16 --seconds 5
 
 For each target model, on this machine, in one run:
@@ -11,16 +13,16 @@ For each target model, on this machine, in one run:
             the same TorchServe: what TorchServe itself costs per request, for the same bodies;
   served    each backend under wrk (1 thread, closed loop, `c` connections): req/s, p50/p90/p99;
   estimate  if a request costs the frontend's share (the ceiling) plus the handler's share (the limit), served
-            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost beyond
-            those two (busy workers = min(c, workers), at the batch size c requests make);
-  ideal     the no-op handler spending exactly the limit's CPU per image before it answers (bench/noop_handler.py),
-            served right before the row: the best any handler with our cost can do behind this TorchServe here.
-            served / ideal is what our handler loses itself; ideal / estimate is what the estimate cannot see
-            (the two parts overlap only partly on shared cores);
-  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python workers,
-            wrk) and split with the in-process stage times: frontend, TorchServe's worker framing (the
-            no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the workers
-            (metrics, logging, message parsing); bench_breakdown.png stacks them;
+            would be 1 / (1/ceiling + 1/(busy workers x limit)); served / estimate says how much is lost
+            beyond those two (busy workers = min(c, workers), at the batch size c requests make);
+  ideal     the no-op handler spending exactly the limit's CPU per image before it answers
+            (bench/noop_handler.py), served right before the row: the best any handler with our cost can do
+            behind this TorchServe here. served / ideal is what our handler loses itself; ideal / estimate is
+            what the estimate cannot see (the two parts overlap only partly on shared cores);
+  breakdown CPU milliseconds per request at the top level, measured per process (Java frontend, Python
+            workers, wrk) and split with the in-process stage times: frontend, TorchServe's worker framing
+            (the no-op's worker CPU), decode + preprocess, model, top-k + response, and what is left in the
+            workers (metrics, logging, message parsing); bench_breakdown.png stacks them;
   batching  images/s when one request carries 1, 8 or 32 images (JSON list), against the same references;
   checked   every image once through the served backend with the Python client: labels must equal the
             eager model's;
@@ -65,10 +67,16 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="digits,imagenet", help=f"comma-separated, of: {', '.join(TARGETS)}")
     p.add_argument("--backends", default=",".join(BACKENDS), help="the first one also gets the batching rows")
-    p.add_argument("--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last")
+    p.add_argument(
+        "--concurrency", default="1,4,16,64", help="wrk connections per level; the breakdown uses the last"
+    )
     p.add_argument("--seconds", type=float, default=10, help="wrk duration per row")
-    p.add_argument("--rounds", type=int, default=1, help="measure every level this many times (the table adds medians)")
-    p.add_argument("--batching", default="1,8,32", help="images per request for the client-side batching rows")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="measure every level this many times (the table adds medians)"
+    )
+    p.add_argument(
+        "--batching", default="1,8,32", help="images per request for the client-side batching rows"
+    )
     p.add_argument("--batching-concurrency", type=int, default=8)
     p.add_argument("--limit-seconds", type=float, default=2, help="in-process limit duration per row")
     p.add_argument(
@@ -86,7 +94,8 @@ def get_args_parser():
 
 
 def json_bodies(files: list[str], n: int, folder: str) -> list[str]:
-    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching bodies."""
+    """Files holding {"data": [n base64 images]}, the images taken in turn: the client-side batching
+    bodies."""
     os.makedirs(folder, exist_ok=True)
     out = []
     for start in range(0, max(len(files), n), n):
@@ -124,8 +133,9 @@ class Server:
         res = post_files(url, self.ts.keys()["inference"]["key"], files, c, self.seconds, content_type)
         cpu1 = self.cpu()
         n = max(res["requests"], 1)
-        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an error.
-        # steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's drift).
+        # CPU ms per request of each party; a worker that died mid-run would make these wrong, and is an
+        # error. steal: what the hypervisor gave to other guests while this VM wanted its cores (this VM's
+        # drift).
         parties = ("frontend", "workers", "wrk", "steal")
         res["cpu_ms"] = {k: round((b - a) * 1000 / n, 4) for k, a, b in zip(parties, cpu0, cpu1)}
         core_seconds = (os.cpu_count() or 1) * res["seconds"]
@@ -135,13 +145,18 @@ class Server:
         return res
 
     def cpu(self) -> tuple[float, float, float, float]:
-        """CPU seconds so far of the frontend alone, of its workers (those alive now), of finished wrk runs, and
-        the machine's steal time."""
+        """CPU seconds so far of the frontend alone, of its workers (those alive now), of finished wrk runs,
+        and the machine's steal time."""
         import psutil
 
         frontend = self.ts.pid()
         workers = [p.pid for p in psutil.Process(frontend).children(recursive=True)]
-        return cpu_seconds([frontend]) - cpu_seconds(workers), cpu_seconds(workers), children_cpu(), steal_seconds()
+        return (
+            cpu_seconds([frontend]) - cpu_seconds(workers),
+            cpu_seconds(workers),
+            children_cpu(),
+            steal_seconds(),
+        )
 
     def check(self, version: str, files: list[str], expect: list[str]) -> dict:
         """Every image once, sequentially, with the Python client: answers read and compared."""
@@ -178,7 +193,8 @@ def write_busy(path: str, us_per_image: float):
 
 
 def batch_at(c: int, workers: int, batch: int) -> int:
-    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting requests."""
+    """The batch size `c` closed-loop connections make: each busy worker takes up to `batch` waiting
+    requests."""
     return max(1, min(batch, math.ceil(c / workers)))
 
 

@@ -5,8 +5,8 @@ and on (FrontDoor's defaults: one explanation inside TorchServe at once, its own
     python -m bench.explain_lane                  # 30 s per phase
     python -m bench.explain_lane --seconds 10 --explainers 4
 
-One TorchServe (EfficientNet-Lite0 with its published weights, ONNX, as scripts/import_pretrained.sh builds it)
-on free ports; per phase one front door before it, `--predictors` clients sending one photo each to
+One TorchServe (EfficientNet-Lite0 with its published weights, ONNX, as scripts/import_pretrained.sh builds
+it) on free ports; per phase one front door before it, `--predictors` clients sending one photo each to
 /predictions/imagenet in a loop and `--explainers` clients sending 4 photos each to /explanations/imagenet.
 Phases: predictions alone, lane off, lane on. Writes bench_results/explain_lane.json.
 """
@@ -37,16 +37,21 @@ LANE_OFF = {"explain_maxconn": FrontDoor.maxconn, "explain_queue": FrontDoor.que
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=int, default=30, help="per phase")
-    p.add_argument("--explainers", type=int, default=8, help="clients asking for explanations (4 photos each)")
+    p.add_argument(
+        "--explainers", type=int, default=8, help="clients asking for explanations (4 photos each)"
+    )
     p.add_argument("--predictors", type=int, default=2, help="clients asking for predictions (1 photo each)")
     p.add_argument("--phases", default="alone,lane off,lane on", help="which phases, in order")
-    p.add_argument("--batch-size", type=int, default=0, help="the archive's batchSize (0: model-config.yaml's)")
+    p.add_argument(
+        "--batch-size", type=int, default=0, help="the archive's batchSize (0: model-config.yaml's)"
+    )
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for explain_lane.json")
     return p
 
 
 def client(url: str, door, headers: dict, body: bytes, deadline: float, out: list):
-    """Send `body` to `url` in a loop until the deadline (waiting Retry-After when told); append (status, ms)."""
+    """Send `body` to `url` in a loop until the deadline (waiting Retry-After when told); append (status,
+    ms)."""
     with requests.Session() as s:
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
@@ -56,14 +61,19 @@ def client(url: str, door, headers: dict, body: bytes, deadline: float, out: lis
             except requests.RequestException:
                 status, wait = "error", 1.0
             out.append((status, (time.perf_counter() - t0) * 1000))
-            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))  # a polite client honours Retry-After
+            # a polite client honours Retry-After
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
 
 
 def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:
     key = {"Authorization": f"Bearer {ts.keys()['inference']['key']}"}
     deadline = time.monotonic() + args.seconds
     predictions, explanations = [], []
-    predict = (f"{door.url()}/predictions/imagenet", {**key, "Content-Type": "application/octet-stream"}, photo)
+    predict = (
+        f"{door.url()}/predictions/imagenet",
+        {**key, "Content-Type": "application/octet-stream"},
+        photo,
+    )
     explain = (f"{door.url()}/explanations/imagenet", {**key, "Content-Type": "application/json"}, four)
     jobs = [(*predict, predictions)] * args.predictors + [(*explain, explanations)] * explainers
     threads = [threading.Thread(target=client, args=(u, door, h, b, deadline, out)) for u, h, b, out in jobs]
@@ -112,14 +122,18 @@ def main(args):
         target = imagenet_target(work)
         store = os.path.join(work, "store")
         config = model_config(work, args.batch_size)
-        archive_checkpoint(target["checkpoint"], "1.0", "onnx", model_name="imagenet", output=f"{store}/imagenet.mar",
-                      config_file=config)  # fmt: skip
+        archive_checkpoint(target["checkpoint"], "1.0", "onnx", model_name="imagenet",
+                           output=f"{store}/imagenet.mar", config_file=config)  # fmt: skip
         photos = [read_bytes(p) for p in target["images"][:4]]
         four = json.dumps({"data": [base64.b64encode(p).decode() for p in photos]}).encode()
         ts = TorchServe(workdir=work, model_store=store, ports=Ports.free(), user=None)
         ts.start(models="imagenet=imagenet.mar", restore=False)
         try:
-            phases = {"alone": ({}, 0), "lane off": (LANE_OFF, args.explainers), "lane on": ({}, args.explainers)}
+            phases = {
+                "alone": ({}, 0),
+                "lane off": (LANE_OFF, args.explainers),
+                "lane on": ({}, args.explainers),
+            }
             for name in args.phases.split(","):
                 lanes, explainers = phases[name]
                 door = start_door(ts, os.path.join(work, f"door-{len(rows)}"), lanes)
@@ -130,7 +144,12 @@ def main(args):
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             ts.stop()
-    result = {"cores": os.cpu_count(), "seconds_per_phase": args.seconds, "batch_size": args.batch_size, "rows": rows}
+    result = {
+        "cores": os.cpu_count(),
+        "seconds_per_phase": args.seconds,
+        "batch_size": args.batch_size,
+        "rows": rows,
+    }
     with open(os.path.join(args.out, "explain_lane.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -26,7 +26,9 @@ def get_args_parser():
     p.add_argument("--export-dir", required=True, help="a train.export folder with preprocessing.json")
     p.add_argument("--runs", default=200, type=int, help="timed calls per runtime")
     p.add_argument("--warmup", default=10, type=int, help="untimed calls first")
-    p.add_argument("--threads", default=1, type=int, help="threads of every runtime (1: steadier on a busy machine)")
+    p.add_argument(
+        "--threads", default=1, type=int, help="threads of every runtime (1: steadier on a busy machine)"
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     return p
 
@@ -73,7 +75,10 @@ def measure(export_dir: str, runs: int = 200, warmup: int = 10, threads: int = 1
 
 def main(args):
     report = measure(args.export_dir, args.runs, args.warmup, args.threads)
-    print(f"batch-1 latency, {report['runs']} calls each, {args.threads} thread(s), input {report['input_shape']}:")
+    print(
+        f"batch-1 latency, {report['runs']} calls each, {args.threads} thread(s), input "
+        f"{report['input_shape']}:"
+    )
     for runtime, r in report["runtimes"].items():
         print(
             f"  {runtime:20s} {r['file']:22s} {r['bytes'] / 1e6:7.2f} MB  "

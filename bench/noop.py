@@ -1,5 +1,5 @@
-"""Archive bench/noop_handler.py with a given model-config.yaml: the benchmark's framework ceiling (no-op) and its
-ideal handler (busy)."""
+"""Archive bench/noop_handler.py with a given model-config.yaml: the benchmark's framework ceiling (no-op) and
+its ideal handler (busy)."""
 
 import os
 import shutil

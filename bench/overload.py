@@ -40,13 +40,19 @@ MODEL = settings.MODEL_NAME
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--levels", default="16,60,120,240,600,1200", help="concurrencies (16: reference; 60: capacity)")
+    p.add_argument(
+        "--levels", default="16,60,120,240,600,1200", help="concurrencies (16: reference; 60: capacity)"
+    )
     p.add_argument("--seconds", type=int, default=15, help="per run (amortises opening c TLS connections)")
-    p.add_argument("--rounds", type=int, default=1, help="passes over all levels and paths (the table: medians)")
-    p.add_argument("--maxconn", type=int, default=FrontDoor.maxconn, help="front door: requests inside TorchServe")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="passes over all levels and paths (the table: medians)"
+    )
+    p.add_argument(
+        "--maxconn", type=int, default=FrontDoor.maxconn, help="front door: requests inside TorchServe"
+    )
     p.add_argument("--queue", type=int, default=FrontDoor.queue, help="front door: requests waiting in it")
-    p.add_argument("--job-queue-sizes", default="", help="TorchServe job_queue_size values to compare (default: "
-                   "config.properties' only)")  # fmt: skip
+    p.add_argument("--job-queue-sizes", default="", help="TorchServe job_queue_size values to compare "
+                   "(default: config.properties' only)")  # fmt: skip
     p.add_argument("--no-front-door", action="store_true", help="TorchServe alone only")
     ckpt = os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt")
     p.add_argument("--digits-checkpoint", default=ckpt, help="trained if missing")
@@ -94,7 +100,8 @@ def measure(path: str, url: str, concurrency: int, seconds: int, env: dict, pids
     if door:
         row["rejection_p99_ms"], _ = rejection_p99(door.log, offset)
     print(
-        f"  {path:10s} c={concurrency:4d}: {row['good_rps']:7.1f} good/s {row['rejected_rps']:8.1f} rejected/s "
+        f"  {path:10s} c={concurrency:4d}: {row['good_rps']:7.1f} good/s "
+        f"{row['rejected_rps']:8.1f} rejected/s "
         f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms  other {other or '-'}  cpu {cpu}",
         flush=True,
     )
@@ -140,7 +147,11 @@ def handshake_ms(host: str, port: int, ca: str | None, n: int = 200) -> float:
 def run_server(args, store: str, work: str, env: dict, levels: list[int], job_queue: str | None) -> dict:
     overrides = {"job_queue_size": job_queue} if job_queue else {}
     ts = TorchServe(
-        workdir=tempfile.mkdtemp(dir=work), model_store=store, ports=Ports.free(), overrides=overrides, user=None
+        workdir=tempfile.mkdtemp(dir=work),
+        model_store=store,
+        ports=Ports.free(),
+        overrides=overrides,
+        user=None,
     )
     door = None
     try:
@@ -148,7 +159,9 @@ def run_server(args, store: str, work: str, env: dict, levels: list[int], job_qu
         env = {**env, "OVERLOAD_KEY": ts.keys()["inference"]["key"]}
         pids = {"torchserve": [ts.pid()]}
         if not args.no_front_door:
-            door = for_server(ts, port=Ports.free().inference, folder=os.path.join(work, "door"), names=["localhost"])
+            door = for_server(
+                ts, port=Ports.free().inference, folder=os.path.join(work, "door"), names=["localhost"]
+            )
             door.maxconn, door.queue = args.maxconn, args.queue
             door.per_source = max(levels)  # wrk's connections all come from one address
             door.start()
@@ -168,7 +181,11 @@ def run_server(args, store: str, work: str, env: dict, levels: list[int], job_qu
                 "tls_front_door": handshake_ms("127.0.0.1", door.port, door.ca),
                 "tcp_torchserve": handshake_ms("127.0.0.1", ts.ports.inference, None),
             }
-            result["front_door"] = {"maxconn": door.maxconn, "queue": door.queue, "queue_timeout_s": door.queue_timeout}
+            result["front_door"] = {
+                "maxconn": door.maxconn,
+                "queue": door.queue,
+                "queue_timeout_s": door.queue_timeout,
+            }
         return result
     finally:
         if door:
@@ -195,7 +212,9 @@ def plot(runs: list[dict], path: str):
             ax3.plot(c, [r["good_per_torchserve_cpu_s"] for r in rows], marker="o", label=label)
     ax1.set(xscale="log", xlabel="concurrency (wrk, closed loop)", ylabel="good answers/s", ylim=(0, None))
     ax2.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="p99 latency of all answers (ms)")
-    ax3.set(xscale="log", xlabel="concurrency", ylabel="good answers per CPU second of TorchServe", ylim=(0, None))
+    ax3.set(
+        xscale="log", xlabel="concurrency", ylabel="good answers per CPU second of TorchServe", ylim=(0, None)
+    )
     ax3.set_title("the same, per CPU second TorchServe got")
     ax1.legend(fontsize=8)
     ax1.set_title("good answers under overload")

@@ -35,7 +35,9 @@ class StockAdapter(torch.nn.Module):
         if self.grey:
             x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         if x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True
+            )
         return self.model((x - self.mean) / self.std)
 
 

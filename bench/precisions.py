@@ -1,12 +1,13 @@
-"""EfficientNet-Lite0 in-process, per CPU backend and precision: ms per image and the precision gate's figures.
+"""EfficientNet-Lite0 in-process, per CPU backend and precision: ms per image and the precision gate's
+figures.
 
     python -m bench.precisions                          # onnx, openvino, openvino-bf16, openvino-int8
     python -m bench.precisions --rounds 3 --crops 400   # cheap mode
 
 Each backend's file is exported from the imported ImageNet weights (int8 calibrated on 300 random crops of the
 bundled photos, another seed than the gate's), loaded with one thread, and timed at batch 1 and 4: each round
-runs every backend in turn, starting from a different one, so a slow minute of this shared machine falls on all
-of them alike. The table gives the median ms per image over rounds and its 10th-90th percentile. The gate
+runs every backend in turn, starting from a different one, so a slow minute of this shared machine falls on
+all of them alike. The table gives the median ms per image over rounds and its 10th-90th percentile. The gate
 (train/precision.py) runs each backend against the eager fp32 model on --crops random crops of the photos.
 """
 
@@ -32,13 +33,17 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", default=list(DEFAULT), help=f"default: {' '.join(DEFAULT)}")
     p.add_argument("--rounds", type=int, default=10, help="timing rounds (default 10)")
-    p.add_argument("--iters", type=int, default=20, help="calls per backend, batch size and round (default 20)")
+    p.add_argument(
+        "--iters", type=int, default=20, help="calls per backend, batch size and round (default 20)"
+    )
     p.add_argument("--crops", type=int, default=precision.MIN_CROPS, help="gate crops (default 400)")
     p.add_argument("--threads", type=int, default=1, help="threads per backend (default 1)")
     return p
 
 
-def export_and_load(names: list[str], model, prep: Preprocessing, manifest: Manifest, folder: str, threads: int):
+def export_and_load(
+    names: list[str], model, prep: Preprocessing, manifest: Manifest, folder: str, threads: int
+):
     example = precision.photo_crops(prep, 8, seed=1)
     calibration = precision.photo_crops(prep, 300, seed=2)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
@@ -95,10 +100,13 @@ def main(args):
         loaded = export_and_load(args.backends, model, prep, manifest, folder, args.threads)
         samples = timings(loaded, prep, args.rounds, args.iters)
         gates = {name: precision.evaluate(model, predict, crops, prep) for name, predict in loaded.items()}
-    print(f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median (10th-90th pct)\n")
     print(
-        "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where fp32 leads "
-        "by >= 0.05 | max abs Δprob | gate |"
+        f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median "
+        "(10th-90th pct)\n"
+    )
+    print(
+        "| backend | batch 1, ms/image | batch 4, ms/image | top-1 agreement | noise floor | where fp32 "
+        "leads by >= 0.05 | max abs Δprob | gate |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, g in gates.items():

@@ -1,6 +1,7 @@
 """Preprocessing per stage, before and after issue 26, measured alternately in one run on one thread.
 
-    python -m bench.prep                    # the per-stage table (docs/benchmarks.md, "Preprocessing per stage")
+    python -m bench.prep                    # the per-stage table (docs/benchmarks.md, "Preprocessing per
+                                            # stage")
     python -m bench.prep --rounds 3         # cheap mode
     python -m bench.prep --agreement 200    # also: EfficientNet-Lite0's top-1 under both, on photos and crops
 
@@ -8,10 +9,10 @@ Stages, for the bundled photos (scikit-image's and scikit-learn's, 451-640 px) a
   decode          bytes -> PIL image (decode_image: the cheap checks, then Pillow at its JPEG draft scale)
   resize + crop   the decoded image -> the model's 224 x 224 RGB (Preprocessing.prepare)
   to tensor       -> normalised float32 (3, 224, 224)
-"before" is the code this issue replaced, kept here to measure against: the draft asked for twice the resize, the
-whole image was resized and then cropped, and normalisation was three passes over float copies.
-Each round times every photo's stages before and after, alternating which goes first, each stage the least of 3
-runs; the table gives the median over rounds and photos, and the spread of the per-round medians.
+"before" is the code this issue replaced, kept here to measure against: the draft asked for twice the resize,
+the whole image was resized and then cropped, and normalisation was three passes over float copies.
+Each round times every photo's stages before and after, alternating which goes first, each stage the least of
+3 runs; the table gives the median over rounds and photos, and the spread of the per-round medians.
 """
 
 import argparse
@@ -37,7 +38,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30, help="rounds over all photos (default 30)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the encoded photos (default 90)")
-    p.add_argument("--agreement", type=int, default=0, help="random crops for the top-1 agreement (default 0: skip)")
+    p.add_argument(
+        "--agreement", type=int, default=0, help="random crops for the top-1 agreement (default 0: skip)"
+    )
     return p
 
 
@@ -47,7 +50,9 @@ def decode_before(prep: Preprocessing, data: bytes) -> Image.Image:
 
 def prepare_before(prep: Preprocessing, img: Image.Image) -> Image.Image:
     img = to_mode(img, "RGB", prep.background)
-    return center_crop(img.resize(shorter_side_to(img.size, prep.resize_size), Image.BILINEAR), prep.image_size)
+    return center_crop(
+        img.resize(shorter_side_to(img.size, prep.resize_size), Image.BILINEAR), prep.image_size
+    )
 
 
 def to_tensor_before(prep: Preprocessing, img: Image.Image) -> torch.Tensor:
@@ -108,7 +113,9 @@ def table(per_round: dict[str, list[list[float]]]) -> str:
             q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
             cells[name] = (statistics.median(values), q[0], q[-1])
         (b, b_lo, b_hi), (a, a_lo, a_hi) = cells["before"], cells["after"]
-        lines.append(f"| {stage} | {b:.2f} ({b_lo:.2f}-{b_hi:.2f}) | {a:.2f} ({a_lo:.2f}-{a_hi:.2f}) | {a / b:.2f} |")
+        lines.append(
+            f"| {stage} | {b:.2f} ({b_lo:.2f}-{b_hi:.2f}) | {a:.2f} ({a_lo:.2f}-{a_hi:.2f}) | {a / b:.2f} |"
+        )
     return "\n".join(lines)
 
 

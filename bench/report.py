@@ -43,7 +43,9 @@ def add_estimates(res: dict):
         for row, ceiling in zip(rows, res["ceiling"]):
             c = row["concurrency"]
             if row["limit_ips"] and has_estimate(c, workers, res["batch_size"]):
-                row["estimate_rps"] = round(estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1)
+                row["estimate_rps"] = round(
+                    estimate(ceiling["rps_unstolen"], row["limit_ips"], min(c, workers)), 1
+                )
                 row["vs_estimate"] = round(row["rps_unstolen"] / row["estimate_rps"], 3)
             if row.get("ideal"):
                 row["ideal_rps"] = row["ideal"]["rps_unstolen"]
@@ -76,7 +78,14 @@ def add_estimates(res: dict):
 def split_cpu(cpu: dict, framing: float, handler_ms: float, handler: dict) -> dict:
     """One row's CPU ms per request by stage: the workers' share beyond TorchServe's framing and the handler's
     own `handler_ms` (split as `handler` says) is the rest of the worker."""
-    parts = {"frontend": cpu["frontend"], "framing": framing, "decode": 0.0, "model": 0.0, "topk": 0.0, "spent": 0.0}
+    parts = {
+        "frontend": cpu["frontend"],
+        "framing": framing,
+        "decode": 0.0,
+        "model": 0.0,
+        "topk": 0.0,
+        "spent": 0.0,
+    }
     parts |= handler
     parts |= {"worker_rest": cpu["workers"] - framing - handler_ms, "wrk": cpu["wrk"]}
     parts |= {"steal": cpu.get("steal", 0.0), "idle": cpu["idle"]}
@@ -102,7 +111,9 @@ def table(res: dict) -> str:
             est = f"{r['estimate_rps']:.0f}" if "estimate_rps" in r else ""
             ratio = f"{r['vs_estimate']:.2f}" if "vs_estimate" in r else ""
             ideal = (
-                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}" if "ideal_rps" in r else ""
+                f"{r['ideal_rps']:9.0f}{r['vs_ideal']:14.2f}{r['ideal_vs_estimate']:11.2f}"
+                if "ideal_rps" in r
+                else ""
             )
             lines.append(
                 f"{label if j == 0 else '':14s}{r['concurrency']:4d}{r['throughput_rps']:9.1f}"
@@ -138,14 +149,18 @@ def table(res: dict) -> str:
             for b, v in res["checked"].items()
         )
     )
-    lines.append("registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items()))
+    lines.append(
+        "registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
+    )
     return "\n".join(lines)
 
 
 def by_level(rows: list, key: str) -> tuple[list, list]:
     """(levels, the median of `key` at each level over the rounds), for the rows that have it."""
     levels = sorted({r["concurrency"] for r in rows if key in r})
-    return levels, [statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels]
+    return levels, [
+        statistics.median(r[key] for r in rows if r["concurrency"] == c and key in r) for c in levels
+    ]
 
 
 def medians(res: dict) -> list[str]:
@@ -176,7 +191,9 @@ def plot(results: list, path: str):
             (line,) = axes[0][col].plot(*by_level(rows, "throughput_rps"), marker="o", label=label)
             for key, style, marker in (("estimate_rps", ":", "."), ("ideal_rps", "-.", "x")):
                 if any(key in r for r in rows):
-                    axes[0][col].plot(*by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7)
+                    axes[0][col].plot(
+                        *by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7
+                    )
             axes[1][col].plot(*by_level(rows, "p99_ms"), marker="o", label=label)
         axes[0][col].set(
             title=f"{res['model']}: req/s (dotted: estimate; dash-dot: ideal handler)",
@@ -185,7 +202,9 @@ def plot(results: list, path: str):
             xlabel="concurrency (wrk)",
             ylabel="req/s",
         )
-        axes[1][col].set(title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms")
+        axes[1][col].set(
+            title=f"{res['model']}: p99", xscale="log", yscale="log", xlabel="concurrency", ylabel="ms"
+        )
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -202,7 +221,12 @@ def plot_breakdown(results: list, path: str):
     import matplotlib.pyplot as plt
 
     bars = [(f"{r['model']}\n{label}", parts) for r in results for label, parts in r["breakdown_ms"].items()]
-    names = {**STAGE_NAMES, "wrk": "load generator (wrk)", "steal": "taken by the host (steal)", "idle": "idle cores"}
+    names = {
+        **STAGE_NAMES,
+        "wrk": "load generator (wrk)",
+        "steal": "taken by the host (steal)",
+        "idle": "idle cores",
+    }
     rest = ["wrk", "steal", "idle"]
     fig, axes = plt.subplots(1, len(results), figsize=(4 + 3 * len(bars), 5), squeeze=False)
     for ax, res in zip(axes[0], results):

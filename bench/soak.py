@@ -48,7 +48,14 @@ def bad_bodies() -> list[bytes]:
     Image.new("L", (8, 8), 255).save(buf, "PNG")
     png = buf.getvalue()
     ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0)  # header of a 2.5-gigapixel image
-    bomb = png[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+    bomb = (
+        png[:8]
+        + struct.pack(">I", 13)
+        + b"IHDR"
+        + ihdr
+        + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+        + png[33:]
+    )
     return [
         b"definitely not an image",
         png[: len(png) // 2],  # truncated
@@ -223,7 +230,9 @@ class Soak:
         before = self.deployment()
         result = {}
         load = threading.Thread(
-            target=lambda: result.update(run_load(self.url(), bodies, concurrency, requests, self.headers(), expect))
+            target=lambda: result.update(
+                run_load(self.url(), bodies, concurrency, requests, self.headers(), expect)
+            )
         )
         load.start()
         time.sleep(1.0)
@@ -252,17 +261,19 @@ def summarize(name: str, r: dict) -> str:
     verdict = "PASS" if r["passed"] else "FAIL"
     if name == "load":
         return (
-            f"load: {r['requests']} requests at c={r['concurrency']} ({r['bad_body_share'] * 100:.0f}% bad bodies of "
+            f"load: {r['requests']} requests at c={r['concurrency']} "
+            f"({r['bad_body_share'] * 100:.0f}% bad bodies of "
             f"{r['bad_kinds']} kinds) in {r['seconds']:.0f}s = {r['throughput_rps']:.0f} req/s; statuses "
             f"{r['statuses']}; 5xx/errors {r['errors']}; wrong answers {r['wrong_labels']}; RSS "
-            f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB ({r['rss_growth'] * 100:+.1f}%) {verdict}"
+            f"{r['rss_mb_after_warmup']:.0f} -> {r['rss_mb_end']:.0f} MB "
+            f"({r['rss_growth'] * 100:+.1f}%) {verdict}"
         )
     if name == "worker_death":
         return (
-            f"worker death: SIGKILL pid {r['killed_pid']} of {r['workers_before']} mid-load; "
-            f"workers {r['workers_after']} ready and answering after "
-            f"{r['recovery_s']:.2f}s; {r['failed_during']} of {r['during']['requests']} requests failed during; "
-            f"{r['after']['errors']} errors in {r['after']['requests']} after {verdict}"
+            f"worker death: SIGKILL pid {r['killed_pid']} of {r['workers_before']} mid-load; workers "
+            f"{r['workers_after']} ready and answering after {r['recovery_s']:.2f}s; {r['failed_during']} "
+            f"of {r['during']['requests']} requests failed during; {r['after']['errors']} errors in "
+            f"{r['after']['requests']} after {verdict}"
         )
     if name == "restart":
         return (
@@ -270,7 +281,8 @@ def summarize(name: str, r: dict) -> str:
             f"answers {r['answers']} {verdict}"
         )
     return (
-        f"bad registration during load: {r['registration_status']}; load {r['load'].get('requests')} requests, "
+        f"bad registration during load: {r['registration_status']}; load "
+        f"{r['load'].get('requests')} requests, "
         f"errors {r['load'].get('errors')}, wrong {r['load'].get('wrong_labels')}; "
         f"deployment {r['deployment']} {verdict}"
     )
@@ -302,7 +314,9 @@ def main(argv=None) -> int:
         default=os.path.join(settings.RUNS_DIR, "v1", "checkpoint_best.pt"),
         help="model to serve (quickstart's 1.0)",
     )
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of: {', '.join(SCENARIOS)}"
+    )
     p.add_argument("--requests", type=int, default=10000, help="load scenario size")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--out", default=settings.SOAK_RESULTS)
@@ -313,7 +327,9 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     if not os.path.exists(args.checkpoint):
-        raise SystemExit(f"{args.checkpoint} not found: run scripts/quickstart.sh first, or pass --checkpoint")
+        raise SystemExit(
+            f"{args.checkpoint} not found: run scripts/quickstart.sh first, or pass --checkpoint"
+        )
     from train.data import write_digits
 
     write_digits()
@@ -325,7 +341,9 @@ def main(argv=None) -> int:
             if args.front_door:
                 door = through_front_door(soak, os.path.join(work, "door"))
             for name in names:
-                kwargs = {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
+                kwargs = (
+                    {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
+                )
                 results[name] = SCENARIOS[name](soak, **kwargs)
                 print(summarize(name, results[name]), flush=True)
         finally:

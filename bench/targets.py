@@ -15,10 +15,14 @@ def digits_target(checkpoint: str, work: str) -> dict:
         from train.train import main as train_main
 
         out = os.path.join(work, "digits_run")
-        train_main(train_args().parse_args(["--output-dir", out, "--quiet", "--no-tensorboard", "--no-plots"]))
+        train_main(
+            train_args().parse_args(["--output-dir", out, "--quiet", "--no-tensorboard", "--no-plots"])
+        )
         checkpoint = os.path.join(out, "checkpoint_best.pt")
     images = sorted(
-        os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c)))
+        os.path.join(val, c, f)
+        for c in sorted(os.listdir(val))
+        for f in sorted(os.listdir(os.path.join(val, c)))
     )
     return {"name": "digits", "checkpoint": checkpoint, "images": images[::3], "data": settings.DIGITS_DIR}
 
@@ -32,7 +36,9 @@ def imagenet_target(work: str) -> dict:
     import_weights("efficientnet_lite0", ckpt, data)
     val = os.path.join(data, "val")
     images = sorted(
-        os.path.join(val, c, f) for c in sorted(os.listdir(val)) for f in sorted(os.listdir(os.path.join(val, c)))
+        os.path.join(val, c, f)
+        for c in sorted(os.listdir(val))
+        for f in sorted(os.listdir(os.path.join(val, c)))
     )
     return {"name": "imagenet", "checkpoint": ckpt, "images": images[::3], "data": data}
 

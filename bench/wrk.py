@@ -1,4 +1,5 @@
-"""Load from wrk (C, one event-loop thread) and the CPU it costs each process: the benchmarks' measuring tools.
+"""Load from wrk (C, one event-loop thread) and the CPU it costs each process: the benchmarks' measuring
+tools.
 
 A Python load generator spends about a core of its own on each request at these rates, on the cores the
 server needs; wrk spends a few microseconds, so what gets measured is the server. wrk counts answers by
@@ -27,13 +28,17 @@ def wrk(url: str, script: str, concurrency: int, seconds: float, env: dict) -> d
     if not shutil.which("wrk"):
         raise SystemExit("wrk not found: run scripts/setup.sh as root, or apt-get install wrk")
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "60s", "-s", script, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 120)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 120
+    )
     if out.returncode != 0:
         raise SystemExit(f"wrk failed: {out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def post_files(url: str, key: str | None, files: list[str], concurrency: int, seconds: float, content_type=None):
+def post_files(
+    url: str, key: str | None, files: list[str], concurrency: int, seconds: float, content_type=None
+):
     """POST the files in turn as whole bodies (bench/post.lua): req/s, p50/p90/p99 ms (wrk's own histogram),
     statuses, and `errors` (anything but 200, socket errors included)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as listing:

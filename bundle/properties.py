@@ -2,9 +2,10 @@
 
 
 def read_properties(path: str) -> dict:
-    r"""Parse a Java .properties file as java.util.Properties.load does (TorchServe writes its snapshots with Java
-    escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are dropped, trailing
-    ones kept; an odd number of backslashes at the end of a line continues it on the next."""
+    r"""Parse a Java .properties file as java.util.Properties.load does (TorchServe writes its snapshots with
+    Java escapes: \n, \:, ...): keys end at the first unescaped '=', ':' or blank; leading blanks are
+    dropped, trailing ones kept; an odd number of backslashes at the end of a line continues it on the
+    next."""
     with open(path, encoding="latin-1") as f:  # Properties.load(InputStream) reads ISO 8859-1
         return parse_properties(f)
 
@@ -65,8 +66,8 @@ def unescape(value: str) -> str:
 
 
 def escape(text: str, key: bool = False) -> str:
-    r"""The inverse of unescape, as java.util.Properties.store writes it, in plain ASCII. Without it, a value read
-    from config.properties loses a level of backslashes on its way to TorchServe: the documented
+    r"""The inverse of unescape, as java.util.Properties.store writes it, in plain ASCII. Without it, a value
+    read from config.properties loses a level of backslashes on its way to TorchServe: the documented
     allowed_urls=https://models\\.example\\.com/.* would arrive as https://models.example.com/.*, whose '.'
     also matches the '-' of models-example.com."""
     units = text.encode("utf-16-le", "surrogatepass")

@@ -15,21 +15,26 @@ MODEL_STORE = os.path.join(ROOT, "model_store")  # archives (.mar + .sha256); th
 DATA_DIR = os.path.join(ROOT, "data")
 DIGITS_DIR = os.path.join(DATA_DIR, "digits")  # the bundled default dataset
 RUNS_DIR = os.path.join(ROOT, "runs")  # training runs: checkpoints, metrics, golden sets
-SERVER_DIR = os.path.join(ROOT, "server")  # the live server's own folder (0700): key_file.json, logs/, tmp/, state/
+# the live server's own folder (0700): key_file.json, logs/, tmp/, state/
+SERVER_DIR = os.path.join(ROOT, "server")
 MODEL_SRC = os.path.join(ROOT, "model_src")  # exactly what every archive ships
 HANDLER = os.path.join(ROOT, "handlers", "image_classifier.py")
-MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")  # per-model workers, batching, handler limits
+# per-model workers, batching, handler limits
+MODEL_CONFIG = os.path.join(ROOT, "handlers", "model-config.yaml")
 METRICS_CONFIG = os.path.join(ROOT, "serving", "metrics.yaml")
 LOG_CONFIG = os.path.join(ROOT, "serving", "log4j2.xml")  # the frontend's log4j2 (config.properties vmargs)
 BENCH_RESULTS = os.path.join(ROOT, "bench_results")
 SOAK_RESULTS = os.path.join(ROOT, "soak_results")
-FRONT_DOOR_DIR = os.path.join(ROOT, "frontdoor")  # the TLS front door's own folder (0700): certificates, config, log
+# the TLS front door's own folder (0700): certificates, config, log
+FRONT_DOOR_DIR = os.path.join(ROOT, "frontdoor")
 
 MODEL_NAME = "my_model"
-# Started as root, TorchServe runs as this unprivileged user (scripts/setup.sh creates it): a model's handler is
-# code, and a registered model must never run as root.
+# Started as root, TorchServe runs as this unprivileged user (scripts/setup.sh creates it): a model's handler
+# is code, and a registered model must never run as root.
 SERVICE_USER = "torchserve"
-FRONT_DOOR_PORT = 8443  # the HTTPS front door (deploy/frontdoor.py): the one port that listens beyond loopback
+FRONT_DOOR_PORT = (
+    8443  # the HTTPS front door (deploy/frontdoor.py): the one port that listens beyond loopback
+)
 
 
 GUARD_KEY = "guarded_management_address"  # in a generated config: where the management guard listens

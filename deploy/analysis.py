@@ -14,23 +14,25 @@ from deploy.latency import percentile
 
 @dataclass
 class Thresholds:
-    # Answers the candidate must have given in a step before it is judged: a class distribution of fewer is noise
-    # (at 20, one odd answer moves a share by 5 points), and a step without them waits (up to max_step_seconds).
+    # Answers the candidate must have given in a step before it is judged: a class distribution of fewer is
+    # noise (at 20, one odd answer moves a share by 5 points), and a step without them waits (up to
+    # max_step_seconds).
     min_answers: int = 20
     # The candidate's rate of 5xx and 404 answers may exceed the default's by this much (a share) plus the
     # sampling noise of the two rates (rate_noise()): one failure in a hundred may be a worker restart; a
     # version that fails on an input the default answers shows up far above it.
     max_error_gap: float = 0.01
-    # p99 may be this many times the default's plus p99_slack_ms: on a shared machine p99s of a few ms jitter by
-    # tens of ms, so the slack keeps a fast model from failing on noise, and the ratio catches a slow one.
+    # p99 may be this many times the default's plus p99_slack_ms: on a shared machine p99s of a few ms jitter
+    # by tens of ms, so the slack keeps a fast model from failing on noise, and the ratio catches a slow one.
     max_p99_ratio: float = 1.5
     p99_slack_ms: float = 50.0
-    # Total variation distance between the two top-1 distributions (0: same, 1: disjoint), on top of the sampling
-    # noise of the candidate's answers (noise(): 1/sqrt(n), 0.22 at 20). Two honest versions on the same traffic
-    # differ by that noise; a model with mixed-up labels moves whole classes. A distribution can look the same
-    # while answers differ: the offline gate's agreement catches that.
+    # Total variation distance between the two top-1 distributions (0: same, 1: disjoint), on top of the
+    # sampling noise of the candidate's answers (noise(): 1/sqrt(n), 0.22 at 20). Two honest versions on the
+    # same traffic differ by that noise; a model with mixed-up labels moves whole classes. A distribution can
+    # look the same while answers differ: the offline gate's agreement catches that.
     max_class_distance: float = 0.25
-    # A step that has not collected min_answers after this long fails: traffic nobody can judge is not promoted.
+    # A step that has not collected min_answers after this long fails: traffic nobody can judge is not
+    # promoted.
     max_step_seconds: float = 600.0
 
     def as_dict(self) -> dict:
@@ -68,8 +70,9 @@ def class_distance(a: dict[str, int], b: dict[str, int]) -> float:
 
 
 def noise(n: int) -> float:
-    """How far n answers' shares may stray by chance, about: 1/sqrt(n) (two standard errors of a share near 0.5).
-    16 answers from a good candidate on 3:1 traffic measured 0.26 apart; a permutation of labels measures ~1."""
+    """How far n answers' shares may stray by chance, about: 1/sqrt(n) (two standard errors of a share near
+    0.5). 16 answers from a good candidate on 3:1 traffic measured 0.26 apart; a permutation of labels
+    measures ~1."""
     return 1 / n**0.5 if n else 1.0
 
 

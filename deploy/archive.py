@@ -6,9 +6,9 @@
 
 With --checkpoint, the command first exports it (train.export) into the build's staging folder; with
 --export-dir it packs a train.export folder as it is. Version 1.0 becomes model_store/<model>.mar, any other
-version model_store/<model>_v<version>.mar. An existing archive is never overwritten. A SHA-256 is written next
-to every archive (<archive>.sha256, sha256sum format), before the archive is placed, so a build killed at any
-point leaves no archive without one; the registration tools refuse archives that do not match it. A killed
+version model_store/<model>_v<version>.mar. An existing archive is never overwritten. A SHA-256 is written
+next to every archive (<archive>.sha256, sha256sum format), before the archive is placed, so a build killed at
+any point leaves no archive without one; the registration tools refuse archives that do not match it. A killed
 build's staging folder (model_store/.archive-*) is removed by the next build.
 
 The archive ships the handler, the whole model_src/ package (nothing else: training code lives in train/), the
@@ -59,7 +59,10 @@ def get_args_parser():
     source.add_argument("--export-dir", help="a train.export folder (with bundle.json) to package as it is")
     # ONNX Runtime served 1.4-1.5x the requests/s of eager PyTorch in scripts/bench.sh (docs/benchmarks.md).
     p.add_argument(
-        "--backend", default=backends.DEFAULT, choices=sorted(backends.served()), help="serving format to ship"
+        "--backend",
+        default=backends.DEFAULT,
+        choices=sorted(backends.served()),
+        help="serving format to ship",
     )
     p.add_argument("--model-name", default=settings.MODEL_NAME)
     p.add_argument("--model-store", default=settings.MODEL_STORE)
@@ -82,9 +85,9 @@ def fsync_path(path: str):
 
 
 def place_archive(built: str, target: str) -> str:
-    """Put a built archive at `target` with its checksum, sidecar first: a build killed at any point leaves either
-    no .mar or a .mar with its .sha256, never a .mar without one. A sidecar without its .mar is what a build killed
-    between the two leaves; it is replaced."""
+    """Put a built archive at `target` with its checksum, sidecar first: a build killed at any point leaves
+    either no .mar or a .mar with its .sha256, never a .mar without one. A sidecar without its .mar is what a
+    build killed between the two leaves; it is replaced."""
     digest = sha256_of(built)
     fsync_path(built)
     staged_sidecar = built + ".sha256"
@@ -108,8 +111,8 @@ def shipped(bundle: Manifest, backend: backends.Backend) -> dict[str, str]:
     missing = [b.name for b in want if b.name not in bundle.files]
     if missing:
         raise ValueError(
-            f"the export folder has no {', '.join(missing)} file (it has {sorted(bundle.files)}): export it with "
-            f"--formats {','.join(b.name for b in want)}"
+            f"the export folder has no {', '.join(missing)} file (it has {sorted(bundle.files)}): export it "
+            f"with --formats {','.join(b.name for b in want)}"
         )
     return {b.name: bundle.files[b.name] for b in want}
 
@@ -117,7 +120,9 @@ def shipped(bundle: Manifest, backend: backends.Backend) -> dict[str, str]:
 def stage_extra_files(export_dir: str, stage: str, files: dict[str, str], served: str):
     """Lay out what the archive needs besides the handler and the served file: the model_src package, whole,
     and the other model files (the eager weights of a backend that cannot explain)."""
-    shutil.copytree(settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        settings.MODEL_SRC, os.path.join(stage, "model_src"), ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in files.values():
         if name != served:
             shutil.copy2(os.path.join(export_dir, name), os.path.join(stage, name))
@@ -133,7 +138,9 @@ def digests(stage: str, served: str) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def add_archive_part(bundle: Manifest, backend: backends.Backend, files, model_name, version, target) -> Manifest:
+def add_archive_part(
+    bundle: Manifest, backend: backends.Backend, files, model_name, version, target
+) -> Manifest:
     """Archiving's part of the manifest: what is served and shipped, by whom, when."""
     return Manifest(
         **{
@@ -152,8 +159,9 @@ def add_archive_part(bundle: Manifest, backend: backends.Backend, files, model_n
 
 @contextlib.contextmanager
 def staging(store: str):
-    """A build's folder in the store, removed when the build ends, also by an exception. The build holds an flock
-    on it, which the kernel releases when the build dies: remove_dead_staging tells a dead build's folder by that."""
+    """A build's folder in the store, removed when the build ends, also by an exception. The build holds an
+    flock on it, which the kernel releases when the build dies: remove_dead_staging tells a dead build's
+    folder by that."""
     with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=store) as tmp:
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -196,20 +204,22 @@ def build_archive(
     output: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    """Package the export folder `export_dir` (its bundle.json says what is there) as a checked archive with its
-    .sha256; `batch_size` replaces the config file's batchSize for this archive only."""
+    """Package the export folder `export_dir` (its bundle.json says what is there) as a checked archive with
+    its .sha256; `batch_size` replaces the config file's batchSize for this archive only."""
     chosen = backends.get(backend)
     if not chosen.server:
-        raise ValueError(f"TorchServe cannot serve the {backend} backend; choose one of {sorted(backends.served())}")
+        raise ValueError(
+            f"TorchServe cannot serve the {backend} backend; choose one of {sorted(backends.served())}"
+        )
     bundle = manifest.read(export_dir)
     files = shipped(bundle, chosen)
     target = new_target(version, model_name, model_store, output)
     store = os.path.dirname(os.path.abspath(target))
     shared_dir(store)
     remove_dead_staging(store)
-    # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot keeps
-    # TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover for an
-    # archive.
+    # Built beside the target, not in $TMPDIR: link() cannot cross filesystems (a tmpfs /tmp), and the dot
+    # keeps TorchServe (load_models=all skips hidden entries) and anyone listing *.mar from taking a leftover
+    # for an archive.
     with staging(store) as tmp:
         stage, served = os.path.join(tmp, "stage"), os.path.join(export_dir, chosen.file)
         stage_extra_files(export_dir, stage, files, chosen.file)
@@ -265,19 +275,22 @@ def archive_checkpoint(
 ) -> dict:
     """Export `checkpoint` (train.export) into a staging folder in the store, then build_archive that folder:
     what the CLI's --checkpoint does."""
-    # Imported here, not at the top: this module's re-exported checks are imported by the guard, which loads no
-    # torch; only this CLI path exports.
+    # Imported here, not at the top: this module's re-exported checks are imported by the guard, which loads
+    # no torch; only this CLI path exports.
     from train.export import export_all
 
     chosen = backends.get(backend)
     formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.reference().name]
-    store = os.path.dirname(os.path.abspath(new_target(version, model_name, model_store, output)))  # before export
+    # before export
+    store = os.path.dirname(os.path.abspath(new_target(version, model_name, model_store, output)))
     shared_dir(store)
     remove_dead_staging(store)
     with staging(store) as tmp:
         export_dir = os.path.join(tmp, "export")
         export_all(checkpoint, export_dir, formats=formats)
-        return build_archive(export_dir, version, backend, model_name, model_store, config_file, output, batch_size)
+        return build_archive(
+            export_dir, version, backend, model_name, model_store, config_file, output, batch_size
+        )
 
 
 def with_batch_size(config_file: str, batch_size: int, out: str) -> str:
@@ -302,14 +315,17 @@ def main(args):
     options = dict(model_name=args.model_name, model_store=args.model_store, config_file=args.config_file)
     try:
         if args.checkpoint:
-            info = archive_checkpoint(args.checkpoint, args.version, args.backend, output=args.output, **options)
+            info = archive_checkpoint(
+                args.checkpoint, args.version, args.backend, output=args.output, **options
+            )
         else:
             info = build_archive(args.export_dir, args.version, args.backend, output=args.output, **options)
     except (FileExistsError, ValueError, RuntimeError) as e:
         raise SystemExit(f"archive failed: {e}") from None
     entry = info["export"]["formats"][args.backend]
     print(
-        f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager {entry['max_diff']:.1e})"
+        f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager "
+        f"{entry['max_diff']:.1e})"
         f"\n  {os.path.relpath(info['archive'])}  {info['bytes'] / 1024:.0f} KiB  sha256 {info['sha256']}"
     )
 

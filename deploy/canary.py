@@ -1,22 +1,24 @@
-"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each step
-judged against the default over the same window, promoted after the last step, rolled back by itself on a fail.
+"""Canary through the front door: a candidate version gets a growing share of its model's live traffic, each
+step judged against the default over the same window, promoted after the last step, rolled back by itself on a
+fail.
 
     scripts/register_version.sh model_store/my_model_v2.0.mar --canary 5,25,50,100 --step-seconds 60 \
         --prometheus http://127.0.0.1:9090
 
-The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin servers,
-`default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no connection
-dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy builds the
-candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per step:
-  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`), the
-    door's own counters when Prometheus has no such series (the report says which);
+The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin
+servers, `default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no
+connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
+builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per
+step:
+  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
+    the door's own counters when Prometheus has no such series (the report says which);
   - p99: the door's access log (`lane=canary server=... srv_ms=...`, 200 answers) over the window;
   - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
 deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
-goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is written
-to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted door
-starts with an empty map, so it sends everything to the default, and the controller, finding its split gone,
-stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
+goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is
+written to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted
+door starts with an empty map, so it sends everything to the default, and the controller, finding its split
+gone, stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
 
 import json
 import os
@@ -99,7 +101,8 @@ def current_share(door: FrontDoor) -> int:
 
 
 def split_in_place(door: FrontDoor, model: str, share: int) -> bool:
-    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight 0)."""
+    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight
+    0)."""
     try:
         mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
     except OSError:
@@ -195,7 +198,9 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
         return None
     query = 'sum by (server, code) (haproxy_server_http_responses_total{proxy="canary"})'
     try:
-        resp = requests.get(f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10)
+        resp = requests.get(
+            f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10
+        )
         result = resp.json()["data"]["result"] if resp.status_code == 200 else []
     except (requests.RequestException, ValueError, KeyError):
         return None
@@ -206,14 +211,15 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
 
 
 def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
-    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the report."""
+    """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the
+    report."""
     if not prometheus:
         return {}
     query = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
     try:
-        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"][
-            "result"
-        ]
+        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()[
+            "data"
+        ]["result"]
     except (requests.RequestException, ValueError, KeyError):
         return {}
     return {r["metric"].get("model_version", "?"): float(r["value"][1]) for r in result}
@@ -222,7 +228,9 @@ def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
 # --- one step -----------------------------------------------------------------------------------------------
 
 
-def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split) -> dict:
+def window(
+    door: FrontDoor, prometheus: str | None, seconds: float, th: Thresholds, scrape: float, split
+) -> dict:
     """Watch the split as it is for at least `seconds` and until the candidate has min_answers (at 0 % the
     default's count is what is waited for); {"default": side, "candidate": side, "seconds", "errors_from"}."""
     answers(door, clear=True)
@@ -236,11 +244,14 @@ def window(door: FrontDoor, prometheus: str | None, seconds: float, th: Threshol
         counted, gone = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
             break
-        if not split():  # a restarted door splits nothing: no answer would ever come through the canary backend
+        if (
+            not split()
+        ):  # a restarted door splits nothing: no answer would ever come through the canary backend
             break
         now = door_errors(door).get("candidate", {})
         if now.get("5xx", 0) - stats0["candidate"]["5xx"] + gone["candidate"] >= th.min_answers:
-            break  # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+            # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+            break
             # (only 5xx and 404: a client's 4xx, a missing key or a bad body, says nothing of the version)
         if elapsed > th.max_step_seconds:
             raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
@@ -292,13 +303,21 @@ def run(
     if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
         raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
     if not door.is_running():
-        raise CanaryError("the front door is not running: a canary splits traffic there (serve.sh start --front-door)")
+        raise CanaryError(
+            "the front door is not running: a canary splits traffic there (serve.sh start --front-door)"
+        )
     default = management.default_version(ts, model)
     if all(v["modelVersion"] != version for v in management.versions(ts, model)):
         raise CanaryError(f"{model} {version} is not registered")
     if default in (None, version):
         raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
-    report: dict = {"model": model, "candidate": version, "default": default, "steps": [], "thresholds": th.as_dict()}
+    report: dict = {
+        "model": model,
+        "candidate": version,
+        "default": default,
+        "steps": [],
+        "thresholds": th.as_dict(),
+    }
     report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
     t_start = time.time()
@@ -308,13 +327,20 @@ def run(
         for share in steps:
             set_share(door, share)
             say(f"canary {model} {version}: {share} % of {route(model)}")
-            w = window(door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s))
+            w = window(
+                door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s)
+            )
             if not split_in_place(door, model, share):
                 raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
-            if share < 100 and w["default"]["answers"] >= th.min_answers:  # at 100 % the default's side holds only
+            if (
+                share < 100 and w["default"]["answers"] >= th.min_answers
+            ):  # at 100 % the default's side holds only
                 baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
             elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
-                baseline = {**baseline, "p99_ms": None}  # latency across windows (a busy neighbour moves both)
+                baseline = {
+                    **baseline,
+                    "p99_ms": None,
+                }  # latency across windows (a busy neighbour moves both)
             why = judge(w["candidate"], baseline or w["default"], th)
             report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
             if why:
@@ -384,7 +410,9 @@ def plot(report: dict, path: str):
         ax.set_title(title)
         ax.set_xlabel("candidate share")
     axes[0].legend()
-    fig.suptitle(f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}")
+    fig.suptitle(
+        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

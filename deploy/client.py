@@ -1,6 +1,6 @@
-"""The HTTP client of a running TorchServe's inference API, shared by the `predict` CLI (deploy/predict.py), the
-promotion gate, serve.sh and the benchmarks: which server to talk to (TS_KEY_FILE, TS_INFERENCE_URL), how an
-image is posted and how an answer is read."""
+"""The HTTP client of a running TorchServe's inference API, shared by the `predict` CLI (deploy/predict.py),
+the promotion gate, serve.sh and the benchmarks: which server to talk to (TS_KEY_FILE, TS_INFERENCE_URL), how
+an image is posted and how an answer is read."""
 
 import os
 import urllib.parse
@@ -51,17 +51,23 @@ def target() -> TorchServe:
     if key_file:  # a server's key_file.json lies in its folder's home/, beside logs/
         ts = TorchServe(workdir=TorchServe.workdir_of(key_file))
         if os.path.basename(key_file) != "key_file.json":
-            raise UsageError(f"TS_KEY_FILE={key_file}: name the key_file.json a TorchServe wrote (it refreshes it)")
+            raise UsageError(
+                f"TS_KEY_FILE={key_file}: name the key_file.json a TorchServe wrote (it refreshes it)"
+            )
         if os.path.exists(ts.generated_config):  # the ports it was started on: management answers refreshes
             ts.ports = ports(ts.generated_config)
     if os.environ.get("TS_INFERENCE_URL"):
         url = urllib.parse.urlsplit(os.environ["TS_INFERENCE_URL"])
         if url.scheme not in ("http", "https") or not url.hostname:
             raise UsageError(f"TS_INFERENCE_URL={url.geturl()}: give http(s)://HOST:PORT")
-        if url.scheme == "http" and not is_loopback(url.hostname) and os.environ.get("TS_ALLOW_PLAIN_HTTP") != "1":
+        if (
+            url.scheme == "http"
+            and not is_loopback(url.hostname)
+            and os.environ.get("TS_ALLOW_PLAIN_HTTP") != "1"
+        ):
             raise UsageError(
-                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on the way reads "
-                "it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
+                f"refusing to send the inference key to {url.hostname} over plain HTTP (anyone on the way "
+                "reads it): use the HTTPS front door, or set TS_ALLOW_PLAIN_HTTP=1 if you mean it"
             )
         ts.scheme, ts.host = url.scheme, url.hostname
         ts.ports.inference = url.port or (443 if url.scheme == "https" else ts.ports.inference)

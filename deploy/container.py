@@ -3,7 +3,8 @@
 python -m deploy.container base                                   # Debian base from debootstrap (cached)
 python -m deploy.container build [--base IMAGE] [--tag TAG] [--bake STORE]
 python -m deploy.container run [--tag TAG] [--store DIR] [--port 8080] [--name NAME]
-python -m deploy.container header [--name NAME] | curl -H @- ...  # the inference key, read inside the container
+python -m deploy.container header [--name NAME] | curl -H @- ...  # the inference key, read inside the
+                                                                  # container
 python -m deploy.container rm [--name NAME]
 
 Where no registry is reachable, `base` builds a Debian bookworm image with debootstrap and `docker import`
@@ -50,7 +51,7 @@ def docker(*args: str, check: bool = True, timeout: float = 120, **kw) -> subpro
     return proc
 
 
-# --- the container runtime ------------------------------------------------------------------------------------
+# --- the container runtime ----------------------------------------------------------------------------------
 
 
 def daemon_answers() -> bool:
@@ -71,7 +72,8 @@ def apt_install(*packages: str):
 
 
 def ensure_docker():
-    """A docker CLI and a daemon that answers: as root, Debian's docker.io is installed and dockerd started."""
+    """A docker CLI and a daemon that answers: as root, Debian's docker.io is installed and dockerd
+    started."""
     if daemon_answers():
         return
     if shutil.which("dockerd") is None:
@@ -80,9 +82,10 @@ def ensure_docker():
         raise ContainerError("the docker daemon is not running: start it (sudo systemctl start docker)")
     print(f"starting dockerd (log: {DOCKERD_LOG})", file=sys.stderr)
     with open(DOCKERD_LOG, "ab") as log:
+        # a daemon: it outlives this command, as a service would
         subprocess.Popen(
             ["dockerd", "--storage-driver", "overlay2"], stdout=log, stderr=log, start_new_session=True
-        )  # a daemon: it outlives this command, as a service would
+        )
     wait_until(daemon_answers, 60, "dockerd", interval=1, hint=f"see {DOCKERD_LOG}", error=ContainerError)
 
 
@@ -116,11 +119,12 @@ def ensure_base(tag: str = BASE) -> str:
     return tag
 
 
-# --- build ----------------------------------------------------------------------------------------------------
+# --- build --------------------------------------------------------------------------------------------------
 
 
 def stage_cas():
-    """Behind a TLS-intercepting proxy pip needs its CA: copy this machine's extra CAs into the build context."""
+    """Behind a TLS-intercepting proxy pip needs its CA: copy this machine's extra CAs into the build
+    context."""
     for old in glob.glob(os.path.join(CA_DIR, "*.crt")):
         os.remove(old)
     for crt in glob.glob("/usr/local/share/ca-certificates/**/*.crt", recursive=True):
@@ -138,7 +142,8 @@ def stage_store(store: str) -> str:
 
 
 def build(tag: str = IMAGE, base: str | None = None, bake: str | None = None, timeout: float = 3600) -> float:
-    """Build the image; returns its wall time in seconds. base None: the debootstrap base (built if missing)."""
+    """Build the image; returns its wall time in seconds. base None: the debootstrap base (built if
+    missing)."""
     ensure_docker()
     base = base or ensure_base()
     stage_cas()
@@ -153,7 +158,7 @@ def build(tag: str = IMAGE, base: str | None = None, bake: str | None = None, ti
     return time.time() - t0
 
 
-# --- run ------------------------------------------------------------------------------------------------------
+# --- run ----------------------------------------------------------------------------------------------------
 
 
 def check_store(store: str):
@@ -163,8 +168,8 @@ def check_store(store: str):
     mar = os.path.join(store, f"{settings.MODEL_NAME}.mar")
     if not os.path.isfile(mar):
         raise ContainerError(
-            f"model store {store} has no {settings.MODEL_NAME}.mar: TorchServe in the container starts with it "
-            f"(scripts/archive.sh 1.0 CHECKPOINT writes it)"
+            f"model store {store} has no {settings.MODEL_NAME}.mar: TorchServe in the container starts with "
+            "it (scripts/archive.sh 1.0 CHECKPOINT writes it)"
         )
     if os.stat(store).st_mode & 0o005 != 0o005 or os.stat(mar).st_mode & 0o004 == 0:
         raise ContainerError(
@@ -185,17 +190,23 @@ def remove(name: str = NAME) -> bool:
 
 
 def run(
-    tag: str = IMAGE, store: str | None = settings.MODEL_STORE, port: int = 8080, name: str = NAME, timeout=300
+    tag: str = IMAGE,
+    store: str | None = settings.MODEL_STORE,
+    port: int = 8080,
+    name: str = NAME,
+    timeout=300,
 ) -> str:
-    """Start the image serving `store` (mounted read-only; None: the archives baked in) with inference published
-    on 127.0.0.1:port only; wait until TorchServe is ready. Nothing is left behind when it fails."""
+    """Start the image serving `store` (mounted read-only; None: the archives baked in) with inference
+    published on 127.0.0.1:port only; wait until TorchServe is ready. Nothing is left behind when it fails."""
     if store is not None:
         store = os.path.abspath(store)
         check_store(store)
     check_port(port)
     ensure_docker()
     if docker("container", "inspect", name, check=False).returncode == 0:
-        raise ContainerError(f"a container named {name} exists already: `scripts/container.sh rm --name {name}`")
+        raise ContainerError(
+            f"a container named {name} exists already: `scripts/container.sh rm --name {name}`"
+        )
     mount = ["-v", f"{store}:{STORE_IN_IMAGE}:ro"] if store else []
     try:
         docker("run", "-d", "--init", "--name", name, "-p", f"127.0.0.1:{port}:8080", *mount, tag)
@@ -218,7 +229,9 @@ def wait_ready(name: str, timeout: float):
             raise ContainerError(f"container {name} {state}:\n{(logs.stdout + logs.stderr)[-3000:]}")
         return False
 
-    wait_until(ready, timeout, f"container {name}", interval=2, hint=f"docker logs {name}", error=ContainerError)
+    wait_until(
+        ready, timeout, f"container {name}", interval=2, hint=f"docker logs {name}", error=ContainerError
+    )
 
 
 def exec_in(name: str, *cmd: str, timeout: float = 300) -> str:
@@ -250,7 +263,10 @@ def main(argv=None):
             print(f"built {args.tag} in {seconds:.0f} s")
         elif args.action == "run":
             run(args.tag, None if args.baked else args.store, args.port, args.name)
-            print(f"{args.name}: inference on http://127.0.0.1:{args.port} (scripts/container.sh header | curl -H @-)")
+            print(
+                f"{args.name}: inference on http://127.0.0.1:{args.port} (scripts/container.sh "
+                "header | curl -H @-)"
+            )
         elif args.action == "header":
             for k, v in header(args.name).items():
                 print(f"{k}: {v}")

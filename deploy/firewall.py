@@ -53,7 +53,9 @@ def nft() -> str:
 
 def restrict(name: str, ports: list[int], uids: list[int]):
     """Only processes of `uids` on this host can connect to `ports`. Raises FirewallError."""
-    out = subprocess.run([nft(), "-f", "-"], input=rules(name, ports, uids), capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [nft(), "-f", "-"], input=rules(name, ports, uids), capture_output=True, text=True, timeout=30
+    )
     if out.returncode != 0:
         raise FirewallError(f"nft refused the rules: {out.stderr.strip()[-300:]}")
 
@@ -64,7 +66,10 @@ def lift(name: str) -> bool:
         path = nft()
     except FirewallError:
         return False
-    return subprocess.run([path, "delete", "table", "inet", name], capture_output=True, timeout=30).returncode == 0
+    return (
+        subprocess.run([path, "delete", "table", "inet", name], capture_output=True, timeout=30).returncode
+        == 0
+    )
 
 
 def active(name: str) -> bool:
@@ -72,4 +77,6 @@ def active(name: str) -> bool:
         path = nft()
     except FirewallError:
         return False
-    return subprocess.run([path, "list", "table", "inet", name], capture_output=True, timeout=30).returncode == 0
+    return (
+        subprocess.run([path, "list", "table", "inet", name], capture_output=True, timeout=30).returncode == 0
+    )

@@ -8,7 +8,8 @@ TorchServe stays on 127.0.0.1; only the front door listens beyond loopback, and 
   - answers at once 503 + Retry-After + a JSON message when its queue holds `queue` requests, or when a
     request waited `queue_timeout` s, and 429 when a client sends more than `rate` requests/s (0: off);
   - refuses a body longer than TorchServe's max_request_size (413) or without a length (411), a media type
-    the handler does not read (415: url-encoded forms) and the API description (404) before TorchServe sees it;
+    the handler does not read (415: url-encoded forms) and the API description (404) before TorchServe sees
+    it;
   - protects TorchServe from slow and many clients: `per_source` connections per address, a deadline for the
     handshake, the head and the body (held whole before the request is queued: 408), idle keep-alive closed;
   - gives explanations (seconds each) and bodies too large to hold (they stream) their own lanes, each with
@@ -30,6 +31,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import psutil
@@ -39,10 +41,11 @@ from deploy import process
 from deploy.errors import error_body
 from deploy.mar import read_bundle, read_manifest
 from deploy.privileges import private_files
-from model_src.oip import model_metadata
+from model_src.oip import metadata_text, model_metadata
 
 RETRY_AFTER_DOWN = 5  # s, when TorchServe does not accept connections (restarting)
-CANARY_MAP = "canary.map"  # path of a model in canary -> the candidate's version (deploy/canary.py writes it live)
+# path of a model in canary -> the candidate's version (deploy/canary.py writes it live)
+CANARY_MAP = "canary.map"
 # The access log: ms is the whole request (the client's upload and download too), srv_ms TorchServe's
 # answer (%Tr)
 LOG_FORMAT = "%t client=%ci:%cp status=%ST ms=%Ta srv_ms=%Tr queue_ms=%Tw wait=%sq/%bq lane=%b server=%s"
@@ -50,7 +53,8 @@ LOG_FORMAT += " bytes=%B %{+Q}r"
 CANARY_WEIGHT = 100  # the canary backend's weights add up to this: a weight is a share in percent
 
 
-# TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (ECDSA for the generated certificate, RSA for a real one)
+# TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (ECDSA for the generated certificate, RSA for a
+# real one)
 TLS12_CIPHERS = ":".join(
     f"ECDHE-{auth}-{cipher}"
     for auth in ("ECDSA", "RSA")
@@ -107,7 +111,8 @@ class FrontDoor:
     body_timeout: int = 10  # s for a body to arrive whole before the request is queued (408 after)
     idle_timeout: int = 10  # s a kept-alive connection may wait for its next request
     buffer: int = 64 << 10  # bytes: bodies up to ~this are held whole; larger ones stream, in the bulk lane
-    max_form: int = 4 << 20  # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
+    # bytes of a multipart/form-data body (Netty form-decodes it: its cost grows with parts)
+    max_form: int = 4 << 20
     # Lanes: explanations cost seconds each, streamed bodies hold their slot while they arrive
     explain_maxconn: int = 1  # explanations inside TorchServe at once
     explain_queue: int = 8  # explanations waiting; more get 503 at once
@@ -117,8 +122,11 @@ class FrontDoor:
     bulk_queue: int = 64
     names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
     cert: str | None = None  # a real certificate instead of the generated one
-    models: dict = field(default_factory=dict)  # KServe v2 metadata per model name (oip_models): the v2 routes
-    metrics_port: int = 0  # HAProxy's Prometheus exporter on 127.0.0.1:PORT/metrics (0: off); a canary reads it
+    # KServe v2 metadata per model name (oip_models): the v2 routes
+    models: dict = field(default_factory=dict)
+    metrics_port: int = (
+        0  # HAProxy's Prometheus exporter on 127.0.0.1:PORT/metrics (0: off); a canary reads it
+    )
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
@@ -145,8 +153,9 @@ class FrontDoor:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         if not os.path.exists(self.ca):
             openssl(
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "3650",
-                "-keyout", self.path("ca.key"), "-out", self.ca, "-subj", "/CN=TorchServe bundle local CA",
+                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-days", "3650", "-keyout", self.path("ca.key"), "-out", self.ca,
+                "-subj", "/CN=TorchServe bundle local CA",
             )  # fmt: skip
         san = ",".join(f"IP:{n}" if is_ip(n) else f"DNS:{n}" for n in dict.fromkeys(self.names))
         if os.path.exists(self.pem) and read(self.path("server.san")) == san:
@@ -154,8 +163,8 @@ class FrontDoor:
         with open(self.path("server.ext"), "w") as f:
             f.write(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
         key, csr, crt = self.path("server.key"), self.path("server.csr"), self.path("server.crt")
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", csr,
-                "-subj", "/CN=localhost")  # fmt: skip
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key,
+                "-out", csr, "-subj", "/CN=localhost")  # fmt: skip
         openssl("x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", self.path("ca.key"), "-CAcreateserial",
                 "-days", "397", "-extfile", self.path("server.ext"), "-out", crt)  # fmt: skip
         with open(self.pem, "w") as f:  # HAProxy reads the certificate and its key from one file
@@ -167,14 +176,14 @@ class FrontDoor:
     def haproxy_config(self) -> str:
         return "\n".join(
             ["# generated by deploy/frontdoor.py; do not edit (docs/frontdoor.md)", self.global_section(),
-             self.defaults_section(), self.frontend_section(), *(self.backend_section(*lane) for lane in self.lanes()),
-             self.canary_sections()]
+             self.defaults_section(), self.frontend_section(),
+             *(self.backend_section(*lane) for lane in self.lanes()), self.canary_sections()]
         )  # fmt: skip
 
     def lanes(self) -> list[tuple[str, int, int]]:
         """(backend, requests inside TorchServe at once, requests waiting) per lane: predictions, explanations
-        (costly: they must never take the slots predictions need), and bodies too large to buffer (they stream,
-        so a slow sender holds its slot: keep those few)."""
+        (costly: they must never take the slots predictions need), and bodies too large to buffer (they
+        stream, so a slow sender holds its slot: keep those few)."""
         return [
             ("torchserve", self.maxconn, self.queue),
             ("explain", self.explain_maxconn, self.explain_queue),
@@ -198,11 +207,12 @@ class FrontDoor:
     ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets
     # TLS 1.2: ECDHE with AEAD ciphers only (no CBC, no RSA key exchange); TLS 1.3's suites are all AEAD.
     ssl-default-bind-ciphers {TLS12_CIPHERS}
-{drop}"""
+{drop}"""  # noqa: E501 (the generated config's own lines: wrapping them would change it)
 
     def defaults_section(self) -> str:
         overloaded = f"overloaded, retry after {self.retry_after} s"
         late = f"request not received within {self.request_timeout} s (head) or {self.body_timeout} s (body)"
+        silent = f"no answer from TorchServe within {self.server_timeout} s"
         return f"""defaults
     mode http
     log global
@@ -223,26 +233,31 @@ class FrontDoor:
     # HAProxy's own answers, in TorchServe's JSON shape: a request that waited timeout queue, a slow client
     http-error {json_reply(503, "Overloaded", overloaded, self.retry_after)}
     http-error {json_reply(408, "RequestTimeout", late)}
-    http-error {json_reply(504, "GatewayTimeout", f"no answer from TorchServe within {self.server_timeout} s")}
-"""
+    http-error {json_reply(504, "GatewayTimeout", silent)}
+"""  # noqa: E501 (the generated config's own lines: wrapping them would change it)
 
     def frontend_section(self) -> str:
         overloaded = f"overloaded, retry after {self.retry_after} s"
-        table = max(30, self.rate_period, self.explain_period)  # s an address is remembered after its last use
+        # s an address is remembered after its last use
+        table = max(30, self.rate_period, self.explain_period)
         rules = [
             f"bind {self.bind}:{self.port} ssl crt {self.pem} alpn http/1.1",
             f"maxconn {self.max_clients}",
-            f"stick-table type ip size 100k expire {table}s store conn_cur,http_req_rate({self.rate_period}s)",
+            f"stick-table type ip size 100k expire {table}s store "
+            f"conn_cur,http_req_rate({self.rate_period}s)",
             "tcp-request connection track-sc0 src",
             f"tcp-request connection reject if {{ sc0_conn_cur gt {self.per_source} }}",
-            # What TorchServe must not see, refused on the head: it reads (and form-decodes) whole bodies before
-            # it checks the key.
-            f"http-request return {json_reply(411, 'LengthRequired', 'send a Content-Length (no chunked bodies)')} "
+            # What TorchServe must not see, refused on the head: it reads (and form-decodes) whole bodies
+            # before it checks the key.
+            "http-request return "
+            f"{json_reply(411, 'LengthRequired', 'send a Content-Length (no chunked bodies)')} "
             "if { req.hdr(transfer-encoding) -m found }",
-            f"http-request return {json_reply(413, 'PayloadTooLarge', f'request body over {self.max_body} bytes')} "
+            "http-request return "
+            f"{json_reply(413, 'PayloadTooLarge', f'request body over {self.max_body} bytes')} "
             f"if {{ req.hdr_val(content-length) gt {self.max_body} }}",
-            # The media type before any parameter, lower-cased: the types the handler reads. Netty form-decodes
-            # url-encoded bodies (16 MB: 5.7 s of its CPU, +2.1 GB) and multipart ones (capped below).
+            # The media type before any parameter, lower-cased: the types the handler reads. Netty
+            # form-decodes url-encoded bodies (16 MB: 5.7 s of its CPU, +2.1 GB) and multipart ones (capped
+            # below).
             "acl typed req.fhdr_cnt(content-type) gt 0",
             f"acl served req.fhdr(content-type),lower,field(1,;) -m str {' '.join(SERVED_TYPES)}",
             "acl served req.fhdr(content-type),lower,field(1,;) -m beg image/",
@@ -250,32 +265,37 @@ class FrontDoor:
             f"http-request return {json_reply(400, 'BadRequest', 'one Content-Type at most')} "
             "if { req.fhdr_cnt(content-type) gt 1 }",
             f"http-request return {json_reply(415, 'UnsupportedMediaType', UNSUPPORTED)} if typed !served",
-            f"http-request return {json_reply(413, 'PayloadTooLarge', f'multipart body over {self.max_form} bytes')} "
+            "http-request return "
+            f"{json_reply(413, 'PayloadTooLarge', f'multipart body over {self.max_form} bytes')} "
             f"if form {{ req.hdr_val(content-length) gt {self.max_form} }}",
-            # TorchServe's OpenAPI description (GET /api-description, OPTIONS /) needs no key and names its version.
-            # Paths as Netty reads them: percent-decoded; lower-cased to refuse more, never less.
+            # TorchServe's OpenAPI description (GET /api-description, OPTIONS /) needs no key and names its
+            # version. Paths as Netty reads them: percent-decoded; lower-cased to refuse more, never less.
             "acl api_description path,url_dec,lower -m beg /api-description",
-            f"http-request return {json_reply(404, 'NotFound', 'no such resource')} if METH_OPTIONS or api_description",
+            f"http-request return {json_reply(404, 'NotFound', 'no such resource')} if "
+            "METH_OPTIONS or api_description",
             # The body, whole, before the request may take a place in a queue: a slow sender gets 408 after
             # body_timeout and never holds a slot. A body larger than the buffer has to stream: the bulk lane.
             # Refusals from here on come after the body, so the connection stays usable for the next request.
             f"http-request wait-for-body time {self.body_timeout}s",
             "http-request set-var(txn.buffered) req.body_len",
             "acl streamed req.body_size,sub(txn.buffered) gt 0",
-            # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here too)
+            # /explanations/, /v1/models/m:explain, /v2/models/m/explain (a model named *explain* lands here
+            # too)
             "acl explain path,url_dec,lower -m sub explanation explain",
             "http-request track-sc1 src table explain if explain",
             *self.oip_rules(),
         ]
         if self.rate:
-            rules.append(f"http-request return {json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
+            rules.append("http-request return "
+                         f"{json_reply(429, 'TooManyRequests', overloaded, self.retry_after)} "
                          f"if {{ sc_http_req_rate(0) gt {self.rate} }}")  # fmt: skip
         if self.explain_rate:
             many = f"at most {self.explain_rate} explanations per {self.explain_period} s per client"
             rules.append(f"http-request return {json_reply(429, 'TooManyRequests', many, self.retry_after)} "
                          f"if explain {{ sc_http_req_rate(1) gt {self.explain_rate} }}")  # fmt: skip
         rules += [
-            f"http-request return {json_reply(503, 'Unavailable', 'TorchServe is not answering', RETRY_AFTER_DOWN)} "
+            "http-request return "
+            f"{json_reply(503, 'Unavailable', 'TorchServe is not answering', RETRY_AFTER_DOWN)} "
             "if { nbsrv(torchserve) eq 0 }",
             "use_backend explain if explain",
             "use_backend bulk if streamed",
@@ -287,12 +307,17 @@ class FrontDoor:
 
     def backend_section(self, name: str, maxconn: int, queue: int) -> str:
         """One lane to TorchServe: its own connection cap and queue (refused at once with 503 when full)."""
-        overloaded = json_reply(503, "Overloaded", f"overloaded, retry after {self.retry_after} s", self.retry_after)
-        check = "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"  # one health check
+        overloaded = json_reply(
+            503, "Overloaded", f"overloaded, retry after {self.retry_after} s", self.retry_after
+        )
+        # one health check
+        check = "check inter 2s" if name == "torchserve" else "track torchserve/torchserve"
         rules = [f"http-request return {overloaded} if {{ queue({name}) ge {queue} }}"]
         if name == "explain":  # the explanations each address asked for (the frontend tracks them in sc1)
             period = self.explain_period
-            rules.insert(0, f"stick-table type ip size 100k expire {max(30, period)}s store http_req_rate({period}s)")
+            rules.insert(
+                0, f"stick-table type ip size 100k expire {max(30, period)}s store http_req_rate({period}s)"
+            )
         rules += [
             "# TorchServe's own 503s (queue full, no worker) say nothing about when to come back",
             f"http-response set-header Retry-After {self.retry_after} "
@@ -301,13 +326,13 @@ class FrontDoor:
         ]
         return f"backend {name}\n" + "".join(f"    {rule}\n" for rule in rules)
 
-    # --- KServe v2 / Open Inference Protocol: what TorchServe 0.12 does not answer (docs/kserve.md) -------------
+    # --- KServe v2 / Open Inference Protocol: what TorchServe 0.12 does not answer (docs/kserve.md) ---------
     def oip_rules(self) -> list[str]:
-        """Model metadata and readiness, and the versioned infer/explain routes, for each model in self.models.
-        Each becomes a request TorchServe answers with the client's own key (metadata and readiness: GET /ping,
-        whose 200 the door then replaces with the model's answer), so a wrong key gets TorchServe's refusal on
-        every v2 path. Paths are matched whole as strings (no regular expression); any other spelling reaches
-        TorchServe unchanged and gets its 404."""
+        """Model metadata and readiness, and the versioned infer/explain routes, for each model in
+        self.models. Each becomes a request TorchServe answers with the client's own key (metadata and
+        readiness: GET /ping, whose 200 the door then replaces with the model's answer), so a wrong key gets
+        TorchServe's refusal on every v2 path. Paths are matched whole as strings (no regular expression); any
+        other spelling reaches TorchServe unchanged and gets its 404."""
         rules = []
         for name, meta in self.models.items():
             base = f"/v2/models/{name}"
@@ -321,7 +346,8 @@ class FrontDoor:
             for version, path in zip(meta["versions"], versioned):
                 rules += [
                     f"http-request set-path /predictions/{name}/{version} if {{ path -m str {path}/infer }}",
-                    f"http-request set-path /explanations/{name}/{version} if {{ path -m str {path}/explain }}",
+                    f"http-request set-path /explanations/{name}/{version} if {{ path -m str "
+                    f"{path}/explain }}",
                 ]
             ready = haproxy_quote(json.dumps({"name": name, "ready": True}))
             rules += [
@@ -339,17 +365,20 @@ class FrontDoor:
         """The metadata files the config names (HAProxy reads them at start, before it drops to its user)."""
         for name, meta in self.models.items():
             with private_files(), open(self.oip_file(name), "w") as f:
-                json.dump(meta, f)
+                # HAProxy refuses a `return ... file` that does not fit its buffer less tune.maxrewrite, and
+                # the answer's headers share it: half the buffer leaves room (1,000 ImageNet labels: ~14 KB)
+                f.write(metadata_text(meta, self.buffer // 2))
 
     # --- canary (deploy/canary.py drives it live through the admin socket) ---------------------------------
     def canary_sections(self) -> str:
-        """A `canary` backend with two servers, `default` and `candidate`, weighted round-robin (so each share is
-        exact, not a coin toss), each a loopback frontend that re-issues the request on a path HAProxy builds:
-        the candidate's versioned route `/predictions/<model>/<version>` from canary.map (which deploy/canary.py
-        fills with validated values), the default's unchanged. Both then take the predictions lane, so its cap
-        and queue hold for the split traffic too. The candidate starts at weight 0; the config never splits by
-        itself, so a restarted door sends everything to the default. Each 200 answer's top-1 label (the first key
-        of the handler's JSON) is counted per server in the backend's table, for the class distributions."""
+        """A `canary` backend with two servers, `default` and `candidate`, weighted round-robin (so each share
+        is exact, not a coin toss), each a loopback frontend that re-issues the request on a path HAProxy
+        builds: the candidate's versioned route `/predictions/<model>/<version>` from canary.map (which
+        deploy/canary.py fills with validated values), the default's unchanged. Both then take the predictions
+        lane, so its cap and queue hold for the split traffic too. The candidate starts at weight 0; the
+        config never splits by itself, so a restarted door sends everything to the default. Each 200 answer's
+        top-1 label (the first key of the handler's JSON) is counted per server in the backend's table, for
+        the class distributions."""
         # abstract names have no permissions: a fixed one could be bound first by any local user, and the
         # door would not start; 128 random bits per config cannot be (a `unix@` socket in the 0700 folder
         # could not be reached by HAProxy once it runs as its own user)
@@ -361,7 +390,8 @@ class FrontDoor:
             # 2 servers x (classes + a 404 key): 16k keys hold 8k classes (ImageNet's 1000 take 2002)
             "    stick-table type string len 80 size 16k store gpc0",
             "    http-response wait-for-body time 1s if { status 200 }",
-            # the first key of the answer's JSON object (the top-1 label: the handler writes it first), split on `"`
+            # the first key of the answer's JSON object (the top-1 label: the handler writes it first), split
+            # on `"`
             """    http-response set-var(txn.top1) 'res.body,field(2,"\\"")' if { status 200 }""",
             "    http-response set-var(txn.answer) srv_name,concat(/,txn.top1) if { status 200 }",
             # a 404 (the version gone from TorchServe) counts as `server!404`; a client's other 4xx never do
@@ -395,7 +425,8 @@ class FrontDoor:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         self.write_oip()
         with private_files(), open(self.path(CANARY_MAP), "w"):
-            pass  # empty at every start: a restarted door splits nothing (a canary's controller sees it and stops)
+            # empty at every start: a restarted door splits nothing (a canary's controller sees it and stops)
+            pass
         with private_files(), open(self.config, "w") as f:
             f.write(self.haproxy_config())
         check = subprocess.run([haproxy(), "-c", "-q", "-f", self.config], capture_output=True, text=True)
@@ -454,7 +485,8 @@ class FrontDoorError(RuntimeError):
 
 
 def for_server(ts, **kw) -> FrontDoor:
-    """The front door of a TorchServe object: its inference port, its max_request_size and response timeout."""
+    """The front door of a TorchServe object: its inference port, its max_request_size and response
+    timeout."""
     props = ts.config()
     max_body = int(props.get("max_request_size", 6553500))
     server_timeout = int(props.get("default_response_timeout", 120)) + 30
@@ -463,7 +495,8 @@ def for_server(ts, **kw) -> FrontDoor:
 
 
 # --- KServe v2 model metadata, from the archives in a model store -------------------------------------------
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # model names and versions written into HAProxy's config
+# model names and versions written into HAProxy's config
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def oip_models(store: str) -> dict[str, dict]:
@@ -478,11 +511,13 @@ def oip_models(store: str) -> dict[str, dict]:
             model = read_manifest(path)["model"]
             name, version = model["modelName"], model["modelVersion"]
             bundle = read_bundle(path)
-        except (ValueError, KeyError, OSError):
-            continue  # not one of this bundle's archives: TorchServe decides what to do with it
-        if not (SAFE_NAME.fullmatch(name) and SAFE_NAME.fullmatch(version)):
+            meta = model_metadata(name, [], bundle.class_names, bundle.preprocessing)
+        except Exception as e:  # a foreign or broken archive must not stop the door; the guard refuses it
+            print(f"warning: {os.path.basename(path)} has no v2 metadata: {e!r:.200}", file=sys.stderr)
             continue
-        meta = found.setdefault(name, model_metadata(name, [], bundle.class_names, bundle.preprocessing))
+        if not all(isinstance(v, str) and SAFE_NAME.fullmatch(v) for v in (name, version)):
+            continue
+        meta = found.setdefault(name, meta)
         meta["versions"].append(version)
     return found
 

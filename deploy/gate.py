@@ -1,7 +1,7 @@
 """The promotion gate: a candidate version and the current default answer the same golden set (validation
 images with known labels: the model's own set, see deploy/golden.py); the candidate passes when it answers the
-default's classes, loses no more than `max_drop` points of accuracy, counted in whole images, gives the default's
-top-1 answer on at least `min_agreement` of the images, and no golden request fails.
+default's classes, loses no more than `max_drop` points of accuracy, counted in whole images, gives the
+default's top-1 answer on at least `min_agreement` of the images, and no golden request fails.
 Requests that fail for the server's sake are retried; when the default still fails one, the verdict is
 "inconclusive": a crash of the default must not lower its score and let a worse candidate through.
 
@@ -127,12 +127,14 @@ def check_classes(ts, model: str, candidate: str, baseline: str, allow_new_class
 
 # Top-1 agreement with the default below this blocks a promotion. Measured on the digits' 100 golden images:
 # the quickstart's 1.0 and 2.0 (two recipes, two widths) agree on 99 %, and 2.0 with 3 and 8 swapped on 80 %
-# (table in docs/deployment.md): 0.9 leaves nine images of honest disagreement and blocks any swap of two classes.
+# (table in docs/deployment.md): 0.9 leaves nine images of honest disagreement and blocks any swap of two
+# classes.
 MIN_AGREEMENT = 0.9
 
 
 def check_agreement(new: dict, old: dict, min_agreement: float, allow_disagreement: bool) -> dict:
-    """How often the candidate gives the default's top-1 answer, counted in whole images, against the minimum."""
+    """How often the candidate gives the default's top-1 answer, counted in whole images, against the
+    minimum."""
     agreed = sum(a == b for a, b in zip(new["predictions"], old["predictions"]))
     images = len(new["predictions"])
     enough = agreed >= min_agreement * images - 1e-9
@@ -146,10 +148,14 @@ def check_agreement(new: dict, old: dict, min_agreement: float, allow_disagreeme
 
 
 def agreement_reason(a: dict) -> str:
-    share = f"top-1 agreement with the default {a['agreed'] / a['images']:.1%} is below {a['min_agreement']:.0%}"
+    share = (
+        f"top-1 agreement with the default {a['agreed'] / a['images']:.1%} is below {a['min_agreement']:.0%}"
+    )
     if a["overridden"]:
         return f"{share}, overridden by --allow-disagreement"
-    return f"{share}: the candidate answers differently from the default on {a['images'] - a['agreed']} images"
+    return (
+        f"{share}: the candidate answers differently from the default on {a['images'] - a['agreed']} images"
+    )
 
 
 def golden_reason(g: dict) -> str:
@@ -182,7 +188,8 @@ def gate(
     new = score(ts, model, candidate, golden)
     old = score(ts, model, baseline, golden) if baseline else None
     report.update(candidate=new, baseline=old)
-    if old and old["errors"]:  # the default could not answer: its accuracy says nothing, nor does the comparison
+    # the default could not answer: its accuracy says nothing, nor does the comparison
+    if old and old["errors"]:
         report.update(passed=False, inconclusive=True, agreement=None)
         report["reason"] = (
             f"inconclusive: the default {baseline} failed {old['errors']} golden requests even after "

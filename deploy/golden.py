@@ -48,11 +48,15 @@ def read_file(folder: str, name: str) -> bytes:
 def read_set(folder: str) -> tuple[list[dict], dict[str, bytes]]:
     """(entries of golden.json, {file name: bytes}, golden.json included)."""
     if not os.path.isfile(os.path.join(folder, INDEX)):
-        raise DeployError(f"no golden set at {os.path.join(folder, INDEX)}: training writes one into <run>/golden/")
+        raise DeployError(
+            f"no golden set at {os.path.join(folder, INDEX)}: training writes one into <run>/golden/"
+        )
     index = read_file(folder, INDEX)
     try:
         entries = json.loads(index)
-        if not entries or not all(isinstance(e.get("file"), str) and isinstance(e.get("label"), str) for e in entries):
+        if not entries or not all(
+            isinstance(e.get("file"), str) and isinstance(e.get("label"), str) for e in entries
+        ):
             raise ValueError("expected a list of {file, label}")
     except (ValueError, AttributeError, TypeError) as e:
         raise DeployError(f"golden set {folder}: unreadable {INDEX} ({e})") from None
@@ -90,10 +94,16 @@ def read_fixed(fixed: str) -> tuple[list[tuple[bytes, str]], dict]:
     changed = sorted(n for n in set(have) | set(want) if have.get(n) != want.get(n))
     if changed:
         raise DeployError(
-            f"the model's golden set {fixed} does not match its manifest ({', '.join(changed[:4])}"
-            f"{' ...' if len(changed) > 4 else ''}): not gating on it; name a set with --golden DIR --replace-golden"
+            f"the model's golden set {fixed} does not match its manifest "
+            f"({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''}): not gating on it; name a set "
+            "with --golden DIR --replace-golden"
         )
-    info = {"source": "model", "dir": fixed, "from": manifest.get("from"), "fixed_at": manifest.get("fixed_at")}
+    info = {
+        "source": "model",
+        "dir": fixed,
+        "from": manifest.get("from"),
+        "fixed_at": manifest.get("fixed_at"),
+    }
     return pairs(entries, files), {**info, "sha256": digest(want), "overridden": False}
 
 
@@ -134,22 +144,28 @@ def choose(
             raise DeployError("--golden-from-candidate and --replace-golden need --golden DIR")
         if not os.path.isdir(fixed):
             raise DeployError(
-                f"{model} has no golden set yet: its first gate needs --golden DIR, which becomes the model's set "
-                f"(copied to {fixed})"
+                f"{model} has no golden set yet: its first gate needs --golden DIR, which becomes the "
+                f"model's set (copied to {fixed})"
             )
         return read_fixed(fixed)
     entries, files = read_set(folder)
     named = {"from": os.path.abspath(folder), "sha256": digest(checksums(files))}
     if from_candidate:
-        return pairs(entries, files), {"source": "candidate", "dir": named["from"], **named, "overridden": True}
+        return pairs(entries, files), {
+            "source": "candidate",
+            "dir": named["from"],
+            **named,
+            "overridden": True,
+        }
     exists = os.path.isdir(fixed)
     if exists and not replace:
         golden, info = read_fixed(fixed)
         if info["sha256"] != named["sha256"]:
             raise DeployError(
-                f"{folder} is not {model}'s golden set (fixed in {fixed} from {info['from']}): a candidate is "
-                f"judged on the model's set. Leave out --golden to use it; --golden-from-candidate gates on "
-                f"{folder} this once (the report records it); --replace-golden makes {folder} the model's set"
+                f"{folder} is not {model}'s golden set (fixed in {fixed} from {info['from']}): a candidate "
+                "is judged on the model's set. Leave out --golden to use it; --golden-from-candidate gates "
+                f"on {folder} this once (the report records it); --replace-golden makes {folder} the "
+                "model's set"
             )
         return golden, info
     fix(state_dir, model, folder, files)

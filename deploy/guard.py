@@ -1,4 +1,5 @@
-"""The management port's gatekeeper: it re-issues the management calls it understands, it never forwards bytes.
+"""The management port's gatekeeper: it re-issues the management calls it understands, it never forwards
+bytes.
 
 TorchServe 0.12's register call also loads an unpacked model *directory* from any absolute path, with no
 checksum, and no setting turns that off; its handler is code that runs as the server's user. So the
@@ -8,17 +9,18 @@ proxy owns the management port.
 Every request is parsed strictly (one request line, no folded or duplicate headers, no control characters, at
 most one Content-Length of 0..MAX_BODY, no Transfer-Encoding) and its key is checked against TorchServe's
 key_file.json (which the guard, running as the server's user, can read) before any costly work. Its path is
-percent-decoded and split the way TorchServe reads it, its query the way Netty 4.1.53's QueryStringDecoder does
-(on '&' *and* ';', '+' as a space); repeated and unknown parameters are refused, each value must have its
+percent-decoded and split the way TorchServe reads it, its query the way Netty 4.1.53's QueryStringDecoder
+does (on '&' *and* ';', '+' as a space); repeated and unknown parameters are refused, each value must have its
 parameter's form. Then a *new* request goes to TorchServe, built from the validated values only: method,
-normalised path, re-encoded query, the Authorization header. Registrations pass only when `url` is the file name
-of a `.mar` in the model store that matches its `.sha256` and is a sound zip with a manifest. Anything else gets
-a JSON answer (400, 403, 404, 405, 413; 500 for a bug of ours) and the connection is closed. The log lists each
-call as it was re-issued.
+normalised path, re-encoded query, the Authorization header. Registrations pass only when `url` is the file
+name of a `.mar` in the model store that matches its `.sha256` and is a sound zip with a manifest. Anything
+else gets a JSON answer (400, 403, 404, 405, 413; 500 for a bug of ours) and the connection is closed. The log
+lists each call as it was re-issued.
 The reading of a request lives in deploy/guard_request.py; this module holds the keys, the proxy and the
 guard's process (launch, state, stop).
 
-    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock --model-store model_store
+    python -m deploy.guard --listen 127.0.0.1:8081 --socket server/tmp/management.sock \\
+        --model-store model_store
 """
 
 import argparse
@@ -45,16 +47,17 @@ from deploy.errors import error_body
 from deploy.guard_request import FIELD_CHARS, MAX_BODY, MAX_LINE, Call, Head, Refusal, build, only, read_head
 from deploy.privileges import logged
 
-# TorchServe's answer to a missing or wrong key: the tools (deploy/server.py) recognise it and re-read the key file
+# TorchServe's answer to a missing or wrong key: the tools (deploy/server.py) recognise it and re-read the key
+# file
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
 
 
-# --- keys ----------------------------------------------------------------------------------------------------------
+# --- keys ---------------------------------------------------------------------------------------------------
 
 
 class Keys:
-    """The keys in TorchServe's key_file.json (the guard runs as the server's user and may read it), re-read when a
-    presented key does not match (TorchServe rewrites the file when a key is refreshed)."""
+    """The keys in TorchServe's key_file.json (the guard runs as the server's user and may read it), re-read
+    when a presented key does not match (TorchServe rewrites the file when a key is refreshed)."""
 
     def __init__(self, key_file: str | None, upstream: str):
         self.key_file, self.upstream = key_file, upstream
@@ -63,7 +66,8 @@ class Keys:
         self.lock = threading.Lock()
 
     def authorize(self, call: Call, authorization: str | None) -> dict:
-        """The Authorization header to send with `call` ({} with tokens off); Refusal when the key is wrong."""
+        """The Authorization header to send with `call` ({} with tokens off); Refusal when the key is
+        wrong."""
         scheme, _, token = (authorization or "").partition(" ")
         if self.key_file is None:  # nothing to check against: TorchServe alone judges the key
             return {"Authorization": f"Bearer {token}"} if scheme == "Bearer" and token else {}
@@ -101,12 +105,14 @@ class Keys:
         if self.tokens is None:
             status, _, _ = reissue(self.upstream, Call("GET", "/models", {"limit": "1"}, "management"), {})
             if status not in (200, 400):
-                raise Refusal(502, f"TorchServe's management API answered {status} without a key", "BadGateway")
+                raise Refusal(
+                    502, f"TorchServe's management API answered {status} without a key", "BadGateway"
+                )
             self.tokens = status == 400
         return self.tokens
 
 
-# --- the proxy -----------------------------------------------------------------------------------------------------
+# --- the proxy ----------------------------------------------------------------------------------------------
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -131,7 +137,9 @@ def reissue(upstream: str, call: Call, headers: dict) -> tuple[int, list[tuple[s
         resp = conn.getresponse()
         return resp.status, resp.getheaders(), resp.read()
     except OSError as e:
-        raise Refusal(502, f"TorchServe's management API did not answer ({e.__class__.__name__})", "BadGateway") from e
+        raise Refusal(
+            502, f"TorchServe's management API did not answer ({e.__class__.__name__})", "BadGateway"
+        ) from e
     finally:
         conn.close()
 
@@ -153,9 +161,12 @@ class Guard(socketserver.StreamRequestHandler):
                 return False
             call = build(head)
             auth = self.server.keys.authorize(call, head.headers.get("authorization"))
-            if call.registers:  # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
+            # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
+            if call.registers:
                 try:
-                    check_archive(os.path.join(self.server.model_store, call.params["url"]), self.server.model_store)
+                    check_archive(
+                        os.path.join(self.server.model_store, call.params["url"]), self.server.model_store
+                    )
                 except ValueError as e:
                     raise Refusal(403, f"registration refused: {e}", "RegistrationRefused") from None
             status, headers, data = reissue(self.server.upstream, call, auth)
@@ -165,7 +176,9 @@ class Guard(socketserver.StreamRequestHandler):
             return self.refuse(r, head, start)
         except Exception:  # a bug of ours: answer it, never drop the connection without a word
             traceback.print_exc()
-            return self.refuse(Refusal(500, "the guard failed on this request", "InternalServerError"), head, start)
+            return self.refuse(
+                Refusal(500, "the guard failed on this request", "InternalServerError"), head, start
+            )
         close = head.version == "HTTP/1.0" or "close" in head.headers.get("connection", "").lower()
         passed = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP | {"content-length"}]
         self.reply(status, passed, data, close)
@@ -182,8 +195,8 @@ class Guard(socketserver.StreamRequestHandler):
 
     def linger(self):
         """Close gently: closing a socket with unread input resets the connection, and the reset can erase the
-        answer before the client reads it (RFC 9112 9.6). So stop sending, then read what the client still sends,
-        for 2 s and MAX_BODY bytes at most, before the socket is closed."""
+        answer before the client reads it (RFC 9112 9.6). So stop sending, then read what the client still
+        sends, for 2 s and MAX_BODY bytes at most, before the socket is closed."""
         left, deadline = MAX_BODY + MAX_LINE, time.monotonic() + 2
         try:
             self.connection.shutdown(socket.SHUT_WR)
@@ -236,7 +249,8 @@ def bind_port(listen: str) -> socket.socket:
     review's own hostile check). A port someone else listens on already is an error, never shared."""
     host, port = listen.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT; a listener still wins the bind
+    # past TIME_WAIT; a listener still wins the bind
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, int(port)))
         sock.listen(GuardServer.request_queue_size)
@@ -270,9 +284,9 @@ def launch(ts):
 
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
-    """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for this
-    server's management socket. Found by what they are, not through a pid file: a pid file can name anyone's
-    process, and root signals only these."""
+    """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for
+    this server's management socket. Found by what they are, not through a pid file: a pid file can name
+    anyone's process, and root signals only these."""
     supervisors, guards = [], []
     for proc in psutil.process_iter(["cmdline", "uids"]):
         cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
@@ -335,8 +349,12 @@ def main(argv=None):
     p.add_argument("--socket", required=True, help="TorchServe's management Unix socket")
     p.add_argument("--model-store", required=True)
     p.add_argument("--watch-pid", type=int, default=0, help="exit when this process (TorchServe) is gone")
-    p.add_argument("--key-file", help="TorchServe's key_file.json (default: the one in --watch-pid's directory)")
-    p.add_argument("--listen-fd", type=int, help="an inherited socket already listening on --listen (launch())")
+    p.add_argument(
+        "--key-file", help="TorchServe's key_file.json (default: the one in --watch-pid's directory)"
+    )
+    p.add_argument(
+        "--listen-fd", type=int, help="an inherited socket already listening on --listen (launch())"
+    )
     args = p.parse_args(argv)
     key_file = args.key_file or (key_file_of(args.watch_pid) if args.watch_pid else None)
     host, port = args.listen.rsplit(":", 1)

@@ -1,7 +1,7 @@
-"""The guard's reading of a management request (deploy/guard.py): strict HTTP/1.1 framing, the target split the
-way TorchServe reads it, and the calls that may pass, each parameter with the form of its value. Everything here
-is pure: bytes in, a `Call` built from validated values out, or a `Refusal` that says why. Each parser runs in
-time linear in its input (tests/test_guard_units.py grows hostile input 10x)."""
+"""The guard's reading of a management request (deploy/guard.py): strict HTTP/1.1 framing, the target split
+the way TorchServe reads it, and the calls that may pass, each parameter with the form of its value.
+Everything here is pure: bytes in, a `Call` built from validated values out, or a `Refusal` that says why.
+Each parser runs in time linear in its input (tests/test_guard_units.py grows hostile input 10x)."""
 
 import re
 from dataclasses import dataclass
@@ -10,7 +10,8 @@ from urllib.parse import unquote_to_bytes, urlencode
 from deploy.archive import NAME
 
 ARCHIVE_NAME = re.compile(NAME.pattern + r"\.mar")  # a file name in the store, as archive.sh names them
-MAX_BODY = 1 << 20  # the framing we accept; management calls carry parameters, never archives (bodies are refused)
+# the framing we accept; management calls carry parameters, never archives (bodies are refused)
+MAX_BODY = 1 << 20
 MAX_LINE = 8192  # bytes of the request line or of one header line, CRLF included
 MAX_HEADERS = 64
 MAX_PARAMS = 16
@@ -34,7 +35,7 @@ def shown(value: str, limit: int = 80) -> str:
     return repr(value[:limit]) + ("…" if len(value) > limit else "")
 
 
-# --- HTTP framing: the request head ---------------------------------------------------------------------------
+# --- HTTP framing: the request head -------------------------------------------------------------------------
 
 
 @dataclass
@@ -108,7 +109,7 @@ def content_length(headers: dict[str, str]) -> int:
     return int(value)
 
 
-# --- the target, as TorchServe reads it -----------------------------------------------------------------------
+# --- the target, as TorchServe reads it ---------------------------------------------------------------------
 
 
 def decode(component: str, is_path: bool = False) -> str:
@@ -159,8 +160,8 @@ def netty_params(query: str) -> list[tuple[str, str]]:
 
 
 def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Path segments and parameters of an origin-form target, as TorchServe would see them; Refusal for anything
-    that could be read two ways (absolute form, fragments, broken escapes)."""
+    """Path segments and parameters of an origin-form target, as TorchServe would see them; Refusal for
+    anything that could be read two ways (absolute form, fragments, broken escapes)."""
     if not target.startswith("/"):
         raise Refusal(400, "send the path only (origin-form), not an absolute URL")
     if "#" in target:
@@ -178,7 +179,7 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
     return segments, pairs
 
 
-# --- what may pass -----------------------------------------------------------------------------------------------
+# --- what may pass ------------------------------------------------------------------------------------------
 
 
 def integer(low: int, high: int):
@@ -205,7 +206,8 @@ def model_name(value: str) -> str:
 def archive_name(value: str) -> str:
     if not ARCHIVE_NAME.fullmatch(value):
         raise ValueError(
-            "the file name of a .mar in the model store: only archives built with scripts/archive.sh (with their "
+            "the file name of a .mar in the model store: only archives built with "
+            "scripts/archive.sh (with their "
             ".sha256) can be registered"
         )
     return value
@@ -277,15 +279,17 @@ def route(method: str, segments: list[str]) -> tuple[str, ...]:
     fits = lambda shape: len(shape) == len(segments) and all(p in (ANY, s) for p, s in zip(shape, segments))
     methods = [m for m, shape in ROUTES if fits(shape)]
     if not methods:
-        raise Refusal(404, f"/{'/'.join(segments)} is not a management call that this guard passes", "NotFound")
+        raise Refusal(
+            404, f"/{'/'.join(segments)} is not a management call that this guard passes", "NotFound"
+        )
     if method not in methods:
         raise Refusal(405, f"{method} is not allowed here (only {', '.join(methods)})", "MethodNotAllowed")
     return next(p for (m, shape), p in ROUTES.items() if m == method and fits(shape))
 
 
 def build(head: Head) -> Call:
-    """The call TorchServe will get for this request, with every parameter's form checked (not yet the archive:
-    that is costly, and waits for the key)."""
+    """The call TorchServe will get for this request, with every parameter's form checked (not yet the
+    archive: that is costly, and waits for the key)."""
     segments, pairs = parse_target(head.target)
     registers = head.method == "POST" and segments == ["models"]
     allowed = route(head.method, segments)
@@ -301,7 +305,9 @@ def build(head: Head) -> Call:
             params[name] = value
         unknown = sorted(set(params) - set(allowed))
         if unknown:
-            raise ValueError(f"parameter {shown(unknown[0])} is not accepted here (only {', '.join(allowed)})")
+            raise ValueError(
+                f"parameter {shown(unknown[0])} is not accepted here (only {', '.join(allowed)})"
+            )
         if registers and "url" not in params:
             raise ValueError("give exactly one url: the file name of an archive in the model store")
         checked = {}

@@ -1,6 +1,7 @@
 """Serve a published pretrained model beside my_model: import its weights, archive it, register it.
 
-    python -m deploy.import_pretrained                      # EfficientNet-Lite0 (ImageNet) as model `imagenet` 1.0
+    python -m deploy.import_pretrained                      # EfficientNet-Lite0 (ImageNet) as model
+                                                            # `imagenet` 1.0
 
 Steps, each reused when its output exists (nothing is overwritten):
   1. data/photos/: real photos that scikit-image and scikit-learn ship, as full JPEGs (samples/) and as an

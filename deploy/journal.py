@@ -57,7 +57,9 @@ def append(state_dir: str, entry: dict) -> dict:
                 os.fsync(fd)
             except OSError:
                 pass
-            raise JournalError(f"cannot write the deployment journal {path}: {e}; nothing was changed") from None
+            raise JournalError(
+                f"cannot write the deployment journal {path}: {e}; nothing was changed"
+            ) from None
     finally:
         os.close(fd)
     return entry
@@ -120,13 +122,17 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
     doubts: list[dict] = []
     for e in entries:
         if e["op"] == "state":
-            models = {m: {"versions": dict(s["versions"]), "default": s.get("default")} for m, s in e["models"].items()}
+            models = {
+                m: {"versions": dict(s["versions"]), "default": s.get("default")}
+                for m, s in e["models"].items()
+            }
             doubts = []
             continue
         if e["state"] == "pending":
             doubts.append(e)
             continue
-        if e["state"] != "done" or e["op"] in ("gate", "canary"):  # a verdict; its changes have their own entries
+        # a verdict; its changes have their own entries
+        if e["state"] != "done" or e["op"] in ("gate", "canary"):
             continue
         model, version = e["model"], e["version"]
         # a later change that went through settles the doubts it supersedes
@@ -149,7 +155,8 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
 def supersedes(done: dict, pending: dict) -> bool:
     if done["model"] != pending["model"]:
         return False
-    if done["op"] == "default":  # a newer default replaces an uncertain one; a promoted version's gate is over
+    # a newer default replaces an uncertain one; a promoted version's gate is over
+    if done["op"] == "default":
         return pending["op"] == "default" or (
             pending["op"] in ("gate", "canary") and pending["version"] == done["version"]
         )
@@ -157,9 +164,13 @@ def supersedes(done: dict, pending: dict) -> bool:
 
 
 def in_doubt(doubts: list[dict], model: str) -> dict[str, str]:
-    """{version: op} of a model's versions whose register, gate or canary never finished: withdrawn at the next
-    start, never chosen by rollback."""
-    return {d["version"]: d["op"] for d in doubts if d["model"] == model and d["op"] in ("register", "gate", "canary")}
+    """{version: op} of a model's versions whose register, gate or canary never finished: withdrawn at the
+    next start, never chosen by rollback."""
+    return {
+        d["version"]: d["op"]
+        for d in doubts
+        if d["model"] == model and d["op"] in ("register", "gate", "canary")
+    }
 
 
 def pending_default(doubts: list[dict], model: str) -> dict | None:
@@ -185,7 +196,9 @@ def locked(state_dir: str, what: str, timeout: float = 900):
         return
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     with private_files():
-        fd = os.open(os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            os.path.join(state_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     try:
         deadline, told = time.time() + timeout, False
         while True:
@@ -194,9 +207,13 @@ def locked(state_dir: str, what: str, timeout: float = 900):
                 break
             except BlockingIOError:
                 if time.time() > deadline:
-                    raise JournalError(f"the deployment lock is still held by {holder(fd)}; try again later") from None
+                    raise JournalError(
+                        f"the deployment lock is still held by {holder(fd)}; try again later"
+                    ) from None
                 if not told:
-                    print(f"waiting for the deployment lock, held by {holder(fd)}", file=sys.stderr, flush=True)
+                    print(
+                        f"waiting for the deployment lock, held by {holder(fd)}", file=sys.stderr, flush=True
+                    )
                     told = True
                 time.sleep(0.2)
         try:  # who holds it, for whoever waits (best effort: a full disk must not stop a rollback)

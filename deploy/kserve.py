@@ -11,10 +11,11 @@ writes
   OUT/storage/model-store/*.mar          my_model's checked archives (each matches its .sha256)
   OUT/manifests/servingruntime.yaml      ClusterServingRuntime torchserve-bundle: this bundle's image
   OUT/manifests/inferenceservice-v1.yaml, inferenceservice-v2.yaml
-  OUT/manifests/networkpolicy.yaml       the predictor pods take inference only from the ingress gateway, Knative
-                                         and labelled clients, metrics only from the monitoring namespace; no egress
-  OUT/istio/authorizationpolicy.yaml     (apply when Istio is installed) only the paths, methods and content types
-                                         the bundle serves
+  OUT/manifests/networkpolicy.yaml       the predictor pods take inference only from the ingress gateway,
+                                         Knative and labelled clients, metrics only from the monitoring
+                                         namespace; no egress
+  OUT/istio/authorizationpolicy.yaml     (apply when Istio is installed) only the paths, methods and content
+                                         types the bundle serves
   OUT/istio/networkpolicy-sidecar.yaml   (with Istio) the sidecar's own traffic: istiod, DNS, merged metrics
 
 Copy OUT/storage to where storageUri points (a PVC, a bucket), then `kubectl apply -f OUT/manifests/` (and
@@ -54,21 +55,22 @@ RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "
 # The pod's ports: inference (KServe routes here), metrics, and Knative's queue-proxy in front of inference
 # (Knative mode only; in Standard mode nothing listens there).
 INFERENCE_PORT, METRICS_PORT, QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT = 8080, 8082, 8012, 9090
-# On both InferenceServices: KServe copies an InferenceService's labels to its pods and adds component=predictor
-# to a predictor's (pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta), so the
-# policies select exactly the predictor pods of this bundle's services.
+# On both InferenceServices: KServe copies an InferenceService's labels to its pods and adds
+# component=predictor to a predictor's (pkg/controller/v1beta1/inferenceservice/components/predictor.go,
+# buildObjectMeta), so the policies select exactly the predictor pods of this bundle's services.
 PART_OF = {"app.kubernetes.io/part-of": RUNTIME}
 PREDICTOR = {**PART_OF, "component": "predictor"}
-# Who may call the predictors: the ingress gateway, Knative's activator/autoscaler, and pods of the namespace that
-# carry CLIENT_LABEL; who may scrape metrics: the monitoring namespace. Change them here for another cluster.
+# Who may call the predictors: the ingress gateway, Knative's activator/autoscaler, and pods of the namespace
+# that carry CLIENT_LABEL; who may scrape metrics: the monitoring namespace. Change them here for another
+# cluster.
 ISTIO_NAMESPACE = "istio-system"  # istiod and (by default) the ingress gateway
 GATEWAY = (ISTIO_NAMESPACE, {"istio": "ingressgateway"})
 KNATIVE_NAMESPACE = "knative-serving"
 MONITORING_NAMESPACE = "monitoring"
 CLIENT_LABEL = {f"{RUNTIME}/client": "true"}
-# What a request may carry (Istio's prefix match, case-sensitive): a url-encoded form goes through Netty's form
-# decoder before any handler (issue 25, finding 9), so it is not among them. A request without Content-Type
-# reaches the handler as raw bytes and is allowed too.
+# What a request may carry (Istio's prefix match, case-sensitive): a url-encoded form goes through Netty's
+# form decoder before any handler (issue 25, finding 9), so it is not among them. A request without
+# Content-Type reaches the handler as raw bytes and is allowed too.
 CONTENT_TYPES = ["application/octet-stream", "application/json*", "image/*", "multipart/form-data*"]
 SNAPSHOT_KEYS = {  # model_snapshot entry <- the archive's model-config.yaml (TorchServe's defaults otherwise)
     "minWorkers": ("minWorkers", 1),
@@ -83,7 +85,7 @@ class LayoutError(ValueError):
     pass
 
 
-# --- storage layout -------------------------------------------------------------------------------------------
+# --- storage layout -----------------------------------------------------------------------------------------
 
 
 def archive_config(path: str) -> dict:
@@ -100,9 +102,13 @@ def store_versions(store: str, model: str = settings.MODEL_NAME) -> dict[str, st
     if not os.path.isdir(store):
         raise LayoutError(f"model store {store} does not exist (build archives with scripts/archive.sh)")
     if not os.path.isfile(os.path.join(store, f"{model}.mar")):
-        raise LayoutError(f"model store {store} has no {model}.mar (scripts/archive.sh 1.0 CHECKPOINT writes it)")
+        raise LayoutError(
+            f"model store {store} has no {model}.mar (scripts/archive.sh 1.0 CHECKPOINT writes it)"
+        )
     versions = {}
-    archives = glob.glob(os.path.join(store, f"{model}.mar")) + glob.glob(os.path.join(store, f"{model}_v*.mar"))
+    archives = glob.glob(os.path.join(store, f"{model}.mar")) + glob.glob(
+        os.path.join(store, f"{model}_v*.mar")
+    )
     for path in sorted(archives):
         verify_checksum(path)  # only archives this bundle built and nobody changed go to the cluster
         entry = read_manifest(path)["model"]
@@ -113,7 +119,8 @@ def store_versions(store: str, model: str = settings.MODEL_NAME) -> dict[str, st
 
 
 def snapshot(versions: dict[str, str], default: str, model: str = settings.MODEL_NAME) -> dict:
-    """TorchServe's model_snapshot: every version with its archive, workers and batching; `default` flagged."""
+    """TorchServe's model_snapshot: every version with its archive, workers and batching; `default`
+    flagged."""
     entries = {}
     for version, path in versions.items():
         config = archive_config(path)
@@ -124,18 +131,20 @@ def snapshot(versions: dict[str, str], default: str, model: str = settings.MODEL
 
 
 def layout_config(snap: dict) -> dict:
-    """config.properties for KServe: this bundle's limits, KServe's ports, everything but inference and metrics on
-    the pod's loopback whatever config.properties says (it may expose more on a host: --expose-inference)."""
+    """config.properties for KServe: this bundle's limits, KServe's ports, everything but inference and
+    metrics on the pod's loopback whatever config.properties says (it may expose more on a host:
+    --expose-inference)."""
     props = read_properties(settings.CONFIG)
     props.update(
         {
-            # KServe's ports: its wrapper (stock runtime) takes 8080 and calls TorchServe on 8085; this bundle's
-            # runtime moves inference to 8080 with TS_INFERENCE_ADDRESS (enable_envvars_config).
+            # KServe's ports: its wrapper (stock runtime) takes 8080 and calls TorchServe on 8085; this
+            # bundle's runtime moves inference to 8080 with TS_INFERENCE_ADDRESS (enable_envvars_config).
             "inference_address": "http://0.0.0.0:8085",
             "management_address": "http://127.0.0.1:8081",
             "metrics_address": f"http://0.0.0.0:{METRICS_PORT}",
-            # gRPC has no switch to turn it off in 0.12: both servers stay on the pod's loopback (management would
-            # register any directory for whoever reaches it, finding 3; the NetworkPolicy opens neither port).
+            # gRPC has no switch to turn it off in 0.12: both servers stay on the pod's loopback (management
+            # would register any directory for whoever reaches it, finding 3; the NetworkPolicy opens neither
+            # port).
             "grpc_inference_address": "127.0.0.1",
             "grpc_management_address": "127.0.0.1",
             "grpc_inference_port": "7070",
@@ -160,7 +169,9 @@ def layout_config(snap: dict) -> dict:
 
 def write_storage(store: str, out: str, default: str | None = None) -> dict:
     versions = store_versions(store)
-    default = default or read_manifest(os.path.join(store, f"{settings.MODEL_NAME}.mar"))["model"]["modelVersion"]
+    default = (
+        default or read_manifest(os.path.join(store, f"{settings.MODEL_NAME}.mar"))["model"]["modelVersion"]
+    )
     if default not in versions:
         raise LayoutError(f"--default {default}: my_model has versions {sorted(versions)} in {store}")
     storage = os.path.join(out, "storage")
@@ -174,11 +185,13 @@ def write_storage(store: str, out: str, default: str | None = None) -> dict:
     shutil.copy(settings.METRICS_CONFIG, os.path.join(storage, "config", "metrics.yaml"))
     shutil.copy(settings.LOG_CONFIG, os.path.join(storage, "config", "log4j2.xml"))
     config = os.path.join(storage, "config", "config.properties")
-    write_properties(config, layout_config(snapshot(versions, default)), "generated by deploy/kserve.py for KServe")
+    write_properties(
+        config, layout_config(snapshot(versions, default)), "generated by deploy/kserve.py for KServe"
+    )
     return {"storage": storage, "config": config, "versions": sorted(versions), "default": default}
 
 
-# --- manifests ------------------------------------------------------------------------------------------------
+# --- manifests ----------------------------------------------------------------------------------------------
 
 
 def serving_runtime(image: str) -> dict:
@@ -187,14 +200,18 @@ def serving_runtime(image: str) -> dict:
         "kind": "ClusterServingRuntime",
         "metadata": {"name": RUNTIME},
         "spec": {
-            "annotations": {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"},
+            "annotations": {
+                "prometheus.kserve.io/port": str(METRICS_PORT),
+                "prometheus.kserve.io/path": "/metrics",
+            },
             "supportedModelFormats": [{"name": "pytorch", "version": "1", "autoSelect": False}],
             "protocolVersions": ["v1", "v2"],
             "containers": [
                 {
                     "name": "kserve-container",
                     "image": image,
-                    "args": RUNTIME_ARGS,  # the stock runtime's command; the image's entry point runs it in front
+                    # the stock runtime's command; the image's entry point runs it in front
+                    "args": RUNTIME_ARGS,
                     # No wrapper in this image: TorchServe itself answers /v1/models/my_model:predict,
                     # /v2/models/my_model/infer and /predictions/my_model on the port KServe routes to.
                     "env": [{"name": "TS_INFERENCE_ADDRESS", "value": f"http://0.0.0.0:{INFERENCE_PORT}"}],
@@ -221,12 +238,14 @@ def inference_service(protocol: str, storage_uri: str) -> dict:
         "spec": {
             "predictor": {
                 "minReplicas": 1,
-                # The front door's limits that KServe can carry (docs/kserve.md lists those it cannot): requests
-                # inside the pod at once (Knative's queue-proxy holds the rest) and the answer's deadline.
+                # The front door's limits that KServe can carry (docs/kserve.md lists those it cannot):
+                # requests inside the pod at once (Knative's queue-proxy holds the rest) and the answer's
+                # deadline.
                 "containerConcurrency": FrontDoor.maxconn,
                 "timeout": int(read_properties(settings.CONFIG)["default_response_timeout"]),
                 # With enable_envvars_config, TorchServe reads every TS_* variable: a Service named e.g.
-                # ts-grpc-management in the namespace would inject TS_GRPC_MANAGEMENT_PORT=tcp://... (service links).
+                # ts-grpc-management in the namespace would inject TS_GRPC_MANAGEMENT_PORT=tcp://... (service
+                # links).
                 "enableServiceLinks": False,
                 "automountServiceAccountToken": False,  # model code never needs the Kubernetes API
                 "model": {
@@ -268,8 +287,8 @@ def predictor_policy(name: str, ingress: list[dict], egress: list[dict]) -> dict
 
 
 def network_policy() -> dict:
-    """Ingress to the predictor pods only from the gateway, Knative and labelled clients (inference ports) and the
-    monitoring namespace (metrics); no egress at all (a pvc:// storageUri needs none)."""
+    """Ingress to the predictor pods only from the gateway, Knative and labelled clients (inference ports) and
+    the monitoring namespace (metrics); no egress at all (a pvc:// storageUri needs none)."""
     clients = [peer(*GATEWAY), {"podSelector": {"matchLabels": CLIENT_LABEL}}]
     ingress = [
         {"from": clients, "ports": tcp(INFERENCE_PORT, QUEUE_PROXY_PORT)},
@@ -294,8 +313,8 @@ def served_paths(model: str = settings.MODEL_NAME) -> dict[str, list[str]]:
 
 
 def authorization_policy() -> dict:
-    """Istio ALLOW policy on the predictor pods: anything not listed (/api-description, management paths, other
-    methods, url-encoded bodies) is denied by the sidecar before TorchServe sees it."""
+    """Istio ALLOW policy on the predictor pods: anything not listed (/api-description, management paths,
+    other methods, url-encoded bodies) is denied by the sidecar before TorchServe sees it."""
     inference = [str(INFERENCE_PORT), str(QUEUE_PROXY_PORT)]
     to = [{"operation": {"methods": [m], "paths": p, "ports": inference}} for m, p in served_paths().items()]
     to.append({"operation": {"methods": ["GET"], "paths": ["/metrics"], "ports": [str(METRICS_PORT)]}})
@@ -384,7 +403,8 @@ def write_manifests(out: str, image: str, storage_uri: str) -> list[str]:
         paths.append(os.path.join(out, name))
         os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
         with open(paths[-1], "w") as f:
-            yaml.safe_dump(json.loads(json.dumps(doc)), f, sort_keys=False)  # a copy: no YAML anchors for shared parts
+            # a copy: no YAML anchors for shared parts
+            yaml.safe_dump(json.loads(json.dumps(doc)), f, sort_keys=False)
     return paths
 
 
@@ -419,7 +439,9 @@ def main(argv=None):
     p.add_argument("out", help="folder to create: OUT/storage (copy to storageUri) and OUT/manifests")
     p.add_argument("--store", default=settings.MODEL_STORE, help="model store holding my_model's archives")
     p.add_argument("--default", default=None, help="default version (default: my_model.mar's)")
-    p.add_argument("--image", default=IMAGE, help="the serving runtime's image (this bundle's, in your registry)")
+    p.add_argument(
+        "--image", default=IMAGE, help="the serving runtime's image (this bundle's, in your registry)"
+    )
     p.add_argument("--storage-uri", default="pvc://model-store/my_model", help="where OUT/storage will live")
     args = p.parse_args(argv)
     try:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # for the annotations only: server.py calls this module (star
 
 
 def call(ts: TorchServe, method: str, path: str, ok=(200,), **kw):
-    """One management call -> its parsed JSON ({} for an empty body); DeployError with TorchServe's message."""
+    """One management call -> its parsed JSON ({} for an empty body); DeployError with TorchServe's
+    message."""
     resp = ts.request(method, "management", path, **kw)
     if resp.status_code not in ok:
         try:
@@ -62,7 +63,10 @@ def all_ready(ts: TorchServe) -> bool:
     """Every registered version has at least its minimum of READY workers. /ping turns healthy before a
     worker has finished loading its model: READY workers are the real signal."""
     return all(
-        ready_workers(v) >= v["minWorkers"] for entries in models(ts).values() for v in entries if v["minWorkers"] > 0
+        ready_workers(v) >= v["minWorkers"]
+        for entries in models(ts).values()
+        for v in entries
+        if v["minWorkers"] > 0
     )
 
 

@@ -27,6 +27,10 @@ __all__ = [
 ]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MEMBER_MAX = 1 << 20  # bytes: MANIFEST.json and bundle.json are a few KB; a larger one is refused unread
+# What a zip or its JSON raises besides ValueError: an encrypted member (RuntimeError), an unknown
+# compression method (NotImplementedError) and JSON nested too deep (RecursionError) are RuntimeErrors.
+UNREADABLE = (OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error)
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -38,7 +42,8 @@ def archive_name(model_name: str, version: str) -> str:
 
 
 def write_checksum(path: str) -> str:
-    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses place_archive."""
+    """The sidecar of an archive placed by other means (bench and test archives); build_archive uses
+    place_archive."""
     digest = sha256_of(path)
     with open(path + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(path)}\n")
@@ -72,11 +77,23 @@ def read_manifest(path: str) -> dict:
             bad = z.testzip()
             if bad:
                 raise ValueError(f"{name} is corrupt: {bad} fails its CRC check")
-            return json.loads(z.read("MAR-INF/MANIFEST.json"))
-    except (zipfile.BadZipFile, zlib.error) as e:  # testzip() lets a broken deflate stream's zlib.error through
-        raise ValueError(f"{name} is not a valid .mar (truncated or corrupt zip: {e})") from None
+            found = json.loads(read_member(z, "MAR-INF/MANIFEST.json"))
+    except UNREADABLE as e:  # testzip() lets a broken deflate stream's zlib.error through
+        raise ValueError(f"{name} is not a valid .mar (corrupt or unreadable zip: {e!r:.200})") from None
     except KeyError:
         raise ValueError(f"{name} has no MAR-INF/MANIFEST.json: not a TorchServe archive") from None
+    if not isinstance(found, dict) or not isinstance(found.get("model"), dict):
+        raise ValueError(f'{name}: MAR-INF/MANIFEST.json is not an object with a "model" object')
+    return found
+
+
+def read_member(z: zipfile.ZipFile, member: str) -> bytes:
+    """A small member of an archive; ValueError if its header says it is over MEMBER_MAX (zipfile stops
+    reading at that size, so the header cannot lie), KeyError if absent."""
+    size = z.getinfo(member).file_size
+    if size > MEMBER_MAX:
+        raise ValueError(f"{member} is {size:,} bytes, over the {MEMBER_MAX:,} a manifest may have")
+    return z.read(member)
 
 
 def read_bundle(path: str) -> Manifest:
@@ -87,10 +104,10 @@ def read_bundle(path: str) -> Manifest:
         with zipfile.ZipFile(path) as z:
             members = z.namelist()
             if manifest.FILE in members:
-                return manifest.loads(z.read(manifest.FILE))
-            legacy = manifest.from_legacy(lambda m: z.read(m) if m in members else None, members)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read {name}: {e}") from None
+                return manifest.loads(read_member(z, manifest.FILE))
+            legacy = manifest.from_legacy(lambda m: read_member(z, m) if m in members else None, members)
+    except UNREADABLE as e:
+        raise ValueError(f"cannot read {name}: {e!r:.200}") from None
     if legacy is None:
         raise ValueError(f"{name} has no {manifest.FILE}: its class names are unknown (rebuild it)")
     return legacy

@@ -25,7 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=settings.MODEL_NAME)
     p.add_argument("--version", default=None, help="default version when omitted")
-    p.add_argument("--summary", action="store_true", help="print only the accuracy (e.g. for a whole val set)")
+    p.add_argument(
+        "--summary", action="store_true", help="print only the accuracy (e.g. for a whole val set)"
+    )
     p.add_argument("--raw", action="store_true", help="print only each answer's body, as the server sent it")
     args = p.parse_args(argv)
     try:
@@ -35,7 +37,9 @@ def main(argv=None) -> int:
     try:
         return run(ts, args)
     except requests.ConnectionError:
-        raise SystemExit(f"predict: no answer from {ts.url()}: is TorchServe running? (serve.sh start)") from None
+        raise SystemExit(
+            f"predict: no answer from {ts.url()}: is TorchServe running? (serve.sh start)"
+        ) from None
     except ServerError as e:
         raise SystemExit(f"predict: {e}") from None
 
@@ -61,9 +65,13 @@ def run(ts: TorchServe, args) -> int:
         right += label == truth
         if not args.summary or label != truth:
             print(
-                f"  {path}: true {truth}  predicted {label} ({body[label]:.3f}) {'ok' if label == truth else 'WRONG'}"
+                f"  {path}: true {truth}  predicted {label} ({body[label]:.3f}) "
+                f"{'ok' if label == truth else 'WRONG'}"
             )
-    print(f"  {right}/{len(args.images)} correct (accuracy {right / len(args.images):.4f}), {failed} failed requests")
+    print(
+        f"  {right}/{len(args.images)} correct (accuracy {right / len(args.images):.4f}), {failed} "
+        "failed requests"
+    )
     return 1 if failed else 0  # a wrong label is information; a failed request is an error
 
 

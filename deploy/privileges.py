@@ -58,10 +58,10 @@ def as_user(user: str | None) -> dict:
 
 
 def own_dir(path: str, mode: int, uid: int, gid: int, adopt: bool = False):
-    """`path` is a real folder (never a link) owned by uid:gid with `mode`; created when missing. Only the folder
-    itself is changed, through a no-follow handle, never what lies inside. A folder of another owner is taken
-    over only when `adopt` (else PermissionError). Its parent must be one that no other user can write (the
-    caller's to check)."""
+    """`path` is a real folder (never a link) owned by uid:gid with `mode`; created when missing. Only the
+    folder itself is changed, through a no-follow handle, never what lies inside. A folder of another owner is
+    taken over only when `adopt` (else PermissionError). Its parent must be one that no other user can write
+    (the caller's to check)."""
     try:
         os.mkdir(path, 0o700)
         created = True
@@ -105,9 +105,9 @@ def open_below(base: str, path: str, owners: tuple[int, ...]):
 
 
 def write_new(path: str, data: bytes, mode: int = 0o600, gid: int = -1):
-    """Replace `path` with a new file holding `data`: written under a fresh name (O_EXCL, no-follow) and renamed
-    over it, so a reader never sees half a file and nothing already there is opened. For folders of root's
-    own, not ones another user can write."""
+    """Replace `path` with a new file holding `data`: written under a fresh name (O_EXCL, no-follow) and
+    renamed over it, so a reader never sees half a file and nothing already there is opened. For folders of
+    root's own, not ones another user can write."""
     tmp = f"{path}.{os.getpid()}.new"
     if os.path.lexists(tmp):  # left by a killed writer
         os.unlink(tmp)
@@ -125,8 +125,8 @@ def write_new(path: str, data: bytes, mode: int = 0o600, gid: int = -1):
 
 
 def logged(cmd: list[str], log: str) -> list[str]:
-    """`cmd` with its stdout and stderr appended to `log`, which the child opens itself: as the user it runs as,
-    so a link planted there leads nowhere that user could not write anyway."""
+    """`cmd` with its stdout and stderr appended to `log`, which the child opens itself: as the user it runs
+    as, so a link planted there leads nowhere that user could not write anyway."""
     return ["/bin/sh", "-c", 'log=$1; shift; exec "$@" >>"$log" 2>&1', "sh", log, *cmd]
 
 
@@ -164,7 +164,9 @@ def unreachable(user: str | None, need: dict[str, int]) -> list[str]:
         )
     except OSError as e:
         return [f"{sys.executable} ({e})"]
-    return json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+    return (
+        json.loads(out.stdout) if out.returncode == 0 else [f"{sys.executable} ({out.stderr.strip()[-200:]})"]
+    )
 
 
 def listener_uids(port: int) -> set[int]:

@@ -1,6 +1,6 @@
-"""The processes deploy/ starts and stops (TorchServe, its guard, the front door), supervised one way: a process
-is ours only when it runs as the expected user with the expected command line (a pid file can name anyone's
-process, and root signals only these); stopping is SIGTERM, a grace period, then SIGKILL; waiting for
+"""The processes deploy/ starts and stops (TorchServe, its guard, the front door), supervised one way: a
+process is ours only when it runs as the expected user with the expected command line (a pid file can name
+anyone's process, and root signals only these); stopping is SIGTERM, a grace period, then SIGKILL; waiting for
 something to come up is one loop with a probe, a deadline and a description."""
 
 import os
@@ -13,8 +13,8 @@ from deploy.errors import NotReady
 
 
 def read_pid(path: str, opener: Callable = open) -> int | None:
-    """The pid written in a pid file (None when there is none or it holds no number). `opener` opens it the way
-    the caller may (root: privileges.open_below, no links followed)."""
+    """The pid written in a pid file (None when there is none or it holds no number). `opener` opens it the
+    way the caller may (root: privileges.open_below, no links followed)."""
     try:
         with opener(path) as f:
             text = f.read(64)
@@ -28,7 +28,9 @@ def write_pid(path: str, pid: int):
         f.write(str(pid))
 
 
-def find(pid: int | None, marker: str, uid: int | None = None, name: str | None = None) -> psutil.Process | None:
+def find(
+    pid: int | None, marker: str, uid: int | None = None, name: str | None = None
+) -> psutil.Process | None:
     """The process `pid` if it runs, its command line holds `marker` and (when given) it runs as `uid` and is
     called `name`; None otherwise."""
     if pid is None:
@@ -51,7 +53,9 @@ def find_by_pid_file(path: str, marker: str, uid: int | None = None, name: str |
     return find(read_pid(path, opener), marker, uid, name)
 
 
-def terminate(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 10) -> list[psutil.Process]:
+def terminate(
+    procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 10
+) -> list[psutil.Process]:
     """SIGTERM each process, wait up to `timeout` s, SIGKILL whatever is left and wait `kill_timeout` s more;
     returns the processes still alive after all that (normally none)."""
     procs = list(procs)
@@ -60,7 +64,8 @@ def terminate(procs: Iterable[psutil.Process], timeout: float, kill_timeout: flo
 
 
 def reap(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 10) -> list[psutil.Process]:
-    """Wait up to `timeout` s for processes already asked to stop, then SIGKILL the rest: nothing stuck is left."""
+    """Wait up to `timeout` s for processes already asked to stop, then SIGKILL the rest: nothing stuck is
+    left."""
     _, alive = psutil.wait_procs(list(procs), timeout=timeout)
     signal_each(alive, psutil.Process.kill)
     return psutil.wait_procs(alive, timeout=kill_timeout)[1]
@@ -89,9 +94,9 @@ def wait_until(
     hint: str = "",
     error: type[Exception] = NotReady,
 ):
-    """Call `probe` until it returns True; `error` (NotReady) when `timeout` s pass first. A probe that returns a
-    string is not ready yet, and the string says why (the last one goes into the error's message); a probe that
-    raises ends the wait with its exception (the process it waits for died, say)."""
+    """Call `probe` until it returns True; `error` (NotReady) when `timeout` s pass first. A probe that
+    returns a string is not ready yet, and the string says why (the last one goes into the error's message); a
+    probe that raises ends the wait with its exception (the process it waits for died, say)."""
     deadline, last = time.monotonic() + timeout, "no answer yet"
     while True:
         state = probe()

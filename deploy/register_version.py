@@ -1,7 +1,8 @@
 """Ship model versions through TorchServe's management API, behind a promotion gate.
 
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --promote
-    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's golden set
+    python -m deploy.register_version register model_store/my_model_v3.0.mar --promote  # the model's
+                                                                                        # golden set
     python -m deploy.register_version register model_store/my_model_v2.0.mar --golden runs/v2/golden --dry-run
     python -m deploy.register_version register model_store/textures.mar   # another model: its own name
     python -m deploy.register_version list [--model NAME]
@@ -81,11 +82,13 @@ def cmd_register(ts: TorchServe, args) -> int:
                 print(f"{model} {version} is the first version of {model}, and its default")
             else:
                 print(
-                    f"not promoted: {model} {default} stays default (/predictions/{model}/{version} serves the new one)"
+                    f"not promoted: {model} {default} stays default "
+                    f"(/predictions/{model}/{version} serves the new one)"
                 )
             return 0
         # Until the verdict is carried out, any failure (a request error, Ctrl-C, SIGHUP...) unregisters the
-        # candidate again: left registered but not default, it would make a retry fail with "already registered".
+        # candidate again: left registered but not default, it would make a retry fail with "already
+        # registered".
         policy = GatePolicy(
             max_accuracy_drop=args.max_accuracy_drop,
             min_agreement=args.min_agreement,
@@ -93,7 +96,9 @@ def cmd_register(ts: TorchServe, args) -> int:
             allow_new_classes=args.allow_new_classes,
             dry_run=args.dry_run,
         )
-        outcome = run_gate(ts, model, version, golden, policy, golden_info, lambda report: show_report(report, args))
+        outcome = run_gate(
+            ts, model, version, golden, policy, golden_info, lambda report: show_report(report, args)
+        )
         print(VERDICTS[outcome.verdict].format(o=outcome), flush=True)
         return outcome.exit_code
 
@@ -108,15 +113,16 @@ VERDICTS = {  # what register --promote says about each GateOutcome.verdict
 
 
 def show_report(report: dict, args):
-    """The gate's report, before its verdict is carried out: the table, what to do about a refusal, --report."""
+    """The gate's report, before its verdict is carried out: the table, what to do about a refusal,
+    --report."""
     print_report(report)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=1)
     if report.get("classes", {}).get("same") is False and not args.allow_new_classes:
         print(
-            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION CHECKPOINT "
-            "--model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
+            "  to serve it beside this model, archive it under its own name (scripts/archive.sh VERSION "
+            "CHECKPOINT --model-name NAME); to replace this model's classes anyway, pass --allow-new-classes"
         )
     check = report.get("agreement_check") or {}
     if check.get("passed") is False and not check["overridden"]:
@@ -129,7 +135,10 @@ def show_report(report: dict, args):
 def print_report(r: dict):
     new, old = r["candidate"], r["baseline"]
     print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
-    print(f"  {'':22s}{'candidate ' + new['version']:>18s}" + (f"{'default ' + old['version']:>18s}" if old else ""))
+    print(
+        f"  {'':22s}{'candidate ' + new['version']:>18s}"
+        + (f"{'default ' + old['version']:>18s}" if old else "")
+    )
     classes = r.get("classes", {})
     if "candidate" in classes:
         print(f"  {'classes':22s}{len(classes['candidate']):>18d}{len(classes['baseline']):>18d}")
@@ -170,9 +179,9 @@ def cmd_canary(ts: TorchServe, model: str, version: str, args) -> int:
     for step in report["steps"]:
         c, d = step["candidate"], step["default"]
         print(
-            f"  {step['share']:3d} %  {step['seconds']:5.1f} s  candidate {c['answers']} answers, {c['errors']} 5xx, "
-            f"p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, p99 {d['p99_ms']} ms  "
-            f"{step['verdict']} {'; '.join(step['why'])}"
+            f"  {step['share']:3d} %  {step['seconds']:5.1f} s  candidate {c['answers']} answers, "
+            f"{c['errors']} 5xx, p99 {c['p99_ms']} ms | default {d['answers']} answers, {d['errors']} 5xx, "
+            f"p99 {d['p99_ms']} ms  {step['verdict']} {'; '.join(step['why'])}"
         )
     print(report["verdict"])
     print(f"report: {' '.join(report['files'])}")
@@ -200,25 +209,33 @@ def get_args_parser():
         "--model", default=None, help=f"model name (default: the archive's own, else {settings.MODEL_NAME})"
     )
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("register", parents=[model], help="register an archive from model_store/ as a new version")
+    r = sub.add_parser(
+        "register", parents=[model], help="register an archive from model_store/ as a new version"
+    )
     r.add_argument("archive")
     r.add_argument("--promote", action="store_true", help="run the gate and set default if it passes")
     r.add_argument("--dry-run", action="store_true", help="run the gate, report, promote nothing")
     r.add_argument(
         "--golden",
         default=None,
-        help="golden set folder (<run>/golden); the model's first one becomes its set, later ones must match it "
+        help="golden set folder (<run>/golden); the model's first one becomes its set, later ones must "
+        "match it "
         "(default: the model's set)",
     )
     r.add_argument(
         "--golden-from-candidate",
         action="store_true",
-        help="gate on --golden DIR this once although it differs from the model's set (the report records it)",
+        help="gate on --golden DIR this once although it differs from the model's set (the report "
+        "records it)",
     )
     r.add_argument(
-        "--replace-golden", action="store_true", help="make --golden DIR the model's set (the report records it)"
+        "--replace-golden",
+        action="store_true",
+        help="make --golden DIR the model's set (the report records it)",
     )
-    r.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose")
+    r.add_argument(
+        "--max-accuracy-drop", type=float, default=1.0, help="points of accuracy the candidate may lose"
+    )
     r.add_argument(
         "--min-agreement",
         type=float,
@@ -233,7 +250,8 @@ def get_args_parser():
     r.add_argument(
         "--allow-new-classes",
         action="store_true",
-        help="gate a candidate whose classes differ from the default's (refused otherwise: use a new model name)",
+        help="gate a candidate whose classes differ from the default's (refused otherwise: use a new "
+        "model name)",
     )
     r.add_argument(
         "--workers",
@@ -244,16 +262,27 @@ def get_args_parser():
     )
     r.add_argument("--report", default=None, help="also write the gate report as JSON here")
     c = r.add_argument_group("canary through the front door (docs/deployment.md#canary)")
-    c.add_argument("--canary", default=None, metavar="STEPS", help="shares in percent, e.g. 5,25,50,100; then default")
+    c.add_argument(
+        "--canary", default=None, metavar="STEPS", help="shares in percent, e.g. 5,25,50,100; then default"
+    )
     c.add_argument("--step-seconds", type=float, default=60.0, help="least time per step (default 60)")
     c.add_argument(
-        "--step-requests", type=int, default=0, help="least candidate answers per step (default: analysis.Thresholds)"
+        "--step-requests",
+        type=int,
+        default=0,
+        help="least candidate answers per step (default: analysis.Thresholds)",
     )
-    c.add_argument("--prometheus", default=None, help="Prometheus URL scraping the door's metrics_port (errors)")
-    c.add_argument("--keep-candidate", action="store_true", help="after a rollback, keep the candidate registered")
+    c.add_argument(
+        "--prometheus", default=None, help="Prometheus URL scraping the door's metrics_port (errors)"
+    )
+    c.add_argument(
+        "--keep-candidate", action="store_true", help="after a rollback, keep the candidate registered"
+    )
     sub.add_parser("list", parents=[model], help="versions, and which is default")
     sub.add_parser("rollback", parents=[model], help="make the previous default the default again")
-    u = sub.add_parser("unregister", parents=[model], help="remove a version (never the default while others exist)")
+    u = sub.add_parser(
+        "unregister", parents=[model], help="remove a version (never the default while others exist)"
+    )
     u.add_argument("version")
     return p
 

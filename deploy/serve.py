@@ -1,7 +1,7 @@
 """Start, stop and inspect the bundle's TorchServe; the Python behind scripts/serve.sh.
 
-python -m deploy.serve start [--fresh | --accept-loss] [--expose-inference | --front-door [--cert PEM]] [--no-tokens]
-python -m deploy.serve stop | status | restart
+python -m deploy.serve start [--fresh | --accept-loss] [--expose-inference | --front-door [--cert PEM]]
+[--no-tokens] python -m deploy.serve stop | status | restart
 """
 
 import argparse
@@ -19,18 +19,22 @@ from deploy.server import DEFAULT_MODELS, TorchServe
 from deploy.versions import check_restore
 
 GUARD_STATES = {
-    "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` relaunches it",
-    "frozen": "FROZEN (stopped by a signal): management requests hang; `scripts/serve.sh start` relaunches it",
+    "down": "DOWN: the management port does not answer (inference still does); `scripts/serve.sh start` "
+    "relaunches it",
+    "frozen": "FROZEN (stopped by a signal): management requests hang; `scripts/serve.sh start` "
+    "relaunches it",
     "restarting": "restarting (its supervisor brings it back within seconds)",
-    "unsupervised": "running, but nothing restarts it if it dies; `scripts/serve.sh start` relaunches it supervised",
+    "unsupervised": "running, but nothing restarts it if it dies; `scripts/serve.sh start` "
+    "relaunches it supervised",
 }
 
 
 def exposure_warning(ts: TorchServe, why: str) -> str:
     return (
-        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any model directory "
-        f"for a management-key holder and every local user can connect to it ({why}): start as root with "
-        "nftables installed (scripts/setup.sh) so that only root and the server's user can (docs/security.md)"
+        f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any model "
+        f"directory for a management-key holder and every local user can connect to it ({why}): start as "
+        "root with nftables installed (scripts/setup.sh) so that only root and the server's user can "
+        "(docs/security.md)"
     )
 
 
@@ -42,7 +46,9 @@ def print_status(ts: TorchServe):
             print(f"  its management guard is still {guard_state}: scripts/serve.sh stop ends it")
         return
     print(f"TorchServe is running (pid {ts.pid()})")
-    key_hint = lambda kind: f"(key: .{kind}.key in {os.path.relpath(ts.key_file)})" if ts.tokens_enabled else ""
+    key_hint = lambda kind: (
+        f"(key: .{kind}.key in {os.path.relpath(ts.key_file)})" if ts.tokens_enabled else ""
+    )
     print(f"  inference   {ts.url('inference')}   {key_hint('inference') or '(tokens off)'}")
     print(f"  management  {ts.url('management')}   {key_hint('management')}")
     if guard_state != "running":
@@ -78,7 +84,9 @@ def print_header(ts: TorchServe, kind: str):
         ts.request("GET", *probe, timeout=30)  # refreshes the key when TorchServe says it expired
         header = ts.auth(kind)
     except (ServerError, OSError) as e:
-        raise SystemExit(f"error: no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)") from None
+        raise SystemExit(
+            f"error: no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)"
+        ) from None
     for name, value in header.items():
         print(f"{name}: {value}")
 
@@ -86,13 +94,18 @@ def print_header(ts: TorchServe, kind: str):
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["start", "stop", "status", "restart", "header"])
-    p.add_argument("kind", nargs="?", default="inference", choices=["inference", "management"], help="for header")
-    p.add_argument("--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment")
+    p.add_argument(
+        "kind", nargs="?", default="inference", choices=["inference", "management"], help="for header"
+    )
+    p.add_argument(
+        "--models", default=DEFAULT_MODELS, help="loaded at start when there is no saved deployment"
+    )
     p.add_argument("--fresh", action="store_true", help="ignore the saved deployment (registered versions)")
     p.add_argument(
         "--accept-loss",
         action="store_true",
-        help="start even when versions or defaults of the saved deployment cannot be restored, and make what is "
+        help="start even when versions or defaults of the saved deployment cannot be restored, and make "
+        "what is "
         "served the saved deployment (otherwise start exits 1 naming them, and a later start tries again)",
     )
     p.add_argument(
@@ -113,7 +126,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cert",
         metavar="PEM",
-        help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of the local CA",
+        help="with --front-door: a real certificate (one PEM file: the chain, then the key) instead of "
+        "the local CA",
     )
     return p
 
@@ -160,7 +174,10 @@ def main(argv=None):
                 if not (info.get("relaunched") and door.is_running()):
                     door.start()
             if args.no_tokens:
-                print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
+                print(
+                    "WARNING: token authorization is OFF and the registration API is disabled "
+                    "(development mode)"
+                )
         if args.action in ("start", "restart", "status"):
             print_status(ts)
             frontdoor.print_status(frontdoor.for_server(ts))
@@ -171,8 +188,8 @@ def main(argv=None):
             else:
                 raise SystemExit(
                     f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
-                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is served "
-                    "with `scripts/serve.sh restart --accept-loss`"
+                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is "
+                    "served with `scripts/serve.sh restart --accept-loss`"
                 )
     except (ServerError, UsageError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None

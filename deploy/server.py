@@ -6,7 +6,8 @@ directory on free ports. The folder holds:
 
     run/    root's (0750, group: the server's user): the generated config TorchServe reads
     home/   the server's user's (0700), TorchServe's working directory: key_file.json, logs/ (its logs,
-            snapshots, torchserve.out, guard.log), tmp/ (TMPDIR: its pid file, worker sockets, unpacked models)
+            snapshots, torchserve.out, guard.log), tmp/ (TMPDIR: its pid file, worker sockets, unpacked
+            models)
     state/  root's: the deployment history (deploy/versions.py)
 
 The folder itself is root's (0711). Started as root, TorchServe runs as the unprivileged
@@ -83,7 +84,7 @@ class TorchServe(KeyedApi, ServerHome):
     _tokens: bool | None = field(default=None, init=False, repr=False)
     _keys: dict | None = field(default=None, init=False, repr=False)
 
-    # --- paths: everything the server writes lies in its folder (see the module's docstring) -----------------
+    # --- paths: everything the server writes lies in its folder (see the module's docstring) ----------------
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 
@@ -91,10 +92,12 @@ class TorchServe(KeyedApi, ServerHome):
     home = property(lambda self: self.path("home"))  # the server's user's: TorchServe's working directory
     log_dir = property(lambda self: self.path("home", "logs"))
     key_file = property(lambda self: self.path("home", "key_file.json"))  # TorchServe writes it to its cwd
-    tmp_dir = property(lambda self: self.path("home", "tmp"))  # TMPDIR: pid file, worker sockets, unpacked models
+    # TMPDIR: pid file, worker sockets, unpacked models
+    tmp_dir = property(lambda self: self.path("home", "tmp"))
     generated_config = property(lambda self: self.path("run", "generated.config.properties"))
     management_socket = property(lambda self: self.path("home", "tmp", "mgmt.sock"))
-    pid_file = property(lambda self: self.path("home", "tmp", ".model_server.pid"))  # tempfile.gettempdir() of the CLI
+    # tempfile.gettempdir() of the CLI
+    pid_file = property(lambda self: self.path("home", "tmp", ".model_server.pid"))
 
     @staticmethod
     def workdir_of(key_file: str) -> str:
@@ -129,13 +132,16 @@ class TorchServe(KeyedApi, ServerHome):
                 "model_store": self.model_store,
             }
         )
-        # Paths in config.properties are relative to its folder (the repository root); the server runs elsewhere.
+        # Paths in config.properties are relative to its folder (the repository root); the server runs
+        # elsewhere.
         here = os.path.dirname(os.path.abspath(self.base_config))
         if props.get("metrics_config") and not os.path.isabs(props["metrics_config"]):
             props["metrics_config"] = os.path.join(here, props["metrics_config"])
         if "vmargs" in props:
             props["vmargs"] = re.sub(
-                r"(-Dlog4j\.configurationFile=)(?!/)(\S+)", lambda m: m[1] + os.path.join(here, m[2]), props["vmargs"]
+                r"(-Dlog4j\.configurationFile=)(?!/)(\S+)",
+                lambda m: m[1] + os.path.join(here, m[2]),
+                props["vmargs"],
             )
         props.update(self.overrides)
         if self.guard:  # TorchServe's own management API moves to a socket only its user can reach
@@ -144,8 +150,8 @@ class TorchServe(KeyedApi, ServerHome):
         return props
 
     def running_config(self) -> dict | None:
-        """The properties the running TorchServe was started with (the -f file on its command line: for start(),
-        the generated config), or None when it is not running."""
+        """The properties the running TorchServe was started with (the -f file on its command line: for
+        start(), the generated config), or None when it is not running."""
         pid = self.pid()
         if pid is None:
             return None
@@ -169,7 +175,9 @@ class TorchServe(KeyedApi, ServerHome):
     def write_config(self, restore: bool = True) -> tuple[str, dict | None]:
         """The generated config, and the restore plan (deploy/snapshot.py; None with restore=False)."""
         props = self.config()
-        plan = restore_plan(self.log_dir, self.model_store, self.path("state"), self.open) if restore else None
+        plan = (
+            restore_plan(self.log_dir, self.model_store, self.path("state"), self.open) if restore else None
+        )
         if plan and plan["snapshot"]:
             props["model_snapshot"] = json.dumps(plan["snapshot"])
         self.prepare_run_dir()
@@ -181,8 +189,8 @@ class TorchServe(KeyedApi, ServerHome):
 
     # --- process control ---------------------------------------------------------------
     def pid(self) -> int | None:
-        """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe frontend
-        running as that user."""
+        """TorchServe's frontend: the pid in its pid file (its user's to write), if that is a TorchServe
+        frontend running as that user."""
         proc = process.find_by_pid_file(self.pid_file, FRONTEND, self.uid, opener=self.open)
         return proc.pid if proc else None
 
@@ -199,10 +207,10 @@ class TorchServe(KeyedApi, ServerHome):
         return self.pid() is not None
 
     def start(self, models: str | None = DEFAULT_MODELS, restore: bool = True, timeout: float = 180) -> dict:
-        """Start and wait until every registered version has a READY worker. When TorchServe runs but its guard
-        does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports that can
-        register a model are reachable by every local user, or is None when the firewall keeps them to root and
-        the server's user."""
+        """Start and wait until every registered version has a READY worker. When TorchServe runs but its
+        guard does not, relaunch the guard alone (`relaunched` in the answer). `exposed` says why the ports
+        that can register a model are reachable by every local user, or is None when the firewall keeps them
+        to root and the server's user."""
         if self.is_running():
             if self.guard and guard.state(self) in ("down", "frozen", "unsupervised"):
                 guard.stop(self)
@@ -226,8 +234,8 @@ class TorchServe(KeyedApi, ServerHome):
         exposed = self.fence()  # before TorchServe listens
         cmd = self.start_command(config, None if snapshot else models)
         try:
-            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its log is
-            # opened by the child, as the server's user.
+            # TorchServe's JVM inherits stdout: never give it ours, or callers waiting on the pipe hang. Its
+            # log is opened by the child, as the server's user.
             subprocess.run(
                 logged(cmd, os.path.join(self.log_dir, "torchserve.out")),
                 cwd=self.home,
@@ -246,7 +254,12 @@ class TorchServe(KeyedApi, ServerHome):
             self.stop()
             raise
         # "plan": what should be served; deploy.versions.check_restore compares it with what is
-        return {"restored": bool(snapshot), "exposed": exposed, "models": management.models(self), "plan": plan}
+        return {
+            "restored": bool(snapshot),
+            "exposed": exposed,
+            "models": management.models(self),
+            "plan": plan,
+        }
 
     def start_command(self, config: str, models: str | None) -> list[str]:
         """`torchserve --start` with the generated config, loading those of `models` that are in the store."""
@@ -256,7 +269,7 @@ class TorchServe(KeyedApi, ServerHome):
         available = [m for m in (models or "").split(",") if m and in_store(m)]
         return cmd + (["--models", *available] if available else [])
 
-    # --- who may connect: TorchServe's TCP ports that can register a model -----------------------------------
+    # --- who may connect: TorchServe's TCP ports that can register a model ----------------------------------
     @property
     def fence_name(self) -> str:
         return firewall.table_name(self.ports.grpc_management)
@@ -289,7 +302,9 @@ class TorchServe(KeyedApi, ServerHome):
         for name, port in vars(self.ports).items():
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
-                    raise ServerError(f"port {port} ({name}) is already in use: is another TorchServe running?")
+                    raise ServerError(
+                        f"port {port} ({name}) is already in use: is another TorchServe running?"
+                    )
 
     def wait_ready(self, timeout: float):
         """Until /ping answers 200 and every registered version has its READY workers."""
@@ -298,7 +313,9 @@ class TorchServe(KeyedApi, ServerHome):
     def ready(self) -> bool | str:
         """wait_ready's probe: True, or what is not ready yet; ServerError when TorchServe has exited."""
         if not self.is_running():
-            raise ServerError(f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}")
+            raise ServerError(
+                f"TorchServe exited during start-up; see {self.log_dir}/ts_log.log\n{self.tail_log()}"
+            )
         if not os.path.exists(self.key_file) and self.tokens_enabled:
             return "no key file yet"
         try:
@@ -313,7 +330,8 @@ class TorchServe(KeyedApi, ServerHome):
     def stop(self, timeout: float = 60):
         """Stop TorchServe and wait until the frontend and every worker have exited."""
         self.forget()
-        if self.uid != ids(self.user)[0]:  # started as another user than this object says (a fallback to root)
+        # started as another user than this object says (a fallback to root)
+        if self.uid != ids(self.user)[0]:
             self.user = None if self.uid == os.geteuid() else pwd.getpwuid(self.uid).pw_name
         guard.stop(self)
         procs = self.processes()

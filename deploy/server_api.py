@@ -65,18 +65,20 @@ class KeyedApi:
             props = self.running_config()
             if props is None:
                 props = self.config()
-            tokens = props.get("disable_token_authorization", "false").lower() != "true"  # Boolean.parseBoolean
+            # Boolean.parseBoolean
+            tokens = props.get("disable_token_authorization", "false").lower() != "true"
             self._tokens = tokens
             return tokens
         return self._tokens
 
     def forget(self: Server):
-        """Drop what was read from the running server (token mode, keys): after a start, stop or refused key."""
+        """Drop what was read from the running server (token mode, keys): after a start, stop or refused
+        key."""
         self._tokens = self._keys = None
 
     def check_listener(self: Server, api: str):
-        """Refuse to send a management or API key to a port that a listener of another local user holds: one who
-        took the management port while its guard was down would be handed the key."""
+        """Refuse to send a management or API key to a port that a listener of another local user holds: one
+        who took the management port while its guard was down would be handed the key."""
         port = getattr(self.ports, api)
         strangers = listener_uids(port) - {0, os.geteuid(), self.uid}
         if strangers:
@@ -107,8 +109,8 @@ class KeyedApi:
 
     def request(self: Server, method: str, api: str, path: str, **kw) -> requests.Response:
         """An API call with the current key. When TorchServe refuses the key (400: missing, wrong or expired),
-        re-read the key file (the server may have restarted) or, if it is unchanged, refresh the key through the
-        token API, and retry once."""
+        re-read the key file (the server may have restarted) or, if it is unchanged, refresh the key through
+        the token API, and retry once."""
         kind = "inference" if api == "inference" else "management"
         headers, timeout = kw.pop("headers", {}), kw.pop("timeout", 120)
 
@@ -133,7 +135,9 @@ class KeyedApi:
         self.check_listener("management")
         api_key = self.keys()["API"]["key"]
         resp = requests.get(
-            self.url("management") + f"/token?type={kind}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+            self.url("management") + f"/token?type={kind}",
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=30,
         )
         if resp.status_code != 200:
             raise ServerError(

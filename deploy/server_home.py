@@ -1,6 +1,6 @@
-"""The server's folder as root prepares it (deploy/server.py's TorchServe inherits this): run/ root's, home/ the
-server's user's and made inside by that user only, an earlier layout moved without root walking into it, and the
-environment TorchServe runs with. Why root never acts inside home/: deploy/server.py's docstring."""
+"""The server's folder as root prepares it (deploy/server.py's TorchServe inherits this): run/ root's, home/
+the server's user's and made inside by that user only, an earlier layout moved without root walking into it,
+and the environment TorchServe runs with. Why root never acts inside home/: deploy/server.py's docstring."""
 
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ class ServerHome:
         env["LOG_LOCATION"] = self.log_dir
         env["METRICS_LOCATION"] = self.log_dir
         env.pop("TS_CONFIG_FILE", None)
-        env["TS_OPEN_INFERENCE_PROTOCOL"] = "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
-        # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp, where
-        # another user could create /tmp/models first and have their handler loaded.
+        env["TS_OPEN_INFERENCE_PROTOCOL"] = (
+            "oip"  # KServe v2 health and server metadata over HTTP (docs/kserve.md)
+        )
+        # Pid file (Python CLI), java.io.tmpdir (worker sockets) and unpacked models: never the shared /tmp,
+        # where another user could create /tmp/models first and have their handler loaded.
         env["TMPDIR"] = env["TEMP"] = self.tmp_dir
         if self.user:
             env["HOME"] = self.home  # caches (torch, matplotlib) go here, not to root's home
@@ -61,13 +63,15 @@ class ServerHome:
         me, my_group = os.geteuid(), os.getegid()
         try:
             own_dir(self.workdir, 0o711, me, my_group, adopt=True)
-            own_dir(self.run_dir, 0o750 if self.user else 0o700, me, ids(self.user)[1] if self.user else my_group)
+            own_dir(
+                self.run_dir, 0o750 if self.user else 0o700, me, ids(self.user)[1] if self.user else my_group
+            )
         except PermissionError as e:
             raise ServerError(str(e)) from None
 
     def prepare_dirs(self: Server):
-        """The server's folder, run/ and home/ with its logs/ and tmp/; nothing in home/ readable by others (what
-        an earlier version left readable included)."""
+        """The server's folder, run/ and home/ with its logs/ and tmp/; nothing in home/ readable by others
+        (what an earlier version left readable included)."""
         self.prepare_run_dir()
         fresh = not os.path.lexists(self.home)
         if fresh:
@@ -89,9 +93,9 @@ class ServerHome:
 
     def move_legacy(self: Server):
         """An earlier version kept TorchServe's files at the top of the folder and gave it, and all inside, to
-        the server's user. Now that root holds the folder again, those entries move into the new home/ (renames
-        of entries of root's folder: nothing inside is opened), and the deployment history is copied into a
-        state/ of root's (read without following links); the old state/ stays, renamed."""
+        the server's user. Now that root holds the folder again, those entries move into the new home/
+        (renames of entries of root's folder: nothing inside is opened), and the deployment history is copied
+        into a state/ of root's (read without following links); the old state/ stays, renamed."""
         uid = ids(self.user)[0]  # home/ is root's until it is handed over
         for name in LEGACY:
             old = self.path(name)
@@ -116,10 +120,13 @@ class ServerHome:
             self.user,
             {
                 settings.ROOT: os.R_OK | os.X_OK,  # deploy/guard.py
-                os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK | os.X_OK,  # the venv
+                os.path.dirname(os.path.dirname(os.path.abspath(sys.executable))): os.R_OK
+                | os.X_OK,  # the venv
                 os.path.dirname(os.path.abspath(json.__file__)): os.R_OK | os.X_OK,  # the standard library
                 self.model_store: os.R_OK | os.X_OK,
-                os.path.dirname(os.path.abspath(self.workdir)): os.X_OK,  # home/ is its own, under root's folder
+                os.path.dirname(
+                    os.path.abspath(self.workdir)
+                ): os.X_OK,  # home/ is its own, under root's folder
                 settings.METRICS_CONFIG: os.R_OK,
             },
         )

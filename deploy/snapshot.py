@@ -8,9 +8,9 @@ default) after every management call, but ignores it when --ts-config is given, 
 - TorchServe's snapshots, newest first: each version's workers and batching, and the models the journal never
   saw (registered before it existed, or by hand).
 
-Every archive is checked before it is restored: a bare `.mar` name in the model store, its .sha256, a sound zip,
-and a manifest naming that model and version. A version that fails is left out with a warning and never takes
-the others down with it; versions whose registration or gate never finished are withdrawn."""
+Every archive is checked before it is restored: a bare `.mar` name in the model store, its .sha256, a sound
+zip, and a manifest naming that model and version. A version that fails is left out with a warning and never
+takes the others down with it; versions whose registration or gate never finished are withdrawn."""
 
 import glob
 import json
@@ -30,7 +30,8 @@ def warn(message: str):
 def read_snapshots(log_dir: str, opener=None) -> list[dict]:
     """The model_snapshot of every readable TorchServe snapshot, newest first; unreadable or empty ones are
     skipped with a warning naming the file. `opener(path)` opens a file for reading in bytes: the server's
-    TorchServe.open, which neither follows links nor waits on a FIFO that its user planted (root reads these)."""
+    TorchServe.open, which neither follows links nor waits on a FIFO that its user planted (root reads
+    these)."""
     files = sorted(glob.glob(os.path.join(log_dir, "config", "*.cfg")), key=os.path.getmtime, reverse=True)
     found = []
     for path in files:
@@ -65,7 +66,9 @@ def refusal(model_store: str, model: str, version: str, mar) -> str | None:
     except ValueError as e:
         return str(e)
     if (manifest.get("modelName"), manifest.get("modelVersion")) != (model, version):
-        return f"{mar} holds {manifest.get('modelName')} {manifest.get('modelVersion')}, not {model} {version}"
+        return (
+            f"{mar} holds {manifest.get('modelName')} {manifest.get('modelVersion')}, not {model} {version}"
+        )
     return None
 
 
@@ -77,16 +80,23 @@ def entry_for(snaps: list[dict], model_store: str, model: str, version: str, mar
         if isinstance(entry, dict) and entry.get("marName") == mar:
             return dict(entry)
     config = archive_config(os.path.join(model_store, mar))
-    return {"marName": mar, **{key: config.get(name, fallback) for key, (name, fallback) in SNAPSHOT_KEYS.items()}}
+    return {
+        "marName": mar,
+        **{key: config.get(name, fallback) for key, (name, fallback) in SNAPSHOT_KEYS.items()},
+    }
 
 
 def wanted(snaps: list[dict], entries: list[dict]) -> dict:
-    """{model: {"versions": {version: archive}, "default": version, "either": [old, new] or None}}: what should
-    be served. `either` names a set-default that may or may not have been applied: both outcomes are right."""
+    """{model: {"versions": {version: archive}, "default": version, "either": [old, new] or None}}: what
+    should be served. `either` names a set-default that may or may not have been applied: both outcomes are
+    right."""
     state, doubts = journal.replay(entries)
     tracked = {(e["model"], e["version"]) for e in entries if e["op"] in ("register", "unregister", "gate")}
     newest = snaps[0]["models"] if snaps else {}
-    want = {m: {"versions": dict(s["versions"]), "default": s["default"], "either": None} for m, s in state.items()}
+    want = {
+        m: {"versions": dict(s["versions"]), "default": s["default"], "either": None}
+        for m, s in state.items()
+    }
     for model, versions in newest.items():  # what the journal never saw
         for version, entry in versions.items():
             if (model, version) in tracked or not isinstance(entry, dict):

@@ -44,7 +44,10 @@ def main(argv=None) -> int:
         if stopping or code == 0:
             break
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{when} supervise: {' '.join(cmd[:3])} exited with {code}; restarting in {args.delay:g} s", flush=True)
+        print(
+            f"{when} supervise: {' '.join(cmd[:3])} exited with {code}; restarting in {args.delay:g} s",
+            flush=True,
+        )
         time.sleep(args.delay)  # a command that dies at once is not restarted in a tight loop
     return 0
 

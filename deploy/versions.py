@@ -32,9 +32,9 @@ def locked(ts: TorchServe, what: str):
 
 
 def archive_version(ts: TorchServe, archive: str, model: str | None = None) -> tuple[str, str]:
-    """(model, version) of an archive in the model store, from its manifest. `model`, when given, must be its own
-    name. The archive is neither hashed nor zip-tested here: the guard does both when it is registered (the
-    security boundary, and one hash per registration); this only says early what is plainly wrong."""
+    """(model, version) of an archive in the model store, from its manifest. `model`, when given, must be its
+    own name. The archive is neither hashed nor zip-tested here: the guard does both when it is registered
+    (the security boundary, and one hash per registration); this only says early what is plainly wrong."""
     path, store = os.path.abspath(archive), os.path.abspath(ts.model_store)
     if os.path.dirname(path) != store:
         raise DeployError(
@@ -48,7 +48,9 @@ def archive_version(ts: TorchServe, archive: str, model: str | None = None) -> t
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         name, version = manifest["modelName"], manifest["modelVersion"]
     except (OSError, zipfile.BadZipFile, zlib.error, KeyError, TypeError, ValueError) as e:
-        raise DeployError(f"{os.path.basename(path)} is not a valid .mar (truncated or corrupt zip: {e})") from None
+        raise DeployError(
+            f"{os.path.basename(path)} is not a valid .mar (truncated or corrupt zip: {e})"
+        ) from None
     if model and model != name:
         raise DeployError(f"{os.path.basename(archive)} holds model {name!r}, not {model!r}")
     return name, version
@@ -63,7 +65,9 @@ def register(ts: TorchServe, archive: str, workers: int = 1, model: str | None =
             if not stray(ts, name, version):
                 raise DeployError(f"{name} {version} is already registered; archive a new version instead")
             withdraw(ts, name, version)  # left over by a registration that never finished: retry it
-        entry = journal.begin(state_dir(ts), "register", model=name, version=version, archive=os.path.basename(archive))
+        entry = journal.begin(
+            state_dir(ts), "register", model=name, version=version, archive=os.path.basename(archive)
+        )
         try:
             management.register(ts, os.path.basename(archive), workers)
             management.wait_ready(ts, name, version)
@@ -77,7 +81,9 @@ def register(ts: TorchServe, archive: str, workers: int = 1, model: str | None =
 def stray(ts: TorchServe, model: str, version: str) -> bool:
     """A registered version, not default, whose last register or gate in the journal never finished: what a
     killed or cut-off registration leaves behind."""
-    entries = [e for e in journal.read(state_dir(ts)) if (e.get("model"), e.get("version")) == (model, version)]
+    entries = [
+        e for e in journal.read(state_dir(ts)) if (e.get("model"), e.get("version")) == (model, version)
+    ]
     ours = [e for e in entries if e["op"] in ("register", "gate")]
     if not ours or ours[-1]["state"] == "done" and ours[-1]["op"] == "register":
         return False
@@ -98,8 +104,8 @@ def withdraw(ts: TorchServe, model: str, version: str, entry: dict | None = None
             journal.finish(state_dir(ts), entry, "failed")
     except Exception as e:  # the journal keeps it pending: the next start withdraws it
         print(
-            f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, or remove it "
-            f"with scripts/register_version.sh unregister {version} --model {model}",
+            f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, or remove "
+            f"it with scripts/register_version.sh unregister {version} --model {model}",
             file=sys.stderr,
         )
 
@@ -124,7 +130,9 @@ def unregister(ts: TorchServe, model: str, version: str):
         )
 
 
-def set_default(ts: TorchServe, model: str, version: str, reason: str, expected: str | None = None) -> str | None:
+def set_default(
+    ts: TorchServe, model: str, version: str, reason: str, expected: str | None = None
+) -> str | None:
     """Make `version` the default; returns the previous default. With `expected`, a compare-and-set: refused
     when the default is no longer the one the caller decided against (another operator changed it)."""
     with locked(ts, f"set-default {model} {version}"):
@@ -134,7 +142,9 @@ def set_default(ts: TorchServe, model: str, version: str, reason: str, expected:
                 f"the default of {model} changed from {expected} to {previous} while {version} was being "
                 "gated; not promoting it (gate it again against the new default)"
             )
-        entry = journal.begin(state_dir(ts), "default", model=model, version=version, previous=previous, reason=reason)
+        entry = journal.begin(
+            state_dir(ts), "default", model=model, version=version, previous=previous, reason=reason
+        )
         apply(
             ts,
             entry,
@@ -160,7 +170,10 @@ def apply(ts: TorchServe, entry: dict, change, applied):
         if not done:
             journal.finish(state_dir(ts), entry, "failed")
             raise
-        print(f"{entry['op']} {entry['model']} {entry['version']}: the answer was lost ({e}), but it was applied")
+        print(
+            f"{entry['op']} {entry['model']} {entry['version']}: the answer was lost ({e}), but it "
+            "was applied"
+        )
     journal.finish(state_dir(ts), entry)
 
 
@@ -187,12 +200,19 @@ def rollback(ts: TorchServe, model: str) -> tuple[str, str]:
         entries = journal.read(state_dir(ts))
         gated = journal.in_doubt(journal.replay(entries)[1], model)  # never a version whose gate never ended
         for e in reversed(entries):
-            if e["op"] != "default" or e["model"] != model or e["state"] == "failed" or e["version"] != current:
+            if (
+                e["op"] != "default"
+                or e["model"] != model
+                or e["state"] == "failed"
+                or e["version"] != current
+            ):
                 continue
             if e.get("previous") in registered - {current} - set(gated):
                 set_default(ts, model, e["previous"], reason=f"rollback from {current}", expected=current)
                 return current, e["previous"]
-        raise DeployError(f"no earlier default of {model} to roll back to from {current} (history: {history_path(ts)})")
+        raise DeployError(
+            f"no earlier default of {model} to roll back to from {current} (history: {history_path(ts)})"
+        )
 
 
 def check_restore(ts: TorchServe, plan: dict | None, baseline: bool = False) -> list[str]:
@@ -212,12 +232,19 @@ def check_restore(ts: TorchServe, plan: dict | None, baseline: bool = False) -> 
         lost = sorted(set(want["versions"]) - set(have["versions"]))
         if lost:
             missing.append(f"{model} {', '.join(lost)} not served")
-        if want["default"] and have["default"] != want["default"] and have["default"] not in (want["either"] or []):
+        if (
+            want["default"]
+            and have["default"] != want["default"]
+            and have["default"] not in (want["either"] or [])
+        ):
             missing.append(f"{model}: default is {have['default']}, not {want['default']}")
     for entry in (plan or {}).get("withdrawn", []):
         if entry["version"] not in served.get(entry["model"], {}).get("versions", {}):
             journal.finish(state_dir(ts), entry, "failed", note="withdrawn at start: it never finished")
-            print(f"{entry['model']} {entry['version']} withdrawn: its {entry['op']} never finished", file=sys.stderr)
+            print(
+                f"{entry['model']} {entry['version']} withdrawn: its {entry['op']} never finished",
+                file=sys.stderr,
+            )
     if baseline or not journal.read(state_dir(ts), warn=False):
         try:
             journal.baseline(state_dir(ts), served, "accepted at start" if missing else "start")

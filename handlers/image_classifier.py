@@ -5,7 +5,8 @@ explanation scheduler model_src/explain.py, preprocessing model_src/preprocessin
 training evaluates with), what the archive holds its bundle.json (model_src/manifest.py), model loading the
 backend registry (model_src/backends/). What this file adds is TorchServe's contract: one batched
 forward pass over the good requests of a batch, and a per-request status so that one bad image never fails its
-neighbours in the batch. The accepted bodies and the three kinds of request are listed in model_src/protocol.py.
+neighbours in the batch. The accepted bodies and the three kinds of request are listed in
+model_src/protocol.py.
 """
 
 import functools
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 
 def in_frontend_worker() -> bool:
     """Whether TorchServe's frontend started this process: its worker runs ts/model_service_worker.py
-    (WorkerLifeCycle builds that command), however TorchServe was started (scripts, the literal command, KServe)."""
+    (WorkerLifeCycle builds that command), however TorchServe was started (scripts, the literal command,
+    KServe)."""
     return sys.argv[0].endswith(os.path.join("ts", "model_service_worker.py"))
 
 
@@ -57,17 +59,22 @@ class ImageClassifier(BaseHandler):
         self.configure(yaml_cfg, int(properties.get("batch_size") or 1))
         self.bundle = manifest.read(model_dir)  # what the archive holds, written by export and archiving
         if self.bundle.backend is None:
-            raise RuntimeError(f"{manifest.FILE} names no served backend: build the archive with scripts/archive.sh")
+            raise RuntimeError(
+                f"{manifest.FILE} names no served backend: build the archive with scripts/archive.sh"
+            )
         self.labels = self.bundle.class_names
         self.prep = Preprocessing.from_dict(self.bundle.preprocessing)
         backend = backends.get(self.bundle.backend.name)
         self.backend = backend.name
         gpu = properties.get("gpu_id")
-        on_gpu = gpu is not None and torch.cuda.is_available() and backend.gpu  # else its kernels are the CPU's
+        # else its kernels are the CPU's
+        on_gpu = gpu is not None and torch.cuda.is_available() and backend.gpu
         device = f"cuda:{gpu}" if on_gpu else "cpu"
         self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
         torch.set_num_threads(self.threads)  # the worker process is the handler's to configure
-        self.predictor = backends.load(os.path.join(model_dir, backend.file), backend.name, device, self.threads)
+        self.predictor = backends.load(
+            os.path.join(model_dir, backend.file), backend.name, device, self.threads
+        )
         self.model_name, self.version = mar.get("modelName", ""), mar.get("modelVersion", "")
         self.model_dir = model_dir
         self._explainer = self.card = None  # both made on first use: most workers never explain or describe
@@ -101,7 +108,8 @@ class ImageClassifier(BaseHandler):
     def auto_threads(yaml_cfg: dict) -> int:
         # Split the cores between the workers so they do not oversubscribe each other.
         workers = int(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
-        return max(1, len(os.sched_getaffinity(0)) // workers)  # the cores this process may use, not the host's
+        # the cores this process may use, not the host's
+        return max(1, len(os.sched_getaffinity(0)) // workers)
 
     def warm_up(self, batch_size: int):
         """Run the model once per shape it will see first, so no user request pays for it."""
@@ -111,7 +119,9 @@ class ImageClassifier(BaseHandler):
 
     def decode_all(self, encoded: list, convert=None) -> list:
         """Encoded images -> convert(decoded image) each, within the request's pixel and time budgets."""
-        return protocol.decode_all(self.prep, encoded, self.config["max_image_pixels"], self.decode_seconds, convert)
+        return protocol.decode_all(
+            self.prep, encoded, self.config["max_image_pixels"], self.decode_seconds, convert
+        )
 
     def handle(self, data, context):
         start = time.perf_counter()
@@ -146,7 +156,8 @@ class ImageClassifier(BaseHandler):
         return answers
 
     def prepare(self, idx: int, request, row: dict, explanations: list) -> list | None:
-        """Read and decode one request: a prediction's tensors, or None for an explanation (queued instead)."""
+        """Read and decode one request: a prediction's tensors, or None for an explanation (queued
+        instead)."""
         request.read(row, self.limits)  # the cheap checks: nothing is decoded yet
         if request.kind != "explain":
             return self.decode_all(request.items, self.prep)
@@ -195,8 +206,9 @@ class ImageClassifier(BaseHandler):
                 self._explainer = backends.load(path, backends.reference().name).model
             else:
                 raise InputError(
-                    f"the {self.backend} backend has no gradients to explain with and this archive carries no "
-                    f"eager weights ({backends.reference().file}) beside it: rebuild it with scripts/archive.sh",
+                    f"the {self.backend} backend has no gradients to explain with and this archive carries "
+                    f"no eager weights ({backends.reference().file}) beside it: rebuild it with "
+                    "scripts/archive.sh",
                     501,
                 )
         return self._explainer
@@ -237,7 +249,9 @@ class ImageClassifier(BaseHandler):
                 "best_epoch": prov.metrics.best_epoch,
                 "final_val_acc": prov.metrics.final_val_acc,
             },
-            "export_check": {k: v for k, v in b.checks.get("formats", {}).get(self.backend, {}).items() if k != "file"},
+            "export_check": {
+                k: v for k, v in b.checks.get("formats", {}).get(self.backend, {}).items() if k != "file"
+            },
             "built": archive and archive.built,
             # The archive's own SHA-256 is in its .sha256 sidecar and the journal: a worker hashes nothing.
             "archive": archive and {"file": archive.file, "built": archive.built, "digests": archive.digests},
@@ -267,9 +281,12 @@ class ImageClassifier(BaseHandler):
 
     # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.
     def record(self, context, name: str, ms: float):
-        """A time measured in ms, exported as the histogram `<name>_seconds` in seconds: TorchServe's histograms
-        have the Prometheus client's fixed buckets (5 ms ... 10 s), which only fit times in the base unit."""
-        context.metrics.add_time(f"{name}_seconds", round(ms / 1000, 6), None, "s", metric_type=MetricTypes.HISTOGRAM)
+        """A time measured in ms, exported as the histogram `<name>_seconds` in seconds: TorchServe's
+        histograms have the Prometheus client's fixed buckets (5 ms ... 10 s), which only fit times in the
+        base unit."""
+        context.metrics.add_time(
+            f"{name}_seconds", round(ms / 1000, 6), None, "s", metric_type=MetricTypes.HISTOGRAM
+        )
 
     def count(self, context, name: str):
         context.metrics.add_counter(name, 1, None)

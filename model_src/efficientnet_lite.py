@@ -25,7 +25,8 @@ LITE_PARAMS = {
     "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
     "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
 }
-# Stages before scaling: (repeats, kernel, stride, expand ratio, out channels); the input is the 32-channel stem.
+# Stages before scaling: (repeats, kernel, stride, expand ratio, out channels); the input is the 32-channel
+# stem.
 STAGES = (
     (1, 3, 1, 1, 16),
     (2, 3, 2, 6, 24),

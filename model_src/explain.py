@@ -29,7 +29,9 @@ MIN_STEPS, FIRST_STEPS = 4, 8
 
 def baseline_for(prep: Preprocessing) -> torch.Tensor:
     """A blank image of the background colour, preprocessed: (1, C, H, W)."""
-    blank = Image.new("L" if prep.channels == 1 else "RGB", (prep.image_size,) * 2, (prep.background,) * prep.channels)
+    blank = Image.new(
+        "L" if prep.channels == 1 else "RGB", (prep.image_size,) * 2, (prep.background,) * prep.channels
+    )
     return prep.to_tensor(blank).unsqueeze(0)
 
 
@@ -68,7 +70,9 @@ def overlay_png(prepared: Image.Image, grid: torch.Tensor) -> str:
     scale = max(1, OVERLAY_SIDE // max(prepared.size))
     size = (prepared.width * scale, prepared.height * scale)
     grey = np.asarray(prepared.convert("L").resize(size, Image.Resampling.NEAREST), dtype=np.float32)
-    heat = Image.fromarray((grid.abs().numpy() * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    heat = Image.fromarray((grid.abs().numpy() * 255).astype(np.uint8)).resize(
+        size, Image.Resampling.BILINEAR
+    )
     alpha = np.asarray(heat, dtype=np.float32)[..., None] / 255.0
     red = np.zeros((*grey.shape, 3), np.float32)
     red[..., 0] = 255
@@ -111,9 +115,9 @@ def explain(
 
 
 class StepBudget:
-    """Explanations within a time budget: each image gets the Integrated Gradients steps that fit in what is left
-    of it (measured per worker), and one that would not fit gets a 503 to retry. So a batch of slow explanations
-    never runs into the timeout that would kill the worker and every request in its batch."""
+    """Explanations within a time budget: each image gets the Integrated Gradients steps that fit in what is
+    left of it (measured per worker), and one that would not fit gets a 503 to retry. So a batch of slow
+    explanations never runs into the timeout that would kill the worker and every request in its batch."""
 
     def __init__(self, steps: int, clock: Callable[[], float] = time.perf_counter):
         self.steps = steps  # the most steps an explanation takes (explain_steps)
@@ -124,12 +128,18 @@ class StepBudget:
         """`steps`, or fewer when the time left (with a 1.5x margin on the measured cost of a step) holds
         fewer; 503 below MIN_STEPS. The first explanation takes FIRST_STEPS and measures the cost."""
         want = self.steps
-        steps = min(want, FIRST_STEPS) if self.step_seconds is None else int(seconds_left / (1.5 * self.step_seconds))
+        steps = (
+            min(want, FIRST_STEPS)
+            if self.step_seconds is None
+            else int(seconds_left / (1.5 * self.step_seconds))
+        )
         if seconds_left <= 0 or steps < min(MIN_STEPS, want):
             raise InputError("this batch's time for explanations is spent: retry, or send fewer images", 503)
         return min(steps, want)
 
-    def explain_each(self, imgs: list, deadline: float, explain_one: Callable[[Any, int], dict]) -> list[dict]:
+    def explain_each(
+        self, imgs: list, deadline: float, explain_one: Callable[[Any, int], dict]
+    ) -> list[dict]:
         """explain_one(img, steps) for each image, one at a time, with the steps that fit before `deadline`
         (a time of `clock`); InputError 503 once they do not."""
         results = []

@@ -20,7 +20,8 @@ FILE = "bundle.json"
 
 
 def sha256_of(path: str) -> str:
-    """The SHA-256 of a file, hex: the bundle's one digest helper (archives, their contents, imported weights)."""
+    """The SHA-256 of a file, hex: the bundle's one digest helper (archives, their contents, imported
+    weights)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -70,7 +71,8 @@ class Manifest:
     preprocessing: dict[str, Any]  # Preprocessing.to_dict()
     provenance: Provenance = field(default_factory=Provenance)
     backend: BackendEntry | None = None  # export: the served file
-    files: dict[str, str] = field(default_factory=dict)  # backend name -> its file, for every model file beside
+    # backend name -> its file, for every model file beside
+    files: dict[str, str] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)  # export: its report (tolerance, per-format checks)
     archive: ArchiveEntry | None = None  # archiving
 
@@ -81,7 +83,9 @@ class Manifest:
     def from_dict(cls, d: dict) -> "Manifest":
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else type(d).__name__
-            raise ManifestError(f"bundle manifest schema {got!r} is not {SCHEMA}: this code reads schema {SCHEMA}")
+            raise ManifestError(
+                f"bundle manifest schema {got!r} is not {SCHEMA}: this code reads schema {SCHEMA}"
+            )
         try:
             prov = dict(d.get("provenance") or {})
             prov["metrics"] = Metrics(**(prov.get("metrics") or {}))
@@ -100,8 +104,9 @@ class Manifest:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "Manifest":
-        """A checkpoint's manifest: ckpt["manifest"], or built from the top-level keys older checkpoints (and the
-        bundled pretrained weights) have: model_args, class_names, preprocessing, args, best_metric, epoch."""
+        """A checkpoint's manifest: ckpt["manifest"], or built from the top-level keys older checkpoints (and
+        the bundled pretrained weights) have: model_args, class_names, preprocessing, args, best_metric,
+        epoch."""
         if "manifest" in ckpt:
             return cls.from_dict(ckpt["manifest"])
         args, best = ckpt.get("args") or {}, ckpt.get("best_metric") or {}
@@ -130,6 +135,12 @@ class Manifest:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
         return path
+
+
+def model_args_of(ckpt: dict) -> dict:
+    """The architecture of a checkpoint or serving file: all a model needs to be rebuilt (bare weights files
+    carry model_args alone, without class names or preprocessing)."""
+    return ckpt["manifest"]["model_args"] if "manifest" in ckpt else ckpt["model_args"]
 
 
 def loads(text: str | bytes) -> Manifest:
@@ -166,9 +177,10 @@ LEGACY_FILE = "serving.json"  # what archives built before bundle.json (December
 
 
 def from_legacy(read_file: Callable[[str], bytes | None], names: Iterable[str]) -> Manifest | None:
-    """The manifest of an archive built before bundle.json: serving.json (the checkpoint's top-level keys plus the
-    export report) and TorchServe's MAR-INF/MANIFEST.json (the served file). `read_file(name)` reads a member of
-    a folder or a zip (None if absent); `names` lists its members. None if it is not such an archive."""
+    """The manifest of an archive built before bundle.json: serving.json (the checkpoint's top-level keys plus
+    the export report) and TorchServe's MAR-INF/MANIFEST.json (the served file). `read_file(name)` reads a
+    member of a folder or a zip (None if absent); `names` lists its members. None if it is not such an
+    archive."""
     text = read_file(LEGACY_FILE)
     if text is None:
         return None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model_src.layers import ResidualBlock, WNLinear, make_activation
-from model_src.manifest import Manifest
+from model_src.manifest import model_args_of
 
 DEFAULT_MODEL_ARGS = {
     "arch": "resnet_small",
@@ -23,7 +23,8 @@ DEFAULT_MODEL_ARGS = {
 }
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
-LITE_ARCHS = tuple(f"efficientnet_lite{i}" for i in range(5))  # published weights: lite0 (train/pretrained.py)
+# published weights: lite0 (train/pretrained.py)
+LITE_ARCHS = tuple(f"efficientnet_lite{i}" for i in range(5))
 
 
 class ResNetClassifier(nn.Module):
@@ -70,7 +71,8 @@ def build_model(model_args: dict) -> nn.Module:
     if arch in LITE_ARCHS:
         from model_src.efficientnet_lite import EfficientNetLite  # imported here: only lite archives need it
 
-        # Dropout from model_args only when given there: DEFAULT_MODEL_ARGS' is resnet_small's, not the arch's.
+        # Dropout from model_args only when given there: DEFAULT_MODEL_ARGS' is resnet_small's, not the
+        # arch's.
         return EfficientNetLite(arch, args["num_classes"], args["in_channels"], model_args.get("dropout"))
     raise ValueError(f"unknown arch {arch!r}; choose resnet_small or one of {TORCHVISION_ARCHS + LITE_ARCHS}")
 
@@ -90,9 +92,13 @@ def build_torchvision(arch, num_classes, in_channels=3, weights_path=None):
     if in_channels != 3:
         # Grey input: sum the RGB filters, which gives the same response to a grey image.
         old = model.conv1
-        model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        model.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+        )
         with torch.no_grad():
-            model.conv1.weight.copy_(old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels)
+            model.conv1.weight.copy_(
+                old.weight.sum(dim=1, keepdim=True).repeat(1, in_channels, 1, 1) / in_channels
+            )
     if model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
@@ -127,7 +133,7 @@ def strip_prefixes(state_dict: dict) -> dict:
 def load_model(path: str, map_location="cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint or serving file; returns (model in eval mode, checkpoint)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(Manifest.from_checkpoint(ckpt).model_args)
+    model = build_model(model_args_of(ckpt))
     model.load_state_dict(strip_prefixes(ckpt["model"]))
     return model.eval(), ckpt
 

@@ -1,15 +1,16 @@
-"""KServe v2 / Open Inference Protocol over HTTP: the binary tensor extension, model metadata. Pure: no TorchServe.
+"""KServe v2 / Open Inference Protocol over HTTP: the binary tensor extension, model metadata. Pure: no
+TorchServe.
 
 The binary extension (Triton's, which every tritonclient uses by default): the body is a JSON header of
-`Inference-Header-Content-Length` bytes, then each tensor that carries `parameters.binary_data_size` as raw bytes,
-in the order of the header's tensors. A BYTES tensor's raw bytes are its elements, each a 4-byte little-endian
-length and that many bytes. Answers use the same layout when the request asks for binary outputs
+`Inference-Header-Content-Length` bytes, then each tensor that carries `parameters.binary_data_size` as raw
+bytes, in the order of the header's tensors. A BYTES tensor's raw bytes are its elements, each a 4-byte
+little-endian length and that many bytes. Answers use the same layout when the request asks for binary outputs
 (`parameters.binary_data_output`, which tritonclient sets whenever it names no outputs, or `binary_data` on a
 requested output).
 
-Cost: parse() reads the header once (json.loads) and each element once; the elements are capped by `max_elements`
-before any is copied past the cap, so a body of 16 MiB of zero-length elements is refused after max_elements + 1
-steps (tests/test_oip_units.py grows it 10x).
+Cost: parse() reads the header once (json.loads) and each element once; the elements are capped by
+`max_elements` before any is copied past the cap, so a body of 16 MiB of zero-length elements is refused after
+max_elements + 1 steps (tests/test_oip_units.py grows it 10x).
 """
 
 import json
@@ -19,7 +20,11 @@ from model_src.preprocessing import InputError
 
 HEADER = "inference-header-content-length"  # lower-cased: HAProxy sends header names in lower case
 PLATFORM = "pytorch_torchserve"
-INPUT, OUTPUT = "data", "predictions"  # the tensor names the handler reads and answers (any input name is read)
+# the tensor names the handler reads and answers (any input name is read)
+INPUT, OUTPUT = (
+    "data",
+    "predictions",
+)
 _LENGTH = struct.Struct("<I")
 
 
@@ -31,10 +36,14 @@ def header_length(headers: dict) -> str | None:
 def parse(body, length: str, max_elements: int) -> dict:
     """A binary-extension body -> the v2 request, each binary BYTES tensor's `data` a list of raw bytes."""
     if not isinstance(body, (bytes, bytearray)):
-        raise InputError(f"{HEADER} needs a raw body (no JSON or form Content-Type), got {type(body).__name__}")
-    body = memoryview(body)
-    if not str(length).isdigit() or not 0 < int(length) <= len(body):
-        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {str(length)[:40]!r}")
+        raise InputError(
+            f"{HEADER} needs a raw body (no JSON or form Content-Type), got {type(body).__name__}"
+        )
+    body, length = memoryview(body), str(length)
+    # isdigit() alone takes '²' (Netty reads header bytes as Latin-1), which int() refuses
+    if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= len(body):
+        got = length[:40]
+        raise InputError(f"{HEADER} must be a length within the body's {len(body)} bytes, got {got!r}")
     offset = int(length)
     try:
         request = json.loads(bytes(body[:offset]))
@@ -44,24 +53,38 @@ def parse(body, length: str, max_elements: int) -> dict:
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise InputError('KServe v2: "inputs" must be a list of tensors')
     for tensor in inputs:
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = parameters(tensor, "an input's").get("binary_data_size")
         if size is None:
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(body):
             raise InputError(f"binary_data_size {str(size)[:40]} runs past the body's end")
         if tensor.get("datatype") != "BYTES":
-            raise InputError(f"input {str(tensor.get('name'))[:40]!r}: only BYTES tensors (encoded images) are read")
+            raise InputError(
+                f"input {str(tensor.get('name'))[:40]!r}: only BYTES tensors (encoded images) are read"
+            )
         tensor["data"] = elements(body[offset : offset + size], max_elements)
-        tensor["parameters"] = {k: v for k, v in tensor["parameters"].items() if k != "binary_data_size"}
+        tensor["parameters"] = without(tensor["parameters"], "binary_data_size")
         offset += size
     if offset != len(body):
-        raise InputError(f"{len(body) - offset} bytes after the binary tensors that no binary_data_size claims")
+        raise InputError(
+            f"{len(body) - offset} bytes after the binary tensors that no binary_data_size claims"
+        )
     return request
 
 
+def parameters(obj: dict, whose: str) -> dict:
+    """A v2 object's `parameters` ({} if absent); InputError if the client sent anything but an object."""
+    value = obj.get("parameters")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f'KServe v2: {whose} "parameters" must be an object, got {type(value).__name__}')
+    return value
+
+
 def elements(raw: memoryview, max_elements: int) -> list[bytes]:
-    """A BYTES tensor's raw bytes -> its elements (a 4-byte little-endian length, then the bytes each), at most
-    max_elements."""
+    """A BYTES tensor's raw bytes -> its elements (a 4-byte little-endian length, then the bytes each), at
+    most max_elements."""
     out: list[bytes] = []
     at = 0
     while at < len(raw):
@@ -78,8 +101,9 @@ def elements(raw: memoryview, max_elements: int) -> list[bytes]:
 
 
 def form(shape, body):
-    """The handler's answer form (items_from_body's), refined for KServe: a v2 request that asks for binary outputs
-    gets ('v2', id, 'binary'); a v1 body ({"instances": [...]}) gets 'v1', answered {"predictions": [...]}."""
+    """The handler's answer form (items_from_body's), refined for KServe: a v2 request that asks for binary
+    outputs gets ('v2', id, 'binary'); a v1 body ({"instances": [...]}) gets 'v1', answered {"predictions":
+    [...]}."""
     if isinstance(shape, tuple) and wants_binary(body, OUTPUT):
         return (*shape, "binary")
     if shape == "list" and isinstance(body, dict) and "instances" in body:
@@ -91,10 +115,13 @@ def wants_binary(request, output: str) -> bool:
     """Whether a v2 request asks for `output` in binary: binary_data_output, or binary_data on that output."""
     if not isinstance(request, dict):
         return False
-    if (request.get("parameters") or {}).get("binary_data_output") is True:
+    if parameters(request, "the request's").get("binary_data_output") is True:
         return True
-    asked = [o for o in request.get("outputs") or [] if isinstance(o, dict) and o.get("name") == output]
-    return any((o.get("parameters") or {}).get("binary_data") is True for o in asked)
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InputError('KServe v2: "outputs" must be a list of objects')
+    asked = [o for o in outputs if o.get("name") == output]
+    return any(parameters(o, "an output's").get("binary_data") is True for o in asked)
 
 
 def binary_reply(reply: dict) -> tuple[bytes, int]:
@@ -112,8 +139,10 @@ def binary_reply(reply: dict) -> tuple[bytes, int]:
 
 
 def model_metadata(name: str, versions: list[str], classes: list[str], preprocessing: dict) -> dict:
-    """GET /v2/models/{name}: one BYTES input of encoded images in, one BYTES output of JSON top-k dicts out."""
-    image = {k: preprocessing[k] for k in ("image_size", "channels") if k in preprocessing}
+    """GET /v2/models/{name}: one BYTES input of encoded images in, one BYTES output of JSON top-k dicts
+    out."""
+    given = preprocessing if isinstance(preprocessing, dict) else {}  # a foreign archive may hold anything
+    image = {k: given[k] for k in ("image_size", "channels") if k in given}
     return {
         "name": name,
         "versions": versions,
@@ -135,3 +164,17 @@ def model_metadata(name: str, versions: list[str], classes: list[str], preproces
             }
         ],
     }
+
+
+def metadata_text(meta: dict, limit: int) -> str:
+    """model_metadata's answer as JSON of at most about `limit` bytes: past it the class list is left out (a
+    client needs the tensors, not the labels; the front door serves this file from one buffer)."""
+    text = json.dumps(meta)
+    if len(text) <= limit:
+        return text
+    outputs = [{**o, "parameters": without(o["parameters"], "classes")} for o in meta["outputs"]]
+    return json.dumps({**meta, "outputs": outputs})
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}

@@ -113,7 +113,8 @@ def count_jpeg_markers(data: bytes, max_scans: int = MAX_JPEG_SCANS, max_segment
 
 
 def count_png_chunks(data: bytes, limit: int = MAX_PNG_CHUNKS) -> int:
-    """Chunks up to IEND, each skipped by its length (12 bytes read per chunk); counting stops past `limit`."""
+    """Chunks up to IEND, each skipped by its length (12 bytes read per chunk); counting stops past
+    `limit`."""
     chunks, pos = 0, 8
     while chunks <= limit and pos + 8 <= len(data):
         chunks += 1
@@ -161,7 +162,8 @@ def count_tiff_strips(data: bytes) -> tuple[int, int]:
         return entries, 0
     strips = 0
     for pos in range(at + width, min(at + width + entries * entry, len(data) - entry + 1), entry):
-        if int.from_bytes(data[pos : pos + 2], order) in (273, 279, 324, 325):  # strip/tile offsets, byte counts
+        # strip/tile offsets, byte counts
+        if int.from_bytes(data[pos : pos + 2], order) in (273, 279, 324, 325):
             strips = max(strips, int.from_bytes(data[pos + 4 : pos + 4 + size], order))
     return entries, strips
 
@@ -184,13 +186,17 @@ def check_cheaply(data: bytes, fmt: str):
     elif fmt == "PNG" and count_png_chunks(data) > MAX_PNG_CHUNKS:
         raise InputError(f"PNG has over {MAX_PNG_CHUNKS:,} chunks", 413)
     elif fmt == "GIF" and count_gif_blocks(data) > MAX_GIF_BLOCKS:
-        raise InputError(f"GIF has over {MAX_GIF_BLOCKS:,} blocks and sub-blocks before its first frame ends", 413)
+        raise InputError(
+            f"GIF has over {MAX_GIF_BLOCKS:,} blocks and sub-blocks before its first frame ends", 413
+        )
     elif fmt == "TIFF":
         entries, strips = count_tiff_strips(data)
         if entries > MAX_TIFF_TAGS:
             raise InputError(f"TIFF directory has over {MAX_TIFF_TAGS:,} entries", 413)
         if strips > MAX_TIFF_STRIPS:
-            raise InputError(f"TIFF has {strips:,} strips or tiles, over the limit of {MAX_TIFF_STRIPS:,}", 413)
+            raise InputError(
+                f"TIFF has {strips:,} strips or tiles, over the limit of {MAX_TIFF_STRIPS:,}", 413
+            )
 
 
 @contextlib.contextmanager
@@ -211,7 +217,10 @@ def pillow_ceiling(max_pixels: int | None):
 
 
 def decode_image(
-    data, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, resize_size: int | None = None
+    data,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    resize_size: int | None = None,
 ) -> Image.Image:
     """Bytes or a path -> a fully loaded PIL image, or InputError.
 
@@ -237,7 +246,11 @@ def decode_image(
     with pillow_ceiling(max_pixels):
         try:
             img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # an inner image (a container's)
+        # an inner image (a container's)
+        except (
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ):
             raise InputError(too_many_pixels(max_pixels), 413) from None
         except MemoryError:  # the process's ceiling, not the data: the caller answers for it
             raise
@@ -266,7 +279,8 @@ def open_image(data: bytes, fmt: str, max_pixels: int | None = DEFAULT_MAX_PIXEL
     if fmt == "TIFF" and (code := img.tag_v2.get(259, 1)) not in TIFF_COMPRESSIONS:
         name = TiffImagePlugin.COMPRESSION_INFO.get(code, code)
         raise InputError(
-            f"TIFF compression {name} is not accepted; use one of {sorted(set(TIFF_COMPRESSIONS.values()))}", 415
+            f"TIFF compression {name} is not accepted; use one of {sorted(set(TIFF_COMPRESSIONS.values()))}",
+            415,
         )
     return img
 
@@ -290,8 +304,8 @@ def check_size(img: Image.Image, max_pixels: int | None, resize_size: int | None
     # A thin image is small until its shorter side is resized: 1x8000 at 256 is 256x2,048,000 (3.9 GB, 7 s).
     if resize_size and (size := shorter_side_to(img.size, resize_size))[0] * size[1] > max_pixels:
         raise InputError(
-            f"image is {width}x{height}: resizing its shorter side to {resize_size} makes it {size[0]}x{size[1]} "
-            f"= {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,}",
+            f"image is {width}x{height}: resizing its shorter side to {resize_size} makes it "
+            f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the limit of {max_pixels:,}",
             413,
         )
 
@@ -332,8 +346,9 @@ class Preprocessing:
 
     def to_tensor(self, img: Image.Image, out: torch.Tensor | None = None) -> torch.Tensor:
         """Prepared PIL image -> normalised float tensor (C, H, W), written into `out` when given (a batch's
-        row, see `batch`). One table look-up per value: the table holds (v / 255 - mean) / std for the 256 grey
-        levels, computed in float32 as a per-pixel formula would, so the values are the same bit for bit."""
+        row, see `batch`). One table look-up per value: the table holds (v / 255 - mean) / std for the 256
+        grey levels, computed in float32 as a per-pixel formula would, so the values are the same bit for
+        bit."""
         arr = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, C); no copy for L and RGB
         if arr.ndim == 2:
             arr = arr[:, :, None]
@@ -416,7 +431,9 @@ def resize_crop(img: Image.Image, resize_size: int, size: int) -> Image.Image:
         return center_crop(img.resize((w, h), Image.BILINEAR), size)
     left, top = (w - size) // 2, (h - size) // 2
     sx, sy = img.width / w, img.height / h
-    return img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    return img.resize(
+        (size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    )
 
 
 def shorter_side_to(wh: tuple[int, int], size: int) -> tuple[int, int]:

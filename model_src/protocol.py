@@ -1,5 +1,6 @@
-"""The serving protocol: one request (its body or form fields and its headers) in, a typed Request out, and the
-answer bodies back. Pure functions, no TorchServe: the handler is the adapter between these and TorchServe.
+"""The serving protocol: one request (its body or form fields and its headers) in, a typed Request out, and
+the answer bodies back. Pure functions, no TorchServe: the handler is the adapter between these and
+TorchServe.
 
 Accepted bodies (each request may carry one image, or a list in the JSON forms):
   raw bytes           curl -T img.png  (or --data-binary @img.png with a binary Content-Type)
@@ -7,13 +8,15 @@ Accepted bodies (each request may carry one image, or a list in the JSON forms):
   JSON + base64       {"data": "<b64>"}  or  {"data": ["<b64>", ...]}  or  ["<b64>", ...]
   KServe v2 JSON      {"inputs": [{"name": "...", "datatype": "BYTES", "shape": [n], "data": ["<b64>", ...]}]}
                       (over OIP gRPC the client sends raw bytes; TorchServe hands them over as base64)
-  KServe v2 binary    tritonclient's binary tensor extension: raw image bytes after the JSON header (model_src/oip.py)
+  KServe v2 binary    tritonclient's binary tensor extension: raw image bytes after the JSON header
+                      (model_src/oip.py)
   KServe v1 JSON      {"instances": ["<b64>", ...]}, answered {"predictions": [...]}
 
 Each request is one of three kinds, told apart by the header TorchServe sets on it:
   predict    /predictions/{model}[/{version}], /v2/models/{model}/infer
-  explain    /explanations/{model}[/{version}], /v2/models/{model}/explain: the class named by "target" in a JSON
-             body or an X-Explain-Target header (else the top-1); "overlay": true (or X-Explain-Overlay: true)
+  explain    /explanations/{model}[/{version}], /v2/models/{model}/explain: the class named by "target" in a
+             JSON body or an X-Explain-Target header (else the top-1); "overlay": true (or X-Explain-Overlay:
+             true)
   describe   GET /models/{model}/{version}?customized=true on the management API: the model card
 
 The cheap checks (count, types, sizes) run before anything is decoded; decoding has a pixel and a time budget.
@@ -106,7 +109,8 @@ def is_empty(value) -> bool:
 
 def is_image(value) -> bool:
     try:
-        return isinstance(value, (bytes, bytearray)) and bool(sniff_format(bytes(value[:64])))  # magic: 12 bytes
+        # magic: 12 bytes
+        return isinstance(value, (bytes, bytearray)) and bool(sniff_format(bytes(value[:64])))
     except InputError:
         return False
 
@@ -147,8 +151,8 @@ def body_of(row: dict):
         value = files if len(files) > 1 else (files[0] if files else value)
     if value is None:
         raise InputError(
-            "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png "
-            "-H 'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
+            "no image in the request. Send it as the body (curl -T img.png, or --data-binary @img.png -H "
+            "'Content-Type: application/octet-stream': curl's default form encoding destroys binary data), "
             'as a form field (curl -F data=@img.png) or as base64 JSON ({"data": "<base64>"})'
         )
     if isinstance(value, (bytes, bytearray)) and value[:1] in (b"{", b"["):
@@ -185,7 +189,9 @@ def check_items(items: list, max_images: int, max_bytes: int) -> list:
             raise InputError(f"expected a base64 string, got {type(item).__name__}")
     size = sum(len(i) if isinstance(i, (bytes, bytearray)) else len(i) * 3 // 4 for i in items)
     if size > max_bytes:
-        raise InputError(f"the images in this request are {size:,} bytes, over the limit of {max_bytes:,}", 413)
+        raise InputError(
+            f"the images in this request are {size:,} bytes, over the limit of {max_bytes:,}", 413
+        )
     return items
 
 
@@ -232,7 +238,8 @@ class Request:
 
     @classmethod
     def of(cls, headers: dict | None) -> "Request":
-        """TorchServe marks each request of a batch: a batch may mix predictions, explanations and describes."""
+        """TorchServe marks each request of a batch: a batch may mix predictions, explanations and
+        describes."""
         headers = headers or {}
         kind = "describe" if headers.get("describe") == "True" else "predict"
         return cls("explain" if headers.get("explain") == "True" else kind, headers)
@@ -242,9 +249,12 @@ class Request:
         head = oip.header_length(self.headers)  # the v2 binary extension: raw image bytes after a JSON header
         self.body = oip.parse(row.get("body"), head, limits.images) if head else body_of(row)
         items, shape = items_from_body(self.body)
-        self.shape = oip.form(shape, self.body)  # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
+        # KServe: v1 {"predictions": [...]}, v2 binary outputs when asked
+        self.shape = oip.form(shape, self.body)
         explaining = self.kind == "explain"
-        self.items = check_items(items, limits.explain_images if explaining else limits.images, limits.image_bytes)
+        self.items = check_items(
+            items, limits.explain_images if explaining else limits.images, limits.image_bytes
+        )
         if explaining:
             self.target, self.overlay = explain_options(self.body, self.headers)
         return self
@@ -271,7 +281,8 @@ def explain_options(body, headers: dict) -> tuple[str | None, bool]:
 
 
 def target_index(target: str | None, labels: list[str]) -> int | None:
-    """A class name -> its index (None stays None: the top-1); 400 naming the classes if it is none of them."""
+    """A class name -> its index (None stays None: the top-1); 400 naming the classes if it is none of
+    them."""
     if target is None:
         return None
     if target not in labels:
@@ -284,8 +295,8 @@ def target_index(target: str | None, labels: list[str]) -> int | None:
 
 
 def decode_all(prep: Preprocessing, encoded: list, max_pixels: int, seconds: float, convert=None) -> list:
-    """Encoded images (bytes or base64 text) -> convert(decoded image) each (the training evaluation transform for
-    predictions).
+    """Encoded images (bytes or base64 text) -> convert(decoded image) each (the training evaluation transform
+    for predictions).
 
     The pixel cap is one budget for the whole request: 32 images each just under it would
     take minutes to decode, time the worker out and fail every neighbour in its batch. Time is
@@ -303,7 +314,9 @@ def decode_all(prep: Preprocessing, encoded: list, max_pixels: int, seconds: flo
             img = prep.decode(data, budget)
         except InputError as e:
             if e.status == 413 and budget < max_pixels:
-                raise InputError(f"the images in this request have over {max_pixels:,} pixels together", 413) from None
+                raise InputError(
+                    f"the images in this request have over {max_pixels:,} pixels together", 413
+                ) from None
             raise
         budget -= prep.pixel_cost(img)  # a thin image costs its pixels after resizing
         out.append(convert(img) if convert else img)

@@ -12,8 +12,9 @@ from bundle.settings import ROOT  # noqa: F401  (tests import it from here)
 
 
 def require_tool(name: str) -> str:
-    """The path of an executable the test needs. Missing, the test skips, except under CI (`.ci/run` sets CI=1,
-    and scripts/setup.sh installs the tools there), where it fails: a CI run never goes green by skipping."""
+    """The path of an executable the test needs. Missing, the test skips, except under CI (`.ci/run` sets
+    CI=1, and scripts/setup.sh installs the tools there), where it fails: a CI run never goes green by
+    skipping."""
     path = shutil.which(name)
     if path:
         return path
@@ -164,14 +165,19 @@ def batching_store(tmp, checkpoint):
     store = tmp / "store"
     store.mkdir()
     archive_checkpoint(
-        checkpoint, "1.0", "eager", output=str(store / "my_model.mar"), config_file=str(tmp / "model-config.yaml")
+        checkpoint,
+        "1.0",
+        "eager",
+        output=str(store / "my_model.mar"),
+        config_file=str(tmp / "model-config.yaml"),
     )
     return store
 
 
 def served_version(ts, body: bytes, version: str | None = None, model: str = "my_model") -> str:
-    """Which version answered a prediction, read from the answer itself: a KServe v2 request's answer carries the
-    worker's model_version (versions with the same weights give the same label, so a label proves nothing)."""
+    """Which version answered a prediction, read from the answer itself: a KServe v2 request's answer carries
+    the worker's model_version (versions with the same weights give the same label, so a label proves
+    nothing)."""
     import base64
 
     v2 = {"id": "which", "inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES"}]}
@@ -197,7 +203,8 @@ def torchserve_factory(tmp_path_factory):
             model_store=str(store),
             ports=Ports.free(),
             overrides=overrides or {},
-            user=None,  # pytest's folders are private to root; test_security.py starts one as the service user
+            # pytest's folders are private to root; test_security.py starts one as the service user
+            user=None,
         )
         started.append(ts)
         ts.start(models=models)

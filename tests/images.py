@@ -101,7 +101,8 @@ def black_png(side: int, rows_per_piece: int = 100) -> bytes:
     independent of what came before, so the same compressed bytes can simply be repeated."""
     assert side % rows_per_piece == 0
     z = zlib.compressobj(9)
-    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[2:]  # minus zlib header
+    # minus zlib header
+    piece = (z.compress(bytes((side + 1) * rows_per_piece)) + z.flush(zlib.Z_FULL_FLUSH))[2:]
     n = (side + 1) * side  # raw bytes: a filter byte plus `side` pixels per row, all zero
     adler = ((n % 65521) << 16) | 1  # Adler-32 of n zero bytes
     last = b"\x03\x00"  # an empty final block
@@ -115,7 +116,8 @@ def black_png(side: int, rows_per_piece: int = 100) -> bytes:
 
 
 def photo_jpeg(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
-    """A big colour photo stand-in: smooth gradients plus noise (encodes in a few seconds, ~4.5 MB at 12 MP)."""
+    """A big colour photo stand-in: smooth gradients plus noise (encodes in a few seconds, ~4.5 MB at 12
+    MP)."""
     yy, xx = np.mgrid[0:height, 0:width]
     noise = np.random.default_rng(seed).integers(0, 40, (height, width, 1))
     rgb = np.stack([xx / 16 % 256, yy / 12 % 256, (xx + yy) / 28 % 256], -1) + noise
@@ -180,7 +182,8 @@ def other_formats() -> dict[str, bytes]:
 
 
 def thin_png(length: int = 8000) -> bytes:
-    """A 1 x length grey PNG (~95 bytes): resizing its shorter side to 256 makes 256 x (256 * length) pixels."""
+    """A 1 x length grey PNG (~95 bytes): resizing its shorter side to 256 makes 256 x (256 * length)
+    pixels."""
     return encode(Image.new("L", (1, length), 255), "PNG")
 
 
@@ -212,7 +215,8 @@ def gif_with_comment_blocks(n: int = 6_000_000) -> bytes:
 
 
 def tiff_with_strips(n: int = 1_000_000) -> bytes:
-    """An uncompressed 1 x n grey TIFF with one row per strip: n strips, all pointing at the same pixel byte."""
+    """An uncompressed 1 x n grey TIFF with one row per strip: n strips, all pointing at the same pixel
+    byte."""
     entries = [  # (tag, type, count, value or offset); types: 3 SHORT, 4 LONG
         (256, 4, 1, 1),  # width
         (257, 4, 1, n),  # height
@@ -234,7 +238,9 @@ def tiff_with_strips(n: int = 1_000_000) -> bytes:
             value = offsets_at
         elif tag == 279:
             value = counts_at if n > 2 else 0  # a short array fits in the entry itself (n = 1, 2 here)
-        packed = struct.pack("<H", value) + b"\x00\x00" if typ == 3 and count == 1 else struct.pack("<I", value)
+        packed = (
+            struct.pack("<H", value) + b"\x00\x00" if typ == 3 and count == 1 else struct.pack("<I", value)
+        )
         out += struct.pack("<HHI", tag, typ, count) + packed
     out += struct.pack("<I", 0) + b"\xff\x00"
     assert len(out) == offsets_at

@@ -1,6 +1,7 @@
-"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and TorchServe:
-a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a candidate with its
-class names permuted is rolled back within the first step, having had at most its step's share."""
+"""Canary through the real front door, judged with a real Prometheus scraping HAProxy's exporter and
+TorchServe: a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with every user answer 200; a
+candidate with its class names permuted is rolled back within the first step, having had at most its step's
+share."""
 
 import json
 import os
@@ -88,8 +89,8 @@ def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_pat
     "model, version", [("my_model", "2.0 x"), ("my_model", "../1.0"), ("m/../x", "2.0"), ("", "2")]
 )
 def test_only_plain_names_reach_the_doors_map(model, version, tmp_path):
-    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does any
-    admin command run: there is no door in tmp_path)."""
+    """HAProxy builds the candidate's path from the map: a name that is not plain never gets there (nor does
+    any admin command run: there is no door in tmp_path)."""
     door = FrontDoor(backend=9, folder=str(tmp_path))
     with pytest.raises(canary.CanaryError, match="cannot go into a route"):
         canary.open_split(door, model, version)
@@ -137,8 +138,8 @@ def test_a_name_bound_first_by_another_user_does_not_keep_the_door_down(tmp_path
 
 
 def permuted(store, src: str, version: str) -> str:
-    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same classes,
-    another distribution of answers on the same traffic."""
+    """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same
+    classes, another distribution of answers on the same traffic."""
     path = os.path.join(str(store), f"my_model_v{version}.mar")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
@@ -175,7 +176,8 @@ def prometheus(server, door, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prometheus")
     targets = {"frontdoor": door.metrics_port, "torchserve": server.ports.metrics}
     jobs = "".join(
-        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n" for j, p in targets.items()
+        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n"
+        for j, p in targets.items()
     )
     (tmp / "prometheus.yml").write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n{jobs}")
     port = free_port()
@@ -187,7 +189,9 @@ def prometheus(server, door, tmp_path_factory):
     try:
         deadline = time.time() + 30
         while not ready(url):
-            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[-2000:]
+            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[
+                -2000:
+            ]
             time.sleep(0.2)
         yield url
     finally:
@@ -196,7 +200,8 @@ def prometheus(server, door, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bodies(digits):
-    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the distribution."""
+    """Three 3s for each 7 (skewed, like real traffic): a permutation of the labels shows in the
+    distribution."""
     out = []
     for label, n in (("3", 3), ("7", 1)):
         folder = os.path.join(digits, "val", label)
@@ -215,7 +220,9 @@ class Load:
         self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(2)]
 
     def client(self):
-        pick = random.Random(threading.get_ident())  # not a cycle: a cycle aliases with the door's round-robin
+        pick = random.Random(
+            threading.get_ident()
+        )  # not a cycle: a cycle aliases with the door's round-robin
         with requests.Session() as s:
             while not self.stopped.is_set():
                 body, label = pick.choice(self.bodies)
@@ -238,7 +245,9 @@ class Load:
             t.join(70)
 
 
-def test_good_candidate_goes_5_25_50_100_and_becomes_default(server, store, door, prometheus, archive_factory, bodies):
+def test_good_candidate_goes_5_25_50_100_and_becomes_default(
+    server, store, door, prometheus, archive_factory, bodies
+):
     install_archive(archive_factory("2.0"), store)
     register(server, os.path.join(str(store), "my_model_v2.0.mar"))
     with Load(door, server, bodies) as load:
@@ -272,7 +281,10 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
     step = report["steps"][0]
     got = step["candidate"]["answers"] / (step["candidate"]["answers"] + step["default"]["answers"])
     assert got <= 0.06, step
-    usual = {label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0] for _, label in bodies}
+    usual = {
+        label: Counter(t for _, t, lb in load.answers if lb == label).most_common(1)[0][0]
+        for _, label in bodies
+    }
     wrong = sum(top != usual[label] for _, top, label in load.answers)
     assert 0 < wrong <= 0.06 * len(load.answers), (wrong, len(load.answers))
     assert report["files"][0].startswith(os.path.join(state_dir(server), "canary"))
@@ -282,10 +294,12 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
 def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
     server, store, door, prometheus, archive_factory, bodies
 ):
-    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's weight
-    0, and the controller, finding its split gone, rolls back and says so."""
+    """kill -9 of HAProxy as the 25 % step begins, then a start: the door's map is empty and the candidate's
+    weight 0, and the controller, finding its split gone, rolls back and says so."""
     assert management.default_version(server, "my_model") == "1.0"
-    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:  # the first test rolled back
+    if "2.0" not in {
+        v["modelVersion"] for v in management.versions(server, "my_model")
+    }:  # the first test rolled back
         register(server, install_archive(archive_factory("2.0"), store))
     killed = []
 
@@ -297,7 +311,9 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
             killed.append(door.start().pid())
 
     with Load(door, server, bodies):
-        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say)
+        report = canary.run(
+            server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say
+        )
     print(report["verdict"])
     assert killed and "the front door lost the split" in report["verdict"], report["verdict"]
     assert [s["share"] for s in report["steps"]] == [5] and report["traffic"] == "all on the default"

@@ -1,9 +1,10 @@
 """The container image (container/Dockerfile): built here from the debootstrapped base, run as a non-root user
-with tokens on, predicted through the published inference port with the key read inside the container, a second
-version registered through management inside it, the archives baked in, KServe's runtime command in the image,
-and bad input refused with nothing left behind.
+with tokens on, predicted through the published inference port with the key read inside the container, a
+second version registered through management inside it, the archives baked in, KServe's runtime command in the
+image, and bad input refused with nothing left behind.
 
-Marked `container` (deselected by default in pyproject.toml; 8 min 18 s here, 5.5 min of it building the image):
+Marked `container` (deselected by default in pyproject.toml; 8 min 18 s here, 5.5 min of it building the
+image):
     scripts/test.sh -m container tests/test_container.py
 """
 
@@ -83,12 +84,17 @@ def test_mounted_store_predict_register_as_non_root(started, readable_store, png
     assert len(answer.json()) == 5 and set(answer.json()) <= {str(d) for d in range(10)}
 
     t0 = time.time()
-    out = container.exec_in(name, "scripts/register_version.sh", f"{container.STORE_IN_IMAGE}/my_model_v2.0.mar")
+    out = container.exec_in(
+        name, "scripts/register_version.sh", f"{container.STORE_IN_IMAGE}/my_model_v2.0.mar"
+    )
     print(f"\nregistered 2.0 in {time.time() - t0:.1f} s")
     assert "registered my_model 2.0" in out
     assert predict(port, png, "2.0", headers=key).status_code == 200
     listing = container.exec_in(name, "scripts/register_version.sh", "list")
-    assert {tuple(line.split()[:2]) for line in listing.splitlines()} >= {("my_model", "1.0"), ("my_model", "2.0")}
+    assert {tuple(line.split()[:2]) for line in listing.splitlines()} >= {
+        ("my_model", "1.0"),
+        ("my_model", "2.0"),
+    }
 
     assert container.exec_in(name, "id", "-u").strip() == "1000"
     ports = container.docker("port", name).stdout
@@ -146,7 +152,14 @@ def test_bad_input_clear_message_nothing_left(image, tmp_path, readable_store):
     assert proc.returncode == 2 and "no model_store/my_model.mar" in proc.stderr
     # The shell door: same message, non-zero exit.
     door = subprocess.run(
-        [os.path.join(ROOT, "scripts", "container.sh"), "run", "--store", str(empty), "--name", f"{prefix}-4"],
+        [
+            os.path.join(ROOT, "scripts", "container.sh"),
+            "run",
+            "--store",
+            str(empty),
+            "--name",
+            f"{prefix}-4",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

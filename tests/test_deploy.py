@@ -1,12 +1,13 @@
 """Shipping versions safely against a real TorchServe 0.12: tokens and their refresh, allowed URLs, archive
 integrity, the promotion gate, rollback, unregistering, restarts and the no-token development mode.
 
-The module shares one TorchServe (`server`, from conftest: my_model 1.0, eager) and the tests run in file order,
-each leaving a known state for the next:
+The module shares one TorchServe (`server`, from conftest: my_model 1.0, eager) and the tests run in file
+order, each leaving a known state for the next:
 
     tokens, allowed URLs, integrity      1.0 (default) only
     gate: bad 3.0 rejected, 2.0 dry run  1.0 (default) only
-    gate: other classes 4.0 refused;     1.0 (default) only  (textures 1.0 registered beside it, then unregistered)
+    gate: other classes 4.0 refused;     1.0 (default) only  (textures 1.0 registered beside it, then
+                                                             unregistered)
       the same as model "textures"
     gate: a 3<->8 swapped 9.0 refused    1.0 (default) only
     gate: 2.0 promoted, rollback, back   1.0, 2.0 (default)
@@ -79,7 +80,7 @@ def expires(entry):
     return stamp + float("0." + (frac or "0"))
 
 
-# --- tokens ---------------------------------------------------------------------------------------------------
+# --- tokens -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,11 @@ def expires(entry):
     ],
 )
 def test_calls_without_or_with_a_wrong_token_are_refused(server, api, method, path):
-    for headers in ({}, bearer("not-the-key"), {"Authorization": server.keys()["inference"]["key"]}):  # no Bearer
+    for headers in (
+        {},
+        bearer("not-the-key"),
+        {"Authorization": server.keys()["inference"]["key"]},  # no Bearer
+    ):
         resp = requests.request(method, server.url(api) + path, headers=headers, timeout=30)
         assert resp.status_code == 400, (headers, resp.text)
         assert resp.json()["type"] == "InvalidKeyException", resp.text
@@ -105,7 +110,9 @@ def test_each_key_opens_only_its_own_api(server, png):
     keys = server.keys()
     assert oct(os.stat(server.key_file).st_mode & 0o777) == "0o600"  # TorchServe writes it owner-only
     assert len({keys[k]["key"] for k in ("inference", "management", "API")}) == 3
-    management = lambda key: requests.get(server.url("management") + "/models", headers=bearer(key), timeout=30)
+    management = lambda key: requests.get(
+        server.url("management") + "/models", headers=bearer(key), timeout=30
+    )
     inference = lambda key: requests.get(server.url() + "/ping", headers=bearer(key), timeout=30)
     assert management(keys["management"]["key"]).status_code == 200
     assert inference(keys["inference"]["key"]).status_code == 200
@@ -128,7 +135,8 @@ def test_management_token_refresh_rewrites_only_that_key(server, png):
     url = server.url("management") + "/models"
     assert requests.get(url, headers=bearer(after["management"]["key"]), timeout=30).status_code == 200
     old = requests.get(url, headers=bearer(before["management"]["key"]), timeout=30)
-    assert old.status_code == 400 and old.json()["type"] == "InvalidKeyException"  # the old key is dead at once
+    # the old key is dead at once
+    assert old.status_code == 400 and old.json()["type"] == "InvalidKeyException"
     # the tools read key_file.json on every call, so they keep working
     assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
     assert answers(server, png) == 200
@@ -138,10 +146,19 @@ def test_inference_token_refresh_and_what_refresh_needs(server, png):
     before = server.keys()
     server.refresh_token("inference")
     after = server.keys()
-    assert after["inference"]["key"] != before["inference"]["key"] and after["management"] == before["management"]
+    assert (
+        after["inference"]["key"] != before["inference"]["key"]
+        and after["management"] == before["management"]
+    )
     predict = server.url() + "/predictions/my_model"
-    assert requests.post(predict, data=png, headers=bearer(before["inference"]["key"]), timeout=30).status_code == 400
-    assert requests.post(predict, data=png, headers=bearer(after["inference"]["key"]), timeout=30).status_code == 200
+    assert (
+        requests.post(predict, data=png, headers=bearer(before["inference"]["key"]), timeout=30).status_code
+        == 400
+    )
+    assert (
+        requests.post(predict, data=png, headers=bearer(after["inference"]["key"]), timeout=30).status_code
+        == 200
+    )
     assert answers(server, png) == 200
     # only the API key may refresh, and only the two known types
     token = server.url("management") + "/token?type=management"
@@ -157,7 +174,9 @@ def test_expired_keys_are_refreshed_by_the_tools(store, torchserve_factory, png)
     try:
         keys = ts.keys()
         time.sleep(max(0.0, max(expires(keys["inference"]), expires(keys["management"])) - time.time()) + 0.5)
-        stale = requests.get(ts.url("management") + "/models", headers=bearer(keys["management"]["key"]), timeout=30)
+        stale = requests.get(
+            ts.url("management") + "/models", headers=bearer(keys["management"]["key"]), timeout=30
+        )
         assert stale.status_code == 400 and stale.json()["message"] == INVALID_KEY
         assert answers(ts, png) == 200  # request(): 400, GET /token?type=inference, retry
         assert management.default_version(ts, "my_model") == "1.0"
@@ -169,7 +188,7 @@ def test_expired_keys_are_refreshed_by_the_tools(store, torchserve_factory, png)
         ts.stop()
 
 
-# --- what the management API may load -------------------------------------------------------------------------
+# --- what the management API may load -----------------------------------------------------------------------
 
 
 class CountingServer(http.server.HTTPServer):
@@ -208,8 +227,11 @@ def behind_the_guard(ts, method, path):
         conn.close()
 
 
-def test_urls_outside_the_model_store_are_refused_without_any_download(server, archive_factory, png, tmp_path):
-    outside = install_archive(archive_factory("2.0", backend="onnx"), tmp_path, "outside.mar")  # a loadable .mar
+def test_urls_outside_the_model_store_are_refused_without_any_download(
+    server, archive_factory, png, tmp_path
+):
+    # a loadable .mar
+    outside = install_archive(archive_factory("2.0", backend="onnx"), tmp_path, "outside.mar")
     with open(outside, "rb") as f:
         httpd = CountingServer(f.read())
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -229,9 +251,11 @@ def test_urls_outside_the_model_store_are_refused_without_any_download(server, a
         for url, message in refused.items():
             resp = server.request("POST", "management", "/models", params={"url": url, "synchronous": "true"})
             assert resp.status_code == 403, (url, resp.text)  # the guard on the management port
-            # ...and TorchServe itself, behind it (what the literal `torchserve --start` exposes): 0.12 answers
-            # all of these 404 ModelNotFoundException
-            status, body = behind_the_guard(server, "POST", "/models?" + urlencode({"url": url, "synchronous": "true"}))
+            # ...and TorchServe itself, behind it (what the literal `torchserve --start` exposes): 0.12
+            # answers all of these 404 ModelNotFoundException
+            status, body = behind_the_guard(
+                server, "POST", "/models?" + urlencode({"url": url, "synchronous": "true"})
+            )
             assert status == 404, (url, body)
             assert message in body["message"], (url, body)
         assert httpd.connections == 0  # TorchServe never even connected
@@ -244,7 +268,7 @@ def test_urls_outside_the_model_store_are_refused_without_any_download(server, a
     assert answers(server, png) == 200
 
 
-# --- archive integrity -----------------------------------------------------------------------------------------
+# --- archive integrity --------------------------------------------------------------------------------------
 
 
 def flip_byte(path, offset):
@@ -264,13 +288,15 @@ def truncate_half(src, dst):
 
 
 def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store, archive_factory, tmp_path):
-    # A version not registered yet: the client reads only the manifest (name, version, already registered?) and
-    # leaves the hash and the zip test to the guard, which refuses the archive before TorchServe sees it.
+    # A version not registered yet: the client reads only the manifest (name, version, already registered?)
+    # and leaves the hash and the zip test to the guard, which refuses the archive before TorchServe sees it.
     good = archive_factory("2.0", backend="onnx")
 
     tampered = install_archive(good, store, "tampered.mar")  # checksum written, then one byte changes
     flip_byte(tampered, os.path.getsize(tampered) // 2)
-    with pytest.raises(management.DeployError, match=r"tampered.mar: SHA-256 .* does not match .* changed after it"):
+    with pytest.raises(
+        management.DeployError, match=r"tampered.mar: SHA-256 .* does not match .* changed after it"
+    ):
         versions.register(server, tampered)
 
     unsigned = install_archive(good, store, "unsigned.mar")
@@ -280,11 +306,13 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
 
     truncated = truncate_half(good, os.path.join(store, "truncated.mar"))
     write_checksum(truncated)  # the checksum matches: only the zip check can catch it
-    with pytest.raises(management.DeployError, match=r"truncated.mar is not a valid .mar \(truncated or corrupt zip"):
+    with pytest.raises(
+        management.DeployError, match=r"truncated.mar is not a valid .mar \(truncated or corrupt zip"
+    ):
         versions.register(server, truncated)
 
-    # a broken deflate stream (first byte 0xFF: reserved block type) with a matching checksum: zipfile.testzip()
-    # lets zlib.error through, read_manifest must still turn it into a DeployError
+    # a broken deflate stream (first byte 0xFF: reserved block type) with a matching checksum:
+    # zipfile.testzip() lets zlib.error through, read_manifest must still turn it into a DeployError
     broken = install_archive(good, store, "broken.mar")
     with zipfile.ZipFile(broken) as z:
         info = z.getinfo("MAR-INF/MANIFEST.json")
@@ -307,7 +335,8 @@ def test_register_refuses_bad_archives_before_torchserve_sees_them(server, store
     with pytest.raises(management.DeployError, match="my_model 1.0 is already registered"):
         versions.register(server, os.path.join(store, "my_model.mar"))
     with pytest.raises(management.DeployError, match="my_model.mar holds model 'my_model', not 'imagenet'"):
-        versions.register(server, os.path.join(store, "my_model.mar"), model="imagenet")  # was: --model ignored
+        # was: --model ignored
+        versions.register(server, os.path.join(store, "my_model.mar"), model="imagenet")
 
     assert registered(server) == {"1.0"}
 
@@ -328,13 +357,15 @@ def test_a_truncated_archive_sent_straight_to_torchserve_leaves_serving_alone(se
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
 
 
-# --- the promotion gate ----------------------------------------------------------------------------------------
+# --- the promotion gate -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def bad_checkpoint(tmp_path_factory, digits):
     """One epoch on 60 images at a learning rate that barely moves: close to chance."""
-    out = train_run(tmp_path_factory.mktemp("bad") / "run", "--epochs", 1, "--limit-samples", 60, "--lr", 1e-5)
+    out = train_run(
+        tmp_path_factory.mktemp("bad") / "run", "--epochs", 1, "--limit-samples", 60, "--lr", 1e-5
+    )
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["best_val_acc"] < 0.5
     return os.path.join(out, "checkpoint_last.pt")
@@ -348,7 +379,10 @@ def golden(trained):
 def test_gate_rejects_a_bad_model(server, store, archive_factory, bad_checkpoint, golden, tmp_path, png):
     path = install_archive(archive_factory("3.0", ckpt=bad_checkpoint), store, "my_model_v3.0.mar")
     report_path = tmp_path / "gate.json"
-    assert register_version.cmd_register(server, register_args(path, golden, report_path)) == versions.EXIT_REJECTED
+    assert (
+        register_version.cmd_register(server, register_args(path, golden, report_path))
+        == versions.EXIT_REJECTED
+    )
     with open(report_path) as f:
         report = json.load(f)
     assert report["passed"] is False and report["images"] == 100
@@ -394,13 +428,14 @@ def test_a_gate_that_cannot_finish_leaves_nothing_registered(
     assert management.default_version(server, "my_model") == "1.0" and versions.history(server) == []
 
 
-# --- another model: other classes make a new model name, not a new version --------------------------------------
+# --- another model: other classes make a new model name, not a new version ----------------------------------
 
 TEXTURES = ("brick", "grass", "gravel")
 
 
 def texture(name: str, rng) -> Image.Image:
-    """A 16x16 RGB crop: brick = red courses with mortar lines, grass = green blades, gravel = grey speckle."""
+    """A 16x16 RGB crop: brick = red courses with mortar lines, grass = green blades, gravel = grey
+    speckle."""
     noise = rng.integers(-20, 21, (16, 16, 3))
     if name == "brick":
         arr = np.full((16, 16, 3), (150, 60, 40)) + noise
@@ -428,13 +463,17 @@ def textures(tmp_path_factory):
     return os.path.join(run, "checkpoint_last.pt"), os.path.join(run, "golden")
 
 
-def test_gate_refuses_a_version_that_answers_other_classes(server, store, archive_factory, textures, tmp_path, capsys):
+def test_gate_refuses_a_version_that_answers_other_classes(
+    server, store, archive_factory, textures, tmp_path, capsys
+):
     checkpoint, golden = textures  # its own golden set, where the digits default scores 0
     path = install_archive(archive_factory("4.0", ckpt=checkpoint), store, "my_model_v4.0.mar")
     assert read_classes(path) == list(TEXTURES)
     own = {"golden_from_candidate": True}  # not my_model's set: gated on only when asked for
     for dry_run in (False, True):
-        args = register_args(path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run, **own)
+        args = register_args(
+            path, golden, tmp_path / "gate.json", dry_run=dry_run, promote=not dry_run, **own
+        )
         capsys.readouterr()
         assert register_version.cmd_register(server, args) == versions.EXIT_REJECTED
         out = capsys.readouterr().out
@@ -445,19 +484,27 @@ def test_gate_refuses_a_version_that_answers_other_classes(server, store, archiv
         assert "accuracy" not in report["candidate"]  # refused before any golden image was sent
         diff = "3 classes vs the default's 10; new: brick, grass, gravel; gone: 0, 1, 2, 3 and 6 more"
         assert diff in report["reason"]
-        assert gatelib.NEW_MODEL in report["reason"] and gatelib.NEW_MODEL in out and "--model-name NAME" in out
+        assert (
+            gatelib.NEW_MODEL in report["reason"] and gatelib.NEW_MODEL in out and "--model-name NAME" in out
+        )
         assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
         assert versions.history(server) == []
 
-    # the overrides pass the class check, and the agreement check that follows (dry run: the state stays as it was)
+    # the overrides pass the class check, and the agreement check that follows (dry run: the state stays as it
+    # was)
     overrides = {"allow_new_classes": True, "allow_disagreement": True}
-    args = register_args(path, golden, tmp_path / "gate.json", dry_run=True, promote=False, **own, **overrides)
+    args = register_args(
+        path, golden, tmp_path / "gate.json", dry_run=True, promote=False, **own, **overrides
+    )
     assert register_version.cmd_register(server, args) == 0
     with open(tmp_path / "gate.json") as f:
         report = json.load(f)
     assert report["passed"] is True and report["classes"]["overridden"] is True
     assert report["baseline"]["accuracy"] == 0.0 and report["images"] == 30  # why the class check exists
-    assert "class check overridden by --allow-new-classes" in report["reason"] and gatelib.NEW_MODEL in report["reason"]
+    assert (
+        "class check overridden by --allow-new-classes" in report["reason"]
+        and gatelib.NEW_MODEL in report["reason"]
+    )
     assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
     assert versions.history(server) == []
 
@@ -466,11 +513,14 @@ def test_other_classes_serve_beside_my_model_under_their_own_name(
     server, store, archive_factory, textures, png, monkeypatch, capsys
 ):
     checkpoint, golden = textures
-    path = install_archive(archive_factory("1.0", ckpt=checkpoint, model_name="textures"), store, "textures.mar")
+    path = install_archive(
+        archive_factory("1.0", ckpt=checkpoint, model_name="textures"), store, "textures.mar"
+    )
     with pytest.raises(management.DeployError, match="holds model 'textures', not 'my_model'"):
         versions.register(server, path, model="my_model")
     args = register_args(path, golden, os.devnull)
-    assert register_version.cmd_register(server, args) == 0  # the first version of a model is default by itself
+    # the first version of a model is default by itself
+    assert register_version.cmd_register(server, args) == 0
     assert "textures 1.0 is the only version and already default" in capsys.readouterr().out
     assert management.default_version(server, "textures") == "1.0"
     assert management.default_version(server, "my_model") == "1.0" and registered(server) == {"1.0"}
@@ -485,7 +535,10 @@ def test_other_classes_serve_beside_my_model_under_their_own_name(
     assert register_version.main(["list", "--model", "textures"]) == 0
     assert register_version.main(["list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[:3] for line in listed] == [["textures", "1.0", "default"], ["my_model", "1.0", "default"]]
+    assert [line.split()[:3] for line in listed] == [
+        ["textures", "1.0", "default"],
+        ["my_model", "1.0", "default"],
+    ]
     assert register_version.main(["unregister", "1.0", "--model", "textures"]) == 0
     assert management.model_names(server) == ["my_model"]
     assert registered(server) == {"1.0"} and management.default_version(server, "my_model") == "1.0"
@@ -528,14 +581,17 @@ def test_gate_refuses_a_3_8_swapped_candidate_on_either_golden_set(server, store
         with open(report_path) as f:
             return rc, json.load(f)
 
-    rc, model_set = gate(golden)  # the model's set (fixed by the first gate of my_model, from this same folder)
+    # the model's set (fixed by the first gate of my_model, from this same folder)
+    rc, model_set = gate(golden)
     assert rc == versions.EXIT_REJECTED
     assert model_set["candidate"]["accuracy"] < model_set["baseline"]["accuracy"] - 0.15
-    # issue 28's command line, --golden naming the candidate's own set: not my_model's, refused before registering
+    # issue 28's command line, --golden naming the candidate's own set: not my_model's, refused before
+    # registering
     with pytest.raises(management.DeployError, match="is not my_model's golden set"):
         gate(own)
     assert model_set["golden"]["source"] in ("model", "fixed")
-    rc, report = gate(own, golden_from_candidate=True)  # its own set: it scores higher there, and still disagrees
+    # its own set: it scores higher there, and still disagrees
+    rc, report = gate(own, golden_from_candidate=True)
     assert rc == versions.EXIT_REJECTED and report["candidate"]["accuracy"] > report["baseline"]["accuracy"]
     assert report["agreement"] < 0.85 and "is below 90%" in report["reason"]
     rc, report = gate(own, golden_from_candidate=True, allow_disagreement=True, dry_run=True, promote=False)
@@ -548,7 +604,9 @@ def test_gate_refuses_a_3_8_swapped_candidate_on_either_golden_set(server, store
 
 
 def test_rollback_needs_history(server):
-    with pytest.raises(management.DeployError, match="no earlier default of my_model to roll back to from 1.0"):
+    with pytest.raises(
+        management.DeployError, match="no earlier default of my_model to roll back to from 1.0"
+    ):
         versions.rollback(server, "my_model")
     with pytest.raises(management.DeployError, match="not_a_model is not registered"):
         versions.rollback(server, "not_a_model")
@@ -564,7 +622,9 @@ def test_gate_promotes_a_good_model_and_rollback_undoes_it(server, store, golden
     assert management.default_version(server, "my_model") == "2.0" and registered(server) == {"1.0", "2.0"}
     assert served_version(server, png) == "2.0"  # the answer says so too, not only the management API
     (entry,) = versions.history(server)
-    assert (entry["version"], entry["previous"]) == ("2.0", "1.0") and entry["reason"].startswith("gate passed")
+    assert (entry["version"], entry["previous"]) == ("2.0", "1.0") and entry["reason"].startswith(
+        "gate passed"
+    )
 
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
     assert management.default_version(server, "my_model") == "1.0"
@@ -577,7 +637,9 @@ def test_gate_promotes_a_good_model_and_rollback_undoes_it(server, store, golden
 
 
 def test_the_default_cannot_be_unregistered_while_others_exist(server, png):
-    with pytest.raises(management.DeployError, match="my_model 2.0 is the default version; set another default first"):
+    with pytest.raises(
+        management.DeployError, match="my_model 2.0 is the default version; set another default first"
+    ):
         versions.unregister(server, "my_model", "2.0")
     raw = server.request("DELETE", "management", "/models/my_model/2.0")
     assert raw.status_code == 403, raw.text  # TorchServe refuses too
@@ -587,7 +649,7 @@ def test_the_default_cannot_be_unregistered_while_others_exist(server, png):
     assert answers(server, png) == 200
 
 
-# --- restarts ----------------------------------------------------------------------------------------------------
+# --- restarts -----------------------------------------------------------------------------------------------
 
 
 def test_restart_keeps_versions_and_default(server, png):
@@ -612,7 +674,10 @@ def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, c
     try:
         capsys.readouterr()
         info = server.start()
-        assert "my_model 1.0: my_model.mar is no longer in the model store; not restoring it" in capsys.readouterr().err
+        assert (
+            "my_model 1.0: my_model.mar is no longer in the model store; not restoring it"
+            in capsys.readouterr().err
+        )
         assert info["restored"] is True
         assert registered(server) == {"2.0"} and management.default_version(server, "my_model") == "2.0"
         assert answers(server, png) == answers(server, png, "2.0") == 200
@@ -621,7 +686,11 @@ def test_restart_skips_a_version_whose_archive_was_deleted(server, store, png, c
 
 
 def test_a_non_default_version_can_be_unregistered(server, store, png):
-    assert versions.register(server, os.path.join(store, "my_model.mar")) == ("my_model", "1.0")  # archive is back
+    # archive is back
+    assert versions.register(server, os.path.join(store, "my_model.mar")) == (
+        "my_model",
+        "1.0",
+    )
     assert management.default_version(server, "my_model") == "2.0"  # registering never changes the default
     versions.unregister(server, "my_model", "1.0")
     assert registered(server) == {"2.0"}
@@ -634,23 +703,30 @@ def test_a_start_that_never_gets_ready_leaves_nothing_running(store, tmp_path):
         with pytest.raises(ServerError, match="not ready after"):
             ts.start(timeout=0.5)  # the JVM alone takes longer than that
         assert not ts.is_running()  # stopped by start() itself: a second start would say "already running"
-        ours = [p.pid for p in psutil.process_iter(["cmdline"]) if ts.generated_config in (p.info["cmdline"] or [])]
+        ours = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if ts.generated_config in (p.info["cmdline"] or [])
+        ]
         assert ours == []
     finally:
         ts.stop()
 
 
-# --- development mode ---------------------------------------------------------------------------------------------
+# --- development mode ---------------------------------------------------------------------------------------
 
 
 def test_no_token_mode_serves_without_keys_and_closes_the_model_api(store, torchserve_factory, png):
     # what scripts/serve.sh start --no-tokens does
-    ts = torchserve_factory(store, overrides={"disable_token_authorization": "true", "enable_model_api": "false"})
+    ts = torchserve_factory(
+        store, overrides={"disable_token_authorization": "true", "enable_model_api": "false"}
+    )
     try:
         assert not os.path.exists(ts.key_file) and ts.auth("inference") == {}
         assert requests.post(ts.url() + "/predictions/my_model", data=png, timeout=30).status_code == 200
         assert requests.get(ts.url() + "/ping", timeout=30).status_code == 200
-        assert requests.get(ts.url("management") + "/models", timeout=30).status_code == 200  # reading is allowed
+        # reading is allowed
+        assert requests.get(ts.url("management") + "/models", timeout=30).status_code == 200
         register = requests.post(ts.url("management") + "/models?url=my_model_v2.0.mar", timeout=30)
         assert register.status_code == 405, register.text
         delete = requests.delete(ts.url("management") + "/models/my_model/1.0", timeout=30)

@@ -1,6 +1,6 @@
 """The deployment library without a TorchServe: the key handling of requests (against a stand-in API), the
-generated config as Java reads it, the pid file's place, the gate's arithmetic and class check, and the archive
-builder killed at each step (with a stand-in export)."""
+generated config as Java reads it, the pid file's place, the gate's arithmetic and class check, and the
+archive builder killed at each step (with a stand-in export)."""
 
 import fcntl
 import hashlib
@@ -35,7 +35,8 @@ INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or n
 
 
 class Recorder(http.server.HTTPServer):
-    """A stand-in API on one port: refuses key 'old' like TorchServe does, /token switches the key file to 'new'."""
+    """A stand-in API on one port: refuses key 'old' like TorchServe does, /token switches the key file to
+    'new'."""
 
     def __init__(self, key_file):
         super().__init__(("127.0.0.1", 0), RecorderHandler)
@@ -53,7 +54,10 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
         elif self.headers.get("Authorization") == f"Bearer {self.server.accept}":
             body, code = b"{}", 200
         else:
-            body, code = json.dumps({"code": 400, "type": "InvalidKeyException", "message": INVALID_KEY}).encode(), 400
+            body, code = (
+                json.dumps({"code": 400, "type": "InvalidKeyException", "message": INVALID_KEY}).encode(),
+                400,
+            )
         self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -68,13 +72,17 @@ class RecorderHandler(http.server.BaseHTTPRequestHandler):
 def test_request_retries_after_a_refresh_with_the_callers_headers(tmp_path):
     key_file = tmp_path / "home" / "key_file.json"  # where TorchServe(workdir=tmp_path) reads it
     key_file.parent.mkdir()
-    key_file.write_text(json.dumps({"inference": {"key": "old"}, "management": {"key": "old"}, "API": {"key": "api"}}))
+    key_file.write_text(
+        json.dumps({"inference": {"key": "old"}, "management": {"key": "old"}, "API": {"key": "api"}})
+    )
     stub = Recorder(str(key_file))
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
         port = stub.server_port
         ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(port, port, port, 1, 2))
-        resp = ts.request("POST", "inference", "/x", data=b"abc", headers={"Content-Type": "image/png", "X-Trace": "7"})
+        resp = ts.request(
+            "POST", "inference", "/x", data=b"abc", headers={"Content-Type": "image/png", "X-Trace": "7"}
+        )
         assert resp.status_code == 200
         paths = [path for path, _ in stub.seen]
         assert paths == ["/x", "/token?type=inference", "/x"]
@@ -89,7 +97,9 @@ def test_request_retries_after_a_refresh_with_the_callers_headers(tmp_path):
 
 def test_keys_are_read_once_and_read_again_when_refused(tmp_path):
     def write_keys(key):
-        key_file.write_text(json.dumps({"inference": {"key": key}, "management": {"key": key}, "API": {"key": "api"}}))
+        key_file.write_text(
+            json.dumps({"inference": {"key": key}, "management": {"key": key}, "API": {"key": "api"}})
+        )
 
     key_file = tmp_path / "home" / "key_file.json"  # where TorchServe(workdir=tmp_path) reads it
     key_file.parent.mkdir()
@@ -113,9 +123,10 @@ def test_keys_are_read_once_and_read_again_when_refused(tmp_path):
         stub.server_close()
 
 
-# --- units without a server: the generated config, the pid file, the gate's arithmetic ------------------------
+# --- units without a server: the generated config, the pid file, the gate's arithmetic ----------------------
 
-ODD_VALUES = {  # what java.util.Properties must get back exactly as config.properties (or an override) meant it
+# what java.util.Properties must get back exactly as config.properties (or an override) meant it
+ODD_VALUES = {
     "spaces": "  leading and trailing  ",
     "controls": "tab\there\nnewline\rreturn\fform feed",
     "specials": "a=b:c#d!e \\ f\\",
@@ -153,7 +164,8 @@ def test_the_generated_config_carries_every_value_unchanged(tmp_path):
 
 
 def test_the_frontend_logging_config_is_found_from_the_servers_own_directory(tmp_path):
-    # config.properties names serving/log4j2.xml relative to the repository; the JVM runs in the server's workdir.
+    # config.properties names serving/log4j2.xml relative to the repository; the JVM runs in the server's
+    # workdir.
     props = TorchServe(workdir=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None).config()
     path = props["vmargs"].split("-Dlog4j.configurationFile=", 1)[1]
     assert os.path.isabs(path) and os.path.isfile(path) and path.endswith("serving/log4j2.xml")
@@ -184,7 +196,9 @@ def test_java_reads_the_generated_config_as_we_do(tmp_path):
     ts = config_with_odd_values(tmp_path)
     path, _ = ts.write_config(restore=False)
     (tmp_path / "Dump.java").write_text(JAVA_DUMP)
-    out = subprocess.run(["java", str(tmp_path / "Dump.java"), path], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["java", str(tmp_path / "Dump.java"), path], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     decode = lambda h: bytes.fromhex(h[1:]).decode("utf-16-be", "surrogatepass")
     java = dict(tuple(map(decode, line.split())) for line in out.stdout.splitlines())
@@ -193,7 +207,8 @@ def test_java_reads_the_generated_config_as_we_do(tmp_path):
 
 def test_the_pid_file_is_looked_up_in_the_servers_private_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", "/tmp")  # whatever the caller's TMPDIR is, the server's is its own
-    monkeypatch.setattr(tempfile, "tempdir", None)  # forget the cached folder: gettempdir() reads TMPDIR again
+    # forget the cached folder: gettempdir() reads TMPDIR again
+    monkeypatch.setattr(tempfile, "tempdir", None)
     ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5), user=None)
     ts.prepare_dirs()
     tmp = tmp_path / "home" / "tmp"
@@ -249,7 +264,11 @@ def test_the_gate_allows_a_drop_of_exactly_max_accuracy_drop(baseline, monkeypat
 
 
 def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch):
-    classes = {"1.0": [str(d) for d in range(10)], "2.0": [str(d) for d in reversed(range(10))], "3.0": ["a", "0"]}
+    classes = {
+        "1.0": [str(d) for d in range(10)],
+        "2.0": [str(d) for d in reversed(range(10))],
+        "3.0": ["a", "0"],
+    }
     monkeypatch.setattr(gatelib, "version_classes", lambda ts, model, version: classes[version])
     scored = []
 
@@ -259,7 +278,8 @@ def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch)
 
     monkeypatch.setattr(gatelib, "score", score)
     same = gatelib.gate(None, "my_model", "2.0", "1.0", [(b"", "0")], max_drop=1.0)
-    assert same["passed"] is True and same["classes"]["same"] is True  # the order of the indices does not matter
+    # the order of the indices does not matter
+    assert same["passed"] is True and same["classes"]["same"] is True
     scored.clear()
     refused = gatelib.gate(None, "my_model", "3.0", "1.0", [(b"", "0")], max_drop=1.0)
     assert refused["passed"] is False and scored == []
@@ -271,13 +291,16 @@ def test_the_class_check_comes_before_scoring_and_can_be_overridden(monkeypatch)
 @pytest.mark.parametrize(
     ("default", "said"),
     [
-        ("1.0", "photos 1.0 is the first version of photos, and its default"),  # was: "not promoted: ... stays"
+        (
+            "1.0",
+            "photos 1.0 is the first version of photos, and its default",
+        ),  # was: "not promoted: ... stays"
         ("0.9", "not promoted: photos 0.9 stays default (/predictions/photos/1.0 serves the new one)"),
     ],
 )
 def test_register_without_a_gate_says_which_version_is_default(tmp_path, monkeypatch, capsys, default, said):
-    """`register_version.sh model_store/photos.mar`, without --promote: TorchServe keeps a model's first version
-    default by itself (a stand-in for it here: TorchServe's side is test_deploy.py's)."""
+    """`register_version.sh model_store/photos.mar`, without --promote: TorchServe keeps a model's first
+    version default by itself (a stand-in for it here: TorchServe's side is test_deploy.py's)."""
     ts = TorchServe(workdir=str(tmp_path), model_store=str(tmp_path), ports=Ports(1, 2, 3, 4, 5))
     monkeypatch.setattr(register_version, "register", lambda *args, **kwargs: ("photos", "1.0"))
     monkeypatch.setattr(register_version.management, "default_version", lambda ts, model: default)
@@ -286,10 +309,11 @@ def test_register_without_a_gate_says_which_version_is_default(tmp_path, monkeyp
     assert capsys.readouterr().out.splitlines() == ["registered photos 1.0 from photos.mar", said]
 
 
-# --- the archive builder killed at each step (a stand-in export; the real torch-model-archiver) ------------------
+# --- the archive builder killed at each step (a stand-in export; the real torch-model-archiver) -------------
 
 # Builds version 3.0 into a store with deploy.archive's CLI. KILL_AT: "export" dies (SIGKILL) while exporting,
-# "placement-N" right after its N-th rename or link into the store, "sigterm" waits in the export for a SIGTERM.
+# "placement-N" right after its N-th rename or link into the store, "sigterm" waits in the export for a
+# SIGTERM.
 ARCHIVE_DRIVER = """
 import os, signal, sys, time, types
 from tests.test_tools import fake_export
@@ -343,7 +367,8 @@ def test_an_archive_killed_at_any_step_leaves_no_mar_without_its_checksum(tmp_pa
     complete = (store / MAR).exists()
     if complete:  # then with its checksum
         archivelib.verify_checksum(str(store / MAR))
-    build_in_process(store, monkeypatch, "4.0" if complete else "3.0")  # goes through and clears what was left
+    # goes through and clears what was left
+    build_in_process(store, monkeypatch, "4.0" if complete else "3.0")
     names = sorted(os.listdir(store))
     assert not [n for n in names if n.startswith(".archive-")], "a staging folder was left"
     assert MAR in names and len(names) == (4 if complete else 2)  # each archive with its sidecar
@@ -359,7 +384,9 @@ def test_a_terminated_archive_removes_its_staging_folder(tmp_path):
             if os.path.exists(f"{store}.exporting") or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        assert [n for n in os.listdir(store) if n.startswith(".archive-")], "no staging folder while exporting"
+        assert [n for n in os.listdir(store) if n.startswith(".archive-")], (
+            "no staging folder while exporting"
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
@@ -391,21 +418,24 @@ def test_an_empty_or_garbled_sidecar_is_refused_with_a_value_error(tmp_path, tex
         archivelib.verify_checksum(str(mar))
 
 
-# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries -----
+# --- the deployment state under faults (issue 29): restore plans, the journal, the lock, the gate's retries
 
 
 def fake_mar(store, name, model="my_model", version="1.0"):
     """A minimal archive the checks accept: a zip with a manifest, and its .sha256."""
     path = os.path.join(store, name)
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": model, "modelVersion": version}}))
+        z.writestr(
+            "MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": model, "modelVersion": version}})
+        )
         z.writestr("weights.bin", os.urandom(64))
     write_checksum(path)
     return path
 
 
 def write_snapshot(ts, name, models, age):
-    """A TorchServe snapshot in logs/config: models = {model: {version: (marName, default)}}; older with age."""
+    """A TorchServe snapshot in logs/config: models = {model: {version: (marName, default)}}; older with
+    age."""
     snap = {
         "name": name,
         "modelCount": len(models),
@@ -422,11 +452,15 @@ def write_snapshot(ts, name, models, age):
 
 
 def restored(ts) -> dict:
-    """{model: (sorted versions, default)} of the model_snapshot a start would load (read back from the config)."""
+    """{model: (sorted versions, default)} of the model_snapshot a start would load (read back from the
+    config)."""
     path, _ = ts.write_config()
     raw = read_properties(path).get("model_snapshot")
     models = json.loads(raw)["models"] if raw else {}
-    return {m: (sorted(vs), next(v for v, e in vs.items() if e["defaultVersion"])) for m, vs in sorted(models.items())}
+    return {
+        m: (sorted(vs), next(v for v, e in vs.items() if e["defaultVersion"]))
+        for m, vs in sorted(models.items())
+    }
 
 
 @pytest.fixture
@@ -436,7 +470,9 @@ def offline(tmp_path):
     store.mkdir()
     fake_mar(store, "my_model.mar")
     fake_mar(store, "my_model_v2.0.mar", version="2.0")
-    return TorchServe(workdir=str(tmp_path / "ts"), model_store=str(store), ports=Ports(1, 2, 3, 4, 5), user=None)
+    return TorchServe(
+        workdir=str(tmp_path / "ts"), model_store=str(store), ports=Ports(1, 2, 3, 4, 5), user=None
+    )
 
 
 def test_restore_skips_unreadable_snapshots_and_names_them(offline, capsys):
@@ -452,7 +488,10 @@ def test_restore_skips_unreadable_snapshots_and_names_them(offline, capsys):
     open(empty, "w").close()  # what a full disk leaves (item 5)
     assert restored(offline) == {"my_model": (["1.0"], "1.0")}  # the newest readable one
     err = capsys.readouterr().err
-    assert f"TorchServe snapshot {good} is unreadable" in err and f"TorchServe snapshot {empty} is unreadable" in err
+    assert (
+        f"TorchServe snapshot {good} is unreadable" in err
+        and f"TorchServe snapshot {empty} is unreadable" in err
+    )
 
 
 def test_restore_checks_every_archive_and_keeps_the_others(offline, tmp_path, capsys):
@@ -496,7 +535,11 @@ def test_restore_follows_the_journal_where_snapshots_lost_or_kept_too_much(offli
     # items 10, 11: killed mid-registration; TorchServe snapshots a version as soon as it is registered
     fake_mar(offline.model_store, "my_model_v3.0.mar", version="3.0")
     journal.begin(state, "register", model="my_model", version="3.0", archive="my_model_v3.0.mar")
-    three = {"1.0": ("my_model.mar", False), "2.0": ("my_model_v2.0.mar", True), "3.0": ("my_model_v3.0.mar", False)}
+    three = {
+        "1.0": ("my_model.mar", False),
+        "2.0": ("my_model_v2.0.mar", True),
+        "3.0": ("my_model_v3.0.mar", False),
+    }
     write_snapshot(offline, "after.cfg", {"my_model": three}, age=0)
     assert restored(offline) == {"my_model": (["1.0", "2.0"], "2.0")}  # withdrawn, never served again
     plan = offline.write_config()[1]
@@ -514,7 +557,14 @@ def test_a_torn_journal_line_is_skipped_and_reported(offline, capsys):
     # item 4: a full disk during a promotion tore a line; every later rollback crashed with a JSONDecodeError
     state = offline.path("state")
     os.makedirs(state)
-    line = {"id": "a1", "op": "default", "state": "done", "model": "my_model", "version": "2.0", "previous": "1.0"}
+    line = {
+        "id": "a1",
+        "op": "default",
+        "state": "done",
+        "model": "my_model",
+        "version": "2.0",
+        "previous": "1.0",
+    }
     with open(os.path.join(state, "deployments.jsonl"), "w") as f:
         f.write(json.dumps(line) + "\n" + json.dumps({**line, "id": "b2", "version": "1.0"})[:40])
     assert [e["version"] for e in versions.history(offline)] == ["2.0"]
@@ -539,7 +589,9 @@ def test_a_full_disk_leaves_no_torn_journal_line(tmp_path):
                     os.write(fd, b"x" * chunk)
         finally:
             os.close(fd)
-        with pytest.raises(journal.JournalError, match="cannot write the deployment journal .*nothing was changed"):
+        with pytest.raises(
+            journal.JournalError, match="cannot write the deployment journal .*nothing was changed"
+        ):
             journal.begin(str(state), "default", model="m", version="2.0", previous="1.0", reason="x" * 8000)
         assert path.stat().st_size == size  # cut back: no torn line
         os.remove(state / "filler")
@@ -551,7 +603,9 @@ def test_a_full_disk_leaves_no_torn_journal_line(tmp_path):
 
 def test_an_empty_checksum_file_is_a_clear_refusal(offline):
     path = os.path.join(offline.model_store, "my_model_v2.0.mar")
-    open(path + ".sha256", "w").close()  # was: IndexError in register_version, a dropped connection at the guard
+    open(
+        path + ".sha256", "w"
+    ).close()  # was: IndexError in register_version, a dropped connection at the guard
     with pytest.raises(ValueError, match=r"my_model_v2.0.mar.sha256 is empty or garbled"):
         check_archive(path, offline.model_store)
 
@@ -609,7 +663,7 @@ def test_the_gate_retries_failed_requests_and_is_inconclusive_when_the_default_k
     assert "inconclusive: the default 1.0 failed 2 golden requests" in report["reason"]
 
 
-# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default ----
+# --- a gate its candidate cannot fool (issue 28): the model's own golden set, and agreement with the default
 
 SWAP = {"3": "8", "8": "3"}  # a candidate trained with the folders of 3 and 8 swapped
 
@@ -662,7 +716,9 @@ def test_a_swapped_candidate_is_gated_on_the_models_fixed_golden_set(offline, tm
         return manifest["modelName"], manifest["modelVersion"]
 
     monkeypatch.setattr(register_version, "register", register)
-    monkeypatch.setattr(management, "versions", lambda ts, model: [{"modelVersion": v} for v in sorted(served)])
+    monkeypatch.setattr(
+        management, "versions", lambda ts, model: [{"modelVersion": v} for v in sorted(served)]
+    )
     monkeypatch.setattr(management, "default_version", lambda ts, model: default[0])
     monkeypatch.setattr(management, "set_default", lambda ts, model, version: default.__setitem__(0, version))
     monkeypatch.setattr(management, "unregister", lambda ts, model, version: served.discard(version))
@@ -689,7 +745,9 @@ def test_a_swapped_candidate_is_gated_on_the_models_fixed_golden_set(offline, tm
     with open(tmp_path / "gate.json") as f:
         report = json.load(f)
     assert report["golden"]["source"] == "model" and report["candidate"]["accuracy"] == 0.8
-    assert "drop of 20.00 points" in report["reason"] and "agreement with the default 80.0%" in report["reason"]
+    assert (
+        "drop of 20.00 points" in report["reason"] and "agreement with the default 80.0%" in report["reason"]
+    )
     # the candidate's set only when asked for, and then agreement still refuses it
     assert gate(archive, "--golden", swapped, "--golden-from-candidate") == versions.EXIT_REJECTED
     assert served == {"1.0"} and default == ["1.0"]
@@ -727,7 +785,9 @@ def test_restore_reads_snapshots_without_following_links_or_waiting_on_a_fifo(tm
     secret.write_text('model_snapshot={"models": {"stolen": {}}}\n')
     os.symlink(secret, os.path.join(config, "link.cfg"))
     found = []
-    reader = threading.Thread(target=lambda: found.extend(snapshot.read_snapshots(ts.log_dir, ts.open)), daemon=True)
+    reader = threading.Thread(
+        target=lambda: found.extend(snapshot.read_snapshots(ts.log_dir, ts.open)), daemon=True
+    )
     reader.start()
     reader.join(30)
     assert not reader.is_alive(), "reading the snapshots waited on the FIFO"
@@ -751,7 +811,8 @@ def test_a_registration_leaves_hashing_and_zip_tests_to_the_guard(offline, monke
     archive = os.path.join(offline.model_store, "my_model_v2.0.mar")
     assert versions.register(offline, archive) == ("my_model", "2.0")
     assert sent == ["my_model_v2.0.mar"] and hashed == [] and tested == []
-    with pytest.raises(management.DeployError, match="is not a valid .mar"):  # still a clear word before the call
+    # still a clear word before the call
+    with pytest.raises(management.DeployError, match="is not a valid .mar"):
         versions.archive_version(offline, write_garbage(os.path.join(offline.model_store, "junk.mar")))
 
 

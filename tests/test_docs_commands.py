@@ -1,7 +1,8 @@
-"""Every command in a ```bash block of README.md and docs/*.md starts with something that exists on a clone after
-scripts/setup.sh: a script of scripts/, a program of the venv (.venv/bin/..., and for `python -m` a module that is
-there), or a known tool. Nothing is run. A bare `python` or `tensorboard` works only with the venv active, so it is
-refused unless the block itself ran `source .venv/bin/activate` first (as docs/serving.md's plain commands do)."""
+"""Every command in a ```bash block of README.md and docs/*.md starts with something that exists on a clone
+after scripts/setup.sh: a script of scripts/, a program of the venv (.venv/bin/..., and for `python -m` a
+module that is there), or a known tool. Nothing is run. A bare `python` or `tensorboard` works only with the
+venv active, so it is refused unless the block itself ran `source .venv/bin/activate` first (as
+docs/serving.md's plain commands do)."""
 
 import glob
 import importlib.util
@@ -14,7 +15,17 @@ import pytest
 from bundle.settings import ROOT
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
-TOOLS = {"curl", "docker", "kubectl", "sleep", "printf", "echo", "cd", "export"}  # from the system, not the venv
+# from the system, not the venv
+TOOLS = {
+    "curl",
+    "docker",
+    "kubectl",
+    "sleep",
+    "printf",
+    "echo",
+    "cd",
+    "export",
+}
 PREFIXES = {"sudo", "until", "while", "if", "then", "do", "else", "!"}  # the command is the word after them
 ENDINGS = {"done", "fi"}
 OPERATORS = {"|", "||", "&&", ";", "&"}
@@ -25,7 +36,8 @@ def bash_blocks(path: str) -> list[tuple[int, str]]:
     """(line number of the opening fence, text) of each ```bash block."""
     text = open(os.path.join(ROOT, path)).read()
     return [
-        (text.count("\n", 0, m.start()) + 1, m.group(1)) for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M)
+        (text.count("\n", 0, m.start()) + 1, m.group(1))
+        for m in re.finditer(r"^```bash\n(.*?)^```", text, re.S | re.M)
     ]
 
 
@@ -36,7 +48,8 @@ def commands(block: str) -> list[str]:
 
 
 def first_words(line: str) -> list[str]:
-    """The program of each command in a line: after an operator, past VAR=value assignments and sudo/until/do..."""
+    """The program of each command in a line: after an operator, past VAR=value assignments and
+    sudo/until/do..."""
     lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
     lexer.whitespace_split, lexer.commenters = True, "#"
     words, start = [], True
@@ -53,12 +66,18 @@ def problem(word: str, rest: str, known: set[str], activated: bool) -> str | Non
     """Why `word` (the program of a command; `rest` is the line) would not run on a clone, or None."""
     local = word.removeprefix("./")
     if local.startswith("scripts/"):
-        return None if os.access(os.path.join(ROOT, local), os.X_OK) else f"{local} is not an executable script"
+        return (
+            None if os.access(os.path.join(ROOT, local), os.X_OK) else f"{local} is not an executable script"
+        )
     if local.startswith(".venv/bin/"):
         if not os.access(os.path.join(ROOT, local), os.X_OK):
             return f"{local} is not in the venv"
         module = re.match(r"\S+ -m ([\w.]+)", rest[rest.find(word) :])
-        if module and os.path.basename(local).startswith("python") and not importlib.util.find_spec(module[1]):
+        if (
+            module
+            and os.path.basename(local).startswith("python")
+            and not importlib.util.find_spec(module[1])
+        ):
             return f"no module {module[1]}"
         return None
     if word in TOOLS or word in known:

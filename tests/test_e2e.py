@@ -24,7 +24,9 @@ VAL = os.path.join(DIGITS_DIR, "val")
 
 
 def val_images():
-    return sorted((os.path.join(VAL, c, f), c) for c in os.listdir(VAL) for f in os.listdir(os.path.join(VAL, c)))
+    return sorted(
+        (os.path.join(VAL, c, f), c) for c in os.listdir(VAL) for f in os.listdir(os.path.join(VAL, c))
+    )
 
 
 def offline_label(checkpoint, data: bytes) -> str:
@@ -89,7 +91,9 @@ def test_predict_script_uses_the_token(server):
     # from another directory, with the image path relative to it (predict.sh moves to the repo root)
     folder, name = os.path.split(os.path.abspath(image))
     script = os.path.relpath("scripts/predict.sh", folder)
-    out = subprocess.run([script, name, "1.0"], cwd=folder, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [script, name, "1.0"], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     again = json.loads(out.stdout)
     assert len(again) == 5 and next(iter(again)) == next(iter(body))  # the same top label through /1.0

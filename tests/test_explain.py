@@ -43,13 +43,17 @@ def server(tmp_path_factory, checkpoint, archive_factory, torchserve_factory, di
     store = batching_store(tmp_path_factory.mktemp("explain"), checkpoint)
     ts = torchserve_factory(store)
     for backend in BACKENDS:
-        versions.register(ts, install_archive(archive_factory(backend, backend), store, f"my_model_v{backend}.mar"))
+        versions.register(
+            ts, install_archive(archive_factory(backend, backend), store, f"my_model_v{backend}.mar")
+        )
     return ts
 
 
 def call(ts, route, body, version=None, content_type="application/octet-stream", headers=None):
     path = f"/{route}/my_model" + (f"/{version}" if version else "")
-    return ts.request("POST", "inference", path, data=body, headers={"Content-Type": content_type, **(headers or {})})
+    return ts.request(
+        "POST", "inference", path, data=body, headers={"Content-Type": content_type, **(headers or {})}
+    )
 
 
 def ink_ratio(body: bytes, grid: list, prep: Preprocessing) -> float:
@@ -66,7 +70,9 @@ def ink_ratio(body: bytes, grid: list, prep: Preprocessing) -> float:
 @pytest.mark.torchserve
 @pytest.mark.parametrize("version", ["1.0", *BACKENDS])
 def test_an_explanation_puts_its_mass_on_the_ink(server, checkpoint, version):
-    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
+    prep = Preprocessing.from_dict(
+        Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing
+    )
     for label in ("0", "3", "7"):
         body = digit(label)
         predicted = next(iter(call(server, "predictions", body, version).json()))
@@ -111,7 +117,9 @@ def test_a_named_class_an_overlay_and_the_v2_route(server):
 def test_bad_bodies_get_the_same_answer_from_explanations_as_from_predictions(server):
     for name, (body, status) in images.refused().items():
         ctype = "application/json" if body.startswith(b"{") else "application/octet-stream"
-        predicted, explained = (call(server, r, body, content_type=ctype) for r in ("predictions", "explanations"))
+        predicted, explained = (
+            call(server, r, body, content_type=ctype) for r in ("predictions", "explanations")
+        )
         assert predicted.status_code == explained.status_code == status, name
         assert explained.json()["message"] == predicted.json()["message"], name
     many = json.dumps({"data": [images.b64(digit("3"))] * 5})  # over max_images_per_explanation (4)
@@ -149,7 +157,11 @@ def test_a_batch_mixing_explanations_predictions_and_bad_input_answers_each_on_i
 @pytest.mark.torchserve
 def test_three_files_in_one_multipart_request_get_three_answers_in_order(server):
     url, auth = server.url() + "/predictions/my_model", server.auth("inference")
-    files = [("a", ("three.png", digit("3"))), ("b", ("seven.png", digit("7"))), ("c", ("zero.png", digit("0")))]
+    files = [
+        ("a", ("three.png", digit("3"))),
+        ("b", ("seven.png", digit("7"))),
+        ("c", ("zero.png", digit("0"))),
+    ]
     resp = requests.post(url, files=files, headers=auth, timeout=30)
     assert resp.status_code == 200, resp.text
     assert [next(iter(p)) for p in resp.json()] == ["3", "7", "0"]
@@ -171,7 +183,9 @@ def test_customized_describe_returns_the_model_card(server, trained, version):
     card = resp.json()[0]["customizedMetadata"]
     with open(os.path.join(trained, "metrics.json")) as f:
         metrics = json.load(f)
-    trained_as = Manifest.from_checkpoint(torch.load(os.path.join(trained, "checkpoint_best.pt"), weights_only=True))
+    trained_as = Manifest.from_checkpoint(
+        torch.load(os.path.join(trained, "checkpoint_best.pt"), weights_only=True)
+    )
     assert card["model"] == "my_model" and card["version"] == version
     assert card["classes"] == [str(i) for i in range(10)]
     assert card["backend"] == ("eager" if version == "1.0" else "onnx")
@@ -190,7 +204,9 @@ def test_customized_describe_returns_the_model_card(server, trained, version):
     with zipfile.ZipFile(mar) as z:  # the digests of the files inside are those of the files inside
         assert archive["digests"][served] == hashlib.sha256(z.read(served)).hexdigest()
     assert card["explanations"]["model"] == (
-        "the served file" if version == "1.0" else f"eager weights ({backends.reference().file}) shipped beside it"
+        "the served file"
+        if version == "1.0"
+        else f"eager weights ({backends.reference().file}) shipped beside it"
     )
 
 
@@ -202,14 +218,18 @@ def handle_kinds(handler, ctx, kinds_and_bodies):
     return handle(handler, ctx, rows, [{"explain": str(kind == "explain")} for kind, _ in kinds_and_bodies])
 
 
-def test_explanations_past_their_time_share_get_503_not_the_predictions_beside_them(archive_factory, digits, tmp_path):
+def test_explanations_past_their_time_share_get_503_not_the_predictions_beside_them(
+    archive_factory, digits, tmp_path
+):
     handler, ctx = make_handler(archive_factory("1.0"), tmp_path, {"explain_time_share": 0})
     out, status = handle_kinds(handler, ctx, [("predict", digit("3")), ("explain", digit("3"))])
     assert status == [200, 503]
     assert next(iter(out[0])) == "3" and "retry" in out[1]["message"]
 
 
-def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(archive_factory, digits, tmp_path):
+def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(
+    archive_factory, digits, tmp_path
+):
     unpacked = tmp_path / "unpacked"
     handler, ctx = make_handler(archive_factory("onnx", "onnx"), unpacked)
     handler._explainer = None
@@ -221,8 +241,8 @@ def test_an_onnx_archive_without_eager_weights_answers_501_naming_the_backend(ar
 
 
 def test_an_explanation_past_the_memory_ceiling_is_507(archive_factory, digits, tmp_path, monkeypatch):
-    # The worker's memory ceiling (memory_headroom_mb) turns an allocation past it into MemoryError: that request
-    # fails with 507, not a 500 "internal error", and its neighbours answer.
+    # The worker's memory ceiling (memory_headroom_mb) turns an allocation past it into MemoryError: that
+    # request fails with 507, not a 500 "internal error", and its neighbours answer.
     import handlers.image_classifier as handler_module
 
     def out_of_memory(*args, **kwargs):
@@ -235,7 +255,7 @@ def test_an_explanation_past_the_memory_ceiling_is_507(archive_factory, digits, 
     assert out[0]["message"] == "this request needs more memory than a worker has"
 
 
-# --- the step budget (model_src/explain.py): a fake clock and a fake explainer -------------------------------------
+# --- the step budget (model_src/explain.py): a fake clock and a fake explainer ------------------------------
 
 
 class Clock:
@@ -261,7 +281,8 @@ def test_the_step_budget_measures_then_shrinks_to_the_time_left_and_refuses_belo
     explain_one = fake_explainer(clock, 0.25, taken)  # a step costs 0.25 s; the budget plans with 1.5 x that
     assert budget.explain_each(["a"], 1000.0, explain_one) == [{"image": "a", "steps": FIRST_STEPS}]
     assert budget.step_seconds == 0.25  # measured on the worker's first explanation
-    assert budget.explain_each(["b"], clock.now + 1000, explain_one)[0]["steps"] == 32  # time for all it wants
+    # time for all it wants
+    assert budget.explain_each(["b"], clock.now + 1000, explain_one)[0]["steps"] == 32
     with pytest.raises(InputError, match="time for explanations is spent") as e:
         # 3.75 s left holds 10 steps (at 0.375 s each); after them 1.25 s holds 3, under MIN_STEPS
         budget.explain_each(["c", "d"], clock.now + 3.75, explain_one)
@@ -274,4 +295,7 @@ def test_no_time_left_is_503_before_any_step_and_a_small_setting_is_not_refused(
         StepBudget(steps=32, clock=clock).explain_each(["a"], 0.0, fake_explainer(clock, 0.25, taken))
     assert e.value.status == 503 and taken == []  # explain_time_share 0: nothing runs
     small = StepBudget(steps=2, clock=clock)  # explain_steps under MIN_STEPS: it is what was asked for
-    assert [r["steps"] for r in small.explain_each(["a", "b"], 10.0, fake_explainer(clock, 0.25, taken))] == [2, 2]
+    assert [r["steps"] for r in small.explain_each(["a", "b"], 10.0, fake_explainer(clock, 0.25, taken))] == [
+        2,
+        2,
+    ]

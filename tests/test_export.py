@@ -34,7 +34,9 @@ def val_batch(checkpoint):
 
 
 def test_export_writes_every_file(exported, checkpoint):
-    served = backends.served()
+    # the default export set (OpenVINO's variants are exported only when named: tests/test_openvino.py)
+    served = {name: backends.get(name) for name in exportlib.SERVER_FORMATS}
+    assert set(served) >= {"eager", "torchscript", "onnx", "int8"}
     assert sorted(os.listdir(exported)) == sorted([*(b.file for b in served.values()), manifest.FILE])
     for name in os.listdir(exported):
         assert os.path.getsize(os.path.join(exported, name)) > 0, name
@@ -53,7 +55,8 @@ def test_export_writes_every_file(exported, checkpoint):
         assert entry["file"] == served[fmt].file
         assert entry["bytes"] == os.path.getsize(os.path.join(exported, entry["file"]))
     assert report["formats"]["int8"]["agreement"] >= 0.99 and report["formats"]["int8"]["acc_drop"] <= 0.005
-    assert report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL  # int8: the whole split
+    # int8: the whole split
+    assert report["check_batch"] == 64 and report["formats"]["int8"]["images"] == N_VAL
     assert not glob.glob(os.path.join(os.path.dirname(exported), ".export-*"))
 
 
@@ -62,7 +65,8 @@ def test_the_check_batch_covers_every_class(checkpoint, digits):
     val = exportlib.val_dataset(digits, prep)
     images, labels = exportlib.check_batch(val, 64)
     assert images.shape == (64, 1, 16, 16)
-    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [6] * 6 + [7] * 4  # 6 turns, then 4 of a 7th
+    # 6 turns, then 4 of a 7th
+    assert sorted(torch.bincount(labels, minlength=10).tolist()) == [6] * 6 + [7] * 4
     again, _ = exportlib.check_batch(val, 64)
     assert torch.equal(images, again)  # seeded: every export checks the same images
     assert len(exportlib.check_batch(val, 1000)[1]) == N_VAL
@@ -73,7 +77,9 @@ def test_export_runs_the_eager_model_in_bounded_batches_without_autograd(checkpo
 
     def load_model_spied(path):
         model, ckpt = load_model(path)
-        model.register_forward_hook(lambda m, inp, out: calls.append((torch.is_inference_mode_enabled(), len(inp[0]))))
+        model.register_forward_hook(
+            lambda m, inp, out: calls.append((torch.is_inference_mode_enabled(), len(inp[0])))
+        )
         return model, ckpt
 
     def fuse_unspied(model):  # the fused copy would inherit the hook: tracing it is not the question
@@ -85,10 +91,11 @@ def test_export_runs_the_eager_model_in_bounded_batches_without_autograd(checkpo
     report = exportlib.export_all(checkpoint, str(tmp_path / "out"), formats=("int8",), batch=32)
     assert report["formats"]["int8"]["images"] == N_VAL
     assert calls and all(inference for inference, _ in calls)
-    assert max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL  # check batch + the split
+    # check batch + the split
+    assert max(n for _, n in calls) == 32 and sum(n for _, n in calls) == 32 + N_VAL
 
 
-@pytest.mark.parametrize("backend", list(backends.served()))
+@pytest.mark.parametrize("backend", exportlib.SERVER_FORMATS)
 def test_every_backend_matches_eager_on_real_images(exported, val_batch, backend):
     _, images, labels, want = val_batch
     got = torch.softmax(backends.load(os.path.join(exported, backends.get(backend).file), backend)(images), 1)
@@ -114,7 +121,9 @@ def test_onnx_passes_the_checker(exported):
 
     model = onnx.load(os.path.join(exported, backends.get("onnx").file))
     onnx.checker.check_model(model, full_check=True)
-    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["logits"]
+    assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == [
+        "logits"
+    ]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic (dynamic) batch axis
 
 
@@ -147,12 +156,15 @@ def test_a_failed_check_writes_nothing(checkpoint, tmp_path, monkeypatch, spy_te
         exportlib.export_all(checkpoint, str(out), formats=("eager", "onnx"))
     # the failure came after files were written ...
     assert in_tmp == sorted(backends.get(b).file for b in ("eager", "onnx"))
-    assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(tmp_path)  # ... beside the target
+    # ... beside the target
+    assert len(spy_tempdirs) == 1 and os.path.dirname(spy_tempdirs[0]) == str(tmp_path)
     assert not out.exists() and not os.path.exists(spy_tempdirs[0])  # ... and nothing is left
     assert not glob.glob(str(tmp_path / ".export-*"))
 
 
-def test_a_check_failing_after_files_were_written_leaves_nothing(checkpoint, tmp_path, monkeypatch, spy_tempdirs):
+def test_a_check_failing_after_files_were_written_leaves_nothing(
+    checkpoint, tmp_path, monkeypatch, spy_tempdirs
+):
     written = []
     eager, real_get = backends.get("eager"), backends.get
 
@@ -216,7 +228,14 @@ def test_evaluate_checkpoint_and_onnx_agree(checkpoint, exported):
 def test_evaluate_main_writes_json_and_png(checkpoint, tmp_path, capsys):
     from train.evaluate import get_args_parser, main
 
-    args = ["--model", checkpoint, "--json", str(tmp_path / "e.json"), "--confusion-png", str(tmp_path / "c.png")]
+    args = [
+        "--model",
+        checkpoint,
+        "--json",
+        str(tmp_path / "e.json"),
+        "--confusion-png",
+        str(tmp_path / "c.png"),
+    ]
     main(get_args_parser().parse_args(args))
     res = read_json(tmp_path / "e.json")
     assert res["images"] == N_VAL and res["accuracy"] > 0.8
@@ -234,5 +253,6 @@ def test_evaluate_an_export_defaults_to_the_data_it_was_trained_on(checkpoint, d
     torch.save({**ckpt, "manifest": known.to_dict()}, tmp_path / "ckpt.pt")
     exportlib.export_all(str(tmp_path / "ckpt.pt"), str(tmp_path / "export"), formats=("eager", "onnx"))
     assert evaluate(str(tmp_path / "ckpt.pt"))["images"] == 20
-    for name in (backends.get("eager").file, backends.get("onnx").file):  # every exported file reads bundle.json
+    # every exported file reads bundle.json
+    for name in (backends.get("eager").file, backends.get("onnx").file):
         assert evaluate(str(tmp_path / "export" / name))["images"] == 20, name

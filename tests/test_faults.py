@@ -1,6 +1,6 @@
-"""Deployment state under faults (issue 29), against one real TorchServe 0.12: operators killed or hung up on at
-chosen points, a lost answer, a full disk under the journal, two operators at once, the default's workers killed
-during a gate, and restarts with an unfinished registration and a damaged archive.
+"""Deployment state under faults (issue 29), against one real TorchServe 0.12: operators killed or hung up on
+at chosen points, a lost answer, a full disk under the journal, two operators at once, the default's workers
+killed during a gate, and restarts with an unfinished registration and a damaged archive.
 
 The tests run in file order on one server (conftest's `server`: my_model 1.0), each leaving a known state:
 
@@ -40,8 +40,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 
 def relabel(src, dst, version):
-    """A copy of an archive that says it is `version` (its manifest rewritten), with its .sha256: a new version
-    in a second, not a new build."""
+    """A copy of an archive that says it is `version` (its manifest rewritten), with its .sha256: a new
+    version in a second, not a new build."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
             data = zin.read(item)
@@ -83,8 +83,8 @@ def default(ts):
     return management.default_version(ts, "my_model")
 
 
-# An operator in its own process, against this module's server. FAULT patches one step, the same way on the old
-# code and the new, so that the test shows what each does after the fault.
+# An operator in its own process, against this module's server. FAULT patches one step, the same way on the
+# old code and the new, so that the test shows what each does after the fault.
 OPERATOR = """
 import json, os, signal, sys
 from deploy import gate, management, register_version
@@ -130,7 +130,9 @@ def operator(ts, fault, *argv):
 
 def test_a_promotion_killed_before_its_record_can_still_be_rolled_back(server, archives, golden):
     # item 2: TorchServe served the new default, the history had no record, rollback said "no earlier default"
-    out = operator(server, KILL_AFTER_SET_DEFAULT, "register", archives["2.0"], "--promote", "--golden", golden)
+    out = operator(
+        server, KILL_AFTER_SET_DEFAULT, "register", archives["2.0"], "--promote", "--golden", golden
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr
     assert default(server) == "2.0" and registered(server) == {"1.0", "2.0"}
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
@@ -155,7 +157,9 @@ def test_a_lost_answer_to_set_default_is_read_back_and_reported(server, archives
 
 def test_sighup_during_a_gate_withdraws_the_candidate(server, archives, golden):
     # item 12: a dropped SSH session exited 129 without cleanup: the candidate stayed registered
-    out = operator(server, HANG_UP_DURING_THE_GATE, "register", archives["3.0"], "--promote", "--golden", golden)
+    out = operator(
+        server, HANG_UP_DURING_THE_GATE, "register", archives["3.0"], "--promote", "--golden", golden
+    )
     assert out.returncode == 128 + signal.SIGHUP, out.stderr
     assert "my_model 3.0 unregistered again" in out.stderr
     assert registered(server) == {"1.0", "2.0"} and default(server) == "1.0"
@@ -165,7 +169,12 @@ def test_a_registration_killed_midway_is_withdrawn_by_a_retry(server, archives):
     # item 10: a retry said "already registered; archive a new version instead"
     out = operator(server, KILL_BEFORE_READY, "register", archives["3.0"])
     assert out.returncode == -signal.SIGKILL, out.stderr
-    assert registered(server) == {"1.0", "2.0", "3.0"}  # TorchServe has it; the journal says it never finished
+    # TorchServe has it; the journal says it never finished
+    assert registered(server) == {
+        "1.0",
+        "2.0",
+        "3.0",
+    }
     assert versions.register(server, archives["3.0"]) == ("my_model", "3.0")
     versions.unregister(server, "my_model", "3.0")
     out = operator(server, KILL_BEFORE_READY, "register", archives["3.0"])  # again, for the restart below
@@ -245,7 +254,8 @@ def gate_in_thread(server, archive, golden, tmp_path, **kw):
 
 
 def race(gate: threading.Thread, go: threading.Event, operation):
-    """Run `operation` in a thread while the gate waits at `go`, let the gate go a second later, wait for both."""
+    """Run `operation` in a thread while the gate waits at `go`, let the gate go a second later, wait for
+    both."""
     other = threading.Thread(target=operation)
     other.start()
     time.sleep(1)
@@ -255,7 +265,8 @@ def race(gate: threading.Thread, go: threading.Event, operation):
 
 
 def test_a_rollback_during_a_promotion_is_not_undone(server, archives, golden, tmp_path):
-    # item 14: the rollback was undone a second later by the promotion, which reported the wrong previous default
+    # item 14: the rollback was undone a second later by the promotion, which reported the wrong previous
+    # default
     t, go, promotion, real = gate_in_thread(server, archives["3.0"], golden, tmp_path)
     rolled = {}
     try:
@@ -295,7 +306,15 @@ def test_two_promotions_at_once_take_turns(server, archives, golden, tmp_path):
 
     def promote(v):
         args = register_version.get_args_parser().parse_args(
-            ["register", archives[v], "--promote", "--golden", golden, "--report", str(tmp_path / f"{v}.json")]
+            [
+                "register",
+                archives[v],
+                "--promote",
+                "--golden",
+                golden,
+                "--report",
+                str(tmp_path / f"{v}.json"),
+            ]
         )
         results[v] = register_version.cmd_register(server, args)
 
@@ -325,7 +344,15 @@ def test_the_default_killed_during_a_gate_is_asked_again(server, archives, golde
 
     monkeypatch.setattr(gatelib, "post", post)
     args = register_version.get_args_parser().parse_args(
-        ["register", archives["6.0"], "--dry-run", "--golden", golden, "--report", str(tmp_path / "gate.json")]
+        [
+            "register",
+            archives["6.0"],
+            "--dry-run",
+            "--golden",
+            golden,
+            "--report",
+            str(tmp_path / "gate.json"),
+        ]
     )
     assert register_version.cmd_register(server, args) == 0
     report = json.load(open(tmp_path / "gate.json"))
@@ -337,8 +364,8 @@ def test_the_default_killed_during_a_gate_is_asked_again(server, archives, golde
 def test_a_start_that_cannot_restore_the_default_says_so_and_a_repaired_one_restores_it(
     server, store, archives, monkeypatch, capsys
 ):
-    # item 7: the default's archive truncated: "restored the saved deployment", another default, no warning; and
-    # after the repair the promoted version was still gone
+    # item 7: the default's archive truncated: "restored the saved deployment", another default, no warning;
+    # and after the repair the promoted version was still gone
     want = registered(server), default(server)
     monkeypatch.setattr(serve, "TorchServe", lambda **kw: server)
     mar = archives[want[1]]

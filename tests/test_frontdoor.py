@@ -1,10 +1,10 @@
 """The HTTPS front door (deploy/frontdoor.py): real HAProxy in front of a real TorchServe on free ports.
 
-TLS with the generated CA (TLS 1.2 with AEAD suites only), plain HTTP refused, bad input answered as TorchServe
-answers it, over-size, chunked and url-encoded bodies and the API description refused by the proxy, a full queue
-and a rate limit answered with Retry-After and JSON, slow bodies and idle connections from one address that
-leave others served, explanations in their own lane, 10,000 mixed requests through it with no wrong answer, and
-TorchServe unreachable from another network namespace while the front door is reachable.
+TLS with the generated CA (TLS 1.2 with AEAD suites only), plain HTTP refused, bad input answered as
+TorchServe answers it, over-size, chunked and url-encoded bodies and the API description refused by the proxy,
+a full queue and a rate limit answered with Retry-After and JSON, slow bodies and idle connections from one
+address that leave others served, explanations in their own lane, 10,000 mixed requests through it with no
+wrong answer, and TorchServe unreachable from another network namespace while the front door is reachable.
 
 Without haproxy the tests that need it skip, except under CI (env CI set), where they fail: CI installs it."""
 
@@ -32,6 +32,7 @@ from deploy import serve
 from deploy.client import top1
 from deploy.frontdoor import FrontDoor, FrontDoorError, for_server, haproxy, json_reply, listening
 from deploy.server import Ports
+from model_src.oip import model_metadata
 from tests.conftest import cannot_run, free_port, require_tool
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects
@@ -41,8 +42,8 @@ NS_HOST, NS_PEER = "10.213.77.1", "10.213.77.2"  # the veth pair's addresses: th
 
 
 def require_haproxy():
-    """Where haproxy is found is deploy.frontdoor.haproxy()'s; whether its absence skips or fails (under CI) is
-    require_tool's, whose own test checks that decision."""
+    """Where haproxy is found is deploy.frontdoor.haproxy()'s; whether its absence skips or fails (under CI)
+    is require_tool's, whose own test checks that decision."""
     try:
         haproxy()
     except FrontDoorError:
@@ -56,8 +57,24 @@ def test_config_is_valid_haproxy_with_every_option(tmp_path):
     door.write_config()  # raises with HAProxy's own words if it refuses the file
     text = door.haproxy_config()
     assert "maxconn 64" in text and "queue(torchserve) ge 1024" in text and "sc_http_req_rate(0) gt 5" in text
-    assert "sc0_conn_cur gt 256" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
+    assert (
+        "sc0_conn_cur gt 256" in text and "wait-for-body time 10s" in text and "queue(explain) ge 8" in text
+    )
     assert oct(os.stat(door.path("server.pem")).st_mode & 0o777) == "0o600"
+
+
+def test_a_model_with_5000_classes_keeps_a_valid_config(tmp_path):
+    require_haproxy()
+    many = model_metadata("big", ["1.0"], [f"class number {i}" for i in range(5000)], {"image_size": 28})
+    few = model_metadata("small", ["1.0"], ["cat", "dog"], {})
+    door = FrontDoor(backend=9, folder=str(tmp_path), names=["localhost"], models={"big": many, "small": few})
+    door.write_certs()
+    door.write_config()  # was: FrontDoorError: HAProxy refuses the 104 KB oip-big.json
+    with open(door.oip_file("big")) as f:
+        big = json.load(f)
+    assert "classes" not in big["outputs"][0]["parameters"] and big["inputs"] == many["inputs"]
+    with open(door.oip_file("small")) as f:
+        assert json.load(f) == few
 
 
 def test_front_door_and_expose_inference_are_refused_together(capsys):
@@ -85,9 +102,12 @@ def test_json_replies_read_back_as_their_message(tmp_path):
     port = free_port()
     (tmp_path / "h.cfg").write_text(
         "defaults\n    mode http\n    timeout client 5s\n    timeout server 5s\n    timeout connect 5s\n"
-        f"frontend f\n    bind 127.0.0.1:{port}\n    http-request return {json_reply(429, 'Odd', HOSTILE, 3)}\n"
+        f"frontend f\n    bind 127.0.0.1:{port}\n    http-request return "
+        f"{json_reply(429, 'Odd', HOSTILE, 3)}\n"
     )
-    proc = subprocess.Popen([haproxy(), "-db", "-f", str(tmp_path / "h.cfg")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [haproxy(), "-db", "-f", str(tmp_path / "h.cfg")], stderr=subprocess.PIPE, text=True
+    )
     try:
         for _ in range(100):  # bounded: 10 s
             if proc.poll() is not None or listening("127.0.0.1", port):
@@ -106,7 +126,9 @@ def test_json_replies_read_back_as_their_message(tmp_path):
 def bare_door(tmp_path):
     """A front door on 127.0.0.1 before a port where nothing listens: enough for what TLS offers."""
     require_haproxy()
-    door = FrontDoor(backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path), names=["localhost"])
+    door = FrontDoor(
+        backend=free_port(), port=free_port(), bind="127.0.0.1", folder=str(tmp_path), names=["localhost"]
+    )
     try:
         yield door.start()
     finally:
@@ -114,7 +136,8 @@ def bare_door(tmp_path):
 
 
 def tls12_cipher(door, ciphers: str) -> str | None:
-    """The suite a TLS 1.2 client offering only `ciphers` gets from the door; None when the handshake fails."""
+    """The suite a TLS 1.2 client offering only `ciphers` gets from the door; None when the handshake
+    fails."""
     ctx = ssl.create_default_context(cafile=door.ca)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(ciphers + ":@SECLEVEL=0")  # the client offers them all; the door decides
@@ -129,9 +152,18 @@ def tls12_cipher(door, ciphers: str) -> str | None:
 
 
 def test_tls12_offers_only_aead_suites(bare_door):
-    for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+    for aead in (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ):
         assert tls12_cipher(bare_door, aead) == aead
-    for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA", "ECDHE-ECDSA-AES128-SHA256", "AES128-SHA"):
+    for cbc in (
+        "ECDHE-ECDSA-AES128-SHA",
+        "ECDHE-ECDSA-AES256-SHA",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "AES128-SHA",
+    ):
         assert tls12_cipher(bare_door, cbc) is None, cbc
 
 
@@ -180,7 +212,12 @@ def small_door(soak, tmp_path):
 
 def post(door, soak, body, **kw):
     return requests.post(
-        f"{door.url()}/predictions/my_model", data=body, headers=soak.headers(), verify=door.ca, timeout=60, **kw
+        f"{door.url()}/predictions/my_model",
+        data=body,
+        headers=soak.headers(),
+        verify=door.ca,
+        timeout=60,
+        **kw,
     )
 
 
@@ -213,21 +250,27 @@ def test_tls_with_generated_ca_answers_and_plain_http_is_refused(soak, door):
 @pytest.mark.torchserve
 def test_bad_input_gets_the_same_4xx_as_direct(soak, door):
     for body in bad_bodies():
-        direct = requests.post(f"{soak.ts.url()}/predictions/my_model", data=body, headers=soak.headers(), timeout=60)
+        direct = requests.post(
+            f"{soak.ts.url()}/predictions/my_model", data=body, headers=soak.headers(), timeout=60
+        )
         through = post(door, soak, body)
         assert 400 <= direct.status_code < 500, direct.text
         assert (through.status_code, through.json()) == (direct.status_code, direct.json())
     wrong_key = {**soak.headers(), "Authorization": "Bearer wrong"}
-    resp = requests.post(f"{door.url()}/predictions/my_model", data=good(soak)[0], headers=wrong_key, verify=door.ca)
+    resp = requests.post(
+        f"{door.url()}/predictions/my_model", data=good(soak)[0], headers=wrong_key, verify=door.ca
+    )
     assert resp.status_code == 400 and "Token Authorization failed" in resp.text
 
 
 def exchange(door, request: bytes, source: str = "127.0.0.1", timeout: float = 30) -> tuple[int, dict, bytes]:
-    """Send raw bytes over TLS from a loopback address; the status, headers and body of the answer (the request
-    should say `Connection: close`, or be one the proxy refuses)."""
+    """Send raw bytes over TLS from a loopback address; the status, headers and body of the answer (the
+    request should say `Connection: close`, or be one the proxy refuses)."""
     ctx = ssl.create_default_context(cafile=door.ca)
     with (
-        socket.create_connection(("127.0.0.1", door.port), timeout=timeout, source_address=(source, 0)) as raw,
+        socket.create_connection(
+            ("127.0.0.1", door.port), timeout=timeout, source_address=(source, 0)
+        ) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as s,
     ):
         s.sendall(request)
@@ -258,8 +301,9 @@ def head(soak, path="/predictions/my_model", ctype="application/octet-stream", l
 
 
 def refused_lines(door, offset: int, statuses: tuple[int, ...], expected: int) -> list[str]:
-    """The access log's lines with these statuses after `offset`. HAProxy writes a request's line when it closes
-    the session, which can be just after the client has its answer: wait (bounded) for `expected` of them."""
+    """The access log's lines with these statuses after `offset`. HAProxy writes a request's line when it
+    closes the session, which can be just after the client has its answer: wait (bounded) for `expected` of
+    them."""
     deadline = time.monotonic() + 10
     while True:
         with open(door.log) as f:
@@ -276,7 +320,10 @@ def test_oversize_and_chunked_bodies_are_refused_by_the_proxy(soak, door):
     auth = soak.headers()["Authorization"]
     offset = os.path.getsize(door.log)
     for extra, status in ((f"Content-Length: {door.max_body + 1}", 413), ("Transfer-Encoding: chunked", 411)):
-        head = f"POST /predictions/my_model HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\n{extra}\r\n\r\n"
+        head = (
+            "POST /predictions/my_model HTTP/1.1\r\nHost: localhost\r\nAuthorization: "
+            f"{auth}\r\n{extra}\r\n\r\n"
+        )
         code, headers, body = raw_request(door, head.encode())
         assert code == status and headers["content-type"] == "application/json" and "message" in body
     refused = refused_lines(door, offset, (413, 411), 2)  # neither request reached a server
@@ -301,7 +348,8 @@ def test_full_queue_and_rate_limit_answer_json_with_retry_after_and_lose_nothing
             assert top1(r.json()) == label
     assert post(tight, soak, body).status_code == 200  # the overload left nothing behind
 
-    limited = small_door(rate=5, rate_period=3600)  # 5 per hour: the 6th is over, however slow the requests are
+    # 5 per hour: the 6th is over, however slow the requests are
+    limited = small_door(rate=5, rate_period=3600)
     codes = [post(limited, soak, body).status_code for _ in range(6)]
     assert codes == [200] * 5 + [429], codes
     r = post(limited, soak, body)
@@ -322,11 +370,16 @@ def multipart(data: bytes, boundary: str = "b0undary") -> bytes:
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_only_the_media_types_the_handler_reads_pass(soak, door):
-    """Finding 9: Netty form-decodes url-encoded bodies before the key is checked (16 MB: 5.7 s of CPU, +2.1 GB)."""
+    """Finding 9: Netty form-decodes url-encoded bodies before the key is checked (16 MB: 5.7 s of CPU, +2.1
+    GB)."""
     png, label = good(soak)
     offset = os.path.getsize(door.log)
     form = b"a=" + b"x%41" * 100
-    for ctype in ("application/x-www-form-urlencoded", "Application/X-WWW-Form-Urlencoded; charset=utf-8", "text/html"):
+    for ctype in (
+        "application/x-www-form-urlencoded",
+        "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+        "text/html",
+    ):
         code, headers, body = exchange(door, head(soak, ctype=ctype, length=len(form)) + form)
         assert (code, json.loads(body)["type"]) == (415, "UnsupportedMediaType"), ctype
     twice = head(soak, length=len(png)).replace(
@@ -375,9 +428,10 @@ def read_answer(s: ssl.SSLSocket) -> tuple[int, dict, bytes] | OSError:
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_slow_bodies_get_408_and_leave_the_door_open_to_others(soak, small_door):
-    """Finding 6: 20 connections from 127.0.0.2 send the head of a 1 MB body, then a byte a second, with 2 slots
-    in TorchServe. Each body must arrive whole before its request is queued: they get 408 and take no slot, and
-    a request from 127.0.0.3 is answered meanwhile (it waited for a slot and got 503 after 10 s before)."""
+    """Finding 6: 20 connections from 127.0.0.2 send the head of a 1 MB body, then a byte a second, with 2
+    slots in TorchServe. Each body must arrive whole before its request is queued: they get 408 and take no
+    slot, and a request from 127.0.0.3 is answered meanwhile (it waited for a slot and got 503 after 10 s
+    before)."""
     door = small_door(maxconn=2)
     ctx = ssl.create_default_context(cafile=door.ca)
     slow = []
@@ -463,8 +517,8 @@ def wait_closed(socks: list[socket.socket], deadline: float) -> int:
 
 
 def established(s: socket.socket) -> bool:
-    """Whether the connection was ever accepted: one whose SYN the full backlog dropped is still retrying, and the
-    door cannot hold (or close) what it never accepted."""
+    """Whether the connection was ever accepted: one whose SYN the full backlog dropped is still retrying, and
+    the door cannot hold (or close) what it never accepted."""
     try:
         s.getpeername()
         return True
@@ -535,7 +589,9 @@ def test_soak_10k_mixed_requests_through_the_front_door(soak, tmp_path):
             os.environ["REQUESTS_CA_BUNDLE"] = before
     print("through the front door:", summarize("load", r))
     assert r["requests"] == 10000 and r["errors"] == 0 and r["wrong_labels"] == 0, r["statuses"]
-    assert r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    assert (
+        r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    )
 
 
 # --- another network namespace ------------------------------------------------------------------------
@@ -564,7 +620,8 @@ def netns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)  # gone with the netns, mostly
+        # gone with the netns, mostly
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, timeout=30)
 
 
 # A port whose packets are dropped (the firewall keeps gRPC management from other hosts) never answers: 5 s is

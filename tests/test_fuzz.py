@@ -13,7 +13,8 @@ CI runs a short, derandomised pass (FUZZ_EXAMPLES, default 300 inputs per target
 without asserting on them (the project's rule: no timing asserts). The long run also holds each input
 to a time budget and prints the figures:
 
-    FUZZ_EXAMPLES=20000 FUZZ_SECONDS_PER_INPUT=2 .venv/bin/python -m pytest tests/test_fuzz.py -p no:cacheprovider -s
+    FUZZ_EXAMPLES=20000 FUZZ_SECONDS_PER_INPUT=2 .venv/bin/python -m pytest tests/test_fuzz.py -p
+    no:cacheprovider -s
 """
 
 import json
@@ -117,7 +118,10 @@ bodies = st.one_of(
     b64_texts,
     st.fixed_dictionaries({"data": st.one_of(b64_texts, st.lists(b64_texts, max_size=4), json_values)}),
     st.fixed_dictionaries(
-        {"id": json_values, "inputs": st.lists(st.fixed_dictionaries({"data": st.lists(b64_texts, max_size=3)}))}
+        {
+            "id": json_values,
+            "inputs": st.lists(st.fixed_dictionaries({"data": st.lists(b64_texts, max_size=3)})),
+        }
     ),
     json_values.map(lambda v: bytearray(json.dumps(v).encode())),
 )

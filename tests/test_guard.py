@@ -1,6 +1,6 @@
-"""The management guard against a real TorchServe: a differential test. Hundreds of generated query strings and
-framings go raw over a socket to the guard; afterwards every registration that TorchServe received (its access
-log) must be one the guard approved (its log) and name only an archive of the model store."""
+"""The management guard against a real TorchServe: a differential test. Hundreds of generated query strings
+and framings go raw over a socket to the guard; afterwards every registration that TorchServe received (its
+access log) must be one the guard approved (its log) and name only an archive of the model store."""
 
 import os
 import random
@@ -16,8 +16,19 @@ from tests.test_guard_units import send_raw
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 ABSENT = "/nonexistent/evil"  # TorchServe answers 404 "Model not found at: /nonexistent/evil": it received it
-PATHS = ["/models"] * 6 + ["//models", "/%6Dodels", "/models/", "/models/.", "http://127.0.0.1/models", "/workflows"]
-VALID = {"synchronous": ["true", "TRUE"], "initial_workers": ["0", "1"], "model_name": ["my_model", "my%5Fmodel"]}
+PATHS = ["/models"] * 6 + [
+    "//models",
+    "/%6Dodels",
+    "/models/",
+    "/models/.",
+    "http://127.0.0.1/models",
+    "/workflows",
+]
+VALID = {
+    "synchronous": ["true", "TRUE"],
+    "initial_workers": ["0", "1"],
+    "model_name": ["my_model", "my%5Fmodel"],
+}
 HOSTILE = [  # a parameter a key holder might add to a valid registration
     "url=" + ABSENT,
     "url=evil.mar",
@@ -49,7 +60,8 @@ FIXED = [  # the review's reproductions, first
 
 
 def query(rng) -> str:
-    """A valid registration's parameters in any order and separators, half of the time with hostile additions."""
+    """A valid registration's parameters in any order and separators, half of the time with hostile
+    additions."""
     params = [f"url={rng.choice(['my_model.mar', 'my%5Fmodel.mar'])}"]
     params += [f"{k}={rng.choice(v)}" for k, v in VALID.items() if rng.random() < 0.4]
     if rng.random() < 0.5:
@@ -82,7 +94,9 @@ def framing(rng, key: str, method: str, target: str) -> bytes:
             f"Content-Length: {n}\r\n",
         ]
     )
-    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + (auth + "\r\n" if auth else "")
+    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + (
+        auth + "\r\n" if auth else ""
+    )
     eol = "\n" if rng.random() < 0.03 else "\r\n"
     body = smuggled if f"Content-Length: {n}" in extra or "chunked" in extra else ""
     return (head + extra + "\r\n").replace("\r\n", eol).encode() + body.encode()

@@ -1,5 +1,5 @@
-"""The management guard (deploy/guard.py) without a TorchServe: the real guard process in front of a stand-in for
-TorchServe's management socket that records every byte it receives. What the stand-in receives is what
+"""The management guard (deploy/guard.py) without a TorchServe: the real guard process in front of a stand-in
+for TorchServe's management socket that records every byte it receives. What the stand-in receives is what
 TorchServe would have: the guard must re-issue requests built from validated values, never forward bytes.
 (tests/test_guard.py sends the same kinds of requests through to a real TorchServe.)"""
 
@@ -73,7 +73,9 @@ def fake_archive(store, name="my_model.mar"):
     """A sound zip with a manifest and its .sha256: all the guard checks of an archive."""
     path = os.path.join(store, name)
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "my_model", "modelVersion": "1.0"}}))
+        z.writestr(
+            "MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "my_model", "modelVersion": "1.0"}})
+        )
     write_checksum(path)
     return path
 
@@ -93,8 +95,8 @@ def send_raw(port: int, raw: bytes, timeout: float = 10) -> bytes:
 
 
 class GuardProcess:
-    """deploy.guard as launch() starts it: --watch-pid names 'TorchServe' (here a sleeper whose working directory
-    holds key_file.json, as TorchServe's does)."""
+    """deploy.guard as launch() starts it: --watch-pid names 'TorchServe' (here a sleeper whose working
+    directory holds key_file.json, as TorchServe's does)."""
 
     def __init__(self, tmp, tokens=True):
         self.dir = tmp
@@ -110,7 +112,13 @@ class GuardProcess:
         self.log = open(tmp / "guard.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.guard", "--listen", f"127.0.0.1:{self.port}", "--socket"]
-            + [str(tmp / "mgmt.sock"), "--model-store", str(self.store), "--watch-pid", str(self.sleeper.pid)],
+            + [
+                str(tmp / "mgmt.sock"),
+                "--model-store",
+                str(self.store),
+                "--watch-pid",
+                str(self.sleeper.pid),
+            ],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -183,7 +191,7 @@ def refused(status, body):
     return status in (400, 403) and body.get("message")
 
 
-# --- finding 1: ';' as a query separator, and what else reads a query two ways ---------------------------------
+# --- finding 1: ';' as a query separator, and what else reads a query two ways ------------------------------
 
 TWO_READINGS = {
     "';' before the valid url (finding 1)": "/models?x=1;url=/some/dir&url=my_model.mar",
@@ -216,11 +224,17 @@ TWO_READINGS = {
 def test_a_query_that_could_be_read_two_ways_never_reaches_torchserve(gw, target):
     status, body = gw.request("POST", target)
     assert refused(status, body), (status, body)
-    assert gw.upstream.targets() == []  # ';' case before: 'POST /models?x=1;url=/some/dir&url=my_model.mar' passed
+    # ';' case before: 'POST /models?x=1;url=/some/dir&url=my_model.mar' passed
+    assert gw.upstream.targets() == []
 
 
 def test_a_registration_is_reissued_from_validated_values_only(gw):
-    junk = {"X-Forwarded-For": "1.2.3.4", "Cookie": "a=b", "Content-Type": "application/json", "X-Url": "/some/dir"}
+    junk = {
+        "X-Forwarded-For": "1.2.3.4",
+        "Cookie": "a=b",
+        "Content-Type": "application/json",
+        "X-Url": "/some/dir",
+    }
     status, _ = gw.request("POST", "//%6Dodels/?url=my%5Fmodel.mar&synchronous=TRUE&initial_workers=01", junk)
     assert status == 200
     (head,) = gw.upstream.heads
@@ -238,7 +252,11 @@ def test_other_management_calls_are_reissued_from_a_parsed_form(gw):
         ("GET", "/models?limit=5", "GET /models?limit=5"),
         ("GET", "/models/my_model/all", "GET /models/my_model/all"),
         ("GET", "/models/my%5Fmodel/1.0?customized=true", "GET /models/my_model/1.0?customized=true"),
-        ("PUT", "/models/my_model/1.0?min_worker=2;max_worker=2", "PUT /models/my_model/1.0?min_worker=2&max_worker=2"),
+        (
+            "PUT",
+            "/models/my_model/1.0?min_worker=2;max_worker=2",
+            "PUT /models/my_model/1.0?min_worker=2&max_worker=2",
+        ),
         ("PUT", "/models/my_model/2.0/set-default", "PUT /models/my_model/2.0/set-default"),
         ("DELETE", "/models/my_model/2.0", "DELETE /models/my_model/2.0"),
     ]
@@ -260,13 +278,14 @@ def test_other_management_calls_are_reissued_from_a_parsed_form(gw):
     assert len(gw.upstream.targets()) == len(calls) + 1
 
 
-# --- framing: findings 2 and 10, and the guard that died on a bad header --------------------------------------
+# --- framing: findings 2 and 10, and the guard that died on a bad header ------------------------------------
 
 SMUGGLED = b"POST /models?url=/some/dir HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
 FRAMINGS = {
     "two Content-Lengths (finding 2)": b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(SMUGGLED),
-    "Content-Length and Transfer-Encoding": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(SMUGGLED),
+    "Content-Length and Transfer-Encoding": b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n"
+    % len(SMUGGLED),
     "chunked": b"Transfer-Encoding: chunked\r\n",
     "Content-Length with a sign": b"Content-Length: +%d\r\n" % len(SMUGGLED),
     "Content-Length list": b"Content-Length: %d, %d\r\n" % (len(SMUGGLED), len(SMUGGLED)),
@@ -296,7 +315,9 @@ BAD_HEADS = {
     "no version": b"GET /models\r\n\r\n",
     "non-ASCII header": b"GET /models HTTP/1.1\r\nX-A: \xc3\xa9\r\n\r\n",
     "line too long": b"GET /models HTTP/1.1\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
-    "too many headers": b"GET /models HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(70)) + b"\r\n",
+    "too many headers": b"GET /models HTTP/1.1\r\n"
+    + b"".join(b"X-%d: a\r\n" % i for i in range(70))
+    + b"\r\n",
 }
 
 
@@ -310,7 +331,7 @@ def test_a_malformed_request_gets_a_json_answer(gw, raw):
     assert gw.upstream.targets() == []
 
 
-# --- the key, before any costly work -------------------------------------------------------------------------
+# --- the key, before any costly work ------------------------------------------------------------------------
 
 
 def test_the_key_is_checked_before_the_archive(gw):
@@ -318,7 +339,8 @@ def test_the_key_is_checked_before_the_archive(gw):
         f.write(b"\0")  # hashing it would find a mismatch: the answer tells which check ran first
     for key in (None, "wrong", API_KEY, "inf-key"):
         status, body = gw.request("POST", "/models?url=my_model.mar", key=key)
-        assert (status, body["type"]) == (400, "InvalidKeyException"), body  # was 403 'SHA-256 ... does not match'
+        # was 403 'SHA-256 ... does not match'
+        assert (status, body["type"]) == (400, "InvalidKeyException"), body
         assert body["message"] == guard.INVALID_KEY
     status, body = gw.request("POST", "/models?url=my_model.mar")
     assert status == 403 and "does not match" in body["message"]
@@ -344,7 +366,7 @@ def test_with_tokens_off_no_key_is_asked(tmp_path):
         g.stop()
 
 
-# --- what must not kill or stall the guard -------------------------------------------------------------------
+# --- what must not kill or stall the guard ------------------------------------------------------------------
 
 
 def test_an_empty_checksum_file_is_a_refusal_with_a_reason(gw):
@@ -374,7 +396,9 @@ def test_an_internal_error_answers_500(tmp_path, monkeypatch):
 
 
 def test_the_listen_backlog_takes_a_burst(gw):
-    out = subprocess.run(["ss", "-ltnH", f"sport = :{gw.port}"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{gw.port}"], capture_output=True, text=True, check=True
+    ).stdout
     assert int(out.split()[2]) >= 128, out  # Send-Q of a listening socket is its backlog: was 5
 
 
@@ -385,7 +409,7 @@ def test_keep_alive_carries_several_calls(gw):
     assert gw.upstream.targets() == ["GET /models HTTP/1.1"] * 3
 
 
-# --- the parsers' cost grows linearly ----------------------------------------------------------------------------
+# --- the parsers' cost grows linearly -----------------------------------------------------------------------
 
 
 def cost(fn, arg, repeat=5) -> float:
@@ -432,3 +456,12 @@ def test_the_head_parser_is_linear():
         cost(lambda r: baseline(text(r)), large, 20) / cost(lambda r: baseline(text(r)), small, 20)
     )
     assert ratio < 3
+
+
+@pytest.mark.parametrize("how", ["a list, not an object", "nested 100,000 deep", "encrypted member"])
+def test_a_broken_archive_is_refused_not_a_500(gw, how):
+    from tests.test_manifest import broken_mar
+
+    write_checksum(broken_mar(os.path.join(gw.store, "broken.mar"), how))
+    status, body = gw.request("POST", "/models?url=broken.mar")
+    assert (status, body["type"]) == (403, "RegistrationRefused"), body  # was: 500 InternalServerError

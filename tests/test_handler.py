@@ -82,7 +82,8 @@ def handle(handler, ctx, rows, headers=None):
     ctx.request_processor = [RequestProcessor(h) for h in headers or [{}] * len(rows)]
     out = handler.handle(rows, ctx)
     assert isinstance(out, list) and len(out) == len(rows)  # else TorchServe fails the whole batch (503)
-    # The worker's own serialisation: it falls back to a 503 for the whole batch if an answer is not JSON-able.
+    # The worker's own serialisation: it falls back to a 503 for the whole batch if an answer is not
+    # JSON-able.
     frame = create_predict_response(out, req_ids, "Prediction success", 200, context=ctx)
     assert struct.unpack("!i", frame[:4])[0] == 200
     statuses = [ctx.get_response_status(i)[0] for i in range(len(rows))]
@@ -137,8 +138,9 @@ def is_prediction(answer, k=5):
 
 @pytest.fixture(scope="module")
 def reference_probs(checkpoint, digits):
-    """{label: probability} per val file, from the checkpoint's model in plain torch on torchvision's transform:
-    no handler, no archive, no Preprocessing, so the eager handler is compared with something other than itself."""
+    """{label: probability} per val file, from the checkpoint's model in plain torch on torchvision's
+    transform: no handler, no archive, no Preprocessing, so the eager handler is compared with something other
+    than itself."""
     model, ckpt = load_model(checkpoint)
     known = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(known.preprocessing)
@@ -155,7 +157,8 @@ def test_every_backend_initialises_and_agrees_with_the_model(backend, handler_fo
     assert handler.backend == backend and len(handler.labels) == 10
     rows = [{"body": bytearray(open(p, "rb").read())} for p in val_files(digits)]
     got, status = handle(handler, ctx, rows)
-    want = [dict(sorted(w.items(), key=lambda kv: -kv[1])) for w in reference_probs]  # highest first, as answers
+    # highest first, as answers
+    want = [dict(sorted(w.items(), key=lambda kv: -kv[1])) for w in reference_probs]
     assert status == [GOOD] * len(rows)
     for g, w in zip(got, want):
         assert is_prediction(g, k=10) and g.keys() == w.keys()
@@ -185,7 +188,9 @@ def test_every_input_form_in_one_batch(eager, png):
                 "inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": [b64]}],
             }
         },
-        {"body": bytearray(json.dumps({"data": b64}).encode())},  # 8 JSON that arrived as bytes (charset= type)
+        {
+            "body": bytearray(json.dumps({"data": b64}).encode())
+        },  # 8 JSON that arrived as bytes (charset= type)
         {"body": wrapped(b64)},  # 9 the output of `base64 img.png`: lines of 76 characters
         {"body": {"data": wrapped(b64)}},  # 10 ... inside JSON
         {"name": bytearray(b"cat"), "upload": bytearray(png)},  # 11 multipart: a text field, then the file
@@ -220,14 +225,16 @@ def more_kinds() -> dict[str, bytes]:
     return {
         "png-RGBA-transparent-black": images.encode(Image.fromarray(arr, "RGBA"), "PNG"),
         "gif-transparent-index": images.encode(transparent_gif, "GIF", transparency=255),
-        "png-L-trns-colour-key": images.encode(Image.fromarray(keyed), "PNG", transparency=7),  # ... and keyed out
+        "png-L-trns-colour-key": images.encode(
+            Image.fromarray(keyed), "PNG", transparency=7
+        ),  # ... and keyed out
         "png-malformed-exif": images.encode(grey, "PNG", exif=b"not a tiff header"),
     }
 
 
 LOSSY = {"jpeg-L", "jpeg-CMYK"}  # every other kind holds exactly the pixels of png-L
-# ... when decoded at full scale: a 32-px JPEG decodes at 1/2 (the smallest DCT scale that covers digits' 16 px),
-# other pixels than png-L resized, the same label
+# ... when decoded at full scale: a 32-px JPEG decodes at 1/2 (the smallest DCT scale that covers digits' 16
+# px), other pixels than png-L resized, the same label
 DRAFTED = {"jpeg-RGB"}
 
 
@@ -272,11 +279,19 @@ def bad_rows(png) -> dict[str, tuple[dict, int]]:
         "malformed-json-bytes": ({"body": bytearray(b'{"data": "abc"')}, 400),
         "json-not-utf8": ({"body": bytearray(b'{"data": "\xff"}')}, 400),
         "json-nested-too-deep": ({"body": bytearray(b"[" * 100_000)}, 400),
-        "over-max-image-pixels": ({"body": bytearray(images.png_declaring(8000, 6000))}, 413),  # 48 MP > 40 MP
+        "over-max-image-pixels": (
+            {"body": bytearray(images.png_declaring(8000, 6000))},
+            413,
+        ),  # 48 MP > 40 MP
         "too-many-images": ({"body": [b64] * (SETTINGS["max_images_per_request"] + 1)}, 413),
         "url-encoded-form": ({"some key": ""}, 400),  # what a PNG posted as a form turns into
         "v2-bad-base64": (
-            {"body": {"id": "9", "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [1], "data": ["@@"]}]}},
+            {
+                "body": {
+                    "id": "9",
+                    "inputs": [{"name": "input-0", "datatype": "BYTES", "shape": [1], "data": ["@@"]}],
+                }
+            },
             400,
         ),
     }
@@ -307,7 +322,9 @@ def test_bad_requests_fail_alone_in_their_batch(eager, png, digits):
     assert f"limit is {SETTINGS['max_images_per_request']}" in messages["too-many-images"]
     assert "base64" in messages["bad-base64-parsed-json"]
     assert '"data"' in messages["json-without-data"]
-    assert "does not parse" in messages["json-not-utf8"] and "does not parse" in messages["json-nested-too-deep"]
+    assert (
+        "does not parse" in messages["json-not-utf8"] and "does not parse" in messages["json-nested-too-deep"]
+    )
     v2 = out[1 + 2 * list(bad).index("v2-bad-base64")]
     assert v2["id"] == "9" and v2["outputs"][0]["name"] == "error"  # v2 clients still get a v2 body
 
@@ -342,7 +359,9 @@ def test_pixel_cap_is_per_request_not_per_image(handler_for, png):
     # time the worker out, failing the requests batched with it; the cap is one budget per request.
     handler, ctx = handler_for("eager", max_image_pixels=40_000_000)
     near_cap = images.b64(images.black_png(6300))  # 39.7 MP each, 16 KB of PNG
-    out, status = handle(handler, ctx, [{"body": bytearray(png)}, {"body": [near_cap] * 32}, {"body": bytearray(png)}])
+    out, status = handle(
+        handler, ctx, [{"body": bytearray(png)}, {"body": [near_cap] * 32}, {"body": bytearray(png)}]
+    )
     assert status == [GOOD, 413, GOOD]
     assert "together" in out[1]["message"]
 
@@ -362,7 +381,9 @@ def pillow_opens(monkeypatch):
 def test_jpeg_scan_bomb_is_refused_before_pillow_and_neighbours_answer(eager, png, pillow_opens):
     # 6,500 empty scans over 6320 x 6320: libjpeg took 31-37 s, past the worker's 30 s timeout
     bomb = images.scan_bomb_jpeg()
-    out, status = handle(*eager, [{"body": bytearray(png)}, {"body": bytearray(bomb)}, {"body": bytearray(png)}])
+    out, status = handle(
+        *eager, [{"body": bytearray(png)}, {"body": bytearray(bomb)}, {"body": bytearray(png)}]
+    )
     assert status == [GOOD, 413, GOOD]
     assert "over 100 scans" in out[1]["message"]
     assert out[0] == out[2] and is_prediction(out[0])
@@ -397,7 +418,9 @@ def test_request_image_bytes_are_checked_before_decoding(handler_for, png, monke
     b64 = images.b64(png)
     out, status = handle(handler, ctx, [{"body": [b64, b64]}, {"body": [b64, b64, b64]}, {"body": [b64, 7]}])
     assert status == [GOOD, 413, 400]
-    assert "over the limit of" in out[1]["message"] and "expected a base64 string, got int" in out[2]["message"]
+    assert (
+        "over the limit of" in out[1]["message"] and "expected a base64 string, got int" in out[2]["message"]
+    )
     assert len(decodes) == 2  # the first request's; the others were refused before decoding
 
 
@@ -427,7 +450,9 @@ def test_inputs_past_the_decode_budget_are_413_beside_good_neighbours(eager, png
     assert set(status[1::2]) == {GOOD} and all(answer == out[1] for answer in out[1::2])
     for name, answer in zip(hostile, out[::2]):
         assert not re.search(
-            r"pillow|\bPIL\b|decompression ?bomb|178,?956,?970|MAX_\w+|\w+Error|traceback", answer["message"], re.I
+            r"pillow|\bPIL\b|decompression ?bomb|178,?956,?970|MAX_\w+|\w+Error|traceback",
+            answer["message"],
+            re.I,
         ), (name, answer["message"])
 
 
@@ -485,24 +510,29 @@ def test_topk_setting_reaches_the_answer(handler_for, png):
 
 def test_handler_transform_is_the_training_transform(eager, checkpoint, digits):
     handler, _ = eager
-    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
+    prep = Preprocessing.from_dict(
+        Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing
+    )
     assert handler.prep == prep  # the archive's bundle.json carries the checkpoint's preprocessing
     ds = CachedImages(os.path.join(digits, "val"), prep, prep, cache=False)  # the validation transform
     for i in range(0, len(ds), 45):
         path = ds.folder.samples[i][0]
         (x,) = handler.decode_all([open(path, "rb").read()], handler.prep)
         assert torch.equal(x, ds[i][0]), path
-        assert torch.equal(x, torchvision_eval(prep, Image.open(path))), path  # both sides share Preprocessing
+        # both sides share Preprocessing
+        assert torch.equal(x, torchvision_eval(prep, Image.open(path))), path
 
 
-PHOTO_PREP = Preprocessing(image_size=64, resize_size=72, channels=3, mean=[0.48, 0.45, 0.4], std=[0.23, 0.22, 0.22])
+PHOTO_PREP = Preprocessing(
+    image_size=64, resize_size=72, channels=3, mean=[0.48, 0.45, 0.4], std=[0.23, 0.22, 0.22]
+)
 
 
 @pytest.fixture(scope="module")
 def photo_handler(checkpoint, archive_factory, tmp_path_factory):
-    """A handler initialised from an archive with 3-channel resize-and-crop preprocessing. The session's trained
-    model is the 1-channel digits one, so this checkpoint holds a small untrained model in the same format: the
-    transform, not the weights, is under test."""
+    """A handler initialised from an archive with 3-channel resize-and-crop preprocessing. The session's
+    trained model is the 1-channel digits one, so this checkpoint holds a small untrained model in the same
+    format: the transform, not the weights, is under test."""
     ckpt = torch.load(checkpoint, weights_only=True)
     known = Manifest.from_checkpoint(ckpt)
     model_args = {**known.model_args, "in_channels": 3, "num_classes": 2, "widths": [8], "blocks": [1]}
@@ -547,7 +577,11 @@ def test_photo_transform_is_the_training_transform(photo_handler, tmp_path):
         # scaling is decode's choice); it applies EXIF and transparency itself
         assert_matches_reference(x, prep, prep.decode(data), path)
     out, status = handle(handler, ctx, [{"body": bytearray(files["china/china_rotated.jpg"])}])
-    assert status == [GOOD] and set(out[0]) == {"china", "flower"}  # the 3-channel model answers through handle()
+    # the 3-channel model answers through handle()
+    assert status == [GOOD] and set(out[0]) == {
+        "china",
+        "flower",
+    }
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -557,7 +591,8 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
     # A worker's metrics leave it as "[METRICS]..." log lines that the frontend parses; only metrics
     # declared in serving/metrics.yaml are exported, so the handler must not add any to the cache: an emission
     # whose type differs from the declaration would add one (and the frontend would file it under the declared
-    # type), and the cached unit is the declared one whatever add_time() was given, so the value must be seconds.
+    # type), and the cached unit is the declared one whatever add_time() was given, so the value must be
+    # seconds.
     handler, ctx = eager
     fresh = MetricsCacheYamlImpl(METRICS_CONFIG)  # what serving/metrics.yaml declares, before any request
     fresh.initialize_cache()
@@ -568,7 +603,8 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
         t0 = time.perf_counter()
         handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}, {"body": bytearray()}])
         wall = time.perf_counter() - t0
-    assert set(ctx.metrics.cache_keys()) == declared  # also after every earlier test's requests on this handler
+    # also after every earlier test's requests on this handler
+    assert set(ctx.metrics.cache_keys()) == declared
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
     assert not [r for r in caplog.records if "Failed to update metric" in r.getMessage()]
 
@@ -582,7 +618,9 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
         assert "ModelName:my_model,Level:Model" in line
     rejected = emitted("RejectedInputs")
     assert len(rejected) == 2  # one per refused request
-    assert all(line.startswith("[METRICS]RejectedInputs.Count:1|") and "#type:COUNTER" in line for line in rejected)
+    assert all(
+        line.startswith("[METRICS]RejectedInputs.Count:1|") and "#type:COUNTER" in line for line in rejected
+    )
 
 
 def test_no_inference_metric_when_nothing_reaches_the_model(eager, caplog):

@@ -38,7 +38,12 @@ def imagenet_server(photos, store, torchserve_factory, tmp_path_factory):
     checkpoint = str(tmp_path_factory.mktemp("imagenet") / "checkpoint.pt")
     import_weights("efficientnet_lite0", checkpoint, photos)
     built = archive_checkpoint(
-        checkpoint, "1.0", "onnx", model_name="imagenet", output=str(checkpoint + ".mar"), batch_size=BATCH_SIZE
+        checkpoint,
+        "1.0",
+        "onnx",
+        model_name="imagenet",
+        output=str(checkpoint + ".mar"),
+        batch_size=BATCH_SIZE,
     )
     ts = torchserve_factory(store)
     versions.register(ts, install_archive(built["archive"], store, "imagenet.mar"), model="imagenet")
@@ -77,9 +82,13 @@ def test_real_photos_get_their_imagenet_labels_in_every_form(imagenet_server, ph
             resp = post(imagenet_server, body, "imagenet")
             assert resp.status_code == 200, (name, form, resp.text)
             answers[form] = resp.json()
-        assert len(answers["jpeg"]) == 5 and list(answers["jpeg"].values()) == sorted(answers["jpeg"].values())[::-1]
-        # Every form keeps the photo's label; chelsea's three cat classes are nearly tied (0.38/0.37/0.16), so a
-        # re-encoded copy may swap tiger cat and Egyptian cat: the class, not the exact key, is what must hold.
+        assert (
+            len(answers["jpeg"]) == 5
+            and list(answers["jpeg"].values()) == sorted(answers["jpeg"].values())[::-1]
+        )
+        # Every form keeps the photo's label; chelsea's three cat classes are nearly tied (0.38/0.37/0.16), so
+        # a re-encoded copy may swap tiger cat and Egyptian cat: the class, not the exact key, is what must
+        # hold.
         labels = {form: top1(a) for form, a in answers.items()}
         assert set(labels.values()) <= expected, (name, labels)
 
@@ -87,17 +96,22 @@ def test_real_photos_get_their_imagenet_labels_in_every_form(imagenet_server, ph
 def test_the_digits_model_still_answers_beside_it(imagenet_server, png, checkpoint):
     resp = post(imagenet_server, png, settings.MODEL_NAME)
     assert resp.status_code == 200, resp.text
-    # the digits model's own answer for this image (plain torch on torchvision's transform), not just any digit
+    # the digits model's own answer for this image (plain torch on torchvision's transform), not just any
+    # digit
     model, ckpt = load_model(checkpoint)
     known = Manifest.from_checkpoint(ckpt)
     x = torchvision_eval(Preprocessing.from_dict(known.preprocessing), Image.open(io.BytesIO(png)))
     with torch.inference_mode():
         want = dict(zip(known.class_names, torch.softmax(model.eval()(x[None]), 1)[0].tolist()))
     got = resp.json()
-    assert top1(got) == top1(want) and all(abs(p - want[label]) <= 1e-4 for label, p in got.items()), (got, want)
+    assert top1(got) == top1(want) and all(abs(p - want[label]) <= 1e-4 for label, p in got.items()), (
+        got,
+        want,
+    )
 
 
 def test_imagenet_takes_one_request_per_batch(imagenet_server):
-    """A batch never holds a prediction hostage to an explanation (docs/frontdoor.md, the explanation lane)."""
+    """A batch never holds a prediction hostage to an explanation (docs/frontdoor.md, the explanation
+    lane)."""
     described = imagenet_server.request("GET", "management", "/models/imagenet").json()
     assert [v["batchSize"] for v in described] == [BATCH_SIZE] == [1]

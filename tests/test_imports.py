@@ -1,4 +1,5 @@
-"""Imports point one way: bundle <- model_src <- (handlers, train) <- deploy <- bench, and deploy/ has no cycles.
+"""Imports point one way: bundle <- model_src <- (handlers, train) <- deploy <- bench, and deploy/ has no
+cycles.
 
 Every .py of those packages is read with `ast`: imports at module level and inside functions alike (an import
 hidden in a function still ties the layers together). Only `if TYPE_CHECKING:` blocks are left out: they never
@@ -10,7 +11,8 @@ import os
 from bundle.settings import ROOT
 
 # A package may import itself and the packages of lower layers; handlers and train share a layer and must not
-# import each other (what ships with an archive never needs training code, and training never needs TorchServe's).
+# import each other (what ships with an archive never needs training code, and training never needs
+# TorchServe's).
 LAYERS = {"bundle": 0, "model_src": 1, "handlers": 2, "train": 2, "deploy": 3, "bench": 4}
 
 
@@ -118,7 +120,8 @@ def test_deploy_has_no_import_cycles():
 
 
 def test_the_checks_catch_a_reversed_import_and_a_cycle(tmp_path):
-    """The checks themselves, on a small tree: a reversed import hidden in a function, a cycle, a type-only one."""
+    """The checks themselves, on a small tree: a reversed import hidden in a function, a cycle, a type-only
+    one."""
     files = {
         "bundle/settings.py": "import os\n",
         "train/data.py": "def f():\n    from deploy import settings\n",  # reversed, and hidden in a function
@@ -126,7 +129,8 @@ def test_the_checks_catch_a_reversed_import_and_a_cycle(tmp_path):
         "deploy/a.py": "from deploy import b\n",
         "deploy/b.py": "from deploy.a import x\n",  # a <-> b
         "deploy/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from deploy.d import T\n",
-        "deploy/d.py": "from deploy import c\nfrom bundle.settings import ROOT\n",  # c's is type-only: no cycle
+        # c's is type-only: no cycle
+        "deploy/d.py": "from deploy import c\nfrom bundle.settings import ROOT\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(exist_ok=True)

@@ -33,7 +33,9 @@ def two_versions(tmp_path_factory, archive_factory):
 
 @pytest.fixture(scope="module")
 def layout(two_versions, tmp_path_factory):
-    return kserve.write_layout(str(two_versions), str(tmp_path_factory.mktemp("kserve") / "out"), default="2.0")
+    return kserve.write_layout(
+        str(two_versions), str(tmp_path_factory.mktemp("kserve") / "out"), default="2.0"
+    )
 
 
 def test_layout_names_versions_default_and_kserve_ports(layout):
@@ -49,7 +51,8 @@ def test_layout_names_versions_default_and_kserve_ports(layout):
     versions = snap["models"]["my_model"]
     assert sorted(versions) == ["1.0", "2.0"] and snap["modelCount"] == 1
     assert [v for v, e in versions.items() if e["defaultVersion"]] == ["2.0"]
-    assert versions["1.0"]["marName"] == "my_model.mar" and versions["2.0"]["batchSize"] == 4  # model-config.yaml
+    # model-config.yaml
+    assert versions["1.0"]["marName"] == "my_model.mar" and versions["2.0"]["batchSize"] == 4
     assert props["inference_address"] == "http://0.0.0.0:8085" and props["metrics_address"].endswith(":8082")
     assert props["enable_envvars_config"] == "true"
     assert props["disable_token_authorization"] == "true" and props["enable_model_api"] == "false"
@@ -59,8 +62,8 @@ def test_layout_names_versions_default_and_kserve_ports(layout):
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
-    """`torchserve --start --model-store=... --ts-config=...` exactly as kserve-torchserve.yaml runs it; free ports
-    come in through TS_* variables, as KServe's own settings do (enable_envvars_config)."""
+    """`torchserve --start --model-store=... --ts-config=...` exactly as kserve-torchserve.yaml runs it; free
+    ports come in through TS_* variables, as KServe's own settings do (enable_envvars_config)."""
     storage, ports = layout["storage"], Ports.free()
     store = os.path.join(storage, "model-store")
     ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=store, ports=ports, user=None)
@@ -78,10 +81,13 @@ def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
     cmd = [os.path.join(os.path.dirname(sys.executable), args[0]), *args[1:]]
     url = f"http://127.0.0.1:{ports.inference}"
     try:
-        with open(os.path.join(ts.log_dir, "torchserve.out"), "wb") as out:  # never a pipe: the JVM keeps it open
+        with open(
+            os.path.join(ts.log_dir, "torchserve.out"), "wb"
+        ) as out:  # never a pipe: the JVM keeps it open
             subprocess.run(cmd, cwd=ts.workdir, env=env, check=True, timeout=60, stdout=out, stderr=out)
         kserve.wait_ready(url, timeout=180)
-        default = requests.post(f"{url}/predictions/my_model", data=png, timeout=60)  # no token: tokens are off
+        # no token: tokens are off
+        default = requests.post(f"{url}/predictions/my_model", data=png, timeout=60)
         assert default.status_code == 200, default.text
         assert requests.post(f"{url}/predictions/my_model/1.0", data=png, timeout=60).json() == default.json()
 
@@ -93,7 +99,9 @@ def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
         )
         assert v2.status_code == 200 and v2.json()["model_version"] == "2.0"  # the snapshot's default
         assert json.loads(v2.json()["outputs"][0]["data"][0]) == default.json()
-        v1 = requests.post(f"{url}/v1/models/my_model:predict", json={"instances": [{"data": b64}] * 2}, timeout=60)
+        v1 = requests.post(
+            f"{url}/v1/models/my_model:predict", json={"instances": [{"data": b64}] * 2}, timeout=60
+        )
         assert v1.status_code == 200 and v1.json() == {"predictions": [default.json()] * 2}
 
         # Nothing can be registered: the model API is off, whoever reaches management.
@@ -101,9 +109,12 @@ def test_started_as_the_runtime_does_predicts(layout, tmp_path, png):
         assert reg.status_code == 405
         # gRPC (whose addresses come from the layout's config alone here) listens on loopback only.
         grpc = {ports.grpc_inference, ports.grpc_management}
-        listening = [c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port in grpc]
+        listening = [
+            c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port in grpc
+        ]
         assert sorted(a.port for a in listening) == sorted(grpc)
-        assert {a.ip.removeprefix("::ffff:") for a in listening} == {"127.0.0.1"}  # Java's IPv6 socket, v4 address
+        # Java's IPv6 socket, v4 address
+        assert {a.ip.removeprefix("::ffff:") for a in listening} == {"127.0.0.1"}
     finally:
         ts.stop()
     assert not ts.is_running()
@@ -136,19 +147,23 @@ def test_manifests_valid_against_published_schemas(manifests):
         model = predictor["model"]
         assert model["protocolVersion"] == protocol and model["runtime"] == kserve.RUNTIME
         assert model["resources"]["limits"]["cpu"] and model["resources"]["requests"]["memory"]
-        # The front door's limits KServe can carry; no service-link variables for enable_envvars_config to read.
+        # The front door's limits KServe can carry; no service-link variables for enable_envvars_config to
+        # read.
         assert predictor["containerConcurrency"] == FrontDoor.maxconn and predictor["timeout"] > 0
         assert predictor["enableServiceLinks"] is False and predictor["automountServiceAccountToken"] is False
 
 
 def test_schema_catches_mistakes():
-    """The check is strict: a misspelt field (which the API server would silently drop) and a wrong type fail."""
+    """The check is strict: a misspelt field (which the API server would silently drop) and a wrong type
+    fail."""
     doc = kserve.inference_service("v2", "pvc://x")
     doc["spec"]["predictor"]["model"]["protocolVersoin"] = "v2"
     doc["spec"]["predictor"]["minReplicas"] = "one"
     doc["apiVersion"] = "serving.kserve.io/v1alpha1"
     errors = "\n".join(kserve.validate(doc))
-    assert "protocolVersoin" in errors and "'one' is not of type 'integer'" in errors and "apiVersion" in errors
+    assert (
+        "protocolVersoin" in errors and "'one' is not of type 'integer'" in errors and "apiVersion" in errors
+    )
 
     netpol = kserve.network_policy()
     netpol["spec"]["podSelecter"] = netpol["spec"].pop("podSelector")
@@ -163,12 +178,13 @@ def test_schema_catches_mistakes():
     assert "8080 is not of type 'string'" in errors and "'PERMIT' is not one of" in errors
 
 
-# --- the policies, evaluated the way Kubernetes and Istio read them ------------------------------------------
+# --- the policies, evaluated the way Kubernetes and Istio read them -----------------------------------------
 
 
 def predictor_pod_labels(isvc: dict) -> dict:
-    """The labels KServe gives an InferenceService's predictor pods: the service's own labels and the predictor's,
-    then its two (kserve pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta)."""
+    """The labels KServe gives an InferenceService's predictor pods: the service's own labels and the
+    predictor's, then its two (kserve pkg/controller/v1beta1/inferenceservice/components/predictor.go,
+    buildObjectMeta)."""
     return {
         **isvc["metadata"].get("labels", {}),
         **isvc["spec"]["predictor"].get("labels", {}),
@@ -191,7 +207,8 @@ def selects(selector: dict, labels: dict) -> bool:
 
 
 def admits(policy: dict, namespace: str, labels: dict, port: int, own_namespace: str = "models") -> bool:
-    """Whether `policy`'s ingress rules let a pod (`namespace`, `labels`) connect to `port` on a selected pod."""
+    """Whether `policy`'s ingress rules let a pod (`namespace`, `labels`) connect to `port` on a selected
+    pod."""
 
     def peer_matches(peer):
         ns_ok = (
@@ -217,7 +234,9 @@ def test_network_policy_selects_the_predictors_and_admits_only_its_peers(manifes
     other = {"metadata": {"name": "someone-else"}, "spec": {"predictor": {}}}  # another service's predictor
     assert not selects(selector, predictor_pod_labels(other))
     istio = manifests["istio/authorizationpolicy.yaml"]["spec"]["selector"]
-    assert istio == selector and manifests["istio/networkpolicy-sidecar.yaml"]["spec"]["podSelector"] == selector
+    assert (
+        istio == selector and manifests["istio/networkpolicy-sidecar.yaml"]["spec"]["podSelector"] == selector
+    )
 
     gateway_ns, gateway_labels = kserve.GATEWAY
     assert admits(policy, gateway_ns, gateway_labels, 8080)
@@ -225,12 +244,14 @@ def test_network_policy_selects_the_predictors_and_admits_only_its_peers(manifes
     assert admits(policy, "knative-serving", {"app": "activator"}, 8012)
     assert admits(policy, "monitoring", {"app": "prometheus"}, 8082)
     assert not admits(policy, "models", {"app": "anything"}, 8080)  # a pod of the namespace without the label
-    assert not admits(policy, "elsewhere", kserve.CLIENT_LABEL, 8080)  # the label counts in the namespace only
+    # the label counts in the namespace only
+    assert not admits(policy, "elsewhere", kserve.CLIENT_LABEL, 8080)
     assert not admits(policy, gateway_ns, {"app": "other"}, 8080)
     assert not admits(policy, "monitoring", {"app": "prometheus"}, 8080)  # metrics only
     for port in (8081, 8085, 7070, 7071):  # management, the stock runtime's inference, gRPC: nobody
         assert not any(
-            admits(policy, ns, labels, port) for ns, labels in [kserve.GATEWAY, ("models", kserve.CLIENT_LABEL)]
+            admits(policy, ns, labels, port)
+            for ns, labels in [kserve.GATEWAY, ("models", kserve.CLIENT_LABEL)]
         )
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == []
 
@@ -247,8 +268,9 @@ def istio_match(pattern: str, value: str) -> bool:
 
 
 def istio_allows(policy: dict, method: str, url: str, port: int, headers: dict | None = None) -> bool:
-    """An ALLOW AuthorizationPolicy's verdict: some rule matches, i.e. one of its operations and all its `when`
-    conditions (paths match without the query, as Istio does; header names are case-insensitive, values not)."""
+    """An ALLOW AuthorizationPolicy's verdict: some rule matches, i.e. one of its operations and all its
+    `when` conditions (paths match without the query, as Istio does; header names are case-insensitive, values
+    not)."""
     headers = {k.lower(): v for k, v in (headers or {}).items()}
     path = urlsplit(url).path
 
@@ -293,7 +315,12 @@ DENIED = [
     ("POST", "/models?url=/some/dir", 8080, {}),
     ("POST", "/models?url=my_model.mar", 8081, {}),  # management's port (loopback anyway)
     ("POST", "/predictions/my_model", 7071, {}),
-    ("POST", "/predictions/my_model", 8080, {"Content-Type": "application/x-www-form-urlencoded"}),  # finding 9
+    (
+        "POST",
+        "/predictions/my_model",
+        8080,
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    ),  # finding 9
     ("POST", "/predictions/my_model", 8080, {"Content-Type": "Application/X-WWW-Form-Urlencoded"}),
     ("POST", "/predictions/my_model", 8080, {"Content-Type": "text/plain"}),
     ("POST", "/predictions/other_model", 8080, {"Content-Type": "image/png"}),
@@ -314,8 +341,8 @@ def test_authorization_policy_allows_only_what_the_bundle_serves(manifests):
 
 def test_pod_keeps_management_and_grpc_on_loopback(tmp_path, monkeypatch):
     """Whatever the host's config.properties exposes (here everything on 0.0.0.0), the pod's config keeps
-    management and both gRPC servers on the pod's loopback, also after the runtime's TS_* variables (read through
-    enable_envvars_config), and holds no more waiting requests than the front door lets in."""
+    management and both gRPC servers on the pod's loopback, also after the runtime's TS_* variables (read
+    through enable_envvars_config), and holds no more waiting requests than the front door lets in."""
     host = read_properties(settings.CONFIG)
     for key in ("inference_address", "management_address", "metrics_address"):
         host[key] = host[key].replace("127.0.0.1", "0.0.0.0")
@@ -325,7 +352,9 @@ def test_pod_keeps_management_and_grpc_on_loopback(tmp_path, monkeypatch):
 
     pod = kserve.layout_config({})
     env = kserve.serving_runtime(kserve.IMAGE)["spec"]["containers"][0]["env"]
-    pod.update({e["name"].removeprefix("TS_").lower(): e["value"] for e in env if e["name"].startswith("TS_")})
+    pod.update(
+        {e["name"].removeprefix("TS_").lower(): e["value"] for e in env if e["name"].startswith("TS_")}
+    )
     assert urlsplit(pod["management_address"]).hostname == "127.0.0.1"
     assert pod["grpc_management_address"] == "127.0.0.1" and pod["grpc_inference_address"] == "127.0.0.1"
     assert pod["enable_model_api"] == "false"

@@ -67,7 +67,8 @@ def test_wnlinear_to_linear_gives_identical_outputs(bias):
     x = torch.randn(9, 5)
     with torch.no_grad():
         assert torch.equal(linear(x), layer(x))
-    assert isinstance(linear.weight, nn.Parameter) and linear.weight.grad_fn is None  # a copy, not a view of g/v
+    # a copy, not a view of g/v
+    assert isinstance(linear.weight, nn.Parameter) and linear.weight.grad_fn is None
 
 
 def test_wnlinear_gradients_reach_g_v_and_bias():
@@ -193,7 +194,9 @@ def test_torchvision_weights_for_grey_input_sum_the_rgb_filters(resnet18_file):
     assert model.fc.out_features == 3  # a new head for the new classes
     grey = torch.rand(1, 1, 32, 32)
     with torch.no_grad():  # same response to a grey image as the RGB net to its 3-channel copy
-        torch.testing.assert_close(model.conv1(grey), source.conv1(grey.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            model.conv1(grey), source.conv1(grey.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_missing_weights_file_is_refused(tmp_path):
@@ -238,7 +241,10 @@ def test_load_model_round_trip(tmp_path, prefix):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": {prefix + k: v for k, v in model.state_dict().items()}, "model_args": SMALL, "epoch": 3}, path)
+    torch.save(
+        {"model": {prefix + k: v for k, v in model.state_dict().items()}, "model_args": SMALL, "epoch": 3},
+        path,
+    )
     loaded, ckpt = load_model(str(path))
     assert not loaded.training and ckpt["epoch"] == 3
     for k, v in model.state_dict().items():

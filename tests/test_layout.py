@@ -52,11 +52,16 @@ def test_top1_is_the_most_probable_label_whatever_the_key_order():
 def test_one_percentile_definition():
     assert latency.percentile([], 0.5) is None
     assert latency.percentile([10.0, 20.0, 30.0, 40.0], 0.5) == 25.0
-    assert latency.summary([40.0, 10.0, 30.0, 20.0]) == pytest.approx({"p50_ms": 25.0, "p90_ms": 37.0, "p99_ms": 39.7})
+    assert latency.summary([40.0, 10.0, 30.0, 20.0]) == pytest.approx(
+        {"p50_ms": 25.0, "p90_ms": 37.0, "p99_ms": 39.7}
+    )
 
 
 def test_archive_names_refuse_odd_model_names_and_versions():
-    assert archive_name("imagenet", "1.0") == "imagenet.mar" and archive_name("my_model", "2.0") == "my_model_v2.0.mar"
+    assert (
+        archive_name("imagenet", "1.0") == "imagenet.mar"
+        and archive_name("my_model", "2.0") == "my_model_v2.0.mar"
+    )
     for model, version in (("../x", "1.0"), ("my_model", "1.0;rm"), ("", "1.0")):
         with pytest.raises(ValueError):
             archive_name(model, version)
@@ -64,6 +69,8 @@ def test_archive_names_refuse_odd_model_names_and_versions():
 
 def test_bench_and_soak_refuse_unknown_names_with_the_known_ones(tmp_path):
     with pytest.raises(SystemExit, match="unknown target\\(s\\) resnet19; choose from digits, imagenet"):
-        bench.main(bench.get_args_parser().parse_args(["--targets", "resnet19", "--no-peer", "--out", str(tmp_path)]))
+        bench.main(
+            bench.get_args_parser().parse_args(["--targets", "resnet19", "--no-peer", "--out", str(tmp_path)])
+        )
     with pytest.raises(SystemExit, match="unknown scenario\\(s\\) __init__; choose from load, worker_death"):
         soak.main(["--scenarios", "__init__", "--checkpoint", __file__])

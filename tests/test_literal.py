@@ -1,5 +1,6 @@
-"""TorchServe's own commands, typed as the docs write them: `torchserve --start --models my_model=my_model.mar`
-in a clean shell with only the venv activated, then every curl line of docs/serving.md's block.
+"""TorchServe's own commands, typed as the docs write them: `torchserve --start --models
+my_model=my_model.mar` in a clean shell with only the venv activated, then every curl line of
+docs/serving.md's block.
 
 The block runs as written but for three things: its ports (free ones, so a demo server on 8080-8082 is
 untouched) and its model store (a private one), which both come from TS_CONFIG_FILE, the variable the venv's
@@ -82,7 +83,11 @@ def shell(tmp_path, archive_factory):
     }
     yield work, env, ports, tmp_path / "ts.properties"
     subprocess.run(
-        ["bash", "-c", f"source .venv/bin/activate && TS_CONFIG_FILE={tmp_path}/ts.properties torchserve --stop"],
+        [
+            "bash",
+            "-c",
+            f"source .venv/bin/activate && TS_CONFIG_FILE={tmp_path}/ts.properties torchserve --stop",
+        ],
         cwd=work,
         env=env,
         capture_output=True,
@@ -93,10 +98,14 @@ def shell(tmp_path, archive_factory):
 def test_the_documented_commands_work_as_typed(shell):
     work, env, ports, config = shell
     lines = documented_lines()
-    assert lines[0] == "source .venv/bin/activate" and lines[1] == "torchserve --start --models my_model=my_model.mar"
+    assert (
+        lines[0] == "source .venv/bin/activate"
+        and lines[1] == "torchserve --start --models my_model=my_model.mar"
+    )
     script = ["set -u", lines[0], f"export TS_CONFIG_FILE={config}  # the test's ports and store"]
     for line in lines[1:]:
-        if line.startswith("torchserve --start"):  # the frontend keeps logging to the shell's stdout: not here
+        # the frontend keeps logging to the shell's stdout: not here
+        if line.startswith("torchserve --start"):
             line += f" > {config.parent}/start.log 2>&1"
         line = line.replace("127.0.0.1:8080", f"127.0.0.1:{ports.inference}")
         script += [line.replace("127.0.0.1:8081", f"127.0.0.1:{ports.management}"), f"echo '{MARKER}'"]
@@ -127,6 +136,7 @@ def test_the_documented_commands_work_as_typed(shell):
     assert "`minWorkers`/`maxWorkers` also win over a registration's `initial_workers`" in said
     assert "initial_workers=1" in said and "comes up with 2 workers" in said
     assert "unregistered" in answer("-X DELETE")["status"]
-    # `torchserve --stop` in the block stopped it (it returns before the frontend has exited): soon nothing answers
+    # `torchserve --stop` in the block stopped it (it returns before the frontend has exited): soon nothing
+    # answers
     assert wait_until_refused(ports.inference, seconds=60)
     shutil.rmtree(work / "logs", ignore_errors=True)

@@ -33,7 +33,8 @@ def test_focal_gradient_at_gamma0_is_the_cross_entropy_gradient():
 
 
 def test_focal_down_weights_easy_examples():
-    logits = torch.tensor([[6.0, 0.0, 0.0], [4.0, 1.0, 0.0], [0.2, 0.0, 0.1]])  # confident .. unsure, all correct
+    # confident .. unsure, all correct
+    logits = torch.tensor([[6.0, 0.0, 0.0], [4.0, 1.0, 0.0], [0.2, 0.0, 0.1]])
     target = torch.tensor([0, 0, 0])
     ce = F.cross_entropy(logits, target, reduction="none")
     focal = FocalLoss(gamma=2.0, reduction="none")(logits, target)
@@ -96,7 +97,8 @@ def test_focal_rejects_bad_settings():
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
 def test_focal_gradient_is_finite_for_a_perfectly_classified_sample(gamma):
-    logits = torch.tensor([[30.0, 0.0, 0.0], [0.5, 0.2, 0.1]], requires_grad=True)  # row 0: p_t == 1.0 in float32
+    # row 0: p_t == 1.0 in float32
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.5, 0.2, 0.1]], requires_grad=True)
     FocalLoss(gamma=gamma)(logits, torch.tensor([0, 1])).backward()
     assert torch.isfinite(logits.grad).all(), logits.grad
 
@@ -126,7 +128,9 @@ def test_iou_loss_partial_overlap_by_hand():
     # row 0: overlap 1x1 = 1, areas 4 and 2x3 = 6, union 9 -> IoU 1/9
     # row 1: overlap 1x2 = 2, areas 4 and 4, union 6 -> IoU 1/3
     torch.testing.assert_close(box_iou(a, b), torch.tensor([1 / 9, 1 / 3]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(IoULoss(reduction="none")(a, b), torch.tensor([8 / 9, 2 / 3]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        IoULoss(reduction="none")(a, b), torch.tensor([8 / 9, 2 / 3]), rtol=0, atol=1e-6
+    )
     assert IoULoss(reduction="mean")(a, b).item() == pytest.approx((8 / 9 + 2 / 3) / 2, abs=1e-6)
     assert IoULoss(reduction="sum")(a, b).item() == pytest.approx(8 / 9 + 2 / 3, abs=1e-6)
     assert torch.equal(box_iou(a, b), box_iou(b, a))  # symmetric

@@ -1,6 +1,7 @@
-"""Mobile formats (train/mobile.py through train.export): .ptl for the lite interpreter and .pte for ExecuTorch,
-each loaded back by its own runtime and compared with eager on real images, for the digits model and the
-pretrained EfficientNet-Lite0; the phone's preprocessing.json; refusals that write nothing; setup.sh --mobile.
+"""Mobile formats (train/mobile.py through train.export): .ptl for the lite interpreter and .pte for
+ExecuTorch, each loaded back by its own runtime and compared with eager on real images, for the digits model
+and the pretrained EfficientNet-Lite0; the phone's preprocessing.json; refusals that write nothing; setup.sh
+--mobile.
 
 ExecuTorch is optional (scripts/setup.sh --mobile; scripts/test.sh installs it): without it the .pte tests are
 skipped with that reason and the rest run."""
@@ -29,7 +30,8 @@ from train import mobile, photos
 
 HAVE_EXECUTORCH = importlib.util.find_spec("executorch") is not None
 needs_executorch = pytest.mark.skipif(
-    not HAVE_EXECUTORCH, reason="ExecuTorch is optional and not installed here: scripts/setup.sh --mobile installs it"
+    not HAVE_EXECUTORCH,
+    reason="ExecuTorch is optional and not installed here: scripts/setup.sh --mobile installs it",
 )
 MOBILE = ("ptl", "pte") if HAVE_EXECUTORCH else ("ptl",)
 LITE0 = "efficientnet_lite0"
@@ -41,7 +43,8 @@ pytestmark = [  # ExecuTorch 1.5.1's own import-time warnings, not this bundle's
 
 @pytest.fixture(scope="module")
 def mobile_export(checkpoint, tmp_path_factory):
-    """The digits model as model.pt and every mobile format this environment can make, checked by export_all."""
+    """The digits model as model.pt and every mobile format this environment can make, checked by
+    export_all."""
     out = str(tmp_path_factory.mktemp("mobile") / "export")
     return out, exportlib.export_all(checkpoint, out, formats=("eager", *MOBILE))
 
@@ -67,9 +70,9 @@ def test_mobile_formats_are_written_with_their_checks_and_the_phone_json(mobile_
 def test_server_exports_stay_the_default():
     assert set(exportlib.SERVER_FORMATS) == {"eager", "torchscript", "onnx", "int8"}
     assert not {"ptl", "pte"} & set(backends.served())  # the phone formats are not served
-    assert exportlib.get_args_parser().parse_args(["--checkpoint", "c", "--output-dir", "o"]).formats == ",".join(
-        exportlib.SERVER_FORMATS
-    )
+    assert exportlib.get_args_parser().parse_args(
+        ["--checkpoint", "c", "--output-dir", "o"]
+    ).formats == ",".join(exportlib.SERVER_FORMATS)
 
 
 @pytest.mark.slow
@@ -110,7 +113,8 @@ def test_the_pte_program_takes_one_image_in_the_phone_json_layout(mobile_export)
     out = mobile_export[0]
     phone = read_json(os.path.join(out, mobile.PHONE_JSON))
     method = Runtime.get().load_program(os.path.join(out, "model.pte")).load_method("forward")
-    meta = str(method.metadata)  # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, 1, 16, 16], dtype=Float
+    # MethodMeta(... input_tensor_meta=['TensorInfo(sizes=[1, 1, 16, 16], dtype=Float
+    meta = str(method.metadata)
     assert phone["input_shape"] == [1, 1, 16, 16] and phone["dtype"] == "float32"
     assert "sizes=[1, 1, 16, 16], dtype=Float" in meta and "sizes=[1, 10], dtype=Float" in meta
     with pytest.raises(RuntimeError):  # ExecuTorch's pybindings raise RuntimeError for an input it refuses
@@ -123,7 +127,8 @@ def test_the_pte_program_takes_one_image_in_the_phone_json_layout(mobile_export)
 
 
 def phone_input(img: Image.Image, phone: dict) -> torch.Tensor:
-    """What an app does, written from preprocessing.json alone (Pillow stands in for the phone's bitmap calls)."""
+    """What an app does, written from preprocessing.json alone (Pillow stands in for the phone's bitmap
+    calls)."""
     img = img.convert("L" if phone["channel_order"].startswith("L") else "RGB")
     size = phone["image_size"]
     if phone["resize_size"] is None:
@@ -141,20 +146,28 @@ def phone_input(img: Image.Image, phone: dict) -> torch.Tensor:
 @pytest.mark.slow
 def test_the_phone_json_reproduces_the_digits_input(mobile_export, checkpoint, png):
     phone = read_json(os.path.join(mobile_export[0], mobile.PHONE_JSON))
-    prep = Preprocessing.from_dict(Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing)
-    assert {k: phone[k] for k in prep.to_dict()} == prep.to_dict()  # the checkpoint's own values, not re-typed
+    prep = Preprocessing.from_dict(
+        Manifest.from_checkpoint(torch.load(checkpoint, weights_only=True)).preprocessing
+    )
+    assert {
+        k: phone[k] for k in prep.to_dict()
+    } == prep.to_dict()  # the checkpoint's own values, not re-typed
     assert phone["class_names"] == [str(i) for i in range(10)]
     img = prep.decode(png)
     assert torch.allclose(phone_input(img, phone), prep(img)[None], atol=1e-6)
 
 
 def test_the_phone_json_reproduces_an_rgb_centre_crop():
-    prep = Preprocessing(image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229] * 3)
+    prep = Preprocessing(
+        image_size=224, resize_size=256, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229] * 3
+    )
     phone = mobile.phone_preprocessing(prep, ["a", "b"])
     assert phone["input_shape"] == [1, 3, 224, 224] and phone["channel_order"] == "RGB"
     assert "shorter side is 256" in " ".join(phone["steps"]) and "centre 224x224" in " ".join(phone["steps"])
     img = photos.load_photos()["chelsea"]  # 451 x 300: a real resize and crop
-    assert_within_one_grey(phone_input(img, phone), prep(img)[None], prep, atol=1e-5)  # crop resampled in one pass
+    assert_within_one_grey(
+        phone_input(img, phone), prep(img)[None], prep, atol=1e-5
+    )  # crop resampled in one pass
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -162,9 +175,13 @@ def test_the_phone_json_reproduces_an_rgb_centre_crop():
 
 def test_pte_without_executorch_names_the_setup_flag(checkpoint, tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name, *a)
+    )
     out = tmp_path / "never"
-    with pytest.raises(backends.BackendUnavailable, match=r"needs ExecuTorch.*run scripts/setup\.sh --mobile"):
+    with pytest.raises(
+        backends.BackendUnavailable, match=r"needs ExecuTorch.*run scripts/setup\.sh --mobile"
+    ):
         exportlib.export_all(checkpoint, str(out), formats=("eager", "pte"))
     args = ["--checkpoint", checkpoint, "--output-dir", str(out), "--formats", "ptl,pte"]
     with pytest.raises(SystemExit, match="export failed, nothing written: .*scripts/setup.sh --mobile"):
@@ -185,11 +202,14 @@ class WithMedian(nn.Module):
 
 @pytest.mark.slow
 @needs_executorch
-def test_an_operator_executorch_cannot_lower_is_named_and_nothing_is_written(checkpoint, tmp_path, monkeypatch):
+def test_an_operator_executorch_cannot_lower_is_named_and_nothing_is_written(
+    checkpoint, tmp_path, monkeypatch
+):
     monkeypatch.setattr(exportlib, "fuse_for_export", lambda model: WithMedian(fuse_for_export(model)))
     out = tmp_path / "never"
     with pytest.raises(backends.ExportError, match=r"cannot lower operator aten\.median\.dim") as e:
-        exportlib.export_all(checkpoint, str(out), formats=("eager", "ptl", "pte"))  # eager and ptl pass first
+        # eager and ptl pass first
+        exportlib.export_all(checkpoint, str(out), formats=("eager", "ptl", "pte"))
     print(e.value)
     assert os.listdir(tmp_path) == []  # neither the folder nor its temporary one
 

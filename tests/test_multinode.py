@@ -35,8 +35,8 @@ def test_two_nodes_train_identical_replicas_then_resume_on_one(namespaces, tmp_p
     with open(out / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["processes"] == 2 and metrics["epochs_done"] == 2
-    # One process per node, each reporting a digest of its own parameters after the run: all equal, and equal to
-    # what the checkpoint holds.
+    # One process per node, each reporting a digest of its own parameters after the run: all equal, and equal
+    # to what the checkpoint holds.
     replicas = metrics["replicas"]
     assert sorted(r["node"] for r in replicas) == [0, 1]
     saved = torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)
@@ -58,7 +58,9 @@ def test_killed_run_leaves_no_namespace_or_link(namespaces, tmp_path):
     assert "killed after 3s" in results[0]["output"]
     assert multinode.leftovers(tag) == []
     # no trainer outlives the run (an orphan would also keep run() waiting on its output pipe)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not [
+        p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def test_refuses_other_than_two_nodes():

@@ -55,7 +55,9 @@ def worker_pid(server):
 def test_v2_json_body_on_predictions_and_v2_route(server, png):
     body = {
         "id": "abc",
-        "inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}],
+        "inputs": [
+            {"name": "data", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}
+        ],
     }
     for path in ("/predictions/my_model", "/v2/models/my_model/infer"):
         resp = server.request("POST", "inference", path, json=body)
@@ -67,7 +69,10 @@ def test_v2_json_body_on_predictions_and_v2_route(server, png):
 
 
 def test_bad_v2_json_body_is_a_4xx_with_message(server):
-    body = {"id": "x", "inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["bm90IGFuIGltYWdl"]}]}
+    body = {
+        "id": "x",
+        "inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": ["bm90IGFuIGltYWdl"]}],
+    }
     resp = server.request("POST", "inference", "/v2/models/my_model/infer", json=body)
     assert resp.status_code == 415
     assert "image" in resp.json()["message"]
@@ -87,7 +92,8 @@ def test_oip_grpc_bad_input_answers_an_error_tensor_and_the_worker_survives(serv
     resp = grpc_infer(server, infer_request(b"not an image at all"))
     assert resp.outputs[0].name == "error"
     assert "image" in json.loads(json.loads(resp.outputs[0].contents.bytes_contents[0]))["message"]
-    assert worker_pid(server) == pid  # a body without the v2 keys would have crashed the frontend's response path
+    # a body without the v2 keys would have crashed the frontend's response path
+    assert worker_pid(server) == pid
     assert grpc_infer(server, infer_request(png)).outputs[0].name == "predictions"
 
 

@@ -1,6 +1,7 @@
-"""KServe v2 / Open Inference Protocol over HTTP with stock clients (tritonclient.http, sync and async), against a
-real TorchServe 0.12 (TS_OPEN_INFERENCE_PROTOCOL=oip, set by deploy/server.py) directly on loopback and through the
-HTTPS front door (real HAProxy). Every request here is built and read by tritonclient; docs/kserve.md has the table.
+"""KServe v2 / Open Inference Protocol over HTTP with stock clients (tritonclient.http, sync and async),
+against a real TorchServe 0.12 (TS_OPEN_INFERENCE_PROTOCOL=oip, set by deploy/server.py) directly on loopback
+and through the HTTPS front door (real HAProxy). Every request here is built and read by tritonclient;
+docs/kserve.md has the table.
 """
 
 import asyncio
@@ -72,15 +73,17 @@ def test_health_and_server_metadata(path):
 
 
 def test_model_ready_and_metadata(path):
-    """TorchServe 0.12 answers neither (404, and 501 for versions): the front door does, after TorchServe checked
-    the key. Directly on TorchServe's port they stay missing."""
+    """TorchServe 0.12 answers neither (404, and 501 for versions): the front door does, after TorchServe
+    checked the key. Directly on TorchServe's port they stay missing."""
     where, client, key = path
     if where == "direct":
         assert not client.is_model_ready("my_model", headers=key)
         with pytest.raises(InferenceServerException, match="404"):
             client.get_model_metadata("my_model", headers=key)
         return
-    assert client.is_model_ready("my_model", headers=key) and client.is_model_ready("my_model", "1.0", headers=key)
+    assert client.is_model_ready("my_model", headers=key) and client.is_model_ready(
+        "my_model", "1.0", headers=key
+    )
     assert not client.is_model_ready("nobody", headers=key)
     meta = client.get_model_metadata("my_model", headers=key)
     assert meta["name"] == "my_model" and meta["versions"] == ["1.0"]
@@ -91,16 +94,22 @@ def test_model_ready_and_metadata(path):
 
 def test_raw_jpeg_in_binary_gives_the_base64_json_answer(path, jpeg):
     where, client, key = path
-    as_json = top(client.infer("my_model", [image_input(base64.b64encode(jpeg), binary=False)], headers=dict(key)))
+    as_json = top(
+        client.infer("my_model", [image_input(base64.b64encode(jpeg), binary=False)], headers=dict(key))
+    )
     result = client.infer("my_model", [image_input(jpeg, binary=True)], headers=dict(key))
     as_binary = top(result)
     assert as_binary == as_json and next(iter(as_json)) == "3"
-    assert "binary_data_size" in result.get_output("predictions")["parameters"]  # asked for binary, answered so
+    # asked for binary, answered so
+    assert "binary_data_size" in result.get_output("predictions")["parameters"]
     json_out = [httpclient.InferRequestedOutput("predictions", binary_data=False)]
     result = client.infer("my_model", [image_input(jpeg, binary=True)], outputs=json_out, headers=dict(key))
     assert top(result) == as_json and "data" in result.get_output("predictions")
-    if where == "door":  # the versioned route: TorchServe answers it 501, the door re-issues it as /predictions/m/v
-        result = client.infer("my_model", [image_input(jpeg, binary=True)], model_version="1.0", headers=dict(key))
+    # the versioned route: TorchServe answers it 501, the door re-issues it as /predictions/m/v
+    if where == "door":
+        result = client.infer(
+            "my_model", [image_input(jpeg, binary=True)], model_version="1.0", headers=dict(key)
+        )
         assert top(result) == as_json and result.get_response()["model_version"] == "1.0"
 
 
@@ -136,19 +145,24 @@ def test_wrong_key_is_refused_on_every_route(path):
     wrong = {"Authorization": "Bearer wrong"}
     assert not client.is_server_live(headers=wrong) and not client.is_model_ready("my_model", headers=wrong)
     for call in (lambda: client.get_model_metadata("my_model", headers=wrong),
-                 lambda: client.infer("my_model", [image_input(b"x", binary=True)], headers=dict(wrong))):  # fmt: skip
+                 lambda: client.infer("my_model", [image_input(b"x", binary=True)],
+                                      headers=dict(wrong))):  # fmt: skip
         with pytest.raises(InferenceServerException) as e:
             call()
         assert e.value.status() == "400" and "Token Authorization failed" in str(e.value)
 
 
 def test_explanation_through_the_door(server, door, png):
-    """tritonclient has no explain call: its own serialiser builds the v2 body, sent to /v2/models/m/explain."""
+    """tritonclient has no explain call: its own serialiser builds the v2 body, sent to
+    /v2/models/m/explain."""
     body, length = httpclient.InferenceServerClient.generate_request_body([image_input(png, binary=True)])
     headers = {"Authorization": f"Bearer {server.keys()['inference']['key']}"}
     headers["Inference-Header-Content-Length"] = str(length)
-    resp = requests.post(f"{door.url()}/v2/models/my_model/explain", data=body, headers=headers, verify=door.ca)
+    resp = requests.post(
+        f"{door.url()}/v2/models/my_model/explain", data=body, headers=headers, verify=door.ca
+    )
     assert resp.status_code == 200, resp.text[:300]
-    length = int(resp.headers["Inference-Header-Content-Length"])  # binary: the client asked (binary_data_output)
+    # binary: the client asked (binary_data_output)
+    length = int(resp.headers["Inference-Header-Content-Length"])
     explanation = top(httpclient.InferResult.from_response_body(resp.content, header_length=length))
     assert explanation["class"] == "3" and explanation["attributions"]

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from model_src import oip
+from model_src import oip, protocol
 from model_src.preprocessing import InputError
 
 
@@ -74,7 +76,8 @@ def count_steps(monkeypatch) -> list[int]:
 
 
 def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
-    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops it."""
+    """Hostile input: empty elements, 4 bytes each. 10x the elements costs 10x the steps, and a cap stops
+    it."""
     calls = count_steps(monkeypatch)
     work = []
     for n in (1_000, 10_000):
@@ -92,7 +95,9 @@ def test_cost_grows_linearly_and_stops_at_the_element_cap(monkeypatch):
 
 def test_binary_reply_reads_back_with_tritonclient():
     reply = {"id": "r", "model_name": "m", "model_version": "1", "outputs": []}
-    reply["outputs"].append({"name": "predictions", "datatype": "BYTES", "shape": [2], "data": ['{"3": 0.9}', "é"]})
+    reply["outputs"].append(
+        {"name": "predictions", "datatype": "BYTES", "shape": [2], "data": ['{"3": 0.9}', "é"]}
+    )
     body, length = oip.binary_reply(reply)
     result = httpclient.InferResult.from_response_body(body, header_length=length)
     assert [x.decode() for x in result.as_numpy("predictions")] == ['{"3": 0.9}', "é"]
@@ -103,13 +108,18 @@ def test_answer_forms_for_kserve():
     assert oip.form(("v2", "r"), {"parameters": {"binary_data_output": True}}) == ("v2", "r", "binary")
     asked = {"outputs": [{"name": "predictions", "parameters": {"binary_data": True}}]}
     assert oip.form(("v2", "r"), asked) == ("v2", "r", "binary")
-    assert oip.form(("v2", "r"), {"outputs": [{"name": "other", "parameters": {"binary_data": True}}]}) == ("v2", "r")
+    assert oip.form(("v2", "r"), {"outputs": [{"name": "other", "parameters": {"binary_data": True}}]}) == (
+        "v2",
+        "r",
+    )
     assert oip.form("list", {"instances": ["x"]}) == "v1" and oip.form("list", ["x"]) == "list"
     assert oip.form("one", b"raw") == "one"
 
 
 def test_model_metadata_names_the_tensors_and_classes():
-    meta = oip.model_metadata("m", ["1.0", "2.0"], ["cat", "dog"], {"image_size": 28, "channels": 1, "mean": [0.5]})
+    meta = oip.model_metadata(
+        "m", ["1.0", "2.0"], ["cat", "dog"], {"image_size": 28, "channels": 1, "mean": [0.5]}
+    )
     assert meta["versions"] == ["1.0", "2.0"] and meta["platform"] == "pytorch_torchserve"
     assert meta["inputs"][0]["datatype"] == "BYTES" and meta["inputs"][0]["parameters"]["image_size"] == 28
     assert meta["outputs"][0]["parameters"]["classes"] == ["cat", "dog"]
@@ -136,7 +146,8 @@ def run(handler, rows, headers):
     ctx.request_ids = ctx.metrics.request_ids = {i: f"req-{i}" for i in range(len(rows))}
     ctx.request_processor = [RequestProcessor(h) for h in headers]
     out = model.handle(rows, ctx)
-    create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)  # the worker's framing
+    # the worker's framing
+    create_predict_response(out, ctx.request_ids, "Prediction success", 200, context=ctx)
     return out, ctx
 
 
@@ -154,3 +165,59 @@ def test_handler_reads_binary_images_and_answers_binary_and_v1(handler, png):
     as_binary = json.loads(result.as_numpy("predictions")[0])
     assert out[1] == {"predictions": [as_binary]}  # KServe v1
     assert json.loads(out[2]["outputs"][0]["data"][0]) == as_binary  # JSON asked, JSON answered
+
+
+# --- type confusion in client JSON: always a 400 InputError, never a 500 (review M3) -----------------------
+LIMITS = protocol.Limits(images=32, explain_images=4, image_bytes=16 << 20)
+IMAGE = base64.b64encode(b"\xff\xd8\xffimage").decode()
+HEAD = "Inference-Header-Content-Length"
+
+
+def v2(**fields) -> bytes:
+    return json.dumps({"inputs": [{"data": [IMAGE]}], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    "body, headers",
+    [
+        (v2(parameters=[1]), {}),
+        (v2(outputs=5), {}),
+        (v2(outputs=[{"name": "predictions", "parameters": 3}]), {}),
+        (v2(outputs=["predictions"]), {}),
+        (b'{"inputs":[{"parameters":[1]}]}', {HEAD: "31"}),
+        (b"{}", {HEAD: "\u00b2"}),  # byte 0xB2 as Netty reads it (Latin-1): isdigit() True, int() refuses
+    ],
+)
+def test_malformed_v2_json_is_a_400(body, headers):
+    with pytest.raises(InputError) as e:
+        protocol.read_request({"body": body}, headers, LIMITS)  # was: AttributeError, TypeError, ValueError
+    assert e.value.status == 400
+
+
+KEYS = "inputs outputs parameters data name datatype binary_data_size binary_data_output binary_data".split()
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 40) | st.sampled_from(["", "BYTES", "predictions", IMAGE]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS), inner, max_size=4),
+    max_leaves=12,
+)
+TENSOR = st.fixed_dictionaries(
+    {"data": st.just([IMAGE]) | JSON}, optional={k: JSON for k in ("parameters", "datatype", "name")}
+)
+# mostly well-formed inputs, so that the later fields (outputs, parameters) are reached too
+V2 = st.fixed_dictionaries(
+    {"inputs": st.lists(TENSOR, min_size=1, max_size=2) | JSON},
+    optional={k: JSON for k in ("outputs", "parameters", "id")},
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(V2, st.binary(max_size=24), st.sampled_from(["", "binary", "explain"]), st.text(max_size=3))
+def test_the_v2_parser_raises_only_input_error(body, tail, how, length):
+    header = json.dumps(body).encode()
+    headers = {"explain": "True"} if how == "explain" else {}
+    if how == "binary":
+        headers[HEAD] = length or str(len(header))
+    try:
+        protocol.read_request({"body": header + tail if how == "binary" else header}, headers, LIMITS)
+    except InputError:
+        pass

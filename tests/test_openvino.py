@@ -1,5 +1,6 @@
-"""The OpenVINO backends (model_src/backends/openvino.py): fp32 exact, bf16 said unavailable in one line where the
-CPU has no bf16 units, int8 calibrated on the export job's batches; a small fixed CNN on real photo crops."""
+"""The OpenVINO backends (model_src/backends/openvino.py): fp32 exact, bf16 said unavailable in one line where
+the CPU has no bf16 units, int8 calibrated on the export job's batches; a small fixed CNN on real photo
+crops."""
 
 import pytest
 import torch
@@ -41,7 +42,9 @@ def test_the_three_variants_are_registered_and_chosen_only_when_named():
     variants = {name: backends.get(name) for name in ("openvino", "openvino-bf16", "openvino-int8")}
     assert [b.precision for b in variants.values()] == ["fp32", "bf16", "int8"]
     assert [b.exact for b in variants.values()] == [True, False, False]
-    assert len({b.file for b in variants.values()}) == 3 and all(b.server and not b.gpu for b in variants.values())
+    assert len({b.file for b in variants.values()}) == 3 and all(
+        b.server and not b.gpu for b in variants.values()
+    )
     assert not set(variants) & set(SERVER_FORMATS)  # not in the default export
 
 

@@ -1,5 +1,5 @@
-"""The precision gate (train/precision.py): fp32 itself passes; a candidate that is wrong in a way the figures can
-see is refused, with the figures in the message."""
+"""The precision gate (train/precision.py): fp32 itself passes; a candidate that is wrong in a way the figures
+can see is refused, with the figures in the message."""
 
 import pytest
 import torch
@@ -46,7 +46,9 @@ def test_two_swapped_classes_are_refused_with_the_figures(model, crops):
     with pytest.raises(precision.PrecisionError) as e:
         precision.require("swapped", model, swapped(model, crops), crops, PREP)
     message = str(e.value)
-    assert "swapped refused" in message and "where fp32 leads by >= 0.05" in message and "noise floor" in message
+    assert (
+        "swapped refused" in message and "where fp32 leads by >= 0.05" in message and "noise floor" in message
+    )
 
 
 def test_heavy_input_noise_falls_below_the_noise_floor(model, crops):

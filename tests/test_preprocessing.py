@@ -99,7 +99,8 @@ def test_la_alpha_is_composited():
 @pytest.mark.parametrize("fmt", ["PNG", "GIF"])
 def test_palette_with_a_transparent_index(fmt):
     pal = Image.new("P", (4, 1), 0)
-    pal.putpalette([0, 0, 0] * 2 + [255, 255, 255] + [0, 0, 0] * 253)  # 0: transparent black, 1: black, 2: white
+    # 0: transparent black, 1: black, 2: white
+    pal.putpalette([0, 0, 0] * 2 + [255, 255, 255] + [0, 0, 0] * 253)
     pal.putpixel((1, 0), 1)
     pal.putpixel((2, 0), 2)
     img = decode_image(encode(pal, fmt, transparency=0))
@@ -249,7 +250,12 @@ def test_12_megapixel_jpeg_decodes_through_draft():
 
 @pytest.mark.parametrize(
     "size, decoded",
-    [((600, 512), (300, 256)), ((600, 511), (600, 511)), ((2048, 2100), (256, 263)), ((1100, 1030), (275, 258))],
+    [
+        ((600, 512), (300, 256)),
+        ((600, 511), (600, 511)),
+        ((2048, 2100), (256, 263)),
+        ((1100, 1030), (275, 258)),
+    ],
 )
 def test_a_jpeg_decodes_at_the_smallest_scale_that_covers_the_resize(size, decoded):
     # Before: the draft asked for twice the resize, so a 512-px photo was decoded whole for a 256 resize.
@@ -299,7 +305,8 @@ def test_resize_and_crop_in_one_pass_is_the_two_step_result(photo):
 
     img = Image.fromarray(load_sample_image(photo))  # 640 x 427
     w, h = shorter_side_to(img.size, 256)
-    two_step = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=int)[16:240, 80:304]  # centre 224 of 384 x 256
+    # centre 224 of 384 x 256
+    two_step = np.asarray(img.resize((w, h), Image.BILINEAR), dtype=int)[16:240, 80:304]
     one_pass = np.asarray(resize_crop(img, 256, 224), dtype=int)
     assert one_pass.shape == two_step.shape == (224, 224, 3)
     assert np.abs(one_pass - two_step).max() <= 1 and (one_pass == two_step).mean() > 0.9
@@ -321,7 +328,9 @@ def test_resize_then_centre_crop():
 
 
 def test_settings_round_trip():
-    prep = Preprocessing(image_size=24, resize_size=32, channels=3, mean=[0.1, 0.2, 0.3], std=[1, 2, 3], background=0)
+    prep = Preprocessing(
+        image_size=24, resize_size=32, channels=3, mean=[0.1, 0.2, 0.3], std=[1, 2, 3], background=0
+    )
     d = prep.to_dict()
     assert d["resize_size"] == 32 and d["mean"] == [0.1, 0.2, 0.3] and d["background"] == 0
     assert Preprocessing.from_dict(d) == prep
@@ -369,7 +378,9 @@ def test_parity_with_training_validation_on_a_photo(tmp_path, photo):
 def test_only_the_six_formats_reach_pillow_and_only_their_plugin(monkeypatch):
     opened = []
     real_open = Image.open
-    monkeypatch.setattr(Image, "open", lambda fp, *a, **kw: opened.append(kw.get("formats")) or real_open(fp, *a, **kw))
+    monkeypatch.setattr(
+        Image, "open", lambda fp, *a, **kw: opened.append(kw.get("formats")) or real_open(fp, *a, **kw)
+    )
     for body in images.other_formats().values():
         err = refusal(body)
         assert err.status == 415 and ACCEPTED_NAMES in str(err)
@@ -398,7 +409,8 @@ def test_jpeg_scans_are_counted_like_libjpeg():
 
 
 def test_scans_hidden_behind_a_fake_end_marker_still_count():
-    # An FF D9 inside a comment segment is not the end: libjpeg skips segments by their length, so does the count.
+    # An FF D9 inside a comment segment is not the end: libjpeg skips segments by their length, so does the
+    # count.
     bomb = images.scan_bomb_jpeg(64, 500)
     first_sos = bomb.index(b"\xff\xda")
     comment = b"\xff\xfe" + struct.pack(">H", 6) + b"\xff\xd9\xff\xd9"
@@ -485,16 +497,24 @@ def best_seconds(fn, arg) -> float:
 
 
 def growth(fn, build, n: int) -> tuple[float, float]:
-    """(how much longer fn takes on build(10 n) than on build(n), the same for a linear baseline: bytes.count)."""
+    """(how much longer fn takes on build(10 n) than on build(n), the same for a linear baseline:
+    bytes.count)."""
     small, large = build(n), build(10 * n)
     ours = best_seconds(fn, large) / best_seconds(fn, small)
-    baseline = best_seconds(lambda d: d.count(b"\xff"), large) / best_seconds(lambda d: d.count(b"\xff"), small)
+    baseline = best_seconds(lambda d: d.count(b"\xff"), large) / best_seconds(
+        lambda d: d.count(b"\xff"), small
+    )
     return ours, baseline
 
 
-LINEAR_CASES = {  # name -> (parser, hostile input of size n, n): the parsers run uncapped, to see their own cost
+# name -> (parser, hostile input of size n, n): the parsers run uncapped, to see their own cost
+LINEAR_CASES = {
     "jpeg-ff-run": (count_jpeg_markers, images.jpeg_with_ff_run, 2_000),
-    "jpeg-comments": (lambda d: count_jpeg_markers(d, max_segments=UNCAPPED), images.jpeg_with_comments, 2_000),
+    "jpeg-comments": (
+        lambda d: count_jpeg_markers(d, max_segments=UNCAPPED),
+        images.jpeg_with_comments,
+        2_000,
+    ),
     "png-chunks": (lambda d: count_png_chunks(d, UNCAPPED), images.png_with_chunks, 2_000),
     "gif-sub-blocks": (lambda d: count_gif_blocks(d, UNCAPPED), images.gif_with_comment_blocks, 2_000),
     "tiff-strips": (count_tiff_strips, images.tiff_with_strips, 2_000),
@@ -503,17 +523,21 @@ LINEAR_CASES = {  # name -> (parser, hostile input of size n, n): the parsers ru
 
 @pytest.mark.parametrize("name", LINEAR_CASES)
 def test_pre_scans_cost_grows_linearly_with_hostile_input(name):
-    # Finding 5: `\xff+` backtracked through a run of FF at each of its bytes: 10x the run took ~100x the time.
+    # Finding 5: `\xff+` backtracked through a run of FF at each of its bytes: 10x the run took ~100x the
+    # time.
     fn, build, n = LINEAR_CASES[name]
     ours, baseline = growth(fn, build, n)
-    assert ours <= 3 * max(10, baseline), f"10x the input took {ours:.0f}x the time (bytes.count: {baseline:.0f}x)"
+    assert ours <= 3 * max(10, baseline), (
+        f"10x the input took {ours:.0f}x the time (bytes.count: {baseline:.0f}x)"
+    )
 
 
 def test_pre_scans_count_what_they_are_built_to_count():
     assert count_jpeg_markers(images.jpeg_with_comments(50), max_segments=UNCAPPED)[1] == 50 + 6
     assert count_jpeg_markers(images.jpeg_with_ff_run(5000)) == count_jpeg_markers(images.jpeg_with_ff_run(1))
     assert count_png_chunks(images.png_with_chunks(50)) == 50 + 3  # IHDR, IDAT, IEND
-    assert count_gif_blocks(images.gif_with_comment_blocks(50)) == 50 + 3  # extension, image, its one data block
+    # extension, image, its one data block
+    assert count_gif_blocks(images.gif_with_comment_blocks(50)) == 50 + 3
     assert count_tiff_strips(images.tiff_with_strips(50)) == (9, 50)
     for name, data in images.accepted().items():  # real files are far from every limit
         assert count_png_chunks(data) < 10 if name.startswith("png") else True
@@ -571,7 +595,9 @@ HOSTILE = {
     "jpeg-garbage": images.jpeg_with_garbage(),
     "ico": images.other_formats()["ico"],
 }
-LIBRARY_WORDS = re.compile(r"pillow|\bPIL\b|decompression ?bomb|178,?956,?970|MAX_\w+|\w+Error|traceback", re.I)
+LIBRARY_WORDS = re.compile(
+    r"pillow|\bPIL\b|decompression ?bomb|178,?956,?970|MAX_\w+|\w+Error|traceback", re.I
+)
 
 
 def test_error_messages_name_our_limits_only():

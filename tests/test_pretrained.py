@@ -37,7 +37,11 @@ def lite_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lite(lite_checkpoint):
     model, ckpt = load_model(lite_checkpoint)
-    return model, Manifest.from_checkpoint(ckpt), Preprocessing.from_dict(Manifest.from_checkpoint(ckpt).preprocessing)
+    return (
+        model,
+        Manifest.from_checkpoint(ckpt),
+        Preprocessing.from_dict(Manifest.from_checkpoint(ckpt).preprocessing),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,10 @@ def test_checkpoint_is_a_plain_dict_in_the_bundle_format(lite_checkpoint):
     assert known.preprocessing["channels"] == 3
     np.testing.assert_allclose(known.preprocessing["mean"], [127 / 255] * 3)
     np.testing.assert_allclose(known.preprocessing["std"], [128 / 255] * 3)
-    assert known.provenance.source.endswith("efficientnet-lite0-57934424.pth") and known.provenance.command is None
+    assert (
+        known.provenance.source.endswith("efficientnet-lite0-57934424.pth")
+        and known.provenance.command is None
+    )
 
 
 def test_class_names_are_imagenet_in_the_standard_index_order(lite):
@@ -119,9 +126,9 @@ def test_top1_on_real_photos(lite, photo_batch):
 
 
 def test_the_handler_path_gives_the_same_input_as_the_pil_image(lite, tmp_path):
-    """The photo sent as a request (a lossless PNG) goes through the serving decoding (model_src/protocol.py, what
-    the handler calls, with the archive's pixel cap) and the checkpoint's preprocessing to exactly the tensor the
-    tests above feed the model; a JPEG of it to the same top-1."""
+    """The photo sent as a request (a lossless PNG) goes through the serving decoding (model_src/protocol.py,
+    what the handler calls, with the archive's pixel cap) and the checkpoint's preprocessing to exactly the
+    tensor the tests above feed the model; a JPEG of it to the same top-1."""
     from ts.utils.util import get_yaml_config
 
     from bundle.settings import MODEL_CONFIG
@@ -181,7 +188,9 @@ def test_a_renamed_weights_file_with_another_hash_is_refused(tmp_path):
 
 def test_a_missing_weights_package_says_the_pip_command(tmp_path, monkeypatch):
     spec = P.PACKAGED[ARCH]
-    monkeypatch.setitem(P.PACKAGED, ARCH, P.PackagedWeights("no_such_weights_package", spec.resource, spec.pip))
+    monkeypatch.setitem(
+        P.PACKAGED, ARCH, P.PackagedWeights("no_such_weights_package", spec.resource, spec.pip)
+    )
     out = tmp_path / "checkpoint.pt"
     with pytest.raises(SystemExit) as e:
         P.main(P.get_args_parser().parse_args(["--arch", ARCH, "--output", str(out)]))
@@ -250,7 +259,10 @@ def test_freezing_without_weights_is_refused(tmp_path):
 def test_frozen_backbone_trains_only_the_head_and_keeps_its_norm_statistics():
     model = build_model({"arch": ARCH, "in_channels": 3, "num_classes": 3})
     finetune.set_backbone_frozen(model, True)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight", "classifier.bias"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "classifier.weight",
+        "classifier.bias",
+    ]
     before = model.stem.bn.running_mean.clone()
     model.train()
     finetune.hold_frozen_norms(model)
@@ -266,7 +278,9 @@ def test_backbone_trains_at_a_scaled_learning_rate():
     assert [g["weight_decay"] for g in groups] == [5e-4, 0.0, 5e-4, 0.0]
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
-    assert {id(p) for p in groups[0]["params"] + groups[1]["params"]} == {id(p) for p in model.classifier.parameters()}
+    assert {id(p) for p in groups[0]["params"] + groups[1]["params"]} == {
+        id(p) for p in model.classifier.parameters()
+    }
 
 
 def train_run(data, out, *extra):
@@ -280,19 +294,26 @@ def train_run(data, out, *extra):
 
 
 @pytest.mark.slow
-def test_head_epochs_then_the_whole_network_at_224_with_the_pretrained_preprocessing(lite_checkpoint, tmp_path, capsys):
+def test_head_epochs_then_the_whole_network_at_224_with_the_pretrained_preprocessing(
+    lite_checkpoint, tmp_path, capsys
+):
     data = photos.write_textures(str(tmp_path / "textures"), per_class=4, val_per_class=2)
     out = str(tmp_path / "run")
     train_run(data, out, "--weights", lite_checkpoint, "--head-epochs", "1", "--epochs", "2", "--lr", "1e-3")
     log = capsys.readouterr().out
-    assert "replaced the classifier head (classifier): the pretrained model has 1000 classes, the data 3" in log
+    assert (
+        "replaced the classifier head (classifier): the pretrained model has 1000 classes, the data 3" in log
+    )
     assert "epoch 1: training the classifier only" in log and "epoch 2: training all layers" in log
     ckpt = torch.load(os.path.join(out, "checkpoint_last.pt"), map_location="cpu", weights_only=True)
     pre = torch.load(lite_checkpoint, map_location="cpu", weights_only=True)
     tuned, imported = Manifest.from_checkpoint(ckpt), Manifest.from_checkpoint(pre)
     assert tuned.preprocessing == imported.preprocessing  # 224 x 224 RGB, the model's own transform
     assert tuned.model_args == {"arch": ARCH, "in_channels": 3, "num_classes": 3}
-    head_lr, backbone_lr = ckpt["optimizer"]["param_groups"][0]["lr"], ckpt["optimizer"]["param_groups"][2]["lr"]
+    head_lr, backbone_lr = (
+        ckpt["optimizer"]["param_groups"][0]["lr"],
+        ckpt["optimizer"]["param_groups"][2]["lr"],
+    )
     assert backbone_lr == pytest.approx(head_lr * 0.1)
     # epoch 2 trained the backbone (stem weights moved), with its batch norms in train mode again
     assert not torch.equal(ckpt["model"]["stem.conv.weight"], pre["model"]["stem.conv.weight"])
@@ -315,14 +336,25 @@ def test_fine_tuning_beats_training_from_scratch_on_real_textures(lite_checkpoin
     small = str(tmp_path / "imagenet96.pt")
     P.write_new(pre, small)
     for seed in ("0", "1"):
-        data = photos.write_textures(str(tmp_path / f"textures{seed}"), per_class=12, val_per_class=12, seed=int(seed))
+        data = photos.write_textures(
+            str(tmp_path / f"textures{seed}"), per_class=12, val_per_class=12, seed=int(seed)
+        )
         common = ["--epochs", "3", "--seed", seed]
         tuned = train_run(
-            data, str(tmp_path / f"tuned{seed}"), *common, "--weights", small, "--freeze-backbone", "--lr", "1e-2"
+            data,
+            str(tmp_path / f"tuned{seed}"),
+            *common,
+            "--weights",
+            small,
+            "--freeze-backbone",
+            "--lr",
+            "1e-2",
         )
         scratch = train_run(
-            data, str(tmp_path / f"scratch{seed}"), *common, "--arch", ARCH, "--channels", "3", "--image-size", "96",
-            "--resize-size", "110",
+            data, str(tmp_path / f"scratch{seed}"), *common, "--arch", ARCH, "--channels", "3",
+            "--image-size", "96", "--resize-size", "110",
         )  # fmt: skip
-        print(f"seed {seed}: fine-tuned {tuned['final_val_acc']:.3f} vs scratch {scratch['final_val_acc']:.3f}")
+        print(
+            f"seed {seed}: fine-tuned {tuned['final_val_acc']:.3f} vs scratch {scratch['final_val_acc']:.3f}"
+        )
         assert tuned["final_val_acc"] >= scratch["final_val_acc"] + 0.3

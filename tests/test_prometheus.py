@@ -19,7 +19,9 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
 
 
 def quantile(q: float) -> str:
-    return f'histogram_quantile({q}, sum by (le) (rate(HandlerTime_seconds_bucket{{ModelName="my_model"}}[1m])))'
+    return (
+        f'histogram_quantile({q}, sum by (le) (rate(HandlerTime_seconds_bucket{{ModelName="my_model"}}[1m])))'
+    )
 
 
 def bucket_above(seconds: float) -> float:
@@ -48,7 +50,9 @@ def prometheus(server, tmp_path_factory):
         deadline = time.time() + 30
         while not ready(url):
             assert proc.poll() is None, f"prometheus exited:\n{(tmp / 'prometheus.log').read_text()[-2000:]}"
-            assert time.time() < deadline, f"prometheus not ready:\n{(tmp / 'prometheus.log').read_text()[-2000:]}"
+            assert time.time() < deadline, (
+                f"prometheus not ready:\n{(tmp / 'prometheus.log').read_text()[-2000:]}"
+            )
             time.sleep(0.2)
         yield url
     finally:
@@ -82,9 +86,9 @@ def query(url: str, promql: str) -> list:
 
 def test_prometheus_computes_the_handlers_p99_from_torchserves_histogram(server, prometheus, png):
     # rate() needs an increase between two scrapes, so predictions keep coming until the p99 is there.
-    # Each handler time is shorter than its request's round trip seen here, so every observation lies in a bucket
-    # at or below the one holding the slowest round trip: histogram_quantile() cannot answer above that bucket's
-    # bound (a handler reporting milliseconds as seconds would land in +Inf, read as 10 s).
+    # Each handler time is shorter than its request's round trip seen here, so every observation lies in a
+    # bucket at or below the one holding the slowest round trip: histogram_quantile() cannot answer above that
+    # bucket's bound (a handler reporting milliseconds as seconds would land in +Inf, read as 10 s).
     # The same holds for the median, which one slow round trip on a busy machine cannot loosen.
     p99, deadline, trips = math.nan, time.time() + 60, []
     while not math.isfinite(p99) and time.time() < deadline:
@@ -99,7 +103,10 @@ def test_prometheus_computes_the_handlers_p99_from_torchserves_histogram(server,
     (p50,) = query(prometheus, quantile(0.5))
     p50 = float(p50["value"][1])
     median, slowest = statistics.median_high(trips), max(trips)
-    print(f"HandlerTime_seconds from Prometheus: p50 {p50:.6f} s, p99 {p99:.6f} s; round trips: median {median:.6f} s")
+    print(
+        f"HandlerTime_seconds from Prometheus: p50 {p50:.6f} s, p99 {p99:.6f} s; round trips: "
+        f"median {median:.6f} s"
+    )
     assert 0 < p99 <= bucket_above(slowest), (p99, slowest)
     assert 0 < p50 <= bucket_above(median), (p50, median)
 

@@ -1,6 +1,6 @@
-"""The serving protocol (model_src/protocol.py) without TorchServe: every accepted body form to a typed Request,
-the kinds, the explanation options, the checks before decoding, and the answer and error shapes. The same
-requests through the handler in a real TorchServe Context are in test_handler.py."""
+"""The serving protocol (model_src/protocol.py) without TorchServe: every accepted body form to a typed
+Request, the kinds, the explanation options, the checks before decoding, and the answer and error shapes. The
+same requests through the handler in a real TorchServe Context are in test_handler.py."""
 
 import base64
 import json
@@ -30,7 +30,11 @@ def test_every_body_form_reads_to_its_items_and_answer_shape(png):
         "multipart, two files": ({"a": png, "b": bytearray(png)}, [png, png], "list"),
         "JSON one": ({"body": {"data": b64}}, [b64], "one"),
         "JSON list": ({"body": {"data": [b64, b64]}}, [b64, b64], "list"),
-        "KServe v1, JSON objects": ({"body": {"instances": [{"data": b64}]}}, [b64], "v1"),  # {"predictions": [...]}
+        "KServe v1, JSON objects": (
+            {"body": {"instances": [{"data": b64}]}},
+            [b64],
+            "v1",
+        ),  # {"predictions": [...]}
         "bare list": ({"body": [b64]}, [b64], "list"),
         "JSON as bytes": ({"body": json.dumps({"image": b64}).encode()}, [b64], "one"),
         "base64 text": ({"body": b64}, [b64], "one"),
@@ -101,7 +105,9 @@ def test_answer_shapes():
     }
     (output,) = v2["outputs"]
     assert (
-        output["name"] == "predictions" and output["shape"] == [2] and list(map(json.loads, output["data"])) == results
+        output["name"] == "predictions"
+        and output["shape"] == [2]
+        and list(map(json.loads, output["data"])) == results
     )
 
 
@@ -130,7 +136,8 @@ def test_bad_bodies_are_refused_with_their_status(png):
 
 
 def test_a_multipart_field_holding_a_json_list_is_refused_not_a_crash():
-    # Found by the fuzz target (issue 25): bytes([-1]) raised ValueError out of is_text, a 500 for the request.
+    # Found by the fuzz target (issue 25): bytes([-1]) raised ValueError out of is_text, a 500 for the
+    # request.
     items, _ = protocol.items_from_body(protocol.body_of({"body": b"\x00", "data": [-1]}))
     with pytest.raises(InputError, match="expected a base64 string, got int"):
         protocol.check_items(items, 32, 2**20)

@@ -24,7 +24,9 @@ def test_load_10k_mixed_requests_no_5xx_right_answers_bounded_memory(soak):
     assert r["requests"] == 10000
     assert r["errors"] == 0, r["statuses"]
     assert r["wrong_labels"] == 0
-    assert r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    assert (
+        r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    )
     assert r["rss_mb_end"] <= 1.2 * r["rss_mb_after_warmup"]
 
 
@@ -41,7 +43,8 @@ def test_bad_registrations_during_load_do_not_disturb_serving(soak):
     r = soak.bad_register(requests=1500)
     print(summarize("bad_register", r))
     assert all(400 <= s < 600 for s in r["registration_status"].values())
-    assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 403  # the guard: not a model-store archive
+    # the guard: not a model-store archive
+    assert r["registration_status"]["http://127.0.0.1:9/evil.mar"] == 403
     assert r["load"]["errors"] == 0 and r["load"]["wrong_labels"] == 0
     # nothing was registered and the default stayed: whatever the restart test (in any order) did before
     assert r["deployment"] == r["deployment_before"]

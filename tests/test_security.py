@@ -79,7 +79,9 @@ def test_keys_logs_and_snapshots_are_never_readable_by_others(archive_factory, t
         ts.stop()
 
 
-def test_only_checked_archives_from_the_model_store_can_be_registered(server, store, archive_factory, tmp_path):
+def test_only_checked_archives_from_the_model_store_can_be_registered(
+    server, store, archive_factory, tmp_path
+):
     model_dir = unpacked_model_dir(archive_factory("9.0"), tmp_path / "anywhere")
     tampered = install_archive(archive_factory("9.0"), store, "tampered.mar")
     with open(tampered, "ab") as f:
@@ -96,12 +98,19 @@ def test_only_checked_archives_from_the_model_store_can_be_registered(server, st
     for name, (method, path, body) in attempts.items():
         headers = {"Content-Type": "application/json"} if body else {}
         resp = server.request(method, "management", path, data=body, headers=headers)
-        assert resp.status_code == 403, (name, resp.status_code, resp.text)  # the directory was 200: registered
+        # the directory was 200: registered
+        assert resp.status_code == 403, (
+            name,
+            resp.status_code,
+            resp.text,
+        )
         assert resp.json()["message"].startswith("registration refused"), name
     names = [m["modelName"] for m in server.request("GET", "management", "/models").json()["models"]]
     assert names == ["my_model"]
     # The guard forwards everything else, keys included: a wrong key is still TorchServe's 400.
-    wrong = requests.get(server.url("management") + "/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    wrong = requests.get(
+        server.url("management") + "/models", headers={"Authorization": "Bearer nope"}, timeout=30
+    )
     assert wrong.status_code == 400
     os.remove(tampered)
     os.remove(tampered + ".sha256")
@@ -147,21 +156,32 @@ def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, di
         assert ts.user == settings.SERVICE_USER
         ts.prepare_dirs()
         missing = ts.unreachable()
-        if missing:  # e.g. a Python installed in root's home (pyenv under /root, 0700): start() warns, runs as root
+        # e.g. a Python installed in root's home (pyenv under /root, 0700): start() warns, runs as root
+        if missing:
             cannot_run(f"{settings.SERVICE_USER} cannot reach {missing} from this checkout's location")
         try:
             ts.start()
             uid = pwd.getpwnam(settings.SERVICE_USER).pw_uid
             procs = server_processes(ts)
             assert len(procs) >= 3 and {p.uids().effective for p in procs} == {uid}  # frontend and workers
-            guard = [p for p in psutil.process_iter(["cmdline"]) if "deploy.guard" in " ".join(p.info["cmdline"] or [])]
-            assert guard and all(p.uids().effective == uid for p in guard if ts.tmp_dir in " ".join(p.cmdline()))
+            guard = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if "deploy.guard" in " ".join(p.info["cmdline"] or [])
+            ]
+            assert guard and all(
+                p.uids().effective == uid for p in guard if ts.tmp_dir in " ".join(p.cmdline())
+            )
             assert os.stat(ts.key_file).st_uid == uid and stat.S_IMODE(os.stat(ts.key_file).st_mode) == 0o600
             check = "import os, sys; print(os.access(sys.argv[1], os.W_OK), os.access(sys.argv[1], os.R_OK))"
-            out = subprocess.run([sys.executable, "-c", check, store], capture_output=True, text=True, **ts.as_user())
+            out = subprocess.run(
+                [sys.executable, "-c", check, store], capture_output=True, text=True, **ts.as_user()
+            )
             assert out.stdout.split() == ["False", "True"]  # model store: readable, not writable
             with open(glob.glob(os.path.join(settings.DIGITS_DIR, "val", "3", "*.png"))[0], "rb") as f:
-                assert ts.request("POST", "inference", "/predictions/my_model", data=f.read()).status_code == 200
+                assert (
+                    ts.request("POST", "inference", "/predictions/my_model", data=f.read()).status_code == 200
+                )
         finally:
             ts.stop()
     finally:
@@ -171,13 +191,14 @@ def test_started_as_root_the_server_runs_as_the_service_user(archive_factory, di
 def test_printed_commands_read_the_key_from_stdin(server, png, tmp_path):
     with open(os.path.join(settings.ROOT, "scripts", "quickstart.sh")) as f:
         curls = [line for line in f if "curl " in line and "127.0.0.1:808" in line]
-    assert curls and not [line for line in curls if "Bearer" in line or "key_file" in line]  # was: Bearer $(python3…)
+    # was: Bearer $(python3…)
+    assert curls and not [line for line in curls if "Bearer" in line or "key_file" in line]
     assert all("| curl -H @- " in line for line in curls if ":8082" not in line)
     image = tmp_path / "3.png"
     image.write_bytes(png)
     pipeline = (
-        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- -T {image} "
-        f"{server.url()}/predictions/my_model"
+        f"{sys.executable} -m deploy.serve header | curl -s -o /dev/null -w '%{{http_code}}' -H @- -T "
+        f"{image} {server.url()}/predictions/my_model"
     )
     env = {**os.environ, "TS_KEY_FILE": server.key_file}
     out = subprocess.run(["bash", "-c", pipeline], cwd=settings.ROOT, env=env, capture_output=True, text=True)
@@ -195,7 +216,9 @@ class KeyRecorder(http.server.HTTPServer):
 class KeyRecorderHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         self.server.seen.append((self.path, self.headers.get("Authorization")))
-        body = json.dumps({"code": 400, "message": "Token Authorization failed. Token either incorrect, expired"})
+        body = json.dumps(
+            {"code": 400, "message": "Token Authorization failed. Token either incorrect, expired"}
+        )
         self.send_response(200 if self.path.startswith("/token") else 400)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -237,7 +260,9 @@ def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
         assert lookalike.seen == []  # was: GET /token?type=inference with the API key, to that host
         assert own.seen == [("/token?type=inference", "Bearer api-never-expires")]
         monkeypatch.setenv("TS_INFERENCE_URL", "http://10.11.12.13:8080")  # never contacted: refused before
-        with pytest.raises(SystemExit, match="refusing to send the inference key to 10.11.12.13 over plain HTTP"):
+        with pytest.raises(
+            SystemExit, match="refusing to send the inference key to 10.11.12.13 over plain HTTP"
+        ):
             predict.main(["--raw", str(image)])
         monkeypatch.setenv("TS_ALLOW_PLAIN_HTTP", "1")  # said explicitly: the target is taken as given
         assert client.target().url() == "http://10.11.12.13:8080"
@@ -247,12 +272,12 @@ def test_keys_go_only_to_the_server_they_came_from(tmp_path, monkeypatch, png):
             stub.server_close()
 
 
-# --- privilege boundaries: the service user's folder, its firewall, its guard ----------------------------------
+# --- privilege boundaries: the service user's folder, its firewall, its guard -------------------------------
 
 
 def service_server_in(base, archive_factory) -> TorchServe:
-    """A server as the service user in `base` (0755, which others may enter; pytest's folders are root's alone),
-    its folders prepared; skips where the service user cannot run this checkout."""
+    """A server as the service user in `base` (0755, which others may enter; pytest's folders are root's
+    alone), its folders prepared; skips where the service user cannot run this checkout."""
     os.chmod(base, 0o755)
     store = os.path.join(base, "store")
     os.makedirs(store)
@@ -320,8 +345,8 @@ print("received", len(got), flush=True)
 
 
 def squat(user: str, port: int, seconds: float = 5) -> subprocess.Popen:
-    """A process of `user` that listens on 127.0.0.1:port for `seconds` and says how many bytes it was sent (or
-    'refused ERRNO' when it cannot listen there); its first line is read before this returns."""
+    """A process of `user` that listens on 127.0.0.1:port for `seconds` and says how many bytes it was sent
+    (or 'refused ERRNO' when it cannot listen there); its first line is read before this returns."""
     entry = pwd.getpwnam(user)
     proc = subprocess.Popen(
         [sys.executable, "-c", SQUAT, str(port), str(seconds)], stdout=subprocess.PIPE, text=True, cwd="/",
@@ -332,19 +357,25 @@ def squat(user: str, port: int, seconds: float = 5) -> subprocess.Popen:
 
 
 def test_no_key_is_sent_to_a_listener_of_another_user(tmp_path):
-    """The hostile check of the second review: a local user who listens on the management port (while the guard
-    is down) was sent the management key by the tools, and used it to register through the guard."""
+    """The hostile check of the second review: a local user who listens on the management port (while the
+    guard is down) was sent the management key by the tools, and used it to register through the guard."""
     if service_user_can_run_here():
         cannot_run(service_user_can_run_here())
     ts = TorchServe(workdir=str(tmp_path / "ts"), model_store=str(tmp_path), ports=Ports.free())
     squatter = squat("nobody", ts.ports.management)
     assert squatter.first == ["listening"]
-    with pytest.raises(ServerError, match=rf"port {ts.ports.management} \(management\) is held by .* uid 65534"):
+    with pytest.raises(
+        ServerError, match=rf"port {ts.ports.management} \(management\) is held by .* uid 65534"
+    ):
         ts.request("GET", "management", "/models")
     with pytest.raises(ServerError, match="no key was sent"):
         ts.refresh_token("inference")
     out, _ = squatter.communicate(timeout=30)
-    assert out.split() == ["received", "0"]  # was: a GET /models with "Authorization: Bearer <management key>"
+    # was: a GET /models with "Authorization: Bearer <management key>"
+    assert out.split() == [
+        "received",
+        "0",
+    ]
 
 
 def test_grpc_management_answers_root_and_the_service_user_only(service_server):
@@ -388,16 +419,17 @@ def test_a_killed_guard_comes_back(service_server, capsys):
     (first,) = guard_processes(ts)
     first.kill()
     first.wait(30)
-    # Between the guard's death and its restart the port stays held (the supervisor keeps the socket root bound):
-    # another user cannot listen there and be sent the management key.
+    # Between the guard's death and its restart the port stays held (the supervisor keeps the socket root
+    # bound): another user cannot listen there and be sent the management key.
     squatter = squat("nobody", ts.ports.management)
-    assert squatter.first[0] == "refused", squatter.first  # was: listening (the guard's port was free for 1 s)
+    # was: listening (the guard's port was free for 1 s)
+    assert squatter.first[0] == "refused", squatter.first
     squatter.wait(30)
     # Issue 29 item 9: inference went on, the management port stayed dead and nothing restarted the guard.
     assert management_answers(ts), "the management port is dead after the guard was killed"
     assert [p.pid for p in guard_processes(ts)] != [first.pid]
-    # Its supervisor killed too: `status` says what is down (was a traceback), `start` relaunches the guard alone
-    # (was "already running").
+    # Its supervisor killed too: `status` says what is down (was a traceback), `start` relaunches the guard
+    # alone (was "already running").
     supervisors, guards = guard.processes(ts)
     for proc in supervisors + guards:
         proc.kill()
@@ -425,7 +457,8 @@ def test_stop_kills_a_frozen_guard(service_server):
         assert not frozen.is_running() or frozen.status() == psutil.STATUS_ZOMBIE
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never past a listener
-            s.bind(("127.0.0.1", service_server.ports.management))  # free again; was held by the stopped guard
+            # free again; was held by the stopped guard
+            s.bind(("127.0.0.1", service_server.ports.management))
     finally:
         if frozen.is_running():
             frozen.kill()
@@ -433,7 +466,9 @@ def test_stop_kills_a_frozen_guard(service_server):
 
 def as_service_user(*cmd: str):
     entry = pwd.getpwnam(settings.SERVICE_USER)
-    subprocess.run(cmd, check=True, timeout=60, cwd="/", user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+    subprocess.run(
+        cmd, check=True, timeout=60, cwd="/", user=entry.pw_uid, group=entry.pw_gid, extra_groups=[]
+    )
 
 
 def fingerprint(*paths: str) -> list[tuple]:
@@ -449,8 +484,8 @@ def fingerprint(*paths: str) -> list[tuple]:
 
 
 def test_root_never_follows_the_service_users_links(archive_factory, digits, png):
-    """Issue 25 finding 4: the service user plants links in every folder it can write, pointing at a root-owned
-    0600 file (and the folder holding it); start and stop as root leave that file as it was."""
+    """Issue 25 finding 4: the service user plants links in every folder it can write, pointing at a
+    root-owned 0600 file (and the folder holding it); start and stop as root leave that file as it was."""
     if service_user_can_run_here():
         cannot_run(service_user_can_run_here())
     base = tempfile.mkdtemp(prefix="ts-user-")
@@ -469,7 +504,8 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
         assert writable
         logs = ("torchserve.out", "guard.log")  # root appended to these
         for folder in writable:
-            as_service_user("ln", "-s", secret_dir, os.path.join(folder, "evil"))  # make_private's walk chowned
+            # make_private's walk chowned
+            as_service_user("ln", "-s", secret_dir, os.path.join(folder, "evil"))
             for name in ("generated.config.properties", "guard.pid", *logs):  # written through by root
                 as_service_user("ln", "-sf", secret, os.path.join(folder, name))
         try:  # the service user's own logs lead nowhere it can write: TorchServe may not start; nothing else
@@ -477,7 +513,8 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
         except (subprocess.CalledProcessError, RuntimeError):
             pass
         ts.stop()
-        assert fingerprint(secret, secret_dir) == before  # was: the service user's, the config written into it
+        # was: the service user's, the config written into it
+        assert fingerprint(secret, secret_dir) == before
         for folder in writable:
             for name in logs:
                 as_service_user("rm", "-f", os.path.join(folder, name))
@@ -487,7 +524,13 @@ def test_root_never_follows_the_service_users_links(archive_factory, digits, png
         assert fingerprint(secret, secret_dir) == before
         # A pid file names a root process that looks like TorchServe and the guard: root signals none of it.
         decoy = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(600)", "org.pytorch.serve.ModelServer", "deploy.guard"]
+            [
+                sys.executable,
+                "-c",
+                "import time; time.sleep(600)",
+                "org.pytorch.serve.ModelServer",
+                "deploy.guard",
+            ]
             + ["-m", "deploy.guard", ts.management_socket]
         )
         for pid_file in (ts.pid_file, os.path.join(os.path.dirname(ts.pid_file), "guard.pid")):

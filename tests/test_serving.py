@@ -27,7 +27,11 @@ PROMETHEUS_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0
 
 @pytest.fixture(scope="module")
 def val_bodies(digits):
-    files = [os.path.join(VAL, c, f) for c in sorted(os.listdir(VAL)) for f in sorted(os.listdir(os.path.join(VAL, c)))]
+    files = [
+        os.path.join(VAL, c, f)
+        for c in sorted(os.listdir(VAL))
+        for f in sorted(os.listdir(os.path.join(VAL, c)))
+    ]
     return [open(p, "rb").read() for p in files[::24]]
 
 
@@ -54,7 +58,9 @@ def post(ts, body, version=None, content_type="application/octet-stream", **kw):
 
 
 def worker_pid(ts, version=""):
-    return ts.request("GET", "management", f"/models/my_model/{version}".rstrip("/")).json()[0]["workers"][0]["pid"]
+    return ts.request("GET", "management", f"/models/my_model/{version}".rstrip("/")).json()[0]["workers"][0][
+        "pid"
+    ]
 
 
 def worker_pids(ts):
@@ -68,8 +74,11 @@ def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, of
     for i, body in enumerate(val_bodies[:16]):
         jobs.append((body, "application/octet-stream", 200, max(offline[i], key=offline[i].get)))
         b, status = bad[i % len(bad)]
-        jobs.append((b, "application/json" if b.startswith(b"{") else "application/octet-stream", status, None))
-    jobs.append((val_bodies[0], "application/x-www-form-urlencoded", 400, None))  # curl --data-binary's default
+        jobs.append(
+            (b, "application/json" if b.startswith(b"{") else "application/octet-stream", status, None)
+        )
+    # curl --data-binary's default
+    jobs.append((val_bodies[0], "application/x-www-form-urlencoded", 400, None))
     # 32 images of 40 MP in one 0.5 MB request: each is under the per-image cap, together they would
     # keep the worker decoding past its timeout and fail the whole batch; the request's budget refuses it.
     heavy = json.dumps({"data": [images.b64(images.black_png(6300))] * 32}).encode()
@@ -83,8 +92,9 @@ def test_burst_of_good_and_bad_requests_in_shared_batches(server, val_bodies, of
         else:
             assert resp.json()["message"]
     assert worker_pid(server) == pid  # bad input never killed the worker
-    # The frontend logs one "Looping backend response at: <ms>" per batch a worker answers (INFO; serving/log4j2.xml
-    # keeps it): fewer batches than requests means requests really shared batches (with their bad neighbours).
+    # The frontend logs one "Looping backend response at: <ms>" per batch a worker answers (INFO;
+    # serving/log4j2.xml keeps it): fewer batches than requests means requests really shared batches (with
+    # their bad neighbours).
     log = open(os.path.join(server.log_dir, "ts_log.log")).read()
     batches = set(re.findall(r"W-\d+-\S+ \S+WorkerThread - Looping backend response at: \d+", log))
     assert 0 < len(batches) < len(jobs)
@@ -101,7 +111,9 @@ def test_input_forms_over_http(server, val_bodies, offline):
         requests.post(url, files={"data": ("x.png", body, "image/png")}, headers=auth, timeout=30),  # curl -F
         requests.post(url, json={"data": b64}, headers=auth, timeout=30),
         requests.post(url, data=b64, headers={**auth, "Content-Type": "text/plain"}, timeout=30),
-        requests.post(url, data=wrapped, headers={**auth, "Content-Type": "text/plain"}, timeout=30),  # `base64 x.png`
+        requests.post(
+            url, data=wrapped, headers={**auth, "Content-Type": "text/plain"}, timeout=30
+        ),  # `base64 x.png`
         requests.post(url, data={"name": "cat"}, files={"upload": ("x.png", body)}, headers=auth, timeout=30),
     ]
     for resp in answers:
@@ -113,7 +125,9 @@ def test_input_forms_over_http(server, val_bodies, offline):
 
 def test_every_backend_served_matches_eager(server, archive_factory, val_bodies, offline):
     for backend in ("torchscript", "onnx", "int8"):
-        path = install_archive(archive_factory(backend, backend), server.model_store, f"my_model_v{backend}.mar")
+        path = install_archive(
+            archive_factory(backend, backend), server.model_store, f"my_model_v{backend}.mar"
+        )
         versions.register(server, path)
         for i, body in enumerate(val_bodies[:6]):
             resp = post(server, body, version=backend)
@@ -148,7 +162,9 @@ def test_hostile_bodies_fail_fast_beside_good_ones_in_shared_batches(server, val
         (images.blank_rgba_webp(), "application/octet-stream", 413),
         (images.float_tiff(), "application/octet-stream", 413),
         (tiny_items, "application/json", 413),
-        *[(body, "application/octet-stream", 413) for body in images.past_the_decode_budget().values()],  # issue 25
+        *[
+            (body, "application/octet-stream", 413) for body in images.past_the_decode_budget().values()
+        ],  # issue 25
     ]
     jobs = [(b, "application/octet-stream", 200) for b in val_bodies[: len(hostile)]]
     jobs = [job for pair in zip(jobs, hostile) for job in pair]  # good, hostile, good, hostile, ...
@@ -192,7 +208,10 @@ def test_a_worker_past_its_memory_ceiling_answers_507_and_keeps_serving(
         ceiling = int(re.search(r"Max data size\s+(\d+)", f.read())[1])  # a number, not "unlimited"
     with open(f"/proc/{pid}/status") as f:
         status = dict(re.findall(r"^(Vm\w+):\s+(\d+) kB", f.read(), re.M))
-    print(f"\nworker: ceiling {ceiling >> 20} MB, " + ", ".join(f"{k} {int(v) >> 10} MB" for k, v in status.items()))
+    print(
+        f"\nworker: ceiling {ceiling >> 20} MB, "
+        + ", ".join(f"{k} {int(v) >> 10} MB" for k, v in status.items())
+    )
     assert int(status["VmData"]) << 10 <= ceiling
 
 
@@ -203,7 +222,8 @@ def test_body_over_max_request_size_is_refused(server, val_bodies):
 
 
 def metric_counts(ts) -> tuple[str, dict[str, float]]:
-    """The metrics page and, per custom metric, its count: a histogram's _count, a counter's value (0 if absent)."""
+    """The metrics page and, per custom metric, its count: a histogram's _count, a counter's value (0 if
+    absent)."""
     text = requests.get(ts.url("metrics") + "/metrics", timeout=30).text  # no token: the metrics API has none
     counts = {}
     for name in ("PreprocessTime_seconds", "InferenceTime_seconds", "HandlerTime_seconds", "RejectedInputs"):
@@ -214,13 +234,18 @@ def metric_counts(ts) -> tuple[str, dict[str, float]]:
 
 
 def test_custom_metrics_on_the_prometheus_endpoint(server, val_bodies):
-    # Deltas over this test's own two requests, not totals that earlier tests in the module already raised. Sent
-    # one after the other, each is its own batch: preprocessing and handler times once per batch, inference time
-    # only for the batch with an image, one rejection.
+    # Deltas over this test's own two requests, not totals that earlier tests in the module already raised.
+    # Sent one after the other, each is its own batch: preprocessing and handler times once per batch,
+    # inference time only for the batch with an image, one rejection.
     _, before = metric_counts(server)
     assert post(server, val_bodies[0]).status_code == 200
     assert post(server, b"not an image").status_code == 415
-    want = {"PreprocessTime_seconds": 2, "InferenceTime_seconds": 1, "HandlerTime_seconds": 2, "RejectedInputs": 1}
+    want = {
+        "PreprocessTime_seconds": 2,
+        "InferenceTime_seconds": 1,
+        "HandlerTime_seconds": 2,
+        "RejectedInputs": 1,
+    }
     deadline = time.time() + 30  # the frontend files a worker's metrics from its log lines: wait for them
     while True:
         text, after = metric_counts(server)

@@ -29,20 +29,26 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
     report = json.load(open(out / "bench.json"))
     (res,) = report["results"]
     assert report["cores"] >= 1 and res["model"] == "digits"
-    # the limit at the batch size each level makes (c=1: 1; c=16 over 2 workers: the configured 4), next to its row
+    # the limit at the batch size each level makes (c=1: 1; c=16 over 2 workers: the configured 4), next to
+    # its row
     assert set(res["limit"]) == {"onnx", "eager"}
     assert set(res["limit"]["onnx"]) == {"batch_1", "batch_4", "json_1", "json_8"}
     assert all(len(v) >= 1 and min(v) > 0 for row in res["limit"].values() for v in row.values())
-    # the no-op ceiling and each backend at every level, from wrk: answers, no errors, an estimate to compare with
+    # the no-op ceiling and each backend at every level, from wrk: answers, no errors, an estimate to compare
+    # with
     assert [r["concurrency"] for r in res["ceiling"]] == [1, 16]
     for rows in res["served"].values():
         assert [r["concurrency"] for r in rows] == [1, 16]
-        assert all(r["requests"] > 0 and r["errors"] == 0 and r["statuses"] == {"200": r["requests"]} for r in rows)
+        assert all(
+            r["requests"] > 0 and r["errors"] == 0 and r["statuses"] == {"200": r["requests"]} for r in rows
+        )
         assert all(0 < r["vs_estimate"] and r["estimate_rps"] > 0 for r in rows)
         # the ideal handler (the no-op spending the limit's CPU) next to each row that has an estimate
         assert all(r["ideal"]["errors"] == 0 and r["ideal_rps"] > 0 and r["vs_ideal"] > 0 for r in rows)
         assert all(0 <= r["steal_share"] < 1 and r["rps_unstolen"] >= r["throughput_rps"] for r in rows)
-    assert all(v == {"requests": res["images"], "wrong_labels": 0, "errors": 0} for v in res["checked"].values())
+    assert all(
+        v == {"requests": res["images"], "wrong_labels": 0, "errors": 0} for v in res["checked"].values()
+    )
     assert [r["images_per_request"] for r in res["batching"]] == [1, 8]
     assert all(r["served"]["errors"] == 0 and r["images_per_s"] > 0 for r in res["batching"])
     # the breakdown: every stage present for each backend, model and decode measured
@@ -116,11 +122,12 @@ def test_soak_runs_and_writes_a_summary(checkpoint, digits, tmp_path):
     assert summary["results"]["restart"]["after"]["default"] == "2.0"
 
 
-# --- the archive builder ------------------------------------------------------------------------------------------
+# --- the archive builder ------------------------------------------------------------------------------------
 
 
 def fake_export(fail=False):
-    """Stands in for train.export (no checkpoint, no torch export): writes what archive_checkpoint packages."""
+    """Stands in for train.export (no checkpoint, no torch export): writes what archive_checkpoint
+    packages."""
 
     def export_all(checkpoint, export_dir, formats):
         if fail:
@@ -139,7 +146,11 @@ def fake_export(fail=False):
 
 def test_archive_builds_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch):
     other = "/dev/shm"  # a tmpfs, like /tmp on Fedora, Arch or Debian 13
-    if not os.path.isdir(other) or not os.access(other, os.W_OK) or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+    if (
+        not os.path.isdir(other)
+        or not os.access(other, os.W_OK)
+        or os.stat(other).st_dev == os.stat(tmp_path).st_dev
+    ):
         pytest.skip(f"needs {other} writable and on another filesystem than {tmp_path}")
     tmp = tempfile.mkdtemp(dir=other)
     try:
@@ -147,21 +158,30 @@ def test_archive_builds_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch)
         monkeypatch.setattr(tempfile, "tempdir", tmp)
         store = tmp_path / "store"
         monkeypatch.setitem(sys.modules, "train.export", fake_export())
-        info = archive_checkpoint("unused.pt", "3.0", "eager", model_store=str(store))  # os.link raised EXDEV here
+        # os.link raised EXDEV here
+        info = archive_checkpoint("unused.pt", "3.0", "eager", model_store=str(store))
         assert info["archive"] == str(store / "my_model_v3.0.mar")
         assert verify_checksum(info["archive"]) == info["sha256"]
-        assert sorted(os.listdir(store)) == ["my_model_v3.0.mar", "my_model_v3.0.mar.sha256"]  # no build folder
+        # no build folder
+        assert sorted(os.listdir(store)) == [
+            "my_model_v3.0.mar",
+            "my_model_v3.0.mar.sha256",
+        ]
 
         monkeypatch.setitem(sys.modules, "train.export", fake_export(fail=True))
         with pytest.raises(RuntimeError, match="on purpose"):
             archive_checkpoint("unused.pt", "4.0", "eager", model_store=str(store))
-        assert sorted(os.listdir(store)) == ["my_model_v3.0.mar", "my_model_v3.0.mar.sha256"]  # nothing left over
+        # nothing left over
+        assert sorted(os.listdir(store)) == [
+            "my_model_v3.0.mar",
+            "my_model_v3.0.mar.sha256",
+        ]
         assert os.listdir(tmp) == []  # and nothing was built in TMPDIR
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --- the shell wrappers, in a copy of the repository whose .venv/bin/python only records its calls ---------------
+# --- the shell wrappers, in a copy of the repository whose .venv/bin/python only records its calls ----------
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # Stands in for .venv/bin/python: logs each call (working directory, arguments) as one JSON line;
@@ -229,13 +249,23 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     scripts = os.path.relpath(repo / "scripts", runs)
 
     out, calls = run_script(
-        tmp_path, repo, [f"{scripts}/archive.sh", "3.0", "v1/checkpoint_best.pt", "--output", "a.mar"], cwd=runs
+        tmp_path,
+        repo,
+        [f"{scripts}/archive.sh", "3.0", "v1/checkpoint_best.pt", "--output", "a.mar"],
+        cwd=runs,
     )
     assert out.returncode == 0, out.stderr  # was: "archive: checkpoint v1/checkpoint_best.pt not found"
     ((where, *argv),) = calls
     assert where == str(repo)
     assert argv == [
-        *["-m", "deploy.archive", "--version", "3.0", "--checkpoint", str(runs / "v1" / "checkpoint_best.pt")],
+        *[
+            "-m",
+            "deploy.archive",
+            "--version",
+            "3.0",
+            "--checkpoint",
+            str(runs / "v1" / "checkpoint_best.pt"),
+        ],
         *["--output", str(runs / "a.mar")],
     ]
 
@@ -244,7 +274,13 @@ def test_wrappers_take_paths_relative_to_the_callers_directory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert calls[0][1:] == [
         *["-m", "deploy.register_version", "register", str(runs / "x.mar"), "--promote"],
-        *["--golden", str(runs / "v1" / "golden"), f"--report={runs / 'gate.json'}", "--max-accuracy-drop", "1.0"],
+        *[
+            "--golden",
+            str(runs / "v1" / "golden"),
+            f"--report={runs / 'gate.json'}",
+            "--max-accuracy-drop",
+            "1.0",
+        ],
     ]
     out, calls = run_script(tmp_path, repo, [f"{scripts}/register_version.sh", "unregister", "2.0"], cwd=runs)
     assert calls[0][1:] == ["-m", "deploy.register_version", "unregister", "2.0"]
@@ -267,7 +303,9 @@ def test_register_version_help_prints_help(tmp_path):
 
 def test_bench_overload_runs_the_overload_benchmark(tmp_path):
     repo = fake_repo(tmp_path, "setup.sh", "bench.sh")
-    digest = subprocess.run(["sha256sum", "requirements.txt"], cwd=repo, capture_output=True, text=True).stdout
+    digest = subprocess.run(
+        ["sha256sum", "requirements.txt"], cwd=repo, capture_output=True, text=True
+    ).stdout
     (repo / ".venv" / ".requirements.sha256").write_text(digest.split()[0] + "\n")  # setup.sh: up to date
     out, calls = run_script(tmp_path, repo, ["scripts/bench.sh", "overload", "--levels", "16,600"])
     assert out.returncode == 0, out.stderr
@@ -307,7 +345,8 @@ def test_loadgen_check_catches_every_wrong_answer():
 
 
 def test_loadgen_run_counts_unparsable_answers_as_wrong():
-    """run() against a tiny loopback server: an answer the judge cannot parse is a wrong answer, not a pass."""
+    """run() against a tiny loopback server: an answer the judge cannot parse is a wrong answer, not a
+    pass."""
     import http.server
     import threading
 
@@ -342,8 +381,11 @@ def test_require_tool_fails_under_ci_and_skips_elsewhere(monkeypatch):
 
     assert require_tool("sh") == shutil.which("sh")
     monkeypatch.setenv("CI", "1")
-    # a skip raised here would escape pytest.raises(Failed) and skip this test: catch both and ask which it was
-    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="no-such-tool-30 not found") as under_ci:
+    # a skip raised here would escape pytest.raises(Failed) and skip this test: catch both and ask which it
+    # was
+    with pytest.raises(
+        (pytest.fail.Exception, pytest.skip.Exception), match="no-such-tool-30 not found"
+    ) as under_ci:
         require_tool("no-such-tool-30")
     assert under_ci.type is pytest.fail.Exception and str(under_ci.value).startswith("CI: "), under_ci.value
     monkeypatch.delenv("CI")

@@ -209,8 +209,10 @@ def test_gifs_are_training_images(tmp_path):
     prep = Preprocessing()
     ds = CachedImages(str(tmp_path), prep, prep, cache=False)
     assert ds.classes == ["gif", "png"] and len(ds) == 2
-    assert torch.equal(ds[0][0], prep(prep.decode((tmp_path / "gif" / "0.gif").read_bytes())))  # the handler's
-    assert torch.equal(ds[0][0], torchvision_eval(prep, Image.open(tmp_path / "gif" / "0.gif")))  # independent
+    # the handler's
+    assert torch.equal(ds[0][0], prep(prep.decode((tmp_path / "gif" / "0.gif").read_bytes())))
+    # independent
+    assert torch.equal(ds[0][0], torchvision_eval(prep, Image.open(tmp_path / "gif" / "0.gif")))
     assert [label for _, label in datalib.golden_set(str(tmp_path))] == ["gif", "png"]
 
 
@@ -229,10 +231,14 @@ FLAGS = {
 
 def watch_training(monkeypatch) -> dict:
     """What a training run really does, seen from outside train.py: each training forward's output dtype and
-    whether the convolutions' weights are channels_last, each loss with its inputs, each gradient clipping with
-    the norm it left."""
+    whether the convolutions' weights are channels_last, each loss with its inputs, each gradient clipping
+    with the norm it left."""
     seen: dict[str, list] = {"forward": [], "losses": [], "clips": []}
-    real_model, real_criterion, real_clip = trainer.build_model, trainer.build_criterion, nn.utils.clip_grad_norm_
+    real_model, real_criterion, real_clip = (
+        trainer.build_model,
+        trainer.build_criterion,
+        nn.utils.clip_grad_norm_,
+    )
 
     def build_model(model_args):
         model = real_model(model_args)
@@ -240,8 +246,13 @@ def watch_training(monkeypatch) -> dict:
         def forward_hook(module, inputs, output):
             if module.training:
                 # one input channel or a 1x1 kernel lays out the same either way: only the others tell
-                convs = [p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1 and p[0, 0].numel() > 1]
-                last = all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+                convs = [
+                    p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1 and p[0, 0].numel() > 1
+                ]
+                last = all(
+                    p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                    for p in convs
+                )
                 seen["forward"].append((output.dtype, last))
 
         model.register_forward_hook(forward_hook)
@@ -266,7 +277,8 @@ def watch_training(monkeypatch) -> dict:
 
 
 def focal_reference(logits, targets, gamma):
-    """Focal loss from its formula, mean of -(1 - p_t)^gamma * log(p_t) (Lin et al. 2017), not train.losses."""
+    """Focal loss from its formula, mean of -(1 - p_t)^gamma * log(p_t) (Lin et al. 2017), not
+    train.losses."""
     log_pt = torch.log_softmax(logits.float(), 1).gather(1, targets[:, None])[:, 0]
     return (-((1 - log_pt.exp()) ** gamma) * log_pt).mean()
 
@@ -292,7 +304,9 @@ def test_recipe_flags_train(tmp_path, digits, name, monkeypatch):
         assert loss.item() == pytest.approx(want.item(), rel=1e-4)
     if name == "accum-clip":  # one optimizer step (and one clipping) per two batches
         assert len(seen["clips"]) == math.ceil(steps / 2)
-        assert all(max_norm == 1.0 and after <= 1.0 + 1e-4 for max_norm, after in seen["clips"]), seen["clips"]
+        assert all(max_norm == 1.0 and after <= 1.0 + 1e-4 for max_norm, after in seen["clips"]), seen[
+            "clips"
+        ]
     else:
         assert seen["clips"] == []
     if "exp_avg" in next(iter(ckpt["optimizer"]["state"].values())):  # AdamW counts its steps
@@ -311,7 +325,10 @@ def test_recipe_flags_train(tmp_path, digits, name, monkeypatch):
         assert opt["param_groups"][0]["nesterov"] and "momentum_buffer" in next(iter(opt["state"].values()))
         assert opt["param_groups"][0]["lr"] == pytest.approx(0.005)  # stepped once: 0.05 * 0.1
     elif name == "plateau":
-        assert sched["mode"] == "max" and sched["best"] == read_json(os.path.join(out, "metrics.json"))["best_val_acc"]
+        assert (
+            sched["mode"] == "max"
+            and sched["best"] == read_json(os.path.join(out, "metrics.json"))["best_val_acc"]
+        )
     elif name == "relu":
         assert Manifest.from_checkpoint(ckpt).model_args["activation"] == "relu"
         assert not any(isinstance(m, Swish) for m in model.modules())
@@ -386,7 +403,7 @@ def test_torchrun_two_cpu_processes(tmp_path, digits):
     assert proc.stdout.count("finished in") == 1  # rank 0 alone prints the summary
 
 
-# --- faults: a run killed at any point can be finished, and no two runs share a folder ----------------------------
+# --- faults: a run killed at any point can be finished, and no two runs share a folder ----------------------
 
 
 @pytest.fixture
@@ -422,15 +439,24 @@ def test_a_run_killed_while_writing_its_reports_is_finished_by_resume(tiny, tmp_
     assert "finished in" in capsys.readouterr().out
     metrics = read_json(run / "metrics.json")
     assert metrics["complete"] and metrics["epochs_done"] == 1
-    assert metrics["final_val_acc"] == metrics["history"][-1]["val_acc"]  # the last epoch's model, evaluated again
-    assert sorted(os.listdir(run)) == ["checkpoint_best.pt", "checkpoint_last.pt", "golden", "metrics.json", "run.lock"]
+    # the last epoch's model, evaluated again
+    assert metrics["final_val_acc"] == metrics["history"][-1]["val_acc"]
+    assert sorted(os.listdir(run)) == [
+        "checkpoint_best.pt",
+        "checkpoint_last.pt",
+        "golden",
+        "metrics.json",
+        "run.lock",
+    ]
 
 
 def test_a_missing_weights_file_is_refused_before_the_run_folder_is_made(tiny, tmp_path):
     """docs/training.md's `--arch resnet18 --weights ~/resnet18-f37072fd.pth` without that file (was: a
     FileNotFoundError traceback, and runs/pets/ left behind with run.lock and golden/)."""
     with pytest.raises(SystemExit, match=r"--weights .*missing\.pth: no such file"):
-        train_run(tmp_path / "runs" / "pets", *tiny, "--arch", "resnet18", "--weights", tmp_path / "missing.pth")
+        train_run(
+            tmp_path / "runs" / "pets", *tiny, "--arch", "resnet18", "--weights", tmp_path / "missing.pth"
+        )
     assert not (tmp_path / "runs").exists()
 
 
@@ -462,7 +488,8 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tiny,
     train_run(run, *tiny)
     assert len(refusals) == 1, "the second run was not refused"
     assert f"in use by another training run (pid {os.getpid()}" in refusals[0]
-    assert load_ckpt(run / "checkpoint_last.pt")["args"]["seed"] == 0  # the first run's model, not the rival's
+    # the first run's model, not the rival's
+    assert load_ckpt(run / "checkpoint_last.pt")["args"]["seed"] == 0
     train_run(run, *tiny, "--resume", "auto")  # the lock went with the run that held it
 
 
@@ -493,16 +520,21 @@ def small_disk(tmp_path):
     """A 256 KiB tmpfs (root only)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
         cannot_run("needs root to mount a tmpfs")
     yield disk
-    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a failed save may still hold a file open
+    # lazy: a failed save may still hold a file open
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def test_a_checkpoint_that_does_not_fit_names_the_path_and_the_free_space(small_disk):
     from train.checkpoint import save_checkpoint
 
     path = small_disk / "checkpoint_last.pt"
-    with pytest.raises(RuntimeError, match=rf"cannot write checkpoint {path}: 0\.\d MiB free on {small_disk}"):
+    with pytest.raises(
+        RuntimeError, match=rf"cannot write checkpoint {path}: 0\.\d MiB free on {small_disk}"
+    ):
         save_checkpoint({"model": {"w": torch.zeros(1 << 20)}}, str(path))  # 4 MiB
     assert os.listdir(small_disk) == []  # no half-written checkpoint or temporary file

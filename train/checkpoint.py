@@ -1,5 +1,5 @@
-"""A run's files: written atomically, never by two runs at once, never over another run, resumed only on the data
-they came from."""
+"""A run's files: written atomically, never by two runs at once, never over another run, resumed only on the
+data they came from."""
 
 import fcntl
 import os
@@ -13,8 +13,8 @@ LOCK_FILE = "run.lock"  # in the output folder; holds the pid of the run that ow
 
 
 def write_atomic(path: str, write):
-    """`write(tmp_path)` writes the file; it then replaces `path` whole (fsync + rename), so a run killed meanwhile
-    leaves the old file or none, never a torn one."""
+    """`write(tmp_path)` writes the file; it then replaces `path` whole (fsync + rename), so a run killed
+    meanwhile leaves the old file or none, never a torn one."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -44,18 +44,19 @@ def save_checkpoint(state: dict, path: str):
     try:
         write_atomic(path, lambda tmp: torch.save(state, tmp))
     except (RuntimeError, OSError) as e:
-        # torch says "basic_ios::clear: iostream error" or "[enforce fail at inline_container.cc] unexpected pos"
-        # on a full disk: name the file and the space left.
+        # torch says "basic_ios::clear: iostream error" or "[enforce fail at inline_container.cc] unexpected
+        # pos" on a full disk: name the file and the space left.
         folder = os.path.dirname(os.path.abspath(path))
         free = shutil.disk_usage(folder).free
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path}: {free / 2**20:.1f} MiB free on {folder} ({e.__class__.__name__}: {e})"
+            f"cannot write checkpoint {path}: {free / 2**20:.1f} MiB free on {folder} "
+            f"({e.__class__.__name__}: {e})"
         ) from e
 
 
 def lock_output_dir(output_dir: str) -> int:
-    """Claim the output folder for this process: an open file descriptor holding an flock on its run.lock, which
-    the kernel releases when the run ends, however it ends. RunError names the pid of a live holder."""
+    """Claim the output folder for this process: an open file descriptor holding an flock on its run.lock,
+    which the kernel releases when the run ends, however it ends. RunError names the pid of a live holder."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -74,7 +75,8 @@ def lock_output_dir(output_dir: str) -> int:
 
 
 def claim_output_dir(args) -> int:
-    """lock_output_dir, then check_output_dir under the lock (checked before locking, two runs could both pass)."""
+    """lock_output_dir, then check_output_dir under the lock (checked before locking, two runs could both
+    pass)."""
     fd = lock_output_dir(args.output_dir)
     try:
         check_output_dir(args)
@@ -89,7 +91,12 @@ def check_output_dir(args):
     checkpoint (or this one's checkpoint_best.pt) would overwrite its checkpoints."""
     last = os.path.join(args.output_dir, "checkpoint_last.pt")
     holds_run = os.path.exists(last)
-    resumes_it = holds_run and bool(args.resume) and os.path.isfile(args.resume) and os.path.samefile(args.resume, last)
+    resumes_it = (
+        holds_run
+        and bool(args.resume)
+        and os.path.isfile(args.resume)
+        and os.path.samefile(args.resume, last)
+    )
     if holds_run and not resumes_it:
         raise RunError(
             f"{args.output_dir} already holds a run; pass --resume auto to continue it, "

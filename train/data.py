@@ -54,7 +54,12 @@ def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 
             counts[split] += len(part)
     with open(os.path.join(tmp, "split.json"), "w") as f:
         json.dump(
-            {"source": "sklearn.datasets.load_digits", "val_fraction": val_fraction, "seed": seed, "counts": counts},
+            {
+                "source": "sklearn.datasets.load_digits",
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "counts": counts,
+            },
             f,
             indent=2,
         )
@@ -167,7 +172,9 @@ class CachedImages(torch.utils.data.Dataset):
 
 def fits_in_cache(data: str, prep: Preprocessing) -> bool:
     """Whether every prepared train and val image fits in CACHE_BYTES (PIL keeps RGB as 4 bytes a pixel)."""
-    files = sum(len(names) for split in ("train", "val") for _, _, names in os.walk(os.path.join(data, split)))
+    files = sum(
+        len(names) for split in ("train", "val") for _, _, names in os.walk(os.path.join(data, split))
+    )
     return files * prep.image_size**2 * (1 if prep.channels == 1 else 4) <= CACHE_BYTES
 
 
@@ -204,7 +211,11 @@ def fill_cache(ds, workers: int):
     # Its own generator: drawing the loader's base seed from the global RNG would make the
     # model's initial weights depend on --workers.
     loader = DataLoader(
-        Subset(base.folder, missing), batch_size=64, num_workers=workers, collate_fn=list, generator=torch.Generator()
+        Subset(base.folder, missing),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=list,
+        generator=torch.Generator(),
     )
     items = (item for batch in loader for item in batch)
     base.cache.update(zip(missing, items))
@@ -236,7 +247,9 @@ def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: i
         raise DataError(
             f"no training batch: {len(train_sampler)} images per process; add images or use fewer processes"
         )
-    val_loader = DataLoader(val, batch_size=256, shuffle=False, num_workers=workers, persistent_workers=workers > 0)
+    val_loader = DataLoader(
+        val, batch_size=256, shuffle=False, num_workers=workers, persistent_workers=workers > 0
+    )
     return train_loader, val_loader, train_sampler
 
 

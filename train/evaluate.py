@@ -4,9 +4,9 @@
     python -m train.evaluate --model exports/v1/model.onnx --data data/digits --split val
 
 Prints accuracy, per-class precision/recall and the confusion matrix; --json writes them.
-An exported file (any backend's, model_src/backends/) is told by the bundle.json beside it (model_src/manifest.py),
-which names its backend and holds its preprocessing, class names and training data folder; a checkpoint (or a
-model.pt copied on its own) describes itself.
+An exported file (any backend's, model_src/backends/) is told by the bundle.json beside it
+(model_src/manifest.py), which names its backend and holds its preprocessing, class names and training data
+folder; a checkpoint (or a model.pt copied on its own) describes itself.
 """
 
 import argparse
@@ -32,7 +32,9 @@ def get_args_parser():
         required=True,
         help="checkpoint_*.pt, or any backend's file in an export folder (bundle.json beside it)",
     )
-    p.add_argument("--data", default=None, help="ImageFolder root (default: the one the model was trained on)")
+    p.add_argument(
+        "--data", default=None, help="ImageFolder root (default: the one the model was trained on)"
+    )
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", default=256, type=int)
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -49,7 +51,10 @@ def load_any(path: str):
         if backend is None:
             raise ValueError(f"{path}: the {manifest.FILE} beside it lists only {sorted(m.files.values())}")
     else:  # a checkpoint
-        m, backend = Manifest.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True)), "eager"
+        m, backend = (
+            Manifest.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True)),
+            "eager",
+        )
     return (
         backends.load(path, backend),
         Preprocessing.from_dict(m.preprocessing),

@@ -3,10 +3,10 @@
     python -m train.export --checkpoint runs/v1/checkpoint_best.pt --output-dir exports/v1
 
 Writes the file of each backend asked for (model_src/backends/: by default every one TorchServe serves,
-model.pt, model.torchscript.pt, model.onnx, model.int8.pt; on request (--formats ...,ptl,pte) the phone formats
-model.ptl and model.pte, with the phone's preprocessing.json, train/mobile.py) and bundle.json, the bundle
-manifest (model_src/manifest.py): the checkpoint's manifest plus the files written and their checks. Every
-file is compared with the eager model on the same real validation batch (class-balanced, at most --batch
+model.pt, model.torchscript.pt, model.onnx, model.int8.pt; on request (--formats ...,ptl,pte) the phone
+formats model.ptl and model.pte, with the phone's preprocessing.json, train/mobile.py) and bundle.json, the
+bundle manifest (model_src/manifest.py): the checkpoint's manifest plus the files written and their checks.
+Every file is compared with the eager model on the same real validation batch (class-balanced, at most --batch
 images); a backend of reduced precision (int8) passes a precision gate on the whole validation split instead.
 If any check fails, nothing is written.
 """
@@ -30,7 +30,8 @@ from model_src.preprocessing import Preprocessing
 from train import data as datalib
 from train import mobile
 
-SERVER_FORMATS = tuple(n for n, b in backends.served().items() if b.default)  # the default: what TorchServe loads
+# the default: what TorchServe loads
+SERVER_FORMATS = tuple(n for n, b in backends.served().items() if b.default)
 FORMATS = tuple(backends.all_backends())
 TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
 MIN_AGREEMENT = 0.99  # the precision gate of a backend that is not exact (int8): top-1 agreement with float
@@ -48,9 +49,13 @@ def get_args_parser():
     p.add_argument(
         "--formats",
         default=",".join(SERVER_FORMATS),
-        help="comma-separated subset of " + ",".join(FORMATS) + " (pte needs ExecuTorch: scripts/setup.sh --mobile)",
+        help="comma-separated subset of "
+        + ",".join(FORMATS)
+        + " (pte needs ExecuTorch: scripts/setup.sh --mobile)",
     )
-    p.add_argument("--data", default=None, help="ImageFolder root for the check batch (default: the one trained on)")
+    p.add_argument(
+        "--data", default=None, help="ImageFolder root for the check batch (default: the one trained on)"
+    )
     p.add_argument("--batch", default=64, type=int, help="check batch size")
     return p
 
@@ -136,10 +141,12 @@ def chosen(formats) -> list[Backend]:
 def export_all(
     checkpoint: str, output_dir: str, formats=SERVER_FORMATS, data: str | None = None, batch: int = 64
 ) -> dict:
-    """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable (nothing
-    written)."""
+    """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable
+    (nothing written)."""
     if os.path.exists(output_dir):
-        raise FileExistsError(f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)")
+        raise FileExistsError(
+            f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)"
+        )
     todo = chosen(formats)
     model, ckpt = load_model(checkpoint)
     manifest = Manifest.from_checkpoint(ckpt)

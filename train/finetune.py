@@ -98,7 +98,9 @@ def hold_frozen_norms(model: nn.Module):
                 m.eval()
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float | None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, backbone_lr_scale: float | None
+) -> list[dict]:
     """No weight decay on 1-D parameters (norms, biases); with a backbone scale, the classifier
     trains at `lr` and the rest at lr * scale. Without one, the two groups of a plain run."""
 
@@ -154,6 +156,9 @@ def enter_epoch(model: nn.Module, args, epoch: int, log=print):
     set_backbone_frozen(model, frozen)
     if epoch == 1 or frozen != was_frozen:
         if frozen:
-            log(f"epoch {epoch}: training the classifier only (backbone frozen, its batch-norm statistics too)")
+            log(
+                f"epoch {epoch}: training the classifier only (backbone frozen, its batch-norm "
+                "statistics too)"
+            )
         else:
             log(f"epoch {epoch}: training all layers, the backbone at lr x {args.backbone_lr_scale}")

@@ -98,7 +98,9 @@ class IoULoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != 4:
-            raise ValueError(f"IoU loss: boxes must both be (N, 4), got {tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"IoU loss: boxes must both be (N, 4), got {tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         return _reduce(1 - box_iou(pred, target, self.eps), self.reduction)
 
 

@@ -21,7 +21,9 @@ def phone_preprocessing(prep: Preprocessing, class_names: list[str]) -> dict:
     if prep.resize_size is None:
         resize = f"resize to {size}x{size} (bilinear; the aspect ratio is not kept)"
     else:
-        resize = f"resize so the shorter side is {prep.resize_size} (bilinear), then crop the centre {size}x{size}"
+        resize = (
+            f"resize so the shorter side is {prep.resize_size} (bilinear), then crop the centre {size}x{size}"
+        )
     return {
         **prep.to_dict(),
         "input_shape": [1, prep.channels, size, size],
@@ -36,7 +38,8 @@ def phone_preprocessing(prep: Preprocessing, class_names: list[str]) -> dict:
             "divide each 8-bit value by 255",
             "subtract mean[c] and divide by std[c] for each channel c",
         ],
-        "output": "logits, shape [1, number of classes]: softmax for probabilities; index i is class_names[i]",
+        "output": "logits, shape [1, number of classes]: softmax for probabilities; index i is "
+        "class_names[i]",
         "class_names": class_names,
     }
 

@@ -10,7 +10,8 @@ a cable between two hosts. Node i runs
 
 with GLOO_SOCKET_IFNAME set to its end of the link, so the rendezvous and gloo's all-reduce both cross the
 veth link. The namespaces (and with them the veth pair) are removed afterwards whatever happened. Needs root
-and iproute2 (`ip netns`). On real hosts the torchrun line is the same with their addresses (docs/multinode.md).
+and iproute2 (`ip netns`). On real hosts the torchrun line is the same with their addresses
+(docs/multinode.md).
 """
 
 import argparse
@@ -75,8 +76,9 @@ def make_nodes(nnodes: int, tag: str) -> list[Node]:
 
 
 def kill_inside(node: Node):
-    """SIGKILL every process in the node's namespace: torchrun and the trainers it started. Killing torchrun alone
-    orphans its trainers, which keep the output pipe open (and wait up to gloo's 30-minute timeout for a peer)."""
+    """SIGKILL every process in the node's namespace: torchrun and the trainers it started. Killing torchrun
+    alone orphans its trainers, which keep the output pipe open (and wait up to gloo's 30-minute timeout for a
+    peer)."""
     for _ in range(20):  # again until empty: torchrun may start a trainer between the listing and its death
         pids = ip("netns", "pids", node.netns, check=False).stdout.split()
         if not pids:
@@ -100,7 +102,9 @@ def remove_nodes(nodes: list[Node]):
 def leftovers(tag: str) -> list[str]:
     """Namespaces and links of run `tag` that still exist (tests check there are none)."""
     names = ip("netns", "list", check=False).stdout.split() + ip("-o", "link", check=False).stdout.split()
-    return sorted({n.split("@")[0].rstrip(":") for n in names if f"-{tag}-" in n or n.startswith(f"tsv{tag}")})
+    return sorted(
+        {n.split("@")[0].rstrip(":") for n in names if f"-{tag}-" in n or n.startswith(f"tsv{tag}")}
+    )
 
 
 def torchrun_command(node: Node, nnodes: int, rdzv_id: str, train_args: list[str]) -> list[str]:
@@ -118,8 +122,8 @@ def torchrun_command(node: Node, nnodes: int, rdzv_id: str, train_args: list[str
         f"{SUBNET}.1:{RDZV_PORT}",
         "--rdzv-id",
         rdzv_id,
-        # The namespaces share this machine's hostname, which resolves outside them, so torchrun cannot tell by
-        # name which node hosts the rendezvous store or reach a node by name: say both.
+        # The namespaces share this machine's hostname, which resolves outside them, so torchrun cannot tell
+        # by name which node hosts the rendezvous store or reach a node by name: say both.
         "--rdzv-conf",
         f"is_host={int(node.index == 0)}",
         "--local-addr",
@@ -138,9 +142,22 @@ def run(train_args: list[str], nnodes: int = 2, timeout: float = 900, tag: str |
     procs = []
     try:
         for node in nodes:
-            env = {**os.environ, "GLOO_SOCKET_IFNAME": node.veth, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-            cmd = ["ip", "netns", "exec", node.netns, *torchrun_command(node, nnodes, f"bundle-{tag}", train_args)]
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            env = {
+                **os.environ,
+                "GLOO_SOCKET_IFNAME": node.veth,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                node.netns,
+                *torchrun_command(node, nnodes, f"bundle-{tag}", train_args),
+            ]
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            )
         deadline = time.time() + timeout
         outputs = []
         for node, proc in zip(nodes, procs):
@@ -152,7 +169,12 @@ def run(train_args: list[str], nnodes: int = 2, timeout: float = 900, tag: str |
                 out, _ = proc.communicate()
                 out += f"\n[node {node.index}: killed after {timeout:.0f}s]".encode()
             outputs.append(
-                {"node": node.index, "address": node.address, "returncode": proc.returncode, "output": out.decode()}
+                {
+                    "node": node.index,
+                    "address": node.address,
+                    "returncode": proc.returncode,
+                    "output": out.decode(),
+                }
             )
         return outputs
     finally:
@@ -167,7 +189,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nnodes", default=2, type=int, help="nodes (network namespaces); a veth pair joins two")
     p.add_argument("--timeout", default=900, type=float, help="seconds before both nodes are killed")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: the arguments of python -m train.train")
+    p.add_argument(
+        "train_args", nargs=argparse.REMAINDER, help="after --: the arguments of python -m train.train"
+    )
     args = p.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     t0 = time.time()

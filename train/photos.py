@@ -22,7 +22,9 @@ def load_photos() -> dict[str, Image.Image]:
     import skimage.data
     from sklearn.datasets import load_sample_image
 
-    photos = {name: getattr(skimage.data, name)() for name in ("chelsea", "coffee", "rocket", "camera", "astronaut")}
+    photos = {
+        name: getattr(skimage.data, name)() for name in ("chelsea", "coffee", "rocket", "camera", "astronaut")
+    }
     photos["china"] = load_sample_image("china.jpg")
     photos["flower"] = load_sample_image("flower.jpg")
     return {name: Image.fromarray(pixels) for name, pixels in photos.items()}
@@ -67,7 +69,9 @@ def write_photo_crops(root: str, per_photo: int = 30, train_per_photo: int = 2, 
     return write_tree(root, splits, {"source": "skimage.data + sklearn sample images", "seed": seed})
 
 
-def write_textures(root: str, per_class: int = 16, val_per_class: int = 16, crop: int = 128, seed: int = 0) -> str:
+def write_textures(
+    root: str, per_class: int = 16, val_per_class: int = 16, crop: int = 128, seed: int = 0
+) -> str:
     """brick/grass/gravel crops of `crop` px: train from rows 0..255, val from rows 256..511 (disjoint)."""
     import skimage.data
 

@@ -15,7 +15,9 @@ def plot_curves(history: list[dict], path: str):
     ax_loss.set(title="loss", xlabel="epoch")
     ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train")
     ax_acc.plot(epochs, [r["val_acc"] for r in history], label="val")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(max(0.0, min(r["val_acc"] for r in history) - 0.05), 1.0))
+    ax_acc.set(
+        title="accuracy", xlabel="epoch", ylim=(max(0.0, min(r["val_acc"] for r in history) - 0.05), 1.0)
+    )
     ax_lr.plot(epochs, [r["lr"] for r in history])
     ax_lr.set(title="learning rate", xlabel="epoch", yscale="log")
     for ax in (ax_loss, ax_acc):

@@ -1,13 +1,15 @@
 """The precision gate: may a reduced-precision predictor (bf16, int8) stand in for the eager fp32 model?
 
-Judged on at least MIN_CROPS random crops of real photos (the bundled ImageNet photos for an ImageNet model, the
-validation split for a model trained here), against fp32 itself:
-  agreement        the candidate's top-1 equals fp32's on at least as many crops as fp32 agrees with itself when
-                   each input value moves by one grey level (the noise floor, measured on the same crops): real
-                   crops are full of near-ties, which a raw "99 %" bar would blame on the candidate;
+Judged on at least MIN_CROPS random crops of real photos (the bundled ImageNet photos for an ImageNet model,
+the validation split for a model trained here), against fp32 itself:
+  agreement        the candidate's top-1 equals fp32's on at least as many crops as fp32 agrees with itself
+                   when each input value moves by one grey level (the noise floor, measured on the same
+                   crops): real crops are full of near-ties, which a raw "99 %" bar would blame on the
+                   candidate;
   confident        100 % agreement on the crops where fp32's top-1 leads the runner-up by >= MARGIN;
   labelled         on a labelled split, not one image more wrong than fp32 (no loss of accuracy);
-  max |Δprob|      reported, not judged (int8 moves probabilities a few hundredths and still passes the above).
+  max |Δprob|      reported, not judged (int8 moves probabilities a few hundredths and still passes the
+                   above).
 A candidate that fails is refused with PrecisionError, whose message holds every figure.
 """
 
@@ -45,15 +47,18 @@ class GateResult:
     def failures(self) -> list[str]:
         why = []
         if self.agreement < self.noise_floor:
-            why.append(f"top-1 agreement {self.agreement:.2%} is below fp32's own noise floor {self.noise_floor:.2%}")
+            why.append(
+                f"top-1 agreement {self.agreement:.2%} is below fp32's own noise floor {self.noise_floor:.2%}"
+            )
         if self.confident_agreement < 1.0:
             why.append(
-                f"top-1 agreement is {self.confident_agreement:.2%} on the {self.confident} crops where fp32 leads "
-                f"by >= {MARGIN} (must be 100 %)"
+                f"top-1 agreement is {self.confident_agreement:.2%} on the {self.confident} crops where "
+                f"fp32 leads by >= {MARGIN} (must be 100 %)"
             )
         if self.wrong_candidate > self.wrong_fp32:
             why.append(
-                f"{self.wrong_candidate} of {self.labelled} labelled images wrong, fp32 gets {self.wrong_fp32} wrong"
+                f"{self.wrong_candidate} of {self.labelled} labelled images wrong, fp32 gets "
+                f"{self.wrong_fp32} wrong"
             )
         return why
 
@@ -94,7 +99,8 @@ def evaluate(
     prep: Preprocessing,
     labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> GateResult:
-    """The gate's figures for `candidate` (float batch -> logits) against the eager fp32 `model` (eval mode)."""
+    """The gate's figures for `candidate` (float batch -> logits) against the eager fp32 `model` (eval
+    mode)."""
     if len(crops) < MIN_CROPS:
         raise ValueError(f"the precision gate needs at least {MIN_CROPS} crops, got {len(crops)}")
     ref = probabilities(model, crops)
@@ -123,12 +129,17 @@ def require(name: str, *args, **kwargs) -> GateResult:
     """evaluate(...), raising PrecisionError naming `name` and every figure when the candidate fails."""
     result = evaluate(*args, **kwargs)
     if failures := result.failures():
-        raise PrecisionError(f"{name} refused by the precision gate: {'; '.join(failures)} ({result.figures()})")
+        raise PrecisionError(
+            f"{name} refused by the precision gate: {'; '.join(failures)} ({result.figures()})"
+        )
     return result
 
 
-def random_crops(images: list[Image.Image], prep: Preprocessing, n: int = MIN_CROPS, seed: int = 0) -> torch.Tensor:
-    """`n` random square crops (train.photos.random_crop) of `images`, in turn, through `prep`: (n, C, H, W)."""
+def random_crops(
+    images: list[Image.Image], prep: Preprocessing, n: int = MIN_CROPS, seed: int = 0
+) -> torch.Tensor:
+    """`n` random square crops (train.photos.random_crop) of `images`, in turn, through `prep`: (n, C, H,
+    W)."""
     rng = np.random.RandomState(seed)
     return prep.batch([prep.prepare(photos.random_crop(images[i % len(images)], rng)) for i in range(n)])
 

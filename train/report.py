@@ -24,8 +24,9 @@ def write_json(obj, path: str):
 
 
 def write_golden(data_root: str, out_dir: str):
-    """Copy a fixed validation sample into the run, for promotion gates to replay. golden.json, which the gates
-    read, comes last and whole: a run killed while copying has none, and its next start copies them again."""
+    """Copy a fixed validation sample into the run, for promotion gates to replay. golden.json, which the
+    gates read, comes last and whole: a run killed while copying has none, and its next start copies them
+    again."""
     golden_dir = os.path.join(out_dir, "golden")
     os.makedirs(golden_dir, exist_ok=True)
     entries = []
@@ -70,7 +71,7 @@ def finish(args, class_names, history, best, val, writer, seconds, world, replic
         f"\n{state} in {seconds:.0f}s | best val acc {best['acc']:.4f} (epoch {best['epoch']}) | "
         f"last val acc {val['acc']:.4f}\n  {args.output_dir}/checkpoint_best.pt, metrics.json"
         f"{', curves.png, confusion_matrix.png' if not args.no_plots else ''}"
-        f"{', tb/ (.venv/bin/tensorboard --logdir ' + args.output_dir + '/tb)' if writer is not None else ''}",
+        f"{f', tb/ (.venv/bin/tensorboard --logdir {args.output_dir}/tb)' if writer is not None else ''}",
         flush=True,
     )
 

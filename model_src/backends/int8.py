@@ -1,4 +1,5 @@
-"""int8: model.int8.pt, TorchScript of the dynamically quantised model (Linear layers, per-channel weight scales).
+"""int8: model.int8.pt, TorchScript of the dynamically quantised model (Linear layers, per-channel weight
+scales).
 
 Quantised kernels exist for the CPU only, and the traced graph has no gradients worth explaining with."""
 
@@ -13,13 +14,16 @@ def quantize(fused):
     import torch
     from torch import nn
 
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the dynamic-quant API here
+    # torch.ao.quantization is deprecated but still the dynamic-quant API here
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         # Per output channel weight scales: a 1000-class ImageNet head has rows of very different
         # ranges, and one scale for all of them flips near-tied top-1s (measured in tests/test_pretrained.py).
-        return quantize_dynamic(copy.deepcopy(fused), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        return quantize_dynamic(
+            copy.deepcopy(fused), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )
 
 
 def export(job: ExportJob, path: str):

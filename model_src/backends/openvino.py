@@ -2,13 +2,15 @@
 
 The three are one module: BACKENDS names each variant (the registry reads BACKEND or BACKENDS of a module).
 - openvino       fp32, exact (|Δprob| <= 1e-4 against eager).
-- openvino-bf16  the same IR compiled with bf16 inference precision: AMX tiles or AVX-512 BF16 do the matrix work.
-                 On a CPU with neither, OpenVINO would emulate bf16 (slower than fp32): `available` says so.
+- openvino-bf16  the same IR compiled with bf16 inference precision: AMX tiles or AVX-512 BF16 do the matrix
+                 work. On a CPU with neither, OpenVINO would emulate bf16 (slower than fp32): `available` says
+                 so.
 - openvino-int8  post-training quantisation with NNCF, calibrated on the export job's training-split batches.
 bf16 and int8 are not exact: the export check runs the precision gate (train/precision.py) on them.
 
-The file is a zip holding OpenVINO's own IR (model.xml + model.bin, stored uncompressed), so that a backend stays
-one file; loading reads both from memory. No gradients: explanations run on the eager weights shipped beside it.
+The file is a zip holding OpenVINO's own IR (model.xml + model.bin, stored uncompressed), so that a backend
+stays one file; loading reads both from memory. No gradients: explanations run on the eager weights shipped
+beside it.
 """
 
 import importlib.util
@@ -20,21 +22,23 @@ import zipfile
 from model_src.backends import Backend, ExportError, ExportJob
 
 MEMBERS = ("model.xml", "model.bin")
-# What OpenVINO calls each precision when compiling. fp32 is asked for explicitly: on a CPU with AMX, OpenVINO's
-# default inference precision is bf16. int8 keeps the layers NNCF left unquantised in fp32.
+# What OpenVINO calls each precision when compiling. fp32 is asked for explicitly: on a CPU with AMX,
+# OpenVINO's default inference precision is bf16. int8 keeps the layers NNCF left unquantised in fp32.
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of the units that run bf16 natively
 CALIBRATION_SAMPLES = 300  # NNCF's default subset size; the export job's batches are counted image by image
 
 
 def convert(job: ExportJob):
-    """The fused model -> an OpenVINO model with a free batch size (OpenVINO's PyTorch frontend traces it; about 3x
-    faster than going through torch.onnx's dynamo exporter, and as exact)."""
+    """The fused model -> an OpenVINO model with a free batch size (OpenVINO's PyTorch frontend traces it;
+    about 3x faster than going through torch.onnx's dynamo exporter, and as exact)."""
     import openvino as ov
 
     with warnings.catch_warnings():  # tracing warns about the Python-side padding arithmetic
         warnings.simplefilter("ignore")
-        return ov.convert_model(job.fused, example_input=job.example[:1], input=[(-1, *job.example.shape[1:])])
+        return ov.convert_model(
+            job.fused, example_input=job.example[:1], input=[(-1, *job.example.shape[1:])]
+        )
 
 
 def quantize(model, job: ExportJob):
@@ -42,7 +46,9 @@ def quantize(model, job: ExportJob):
     import nncf
 
     if job.calibration is None:
-        raise ExportError("openvino-int8 needs calibration batches (the training split) and the export job has none")
+        raise ExportError(
+            "openvino-int8 needs calibration batches (the training split) and the export job has none"
+        )
     images = [x[None].numpy() for batch in job.calibration() for x in batch][:CALIBRATION_SAMPLES]
     if not images:
         raise ExportError("openvino-int8: the calibration batches are empty")
@@ -105,7 +111,8 @@ def bf16_units(cpuinfo: str = "/proc/cpuinfo") -> str | None:
         return f"cannot tell whether this CPU has bf16 units ({cpuinfo} is unreadable)"
     if not set(BF16_FLAGS) & set(flags):
         return (
-            f"this CPU has neither AMX nor AVX-512 BF16 (no {' / '.join(BF16_FLAGS)} in {cpuinfo}): OpenVINO would "
+            f"this CPU has neither AMX nor AVX-512 BF16 (no {' / '.join(BF16_FLAGS)} in "
+            f"{cpuinfo}): OpenVINO would "
             "emulate bf16, slower than fp32; use the openvino backend"
         )
     return None

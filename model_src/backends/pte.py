@@ -1,5 +1,6 @@
-"""pte: model.pte, an ExecuTorch program with the XNNPACK delegate, input fixed at batch 1 (what a phone sends).
-A phone format, not served. ExecuTorch is optional: `scripts/setup.sh --mobile` installs requirements-mobile.txt."""
+"""pte: model.pte, an ExecuTorch program with the XNNPACK delegate, input fixed at batch 1 (what a phone
+sends). A phone format, not served. ExecuTorch is optional: `scripts/setup.sh --mobile` installs
+requirements-mobile.txt."""
 
 import importlib.util
 import re
@@ -43,7 +44,9 @@ def export(job: ExportJob, path: str):
                 f"pte: ExecuTorch cannot lower operator {m[1]} (not in the Core ATen opset that its runtime "
                 "kernels cover); replace it in the model or export another format"
             ) from None
-        raise MobileExportError(f"pte: ExecuTorch could not lower the model: {e.__class__.__name__}: {e}") from e
+        raise MobileExportError(
+            f"pte: ExecuTorch could not lower the model: {e.__class__.__name__}: {e}"
+        ) from e
     with open(path, "wb") as f:
         f.write(lowered.buffer)
 

@@ -1,5 +1,5 @@
-"""ptl: model.ptl, the traced TorchScript saved for the lite interpreter (the guides' TorchMobile path; a phone
-format, not served). No optimize_for_mobile: it needs XNNPACK, which this torch build leaves out, and
+"""ptl: model.ptl, the traced TorchScript saved for the lite interpreter (the guides' TorchMobile path; a
+phone format, not served). No optimize_for_mobile: it needs XNNPACK, which this torch build leaves out, and
 torch.jit.optimize_for_inference before a lite save crashed the process (segfault)."""
 
 from model_src.backends import Backend, ExportJob
