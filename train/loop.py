@@ -1,18 +1,77 @@
-"""One epoch of training and one evaluation, each summed over the processes of a run (train.train runs them).
+"""The parts of a training run, and one epoch of training and one evaluation on them, each summed over
+the processes of the run (train.train builds the parts and runs the epochs).
 
 A process of a torchrun job joins the group here, and the run's replicas prove themselves identical here.
 """
 
+import argparse
 import datetime
 import hashlib
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from model_src.preprocessing import Preprocessing
 from train import finetune
+
+# --- a run's parts ---------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """The run's images: its preprocessing, the two splits and their loaders."""
+
+    prep: Preprocessing
+    train_set: Any
+    val_set: Any
+    class_names: list[str]
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Any
+
+
+@dataclass
+class Learner:
+    """What an epoch changes: the model (`model_without_ddp` is the bare one, saved without a `module.`
+    prefix), its loss, optimiser, scheduler and gradient scaler."""
+
+    model: nn.Module
+    model_without_ddp: nn.Module
+    model_args: dict
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the next epoch, the best one so far, and one row per epoch trained."""
+
+    start_epoch: int = 1
+    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """One run's parts once built: where it runs, what it trains on and with, how far it got."""
+
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    data: Data
+    learner: Learner
+    progress: Progress
+    command: str  # the command that made the run: a resumed run's is the one that started it
+    writer: Any  # TensorBoard's, on rank 0 only
+
 
 # --- distributed helpers ---------------------------------------------------------------
 

@@ -15,8 +15,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +26,17 @@ from model_src.net import build_model, strip_prefixes
 from model_src.preprocessing import Preprocessing
 from train import checkpoint, finetune, recipe, report
 from train import data as datalib
-from train.loop import evaluate, init_distributed, log, replica_digests, train_one_epoch
+from train.loop import (
+    Data,
+    Learner,
+    Progress,
+    Run,
+    evaluate,
+    init_distributed,
+    log,
+    replica_digests,
+    train_one_epoch,
+)
 from train.loop import state_digest as state_digest  # tests and tools import it from here
 from train.losses import build_criterion
 
@@ -158,57 +166,6 @@ def train(args):
             os.close(lock)
     if world > 1:
         dist.destroy_process_group()
-
-
-@dataclass
-class Data:
-    """The run's images: its preprocessing, the two splits and their loaders."""
-
-    prep: Preprocessing
-    train_set: Any
-    val_set: Any
-    class_names: list[str]
-    train_loader: Any
-    val_loader: Any
-    train_sampler: Any
-
-
-@dataclass
-class Learner:
-    """What an epoch changes: the model (`model_without_ddp` is the bare one, saved without a `module.`
-    prefix), its loss, optimiser, scheduler and gradient scaler."""
-
-    model: nn.Module
-    model_without_ddp: nn.Module
-    model_args: dict
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-
-
-@dataclass
-class Progress:
-    """Where the run stands: the next epoch, the best one so far, and one row per epoch trained."""
-
-    start_epoch: int = 1
-    best: dict = field(default_factory=lambda: {"acc": -1.0, "epoch": 0})
-    history: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class Run:
-    """One run's parts once built: where it runs, what it trains on and with, how far it got."""
-
-    args: argparse.Namespace
-    device: torch.device
-    rank: int
-    world: int
-    data: Data
-    learner: Learner
-    progress: Progress
-    command: str  # the command that made the run: a resumed run's is the one that started it
-    writer: Any  # TensorBoard's, on rank 0 only
 
 
 def run(args, device, rank, world, start_time):
