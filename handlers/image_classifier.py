@@ -279,14 +279,17 @@ class ImageClassifier(BaseHandler):
         self.count(context, "RejectedInputs")
         return protocol.error_answer(status, message, request, self.model_name, self.version)
 
-    # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus.
+    # Custom metrics: declared in serving/metrics.yaml so TorchServe exports them to Prometheus. Each call
+    # passes its own `dimensions=[]`: TorchServe 0.12's default is one list shared by every metrics cache
+    # of the process, which its first user fills with its model name for good.
     def record(self, context, name: str, ms: float):
         """A time measured in ms, exported as the histogram `<name>_seconds` in seconds: TorchServe's
         histograms have the Prometheus client's fixed buckets (5 ms ... 10 s), which only fit times in the
         base unit."""
+        seconds = round(ms / 1000, 6)
         context.metrics.add_time(
-            f"{name}_seconds", round(ms / 1000, 6), None, "s", metric_type=MetricTypes.HISTOGRAM
+            f"{name}_seconds", seconds, None, "s", dimensions=[], metric_type=MetricTypes.HISTOGRAM
         )
 
     def count(self, context, name: str):
-        context.metrics.add_counter(name, 1, None)
+        context.metrics.add_counter(name, 1, None, dimensions=[])

@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 from ts.context import Context, RequestProcessor
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_cache_abstract import MetricCacheAbstract
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import create_predict_response
 from ts.utils.util import get_yaml_config
@@ -621,6 +623,22 @@ def test_custom_metrics_are_recorded(eager, png, caplog):
     assert all(
         line.startswith("[METRICS]RejectedInputs.Count:1|") and "#type:COUNTER" in line for line in rejected
     )
+
+
+def test_metrics_carry_the_model_name_whatever_filled_torchserves_shared_default(
+    eager, png, caplog, monkeypatch
+):
+    """TorchServe 0.12's add_time/add_counter default `dimensions=[]` is one list for the whole process,
+    and its first user appends its own model name to it for good (a random test order made that a cache
+    without one). The handler passes its own list: its metrics name its model whatever the default holds."""
+    for method in (MetricCacheAbstract.add_time, MetricCacheAbstract.add_counter):
+        polluted = tuple([Dimension("ModelName", "another")] if d == [] else d for d in method.__defaults__)
+        monkeypatch.setattr(method, "__defaults__", polluted)
+    handler, ctx = eager
+    with caplog.at_level(logging.INFO, logger="ts.metrics"):
+        handle(handler, ctx, [{"body": bytearray(png)}, {"body": bytearray(b"nope")}])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[METRICS]")]
+    assert lines and all("ModelName:my_model," in line for line in lines), lines
 
 
 def test_no_inference_metric_when_nothing_reaches_the_model(eager, caplog):
