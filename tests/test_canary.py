@@ -9,10 +9,8 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
-import zipfile
 from collections import Counter
 
 import pytest
@@ -20,12 +18,12 @@ import requests
 
 from deploy import canary, management
 from deploy.analysis import Thresholds, class_distance, judge
-from deploy.archive import write_checksum
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.versions import register, set_default, state_dir
 from model_src import manifest as bundle_manifest
 from tests.conftest import free_port, install_archive, require_tool
-from tests.test_prometheus import ready, stop
+from tests.test_faults import relabel
+from tests.test_prometheus import running_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
@@ -140,21 +138,17 @@ def test_a_name_bound_first_by_another_user_does_not_keep_the_door_down(tmp_path
 def permuted(store, src: str, version: str) -> str:
     """1.0's archive as `version` with every class name moved one place (0 answers "1", ...): the same
     classes, another distribution of answers on the same traffic."""
+
+    def rotate_classes(name: str, data: bytes) -> bytes:
+        if name != bundle_manifest.FILE:  # the class names the handler answers with
+            return data
+        bundle = bundle_manifest.loads(data)
+        names = bundle.class_names
+        bundle.class_names = [names[(i + 1) % len(names)] for i in range(len(names))]
+        return json.dumps(bundle.to_dict()).encode()
+
     path = os.path.join(str(store), f"my_model_v{version}.mar")
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
-        for item in zin.infolist():
-            data = zin.read(item)
-            if item.filename == "MAR-INF/MANIFEST.json":
-                manifest = json.loads(data)
-                manifest["model"]["modelVersion"] = version
-                data = json.dumps(manifest).encode()
-            elif item.filename == bundle_manifest.FILE:  # the class names the handler answers with
-                bundle = bundle_manifest.loads(data)
-                names = bundle.class_names
-                bundle.class_names = [names[(i + 1) % len(names)] for i in range(len(names))]
-                data = json.dumps(bundle.to_dict()).encode()
-            zout.writestr(item, data)
-    write_checksum(path)
+    relabel(src, path, version, rotate_classes)
     return path
 
 
@@ -172,30 +166,9 @@ def door(server, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prometheus(server, door, tmp_path_factory):
     """A Prometheus scraping the door's exporter and TorchServe's metrics every second; its URL."""
-    binary = require_tool("prometheus")
-    tmp = tmp_path_factory.mktemp("prometheus")
     targets = {"frontdoor": door.metrics_port, "torchserve": server.ports.metrics}
-    jobs = "".join(
-        f"  - {{job_name: {j}, static_configs: [{{targets: ['127.0.0.1:{p}']}}]}}\n"
-        for j, p in targets.items()
-    )
-    (tmp / "prometheus.yml").write_text(f"global: {{scrape_interval: 1s}}\nscrape_configs:\n{jobs}")
-    port = free_port()
-    argv = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}"]
-    argv += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
-    with open(tmp / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 30
-        while not ready(url):
-            assert proc.poll() is None and time.time() < deadline, (tmp / "prometheus.log").read_text()[
-                -2000:
-            ]
-            time.sleep(0.2)
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), targets) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -39,9 +39,9 @@ from tests.conftest import ROOT, cannot_run
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
 
-def relabel(src, dst, version):
+def relabel(src, dst, version, rewrite=None):
     """A copy of an archive that says it is `version` (its manifest rewritten), with its .sha256: a new
-    version in a second, not a new build."""
+    version in a second, not a new build. `rewrite(name, data) -> data` may change its other members."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():
             data = zin.read(item)
@@ -49,6 +49,8 @@ def relabel(src, dst, version):
                 manifest = json.loads(data)
                 manifest["model"]["modelVersion"] = version
                 data = json.dumps(manifest).encode()
+            elif rewrite:
+                data = rewrite(item.filename, data)
             zout.writestr(item, data)
     write_checksum(dst)
     return dst

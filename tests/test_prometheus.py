@@ -1,5 +1,6 @@
 """A real Prometheus scrapes a real TorchServe: the handler's latency histograms give a p99 with PromQL."""
 
+import contextlib
 import math
 import os
 import signal
@@ -33,12 +34,23 @@ def bucket_above(seconds: float) -> float:
 def prometheus(server, tmp_path_factory):
     """A Prometheus on a free port scraping `server`'s metrics port every second (no token: 0.12's metrics
     API has none); its base URL. Stopped, with its whole process group, whatever happened."""
+    with running_prometheus(
+        tmp_path_factory.mktemp("prometheus"), {"torchserve": server.ports.metrics}
+    ) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp, targets: dict[str, int]):
+    """A real Prometheus on a free port scraping each job's loopback port every second; its base URL.
+    Stopped, with its whole process group, whatever happened."""
     binary = require_tool("prometheus")
-    tmp = tmp_path_factory.mktemp("prometheus")
+    jobs = "".join(
+        f"  - {{job_name: {job}, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}\n"
+        for job, port in targets.items()
+    )
     (tmp / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - {{job_name: torchserve, static_configs: [{{targets: ['127.0.0.1:{server.ports.metrics}']}}]}}\n"
+        f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n{jobs}"
     )
     port = free_port()
     argv = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}"]
