@@ -22,7 +22,7 @@ import torch
 from model_src import backends
 from model_src.backends import ExportJob
 from model_src.manifest import Manifest
-from model_src.net import build_model, fuse_for_export
+from model_src.net import fuse_for_export
 from model_src.preprocessing import Preprocessing
 from train import precision, pretrained
 
@@ -89,11 +89,7 @@ def spread(values: list[float]) -> str:
 
 def main(args):
     torch.set_num_threads(args.threads)
-    ckpt = pretrained.import_checkpoint("efficientnet_lite0")
-    manifest = Manifest.from_checkpoint(ckpt)
-    model = build_model(manifest.model_args)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, manifest = pretrained.import_model("efficientnet_lite0")
     prep = Preprocessing.from_dict(manifest.preprocessing)
     crops = precision.photo_crops(prep, args.crops)
     with tempfile.TemporaryDirectory() as folder:

@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model_src.manifest import Manifest
-from model_src.net import build_model
 from model_src.preprocessing import Preprocessing, center_crop, decode_image, shorter_side_to, to_mode
 from train import photos, pretrained
 
@@ -121,11 +119,7 @@ def table(per_round: dict[str, list[list[float]]]) -> str:
 
 def agreement(jpegs: dict[str, bytes], crops: int, quality: int) -> str:
     """EfficientNet-Lite0's top-1 on each photo and on random crops of them (as JPEGs), before and after."""
-    ckpt = pretrained.import_checkpoint("efficientnet_lite0")
-    manifest = Manifest.from_checkpoint(ckpt)
-    model = build_model(manifest.model_args)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, manifest = pretrained.import_model("efficientnet_lite0")
     prep = Preprocessing.from_dict(manifest.preprocessing)
     rng = np.random.RandomState(0)
     images = photos.load_photos()

@@ -184,6 +184,15 @@ def import_checkpoint(
     return {"model": model.state_dict(), "manifest": manifest.to_dict()}
 
 
+def import_model(arch: str) -> tuple[nn.Module, Manifest]:
+    """The packaged weights of `arch` as a model in eval mode, with its manifest (what the benchmarks run)."""
+    ckpt = import_checkpoint(arch)
+    manifest = Manifest.from_checkpoint(ckpt)
+    model = build_model(manifest.model_args)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), manifest
+
+
 def write_new(ckpt: dict, output: str):
     """Write `output` only if it does not exist, never half-written: a temp file, then a hard link."""
     folder = os.path.dirname(os.path.abspath(output))
