@@ -10,7 +10,8 @@ servers, `default` and `candidate`; this module drives it live through HAProxy's
 connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
 builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per
 step:
-  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
+  - errors: 5xx answers per side (its loopback frontend's: the door retries a 5xx on the other side, and the
+    backend's server rows drop it), from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
     the door's own counters when Prometheus has no such series (the report says which);
   - p99: the door's access log (`lane=canary server=... srv_ms=...`, 200 answers) over the window;
   - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
@@ -153,14 +154,16 @@ def table_fields(line: str) -> dict[str, str]:
 
 
 def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
-    """{server: {"2xx": n, "4xx": n, "5xx": n}} from the door's own counters (`show stat`)."""
+    """{side: {"2xx": n, "4xx": n, "5xx": n}} from the door's own counters (`show stat`) of each side's
+    loopback frontend: the backend's server rows miss a 5xx the door retried on the other side."""
     lines = admin(door, "show stat").splitlines()
     head = lines[0].lstrip("# ").split(",") if lines else []
     out = {}
     for line in lines[1:]:
         row = dict(zip(head, line.split(",")))
-        if row.get("pxname") == "canary" and row.get("svname") in SIDES:
-            out[row["svname"]] = {k: int(row.get(f"hrsp_{k}") or 0) for k in ("2xx", "4xx", "5xx")}
+        side = row.get("pxname", "").removeprefix("canary_")
+        if side in SIDES and row.get("svname") == "FRONTEND":
+            out[side] = {k: int(row.get(f"hrsp_{k}") or 0) for k in ("2xx", "4xx", "5xx")}
     return out
 
 
@@ -205,11 +208,13 @@ def query(prometheus: str | None, promql: str, at: float | None = None) -> list[
 
 
 def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] | None:
-    """{server: {code class: count}} of the canary backend at time `at`, from Prometheus; None without it."""
+    """{side: {code class: count}} at time `at`, from Prometheus (each side's loopback frontend, as
+    door_errors()); None without it."""
     out: dict[str, dict[str, float]] = {}
-    promql = 'sum by (server, code) (haproxy_server_http_responses_total{proxy="canary"})'
+    promql = 'sum by (proxy, code) (haproxy_frontend_http_responses_total{proxy=~"canary_.*"})'
     for r in query(prometheus, promql, at) or []:
-        out.setdefault(r["metric"].get("server", ""), {})[r["metric"].get("code", "")] = float(r["value"][1])
+        side = r["metric"].get("proxy", "").removeprefix("canary_")
+        out.setdefault(side, {})[r["metric"].get("code", "")] = float(r["value"][1])
     return out if set(SIDES) <= set(out) else None
 
 
