@@ -307,12 +307,14 @@ def run(
     t_start = time.time()
     try:
         open_split(door, model, version)
-        baseline = None
+        baseline, pid = None, ts.pid()
         for share in steps:
             set_share(door, share)
             say(f"canary {model} {version}: {share} % of {route(model)}")
             step, baseline = judge_step(door, model, share, prometheus, step_seconds, th, scrape, baseline)
-            report["steps"].append(step)
+            # a TorchServe restarted since the step before (its versions restored): judged again all the same
+            report["steps"].append({**step, "torchserve_restarted": ts.pid() != pid})
+            pid = ts.pid()
             if step["why"]:
                 close_split(door)  # first: the weight to 0 at once
                 report["rolled_back_after_s"] = round(time.time() - t_start, 1)
@@ -320,6 +322,7 @@ def run(
         set_default(ts, model, version, reason=f"canary {','.join(map(str, steps))} passed")
         close_split(door)  # the model's path now reaches the new default directly
         report["verdict"] = f"promoted: {model} {version} is default (was {default})"
+        report["traffic"] = f"all on {version}, the new default"
     except BaseException as e:  # a fail, an error, Ctrl-C: the candidate goes, whatever happened
         roll_back(ts, door, report, e, keep, prometheus)
         journal.finish(state_dir(ts), entry, "failed", why=report["verdict"])

@@ -371,3 +371,38 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
             f"{door.url()}/predictions/my_model", data=body, headers=headers, verify=door.ca, timeout=60
         )
         assert resp.status_code == 200, resp.text[:200]
+
+
+def test_a_torchserve_restarted_during_step_2_is_judged_again_or_rolled_back(
+    server, store, door, prometheus, archive_factory, bodies
+):
+    """TorchServe stopped and started (its versions restored) as the 25 % step begins: the split stays, and
+    the steps after it are judged on the new TorchServe (promoted) or the candidate is rolled back; the report
+    says which. Requests while it is down get the door's 502 or 503, never a lost connection."""
+    set_default(server, "my_model", "1.0", reason="test: back to 1.0")
+    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:
+        register(server, install_archive(archive_factory("2.0"), store))
+    restarted = []
+
+    def say(line):
+        if line.endswith(" 25 % of /predictions/my_model") and not restarted:
+            server.stop()
+            restarted.append(server.start())
+
+    with Load(door, server, bodies) as load:
+        report = canary.run(
+            server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say
+        )
+    print(json.dumps({k: v for k, v in report.items() if k != "thresholds"}, indent=1))
+    assert restarted and [s["torchserve_restarted"] for s in report["steps"]][:2] == [False, True], report
+    if report["verdict"].startswith(
+        "promoted"
+    ):  # back under analysis: 25, 50 and 100 judged after the restart
+        assert [s["share"] for s in report["steps"]] == [5, 25, 50, 100]
+        assert report["traffic"] == "all on 2.0, the new default"
+        assert management.default_version(server, "my_model") == "2.0"
+    else:
+        assert report["traffic"] == "all on the default" and canary.current_share(door) == 0
+        assert management.default_version(server, "my_model") == "1.0"
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert set(statuses) - {200} <= {502, 503}, statuses  # the door's answers: no connection lost
