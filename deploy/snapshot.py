@@ -24,6 +24,7 @@ from deploy.mar import NAME, check_archive
 
 
 def warn(message: str):
+    """Print `message` to stderr as a warning."""
     print(f"warning: {message}", file=sys.stderr)
 
 
