@@ -83,7 +83,8 @@ def build_torchvision(arch, num_classes, in_channels=3, weights_path=None):
     """A torchvision ResNet; optionally start from ImageNet weights in a local file.
 
     There is no download here on purpose: weights come from `weights_path`, or from
-    torchvision's cache (torch.hub.get_dir()/checkpoints) when given as "cache"."""
+    torchvision's cache (torch.hub.get_dir()/checkpoints) when given as "cache".
+    """
     import torchvision
 
     model = getattr(torchvision.models, arch)(weights=None)
