@@ -67,7 +67,7 @@ def bad_bodies() -> list[bytes]:
 
 
 class Soak:
-    """The soak scenarios against one private TorchServe serving the checkpoint as versions 1.0 (eager)
+    """The soak scenarios against one private TorchServe, the checkpoint archived as versions 1.0 (eager)
     and 2.0 (onnx); the good bodies' expected labels are computed offline."""
 
     def __init__(self, checkpoint: str, work: str, data: str = settings.DIGITS_DIR):
