@@ -13,8 +13,8 @@ This module knows files only; deploy/versions.py applies the changes to TorchSer
 
 import fcntl
 import json
+import logging
 import os
-import sys
 import threading
 import time
 import uuid
@@ -22,12 +22,14 @@ from contextlib import contextmanager
 
 from deploy.privileges import private_files
 
+log = logging.getLogger(__name__)  # the CLIs' stderr (Python's last-resort handler)
+
 JOURNAL = "deployments.jsonl"
 LOCK = "deploy.lock"
 
 
 class JournalError(RuntimeError):
-    pass
+    """The journal could not be written, or the deployment lock not taken in time (the message says which)."""
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -76,7 +78,7 @@ def finish(state_dir: str, entry: dict, state: str = "done", **fields):
     try:
         append(state_dir, {**{k: v for k, v in entry.items() if k != "time"}, "state": state, **fields})
     except JournalError as e:
-        print(f"warning: {e}", file=sys.stderr)
+        log.warning(f"warning: {e}")
 
 
 def baseline(state_dir: str, models: dict, reason: str):
@@ -106,7 +108,7 @@ def read(state_dir: str, warn=True) -> list[dict]:
                 raise ValueError("not a journal entry")
         except ValueError as err:
             if warn:
-                print(f"warning: {path} line {n} is unreadable ({err}); skipped", file=sys.stderr)
+                log.warning(f"warning: {path} line {n} is unreadable ({err}); skipped")
             continue
         key = e.get("id") or f"line{n}"
         if key not in entries:
@@ -153,9 +155,12 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
 
 
 def supersedes(done: dict, pending: dict) -> bool:
+    """Whether the done entry `done` settles the pending entry `pending` of the same model: a set-default
+    settles any pending set-default (the newer replaces it) and the gate or canary of the version it promoted
+    (that gate is over); a register or unregister settles the same version's pending register, gate or
+    unregister."""
     if done["model"] != pending["model"]:
         return False
-    # a newer default replaces an uncertain one; a promoted version's gate is over
     if done["op"] == "default":
         return pending["op"] == "default" or (
             pending["op"] in ("gate", "canary") and pending["version"] == done["version"]
@@ -211,9 +216,7 @@ def locked(state_dir: str, what: str, timeout: float = 900):
                         f"the deployment lock is still held by {holder(fd)}; try again later"
                     ) from None
                 if not told:
-                    print(
-                        f"waiting for the deployment lock, held by {holder(fd)}", file=sys.stderr, flush=True
-                    )
+                    log.warning(f"waiting for the deployment lock, held by {holder(fd)}")
                     told = True
                 time.sleep(0.2)
         try:  # who holds it, for whoever waits (best effort: a full disk must not stop a rollback)
@@ -235,4 +238,5 @@ def locked(state_dir: str, what: str, timeout: float = 900):
 
 
 def holder(fd: int) -> str:
+    """Who holds the deployment lock, as its holder wrote in the lock file `fd`; else 'another operator'."""
     return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another operator"

@@ -177,4 +177,5 @@ def metadata_text(meta: dict, limit: int) -> str:
 
 
 def without(d: dict, key: str) -> dict:
+    """A copy of `d` without `key`."""
     return {k: v for k, v in d.items() if k != key}

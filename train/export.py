@@ -39,10 +39,13 @@ MAX_ACC_DROP = 0.005  # ... and accuracy lost
 
 
 class ExportCheckError(RuntimeError):
+    """An exported file disagrees with the eager model beyond its tolerance or precision gate."""
+
     pass
 
 
 def get_args_parser():
+    """The command line of `python -m train.export`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint_best.pt)")
     p.add_argument("--output-dir", required=True, help="new folder for the serving files (must not exist)")
@@ -61,6 +64,7 @@ def get_args_parser():
 
 
 def val_dataset(data_root: str, prep: Preprocessing) -> datalib.CachedImages:
+    """The validation split of `data_root`, uncached, through the eval preprocessing."""
     return datalib.CachedImages(os.path.join(data_root, "val"), prep, prep, cache=False)
 
 
@@ -79,10 +83,12 @@ def check_batch(ds: datalib.CachedImages, size: int, seed: int = 0) -> tuple[tor
 
 
 def probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities, in float32."""
     return torch.softmax(logits.float(), dim=1)
 
 
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
+    """The max |Δprob| between `got` and `want` logits; ExportCheckError above TOLERANCE."""
     diff = (probs(got) - probs(want)).abs().max().item()
     if not diff <= TOLERANCE:
         raise ExportCheckError(f"{name}: max |Δprob| {diff:.2e} exceeds {TOLERANCE:.0e}")
@@ -190,6 +196,7 @@ def export_all(
 
 
 def print_report(report: dict, output_dir: str):
+    """Print each format's file, size, export time and check results, then the output folder."""
     print(
         f"export checks on {report['check_batch']} validation images "
         f"(tolerance {report['tolerance']:.0e} on probabilities):"
@@ -209,6 +216,7 @@ def print_report(report: dict, output_dir: str):
 
 
 def main(args):
+    """Export and print the report; exit with the reason, nothing written, if any step fails."""
     try:
         report = export_all(args.checkpoint, args.output_dir, args.formats.split(","), args.data, args.batch)
     except (ExportCheckError, ExportError, BackendUnavailable, FileExistsError, ValueError) as e:

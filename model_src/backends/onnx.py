@@ -8,6 +8,7 @@ from model_src.backends import Backend, ExportJob
 
 
 def export(job: ExportJob, path: str):
+    """Write the fused model as ONNX with a free batch size, then run onnx.checker's full check on it."""
     import onnx
     import torch
 
@@ -29,6 +30,8 @@ def export(job: ExportJob, path: str):
 
 
 class OnnxRunner:
+    """An ONNX Runtime CPU session as a backend's callable: float batch -> logits tensor."""
+
     def __init__(self, path: str, threads: int | None):
         import onnxruntime as ort
 
@@ -48,10 +51,12 @@ class OnnxRunner:
 
 
 def load(path: str, device: str, threads: int | None = None) -> OnnxRunner:
+    """An OnnxRunner for `path`; `threads` sizes its intra-op pool (default: every core it may use)."""
     return OnnxRunner(path, threads)  # the CPU provider whatever the device: BACKEND.gpu is False
 
 
 def available() -> str | None:
+    """None if ONNX Runtime is installed, else why not."""
     return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
 
 
