@@ -8,18 +8,15 @@ fail.
 The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin
 servers, `default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no
 connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
-builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per
-step:
-  - errors: 5xx answers per side (its loopback frontend's: the door retries a 5xx on the other side, and the
-    backend's server rows drop it), from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
-    the door's own counters when Prometheus has no such series (the report says which);
-  - p99: the door's access log (`lane=canary server=... srv_ms=...`, 200 answers) over the window;
-  - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
-deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
-goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is
-written to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted
-door starts with an empty map, so it sends everything to the default, and the controller, finding its split
-gone, stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
+builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Each
+step reads per side its 5xx (Prometheus or the door's counters), p99 (the door's access log) and top-1 labels
+(the door's `canary` table); docs/deployment.md#canary-through-the-front-door says why each comes from
+where. deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's
+weight goes to 0 at once, it is unregistered (or kept, not default, with keep=True) once its requests are
+answered, and a report (JSON + PNG) is written to server/state/canary/. The canary is in the journal (op
+`canary`) from start to verdict; a restarted door starts with an empty map, so it sends everything to the
+default, and the controller, finding its split gone, stops and says so. Library code: returns a report or
+raises; deploy/register_version.py prints."""
 
 import json
 import os
@@ -153,18 +150,39 @@ def table_fields(line: str) -> dict[str, str]:
     return fields
 
 
-def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
-    """{side: {"2xx": n, "4xx": n, "5xx": n}} from the door's own counters (`show stat`) of each side's
-    loopback frontend: the backend's server rows miss a 5xx the door retried on the other side."""
+def stat_rows(door: FrontDoor) -> list[dict[str, str]]:
+    """The door's own counters (`show stat`), one {column: value} per frontend, backend and server."""
     lines = admin(door, "show stat").splitlines()
     head = lines[0].lstrip("# ").split(",") if lines else []
+    return [dict(zip(head, line.split(","))) for line in lines[1:]]
+
+
+def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
+    """{side: {"2xx": n, "4xx": n, "5xx": n}} from the door's counters of each side's loopback frontend: the
+    backend's server rows miss a 5xx the door retried on the other side."""
     out = {}
-    for line in lines[1:]:
-        row = dict(zip(head, line.split(",")))
+    for row in stat_rows(door):
         side = row.get("pxname", "").removeprefix("canary_")
         if side in SIDES and row.get("svname") == "FRONTEND":
             out[side] = {k: int(row.get(f"hrsp_{k}") or 0) for k in ("2xx", "4xx", "5xx")}
     return out
+
+
+def drain(door: FrontDoor, timeout: float = 30) -> int:
+    """Wait (up to `timeout` s) until no request is at or queued for the candidate's server; those still
+    there. TorchServe never answers a request queued for a version it unregisters: the user got a 504."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            rows = [
+                r for r in stat_rows(door) if (r.get("pxname"), r.get("svname")) == ("canary", "candidate")
+            ]
+        except OSError:
+            return 0  # a door that is gone holds no request
+        busy = sum(int(r.get("scur") or 0) + int(r.get("qcur") or 0) for r in rows)
+        if not busy or time.time() > deadline:
+            return busy
+        time.sleep(0.2)
 
 
 def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int]:
@@ -374,6 +392,7 @@ def judge_step(
 def roll_back(ts: TorchServe, door: FrontDoor, report: dict, e: BaseException, keep: bool, prometheus):
     """All traffic back on the default, the candidate withdrawn, and the report says so and is written."""
     close_split(door)
+    report["in_flight_at_withdraw"] = drain(door)
     report["verdict"] = f"rolled back: {e or e.__class__.__name__}"
     report["traffic"] = "all on the default"
     report["candidate_state"] = withdraw(ts, report["model"], report["candidate"], keep)
@@ -385,6 +404,8 @@ def withdraw(ts: TorchServe, model: str, version: str, keep: bool) -> str:
     if keep:
         return "kept, not default (--keep-candidate)"
     try:
+        if all(v["modelVersion"] != version for v in management.versions(ts, model)):
+            return "not registered (TorchServe no longer serves it)"
         unregister(ts, model, version)
         return "unregistered"
     except Exception as e:  # noqa: BLE001 (the report says so; the next start withdraws a stray version)
