@@ -227,6 +227,7 @@ class Preprocessing:
         return x
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        """A decoded image -> the model's input (C, H, W): the evaluation transform of training."""
         return self.to_tensor(self.prepare(img))
 
 
