@@ -50,7 +50,7 @@ from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.report import STAGES as STAGES  # tests read the breakdown's stages from here
 from bench.report import add_estimates, has_estimate, plot, plot_breakdown, say, table
 from bench.targets import TARGETS, digits_target
-from bench.wrk import children_cpu, cpu_seconds, post_files
+from bench.wrk import WrkError, children_cpu, cpu_seconds, post_files
 from bundle import settings
 from deploy import management
 from deploy.archive import archive_checkpoint
@@ -397,7 +397,10 @@ def main(args):
         for name in names:
             target = digits_target(args.digits_checkpoint, work) if name == "digits" else TARGETS[name](work)
             print(f"benchmarking {name} ({os.cpu_count()} cores shared by wrk and the server)", flush=True)
-            results.append(bench_target(target, args, work))
+            try:
+                results.append(bench_target(target, args, work))
+            except WrkError as e:
+                raise SystemExit(str(e)) from None
     report = {"cores": os.cpu_count(), "torch": torch.__version__, "results": results}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from bench.targets import digits_target
-from bench.wrk import children_cpu, cpu_seconds, wrk
+from bench.wrk import WrkError, children_cpu, cpu_seconds, wrk
 from bundle import settings
 from deploy.archive import archive_checkpoint
 from deploy.client import read_bytes
@@ -247,7 +247,10 @@ def main(args):
         runs = []
         for jq in args.job_queue_sizes.split(",") if args.job_queue_sizes else [None]:
             print(f"job_queue_size {jq or 'from config.properties'}:", flush=True)
-            runs.append(run_server(args, store, work, env, levels, jq))
+            try:
+                runs.append(run_server(args, store, work, env, levels, jq))
+            except WrkError as e:
+                raise SystemExit(str(e)) from None
     result = {"cores": os.cpu_count(), "seconds_per_run": args.seconds, "image": image, "runs": runs}
     with open(os.path.join(args.out, "overload.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -25,8 +25,8 @@ import time
 
 import psutil
 
+from bench.loadgen import LoadgenError, spawn
 from bench.loadgen import run as run_load
-from bench.loadgen import spawn
 from bundle import settings
 from deploy import management, versions
 from deploy.archive import archive_checkpoint
@@ -364,7 +364,10 @@ def main(argv=None) -> int:
                 kwargs = (
                     {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
                 )
-                results[name] = SCENARIOS[name](soak, **kwargs)
+                try:
+                    results[name] = SCENARIOS[name](soak, **kwargs)
+                except LoadgenError as e:
+                    raise SystemExit(str(e)) from None
                 print(summarize(name, results[name]), flush=True)
         finally:
             if door:

@@ -23,7 +23,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from model_src import backends, manifest, oip, protocol
 from model_src.explain import StepBudget, explain
-from model_src.preprocessing import InputError, Preprocessing
+from model_src.image_checks import InputError
+from model_src.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 

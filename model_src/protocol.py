@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from model_src import oip
-from model_src.preprocessing import InputError, Preprocessing, sniff_format
+from model_src.image_checks import InputError, sniff_format
+from model_src.preprocessing import Preprocessing
 
 # --- settings ------------------------------------------------------------------------------------
 

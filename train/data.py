@@ -15,7 +15,7 @@ from bundle.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-# Exactly what the handler decodes (model_src.preprocessing.ACCEPTED_FORMATS): torchvision's list also has
+# Exactly what the handler decodes (model_src.image_checks.ACCEPTED_FORMATS): torchvision's list also has
 # .ppm and .pgm, which serving refuses, so a model would train on images it can never be sent.
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_BYTES = 2**30  # prepared images kept in memory per process, at most

@@ -68,6 +68,20 @@ def val_dataset(data_root: str, prep: Preprocessing) -> datalib.CachedImages:
     return datalib.CachedImages(os.path.join(data_root, "val"), prep, prep, cache=False)
 
 
+def calibration_batches(data_root: str, prep: Preprocessing, batch: int = 32):
+    """Batches for post-training quantisation (openvino-int8): the training split, shuffled with a fixed
+    seed so that the first few hundred images cover every class; the validation split where there is no
+    training split (the bundled ImageNet photos), which then is also what the checks run on."""
+    split = "train" if os.path.isdir(os.path.join(data_root, "train")) else "val"
+    ds = datalib.CachedImages(os.path.join(data_root, split), prep, prep, cache=False)
+
+    def batches():
+        order = torch.Generator().manual_seed(1)
+        return (x for x, _ in DataLoader(ds, batch_size=batch, shuffle=True, generator=order))
+
+    return batches
+
+
 def check_batch(ds: datalib.CachedImages, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """At most `size` validation images, one of each class in turn, in a seeded shuffle.
 
@@ -157,11 +171,13 @@ def export_all(
     model, ckpt = load_model(checkpoint)
     manifest = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(manifest.preprocessing)
-    val = val_dataset(datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR), prep)
+    data_root = datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR)
+    val = val_dataset(data_root, prep)
     example, _ = check_batch(val, batch)
     with torch.inference_mode():
         eager_logits = model(example)
-    job = ExportJob(model, fuse_for_export(copy.deepcopy(model)).eval(), example, None, manifest)
+    fused = fuse_for_export(copy.deepcopy(model)).eval()
+    job = ExportJob(model, fused, example, calibration_batches(data_root, prep), manifest)
     report = {
         "checkpoint": os.path.abspath(checkpoint),
         "check_batch": len(example),

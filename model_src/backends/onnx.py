@@ -44,6 +44,7 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K), on the CPU."""
         import torch
 
         (logits,) = self.session.run(None, {self.input_name: batch.cpu().numpy()})

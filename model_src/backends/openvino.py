@@ -89,6 +89,7 @@ class OpenVinoRunner:
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K), a copy of the request's output buffer."""
         import torch
 
         self.request.infer({0: batch.detach().cpu().contiguous().numpy()})

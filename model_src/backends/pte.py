@@ -63,6 +63,7 @@ class ExecuTorchRunner:
         self.method = Runtime.get().load_program(path).load_method("forward")
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K), one image per call of the program."""
         import torch
 
         batch = batch.float().contiguous()

@@ -22,6 +22,7 @@ class LiteRunner:
             self.module = torch.jit.mobile._load_for_lite_interpreter(path)
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K)."""
         import torch
 
         with torch.inference_mode():
