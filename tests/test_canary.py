@@ -29,7 +29,10 @@ from tests.test_prometheus import running_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 
-QUICK = Thresholds(min_answers=10)  # the defaults want 20 per step; 10 keeps the test short and still judges
+# The defaults want 20 answers per step; 10 keeps the test short and still judges. A p99 of ~100 answers is
+# their slowest: on a loaded 2-core runner one stall gave a good candidate 125 ms against 29 ms and rolled
+# it back, so the slack is 300 ms; the slow candidate (a 1 s batch delay) is still far past it.
+QUICK = Thresholds(min_answers=10, p99_slack_ms=300.0)
 
 
 def test_class_distance_and_judge_units():

@@ -489,7 +489,9 @@ def test_many_idle_connections_from_one_address_leave_the_door_open_to_others(so
         body, label = good(soak)
         code, _, answer = exchange(door, head(soak, length=len(body)) + body, source="127.0.0.3", timeout=20)
         assert code == 200 and top1(json.loads(answer)) == label
-        still_open = wait_closed(idle, deadline=time.monotonic() + door.handshake_timeout + 15)
+        # a connection waits in the backlog until the door accepts it, and its handshake timeout starts then:
+        # on a loaded 2-core machine the last of 4,300 are accepted late (2 were still open at +15 s)
+        still_open = wait_closed(idle, deadline=time.monotonic() + door.handshake_timeout + 60)
         assert still_open == 0
     finally:
         for s in idle:

@@ -528,7 +528,12 @@ def test_pre_scans_cost_grows_linearly_with_hostile_input(name):
     # Finding 5: `\xff+` backtracked through a run of FF at each of its bytes: 10x the run took ~100x the
     # time.
     fn, build, n = LINEAR_CASES[name]
-    ours, baseline = growth(fn, build, n)
+    # Measured up to 3 times: a busy neighbour can slow one measurement of the large input (54x once, on a
+    # loaded runner), but a quadratic parser takes ~100x every time.
+    for _ in range(3):
+        ours, baseline = growth(fn, build, n)
+        if ours <= 3 * max(10, baseline):
+            break
     assert ours <= 3 * max(10, baseline), (
         f"10x the input took {ours:.0f}x the time (bytes.count: {baseline:.0f}x)"
     )
