@@ -30,7 +30,8 @@ import requests
 
 from deploy import journal, management
 from deploy.analysis import Thresholds, class_distance, error_rate, judge, p99
-from deploy.frontdoor import CANARY_MAP, CANARY_WEIGHT, FrontDoor
+from deploy.frontdoor import FrontDoor
+from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT
 from deploy.privileges import private_files
 from deploy.server import TorchServe
 from deploy.versions import set_default, state_dir, unregister
