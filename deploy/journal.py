@@ -13,14 +13,16 @@ This module knows files only; deploy/versions.py applies the changes to TorchSer
 
 import fcntl
 import json
+import logging
 import os
-import sys
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 
 from deploy.privileges import private_files
+
+log = logging.getLogger(__name__)  # the CLIs' stderr (Python's last-resort handler)
 
 JOURNAL = "deployments.jsonl"
 LOCK = "deploy.lock"
@@ -76,7 +78,7 @@ def finish(state_dir: str, entry: dict, state: str = "done", **fields):
     try:
         append(state_dir, {**{k: v for k, v in entry.items() if k != "time"}, "state": state, **fields})
     except JournalError as e:
-        print(f"warning: {e}", file=sys.stderr)
+        log.warning(f"warning: {e}")
 
 
 def baseline(state_dir: str, models: dict, reason: str):
@@ -106,7 +108,7 @@ def read(state_dir: str, warn=True) -> list[dict]:
                 raise ValueError("not a journal entry")
         except ValueError as err:
             if warn:
-                print(f"warning: {path} line {n} is unreadable ({err}); skipped", file=sys.stderr)
+                log.warning(f"warning: {path} line {n} is unreadable ({err}); skipped")
             continue
         key = e.get("id") or f"line{n}"
         if key not in entries:
@@ -211,9 +213,7 @@ def locked(state_dir: str, what: str, timeout: float = 900):
                         f"the deployment lock is still held by {holder(fd)}; try again later"
                     ) from None
                 if not told:
-                    print(
-                        f"waiting for the deployment lock, held by {holder(fd)}", file=sys.stderr, flush=True
-                    )
+                    log.warning(f"waiting for the deployment lock, held by {holder(fd)}")
                     told = True
                 time.sleep(0.2)
         try:  # who holds it, for whoever waits (best effort: a full disk must not stop a rollback)

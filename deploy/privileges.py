@@ -3,6 +3,7 @@ following the service user's links (see docs/security.md)."""
 
 import errno
 import json
+import logging
 import os
 import pwd
 import stat
@@ -11,6 +12,8 @@ import sys
 from contextlib import contextmanager
 
 from bundle import settings
+
+log = logging.getLogger(__name__)  # the CLIs' stderr (Python's last-resort handler)
 
 
 @contextmanager
@@ -32,10 +35,9 @@ def service_user() -> str | None:
         pwd.getpwnam(settings.SERVICE_USER)
         return settings.SERVICE_USER
     except KeyError:
-        print(
+        log.warning(
             f"warning: user {settings.SERVICE_USER!r} does not exist, so TorchServe runs as root; "
-            "run scripts/setup.sh as root to create it",
-            file=sys.stderr,
+            "run scripts/setup.sh as root to create it"
         )
         return None
 

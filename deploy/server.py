@@ -36,6 +36,7 @@ management API's calls live in deploy/management.py.
 
 import io
 import json
+import logging
 import os
 import pwd
 import re
@@ -63,6 +64,8 @@ from deploy.privileges import (
 from deploy.server_api import KeyedApi
 from deploy.server_home import ServerHome
 from deploy.snapshot import restore_plan
+
+log = logging.getLogger(__name__)  # the CLIs' stderr (Python's last-resort handler)
 
 DEFAULT_MODELS = f"{settings.MODEL_NAME}={settings.MODEL_NAME}.mar"
 FRONTEND = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe's frontend (its JVM)
@@ -222,10 +225,9 @@ class TorchServe(KeyedApi, ServerHome):
         self.forget()
         missing = self.unreachable() if self.user else []
         if missing:
-            print(
+            log.warning(
                 f"warning: running TorchServe as root: user {self.user!r} cannot reach {', '.join(missing)}. "
-                "Give it read access to the folders above the repository (docs/security.md).",
-                file=sys.stderr,
+                "Give it read access to the folders above the repository (docs/security.md)."
             )
             self.user = None
         self.prepare_dirs()

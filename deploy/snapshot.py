@@ -14,17 +14,20 @@ takes the others down with it; versions whose registration or gate never finishe
 
 import glob
 import json
+import logging
 import os
-import sys
 
 from bundle.properties import parse_properties, read_properties
 from deploy import journal
 from deploy.kserve import SNAPSHOT_KEYS, archive_config
 from deploy.mar import NAME, check_archive
 
+log = logging.getLogger(__name__)  # the CLIs' stderr (Python's last-resort handler)
+
 
 def warn(message: str):
-    print(f"warning: {message}", file=sys.stderr)
+    """Tell the operator (stderr, from a CLI) that a snapshot or version is left out of a restore."""
+    log.warning(f"warning: {message}")
 
 
 def read_snapshots(log_dir: str, opener=None) -> list[dict]:

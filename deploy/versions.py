@@ -4,8 +4,8 @@ it is applied and after, under the deployment lock; `rollback` and restarts read
 The command line for this is deploy/register_version.py (scripts/register_version.sh)."""
 
 import json
+import logging
 import os
-import sys
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -17,6 +17,8 @@ from deploy import journal, management
 from deploy.gate import MIN_AGREEMENT, gate
 from deploy.management import DeployError
 from deploy.server import TorchServe
+
+log = logging.getLogger(__name__)  # the CLIs' stderr (Python's last-resort handler)
 
 EXIT_REJECTED = 3
 EXIT_INCONCLUSIVE = 4  # the default itself failed golden requests: no verdict, nothing promoted
@@ -99,14 +101,13 @@ def withdraw(ts: TorchServe, model: str, version: str, entry: dict | None = None
         if any(v["modelVersion"] == version for v in management.versions(ts, model)):
             unregister(ts, model, version)
             if why:
-                print(f"{model} {version} unregistered again: {why}", file=sys.stderr)
+                log.warning(f"{model} {version} unregistered again: {why}")
         if entry:
             journal.finish(state_dir(ts), entry, "failed")
     except Exception as e:  # the journal keeps it pending: the next start withdraws it
-        print(
+        log.warning(
             f"warning: could not unregister {model} {version} ({e}); the next start withdraws it, or remove "
-            f"it with scripts/register_version.sh unregister {version} --model {model}",
-            file=sys.stderr,
+            f"it with scripts/register_version.sh unregister {version} --model {model}"
         )
 
 
@@ -170,7 +171,7 @@ def apply(ts: TorchServe, entry: dict, change, applied):
         if not done:
             journal.finish(state_dir(ts), entry, "failed")
             raise
-        print(
+        log.warning(
             f"{entry['op']} {entry['model']} {entry['version']}: the answer was lost ({e}), but it "
             "was applied"
         )
@@ -241,15 +242,12 @@ def check_restore(ts: TorchServe, plan: dict | None, baseline: bool = False) -> 
     for entry in (plan or {}).get("withdrawn", []):
         if entry["version"] not in served.get(entry["model"], {}).get("versions", {}):
             journal.finish(state_dir(ts), entry, "failed", note="withdrawn at start: it never finished")
-            print(
-                f"{entry['model']} {entry['version']} withdrawn: its {entry['op']} never finished",
-                file=sys.stderr,
-            )
+            log.warning(f"{entry['model']} {entry['version']} withdrawn: its {entry['op']} never finished")
     if baseline or not journal.read(state_dir(ts), warn=False):
         try:
             journal.baseline(state_dir(ts), served, "accepted at start" if missing else "start")
         except journal.JournalError as e:
-            print(f"warning: {e}", file=sys.stderr)
+            log.warning(f"warning: {e}")
     return missing
 
 

@@ -475,7 +475,7 @@ def offline(tmp_path):
     )
 
 
-def test_restore_skips_unreadable_snapshots_and_names_them(offline, capsys):
+def test_restore_skips_unreadable_snapshots_and_names_them(offline, caplog):
     # item 6: a truncated newest snapshot stopped every start with a raw JSONDecodeError naming no file
     write_snapshot(offline, "old.cfg", {"my_model": {"1.0": ("my_model.mar", True)}}, age=60)
     both = {"1.0": ("my_model.mar", False), "2.0": ("my_model_v2.0.mar", True)}
@@ -487,14 +487,14 @@ def test_restore_skips_unreadable_snapshots_and_names_them(offline, capsys):
     empty = write_snapshot(offline, "empty.cfg", {}, age=0)
     open(empty, "w").close()  # what a full disk leaves (item 5)
     assert restored(offline) == {"my_model": (["1.0"], "1.0")}  # the newest readable one
-    err = capsys.readouterr().err
+    err = caplog.text
     assert (
         f"TorchServe snapshot {good} is unreadable" in err
         and f"TorchServe snapshot {empty} is unreadable" in err
     )
 
 
-def test_restore_checks_every_archive_and_keeps_the_others(offline, tmp_path, capsys):
+def test_restore_checks_every_archive_and_keeps_the_others(offline, tmp_path, caplog):
     store = offline.model_store
     fake_mar(store, "photos.mar", model="photos")
     fake_mar(store, "oddnames.mar", model="my_model")  # item 7: replaced by another build, sidecar rewritten
@@ -514,7 +514,7 @@ def test_restore_checks_every_archive_and_keeps_the_others(offline, tmp_path, ca
     }
     write_snapshot(offline, "snap.cfg", models, age=0)
     assert restored(offline) == {"my_model": (["1.0"], "1.0"), "photos": (["1.0"], "1.0")}
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "my_model 3.0: my_model_v3.0.mar: SHA-256" in err and "does not match" in err
     assert f"my_model 4.0: {outside!r} is not the file name of a .mar in the model store" in err
     assert "my_model 5.0: '../store/my_model.mar' is not the file name" in err
@@ -553,7 +553,7 @@ def test_restore_follows_the_journal_where_snapshots_lost_or_kept_too_much(offli
     assert offline.write_config()[1]["expected"]["my_model"]["either"] == ["2.0", "1.0"]
 
 
-def test_a_torn_journal_line_is_skipped_and_reported(offline, capsys):
+def test_a_torn_journal_line_is_skipped_and_reported(offline, caplog):
     # item 4: a full disk during a promotion tore a line; every later rollback crashed with a JSONDecodeError
     state = offline.path("state")
     os.makedirs(state)
@@ -568,7 +568,7 @@ def test_a_torn_journal_line_is_skipped_and_reported(offline, capsys):
     with open(os.path.join(state, "deployments.jsonl"), "w") as f:
         f.write(json.dumps(line) + "\n" + json.dumps({**line, "id": "b2", "version": "1.0"})[:40])
     assert [e["version"] for e in versions.history(offline)] == ["2.0"]
-    assert "deployments.jsonl line 2 is unreadable" in capsys.readouterr().err
+    assert "deployments.jsonl line 2 is unreadable" in caplog.text
     journal.append(state, {**line, "id": "c3", "version": "3.0"})  # starts on a line of its own
     assert [e["version"] for e in versions.history(offline)] == ["2.0", "3.0"]
 
@@ -610,7 +610,7 @@ def test_an_empty_checksum_file_is_a_clear_refusal(offline):
         check_archive(path, offline.model_store)
 
 
-def test_the_deployment_lock_makes_a_second_operator_wait(tmp_path, capsys):
+def test_the_deployment_lock_makes_a_second_operator_wait(tmp_path, caplog):
     order, inside = [], threading.Event()
 
     def first():
@@ -629,7 +629,7 @@ def test_the_deployment_lock_makes_a_second_operator_wait(tmp_path, capsys):
     t.join()
     assert order == ["first done", "second in"]
     waited = r"waiting for the deployment lock, held by pid \d+: register my_model 2.0"
-    assert re.search(waited, capsys.readouterr().err)
+    assert re.search(waited, caplog.text)
 
 
 class Answer:
@@ -772,7 +772,7 @@ def test_a_swapped_candidate_is_gated_on_the_models_fixed_golden_set(offline, tm
         gate(archive)
 
 
-def test_restore_reads_snapshots_without_following_links_or_waiting_on_a_fifo(tmp_path, capsys):
+def test_restore_reads_snapshots_without_following_links_or_waiting_on_a_fifo(tmp_path, caplog):
     """Root reads TorchServe's snapshots from the service user's folder: a FIFO planted there must not hang
     `start`, nor a link lead it to a file elsewhere (a plain open() did both)."""
     from deploy import snapshot
@@ -792,7 +792,7 @@ def test_restore_reads_snapshots_without_following_links_or_waiting_on_a_fifo(tm
     reader.join(30)
     assert not reader.is_alive(), "reading the snapshots waited on the FIFO"
     assert found == []  # neither the FIFO nor the link's target was taken for a snapshot
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "fifo.cfg is unreadable" in err and "link.cfg is unreadable" in err, err
 
 

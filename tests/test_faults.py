@@ -141,7 +141,7 @@ def test_a_promotion_killed_before_its_record_can_still_be_rolled_back(server, a
     assert default(server) == "1.0"
 
 
-def test_a_lost_answer_to_set_default_is_read_back_and_reported(server, archives, monkeypatch, capsys):
+def test_a_lost_answer_to_set_default_is_read_back_and_reported(server, archives, monkeypatch, caplog):
     # item 3: the guard killed after TorchServe applied set-default but before it answered
     real = management.set_default
 
@@ -151,7 +151,7 @@ def test_a_lost_answer_to_set_default_is_read_back_and_reported(server, archives
 
     monkeypatch.setattr(management, "set_default", lost)
     assert versions.set_default(server, "my_model", "2.0", reason="test") == "1.0"  # raised ConnectionError
-    assert "the answer was lost (Connection aborted" in capsys.readouterr().out
+    assert "the answer was lost (Connection aborted" in caplog.text
     monkeypatch.undo()
     assert versions.history(server)[-1]["version"] == "2.0"
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
@@ -183,13 +183,13 @@ def test_a_registration_killed_midway_is_withdrawn_by_a_retry(server, archives):
     assert out.returncode == -signal.SIGKILL and registered(server) == {"1.0", "2.0", "3.0"}
 
 
-def test_a_restart_withdraws_unfinished_registrations_and_keeps_rollback_working(server, capsys):
+def test_a_restart_withdraws_unfinished_registrations_and_keeps_rollback_working(server, caplog):
     # item 11: TorchServe snapshots a version when it is registered, so the next start brought it back
     server.stop()
     info = server.start()
     assert registered(server) == {"1.0", "2.0"} and default(server) == "1.0"
     assert versions.check_restore(server, info["plan"]) == []
-    assert "my_model 3.0 withdrawn: its register never finished" in capsys.readouterr().err
+    assert "my_model 3.0 withdrawn: its register never finished" in caplog.text
     # item 3, after the restart: rollback and unregister keep working
     assert versions.rollback(server, "my_model") == ("1.0", "2.0")
     assert versions.rollback(server, "my_model") == ("2.0", "1.0")
@@ -364,7 +364,7 @@ def test_the_default_killed_during_a_gate_is_asked_again(server, archives, golde
 
 
 def test_a_start_that_cannot_restore_the_default_says_so_and_a_repaired_one_restores_it(
-    server, store, archives, monkeypatch, capsys
+    server, store, archives, monkeypatch, caplog
 ):
     # item 7: the default's archive truncated: "restored the saved deployment", another default, no warning;
     # and after the repair the promoted version was still gone
@@ -379,7 +379,7 @@ def test_a_start_that_cannot_restore_the_default_says_so_and_a_repaired_one_rest
         with pytest.raises(SystemExit) as exit:
             serve.main(["start"])
         assert f"my_model {want[1]} not served" in str(exit.value) and "--accept-loss" in str(exit.value)
-        assert f"my_model {want[1]}: my_model_v{want[1]}.mar: SHA-256" in capsys.readouterr().err
+        assert f"my_model {want[1]}: my_model_v{want[1]}.mar: SHA-256" in caplog.text
         assert registered(server) == want[0] - {want[1]} and server.is_running()  # the others serve on
     finally:
         os.replace(mar + ".good", mar)
