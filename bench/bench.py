@@ -50,7 +50,7 @@ from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.report import STAGES as STAGES  # tests read the breakdown's stages from here
 from bench.report import add_estimates, has_estimate, plot, plot_breakdown, say, table
 from bench.targets import TARGETS, digits_target
-from bench.wrk import children_cpu, cpu_seconds, post_files
+from bench.wrk import WrkError, children_cpu, cpu_seconds, post_files
 from bundle import settings
 from deploy import management
 from deploy.archive import archive_checkpoint
@@ -64,6 +64,7 @@ MODEL = settings.MODEL_NAME
 
 
 def get_args_parser():
+    """The command line of `python -m bench.bench`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="digits,imagenet", help=f"comma-separated, of: {', '.join(TARGETS)}")
     p.add_argument("--backends", default=",".join(BACKENDS), help="the first one also gets the batching rows")
@@ -127,6 +128,8 @@ class Server:
                 return
 
     def load(self, version: str, files: list[str], c: int, content_type=None) -> dict:
+        """wrk against `version` at concurrency `c` once TorchServe is idle: its result, plus CPU ms per
+        request of each party, the steal share and the throughput the stolen time would have left."""
         self.settle()
         cpu0 = self.cpu()
         url = f"{self.ts.url()}/predictions/{MODEL}/{version}"
@@ -169,6 +172,7 @@ class Server:
 
 
 def register(ts: TorchServe, archive: str) -> float:
+    """Register the archive (by its file name in the model store); returns the seconds it took."""
     t0 = time.perf_counter()
     management.register(ts, os.path.basename(archive))
     return time.perf_counter() - t0
@@ -229,6 +233,8 @@ class Target:
 
 
 def bench_target(target: dict, args, work: str) -> dict:
+    """Benchmark one target on a fresh TorchServe: check and warm each backend, measure every
+    concurrency level and the batching rows; returns the result with its estimates."""
     t = prepare_target(target, args, work)
     build_archives(t)
     workdir = os.path.join(work, f"ts_{t.name}")
@@ -380,6 +386,7 @@ def measure_batching(t: Target):
 
 
 def main(args):
+    """Benchmark every target asked for; write bench.json and the two plots, print the tables."""
     names = args.targets.split(",")
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
@@ -390,7 +397,10 @@ def main(args):
         for name in names:
             target = digits_target(args.digits_checkpoint, work) if name == "digits" else TARGETS[name](work)
             print(f"benchmarking {name} ({os.cpu_count()} cores shared by wrk and the server)", flush=True)
-            results.append(bench_target(target, args, work))
+            try:
+                results.append(bench_target(target, args, work))
+            except WrkError as e:
+                raise SystemExit(str(e)) from None
     report = {"cores": os.cpu_count(), "torch": torch.__version__, "results": results}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -35,6 +35,7 @@ LANE_OFF = {"explain_maxconn": FrontDoor.maxconn, "explain_queue": FrontDoor.que
 
 
 def get_args_parser():
+    """The command line of `python -m bench.explain_lane`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=int, default=30, help="per phase")
     p.add_argument(
@@ -66,6 +67,8 @@ def client(url: str, door, headers: dict, body: bytes, deadline: float, out: lis
 
 
 def phase(args, ts, door, photo: bytes, four: bytes, explainers: int) -> dict:
+    """One phase: the prediction and explanation clients against `door` for --seconds; their status
+    counts and latency summaries."""
     key = {"Authorization": f"Bearer {ts.keys()['inference']['key']}"}
     deadline = time.monotonic() + args.seconds
     predictions, explanations = [], []
@@ -116,6 +119,8 @@ def start_door(ts, folder: str, lanes: dict, tries: int = 3):
 
 
 def main(args):
+    """Run the phases asked for, each behind its own front door; print each row and write
+    explain_lane.json; returns the result."""
     os.makedirs(args.out, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as work:

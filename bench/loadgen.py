@@ -26,6 +26,10 @@ from deploy.client import is_loopback, read_bytes, top1
 from deploy.latency import summary
 
 
+class LoadgenError(ValueError):
+    """run() refuses its target: not a loopback address."""
+
+
 def check(resp, expected) -> bool:
     """Whether an answer is right. expected: the top-1 label, or None for a bad body, which must be refused
     with a 4xx and a JSON message. A 5xx is not judged here (run() counts it under errors); an answer that
@@ -54,7 +58,7 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
     """
     host = urlparse(url).hostname
     if not is_loopback(host):
-        raise SystemExit(f"loadgen: refusing non-loopback target {host}")
+        raise LoadgenError(f"loadgen: refusing non-loopback target {host}")
     counter = itertools.count()
     lock = threading.Lock()
     latencies, statuses, wrong, first_error = [], {}, 0, []
@@ -115,6 +119,8 @@ def spawn(url: str, key_file: str, concurrency: int, requests: int, images: list
 
 
 def main(argv=None):
+    """The command line: load --url with the images, print run()'s summary as JSON; exit 1 with the reason
+    when run() refuses the target."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+")
     p.add_argument("--url", required=True)
@@ -129,7 +135,11 @@ def main(argv=None):
             headers["Authorization"] = f"Bearer {json.load(f)['inference']['key']}"
     bodies = [read_bytes(path) for path in args.images]
     expect = json.loads(args.expect) if args.expect else None
-    json.dump(run(args.url, bodies, args.concurrency, args.requests, headers, expect), sys.stdout)
+    try:
+        result = run(args.url, bodies, args.concurrency, args.requests, headers, expect)
+    except LoadgenError as e:
+        raise SystemExit(str(e)) from None
+    json.dump(result, sys.stdout)
     print()
 
 

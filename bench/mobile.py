@@ -22,6 +22,7 @@ from train.mobile import PHONE_JSON
 
 
 def get_args_parser():
+    """The command line of `python -m bench.mobile`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--export-dir", required=True, help="a train.export folder with preprocessing.json")
     p.add_argument("--runs", default=200, type=int, help="timed calls per runtime")
@@ -34,6 +35,7 @@ def get_args_parser():
 
 
 def set_threads(threads: int):
+    """Use `threads` threads in torch and, when installed, in ExecuTorch's XNNPACK pool."""
     torch.set_num_threads(threads)
     if importlib.util.find_spec("executorch") is not None:
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
@@ -42,6 +44,7 @@ def set_threads(threads: int):
 
 
 def time_calls(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float]:
+    """The latency of each of `runs` calls predictor(x) in ms, after `warmup` untimed calls."""
     for _ in range(warmup):
         predictor(x)
     latencies = []
@@ -53,6 +56,7 @@ def time_calls(predictor, x: torch.Tensor, runs: int, warmup: int) -> list[float
 
 
 def measure(export_dir: str, runs: int = 200, warmup: int = 10, threads: int = 1) -> dict:
+    """Batch-1 latency of each format in the export folder on the phone's input shape, per runtime."""
     set_threads(threads)
     with open(os.path.join(export_dir, PHONE_JSON)) as f:
         x = torch.randn(json.load(f)["input_shape"], generator=torch.Generator().manual_seed(0))
@@ -74,6 +78,7 @@ def measure(export_dir: str, runs: int = 200, warmup: int = 10, threads: int = 1
 
 
 def main(args):
+    """Measure, print one latency row per runtime, and write the JSON if asked."""
     report = measure(args.export_dir, args.runs, args.warmup, args.threads)
     print(
         f"batch-1 latency, {report['runs']} calls each, {args.threads} thread(s), input "

@@ -17,6 +17,8 @@ busy = {"file": None, "mtime": None, "us": 0.0}
 
 
 def handle(data, context):
+    """TorchServe's entry point: answer {"0": 1.0} to each request, after the busy file's CPU time
+    per image when one is set; a None batch is the initialisation call, which reads the busy file's path."""
     if data is None:  # TorchServe's initialisation call
         config = getattr(context, "model_yaml_config", None) or {}
         busy["file"] = (config.get("handler") or {}).get("busy_file")

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from bench.targets import digits_target
-from bench.wrk import children_cpu, cpu_seconds, wrk
+from bench.wrk import WrkError, children_cpu, cpu_seconds, wrk
 from bundle import settings
 from deploy.archive import archive_checkpoint
 from deploy.client import read_bytes
@@ -39,6 +39,7 @@ MODEL = settings.MODEL_NAME
 
 
 def get_args_parser():
+    """The command line of `python -m bench.overload`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--levels", default="16,60,120,240,600,1200", help="concurrencies (16: reference; 60: capacity)"
@@ -72,6 +73,8 @@ def rejection_p99(log: str, offset: int) -> tuple[float | None, int]:
 
 
 def measure(path: str, url: str, concurrency: int, seconds: int, env: dict, pids: dict, door=None) -> dict:
+    """One wrk run of `path` at `concurrency`: good and rejected answers per second, latency, what
+    rejections lacked, and the CPU each process spent; printed and returned as a row."""
     cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
     wrk0 = children_cpu()
     offset = os.path.getsize(door.log) if door else 0
@@ -145,6 +148,8 @@ def handshake_ms(host: str, port: int, ca: str | None, n: int = 200) -> float:
 
 
 def run_server(args, store: str, work: str, env: dict, levels: list[int], job_queue: str | None) -> dict:
+    """One TorchServe (with `job_queue` as its job_queue_size if given) and its front door: every level
+    through each path for --rounds; the rows, the handshake times and the front door's limits."""
     overrides = {"job_queue_size": job_queue} if job_queue else {}
     ts = TorchServe(
         workdir=tempfile.mkdtemp(dir=work),
@@ -194,6 +199,8 @@ def run_server(args, store: str, work: str, env: dict, levels: list[int], job_qu
 
 
 def plot(runs: list[dict], path: str):
+    """Plot good answers/s, good answers per TorchServe CPU second and p99 against concurrency
+    into the PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +231,8 @@ def plot(runs: list[dict], path: str):
 
 
 def main(args):
+    """Run the overload levels for each job_queue_size asked for; write overload.json and
+    overload.png; returns the result."""
     levels = [int(c) for c in args.levels.split(",")]
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
@@ -238,7 +247,10 @@ def main(args):
         runs = []
         for jq in args.job_queue_sizes.split(",") if args.job_queue_sizes else [None]:
             print(f"job_queue_size {jq or 'from config.properties'}:", flush=True)
-            runs.append(run_server(args, store, work, env, levels, jq))
+            try:
+                runs.append(run_server(args, store, work, env, levels, jq))
+            except WrkError as e:
+                raise SystemExit(str(e)) from None
     result = {"cores": os.cpu_count(), "seconds_per_run": args.seconds, "image": image, "runs": runs}
     with open(os.path.join(args.out, "overload.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -31,6 +31,8 @@ class StockAdapter(torch.nn.Module):
         self.register_buffer("std", torch.tensor(prep.std).view(1, -1, 1, 1))
 
     def forward(self, x):  # (B, 3, 224, 224) -> (B, K)
+        """Undo the stock ImageNet normalisation, convert to the model's channels, size and
+        normalisation, and return the model's logits."""
         x = x * self.in_std + self.in_mean  # back to 0..1
         if self.grey:
             x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
@@ -42,6 +44,8 @@ class StockAdapter(torch.nn.Module):
 
 
 def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str) -> str:
+    """Archive the checkpoint's model, traced behind StockAdapter, for TorchServe's stock
+    image_classifier handler as version "stock" in `store`; returns the archive's path."""
     import warnings
 
     from model_src.manifest import Manifest
@@ -87,6 +91,7 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
 
 
 def rgb_copies(paths: list[str], work: str) -> list[str]:
+    """RGB PNG copies of `paths` under `work`/rgb (made once), for the stock handler's 3-channel input."""
     from PIL import Image
 
     folder = os.path.join(work, "rgb")

@@ -30,6 +30,7 @@ DEFAULT = ("onnx", "openvino", "openvino-bf16", "openvino-int8")
 
 
 def get_args_parser():
+    """The command line of `python -m bench.precisions`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", default=list(DEFAULT), help=f"default: {' '.join(DEFAULT)}")
     p.add_argument("--rounds", type=int, default=10, help="timing rounds (default 10)")
@@ -44,6 +45,8 @@ def get_args_parser():
 def export_and_load(
     names: list[str], model, prep: Preprocessing, manifest: Manifest, folder: str, threads: int
 ):
+    """Export each available backend of `names` into `folder` and load it with `threads` threads;
+    name -> predictor (a backend not usable here is skipped with a note)."""
     example = precision.photo_crops(prep, 8, seed=1)
     calibration = precision.photo_crops(prep, 300, seed=2)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
@@ -63,6 +66,7 @@ def export_and_load(
 
 
 def ms_per_image(predict, x: torch.Tensor, iters: int) -> float:
+    """ms per image of `iters` calls predict(x), after one untimed call."""
     with torch.inference_mode():
         predict(x)
         start = time.perf_counter()
@@ -72,6 +76,7 @@ def ms_per_image(predict, x: torch.Tensor, iters: int) -> float:
 
 
 def timings(loaded: dict, prep: Preprocessing, rounds: int, iters: int) -> dict[tuple[str, int], list[float]]:
+    """(backend, batch 1 or 4) -> its ms per image of each round; each round starts at another backend."""
     x = precision.photo_crops(prep, 4, seed=3)
     samples: dict[tuple[str, int], list[float]] = {}
     names = list(loaded)
@@ -83,11 +88,13 @@ def timings(loaded: dict, prep: Preprocessing, rounds: int, iters: int) -> dict[
 
 
 def spread(values: list[float]) -> str:
+    """The median and its 10th-90th percentile range, as "m (lo-hi)"."""
     q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
     return f"{statistics.median(values):.2f} ({q[0]:.2f}-{q[-1]:.2f})"
 
 
 def main(args):
+    """Export, time and gate every backend asked for; print the table."""
     torch.set_num_threads(args.threads)
     model, manifest = pretrained.import_model("efficientnet_lite0")
     prep = Preprocessing.from_dict(manifest.preprocessing)

@@ -33,6 +33,7 @@ STAGES = ("decode", "resize + crop", "to tensor")
 
 
 def get_args_parser():
+    """The command line of `python -m bench.prep`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=30, help="rounds over all photos (default 30)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the encoded photos (default 90)")
@@ -43,10 +44,12 @@ def get_args_parser():
 
 
 def decode_before(prep: Preprocessing, data: bytes) -> Image.Image:
+    """The old decode: Pillow's JPEG draft at twice the resize size."""
     return decode_image(data, draft_size=2 * prep.resize_size, resize_size=prep.resize_size)
 
 
 def prepare_before(prep: Preprocessing, img: Image.Image) -> Image.Image:
+    """The old resize + crop: the whole image resized, then centre-cropped."""
     img = to_mode(img, "RGB", prep.background)
     return center_crop(
         img.resize(shorter_side_to(img.size, prep.resize_size), Image.BILINEAR), prep.image_size
@@ -54,6 +57,7 @@ def prepare_before(prep: Preprocessing, img: Image.Image) -> Image.Image:
 
 
 def to_tensor_before(prep: Preprocessing, img: Image.Image) -> torch.Tensor:
+    """The old to-tensor: normalised in separate passes over float copies."""
     arr = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr.transpose(2, 0, 1).copy())
     mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (prep.mean, prep.std))
@@ -67,6 +71,7 @@ PIPELINES = {
 
 
 def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """`img` as RGB JPEG bytes of quality `quality`."""
     buf = io.BytesIO()
     img.convert("RGB").save(buf, "JPEG", quality=quality)
     return buf.getvalue()
@@ -103,6 +108,7 @@ def measure(jpegs: dict[str, bytes], rounds: int) -> dict[str, list[list[float]]
 
 
 def table(per_round: dict[str, list[list[float]]]) -> str:
+    """The markdown table per stage and total: before, after (median and spread) and their ratio."""
     lines = ["| stage | before, ms | after, ms | after / before |", "|---|---:|---:|---:|"]
     for i, stage in enumerate(STAGES + ("total",)):
         cells = {}
@@ -143,6 +149,7 @@ def agreement(jpegs: dict[str, bytes], crops: int, quality: int) -> str:
 
 
 def main(args):
+    """Time both pipelines on the bundled photos as JPEGs; print the table (and the agreement if asked)."""
     torch.set_num_threads(1)
     jpegs = {name: encode_jpeg(img, args.quality) for name, img in photos.load_photos().items()}
     sizes = ", ".join(f"{n} {'x'.join(map(str, Image.open(io.BytesIO(d)).size))}" for n, d in jpegs.items())

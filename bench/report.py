@@ -29,6 +29,7 @@ def estimate(ceiling_rps: float, limit_ips: float, busy_workers: int, images_per
 
 
 def say(name: str, label: str, r: dict):
+    """Print one measured row (throughput, p50, p99, errors) as it finishes."""
     print(
         f"  {name} {label} c={r['concurrency']}: {r['throughput_rps']} req/s p50 {r['p50_ms']:.1f} "
         f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}",
@@ -96,6 +97,8 @@ def split_cpu(cpu: dict, framing: float, handler_ms: float, handler: dict) -> di
 
 
 def table(res: dict) -> str:
+    """The printed report of one benchmark result: the rows per backend and concurrency with their
+    ratios, then the limits, batching and CPU breakdown lines."""
     lines = [
         f"\n{res['model']}: batch {res['batch_size']}, {res['workers']} worker(s), maxBatchDelay "
         f"{res['max_batch_delay_ms']} ms, wrk {res['seconds_per_row']:g} s per row, "
@@ -179,6 +182,8 @@ def medians(res: dict) -> list[str]:
 
 
 def plot(results: list, path: str):
+    """Plot req/s (with the no-op ceiling, estimate and ideal) and p99 against concurrency, a column per
+    result, into the PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -25,8 +25,8 @@ import time
 
 import psutil
 
+from bench.loadgen import LoadgenError, spawn
 from bench.loadgen import run as run_load
-from bench.loadgen import spawn
 from bundle import settings
 from deploy import management, versions
 from deploy.archive import archive_checkpoint
@@ -67,6 +67,9 @@ def bad_bodies() -> list[bytes]:
 
 
 class Soak:
+    """The soak scenarios against one private TorchServe, the checkpoint archived as versions 1.0 (eager)
+    and 2.0 (onnx); the good bodies' expected labels are computed offline."""
+
     def __init__(self, checkpoint: str, work: str, data: str = settings.DIGITS_DIR):
         self.work = work
         store = os.path.join(work, "store")
@@ -88,6 +91,7 @@ class Soak:
         self.expected_labels = self.offline_labels(checkpoint)
 
     def offline_labels(self, checkpoint):
+        """The labels the eager model gives the good bodies, in process: what the server must answer."""
         import torch
 
         from model_src.manifest import Manifest
@@ -114,24 +118,31 @@ class Soak:
         return bodies, expect
 
     def headers(self):
+        """Request headers for a raw image body with the inference token."""
         return {"Content-Type": "application/octet-stream", **self.ts.auth("inference")}
 
     def url(self, version=None):
+        """The model's predictions URL (of `version` if given), through the front door when one is set."""
         return f"{self.base_url or self.ts.url()}/predictions/{MODEL}" + (f"/{version}" if version else "")
 
     def rss_mb(self) -> float:
+        """Resident memory of TorchServe and all its child processes, in MiB."""
         proc = psutil.Process(self.ts.pid())
         return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
     def ready_pids(self, version: str = "1.0") -> list[int]:
+        """The pids of the model version's READY workers."""
         return management.ready_pids(self.ts, MODEL, version)
 
     def start(self):
+        """Start TorchServe serving version 1.0 alone, from no saved snapshot."""
         self.ts.start(models=f"{MODEL}={MODEL}.mar", restore=False)
 
     # --- scenarios ----------------------------------------------------------------------------
 
     def load(self, requests: int = 10000, concurrency: int = 32, warmup: int = 1000) -> dict:
+        """The load scenario: a warm-up, then `requests` of the good and bad mix; passes with no error,
+        no wrong label and resident memory grown at most 20 % since the warm-up."""
         bodies, expect = self.mix()
         run_load(self.url(), bodies, concurrency, warmup, self.headers(), expect)
         rss_warm = self.rss_mb()
@@ -152,6 +163,8 @@ class Soak:
         }
 
     def worker_death(self, requests: int = 3000, concurrency: int = 8) -> dict:
+        """The worker-death scenario: SIGKILL a READY worker mid-load, time its replacement until it answers,
+        then a clean run; passes when it recovers and the run after has no error."""
         bodies = [b for b, _ in self.good]
         expect = list(self.expected_labels)
         paths = []
@@ -193,6 +206,7 @@ class Soak:
         }
 
     def deployment(self) -> dict:
+        """The model's registered versions and its default version."""
         listed = management.versions(self.ts, MODEL)
         return {
             "versions": sorted(v["modelVersion"] for v in listed),
@@ -200,6 +214,8 @@ class Soak:
         }
 
     def restart(self) -> dict:
+        """The restart scenario: with 2.0 registered and default, stop and start TorchServe; passes when the
+        versions and default come back the same and every version answers 200."""
         if "2.0" not in self.deployment()["versions"]:
             versions.register(self.ts, os.path.join(self.ts.model_store, f"{MODEL}_v2.0.mar"))
         versions.set_default(self.ts, MODEL, "2.0", reason="soak restart scenario")
@@ -220,6 +236,8 @@ class Soak:
         }
 
     def bad_register(self, requests: int = 2000, concurrency: int = 16) -> dict:
+        """The bad-registration scenario: register a corrupt archive and two disallowed URLs during load;
+        passes when each is refused, the deployment is unchanged and the load has no error."""
         import threading
 
         store = self.ts.model_store
@@ -258,6 +276,7 @@ class Soak:
 
 
 def summarize(name: str, r: dict) -> str:
+    """One scenario's result in one line, ending in PASS or FAIL."""
     verdict = "PASS" if r["passed"] else "FAIL"
     if name == "load":
         return (
@@ -308,6 +327,7 @@ def through_front_door(soak: Soak, folder: str):
 
 
 def main(argv=None) -> int:
+    """Run the chosen scenarios, print each summary and write soak.json; 0 if all passed, else 1."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--checkpoint",
@@ -344,7 +364,10 @@ def main(argv=None) -> int:
                 kwargs = (
                     {"requests": args.requests, "concurrency": args.concurrency} if name == "load" else {}
                 )
-                results[name] = SCENARIOS[name](soak, **kwargs)
+                try:
+                    results[name] = SCENARIOS[name](soak, **kwargs)
+                except LoadgenError as e:
+                    raise SystemExit(str(e)) from None
                 print(summarize(name, results[name]), flush=True)
         finally:
             if door:

@@ -6,6 +6,8 @@ from bundle import settings
 
 
 def digits_target(checkpoint: str, work: str) -> dict:
+    """The digits target: the checkpoint (trained here first if missing) and every third validation
+    image."""
     from train.data import write_digits
 
     val = os.path.join(write_digits(), "val")

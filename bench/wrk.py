@@ -20,19 +20,23 @@ from deploy.client import is_loopback
 POST_LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "post.lua")
 
 
+class WrkError(RuntimeError):
+    """wrk did not run or failed: a target off loopback, no wrk installed, or wrk's own error."""
+
+
 def wrk(url: str, script: str, concurrency: int, seconds: float, env: dict) -> dict:
     """One closed-loop wrk run (`concurrency` connections, one thread); the Lua script prints JSON on its last
     line. Secrets (the key) travel in `env`, never on the command line."""
     if not is_loopback(urlparse(url).hostname or ""):
-        raise SystemExit(f"wrk: refusing non-loopback target {url}: measure your own server only")
+        raise WrkError(f"wrk: refusing non-loopback target {url}: measure your own server only")
     if not shutil.which("wrk"):
-        raise SystemExit("wrk not found: run scripts/setup.sh as root, or apt-get install wrk")
+        raise WrkError("wrk not found: run scripts/setup.sh as root, or apt-get install wrk")
     cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "60s", "-s", script, url]
     out = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=seconds + 120
     )
     if out.returncode != 0:
-        raise SystemExit(f"wrk failed: {out.stderr.strip()}")
+        raise WrkError(f"wrk failed: {out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -47,6 +47,7 @@ def split_property(line: str) -> tuple[str, str]:
 
 
 def unescape(value: str) -> str:
+    """A key or value with its backslash escapes undone, as java.util.Properties.load reads it."""
     out, i = [], 0
     while i < len(value):
         c = value[i]
@@ -94,5 +95,6 @@ def write_properties(path: str, props: dict, comment: str = ""):
 
 
 def format_properties(props: dict, comment: str = "") -> str:
+    """The .properties text of `props`, escaped, one per line, after a `# comment` line if given."""
     lines = [f"# {comment}\n"] if comment else []
     return "".join(lines + [f"{escape(key, key=True)}={escape(value)}\n" for key, value in props.items()])

@@ -14,6 +14,8 @@ from deploy.latency import percentile
 
 @dataclass
 class Thresholds:
+    """The limits judge() holds a canary step to; the comment above each field gives its reason."""
+
     # Answers the candidate must have given in a step before it is judged: a class distribution of fewer is
     # noise (at 20, one odd answer moves a share by 5 points), and a step without them waits (up to
     # max_step_seconds).
@@ -36,6 +38,7 @@ class Thresholds:
     max_step_seconds: float = 600.0
 
     def as_dict(self) -> dict:
+        """The thresholds as a plain dict, for the canary's JSON report."""
         return asdict(self)
 
 
@@ -45,6 +48,7 @@ def failures(side: dict) -> int:
 
 
 def error_rate(side: dict) -> float:
+    """The side's failures (failures()) as a share of its answers plus failures; 0.0 when it has neither."""
     total = side["answers"] + failures(side)
     return failures(side) / total if total else 0.0
 

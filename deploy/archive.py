@@ -52,6 +52,8 @@ from model_src.manifest import ArchiveEntry, BackendEntry, Manifest
 
 
 def get_args_parser():
+    """The parser of `python -m deploy.archive`: the version, a checkpoint or an export folder, the backend
+    and where the archive goes."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", required=True, help="model version, e.g. 1.0")
     source = p.add_mutually_exclusive_group(required=True)
@@ -77,6 +79,7 @@ STAGING_PREFIX = ".archive-"  # a build's folder in the model store (hidden: see
 
 
 def fsync_path(path: str):
+    """fsync a file or a folder by path (a folder's fsync makes the renames and links in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -306,10 +309,14 @@ def with_batch_size(config_file: str, batch_size: int, out: str) -> str:
 
 
 def exit_on_signal(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the staging folder is removed, the archiver killed
+    """SIGTERM and SIGHUP handler: unwind like Ctrl-C (SystemExit 128 + signum), so the staging folder is
+    removed and the archiver killed."""
+    raise SystemExit(128 + signum)
 
 
 def main(args):
+    """Build the archive `args` ask for (from a checkpoint or an export folder) and print where it is;
+    SystemExit with the reason when the build fails."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, exit_on_signal)
     options = dict(model_name=args.model_name, model_store=args.model_store, config_file=args.config_file)

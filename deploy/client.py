@@ -29,6 +29,7 @@ def post(ts: TorchServe, data: bytes, model: str = settings.MODEL_NAME, version:
 
 
 def read_bytes(path: str) -> bytes:
+    """The bytes of the file at `path` (an image to post)."""
     with open(path, "rb") as f:
         return f.read()
 
@@ -37,6 +38,8 @@ LOOPBACK = ("localhost", "::1")
 
 
 def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine's loopback (localhost, ::1, 127.x.x.x): plain HTTP to it never leaves
+    the machine."""
     return host in LOOPBACK or host.startswith("127.")
 
 

@@ -39,11 +39,12 @@ DOCKERD_LOG = "/var/log/bundle-dockerd.log"
 
 
 class ContainerError(RuntimeError):
-    pass
+    """Docker, the image or the container could not do what was asked; the message says what to do."""
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    # The legacy builder: Debian's docker.io has no buildx, and it is all the Dockerfile needs.
+    """Run `docker ARGS` with the legacy builder (Debian's docker.io has no buildx, and it is all the
+    Dockerfile needs); the finished process, ContainerError when it fails and `check` is set."""
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and proc.returncode != 0:
@@ -55,6 +56,7 @@ def docker(*args: str, check: bool = True, timeout: float = 120, **kw) -> subpro
 
 
 def daemon_answers() -> bool:
+    """Whether a docker daemon answers `docker info` (False also without the docker CLI)."""
     try:
         return docker("info", check=False, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -62,6 +64,8 @@ def daemon_answers() -> bool:
 
 
 def apt_install(*packages: str):
+    """Install Debian packages with apt-get; as anyone but root, or without apt-get, ContainerError says what
+    to install."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         names = " ".join(packages)
         raise ContainerError(f"install {names} (Debian/Ubuntu: sudo apt-get install -y {names})")
@@ -90,6 +94,7 @@ def ensure_docker():
 
 
 def image_exists(tag: str) -> bool:
+    """Whether the docker daemon has an image tagged `tag`."""
     return docker("image", "inspect", tag, check=False).returncode == 0
 
 
@@ -178,6 +183,7 @@ def check_store(store: str):
 
 
 def check_port(port: int):
+    """ContainerError unless `port` on 127.0.0.1 is free to publish the container on."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -186,6 +192,7 @@ def check_port(port: int):
 
 
 def remove(name: str = NAME) -> bool:
+    """Remove container `name` (forced, with its anonymous volumes); False when docker removed none."""
     return docker("rm", "-f", "-v", name, check=False).returncode == 0
 
 
@@ -235,6 +242,7 @@ def wait_ready(name: str, timeout: float):
 
 
 def exec_in(name: str, *cmd: str, timeout: float = 300) -> str:
+    """Run `cmd` inside the running container `name`; its stdout, ContainerError when it fails."""
     return docker("exec", name, *cmd, timeout=timeout).stdout
 
 
@@ -245,6 +253,8 @@ def header(name: str = NAME) -> dict:
 
 
 def main(argv=None):
+    """The command line (see the module docstring): do one action and print its result; SystemExit with the
+    error."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["base", "build", "run", "header", "rm"])
     p.add_argument("--tag", default=IMAGE, help="image to build or run")

@@ -15,7 +15,7 @@ import subprocess
 
 
 class FirewallError(RuntimeError):
-    pass
+    """The firewall rules cannot be installed: not root, no nft, or nft refused them."""
 
 
 def table_name(port: int) -> str:
@@ -43,6 +43,7 @@ table inet {name} {{
 
 
 def nft() -> str:
+    """The path of the nft program; FirewallError when not root or nftables is not installed."""
     if os.geteuid() != 0:
         raise FirewallError("only root can install firewall rules (nftables)")
     path = shutil.which("nft")
@@ -73,6 +74,7 @@ def lift(name: str) -> bool:
 
 
 def active(name: str) -> bool:
+    """Whether table `name` is installed (False also without nft or root)."""
     try:
         path = nft()
     except FirewallError:

@@ -103,10 +103,13 @@ def compare_classes(candidate: list[str], baseline: list[str]) -> dict:
 
 
 def few(labels: list[str], n: int = 4) -> str:
+    """Up to `n` labels for a message, joined, with how many more were left out."""
     return ", ".join(labels[:n]) + (f" and {len(labels) - n} more" if len(labels) > n else "")
 
 
 def classes_reason(c: dict) -> str:
+    """Why a candidate with other classes is refused (`c` from compare_classes): the class counts and some
+    added and missing labels."""
     diff = [f"{len(c['candidate'])} classes vs the default's {len(c['baseline'])}"]
     diff += [f"{what} {few(c[key])}" for what, key in (("new:", "added"), ("gone:", "missing")) if c[key]]
     return f"the candidate answers other classes than the default ({'; '.join(diff)}): {NEW_MODEL}"
@@ -148,6 +151,8 @@ def check_agreement(new: dict, old: dict, min_agreement: float, allow_disagreeme
 
 
 def agreement_reason(a: dict) -> str:
+    """What the failed agreement check found (`a` from check_agreement), and whether --allow-disagreement
+    overrode it."""
     share = (
         f"top-1 agreement with the default {a['agreed'] / a['images']:.1%} is below {a['min_agreement']:.0%}"
     )
@@ -159,6 +164,8 @@ def agreement_reason(a: dict) -> str:
 
 
 def golden_reason(g: dict) -> str:
+    """Which golden set replaced the model's own for this gate (`g`: golden.choose's info), for the report's
+    reason."""
     if g["source"] == "candidate":
         return f"golden set from {g['dir']} (--golden-from-candidate), not the model's own"
     return f"the model's golden set replaced by {g['from']} (--replace-golden)"
@@ -176,6 +183,9 @@ def gate(
     allow_disagreement: bool = False,
     golden_info: dict | None = None,
 ) -> dict:
+    """Judge `candidate` against the default `baseline` (None: no default, so only failed requests fail it) on
+    `golden`, [(image bytes, label)]: the report says `passed` and why (`reason`), with both scores and the
+    class and agreement checks. DeployError when the classes cannot be read and allow_new_classes is off."""
     report: dict[str, Any] = {"model": model, "images": len(golden), "max_accuracy_drop_points": max_drop}
     if golden_info:
         report["golden"] = golden_info

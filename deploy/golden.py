@@ -25,6 +25,8 @@ MANIFEST = "manifest.json"  # in the model's copy only: where it came from, and 
 
 
 def model_dir(state_dir: str, model: str) -> str:
+    """The folder of `model`'s golden set in `state_dir`; DeployError for a model name that is not a plain
+    file name."""
     if not NAME.fullmatch(model):
         raise DeployError(f"model name {model!r}: use letters, digits, '.', '_' or '-'")
     return os.path.join(state_dir, "golden", model)
@@ -64,6 +66,7 @@ def read_set(folder: str) -> tuple[list[dict], dict[str, bytes]]:
 
 
 def checksums(files: dict[str, bytes]) -> dict[str, str]:
+    """{file name: SHA-256} of a set's files, sorted by name."""
     return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
 
 
@@ -78,6 +81,8 @@ def pairs(entries: list[dict], files: dict[str, bytes]) -> list[tuple[bytes, str
 
 
 def load_golden(folder: str) -> list[tuple[bytes, str]]:
+    """The (image bytes, label) pairs of the golden set in `folder`, as training wrote it (no manifest
+    checked)."""
     return pairs(*read_set(folder))
 
 

@@ -80,6 +80,8 @@ class Keys:
         raise Refusal(400, INVALID_KEY, "InvalidKeyException")
 
     def matches(self, kind: str, token: str, fresh: bool) -> bool:
+        """Whether `token` is the key file's `kind` key, compared in constant time; the file is re-read first
+        when `fresh` (or never read)."""
         with self.lock:
             if fresh or self.keys is None:
                 self.keys = self.read()
@@ -87,6 +89,8 @@ class Keys:
         return isinstance(key, str) and hmac.compare_digest(key.encode(), token.encode())
 
     def read(self) -> dict:
+        """The key file as a dict: {} when it is missing, not an object, or still torn after three reads 50 ms
+        apart."""
         assert self.key_file is not None  # authorize() asks only when there is one
         for _ in range(3):  # TorchServe may be rewriting it right now
             try:
@@ -116,11 +120,14 @@ class Keys:
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
+    """An http.client connection to a Unix socket (TorchServe's management API) instead of a TCP address."""
+
     def __init__(self, path: str, timeout: float):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
 
     def connect(self):
+        """Connect to the socket path, with the connection's timeout."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self.socket_path)
@@ -145,10 +152,14 @@ def reissue(upstream: str, call: Call, headers: dict) -> tuple[int, list[tuple[s
 
 
 class Guard(socketserver.StreamRequestHandler):
+    """Serves one client connection of the management port: each request read, checked, re-issued to
+    TorchServe and answered in turn."""
+
     timeout = 30  # a client that stops sending mid-request is dropped, not waited for
     server: "GuardServer"
 
     def handle(self):
+        """Answer requests on this connection until one closes it or the client goes away."""
         while self.serve_one():
             pass
 
@@ -210,6 +221,8 @@ class Guard(socketserver.StreamRequestHandler):
             pass
 
     def reply(self, status: int, headers: list[tuple[str, str]], data: bytes, close: bool):
+        """Write one HTTP/1.1 answer: the status, the headers made of visible text only, Content-Length, and
+        Connection: close when `close`; a client gone meanwhile is ignored."""
         try:
             reason = HTTPStatus(status).phrase
         except ValueError:
@@ -223,11 +236,15 @@ class Guard(socketserver.StreamRequestHandler):
             pass
 
     def log(self, what: str, start: float):
+        """Print one line to the guard's log: the time, `what`, and the milliseconds since `start`."""
         took = (time.perf_counter() - start) * 1000
         print(f"{time.strftime('%d/%b/%Y %H:%M:%S')} {what} {took:.1f} ms", flush=True)
 
 
 class GuardServer(socketserver.ThreadingTCPServer):
+    """The management port's server, a thread per connection, on a socket it binds itself or, given `fd`, on
+    the one launch() bound."""
+
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128  # was 5: a burst of tools and probes was refused at the door
@@ -329,6 +346,7 @@ def stop(ts, timeout: float = 5) -> bool:
 
 
 def follow(pid: int, server):
+    """Shut `server` down once process `pid` (TorchServe) is gone; polls once a second."""
     while psutil.pid_exists(pid):
         time.sleep(1)
     print(f"TorchServe (pid {pid}) is gone: stopping", flush=True)
@@ -344,6 +362,8 @@ def key_file_of(pid: int) -> str | None:
 
 
 def main(argv=None):
+    """Run the guard (`python -m deploy.guard`, see the module docstring) until TorchServe is gone or it is
+    interrupted; returns 0."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", required=True, help="host:port of the management port")
     p.add_argument("--socket", required=True, help="TorchServe's management Unix socket")

@@ -40,6 +40,8 @@ def shown(value: str, limit: int = 80) -> str:
 
 @dataclass
 class Head:
+    """A request head as read_head parsed it: the request line's parts, the headers and the body's length."""
+
     method: str
     target: str
     version: str
@@ -99,6 +101,8 @@ def read_head(rfile) -> Head | None:
 
 
 def content_length(headers: dict[str, str]) -> int:
+    """The body's length from the headers; Refusal for Transfer-Encoding, a Content-Length that is not a
+    number, or one over MAX_BODY (413)."""
     if "transfer-encoding" in headers:
         raise Refusal(400, "Transfer-Encoding is not accepted here: send a Content-Length")
     value = headers.get("content-length", "0")
@@ -183,6 +187,9 @@ def parse_target(target: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 
 def integer(low: int, high: int):
+    """A parameter check: a decimal integer from `low` to `high`, returned without leading zeros; ValueError
+    otherwise."""
+
     def check(value: str) -> str:
         if not (value.isascii() and value.isdigit() and len(value) <= 9 and low <= int(value) <= high):
             raise ValueError(f"an integer from {low} to {high}")
@@ -192,18 +199,21 @@ def integer(low: int, high: int):
 
 
 def boolean(value: str) -> str:
+    """A parameter value 'true' or 'false' in any case, lower-cased; ValueError otherwise."""
     if value.lower() not in ("true", "false"):
         raise ValueError("true or false")
     return value.lower()
 
 
 def model_name(value: str) -> str:
+    """A parameter value that is a model name (NAME, at most MAX_NAME characters); ValueError otherwise."""
     if len(value) > MAX_NAME or not NAME.fullmatch(value):
         raise ValueError("letters, digits, '.', '_' or '-'")
     return value
 
 
 def archive_name(value: str) -> str:
+    """A registration's `url`: the bare file name of a .mar in the model store; ValueError otherwise."""
     if not ARCHIVE_NAME.fullmatch(value):
         raise ValueError(
             "the file name of a .mar in the model store: only archives built with "
@@ -214,6 +224,7 @@ def archive_name(value: str) -> str:
 
 
 def token_type(value: str) -> str:
+    """A /token `type`: 'management' or 'inference'; ValueError otherwise."""
     if value not in ("management", "inference"):
         raise ValueError("management or inference")
     return value
@@ -264,10 +275,12 @@ class Call:
 
     @property
     def target(self) -> str:
+        """The request target re-issued to TorchServe: the path, then the validated parameters re-encoded."""
         return self.path + ("?" + urlencode(self.params) if self.params else "")
 
     @property
     def registers(self) -> bool:
+        """Whether the call registers a model (POST /models): its archive is checked before it passes."""
         return self.method == "POST" and self.path == "/models"
 
 

@@ -46,6 +46,8 @@ def write_photos(root: str = PHOTOS_DIR) -> str:
 
 
 def import_weights(arch: str, checkpoint: str, photos: str):
+    """Import `arch`'s published weights as this bundle's checkpoint at `checkpoint` (reused when it exists),
+    with `photos` as the images its export checks run on; prints what it did."""
     from train.pretrained import import_checkpoint, write_new
 
     if os.path.exists(checkpoint):
@@ -58,6 +60,8 @@ def import_weights(arch: str, checkpoint: str, photos: str):
 
 
 def main(argv=None) -> int:
+    """Import, archive and register the pretrained model the options name on the running server (see the
+    module docstring); 0 on success, 1 with the error printed."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--model", default="imagenet", help="model name on the server")

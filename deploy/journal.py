@@ -29,7 +29,7 @@ LOCK = "deploy.lock"
 
 
 class JournalError(RuntimeError):
-    pass
+    """The journal could not be written, or the deployment lock not taken in time (the message says which)."""
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -155,9 +155,12 @@ def replay(entries: list[dict]) -> tuple[dict, list[dict]]:
 
 
 def supersedes(done: dict, pending: dict) -> bool:
+    """Whether the done entry `done` settles the pending entry `pending` of the same model: a set-default
+    settles any pending set-default (the newer replaces it) and the gate or canary of the version it promoted
+    (that gate is over); a register or unregister settles the same version's pending register, gate or
+    unregister."""
     if done["model"] != pending["model"]:
         return False
-    # a newer default replaces an uncertain one; a promoted version's gate is over
     if done["op"] == "default":
         return pending["op"] == "default" or (
             pending["op"] in ("gate", "canary") and pending["version"] == done["version"]
@@ -235,4 +238,5 @@ def locked(state_dir: str, what: str, timeout: float = 900):
 
 
 def holder(fd: int) -> str:
+    """Who holds the deployment lock, as its holder wrote in the lock file `fd`; else 'another operator'."""
     return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another operator"

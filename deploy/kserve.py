@@ -20,7 +20,7 @@ writes
 
 Copy OUT/storage to where storageUri points (a PVC, a bucket), then `kubectl apply -f OUT/manifests/` (and
 `kubectl apply -f OUT/istio/` where Istio runs). Every manifest is checked against its published schema
-(serving/kserve-crd/) before it is written.
+(serving/kserve-crd/) before it is written. The policies come from deploy/kserve_policy.py.
 """
 
 import argparse
@@ -36,6 +36,15 @@ import yaml
 from bundle import settings
 from bundle.properties import read_properties, write_properties
 from deploy.frontdoor import FrontDoor
+from deploy.kserve_policy import (
+    INFERENCE_PORT,
+    METRICS_PORT,
+    PART_OF,
+    RUNTIME,
+    authorization_policy,
+    network_policy,
+    sidecar_network_policy,
+)
 from deploy.mar import read_manifest, verify_checksum
 from deploy.process import wait_until
 
@@ -47,31 +56,10 @@ RUNTIME_ARGS = [
     f"--model-store={MOUNT}/model-store",
     f"--ts-config={MOUNT}/config/config.properties",
 ]
-RUNTIME = "torchserve-bundle"
 IMAGE = "torchserve-bundle:latest"  # push it to your registry and pass --image REGISTRY/torchserve-bundle:TAG
 SCHEMAS = os.path.join(settings.ROOT, "serving", "kserve-crd")
 # A pod's budget for the default model (2 workers x 1 thread, docs/serving.md), and room for a second version.
 RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
-# The pod's ports: inference (KServe routes here), metrics, and Knative's queue-proxy in front of inference
-# (Knative mode only; in Standard mode nothing listens there).
-INFERENCE_PORT, METRICS_PORT, QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT = 8080, 8082, 8012, 9090
-# On both InferenceServices: KServe copies an InferenceService's labels to its pods and adds
-# component=predictor to a predictor's (pkg/controller/v1beta1/inferenceservice/components/predictor.go,
-# buildObjectMeta), so the policies select exactly the predictor pods of this bundle's services.
-PART_OF = {"app.kubernetes.io/part-of": RUNTIME}
-PREDICTOR = {**PART_OF, "component": "predictor"}
-# Who may call the predictors: the ingress gateway, Knative's activator/autoscaler, and pods of the namespace
-# that carry CLIENT_LABEL; who may scrape metrics: the monitoring namespace. Change them here for another
-# cluster.
-ISTIO_NAMESPACE = "istio-system"  # istiod and (by default) the ingress gateway
-GATEWAY = (ISTIO_NAMESPACE, {"istio": "ingressgateway"})
-KNATIVE_NAMESPACE = "knative-serving"
-MONITORING_NAMESPACE = "monitoring"
-CLIENT_LABEL = {f"{RUNTIME}/client": "true"}
-# What a request may carry (Istio's prefix match, case-sensitive): a url-encoded form goes through Netty's
-# form decoder before any handler (issue 25, finding 9), so it is not among them. A request without
-# Content-Type reaches the handler as raw bytes and is allowed too.
-CONTENT_TYPES = ["application/octet-stream", "application/json*", "image/*", "multipart/form-data*"]
 SNAPSHOT_KEYS = {  # model_snapshot entry <- the archive's model-config.yaml (TorchServe's defaults otherwise)
     "minWorkers": ("minWorkers", 1),
     "maxWorkers": ("maxWorkers", 1),
@@ -82,7 +70,8 @@ SNAPSHOT_KEYS = {  # model_snapshot entry <- the archive's model-config.yaml (To
 
 
 class LayoutError(ValueError):
-    pass
+    """The model store or OUT cannot make a layout: no store or my_model.mar, an unknown default, OUT/storage
+    exists, a manifest off its schema."""
 
 
 # --- storage layout -----------------------------------------------------------------------------------------
@@ -168,6 +157,8 @@ def layout_config(snap: dict) -> dict:
 
 
 def write_storage(store: str, out: str, default: str | None = None) -> dict:
+    """OUT/storage: the checked archives, config.properties with their model_snapshot, metrics and logging
+    configs; returns {storage, config, versions, default}."""
     versions = store_versions(store)
     default = (
         default or read_manifest(os.path.join(store, f"{settings.MODEL_NAME}.mar"))["model"]["modelVersion"]
@@ -195,6 +186,8 @@ def write_storage(store: str, out: str, default: str | None = None) -> dict:
 
 
 def serving_runtime(image: str) -> dict:
+    """The ClusterServingRuntime that starts TorchServe from `image` as KServe's runtime does, answering on
+    the port KServe routes to."""
     return {
         "apiVersion": "serving.kserve.io/v1alpha1",
         "kind": "ClusterServingRuntime",
@@ -231,6 +224,8 @@ def serving_runtime(image: str) -> dict:
 
 
 def inference_service(protocol: str, storage_uri: str) -> dict:
+    """The InferenceService my-model-`protocol` (v1 or v2) on this bundle's runtime, its models at
+    `storage_uri`."""
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
@@ -258,92 +253,6 @@ def inference_service(protocol: str, storage_uri: str) -> dict:
             }
         },
     }
-
-
-def peer(namespace: str, labels: dict | None = None) -> dict:
-    """A NetworkPolicy peer: the pods of `namespace` (those with `labels` only, when given)."""
-    # Every namespace carries its name as this label (Kubernetes >= 1.21).
-    selected = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
-    return {**selected, "podSelector": {"matchLabels": labels}} if labels else selected
-
-
-def tcp(*ports: int) -> list[dict]:
-    return [{"protocol": "TCP", "port": p} for p in ports]
-
-
-def predictor_policy(name: str, ingress: list[dict], egress: list[dict]) -> dict:
-    """A NetworkPolicy on the predictor pods, for both directions: what is not listed is closed."""
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "podSelector": {"matchLabels": PREDICTOR},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": ingress,
-            "egress": egress,
-        },
-    }
-
-
-def network_policy() -> dict:
-    """Ingress to the predictor pods only from the gateway, Knative and labelled clients (inference ports) and
-    the monitoring namespace (metrics); no egress at all (a pvc:// storageUri needs none)."""
-    clients = [peer(*GATEWAY), {"podSelector": {"matchLabels": CLIENT_LABEL}}]
-    ingress = [
-        {"from": clients, "ports": tcp(INFERENCE_PORT, QUEUE_PROXY_PORT)},
-        {"from": [peer(KNATIVE_NAMESPACE)], "ports": tcp(QUEUE_PROXY_PORT, QUEUE_PROXY_METRICS_PORT)},
-        {"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(METRICS_PORT)},
-    ]
-    return predictor_policy(f"{RUNTIME}-predictor", ingress, egress=[])
-
-
-def served_paths(model: str = settings.MODEL_NAME) -> dict[str, list[str]]:
-    """{method: paths} of what the bundle answers on its inference port (Istio paths: `x*` is a prefix)."""
-    return {
-        "POST": [
-            *(f"/{api}/{model}{tail}" for api in ("predictions", "explanations") for tail in ("", "/*")),
-            f"/v1/models/{model}:predict",
-            f"/v1/models/{model}:explain",
-            f"/v2/models/{model}/infer",
-            f"/v2/models/{model}/explain",
-        ],
-        "GET": ["/ping", "/v2/health/live", "/v2/health/ready"],
-    }
-
-
-def authorization_policy() -> dict:
-    """Istio ALLOW policy on the predictor pods: anything not listed (/api-description, management paths,
-    other methods, url-encoded bodies) is denied by the sidecar before TorchServe sees it."""
-    inference = [str(INFERENCE_PORT), str(QUEUE_PROXY_PORT)]
-    to = [{"operation": {"methods": [m], "paths": p, "ports": inference}} for m, p in served_paths().items()]
-    to.append({"operation": {"methods": ["GET"], "paths": ["/metrics"], "ports": [str(METRICS_PORT)]}})
-    content_type = "request.headers[content-type]"
-    return {
-        "apiVersion": "security.istio.io/v1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": f"{RUNTIME}-predictor"},
-        "spec": {
-            "selector": {"matchLabels": PREDICTOR},
-            "action": "ALLOW",
-            "rules": [
-                {"to": to, "when": [{"key": content_type, "values": CONTENT_TYPES}]},
-                {"to": to, "when": [{"key": content_type, "notValues": ["*"]}]},  # no Content-Type header
-            ],
-        },
-    }
-
-
-def sidecar_network_policy() -> dict:
-    """With Istio, the sidecar in each predictor pod needs istiod (xDS, certificates) and DNS, and Prometheus
-    scrapes its merged metrics on 15020: added to network_policy() (NetworkPolicies add up)."""
-    dns = {"k8s-app": "kube-dns"}  # CoreDNS keeps kube-dns's label
-    ingress = [{"from": [peer(MONITORING_NAMESPACE)], "ports": tcp(15020)}]
-    egress = [
-        {"to": [peer(ISTIO_NAMESPACE, {"app": "istiod"})], "ports": tcp(15012)},
-        {"to": [peer("kube-system", dns)], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]},
-    ]
-    return predictor_policy(f"{RUNTIME}-predictor-sidecar", ingress, egress)
 
 
 def strict(schema):
@@ -415,6 +324,8 @@ def write_layout(
     image: str = IMAGE,
     storage_uri: str = "pvc://model-store/my_model",
 ) -> dict:
+    """OUT/storage and the manifests (write_storage, write_manifests); returns write_storage's dict with
+    the manifest paths under `manifests`."""
     info = write_storage(store, out, default)
     info["manifests"] = write_manifests(out, image, storage_uri)
     return info
@@ -435,6 +346,8 @@ def wait_ready(url: str, timeout: float = 180, headers=None):
 
 
 def main(argv=None):
+    """The command line: write the layout, print what was written; exit 1 with the reason on a
+    LayoutError."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder to create: OUT/storage (copy to storageUri) and OUT/manifests")
     p.add_argument("--store", default=settings.MODEL_STORE, help="model store holding my_model's archives")

@@ -29,6 +29,7 @@ def call(ts: TorchServe, method: str, path: str, ok=(200,), **kw):
 
 
 def model_names(ts: TorchServe) -> list[str]:
+    """The names of the registered models (GET /models: one page, at TorchServe's default limit)."""
     return [m["modelName"] for m in call(ts, "GET", "/models")["models"]]
 
 
@@ -50,12 +51,14 @@ def describe(ts: TorchServe, model: str, version: str | None = None) -> dict | N
 
 
 def default_version(ts: TorchServe, model: str) -> str | None:
-    # /models/{name} describes the default version; 0.12's /all listing does not flag it.
+    """The version `model` serves by default, None when it is not registered: read from /models/{name}, which
+    describes the default version (0.12's /all listing does not flag it)."""
     desc = describe(ts, model)
     return desc["modelVersion"] if desc else None
 
 
 def ready_workers(desc: dict) -> int:
+    """How many workers of a describe entry are READY."""
     return sum(w["status"] == "READY" for w in desc["workers"])
 
 
@@ -80,14 +83,19 @@ def register(ts: TorchServe, url: str, workers: int = 1, timeout: float = 300, *
 
 
 def set_default(ts: TorchServe, model: str, version: str):
+    """Make `version` the version /predictions/{model} serves; DeployError with TorchServe's message when it
+    refuses."""
     call(ts, "PUT", f"/models/{model}/{version}/set-default")
 
 
 def unregister(ts: TorchServe, model: str, version: str):
+    """Unregister `version` of `model`; DeployError with TorchServe's message when it refuses."""
     call(ts, "DELETE", f"/models/{model}/{version}")
 
 
 def scale(ts: TorchServe, model: str, version: str, workers: int, timeout: float = 300):
+    """Give `version` exactly `workers` workers (min and max), waiting up to `timeout` s for TorchServe to
+    answer; DeployError when it refuses."""
     query = urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "true"})
     call(ts, "PUT", f"/models/{model}/{version}?{query}", ok=(200, 202), timeout=timeout)
 

@@ -35,6 +35,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def archive_name(model_name: str, version: str) -> str:
+    """The file name of a model version's archive: <model>.mar for 1.0, else <model>_v<version>.mar;
+    ValueError for a name or version that is not a plain file name part."""
     for what, value in (("model name", model_name), ("version", version)):
         if not NAME.fullmatch(value):
             raise ValueError(f"{what} {value!r}: use letters, digits, '.', '_' or '-'")

@@ -21,6 +21,8 @@ from deploy.server import TorchServe
 
 
 def main(argv=None) -> int:
+    """The `predict` command line (see the module docstring): 0 when every request was answered, 1 when one
+    failed; SystemExit when the server cannot be reached or used."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=settings.MODEL_NAME)
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
 
 
 def run(ts: TorchServe, args) -> int:
+    """Post each of `args.images` and print the answers (raw, or against each image's folder name with the
+    accuracy); 1 when a request failed, else 0."""
     if args.raw:
         failed = 0
         for path in args.images:

@@ -24,6 +24,7 @@ def read_pid(path: str, opener: Callable = open) -> int | None:
 
 
 def write_pid(path: str, pid: int):
+    """Write `pid` into the file `path` (created or overwritten)."""
     with open(path, "w") as f:
         f.write(str(pid))
 
@@ -72,6 +73,7 @@ def reap(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 
 
 
 def signal_each(procs: Iterable[psutil.Process], send: Callable[[psutil.Process], None]):
+    """Call `send` (psutil.Process.terminate or .kill) on each process, skipping those already gone."""
     for proc in procs:
         try:
             send(proc)
@@ -80,6 +82,7 @@ def signal_each(procs: Iterable[psutil.Process], send: Callable[[psutil.Process]
 
 
 def remove_pid_file(path: str):
+    """Remove the pid file `path` if it is there."""
     try:
         os.remove(path)
     except FileNotFoundError:

@@ -61,6 +61,8 @@ from deploy.versions import (
 
 
 def cmd_register(ts: TorchServe, args) -> int:
+    """`register`: register the archive and, with --promote or --dry-run, gate it against the default (with
+    --canary, canary it through the front door instead) and carry out the verdict; the exit code."""
     gated = args.promote or args.dry_run
     # One lock from registering to the verdict: no other promotion, rollback or unregister interleaves.
     with locked(ts, f"register {os.path.basename(args.archive)}"):
@@ -133,6 +135,8 @@ def show_report(report: dict, args):
 
 
 def print_report(r: dict):
+    """Print the gate's report as a table: the golden set, both versions' accuracy, failed requests, latencies
+    and agreement, then the verdict."""
     new, old = r["candidate"], r["baseline"]
     print(f"\npromotion gate for {r['model']} on {r['images']} golden images")
     print(
@@ -189,6 +193,8 @@ def cmd_canary(ts: TorchServe, model: str, version: str, args) -> int:
 
 
 def cmd_list(ts: TorchServe, model: str) -> int:
+    """`list`: print each version of `model`, whether it is default, its archive and its READY workers; 1 when
+    the model is not registered."""
     listed = management.versions(ts, model)
     if not listed:
         print(f"{model} is not registered")
@@ -203,6 +209,8 @@ def cmd_list(ts: TorchServe, model: str) -> int:
 
 
 def get_args_parser():
+    """The parser of `python -m deploy.register_version`: the register, list, rollback and unregister commands
+    and their options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = argparse.ArgumentParser(add_help=False)  # --model is accepted after the command too
     model.add_argument(
@@ -295,6 +303,8 @@ def interrupted(signum, frame):
 
 
 def main(argv=None) -> int:
+    """Run the command `argv` names against the running TorchServe (SIGHUP and SIGTERM unwind like Ctrl-C);
+    the exit code: 1 with the error printed, 3 or 4 for a rejected or inconclusive gate."""
     args = get_args_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGHUP, signal.SIGTERM):

@@ -73,6 +73,9 @@ FRONTEND = "org.pytorch.serve.ModelServer"  # on the command line of TorchServe'
 
 @dataclass
 class TorchServe(KeyedApi, ServerHome):
+    """One TorchServe instance (see the module docstring): its folder, model store, ports and config, and the
+    calls that start, stop and talk to it."""
+
     workdir: str = settings.SERVER_DIR
     model_store: str = settings.MODEL_STORE
     ports: Ports = field(default_factory=ports_from_config)
@@ -89,6 +92,7 @@ class TorchServe(KeyedApi, ServerHome):
 
     # --- paths: everything the server writes lies in its folder (see the module's docstring) ----------------
     def path(self, *parts: str) -> str:
+        """A path inside the server's folder."""
         return os.path.join(self.workdir, *parts)
 
     run_dir = property(lambda self: self.path("run"))  # root's
@@ -123,6 +127,9 @@ class TorchServe(KeyedApi, ServerHome):
 
     # --- configuration --------------------------------------------------------------
     def config(self) -> dict:
+        """The properties a start gives TorchServe: the base config with this instance's ports and model
+        store, its relative paths made absolute, the overrides, and, with the guard, the management API moved
+        to the Unix socket."""
         props = read_properties(self.base_config)
         host = lambda key: props.get(key, "http://127.0.0.1:0").rsplit(":", 1)[0]
         props.update(
@@ -207,6 +214,7 @@ class TorchServe(KeyedApi, ServerHome):
             return []
 
     def is_running(self) -> bool:
+        """Whether this instance's TorchServe frontend runs (pid())."""
         return self.pid() is not None
 
     def start(self, models: str | None = DEFAULT_MODELS, restore: bool = True, timeout: float = 180) -> dict:
@@ -274,6 +282,7 @@ class TorchServe(KeyedApi, ServerHome):
     # --- who may connect: TorchServe's TCP ports that can register a model ----------------------------------
     @property
     def fence_name(self) -> str:
+        """The name of this server's nftables table (deploy/firewall.py), after its gRPC management port."""
         return firewall.table_name(self.ports.grpc_management)
 
     def registering_ports(self) -> list[int]:
@@ -295,12 +304,15 @@ class TorchServe(KeyedApi, ServerHome):
         return "not root" if os.geteuid() != 0 else "no firewall table (nftables missing?)"
 
     def launch_guard(self):
+        """Start the management guard (guard.launch); ServerError when its port cannot be bound."""
         try:
             guard.launch(self)
         except OSError as e:
             raise ServerError(f"{e}; is another process holding port {self.ports.management}?") from None
 
     def check_ports_free(self):
+        """ServerError when something already accepts connections on one of the server's ports on
+        127.0.0.1."""
         for name, port in vars(self.ports).items():
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -354,6 +366,7 @@ class TorchServe(KeyedApi, ServerHome):
         return bool(procs)
 
     def tail_log(self, lines: int = 20) -> str:
+        """The last `lines` lines of ts_log.log, read from its last 64 KiB; '' when it cannot be read."""
         try:
             with self.open(os.path.join(self.log_dir, "ts_log.log")) as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * 1024))

@@ -28,21 +28,46 @@ class Server(Protocol):
     _keys: dict | None
 
     @property
-    def key_file(self) -> str: ...
+    def key_file(self) -> str:
+        """The key_file.json TorchServe writes."""
+
     @property
-    def uid(self) -> int: ...
+    def uid(self) -> int:
+        """The uid of the server's processes and files."""
+
     @property
-    def tokens_enabled(self) -> bool: ...
-    def config(self) -> dict: ...
-    def running_config(self) -> dict | None: ...
-    def open(self, path: str) -> Any: ...
-    def url(self, api: str = "inference") -> str: ...
-    def forget(self) -> None: ...
-    def keys(self) -> dict: ...
-    def read_keys(self) -> dict: ...
-    def auth(self, kind: str) -> dict: ...
-    def check_listener(self, api: str) -> None: ...
-    def refresh_token(self, kind: str) -> None: ...
+    def tokens_enabled(self) -> bool:
+        """Whether TorchServe checks keys."""
+
+    def config(self) -> dict:
+        """The properties a start gives TorchServe."""
+
+    def running_config(self) -> dict | None:
+        """The properties the running TorchServe was started with, or None."""
+
+    def open(self, path: str) -> Any:
+        """A file of the server's folder, opened for reading the way root may."""
+
+    def url(self, api: str = "inference") -> str:
+        """The base URL of one API."""
+
+    def forget(self) -> None:
+        """Drop what was read from the running server."""
+
+    def keys(self) -> dict:
+        """The keys of key_file.json, read once."""
+
+    def read_keys(self) -> dict:
+        """The keys of key_file.json, read now."""
+
+    def auth(self, kind: str) -> dict:
+        """The Authorization header for one kind of key."""
+
+    def check_listener(self, api: str) -> None:
+        """ServerError when a listener of another local user holds the API's port."""
+
+    def refresh_token(self, kind: str) -> None:
+        """Have TorchServe issue a new key of one kind."""
 
 
 class KeyedApi:
@@ -52,16 +77,17 @@ class KeyedApi:
     _keys: dict | None
 
     def url(self: Server, api: str = "inference") -> str:
-        # Only inference may live elsewhere (TS_INFERENCE_URL); the management port, which refreshes keys with
-        # the never-expiring API key, is always this machine's.
+        """The base URL of `api` (a field of Ports). Only inference may live elsewhere (TS_INFERENCE_URL); the
+        management port, which refreshes keys with the never-expiring API key, is always this machine's."""
         if api == "inference":
             return f"{self.scheme}://{self.host}:{self.ports.inference}"
         return f"http://127.0.0.1:{getattr(self.ports, api)}"
 
     @property
     def tokens_enabled(self: Server) -> bool:
+        """Whether TorchServe checks keys: as the running server was started (`serve.sh start --no-tokens`
+        turns them off for that run only), else as the config says; read once, until forget()."""
         if self._tokens is None:
-            # Ask the running server first: `serve.sh start --no-tokens` turns tokens off for that run only.
             props = self.running_config()
             if props is None:
                 props = self.config()
@@ -88,11 +114,14 @@ class KeyedApi:
             )
 
     def keys(self: Server) -> dict:
+        """The keys of key_file.json ({kind: {"key": ...}}), read once, until forget()."""
         if self._keys is None:
             self._keys = self.read_keys()
         return self._keys
 
     def read_keys(self: Server) -> dict:
+        """The keys of key_file.json, read now (a torn read is retried for about 5 s); ServerError when it
+        cannot be read."""
         for _ in range(50):  # TorchServe may be writing the file right now: retry a torn read
             try:
                 with self.open(self.key_file) as f:
@@ -132,6 +161,8 @@ class KeyedApi:
         return resp
 
     def refresh_token(self: Server, kind: str):
+        """Have TorchServe issue a new `kind` key through the token API (asked with the API key, on this
+        machine's management port); the new key is read at its next use. ServerError when refused."""
         self.check_listener("management")
         api_key = self.keys()["API"]["key"]
         resp = requests.get(

@@ -25,23 +25,41 @@ class Server(Protocol):
     user: str | None
 
     @property
-    def home(self) -> str: ...
+    def home(self) -> str:
+        """TorchServe's working directory, the server's user's."""
+
     @property
-    def run_dir(self) -> str: ...
+    def run_dir(self) -> str:
+        """Root's folder of the generated config."""
+
     @property
-    def log_dir(self) -> str: ...
+    def log_dir(self) -> str:
+        """Where TorchServe writes its logs."""
+
     @property
-    def tmp_dir(self) -> str: ...
-    def path(self, *parts: str) -> str: ...
-    def as_user(self) -> dict: ...
-    def prepare_run_dir(self) -> None: ...
-    def move_legacy(self) -> None: ...
+    def tmp_dir(self) -> str:
+        """TorchServe's TMPDIR."""
+
+    def path(self, *parts: str) -> str:
+        """A path inside the server's folder."""
+
+    def as_user(self) -> dict:
+        """subprocess arguments that run a child as the server's user."""
+
+    def prepare_run_dir(self) -> None:
+        """Make the server's folder and its run/ root's."""
+
+    def move_legacy(self) -> None:
+        """Move an earlier layout's files into home/."""
 
 
 class ServerHome:
     """The folder half of TorchServe: preparing run/ and home/, and the environment and user it runs with."""
 
     def env(self: Server) -> dict:
+        """The environment TorchServe and its guard run with: this venv first on PATH, logs and metrics in
+        log_dir, TMPDIR in home/tmp (never the shared /tmp), HOME in home/ when it runs as its user, KServe's
+        open inference protocol on."""
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         env["LOG_LOCATION"] = self.log_dir
@@ -132,4 +150,6 @@ class ServerHome:
         )
 
     def as_user(self: Server) -> dict:
+        """subprocess arguments that run a child as the server's user (as the caller when `user` is None),
+        without root's groups, under umask 077."""
         return as_user(self.user)

@@ -19,6 +19,8 @@ import psutil
 
 
 def main(argv=None) -> int:
+    """Run the command after `--` and restart it when it dies, until it exits 0, the watched process is gone
+    or a signal stops it; returns 0."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--watch-pid", type=int, required=True, help="stop supervising when this process is gone")
     p.add_argument("--delay", type=float, default=1.0, help="seconds between a death and the restart")

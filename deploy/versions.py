@@ -25,6 +25,7 @@ EXIT_INCONCLUSIVE = 4  # the default itself failed golden requests: no verdict, 
 
 
 def state_dir(ts: TorchServe) -> str:
+    """The server's state/ folder: the deployment journal, its lock and the models' golden sets."""
     return ts.path("state")
 
 
@@ -182,6 +183,7 @@ def apply(ts: TorchServe, entry: dict, change, applied):
 
 
 def history_path(ts: TorchServe) -> str:
+    """The deployment journal's file, for messages."""
     return os.path.join(state_dir(ts), journal.JOURNAL)
 
 
@@ -278,6 +280,8 @@ class GateOutcome:
 
     @property
     def exit_code(self) -> int:
+        """The register command's exit code: 0 when promoted, already default or a passing dry run;
+        EXIT_REJECTED or EXIT_INCONCLUSIVE otherwise."""
         if self.verdict == "dry-run":
             return 0 if self.report and self.report["passed"] else EXIT_REJECTED
         return {"rejected": EXIT_REJECTED, "inconclusive": EXIT_INCONCLUSIVE}.get(self.verdict, 0)

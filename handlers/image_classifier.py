@@ -23,7 +23,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from model_src import backends, manifest, oip, protocol
 from model_src.explain import StepBudget, explain
-from model_src.preprocessing import InputError, Preprocessing
+from model_src.image_checks import InputError
+from model_src.preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ def limit_memory(headroom_mb: int) -> int:
 
 
 class ImageClassifier(BaseHandler):
+    """The archive's handler: batched prediction, explanations and the model card, per-request errors."""
+
     def initialize(self, context):
+        """TorchServe's per-worker setup: read the archive's manifest and settings, load the served
+        backend, warm it up and cap the worker's memory."""
         properties = context.system_properties
         model_dir = properties.get("model_dir")
         mar = context.manifest["model"]
@@ -96,6 +101,8 @@ class ImageClassifier(BaseHandler):
         )
 
     def configure(self, yaml_cfg: dict, batch_size: int):
+        """Read the handler settings of model-config.yaml: request limits, decode time per request (of a
+        `batch_size` batch) and the explanation step budget."""
         self.config = protocol.settings_from(yaml_cfg)
         # Decoding a batch must end well before TorchServe's responseTimeout kills the worker (and every
         # request in the batch): each request gets its share of decode_time_share x responseTimeout.
@@ -106,7 +113,7 @@ class ImageClassifier(BaseHandler):
 
     @staticmethod
     def auto_threads(yaml_cfg: dict) -> int:
-        # Split the cores between the workers so they do not oversubscribe each other.
+        """Threads per worker: the cores split between the workers so they do not oversubscribe each other."""
         workers = int(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
         # the cores this process may use, not the host's
         return max(1, len(os.sched_getaffinity(0)) // workers)
@@ -124,6 +131,8 @@ class ImageClassifier(BaseHandler):
         )
 
     def handle(self, data, context):
+        """TorchServe's entry point for a batch: one forward pass over its images, then its explanations;
+        returns one answer per request, a bad request failing alone."""
         start = time.perf_counter()
         images, owners, explanations, answers = [], [], [], [None] * len(data)
         for idx, row in enumerate(data):
@@ -167,6 +176,7 @@ class ImageClassifier(BaseHandler):
         return None
 
     def answer(self, context, idx: int, results: list, shape) -> dict | list | bytes:
+        """Request `idx`'s answer in the form it asked for: JSON, or v2 binary bytes with headers set."""
         context.set_response_content_type(idx, "application/json")
         reply = protocol.answer_body(results, shape, self.model_name, self.version)
         if shape[-1] != "binary":
@@ -194,6 +204,7 @@ class ImageClassifier(BaseHandler):
             answers[idx] = self.answer(context, idx, results, request.shape)
 
     def explain_image(self, img, steps: int, target: int | None, overlay: bool) -> dict:
+        """One decoded image's explanation answer, with `steps` integration steps."""
         return explain(self.explainer(), self.prep, img, self.labels, target, steps, overlay)
 
     def explainer(self):
@@ -221,6 +232,7 @@ class ImageClassifier(BaseHandler):
     # --- the model card ----------------------------------------------------------------------
 
     def describe(self) -> dict:
+        """The model card (built on first call, then kept)."""
         if self.card is None:  # built once
             self.card = self.make_card()
         return self.card
@@ -274,6 +286,7 @@ class ImageClassifier(BaseHandler):
         return self.reject(context, idx, request, 500, f"internal error: {error.__class__.__name__}")
 
     def reject(self, context, idx: int, request, status: int, message: str) -> dict:
+        """Set request `idx`'s error status, count it in RejectedInputs; return its error body."""
         context.set_response_status(status, message[:200], idx)
         context.set_response_content_type(idx, "application/json")
         self.count(context, "RejectedInputs")
@@ -292,4 +305,5 @@ class ImageClassifier(BaseHandler):
         )
 
     def count(self, context, name: str):
+        """Add 1 to the custom counter `name`."""
         context.metrics.add_counter(name, 1, None, dimensions=[])

@@ -48,6 +48,7 @@ def round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 
 def round_repeats(repeats: int, depth: float) -> int:
+    """A stage's block count scaled by `depth`, rounded up."""
     return int(math.ceil(depth * repeats))
 
 
@@ -61,6 +62,7 @@ class Conv2dSame(nn.Conv2d):
     """A strided convolution with TF "SAME" padding, computed from the input size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C', ceil(H/s), ceil(W/s))
+        """Convolve `x` after padding it TF "SAME" style for its own height and width."""
         top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
         left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
         return super().forward(F.pad(x, (left, right, top, bottom)))
@@ -79,6 +81,7 @@ class ConvBN(nn.Module):
         self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """act(bn(conv(x)))."""
         return self.act(self.bn(self.conv(x)))
 
 
@@ -103,6 +106,7 @@ class MBConv(nn.Module):
         self.drop_rate = drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, cin, H, W) -> (B, cout, H/s, W/s)
+        """The block's output, plus the input (under stochastic depth) when the shapes match."""
         out = self.project(self.depthwise(self.expand(x)))
         if self.residual:
             out = drop_path(out, self.drop_rate, self.training) + x
@@ -110,6 +114,8 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite `arch` (lite0 to lite4) with a `num_classes` head; ValueError for another arch."""
+
     def __init__(
         self,
         arch: str = "efficientnet_lite0",
@@ -153,6 +159,7 @@ class EfficientNetLite(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, num_classes) logits
+        """Class logits for a batch of images."""
         x = self.head(self.blocks(self.stem(x)))  # (B, 1280, H/32, W/32)
         x = self.pool(x).flatten(1)  # (B, 1280)
         return self.classifier(self.dropout(x))

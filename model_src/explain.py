@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model_src.preprocessing import InputError, Preprocessing
+from model_src.image_checks import InputError
+from model_src.preprocessing import Preprocessing
 
 MAX_GRID = 32  # side of the returned attribution grid: a readable, bounded answer whatever the input size
 OVERLAY_SIDE = 256  # the optional PNG overlay is scaled up to about this size

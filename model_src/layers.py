@@ -24,9 +24,11 @@ class WNLinear(nn.Module):
             self.g.copy_(self.v.norm(dim=1))  # start as the plain linear layer
 
     def weight(self) -> torch.Tensor:
+        """The normalised weight matrix (out, in): g * v / ||v||, row by row."""
         return self.g.unsqueeze(1) * self.v / self.v.norm(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
+        """x @ weight().T + bias."""
         return F.linear(x, self.weight(), self.bias)
 
     def to_linear(self) -> nn.Linear:
@@ -39,6 +41,7 @@ class WNLinear(nn.Module):
         return linear
 
     def extra_repr(self) -> str:
+        """The feature counts that print(module) shows."""
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
@@ -50,10 +53,12 @@ class Swish(nn.Module):
         self.beta = nn.Parameter(torch.tensor(float(beta)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x * sigmoid(beta * x)."""
         return x * torch.sigmoid(self.beta * x)
 
 
 def make_activation(name: str) -> nn.Module:
+    """A fresh activation module: "swish" (learnable beta), "relu" or "silu"; ValueError otherwise."""
     if name == "swish":
         return Swish()
     if name == "relu":
@@ -81,6 +86,7 @@ class ResidualBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) -> (B, out, H/s, W/s)
+        """act(bn(conv(act(bn(conv(x))))) + shortcut(x))."""
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.act2(out + self.shortcut(x))

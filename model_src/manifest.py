@@ -42,6 +42,8 @@ class Metrics:
 
 @dataclass
 class Provenance:
+    """Where a model came from: its training data and command (or imported weights' source), its metrics."""
+
     data: str | None = None  # the ImageFolder root trained on (export checks and evaluation default to it)
     command: str | None = None  # the training command line, as typed (None for imported weights)
     source: str | None = None  # where imported weights came from (None for a training run)
@@ -50,6 +52,8 @@ class Provenance:
 
 @dataclass
 class BackendEntry:
+    """The served backend: its name, its file and its precision."""
+
     name: str
     file: str
     precision: str
@@ -57,6 +61,8 @@ class BackendEntry:
 
 @dataclass
 class ArchiveEntry:
+    """What archiving adds: model name, version, build time, archive file and its members' digests."""
+
     model_name: str
     version: str
     built: str  # ISO 8601, UTC
@@ -66,6 +72,8 @@ class ArchiveEntry:
 
 @dataclass
 class Manifest:
+    """The bundle manifest: one typed record that training, export and archiving each extend once."""
+
     model_args: dict[str, Any]
     class_names: list[str]
     preprocessing: dict[str, Any]  # Preprocessing.to_dict()
@@ -77,10 +85,12 @@ class Manifest:
     archive: ArchiveEntry | None = None  # archiving
 
     def to_dict(self) -> dict:
+        """The manifest as a JSON-ready dict, tagged with its "schema"."""
         return {"schema": SCHEMA, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        """The manifest from its dict form; ManifestError for another schema or missing/unknown fields."""
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             got = d.get("schema") if isinstance(d, dict) else type(d).__name__
             raise ManifestError(
@@ -131,6 +141,7 @@ class Manifest:
         return {str(i): name for i, name in enumerate(self.class_names)}
 
     def write(self, folder: str) -> str:
+        """Write the manifest as bundle.json into `folder`; return the file's path."""
         path = os.path.join(folder, FILE)
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
@@ -144,6 +155,7 @@ def model_args_of(ckpt: dict) -> dict:
 
 
 def loads(text: str | bytes) -> Manifest:
+    """The manifest from bundle.json's text; ManifestError if it is not JSON or not a readable manifest."""
     try:
         return Manifest.from_dict(json.loads(text))
     except json.JSONDecodeError as e:

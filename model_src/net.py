@@ -49,12 +49,14 @@ class ResNetClassifier(nn.Module):
         self.head = WNLinear(in_ch, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes) logits
+        """Class logits for a batch of images."""
         x = self.stages(self.stem(x))  # (B, C', H', W')
         x = self.pool(x).flatten(1)  # (B, C')
         return self.head(self.dropout(x))
 
 
 def build_model(model_args: dict) -> nn.Module:
+    """A fresh model for `model_args` (gaps filled from DEFAULT_MODEL_ARGS); ValueError for unknown arch."""
     args = {**DEFAULT_MODEL_ARGS, **model_args}
     arch = args["arch"]
     if arch == "resnet_small":
@@ -105,6 +107,8 @@ def build_torchvision(arch, num_classes, in_channels=3, weights_path=None):
 
 
 def resolve_weights(arch: str, weights_path: str) -> str:
+    """The path of pretrained weights: `weights_path` if it is a file, or for "cache" the arch's default
+    torchvision weights in the torch hub cache. FileNotFoundError when the file is not there."""
     if weights_path != "cache":
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"weights file {weights_path} does not exist")

@@ -16,7 +16,7 @@ max_elements + 1 steps (tests/test_oip_units.py grows it 10x).
 import json
 import struct
 
-from model_src.preprocessing import InputError
+from model_src.image_checks import InputError
 
 HEADER = "inference-header-content-length"  # lower-cased: HAProxy sends header names in lower case
 PLATFORM = "pytorch_torchserve"
@@ -177,4 +177,5 @@ def metadata_text(meta: dict, limit: int) -> str:
 
 
 def without(d: dict, key: str) -> dict:
+    """A copy of `d` without `key`."""
     return {k: v for k, v in d.items() if k != key}

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from model_src import oip
-from model_src.preprocessing import InputError, Preprocessing, sniff_format
+from model_src.image_checks import InputError, sniff_format
+from model_src.preprocessing import Preprocessing
 
 # --- settings ------------------------------------------------------------------------------------
 
@@ -67,6 +68,7 @@ def settings_from(yaml_cfg: dict) -> dict:
 
 
 def b64decode(text) -> bytes:
+    """Base64 text as bytes (line breaks and a data: URL prefix allowed); InputError if not base64."""
     if not isinstance(text, str):
         raise InputError(f"expected a base64 string, got {type(text).__name__}")
     text = "".join(text.split())  # `base64` and MIME wrap lines at 76 columns; validate=True refuses newlines
@@ -104,10 +106,12 @@ def items_from_json(body) -> tuple[list, str | tuple]:
 
 
 def is_empty(value) -> bool:
+    """True for None and for an empty bytes, str, list or dict."""
     return value is None or (isinstance(value, (bytes, bytearray, str, list, dict)) and len(value) == 0)
 
 
 def is_image(value) -> bool:
+    """True if `value` is bytes that start like an image of an accepted format."""
     try:
         # magic: 12 bytes
         return isinstance(value, (bytes, bytearray)) and bool(sniff_format(bytes(value[:64])))
@@ -133,6 +137,7 @@ def files_of(fields: dict) -> list:
 
 
 def is_text(value) -> bool:
+    """True for a str, or for at most 1024 bytes of printable UTF-8."""
     if isinstance(value, str):
         return True
     try:
@@ -196,10 +201,12 @@ def check_items(items: list, max_images: int, max_bytes: int) -> list:
 
 
 def decode_items(items: list) -> list[bytes]:
+    """A request's image items as bytes: bytes as they are, anything else decoded as base64."""
     return [bytes(i) if isinstance(i, (bytes, bytearray)) else b64decode(i) for i in items]
 
 
 def is_v2(body) -> bool:
+    """True if `body` is a KServe v2 request (a dict with "inputs")."""
     return isinstance(body, dict) and "inputs" in body
 
 
@@ -216,6 +223,8 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: dict) -> "Limits":
+        """The limits from the handler settings' max_images_per_request, max_images_per_explanation and
+        max_request_image_bytes."""
         return cls(
             settings["max_images_per_request"],
             settings["max_images_per_explanation"],
@@ -344,6 +353,7 @@ def answer_body(results: list, shape: str | tuple, model_name: str, version: str
 
 
 def v2_response(predictions: list[dict], model_name: str, version: str, request_id: str) -> dict:
+    """The KServe v2 response: one BYTES output "predictions" holding each prediction as JSON."""
     # TorchServe's OIP gRPC frontend reads id, model_name, model_version and outputs[].name/datatype/
     # shape/data from this JSON; a missing key crashes its response path and kills the worker.
     return {
@@ -362,6 +372,7 @@ def v2_response(predictions: list[dict], model_name: str, version: str, request_
 
 
 def error_body(status: int, message: str) -> dict:
+    """TorchServe's error JSON for `status`: type BadInput below 500, else InternalServerError."""
     return {"code": status, "type": "BadInput" if status < 500 else "InternalServerError", "message": message}
 
 

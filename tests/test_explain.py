@@ -20,8 +20,9 @@ from bundle.settings import DIGITS_DIR
 from deploy import versions
 from model_src import backends
 from model_src.explain import FIRST_STEPS, MIN_STEPS, StepBudget
+from model_src.image_checks import InputError
 from model_src.manifest import Manifest
-from model_src.preprocessing import InputError, Preprocessing
+from model_src.preprocessing import Preprocessing
 from tests import images
 from tests.conftest import batching_store, install_archive
 from tests.test_handler import handle, make_handler

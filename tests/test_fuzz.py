@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model_src.preprocessing import DEFAULT_MAX_PIXELS, InputError, Preprocessing, check_cheaply, sniff_format
+from model_src.image_checks import InputError, check_cheaply, sniff_format
+from model_src.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing
 from model_src.protocol import Limits, decode_items, read_request
 from tests import images
 

@@ -29,9 +29,10 @@ from bundle import settings
 from bundle.settings import METRICS_CONFIG
 from handlers.image_classifier import ImageClassifier
 from model_src import backends, protocol
+from model_src.image_checks import ACCEPTED_NAMES
 from model_src.manifest import Manifest
 from model_src.net import build_model, load_model
-from model_src.preprocessing import ACCEPTED_NAMES, Preprocessing
+from model_src.preprocessing import Preprocessing
 from tests import images
 from tests.reference import assert_matches_reference, torchvision_eval
 from train.data import CachedImages

@@ -17,7 +17,7 @@ import yaml
 
 from bundle import settings
 from bundle.properties import read_properties, write_properties
-from deploy import kserve
+from deploy import kserve, kserve_policy
 from deploy.frontdoor import FrontDoor
 from deploy.server import Ports, TorchServe
 from tests.conftest import install_archive
@@ -145,7 +145,7 @@ def test_manifests_valid_against_published_schemas(manifests):
     for protocol in ("v1", "v2"):
         predictor = manifests[f"manifests/inferenceservice-{protocol}.yaml"]["spec"]["predictor"]
         model = predictor["model"]
-        assert model["protocolVersion"] == protocol and model["runtime"] == kserve.RUNTIME
+        assert model["protocolVersion"] == protocol and model["runtime"] == kserve_policy.RUNTIME
         assert model["resources"]["limits"]["cpu"] and model["resources"]["requests"]["memory"]
         # The front door's limits KServe can carry; no service-link variables for enable_envvars_config to
         # read.
@@ -165,13 +165,13 @@ def test_schema_catches_mistakes():
         "protocolVersoin" in errors and "'one' is not of type 'integer'" in errors and "apiVersion" in errors
     )
 
-    netpol = kserve.network_policy()
+    netpol = kserve_policy.network_policy()
     netpol["spec"]["podSelecter"] = netpol["spec"].pop("podSelector")
     netpol["spec"]["ingress"][0]["ports"][0]["port"] = 8080.5
     errors = "\n".join(kserve.validate(netpol))
     assert "podSelecter" in errors and "spec.ingress.0.ports.0.port" in errors
 
-    authz = kserve.authorization_policy()
+    authz = kserve_policy.authorization_policy()
     authz["spec"]["rules"][0]["to"][0]["operation"]["ports"] = [8080]  # Istio's ports are strings
     authz["spec"]["action"] = "PERMIT"
     errors = "\n".join(kserve.validate(authz))
@@ -238,20 +238,20 @@ def test_network_policy_selects_the_predictors_and_admits_only_its_peers(manifes
         istio == selector and manifests["istio/networkpolicy-sidecar.yaml"]["spec"]["podSelector"] == selector
     )
 
-    gateway_ns, gateway_labels = kserve.GATEWAY
+    gateway_ns, gateway_labels = kserve_policy.GATEWAY
     assert admits(policy, gateway_ns, gateway_labels, 8080)
-    assert admits(policy, "models", kserve.CLIENT_LABEL, 8080)
+    assert admits(policy, "models", kserve_policy.CLIENT_LABEL, 8080)
     assert admits(policy, "knative-serving", {"app": "activator"}, 8012)
     assert admits(policy, "monitoring", {"app": "prometheus"}, 8082)
     assert not admits(policy, "models", {"app": "anything"}, 8080)  # a pod of the namespace without the label
     # the label counts in the namespace only
-    assert not admits(policy, "elsewhere", kserve.CLIENT_LABEL, 8080)
+    assert not admits(policy, "elsewhere", kserve_policy.CLIENT_LABEL, 8080)
     assert not admits(policy, gateway_ns, {"app": "other"}, 8080)
     assert not admits(policy, "monitoring", {"app": "prometheus"}, 8080)  # metrics only
     for port in (8081, 8085, 7070, 7071):  # management, the stock runtime's inference, gRPC: nobody
         assert not any(
             admits(policy, ns, labels, port)
-            for ns, labels in [kserve.GATEWAY, ("models", kserve.CLIENT_LABEL)]
+            for ns, labels in [kserve_policy.GATEWAY, ("models", kserve_policy.CLIENT_LABEL)]
         )
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == []
 

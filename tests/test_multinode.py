@@ -64,5 +64,10 @@ def test_killed_run_leaves_no_namespace_or_link(namespaces, tmp_path):
 
 
 def test_refuses_other_than_two_nodes():
-    with pytest.raises(SystemExit, match="exactly two nodes"):
+    with pytest.raises(multinode.NodesError, match="exactly two nodes"):
         multinode.make_nodes(3, "x")
+
+
+def test_main_says_why_it_cannot_make_the_nodes(namespaces):
+    with pytest.raises(SystemExit, match="^error: --nnodes: a veth pair joins exactly two nodes$"):
+        multinode.main(["--nnodes", "3", "--", "--epochs", "1"])

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_src import oip, protocol
-from model_src.preprocessing import InputError
+from model_src.image_checks import InputError
 
 
 def client_body(*payloads: bytes, binary=True, **kw) -> tuple[bytes, int | None]:

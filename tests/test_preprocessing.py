@@ -12,20 +12,22 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from model_src.preprocessing import (
+from model_src.image_checks import (
     ACCEPTED_NAMES,
-    DEFAULT_MAX_PIXELS,
     MAX_GIF_BLOCKS,
     MAX_JPEG_SCANS,
     MAX_JPEG_SEGMENTS,
     MAX_PNG_CHUNKS,
     MAX_TIFF_STRIPS,
     InputError,
-    Preprocessing,
     count_gif_blocks,
     count_jpeg_markers,
     count_png_chunks,
     count_tiff_strips,
+)
+from model_src.preprocessing import (
+    DEFAULT_MAX_PIXELS,
+    Preprocessing,
     decode_image,
     pixel_cost,
     resize_crop,

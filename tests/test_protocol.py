@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model_src import protocol
-from model_src.preprocessing import InputError
+from model_src.image_checks import InputError
 from model_src.protocol import Limits, Request, read_request
 from tests import images
 

@@ -62,10 +62,19 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
 
 
 def test_wrk_refuses_other_hosts():
-    from bench.wrk import post_files
+    from bench.wrk import WrkError, post_files
 
-    with pytest.raises(SystemExit, match="non-loopback"):
+    with pytest.raises(WrkError, match="non-loopback"):
         post_files("http://example.com/predictions/my_model", "key", [__file__], 1, 1)
+
+
+def test_loadgen_refuses_other_hosts_and_its_cli_says_so():
+    from bench import loadgen
+
+    with pytest.raises(loadgen.LoadgenError, match="non-loopback target example.com"):
+        loadgen.run("http://example.com/predictions/my_model", [b"x"], 1, 1)
+    with pytest.raises(SystemExit, match="^loadgen: refusing non-loopback target example.com$"):
+        loadgen.main(["--url", "http://example.com/predictions/my_model", __file__])
 
 
 def test_noop_handler_answers_every_request():

@@ -33,6 +33,8 @@ def write_atomic(path: str, write):
 
 
 class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, ...); the message names the free space."""
+
     pass
 
 
@@ -41,6 +43,7 @@ class RunError(ValueError):
 
 
 def save_checkpoint(state: dict, path: str):
+    """Write `state` to `path` atomically; CheckpointWriteError naming the free space if it fails."""
     try:
         write_atomic(path, lambda tmp: torch.save(state, tmp))
     except (RuntimeError, OSError) as e:
@@ -109,6 +112,7 @@ def check_output_dir(args):
 
 
 def load_resume(args) -> dict | None:
+    """The --resume checkpoint, loaded on the CPU (None without --resume); RunError if it is missing."""
     if not args.resume:
         return None
     if not os.path.isfile(args.resume):
@@ -117,6 +121,7 @@ def load_resume(args) -> dict | None:
 
 
 def check_resume_classes(args, resumed: Manifest, class_names: list[str]):
+    """RunError unless the data's classes are those the resumed checkpoint was trained on."""
     if class_names != resumed.class_names:
         raise RunError(
             f"{args.data} has classes {class_names}, but {args.resume} was trained on "

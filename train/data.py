@@ -15,7 +15,7 @@ from bundle.settings import DIGITS_DIR
 from model_src.preprocessing import Preprocessing
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
-# Exactly what the handler decodes (model_src.preprocessing.ACCEPTED_FORMATS): torchvision's list also has
+# Exactly what the handler decodes (model_src.image_checks.ACCEPTED_FORMATS): torchvision's list also has
 # .ppm and .pgm, which serving refuses, so a model would train on images it can never be sent.
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_BYTES = 2**30  # prepared images kept in memory per process, at most
@@ -68,6 +68,8 @@ def write_digits(root: str = DIGITS_DIR, val_fraction: float = 0.2, seed: int = 
 
 
 def ensure_data(path: str) -> str:
+    """`path`, checked to hold train/ and val/ ImageFolder trees (the digits set is written first when
+    `path` is DIGITS_DIR); DataError otherwise."""
     if os.path.abspath(path) == DIGITS_DIR:
         write_digits(path)
     for split in ("train", "val"):
@@ -87,6 +89,7 @@ def load_prepared(prep: Preprocessing, path: str):
 
 
 def is_image(path: str) -> bool:
+    """True if the file name ends in one of IMG_EXTENSIONS (any case)."""
     return path.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -151,10 +154,12 @@ class CachedImages(torch.utils.data.Dataset):
 
     @property
     def classes(self):
+        """The class names, sorted: the folder names under the root."""
         return self.folder.classes
 
     @property
     def targets(self):
+        """Each image's class index, in the folder's order."""
         return self.folder.targets
 
     def __len__(self):
@@ -179,6 +184,8 @@ def fits_in_cache(data: str, prep: Preprocessing) -> bool:
 
 
 def build_datasets(data: str, prep: Preprocessing, augment: str, limit: int | None = None):
+    """The (train, val) datasets of ImageFolder root `data`, kept in memory if they fit; `limit`
+    keeps an evenly spread subset of about that many images each. DataError if their classes differ."""
     cache = fits_in_cache(data, prep)
     train = CachedImages(os.path.join(data, "train"), prep, train_transform(prep, augment), cache=cache)
     val = CachedImages(os.path.join(data, "val"), prep, prep, cache=cache)
@@ -222,6 +229,8 @@ def fill_cache(ds, workers: int):
 
 
 def build_loaders(train, val, batch_size: int, workers: int, rank: int, world: int):
+    """(train loader, val loader, train sampler), each rank on its own shard when `world` > 1; the
+    datasets' caches are filled first. DataError if the training split makes no batch."""
     if world > 1:
         train_sampler = torch.utils.data.distributed.DistributedSampler(train, world, rank, shuffle=True)
         # Each rank evaluates a disjoint shard (no padding) so summed counts are exact.

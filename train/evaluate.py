@@ -26,6 +26,7 @@ class ClassMismatchError(ValueError):
 
 
 def get_args_parser():
+    """The command line of `python -m train.evaluate`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument(
         "--model",
@@ -64,6 +65,7 @@ def load_any(path: str):
 
 
 def confusion_matrix(predictor, loader, num_classes: int) -> torch.Tensor:
+    """The [true, predicted] counts of `predictor`'s top-1 over `loader`."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [true, predicted]
     for images, targets in loader:
         pred = predictor(images).argmax(1)
@@ -74,6 +76,7 @@ def confusion_matrix(predictor, loader, num_classes: int) -> torch.Tensor:
 
 
 def summarize(confusion: torch.Tensor, class_names: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/support and the confusion matrix as a JSON-ready dict."""
     c = confusion.double()
     tp = c.diag()
     precision = (tp / c.sum(0).clamp(min=1)).tolist()
@@ -91,6 +94,7 @@ def summarize(confusion: torch.Tensor, class_names: list[str]) -> dict:
 
 
 def print_summary(res: dict):
+    """Print summarize()'s result as tables: per-class metrics, then the confusion matrix."""
     print(f"accuracy {res['accuracy']:.4f} on {res['images']} images\n")
     print(f"{'class':>12s} {'precision':>9s} {'recall':>7s} {'support':>7s}")
     for name, m in res["per_class"].items():
@@ -104,6 +108,8 @@ def print_summary(res: dict):
 
 
 def evaluate(model_path: str, data: str | None = None, split: str = "val", batch_size: int = 256) -> dict:
+    """summarize() of a checkpoint or exported model on `split` of `data` (default: the data it was
+    trained on). ClassMismatchError if the data's classes are not the model's."""
     predictor, prep, class_names, trained_on = load_any(model_path)
     root = datalib.ensure_data(data or trained_on or datalib.DIGITS_DIR)
     ds = datalib.CachedImages(os.path.join(root, split), prep, prep, cache=False)
@@ -114,6 +120,7 @@ def evaluate(model_path: str, data: str | None = None, split: str = "val", batch
 
 
 def main(args):
+    """Evaluate, print the summary and write the JSON and PNG asked for; exit with the error on failure."""
     try:
         res = evaluate(args.model, args.data, args.split, args.batch_size)
     except (ValueError, backends.BackendUnavailable) as e:

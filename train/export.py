@@ -39,10 +39,13 @@ MAX_ACC_DROP = 0.005  # ... and accuracy lost
 
 
 class ExportCheckError(RuntimeError):
+    """An exported file disagrees with the eager model beyond its tolerance or precision gate."""
+
     pass
 
 
 def get_args_parser():
+    """The command line of `python -m train.export`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (checkpoint_best.pt)")
     p.add_argument("--output-dir", required=True, help="new folder for the serving files (must not exist)")
@@ -61,7 +64,22 @@ def get_args_parser():
 
 
 def val_dataset(data_root: str, prep: Preprocessing) -> datalib.CachedImages:
+    """The validation split of `data_root`, uncached, through the eval preprocessing."""
     return datalib.CachedImages(os.path.join(data_root, "val"), prep, prep, cache=False)
+
+
+def calibration_batches(data_root: str, prep: Preprocessing, batch: int = 32):
+    """Batches for post-training quantisation (openvino-int8): the training split, shuffled with a fixed
+    seed so that the first few hundred images cover every class; the validation split where there is no
+    training split (the bundled ImageNet photos), which then is also what the checks run on."""
+    split = "train" if os.path.isdir(os.path.join(data_root, "train")) else "val"
+    ds = datalib.CachedImages(os.path.join(data_root, split), prep, prep, cache=False)
+
+    def batches():
+        order = torch.Generator().manual_seed(1)
+        return (x for x, _ in DataLoader(ds, batch_size=batch, shuffle=True, generator=order))
+
+    return batches
 
 
 def check_batch(ds: datalib.CachedImages, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +97,12 @@ def check_batch(ds: datalib.CachedImages, size: int, seed: int = 0) -> tuple[tor
 
 
 def probs(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities, in float32."""
     return torch.softmax(logits.float(), dim=1)
 
 
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
+    """The max |Δprob| between `got` and `want` logits; ExportCheckError above TOLERANCE."""
     diff = (probs(got) - probs(want)).abs().max().item()
     if not diff <= TOLERANCE:
         raise ExportCheckError(f"{name}: max |Δprob| {diff:.2e} exceeds {TOLERANCE:.0e}")
@@ -151,11 +171,13 @@ def export_all(
     model, ckpt = load_model(checkpoint)
     manifest = Manifest.from_checkpoint(ckpt)
     prep = Preprocessing.from_dict(manifest.preprocessing)
-    val = val_dataset(datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR), prep)
+    data_root = datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR)
+    val = val_dataset(data_root, prep)
     example, _ = check_batch(val, batch)
     with torch.inference_mode():
         eager_logits = model(example)
-    job = ExportJob(model, fuse_for_export(copy.deepcopy(model)).eval(), example, None, manifest)
+    fused = fuse_for_export(copy.deepcopy(model)).eval()
+    job = ExportJob(model, fused, example, calibration_batches(data_root, prep), manifest)
     report = {
         "checkpoint": os.path.abspath(checkpoint),
         "check_batch": len(example),
@@ -190,6 +212,7 @@ def export_all(
 
 
 def print_report(report: dict, output_dir: str):
+    """Print each format's file, size, export time and check results, then the output folder."""
     print(
         f"export checks on {report['check_batch']} validation images "
         f"(tolerance {report['tolerance']:.0e} on probabilities):"
@@ -209,6 +232,7 @@ def print_report(report: dict, output_dir: str):
 
 
 def main(args):
+    """Export and print the report; exit with the reason, nothing written, if any step fails."""
     try:
         report = export_all(args.checkpoint, args.output_dir, args.formats.split(","), args.data, args.batch)
     except (ExportCheckError, ExportError, BackendUnavailable, FileExistsError, ValueError) as e:

@@ -78,6 +78,7 @@ def build_from_pretrained(pre: dict, class_names: list[str], log=print) -> tuple
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool):
+    """Freeze (or unfreeze) every parameter outside the classifier."""
     head = classifier_name(model) + "."
     for name, p in model.named_parameters():
         if not name.startswith(head):
@@ -85,6 +86,7 @@ def set_backbone_frozen(model: nn.Module, frozen: bool):
 
 
 def backbone_frozen(args, epoch: int) -> bool:
+    """Whether the backbone is frozen in `epoch`: always with --freeze-backbone, else in the --head-epochs."""
     return bool(args.freeze_backbone) or epoch <= (args.head_epochs or 0)
 
 

@@ -77,6 +77,8 @@ class Run:
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment, joining the process group;
+    (0, 1, 0) when not launched by torchrun."""
     if "RANK" not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -122,6 +124,7 @@ def replica_digests(model: nn.Module) -> list[dict] | None:
 
 
 def log(msg: str, rank: int = 0):
+    """Print `msg` above the progress bars, on rank 0 only."""
     if rank == 0:
         tqdm.write(msg)
 
@@ -130,11 +133,13 @@ def log(msg: str, rank: int = 0):
 
 
 def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on `device` when `enabled`: float16 on CUDA, bfloat16 on the CPU."""
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, scaler, profiler=None, rank=0):
+    """Train one epoch (gradient accumulation, clipping, AMP); loss and accuracy summed over processes."""
     model.train()
     finetune.hold_frozen_norms(model)
     total_loss, correct, seen = torch.zeros(3, dtype=torch.float64).unbind(0)
@@ -167,6 +172,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, args, sc
 
 @torch.inference_mode()
 def evaluate(model, criterion, loader, device, num_classes, args):
+    """The model's loss, accuracy and confusion matrix on `loader`, summed over processes."""
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # [true, predicted]

@@ -32,6 +32,7 @@ class FocalLoss(nn.Module):
         self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The focal loss of (N, C) logits against (N,) class indices; ValueError for malformed inputs."""
         if logits.ndim != 2:
             raise ValueError(f"focal loss: logits must be (N, C), got shape {tuple(logits.shape)}")
         if target.ndim != 1 or target.shape[0] != logits.shape[0]:
@@ -58,18 +59,21 @@ class _MaskedClamp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lo: float, hi: float):
+        """clamp(x, lo, hi), saving x for the backward pass."""
         ctx.save_for_backward(x)
         ctx.lo, ctx.hi = lo, hi
         return x.clamp(lo, hi)
 
     @staticmethod
     def backward(ctx, grad_out):
+        """The incoming gradient where lo <= x <= hi, zero elsewhere."""
         (x,) = ctx.saved_tensors
         inside = (x >= ctx.lo) & (x <= ctx.hi)
         return grad_out * inside.to(grad_out.dtype), None, None
 
 
 def masked_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp(x, lo, hi) whose gradient is exactly zero outside [lo, hi]."""
     return _MaskedClamp.apply(x, lo, hi)
 
 
@@ -97,6 +101,7 @@ class IoULoss(nn.Module):
         self.reduction, self.eps = reduction, eps
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The reduced 1 - IoU of (N, 4) boxes; ValueError for other shapes."""
         if pred.shape != target.shape or pred.ndim != 2 or pred.shape[1] != 4:
             raise ValueError(
                 f"IoU loss: boxes must both be (N, 4), got {tuple(pred.shape)} and {tuple(target.shape)}"
@@ -105,6 +110,7 @@ class IoULoss(nn.Module):
 
 
 def build_criterion(name: str, label_smoothing: float = 0.0, focal_gamma: float = 2.0) -> nn.Module:
+    """The training loss: "ce" (cross-entropy with label smoothing) or "focal"; ValueError otherwise."""
     if name == "ce":
         return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if name == "focal":

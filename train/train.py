@@ -42,6 +42,7 @@ from train.losses import build_criterion
 
 
 def get_args_parser(add_help=True):
+    """The command line of `python -m train.train` (`add_help=False` for a parent parser)."""
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -138,6 +139,7 @@ TRAINING_ERRORS = (recipe.ConfigError, checkpoint.RunError, finetune.FinetuneErr
 
 
 def main(args):
+    """Train; exit with the error for a bad configuration, run folder or fine-tuning setup."""
     try:
         train(args)
     except TRAINING_ERRORS as e:
@@ -145,6 +147,8 @@ def main(args):
 
 
 def train(args):
+    """One training run as `args` describes: picks the device, joins the process group, holds the
+    output folder (rank 0) for the run's length."""
     start_time = time.time()
     recipe.check_weights(args)
     device = torch.device(
@@ -169,6 +173,7 @@ def train(args):
 
 
 def run(args, device, rank, world, start_time):
+    """The run's steps in order: resume or fine-tune setup, data, model and optimiser, epochs, finish."""
     resume_ckpt = checkpoint.load_resume(args)
     resumed = Manifest.from_checkpoint(resume_ckpt) if resume_ckpt else None
     pretrained = finetune.prepare(args, resume_ckpt, world)
@@ -201,6 +206,8 @@ def prepare_run(args, resumed: Manifest | None, rank: int, world: int):
 
 
 def load_data(args, resumed: Manifest | None, pretrained: dict | None, rank: int, world: int) -> Data:
+    """The run's preprocessing (resumed, pretrained or from `args`), datasets, class names and loaders;
+    rank 0 also writes the golden set."""
     if resumed:
         prep = Preprocessing.from_dict(resumed.preprocessing)
     elif pretrained:  # the pretrained model's own eval transform
@@ -221,6 +228,7 @@ def load_data(args, resumed: Manifest | None, pretrained: dict | None, rank: int
 
 
 def build_learner(args, data: Data, resume_ckpt, resumed, pretrained, device, world, rank) -> Learner:
+    """The model (wrapped in DDP when `world` > 1), its loss, optimiser, scheduler and AMP scaler."""
     if pretrained:
         say = lambda msg: log(msg, rank)
         model, model_args = finetune.build_from_pretrained(pretrained, data.class_names, say)
@@ -248,6 +256,7 @@ def build_learner(args, data: Data, resume_ckpt, resumed, pretrained, device, wo
 
 
 def restore_progress(args, learner: Learner, resume_ckpt: dict, resumed: Manifest, rank: int) -> Progress:
+    """Load the resume checkpoint's model, optimiser, scheduler and scaler states; return where to go on."""
     learner.model_without_ddp.load_state_dict(strip_prefixes(resume_ckpt["model"]))
     learner.optimizer.load_state_dict(resume_ckpt["optimizer"])
     learner.scheduler.load_state_dict(resume_ckpt["lr_scheduler"])
@@ -271,6 +280,7 @@ def open_writer(args, learner: Learner, data: Data, device, rank: int):
 
 
 def log_start(r: Run):
+    """Log the run's model size, data, processes and preprocessing (rank 0)."""
     n_params = sum(p.numel() for p in r.learner.model_without_ddp.parameters())
     data = r.data
     log(
@@ -331,6 +341,7 @@ def train_epochs(r: Run) -> dict | None:
 
 
 def log_epoch(args, row: dict, is_best: bool, rank: int):
+    """Log one epoch's row of the history (rank 0); a "*" marks a new best."""
     log(
         f"epoch {row['epoch']:3d}/{args.epochs} | lr {row['lr']:.2e} | "
         f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "

@@ -34,11 +34,14 @@ class ExportJob:
 
 
 def usable() -> str | None:
+    """Always usable: the `available` of a backend that needs no optional package."""
     return None
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One serving format: its file, what it can do, how export checks it, its export and load functions."""
+
     name: str  # "onnx", "torchscript", "eager", "int8", ...
     file: str  # the file it writes and loads, e.g. "model.onnx" (unique across backends)
     gpu: bool  # can run on CUDA (False: the handler runs it on the CPU even in a GPU worker)
@@ -59,6 +62,7 @@ class Backend:
 
     @property
     def runner(self) -> str:
+        """What runs the file, in words: `runtime`, or else the backend's name."""
         return self.runtime or self.name
 
 
@@ -93,6 +97,7 @@ def discover(package: str = __name__) -> dict[str, Backend]:
 
 
 def all_backends() -> dict[str, Backend]:
+    """Every backend by name (discovered once per process; the dict is a copy)."""
     global _REGISTRY
     if _REGISTRY is None:
         _REGISTRY = discover()
@@ -105,6 +110,7 @@ def served() -> dict[str, Backend]:
 
 
 def get(name: str) -> Backend:
+    """The backend called `name`; ValueError naming the known ones otherwise."""
     backends = all_backends()
     if name not in backends:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(backends)}")

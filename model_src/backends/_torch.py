@@ -15,6 +15,7 @@ def quiet_deprecations():
 
 
 def trace(fused, example):
+    """`fused` traced to TorchScript on `example` (batch size left free), without the warnings."""
     import torch
 
     with quiet_deprecations():  # TorchScript is deprecated in this torch, still the format TorchServe loads
@@ -40,6 +41,7 @@ class TorchRunner:
 
 
 def load_script(path: str, device: str, threads: int | None = None) -> TorchRunner:
+    """A TorchScript file loaded on `device` in eval mode, as a TorchRunner."""
     import torch
 
     with quiet_deprecations():

@@ -6,12 +6,14 @@ from model_src.backends._torch import TorchRunner
 
 
 def export(job: ExportJob, path: str):
+    """Write model.pt: the eager state_dict and the manifest, as a plain dict."""
     import torch
 
     torch.save({"model": job.model.state_dict(), "manifest": job.manifest.to_dict()}, path)
 
 
 def load(path: str, device: str, threads: int | None = None) -> TorchRunner:
+    """model.pt rebuilt with build_model on `device`, as a TorchRunner."""
     from model_src.net import load_model
 
     return TorchRunner(load_model(path, map_location=device)[0].to(device), device)

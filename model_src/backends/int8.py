@@ -11,6 +11,7 @@ from model_src.backends._torch import load_script
 
 
 def quantize(fused):
+    """A copy of `fused` with its Linear layers dynamically quantised to int8 (per-channel weight scales)."""
     import torch
     from torch import nn
 
@@ -27,6 +28,7 @@ def quantize(fused):
 
 
 def export(job: ExportJob, path: str):
+    """Write the dynamically quantised model, traced, as TorchScript."""
     import torch
 
     with warnings.catch_warnings():

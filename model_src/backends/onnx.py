@@ -8,6 +8,7 @@ from model_src.backends import Backend, ExportJob
 
 
 def export(job: ExportJob, path: str):
+    """Write the fused model as ONNX with a free batch size, then run onnx.checker's full check on it."""
     import onnx
     import torch
 
@@ -29,6 +30,8 @@ def export(job: ExportJob, path: str):
 
 
 class OnnxRunner:
+    """An ONNX Runtime CPU session as a backend's callable: float batch -> logits tensor."""
+
     def __init__(self, path: str, threads: int | None):
         import onnxruntime as ort
 
@@ -41,6 +44,7 @@ class OnnxRunner:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K), on the CPU."""
         import torch
 
         (logits,) = self.session.run(None, {self.input_name: batch.cpu().numpy()})
@@ -48,10 +52,12 @@ class OnnxRunner:
 
 
 def load(path: str, device: str, threads: int | None = None) -> OnnxRunner:
+    """An OnnxRunner for `path`; `threads` sizes its intra-op pool (default: every core it may use)."""
     return OnnxRunner(path, threads)  # the CPU provider whatever the device: BACKEND.gpu is False
 
 
 def available() -> str | None:
+    """None if ONNX Runtime is installed, else why not."""
     return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
 
 

@@ -89,6 +89,7 @@ class OpenVinoRunner:
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K), a copy of the request's output buffer."""
         import torch
 
         self.request.infer({0: batch.detach().cpu().contiguous().numpy()})
@@ -96,6 +97,7 @@ class OpenVinoRunner:
 
 
 def missing_package(precision: str) -> str | None:
+    """Why the `precision` variant cannot run for want of a package (openvino; nncf for int8), or None."""
     for package in ("openvino",) + (("nncf",) if precision == "int8" else ()):
         if importlib.util.find_spec(package) is None:
             return f"{package} is not installed (pip install -r requirements.txt)"
@@ -119,6 +121,7 @@ def bf16_units(cpuinfo: str = "/proc/cpuinfo") -> str | None:
 
 
 def variant(precision: str) -> Backend:
+    """The OpenVINO backend for `precision` ("fp32", "bf16" or "int8")."""
     name = "openvino" if precision == "fp32" else f"openvino-{precision}"
 
     def export(job: ExportJob, path: str):

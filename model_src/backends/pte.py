@@ -17,12 +17,14 @@ class MobileExportError(ExportError):
 
 
 def available() -> str | None:
+    """None if ExecuTorch is installed, else how to install it."""
     if importlib.util.find_spec("executorch") is None:
         return f"the pte format needs ExecuTorch, an optional install: run {SETUP_HINT}"
     return None
 
 
 def require_executorch():
+    """Raise MobileExportError, saying how to install it, if ExecuTorch is missing."""
     if why := available():
         raise MobileExportError(why)
 
@@ -61,6 +63,7 @@ class ExecuTorchRunner:
         self.method = Runtime.get().load_program(path).load_method("forward")
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K), one image per call of the program."""
         import torch
 
         batch = batch.float().contiguous()
@@ -69,6 +72,7 @@ class ExecuTorchRunner:
 
 
 def load(path: str, device: str, threads: int | None = None) -> ExecuTorchRunner:
+    """An ExecuTorchRunner for the program at `path` (on the CPU, whatever `device`)."""
     return ExecuTorchRunner(path)
 
 

@@ -7,11 +7,14 @@ from model_src.backends._torch import quiet_deprecations, trace
 
 
 def export(job: ExportJob, path: str):
+    """Write the traced fused model for the lite interpreter."""
     with quiet_deprecations():
         trace(job.fused, job.example)._save_for_lite_interpreter(path)
 
 
 class LiteRunner:
+    """A lite-interpreter module as a backend's callable: float batch -> logits."""
+
     def __init__(self, path: str):
         import torch.jit.mobile  # not imported by `import torch`
 
@@ -19,6 +22,7 @@ class LiteRunner:
             self.module = torch.jit.mobile._load_for_lite_interpreter(path)
 
     def __call__(self, batch):
+        """Float batch (B, C, H, W) -> logits (B, K)."""
         import torch
 
         with torch.inference_mode():
@@ -26,6 +30,7 @@ class LiteRunner:
 
 
 def load(path: str, device: str, threads: int | None = None) -> LiteRunner:
+    """A LiteRunner for `path` (on the CPU, whatever `device`)."""
     return LiteRunner(path)
 
 

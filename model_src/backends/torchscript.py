@@ -5,6 +5,7 @@ from model_src.backends._torch import load_script, quiet_deprecations, trace
 
 
 def export(job: ExportJob, path: str):
+    """Write the traced fused model as TorchScript."""
     import torch
 
     with quiet_deprecations():
