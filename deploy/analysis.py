@@ -1,4 +1,5 @@
-"""A canary step's verdict: the candidate against the default over the same window (deploy/canary.py).
+"""A canary step's verdict, the candidate against the default over the same window, and the report's plot
+(deploy/canary.py).
 
 Each side of a window is {"answers": n, "errors": 5xx count, "gone": 404 count, "p99_ms": float | None,
 "classes": {label: n}}: answers and errors come from Prometheus (HAProxy's exporter, per server of the door's
@@ -105,3 +106,30 @@ def judge(candidate: dict, default: dict, th: Thresholds) -> list[str]:
 def p99(ordered: list[float]) -> float | None:
     """The bundle's percentile (deploy/latency.py) of an ascending list, None without data."""
     return percentile(ordered, 0.99)
+
+
+def plot(report: dict, path: str):
+    """A canary report's steps as a PNG at `path`: 5xx rate and p99 per side, and the class distance."""
+    import matplotlib  # here: only a report draws, and matplotlib costs a second to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    x = [f"{s['share']} %" for s in steps]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for side in ("default", "candidate"):
+        axes[0].plot(x, [100 * error_rate(s[side]) for s in steps], "o-", label=side)
+        axes[1].plot(x, [s[side]["p99_ms"] or 0 for s in steps], "o-", label=side)
+    axes[2].plot(x, [class_distance(s["candidate"]["classes"], s["default"]["classes"]) for s in steps], "o-")
+    axes[2].axhline(report["thresholds"]["max_class_distance"], color="red", ls="--")
+    for ax, title in zip(axes, ("5xx rate (%)", "p99 (ms)", "class distance")):
+        ax.set_title(title)
+        ax.set_xlabel("candidate share")
+    axes[0].legend()
+    fig.suptitle(
+        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -8,17 +8,15 @@ fail.
 The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin
 servers, `default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no
 connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
-builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Per
-step:
-  - errors: 5xx answers per server, from Prometheus scraping HAProxy's exporter (the door's `metrics_port`),
-    the door's own counters when Prometheus has no such series (the report says which);
-  - p99: the door's access log (`lane=canary server=... srv_ms=...`, 200 answers) over the window;
-  - classes: the top-1 label of each 200 answer, counted per server in the door's `canary` table.
-deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's weight
-goes to 0 at once, it is unregistered (or kept, not default, with keep=True), and a report (JSON + PNG) is
-written to server/state/canary/. The canary is in the journal (op `canary`) from start to verdict; a restarted
-door starts with an empty map, so it sends everything to the default, and the controller, finding its split
-gone, stops and says so. Library code: returns a report or raises; deploy/register_version.py prints."""
+builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Each
+step reads per side its 5xx (Prometheus or the door's counters), p99 (the door's access log) and top-1 labels
+(the door's `canary` table); docs/deployment.md#canary-through-the-front-door says why each comes from
+where. deploy/analysis.py judges them. Pass: the next step; after the last, set-default. Fail: the candidate's
+weight goes to 0 at once, it is unregistered (or kept, not default, with keep=True) once its requests are
+answered, and a report (JSON + PNG) is written to server/state/canary/. The canary is in the journal (op
+`canary`) from start to verdict; a restarted door starts with an empty map, so it sends everything to the
+default, and the controller, finding its split gone, stops and says so. Library code: returns a report or
+raises; deploy/register_version.py prints."""
 
 import json
 import os
@@ -29,7 +27,7 @@ import time
 import requests
 
 from deploy import journal, management
-from deploy.analysis import Thresholds, class_distance, error_rate, judge, p99
+from deploy.analysis import Thresholds, judge, p99, plot
 from deploy.frontdoor import FrontDoor
 from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT
 from deploy.privileges import private_files
@@ -153,16 +151,39 @@ def table_fields(line: str) -> dict[str, str]:
     return fields
 
 
-def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
-    """{server: {"2xx": n, "4xx": n, "5xx": n}} from the door's own counters (`show stat`)."""
+def stat_rows(door: FrontDoor) -> list[dict[str, str]]:
+    """The door's own counters (`show stat`), one {column: value} per frontend, backend and server."""
     lines = admin(door, "show stat").splitlines()
     head = lines[0].lstrip("# ").split(",") if lines else []
+    return [dict(zip(head, line.split(","))) for line in lines[1:]]
+
+
+def door_errors(door: FrontDoor) -> dict[str, dict[str, int]]:
+    """{side: {"2xx": n, "4xx": n, "5xx": n}} from the door's counters of each side's loopback frontend: the
+    backend's server rows miss a 5xx the door retried on the other side."""
     out = {}
-    for line in lines[1:]:
-        row = dict(zip(head, line.split(",")))
-        if row.get("pxname") == "canary" and row.get("svname") in SIDES:
-            out[row["svname"]] = {k: int(row.get(f"hrsp_{k}") or 0) for k in ("2xx", "4xx", "5xx")}
+    for row in stat_rows(door):
+        side = row.get("pxname", "").removeprefix("canary_")
+        if side in SIDES and row.get("svname") == "FRONTEND":
+            out[side] = {k: int(row.get(f"hrsp_{k}") or 0) for k in ("2xx", "4xx", "5xx")}
     return out
+
+
+def drain(door: FrontDoor, timeout: float = 30) -> int:
+    """Wait (up to `timeout` s) until no request is at or queued for the candidate's server; those still
+    there. TorchServe never answers a request queued for a version it unregisters: the user got a 504."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            rows = [
+                r for r in stat_rows(door) if (r.get("pxname"), r.get("svname")) == ("canary", "candidate")
+            ]
+        except OSError:
+            return 0  # a door that is gone holds no request
+        busy = sum(int(r.get("scur") or 0) + int(r.get("qcur") or 0) for r in rows)
+        if not busy or time.time() > deadline:
+            return busy
+        time.sleep(0.2)
 
 
 def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int]:
@@ -193,37 +214,36 @@ def log_size(door: FrontDoor) -> int:
 # --- Prometheus ---------------------------------------------------------------------------------------------
 
 
-def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] | None:
-    """{server: {code class: count}} of the canary backend at time `at`, from Prometheus; None without it."""
+def query(prometheus: str | None, promql: str, at: float | None = None) -> list[dict] | None:
+    """The result vector of an instant query (at `at`, else now); None without Prometheus or an answer."""
     if not prometheus:
         return None
-    query = 'sum by (server, code) (haproxy_server_http_responses_total{proxy="canary"})'
+    params = {"query": promql, **({"time": str(at)} if at else {})}
     try:
-        resp = requests.get(
-            f"{prometheus}/api/v1/query", params={"query": query, "time": str(at)}, timeout=10
-        )
-        result = resp.json()["data"]["result"] if resp.status_code == 200 else []
+        resp = requests.get(f"{prometheus}/api/v1/query", params=params, timeout=10)
+        return resp.json()["data"]["result"] if resp.status_code == 200 else None
     except (requests.RequestException, ValueError, KeyError):
         return None
+
+
+def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] | None:
+    """{side: {code class: count}} at time `at`, from Prometheus (each side's loopback frontend, as
+    door_errors()); None without it."""
     out: dict[str, dict[str, float]] = {}
-    for r in result:
-        out.setdefault(r["metric"].get("server", ""), {})[r["metric"].get("code", "")] = float(r["value"][1])
+    promql = 'sum by (proxy, code) (haproxy_frontend_http_responses_total{proxy=~"canary_.*"})'
+    for r in query(prometheus, promql, at) or []:
+        side = r["metric"].get("proxy", "").removeprefix("canary_")
+        out.setdefault(side, {})[r["metric"].get("code", "")] = float(r["value"][1])
     return out if set(SIDES) <= set(out) else None
 
 
 def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
     """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the
     report."""
-    if not prometheus:
-        return {}
-    query = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
-    try:
-        result = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()[
-            "data"
-        ]["result"]
-    except (requests.RequestException, ValueError, KeyError):
-        return {}
-    return {r["metric"].get("model_version", "?"): float(r["value"][1]) for r in result}
+    promql = f'sum by (model_version) (ts_inference_requests_total{{model_name="{model}"}})'
+    return {
+        r["metric"].get("model_version", "?"): float(r["value"][1]) for r in query(prometheus, promql) or []
+    }
 
 
 # --- one step -----------------------------------------------------------------------------------------------
@@ -245,15 +265,13 @@ def window(
         counted, gone = answers(door)
         if elapsed >= seconds and sum(counted[waits_for].values()) >= th.min_answers:
             break
-        if (
-            not split()
-        ):  # a restarted door splits nothing: no answer would ever come through the canary backend
+        if not split():  # a restarted door splits nothing: no answer would come through the canary backend
             break
         now = door_errors(door).get("candidate", {})
+        # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
+        # (only 5xx and 404: a client's 4xx, a missing key or a bad body, says nothing of the version)
         if now.get("5xx", 0) - stats0["candidate"]["5xx"] + gone["candidate"] >= th.min_answers:
-            # failing (a TorchServe restarted without it answers 404): judge now, not after max_step_seconds
             break
-            # (only 5xx and 404: a client's 4xx, a missing key or a bad body, says nothing of the version)
         if elapsed > th.max_step_seconds:
             raise CanaryError(f"only {sum(counted[waits_for].values())} answers in {elapsed:.0f} s")
     t1 = time.time()
@@ -301,63 +319,31 @@ def run(
     server/state/canary/). Whatever happens, the door sends everything to the default when this returns or
     raises, unless the candidate was promoted."""
     th = th or Thresholds()
-    if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
-        raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
-    if not door.is_running():
-        raise CanaryError(
-            "the front door is not running: a canary splits traffic there (serve.sh start --front-door)"
-        )
-    default = management.default_version(ts, model)
-    if all(v["modelVersion"] != version for v in management.versions(ts, model)):
-        raise CanaryError(f"{model} {version} is not registered")
-    if default in (None, version):
-        raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
-    report: dict = {
-        "model": model,
-        "candidate": version,
-        "default": default,
-        "steps": [],
-        "thresholds": th.as_dict(),
-    }
-    report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    default = check_request(ts, door, model, version, steps)
+    report: dict = {"model": model, "candidate": version, "default": default, "steps": []}
+    report.update(thresholds=th.as_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
     t_start = time.time()
     try:
         open_split(door, model, version)
-        baseline = None
+        baseline, pid = None, ts.pid()
         for share in steps:
             set_share(door, share)
             say(f"canary {model} {version}: {share} % of {route(model)}")
-            w = window(
-                door, prometheus, step_seconds, th, scrape, lambda s=share: split_in_place(door, model, s)
-            )
-            if not split_in_place(door, model, share):
-                raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
-            if (
-                share < 100 and w["default"]["answers"] >= th.min_answers
-            ):  # at 100 % the default's side holds only
-                baseline = w["default"]  # stragglers of the step before (p99 of a few: 10 ms vs a busy 257)
-            elif baseline:  # at 100 %: errors and classes against the last window that had the default; never
-                baseline = {
-                    **baseline,
-                    "p99_ms": None,
-                }  # latency across windows (a busy neighbour moves both)
-            why = judge(w["candidate"], baseline or w["default"], th)
-            report["steps"].append({"share": share, **w, "verdict": "fail" if why else "pass", "why": why})
-            if why:
+            step, baseline = judge_step(door, model, share, prometheus, step_seconds, th, scrape, baseline)
+            # a TorchServe restarted since the step before (its versions restored): judged again all the same
+            report["steps"].append({**step, "torchserve_restarted": ts.pid() != pid})
+            pid = ts.pid()
+            if step["why"]:
                 close_split(door)  # first: the weight to 0 at once
                 report["rolled_back_after_s"] = round(time.time() - t_start, 1)
-                raise CanaryError(f"step {share} %: " + "; ".join(why))
+                raise CanaryError(f"step {share} %: " + "; ".join(step["why"]))
         set_default(ts, model, version, reason=f"canary {','.join(map(str, steps))} passed")
         close_split(door)  # the model's path now reaches the new default directly
         report["verdict"] = f"promoted: {model} {version} is default (was {default})"
+        report["traffic"] = f"all on {version}, the new default"
     except BaseException as e:  # a fail, an error, Ctrl-C: the candidate goes, whatever happened
-        close_split(door)
-        report["verdict"] = f"rolled back: {e or e.__class__.__name__}"
-        report["traffic"] = "all on the default"
-        report["candidate_state"] = withdraw(ts, model, version, keep)
-        report["served_by_version"] = served_by_version(prometheus, model)
-        report["files"] = write_report(ts, report)
+        roll_back(ts, door, report, e, keep, prometheus)
         journal.finish(state_dir(ts), entry, "failed", why=report["verdict"])
         if not isinstance(e, CanaryError):
             raise
@@ -368,10 +354,59 @@ def run(
     return report
 
 
+def check_request(ts: TorchServe, door: FrontDoor, model: str, version: str, steps: list[int]) -> str:
+    """The model's default version, when `version` can be a canary beside it through `door`; raises why
+    not."""
+    if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
+        raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
+    if not door.is_running():
+        raise CanaryError(
+            "the front door is not running: a canary splits there (serve.sh start --front-door)"
+        )
+    default = management.default_version(ts, model)
+    if all(v["modelVersion"] != version for v in management.versions(ts, model)):
+        raise CanaryError(f"{model} {version} is not registered")
+    if default in (None, version):
+        raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
+    return default
+
+
+def judge_step(
+    door: FrontDoor, model: str, share: int, prometheus, step_seconds, th: Thresholds, scrape, baseline
+) -> tuple[dict, dict | None]:
+    """(the step's report entry, the default's side to judge later steps against) for the split at `share`;
+    raises when the door lost the split meanwhile."""
+    w = window(door, prometheus, step_seconds, th, scrape, lambda: split_in_place(door, model, share))
+    if not split_in_place(door, model, share):
+        raise CanaryError("the front door lost the split (restarted?): all traffic is on the default")
+    if share < 100 and w["default"]["answers"] >= th.min_answers:
+        # at 100 % the default's side holds only stragglers of the step before (p99 of a few: 10 ms vs 257)
+        baseline = w["default"]
+    elif baseline:
+        # at 100 %: errors and classes against the last window that had the default; never latency across
+        # windows (a busy neighbour moves both)
+        baseline = {**baseline, "p99_ms": None}
+    why = judge(w["candidate"], baseline or w["default"], th)
+    return {"share": share, **w, "verdict": "fail" if why else "pass", "why": why}, baseline
+
+
+def roll_back(ts: TorchServe, door: FrontDoor, report: dict, e: BaseException, keep: bool, prometheus):
+    """All traffic back on the default, the candidate withdrawn, and the report says so and is written."""
+    close_split(door)
+    report["in_flight_at_withdraw"] = drain(door)
+    report["verdict"] = f"rolled back: {e or e.__class__.__name__}"
+    report["traffic"] = "all on the default"
+    report["candidate_state"] = withdraw(ts, report["model"], report["candidate"], keep)
+    report["served_by_version"] = served_by_version(prometheus, report["model"])
+    report["files"] = write_report(ts, report)
+
+
 def withdraw(ts: TorchServe, model: str, version: str, keep: bool) -> str:
     if keep:
         return "kept, not default (--keep-candidate)"
     try:
+        if all(v["modelVersion"] != version for v in management.versions(ts, model)):
+            return "not registered (TorchServe no longer serves it)"
         unregister(ts, model, version)
         return "unregistered"
     except Exception as e:  # noqa: BLE001 (the report says so; the next start withdraws a stray version)
@@ -391,29 +426,3 @@ def write_report(ts: TorchServe, report: dict) -> list[str]:
             json.dump(report, f, indent=1)
         plot(report, stem + ".png")
     return [stem + ".json", stem + ".png"]
-
-
-def plot(report: dict, path: str):
-    import matplotlib  # here: only a report draws, and matplotlib costs a second to import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = report["steps"]
-    x = [f"{s['share']} %" for s in steps]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for side in SIDES:
-        axes[0].plot(x, [100 * error_rate(s[side]) for s in steps], "o-", label=side)
-        axes[1].plot(x, [s[side]["p99_ms"] or 0 for s in steps], "o-", label=side)
-    axes[2].plot(x, [class_distance(s["candidate"]["classes"], s["default"]["classes"]) for s in steps], "o-")
-    axes[2].axhline(report["thresholds"]["max_class_distance"], color="red", ls="--")
-    for ax, title in zip(axes, ("5xx rate (%)", "p99 (ms)", "class distance")):
-        ax.set_title(title)
-        ax.set_xlabel("candidate share")
-    axes[0].legend()
-    fig.suptitle(
-        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

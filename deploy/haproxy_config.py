@@ -346,10 +346,16 @@ class HaproxyConfig:
         # door would not start; 128 random bits per config cannot be (a `unix@` socket in the 0700 folder
         # could not be reached by HAProxy once it runs as its own user)
         sock = f"abns@frontdoor-{self.port}-{secrets.token_hex(16)}"
-        cmap = self.path(CANARY_MAP)
         lines = [
             "backend canary",
             "    balance roundrobin",
+            # a side's 5xx (a candidate failing on an input the default answers) is tried once more, on the
+            # other side: roundrobin skips the server that failed. Only a buffered body can be re-sent, and
+            # only the small-body lane (its body held whole) comes here; bulk bodies reach the default alone.
+            # The judge still sees the 5xx: each side's loopback frontend counts what its side answered.
+            "    retries 1",
+            "    option redispatch 1",
+            "    retry-on conn-failure empty-response 500 502 503 504",
             # 2 servers x (classes + a 404 key): 16k keys hold 8k classes (ImageNet's 1000 take 2002)
             "    stick-table type string len 80 size 16k store gpc0",
             "    http-response wait-for-body time 1s if { status 200 }",
@@ -364,6 +370,12 @@ class HaproxyConfig:
             f"    server default {sock}-default weight {CANARY_WEIGHT}",
             f"    server candidate {sock}-candidate weight 0",
         ]
+        return "\n".join([*lines, *self.canary_frontends(sock), *self.metrics_frontend()]) + "\n"
+
+    def canary_frontends(self, sock: str) -> list[str]:
+        """The canary's two loopback frontends on `sock`: the candidate's adds its version from canary.map to
+        the path, both go on to the predictions lane."""
+        lines = []
         for side in ("default", "candidate"):
             lines += [
                 f"frontend canary_{side}",
@@ -371,15 +383,19 @@ class HaproxyConfig:
                 "    no log",
             ]
             if side == "candidate":  # gone from the map (rolled back meanwhile): the default answers
-                mapped = f"path,map_str({cmap})"
+                mapped = f"path,map_str({self.path(CANARY_MAP)})"
                 lines.append(f"    http-request set-path %[path]/%[{mapped}] if {{ {mapped} -m found }}")
             lines.append("    default_backend torchserve")
-        if self.metrics_port:
-            lines += [
-                "frontend metrics",
-                f"    bind 127.0.0.1:{self.metrics_port}",
-                "    no log",
-                "    http-request use-service prometheus-exporter if { path /metrics }",
-                f"    http-request return {json_reply(404, 'NotFound', 'no such resource')}",
-            ]
-        return "\n".join(lines) + "\n"
+        return lines
+
+    def metrics_frontend(self) -> list[str]:
+        """HAProxy's Prometheus exporter on 127.0.0.1:metrics_port (nothing when metrics_port is 0)."""
+        if not self.metrics_port:
+            return []
+        return [
+            "frontend metrics",
+            f"    bind 127.0.0.1:{self.metrics_port}",
+            "    no log",
+            "    http-request use-service prometheus-exporter if { path /metrics }",
+            f"    http-request return {json_reply(404, 'NotFound', 'no such resource')}",
+        ]

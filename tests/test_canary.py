@@ -3,6 +3,7 @@ TorchServe: a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with 
 candidate with its class names permuted is rolled back within the first step, having had at most its step's
 share."""
 
+import io
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from collections import Counter
 
 import pytest
 import requests
+from PIL import Image
 
 from deploy import canary, management
 from deploy.analysis import Thresholds, class_distance, judge
@@ -265,6 +267,77 @@ def test_permuted_labels_are_rolled_back_within_the_first_step(server, store, do
     assert canary.current_share(door) == 0
 
 
+def rewritten(store, version: str, member: str, old: str, new: str) -> str:
+    """1.0's archive as `version` with `old` replaced by `new` in one member (it must be there)."""
+
+    def rewrite(name: str, data: bytes) -> bytes:
+        if name != member:
+            return data
+        assert old.encode() in data, (member, old)
+        return data.replace(old.encode(), new.encode())
+
+    path = os.path.join(str(store), f"my_model_v{version}.mar")
+    return relabel(os.path.join(str(store), "my_model.mar"), path, version, rewrite)
+
+
+def reached(step: dict) -> float:
+    """The share of the step's user requests the candidate served: its answers, 5xx and 404s over every
+    request's final answer (a 5xx the door retried on the default ends as the default's answer)."""
+    c, d = step["candidate"], step["default"]
+    tried = c["answers"] + c["errors"] + c.get("gone", 0)
+    return tried / (c["answers"] + c.get("gone", 0) + d["answers"] + d["errors"] + d.get("gone", 0))
+
+
+def rolled_back_in_step_1(server, door, report: dict, version: str, reason: str):
+    print(json.dumps({k: v for k, v in report.items() if k != "thresholds"}, indent=1))
+    assert report["verdict"].startswith("rolled back: step 5 %"), report["verdict"]
+    assert len(report["steps"]) == 1 and reason in report["steps"][0]["why"][0], report["steps"][0]["why"]
+    assert reached(report["steps"][0]) <= 0.06, report["steps"][0]
+    assert report["candidate_state"] == "unregistered" and canary.current_share(door) == 0
+    assert management.default_version(server, "my_model") == "1.0"
+    assert version not in {v["modelVersion"] for v in management.versions(server, "my_model")}
+
+
+def test_a_slow_candidate_is_rolled_back_within_the_first_step(server, store, door, prometheus, bodies):
+    """Same weights and answers, but its model-config.yaml waits up to 1 s for a batch of 8 that light
+    traffic never fills: its p99 is ~1 s against the default's tens of ms."""
+    set_default(server, "my_model", "1.0", reason="test: back to 1.0")
+    batching = "batchSize: 4\nmaxBatchDelay: 2 "
+    slow = rewritten(store, "4.0", "model-config.yaml", batching, "batchSize: 8\nmaxBatchDelay: 1000 ")
+    register(server, slow)
+    with Load(door, server, bodies) as load:
+        report = canary.run(server, door, "my_model", "4.0", [5, 25, 50, 100], 1.0, QUICK, prometheus)
+    rolled_back_in_step_1(server, door, report, "4.0", "p99")
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert set(statuses) == {200}, statuses
+
+
+def test_a_candidate_failing_on_cmyk_jpegs_is_rolled_back_and_no_request_is_lost(
+    server, store, door, prometheus, bodies
+):
+    """Its shipped preprocessing (model_src inside the archive) raises on CMYK, which the golden set lacks
+    and the default answers: each such request is a 500 from the candidate, which the door retries on the
+    default, and which the judge still counts (the candidate's own frontend's 5xx)."""
+    set_default(server, "my_model", "1.0", reason="test: back to 1.0")
+    convert = "    return img.convert(mode)  #"  # to_mode's last line: a new version forgot CMYK
+    regression = "    if img.mode == 'CMYK':\n        raise KeyError(img.mode)\n" + convert
+    broken = rewritten(store, "5.0", "model_src/preprocessing.py", convert, regression)
+    register(server, broken)
+    cmyk = []
+    for body, label in bodies:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(body)).convert("CMYK").save(buf, "JPEG", quality=95)
+        cmyk.append((buf.getvalue(), label))
+    mixed = bodies * 4 + cmyk  # one body in five is a CMYK JPEG, in the same 3:1 of classes
+    th = Thresholds(min_answers=20)  # ~25 candidate requests: at least one CMYK but for 0.8^25 = 0.4 %
+    with Load(door, server, mixed) as load:
+        report = canary.run(server, door, "my_model", "5.0", [5, 25, 50, 100], 1.0, th, prometheus)
+    rolled_back_in_step_1(server, door, report, "5.0", "error rate")
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert set(statuses) == {200}, statuses
+    assert report["steps"][0]["candidate"]["errors"] > 0
+
+
 def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
     server, store, door, prometheus, archive_factory, bodies
 ):
@@ -298,3 +371,43 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
             f"{door.url()}/predictions/my_model", data=body, headers=headers, verify=door.ca, timeout=60
         )
         assert resp.status_code == 200, resp.text[:200]
+
+
+def test_a_torchserve_restarted_during_step_2_is_judged_again_or_rolled_back(
+    server, store, door, prometheus, archive_factory, bodies
+):
+    """TorchServe stopped and started (its versions restored) as the 25 % step begins: the split stays, and
+    the steps after it are judged on the new TorchServe (promoted) or the candidate is rolled back; the report
+    says which."""
+    set_default(server, "my_model", "1.0", reason="test: back to 1.0")
+    if "2.0" not in {v["modelVersion"] for v in management.versions(server, "my_model")}:
+        register(server, install_archive(archive_factory("2.0"), store))
+    restarted, loads = [], []
+
+    def say(line):
+        if line.endswith(" 25 % of /predictions/my_model") and not restarted:
+            server.stop()
+            restarted.append(server.start())
+            # a start draws new keys: the clients get the new one (with the old, every answer is a 400)
+            loads[0].headers = {**server.auth("inference"), "Content-Type": "application/octet-stream"}
+
+    th = Thresholds(min_answers=10, max_step_seconds=60)  # a step that gets no answers fails in 60 s, not 600
+    with Load(door, server, bodies) as load:
+        loads.append(load)
+        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, th, prometheus, say=say)
+    print(json.dumps({k: v for k, v in report.items() if k != "thresholds"}, indent=1))
+    assert restarted and [s["torchserve_restarted"] for s in report["steps"]][:2] == [False, True], report
+    if report["verdict"].startswith(
+        "promoted"
+    ):  # back under analysis: 25, 50 and 100 judged after the restart
+        assert [s["share"] for s in report["steps"]] == [5, 25, 50, 100]
+        assert report["traffic"] == "all on 2.0, the new default"
+        assert management.default_version(server, "my_model") == "2.0"
+    else:  # restored without the candidate (it was not default): its 404s rolled it back
+        assert report["traffic"] == "all on the default" and canary.current_share(door) == 0
+        assert management.default_version(server, "my_model") == "1.0"
+    statuses = Counter(status for status, _, _ in load.answers)
+    # the door's 503 while TorchServe is down, 400 (TorchServe's refusal of the old key) until the clients
+    # have the new one, 404 from a TorchServe restored without the candidate until the rollback (not retried:
+    # the door counts a side's 404s in the backend): every request answered, none lost
+    assert set(statuses) - {200} <= {400, 404, 502, 503}, statuses
