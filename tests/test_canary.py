@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from deploy import canary, management
+from deploy import canary, canary_readings, management
 from deploy.analysis import Thresholds, class_distance, judge
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.versions import register, set_default, state_dir
@@ -76,8 +76,8 @@ def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_pat
         "0x4: key=default/caf\\xC3\\xA9 use=0 exp=0 gpc0=1\n"
         "0x5: key=candidate!404 use=0 exp=0 gpc0=4\n\n"
     )
-    monkeypatch.setattr(canary, "admin", lambda door, command: shown)
-    labels, gone = canary.answers(FrontDoor(backend=9, folder=str(tmp_path)))
+    monkeypatch.setattr(canary_readings, "admin", lambda door, command: shown)
+    labels, gone = canary_readings.answers(FrontDoor(backend=9, folder=str(tmp_path)))
     assert labels["candidate"] == {"American robin": 3, "American alligator": 2}
     assert labels["default"] == {"a=b\\c": 1, "café": 1}
     assert gone == {"default": 0, "candidate": 4}
@@ -103,7 +103,7 @@ def test_latencies_read_the_doors_fields_never_the_clients_request_line(tmp_path
     forged = 'x client=1.2.3.4:5 status=200 ms=8 lane=torchserve server=torchserve "POST /p?'
     forged += ' lane=canary server=candidate ms=99999 HTTP/1.1"'  # a client's words: HAProxy quotes them
     (tmp_path / "access.log").write_text(f"{real}\n{forged}\n{real}")  # the last line is still being written
-    times, offset = canary.latencies(door, 0)
+    times, offset = canary_readings.latencies(door, 0)
     assert times == {"default": [], "candidate": [7.0]} and offset == len(real) + len(forged) + 2
 
 
@@ -117,7 +117,7 @@ def test_latencies_are_the_servers_time_of_200_answers(tmp_path):
         "x status=503 ms=10000 srv_ms=-1 lane=canary server=default",
     ]
     (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
-    assert canary.latencies(door, 0)[0] == {"default": [], "candidate": [7.0]}
+    assert canary_readings.latencies(door, 0)[0] == {"default": [], "candidate": [7.0]}
 
 
 def test_a_name_bound_first_by_another_user_does_not_keep_the_door_down(tmp_path):
