@@ -37,7 +37,8 @@ from deploy.canary_readings import (
     responses,
     served_by_version,
 )
-from deploy.frontdoor import CANARY_MAP, CANARY_WEIGHT, FrontDoor
+from deploy.frontdoor import FrontDoor
+from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT
 from deploy.privileges import private_files
 from deploy.server import TorchServe
 from deploy.versions import set_default, state_dir, unregister

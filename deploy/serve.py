@@ -30,6 +30,7 @@ GUARD_STATES = {
 
 
 def exposure_warning(ts: TorchServe, why: str) -> str:
+    """The warning that every local user can reach the gRPC management port, and how to close it."""
     return (
         f"WARNING: TorchServe's gRPC management port {ts.ports.grpc_management} registers any model "
         f"directory for a management-key holder and every local user can connect to it ({why}): start as "
@@ -39,6 +40,8 @@ def exposure_warning(ts: TorchServe, why: str) -> str:
 
 
 def print_status(ts: TorchServe):
+    """Print whether TorchServe runs, its URLs, its guard's state, the gRPC port's exposure and each
+    model version's workers."""
     guard_state = guard.state(ts) if ts.guard else "running"
     if not ts.is_running():
         print("TorchServe is not running")
@@ -78,20 +81,20 @@ def print_status(ts: TorchServe):
 
 def print_header(ts: TorchServe, kind: str):
     """Print `Authorization: Bearer <key>` for curl to read from stdin (`| curl -H @- ...`), so that the key
-    never stands on a command line, where `ps` shows it to every user. An expired key is refreshed first."""
+    never stands on a command line, where `ps` shows it to every user. An expired key is refreshed first;
+    raises ServerError when there is no key to print."""
     probe = ("inference", "/ping") if kind == "inference" else ("management", "/models?limit=1")
     try:
         ts.request("GET", *probe, timeout=30)  # refreshes the key when TorchServe says it expired
         header = ts.auth(kind)
     except (ServerError, OSError) as e:
-        raise SystemExit(
-            f"error: no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)"
-        ) from None
+        raise ServerError(f"no {kind} key ({e}); is TorchServe running? (scripts/serve.sh start)") from None
     for name, value in header.items():
         print(f"{name}: {value}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The options of scripts/serve.sh (start, stop, status, restart, header)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["start", "stop", "status", "restart", "header"])
     p.add_argument(
@@ -132,67 +135,85 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
-    p = get_args_parser()
-    args = p.parse_args(argv)
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """Exit with a usage error when the options contradict each other or --cert names no file."""
     if args.cert and not args.front_door:
         p.error("--cert is the front door's certificate: add --front-door")
     if args.cert and not os.path.isfile(args.cert):
         p.error(f"--cert {args.cert}: no such file")
     if args.front_door and args.expose_inference:
         p.error("--front-door keeps TorchServe on loopback: drop --expose-inference")
+
+
+def server_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The config.properties values the options change: the inference address, token authorization."""
     overrides = {}
     if args.expose_inference:
         overrides["inference_address"] = f"http://0.0.0.0:{settings.ports().inference}"
     if args.no_tokens:
         # Without tokens anyone on this host could register code: keep the model API closed.
         overrides.update({"disable_token_authorization": "true", "enable_model_api": "false"})
-    ts = TorchServe(overrides=overrides)
+    return overrides
+
+
+def stop_serving(ts: TorchServe):
+    """Stop the front door and TorchServe, saying which were running."""
+    if frontdoor.for_server(ts).stop():
+        print("front door stopped")
+    print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
+
+
+def start_serving(ts: TorchServe, args: argparse.Namespace) -> list[str]:
+    """Start TorchServe (or relaunch its missing helpers) and, with --front-door, the door; returns what of
+    the saved deployment was not restored (empty when all was, or on a relaunch)."""
     missing = []
+    t0 = time.time()
+    info = ts.start(models=args.models, restore=not args.fresh)
+    if info.get("relaunched"):
+        print(f"TorchServe was running; relaunched its {' and '.join(info['relaunched'])}")
+    else:
+        missing = check_restore(ts, info["plan"], baseline=args.fresh or args.accept_loss)
+        print(
+            f"TorchServe started in {time.time() - t0:.1f}s"
+            f"{' (restored the saved deployment)' if info['restored'] and not missing else ''}"
+        )
+    if info["exposed"]:
+        print(exposure_warning(ts, info["exposed"]), file=sys.stderr)
+    if args.front_door:
+        door = frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None)
+        if not (info.get("relaunched") and door.is_running()):
+            door.start()
+    if args.no_tokens:
+        print("WARNING: token authorization is OFF and the registration API is disabled (development mode)")
+    return missing
+
+
+def main(argv=None):
+    """Run one action of scripts/serve.sh; a failure exits with `error: ...` and status 1."""
+    p = get_args_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    ts = TorchServe(overrides=server_overrides(args))
     try:
         if args.action == "header":  # the demo server's key, or TS_KEY_FILE's
             return print_header(target(), args.kind)
         if args.action in ("stop", "restart"):
-            if frontdoor.for_server(ts).stop():
-                print("front door stopped")
-            print("TorchServe stopped" if ts.stop() else "TorchServe was not running")
-        if args.action in ("start", "restart"):
-            t0 = time.time()
-            info = ts.start(models=args.models, restore=not args.fresh)
-            if info.get("relaunched"):
-                print(f"TorchServe was running; relaunched its {' and '.join(info['relaunched'])}")
-            else:
-                missing = check_restore(ts, info["plan"], baseline=args.fresh or args.accept_loss)
-                print(
-                    f"TorchServe started in {time.time() - t0:.1f}s"
-                    f"{' (restored the saved deployment)' if info['restored'] and not missing else ''}"
-                )
-            if info["exposed"]:
-                print(exposure_warning(ts, info["exposed"]), file=sys.stderr)
-            if args.front_door:
-                door = frontdoor.for_server(ts, cert=os.path.abspath(args.cert) if args.cert else None)
-                if not (info.get("relaunched") and door.is_running()):
-                    door.start()
-            if args.no_tokens:
-                print(
-                    "WARNING: token authorization is OFF and the registration API is disabled "
-                    "(development mode)"
-                )
+            stop_serving(ts)
+        missing = start_serving(ts, args) if args.action in ("start", "restart") else []
         if args.action in ("start", "restart", "status"):
             print_status(ts)
             frontdoor.print_status(frontdoor.for_server(ts))
-        if args.action in ("start", "restart") and missing:
-            lost = "; ".join(missing)
-            if args.accept_loss:
-                print(f"warning: accepted the loss of the saved deployment: {lost}", file=sys.stderr)
-            else:
-                raise SystemExit(
-                    f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
-                    "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is "
-                    "served with `scripts/serve.sh restart --accept-loss`"
-                )
     except (ServerError, UsageError, frontdoor.FrontDoorError) as e:
         raise SystemExit(f"error: {e}") from None
+    if missing:
+        lost = "; ".join(missing)
+        if not args.accept_loss:
+            raise SystemExit(
+                f"error: the saved deployment was not fully restored: {lost} (warnings above say why). "
+                "TorchServe serves the rest. Repair and `scripts/serve.sh restart`, or accept what is "
+                "served with `scripts/serve.sh restart --accept-loss`"
+            )
+        print(f"warning: accepted the loss of the saved deployment: {lost}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from bench.soak import Soak, bad_bodies, summarize, through_front_door
 from bundle import settings
 from deploy import serve
 from deploy.client import top1
-from deploy.frontdoor import FrontDoor, FrontDoorError, for_server, haproxy, json_reply, listening
+from deploy.frontdoor import FrontDoor, FrontDoorError, for_server, haproxy, listening
+from deploy.haproxy_config import json_reply
 from deploy.server import Ports
 from model_src.oip import model_metadata
 from tests.conftest import cannot_run, free_port, require_tool
