@@ -5,7 +5,7 @@ fail.
     scripts/register_version.sh model_store/my_model_v2.0.mar --canary 5,25,50,100 --step-seconds 60 \
         --prometheus http://127.0.0.1:9090
 
-The door (deploy/frontdoor.py, `canary_sections`) has a `canary` backend with two weighted round-robin
+The door (deploy/haproxy_config.py, `canary_sections`) has a `canary` backend with two weighted round-robin
 servers, `default` and `candidate`; this module drives it live through HAProxy's admin socket (no reload, no
 connection dropped): `canary.map` names the model's path and the candidate's version (validated here: HAProxy
 builds the candidate's path `/predictions/<model>/<version>` from it), and the weights are the shares. Each
@@ -50,6 +50,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name or version
 
 
 def route(model: str) -> str:
+    """The model's prediction path, for the door's map; CanaryError for a name HAProxy could not carry."""
     if not NAME.fullmatch(model):
         raise CanaryError(f"model name {model!r} cannot go into a route")
     return f"/predictions/{model}"
@@ -257,6 +258,7 @@ def roll_back(ts: TorchServe, door: FrontDoor, report: dict, e: BaseException, k
 
 
 def withdraw(ts: TorchServe, model: str, version: str, keep: bool) -> str:
+    """Unregister the rolled-back candidate (or keep it, not default); what became of it, for the report."""
     if keep:
         return "kept, not default (--keep-candidate)"
     try:

@@ -128,6 +128,7 @@ def latencies(door: FrontDoor, offset: int) -> tuple[dict[str, list[float]], int
 
 
 def log_size(door: FrontDoor) -> int:
+    """The door's access log size in bytes (0 before it exists): where the next window starts reading."""
     try:
         return os.path.getsize(door.log)
     except OSError:
