@@ -97,9 +97,12 @@ def close_split(door: FrontDoor):
     """Everything back on the default: weight first (at once), then the route."""
     try:
         set_share(door, 0)
+    except (OSError, CanaryError):
+        pass  # a door that is gone splits nothing (it starts with an empty map); a refused weight: the route
+    try:
         admin(door, f"clear map {door.path(CANARY_MAP)}")
     except OSError:
-        pass  # a door that is gone splits nothing: it starts with an empty map
+        pass
 
 
 # --- one step -----------------------------------------------------------------------------------------------
@@ -249,7 +252,8 @@ def judge_step(
 def roll_back(ts: TorchServe, door: FrontDoor, report: dict, e: BaseException, keep: bool, prometheus):
     """All traffic back on the default, the candidate withdrawn, and the report says so and is written."""
     close_split(door)
-    report["in_flight_at_withdraw"] = drain(door)
+    # as long as the door itself would wait for the candidate's answer (queue + server time, and margin)
+    report["in_flight_at_withdraw"] = drain(door, door.queue_timeout + door.server_timeout + 5)
     report["verdict"] = f"rolled back: {e or e.__class__.__name__}"
     report["traffic"] = "all on the default"
     report["candidate_state"] = withdraw(ts, report["model"], report["candidate"], keep)

@@ -349,13 +349,18 @@ class HaproxyConfig:
         lines = [
             "backend canary",
             "    balance roundrobin",
-            # a side's 5xx (a candidate failing on an input the default answers) is tried once more, on the
+            # a side's 500 (a candidate failing on an input the default answers) is tried once more, on the
             # other side: roundrobin skips the server that failed. Only a buffered body can be re-sent, and
             # only the small-body lane (its body held whole) comes here; bulk bodies reach the default alone.
-            # The judge still sees the 5xx: each side's loopback frontend counts what its side answered.
+            # The judge still sees the 500: each side's loopback frontend counts what its side answered.
+            # Not 503 (a full queue, which anyone can cause before any key is checked, would be retried on
+            # the candidate and counted there) and not 504 (a hung request would hold a worker twice).
             "    retries 1",
             "    option redispatch 1",
-            "    retry-on conn-failure empty-response 500 502 503 504",
+            "    retry-on conn-failure empty-response 500",
+            # longer than the inner hop's queue + server time: a request the candidate never answers ends
+            # in the inner frontend's own 504, which its counters (the judge's) see; the outer one's would not
+            f"    timeout server {self.server_timeout + self.queue_timeout + 5}s",
             # 2 servers x (classes + a 404 key): 16k keys hold 8k classes (ImageNet's 1000 take 2002)
             "    stick-table type string len 80 size 16k store gpc0",
             "    http-response wait-for-body time 1s if { status 200 }",

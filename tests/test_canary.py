@@ -88,6 +88,32 @@ def test_the_answer_table_reads_labels_with_spaces_and_holds_every_class(tmp_pat
     assert size and int(size[1]) * 1024 >= 2 * (1000 + 1)
 
 
+def test_the_canary_retries_only_what_a_version_failed_and_outwaits_the_inner_hop():
+    """Review: a 503 (a full lane, which anyone can cause before a key is checked) retried on the candidate
+    counted there and could fail a good candidate; a 504 retried held a worker twice; and the outer hop's own
+    timeout ended a hung candidate request where the judge's counters (the inner frontend's) never saw it."""
+    door = FrontDoor(backend=9)
+    section = door.canary_sections().split("\nfrontend ")[0]  # the `canary` backend
+    assert re.search(r"^    retry-on conn-failure empty-response 500$", section, re.M), section
+    outer = int(re.search(r"^    timeout server (\d+)s$", section, re.M)[1])
+    assert outer > door.server_timeout + door.queue_timeout
+
+
+def test_a_refused_weight_still_takes_the_route_away(tmp_path, monkeypatch):
+    """close_split: if HAProxy refuses the weight, the map entry still goes (it stayed: traffic split)."""
+    sent = []
+
+    def admin(door, command):
+        sent.append(command)
+        if command.startswith("get weight"):
+            return "25 (initial 0)"
+        return "No such server.\n" if command.startswith("set weight") else ""
+
+    monkeypatch.setattr(canary, "admin", admin)
+    canary.close_split(FrontDoor(backend=9, folder=str(tmp_path)))
+    assert any(c.startswith("clear map") for c in sent), sent
+
+
 @pytest.mark.parametrize(
     "model, version", [("my_model", "2.0 x"), ("my_model", "../1.0"), ("m/../x", "2.0"), ("", "2")]
 )

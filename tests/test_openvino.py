@@ -92,3 +92,23 @@ def test_int8_is_calibrated_on_the_job_and_refused_without_calibration(job, tmp_
     with pytest.raises(ExportError, match="needs calibration batches"):
         backend.export(ExportJob(job.model, job.fused, job.example, None, None), str(tmp_path / "nope.zip"))
     assert not (tmp_path / "nope.zip").exists()
+
+
+def test_int8_reads_no_more_calibration_than_it_uses(job, tmp_path, monkeypatch):
+    """Export hands the backend the whole training split: it takes CALIBRATION_SAMPLES images and stops (it
+    once built a list of every image first: an ImageNet-sized split would not fit in memory)."""
+    from model_src.backends import openvino
+
+    monkeypatch.setattr(openvino, "CALIBRATION_SAMPLES", 20)
+    crops = job.example.repeat(2, 1, 1, 1)  # 16 images a batch
+    pulled = []
+
+    def endless():
+        while True:
+            pulled.append(len(crops))
+            assert sum(pulled) <= 20 + len(crops), "read past what calibration uses"
+            yield crops
+
+    backend = backends.get("openvino-int8")
+    backend.export(ExportJob(job.model, job.fused, job.example, endless, None), str(tmp_path / backend.file))
+    assert sum(pulled) == 32  # two batches of 16 hold the 20 images

@@ -69,13 +69,11 @@ def val_dataset(data_root: str, prep: Preprocessing) -> datalib.CachedImages:
 
 
 def calibration_batches(data_root: str, prep: Preprocessing, batch: int = 32):
-    """Batches for post-training quantisation (openvino-int8): the training split, shuffled with a fixed
-    seed so that the first few hundred images cover every class; the validation split where there is no
-    training split (the bundled ImageNet photos), which then is also what the checks run on."""
-    split = "train" if os.path.isdir(os.path.join(data_root, "train")) else "val"
-    ds = datalib.CachedImages(os.path.join(data_root, split), prep, prep, cache=False)
+    """Batches for post-training quantisation (openvino-int8): the training split (ensure_data has checked
+    that there is one), shuffled with a fixed seed so that the first few hundred images cover every class."""
 
-    def batches():
+    def batches():  # the folder is read only when a backend calibrates, and only as far as it reads
+        ds = datalib.CachedImages(os.path.join(data_root, "train"), prep, prep, cache=False)
         order = torch.Generator().manual_seed(1)
         return (x for x, _ in DataLoader(ds, batch_size=batch, shuffle=True, generator=order))
 

@@ -16,6 +16,7 @@ beside it.
 """
 
 import importlib.util
+import itertools
 import os
 import tempfile
 import warnings
@@ -43,6 +44,12 @@ def convert(job: ExportJob):
         )
 
 
+def samples(batches):
+    """The images of `batches`, one by one, read only as far as the caller takes them."""
+    for batch in batches:
+        yield from batch
+
+
 def quantize(model, job: ExportJob):
     """NNCF post-training quantisation (int8 weights and activations), calibrated on the training split."""
     import nncf
@@ -51,7 +58,8 @@ def quantize(model, job: ExportJob):
         raise ExportError(
             "openvino-int8 needs calibration batches (the training split) and the export job has none"
         )
-    images = [x[None].numpy() for batch in job.calibration() for x in batch][:CALIBRATION_SAMPLES]
+    # stop reading at CALIBRATION_SAMPLES: the job's batches are the whole training split
+    images = [x[None].numpy() for x in itertools.islice(samples(job.calibration()), CALIBRATION_SAMPLES)]
     if not images:
         raise ExportError("openvino-int8: the calibration batches are empty")
     return nncf.quantize(model, nncf.Dataset(images), subset_size=len(images))
