@@ -3,6 +3,7 @@ TorchServe: a good candidate goes 5 -> 25 -> 50 -> 100 and becomes default with 
 candidate with its class names permuted is rolled back within the first step, having had at most its step's
 share."""
 
+import dataclasses
 import io
 import json
 import os
@@ -358,7 +359,8 @@ def test_a_candidate_failing_on_cmyk_jpegs_is_rolled_back_and_no_request_is_lost
         Image.open(io.BytesIO(body)).convert("CMYK").save(buf, "JPEG", quality=95)
         cmyk.append((buf.getvalue(), label))
     mixed = bodies * 4 + cmyk  # one body in five is a CMYK JPEG, in the same 3:1 of classes
-    th = Thresholds(min_answers=20)  # ~25 candidate requests: at least one CMYK but for 0.8^25 = 0.4 %
+    # ~25 candidate requests: at least one CMYK but for 0.8^25 = 0.4 %
+    th = dataclasses.replace(QUICK, min_answers=20)
     with Load(door, server, mixed) as load:
         report = canary.run(server, door, "my_model", "5.0", [5, 25, 50, 100], 1.0, th, prometheus)
     rolled_back_in_step_1(server, door, report, "5.0", "error rate")
@@ -420,7 +422,7 @@ def test_a_torchserve_restarted_during_step_2_is_judged_again_or_rolled_back(
             # a start draws new keys: the clients get the new one (with the old, every answer is a 400)
             loads[0].headers = {**server.auth("inference"), "Content-Type": "application/octet-stream"}
 
-    th = Thresholds(min_answers=10, max_step_seconds=60)  # a step that gets no answers fails in 60 s, not 600
+    th = dataclasses.replace(QUICK, max_step_seconds=60)  # a step that gets no answers fails in 60 s, not 600
     with Load(door, server, bodies) as load:
         loads.append(load)
         report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, th, prometheus, say=say)
