@@ -491,17 +491,19 @@ def test_many_idle_connections_from_one_address_leave_the_door_open_to_others(so
         code, _, answer = exchange(door, head(soak, length=len(body)) + body, source="127.0.0.3", timeout=20)
         assert code == 200 and top1(json.loads(answer)) == label
         # a connection waits in the backlog until the door accepts it, and its handshake timeout starts then:
-        # on a loaded 2-core machine the last of 4,300 are accepted late (2 were still open at +15 s)
-        still_open = wait_closed(idle, deadline=time.monotonic() + door.handshake_timeout + 60)
-        assert still_open == 0
+        # on a loaded 2-core machine the last of 4,300 are accepted late
+        open_ports = wait_closed(idle, deadline=time.monotonic() + door.handshake_timeout + 30)
+        held = held_by(door.port) & open_ports
+        assert not held, f"{len(held)} of the {len(open_ports)} sockets still open are held by the door"
     finally:
         for s in idle:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def wait_closed(socks: list[socket.socket], deadline: float) -> int:
-    """Read each socket until its peer closes it, up to the deadline; how many accepted ones stayed open."""
+def wait_closed(socks: list[socket.socket], deadline: float) -> set[int]:
+    """Read each socket until its peer closes it, up to the deadline; the local ports of the accepted ones
+    that stayed open."""
     poll, by_fd = select.poll(), {s.fileno(): s for s in socks}
     for fd in by_fd:
         poll.register(fd, select.POLLIN)
@@ -516,7 +518,21 @@ def wait_closed(socks: list[socket.socket], deadline: float) -> int:
                 pass
             poll.unregister(fd)
             del by_fd[fd]
-    return sum(established(s) for s in by_fd.values())
+    return {s.getsockname()[1] for s in by_fd.values() if established(s)}
+
+
+def held_by(port: int) -> set[int]:
+    """The client ports of the connections the kernel holds for the listener on `port` (ESTABLISHED, accepted
+    or waiting to be), from /proc/net/tcp. A client can think itself connected when the server side does not
+    exist: with SYN cookies, the final ACK that meets a full accept queue is dropped, and nothing tells the
+    client (one of 4,300 stayed "open" this way on a quiet runner, far past every timeout of the door)."""
+    held = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == "01" and int(local.split(":")[1], 16) == port:
+                held.add(int(remote.split(":")[1], 16))
+    return held
 
 
 def established(s: socket.socket) -> bool:
