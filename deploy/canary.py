@@ -253,7 +253,7 @@ def roll_back(ts: TorchServe, door: FrontDoor, report: dict, e: BaseException, k
     """All traffic back on the default, the candidate withdrawn, and the report says so and is written."""
     close_split(door)
     # as long as the door itself would wait for the candidate's answer (queue + server time, and margin)
-    report["in_flight_at_withdraw"] = drain(door, door.queue_timeout + door.server_timeout + 5)
+    report["in_flight_at_withdraw"] = drain(door, door.canary_wait)
     report["verdict"] = f"rolled back: {e or e.__class__.__name__}"
     report["traffic"] = "all on the default"
     report["candidate_state"] = withdraw(ts, report["model"], report["candidate"], keep)

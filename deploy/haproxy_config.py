@@ -111,6 +111,11 @@ class HaproxyConfig:
              *(self.backend_section(*lane) for lane in self.lanes()), self.canary_sections()]
         )  # fmt: skip
 
+    @property
+    def canary_wait(self) -> int:
+        """Seconds the canary backend waits for an answer: longer than the inner hop's queue + server time."""
+        return self.queue_timeout + self.server_timeout + 5
+
     def lanes(self) -> list[tuple[str, int, int]]:
         """(backend, requests inside TorchServe at once, requests waiting) per lane: predictions, explanations
         (costly: they must never take the slots predictions need), and bodies too large to buffer (they
@@ -360,7 +365,7 @@ class HaproxyConfig:
             "    retry-on conn-failure empty-response 500",
             # longer than the inner hop's queue + server time: a request the candidate never answers ends
             # in the inner frontend's own 504, which its counters (the judge's) see; the outer one's would not
-            f"    timeout server {self.server_timeout + self.queue_timeout + 5}s",
+            f"    timeout server {self.canary_wait}s",
             # 2 servers x (classes + a 404 key): 16k keys hold 8k classes (ImageNet's 1000 take 2002)
             "    stick-table type string len 80 size 16k store gpc0",
             "    http-response wait-for-body time 1s if { status 200 }",
