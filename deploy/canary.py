@@ -32,6 +32,7 @@ from deploy.canary_readings import (
     answers,
     door_errors,
     drain,
+    fresh_responses,
     latencies,
     log_size,
     responses,
@@ -113,9 +114,10 @@ def window(
 ) -> dict:
     """Watch the split as it is for at least `seconds` and until the candidate has min_answers (at 0 % the
     default's count is what is waited for); {"default": side, "candidate": side, "seconds", "errors_from"}."""
-    answers(door, clear=True)
+    prom0 = fresh_responses(prometheus, time.time(), 5 * scrape)  # first: the candidate's traffic already
+    answers(door, clear=True)  # flows, and what it does before the other baselines still counts as this step
     offset, t0 = log_size(door), time.time()
-    stats0, prom0 = door_errors(door), responses(prometheus, t0)
+    stats0 = door_errors(door)
     share = current_share(door)
     waits_for = "candidate" if share else "default"
     while True:
@@ -150,6 +152,7 @@ def window(
         sides[side] = {
             "answers": int(delta["2xx"]),
             "errors": int(delta["5xx"]),
+            "errors_at_door": stats1[side]["5xx"] - stats0[side]["5xx"],  # the same, from the door's counters
             "gone": gone[side],  # 404s: TorchServe no longer serves this version
             "client_errors": int(delta["4xx"]),  # reported, never judged: any client can cause them
             "p99_ms": p99(sorted(times[side])),

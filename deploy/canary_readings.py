@@ -158,6 +158,26 @@ def responses(prometheus: str | None, at: float) -> dict[str, dict[str, float]] 
     return out if set(SIDES) <= set(out) else None
 
 
+def scraped_at(prometheus: str | None) -> float | None:
+    """When Prometheus last scraped each side's counters (the older side's newest sample); None without
+    them."""
+    promql = 'min(timestamp(haproxy_frontend_http_responses_total{proxy=~"canary_.*"}))'
+    result = query(prometheus, promql)
+    return float(result[0]["value"][1]) if result else None
+
+
+def fresh_responses(prometheus: str | None, after: float, limit: float) -> dict[str, dict[str, float]] | None:
+    """responses() from a scrape taken after `after`, waiting up to `limit` s for one; None without one.
+    An instant query answers with the newest sample, however old: a Prometheus that fell behind a busy
+    runner gave a baseline from before the window, and the 5xx of the rollout before counted in it."""
+    deadline = time.time() + limit
+    while (scraped_at(prometheus) or 0) <= after:
+        if not prometheus or time.time() > deadline:
+            return None
+        time.sleep(0.1)
+    return responses(prometheus, time.time())
+
+
 def served_by_version(prometheus: str | None, model: str) -> dict[str, float]:
     """TorchServe's own count of inference requests per version (ts_inference_requests_total), for the
     report."""

@@ -100,6 +100,41 @@ def test_the_canary_retries_only_what_a_version_failed_and_outwaits_the_inner_ho
     assert outer > door.server_timeout + door.queue_timeout
 
 
+def test_a_step_never_counts_errors_from_before_its_window(monkeypatch):
+    """ci (stop 34): a good candidate's first step counted 1 5xx in 25: an instant query answers with the
+    newest sample, however old, so a Prometheus behind by a few seconds gave a baseline from before the 5xx of
+    the rollout before (the CMYK candidate's). The baseline now comes from a scrape taken after the window
+    opened. Here Prometheus's sample is stale (3 5xx) until its next scrape (4); the step itself has none."""
+    landed = time.time() + 0.3  # the next scrape; the one before was 5 s ago, before the last 5xx
+
+    def prometheus(url, promql, at=None):
+        fresh = time.time() >= landed
+        if "timestamp(" in promql:
+            return [{"metric": {}, "value": [time.time(), str(landed if fresh else landed - 5.3)]}]
+        return [
+            {"metric": {"proxy": f"canary_{side}", "code": code}, "value": [at, str(n)]}
+            for side in ("default", "candidate")
+            for code, n in (("2xx", 100), ("5xx", (4 if fresh else 3) if side == "candidate" else 0))
+        ]
+
+    even = {"2xx": 100, "4xx": 0, "5xx": 0}
+    monkeypatch.setattr(canary_readings, "query", prometheus)
+    monkeypatch.setattr(
+        canary,
+        "answers",
+        lambda door, clear=False: (
+            {s: {"3": 20} for s in ("default", "candidate")},
+            {"default": 0, "candidate": 0},
+        ),
+    )
+    monkeypatch.setattr(canary, "door_errors", lambda door: {"default": dict(even), "candidate": dict(even)})
+    monkeypatch.setattr(canary, "latencies", lambda door, offset: ({"default": [5.0], "candidate": [5.0]}, 0))
+    monkeypatch.setattr(canary, "log_size", lambda door: 0)
+    monkeypatch.setattr(canary, "current_share", lambda door: 5)
+    w = canary.window(FrontDoor(backend=9), "http://prometheus", 0, QUICK, 0.05, lambda: True)
+    assert w["errors_from"] == "prometheus" and w["candidate"]["errors"] == 0, w
+
+
 def test_a_refused_weight_still_takes_the_route_away(tmp_path, monkeypatch):
     """close_split: if HAProxy refuses the weight, the map entry still goes (it stayed: traffic split)."""
     sent = []
@@ -392,7 +427,7 @@ def test_a_door_killed_during_step_2_comes_back_with_all_traffic_on_the_default(
         report = canary.run(
             server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=say
         )
-    print(report["verdict"])
+    print(json.dumps({k: v for k, v in report.items() if k != "thresholds"}, indent=1))
     assert killed and "the front door lost the split" in report["verdict"], report["verdict"]
     assert [s["share"] for s in report["steps"]] == [5] and report["traffic"] == "all on the default"
     assert canary.current_share(door) == 0 and management.default_version(server, "my_model") == "1.0"
