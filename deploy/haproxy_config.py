@@ -19,6 +19,9 @@ CANARY_MAP = "canary.map"
 LOG_FORMAT = "%t client=%ci:%cp status=%ST ms=%Ta srv_ms=%Tr queue_ms=%Tw wait=%sq/%bq lane=%b server=%s"
 LOG_FORMAT += " bytes=%B %{+Q}r"
 CANARY_WEIGHT = 100  # the canary backend's weights add up to this: a weight is a share in percent
+# the canary backend's `shadow` server until a shadow run points it at its tee (port 9: discard, never ours)
+SHADOW_PLACEHOLDER = "127.0.0.1:9"
+SHADOW_MAXCONN = 8  # requests in the tee at once (one thread each); more wait in the canary backend
 
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD ciphers only (ECDSA for the generated certificate, RSA for a
@@ -379,6 +382,9 @@ class HaproxyConfig:
             "    http-response sc-inc-gpc0(2) if { var(txn.answer) -m found }",
             f"    server default {sock}-default weight {CANARY_WEIGHT}",
             f"    server candidate {sock}-candidate weight 0",
+            # a shadow run's tee (deploy/shadow.py sets its address and weight live): weight 0 at every start,
+            # so a restarted door sends nothing to it; a tee that does not accept is retried on the default
+            f"    server shadow {SHADOW_PLACEHOLDER} weight 0 maxconn {SHADOW_MAXCONN}",
         ]
         return "\n".join([*lines, *self.canary_frontends(sock), *self.metrics_frontend()]) + "\n"
 

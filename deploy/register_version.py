@@ -42,7 +42,7 @@ import threading
 import requests
 
 from bundle import settings
-from deploy import canary, frontdoor, management
+from deploy import canary, frontdoor, management, shadow
 from deploy.gate import MIN_AGREEMENT
 from deploy.golden import choose
 from deploy.journal import JournalError
@@ -64,6 +64,9 @@ def cmd_register(ts: TorchServe, args) -> int:
     """`register`: register the archive and, with --promote or --dry-run, gate it against the default (with
     --canary, canary it through the front door instead) and carry out the verdict; the exit code."""
     gated = args.promote or args.dry_run
+    if args.shadow and (args.canary or gated):
+        print("error: --shadow goes alone (not with --canary, --promote or --dry-run)", file=sys.stderr)
+        return 2
     # One lock from registering to the verdict: no other promotion, rollback or unregister interleaves.
     with locked(ts, f"register {os.path.basename(args.archive)}"):
         golden, golden_info = None, None
@@ -78,6 +81,8 @@ def cmd_register(ts: TorchServe, args) -> int:
         print(f"registered {model} {version} from {os.path.basename(args.archive)}")
         if args.canary:
             return cmd_canary(ts, model, version, args)
+        if args.shadow:
+            return cmd_shadow(ts, model, version, args)
         if not gated:
             default = management.default_version(ts, model)
             if default == version:  # TorchServe makes a model's first version its default
@@ -192,6 +197,30 @@ def cmd_canary(ts: TorchServe, model: str, version: str, args) -> int:
     return 0 if report["verdict"].startswith("promoted") else EXIT_REJECTED
 
 
+def cmd_shadow(ts: TorchServe, model: str, version: str, args) -> int:
+    """Shadow through the front door (deploy/shadow.py): the candidate stays registered, not default; 0 with
+    a report, 1 when it could not start."""
+    pairs = args.step_requests or None
+    try:
+        report = shadow.run(
+            ts, frontdoor.for_server(ts), model, version, args.shadow,
+            seconds=None if pairs else args.step_seconds, pairs=pairs, say=print,
+        )  # fmt: skip
+    except canary.CanaryError as e:
+        print(f"error: {e}; {model} {version} stays registered, not default", file=sys.stderr)
+        return 1
+    agreement = "-" if report["agreement"] is None else f"{report['agreement'] * 100:.1f} %"
+    ratio = "-" if report["answer_time_ratio"] is None else f"{report['answer_time_ratio']:.2f}"
+    print(
+        f"  {report['pairs']} pairs in {report['seconds']} s ({report['ended_by']}): top-1 agreement "
+        f"{agreement}, candidate errors {report['candidate_errors']}, dropped copies {report['dropped']}, "
+        f"answer time p50 candidate/default {ratio}"
+    )
+    print(f"{model} {version} stays registered, not default; users got {report['default']}'s answers")
+    print(f"report: {' '.join(report['files'])}")
+    return 0
+
+
 def cmd_list(ts: TorchServe, model: str) -> int:
     """`list`: print each version of `model`, whether it is default, its archive and its READY workers; 1 when
     the model is not registered."""
@@ -273,12 +302,22 @@ def get_args_parser():
     c.add_argument(
         "--canary", default=None, metavar="STEPS", help="shares in percent, e.g. 5,25,50,100; then default"
     )
-    c.add_argument("--step-seconds", type=float, default=60.0, help="least time per step (default 60)")
+    c.add_argument(
+        "--shadow",
+        type=int,
+        default=None,
+        metavar="PERCENT",
+        help="mirror PERCENT of the model's live predictions to it (users get the default's answers), for "
+        "--step-seconds or --step-requests pairs; report its agreement; never promotes (docs/deployment.md)",
+    )
+    c.add_argument(
+        "--step-seconds", type=float, default=60.0, help="least time per step, or a shadow's (default 60)"
+    )
     c.add_argument(
         "--step-requests",
         type=int,
         default=0,
-        help="least candidate answers per step (default: analysis.Thresholds)",
+        help="least candidate answers per step (default: analysis.Thresholds), or a shadow's pairs",
     )
     c.add_argument(
         "--prometheus", default=None, help="Prometheus URL scraping the door's metrics_port (errors)"

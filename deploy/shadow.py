@@ -1,0 +1,379 @@
+"""Shadow through the front door: a share of a model's live predictions also goes to a candidate version,
+whose answers are compared with the default's on the same requests and never reach a user.
+
+    scripts/register_version.sh model_store/my_model_v2.0.mar --shadow 10 --step-requests 200
+
+HAProxy 2.6 cannot mirror a request, so a tee of our own does: the door's `canary` backend
+(deploy/haproxy_config.py) has a third server, `shadow`, at weight 0 in every config it renders; a shadow run
+points it at the tee's loopback port and gives it PERCENT of the model's path (the canary's map and lane: only
+bodies the door held whole). The tee parses each request strictly (deploy/guard_request.py's bounded head
+reader; one Content-Length, no Transfer-Encoding, a body no larger than the door holds), re-issues a NEW
+request (POST, the model's default route, Authorization and Content-Type only) to TorchServe's inference port
+and answers the user with the default's status, content type and body (TorchServe unreachable: a 502 JSON).
+Off the user's path, a bounded queue and one worker thread send the same body to the candidate's route and
+record both top-1 labels (the first key of the JSON answer), both answer times and the candidate's status; a
+copy that finds the queue full is dropped and counted.
+
+A tee that is gone refuses connections, and the door retries those on the default (`retry-on conn-failure`);
+a restarted door has weight 0 on the tee and an empty map. The run never promotes: the candidate stays
+registered, not default. Its report (JSON) goes to server/state/shadow/. Library code: returns a report or
+raises CanaryError; deploy/register_version.py prints."""
+
+import http.client
+import json
+import os
+import queue
+import socketserver
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from deploy import management
+from deploy.canary import NAME, route
+from deploy.canary_readings import CanaryError, admin
+from deploy.errors import error_body
+from deploy.frontdoor import FrontDoor
+from deploy.guard_request import Refusal, read_head
+from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT, SHADOW_PLACEHOLDER
+from deploy.privileges import private_files
+from deploy.server import TorchServe
+from deploy.versions import state_dir
+
+MAX_ANSWER = 1 << 20  # bytes of TorchServe's answer the tee reads back (a top-5 JSON is ~200)
+QUEUE = 64  # shadow copies waiting for the worker; a copy that finds it full is dropped (and counted)
+
+
+# --- the tee's reading of a request ----------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """A prediction request as the tee parsed it: the only values it passes on."""
+
+    content_type: str | None
+    authorization: str | None
+    body: bytes
+
+
+def read_request(rfile, max_body: int) -> Prediction | None:
+    """One request from `rfile`, parsed strictly with a cost bound; None when the peer closed before a byte.
+    Refusal: two Content-Lengths, Transfer-Encoding (400), a body over `max_body` (413), not POST (405)."""
+    try:
+        head = read_head(rfile)
+    except Refusal as e:
+        if e.status == 413:  # over the guard's own limit, which is larger than ours
+            raise Refusal(413, f"a mirrored prediction is at most {max_body} bytes", "PayloadTooLarge") from e
+        raise
+    if head is None:
+        return None
+    if head.length > max_body:  # refused before a byte of the body is read
+        raise Refusal(413, f"a mirrored prediction is at most {max_body} bytes", "PayloadTooLarge")
+    if head.method != "POST":
+        raise Refusal(405, "only POST predictions are mirrored", "MethodNotAllowed")
+    body = rfile.read(head.length)
+    if len(body) != head.length:
+        raise Refusal(400, "the body ended before its Content-Length")
+    return Prediction(head.headers.get("content-type"), head.headers.get("authorization"), body)
+
+
+def top1(status: int, body: bytes) -> str | None:
+    """The first key of a 200 answer's JSON object (the handler writes the top-1 label first), else None."""
+    if status != 200:
+        return None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return next(iter(answer), None) if isinstance(answer, dict) else None
+
+
+# --- the tee -----------------------------------------------------------------------------------------------
+
+
+class Tee:
+    """A loopback HTTP server answering from the model's default and mirroring to `candidate` off the user's
+    path. start() it, read `pairs` and `dropped`, stop() it."""
+
+    def __init__(self, backend: int, model: str, candidate: str, max_body: int, timeout: float):
+        if not NAME.fullmatch(model) or not NAME.fullmatch(candidate):
+            raise CanaryError(f"{model!r} {candidate!r} cannot go into a route")
+        self.backend, self.max_body, self.timeout = backend, max_body, timeout
+        self.default_route, self.candidate_route = route(model), f"{route(model)}/{candidate}"
+        self.pairs: list[dict] = []
+        self.dropped = 0
+        self.copies: queue.Queue = queue.Queue(QUEUE)
+        self.stopping = threading.Event()
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), TeeHandler, bind_and_activate=True)
+        self.server.tee = self  # type: ignore[attr-defined]
+        self.server.daemon_threads = False  # server_close waits for the answers in flight
+        self.threads = [
+            threading.Thread(target=self.server.serve_forever, args=(0.2,), daemon=True),
+            threading.Thread(target=self.mirror_worker, daemon=True),
+        ]
+
+    @property
+    def port(self) -> int:
+        """The loopback port the tee listens on."""
+        return self.server.server_address[1]
+
+    def start(self) -> "Tee":
+        """Listen and mirror; returns self."""
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self):
+        """Stop listening, wait (bounded) for the answers in flight and the copies queued, then stop
+        mirroring."""
+        self.server.shutdown()
+        self.server.server_close()
+        deadline = time.time() + self.timeout + 1
+        while not self.copies.empty() and time.time() < deadline:
+            time.sleep(0.05)
+        self.stopping.set()
+        self.threads[1].join(self.timeout + 1)
+
+    def ask(self, path: str, req: Prediction) -> tuple[int, str, bytes, float]:
+        """(status, content type, body, ms) of a new request with `req`'s values to TorchServe's `path`;
+        OSError or http.client.HTTPException when TorchServe does not answer, ValueError for an answer too
+        large."""
+        headers = {"Content-Length": str(len(req.body))}
+        if req.content_type is not None:
+            headers["Content-Type"] = req.content_type
+        if req.authorization is not None:
+            headers["Authorization"] = req.authorization
+        conn = http.client.HTTPConnection("127.0.0.1", self.backend, timeout=self.timeout)
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", path, body=req.body, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read(MAX_ANSWER + 1)
+        finally:
+            conn.close()
+        if len(body) > MAX_ANSWER:
+            raise ValueError(f"TorchServe's answer is over {MAX_ANSWER} bytes")
+        ms = (time.perf_counter() - t0) * 1000
+        return resp.status, resp.getheader("Content-Type") or "application/json", body, ms
+
+    def mirror(self, req: Prediction, default_top1: str | None, default_ms: float):
+        """Queue a shadow copy for the candidate; dropped (and counted) when the queue is full."""
+        try:
+            self.copies.put_nowait((req, default_top1, default_ms))
+        except queue.Full:
+            self.dropped += 1  # only handler threads count here, under the GIL's += on an int attribute
+
+    def mirror_worker(self):
+        """Send each queued copy to the candidate and record the pair, until stop()."""
+        while not self.stopping.is_set():
+            try:
+                req, default_top1, default_ms = self.copies.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                status, _, body, ms = self.ask(self.candidate_route, req)
+            except (OSError, http.client.HTTPException, ValueError):
+                status, body, ms = 0, b"", None  # 0: no answer at all
+            self.pairs.append(
+                {
+                    "default_top1": default_top1,
+                    "candidate_top1": top1(status, body),
+                    "default_ms": default_ms,
+                    "candidate_ms": ms,
+                    "candidate_status": status,
+                }
+            )
+
+
+class TeeHandler(socketserver.StreamRequestHandler):
+    """One connection from the door: one request, answered from the default, then closed."""
+
+    def handle(self) -> None:
+        """Parse, re-issue to the default, answer, queue the copy."""
+        tee: Tee = self.server.tee  # type: ignore[attr-defined]
+        self.connection.settimeout(tee.timeout)  # a peer that stops sending
+        try:
+            req = read_request(self.rfile, tee.max_body)
+        except Refusal as e:
+            return self.reply(e.status, "application/json", error_body(e.status, e.kind, e.message).encode())
+        except OSError:
+            return
+        if req is None:
+            return
+        try:
+            status, content_type, body, ms = tee.ask(tee.default_route, req)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            message = f"TorchServe did not answer the tee: {e.__class__.__name__}"
+            return self.reply(502, "application/json", error_body(502, "BadGateway", message).encode())
+        self.reply(status, content_type, body)
+        if status == 200:  # a pair needs the default's label; its errors are the door's to count
+            tee.mirror(req, top1(status, body), ms)
+
+    def reply(self, status: int, content_type: str, body: bytes) -> None:
+        """Write one HTTP/1.1 answer and close (each request comes on its own connection)."""
+        head = (
+            f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            self.wfile.write(head.encode("latin-1") + body)
+        except OSError:
+            pass  # the door gave up on this request; nothing to tell it
+
+
+# --- the door, live ----------------------------------------------------------------------------------------
+
+
+def open_split(door: FrontDoor, model: str, version: str, port: int, percent: int):
+    """Send `percent` of the model's path to the tee on `port`, the rest to the default (candidate at 0)."""
+    if not NAME.fullmatch(version):
+        raise CanaryError(f"version {version!r} cannot go into a route")
+    path = route(model)
+    weigh(door, "candidate", 0)
+    weigh(door, "shadow", 0)
+    check(admin(door, f"set server canary/shadow addr 127.0.0.1 port {port}"), "changed")
+    admin(door, f"add map {door.path(CANARY_MAP)} {path} {version}")
+    weigh(door, "default", CANARY_WEIGHT - percent)
+    weigh(door, "shadow", percent)
+
+
+def weigh(door: FrontDoor, server: str, weight: int):
+    """Set one canary server's weight; CanaryError when HAProxy refuses."""
+    check(admin(door, f"set weight canary/{server} {weight}"), "")
+
+
+def check(out: str, expected: str):
+    """CanaryError unless HAProxy's answer is empty or says `expected`."""
+    if out.strip() and not (expected and expected in out):
+        raise CanaryError(f"HAProxy refused: {out.strip()[:200]}")
+
+
+def in_place(door: FrontDoor, model: str, percent: int) -> bool:
+    """Whether the door still sends `percent` of the model's path to the tee (a restarted one does not)."""
+    try:
+        mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
+        weight = int(admin(door, "get weight canary/shadow").split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    return f" {route(model)} " in mapped and weight == percent
+
+
+def close_split(door: FrontDoor):
+    """Everything back on the default: the tee's weight first, then the route, then its placeholder
+    address."""
+    host, port = SHADOW_PLACEHOLDER.split(":")
+    for command in (
+        "set weight canary/shadow 0",
+        f"set weight canary/default {CANARY_WEIGHT}",
+        f"clear map {door.path(CANARY_MAP)}",
+        f"set server canary/shadow addr {host} port {port}",
+    ):
+        try:
+            admin(door, command)
+        except OSError:
+            pass  # a door that is gone sends nothing to the tee (weight 0 and an empty map at its start)
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+def run(
+    ts: TorchServe,
+    door: FrontDoor,
+    model: str,
+    version: str,
+    percent: int,
+    seconds: float | None = None,
+    pairs: int | None = None,
+    max_seconds: float = 600,
+    say=lambda line: None,
+) -> dict:
+    """Mirror `percent` of `model`'s live predictions to `version` (registered, not default) until `pairs`
+    pairs or `seconds` s (whichever comes first; at most `max_seconds`); the report (also written to
+    server/state/shadow/). Users get the default's answers; nothing is promoted."""
+    if not 0 < percent < CANARY_WEIGHT:
+        raise CanaryError(f"a shadow share is within 1..{CANARY_WEIGHT - 1} %: {percent}")
+    if not seconds and not pairs:
+        raise CanaryError("a shadow run needs seconds or pairs to wait for")
+    default = check_request(ts, door, model, version)
+    tee = Tee(ts.ports.inference, model, version, min(door.buffer, door.max_body), door.server_timeout)
+    report: dict = {"model": model, "candidate": version, "default": default, "percent": percent}
+    report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tee.start()
+    t0 = time.time()
+    try:
+        open_split(door, model, version, tee.port, percent)
+        say(f"shadow {model} {version}: {percent} % of {route(model)} mirrored (users get {default})")
+        report["ended_by"] = wait(door, model, percent, tee, seconds, pairs, max_seconds)
+    finally:
+        close_split(door)
+        tee.stop()
+    report["seconds"] = round(time.time() - t0, 1)
+    report.update(summary(tee.pairs, tee.dropped))
+    report["candidate_state"] = "registered, not default (a shadow never promotes)"
+    report["files"] = write_report(ts, report)
+    return report
+
+
+def check_request(ts: TorchServe, door: FrontDoor, model: str, version: str) -> str:
+    """The model's default version, when `version` can be shadowed beside it through `door`; raises why
+    not."""
+    if not door.is_running():
+        raise CanaryError(
+            "the front door is not running: a shadow splits there (serve.sh start --front-door)"
+        )
+    default = management.default_version(ts, model)
+    if all(v["modelVersion"] != version for v in management.versions(ts, model)):
+        raise CanaryError(f"{model} {version} is not registered")
+    if default in (None, version):
+        raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
+    if admin(door, f"show map {door.path(CANARY_MAP)}").strip():  # its split is not ours to close
+        raise CanaryError("a canary or shadow is already splitting at the front door")
+    return default
+
+
+def wait(door: FrontDoor, model: str, percent: int, tee: Tee, seconds, pairs, max_seconds) -> str:
+    """Wait for `pairs` pairs or `seconds` s, at most `max_seconds`, or until the door loses the split; why it
+    ended."""
+    t0 = time.time()
+    while True:
+        time.sleep(0.5)
+        elapsed = time.time() - t0
+        if pairs and len(tee.pairs) >= pairs:
+            return f"{pairs} pairs"
+        if seconds and elapsed >= seconds:
+            return f"{seconds} s"
+        if elapsed >= max_seconds:
+            return f"at most {max_seconds} s (only {len(tee.pairs)} pairs)"
+        if not in_place(door, model, percent):
+            return "the front door lost the split (restarted?): all traffic is on the default"
+
+
+def summary(pairs: list[dict], dropped: int) -> dict:
+    """pairs, top-1 agreement (over the candidate's 200 answers), candidate errors, dropped copies and the
+    answer-time ratio (candidate p50 / default p50)."""
+    answered = [p for p in pairs if p["candidate_status"] == 200]
+    statuses = Counter(str(p["candidate_status"]) for p in pairs)
+    out: dict = {"pairs": len(pairs), "agreement": None, "candidate_errors": len(pairs) - len(answered)}
+    out.update(candidate_statuses=dict(statuses), dropped=dropped, default_p50_ms=None, candidate_p50_ms=None)
+    out["answer_time_ratio"] = None
+    if answered:
+        out["agreement"] = sum(p["candidate_top1"] == p["default_top1"] for p in answered) / len(answered)
+        out["default_p50_ms"] = statistics.median(p["default_ms"] for p in answered)
+        out["candidate_p50_ms"] = statistics.median(p["candidate_ms"] for p in answered)
+        out["answer_time_ratio"] = out["candidate_p50_ms"] / out["default_p50_ms"]
+    return out
+
+
+def write_report(ts: TorchServe, report: dict) -> list[str]:
+    """server/state/shadow/<model>-<version>-<time>.json (root's state folder, 0700)."""
+    folder = os.path.join(state_dir(ts), "shadow")
+    path = os.path.join(
+        folder, f"{report['model']}-{report['candidate']}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    )
+    with private_files():
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    return [path]

@@ -1,0 +1,188 @@
+"""Shadow through the real front door: 2.0 (1.0's weights) mirrored beside 1.0 agrees on ~every request, a
+version with permuted labels on ~none, and every user answer is the default's. Unit tests of the tee's
+parser (strict framing, a cost that grows linearly) and of its 502 when TorchServe does not answer."""
+
+import io
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+from deploy import management, shadow
+from deploy.canary_readings import stat_rows
+from deploy.frontdoor import FrontDoor
+from deploy.guard_request import Refusal
+from deploy.versions import register, set_default, state_dir
+from tests.conftest import free_port, install_archive
+from tests.test_canary import Load, bodies, door, permuted  # noqa: F401 (fixtures)
+
+HEAD = b"POST /predictions/my_model HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+
+
+def parse(raw: bytes, max_body: int = 100):
+    return shadow.read_request(io.BytesIO(raw), max_body)
+
+
+def test_the_tee_reads_one_strictly_framed_prediction():
+    req = parse(HEAD + b"Authorization: Bearer k\r\nX-Other: y\r\nContent-Length: 3\r\n\r\nabc")
+    assert req == shadow.Prediction("application/octet-stream", "Bearer k", b"abc")  # X-Other: not kept
+
+
+@pytest.mark.parametrize(
+    "extra, status",
+    [
+        (b"Content-Length: 3\r\nContent-Length: 3\r\n", 400),
+        (b"Content-Length: 3\r\ncontent-length: 4\r\n", 400),
+        (b"Transfer-Encoding: chunked\r\n", 400),
+        (b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", 400),
+        (b"Content-Length: 101\r\n", 413),  # over the door's small-body limit (100 here)
+        (b"Content-Length: 99999999\r\n", 413),  # over the guard's reader's own limit
+        (b"Content-Length: 5\r\n", 400),  # the body ends early
+    ],
+)
+def test_the_tee_refuses_what_it_cannot_frame(extra, status):
+    with pytest.raises(Refusal) as e:
+        parse(HEAD + extra + b"\r\nabc")
+    assert e.value.status == status, e.value.message
+
+
+def operations(raw: bytes) -> int:
+    """Python calls and C calls made while the tee parses `raw`, plus the bytes it reads: its work, without a
+    clock."""
+    events, read = [0], [0]
+
+    class Counted(io.BytesIO):
+        def readline(self, size=-1):
+            line = super().readline(size)
+            read[0] += len(line)
+            return line
+
+        def read(self, size=-1):
+            data = super().read(size)
+            read[0] += len(data)
+            return data
+
+    def count(frame, event, arg):
+        events[0] += 1
+
+    sys.setprofile(count)
+    try:
+        shadow.read_request(Counted(raw), 100)
+    finally:
+        sys.setprofile(None)
+    return events[0] + read[0]
+
+
+@pytest.mark.parametrize("shape", ["many headers", "long values"])
+def test_the_tee_parsers_work_grows_linearly_with_hostile_headers(shape):
+    def request(n):  # 10x the hostile header bytes, each within the reader's limits
+        if shape == "many headers":
+            hostile = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(n))
+        else:
+            hostile = b"X-H: " + b"a " * (n * 60) + b"\r\n"
+        return HEAD + hostile + b"Content-Length: 3\r\n\r\nabc", len(hostile)
+
+    (small, s_bytes), (large, l_bytes) = request(6), request(60)
+    assert 9 < l_bytes / s_bytes < 11
+    growth = operations(large) / operations(small)
+    assert growth < 15, growth  # linear: ~10x (a quadratic parser: ~100x)
+
+
+def test_the_door_never_sends_to_the_tee_by_itself():
+    section = FrontDoor(backend=9).canary_sections()
+    assert "    server shadow 127.0.0.1:9 weight 0 maxconn 8\n" in section, section
+
+
+def test_a_tee_that_cannot_reach_torchserve_answers_502_json():
+    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5).start()  # nothing listens on the backend
+    try:
+        with socket.create_connection(("127.0.0.1", tee.port), timeout=10) as s:
+            s.sendall(HEAD + b"Content-Length: 3\r\n\r\nabc")
+            raw = s.makefile("rb").read()
+    finally:
+        tee.stop()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 "), raw[:200]
+    assert json.loads(body)["type"] == "BadGateway" and tee.pairs == []
+
+
+# --- through the real door, with a real TorchServe --------------------------------------------------------
+
+
+def user_answers_are_the_defaults(load, bodies):  # noqa: F811
+    statuses = Counter(status for status, _, _ in load.answers)
+    assert set(statuses) == {200}, statuses
+    seen = {label: Counter(top for _, top, lb in load.answers if lb == label) for _, label in bodies}
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_shadow_reports_agreement_and_users_only_get_the_default(
+    server,
+    store,
+    door,  # noqa: F811
+    archive_factory,
+    bodies,  # noqa: F811
+):
+    set_default(server, "my_model", "1.0", reason="test: 1.0 is the default")
+    headers = {**server.auth("inference"), "Content-Type": "application/octet-stream"}
+    usual = {}  # the default's own label for each body, asked directly
+    for body, label in bodies:
+        resp = requests.post(
+            f"{door.url()}/predictions/my_model", data=body, headers=headers, verify=door.ca, timeout=60
+        )
+        usual[label] = next(iter(resp.json()))
+    register(server, install_archive(archive_factory("2.0"), store))
+    register(server, permuted(store, os.path.join(str(store), "my_model.mar"), "3.0"))
+    reports = {}
+    for version in ("2.0", "3.0"):
+        with Load(door, server, bodies) as load:
+            reports[version] = shadow.run(server, door, "my_model", version, 50, pairs=20, max_seconds=120)
+        print(json.dumps(reports[version], indent=1))
+        seen = user_answers_are_the_defaults(load, bodies)
+        # every user answer is the default's label: the permuted candidate's ("4" for a 3) never reaches one
+        assert all(set(tops) == {usual[label]} for label, tops in seen.items()), (seen, usual)
+    same, other = reports["2.0"], reports["3.0"]
+    for r in (same, other):
+        assert r["ended_by"] == "20 pairs" and r["pairs"] >= 20 and r["candidate_errors"] == 0, r
+        assert r["answer_time_ratio"] > 0 and r["files"][0].startswith(
+            os.path.join(state_dir(server), "shadow")
+        )
+        assert os.path.exists(r["files"][0])
+    assert same["agreement"] >= 0.95 and other["agreement"] <= 0.05, (same["agreement"], other["agreement"])
+    # never promoted, both still registered; the split closed
+    assert management.default_version(server, "my_model") == "1.0"
+    assert {"2.0", "3.0"} <= {v["modelVersion"] for v in management.versions(server, "my_model")}
+    assert not shadow.in_place(door, "my_model", 50)
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+def test_a_tee_that_is_gone_leaves_every_request_on_the_default(server, door, bodies):  # noqa: F811
+    """The split open towards a port nobody listens on (a tee that died): the door retries each refused
+    connection on the default, and every user answer is still 200."""
+    set_default(server, "my_model", "1.0", reason="test: 1.0 is the default")
+    refused = connection_errors(door)
+    shadow.open_split(door, "my_model", "1.0", free_port(), 50)
+    try:
+        with Load(door, server, bodies) as load:
+            for _ in range(40):
+                if len(load.answers) >= 40:
+                    break
+                time.sleep(0.5)
+    finally:
+        shadow.close_split(door)
+    assert len(load.answers) >= 10
+    user_answers_are_the_defaults(load, bodies)
+    assert connection_errors(door) > refused  # the tee's share was tried there, then on the default
+
+
+def connection_errors(door) -> int:  # noqa: F811
+    rows = [r for r in stat_rows(door) if (r.get("pxname"), r.get("svname")) == ("canary", "shadow")]
+    return sum(int(r.get("econ") or 0) for r in rows)
