@@ -103,6 +103,7 @@ class Tee:
         self.default_route, self.candidate_route = route(model), f"{route(model)}/{candidate}"
         self.pairs: list[dict] = []
         self.dropped = 0
+        self.counting = threading.Lock()  # handler threads count drops at once
         self.copies: queue.Queue = queue.Queue(QUEUE)
         self.stopping = threading.Event()
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), TeeHandler, bind_and_activate=True)
@@ -162,7 +163,8 @@ class Tee:
         try:
             self.copies.put_nowait((req, default_top1, default_ms))
         except queue.Full:
-            self.dropped += 1  # only handler threads count here, under the GIL's += on an int attribute
+            with self.counting:
+                self.dropped += 1
 
     def mirror_worker(self):
         """Send each queued copy to the candidate and record the pair, until stop()."""

@@ -98,6 +98,16 @@ def test_the_door_never_sends_to_the_tee_by_itself():
     assert "    server shadow 127.0.0.1:9 weight 0 maxconn 8\n" in section, section
 
 
+def test_copies_past_the_queue_are_dropped_and_counted():
+    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5)  # not started: nothing takes copies out
+    try:
+        for _ in range(shadow.QUEUE + 3):
+            tee.mirror(shadow.Prediction(None, None, b"x"), "3", 1.0)
+    finally:
+        tee.server.server_close()
+    assert tee.dropped == 3 and tee.copies.qsize() == shadow.QUEUE
+
+
 def test_a_tee_that_cannot_reach_torchserve_answers_502_json():
     tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5).start()  # nothing listens on the backend
     try:
