@@ -188,7 +188,11 @@ def run(
         raise CanaryError(str(e)) from None
     report: dict = {"model": model, "candidate": version, "default": default, "steps": []}
     report.update(thresholds=th.as_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
+    try:
+        entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
+    except BaseException:  # a full disk: no canary, and no lease left to block the operator until it expires
+        canary_lease.release(ts)
+        raise
     t_start = time.time()
     try:
         open_split(door, model, version)
