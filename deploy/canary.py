@@ -189,7 +189,9 @@ def run(
     report: dict = {"model": model, "candidate": version, "default": default, "steps": []}
     report.update(thresholds=th.as_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     try:
-        entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
+        entry = journal.begin(
+            state_dir(ts), "canary", model=model, version=version, default=default, steps=steps
+        )
     except BaseException:  # a full disk: no canary, and no lease left to block the operator until it expires
         canary_lease.release(ts)
         raise
