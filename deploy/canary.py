@@ -23,7 +23,7 @@ import os
 import re
 import time
 
-from deploy import journal, management
+from deploy import canary_lease, journal, management
 from deploy.analysis import Thresholds, judge, p99, plot
 from deploy.canary_readings import (
     SIDES,
@@ -182,9 +182,19 @@ def run(
     raises, unless the candidate was promoted."""
     th = th or Thresholds()
     default = check_request(ts, door, model, version, steps)
+    try:  # from here to the verdict, the guard refuses others' set-default/unregister of both versions
+        canary_lease.hold(ts, model, default, version, lease_seconds(door, steps, th, scrape))
+    except canary_lease.Busy as e:
+        raise CanaryError(str(e)) from None
     report: dict = {"model": model, "candidate": version, "default": default, "steps": []}
     report.update(thresholds=th.as_dict(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    entry = journal.begin(state_dir(ts), "canary", model=model, version=version, default=default, steps=steps)
+    try:
+        entry = journal.begin(
+            state_dir(ts), "canary", model=model, version=version, default=default, steps=steps
+        )
+    except BaseException:  # a full disk: no canary, and no lease left to block the operator until it expires
+        canary_lease.release(ts)
+        raise
     t_start = time.time()
     try:
         open_split(door, model, version)
@@ -210,10 +220,18 @@ def run(
         if not isinstance(e, CanaryError):
             raise
         return report
+    finally:
+        canary_lease.release(ts)
     report["served_by_version"] = served_by_version(prometheus, model)
     report["files"] = write_report(ts, report)
     journal.finish(state_dir(ts), entry, "done", why=report["verdict"])
     return report
+
+
+def lease_seconds(door: FrontDoor, steps: list[int], th: Thresholds, scrape: float) -> float:
+    """How long a canary may hold its lease: every step at its longest (max_step_seconds, then two scrapes),
+    the drain, and 10 minutes for the management calls; a lease older than that blocks nothing."""
+    return len(steps) * (th.max_step_seconds + 2 * scrape + 30) + door.canary_wait + 600
 
 
 def check_request(ts: TorchServe, door: FrontDoor, model: str, version: str, steps: list[int]) -> str:

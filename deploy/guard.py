@@ -14,8 +14,9 @@ does (on '&' *and* ';', '+' as a space); repeated and unknown parameters are ref
 parameter's form. Then a *new* request goes to TorchServe, built from the validated values only: method,
 normalised path, re-encoded query, the Authorization header. Registrations pass only when `url` is the file
 name of a `.mar` in the model store that matches its `.sha256` and is a sound zip with a manifest. Anything
-else gets a JSON answer (400, 403, 404, 405, 413; 500 for a bug of ours) and the connection is closed. The log
-lists each call as it was re-issued.
+else gets a JSON answer (400, 403, 404, 405, 409, 413; 500 for a bug of ours) and the connection is closed.
+While a canary runs, set-default and unregister of its two versions get 409 unless they are the rollout's own
+or carry an override (deploy/canary_lease.py). The log lists each call as it was re-issued.
 The reading of a request lives in deploy/guard_request.py; this module holds the keys, the proxy and the
 guard's process (launch, state, stop).
 
@@ -41,11 +42,11 @@ import psutil
 
 from bundle import settings
 from bundle.settings import GUARD_KEY
-from deploy import process
+from deploy import canary_lease, process
 from deploy.archive import check_archive
 from deploy.errors import error_body
 from deploy.guard_request import FIELD_CHARS, MAX_BODY, MAX_LINE, Call, Head, Refusal, build, only, read_head
-from deploy.privileges import logged
+from deploy.privileges import logged, socket_uid
 
 # TorchServe's answer to a missing or wrong key: the tools (deploy/server.py) recognise it and re-read the key
 # file
@@ -172,6 +173,9 @@ class Guard(socketserver.StreamRequestHandler):
                 return False
             call = build(head)
             auth = self.server.keys.authorize(call, head.headers.get("authorization"))
+            lease_note = canary_lease.check(call, head.headers, self.server.lease_file)
+            if lease_note:  # who (the client's address and local uid), what (below), why
+                self.log(f"{self.client()}: {call.method} {call.target}: {lease_note}", start)
             # the costly part (hash and CRCs of up to a few hundred MB) comes after the key
             if call.registers:
                 try:
@@ -195,6 +199,12 @@ class Guard(socketserver.StreamRequestHandler):
         self.reply(status, passed, data, close)
         self.log(f"-> {call.method} {call.target} {status}", start)
         return not close
+
+    def client(self) -> str:
+        """The client's address, and the uid of the local process holding its socket when /proc tells."""
+        host, port = self.client_address[:2]
+        uid = socket_uid(port, self.server.server_address[1])
+        return f"{host}:{port}" + (f" (uid {uid})" if uid is not None else "")
 
     def refuse(self, refusal: Refusal, head: Head | None, start: float) -> bool:
         """Answer a refusal as JSON and close the connection (False)."""
@@ -249,7 +259,15 @@ class GuardServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     request_queue_size = 128  # was 5: a burst of tools and probes was refused at the door
 
-    def __init__(self, address, upstream: str, model_store: str, key_file: str | None, fd: int | None = None):
+    def __init__(
+        self,
+        address,
+        upstream: str,
+        model_store: str,
+        key_file: str | None,
+        fd: int | None = None,
+        lease_file: str | None = None,
+    ):
         super().__init__(address, Guard, bind_and_activate=fd is None)
         if fd is not None:  # the listening socket launch() bound, handed down through the supervisor
             self.socket.close()
@@ -257,6 +275,7 @@ class GuardServer(socketserver.ThreadingTCPServer):
             self.server_address = self.socket.getsockname()
         self.upstream, self.model_store = upstream, os.path.abspath(model_store)
         self.keys = Keys(key_file, upstream)
+        self.lease_file = lease_file  # a running canary's (deploy/canary_lease.py)
 
 
 def bind_port(listen: str) -> socket.socket:
@@ -284,6 +303,7 @@ def launch(ts):
     watch = str(ts.pid() or 0)
     guard = [sys.executable, "-m", "deploy.guard", "--listen", listen, "--socket", ts.management_socket]
     guard += ["--model-store", ts.model_store, "--watch-pid", watch, "--key-file", ts.key_file]
+    guard += ["--lease", ts.lease_file]
     with bind_port(listen) as sock:
         fd = str(sock.fileno())
         supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", watch, "--pass-fd", fd, "--"]
@@ -375,10 +395,13 @@ def main(argv=None):
     p.add_argument(
         "--listen-fd", type=int, help="an inherited socket already listening on --listen (launch())"
     )
+    p.add_argument("--lease", help="a running canary's lease file (deploy/canary_lease.py)")
     args = p.parse_args(argv)
     key_file = args.key_file or (key_file_of(args.watch_pid) if args.watch_pid else None)
     host, port = args.listen.rsplit(":", 1)
-    server = GuardServer((host, int(port)), args.socket, args.model_store, key_file, args.listen_fd)
+    server = GuardServer(
+        (host, int(port)), args.socket, args.model_store, key_file, args.listen_fd, args.lease
+    )
     print(f"guarding {args.listen} -> unix:{args.socket} (model store {server.model_store})", flush=True)
     if key_file is None:
         print("warning: no key file to check keys against: TorchServe alone checks them", flush=True)

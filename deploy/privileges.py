@@ -186,3 +186,20 @@ def listener_uids(port: int) -> set[int]:
         except (OSError, StopIteration):
             pass
     return uids
+
+
+def socket_uid(port: int, peer_port: int) -> int | None:
+    """The uid of the local TCP socket on `port` connected to `peer_port` (a client of a server on this
+    machine), from /proc/net/tcp{,6}; None when no such socket is listed."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)  # the header
+                for line in f:
+                    fields = line.split()  # sl local rem st queues timer retransmits uid ...
+                    local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+                    if (local, remote) == (port, peer_port) and fields[3] != "06":  # not TIME_WAIT (no owner)
+                        return int(fields[7])
+        except (OSError, StopIteration):
+            pass
+    return None

@@ -89,6 +89,7 @@ class TorchServe(KeyedApi, ServerHome):
     # the process table, two configs and the key file on every request cost 1.2-2.7 ms per call.
     _tokens: bool | None = field(default=None, init=False, repr=False)
     _keys: dict | None = field(default=None, init=False, repr=False)
+    lease_token: str | None = field(default=None, init=False, repr=False)  # while a canary holds its lease
 
     # --- paths: everything the server writes lies in its folder (see the module's docstring) ----------------
     def path(self, *parts: str) -> str:
@@ -102,6 +103,7 @@ class TorchServe(KeyedApi, ServerHome):
     # TMPDIR: pid file, worker sockets, unpacked models
     tmp_dir = property(lambda self: self.path("home", "tmp"))
     generated_config = property(lambda self: self.path("run", "generated.config.properties"))
+    lease_file = property(lambda self: self.path("run", "canary.lease"))  # deploy/canary_lease.py
     management_socket = property(lambda self: self.path("home", "tmp", "mgmt.sock"))
     # tempfile.gettempdir() of the CLI
     pid_file = property(lambda self: self.path("home", "tmp", ".model_server.pid"))

@@ -16,8 +16,9 @@ copy that finds the queue full is dropped and counted.
 
 A tee that is gone refuses connections, and the door retries those on the default (`retry-on conn-failure`);
 a restarted door has weight 0 on the tee and an empty map. The run never promotes: the candidate stays
-registered, not default. Its report (JSON) goes to server/state/shadow/. Library code: returns a report or
-raises CanaryError; deploy/register_version.py prints."""
+registered, not default; it holds the canary's lease meanwhile (deploy/canary_lease.py). Its report (JSON)
+goes to server/state/shadow/. Library code: returns a report or raises CanaryError; deploy/register_version.py
+prints."""
 
 import http.client
 import json
@@ -30,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from deploy import management
+from deploy import canary_lease, management
 from deploy.canary import NAME, route
 from deploy.canary_readings import CanaryError, admin
 from deploy.errors import error_body
@@ -299,18 +300,25 @@ def run(
     if not seconds and not pairs:
         raise CanaryError("a shadow run needs seconds or pairs to wait for")
     default = check_request(ts, door, model, version)
-    tee = Tee(ts.ports.inference, model, version, min(door.buffer, door.max_body), door.server_timeout)
+    longest = min(seconds or max_seconds, max_seconds) + door.server_timeout + 60  # the wait, drain, margin
+    try:  # as for a canary: the guard refuses others' set-default/unregister of both versions until the end
+        canary_lease.hold(ts, model, default, version, longest)
+    except canary_lease.Busy as e:
+        raise CanaryError(str(e)) from None
     report: dict = {"model": model, "candidate": version, "default": default, "percent": percent}
     report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tee.start()
-    t0 = time.time()
+    t0, tee = time.time(), None
     try:
+        tee = Tee(ts.ports.inference, model, version, min(door.buffer, door.max_body), door.server_timeout)
+        tee.start()
         open_split(door, model, version, tee.port, percent)
         say(f"shadow {model} {version}: {percent} % of {route(model)} mirrored (users get {default})")
         report["ended_by"] = wait(door, model, percent, tee, seconds, pairs, max_seconds)
     finally:
-        close_split(door)
-        tee.stop()
+        close_split(door)  # the lease kept any other split from starting since check_request saw none
+        if tee:
+            tee.stop()
+        canary_lease.release(ts)
     report["seconds"] = round(time.time() - t0, 1)
     report.update(summary(tee.pairs, tee.dropped))
     report["candidate_state"] = "registered, not default (a shadow never promotes)"

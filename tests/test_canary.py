@@ -290,10 +290,23 @@ def test_good_candidate_goes_5_25_50_100_and_becomes_default(
 ):
     install_archive(archive_factory("2.0"), store)
     register(server, os.path.join(str(store), "my_model_v2.0.mar"))
+    others = []  # what an operator's set-default / unregister of the two versions got mid-canary
+
+    def meddle(line):
+        for method, path in [("PUT", "/models/my_model/2.0/set-default"), ("DELETE", "/models/my_model/1.0")]:
+            url = server.url("management") + path  # the management key, not the rollout's token
+            others.append(requests.request(method, url, headers=server.auth("management"), timeout=60))
+
     with Load(door, server, bodies) as load:
-        report = canary.run(server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus)
+        report = canary.run(
+            server, door, "my_model", "2.0", [5, 25, 50, 100], 1.0, QUICK, prometheus, say=meddle
+        )
     print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=1))
-    assert report["verdict"].startswith("promoted"), report
+    assert report["verdict"].startswith("promoted"), report  # the rollout's own set-default passed the guard
+    # before: 200 and 200 (2.0 made default and 1.0 unregistered mid-canary)
+    assert [r.status_code for r in others] == [409] * 8, [r.text for r in others]
+    assert "a canary of my_model 2.0 is running" in others[0].json()["message"]
+    assert not os.path.lexists(server.lease_file)  # released at the verdict
     assert [s["share"] for s in report["steps"]] == [5, 25, 50, 100]
     # Prometheus judged the errors (a step whose window held no scrape yet falls back to the door's counters)
     assert "prometheus" in {s["errors_from"] for s in report["steps"]}

@@ -12,12 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import zipfile
 
 import pytest
 
-from deploy import guard, guard_request
+from deploy import canary_lease, guard, guard_request
 from deploy.archive import write_checksum
+from deploy.privileges import ids
 from tests.conftest import ROOT, free_port
 
 KEY, API_KEY = "mgmt-key", "api-key"
@@ -118,6 +120,8 @@ class GuardProcess:
                 str(self.store),
                 "--watch-pid",
                 str(self.sleeper.pid),
+                "--lease",
+                str(tmp / "canary.lease"),
             ],
             cwd=ROOT,
             stdout=self.log,
@@ -465,3 +469,120 @@ def test_a_broken_archive_is_refused_not_a_500(gw, how):
     write_checksum(broken_mar(os.path.join(gw.store, "broken.mar"), how))
     status, body = gw.request("POST", "/models?url=broken.mar")
     assert (status, body["type"]) == (403, "RegistrationRefused"), body  # was: 500 InternalServerError
+
+
+# --- a running canary's lease (deploy/canary_lease.py) ------------------------------------------------------
+
+
+def fake_ts(folder, user=None):
+    """What canary_lease.hold uses of a TorchServe."""
+    return types.SimpleNamespace(lease_file=str(folder / "canary.lease"), user=user, lease_token=None)
+
+
+@pytest.fixture
+def lease(gw):
+    """my_model 2.0 in a canary against 1.0, held by this test's process, as canary.run holds it."""
+    ts = fake_ts(gw.dir)
+    held = canary_lease.hold(ts, "my_model", "1.0", "2.0", 600)
+    yield held
+    canary_lease.release(ts)
+
+
+GUARDED = [
+    ("PUT", "/models/my_model/2.0/set-default"),
+    ("PUT", "/models/my_model/1.0/set-default"),
+    ("DELETE", "/models/my_model/2.0"),
+    ("DELETE", "/models/my%5Fmodel/1.0"),
+    ("DELETE", "/models/my_model"),
+]
+UNGUARDED = [
+    ("PUT", "/models/my_model/3.0/set-default"),
+    ("DELETE", "/models/my_model/3.0"),
+    ("PUT", "/models/other/2.0/set-default"),
+    ("DELETE", "/models/other/1.0"),
+    ("PUT", "/models/my_model/2.0?min_worker=1"),
+    ("GET", "/models/my_model/all"),
+]
+
+
+def test_a_running_canary_refuses_set_default_and_unregister_of_its_versions(gw, lease):
+    for method, target in GUARDED:
+        status, body = gw.request(method, target)
+        # without the lease check: 200 (the call reached TorchServe mid-canary)
+        assert (status, body.get("type"), body.get("code")) == (409, "Conflict", 409), (target, body)
+        assert (
+            f"a canary of my_model 2.0 is running (started {lease['started_at']}, pid {os.getpid()})"
+            in (body["message"])
+        )
+        assert canary_lease.OVERRIDE_HEADER in body["message"]
+    assert gw.upstream.targets() == []
+    for method, target in UNGUARDED:
+        assert gw.request(method, target)[0] == 200, target
+    assert len(gw.upstream.targets()) == len(UNGUARDED)
+
+
+def test_the_rollouts_own_calls_pass_and_its_token_goes_no_further(gw, lease):
+    token = {canary_lease.TOKEN_HEADER: lease["token"]}
+    for method, target in GUARDED:
+        assert gw.request(method, target, token)[0] == 200, target
+    assert len(gw.upstream.targets()) == len(GUARDED)
+    for head in gw.upstream.heads:  # TorchServe's side never sees the header nor the token
+        assert "canary" not in head.lower() and lease["token"] not in head, head
+    wrong = {canary_lease.TOKEN_HEADER: "A" * 43}
+    assert gw.request("PUT", "/models/my_model/2.0/set-default", wrong)[0] == 409
+    for bad in ("short", "A" * 65, "A" * 42 + "!", "A" * 42 + " B"):
+        status, body = gw.request("PUT", "/models/my_model/2.0/set-default", {canary_lease.TOKEN_HEADER: bad})
+        assert status == 400 and canary_lease.TOKEN_HEADER in body["message"], (bad, body)
+    twice = f"{canary_lease.TOKEN_HEADER}: {lease['token']}\r\n" * 2
+    raw = f"PUT /models/my_model/2.0/set-default HTTP/1.1\r\nHost: x\r\n{AUTH.decode()}{twice}\r\n"
+    assert answer(gw.send(raw.encode()))[0] == 400
+    assert len(gw.upstream.targets()) == len(GUARDED)
+
+
+def test_an_override_passes_and_is_logged(gw, lease):
+    why = "node 3 is broken, rolling back by hand (ticket 42)"
+    status, _ = gw.request("DELETE", "/models/my_model/2.0", {canary_lease.OVERRIDE_HEADER: why})
+    assert status == 200
+    assert gw.upstream.targets() == ["DELETE /models/my_model/2.0 HTTP/1.1"]
+    logged = [line for line in gw.log_text().splitlines() if why in line]
+    assert len(logged) == 1 and f"(uid {os.geteuid()}): DELETE /models/my_model/2.0: override" in logged[0]
+    for bad in ('say "yes"', "x" * 201, "", "\\x41"):
+        status, body = gw.request("DELETE", "/models/my_model/2.0", {canary_lease.OVERRIDE_HEADER: bad})
+        assert status == 400, (bad, body)
+    assert len(gw.upstream.targets()) == 1
+
+
+STALE = {
+    "controller gone": lambda sleeper: {"pid": dead_pid()},
+    "pid reused": lambda sleeper: {"pid": sleeper, "started": time.time() - 86400},
+    "expired": lambda sleeper: {"expires": time.time() - 1},
+}
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("how", STALE.keys())
+def test_a_stale_lease_blocks_nothing(gw, lease, how):
+    held = {**lease, **STALE[how](gw.sleeper.pid)}
+    (gw.dir / "canary.lease").write_text(json.dumps(held))
+    noted = gw.log_text().count("a stale canary lease does not block it")
+    assert gw.request("PUT", "/models/my_model/2.0/set-default")[0] == 200  # a killed controller: not forever
+    assert gw.log_text().count("a stale canary lease does not block it") == noted + 1
+
+
+def test_the_lease_file_is_the_controllers_and_one_at_a_time(tmp_path):
+    ts = fake_ts(tmp_path, user="torchserve")
+    held = canary_lease.hold(ts, "my_model", "1.0", "2.0", 600)
+    st = os.lstat(ts.lease_file)
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 0, ids("torchserve")[1])
+    assert ts.lease_token == held["token"] and canary_lease.TOKEN.fullmatch(held["token"])
+    with pytest.raises(canary_lease.Busy, match="my_model 2.0 runs already"):
+        canary_lease.hold(fake_ts(tmp_path), "my_model", "1.0", "3.0", 600)
+    canary_lease.release(ts)
+    assert not os.path.lexists(ts.lease_file) and ts.lease_token is None
+    (tmp_path / "canary.lease").write_text(json.dumps({**held, "pid": dead_pid()}))
+    assert canary_lease.hold(fake_ts(tmp_path), "my_model", "1.0", "3.0", 600)["candidate"] == "3.0"
