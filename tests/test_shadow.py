@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import requests
 
-from deploy import management, shadow
+from deploy import management, register_version, shadow
 from deploy.canary_readings import stat_rows
 from deploy.frontdoor import FrontDoor
 from deploy.guard_request import Refusal
@@ -96,6 +96,13 @@ def test_the_tee_parsers_work_grows_linearly_with_hostile_headers(shape):
 def test_the_door_never_sends_to_the_tee_by_itself():
     section = FrontDoor(backend=9).canary_sections()
     assert "    server shadow 127.0.0.1:9 weight 0 maxconn 8\n" in section, section
+
+
+@pytest.mark.parametrize("other", [["--canary", "5,100"], ["--promote"], ["--dry-run"]])
+def test_shadow_goes_alone_on_the_command_line(other, capsys):
+    args = register_version.get_args_parser().parse_args(["register", "x.mar", "--shadow", "10", *other])
+    assert args.shadow == 10 and register_version.cmd_register(None, args) == 2  # before any server call
+    assert "--shadow goes alone" in capsys.readouterr().err
 
 
 def test_copies_past_the_queue_are_dropped_and_counted():
