@@ -23,6 +23,7 @@ configuration from the settings (FrontDoor's fields).
 scripts/serve.sh start --front-door starts it with TorchServe (deploy/serve.py); stop and status include it.
 """
 
+import contextlib
 import glob
 import ipaddress
 import os
@@ -169,6 +170,11 @@ class FrontDoor(HaproxyConfig):
             return False
         process.terminate([psutil.Process(pid)], timeout, 5)
         process.remove_pid_file(self.pid_file)
+        folder = os.path.dirname(self.tee_socket)
+        if folder != self.folder:  # /run's folder for a shadow run's tee (root's alone: deploy/shadow.py)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tee_socket)
+                os.rmdir(folder)
         return True
 
 

@@ -19,8 +19,7 @@ CANARY_MAP = "canary.map"
 LOG_FORMAT = "%t client=%ci:%cp status=%ST ms=%Ta srv_ms=%Tr queue_ms=%Tw wait=%sq/%bq lane=%b server=%s"
 LOG_FORMAT += " bytes=%B %{+Q}r"
 CANARY_WEIGHT = 100  # the canary backend's weights add up to this: a weight is a share in percent
-# the canary backend's `shadow` server until a shadow run points it at its tee (port 9: discard, never ours)
-SHADOW_PLACEHOLDER = "127.0.0.1:9"
+TEE_RUN_DIR = "/run/torchserve-bundle-door-{port}"  # the tee's folder when HAProxy drops to its own user
 SHADOW_MAXCONN = 8  # requests in the tee at once (one thread each); more wait in the canary backend
 
 
@@ -52,6 +51,11 @@ def haproxy_quote(text: str) -> str:
     if "\n" in text or "\r" in text or "\0" in text:
         raise ValueError("an HAProxy configuration word cannot hold a line break or NUL")
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+def drops_privileges() -> bool:
+    """Whether HAProxy drops to the haproxy user (started as root, and the user exists)."""
+    return os.geteuid() == 0 and has_user("haproxy")
 
 
 def has_user(name: str) -> bool:
@@ -129,10 +133,17 @@ class HaproxyConfig:
             ("bulk", self.bulk_maxconn, self.bulk_queue),
         ]
 
+    @property
+    def tee_socket(self) -> str:
+        """Where a shadow run's tee listens: the door's own 0700 folder, or, when HAProxy drops to its user
+        (who cannot enter that folder), a root-only folder under /run (frontdoor.make_tee_folder)."""
+        folder = TEE_RUN_DIR.format(port=self.port) if drops_privileges() else self.folder
+        return os.path.join(folder, "tee.sock")
+
     def global_section(self) -> str:
         """HAProxy's process settings: one thread, the connection cap, buffer, admin socket, TLS floor;
         it drops to the haproxy user when started as root."""
-        drop = "    user haproxy\n    group haproxy\n" if os.geteuid() == 0 and has_user("haproxy") else ""
+        drop = "    user haproxy\n    group haproxy\n" if drops_privileges() else ""
         return f"""global
     # One thread: on 2 cores shared with TorchServe, a second one doubled HAProxy's CPU per request (0.15 ->
     # 0.36 ms, measured; OpenSSL 3's locks) while the workers need those cycles.
@@ -382,9 +393,11 @@ class HaproxyConfig:
             "    http-response sc-inc-gpc0(2) if { var(txn.answer) -m found }",
             f"    server default {sock}-default weight {CANARY_WEIGHT}",
             f"    server candidate {sock}-candidate weight 0",
-            # a shadow run's tee (deploy/shadow.py sets its address and weight live): weight 0 at every start,
-            # so a restarted door sends nothing to it; a tee that does not accept is retried on the default
-            f"    server shadow {SHADOW_PLACEHOLDER} weight 0 maxconn {SHADOW_MAXCONN}",
+            # a shadow run's tee (deploy/shadow.py listens there and sets the weight live): weight 0 at every
+            # start, so a restarted door sends nothing to it; a tee that does not accept is retried on the
+            # default. A Unix socket in a folder no other user can write: a TCP port, free between runs or
+            # after a tee killed with -9, could be bound by any local user and get the users' keys.
+            f"    server shadow unix@{self.tee_socket} weight 0 maxconn {SHADOW_MAXCONN}",
         ]
         return "\n".join([*lines, *self.canary_frontends(sock), *self.metrics_frontend()]) + "\n"
 

@@ -4,8 +4,9 @@ whose answers are compared with the default's on the same requests and never rea
     scripts/register_version.sh model_store/my_model_v2.0.mar --shadow 10 --step-requests 200
 
 HAProxy 2.6 cannot mirror a request, so a tee of our own does: the door's `canary` backend
-(deploy/haproxy_config.py) has a third server, `shadow`, at weight 0 in every config it renders; a shadow run
-points it at the tee's loopback port and gives it PERCENT of the model's path (the canary's map and lane: only
+(deploy/haproxy_config.py) has a third server, `shadow` (a Unix socket in a folder only the door's owner
+writes: deploy/haproxy_config.py's tee_socket), at weight 0 in every config it renders; a shadow run
+gives it PERCENT of the model's path (the canary's map and lane: only
 bodies the door held whole). The tee parses each request strictly (deploy/guard_request.py's bounded head
 reader; one Content-Length, no Transfer-Encoding, a body no larger than the door holds), re-issues a NEW
 request (POST, the model's default route, Authorization and Content-Type only) to TorchServe's inference port
@@ -25,6 +26,7 @@ import json
 import os
 import queue
 import socketserver
+import stat
 import statistics
 import threading
 import time
@@ -37,8 +39,8 @@ from deploy.canary_readings import CanaryError, admin
 from deploy.errors import error_body
 from deploy.frontdoor import FrontDoor
 from deploy.guard_request import Refusal, read_head
-from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT, SHADOW_PLACEHOLDER
-from deploy.privileges import private_files
+from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT, drops_privileges
+from deploy.privileges import ids, private_files
 from deploy.server import TorchServe
 from deploy.versions import state_dir
 
@@ -94,12 +96,13 @@ def top1(status: int, body: bytes) -> str | None:
 
 
 class Tee:
-    """A loopback HTTP server answering from the model's default and mirroring to `candidate` off the user's
-    path. start() it, read `pairs` and `dropped`, stop() it."""
+    """An HTTP server on a Unix socket answering from the model's default and mirroring to `candidate` off
+    the user's path. start() it, read `pairs` and `dropped`, stop() it."""
 
-    def __init__(self, backend: int, model: str, candidate: str, max_body: int, timeout: float):
+    def __init__(self, backend: int, model: str, candidate: str, max_body: int, timeout: float, path: str):
         if not NAME.fullmatch(model) or not NAME.fullmatch(candidate):
             raise CanaryError(f"{model!r} {candidate!r} cannot go into a route")
+        self.path = path
         self.backend, self.max_body, self.timeout = backend, max_body, timeout
         self.default_route, self.candidate_route = route(model), f"{route(model)}/{candidate}"
         self.pairs: list[dict] = []
@@ -107,18 +110,13 @@ class Tee:
         self.counting = threading.Lock()  # handler threads count drops at once
         self.copies: queue.Queue = queue.Queue(QUEUE)
         self.stopping = threading.Event()
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), TeeHandler, bind_and_activate=True)
+        self.server = listen(path)
         self.server.tee = self  # type: ignore[attr-defined]
         self.server.daemon_threads = False  # server_close waits for the answers in flight
         self.threads = [
             threading.Thread(target=self.server.serve_forever, args=(0.2,), daemon=True),
             threading.Thread(target=self.mirror_worker, daemon=True),
         ]
-
-    @property
-    def port(self) -> int:
-        """The loopback port the tee listens on."""
-        return self.server.server_address[1]
 
     def start(self) -> "Tee":
         """Listen and mirror; returns self."""
@@ -131,6 +129,7 @@ class Tee:
         mirroring."""
         self.server.shutdown()
         self.server.server_close()
+        os.unlink(self.path)  # in a folder only we can write (listen())
         deadline = time.time() + self.timeout + 1
         while not self.copies.empty() and time.time() < deadline:
             time.sleep(0.05)
@@ -189,6 +188,32 @@ class Tee:
             )
 
 
+def listen(path: str) -> socketserver.ThreadingUnixStreamServer:
+    """A server on the Unix socket `path`, whose folder only this user (root, or the door's owner) can
+    write, so no other local user can bind the name, now or after a tee killed with -9. HAProxy, when it runs
+    as its own user, may connect (group haproxy, 0660) but not list or create there (0711)."""
+    folder = os.path.dirname(path)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise CanaryError(f"{folder} is not a folder only this user can write: the tee will not listen there")
+    try:
+        os.unlink(path)  # the socket of a tee killed before
+    except FileNotFoundError:
+        pass
+    server = socketserver.ThreadingUnixStreamServer(path, TeeHandler)
+    if drops_privileges():
+        os.chmod(folder, 0o711)
+        os.chown(path, -1, ids("haproxy")[1])
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
+    return server
+
+
 class TeeHandler(socketserver.StreamRequestHandler):
     """One connection from the door: one request, answered from the default, then closed."""
 
@@ -228,14 +253,14 @@ class TeeHandler(socketserver.StreamRequestHandler):
 # --- the door, live ----------------------------------------------------------------------------------------
 
 
-def open_split(door: FrontDoor, model: str, version: str, port: int, percent: int):
-    """Send `percent` of the model's path to the tee on `port`, the rest to the default (candidate at 0)."""
+def open_split(door: FrontDoor, model: str, version: str, percent: int):
+    """Send `percent` of the model's path to the tee (at door.tee_socket), the rest to the default (candidate
+    at 0)."""
     if not NAME.fullmatch(version):
         raise CanaryError(f"version {version!r} cannot go into a route")
     path = route(model)
     weigh(door, "candidate", 0)
     weigh(door, "shadow", 0)
-    check(admin(door, f"set server canary/shadow addr 127.0.0.1 port {port}"), "changed")
     admin(door, f"add map {door.path(CANARY_MAP)} {path} {version}")
     weigh(door, "default", CANARY_WEIGHT - percent)
     weigh(door, "shadow", percent)
@@ -263,14 +288,11 @@ def in_place(door: FrontDoor, model: str, percent: int) -> bool:
 
 
 def close_split(door: FrontDoor):
-    """Everything back on the default: the tee's weight first, then the route, then its placeholder
-    address."""
-    host, port = SHADOW_PLACEHOLDER.split(":")
+    """Everything back on the default: the tee's weight first, then the route."""
     for command in (
         "set weight canary/shadow 0",
         f"set weight canary/default {CANARY_WEIGHT}",
         f"clear map {door.path(CANARY_MAP)}",
-        f"set server canary/shadow addr {host} port {port}",
     ):
         try:
             admin(door, command)
@@ -309,9 +331,9 @@ def run(
     report["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0, tee = time.time(), None
     try:
-        tee = Tee(ts.ports.inference, model, version, min(door.buffer, door.max_body), door.server_timeout)
-        tee.start()
-        open_split(door, model, version, tee.port, percent)
+        limit = min(door.buffer, door.max_body)
+        tee = Tee(ts.ports.inference, model, version, limit, door.server_timeout, door.tee_socket).start()
+        open_split(door, model, version, percent)
         say(f"shadow {model} {version}: {percent} % of {route(model)} mirrored (users get {default})")
         report["ended_by"] = wait(door, model, percent, tee, seconds, pairs, max_seconds)
     finally:

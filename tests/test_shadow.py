@@ -6,6 +6,7 @@ import io
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -94,8 +95,30 @@ def test_the_tee_parsers_work_grows_linearly_with_hostile_headers(shape):
 
 
 def test_the_door_never_sends_to_the_tee_by_itself():
-    section = FrontDoor(backend=9).canary_sections()
-    assert "    server shadow 127.0.0.1:9 weight 0 maxconn 8\n" in section, section
+    config = FrontDoor(backend=9)
+    section = config.canary_sections()
+    assert f"    server shadow unix@{config.tee_socket} weight 0 maxconn 8\n" in section, section
+
+
+def test_no_other_local_user_can_take_the_tees_name(tmp_path):
+    """A TCP port for the tee is free between runs and after a tee killed with -9: any local user could bind
+    it and receive the users' keys. The tee's Unix socket lies in a folder only its owner writes; `nobody`
+    can neither bind the name while the tee is gone nor replace the folder's socket."""
+    path = str(tmp_path / "door" / "tee.sock")
+    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5, path)
+    tee.server.server_close()  # gone, as after -9: the socket file stays, nothing listens
+    os.chmod(tmp_path, 0o711)  # nobody may reach the folder, as HAProxy's user does
+    folder = os.stat(os.path.dirname(path))
+    assert folder.st_uid == os.geteuid() and not folder.st_mode & 0o022
+    if os.geteuid() != 0:
+        return  # the rest needs another user to try
+    squat = "import os, socket, sys; os.unlink(sys.argv[1]) if sys.argv[2] == 'replace' else None; "
+    squat += "socket.socket(socket.AF_UNIX).bind(sys.argv[1])"
+    for how in ("bind", "replace"):
+        tried = subprocess.run(
+            [sys.executable, "-c", squat, path, how], user="nobody", capture_output=True, text=True
+        )
+        assert tried.returncode != 0 and "PermissionError" in tried.stderr, (how, tried.stderr[-300:])
 
 
 @pytest.mark.parametrize("other", [["--canary", "5,100"], ["--promote"], ["--dry-run"]])
@@ -105,8 +128,9 @@ def test_shadow_goes_alone_on_the_command_line(other, capsys):
     assert "--shadow goes alone" in capsys.readouterr().err
 
 
-def test_copies_past_the_queue_are_dropped_and_counted():
-    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5)  # not started: nothing takes copies out
+def test_copies_past_the_queue_are_dropped_and_counted(tmp_path):
+    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5, str(tmp_path / "tee" / "tee.sock"))
+    # not started: nothing takes copies out
     try:
         for _ in range(shadow.QUEUE + 3):
             tee.mirror(shadow.Prediction(None, None, b"x"), "3", 1.0)
@@ -115,10 +139,13 @@ def test_copies_past_the_queue_are_dropped_and_counted():
     assert tee.dropped == 3 and tee.copies.qsize() == shadow.QUEUE
 
 
-def test_a_tee_that_cannot_reach_torchserve_answers_502_json():
-    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5).start()  # nothing listens on the backend
+def test_a_tee_that_cannot_reach_torchserve_answers_502_json(tmp_path):
+    path = str(tmp_path / "tee" / "tee.sock")
+    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5, path).start()  # nothing listens on the backend
     try:
-        with socket.create_connection(("127.0.0.1", tee.port), timeout=10) as s:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
             s.sendall(HEAD + b"Content-Length: 3\r\n\r\nabc")
             raw = s.makefile("rb").read()
     finally:
@@ -182,11 +209,12 @@ def test_shadow_reports_agreement_and_users_only_get_the_default(
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_a_tee_that_is_gone_leaves_every_request_on_the_default(server, door, bodies):  # noqa: F811
-    """The split open towards a port nobody listens on (a tee that died): the door retries each refused
-    connection on the default, and every user answer is still 200."""
+    """The split open towards a tee that died (its socket file left, nothing listening): the door retries
+    each refused connection on the default, and every user answer is still 200."""
     set_default(server, "my_model", "1.0", reason="test: 1.0 is the default")
     refused = redispatched(door)
-    shadow.open_split(door, "my_model", "1.0", free_port(), 50)
+    shadow.listen(door.tee_socket).server_close()
+    shadow.open_split(door, "my_model", "1.0", 50)
     try:
         with Load(door, server, bodies) as load:
             for _ in range(40):
