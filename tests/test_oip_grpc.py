@@ -79,9 +79,14 @@ def test_stock_grpc_client_wrong_key_is_refused(client, png):
     with pytest.raises(InferenceServerException) as e:
         client.infer("my_model", [image_input(png)], headers=wrong)
     assert e.value.status() == "StatusCode.PERMISSION_DENIED"
-    with pytest.raises(InferenceServerException) as e:
-        client.get_model_metadata("my_model", headers=wrong)
-    assert e.value.status() == "StatusCode.PERMISSION_DENIED"
+    calls = [client.is_server_live, client.is_server_ready, client.get_server_metadata]
+    calls += [lambda headers: client.is_model_ready("my_model", headers=headers)]
+    calls += [lambda headers: client.get_model_metadata("my_model", headers=headers)]
+    for call in calls:  # TorchServe checks the key on every OIP RPC; missing is refused like wrong
+        for headers in (wrong, {}):
+            with pytest.raises(InferenceServerException) as e:
+                call(headers=headers)
+            assert e.value.status() == "StatusCode.PERMISSION_DENIED" and "Token" in e.value.message()
 
 
 # --- units: the proxy against a fake TorchServe OIP service -----------------------------------------------
