@@ -67,7 +67,10 @@ def key_metadata(context) -> list[tuple[str, str]]:
     """The client's `authorization` metadata, alone (at most one, printable, bounded): what goes upstream."""
     keys = [v for k, v in context.invocation_metadata() if k == "authorization"]
     if len(keys) > 1 or any(not isinstance(v, str) or len(v) > MAX_KEY or not v.isprintable() for v in keys):
-        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "one printable authorization value, please")
+        raise Refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"one printable authorization value of at most {MAX_KEY} characters",
+        )
     return [("authorization", keys[0])] if keys else []
 
 
