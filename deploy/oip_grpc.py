@@ -37,7 +37,11 @@ TORCHSERVE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"  # wh
 MAX_KEY = 512  # characters of an authorization value
 UPSTREAM_TIMEOUT = 60.0  # s: TorchServe's responseTimeout (30 s) with room for a queue
 # the handler's HTTP status inside an `error` tensor -> the gRPC code a client sees
-STATUS_CODES = {413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+STATUS_CODES = {
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 RPCS = {  # name: (request, response)
     "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
     "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -93,8 +97,7 @@ def infer_request(req: pb.ModelInferRequest, max_elements: int) -> pb.ModelInfer
             if len(data) > max_elements:
                 raise InputError(f"over {max_elements} elements in one BYTES tensor", 413)
     except InputError as e:
-        code = STATUS_CODES.get(e.status, grpc.StatusCode.INVALID_ARGUMENT)
-        raise Refused(code, str(e)) from None
+        raise Refused(code_of(e.status), str(e)) from None
     new = pb.ModelInferRequest(
         model_name=plain(req.model_name, "model_name"),
         model_version=plain(req.model_version, "model_version", optional=True),
@@ -107,6 +110,13 @@ def infer_request(req: pb.ModelInferRequest, max_elements: int) -> pb.ModelInfer
     return new
 
 
+def code_of(status: int) -> grpc.StatusCode:
+    """The gRPC code for the handler's HTTP status: STATUS_CODES, else INVALID_ARGUMENT (4xx) or INTERNAL."""
+    return STATUS_CODES.get(
+        status, grpc.StatusCode.INVALID_ARGUMENT if status < 500 else grpc.StatusCode.INTERNAL
+    )
+
+
 def error_of(resp: pb.ModelInferResponse) -> Refused | None:
     """The handler's `error` output tensor (its bad-input answer over gRPC) as a Refused, else None."""
     for out in resp.outputs:
@@ -116,7 +126,7 @@ def error_of(resp: pb.ModelInferResponse) -> Refused | None:
                 status, message = int(body.get("code", 400)), str(body.get("message", body))
             except (ValueError, IndexError, TypeError, AttributeError):
                 status, message = 400, "the model refused the input"
-            return Refused(STATUS_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT), message[:1000])
+            return Refused(code_of(status), message[:1000])
     return None
 
 
