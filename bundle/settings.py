@@ -38,22 +38,26 @@ FRONT_DOOR_PORT = (
 
 
 GUARD_KEY = "guarded_management_address"  # in a generated config: where the management guard listens
+# in config.properties: the port of deploy/oip_grpc.py (KServe v2 gRPC for stock clients)
+OIP_GRPC_KEY = "oip_grpc_port"
 
 
 @dataclass
 class Ports:
-    """The five ports of one TorchServe (the defaults are TorchServe's own)."""
+    """The ports of one TorchServe (the first five are TorchServe's, with its defaults) and of its OIP gRPC
+    proxy (deploy/oip_grpc.py, used only with ts_open_inference_protocol=true)."""
 
     inference: int = 8080
     management: int = 8081
     metrics: int = 8082
     grpc_inference: int = 7070
     grpc_management: int = 7071
+    oip_grpc: int = 7072
 
     @classmethod
     def free(cls) -> "Ports":
-        """Five ports the OS says are free right now (for tests and side-by-side servers)."""
-        socks = [socket.socket() for _ in range(5)]
+        """Ports the OS says are free right now (for tests and side-by-side servers)."""
+        socks = [socket.socket() for _ in range(6)]
         try:
             for s in socks:
                 s.bind(("127.0.0.1", 0))
@@ -74,4 +78,5 @@ def ports(path: str = CONFIG) -> Ports:
         port("metrics_address", 8082),
         int(props.get("grpc_inference_port", 7070)),
         int(props.get("grpc_management_port", 7071)),
+        int(props.get(OIP_GRPC_KEY, 7072)),
     )

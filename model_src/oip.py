@@ -100,6 +100,11 @@ def elements(raw: memoryview, max_elements: int) -> list[bytes]:
     return out
 
 
+def pack(data: list[bytes]) -> bytes:
+    """BYTES elements -> a tensor's raw bytes (elements() read back): each a 4-byte length, then the bytes."""
+    return b"".join(_LENGTH.pack(len(d)) + d for d in data)
+
+
 def form(shape, body):
     """The handler's answer form (items_from_body's), refined for KServe: a v2 request that asks for binary
     outputs gets ('v2', id, 'binary'); a v1 body ({"instances": [...]}) gets 'v1', answered {"predictions":
@@ -130,7 +135,7 @@ def binary_reply(reply: dict) -> tuple[bytes, int]:
     header["outputs"] = []
     for out in reply["outputs"]:
         data = [d.encode() if isinstance(d, str) else bytes(d) for d in out["data"]]
-        blob = b"".join(_LENGTH.pack(len(d)) + d for d in data)
+        blob = pack(data)
         params = {**out.get("parameters", {}), "binary_data_size": len(blob)}
         header["outputs"].append({k: v for k, v in out.items() if k != "data"} | {"parameters": params})
         raw.append(blob)
