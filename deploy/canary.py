@@ -35,7 +35,6 @@ from deploy.canary_readings import (
     fresh_responses,
     latencies,
     log_size,
-    responses,
     served_by_version,
 )
 from deploy.frontdoor import FrontDoor
@@ -139,8 +138,9 @@ def window(
     counted, gone = answers(door)
     times, _ = latencies(door, offset)
     stats1 = door_errors(door)
-    time.sleep(2 * scrape)  # the scrape after t1 holds every answer counted above
-    prom1 = responses(prometheus, t1 + 2 * scrape)
+    time.sleep(scrape)  # answers in flight at t1 are counted by then
+    prom1 = fresh_responses(prometheus, time.time(), 5 * scrape)  # a lagging Prometheus's last sample
+    # could be from before the step's errors, or prom0 itself: the step would pass on nothing
     errors_from = "prometheus" if prom0 and prom1 else "door"
     sides = {}
     for side in SIDES:
@@ -229,9 +229,10 @@ def run(
 
 
 def lease_seconds(door: FrontDoor, steps: list[int], th: Thresholds, scrape: float) -> float:
-    """How long a canary may hold its lease: every step at its longest (max_step_seconds, then two scrapes),
+    """How long a canary may hold its lease: every step at its longest (max_step_seconds, then two waits for
+    a fresh scrape),
     the drain, and 10 minutes for the management calls; a lease older than that blocks nothing."""
-    return len(steps) * (th.max_step_seconds + 2 * scrape + 30) + door.canary_wait + 600
+    return len(steps) * (th.max_step_seconds + 2 * 5 * scrape + 30) + door.canary_wait + 600
 
 
 def check_request(ts: TorchServe, door: FrontDoor, model: str, version: str, steps: list[int]) -> str:

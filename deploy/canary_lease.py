@@ -1,5 +1,6 @@
-"""The canary's lease: while deploy/canary.py runs, the management guard (deploy/guard.py) refuses set-default
-and unregister of the two versions it splits, unless the call is the rollout's own or says why it overrides.
+"""The canary's lease: while deploy/canary.py runs, the management guard (deploy/guard.py) refuses
+set-default, unregister and scaling of the two versions it splits, unless the call is the rollout's own or
+says why it overrides.
 
 The controller (root) writes the lease to run/canary.lease: root's folder, readable by the server's group only
 (0750), the file 0640 root:<server's group>, written under a fresh name and renamed (privileges.write_new). It
@@ -117,14 +118,16 @@ def header(headers: dict[str, str], name: str, form: re.Pattern) -> str | None:
 
 
 def guarded(call: Call, lease: dict) -> bool:
-    """Whether `call` is a set-default or unregister of the lease's versions (or of the whole model)."""
+    """Whether `call` is a set-default, unregister or scaling of the lease's versions (or of the whole model,
+    whose default is one of them): scaling a version to 0 workers mid-canary fails a good candidate, or
+    leaves the default's users with 503s."""
     parts = call.path.split("/")[1:]  # models, name[, version[, set-default]]
-    if parts[:2] != ["models", lease["model"]]:
+    if parts[:2] != ["models", lease["model"]] or call.method not in ("PUT", "DELETE"):
         return False
+    if len(parts) == 2:  # DELETE of the model, or scaling its default
+        return True
     versions = (lease["default"], lease["candidate"])
-    if call.method == "DELETE":
-        return len(parts) == 2 or parts[2] in versions
-    return call.method == "PUT" and len(parts) == 4 and parts[3] == "set-default" and parts[2] in versions
+    return parts[2] in versions and (len(parts) == 3 or parts[3:] == ["set-default"])
 
 
 def check(call: Call, headers: dict[str, str], path: str | None) -> str | None:

@@ -101,13 +101,21 @@ def infer_request(req: pb.ModelInferRequest, max_elements: int) -> pb.ModelInfer
     new = pb.ModelInferRequest(
         model_name=plain(req.model_name, "model_name"),
         model_version=plain(req.model_version, "model_version", optional=True),
-        id=req.id[:256],
+        id=request_id(req.id),
     )
     tensor = new.inputs.add()
     tensor.name, tensor.datatype = plain(first.name, "input name"), "BYTES"
     tensor.shape.append(len(data))
     tensor.contents.bytes_contents.extend(data)
     return new
+
+
+def request_id(value: str) -> str:
+    """A client's request id, passed on only when it is at most 256 printable ASCII characters (the answer
+    echoes it); Refused otherwise."""
+    if len(value) > 256 or not (value.isascii() and value.isprintable()):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "id: at most 256 printable ASCII characters")
+    return value
 
 
 def code_of(status: int) -> grpc.StatusCode:
@@ -232,8 +240,16 @@ def serve(
     options = [
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
+        # gRPC sets SO_REUSEPORT by default: any process of the same user (a model's handler code) could bind
+        # the same port beside us and take a share of the clients, keys included
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", 4 * workers),  # per connection
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=options,
+        maximum_concurrent_rpcs=4 * workers,  # more, before any key is checked upstream: RESOURCE_EXHAUSTED
+    )
     proxy = Proxy(upstream, models, max_message, max_elements)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, {n: proxy.handler(n) for n in RPCS}),)

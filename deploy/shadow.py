@@ -21,6 +21,7 @@ registered, not default; it holds the canary's lease meanwhile (deploy/canary_le
 goes to server/state/shadow/. Library code: returns a report or raises CanaryError; deploy/register_version.py
 prints."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -38,17 +39,24 @@ from deploy.canary import NAME, route
 from deploy.canary_readings import CanaryError, admin
 from deploy.errors import error_body
 from deploy.frontdoor import FrontDoor
-from deploy.guard_request import Refusal, read_head
+from deploy.guard_request import FIELD_CHARS, Refusal, content_length, only, read_line
 from deploy.haproxy_config import CANARY_MAP, CANARY_WEIGHT, drops_privileges
 from deploy.privileges import ids, private_files
 from deploy.server import TorchServe
 from deploy.versions import state_dir
 
 MAX_ANSWER = 1 << 20  # bytes of TorchServe's answer the tee reads back (a top-5 JSON is ~200)
+JSON = {"Content-Type": "application/json"}
+IHCL = "inference-header-content-length"  # KServe v2's binary extension: the JSON part's length
 QUEUE = 64  # shadow copies waiting for the worker; a copy that finds it full is dropped (and counted)
 
 
 # --- the tee's reading of a request ----------------------------------------------------------------------
+
+
+# the headers the tee reads and passes on; every other header the door sent is ignored, never re-issued
+USED = ("content-length", "transfer-encoding", "content-type", "authorization", IHCL)
+MAX_TEE_HEADERS = 128  # HAProxy passes at most tune.http.maxhdr (101) header lines
 
 
 @dataclass
@@ -58,38 +66,80 @@ class Prediction:
     content_type: str | None
     authorization: str | None
     body: bytes
+    binary_header: str | None = None  # Inference-Header-Content-Length (v2's binary extension), digits
+
+
+def read_tee_head(rfile) -> tuple[str, dict[str, str]] | None:
+    """(method, the USED headers) of one request head; None when the peer closed before a byte. Strict where
+    the tee acts on a header: twice, or a control or non-ASCII byte in one of USED, is a 400. Any other
+    header the door passed (a client's X-Forwarded-For beside the door's, a UTF-8 User-Agent) is skipped: it
+    is never re-issued, and refusing it would fail a request the door answers. Bounded: MAX_LINE bytes a
+    line, MAX_TEE_HEADERS lines."""
+    line = read_line(rfile)
+    if line is None:
+        return None
+    method = line.split(b" ", 1)[0]
+    if not 0 < len(method) <= 16 or not only(method, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"):
+        raise Refusal(400, "the request line is not METHOD SP target SP HTTP/1.x")
+    headers: dict[str, str] = {}
+    for _ in range(MAX_TEE_HEADERS + 1):
+        line = read_line(rfile)
+        if line is None:
+            raise Refusal(400, "the request head ended before its blank line")
+        if not line:
+            return method.decode(), headers
+        name, colon, value = line.partition(b":")
+        key = name.decode("latin-1").lower()
+        if not colon or key not in USED:
+            continue
+        if key in headers:
+            raise Refusal(400, f"header {key} is given twice")
+        if not only(value, FIELD_CHARS):
+            raise Refusal(400, f"header {key} holds a control character or a non-ASCII byte")
+        headers[key] = value.strip(b" \t").decode()
+    raise Refusal(400, f"more than {MAX_TEE_HEADERS} header lines")
 
 
 def read_request(rfile, max_body: int) -> Prediction | None:
     """One request from `rfile`, parsed strictly with a cost bound; None when the peer closed before a byte.
     Refusal: two Content-Lengths, Transfer-Encoding (400), a body over `max_body` (413), not POST (405)."""
+    head = read_tee_head(rfile)
+    if head is None:
+        return None
+    method, headers = head
     try:
-        head = read_head(rfile)
+        length = content_length(headers)
     except Refusal as e:
         if e.status == 413:  # over the guard's own limit, which is larger than ours
             raise Refusal(413, f"a mirrored prediction is at most {max_body} bytes", "PayloadTooLarge") from e
         raise
-    if head is None:
-        return None
-    if head.length > max_body:  # refused before a byte of the body is read
+    if length > max_body:  # refused before a byte of the body is read
         raise Refusal(413, f"a mirrored prediction is at most {max_body} bytes", "PayloadTooLarge")
-    if head.method != "POST":
+    if method != "POST":
         raise Refusal(405, "only POST predictions are mirrored", "MethodNotAllowed")
-    body = rfile.read(head.length)
-    if len(body) != head.length:
+    binary = headers.get(IHCL)
+    if binary is not None and not (binary.isascii() and binary.isdigit() and len(binary) <= 9):
+        raise Refusal(400, f"{IHCL} is not a number of bytes")
+    body = rfile.read(length)
+    if len(body) != length:
         raise Refusal(400, "the body ended before its Content-Length")
-    return Prediction(head.headers.get("content-type"), head.headers.get("authorization"), body)
+    return Prediction(headers.get("content-type"), headers.get("authorization"), body, binary)
 
 
 def top1(status: int, body: bytes) -> str | None:
-    """The first key of a 200 answer's JSON object (the handler writes the top-1 label first), else None."""
+    """The top-1 label of a 200 answer that is the handler's label map ({label: probability, ...}, the top-1
+    first), else None: a KServe v1 or v2 answer's first key ("predictions", "id") is no label, and two of
+    them would agree whatever the versions answered."""
     if status != 200:
         return None
     try:
         answer = json.loads(body)
     except ValueError:
         return None
-    return next(iter(answer), None) if isinstance(answer, dict) else None
+    if not isinstance(answer, dict) or not answer:
+        return None
+    label, p = next(iter(answer.items()))
+    return label if isinstance(p, (int, float)) and not isinstance(p, bool) else None
 
 
 # --- the tee -----------------------------------------------------------------------------------------------
@@ -129,15 +179,17 @@ class Tee:
         mirroring."""
         self.server.shutdown()
         self.server.server_close()
-        os.unlink(self.path)  # in a folder only we can write (listen())
+        with contextlib.suppress(FileNotFoundError):  # a door stopped meanwhile removed it
+            os.unlink(self.path)  # in a folder only we can write (listen())
         deadline = time.time() + self.timeout + 1
         while not self.copies.empty() and time.time() < deadline:
             time.sleep(0.05)
         self.stopping.set()
         self.threads[1].join(self.timeout + 1)
 
-    def ask(self, path: str, req: Prediction) -> tuple[int, str, bytes, float]:
-        """(status, content type, body, ms) of a new request with `req`'s values to TorchServe's `path`;
+    def ask(self, path: str, req: Prediction) -> tuple[int, dict[str, str], bytes, float]:
+        """(status, the answer's headers to relay, body, ms) of a new request with `req`'s values to
+        TorchServe's `path`;
         OSError or http.client.HTTPException when TorchServe does not answer, ValueError for an answer too
         large."""
         headers = {"Content-Length": str(len(req.body))}
@@ -145,6 +197,8 @@ class Tee:
             headers["Content-Type"] = req.content_type
         if req.authorization is not None:
             headers["Authorization"] = req.authorization
+        if req.binary_header is not None:
+            headers["Inference-Header-Content-Length"] = req.binary_header
         conn = http.client.HTTPConnection("127.0.0.1", self.backend, timeout=self.timeout)
         t0 = time.perf_counter()
         try:
@@ -156,7 +210,11 @@ class Tee:
         if len(body) > MAX_ANSWER:
             raise ValueError(f"TorchServe's answer is over {MAX_ANSWER} bytes")
         ms = (time.perf_counter() - t0) * 1000
-        return resp.status, resp.getheader("Content-Type") or "application/json", body, ms
+        relayed = {"Content-Type": resp.getheader("Content-Type") or "application/json"}
+        binary = resp.getheader(IHCL) or ""
+        if binary.isascii() and binary.isdigit() and len(binary) <= 9:  # a v2 binary answer's JSON length
+            relayed["Inference-Header-Content-Length"] = binary
+        return resp.status, relayed, body, ms
 
     def mirror(self, req: Prediction, default_top1: str | None, default_ms: float):
         """Queue a shadow copy for the candidate; dropped (and counted) when the queue is full."""
@@ -224,25 +282,26 @@ class TeeHandler(socketserver.StreamRequestHandler):
         try:
             req = read_request(self.rfile, tee.max_body)
         except Refusal as e:
-            return self.reply(e.status, "application/json", error_body(e.status, e.kind, e.message).encode())
+            return self.reply(e.status, JSON, error_body(e.status, e.kind, e.message).encode())
         except OSError:
             return
         if req is None:
             return
         try:
-            status, content_type, body, ms = tee.ask(tee.default_route, req)
+            status, relayed, body, ms = tee.ask(tee.default_route, req)
         except (OSError, http.client.HTTPException, ValueError) as e:
             message = f"TorchServe did not answer the tee: {e.__class__.__name__}"
-            return self.reply(502, "application/json", error_body(502, "BadGateway", message).encode())
-        self.reply(status, content_type, body)
+            return self.reply(502, JSON, error_body(502, "BadGateway", message).encode())
+        self.reply(status, relayed, body)
         if status == 200:  # a pair needs the default's label; its errors are the door's to count
             tee.mirror(req, top1(status, body), ms)
 
-    def reply(self, status: int, content_type: str, body: bytes) -> None:
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
         """Write one HTTP/1.1 answer and close (each request comes on its own connection)."""
+        fields = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         head = (
             f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"{fields}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         try:
             self.wfile.write(head.encode("latin-1") + body)
@@ -322,7 +381,8 @@ def run(
     if not seconds and not pairs:
         raise CanaryError("a shadow run needs seconds or pairs to wait for")
     default = check_request(ts, door, model, version)
-    longest = min(seconds or max_seconds, max_seconds) + door.server_timeout + 60  # the wait, drain, margin
+    # the wait, then the tee's stop (its answers in flight, the copies queued, the worker: 3 hops), a margin
+    longest = min(seconds or max_seconds, max_seconds) + 3 * (door.server_timeout + 1) + 60
     try:  # as for a canary: the guard refuses others' set-default/unregister of both versions until the end
         canary_lease.hold(ts, model, default, version, longest)
     except canary_lease.Busy as e:
@@ -337,10 +397,12 @@ def run(
         say(f"shadow {model} {version}: {percent} % of {route(model)} mirrored (users get {default})")
         report["ended_by"] = wait(door, model, percent, tee, seconds, pairs, max_seconds)
     finally:
-        close_split(door)  # the lease kept any other split from starting since check_request saw none
-        if tee:
-            tee.stop()
-        canary_lease.release(ts)
+        try:
+            close_split(door)  # the lease kept any other split from starting since check_request saw none
+            if tee:
+                tee.stop()
+        finally:
+            canary_lease.release(ts)
     report["seconds"] = round(time.time() - t0, 1)
     report.update(summary(tee.pairs, tee.dropped))
     report["candidate_state"] = "registered, not default (a shadow never promotes)"
@@ -383,15 +445,18 @@ def wait(door: FrontDoor, model: str, percent: int, tee: Tee, seconds, pairs, ma
 
 
 def summary(pairs: list[dict], dropped: int) -> dict:
-    """pairs, top-1 agreement (over the candidate's 200 answers), candidate errors, dropped copies and the
-    answer-time ratio (candidate p50 / default p50)."""
+    """pairs, top-1 agreement (over the pairs where both 200 answers are label maps; `unjudged`: the other
+    200 answers), candidate errors, dropped copies and the answer-time ratio (candidate p50 / default p50)."""
     answered = [p for p in pairs if p["candidate_status"] == 200]
     statuses = Counter(str(p["candidate_status"]) for p in pairs)
     out: dict = {"pairs": len(pairs), "agreement": None, "candidate_errors": len(pairs) - len(answered)}
+    labelled = [p for p in answered if p["default_top1"] is not None and p["candidate_top1"] is not None]
+    out["unjudged"] = len(answered) - len(labelled)  # 200 answers that are no label map (KServe's forms)
     out.update(candidate_statuses=dict(statuses), dropped=dropped, default_p50_ms=None, candidate_p50_ms=None)
     out["answer_time_ratio"] = None
     if answered:
-        out["agreement"] = sum(p["candidate_top1"] == p["default_top1"] for p in answered) / len(answered)
+        if labelled:
+            out["agreement"] = sum(p["candidate_top1"] == p["default_top1"] for p in labelled) / len(labelled)
         out["default_p50_ms"] = statistics.median(p["default_ms"] for p in answered)
         out["candidate_p50_ms"] = statistics.median(p["candidate_ms"] for p in answered)
         out["answer_time_ratio"] = out["candidate_p50_ms"] / out["default_p50_ms"]

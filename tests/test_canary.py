@@ -110,7 +110,7 @@ def test_a_step_never_counts_errors_from_before_its_window(monkeypatch):
     def prometheus(url, promql, at=None):
         fresh = time.time() >= landed
         if "timestamp(" in promql:
-            return [{"metric": {}, "value": [time.time(), str(landed if fresh else landed - 5.3)]}]
+            return [{"metric": {}, "value": [time.time(), str(time.time() if fresh else landed - 5.3)]}]
         return [
             {"metric": {"proxy": f"canary_{side}", "code": code}, "value": [at, str(n)]}
             for side in ("default", "candidate")
@@ -133,6 +133,48 @@ def test_a_step_never_counts_errors_from_before_its_window(monkeypatch):
     monkeypatch.setattr(canary, "current_share", lambda door: 5)
     w = canary.window(FrontDoor(backend=9), "http://prometheus", 0, QUICK, 0.05, lambda: True)
     assert w["errors_from"] == "prometheus" and w["candidate"]["errors"] == 0, w
+
+
+def test_a_prometheus_that_stopped_scraping_never_passes_a_failing_step(monkeypatch):
+    """Review: only the baseline waited for a fresh scrape. A Prometheus that fell behind answers the step's
+    end with the same old sample: no errors at all, and a candidate failing 3 in 23 passed. Now the end waits
+    for a fresh scrape too, and without one the door's own counters judge."""
+
+    scraped = []
+
+    def frozen(url, promql, at=None):  # one scrape as the step began, then none
+        if "timestamp(" in promql:
+            scraped[:] = scraped or [time.time()]
+            return [{"metric": {}, "value": [time.time(), str(scraped[0])]}]
+        return [
+            {"metric": {"proxy": f"canary_{side}", "code": code}, "value": [at, "0"]}
+            for side in ("default", "candidate")
+            for code in ("2xx", "5xx")
+        ]
+
+    calls = []
+
+    def door_errors(door):  # the candidate's 3 5xx come after the first reading
+        calls.append(1)
+        five = 3 if len(calls) > 1 else 0
+        return {"default": {"2xx": 100, "4xx": 0, "5xx": 0}, "candidate": {"2xx": 20, "4xx": 0, "5xx": five}}
+
+    monkeypatch.setattr(canary_readings, "query", frozen)
+    monkeypatch.setattr(canary, "door_errors", door_errors)
+    monkeypatch.setattr(
+        canary,
+        "answers",
+        lambda door, clear=False: (
+            {s: {"3": 20} for s in ("default", "candidate")},
+            dict.fromkeys(canary.SIDES, 0),
+        ),
+    )
+    monkeypatch.setattr(canary, "latencies", lambda door, offset: ({"default": [5.0], "candidate": [5.0]}, 0))
+    monkeypatch.setattr(canary, "log_size", lambda door: 0)
+    monkeypatch.setattr(canary, "current_share", lambda door: 5)
+    w = canary.window(FrontDoor(backend=9), "http://prometheus", 0, QUICK, 0.05, lambda: True)
+    assert w["errors_from"] == "door" and w["candidate"]["errors"] == 3, w
+    assert judge(w["candidate"], w["default"], QUICK), w
 
 
 def test_a_refused_weight_still_takes_the_route_away(tmp_path, monkeypatch):

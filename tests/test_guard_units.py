@@ -494,13 +494,15 @@ GUARDED = [
     ("DELETE", "/models/my_model/2.0"),
     ("DELETE", "/models/my%5Fmodel/1.0"),
     ("DELETE", "/models/my_model"),
+    ("PUT", "/models/my_model/2.0?min_worker=0"),  # review: scaled to 0 mid-canary, a good candidate fails
+    ("PUT", "/models/my_model?min_worker=0"),  # the default's
 ]
 UNGUARDED = [
+    ("PUT", "/models/my_model/3.0?min_worker=1"),
     ("PUT", "/models/my_model/3.0/set-default"),
     ("DELETE", "/models/my_model/3.0"),
     ("PUT", "/models/other/2.0/set-default"),
     ("DELETE", "/models/other/1.0"),
-    ("PUT", "/models/my_model/2.0?min_worker=1"),
     ("GET", "/models/my_model/all"),
 ]
 

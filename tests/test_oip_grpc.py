@@ -4,6 +4,7 @@ ts_open_inference_protocol on. Every request is built and read by tritonclient; 
 run the proxy against a fake TorchServe service (no TorchServe)."""
 
 import json
+import socket
 import threading
 from concurrent import futures
 
@@ -98,6 +99,7 @@ class FakeTorchServe:
     def __init__(self):
         self.seen: list[tuple[str, dict, object]] = []
         self.lock = threading.Lock()
+        self.proxy_port = 0  # the proxy's, set by the fixture
 
     def handler(self, name):
         req_type, resp_type = oip_grpc.RPCS[name]
@@ -130,6 +132,7 @@ def proxied():
         f"127.0.0.1:{ports.oip_grpc}", f"127.0.0.1:{ports.grpc_inference}", {}, 64 * 1024, 4
     )
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{ports.oip_grpc}")
+    fake.proxy_port = ports.oip_grpc
     try:
         yield fake, client
     finally:
@@ -169,4 +172,22 @@ def test_a_model_name_that_is_not_plain_is_refused(proxied):
     with pytest.raises(InferenceServerException) as e:
         client.infer("../my_model", [image_input(b"png")])
     assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "plain name" in e.value.message()
+    assert fake.seen == []
+
+
+def test_no_other_socket_can_share_the_proxys_port(proxied):
+    """Review: gRPC turns SO_REUSEPORT on by default, so any process of the proxy's user (a model's handler
+    code) could bind its port beside it and take a share of the clients and their keys."""
+    fake, _ = proxied
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError):
+            s.bind(("127.0.0.1", fake.proxy_port))
+
+
+def test_a_request_id_that_is_not_printable_ascii_is_refused(proxied):
+    fake, client = proxied
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("my_model", [image_input(b"png")], request_id="r\n9", headers={"authorization": "k"})
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "id:" in e.value.message()
     assert fake.seen == []

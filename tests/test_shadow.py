@@ -34,6 +34,36 @@ def test_the_tee_reads_one_strictly_framed_prediction():
     assert req == shadow.Prediction("application/octet-stream", "Bearer k", b"abc")  # X-Other: not kept
 
 
+def test_the_tee_takes_what_the_door_passes_and_reads_only_its_own_headers():
+    """Review: the guard's reader refused a second X-Forwarded-For (a client's, beside the door's), a UTF-8
+    User-Agent or 70 header lines, all of which the door answers: each was a 400 for the tee's share."""
+    others = b"X-Forwarded-For: 9.9.9.9\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: caf\xc3\xa9\r\n"
+    others += b"".join(b"X-H%d: v\r\n" % i for i in range(70))
+    binary = b"Inference-Header-Content-Length: 2\r\n"
+    req = parse(HEAD + others + binary + b"Authorization: Bearer k\r\nContent-Length: 3\r\n\r\nabc")
+    assert req == shadow.Prediction("application/octet-stream", "Bearer k", b"abc", "2")
+    for bad in (b"Authorization: a\r\nAuthorization: b\r\n", b"Inference-Header-Content-Length: -1\r\n"):
+        with pytest.raises(Refusal) as e:
+            parse(HEAD + bad + b"Content-Length: 3\r\n\r\nabc")
+        assert e.value.status == 400
+
+
+def test_only_label_maps_are_compared():
+    """Review: the first key of a KServe v1/v2 answer ("predictions", "id") is the same for any two versions,
+    and two answers that are no object both gave None: either counted as agreement."""
+    assert shadow.top1(200, b'{"3": 0.9, "8": 0.1}') == "3"
+    assert shadow.top1(200, b'{"predictions": [{"3": 0.9}]}') is None
+    assert shadow.top1(200, b'[{"3": 0.9}]') is None
+    pairs = [
+        {"default_top1": None, "candidate_top1": None, "default_ms": 1.0, "candidate_ms": 1.0,
+         "candidate_status": 200},
+        {"default_top1": "3", "candidate_top1": "8", "default_ms": 1.0, "candidate_ms": 1.0,
+         "candidate_status": 200},
+    ]  # fmt: skip
+    out = shadow.summary(pairs, 0)
+    assert out["agreement"] == 0.0 and out["unjudged"] == 1, out
+
+
 @pytest.mark.parametrize(
     "extra, status",
     [
