@@ -240,9 +240,15 @@ def check_request(ts: TorchServe, door: FrontDoor, model: str, version: str, ste
     not."""
     if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(steps) or steps[-1] != 100:
         raise CanaryError(f"steps must rise within 1..100 and end at 100: {steps}")
+    return check_candidate(ts, door, model, version, "canary")
+
+
+def check_candidate(ts: TorchServe, door: FrontDoor, model: str, version: str, kind: str) -> str:
+    """The model's default version, when `door` runs and `version` is registered beside it (a `kind`, canary
+    or shadow, splits there); raises why not."""
     if not door.is_running():
         raise CanaryError(
-            "the front door is not running: a canary splits there (serve.sh start --front-door)"
+            f"the front door is not running: a {kind} splits there (serve.sh start --front-door)"
         )
     default = management.default_version(ts, model)
     if all(v["modelVersion"] != version for v in management.versions(ts, model)):

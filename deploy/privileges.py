@@ -171,26 +171,9 @@ def unreachable(user: str | None, need: dict[str, int]) -> list[str]:
     )
 
 
-def listener_uids(port: int) -> set[int]:
-    """The uids of the sockets listening on TCP `port` (any address, IPv4 or IPv6), from /proc/net/tcp{,6};
-    empty where /proc has no such files."""
-    uids = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)  # the header
-                for line in f:
-                    fields = line.split()  # sl local rem st queues timer retransmits uid ...
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        uids.add(int(fields[7]))
-        except (OSError, StopIteration):
-            pass
-    return uids
-
-
-def socket_uid(port: int, peer_port: int) -> int | None:
-    """The uid of the local TCP socket on `port` connected to `peer_port` (a client of a server on this
-    machine), from /proc/net/tcp{,6}; None when no such socket is listed."""
+def tcp_sockets():
+    """Each TCP socket /proc/net/tcp{,6} lists: (local port, remote port, state in hex, uid); nothing where
+    /proc has no such files."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
@@ -198,8 +181,21 @@ def socket_uid(port: int, peer_port: int) -> int | None:
                 for line in f:
                     fields = line.split()  # sl local rem st queues timer retransmits uid ...
                     local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
-                    if (local, remote) == (port, peer_port) and fields[3] != "06":  # not TIME_WAIT (no owner)
-                        return int(fields[7])
+                    yield local, remote, fields[3], int(fields[7])
         except (OSError, StopIteration):
             pass
+
+
+def listener_uids(port: int) -> set[int]:
+    """The uids of the sockets listening on TCP `port` (any address, IPv4 or IPv6); empty where /proc has no
+    socket tables."""
+    return {uid for local, _, state, uid in tcp_sockets() if state == "0A" and local == port}
+
+
+def socket_uid(port: int, peer_port: int) -> int | None:
+    """The uid of the local TCP socket on `port` connected to `peer_port` (a client of a server on this
+    machine); None when no such socket is listed."""
+    for local, remote, state, uid in tcp_sockets():
+        if (local, remote) == (port, peer_port) and state != "06":  # not TIME_WAIT (no owner)
+            return uid
     return None

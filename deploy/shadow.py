@@ -34,8 +34,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from deploy import canary_lease, management
-from deploy.canary import NAME, route
+from deploy import canary_lease
+from deploy.canary import NAME, check_candidate, route
 from deploy.canary_readings import CanaryError, admin
 from deploy.errors import error_body
 from deploy.frontdoor import FrontDoor
@@ -413,15 +413,7 @@ def run(
 def check_request(ts: TorchServe, door: FrontDoor, model: str, version: str) -> str:
     """The model's default version, when `version` can be shadowed beside it through `door`; raises why
     not."""
-    if not door.is_running():
-        raise CanaryError(
-            "the front door is not running: a shadow splits there (serve.sh start --front-door)"
-        )
-    default = management.default_version(ts, model)
-    if all(v["modelVersion"] != version for v in management.versions(ts, model)):
-        raise CanaryError(f"{model} {version} is not registered")
-    if default in (None, version):
-        raise CanaryError(f"{model} {version} is not a candidate beside a default (default: {default})")
+    default = check_candidate(ts, door, model, version, "shadow")
     if admin(door, f"show map {door.path(CANARY_MAP)}").strip():  # its split is not ours to close
         raise CanaryError("a canary or shadow is already splitting at the front door")
     return default
