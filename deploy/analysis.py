@@ -81,24 +81,37 @@ def noise(n: int) -> float:
     return 1 / n**0.5 if n else 1.0
 
 
+def measures(candidate: dict, default: dict, th: Thresholds) -> dict:
+    """What judge() compares, each figure beside its limit (None where a side has no latency): the error
+    rates' gap, the candidate's p99 and the class distance. Kept in each step of the report and plotted."""
+    p99, base = candidate.get("p99_ms"), default.get("p99_ms")
+    return {
+        "error_rate": error_rate(candidate),
+        "default_error_rate": error_rate(default),
+        "error_gap": error_rate(candidate) - error_rate(default),
+        "error_gap_limit": th.max_error_gap + rate_noise(candidate, default),
+        "p99_ms": p99,
+        "default_p99_ms": base,
+        "p99_limit_ms": None if base is None else base * th.max_p99_ratio + th.p99_slack_ms,
+        "class_distance": class_distance(candidate["classes"], default["classes"]),
+        "class_distance_limit": th.max_class_distance + noise(sum(candidate["classes"].values())),
+    }
+
+
 def judge(candidate: dict, default: dict, th: Thresholds) -> list[str]:
     """Why the candidate fails this window against `default` (the default's side of the same window, or of the
     last window that had one, at 100 %); empty when it passes."""
-    why = []
-    gap = error_rate(candidate) - error_rate(default)
-    allowed = th.max_error_gap + rate_noise(candidate, default)
-    if gap > allowed:
+    m, why = measures(candidate, default, th), []
+    if m["error_gap"] > m["error_gap_limit"]:
         why.append(
-            f"error rate (5xx, 404) {error_rate(candidate):.1%} vs the default's {error_rate(default):.1%} "
-            f"(over the allowed {allowed:.1%} more)"
+            f"error rate (5xx, 404) {m['error_rate']:.1%} vs the default's {m['default_error_rate']:.1%} "
+            f"(over the allowed {m['error_gap_limit']:.1%} more)"
         )
-    p99, base = candidate.get("p99_ms"), default.get("p99_ms")
-    if p99 is not None and base is not None and p99 > base * th.max_p99_ratio + th.p99_slack_ms:
+    if m["p99_ms"] is not None and m["p99_limit_ms"] is not None and m["p99_ms"] > m["p99_limit_ms"]:
         limit = f"limit {th.max_p99_ratio} x + {th.p99_slack_ms:.0f} ms"
-        why.append(f"p99 {p99:.0f} ms vs the default's {base:.0f} ms ({limit})")
-    distance = class_distance(candidate["classes"], default["classes"])
-    bound = th.max_class_distance + noise(sum(candidate["classes"].values()))
-    if distance > bound:
+        why.append(f"p99 {m['p99_ms']:.0f} ms vs the default's {m['default_p99_ms']:.0f} ms ({limit})")
+    if m["class_distance"] > m["class_distance_limit"]:
+        distance, bound = m["class_distance"], m["class_distance_limit"]
         why.append(f"predicted classes differ: distance {distance:.2f} (limit {bound:.2f})")
     return why
 
@@ -109,24 +122,33 @@ def p99(ordered: list[float]) -> float | None:
 
 
 def plot(report: dict, path: str):
-    """A canary report's steps as a PNG at `path`: 5xx rate and p99 per side, and the class distance."""
+    """A canary report's steps as a PNG at `path`: each judged figure (the step's `judged`, from measures())
+    against its limit: the error rates' gap, the candidate's p99 (and the default's), the class distance.
+    At 100 % these are against the last window that had the default, as judged."""
     import matplotlib  # here: only a report draws, and matplotlib costs a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = report["steps"]
+    steps = [s for s in report["steps"] if s.get("judged")]
     x = [f"{s['share']} %" for s in steps]
+
+    def series(key: str) -> list[float]:  # a missing figure (no latency at all) is a gap, not a zero
+        return [float("nan") if s["judged"][key] is None else s["judged"][key] for s in steps]
+
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for side in ("default", "candidate"):
-        axes[0].plot(x, [100 * error_rate(s[side]) for s in steps], "o-", label=side)
-        axes[1].plot(x, [s[side]["p99_ms"] or 0 for s in steps], "o-", label=side)
-    axes[2].plot(x, [class_distance(s["candidate"]["classes"], s["default"]["classes"]) for s in steps], "o-")
-    axes[2].axhline(report["thresholds"]["max_class_distance"], color="red", ls="--")
-    for ax, title in zip(axes, ("5xx rate (%)", "p99 (ms)", "class distance")):
+    panels = [
+        ("error rate gap (points)", [("candidate - default", "error_gap", 100)], "error_gap_limit", 100),
+        ("p99 (ms)", [("candidate", "p99_ms", 1), ("default", "default_p99_ms", 1)], "p99_limit_ms", 1),
+        ("class distance", [("candidate vs default", "class_distance", 1)], "class_distance_limit", 1),
+    ]
+    for ax, (title, lines, limit, scale) in zip(axes, panels):
+        for label, key, k in lines:
+            ax.plot(x, [v * k for v in series(key)], "o-", label=label)
+        ax.plot(x, [v * scale for v in series(limit)], "r--", label="limit")
         ax.set_title(title)
         ax.set_xlabel("candidate share")
-    axes[0].legend()
+        ax.legend(fontsize=7)
     fig.suptitle(
         f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
     )

@@ -24,7 +24,7 @@ import re
 import time
 
 from deploy import canary_lease, journal, management
-from deploy.analysis import Thresholds, judge, p99, plot
+from deploy.analysis import Thresholds, judge, measures, p99, plot
 from deploy.canary_readings import (
     SIDES,
     CanaryError,
@@ -274,7 +274,8 @@ def judge_step(
         # windows (a busy neighbour moves both)
         baseline = {**baseline, "p99_ms": None}
     why = judge(w["candidate"], baseline or w["default"], th)
-    return {"share": share, **w, "verdict": "fail" if why else "pass", "why": why}, baseline
+    judged = measures(w["candidate"], baseline or w["default"], th)  # the figures beside their limits
+    return {"share": share, **w, "judged": judged, "verdict": "fail" if why else "pass", "why": why}, baseline
 
 
 def roll_back(ts: TorchServe, door: FrontDoor, report: dict, e: BaseException, keep: bool, prometheus):

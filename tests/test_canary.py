@@ -19,7 +19,7 @@ import pytest
 import requests
 from PIL import Image
 
-from deploy import canary, canary_readings, management
+from deploy import analysis, canary, canary_readings, management
 from deploy.analysis import Thresholds, class_distance, judge
 from deploy.frontdoor import FrontDoor, for_server
 from deploy.versions import register, set_default, state_dir
@@ -175,6 +175,26 @@ def test_a_prometheus_that_stopped_scraping_never_passes_a_failing_step(monkeypa
     w = canary.window(FrontDoor(backend=9), "http://prometheus", 0, QUICK, 0.05, lambda: True)
     assert w["errors_from"] == "door" and w["candidate"]["errors"] == 3, w
     assert judge(w["candidate"], w["default"], QUICK), w
+
+
+def test_each_step_keeps_what_was_judged_and_the_plot_draws_it(monkeypatch, tmp_path):
+    """The report's PNG drew a 100 % step's class distance against that window's default (empty: 0.00) and
+    its p99 as 0 ms, where the judge compared with the last window that had the default; its dashed line was
+    the bare threshold, not the step's limit. Each step now keeps the judged figures beside their limits."""
+    cand = {"answers": 40, "errors": 0, "gone": 0, "p99_ms": 20.0, "classes": {"4": 30, "8": 10}}
+    empty = {"answers": 0, "errors": 0, "gone": 0, "p99_ms": None, "classes": {}}
+    w = {"default": empty, "candidate": cand, "seconds": 1.0, "errors_from": "door"}
+    monkeypatch.setattr(canary, "window", lambda *a, **k: w)
+    monkeypatch.setattr(canary, "split_in_place", lambda *a: True)
+    baseline = {"answers": 400, "errors": 0, "gone": 0, "p99_ms": 18.0, "classes": {"3": 300, "7": 100}}
+    step, _ = canary.judge_step(FrontDoor(backend=9), "my_model", 100, None, 1, QUICK, 1.0, baseline)
+    assert step["judged"]["class_distance"] == 1.0 and "predicted classes differ" in step["why"][0]
+    assert step["judged"]["class_distance_limit"] == pytest.approx(0.25 + 40**-0.5)
+    assert step["judged"]["p99_limit_ms"] is None  # never latency across windows: a busy neighbour moves both
+    report = {"model": "my_model", "candidate": "2.0", "default": "1.0", "verdict": "rolled back"}
+    canary_plot = tmp_path / "report.png"
+    analysis.plot({**report, "steps": [step]}, str(canary_plot))
+    assert canary_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_refused_weight_still_takes_the_route_away(tmp_path, monkeypatch):
