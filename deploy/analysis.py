@@ -145,12 +145,13 @@ def plot(report: dict, path: str):
     for ax, (title, lines, limit, scale) in zip(axes, panels):
         for label, key, k in lines:
             ax.plot(x, [v * k for v in series(key)], "o-", label=label)
-        ax.plot(x, [v * scale for v in series(limit)], "r--", label="limit")
+        # a marker too: a report of one step (rolled back at 5 %) has no line to draw
+        ax.plot(x, [v * scale for v in series(limit)], "r--", marker="_", markersize=24, label="limit")
         ax.set_title(title)
         ax.set_xlabel("candidate share")
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:70]}"
+        f"canary {report['model']} {report['candidate']} vs {report['default']}: {report['verdict'][:100]}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
