@@ -172,8 +172,9 @@ class FrontDoor(HaproxyConfig):
         process.remove_pid_file(self.pid_file)
         folder = os.path.dirname(self.tee_socket)
         if folder != self.folder:  # /run's folder for a shadow run's tee (root's alone: deploy/shadow.py)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # a tee that stopped took its socket already
                 os.unlink(self.tee_socket)
+            with contextlib.suppress(OSError):
                 os.rmdir(folder)
         return True
 
