@@ -101,7 +101,12 @@ def measures(candidate: dict, default: dict, th: Thresholds) -> dict:
 def judge(candidate: dict, default: dict, th: Thresholds) -> list[str]:
     """Why the candidate fails this window against `default` (the default's side of the same window, or of the
     last window that had one, at 100 %); empty when it passes."""
-    m, why = measures(candidate, default, th), []
+    return reasons(measures(candidate, default, th), th)
+
+
+def reasons(m: dict, th: Thresholds) -> list[str]:
+    """Why the figures of measures() fail their limits; empty when none does."""
+    why = []
     if m["error_gap"] > m["error_gap_limit"]:
         why.append(
             f"error rate (5xx, 404) {m['error_rate']:.1%} vs the default's {m['default_error_rate']:.1%} "

@@ -24,7 +24,7 @@ import re
 import time
 
 from deploy import canary_lease, journal, management
-from deploy.analysis import Thresholds, judge, measures, p99, plot
+from deploy.analysis import Thresholds, measures, p99, plot, reasons
 from deploy.canary_readings import (
     SIDES,
     CanaryError,
@@ -70,27 +70,33 @@ def set_share(door: FrontDoor, share: int):
     """The candidate's share in percent; when it shrinks, the candidate's weight drops first."""
     weights = [("candidate", share), ("default", CANARY_WEIGHT - share)]
     for server, weight in weights if share < current_share(door) else reversed(weights):
-        out = admin(door, f"set weight canary/{server} {weight}")
-        if out.strip():
-            raise CanaryError(f"HAProxy refused the weight of {server}: {out.strip()}")
+        weigh(door, server, weight)
 
 
-def current_share(door: FrontDoor) -> int:
-    """The candidate's weight now (`get weight` answers `25 (initial 0)`); 0 when the door does not answer."""
+def weigh(door: FrontDoor, server: str, weight: int):
+    """Set one server's weight in the canary backend (a weight is a share in percent); CanaryError when
+    HAProxy refuses."""
+    out = admin(door, f"set weight canary/{server} {weight}")
+    if out.strip():
+        raise CanaryError(f"HAProxy refused the weight of {server}: {out.strip()[:200]}")
+
+
+def current_share(door: FrontDoor, server: str = "candidate") -> int:
+    """The server's weight now (`get weight` answers `25 (initial 0)`); 0 when the door does not answer."""
     try:
-        return int(admin(door, "get weight canary/candidate").split()[0])
+        return int(admin(door, f"get weight canary/{server}").split()[0])
     except (OSError, ValueError, IndexError):
         return 0
 
 
-def split_in_place(door: FrontDoor, model: str, share: int) -> bool:
-    """Whether the door still splits as this canary set it (a restarted door has an empty map and weight
-    0)."""
+def split_in_place(door: FrontDoor, model: str, share: int, server: str = "candidate") -> bool:
+    """Whether the door still sends `share` % of the model's path to `server` (the candidate, or a shadow's
+    tee) as the run set it (a restarted door has an empty map and weight 0)."""
     try:
         mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
     except OSError:
         return False
-    return f" {route(model)} " in mapped and current_share(door) == share
+    return f" {route(model)} " in mapped and current_share(door, server) == share
 
 
 def close_split(door: FrontDoor):
@@ -230,8 +236,8 @@ def run(
 
 def lease_seconds(door: FrontDoor, steps: list[int], th: Thresholds, scrape: float) -> float:
     """How long a canary may hold its lease: every step at its longest (max_step_seconds, then two waits for
-    a fresh scrape),
-    the drain, and 10 minutes for the management calls; a lease older than that blocks nothing."""
+    a fresh scrape), the drain, and 10 minutes for the management calls; a lease older than that blocks
+    nothing."""
     return len(steps) * (th.max_step_seconds + 2 * 5 * scrape + 30) + door.canary_wait + 600
 
 
@@ -273,8 +279,8 @@ def judge_step(
         # at 100 %: errors and classes against the last window that had the default; never latency across
         # windows (a busy neighbour moves both)
         baseline = {**baseline, "p99_ms": None}
-    why = judge(w["candidate"], baseline or w["default"], th)
     judged = measures(w["candidate"], baseline or w["default"], th)  # the figures beside their limits
+    why = reasons(judged, th)
     return {"share": share, **w, "judged": judged, "verdict": "fail" if why else "pass", "why": why}, baseline
 
 

@@ -136,7 +136,7 @@ class HaproxyConfig:
     @property
     def tee_socket(self) -> str:
         """Where a shadow run's tee listens: the door's own 0700 folder, or, when HAProxy drops to its user
-        (who cannot enter that folder), a root-only folder under /run (frontdoor.make_tee_folder)."""
+        (who cannot enter that folder), a root-only folder under /run (made by shadow.listen)."""
         folder = TEE_RUN_DIR.format(port=self.port) if drops_privileges() else self.folder
         return os.path.join(folder, "tee.sock")
 

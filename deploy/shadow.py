@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from deploy import canary_lease
+from deploy import canary, canary_lease
 from deploy.canary import NAME, check_candidate, route
 from deploy.canary_readings import CanaryError, admin
 from deploy.errors import error_body
@@ -118,12 +118,17 @@ def read_request(rfile, max_body: int) -> Prediction | None:
     if method != "POST":
         raise Refusal(405, "only POST predictions are mirrored", "MethodNotAllowed")
     binary = headers.get(IHCL)
-    if binary is not None and not (binary.isascii() and binary.isdigit() and len(binary) <= 9):
+    if binary is not None and not is_length(binary):
         raise Refusal(400, f"{IHCL} is not a number of bytes")
     body = rfile.read(length)
     if len(body) != length:
         raise Refusal(400, "the body ended before its Content-Length")
     return Prediction(headers.get("content-type"), headers.get("authorization"), body, binary)
+
+
+def is_length(text: str) -> bool:
+    """Whether a header's value is a byte count: 1 to 9 ASCII digits (no sign, no space)."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
 
 
 def top1(status: int, body: bytes) -> str | None:
@@ -189,9 +194,8 @@ class Tee:
 
     def ask(self, path: str, req: Prediction) -> tuple[int, dict[str, str], bytes, float]:
         """(status, the answer's headers to relay, body, ms) of a new request with `req`'s values to
-        TorchServe's `path`;
-        OSError or http.client.HTTPException when TorchServe does not answer, ValueError for an answer too
-        large."""
+        TorchServe's `path`; OSError or http.client.HTTPException when TorchServe does not answer, ValueError
+        for an answer too large."""
         headers = {"Content-Length": str(len(req.body))}
         if req.content_type is not None:
             headers["Content-Type"] = req.content_type
@@ -212,7 +216,7 @@ class Tee:
         ms = (time.perf_counter() - t0) * 1000
         relayed = {"Content-Type": resp.getheader("Content-Type") or "application/json"}
         binary = resp.getheader(IHCL) or ""
-        if binary.isascii() and binary.isdigit() and len(binary) <= 9:  # a v2 binary answer's JSON length
+        if is_length(binary):  # a v2 binary answer's JSON length
             relayed["Inference-Header-Content-Length"] = binary
         return resp.status, relayed, body, ms
 
@@ -315,48 +319,22 @@ class TeeHandler(socketserver.StreamRequestHandler):
 def open_split(door: FrontDoor, model: str, version: str, percent: int):
     """Send `percent` of the model's path to the tee (at door.tee_socket), the rest to the default (candidate
     at 0)."""
-    if not NAME.fullmatch(version):
-        raise CanaryError(f"version {version!r} cannot go into a route")
-    path = route(model)
-    weigh(door, "candidate", 0)
-    weigh(door, "shadow", 0)
-    admin(door, f"add map {door.path(CANARY_MAP)} {path} {version}")
-    weigh(door, "default", CANARY_WEIGHT - percent)
-    weigh(door, "shadow", percent)
-
-
-def weigh(door: FrontDoor, server: str, weight: int):
-    """Set one canary server's weight; CanaryError when HAProxy refuses."""
-    check(admin(door, f"set weight canary/{server} {weight}"), "")
-
-
-def check(out: str, expected: str):
-    """CanaryError unless HAProxy's answer is empty or says `expected`."""
-    if out.strip() and not (expected and expected in out):
-        raise CanaryError(f"HAProxy refused: {out.strip()[:200]}")
+    canary.weigh(door, "shadow", 0)
+    canary.open_split(door, model, version)  # the route, the candidate at weight 0
+    canary.weigh(door, "default", CANARY_WEIGHT - percent)
+    canary.weigh(door, "shadow", percent)
 
 
 def in_place(door: FrontDoor, model: str, percent: int) -> bool:
     """Whether the door still sends `percent` of the model's path to the tee (a restarted one does not)."""
-    try:
-        mapped = admin(door, f"show map {door.path(CANARY_MAP)}")
-        weight = int(admin(door, "get weight canary/shadow").split()[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    return f" {route(model)} " in mapped and weight == percent
+    return canary.split_in_place(door, model, percent, "shadow")
 
 
 def close_split(door: FrontDoor):
-    """Everything back on the default: the tee's weight first, then the route."""
-    for command in (
-        "set weight canary/shadow 0",
-        f"set weight canary/default {CANARY_WEIGHT}",
-        f"clear map {door.path(CANARY_MAP)}",
-    ):
-        try:
-            admin(door, command)
-        except OSError:
-            pass  # a door that is gone sends nothing to the tee (weight 0 and an empty map at its start)
+    """Everything back on the default: the tee's weight first, then the canary's close (weights, route)."""
+    with contextlib.suppress(OSError, CanaryError):
+        canary.weigh(door, "shadow", 0)  # a door that is gone sends nothing to the tee (0 at its start)
+    canary.close_split(door)
 
 
 # --- the run ----------------------------------------------------------------------------------------------
