@@ -31,7 +31,6 @@ import json
 import os
 import socket
 import socketserver
-import subprocess
 import sys
 import threading
 import time
@@ -40,13 +39,12 @@ from http import HTTPStatus
 
 import psutil
 
-from bundle import settings
 from bundle.settings import GUARD_KEY
 from deploy import canary_lease, process
 from deploy.archive import check_archive
 from deploy.errors import error_body
 from deploy.guard_request import FIELD_CHARS, MAX_BODY, MAX_LINE, Call, Head, Refusal, build, only, read_head
-from deploy.privileges import logged, socket_uid
+from deploy.privileges import socket_uid
 
 # TorchServe's answer to a missing or wrong key: the tools (deploy/server.py) recognise it and re-read the key
 # file
@@ -307,17 +305,7 @@ def launch(ts):
     with bind_port(listen) as sock:
         fd = str(sock.fileno())
         supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", watch, "--pass-fd", fd, "--"]
-        subprocess.Popen(
-            logged([*supervised, *guard, "--listen-fd", fd], os.path.join(ts.log_dir, "guard.log")),
-            cwd=settings.ROOT,
-            env=ts.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # outlives this command, like TorchServe
-            pass_fds=[sock.fileno()],
-            **ts.as_user(),
-        )
+        ts.detach([*supervised, *guard, "--listen-fd", fd], "guard.log", pass_fds=(sock.fileno(),))
 
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:

@@ -339,19 +339,26 @@ class TorchServe(KeyedApi, ServerHome):
             max_images = yaml.safe_load(f)["handler"]["max_images_per_request"]
         cmd += ["--max-message", props.get("max_request_size", "6553500"), "--max-elements", str(max_images)]
         cmd += ["--watch-pid", str(self.pid() or 0)]
+        self.detach(cmd, "oip_grpc.log")
+        listening = lambda: self.oip_grpc_processes() != [] and frontdoor.listening(host, self.ports.oip_grpc)
+        process.wait_until(
+            listening, 30, "OIP gRPC proxy", hint=f"see {self.log_dir}/oip_grpc.log", error=ServerError
+        )
+
+    def detach(self, cmd: list[str], log: str, pass_fds: tuple[int, ...] = ()):
+        """Start `cmd` (a helper of this server: the guard's supervisor, the OIP gRPC proxy) from the bundle's
+        root as the server's user, in a session of its own, so it outlives this command like TorchServe; its
+        output goes to logs/`log`, which the child opens as that user."""
         subprocess.Popen(
-            logged(cmd, os.path.join(self.log_dir, "oip_grpc.log")),
+            logged(cmd, os.path.join(self.log_dir, log)),
             cwd=settings.ROOT,
             env=self.env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,  # outlives this command, like TorchServe
+            start_new_session=True,
+            pass_fds=pass_fds,
             **self.as_user(),
-        )
-        listening = lambda: self.oip_grpc_processes() != [] and frontdoor.listening(host, self.ports.oip_grpc)
-        process.wait_until(
-            listening, 30, "OIP gRPC proxy", hint=f"see {self.log_dir}/oip_grpc.log", error=ServerError
         )
 
     def oip_grpc_processes(self) -> list[psutil.Process]:
