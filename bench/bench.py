@@ -57,6 +57,7 @@ from deploy.archive import archive_checkpoint
 from deploy.client import post, read_bytes, top1
 from deploy.server import Ports, TorchServe
 from model_src import backends
+from model_src.cores import usable_cores, workers_of
 
 # The archive default first: it is served as my_model.mar and gets the batching rows.
 BACKENDS = (backends.DEFAULT, *(b for b in backends.served() if b != backends.DEFAULT))
@@ -265,7 +266,7 @@ def prepare_target(target: dict, args, work: str) -> Target:
     levels = [int(c) for c in args.concurrency.split(",")]
     with open(args.config_file) as f:
         model_cfg = yaml.safe_load(f)
-    batch, workers = int(model_cfg.get("batchSize", 1)), int(model_cfg.get("maxWorkers", 1))
+    batch, workers = int(model_cfg.get("batchSize", 1)), workers_of(model_cfg, usable_cores())
     fan = [int(n) for n in args.batching.split(",")] if args.batching else []
     store = os.path.join(work, f"store_{target['name']}")
     os.makedirs(store)

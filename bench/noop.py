@@ -10,7 +10,7 @@ import tempfile
 import yaml
 
 from bundle import settings
-from deploy.archive import write_checksum
+from deploy.archive import shipped_config, write_checksum
 
 HANDLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "noop_handler.py")
 
@@ -19,6 +19,7 @@ def build_noop_archive(store: str, config_file: str, version: str = "noop") -> s
     """model_store/<model>_v<version>.mar serving the no-op handler under the bundle's model name."""
     work = tempfile.mkdtemp(prefix="noop-")
     try:
+        config_file = shipped_config(config_file, None, os.path.join(work, "model-config.yaml"))  # workers
         subprocess.run(
             [
                 os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),

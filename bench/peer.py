@@ -10,7 +10,7 @@ import tempfile
 import torch
 
 from bundle import settings
-from deploy.archive import write_checksum
+from deploy.archive import shipped_config, write_checksum
 from deploy.client import post, read_bytes
 from deploy.server import TorchServe
 
@@ -63,6 +63,7 @@ def build_peer_archive(checkpoint: str, store: str, work: str, config_file: str)
     traced.save(os.path.join(peer_dir, "peer.pt"))
     with open(os.path.join(peer_dir, "index_to_name.json"), "w") as f:
         json.dump(known.index_to_name(), f)  # the stock handler's labels
+    config_file = shipped_config(config_file, None, os.path.join(peer_dir, "model-config.yaml"))  # workers
     subprocess.run(
         [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),

@@ -4,6 +4,7 @@
                                             # stage")
     python -m bench.prep --rounds 3         # cheap mode
     python -m bench.prep --agreement 200    # also: EfficientNet-Lite0's top-1 under both, on photos and crops
+    python -m bench.prep --normalise        # also: the to-tensor candidates (table, torch formula, fma)
 
 Stages, for the bundled photos (scikit-image's and scikit-learn's, 451-640 px) as JPEGs of quality 90:
   decode          bytes -> PIL image (decode_image: the cheap checks, then Pillow at its JPEG draft scale)
@@ -40,6 +41,9 @@ def get_args_parser():
     p.add_argument(
         "--agreement", type=int, default=0, help="random crops for the top-1 agreement (default 0: skip)"
     )
+    p.add_argument(
+        "--normalise", action="store_true", help="also time the to-tensor candidates on 1 and 2 threads"
+    )
     return p
 
 
@@ -62,6 +66,57 @@ def to_tensor_before(prep: Preprocessing, img: Image.Image) -> torch.Tensor:
     x = torch.from_numpy(arr.transpose(2, 0, 1).copy())
     mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (prep.mean, prep.std))
     return (x - mean) / std
+
+
+def normalise_table(prep: Preprocessing, img: Image.Image, out: torch.Tensor) -> torch.Tensor:
+    """Today's to-tensor: one look-up per value in the per-channel table, into `out` (a batch row)."""
+    return prep.to_tensor(img, out)
+
+
+def normalise_formula(prep: Preprocessing, img: Image.Image, out: torch.Tensor) -> torch.Tensor:
+    """torchvision's float formula in torch, in place in `out`: copy to float, / 255, - mean, / std."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (prep.mean, prep.std))
+    out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    return out.div_(255).sub_(mean).div_(std)
+
+
+def normalise_fma(prep: Preprocessing, img: Image.Image, out: torch.Tensor) -> torch.Tensor:
+    """mean and std folded into one multiply-add per channel, in place in `out` (not the formula exactly)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (prep.mean, prep.std))
+    out.copy_(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    return out.mul_(1 / (255 * std)).add_(-mean / std)
+
+
+NORMALISERS = {
+    "table look-up": normalise_table,
+    "torch formula": normalise_formula,
+    "torch multiply-add": normalise_fma,
+}
+
+
+def compare_normalisers(jpegs: dict[str, bytes], threads: int, repeats: int = 200) -> str:
+    """The to-tensor candidates on the prepared photos with torch on `threads` threads: the least ms per image
+    of `repeats` runs (median over the photos), and whether each gives torchvision's formula bit for bit."""
+    torch.set_num_threads(threads)
+    images = [PREP.prepare(PREP.decode(d)) for d in jpegs.values()]
+    out, want = (
+        torch.empty(3, PREP.image_size, PREP.image_size),
+        torch.empty(3, PREP.image_size, PREP.image_size),
+    )
+    lines = [f"| to tensor, {threads} thread(s) | ms per image | = torchvision's formula |", "|---|---:|---|"]
+    for name, normalise in NORMALISERS.items():
+        times, same = [], True
+        for img in images:
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                normalise(PREP, img, out)
+                best = min(best, time.perf_counter() - start)
+            times.append(best * 1000)
+            same &= torch.equal(out, normalise_formula(PREP, img, want))
+        lines.append(f"| {name} | {statistics.median(times):.3f} | {'yes' if same else 'no'} |")
+    torch.set_num_threads(1)
+    return "\n".join(lines)
 
 
 PIPELINES = {
@@ -159,6 +214,9 @@ def main(args):
     print(f"photos (JPEG q{args.quality}): {sizes}")
     print(f"{args.rounds} rounds, 1 thread; median ms (10th-90th percentile of the per-round medians)\n")
     print(table(per_round))
+    if args.normalise:
+        for threads in (1, 2):
+            print("\n" + compare_normalisers(jpegs, threads))
     if args.agreement:
         print("\n" + agreement(jpegs, args.agreement, args.quality))
 

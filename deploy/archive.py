@@ -48,6 +48,7 @@ from deploy.mar import (  # noqa: F401  (re-exported: the guard, versions and th
 )
 from deploy.privileges import shared_dir
 from model_src import backends, manifest
+from model_src.cores import usable_cores, workers_of
 from model_src.manifest import ArchiveEntry, BackendEntry, Manifest
 
 
@@ -229,8 +230,7 @@ def build_archive(
         archived = add_archive_part(bundle, chosen, files, model_name, version, target)
         archived.archive.digests = digests(stage, served)  # type: ignore[union-attr]
         archived.write(stage)
-        if batch_size is not None:
-            config_file = with_batch_size(config_file, batch_size, os.path.join(tmp, "model-config.yaml"))
+        config_file = shipped_config(config_file, batch_size, os.path.join(tmp, "model-config.yaml"))
         cmd = [
             os.path.join(os.path.dirname(sys.executable), "torch-model-archiver"),
             "--model-name",
@@ -296,13 +296,18 @@ def archive_checkpoint(
         )
 
 
-def with_batch_size(config_file: str, batch_size: int, out: str) -> str:
-    """A copy of `config_file` at `out` with batchSize set to `batch_size`."""
+def shipped_config(config_file: str, batch_size: int | None, out: str) -> str:
+    """A copy of `config_file` at `out`, as the archive ships it: batchSize set to `batch_size` (None keeps
+    it), and minWorkers/maxWorkers, where it sets neither, from this machine's cores (model_src/cores.py)."""
     import yaml
 
     with open(config_file) as f:
         config = yaml.safe_load(f)
-    config["batchSize"] = batch_size
+    if batch_size is not None:
+        config["batchSize"] = batch_size
+    workers = workers_of(config, usable_cores())
+    config.setdefault("minWorkers", workers)
+    config.setdefault("maxWorkers", workers)
     with open(out, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return out

@@ -22,6 +22,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from model_src import backends, manifest, oip, protocol
+from model_src.cores import threads_per_worker, usable_cores, workers_of
 from model_src.explain import StepBudget, explain
 from model_src.image_checks import InputError
 from model_src.preprocessing import Preprocessing
@@ -113,10 +114,10 @@ class ImageClassifier(BaseHandler):
 
     @staticmethod
     def auto_threads(yaml_cfg: dict) -> int:
-        """Threads per worker: the cores split between the workers so they do not oversubscribe each other."""
-        workers = int(yaml_cfg.get("maxWorkers") or yaml_cfg.get("minWorkers") or 1)
-        # the cores this process may use, not the host's
-        return max(1, len(os.sched_getaffinity(0)) // workers)
+        """Threads per worker: the cores this process may use split between the archive's workers
+        (model_src/cores.py), so they do not oversubscribe each other."""
+        cores = usable_cores()
+        return threads_per_worker(workers_of(yaml_cfg, cores), cores)
 
     def warm_up(self, batch_size: int):
         """Run the model once per shape it will see first, so no user request pays for it."""
@@ -141,19 +142,20 @@ class ImageClassifier(BaseHandler):
                 answers[idx] = self.answer(context, idx, [self.describe()], "one")
                 continue
             try:
-                tensors = self.prepare(idx, request, row, explanations)
+                prepared = self.prepare(idx, request, row, explanations)
             except Exception as e:
                 answers[idx] = self.fail(context, idx, request, e, "preparing")
                 continue
-            if tensors is None:  # an explanation: it runs after the batch's predictions
+            if prepared is None:  # an explanation: it runs after the batch's predictions
                 continue
-            images += tensors
-            owners.append((idx, len(tensors), request.shape))
+            images += prepared
+            owners.append((idx, len(prepared), request.shape))
+        x = self.prep.batch(images) if images else None  # each image normalised straight into its batch row
         preprocess_ms = (time.perf_counter() - start) * 1000
 
-        if images:
+        if x is not None:
             t0 = time.perf_counter()
-            probs = torch.softmax(self.predictor(torch.stack(images)), dim=1)
+            probs = torch.softmax(self.predictor(x), dim=1)
             self.record(context, "InferenceTime", (time.perf_counter() - t0) * 1000)
             predictions = iter([protocol.top_k(p, self.labels, self.config["topk"]) for p in probs])
             for idx, n, shape in owners:
@@ -165,11 +167,11 @@ class ImageClassifier(BaseHandler):
         return answers
 
     def prepare(self, idx: int, request, row: dict, explanations: list) -> list | None:
-        """Read and decode one request: a prediction's tensors, or None for an explanation (queued
-        instead)."""
+        """Read and decode one request: a prediction's images at the model's size and mode (`handle`
+        normalises the batch's together), or None for an explanation (queued instead)."""
         request.read(row, self.limits)  # the cheap checks: nothing is decoded yet
         if request.kind != "explain":
-            return self.decode_all(request.items, self.prep)
+            return self.decode_all(request.items, self.prep.prepare)
         self.explainer()  # 501 before any decoding if this archive cannot explain
         target = protocol.target_index(request.target, self.labels)
         explanations.append((idx, request, target, self.decode_all(request.items)))

@@ -1,10 +1,10 @@
 """onnx: model.onnx, run by ONNX Runtime's CPU provider (no gradients: explanations use the eager weights)."""
 
 import importlib.util
-import os
 import warnings
 
 from model_src.backends import Backend, ExportJob
+from model_src.cores import usable_cores
 
 
 def export(job: ExportJob, path: str):
@@ -38,7 +38,7 @@ class OnnxRunner:
         opts = ort.SessionOptions()
         # One intra-op pool sized by the caller: ORT's default takes every core,
         # which oversubscribes the machine as soon as there are two workers.
-        opts.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+        opts.intra_op_num_threads = threads or usable_cores()
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -23,6 +23,7 @@ import warnings
 import zipfile
 
 from model_src.backends import Backend, ExportError, ExportJob
+from model_src.cores import usable_cores
 
 MEMBERS = ("model.xml", "model.bin")
 # What OpenVINO calls each precision when compiling. fp32 is asked for explicitly: on a CPU with AMX,
@@ -93,7 +94,7 @@ class OpenVinoRunner:
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": 1,
             # One pool sized by the caller, as for ONNX Runtime: OpenVINO's default takes every core.
-            "INFERENCE_NUM_THREADS": threads or len(os.sched_getaffinity(0)),
+            "INFERENCE_NUM_THREADS": threads or usable_cores(),
         }
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
