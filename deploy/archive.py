@@ -297,19 +297,28 @@ def archive_checkpoint(
 
 
 def shipped_config(config_file: str, batch_size: int | None, out: str) -> str:
-    """A copy of `config_file` at `out`, as the archive ships it: batchSize set to `batch_size` (None keeps
-    it), and minWorkers/maxWorkers, where it sets neither, from this machine's cores (model_src/cores.py)."""
+    """`config_file` as the archive ships it: batchSize set to `batch_size` (None keeps it), and minWorkers
+    and maxWorkers, where it leaves them out, from this machine's cores (model_src/cores.py). Returns
+    `config_file` itself when nothing changes, else a copy written at `out` (its text and comments kept unless
+    the batch size changes)."""
     import yaml
 
     with open(config_file) as f:
-        config = yaml.safe_load(f)
+        text = f.read()
+    config = yaml.safe_load(text)
     if batch_size is not None:
-        config["batchSize"] = batch_size
-    workers = workers_of(config, usable_cores())
-    config.setdefault("minWorkers", workers)
-    config.setdefault("maxWorkers", workers)
+        text = yaml.safe_dump({**config, "batchSize": batch_size}, sort_keys=False)
+    cores = usable_cores()
+    workers = workers_of(config, cores)
+    missing = [key for key in ("minWorkers", "maxWorkers") if key not in config]
+    if missing:
+        text += "" if text.endswith("\n") else "\n"
+        text += f"# {' and '.join(missing)}: model_src/cores.py's rule for the {cores} cores of its build\n"
+        text += "".join(f"{key}: {workers}\n" for key in missing)
+    elif batch_size is None:
+        return config_file
     with open(out, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+        f.write(text)
     return out
 
 

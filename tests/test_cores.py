@@ -41,6 +41,7 @@ def test_the_archive_ships_the_rule_s_workers_for_this_machine(monkeypatch, tmp_
     source = yaml.safe_load(open(settings.MODEL_CONFIG))
     assert (shipped["minWorkers"], shipped["maxWorkers"]) == (workers, workers)
     assert {k: v for k, v in shipped.items() if not k.endswith("Workers")} == source  # the rest as written
+    assert open(out).read().startswith(open(settings.MODEL_CONFIG).read())  # its comments too
 
 
 def test_the_archive_keeps_workers_the_config_sets_and_applies_the_batch_size(monkeypatch, tmp_path):
@@ -51,6 +52,8 @@ def test_the_archive_keeps_workers_the_config_sets_and_applies_the_batch_size(mo
     source.write_text(yaml.safe_dump({**yaml.safe_load(open(settings.MODEL_CONFIG)), "minWorkers": 1}))
     shipped = yaml.safe_load(open(archive.shipped_config(str(source), 8, str(tmp_path / "a.yaml"))))
     assert (shipped["minWorkers"], shipped["maxWorkers"], shipped["batchSize"]) == (1, 1, 8)
+    source.write_text(yaml.safe_dump({**yaml.safe_load(source.read_text()), "maxWorkers": 1}))
+    assert archive.shipped_config(str(source), None, str(tmp_path / "b.yaml")) == str(source)  # as it is
 
 
 @pytest.mark.parametrize(
