@@ -8,8 +8,10 @@ so that no core is left idle: 1 -> 1 x 1, 2 -> 2 x 1, 4 -> 4 x 1, 6 -> 3 x 2, 8 
 prime number of cores above MAX_WORKERS gets one single-threaded worker per core (5 -> 5 x 1).
 """
 
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 # Four workers with a batch of 4 (model-config.yaml's batchSize) hold the 16 requests of the benchmark's c=16
 # in flight; more workers would mostly run half-empty batches, each holding its own copy of the model
@@ -25,10 +27,26 @@ class CoreSplit:
     threads: int
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as a container or taskset limits it), not the
-    host's."""
-    return len(os.sched_getaffinity(0))
+def usable_cores(cgroup: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may use, not the host's: its CPU affinity (taskset, cpusets), or fewer where its
+    cgroup's CPU quota (a Kubernetes CPU limit) allows less, rounded up as the JVM counts them."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cpu_quota(cgroup)
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def cpu_quota(cgroup: str) -> float | None:
+    """The CPU quota, in cores, of the cgroup mounted at `cgroup` (v2's cpu.max, else v1's cfs files); None
+    without one."""
+    for files in (("cpu.max",), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            values = " ".join(Path(cgroup, name).read_text() for name in files).split()
+        except OSError:
+            continue
+        if len(values) == 2 and all(v.isdigit() for v in values) and int(values[1]):  # "max" or -1: no quota
+            return int(values[0]) / int(values[1])
+        return None
+    return None
 
 
 def split_cores(cores: int) -> CoreSplit:

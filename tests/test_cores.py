@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from bundle import settings
-from model_src.cores import MAX_WORKERS, CoreSplit, split_cores, workers_of
+from model_src import cores as cores_module
+from model_src.cores import MAX_WORKERS, CoreSplit, split_cores, usable_cores, workers_of
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,27 @@ def test_workers_times_threads_is_the_cores_and_workers_stay_few():
         assert split.workers <= MAX_WORKERS or split.threads == 1, (cores, split)  # past 4: one per core
         if cores % MAX_WORKERS == 0:
             assert split.workers == MAX_WORKERS, (cores, split)
+
+
+@pytest.mark.parametrize(
+    "files, cores",
+    [
+        ({}, 16),  # no cgroup files: the affinity
+        ({"cpu.max": "max 100000\n"}, 16),
+        ({"cpu.max": "200000 100000\n"}, 2),  # a Kubernetes limit of 2 CPUs on a 16-core node
+        ({"cpu.max": "150000 100000\n"}, 2),  # rounded up, as the JVM counts them
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "3200000 100000\n"}, 16),  # a quota above the affinity: the affinity
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+    ],
+)
+def test_usable_cores_are_the_affinity_within_the_cgroup_quota(monkeypatch, tmp_path, files, cores):
+    monkeypatch.setattr(cores_module.os, "sched_getaffinity", lambda pid: set(range(16)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert usable_cores(str(tmp_path)) == cores
 
 
 def test_workers_set_in_the_config_win_over_the_rule():
