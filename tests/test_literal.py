@@ -19,6 +19,7 @@ import pytest
 
 from bundle.settings import ROOT
 from deploy.server import Ports
+from model_src.cores import split_cores, usable_cores
 from tests.conftest import install_archive
 
 # in_order: the tests share one module-scoped server (or door) and build on each other's effects
@@ -129,9 +130,10 @@ def test_the_documented_commands_work_as_typed(shell):
     described = answer("customized=true")[0]
     card = described["customizedMetadata"]
     assert card["version"] == "2.0" and card["archive"]["file"] == "my_model_v2.0.mar"
-    # Registered with initial_workers=1, it has model-config.yaml's 2 workers, as docs/serving.md now says (it
-    # said the management API's parameters win over that file).
-    assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) == (2, 2, 2)
+    # Registered with initial_workers=1, it has the archive's model-config.yaml workers (model_src/cores.py's
+    # rule: 2 on 2 cores), as docs/serving.md now says (it said the management API's parameters win over it).
+    workers = split_cores(usable_cores()).workers
+    assert (described["minWorkers"], described["maxWorkers"], len(described["workers"])) == (workers,) * 3
     said = " ".join(open(DOCS).read().split("## Batching and workers", 1)[1].split("\n\n", 2)[1].split())
     assert "`minWorkers`/`maxWorkers` also win over a registration's `initial_workers`" in said
     assert "initial_workers=1" in said and "comes up with 2 workers" in said
