@@ -342,15 +342,7 @@ def state(ts) -> str:
 def stop(ts, timeout: float = 5) -> bool:
     """Stop the guard of `ts` and its supervisor: SIGTERM, then SIGKILL for whatever is still there after
     `timeout` seconds (a frozen guard still holds the port). False when none ran."""
-    supervisors, guards = processes(ts)
-    procs = supervisors + guards  # the supervisor first, so that it does not restart the guard
-    for _ in range(3):  # a supervisor that restarted its guard just before it heard SIGTERM: once more
-        process.terminate(procs, timeout, timeout)
-        left = processes(ts)
-        if not left[0] + left[1]:
-            break
-        procs = left[0] + left[1]
-    return bool(supervisors or guards)
+    return process.stop_supervised(lambda: processes(ts), timeout)
 
 
 def follow(pid: int, server):

@@ -72,6 +72,23 @@ def reap(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 
     return psutil.wait_procs(alive, timeout=kill_timeout)[1]
 
 
+def stop_supervised(
+    find: Callable[[], tuple[list[psutil.Process], list[psutil.Process]]], timeout: float
+) -> bool:
+    """Stop a helper run under deploy/supervise.py: `find` gives (supervisors, helpers); each is sent SIGTERM
+    (supervisors first, so that none restarts its helper), then SIGKILL after `timeout` s, up to three rounds
+    (a supervisor may have restarted its helper just before it heard SIGTERM). False when none ran."""
+    supervisors, helpers = find()
+    procs = supervisors + helpers
+    for _ in range(3):
+        terminate(procs, timeout, timeout)
+        left = find()
+        if not left[0] + left[1]:
+            break
+        procs = left[0] + left[1]
+    return bool(supervisors or helpers)
+
+
 def signal_each(procs: Iterable[psutil.Process], send: Callable[[psutil.Process], None]):
     """Call `send` (psutil.Process.terminate or .kill) on each process, skipping those already gone."""
     for proc in procs:
