@@ -310,18 +310,8 @@ def launch(ts):
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
     """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for
-    this server's management socket. Found by what they are, not through a pid file: a pid file can name
-    anyone's process, and root signals only these."""
-    supervisors, guards = [], []
-    for proc in psutil.process_iter(["cmdline", "uids"]):
-        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
-        if uids is None or uids.real != ts.uid or ts.management_socket not in cmd:
-            continue
-        if cmd[1:3] == ["-m", "deploy.supervise"]:
-            supervisors.append(proc)
-        elif cmd[1:3] == ["-m", "deploy.guard"]:
-            guards.append(proc)
-    return supervisors, guards
+    this server's management socket (process.supervised)."""
+    return process.supervised(ts.uid, ts.management_socket, "deploy.guard")
 
 
 def state(ts) -> str:

@@ -17,7 +17,6 @@ from deploy.errors import ServerError
 from deploy.privileges import ids, write_new
 
 
-
 def models_file(ts) -> str:
     """The archives' v2 metadata the proxy reads (root's run/ folder, readable by the server's group)."""
     return ts.path("run", "oip_models.json")
@@ -57,17 +56,8 @@ def wait(ts, timeout: float):
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
     """(supervisors, proxies) of `ts`: processes of the server's user whose command line runs that module and
-    names this server's models file."""
-    supervisors, proxies = [], []
-    for proc in psutil.process_iter(["cmdline", "uids"]):
-        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
-        if uids is None or uids.real != ts.uid or models_file(ts) not in cmd:
-            continue
-        if cmd[1:3] == ["-m", "deploy.supervise"]:
-            supervisors.append(proc)
-        elif cmd[1:3] == ["-m", "deploy.oip_grpc"]:
-            proxies.append(proc)
-    return supervisors, proxies
+    names this server's models file (process.supervised)."""
+    return process.supervised(ts.uid, models_file(ts), "deploy.oip_grpc")
 
 
 def stop(ts, timeout: float = 5) -> bool:

@@ -72,6 +72,22 @@ def reap(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 
     return psutil.wait_procs(alive, timeout=kill_timeout)[1]
 
 
+def supervised(uid: int, marker: str, module: str) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(supervisors, helpers): processes of `uid` whose command line holds `marker` and runs
+    deploy/supervise.py or `module` (python -m). Found by what they are, not through a pid file: a pid file
+    can name anyone's process, and root signals only these."""
+    supervisors, helpers = [], []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
+        if uids is None or uids.real != uid or marker not in cmd:
+            continue
+        if cmd[1:3] == ["-m", "deploy.supervise"]:
+            supervisors.append(proc)
+        elif cmd[1:3] == ["-m", module]:
+            helpers.append(proc)
+    return supervisors, helpers
+
+
 def stop_supervised(
     find: Callable[[], tuple[list[psutil.Process], list[psutil.Process]]], timeout: float
 ) -> bool:
