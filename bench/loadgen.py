@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import requests
@@ -30,6 +31,32 @@ class LoadgenError(ValueError):
     """run() refuses its target: not a loopback address."""
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request of a mix, for bodies that need more than the run's URL and headers: a path after the
+    URL (a KServe route), and headers of its own on top of the run's."""
+
+    body: bytes
+    path: str = ""
+    headers: dict = field(default_factory=dict)
+
+
+def label_map(body):
+    """The {label: probability} inside an answer: the handler's own, KServe v1's first prediction, or KServe
+    v2's first `predictions` element (a JSON string); None when the answer holds none."""
+    if isinstance(body, dict) and isinstance(body.get("predictions"), list) and body["predictions"]:
+        return body["predictions"][0]  # v1
+    if isinstance(body, dict) and isinstance(body.get("outputs"), list) and body["outputs"]:
+        out = body["outputs"][0]
+        if not isinstance(out, dict) or out.get("name") != "predictions" or not out.get("data"):
+            return None
+        try:
+            return json.loads(out["data"][0])
+        except (TypeError, ValueError):
+            return None
+    return body
+
+
 def check(resp, expected) -> bool:
     """Whether an answer is right. expected: the top-1 label, or None for a bad body, which must be refused
     with a 4xx and a JSON message. A 5xx is not judged here (run() counts it under errors); an answer that
@@ -39,7 +66,9 @@ def check(resp, expected) -> bool:
         return 400 <= resp.status_code < 500 and isinstance(body, dict) and "message" in body
     if resp.status_code >= 500:
         return True
-    return resp.status_code == 200 and isinstance(body, dict) and bool(body) and top1(body) == expected
+    answer = label_map(body)
+    ok = resp.status_code == 200 and isinstance(answer, dict) and bool(answer)
+    return ok and top1(answer) == expected
 
 
 def parsed(resp):
@@ -53,6 +82,7 @@ def parsed(resp):
 def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, duration_cap=300):
     """Send `total` requests (bodies cycled) with `concurrency` threads; returns a summary dict.
 
+    bodies: bytes, or Request for a body with its own path and headers.
     expect: optional list, parallel to bodies: the top-1 label each body should get, or None for a
     body that must be refused with a 4xx. Answers that break this count as `wrong`.
     """
@@ -72,10 +102,13 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
             i = next(counter)
             if i >= total:
                 return
-            body = bodies[i % len(bodies)]
+            req = bodies[i % len(bodies)]
+            req = req if isinstance(req, Request) else Request(req)
             t0 = time.perf_counter()
             try:
-                resp = session.post(url, data=body, headers=headers, timeout=timeout)
+                resp = session.post(
+                    url + req.path, data=req.body, headers={**(headers or {}), **req.headers}, timeout=timeout
+                )
             except requests.RequestException:  # no answer to judge: counted under errors
                 code, ok_label = "error", True
             else:

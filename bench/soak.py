@@ -11,27 +11,32 @@ Scenarios (each bounded in requests and time):
                 replacement worker answers, and a clean run afterwards;
   restart       stop + start with two versions registered and 2.0 default: the same after;
   bad_register  a corrupt archive and a disallowed URL registered during load: refused, and
-                the serving version answers every request meanwhile.
+                the serving version answers every request meanwhile;
+  kserve        the same images as KServe v2 JSON, v2 binary (tritonclient's default form) and KServe v1
+                bodies, with bad bodies of each form: no 5xx, every answer right, every bad one a 4xx.
 """
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
 
 import psutil
 
-from bench.loadgen import LoadgenError, spawn
+from bench.loadgen import LoadgenError, Request, spawn
 from bench.loadgen import run as run_load
 from bundle import settings
 from deploy import management, versions
 from deploy.archive import archive_checkpoint
 from deploy.client import post, read_bytes
 from deploy.server import Ports, TorchServe
+from model_src.oip import HEADER as IHCL
 
 MODEL = settings.MODEL_NAME
 
@@ -63,6 +68,34 @@ def bad_bodies() -> list[bytes]:
         b'{"image_url": "http://example.com/x.png"}',  # JSON without data
         bomb,
         b"\xff\xd8\xff\xe0" + os.urandom(200),  # JPEG magic, garbage after
+    ]
+
+
+def kserve_bodies(image: bytes, model: str) -> list[Request]:
+    """`image` as KServe v2 JSON (base64), v2 binary (raw bytes after the JSON header) and KServe v1."""
+    v2 = f"/v2/models/{model}/infer"
+    tensor = {"name": "data", "datatype": "BYTES", "shape": [1]}
+    as_json = json.dumps({"inputs": [{**tensor, "data": [base64.b64encode(image).decode()]}]}).encode()
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": len(image) + 4}}]}).encode()
+    binary = header + struct.pack("<I", len(image)) + image
+    v1 = json.dumps({"instances": [{"data": base64.b64encode(image).decode()}]}).encode()
+    return [
+        Request(as_json, v2, {"Content-Type": "application/json"}),
+        Request(binary, v2, {"Content-Type": "application/octet-stream", IHCL: str(len(header))}),
+        Request(v1, f"/v1/models/{model}:predict", {"Content-Type": "application/json"}),
+    ]
+
+
+def kserve_bad_bodies(model: str) -> list[Request]:
+    """One bad body of each KServe form: not base64, a binary header longer than the body, not an image."""
+    v2 = f"/v2/models/{model}/infer"
+    tensor = {"name": "data", "datatype": "BYTES", "shape": [1], "data": ["%%% not base64 %%%"]}
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": 8}}]}).encode()
+    v1 = json.dumps({"instances": [{"data": base64.b64encode(b"not an image").decode()}]}).encode()
+    return [
+        Request(json.dumps({"inputs": [tensor]}).encode(), v2, {"Content-Type": "application/json"}),
+        Request(header, v2, {"Content-Type": "application/octet-stream", IHCL: str(len(header) + 100)}),
+        Request(v1, f"/v1/models/{model}:predict", {"Content-Type": "application/json"}),
     ]
 
 
@@ -205,6 +238,27 @@ class Soak:
             "passed": recovered is not None and after["errors"] == 0 and after["wrong_labels"] == 0,
         }
 
+    def kserve(self, requests: int = 2000, concurrency: int = 16, url: str | None = None) -> dict:
+        """The KServe scenario: the good images in the three KServe forms, a bad body of each form after
+        every 4 good ones, to `url` (else where the load goes); passes with no error and no wrong answer."""
+        bodies, expect, bad = [], [], kserve_bad_bodies(MODEL)
+        for i, (image, _) in enumerate(self.good):
+            for req in kserve_bodies(image, MODEL):
+                bodies.append(req)
+                expect.append(self.expected_labels[i])
+                if len(bodies) % 5 == 4:
+                    bodies.append(bad[len(bodies) // 5 % len(bad)])
+                    expect.append(None)
+        headers = self.ts.auth("inference")
+        stats = run_load(
+            url or self.base_url or self.ts.url(), bodies, concurrency, requests, headers, expect
+        )
+        return {
+            **stats,
+            "bad_body_share": round(sum(e is None for e in expect) / len(expect), 3),
+            "passed": stats["errors"] == 0 and stats["wrong_labels"] == 0 and stats["requests"] == requests,
+        }
+
     def deployment(self) -> dict:
         """The model's registered versions and its default version."""
         listed = management.versions(self.ts, MODEL)
@@ -299,6 +353,14 @@ def summarize(name: str, r: dict) -> str:
             f"restart: {r['before']} -> {r['after']} in {r['restart_s']}s (restored={r['restored']}), "
             f"answers {r['answers']} {verdict}"
         )
+    if name == "kserve":
+        return (
+            f"kserve: {r['requests']} requests at c={r['concurrency']} (v2 JSON, v2 binary, v1; "
+            f"{r['bad_body_share'] * 100:.0f}% bad bodies) in {r['seconds']:.0f}s = "
+            f"{r['throughput_rps']:.0f} req/s; statuses {r['statuses']}; 5xx/errors {r['errors']}; "
+            f"wrong answers {r['wrong_labels']} "
+            f"{verdict}"
+        )
     return (
         f"bad registration during load: {r['registration_status']}; load "
         f"{r['load'].get('requests')} requests, "
@@ -312,6 +374,7 @@ SCENARIOS = {
     "worker_death": Soak.worker_death,
     "restart": Soak.restart,
     "bad_register": Soak.bad_register,
+    "kserve": Soak.kserve,
 }
 
 

@@ -172,7 +172,7 @@ class FrontDoor(OipConfig):
         process.terminate([psutil.Process(pid)], timeout, 5)
         process.remove_pid_file(self.pid_file)
         folder = os.path.dirname(self.tee_socket)
-        if folder != self.folder:  # /run's folder for a shadow run's tee (root's alone: deploy/shadow.py)
+        if folder != self.folder:  # /run's folder for a shadow run's tee (root's alone: deploy/shadow_tee.py)
             with contextlib.suppress(OSError):  # a tee that stopped took its socket already
                 os.unlink(self.tee_socket)
             with contextlib.suppress(OSError):

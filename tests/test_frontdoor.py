@@ -335,6 +335,16 @@ def test_oversize_and_chunked_bodies_are_refused_by_the_proxy(soak, door):
 
 @pytest.mark.slow
 @pytest.mark.torchserve
+def test_kserve_forms_through_the_door_no_5xx_right_answers(soak, door, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", door.ca)  # the load generator's sessions trust the door's CA
+    r = soak.kserve(requests=600, concurrency=8, url=door.url())
+    print(summarize("kserve", r))
+    assert r["errors"] == 0 and r["wrong_labels"] == 0, (r["statuses"], r["first_error"])
+    assert (
+        r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    )
+
+
 def test_full_queue_and_rate_limit_answer_json_with_retry_after_and_lose_nothing(soak, small_door):
     body, label = good(soak)
     tight = small_door(maxconn=1, queue=2)

@@ -52,6 +52,17 @@ def test_bad_registrations_during_load_do_not_disturb_serving(soak):
     assert r["models"] == ["my_model"]  # and no other model (corrupt.mar's) appeared
 
 
+def test_kserve_forms_under_load_no_5xx_right_answers(soak):
+    r = soak.kserve(requests=2000, concurrency=16)
+    print(summarize("kserve", r))
+    assert r["requests"] == 2000
+    assert r["errors"] == 0, (r["statuses"], r["first_error"])
+    assert r["wrong_labels"] == 0
+    assert (
+        r["statuses"].get("200", 0) > 0 and sum(n for c, n in r["statuses"].items() if c.startswith("4")) > 0
+    )
+
+
 def test_restart_keeps_versions_and_default(soak):
     r = soak.restart()
     print(summarize("restart", r))

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import requests
 
-from deploy import management, register_version, shadow
+from deploy import management, register_version, shadow, shadow_tee
 from deploy.canary_readings import stat_rows
 from deploy.frontdoor import FrontDoor
 from deploy.guard_request import Refusal
@@ -26,12 +26,12 @@ HEAD = b"POST /predictions/my_model HTTP/1.1\r\nHost: x\r\nContent-Type: applica
 
 
 def parse(raw: bytes, max_body: int = 100):
-    return shadow.read_request(io.BytesIO(raw), max_body)
+    return shadow_tee.read_request(io.BytesIO(raw), max_body)
 
 
 def test_the_tee_reads_one_strictly_framed_prediction():
     req = parse(HEAD + b"Authorization: Bearer k\r\nX-Other: y\r\nContent-Length: 3\r\n\r\nabc")
-    assert req == shadow.Prediction("application/octet-stream", "Bearer k", b"abc")  # X-Other: not kept
+    assert req == shadow_tee.Prediction("application/octet-stream", "Bearer k", b"abc")  # X-Other: not kept
 
 
 def test_the_tee_takes_what_the_door_passes_and_reads_only_its_own_headers():
@@ -41,7 +41,7 @@ def test_the_tee_takes_what_the_door_passes_and_reads_only_its_own_headers():
     others += b"".join(b"X-H%d: v\r\n" % i for i in range(70))
     binary = b"Inference-Header-Content-Length: 2\r\n"
     req = parse(HEAD + others + binary + b"Authorization: Bearer k\r\nContent-Length: 3\r\n\r\nabc")
-    assert req == shadow.Prediction("application/octet-stream", "Bearer k", b"abc", "2")
+    assert req == shadow_tee.Prediction("application/octet-stream", "Bearer k", b"abc", "2")
     for bad in (b"Authorization: a\r\nAuthorization: b\r\n", b"Inference-Header-Content-Length: -1\r\n"):
         with pytest.raises(Refusal) as e:
             parse(HEAD + bad + b"Content-Length: 3\r\n\r\nabc")
@@ -51,9 +51,9 @@ def test_the_tee_takes_what_the_door_passes_and_reads_only_its_own_headers():
 def test_only_label_maps_are_compared():
     """Review: the first key of a KServe v1/v2 answer ("predictions", "id") is the same for any two versions,
     and two answers that are no object both gave None: either counted as agreement."""
-    assert shadow.top1(200, b'{"3": 0.9, "8": 0.1}') == "3"
-    assert shadow.top1(200, b'{"predictions": [{"3": 0.9}]}') is None
-    assert shadow.top1(200, b'[{"3": 0.9}]') is None
+    assert shadow_tee.top1(200, b'{"3": 0.9, "8": 0.1}') == "3"
+    assert shadow_tee.top1(200, b'{"predictions": [{"3": 0.9}]}') is None
+    assert shadow_tee.top1(200, b'[{"3": 0.9}]') is None
     pairs = [
         {"default_top1": None, "candidate_top1": None, "default_ms": 1.0, "candidate_ms": 1.0,
          "candidate_status": 200},
@@ -103,7 +103,7 @@ def operations(raw: bytes) -> int:
 
     sys.setprofile(count)
     try:
-        shadow.read_request(Counted(raw), 100)
+        shadow_tee.read_request(Counted(raw), 100)
     finally:
         sys.setprofile(None)
     return events[0] + read[0]
@@ -135,7 +135,7 @@ def test_no_other_local_user_can_take_the_tees_name(tmp_path):
     it and receive the users' keys. The tee's Unix socket lies in a folder only its owner writes; `nobody`
     can neither bind the name while the tee is gone nor replace the folder's socket."""
     path = str(tmp_path / "door" / "tee.sock")
-    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5, path)
+    tee = shadow_tee.Tee(free_port(), "my_model", "2.0", 100, 5, path)
     tee.server.server_close()  # gone, as after -9: the socket file stays, nothing listens
     os.chmod(tmp_path, 0o711)  # nobody may reach the folder, as HAProxy's user does
     folder = os.stat(os.path.dirname(path))
@@ -159,19 +159,19 @@ def test_shadow_goes_alone_on_the_command_line(other, capsys):
 
 
 def test_copies_past_the_queue_are_dropped_and_counted(tmp_path):
-    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5, str(tmp_path / "tee" / "tee.sock"))
+    tee = shadow_tee.Tee(free_port(), "my_model", "2.0", 100, 5, str(tmp_path / "tee" / "tee.sock"))
     # not started: nothing takes copies out
     try:
-        for _ in range(shadow.QUEUE + 3):
-            tee.mirror(shadow.Prediction(None, None, b"x"), "3", 1.0)
+        for _ in range(shadow_tee.QUEUE + 3):
+            tee.mirror(shadow_tee.Prediction(None, None, b"x"), "3", 1.0)
     finally:
         tee.server.server_close()
-    assert tee.dropped == 3 and tee.copies.qsize() == shadow.QUEUE
+    assert tee.dropped == 3 and tee.copies.qsize() == shadow_tee.QUEUE
 
 
 def test_a_tee_that_cannot_reach_torchserve_answers_502_json(tmp_path):
     path = str(tmp_path / "tee" / "tee.sock")
-    tee = shadow.Tee(free_port(), "my_model", "2.0", 100, 5, path).start()  # nothing listens on the backend
+    tee = shadow_tee.Tee(free_port(), "my_model", "2.0", 100, 5, path).start()  # no backend
     try:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
@@ -243,7 +243,7 @@ def test_a_tee_that_is_gone_leaves_every_request_on_the_default(server, door, bo
     each refused connection on the default, and every user answer is still 200."""
     set_default(server, "my_model", "1.0", reason="test: 1.0 is the default")
     refused = redispatched(door)
-    shadow.listen(door.tee_socket).server_close()
+    shadow_tee.listen(door.tee_socket).server_close()
     shadow.open_split(door, "my_model", "1.0", 50)
     try:
         with Load(door, server, bodies) as load:

@@ -353,6 +353,27 @@ def test_loadgen_check_catches_every_wrong_answer():
     assert [name for name, (resp, expected) in wrong.items() if check(resp, expected)] == []
 
 
+def test_loadgen_check_reads_kserve_answers_and_catches_their_wrong_ones():
+    from bench.loadgen import check
+
+    def v2(label, name="predictions"):
+        data = [json.dumps({label: 0.9, "0": 0.1})]
+        return answer(
+            200, json.dumps({"outputs": [{"name": name, "datatype": "BYTES", "data": data}]}).encode()
+        )
+
+    assert check(v2("3"), "3") and check(answer(200, b'{"predictions": [{"3": 0.9}]}'), "3")
+    wrong = {
+        "v2 other label": v2("5"),
+        "v2 error output": v2("3", name="error"),
+        "v2 no outputs": answer(200, b'{"outputs": []}'),
+        "v2 data not JSON": answer(200, b'{"outputs": [{"name": "predictions", "data": ["x"]}]}'),
+        "v1 other label": answer(200, b'{"predictions": [{"5": 0.9, "3": 0.1}]}'),
+        "v1 empty": answer(200, b'{"predictions": []}'),
+    }
+    assert [name for name, resp in wrong.items() if check(resp, "3")] == []
+
+
 def test_loadgen_run_counts_unparsable_answers_as_wrong():
     """run() against a tiny loopback server: an answer the judge cannot parse is a wrong answer, not a
     pass."""
