@@ -18,7 +18,13 @@ GRPC_MAXCONN = 32  # calls inside the proxy at once: its own cap (oip_grpc.serve
 # headers the door deletes before the proxy: who the client says it is or came through (HAProxy 2.6 cannot
 # delete all but a list; deploy/oip_grpc.py passes only `authorization` on to TorchServe)
 UNVALIDATED = (
-    *("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "via", "cookie"),
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+    "cookie",
 )
 # gRPC status codes of the door's own answers
 UNIMPLEMENTED, PERMISSION_DENIED, INVALID_ARGUMENT, UNAVAILABLE = 12, 7, 3, 14
@@ -123,16 +129,15 @@ class OipConfig(HaproxyConfig):
         return rules
 
     def grpc_reissue(self) -> list[str]:
-        """The body held whole (a slow sender gets 408 and never reaches the proxy), then a request HAProxy
-        rebuilds with only the headers gRPC needs and the client's key: every other header is deleted."""
+        """The body held whole (a slow sender gets 408 and never reaches the proxy), then the request HAProxy
+        rebuilds for the proxy: content-type and te set anew, the UNVALIDATED headers deleted, the client's
+        one authorization value kept."""
         down = grpc_reply(UNAVAILABLE, "the OIP gRPC proxy is not answering")
         return [
             f"http-request wait-for-body time {self.body_timeout}s",
-            "http-request set-var(txn.key) req.fhdr(authorization) if { req.fhdr_cnt(authorization) eq 1 }",
             *(f"http-request del-header {name}" for name in UNVALIDATED),
             "http-request set-header content-type application/grpc",
             "http-request set-header te trailers",
-            "http-request set-header authorization %[var(txn.key)] if { var(txn.key) -m found }",
             f"http-request return {down} if {{ nbsrv(oip_grpc) eq 0 }}",
             "default_backend oip_grpc",
         ]
