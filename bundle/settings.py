@@ -33,8 +33,10 @@ MODEL_NAME = "my_model"
 # is code, and a registered model must never run as root.
 SERVICE_USER = "torchserve"
 FRONT_DOOR_PORT = (
-    8443  # the HTTPS front door (deploy/frontdoor.py): the one port that listens beyond loopback
+    8443  # the HTTPS front door (deploy/frontdoor.py): with the next, the ports that listen beyond loopback
 )
+# the front door's gRPC listener (TLS, HTTP/2: KServe v2 gRPC), only when the OIP gRPC proxy is on
+FRONT_DOOR_GRPC_PORT = 7443
 
 
 GUARD_KEY = "guarded_management_address"  # in a generated config: where the management guard listens

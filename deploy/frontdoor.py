@@ -38,7 +38,8 @@ import psutil
 
 from bundle import settings
 from deploy import process
-from deploy.haproxy_config import CANARY_MAP, HaproxyConfig
+from deploy.haproxy_config import CANARY_MAP
+from deploy.haproxy_oip import OipConfig
 from deploy.mar import read_bundle, read_manifest
 from deploy.privileges import private_files
 from model_src.oip import metadata_text, model_metadata
@@ -51,9 +52,9 @@ def local_names() -> list[str]:
 
 
 @dataclass
-class FrontDoor(HaproxyConfig):
+class FrontDoor(OipConfig):
     """HAProxy before TorchServe's inference port: its certificates, files and process (the settings and
-    the configuration they render: HaproxyConfig)."""
+    the configuration they render: HaproxyConfig, OipConfig)."""
 
     names: list[str] = field(default_factory=local_names)  # the generated certificate's subjectAltName
 
@@ -190,6 +191,8 @@ def for_server(ts, **kw) -> FrontDoor:
     max_body = int(props.get("max_request_size", 6553500))
     server_timeout = int(props.get("default_response_timeout", 120)) + 30
     kw.setdefault("models", oip_models(ts.model_store))
+    # the gRPC listener: only with the OIP gRPC proxy
+    kw.setdefault("grpc_backend", ts.ports.oip_grpc if ts.oip_grpc else 0)
     return FrontDoor(backend=ts.ports.inference, max_body=max_body, server_timeout=server_timeout, **kw)
 
 
@@ -231,6 +234,9 @@ def print_status(door: FrontDoor):
         f"  TLS CA {rel}; at most {door.maxconn} requests in TorchServe, {door.queue} queued (then 503); "
         f"explanations: {door.explain_maxconn} at once, {door.explain_queue} queued"
     )
+    if door.grpc_backend:
+        grpc = f"{door.bind}:{door.grpc_port} (TLS, HTTP/2) -> 127.0.0.1:{door.grpc_backend}"
+        print(f"  KServe v2 gRPC: {grpc}")
     print(f"  access log {os.path.relpath(door.log)}")
     url = f"{door.url()}/predictions/{settings.MODEL_NAME}"
     print(f"  try: scripts/serve.sh header | curl -H @- --cacert {rel} -T IMAGE {url}")

@@ -310,18 +310,8 @@ def launch(ts):
 
 def processes(ts) -> tuple[list[psutil.Process], list[psutil.Process]]:
     """(supervisors, guards) of `ts`: processes of the server's user whose command line runs that module for
-    this server's management socket. Found by what they are, not through a pid file: a pid file can name
-    anyone's process, and root signals only these."""
-    supervisors, guards = [], []
-    for proc in psutil.process_iter(["cmdline", "uids"]):
-        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
-        if uids is None or uids.real != ts.uid or ts.management_socket not in cmd:
-            continue
-        if cmd[1:3] == ["-m", "deploy.supervise"]:
-            supervisors.append(proc)
-        elif cmd[1:3] == ["-m", "deploy.guard"]:
-            guards.append(proc)
-    return supervisors, guards
+    this server's management socket (process.supervised)."""
+    return process.supervised(ts.uid, ts.management_socket, "deploy.guard")
 
 
 def state(ts) -> str:
@@ -342,15 +332,7 @@ def state(ts) -> str:
 def stop(ts, timeout: float = 5) -> bool:
     """Stop the guard of `ts` and its supervisor: SIGTERM, then SIGKILL for whatever is still there after
     `timeout` seconds (a frozen guard still holds the port). False when none ran."""
-    supervisors, guards = processes(ts)
-    procs = supervisors + guards  # the supervisor first, so that it does not restart the guard
-    for _ in range(3):  # a supervisor that restarted its guard just before it heard SIGTERM: once more
-        process.terminate(procs, timeout, timeout)
-        left = processes(ts)
-        if not left[0] + left[1]:
-            break
-        procs = left[0] + left[1]
-    return bool(supervisors or guards)
+    return process.stop_supervised(lambda: processes(ts), timeout)
 
 
 def follow(pid: int, server):

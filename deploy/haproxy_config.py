@@ -1,8 +1,8 @@
 """The front door's haproxy.cfg (deploy/frontdoor.py runs it): the settings HAProxy is told and the sections
-they render (global, defaults, the public frontend, one backend per lane, the KServe v2 routes, the canary).
+they render (global, defaults, the public frontend, one backend per lane, the canary); the KServe v2 routes
+and the gRPC listener are deploy/haproxy_oip.py's.
 """
 
-import json
 import os
 import pwd
 import secrets
@@ -97,8 +97,6 @@ class HaproxyConfig:
     bulk_maxconn: int = 4  # requests whose body is larger than `buffer`, inside TorchServe at once
     bulk_queue: int = 64
     cert: str | None = None  # a real certificate instead of the generated one
-    # KServe v2 metadata per model name (oip_models): the v2 routes
-    models: dict = field(default_factory=dict)
     metrics_port: int = (
         0  # HAProxy's Prometheus exporter on 127.0.0.1:PORT/metrics (0: off); a canary reads it
     )
@@ -161,8 +159,9 @@ class HaproxyConfig:
     ssl-default-bind-ciphers {TLS12_CIPHERS}
 {drop}"""  # noqa: E501 (the generated config's own lines: wrapping them would change it)
 
-    def defaults_section(self) -> str:
-        """Mode, access log format, the timeouts of each phase and HAProxy's own errors as JSON."""
+    def defaults_section(self, forwardfor: bool = True) -> str:
+        """Mode, access log format, the timeouts of each phase and HAProxy's own errors as JSON; the client's
+        address in X-Forwarded-For unless `forwardfor` is False (HAProxy cannot turn it off per section)."""
         overloaded = f"overloaded, retry after {self.retry_after} s"
         late = f"request not received within {self.request_timeout} s (head) or {self.body_timeout} s (body)"
         silent = f"no answer from TorchServe within {self.server_timeout} s"
@@ -170,7 +169,7 @@ class HaproxyConfig:
     mode http
     log global
     log-format "{LOG_FORMAT}"
-    option forwardfor
+{"    option forwardfor" if forwardfor else "    # no X-Forwarded-For"}
     option http-keep-alive
     # a client that gave up (closed) loses its place in the queue: TorchServe never computes unread answers
     option abortonclose
@@ -201,6 +200,10 @@ class HaproxyConfig:
             *self.lane_choice(),
         ]
         return "frontend public\n" + "".join(f"    {rule}\n" for rule in rules)
+
+    def oip_rules(self) -> list[str]:
+        """The public frontend's KServe v2 routes: none here (deploy/haproxy_oip.py's OipConfig adds them)."""
+        return []
 
     def connection_rules(self) -> list[str]:
         """TLS on the public address, the cap on connections in all and per client address."""
@@ -314,42 +317,6 @@ class HaproxyConfig:
             f"server torchserve 127.0.0.1:{self.backend} maxconn {maxconn} {check}",
         ]
         return f"backend {name}\n" + "".join(f"    {rule}\n" for rule in rules)
-
-    # --- KServe v2 / Open Inference Protocol: what TorchServe 0.12 does not answer (docs/kserve.md) ---------
-    def oip_rules(self) -> list[str]:
-        """Model metadata and readiness, and the versioned infer/explain routes, for each model in
-        self.models. Each becomes a request TorchServe answers with the client's own key (metadata and
-        readiness: GET /ping, whose 200 the door then replaces with the model's answer), so a wrong key gets
-        TorchServe's refusal on every v2 path. Paths are matched whole as strings (no regular expression); any
-        other spelling reaches TorchServe unchanged and gets its 404."""
-        rules = []
-        for name, meta in self.models.items():
-            base = f"/v2/models/{name}"
-            versioned = [f"{base}/versions/{v}" for v in meta["versions"]]
-            rules += [
-                f"http-request set-var(txn.oip) str(meta-{name}) if METH_GET "
-                f"{{ path -m str {base} {' '.join(versioned)} }}",
-                f"http-request set-var(txn.oip) str(ready-{name}) if METH_GET "
-                f"{{ path -m str {base}/ready {' '.join(p + '/ready' for p in versioned)} }}",
-            ]
-            for version, path in zip(meta["versions"], versioned):
-                rules += [
-                    f"http-request set-path /predictions/{name}/{version} if {{ path -m str {path}/infer }}",
-                    f"http-request set-path /explanations/{name}/{version} if {{ path -m str "
-                    f"{path}/explain }}",
-                ]
-            ready = haproxy_quote(json.dumps({"name": name, "ready": True}))
-            rules += [
-                f"http-response return status 200 content-type application/json file {self.oip_file(name)} "
-                f"if {{ var(txn.oip) -m str meta-{name} }} {{ status 200 }}",
-                f"http-response return status 200 content-type application/json string {ready} "
-                f"if {{ var(txn.oip) -m str ready-{name} }} {{ status 200 }}",
-            ]
-        return [*rules, "http-request set-path /ping if { var(txn.oip) -m found }"] if rules else []
-
-    def oip_file(self, name: str) -> str:
-        """The path of model `name`'s KServe v2 metadata file (FrontDoor.write_oip writes it)."""
-        return self.path(f"oip-{name}.json")
 
     # --- canary (deploy/canary.py drives it live through the admin socket) ---------------------------------
     def canary_sections(self) -> str:

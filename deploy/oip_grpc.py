@@ -29,10 +29,11 @@ from tritonclient.grpc import service_pb2 as pb
 
 from deploy.frontdoor import SAFE_NAME
 from deploy.guard import follow
+from deploy.haproxy_oip import GRPC_METHODS, GRPC_SERVICE
 from model_src.image_checks import InputError
 from model_src.oip import elements, pack
 
-SERVICE = "inference.GRPCInferenceService"  # what stock clients call
+SERVICE = GRPC_SERVICE  # what stock clients call
 TORCHSERVE = "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/"  # what TorchServe 0.12 registers
 MAX_KEY = 512  # characters of an authorization value
 UPSTREAM_TIMEOUT = 60.0  # s: TorchServe's responseTimeout (30 s) with room for a queue
@@ -42,14 +43,8 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-RPCS = {  # name: (request, response)
-    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
-}
+# name: (request, response) of each method the proxy serves (the door lets only these through)
+RPCS = {name: (getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response")) for name in GRPC_METHODS}
 
 
 class Refused(Exception):

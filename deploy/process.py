@@ -72,6 +72,39 @@ def reap(procs: Iterable[psutil.Process], timeout: float, kill_timeout: float = 
     return psutil.wait_procs(alive, timeout=kill_timeout)[1]
 
 
+def supervised(uid: int, marker: str, module: str) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """(supervisors, helpers): processes of `uid` whose command line holds `marker` and runs
+    deploy/supervise.py or `module` (python -m). Found by what they are, not through a pid file: a pid file
+    can name anyone's process, and root signals only these."""
+    supervisors, helpers = [], []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
+        if uids is None or uids.real != uid or marker not in cmd:
+            continue
+        if cmd[1:3] == ["-m", "deploy.supervise"]:
+            supervisors.append(proc)
+        elif cmd[1:3] == ["-m", module]:
+            helpers.append(proc)
+    return supervisors, helpers
+
+
+def stop_supervised(
+    find: Callable[[], tuple[list[psutil.Process], list[psutil.Process]]], timeout: float
+) -> bool:
+    """Stop a helper run under deploy/supervise.py: `find` gives (supervisors, helpers); each is sent SIGTERM
+    (supervisors first, so that none restarts its helper), then SIGKILL after `timeout` s, up to three rounds
+    (a supervisor may have restarted its helper just before it heard SIGTERM). False when none ran."""
+    supervisors, helpers = find()
+    procs = supervisors + helpers
+    for _ in range(3):
+        terminate(procs, timeout, timeout)
+        left = find()
+        if not left[0] + left[1]:
+            break
+        procs = left[0] + left[1]
+    return bool(supervisors or helpers)
+
+
 def signal_each(procs: Iterable[psutil.Process], send: Callable[[psutil.Process], None]):
     """Call `send` (psutil.Process.terminate or .kill) on each process, skipping those already gone."""
     for proc in procs:

@@ -47,13 +47,12 @@ from dataclasses import dataclass, field
 
 import psutil
 import requests
-import yaml
 
 from bundle import settings
 from bundle.properties import format_properties, parse_properties, read_properties
 from bundle.settings import GUARD_KEY, OIP_GRPC_KEY, Ports
 from bundle.settings import ports as ports_from_config
-from deploy import firewall, frontdoor, guard, management, process
+from deploy import firewall, guard, management, oip_grpc_launch, process
 from deploy.errors import ServerError
 from deploy.privileges import (
     ids,
@@ -264,7 +263,7 @@ class TorchServe(KeyedApi, ServerHome):
             if self.guard:
                 self.launch_guard()
             if self.oip_grpc:
-                self.launch_oip_grpc()
+                oip_grpc_launch.launch(self)
             self.wait_ready(timeout)
         except BaseException:  # not ready, Ctrl-C...: leave nothing running (a later start would refuse)
             self.stop()
@@ -323,58 +322,6 @@ class TorchServe(KeyedApi, ServerHome):
         (ts_open_inference_protocol=true)."""
         return str(self.config().get("ts_open_inference_protocol", "")).lower() == "true"
 
-    oip_models_file = property(lambda self: self.path("run", "oip_models.json"))  # the archives' v2 metadata
-
-    def launch_oip_grpc(self):
-        """Start deploy/oip_grpc.py, detached, as the server's user, on ports.oip_grpc (TorchServe's gRPC
-        inference host), and wait until it listens; ServerError when it does not within 30 s."""
-        props = self.config()
-        host = props.get("grpc_inference_address", "127.0.0.1")
-        mode, group = (0o640, ids(self.user)[1]) if self.user else (0o600, -1)
-        models = json.dumps(frontdoor.oip_models(self.model_store)).encode()
-        write_new(self.oip_models_file, models, mode, group)
-        cmd = [sys.executable, "-m", "deploy.oip_grpc", "--listen", f"{host}:{self.ports.oip_grpc}"]
-        cmd += ["--upstream", f"{host}:{self.ports.grpc_inference}", "--models", self.oip_models_file]
-        with open(settings.MODEL_CONFIG) as f:  # the handler's images per request, as archives ship it
-            max_images = yaml.safe_load(f)["handler"]["max_images_per_request"]
-        cmd += ["--max-message", props.get("max_request_size", "6553500"), "--max-elements", str(max_images)]
-        cmd += ["--watch-pid", str(self.pid() or 0)]
-        self.detach(cmd, "oip_grpc.log")
-        listening = lambda: self.oip_grpc_processes() != [] and frontdoor.listening(host, self.ports.oip_grpc)
-        process.wait_until(
-            listening, 30, "OIP gRPC proxy", hint=f"see {self.log_dir}/oip_grpc.log", error=ServerError
-        )
-
-    def detach(self, cmd: list[str], log: str, pass_fds: tuple[int, ...] = ()):
-        """Start `cmd` (a helper of this server: the guard's supervisor, the OIP gRPC proxy) from the bundle's
-        root as the server's user, in a session of its own, so it outlives this command like TorchServe; its
-        output goes to logs/`log`, which the child opens as that user."""
-        subprocess.Popen(
-            logged(cmd, os.path.join(self.log_dir, log)),
-            cwd=settings.ROOT,
-            env=self.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            pass_fds=pass_fds,
-            **self.as_user(),
-        )
-
-    def oip_grpc_processes(self) -> list[psutil.Process]:
-        """This server's deploy/oip_grpc.py processes (its user's, naming this server's models file)."""
-        found = []
-        for proc in psutil.process_iter(["cmdline", "uids"]):
-            cmd, uids = proc.info["cmdline"] or [], proc.info["uids"]
-            if (
-                uids
-                and uids.real == self.uid
-                and cmd[1:3] == ["-m", "deploy.oip_grpc"]
-                and self.oip_models_file in cmd
-            ):
-                found.append(proc)
-        return found
-
     def check_ports_free(self):
         """ServerError when something already accepts connections on one of the server's ports on
         127.0.0.1 (the OIP gRPC port only when it is used)."""
@@ -415,7 +362,7 @@ class TorchServe(KeyedApi, ServerHome):
         if self.uid != ids(self.user)[0]:
             self.user = None if self.uid == os.geteuid() else pwd.getpwuid(self.uid).pw_name
         guard.stop(self)
-        process.terminate(self.oip_grpc_processes(), 5, 5)
+        oip_grpc_launch.stop(self)
         procs = self.processes()
         if procs:
             # As the server's user: its pid file names the process to stop, and the kernel bounds what it can.

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from bundle import settings
 from deploy.errors import ServerError
-from deploy.privileges import as_user, ids, open_below, own_dir, unreachable, write_new
+from deploy.privileges import as_user, ids, logged, open_below, own_dir, unreachable, write_new
 
 LEGACY = ("logs", "tmp", "key_file.json")  # what an earlier version kept at the top of the server's folder
 
@@ -45,6 +45,9 @@ class Server(Protocol):
 
     def as_user(self) -> dict:
         """subprocess arguments that run a child as the server's user."""
+
+    def env(self) -> dict:
+        """The environment TorchServe and its helpers run with."""
 
     def prepare_run_dir(self) -> None:
         """Make the server's folder and its run/ root's."""
@@ -153,3 +156,19 @@ class ServerHome:
         """subprocess arguments that run a child as the server's user (as the caller when `user` is None),
         without root's groups, under umask 077."""
         return as_user(self.user)
+
+    def detach(self: Server, cmd: list[str], log: str, pass_fds: tuple[int, ...] = ()):
+        """Start `cmd` (a helper of this server: the guard's supervisor, the OIP gRPC proxy) from the bundle's
+        root as the server's user, in a session of its own, so it outlives this command like TorchServe; its
+        output goes to logs/`log`, which the child opens as that user."""
+        subprocess.Popen(
+            logged(cmd, os.path.join(self.log_dir, log)),
+            cwd=settings.ROOT,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=pass_fds,
+            **self.as_user(),
+        )

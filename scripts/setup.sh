@@ -153,9 +153,10 @@ ACT
 
 # pip's find-links on this kind of machine prints one harmless warning per package; keep the log readable.
 # pip's own exit status decides (a pipe into grep would hide it): no stamp, so the next run tries again.
-pip_install() {
-  local log=$VENV/pip-install.log
-  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$1" >"$log" 2>&1; then
+pip_install() {  # pip_install REQUIREMENTS [VENV]
+  local venv=${2:-$VENV}
+  local log=$venv/pip-install.log
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check -q -r "$1" >"$log" 2>&1; then
     grep -v "is ignored: it is neither a file nor a directory" "$log" >&2 || true
     echo "setup: pip install failed (-r $1; full log: $log); fix the cause above and run scripts/setup.sh again" >&2
     exit 1
@@ -177,12 +178,29 @@ install_mobile() {
   echo "$want_mobile" > "$MOBILE_STAMP"
 }
 
+# KServe's own client, for tests/test_kserve_client.py only, lives in a venv of its own: kserve pins psutil,
+# pandas and python-dateutil below .venv's and pulls in ~40 server packages (requirements-kserve.txt). About
+# a minute the first time; its own stamp, so an unchanged requirements-kserve.txt takes no time.
+install_kserve_client() {
+  local venv=.venv-kserve want_kserve
+  want_kserve=$(sha256sum requirements-kserve.txt | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_kserve" ]; then
+    echo "setup: $venv (KServe's client, requirements-kserve.txt) is up to date"
+    return 0
+  fi
+  echo "setup: installing requirements-kserve.txt into $venv (KServe's client for the tests; about a minute)"
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  pip_install requirements-kserve.txt "$venv"
+  echo "$want_kserve" > "$venv/.requirements.sha256"
+}
+
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   literal_config
   echo "setup: .venv is up to date with requirements.txt"
   install_mobile
+  install_kserve_client
   exit 0
 fi
 
@@ -200,3 +218,4 @@ literal_config
 echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)'))"
 install_mobile
+install_kserve_client

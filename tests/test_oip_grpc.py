@@ -65,6 +65,11 @@ def test_stock_grpc_client_health_metadata_and_infer(server, client, key, png):
 @pytest.mark.slow
 @pytest.mark.torchserve
 def test_stock_grpc_client_bad_body_is_an_error_and_the_worker_survives(server, client, key, png):
+    check_bad_body(server, client, key, png)
+
+
+def check_bad_body(server, client, key, png):
+    """A bad image: INVALID_ARGUMENT with the handler's message; the worker lives on and answers next."""
     pid = worker_pid(server)
     with pytest.raises(InferenceServerException) as e:
         client.infer("my_model", [image_input(b"not an image at all")], headers=key)

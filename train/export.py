@@ -7,13 +7,15 @@ model.pt, model.torchscript.pt, model.onnx, model.int8.pt; on request (--formats
 formats model.ptl and model.pte, with the phone's preprocessing.json, train/mobile.py) and bundle.json, the
 bundle manifest (model_src/manifest.py): the checkpoint's manifest plus the files written and their checks.
 Every file is compared with the eager model on the same real validation batch (class-balanced, at most --batch
-images); a backend of reduced precision (int8) passes a precision gate on the whole validation split instead.
-If any check fails, nothing is written.
+images); a backend of reduced precision (int8, bf16) passes the precision gate of train/precision.py instead:
+400 random crops of the validation images and the whole labelled split. If any check fails, nothing is
+written.
 """
 
 import argparse
 import collections
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -28,14 +30,12 @@ from model_src.manifest import Manifest
 from model_src.net import fuse_for_export, load_model
 from model_src.preprocessing import Preprocessing
 from train import data as datalib
-from train import mobile
+from train import mobile, precision
 
 # the default: what TorchServe loads
 SERVER_FORMATS = tuple(n for n, b in backends.served().items() if b.default)
 FORMATS = tuple(backends.all_backends())
 TOLERANCE = 1e-4  # max |p_export - p_eager| over the batch
-MIN_AGREEMENT = 0.99  # the precision gate of a backend that is not exact (int8): top-1 agreement with float
-MAX_ACC_DROP = 0.005  # ... and accuracy lost
 
 
 class ExportCheckError(RuntimeError):
@@ -107,41 +107,46 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return diff
 
 
-@torch.inference_mode()  # the float reference is the eager model: no autograd graph
-def check_precision(name: str, pred_low, pred_float, loader) -> dict:
-    """Top-1 agreement and accuracy of a reduced-precision backend vs float over every image of `loader`."""
-    q, f, labels = [], [], []
-    for images, targets in loader:
-        q.append(pred_low(images).argmax(1))
-        f.append(pred_float(images).argmax(1))
-        labels.append(targets)
-    q, f, labels = torch.cat(q), torch.cat(f), torch.cat(labels)
-    report = {
-        "agreement": (q == f).float().mean().item(),
-        "acc_float": (f == labels).float().mean().item(),
-        "acc_low": (q == labels).float().mean().item(),
-        "images": len(labels),
-    }
-    report["acc_drop"] = report["acc_float"] - report["acc_low"]
-    if report["agreement"] < MIN_AGREEMENT or report["acc_drop"] > MAX_ACC_DROP:
-        raise ExportCheckError(
-            f"{name}: agreement {report['agreement']:.4f} (need ≥ {MIN_AGREEMENT}), "
-            f"accuracy drop {report['acc_drop'] * 100:.2f} points (max {MAX_ACC_DROP * 100})"
-        )
-    return report
+class GateInput:
+    """What the precision gate judges a reduced-precision backend on, made once per export and only if one
+    is asked for: random crops of the validation images, and the labelled split."""
+
+    def __init__(self, val: datalib.CachedImages, prep: Preprocessing):
+        self.val, self.prep = val, prep
+
+    @functools.cached_property
+    def crops(self) -> torch.Tensor:
+        """precision.MIN_CROPS random crops of the validation images, through the eval preprocessing."""
+        images = [self.prep.decode(read(path)) for path, _ in self.val.folder.samples]
+        return precision.random_crops(images, self.prep)
+
+    @functools.cached_property
+    def labelled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every validation image (as the handler prepares it) and its label."""
+        return torch.stack([x for x, _ in self.val]), torch.tensor(self.val.targets)
 
 
-def check_backend(backend: Backend, pred, model, example, eager_logits, val, batch: int) -> dict:
+def read(path: str) -> bytes:
+    """The bytes of an image file."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def check_backend(backend: Backend, pred, model, example, eager_logits, gate: GateInput) -> dict:
     """The export check of one written file: exact backends match eager on the check batch (and at batch 1);
-    the others pass the precision gate on the whole validation split."""
+    the others pass the precision gate (train/precision.py) on `gate`'s crops and labelled split."""
     if backend.exact:
         return {
             "max_diff": check_close(backend.name, pred(example), eager_logits),
             "max_diff_batch1": check_close(f"{backend.name} (batch 1)", pred(example[:1]), eager_logits[:1]),
         }
-    entry = check_precision(backend.name, pred, model, DataLoader(val, batch_size=batch))
-    entry["max_diff"] = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
-    return entry
+    try:
+        result = precision.require(backend.name, model, pred, gate.crops, gate.prep, gate.labelled)
+    except precision.PrecisionError as e:
+        raise ExportCheckError(str(e)) from None
+    with torch.inference_mode():
+        max_diff = (probs(pred(example)) - probs(eager_logits)).abs().max().item()
+    return {**result.to_dict(), "max_diff": max_diff}
 
 
 def chosen(formats) -> list[Backend]:
@@ -172,6 +177,7 @@ def export_all(
     data_root = datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR)
     val = val_dataset(data_root, prep)
     example, _ = check_batch(val, batch)
+    gate = GateInput(val, prep)
     with torch.inference_mode():
         eager_logits = model(example)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
@@ -196,7 +202,7 @@ def export_all(
             seconds = time.perf_counter() - start
             pred = backend.load(path, "cpu", None)
             entry = {"file": backend.file, "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
-            entry.update(check_backend(backend, pred, model, example, eager_logits, val, batch))
+            entry.update(check_backend(backend, pred, model, example, eager_logits, gate))
             report["formats"][backend.name] = entry
         manifest.files = {b.name: b.file for b in todo}
         manifest.checks = report
@@ -222,8 +228,10 @@ def print_report(report: dict, output_dir: str):
         )
         if "agreement" in e:
             line += (
-                f"  top-1 agreement {e['agreement'] * 100:.2f}% | acc {e['acc_low']:.4f} vs float "
-                f"{e['acc_float']:.4f} on {e['images']} images"
+                f"  precision gate: top-1 agreement {e['agreement']:.2%} (noise floor "
+                f"{e['noise_floor']:.2%}) on {e['crops']} crops, {e['confident_agreement']:.2%} of "
+                f"{e['confident']} confident; "
+                f"{e['wrong_candidate']}/{e['labelled']} wrong (fp32 {e['wrong_fp32']})"
             )
         print(line)
     print(f"wrote {output_dir}/")

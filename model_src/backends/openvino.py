@@ -6,9 +6,9 @@ The three are one module: BACKENDS names each variant (the registry reads BACKEN
                  work. On a CPU with neither, OpenVINO would emulate bf16 (slower than fp32): `available` says
                  so.
 - openvino-int8  post-training quantisation with NNCF, calibrated on the export job's training-split batches.
-bf16 and int8 are not exact: export checks them as it checks int8 (top-1 agreement and accuracy against
-eager on the validation split, train/export.py); bench/precisions.py reports the noise-floor gate of
-train/precision.py for each (docs/benchmarks.md).
+bf16 and int8 are not exact: export refuses them unless they pass the precision gate of train/precision.py
+(noise floor, confident crops, labelled split), as it does torch's int8; bench/precisions.py prints the
+gate's figures for each (docs/benchmarks.md).
 
 The file is a zip holding OpenVINO's own IR (model.xml + model.bin, stored uncompressed), so that a backend
 stays one file; loading reads both from memory. No gradients: explanations run on the eager weights shipped
