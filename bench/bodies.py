@@ -49,9 +49,11 @@ def kserve_bodies(image: bytes, model: str) -> list[Request]:
     binary = header + struct.pack("<I", len(image)) + image
     v1 = json.dumps({"instances": [{"data": base64.b64encode(image).decode()}]}).encode()
     return [
-        Request(as_json, v2, {"Content-Type": "application/json"}),
-        Request(binary, v2, {"Content-Type": "application/octet-stream", IHCL: str(len(header))}),
-        Request(v1, f"/v1/models/{model}:predict", {"Content-Type": "application/json"}),
+        Request(as_json, v2, {"Content-Type": "application/json"}, "v2", model),
+        Request(
+            binary, v2, {"Content-Type": "application/octet-stream", IHCL: str(len(header))}, "v2", model
+        ),
+        Request(v1, f"/v1/models/{model}:predict", {"Content-Type": "application/json"}, "v1"),
     ]
 
 
