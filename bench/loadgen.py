@@ -34,41 +34,70 @@ class LoadgenError(ValueError):
 @dataclass(frozen=True)
 class Request:
     """One request of a mix, for bodies that need more than the run's URL and headers: a path after the
-    URL (a KServe route), and headers of its own on top of the run's."""
+    URL (a KServe route), headers of its own on top of the run's, and the answer's form: "v2" (KServe v2,
+    with `model` named in it), "v1" (KServe v1) or None (the handler's own label map)."""
 
     body: bytes
     path: str = ""
     headers: dict = field(default_factory=dict)
+    form: str | None = None
+    model: str | None = None
 
 
-def label_map(body):
-    """The {label: probability} inside an answer: the handler's own, KServe v1's first prediction, or KServe
-    v2's first `predictions` element (a JSON string); None when the answer holds none."""
-    if isinstance(body, dict) and isinstance(body.get("predictions"), list) and body["predictions"]:
-        return body["predictions"][0]  # v1
-    if isinstance(body, dict) and isinstance(body.get("outputs"), list) and body["outputs"]:
-        out = body["outputs"][0]
-        if not isinstance(out, dict) or out.get("name") != "predictions" or not out.get("data"):
-            return None
-        try:
-            return json.loads(out["data"][0])
-        except (TypeError, ValueError):
-            return None
-    return body
+REFUSALS = (400, 413, 415)  # how the handler refuses a bad body; a 404 or 429 is no refusal of it
 
 
-def check(resp, expected) -> bool:
+def label_map(body, form: str | None = None, model: str | None = None):
+    """The {label: probability} inside an answer of `form`: the handler's own (None), KServe v1's first
+    prediction ("v1"), or KServe v2's first `predictions` element, a JSON string, of `model`'s answer ("v2");
+    None when the answer is not of that form or holds no label map of numbers."""
+    if not isinstance(body, dict):
+        return None
+    if form == "v1":
+        body = (
+            body["predictions"][0]
+            if isinstance(body.get("predictions"), list) and body["predictions"]
+            else None
+        )
+    elif form == "v2":
+        body = v2_predictions(body, model)
+    elif "predictions" in body or "outputs" in body:  # a KServe answer where the handler's own was due
+        return None
+    numbers = isinstance(body, dict) and body and all(is_number(p) for p in body.values())
+    return body if numbers else None
+
+
+def v2_predictions(body: dict, model: str | None):
+    """The first element of a v2 answer's `predictions` output, parsed; None when there is none."""
+    outputs = body.get("outputs")
+    if body.get("model_name") != model or not isinstance(outputs, list) or not outputs:
+        return None
+    out = outputs[0]
+    if not isinstance(out, dict) or out.get("name") != "predictions" or not out.get("data"):
+        return None
+    try:
+        return json.loads(out["data"][0])
+    except (TypeError, ValueError):
+        return None
+
+
+def is_number(value) -> bool:
+    """A probability's type: int or float, not bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check(resp, expected, form: str | None = None, model: str | None = None) -> bool:
     """Whether an answer is right. expected: the top-1 label, or None for a bad body, which must be refused
-    with a 4xx and a JSON message. A 5xx is not judged here (run() counts it under errors); an answer that
-    does not parse as the expected JSON is wrong, never right."""
+    (REFUSALS) with a JSON message. form, model: the answer's form (label_map). A 5xx is not judged here
+    (run() counts it under errors); an answer that does not parse as the expected JSON is wrong, never
+    right."""
     body = parsed(resp)
     if expected is None:
-        return 400 <= resp.status_code < 500 and isinstance(body, dict) and "message" in body
+        return resp.status_code in REFUSALS and isinstance(body, dict) and "message" in body
     if resp.status_code >= 500:
         return True
-    answer = label_map(body)
-    ok = resp.status_code == 200 and isinstance(answer, dict) and bool(answer)
-    return ok and top1(answer) == expected
+    answer = label_map(body, form, model)
+    return resp.status_code == 200 and answer is not None and top1(answer) == expected
 
 
 def parsed(resp):
@@ -115,7 +144,7 @@ def run(url, bodies, concurrency, total, headers=None, expect=None, timeout=60, 
                 code = resp.status_code
                 if code >= 500 and not first_error:
                     first_error.append(resp.text[:300])
-                ok_label = expect is None or check(resp, expect[i % len(bodies)])
+                ok_label = expect is None or check(resp, expect[i % len(bodies)], req.form, req.model)
             dt = (time.perf_counter() - t0) * 1000
             with lock:
                 latencies.append(dt)

@@ -15,6 +15,10 @@ GRPC_SERVICE = "inference.GRPCInferenceService"
 GRPC_METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer")
 GRPC_TYPES = ("application/grpc", "application/grpc+proto")  # the media types of gRPC's protobuf messages
 GRPC_MAXCONN = 32  # calls inside the proxy at once: its own cap (oip_grpc.serve's maximum_concurrent_rpcs)
+# calls at once from one client address, over all its connections and HTTP/2 streams: per_source counts
+# connections, and one HTTP/2 connection carries many calls, so one address could fill the proxy's slots and
+# the queue (review); with this, filling the 32 slots takes 4 addresses
+GRPC_PER_SOURCE = 8
 # headers the door deletes before the proxy: who the client says it is or came through (HAProxy 2.6 cannot
 # delete all but a list; deploy/oip_grpc.py passes only `authorization` on to TorchServe)
 UNVALIDATED = (
@@ -97,6 +101,8 @@ class OipConfig(HaproxyConfig):
         full = grpc_reply(UNAVAILABLE, f"overloaded, retry after {self.retry_after} s")
         server = f"127.0.0.1:{self.grpc_backend} proto h2 maxconn {GRPC_MAXCONN} check inter 2s"
         backend = [
+            "backend oip_grpc_calls",  # who has how many calls in flight (sc1_trackers), nothing stored
+            "    stick-table type ip size 100k expire 60s",
             "backend oip_grpc",
             f"    http-request return {full} if {{ queue(oip_grpc) ge {self.queue} }}",
             f"    server oip_grpc {server}",
@@ -119,13 +125,19 @@ class OipConfig(HaproxyConfig):
             f"http-request return {json_reply(400, 'BadRequest', 'gRPC only: HTTP/2 (TLS ALPN h2)')} "
             "if !{ req.ver 2.0 }",
             f"http-request return {unknown} if !METH_POST or !{{ path -m str {paths} }}",
+            f"http-request return {unknown} if {{ query -m found }}",  # gRPC has none; it is not passed on
             f"http-request return {untyped} if !{{ req.fhdr_cnt(content-type) eq 1 }} or !{typed}",
             f"http-request return {grpc_reply(PERMISSION_DENIED, 'one authorization value at most')} "
             "if { req.fhdr_cnt(authorization) gt 1 }",
         ]
+        busy = grpc_reply(UNAVAILABLE, f"overloaded, retry after {self.retry_after} s")
         if self.rate:
-            busy = grpc_reply(UNAVAILABLE, f"overloaded, retry after {self.retry_after} s")
             rules.append(f"http-request return {busy} if {{ sc_http_req_rate(0) gt {self.rate} }}")
+        many = grpc_reply(UNAVAILABLE, f"more than {GRPC_PER_SOURCE} calls at once from one address")
+        rules += [
+            "http-request track-sc1 src table oip_grpc_calls",  # each call (stream) tracks until it ends
+            f"http-request return {many} if {{ sc1_trackers gt {GRPC_PER_SOURCE} }}",
+        ]
         return rules
 
     def grpc_reissue(self) -> list[str]:

@@ -228,16 +228,23 @@ def metadata_response(meta: dict) -> pb.ModelMetadataResponse:
 
 
 def serve(
-    listen: str, upstream: str, models: dict[str, dict], max_message: int, max_elements: int, workers: int = 8
+    listen: str,
+    upstream: str,
+    models: dict[str, dict],
+    max_message: int,
+    max_elements: int,
+    workers: int = 8,
+    held: bool = False,
 ) -> grpc.Server:
     """A started gRPC server on `listen` (host:port) re-issuing to TorchServe's OIP gRPC at `upstream`;
-    OSError when the port cannot be bound."""
+    OSError when the port cannot be bound. held: the port is held by deploy/supervise.py --hold-port."""
     options = [
         ("grpc.max_receive_message_length", max_message),
         ("grpc.max_send_message_length", max_message),
-        # gRPC sets SO_REUSEPORT by default: any process of the same user (a model's handler code) could bind
-        # the same port beside us and take a share of the clients, keys included
-        ("grpc.so_reuseport", 0),
+        # gRPC sets SO_REUSEPORT by default, which lets any process of the same user bind the port beside us.
+        # Off, unless our supervisor holds the port (then it must be on to bind beside the holder, whose
+        # SO_REUSEPORT socket keeps every other user off the port, between restarts too).
+        ("grpc.so_reuseport", 1 if held else 0),
         ("grpc.max_concurrent_streams", 4 * workers),  # per connection
     ]
     server = grpc.server(
@@ -266,10 +273,11 @@ def main(argv=None):
         "--max-elements", type=int, required=True, help="images per request: max_images_per_request"
     )
     p.add_argument("--watch-pid", type=int, default=0, help="exit when this process (TorchServe) is gone")
+    p.add_argument("--held", action="store_true", help="the port is held by deploy/supervise.py --hold-port")
     args = p.parse_args(argv)
     with open(args.models) as f:
         models = json.load(f)
-    server = serve(args.listen, args.upstream, models, args.max_message, args.max_elements)
+    server = serve(args.listen, args.upstream, models, args.max_message, args.max_elements, held=args.held)
     print(f"OIP gRPC {args.listen} -> {args.upstream} (max message {args.max_message} bytes)", flush=True)
     if args.watch_pid:  # however TorchServe ended, this proxy does not outlive it
         stopper = types.SimpleNamespace(shutdown=lambda: server.stop(2))

@@ -33,7 +33,7 @@ def command(ts) -> list[str]:
     with open(settings.MODEL_CONFIG) as f:  # the handler's images per request, as archives ship it
         max_images = yaml.safe_load(f)["handler"]["max_images_per_request"]
     cmd += ["--max-message", props.get("max_request_size", "6553500"), "--max-elements", str(max_images)]
-    return cmd + ["--watch-pid", str(ts.pid() or 0)]
+    return cmd + ["--watch-pid", str(ts.pid() or 0), "--held"]
 
 
 def launch(ts):
@@ -41,7 +41,9 @@ def launch(ts):
     dies while TorchServe runs), and wait until it listens; ServerError when it does not within 30 s."""
     mode, group = (0o640, ids(ts.user)[1]) if ts.user else (0o600, -1)
     write_new(models_file(ts), json.dumps(frontdoor.oip_models(ts.model_store)).encode(), mode, group)
+    host = ts.config().get("grpc_inference_address", "127.0.0.1")
     supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", str(ts.pid() or 0)]
+    supervised += ["--hold-port", f"{host}:{ts.ports.oip_grpc}"]  # no other user can take it (supervise.py)
     ts.detach([*supervised, "--", *command(ts)], "oip_grpc.log")
     wait(ts, 30)
 

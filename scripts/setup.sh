@@ -2,6 +2,7 @@
 # Create .venv with the pinned dependencies (requirements.txt) and check for Java 17+.
 # Idempotent: when requirements.txt has not changed since the last install, it takes seconds.
 #   scripts/setup.sh --mobile   also installs requirements-mobile.txt (ExecuTorch, for the .pte export)
+#   scripts/setup.sh --test-clients   also makes .venv-kserve (KServe's client, for the tests: scripts/test.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,10 +10,12 @@ VENV=.venv
 STAMP=$VENV/.requirements.sha256
 MOBILE_STAMP=$VENV/.requirements-mobile.sha256
 MOBILE=0
+TEST_CLIENTS=0
 for arg in "$@"; do
   case $arg in
     --mobile) MOBILE=1 ;;
-    *) echo "setup: unknown option $arg (--mobile also installs ExecuTorch, requirements-mobile.txt)" >&2; exit 2 ;;
+    --test-clients) TEST_CLIENTS=1 ;;
+    *) echo "setup: unknown option $arg (--mobile: ExecuTorch; --test-clients: .venv-kserve for the tests)" >&2; exit 2 ;;
   esac
 done
 
@@ -182,6 +185,7 @@ install_mobile() {
 # pandas and python-dateutil below .venv's and pulls in ~40 server packages (requirements-kserve.txt). About
 # a minute the first time; its own stamp, so an unchanged requirements-kserve.txt takes no time.
 install_kserve_client() {
+  [ "$TEST_CLIENTS" = 1 ] || return 0  # tests only: a serving host never needs it
   local venv=.venv-kserve want_kserve
   want_kserve=$(sha256sum requirements-kserve.txt | cut -d' ' -f1)
   if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_kserve" ]; then

@@ -3,5 +3,5 @@
 # e.g.  scripts/test.sh -m "not slow"   (unit tests only, about a minute)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --mobile  # ExecuTorch too: the mobile tests run in CI (docs/mobile.md)
+scripts/setup.sh --mobile --test-clients  # ExecuTorch (the mobile tests, docs/mobile.md), KServe's client
 exec .venv/bin/python -m pytest "$@"

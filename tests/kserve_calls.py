@@ -5,9 +5,9 @@ metadata calls that client lacks, KServe's generated gRPC stub.
 
     .venv-kserve/bin/python tests/kserve_calls.py SPEC.json
 
-SPEC: {"rest": base URL, "ca": the door's CA or null, "grpc": "host:port" or null, "key": the inference key,
-"image": a PNG's path, "model": the model's name}. Prints one JSON object: each call's name -> {"value": ...}
-or {"error": {"type", "status", "body"}}.
+SPEC: {"rest": base URL, "ca": the door's CA or null (TLS, REST or gRPC), "grpc": "host:port" or null, "key":
+the inference key, "image": a PNG's path, "model": the model's name}. Prints one JSON object: each call's
+name -> {"value": ...} or {"error": {"type", "status", "body"}}.
 """
 
 import asyncio
@@ -109,12 +109,16 @@ async def rest_calls(spec: dict, png: bytes) -> dict:
 
 
 async def grpc_calls(spec: dict, png: bytes) -> dict:
-    """InferenceGRPCClient (no TLS: the door does not speak gRPC yet) and KServe's stub for metadata."""
-    url, model = spec["grpc"], spec["model"]
+    """InferenceGRPCClient (TLS with the door's CA when `ca` is given) and KServe's stub for metadata."""
+    url, model, ca = spec["grpc"], spec["model"], spec.get("ca")
     key, wrong = [("authorization", f"Bearer {spec['key']}")], [("authorization", "Bearer wrong")]
-    client = InferenceGRPCClient(url, timeout=60)
+    client = InferenceGRPCClient(url, timeout=60, use_ssl=bool(ca), root_certificates=ca)
     out = {"grpc_methods": {"value": sorted(m for m in dir(client) if not m.startswith("_"))}}
-    channel = grpc.aio.insecure_channel(url)
+    if ca:
+        with open(ca, "rb") as f:
+            channel = grpc.aio.secure_channel(url, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.aio.insecure_channel(url)
     stub = GRPCInferenceServiceStub(channel)
 
     async def server_metadata(metadata):

@@ -26,7 +26,8 @@ import time
 import pytest
 import requests
 
-from bench.soak import Soak, bad_bodies, summarize, through_front_door
+from bench.bodies import bad_bodies
+from bench.soak import Soak, summarize, through_front_door
 from bundle import settings
 from deploy import serve
 from deploy.client import top1

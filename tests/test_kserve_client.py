@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.torchserve]
 KSERVE_PYTHON = os.path.join(ROOT, ".venv-kserve", "bin", "python")
 CALLS = os.path.join(ROOT, "tests", "kserve_calls.py")
 REST_ROUTES = ["direct", "door"]
+GRPC_ROUTES = ["grpc", "grpc_door"]  # the proxy's port, and the front door's gRPC port (TLS)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def run_calls(spec: dict, folder) -> dict:
 
 @pytest.fixture(scope="module")
 def calls(server, door, png, tmp_path_factory):  # noqa: F811
-    """route ("direct", "door", "grpc") -> {call: {"value": ...} or {"error": {...}}}, run once per route."""
+    """route ("direct", "door", "grpc", "grpc_door") -> {call: {"value": ...} or {"error": {...}}}, run once
+    per route."""
     folder = tmp_path_factory.mktemp("kserve")
     (folder / "three.png").write_bytes(png)
     base = {"key": server.keys()["inference"]["key"], "image": str(folder / "three.png"), "model": "my_model"}
@@ -48,7 +50,7 @@ def calls(server, door, png, tmp_path_factory):  # noqa: F811
         "direct": {**base, "rest": f"http://127.0.0.1:{server.ports.inference}", "ca": None},
         "door": {**base, "rest": door.url(), "ca": door.ca},
         "grpc": {**base, "grpc": f"127.0.0.1:{server.ports.oip_grpc}"},
-        # TODO(grpcdoor): "grpc_door" once the front door serves gRPC over TLS (branch grpcdoor)
+        "grpc_door": {**base, "grpc": f"localhost:{door.grpc_port}", "ca": door.ca},
     }
     results = {}
 
@@ -133,8 +135,9 @@ def test_rest_wrong_key_is_refused(calls, route):
     assert ok(got["wrong_key_model_ready"]) is False
 
 
-def test_grpc_health_and_metadata(calls):
-    got = calls("grpc")
+@pytest.mark.parametrize("route", GRPC_ROUTES)
+def test_grpc_health_and_metadata(calls, route):
+    got = calls(route)
     assert ok(got["live"]) is True and ok(got["ready"]) is True and ok(got["model_ready"]) is True
     assert ok(got["server_metadata"])["name"] == "Torchserve"
     meta = ok(got["model_metadata"])
@@ -142,21 +145,24 @@ def test_grpc_health_and_metadata(calls):
     assert meta["inputs"] == [["data", "BYTES"]] and meta["outputs"] == [["predictions", "BYTES"]]
 
 
-def test_grpc_infer_gives_the_label(calls):
-    answer = ok(calls("grpc")["infer"])
+@pytest.mark.parametrize("route", GRPC_ROUTES)
+def test_grpc_infer_gives_the_label(calls, route):
+    answer = ok(calls(route)["infer"])
     assert answer["id"] == "k1" and answer["model_version"] == "1.0"
     (out,) = answer["outputs"]
     # the handler's JSON text, as a JSON string in the BYTES element (as tritonclient.grpc reads it too)
     assert next(iter(json.loads(json.loads(out["data"][0])))) == "3"
 
 
-def test_grpc_bad_body_is_invalid_argument(calls):
-    error = refused(calls("grpc")["infer_bad_body"])
+@pytest.mark.parametrize("route", GRPC_ROUTES)
+def test_grpc_bad_body_is_invalid_argument(calls, route):
+    error = refused(calls(route)["infer_bad_body"])
     assert error["status"] == "INVALID_ARGUMENT" and "image" in error["body"]
 
 
-def test_grpc_wrong_key_is_refused_on_every_call(calls):
-    got = calls("grpc")
+@pytest.mark.parametrize("route", GRPC_ROUTES)
+def test_grpc_wrong_key_is_refused_on_every_call(calls, route):
+    got = calls(route)
     for name in ("wrong_key_live", "wrong_key_model_ready", "wrong_key_model_metadata", "wrong_key_infer"):
         error = refused(got[name])
         assert error["status"] == "PERMISSION_DENIED" and "Token Authorization failed" in error["body"], name

@@ -5,6 +5,8 @@ run the proxy against a fake TorchServe service (no TorchServe)."""
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 from concurrent import futures
 
@@ -15,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from deploy import oip_grpc
+from deploy import oip_grpc, supervise
 from deploy.server import Ports
 
 
@@ -188,6 +190,47 @@ def test_no_other_socket_can_share_the_proxys_port(proxied):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         with pytest.raises(OSError):
             s.bind(("127.0.0.1", fake.proxy_port))
+
+
+# as another user: tries to bind the port in each way a squatter might; prints what happened to each
+BINDS = r"""
+import socket, sys
+for opts in [(), (socket.SO_REUSEPORT,), (socket.SO_REUSEADDR,), (socket.SO_REUSEPORT, socket.SO_REUSEADDR)]:
+    s = socket.socket()
+    for o in opts:
+        s.setsockopt(socket.SOL_SOCKET, o, 1)
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+        print("bound", opts)
+    except OSError as e:
+        print("refused", e.errno)
+    s.close()
+"""
+
+
+def other_user_binds(port: int) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", BINDS, str(port)], user="nobody", capture_output=True, text=True, timeout=60
+    )
+    return done.stdout.splitlines()
+
+
+def test_a_held_port_is_closed_to_other_users_and_open_to_the_proxy():
+    """Review: between a death of the proxy and its restart (and before its start) another local user could
+    bind its port and collect the clients' keys. deploy/supervise.py --hold-port keeps it bound meanwhile."""
+    port = Ports.free().oip_grpc
+    holder = supervise.hold(f"127.0.0.1:{port}")
+    try:
+        assert other_user_binds(port) == ["refused 98"] * 4  # EADDRINUSE, whatever the socket options
+        proxy = oip_grpc.serve(f"127.0.0.1:{port}", "127.0.0.1:9", {}, 1024, 4, held=True)  # binds beside it
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                pass  # the proxy, not the holder, listens
+        finally:
+            proxy.stop(None)
+        assert other_user_binds(port) == ["refused 98"] * 4  # the proxy is gone; the port is still held
+    finally:
+        holder.close()
 
 
 def test_a_request_id_that_is_not_printable_ascii_is_refused(proxied):

@@ -4,7 +4,11 @@ the OIP gRPC proxy started again after a kill -9. docs/kserve.md has the table."
 
 import json
 import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -12,7 +16,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from deploy import oip_grpc_launch, process
+from deploy.canary_readings import admin
 from deploy.frontdoor import FrontDoor, for_server
+from deploy.haproxy_oip import GRPC_PER_SOURCE, GRPC_SERVICE
 from deploy.server import Ports
 from tests.test_frontdoor import require_haproxy
 from tests.test_oip_grpc import check_bad_body, image_input
@@ -86,6 +92,7 @@ def test_other_methods_are_answered_by_the_door_never_forwarded(door, key):
         "/inference.GRPCInferenceService/RepositoryIndex",  # a standard method the proxy does not serve
         "/org.pytorch.serve.grpc.openinference.GRPCInferenceService/ServerLive",  # TorchServe's own name
         "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping",
+        "/inference.GRPCInferenceService/ServerLive?x=1",  # review: the query was passed on, unread
     ]
     with channel:
         for path in paths:
@@ -99,9 +106,74 @@ def test_other_methods_are_answered_by_the_door_never_forwarded(door, key):
         assert any(path in line and "server=<NOSRV>" in line for line in lines), path
 
 
-def test_the_proxy_is_back_after_kill_9(server, door, client, key, png):
+def test_one_address_holds_at_most_its_share_of_calls_however_many_streams(tmp_path):
+    """Review: per_source counts connections, and one HTTP/2 connection carries many calls: one address filled
+    the proxy's 32 slots and the queue. Here a backend that never answers holds every call that reaches it."""
+    require_haproxy()
+    free = Ports.free()
+    with socket.socket() as silent:  # accepts (the door's check passes), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        door = FrontDoor(
+            backend=free.inference, grpc_backend=silent.getsockname()[1], grpc_port=free.management,
+            port=free.metrics, folder=str(tmp_path / "door"), bind="127.0.0.1", names=["localhost"],
+        ).start()  # fmt: skip
+        try:
+            with open(door.ca, "rb") as f:
+                creds = grpc.ssl_channel_credentials(f.read())
+            with grpc.secure_channel(f"localhost:{door.grpc_port}", creds) as channel:  # one connection
+                live = channel.unary_unary(
+                    f"/{GRPC_SERVICE}/ServerLive", request_serializer=bytes, response_deserializer=bytes
+                )
+                held = [live.future(b"", timeout=60) for _ in range(GRPC_PER_SOURCE)]
+                process.wait_until(
+                    lambda: door_calls(door) >= GRPC_PER_SOURCE, 30, "the held calls at the door"
+                )
+                with pytest.raises(grpc.RpcError) as e:
+                    live(b"", timeout=30)
+                for call in held:
+                    call.cancel()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "calls at once" in e.value.details()
+        finally:
+            door.stop()
+
+
+def door_calls(door) -> int:
+    """Calls from 127.0.0.1 that the door's gRPC frontend tracks now (`use=` of its per-address table)."""
+    found = re.search(r"key=127\.0\.0\.1 use=(\d+)", admin(door, "show table oip_grpc_calls"))
+    return int(found[1]) if found else 0
+
+
+# binds the port as soon as it can (as another user), says so and lets go; else runs until it is stopped
+SQUATTER = r"""
+import socket, sys, time
+print("ready", flush=True)
+while True:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+    except OSError:
+        s.close()
+        time.sleep(0.002)
+        continue
+    s.close()
+    print("bound", flush=True)
+    break
+"""
+
+
+def test_the_proxy_is_back_after_kill_9_and_no_other_user_took_its_port(server, door, client, key, png):
+    """Review: the proxy's port was free between its death and the restart (and before its start), and a
+    local user who bound it got the clients' keys; the supervisor now holds it (--hold-port)."""
     supervisors, proxies = oip_grpc_launch.processes(server)
     assert len(supervisors) == 1 and len(proxies) == 1
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", SQUATTER, str(server.ports.oip_grpc)],
+        user="nobody",
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert squatter.stdout.readline().strip() == "ready"
     os.kill(proxies[0].pid, signal.SIGKILL)
     proxies[0].wait(10)
 
@@ -114,7 +186,12 @@ def test_the_proxy_is_back_after_kill_9(server, door, client, key, png):
         except InferenceServerException as e:  # restarting, or the door still counts it down
             return e.message()[:80]
 
-    process.wait_until(back, 60, "a stock client call through the door after kill -9 of the proxy")
+    try:
+        process.wait_until(back, 60, "a stock client call through the door after kill -9 of the proxy")
+    finally:
+        squatter.terminate()
+        said = squatter.communicate(timeout=10)[0]
+    assert "bound" not in said  # nobody bound the port in the window, which the restart took 1 s or more
     assert oip_grpc_launch.processes(server)[1][0].pid != proxies[0].pid
     direct = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.oip_grpc}")
     assert direct.is_model_ready("my_model", headers=key)

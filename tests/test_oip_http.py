@@ -29,7 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.torchserve, pytest.mark.in_order]
 @pytest.fixture(scope="module")
 def door(server, tmp_path_factory):
     require_haproxy()
-    d = for_server(server, port=Ports.free().inference, folder=str(tmp_path_factory.mktemp("door")))
+    free = Ports.free()  # a server with OIP gRPC on gets a gRPC port at the door too: a free one, never 7443
+    folder = str(tmp_path_factory.mktemp("door"))
+    d = for_server(server, port=free.inference, grpc_port=free.management, folder=folder)
     d.bind, d.names = "127.0.0.1", ["localhost"]
     try:
         yield d.start()

@@ -354,24 +354,34 @@ def test_loadgen_check_catches_every_wrong_answer():
 
 
 def test_loadgen_check_reads_kserve_answers_and_catches_their_wrong_ones():
+    """Each answer judged in the form its route owes (review: a v2 route answering the handler's own form, a
+    v2 answer of another model, a v1 route answering v2, a 404 for a bad body all passed)."""
     from bench.loadgen import check
 
-    def v2(label, name="predictions"):
-        data = [json.dumps({label: 0.9, "0": 0.1})]
-        return answer(
-            200, json.dumps({"outputs": [{"name": name, "datatype": "BYTES", "data": data}]}).encode()
-        )
+    def v2(label, name="predictions", model="m"):
+        outputs = [{"name": name, "datatype": "BYTES", "data": [json.dumps({label: 0.9, "0": 0.1})]}]
+        return answer(200, json.dumps({"model_name": model, "outputs": outputs}).encode())
 
-    assert check(v2("3"), "3") and check(answer(200, b'{"predictions": [{"3": 0.9}]}'), "3")
+    v1 = answer(200, b'{"predictions": [{"3": 0.9}]}')
+    NOT_JSON_V2 = b'{"model_name": "m", "outputs": [{"name": "predictions", "data": ["x"]}]}'  # noqa: N806
+    own = answer(200, b'{"3": 0.9, "5": 0.1}')
+    assert check(v2("3"), "3", "v2", "m") and check(v1, "3", "v1") and check(own, "3")
     wrong = {
-        "v2 other label": v2("5"),
-        "v2 error output": v2("3", name="error"),
-        "v2 no outputs": answer(200, b'{"outputs": []}'),
-        "v2 data not JSON": answer(200, b'{"outputs": [{"name": "predictions", "data": ["x"]}]}'),
-        "v1 other label": answer(200, b'{"predictions": [{"5": 0.9, "3": 0.1}]}'),
-        "v1 empty": answer(200, b'{"predictions": []}'),
-    }
-    assert [name for name, resp in wrong.items() if check(resp, "3")] == []
+        "v2 other label": (v2("5"), "v2"),
+        "v2 error output": (v2("3", name="error"), "v2"),
+        "v2 of another model": (v2("3", model="other"), "v2"),
+        "v2 route, the handler's own form": (own, "v2"),
+        "v2 no outputs": (answer(200, b'{"model_name": "m", "outputs": []}'), "v2"),
+        "v2 data not JSON": (answer(200, NOT_JSON_V2), "v2"),
+        "v1 other label": (answer(200, b'{"predictions": [{"5": 0.9, "3": 0.1}]}'), "v1"),
+        "v1 empty": (answer(200, b'{"predictions": []}'), "v1"),
+        "v1 route, v2 form": (v2("3"), "v1"),
+        "own route, v1 form": (v1, None),
+        "mixed value types": (answer(200, b'{"3": 0.9, "5": "x"}'), None),
+    }  # fmt: skip
+    assert [name for name, (resp, form) in wrong.items() if check(resp, "3", form, "m")] == []
+    refused = {code: check(answer(code, b'{"message": "x"}'), None) for code in (400, 404, 413, 415, 429)}
+    assert refused == {400: True, 404: False, 413: True, 415: True, 429: False}
 
 
 def test_loadgen_run_counts_unparsable_answers_as_wrong():

@@ -2,12 +2,13 @@
 
 Judged on at least MIN_CROPS random crops of real photos (the bundled ImageNet photos for an ImageNet model,
 the validation split for a model trained here), against fp32 itself:
-  agreement        the candidate's top-1 equals fp32's on at least as many crops as fp32 agrees with itself
-                   when each input value moves by one grey level (the noise floor, measured on the same
-                   crops): real crops are full of near-ties, which a raw "99 %" bar would blame on the
-                   candidate. The floor is the lowest of NOISE_DRAWS draws of that noise: one draw is a
-                   coin toss at these counts (the quickstart's digits model, 400 crops: 10 draws flip 0, 1
-                   or 2 crops, a floor of 100 %, 99.75 % or 99.5 %; torch int8 flips 2);
+  agreement        the candidate's top-1 (judged alone and in batches of BATCH: it must agree both ways)
+                   equals fp32's on at least as many crops as fp32 agrees with itself when each input
+                   value moves by one grey level (the noise floor, measured on the same crops): real crops
+                   are full of near-ties, which a raw "99 %" bar would blame on the candidate. The floor is
+                   the lowest of NOISE_DRAWS draws of that noise: one draw is a coin toss at these counts
+                   (the quickstart's digits model, 400 crops: 10 draws flip 0, 1 or 2 crops, a floor of
+                   100 %, 99.75 % or 99.5 %; torch int8 flips 2);
   confident        100 % agreement on the crops where fp32's top-1 leads the runner-up by >= MARGIN;
   labelled         on a labelled split, not one image more wrong than fp32 (no loss of accuracy);
   max |Δprob|      reported, not judged (int8 moves probabilities a few hundredths and still passes the
@@ -87,10 +88,10 @@ class GateResult:
         return {**self.__dict__, "passed": self.passed}
 
 
-def probabilities(predict: Callable, x: torch.Tensor) -> torch.Tensor:
-    """Softmax of `predict`'s logits, batch by batch: (N, K) float32."""
+def probabilities(predict: Callable, x: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
+    """Softmax of `predict`'s logits, `batch` rows at a time: (N, K) float32."""
     with torch.inference_mode():
-        return torch.cat([torch.softmax(predict(b).float(), dim=1) for b in x.split(BATCH)])
+        return torch.cat([torch.softmax(predict(b).float(), dim=1) for b in x.split(batch)])
 
 
 def grey_noise(x: torch.Tensor, prep: Preprocessing, seed: int = 0) -> torch.Tensor:
@@ -113,18 +114,20 @@ def evaluate(
     if len(crops) < MIN_CROPS:
         raise ValueError(f"the precision gate needs at least {MIN_CROPS} crops, got {len(crops)}")
     ref = probabilities(model, crops)
-    got = probabilities(candidate, crops)
+    # Judged alone and in batches: a dynamically quantised model's answer to one input depends on the
+    # others in its batch (the scale is the batch's), and serving batches whatever arrives together.
+    got = [probabilities(candidate, crops, size) for size in (1, BATCH)]
     noisy = [probabilities(model, grey_noise(crops, prep, seed)) for seed in range(NOISE_DRAWS)]
     top2 = ref.topk(2, dim=1).values
     confident = (top2[:, 0] - top2[:, 1]) >= MARGIN
-    agree = got.argmax(1) == ref.argmax(1)
+    agree = torch.stack([g.argmax(1) == ref.argmax(1) for g in got]).all(0)  # right alone and batched
     result = GateResult(
         crops=len(crops),
         agreement=float(agree.float().mean()),
         noise_floor=min(float((n.argmax(1) == ref.argmax(1)).float().mean()) for n in noisy),
         confident=int(confident.sum()),
         confident_agreement=float(agree[confident].float().mean()) if confident.any() else 1.0,
-        max_dprob=float((got - ref).abs().max()),
+        max_dprob=max(float((g - ref).abs().max()) for g in got),
     )
     if labelled is not None:
         x, y = labelled
