@@ -211,14 +211,15 @@ def test_an_existing_checkpoint_is_never_overwritten(lite_checkpoint):
 @pytest.mark.slow
 def test_every_backend_agrees_with_eager_on_real_photos(lite_checkpoint, lite, photo_batch, tmp_path):
     """Float backends within 1e-4 in probability and int8 through the precision gate (400 random crops of the
-    420 real crops, and the 420 labelled: export_all's own checks, which raise otherwise); then each backend's
-    top-1 on the named photos."""
+    420 real crops: export_all's own checks, which raise otherwise); then each backend's top-1 on the named
+    photos."""
     data = photos.write_photo_crops(str(tmp_path / "crops"), per_photo=60)
     out = str(tmp_path / "export")
     report = export_all(lite_checkpoint, out, data=data, batch=16)
     print(json.dumps(report["formats"], indent=1))
     int8 = report["formats"]["int8"]
-    assert int8["passed"] and int8["crops"] >= 400 and int8["labelled"] >= 400
+    assert int8["passed"] and int8["crops"] >= 400
+    assert int8["labelled"] == 0  # the photos' folders are no ImageNet classes (was: 420 of 420 "wrong")
     assert int8["agreement"] >= int8["noise_floor"] and int8["confident_agreement"] == 1.0
     names, x = photo_batch
     with torch.inference_mode():

@@ -109,10 +109,11 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
 
 class GateInput:
     """What the precision gate judges a reduced-precision backend on, made once per export and only if one
-    is asked for: random crops of the validation images, and the labelled split."""
+    is asked for: random crops of the validation images, and the labelled split when its folders are the
+    model's classes (the ImageNet photos' folders are photo names, not the 1,000 classes: no labels there)."""
 
-    def __init__(self, val: datalib.CachedImages, prep: Preprocessing):
-        self.val, self.prep = val, prep
+    def __init__(self, val: datalib.CachedImages, prep: Preprocessing, classes: list[str]):
+        self.val, self.prep, self.has_labels = val, prep, list(val.classes) == list(classes)
 
     @functools.cached_property
     def crops(self) -> torch.Tensor:
@@ -121,8 +122,10 @@ class GateInput:
         return precision.random_crops(images, self.prep)
 
     @functools.cached_property
-    def labelled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every validation image (as the handler prepares it) and its label."""
+    def labelled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every validation image (as the handler prepares it) and its label; None without labels."""
+        if not self.has_labels:
+            return None
         return torch.stack([x for x, _ in self.val]), torch.tensor(self.val.targets)
 
 
@@ -177,7 +180,7 @@ def export_all(
     data_root = datalib.ensure_data(data or manifest.provenance.data or datalib.DIGITS_DIR)
     val = val_dataset(data_root, prep)
     example, _ = check_batch(val, batch)
-    gate = GateInput(val, prep)
+    gate = GateInput(val, prep, manifest.class_names)
     with torch.inference_mode():
         eager_logits = model(example)
     fused = fuse_for_export(copy.deepcopy(model)).eval()
