@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import requests
 
 from bundle import settings
-from deploy.client import is_loopback, read_bytes, top1
+from deploy.client import is_loopback, is_probability, read_bytes, top1
 from deploy.latency import summary
 
 
@@ -63,7 +63,7 @@ def label_map(body, form: str | None = None, model: str | None = None):
         body = v2_predictions(body, model)
     elif "predictions" in body or "outputs" in body:  # a KServe answer where the handler's own was due
         return None
-    numbers = isinstance(body, dict) and body and all(is_number(p) for p in body.values())
+    numbers = isinstance(body, dict) and body and all(is_probability(p) for p in body.values())
     return body if numbers else None
 
 
@@ -79,11 +79,6 @@ def v2_predictions(body: dict, model: str | None):
         return json.loads(out["data"][0])
     except (TypeError, ValueError):
         return None
-
-
-def is_number(value) -> bool:
-    """A probability's type: int or float, not bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check(resp, expected, form: str | None = None, model: str | None = None) -> bool:

@@ -16,6 +16,11 @@ def top1(answer: dict) -> str:
     return max(answer, key=lambda label: answer[label])
 
 
+def is_probability(value) -> bool:
+    """Whether a label map's value has a probability's type: int or float, not bool (JSON true)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def post(ts: TorchServe, data: bytes, model: str = settings.MODEL_NAME, version: str | None = None, **kw):
     """POST one encoded image to /predictions/{model}[/{version}]."""
     return ts.request(

@@ -98,13 +98,12 @@ class OipConfig(HaproxyConfig):
             return ""
         rules = [*self.grpc_refusals(), *self.grpc_reissue()]
         frontend = "frontend oip_grpc\n" + "".join(f"    {rule}\n" for rule in rules)
-        full = grpc_reply(UNAVAILABLE, f"overloaded, retry after {self.retry_after} s")
         server = f"127.0.0.1:{self.grpc_backend} proto h2 maxconn {GRPC_MAXCONN} check inter 2s"
         backend = [
             "backend oip_grpc_calls",  # who has how many calls in flight (sc1_trackers), nothing stored
             "    stick-table type ip size 100k expire 60s",
             "backend oip_grpc",
-            f"    http-request return {full} if {{ queue(oip_grpc) ge {self.queue} }}",
+            f"    http-request return {self.grpc_overloaded()} if {{ queue(oip_grpc) ge {self.queue} }}",
             f"    server oip_grpc {server}",
         ]
         # a defaults section of their own: the public one adds X-Forwarded-For, which gRPC does not need
@@ -130,8 +129,8 @@ class OipConfig(HaproxyConfig):
             f"http-request return {grpc_reply(PERMISSION_DENIED, 'one authorization value at most')} "
             "if { req.fhdr_cnt(authorization) gt 1 }",
         ]
-        busy = grpc_reply(UNAVAILABLE, f"overloaded, retry after {self.retry_after} s")
         if self.rate:
+            busy = self.grpc_overloaded()
             rules.append(f"http-request return {busy} if {{ sc_http_req_rate(0) gt {self.rate} }}")
         many = grpc_reply(UNAVAILABLE, f"more than {GRPC_PER_SOURCE} calls at once from one address")
         rules += [
@@ -140,10 +139,15 @@ class OipConfig(HaproxyConfig):
         ]
         return rules
 
+    def grpc_overloaded(self) -> str:
+        """The door's gRPC answer when the proxy's queue is full or an address is over its rate."""
+        return grpc_reply(UNAVAILABLE, f"overloaded, retry after {self.retry_after} s")
+
     def grpc_reissue(self) -> list[str]:
-        """The body held whole (a slow sender gets 408 and never reaches the proxy), then the request HAProxy
-        rebuilds for the proxy: content-type and te set anew, the UNVALIDATED headers deleted, the client's
-        one authorization value kept."""
+        """The body held for up to body_timeout s (whole when it fits HAProxy's buffer: a slow sender of it
+        gets 408 and never reaches the proxy; a larger one streams on), then the request HAProxy rebuilds for
+        the proxy: content-type and te set anew, the UNVALIDATED headers deleted, the client's one
+        authorization value kept."""
         down = grpc_reply(UNAVAILABLE, "the OIP gRPC proxy is not answering")
         return [
             f"http-request wait-for-body time {self.body_timeout}s",

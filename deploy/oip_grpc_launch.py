@@ -22,14 +22,18 @@ def models_file(ts) -> str:
     return ts.path("run", "oip_models.json")
 
 
+def host(ts) -> str:
+    """Where the proxy listens: TorchServe's gRPC inference host (its port is ports.oip_grpc)."""
+    return ts.config().get("grpc_inference_address", "127.0.0.1")
+
+
 def command(ts) -> list[str]:
     """The proxy's command line for `ts`: listen on ports.oip_grpc at TorchServe's gRPC inference host,
     re-issue to TorchServe's gRPC inference port, with its max_request_size and the handler's images per
     request."""
-    props = ts.config()
-    host = props.get("grpc_inference_address", "127.0.0.1")
-    cmd = [sys.executable, "-m", "deploy.oip_grpc", "--listen", f"{host}:{ts.ports.oip_grpc}"]
-    cmd += ["--upstream", f"{host}:{ts.ports.grpc_inference}", "--models", models_file(ts)]
+    props, at = ts.config(), host(ts)
+    cmd = [sys.executable, "-m", "deploy.oip_grpc", "--listen", f"{at}:{ts.ports.oip_grpc}"]
+    cmd += ["--upstream", f"{at}:{ts.ports.grpc_inference}", "--models", models_file(ts)]
     with open(settings.MODEL_CONFIG) as f:  # the handler's images per request, as archives ship it
         max_images = yaml.safe_load(f)["handler"]["max_images_per_request"]
     cmd += ["--max-message", props.get("max_request_size", "6553500"), "--max-elements", str(max_images)]
@@ -41,17 +45,16 @@ def launch(ts):
     dies while TorchServe runs), and wait until it listens; ServerError when it does not within 30 s."""
     mode, group = (0o640, ids(ts.user)[1]) if ts.user else (0o600, -1)
     write_new(models_file(ts), json.dumps(frontdoor.oip_models(ts.model_store)).encode(), mode, group)
-    host = ts.config().get("grpc_inference_address", "127.0.0.1")
     supervised = [sys.executable, "-m", "deploy.supervise", "--watch-pid", str(ts.pid() or 0)]
-    supervised += ["--hold-port", f"{host}:{ts.ports.oip_grpc}"]  # no other user can take it (supervise.py)
+    supervised += ["--hold-port", f"{host(ts)}:{ts.ports.oip_grpc}"]  # no other user can take it
     ts.detach([*supervised, "--", *command(ts)], "oip_grpc.log")
     wait(ts, 30)
 
 
 def wait(ts, timeout: float):
     """Until a proxy of `ts` runs and its port accepts connections; ServerError after `timeout` s."""
-    host = ts.config().get("grpc_inference_address", "127.0.0.1")
-    listening = lambda: processes(ts)[1] != [] and frontdoor.listening(host, ts.ports.oip_grpc)
+    at = host(ts)
+    listening = lambda: processes(ts)[1] != [] and frontdoor.listening(at, ts.ports.oip_grpc)
     hint = f"see {os.path.join(ts.log_dir, 'oip_grpc.log')}"
     process.wait_until(listening, timeout, "OIP gRPC proxy", hint=hint, error=ServerError)
 

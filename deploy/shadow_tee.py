@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from deploy.canary import NAME, route
 from deploy.canary_readings import CanaryError
+from deploy.client import is_probability
 from deploy.errors import error_body
 from deploy.guard_request import FIELD_CHARS, Refusal, content_length, only, read_line
 from deploy.haproxy_config import drops_privileges
@@ -124,7 +125,7 @@ def top1(status: int, body: bytes) -> str | None:
     if not isinstance(answer, dict) or not answer:
         return None
     label, p = next(iter(answer.items()))
-    return label if isinstance(p, (int, float)) and not isinstance(p, bool) else None
+    return label if is_probability(p) else None
 
 
 # --- the tee -----------------------------------------------------------------------------------------------

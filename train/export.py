@@ -116,23 +116,22 @@ class GateInput:
         self.val, self.prep, self.has_labels = val, prep, list(val.classes) == list(classes)
 
     @functools.cached_property
+    def images(self) -> list:
+        """The validation images, decoded once (as training decodes them), for the crops and the labels."""
+        return [datalib.decode_trusted(self.prep, path) for path, _ in self.val.folder.samples]
+
+    @functools.cached_property
     def crops(self) -> torch.Tensor:
         """precision.MIN_CROPS random crops of the validation images, through the eval preprocessing."""
-        images = [self.prep.decode(read(path)) for path, _ in self.val.folder.samples]
-        return precision.random_crops(images, self.prep)
+        return precision.random_crops(self.images, self.prep)
 
     @functools.cached_property
     def labelled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every validation image (as the handler prepares it) and its label; None without labels."""
+        """Every validation image as the handler prepares it (the dataset's own item: prep(decoded)) and its
+        label; None without labels."""
         if not self.has_labels:
             return None
-        return torch.stack([x for x, _ in self.val]), torch.tensor(self.val.targets)
-
-
-def read(path: str) -> bytes:
-    """The bytes of an image file."""
-    with open(path, "rb") as f:
-        return f.read()
+        return torch.stack([self.prep(img) for img in self.images]), torch.tensor(self.val.targets)
 
 
 def check_backend(backend: Backend, pred, model, example, eager_logits, gate: GateInput) -> dict:
@@ -234,7 +233,11 @@ def print_report(report: dict, output_dir: str):
                 f"  precision gate: top-1 agreement {e['agreement']:.2%} (noise floor "
                 f"{e['noise_floor']:.2%}) on {e['crops']} crops, {e['confident_agreement']:.2%} of "
                 f"{e['confident']} confident; "
-                f"{e['wrong_candidate']}/{e['labelled']} wrong (fp32 {e['wrong_fp32']})"
+                + (
+                    f"{e['wrong_candidate']}/{e['labelled']} wrong (fp32 {e['wrong_fp32']})"
+                    if e["labelled"]
+                    else "no labelled split (its folders are not the model's classes)"
+                )
             )
         print(line)
     print(f"wrote {output_dir}/")
