@@ -61,16 +61,25 @@ def say(msg: str):
 
 
 def jpeg_copies(images: list[str], folder: str) -> list[str]:
-    """The request images as JPEGs (quality 95; the digits are PNGs): what the bench posts."""
+    """The request images as JPEGs: JPEGs as they are, others (the digits' PNGs) re-encoded at quality 95."""
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
     out = []
     for i, path in enumerate(images):
+        if path.lower().endswith((".jpg", ".jpeg")):
+            out.append(path)  # posted as they are
+            continue
         out.append(os.path.join(folder, f"{i:03d}.jpg"))
         with Image.open(path) as img:
             img.convert("RGB" if img.mode not in ("L", "RGB") else img.mode).save(out[-1], quality=95)
     return out
+
+
+def photos(data: str) -> list[str]:
+    """The full photos (450-600 px JPEGs) that deploy/import_pretrained.py writes beside its crops."""
+    samples = os.path.join(data, "samples")
+    return sorted(os.path.join(samples, f) for f in os.listdir(samples) if f.endswith(".jpg"))
 
 
 def targets(args, work: str) -> list[dict]:
@@ -99,9 +108,9 @@ def targets(args, work: str) -> list[dict]:
             {
                 "name": "efficientnet_lite0",
                 "data": net["data"],
-                "weights": "packaged",
+                "weights": net["checkpoint"],
                 "serve": net["checkpoint"],
-                "images": net["images"],
+                "images": photos(net["data"]),
             }
         )
     return found
@@ -144,18 +153,26 @@ def run_model(target: dict, args, device: torch.device, work: str) -> dict:
 
 
 def check_answers(ts: TorchServe, model_name: str, files: list[str], labels: list[str], c: int) -> dict:
-    """Every image posted once by `c` clients at once: answers that are not 200 and top-1s unlike eager's."""
+    """Every image posted once by `c` clients at once: answers that are not 200 (with the first one's status
+    and body, to say why) and top-1s unlike eager's."""
 
-    def one(i: int) -> tuple[int, bool]:
+    def one(i: int) -> tuple[int, bool, str]:
         resp = post(ts, read_bytes(files[i]), model_name, timeout=60)
-        return resp.status_code, resp.status_code == 200 and top1(resp.json()) == labels[i]
+        ok = resp.status_code == 200 and top1(resp.json()) == labels[i]
+        return (
+            resp.status_code,
+            ok,
+            "" if resp.status_code == 200 else f"{resp.status_code} {resp.text[:200]}",
+        )
 
     with ThreadPoolExecutor(max_workers=c) as pool:
         results = list(pool.map(one, range(len(files))))
+    failed = [why for _, _, why in results if why]
     return {
         "answers": len(results),
-        "errors": sum(s != 200 for s, _ in results),
-        "wrong": sum(s == 200 and not ok for s, ok in results),
+        "errors": len(failed),
+        "wrong": sum(s == 200 and not ok for s, ok, _ in results),
+        "first_error": failed[0] if failed else None,
     }
 
 
@@ -226,7 +243,7 @@ def agreement(row: dict) -> str:
     """The row's agreement with eager: in-process top-1 and max |Δprob|, then served answers right/all."""
     if row.get("skipped"):
         return f"skipped: {row['skipped']}"
-    text = f"in-process top-1 {row['top1_agree']}/{row['checked']}, max|dp| {row['max_dprob']:.1e}"
+    text = f"in-process top-1 {row['top1_agree']}/{row['checked']}, max Δprob {row['max_dprob']:.1e}"
     if row.get("answers"):
         right = sum(a["answers"] - a["errors"] - a["wrong"] for a in row["answers"])
         text += f"; served {right}/{sum(a['answers'] for a in row['answers'])} right"
