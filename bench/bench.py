@@ -49,6 +49,7 @@ from bench.noop import build_busy_archive, build_noop_archive
 from bench.peer import build_peer_archive, peer_notes, rgb_copies
 from bench.report import STAGES as STAGES  # tests read the breakdown's stages from here
 from bench.report import add_estimates, has_estimate, plot, plot_breakdown, say, table
+from bench.peer_rows import DEFAULT_PEERS, measure_peers
 from bench.served import Server, cold_start, register, write_busy
 from bench.targets import TARGETS, digits_target
 from bench.wrk import WrkError
@@ -88,6 +89,12 @@ def get_args_parser():
     )
     p.add_argument("--config-file", default=settings.MODEL_CONFIG, help="model-config.yaml under test")
     p.add_argument("--no-peer", action="store_true", help="skip the stock image_classifier peer")
+    p.add_argument(
+        "--peers",
+        default=DEFAULT_PEERS,
+        help="comma-separated peer frameworks serving the run's model.onnx after TorchServe's rows "
+        f"(bench/peer_rows.py; scripts/setup.sh --bench-peers installs them); '' for none (default {DEFAULT_PEERS})",
+    )
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and the PNGs")
     return p
 
@@ -140,6 +147,7 @@ class Target:
     archives: dict = field(default_factory=dict)
     handlers: dict = field(default_factory=dict)  # backend -> (handler, ctx, RequestProcessor), in-process
     busy_file: str = ""
+    export_dir: str = ""  # the one export every archive is built from (the peers serve its model.onnx)
     server: Server | None = None
     peer_files: list[str] | None = None
 
@@ -164,6 +172,8 @@ def bench_target(target: dict, args, work: str) -> dict:
         measure_batching(t)
     finally:
         ts.stop()
+    if args.peers:
+        t.result["peers"] = measure_peers(t, args.peers.split(","))
     add_estimates(t.result)
     return t.result
 
@@ -222,7 +232,7 @@ def build_archives(t: Target):
     and busy (ideal handler) archives."""
     from train.export import export_all
 
-    export_dir = os.path.join(t.work, f"export_{t.name}")
+    export_dir = t.export_dir = os.path.join(t.work, f"export_{t.name}")
     formats = list(dict.fromkeys([*t.backends, backends.reference().name]))
     optional = frozenset(b for b in t.backends if not backends.get(b).exact)
     report = export_all(t.checkpoint, export_dir, formats=formats, optional=optional)

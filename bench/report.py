@@ -4,6 +4,8 @@ the printed tables and the two plots."""
 import os
 import statistics
 
+from bench.peer_rows import peer_lines
+
 STAGES = ("frontend", "framing", "decode", "model", "topk", "spent", "worker_rest")
 STAGE_NAMES = {
     "frontend": "frontend (Java: HTTP, queue, metrics parsing, logs)",
@@ -165,6 +167,7 @@ def table(res: dict) -> str:
             )
             + ")"
         )
+    lines += peer_lines(res)
     lines.append(
         "registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
     )
