@@ -3,6 +3,7 @@
 # Idempotent: when requirements.txt has not changed since the last install, it takes seconds.
 #   scripts/setup.sh --mobile   also installs requirements-mobile.txt (ExecuTorch, for the .pte export)
 #   scripts/setup.sh --test-clients   also makes .venv-kserve (KServe's client, for the tests: scripts/test.sh)
+#   scripts/setup.sh --bench-peers   also makes .venv-peers (LitServe, BentoML, Ray Serve: the benchmark's peers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,11 +12,14 @@ STAMP=$VENV/.requirements.sha256
 MOBILE_STAMP=$VENV/.requirements-mobile.sha256
 MOBILE=0
 TEST_CLIENTS=0
+BENCH_PEERS=0
 for arg in "$@"; do
   case $arg in
     --mobile) MOBILE=1 ;;
     --test-clients) TEST_CLIENTS=1 ;;
-    *) echo "setup: unknown option $arg (--mobile: ExecuTorch; --test-clients: .venv-kserve for the tests)" >&2; exit 2 ;;
+    --bench-peers) BENCH_PEERS=1 ;;
+    *) echo "setup: unknown option $arg (--mobile: ExecuTorch; --test-clients: .venv-kserve for the tests;" \
+         "--bench-peers: .venv-peers for the benchmark)" >&2; exit 2 ;;
   esac
 done
 
@@ -198,6 +202,23 @@ install_kserve_client() {
   echo "$want_kserve" > "$venv/.requirements.sha256"
 }
 
+# The benchmark's peers (bench/peer_frameworks.py): LitServe, BentoML and Ray Serve with ONNX Runtime, in a venv
+# of their own (requirements-peers.txt: ~110 packages, ~630 MB, no torch). About a minute the first time; its own
+# stamp, so an unchanged requirements-peers.txt takes no time.
+install_bench_peers() {
+  [ "$BENCH_PEERS" = 1 ] || return 0  # benchmarks only: a serving host never needs it
+  local venv=.venv-peers want_peers
+  want_peers=$(sha256sum requirements-peers.txt | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_peers" ]; then
+    echo "setup: $venv (the benchmark's peers, requirements-peers.txt) is up to date"
+    return 0
+  fi
+  echo "setup: installing requirements-peers.txt into $venv (LitServe, BentoML, Ray Serve; about a minute)"
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  pip_install requirements-peers.txt "$venv"
+  echo "$want_peers" > "$venv/.requirements.sha256"
+}
+
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
@@ -205,6 +226,7 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want"
   echo "setup: .venv is up to date with requirements.txt"
   install_mobile
   install_kserve_client
+  install_bench_peers
   exit 0
 fi
 
@@ -223,3 +245,4 @@ echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)'))"
 install_mobile
 install_kserve_client
+install_bench_peers
