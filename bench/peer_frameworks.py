@@ -81,18 +81,29 @@ def command(name: str, onnx_path: str, meta: str, workers, threads, batch, delay
 
 
 def probe(proc: subprocess.Popen, url: str, log: str):
-    """A readiness probe: True once the peer answers the junk body with a 4xx; PeerError if it exited."""
+    """A readiness probe: True once the peer's app refuses the junk body (refused_by_app); PeerError if the
+    peer exited."""
 
     def ready() -> bool | str:
         if proc.poll() is not None:
             raise PeerError(f"exited with status {proc.returncode} before it was ready:\n{tail(log)}")
         try:
-            status = requests.post(url, data=JUNK, timeout=5).status_code
+            resp = requests.post(url, data=JUNK, timeout=5)
         except requests.RequestException as e:
             return f"{e.__class__.__name__}"
-        return True if 400 <= status < 500 else f"status {status}"
+        return True if refused_by_app(resp) else f"status {resp.status_code}"
 
     return ready
+
+
+def refused_by_app(resp: requests.Response) -> bool:
+    """Whether the peer's app itself refused a body as not an image: its 400 with our JSON error (a proxy in
+    front of an app still starting answers 404 or 503, Ray's for one)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    return resp.status_code == 400 and isinstance(body, dict) and body.get("type") == "InputError"
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -233,8 +244,12 @@ def row(r: dict) -> str:
 def main(argv=None) -> int:
     """Print one row per (peer, concurrency): req/s, p50, p99 and errors."""
     args = get_args_parser().parse_args(argv)
-    meta = peer_meta(args.manifest or os.path.dirname(os.path.abspath(args.onnx)))
-    expect = expected_labels(args.onnx, meta, args.images)
+    try:
+        meta = peer_meta(args.manifest or os.path.dirname(os.path.abspath(args.onnx)))
+        expect = expected_labels(args.onnx, meta, args.images)
+    except (OSError, ValueError) as e:  # a missing file, a manifest that is not one (ManifestError)
+        print(f"peer_frameworks: {e}", file=sys.stderr)
+        return 2
     print(f"{'peer':9} {'c':>3} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     failed = 0
     for name in args.peers.split(","):
