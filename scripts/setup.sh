@@ -185,38 +185,32 @@ install_mobile() {
   echo "$want_mobile" > "$MOBILE_STAMP"
 }
 
-# KServe's own client, for tests/test_kserve_client.py only, lives in a venv of its own: kserve pins psutil,
-# pandas and python-dateutil below .venv's and pulls in ~40 server packages (requirements-kserve.txt). About
-# a minute the first time; its own stamp, so an unchanged requirements-kserve.txt takes no time.
-install_kserve_client() {
-  [ "$TEST_CLIENTS" = 1 ] || return 0  # tests only: a serving host never needs it
-  local venv=.venv-kserve want_kserve
-  want_kserve=$(sha256sum requirements-kserve.txt | cut -d' ' -f1)
-  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_kserve" ]; then
-    echo "setup: $venv (KServe's client, requirements-kserve.txt) is up to date"
+# A venv of its own, for what .venv must not carry; its own stamp, so an unchanged requirements file takes no time.
+install_own_venv() {  # install_own_venv VENV REQUIREMENTS WHAT
+  local venv=$1 reqs=$2 what=$3 want_own
+  want_own=$(sha256sum "$reqs" | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_own" ]; then
+    echo "setup: $venv ($what, $reqs) is up to date"
     return 0
   fi
-  echo "setup: installing requirements-kserve.txt into $venv (KServe's client for the tests; about a minute)"
+  echo "setup: installing $reqs into $venv ($what; about a minute)"
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  pip_install requirements-kserve.txt "$venv"
-  echo "$want_kserve" > "$venv/.requirements.sha256"
+  pip_install "$reqs" "$venv"
+  echo "$want_own" > "$venv/.requirements.sha256"
 }
 
-# The benchmark's peers (bench/peer_frameworks.py): LitServe, BentoML and Ray Serve with ONNX Runtime, in a venv
-# of their own (requirements-peers.txt: ~110 packages, ~630 MB, no torch). About a minute the first time; its own
-# stamp, so an unchanged requirements-peers.txt takes no time.
+# KServe's own client, for tests/test_kserve_client.py only: kserve pins psutil, pandas and python-dateutil below
+# .venv's and pulls in ~40 server packages (requirements-kserve.txt).
+install_kserve_client() {
+  [ "$TEST_CLIENTS" = 1 ] || return 0  # tests only: a serving host never needs it
+  install_own_venv .venv-kserve requirements-kserve.txt "KServe's client for the tests"
+}
+
+# The benchmark's peers (bench/peer_frameworks.py): LitServe, BentoML and Ray Serve with ONNX Runtime
+# (requirements-peers.txt: 115 packages, 630 MB, no torch).
 install_bench_peers() {
-  [ "$BENCH_PEERS" = 1 ] || return 0  # benchmarks only: a serving host never needs it
-  local venv=.venv-peers want_peers
-  want_peers=$(sha256sum requirements-peers.txt | cut -d' ' -f1)
-  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_peers" ]; then
-    echo "setup: $venv (the benchmark's peers, requirements-peers.txt) is up to date"
-    return 0
-  fi
-  echo "setup: installing requirements-peers.txt into $venv (LitServe, BentoML, Ray Serve; about a minute)"
-  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  pip_install requirements-peers.txt "$venv"
-  echo "$want_peers" > "$venv/.requirements.sha256"
+  [ "$BENCH_PEERS" = 1 ] || return 0  # benchmarks and their tests only: a serving host never needs it
+  install_own_venv .venv-peers requirements-peers.txt "LitServe, BentoML, Ray Serve: the benchmark's peers"
 }
 
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from bench import peer_frameworks as pf
-from bench.peer_apps.common import NotAnImage, Prep
+from bench.peer_apps.common import Classifier, NotAnImage, Prep
 from model_src.preprocessing import Preprocessing
 from tests.conftest import cannot_run, free_port
 from train.pretrained import EVAL_SIZES, LITE_MEAN, LITE_STD
@@ -65,6 +65,14 @@ def test_the_peers_preprocessing_is_ours_bit_for_bit(model, bodies):
 def test_the_peers_refuse_a_body_that_is_not_an_image():
     with pytest.raises(NotAnImage):
         Prep(**PREPS["digits"].to_dict()).decode(b"GIF89a, then nothing an image would hold")
+
+
+def test_a_refused_body_keeps_its_place_and_spares_its_batch_neighbours():
+    model = object.__new__(Classifier)  # no session: answer() is replaced
+    model.answer = lambda images: [{"images in the call": len(images)} for _ in images]
+    img = Image.new("L", (8, 8))
+    got = model.answer_all(["not an image", img, "nor this", img])
+    assert got == ["not an image", {"images in the call": 2}, "nor this", {"images in the call": 2}]
 
 
 @pytest.fixture(scope="module")

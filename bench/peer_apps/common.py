@@ -103,6 +103,20 @@ class Classifier:
         self.session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
+    def decode_or_refuse(self, body: bytes) -> Image.Image | str:
+        """A request body -> its prepared image, or the message of the 400 when it is not an image."""
+        try:
+            return self.prep.decode(body)
+        except NotAnImage as e:
+            return str(e)
+
+    def answer_all(self, items: list) -> list:
+        """decode_or_refuse's results for a batch -> top-5 for each image (one model call), the refusals'
+        messages kept in their places."""
+        images = [i for i in items if not isinstance(i, str)]
+        answers = iter(self.answer(images) if images else [])
+        return [i if isinstance(i, str) else next(answers) for i in items]
+
     def answer(self, images: list[Image.Image]) -> list[dict[str, float]]:
         """Prepared images -> one top-5 {class name: probability} per image, from one model call."""
         (logits,) = self.session.run(None, {self.input: self.prep.batch(images)})

@@ -54,10 +54,7 @@ class PeerAPI(ls.LitAPI):
 
     def decode_request(self, request):
         """{"b64": body} -> a prepared image, or the 400 message when the body is not an image."""
-        try:
-            return self.model.prep.decode(base64.b64decode(request["b64"]))
-        except common.NotAnImage as e:
-            return str(e)
+        return self.model.decode_or_refuse(base64.b64decode(request["b64"]))
 
     def batch(self, inputs):
         """Keep the list: predict batches the images itself and passes the errors through."""
@@ -65,9 +62,7 @@ class PeerAPI(ls.LitAPI):
 
     def predict(self, x):
         """One model call for the batch's images; error messages stay in their places."""
-        images = [i for i in x if not isinstance(i, str)]
-        answers = iter(self.model.answer(images) if images else [])
-        return [i if isinstance(i, str) else next(answers) for i in x]
+        return self.model.answer_all(x)
 
     def unbatch(self, output):
         """One answer per request, in order."""

@@ -31,15 +31,7 @@ def deployment(opts):
         @serve.batch(max_batch_size=opts.batch, batch_wait_timeout_s=opts.delay_ms / 1000)
         async def classify(self, bodies: list[bytes]) -> list:
             """The batch's bodies -> one answer each: top-5, or the 400 message."""
-            prepared = []
-            for body in bodies:
-                try:
-                    prepared.append(self.model.prep.decode(body))
-                except common.NotAnImage as e:
-                    prepared.append(str(e))
-            images = [p for p in prepared if not isinstance(p, str)]
-            answers = iter(self.model.answer(images) if images else [])
-            return [p if isinstance(p, str) else next(answers) for p in prepared]
+            return self.model.answer_all([self.model.decode_or_refuse(b) for b in bodies])
 
         async def __call__(self, request):
             """POST body -> top-5 JSON, or 400 with a JSON message."""
