@@ -102,7 +102,11 @@ def main(args):
     with tempfile.TemporaryDirectory() as folder:
         loaded = export_and_load(args.backends, model, prep, manifest, folder, args.threads)
         samples = timings(loaded, prep, args.rounds, args.iters)
-        gates = {name: precision.evaluate(model, predict, crops, prep) for name, predict in loaded.items()}
+        reference = precision.Reference.of(model, crops, prep)  # fp32's side once, for every backend
+        gates = {
+            name: precision.evaluate(model, predict, crops, prep, reference=reference)
+            for name, predict in loaded.items()
+        }
     print(
         f"\n{args.rounds} rounds x {args.iters} calls, {args.threads} thread(s); ms/image median "
         "(10th-90th pct)\n"

@@ -152,10 +152,36 @@ def table(res: dict) -> str:
             for b, v in res["checked"].items()
         )
     )
+    for backend, e in res.get("export", {}).items():
+        lines.append(f"export {backend}: " + export_line(e))
+    if choice := res.get("backend_choice"):
+        timed = ", ".join(f"{b} {ms:.2f}" for b, ms in choice["ms_per_image"].items())
+        lines.append(
+            f"--backend auto chose {choice['backend']} ({choice['rule']}"
+            + (
+                f"; ms/image at batch {choice['batch']}, {choice['threads']} thread(s): {timed}"
+                if timed
+                else ""
+            )
+            + ")"
+        )
     lines.append(
         "registration to ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["registration_s"].items())
     )
     return "\n".join(lines)
+
+
+def export_line(e: dict) -> str:
+    """One backend's export check in words: refused, exact (max |Δprob|), or the precision gate's figures."""
+    if "refused" in e:
+        return f"refused: {e['refused']}"
+    if "agreement" not in e:
+        return f"exact, max |Δprob| vs eager {e['max_diff']:.1e}"
+    return (
+        f"top-1 agreement {e['agreement']:.2%} (noise floor {e['noise_floor']:.2%}), "
+        f"{e['confident_agreement']:.2%} of {e['confident']} confident crops, "
+        f"max |Δprob| {e['max_dprob']:.4f}"
+    )
 
 
 def by_level(rows: list, key: str) -> tuple[list, list]:

@@ -34,6 +34,7 @@ import sys
 import tempfile
 
 from bundle import settings
+from deploy import backend_choice
 from deploy.mar import (  # noqa: F401  (re-exported: the guard, versions and the tests import them from here)
     NAME,
     SHA256,
@@ -60,12 +61,12 @@ def get_args_parser():
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="training checkpoint to export and package")
     source.add_argument("--export-dir", help="a train.export folder (with bundle.json) to package as it is")
-    # ONNX Runtime served 1.4-1.5x the requests/s of eager PyTorch in scripts/bench.sh (docs/benchmarks.md).
     p.add_argument(
         "--backend",
-        default=backends.DEFAULT,
-        choices=sorted(backends.served()),
-        help="serving format to ship",
+        default=backend_choice.AUTO,
+        choices=[backend_choice.AUTO, *sorted(backends.served())],
+        help="serving format to ship; auto: the fastest that passes export's checks, measured here for a "
+        "model of 224 px and up, else " + backends.DEFAULT + " (deploy/backend_choice.py)",
     )
     p.add_argument("--model-name", default=settings.MODEL_NAME)
     p.add_argument("--model-store", default=settings.MODEL_STORE)
@@ -143,7 +144,7 @@ def digests(stage: str, served: str) -> dict[str, str]:
 
 
 def add_archive_part(
-    bundle: Manifest, backend: backends.Backend, files, model_name, version, target
+    bundle: Manifest, backend: backends.Backend, files, model_name, version, target, choice: dict
 ) -> Manifest:
     """Archiving's part of the manifest: what is served and shipped, by whom, when."""
     return Manifest(
@@ -156,6 +157,7 @@ def add_archive_part(
                 version=version,
                 built=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 file=os.path.basename(target),
+                backend_choice=choice,
             ),
         }
     )
@@ -201,7 +203,7 @@ def remove_dead_staging(store: str):
 def build_archive(
     export_dir: str,
     version: str,
-    backend: str = backends.DEFAULT,
+    backend: str = backend_choice.AUTO,
     model_name: str = settings.MODEL_NAME,
     model_store: str = settings.MODEL_STORE,
     config_file: str = settings.MODEL_CONFIG,
@@ -209,13 +211,22 @@ def build_archive(
     batch_size: int | None = None,
 ) -> dict:
     """Package the export folder `export_dir` (its bundle.json says what is there) as a checked archive with
-    its .sha256; `batch_size` replaces the config file's batchSize for this archive only."""
+    its .sha256; `batch_size` replaces the config file's batchSize for this archive only. `backend` "auto"
+    ships the one deploy/backend_choice.py picks (measured here for a real model) and records why."""
+    bundle = manifest.read(export_dir)
+    choice: dict = {}
+    if backend == backend_choice.AUTO:
+        import yaml
+
+        with open(config_file) as f:
+            picked = backend_choice.resolve(export_dir, bundle, yaml.safe_load(f), batch_size)
+        print(f"archive: --backend auto chose {picked.summary()}")
+        backend, choice = picked.backend, picked.to_dict()
     chosen = backends.get(backend)
     if not chosen.server:
         raise ValueError(
             f"TorchServe cannot serve the {backend} backend; choose one of {sorted(backends.served())}"
         )
-    bundle = manifest.read(export_dir)
     files = shipped(bundle, chosen)
     target = new_target(version, model_name, model_store, output)
     store = os.path.dirname(os.path.abspath(target))
@@ -227,7 +238,7 @@ def build_archive(
     with staging(store) as tmp:
         stage, served = os.path.join(tmp, "stage"), os.path.join(export_dir, chosen.file)
         stage_extra_files(export_dir, stage, files, chosen.file)
-        archived = add_archive_part(bundle, chosen, files, model_name, version, target)
+        archived = add_archive_part(bundle, chosen, files, model_name, version, target, choice)
         archived.archive.digests = digests(stage, served)  # type: ignore[union-attr]
         archived.write(stage)
         config_file = shipped_config(config_file, batch_size, os.path.join(tmp, "model-config.yaml"))
@@ -252,7 +263,14 @@ def build_archive(
         # a private TMPDIR keeps two archive builds (quickstart and tests, say) from clobbering each other.
         subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": tmp})
         digest = place_archive(os.path.join(tmp, f"{model_name}.mar"), os.path.abspath(target))
-    return {"archive": target, "sha256": digest, "bytes": os.path.getsize(target), "export": bundle.checks}
+    return {
+        "archive": target,
+        "sha256": digest,
+        "bytes": os.path.getsize(target),
+        "export": bundle.checks,
+        "backend": backend,
+        "backend_choice": choice,
+    }
 
 
 def new_target(version: str, model_name: str, model_store: str, output: str | None) -> str:
@@ -269,7 +287,7 @@ def new_target(version: str, model_name: str, model_store: str, output: str | No
 def archive_checkpoint(
     checkpoint: str,
     version: str,
-    backend: str = backends.DEFAULT,
+    backend: str = backend_choice.AUTO,
     model_name: str = settings.MODEL_NAME,
     model_store: str = settings.MODEL_STORE,
     config_file: str = settings.MODEL_CONFIG,
@@ -277,23 +295,36 @@ def archive_checkpoint(
     batch_size: int | None = None,
 ) -> dict:
     """Export `checkpoint` (train.export) into a staging folder in the store, then build_archive that folder:
-    what the CLI's --checkpoint does."""
+    what the CLI's --checkpoint does. With `backend` "auto", every candidate of deploy/backend_choice.py
+    (a failing one is left out), and build_archive measures them."""
     # Imported here, not at the top: this module's re-exported checks are imported by the guard, which loads
     # no torch; only this CLI path exports.
     from train.export import export_all
 
-    chosen = backends.get(backend)
-    formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.reference().name]
+    if backend == backend_choice.AUTO:
+        formats, optional = backend_choice.export_plan(checkpoint_preprocessing(checkpoint))
+    else:
+        chosen = backends.get(backend)
+        formats = [chosen.name] if chosen.differentiable else [chosen.name, backends.reference().name]
+        optional = frozenset()
     # before export
     store = os.path.dirname(os.path.abspath(new_target(version, model_name, model_store, output)))
     shared_dir(store)
     remove_dead_staging(store)
     with staging(store) as tmp:
         export_dir = os.path.join(tmp, "export")
-        export_all(checkpoint, export_dir, formats=formats)
+        export_all(checkpoint, export_dir, formats=formats, optional=optional)
         return build_archive(
             export_dir, version, backend, model_name, model_store, config_file, output, batch_size
         )
+
+
+def checkpoint_preprocessing(checkpoint: str) -> dict:
+    """The preprocessing a checkpoint's manifest records (what `auto` decides on)."""
+    from model_src.manifest import Manifest
+    from model_src.net import load_model
+
+    return Manifest.from_checkpoint(load_model(checkpoint)[1]).preprocessing
 
 
 def shipped_config(config_file: str, batch_size: int | None, out: str) -> str:
@@ -343,9 +374,9 @@ def main(args):
             info = build_archive(args.export_dir, args.version, args.backend, output=args.output, **options)
     except (FileExistsError, ValueError, RuntimeError) as e:
         raise SystemExit(f"archive failed: {e}") from None
-    entry = info["export"]["formats"][args.backend]
+    entry = info["export"]["formats"][info["backend"]]
     print(
-        f"archived {args.model_name} {args.version} ({args.backend}, max |Δprob| vs eager "
+        f"archived {args.model_name} {args.version} ({info['backend']}, max |Δprob| vs eager "
         f"{entry['max_diff']:.1e})"
         f"\n  {os.path.relpath(info['archive'])}  {info['bytes'] / 1024:.0f} KiB  sha256 {info['sha256']}"
     )

@@ -16,7 +16,7 @@ import os
 import sys
 
 from bundle import settings
-from deploy import management, versions
+from deploy import backend_choice, management, versions
 from deploy.archive import archive_checkpoint, archive_name
 from deploy.server import ServerError, TorchServe
 from model_src import backends
@@ -66,7 +66,12 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--model", default="imagenet", help="model name on the server")
     p.add_argument("--version", default="1.0")
-    p.add_argument("--backend", default=backends.DEFAULT, choices=sorted(backends.served()))
+    p.add_argument(
+        "--backend",
+        default=backend_choice.AUTO,
+        choices=[backend_choice.AUTO, *sorted(backends.served())],
+        help="auto: the fastest backend that passes export's checks, measured here (backend_choice.py)",
+    )
     args = p.parse_args(argv)
     ts = TorchServe()
     if not ts.is_running():
@@ -83,8 +88,10 @@ def main(argv=None) -> int:
             info = archive_checkpoint(
                 checkpoint, args.version, args.backend, model_name=args.model, batch_size=BATCH_SIZE
             )
-            check = info["export"]["formats"][args.backend]["max_diff"]
-            print(f"archived {os.path.relpath(archive)} ({args.backend}, max |Δprob| vs eager {check:.1e})")
+            check = info["export"]["formats"][info["backend"]]["max_diff"]
+            print(
+                f"archived {os.path.relpath(archive)} ({info['backend']}, max |Δprob| vs eager {check:.1e})"
+            )
         if any(v["modelVersion"] == args.version for v in management.versions(ts, args.model)):
             print(f"{args.model} {args.version} is already registered")
         else:

@@ -68,6 +68,8 @@ class ArchiveEntry:
     built: str  # ISO 8601, UTC
     file: str  # the archive's file name at build time (its own SHA-256 is in the sidecar <file>.sha256)
     digests: dict[str, str] = field(default_factory=dict)  # file inside the archive -> SHA-256
+    # --backend auto: the backend chosen and the measurement that chose it (deploy/backend_choice.py)
+    backend_choice: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

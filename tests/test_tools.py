@@ -57,6 +57,11 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
         assert set(STAGES) <= set(parts) and parts["frontend"] > 0
         assert parts["spent"] > 0 if label.endswith("ideal") else parts["model"] > 0 and parts["decode"] > 0
     assert res["cold_start_s"] > 0 and res["registration_s"]["eager"] > 0
+    # one export for every backend, each checked; what `--backend auto` makes of it (digits: not measured)
+    assert set(res["export"]) == {"onnx", "eager"} and all(
+        e["max_diff"] <= 1e-4 for e in res["export"].values()
+    )
+    assert res["backend_choice"]["backend"] == "onnx" and "not measured" in res["backend_choice"]["rule"]
     for png in ("bench.png", "bench_breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

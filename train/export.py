@@ -14,6 +14,7 @@ written.
 
 import argparse
 import collections
+import contextlib
 import copy
 import functools
 import os
@@ -114,6 +115,7 @@ class GateInput:
 
     def __init__(self, val: datalib.CachedImages, prep: Preprocessing, classes: list[str]):
         self.val, self.prep, self.has_labels = val, prep, list(val.classes) == list(classes)
+        self._reference: precision.Reference | None = None
 
     @functools.cached_property
     def images(self) -> list:
@@ -133,6 +135,13 @@ class GateInput:
             return None
         return torch.stack([self.prep(img) for img in self.images]), torch.tensor(self.val.targets)
 
+    def reference(self, model) -> precision.Reference:
+        """fp32's side of the gate (its noise floor is most of the gate's cost), computed for the first
+        candidate and reused for the others."""
+        if self._reference is None:
+            self._reference = precision.Reference.of(model, self.crops, self.prep, self.labelled)
+        return self._reference
+
 
 def check_backend(backend: Backend, pred, model, example, eager_logits, gate: GateInput) -> dict:
     """The export check of one written file: exact backends match eager on the check batch (and at batch 1);
@@ -143,7 +152,9 @@ def check_backend(backend: Backend, pred, model, example, eager_logits, gate: Ga
             "max_diff_batch1": check_close(f"{backend.name} (batch 1)", pred(example[:1]), eager_logits[:1]),
         }
     try:
-        result = precision.require(backend.name, model, pred, gate.crops, gate.prep, gate.labelled)
+        result = precision.require(
+            backend.name, model, pred, gate.crops, gate.prep, reference=gate.reference(model)
+        )
     except precision.PrecisionError as e:
         raise ExportCheckError(str(e)) from None
     with torch.inference_mode():
@@ -163,11 +174,29 @@ def chosen(formats) -> list[Backend]:
     return chosen
 
 
+def export_one(backend: Backend, job: ExportJob, path: str, example, eager_logits, gate: GateInput) -> dict:
+    """Write `backend`'s file at `path`, load it and check it (check_backend); its report entry."""
+    start = time.perf_counter()
+    backend.export(job, path)
+    seconds = time.perf_counter() - start
+    pred = backend.load(path, "cpu", None)
+    entry = {"file": backend.file, "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
+    entry.update(check_backend(backend, pred, job.model, example, eager_logits, gate))
+    return entry
+
+
 def export_all(
-    checkpoint: str, output_dir: str, formats=SERVER_FORMATS, data: str | None = None, batch: int = 64
+    checkpoint: str,
+    output_dir: str,
+    formats=SERVER_FORMATS,
+    data: str | None = None,
+    batch: int = 64,
+    optional: frozenset[str] = frozenset(),
 ) -> dict:
     """Export and check; returns the report. Raises ExportCheckError, ExportError or BackendUnavailable
-    (nothing written)."""
+    (nothing written), except for the backends named in `optional` (the candidates of an archive's
+    `--backend auto`): one of those that fails its check or cannot be written is left out, and
+    report["refused"] says why."""
     if os.path.exists(output_dir):
         raise FileExistsError(
             f"{output_dir} exists; choose a new --output-dir (exports are never overwritten)"
@@ -199,14 +228,16 @@ def export_all(
     try:
         for backend in todo:
             path = os.path.join(tmp, backend.file)
-            start = time.perf_counter()
-            backend.export(job, path)
-            seconds = time.perf_counter() - start
-            pred = backend.load(path, "cpu", None)
-            entry = {"file": backend.file, "bytes": os.path.getsize(path), "export_s": round(seconds, 2)}
-            entry.update(check_backend(backend, pred, model, example, eager_logits, gate))
-            report["formats"][backend.name] = entry
-        manifest.files = {b.name: b.file for b in todo}
+            try:
+                report["formats"][backend.name] = export_one(backend, job, path, example, eager_logits, gate)
+            except (ExportCheckError, ExportError) as e:
+                if backend.name not in optional:
+                    raise
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                report.setdefault("refused", {})[backend.name] = str(e)
+                print(f"export: {backend.name} left out: {e}")
+        manifest.files = {b.name: b.file for b in todo if b.name in report["formats"]}
         manifest.checks = report
         manifest.write(tmp)
         if any(not b.server for b in todo):

@@ -102,37 +102,65 @@ def grey_noise(x: torch.Tensor, prep: Preprocessing, seed: int = 0) -> torch.Ten
     return x + sign * step
 
 
+@dataclass
+class Reference:
+    """fp32's side of the gate, computed once for any number of candidates on the same crops: its
+    probabilities, its noise floor (NOISE_DRAWS eager passes over the crops: most of the gate's cost) and its
+    mistakes on the labelled split."""
+
+    probs: torch.Tensor
+    noise_floor: float
+    labelled: tuple[torch.Tensor, torch.Tensor] | None = None
+    wrong_fp32: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        crops: torch.Tensor,
+        prep: Preprocessing,
+        labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> "Reference":
+        """The eager fp32 `model`'s (eval mode) reference on `crops` and the labelled split."""
+        if len(crops) < MIN_CROPS:
+            raise ValueError(f"the precision gate needs at least {MIN_CROPS} crops, got {len(crops)}")
+        probs = probabilities(model, crops)
+        noisy = [probabilities(model, grey_noise(crops, prep, seed)) for seed in range(NOISE_DRAWS)]
+        floor = min(float((n.argmax(1) == probs.argmax(1)).float().mean()) for n in noisy)
+        wrong = (
+            0 if labelled is None else int((probabilities(model, labelled[0]).argmax(1) != labelled[1]).sum())
+        )
+        return cls(probs, floor, labelled, wrong)
+
+
 def evaluate(
     model: torch.nn.Module,
     candidate: Callable,
     crops: torch.Tensor,
     prep: Preprocessing,
     labelled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference: Reference | None = None,
 ) -> GateResult:
     """The gate's figures for `candidate` (float batch -> logits) against the eager fp32 `model` (eval
-    mode)."""
-    if len(crops) < MIN_CROPS:
-        raise ValueError(f"the precision gate needs at least {MIN_CROPS} crops, got {len(crops)}")
-    ref = probabilities(model, crops)
+    mode); `reference`, if given, is Reference.of(model, crops, prep, labelled), reused."""
+    ref = reference or Reference.of(model, crops, prep, labelled)
     # Judged alone and in batches: a dynamically quantised model's answer to one input depends on the
     # others in its batch (the scale is the batch's), and serving batches whatever arrives together.
     got = [probabilities(candidate, crops, size) for size in (1, BATCH)]
-    noisy = [probabilities(model, grey_noise(crops, prep, seed)) for seed in range(NOISE_DRAWS)]
-    top2 = ref.topk(2, dim=1).values
+    top2 = ref.probs.topk(2, dim=1).values
     confident = (top2[:, 0] - top2[:, 1]) >= MARGIN
-    agree = torch.stack([g.argmax(1) == ref.argmax(1) for g in got]).all(0)  # right alone and batched
+    agree = torch.stack([g.argmax(1) == ref.probs.argmax(1) for g in got]).all(0)  # right alone and batched
     result = GateResult(
         crops=len(crops),
         agreement=float(agree.float().mean()),
-        noise_floor=min(float((n.argmax(1) == ref.argmax(1)).float().mean()) for n in noisy),
+        noise_floor=ref.noise_floor,
         confident=int(confident.sum()),
         confident_agreement=float(agree[confident].float().mean()) if confident.any() else 1.0,
-        max_dprob=max(float((g - ref).abs().max()) for g in got),
+        max_dprob=max(float((g - ref.probs).abs().max()) for g in got),
     )
-    if labelled is not None:
-        x, y = labelled
-        result.labelled = len(y)
-        result.wrong_fp32 = int((probabilities(model, x).argmax(1) != y).sum())
+    if ref.labelled is not None:
+        x, y = ref.labelled
+        result.labelled, result.wrong_fp32 = len(y), ref.wrong_fp32
         result.wrong_candidate = int((probabilities(candidate, x).argmax(1) != y).sum())
     return result
 
