@@ -5,6 +5,7 @@ answers. Serving needs .venv-peers (scripts/setup.sh --bench-peers, which script
 
 import io
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from bench import peer_frameworks as pf
 from bench.peer_apps.common import Classifier, NotAnImage, Prep
 from model_src.preprocessing import Preprocessing
 from tests.conftest import cannot_run, free_port
+from tests.test_tools import fake_repo, run_script
 from train.pretrained import EVAL_SIZES, LITE_MEAN, LITE_STD
 
 resize, size = EVAL_SIZES["efficientnet_lite0"]
@@ -120,3 +122,32 @@ def test_a_peer_is_ready_only_when_its_app_refuses_the_probe_not_when_a_proxy_an
     assert not pf.refused_by_app(response(404, b"Path '/predict' not found."))  # Ray's proxy, app not up yet
     assert not pf.refused_by_app(response(503, b'{"type": "InputError"}'))
     assert not pf.refused_by_app(response(400, b'["a list"]'))
+
+
+def test_setup_bench_peers_fills_its_own_venv_once_and_only_when_asked(tmp_path):
+    repo = fake_repo(tmp_path, "setup.sh")
+    (repo / "requirements-peers.txt").write_text("litserve==0.2.19\n")
+    peers_python = repo / ".venv-peers" / "bin" / "python"  # the fake: no real venv, no real pip
+    peers_python.parent.mkdir(parents=True)
+    shutil.copy2(repo / ".venv" / "bin" / "python", peers_python)
+    stamp = repo / ".venv-peers" / ".requirements.sha256"
+
+    def installed(*flags, **env):
+        out, calls = run_script(tmp_path, repo, ["scripts/setup.sh", *flags], **env)
+        return out, [c[c.index("-r") + 1] for c in calls if c[1:4] == ["-m", "pip", "install"]]
+
+    assert installed()[1] == ["requirements.txt"]  # not asked: no peers
+    out, files = installed("--bench-peers")
+    assert out.returncode == 0 and files == ["requirements-peers.txt"] and stamp.exists(), out.stderr
+    out, files = installed("--bench-peers")
+    assert (
+        files == []
+        and ".venv-peers (LitServe, BentoML, Ray Serve" in out.stdout
+        and "up to date" in out.stdout
+    )
+    (repo / "requirements-peers.txt").write_text("litserve==0.2.20\n")
+    before = stamp.read_text()
+    out, files = installed("--bench-peers", FAKE_PIP_FAILS="1")
+    assert out.returncode != 0 and "pip install failed (-r requirements-peers.txt" in out.stderr
+    assert stamp.read_text() == before  # a failed install leaves the old stamp: the next run tries again
+    assert installed("--bench-peers")[1] == ["requirements-peers.txt"]
