@@ -52,6 +52,14 @@ def limit_memory(headroom_mb: int) -> int:
     return ceiling
 
 
+def devices(gpu_id, backend: backends.Backend, cuda: bool) -> tuple[str, str]:
+    """(where the served backend runs, where explanations run) in a worker TorchServe gave `gpu_id` (None in a
+    CPU worker): its GPU for a backend that runs there, the CPU for one that cannot (ONNX Runtime's CPU
+    provider), and the eager weights that explain such a backend on the GPU all the same."""
+    gpu = f"cuda:{gpu_id}" if gpu_id is not None and cuda else "cpu"
+    return (gpu if backend.gpu else "cpu"), gpu
+
+
 class ImageClassifier(BaseHandler):
     """The archive's handler: batched prediction, explanations and the model card, per-request errors."""
 
@@ -72,10 +80,7 @@ class ImageClassifier(BaseHandler):
         self.prep = Preprocessing.from_dict(self.bundle.preprocessing)
         backend = backends.get(self.bundle.backend.name)
         self.backend = backend.name
-        gpu = properties.get("gpu_id")
-        # else its kernels are the CPU's
-        on_gpu = gpu is not None and torch.cuda.is_available() and backend.gpu
-        device = f"cuda:{gpu}" if on_gpu else "cpu"
+        device, self.explain_device = devices(properties.get("gpu_id"), backend, torch.cuda.is_available())
         self.threads = int(self.config["threads"]) or self.auto_threads(yaml_cfg)
         torch.set_num_threads(self.threads)  # the worker process is the handler's to configure
         self.predictor = backends.load(
@@ -216,7 +221,7 @@ class ImageClassifier(BaseHandler):
             if backends.get(self.backend).differentiable:
                 self._explainer = self.predictor.model
             elif path := self.eager_weights():
-                self._explainer = backends.load(path, backends.reference().name).model
+                self._explainer = backends.load(path, backends.reference().name, self.explain_device).model
             else:
                 raise InputError(
                     f"the {self.backend} backend has no gradients to explain with and this archive carries "

@@ -36,6 +36,11 @@ def baseline_for(prep: Preprocessing) -> torch.Tensor:
     return prep.to_tensor(blank).unsqueeze(0)
 
 
+def model_device(model) -> torch.device:
+    """Where a module's parameters are (the CPU for one without any)."""
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 def integrated_gradients(model, x: torch.Tensor, target: int, baseline: torch.Tensor, steps: int):
     """x (1, C, H, W) -> (attributions (C, H, W), convergence delta): how far the attributions' sum is from
     score(x) - score(baseline), Integrated Gradients' own error estimate."""
@@ -51,7 +56,7 @@ def integrated_gradients(model, x: torch.Tensor, target: int, baseline: torch.Te
             internal_batch_size=steps,  # one forward/backward over all steps: memory is (steps, C, H, W)
             return_convergence_delta=True,
         )
-    return attr[0].detach(), float(delta.abs().max())
+    return attr[0].detach().cpu(), float(delta.abs().max())
 
 
 def to_grid(attr: torch.Tensor, max_side: int = MAX_GRID) -> torch.Tensor:
@@ -94,11 +99,12 @@ def explain(
 ) -> dict:
     """One decoded image -> the answer body: the class explained, its probability and the attribution grid."""
     prepared = prep.prepare(img)
-    x = prep.to_tensor(prepared).unsqueeze(0)
+    device = model_device(model)  # a GPU worker's model: the image and the baseline go where it is
+    x = prep.to_tensor(prepared).unsqueeze(0).to(device)
     with torch.no_grad():
-        probs = torch.softmax(model(x).float(), dim=1)[0]
+        probs = torch.softmax(model(x).float(), dim=1)[0].cpu()
     target = int(probs.argmax()) if target is None else target
-    attr, delta = integrated_gradients(model, x, target, baseline_for(prep), steps)
+    attr, delta = integrated_gradients(model, x, target, baseline_for(prep).to(device), steps)
     grid = to_grid(attr)
     answer = {
         "class": labels[target],

@@ -69,3 +69,27 @@ def test_the_fastest_wins(monkeypatch):
     got = backend_choice.choose({"onnx": "a", "openvino": "b"}, {"openvino-int8": "refused"}, (3, 8, 8), 4, 2)
     assert got.backend == "openvino" and got.left_out == {"openvino-int8": "refused"}
     assert "openvino, the fastest here" in got.summary()
+
+
+@pytest.mark.parametrize(
+    "formats, runs_on",
+    [(["int8", "onnx"], "OnnxRunner"), (["int8", "eager"], "ResNetClassifier")],
+    ids=["onnx", "eager"],
+)
+def test_the_gates_fp32_side_runs_on_a_checked_fast_file_when_export_has_one(
+    checkpoint, tmp_path, monkeypatch, formats, runs_on
+):
+    """The noise floor is 9 passes of fp32 over 400 crops: on ONNX Runtime once its file has passed the exact
+    check (exported first, whatever the order asked), else on the eager model."""
+    from train import export, precision
+
+    seen = []
+    real = precision.Reference.of.__func__
+
+    def spy(cls, runner, *args, **kwargs):
+        seen.append(type(runner).__name__)
+        return real(cls, runner, *args, **kwargs)
+
+    monkeypatch.setattr(precision.Reference, "of", classmethod(spy))
+    report = export.export_all(checkpoint, str(tmp_path / "out"), formats=formats)
+    assert seen == [runs_on] and report["formats"]["int8"]["passed"]

@@ -3,7 +3,7 @@
 import importlib.util
 import warnings
 
-from model_src.backends import Backend, ExportJob
+from model_src.backends import Backend, BackendUnavailable, ExportJob
 from model_src.cores import usable_cores
 
 
@@ -29,10 +29,25 @@ def export(job: ExportJob, path: str):
     onnx.checker.check_model(onnx.load(path), full_check=True)
 
 
-class OnnxRunner:
-    """An ONNX Runtime CPU session as a backend's callable: float batch -> logits tensor."""
+def providers(device: str, available: list[str]) -> list:
+    """ONNX Runtime's execution providers for `device`: the CPU's, or CUDA's on the device's index (CPU for
+    the operators it lacks). BackendUnavailable for CUDA when this onnxruntime has no CUDA provider: a
+    silent fallback would measure the CPU and call it the GPU."""
+    if not device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise BackendUnavailable(
+            f"this onnxruntime has no CUDAExecutionProvider (it has {available}): install onnxruntime-gpu "
+            "in place of onnxruntime to run ONNX on CUDA"
+        )
+    index = int(device.partition(":")[2] or 0)
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
-    def __init__(self, path: str, threads: int | None):
+
+class OnnxRunner:
+    """An ONNX Runtime session as a backend's callable: float batch -> logits tensor (CPU)."""
+
+    def __init__(self, path: str, threads: int | None, device: str = "cpu"):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -40,7 +55,8 @@ class OnnxRunner:
         # which oversubscribes the machine as soon as there are two workers.
         opts.intra_op_num_threads = threads or usable_cores()
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        chosen = providers(device, ort.get_available_providers())
+        self.session = ort.InferenceSession(path, opts, providers=chosen)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch):
@@ -52,8 +68,9 @@ class OnnxRunner:
 
 
 def load(path: str, device: str, threads: int | None = None) -> OnnxRunner:
-    """An OnnxRunner for `path`; `threads` sizes its intra-op pool (default: every core it may use)."""
-    return OnnxRunner(path, threads)  # the CPU provider whatever the device: BACKEND.gpu is False
+    """An OnnxRunner for `path` on `device` (TorchServe's workers ask for the CPU: BACKEND.gpu is False;
+    bench/gpu.py asks for CUDA); `threads` sizes its intra-op pool (default: every core it may use)."""
+    return OnnxRunner(path, threads, device)
 
 
 def available() -> str | None:
