@@ -3,6 +3,7 @@
 # Idempotent: when requirements.txt has not changed since the last install, it takes seconds.
 #   scripts/setup.sh --mobile   also installs requirements-mobile.txt (ExecuTorch, for the .pte export)
 #   scripts/setup.sh --test-clients   also makes .venv-kserve (KServe's client, for the tests: scripts/test.sh)
+#   scripts/setup.sh --bench-peers   also makes .venv-peers (LitServe, BentoML, Ray Serve: the benchmark's peers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,11 +12,14 @@ STAMP=$VENV/.requirements.sha256
 MOBILE_STAMP=$VENV/.requirements-mobile.sha256
 MOBILE=0
 TEST_CLIENTS=0
+BENCH_PEERS=0
 for arg in "$@"; do
   case $arg in
     --mobile) MOBILE=1 ;;
     --test-clients) TEST_CLIENTS=1 ;;
-    *) echo "setup: unknown option $arg (--mobile: ExecuTorch; --test-clients: .venv-kserve for the tests)" >&2; exit 2 ;;
+    --bench-peers) BENCH_PEERS=1 ;;
+    *) echo "setup: unknown option $arg (--mobile: ExecuTorch; --test-clients: .venv-kserve for the tests;" \
+         "--bench-peers: .venv-peers for the benchmark)" >&2; exit 2 ;;
   esac
 done
 
@@ -181,21 +185,32 @@ install_mobile() {
   echo "$want_mobile" > "$MOBILE_STAMP"
 }
 
-# KServe's own client, for tests/test_kserve_client.py only, lives in a venv of its own: kserve pins psutil,
-# pandas and python-dateutil below .venv's and pulls in ~40 server packages (requirements-kserve.txt). About
-# a minute the first time; its own stamp, so an unchanged requirements-kserve.txt takes no time.
-install_kserve_client() {
-  [ "$TEST_CLIENTS" = 1 ] || return 0  # tests only: a serving host never needs it
-  local venv=.venv-kserve want_kserve
-  want_kserve=$(sha256sum requirements-kserve.txt | cut -d' ' -f1)
-  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_kserve" ]; then
-    echo "setup: $venv (KServe's client, requirements-kserve.txt) is up to date"
+# A venv of its own, for what .venv must not carry; its own stamp, so an unchanged requirements file takes no time.
+install_own_venv() {  # install_own_venv VENV REQUIREMENTS WHAT
+  local venv=$1 reqs=$2 what=$3 want_own
+  want_own=$(sha256sum "$reqs" | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want_own" ]; then
+    echo "setup: $venv ($what, $reqs) is up to date"
     return 0
   fi
-  echo "setup: installing requirements-kserve.txt into $venv (KServe's client for the tests; about a minute)"
+  echo "setup: installing $reqs into $venv ($what; about a minute)"
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
-  pip_install requirements-kserve.txt "$venv"
-  echo "$want_kserve" > "$venv/.requirements.sha256"
+  pip_install "$reqs" "$venv"
+  echo "$want_own" > "$venv/.requirements.sha256"
+}
+
+# KServe's own client, for tests/test_kserve_client.py only: kserve pins psutil, pandas and python-dateutil below
+# .venv's and pulls in ~40 server packages (requirements-kserve.txt).
+install_kserve_client() {
+  [ "$TEST_CLIENTS" = 1 ] || return 0  # tests only: a serving host never needs it
+  install_own_venv .venv-kserve requirements-kserve.txt "KServe's client for the tests"
+}
+
+# The benchmark's peers (bench/peer_frameworks.py): LitServe, BentoML and Ray Serve with ONNX Runtime
+# (requirements-peers.txt: 115 packages, 630 MB, no torch).
+install_bench_peers() {
+  [ "$BENCH_PEERS" = 1 ] || return 0  # benchmarks and their tests only: a serving host never needs it
+  install_own_venv .venv-peers requirements-peers.txt "LitServe, BentoML, Ray Serve: the benchmark's peers"
 }
 
 PY=$(find_python) || { echo "setup: Python 3.11 is required (python3.11 not found)" >&2; exit 1; }
@@ -205,6 +220,7 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want"
   echo "setup: .venv is up to date with requirements.txt"
   install_mobile
   install_kserve_client
+  install_bench_peers
   exit 0
 fi
 
@@ -223,3 +239,4 @@ echo "$want" > "$STAMP"
 echo "setup: done ($("$VENV/bin/python" -c 'import torch, ts; print("torch", torch.__version__, "| torchserve", ts.__version__)'))"
 install_mobile
 install_kserve_client
+install_bench_peers
