@@ -47,9 +47,9 @@ import yaml
 from bench.inprocess import make_handler, measure_limit, measure_stages, steal_seconds, unstolen
 from bench.noop import build_busy_archive, build_noop_archive
 from bench.peer import build_peer_archive, peer_notes, rgb_copies
+from bench.peer_rows import DEFAULT_PEERS, measure_peers
 from bench.report import STAGES as STAGES  # tests read the breakdown's stages from here
 from bench.report import add_estimates, has_estimate, plot, plot_breakdown, say, table
-from bench.peer_rows import DEFAULT_PEERS, measure_peers
 from bench.served import Server, cold_start, register, write_busy
 from bench.targets import TARGETS, digits_target
 from bench.wrk import WrkError
@@ -93,7 +93,7 @@ def get_args_parser():
         "--peers",
         default=DEFAULT_PEERS,
         help="comma-separated peer frameworks serving the run's model.onnx after TorchServe's rows "
-        f"(bench/peer_rows.py; scripts/setup.sh --bench-peers installs them); '' for none (default {DEFAULT_PEERS})",
+        "(bench/peer_rows.py; scripts/setup.sh --bench-peers installs them); '' for none",
     )
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and the PNGs")
     return p

@@ -37,7 +37,8 @@ def measure_peers(t, names: list[str]) -> dict:
     onnx = os.path.join(t.export_dir, "model.onnx")
     out: dict = {}
     if not os.path.exists(onnx):
-        return {name: {"skipped": "the run exported no model.onnx (add onnx to --backends)"} for name in names}
+        why = "the run exported no model.onnx (add onnx to --backends)"
+        return {name: {"skipped": why} for name in names}
     threads = threads_per_worker(t.workers, usable_cores())
     delay = float(t.result["max_batch_delay_ms"] or 0)
     for name in names:
@@ -64,32 +65,39 @@ def measure_peers(t, names: list[str]) -> dict:
     return out
 
 
+def median_at(rows: list[dict], c: int, key: str) -> float:
+    """The median of `key` over the rows (rounds) at concurrency `c`."""
+    return statistics.median(r[key] for r in rows if r["concurrency"] == c)
+
+
 def peer_lines(res: dict) -> list[str]:
     """The peers' table: req/s, p50, p99 per level (medians over rounds), and our best backend / the peer."""
     peers = res.get("peers") or {}
     if not peers:
         return []
     ours = {
-        c: max(statistics.median(r["throughput_rps"] for r in rows if r["concurrency"] == c) for rows in served)
+        c: max(median_at(rows, c, "throughput_rps") for b, rows in res["served"].items() if b != "stock")
         for c in res["levels"]
-        if (served := [rows for rows in res["served"].values() if any(r["concurrency"] == c for r in rows)])
     }
-    lines = [f"peers (the run's model.onnx, ONNX Runtime, our preprocessing, {res['workers']} workers, batch "
-             f"{res['batch_size']}, {res['max_batch_delay_ms']} ms), median over rounds; ours/peer = our best "
-             "backend's req/s at that level over the peer's"]  # fmt: skip
+    lines = [
+        f"peers (the run's model.onnx, ONNX Runtime, our preprocessing, {res['workers']} workers, batch "
+        f"{res['batch_size']}, {res['max_batch_delay_ms']} ms), medians over rounds; ours/peer = our best "
+        "backend's req/s at that level over the peer's"
+    ]
     for name, p in peers.items():
         if "skipped" in p:
             lines.append(f"  {name}: skipped: {p['skipped']}")
             continue
         for c in res["levels"]:
-            at = [r for r in p["served"] if r["concurrency"] == c]
-            rps = statistics.median(r["throughput_rps"] for r in at)
+            rps, rows = median_at(p["served"], c, "throughput_rps"), p["served"]
+            errors = sum(r["errors"] for r in rows if r["concurrency"] == c)
             lines.append(
-                f"  {name:9s} c={c:3d} {rps:7.1f} req/s  p50 {statistics.median(r['p50_ms'] for r in at):.1f} ms  "
-                f"p99 {statistics.median(r['p99_ms'] for r in at):.1f} ms  errors {sum(r['errors'] for r in at)}  "
-                f"ours/peer {ours.get(c, 0) / rps if rps else float('nan'):.2f}"
+                f"  {name:9s} c={c:3d} {rps:7.1f} req/s  p50 {median_at(rows, c, 'p50_ms'):.1f} ms  "
+                f"p99 {median_at(rows, c, 'p99_ms'):.1f} ms  errors {errors}  "
+                f"ours/peer {ours[c] / rps if rps else float('nan'):.2f}"
             )
-        lines.append(f"  {name}: {len(p['wrong'])} answers differ from ours" + (f": {p['wrong']}" if p["wrong"] else ""))
+        differ = f": {p['wrong']}" if p["wrong"] else ""
+        lines.append(f"  {name}: {len(p['wrong'])} answers differ from ours{differ}")
     return lines
 
 

@@ -24,7 +24,8 @@ def test_bench_runs_and_writes_json_and_png(checkpoint, digits, tmp_path):
 
     out = tmp_path / "bench"
     args = ["--targets", "digits", "--backends", "onnx,eager", "--concurrency", "1,16", "--seconds", "2"]
-    args += ["--batching", "1,8", "--no-peer", "--peers", "", "--digits-checkpoint", checkpoint, "--out", str(out)]
+    args += ["--batching", "1,8", "--no-peer", "--peers", ""]
+    args += ["--digits-checkpoint", checkpoint, "--out", str(out)]
     main(get_args_parser().parse_args(args))
     report = json.load(open(out / "bench.json"))
     (res,) = report["results"]
