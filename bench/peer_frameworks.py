@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,9 @@ def stop(proc: subprocess.Popen):
         procs = []
     terminate(procs, STOP_TIMEOUT_S)
     proc.wait(timeout=STOP_TIMEOUT_S)
+    # and whatever is left in its process group: children reparented to init after a crash are no descendants
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

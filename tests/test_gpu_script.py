@@ -93,3 +93,25 @@ def test_handler_devices_follow_torchserve_gpu_id():
 def test_explanations_run_where_the_model_is():
     assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
     assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+def test_onnx_on_cuda_refuses_a_session_that_fell_back_to_the_cpu(monkeypatch):
+    """onnxruntime-gpu whose CUDA libraries do not match builds the session anyway, on the CPU, with a
+    warning: the runner refuses it rather than time the CPU as the GPU."""
+    import onnxruntime as ort
+
+    from model_src.backends.onnx import OnnxRunner
+
+    class FellBack:
+        def __init__(self, path, opts, providers):
+            self.asked = providers
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", FellBack)
+    with pytest.raises(backends.BackendUnavailable, match="could not start its CUDA provider"):
+        OnnxRunner("model.onnx", 1, "cuda:0")

@@ -58,6 +58,8 @@ def test_fp32_is_exact_at_any_batch_size(job, tmp_path):
         got = probs(pred, batch)
         assert got.dtype == torch.float32 and got.shape == (len(batch), 5)
         assert (got - probs(job.model, batch)).abs().max() <= 1e-4
+    # each worker's threads float: pinned, two workers' single threads both landed on the first core
+    assert pred.compiled.get_property("ENABLE_CPU_PINNING") is False
 
 
 def test_bf16_without_bf16_units_says_why_in_one_line(tmp_path):

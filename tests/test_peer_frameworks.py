@@ -3,11 +3,13 @@ no torch) gives our model input bit for bit, and each installed peer serves the 
 answers. Serving needs .venv-peers (scripts/setup.sh --bench-peers, which scripts/test.sh runs): marked
 `peers`."""
 
+import contextlib
 import io
 import os
 import shutil
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -107,8 +109,23 @@ def test_each_peer_serves_our_model_with_our_answers(name, exported, digit_jpegs
         assert len(answer) == 5 and all(0 <= p <= 1 for p in answer.values())
         junk = requests.post(url, data=b"not an image at all", timeout=60)
         assert junk.status_code == 400 and "not an image" in junk.json()["message"]
+        started = peer_processes(name)
+        assert started
     with pytest.raises(requests.ConnectionError):  # stopped, with every process it started
         requests.post(url, data=b"x", timeout=5)
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+
+
+def peer_processes(name: str) -> list:
+    """The processes a peer runs now: this test's descendants, and any process whose command line or working
+    folder is the peer's own temporary folder (Ray's daemons leave the process tree)."""
+    found = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if f"peer-{name}-" in " ".join(p.cmdline()) + p.cwd():
+                found[p.pid] = p
+    return list(found.values())
 
 
 def response(status: int, body: bytes) -> requests.Response:
@@ -151,3 +168,23 @@ def test_setup_bench_peers_fills_its_own_venv_once_and_only_when_asked(tmp_path)
     assert out.returncode != 0 and "pip install failed (-r requirements-peers.txt" in out.stderr
     assert stamp.read_text() == before  # a failed install leaves the old stamp: the next run tries again
     assert installed("--bench-peers")[1] == ["requirements-peers.txt"]
+
+
+def test_peer_lines_compare_answers_per_second_with_onnx_and_with_what_auto_ships():
+    """The ratios count 200 answers only (wrk's req/s counts refusals), and put a peer beside our ONNX archive
+    (same model.onnx) and beside the backend `auto` ships, not beside the best of our rows."""
+    from bench.peer_rows import peer_lines
+
+    def row(c, ok, bad=0):
+        return {"concurrency": c, "seconds": 10.0, "statuses": {"200": ok * 10, "500": bad * 10},
+                "throughput_rps": ok + bad, "p50_ms": 1.0, "p99_ms": 2.0, "errors": bad * 10}  # fmt: skip
+
+    res = {
+        "workers": 2, "batch_size": 4, "max_batch_delay_ms": 2, "levels": [16],
+        "backend_choice": {"backend": "openvino"},
+        "served": {"onnx": [row(16, 100)], "openvino": [row(16, 80)], "openvino-bf16": [row(16, 0, bad=500)]},
+        "peers": {"litserve": {"served": [row(16, 50, bad=50)], "wrong": []}},
+    }  # fmt: skip
+    (line,) = [x for x in peer_lines(res) if "c= 16" in x]
+    assert "50.0 answers/s" in line and "errors 500" in line
+    assert "onnx/peer 2.00" in line and "openvino/peer 1.60" in line and "bf16" not in line

@@ -237,13 +237,14 @@ def export_all(
             path = os.path.join(tmp, backend.file)
             try:
                 report["formats"][backend.name] = export_one(backend, job, path, example, eager_logits, gate)
-            except (ExportCheckError, ExportError) as e:
+            except Exception as e:  # an optional candidate's converter may raise anything (OpenVINO, NNCF)
                 if backend.name not in optional:
                     raise
+                why = str(e) if isinstance(e, (ExportCheckError, ExportError)) else f"{type(e).__name__}: {e}"
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
-                report.setdefault("refused", {})[backend.name] = str(e)
-                print(f"export: {backend.name} left out: {e}")
+                report.setdefault("refused", {})[backend.name] = why
+                print(f"export: {backend.name} left out: {why}")
         manifest.files = {b.name: b.file for b in todo if b.name in report["formats"]}
         manifest.checks = report
         manifest.write(tmp)

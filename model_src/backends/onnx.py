@@ -57,6 +57,13 @@ class OnnxRunner:
         opts.inter_op_num_threads = 1
         chosen = providers(device, ort.get_available_providers())
         self.session = ort.InferenceSession(path, opts, providers=chosen)
+        if device.startswith("cuda") and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # the provider is built in but could not start (CUDA or cuDNN libraries of another version): ONNX
+            # Runtime warns and runs on the CPU, which a GPU row would then report as the GPU's speed
+            raise BackendUnavailable(
+                "ONNX Runtime could not start its CUDA provider (the session runs "
+                f"{self.session.get_providers()}); its log says why"
+            )
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch):
