@@ -147,19 +147,41 @@ def time_stages(name: str, data: bytes, repeats: int = 3) -> list[float]:
     return times
 
 
-def measure(jpegs: dict[str, bytes], rounds: int) -> dict[str, list[list[float]]]:
-    """name -> per round, the median ms of each stage and of the total over the photos."""
+def measure(jpegs: dict[str, bytes], rounds: int, per_photo: dict[str, list[float]] | None = None):
+    """name -> per round, the median ms of each stage and of the total over the photos; `per_photo`, if
+    given, collects each photo's total after issue 26, round by round."""
     per_round: dict[str, list[list[float]]] = {name: [] for name in PIPELINES}
     for r in range(rounds):
         order = list(PIPELINES) if r % 2 == 0 else list(PIPELINES)[::-1]
         samples: dict[str, list[list[float]]] = {name: [] for name in PIPELINES}
-        for data in jpegs.values():
+        for photo, data in jpegs.items():
             for name in order:
                 stages = time_stages(name, data)
                 samples[name].append(stages + [sum(stages)])
+                if per_photo is not None and name == "after":
+                    per_photo.setdefault(photo, []).append(sum(stages))
         for name, rows in samples.items():
             per_round[name].append([statistics.median(col) for col in zip(*rows)])
     return per_round
+
+
+def photo_table(jpegs: dict[str, bytes], per_photo: dict[str, list[float]]) -> str:
+    """Each photo's total after issue 26 (median over rounds), and the median over the photos whose longer
+    side is 450-600 px (issue 26's goal: <= 2.5 ms for those) and over all of them."""
+    lines = ["| photo | size | total after, ms |", "|---|---|---:|"]
+    in_range, every = [], []
+    for photo, totals in per_photo.items():
+        size = Image.open(io.BytesIO(jpegs[photo])).size
+        ms = statistics.median(totals)
+        lines.append(f"| {photo} | {size[0]}x{size[1]} | {ms:.2f} |")
+        every.append(ms)
+        if 450 <= max(size) <= 600:
+            in_range.append(ms)
+    lines.append(
+        f"\nmedian over the {len(in_range)} photos of 450-600 px: {statistics.median(in_range):.2f} ms; "
+        f"over all {len(every)}: {statistics.median(every):.2f} ms"
+    )
+    return "\n".join(lines)
 
 
 def table(per_round: dict[str, list[list[float]]]) -> str:
@@ -210,10 +232,12 @@ def main(args):
     sizes = ", ".join(f"{n} {'x'.join(map(str, Image.open(io.BytesIO(d)).size))}" for n, d in jpegs.items())
     for name in PIPELINES:  # warm up both (imports, tables)
         time_stages(name, next(iter(jpegs.values())))
-    per_round = measure(jpegs, args.rounds)
+    per_photo: dict[str, list[float]] = {}
+    per_round = measure(jpegs, args.rounds, per_photo)
     print(f"photos (JPEG q{args.quality}): {sizes}")
     print(f"{args.rounds} rounds, 1 thread; median ms (10th-90th percentile of the per-round medians)\n")
     print(table(per_round))
+    print("\n" + photo_table(jpegs, per_photo))
     if args.normalise:
         for threads in (1, 2):
             print("\n" + compare_normalisers(jpegs, threads))
