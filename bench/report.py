@@ -229,8 +229,12 @@ def plot(results: list, path: str):
                         *by_level(rows, key), style, marker=marker, color=line.get_color(), alpha=0.7
                     )
             axes[1][col].plot(*by_level(rows, "p99_ms"), marker="o", label=label)
+        for name, peer in (res.get("peers") or {}).items():  # the peers: dashed, squares
+            if "served" in peer:
+                axes[0][col].plot(*by_level(peer["served"], "throughput_rps"), "--", marker="s", label=name)
+                axes[1][col].plot(*by_level(peer["served"], "p99_ms"), "--", marker="s", label=name)
         axes[0][col].set(
-            title=f"{res['model']}: req/s (dotted: estimate; dash-dot: ideal handler)",
+            title=f"{res['model']}: req/s (dotted: estimate, dash-dot: ideal, dashed: peers)",
             xscale="log",
             yscale="log",
             xlabel="concurrency (wrk)",
