@@ -321,13 +321,13 @@ from deploy import archive
 kill_at, store = sys.argv[1], os.path.abspath(sys.argv[2])
 export = fake_export()
 
-def export_all(checkpoint, export_dir, formats):
+def export_all(checkpoint, export_dir, formats, optional=frozenset()):
     if kill_at == "export":
         os.kill(os.getpid(), signal.SIGKILL)
     if kill_at == "sigterm":
         open(store + ".exporting", "w").close()
         time.sleep(120)
-    return export.export_all(checkpoint, export_dir, formats)
+    return export.export_all(checkpoint, export_dir, formats, optional)
 
 sys.modules["train.export"] = types.SimpleNamespace(export_all=export_all)
 placed = 0

@@ -144,7 +144,7 @@ def fake_export(fail=False):
     """Stands in for train.export (no checkpoint, no torch export): writes what archive_checkpoint
     packages."""
 
-    def export_all(checkpoint, export_dir, formats):
+    def export_all(checkpoint, export_dir, formats, optional=frozenset()):
         if fail:
             raise RuntimeError("export failed on purpose")
         os.makedirs(export_dir)
