@@ -92,7 +92,7 @@ def get_args_parser():
     p.add_argument(
         "--peers",
         default=DEFAULT_PEERS,
-        help="comma-separated peer frameworks serving the run's model.onnx after TorchServe's rows "
+        help="comma-separated peer frameworks serving the run's ONNX file after TorchServe's rows "
         "(bench/peer_rows.py; scripts/setup.sh --bench-peers installs them); '' for none",
     )
     p.add_argument("--out", default=settings.BENCH_RESULTS, help="folder for bench.json and the PNGs")

@@ -213,7 +213,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     batch, delay = model_config()
     split = split_cores(usable_cores())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--onnx", required=True, help="model.onnx, with bundle.json beside it (an export folder)")
+    p.add_argument(
+        "--onnx", required=True, help="the ONNX file, with bundle.json beside it (an export folder)"
+    )
     p.add_argument("--manifest", help="bundle.json (default: the one beside --onnx)")
     p.add_argument("--images", nargs="+", required=True, help="JPEGs to post, in turn")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")

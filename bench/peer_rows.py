@@ -12,6 +12,7 @@ import time
 from bench.inprocess import steal_seconds, unstolen
 from bench.peer_frameworks import PEERS, PeerError, available, check, serve
 from bench.wrk import post_files
+from model_src import backends
 from model_src.cores import threads_per_worker, usable_cores
 
 TORCHSERVE_BATCH_DELAY_MS = 100  # TorchServe's maxBatchDelay when model-config.yaml leaves it out
@@ -49,10 +50,10 @@ def load(url: str, files: list[str], c: int, seconds: float) -> dict:
 def measure_peers(t, names: list[str]) -> dict:
     """name -> {"served": rows per level and round, "wrong": answers that differ from ours} or {"skipped":
     why}, for the target `t` of bench/bench.py (its export folder must hold model.onnx)."""
-    onnx = os.path.join(t.export_dir, "model.onnx")
+    onnx = os.path.join(t.export_dir, backends.get("onnx").file)
     out: dict = {}
     if not os.path.exists(onnx):
-        why = "the run exported no model.onnx (add onnx to --backends)"
+        why = "the run exported no ONNX file (add onnx to --backends)"
         return {name: {"skipped": why} for name in names}
     threads = threads_per_worker(t.workers, usable_cores())
     delay = float(t.result["max_batch_delay_ms"] or TORCHSERVE_BATCH_DELAY_MS)
@@ -100,7 +101,7 @@ def peer_lines(res: dict) -> list[str]:
     shipped = (res.get("backend_choice") or {}).get("backend")
     ours = {name: res["served"][name] for name in dict.fromkeys(["onnx", shipped]) if name in res["served"]}
     lines = [
-        f"peers (the run's model.onnx, ONNX Runtime, our preprocessing, {res['workers']} workers, batch "
+        f"peers (the run's ONNX file, ONNX Runtime, our preprocessing, {res['workers']} workers, batch "
         f"{res['batch_size']}, {res['max_batch_delay_ms']} ms), medians over rounds of 200 answers/s; "
         f"ours/peer for {' and '.join(ours)} (auto ships {shipped})"
     ]

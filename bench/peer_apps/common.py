@@ -135,7 +135,7 @@ def error(message: str) -> dict:
 def args(argv=None) -> argparse.Namespace:
     """The options every peer app takes (bench/peer_frameworks.py passes them)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--onnx", required=True, help="model.onnx")
+    p.add_argument("--onnx", required=True, help="the ONNX file to serve")
     p.add_argument("--meta", required=True, help="JSON with the model's preprocessing and class_names")
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--threads", type=int, required=True, help="ONNX Runtime intra-op threads per worker")
