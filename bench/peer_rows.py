@@ -5,24 +5,17 @@ hold its idle workers' memory, nothing else). Each peer's answers are checked ag
 """
 
 import os
-import socket
 import statistics
 import time
 
 from bench.inprocess import steal_seconds, unstolen
 from bench.peer_frameworks import PEERS, PeerError, available, check, serve
 from bench.wrk import post_files
+from bundle.settings import Ports
 from model_src import backends
 from model_src.cores import threads_per_worker, usable_cores
 
 TORCHSERVE_BATCH_DELAY_MS = 100  # TorchServe's maxBatchDelay when model-config.yaml leaves it out
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settle(timeout: float = 60):
@@ -63,7 +56,9 @@ def measure_peers(t, names: list[str]) -> dict:
             print(f"{t.name}: peer {name} skipped: {why}", flush=True)
             continue
         try:
-            with serve(name, onnx, t.export_dir, t.workers, threads, t.batch, delay, free_port()) as url:
+            with serve(
+                name, onnx, t.export_dir, t.workers, threads, t.batch, delay, Ports.free().inference
+            ) as url:
                 wrong = check(url, t.files, t.expect)
                 load(url, t.files, t.levels[-1], t.args.seconds)  # warm-up, as TorchServe's rows get
                 rows = [load(url, t.files, c, t.args.seconds) for _ in range(t.args.rounds) for c in t.levels]

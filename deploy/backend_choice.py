@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from model_src import backends
-from model_src.cores import split_cores, threads_per_worker, usable_cores
+from model_src.cores import threads_per_worker, usable_cores, workers_of
 
 AUTO = "auto"
 REAL_MODEL_SIZE = 224  # px: from here the model's cost is the request's (EfficientNet-Lite0 at 224: 7.5 ms)
@@ -79,10 +79,12 @@ def candidates() -> tuple[list[str], dict[str, str]]:
     return usable, left_out
 
 
-def worker_threads(workers: int) -> int:
-    """The threads one of `workers` workers gets on this machine (what the handler will give its runtime)."""
+def worker_threads(model_config: dict) -> int:
+    """The threads one worker of an archive with `model_config` gives its runtime on this machine: the
+    handler's `threads`, or (0, its default) its share of the cores, as the handler's auto_threads has it."""
     cores = usable_cores()
-    return threads_per_worker(workers or split_cores(cores).workers, cores)
+    fixed = int((model_config.get("handler") or {}).get("threads") or 0)
+    return fixed or threads_per_worker(workers_of(model_config, cores), cores)
 
 
 def time_backends(files: dict[str, str], shape: tuple, batch: int, threads: int) -> dict[str, float]:
@@ -110,14 +112,11 @@ def time_backends(files: dict[str, str], shape: tuple, batch: int, threads: int)
     return {name: round(statistics.median(ms), 3) for name, ms in samples.items()}
 
 
-def choose(
-    files: dict[str, str], left_out: dict[str, str], shape: tuple, batch: int, workers: int, threads: int = 0
-) -> Choice:
-    """Time the candidates whose files passed export (`files`: name -> path) with `threads` threads (0: one
-    worker's share of the cores) and pick the fastest."""
+def choose(files: dict[str, str], left_out: dict[str, str], shape: tuple, batch: int, threads: int) -> Choice:
+    """Time the candidates whose files passed export (`files`: name -> path) with `threads` threads and pick
+    the fastest."""
     if not files:
         raise ValueError(f"--backend auto: no candidate passed export here ({left_out})")
-    threads = threads or worker_threads(workers)
     ms = time_backends(files, shape, batch, threads)
     best = min(ms, key=ms.__getitem__)
     default = ms.get(backends.DEFAULT)
@@ -203,8 +202,4 @@ def resolve(export_dir: str, bundle, model_config: dict, batch_size: int | None)
     prep = Preprocessing.from_dict(bundle.preprocessing)
     shape = (prep.channels, prep.image_size, prep.image_size)
     batch = int(batch_size or model_config.get("batchSize") or 1)
-    workers = int(model_config.get("maxWorkers") or model_config.get("minWorkers") or 0)
-    threads = int(
-        (model_config.get("handler") or {}).get("threads") or 0
-    )  # 0: the cores rule, as the handler
-    return choose(present, left_out, shape, batch, workers, threads)
+    return choose(present, left_out, shape, batch, worker_threads(model_config))
